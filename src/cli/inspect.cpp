@@ -1,0 +1,56 @@
+#include <fmt/format.h>
+
+#include <cstdio>
+
+#include "cli/commands.h"
+#include "cli/format.h"
+#include "io/summary.h"
+
+namespace mopt::cli {
+
+int run_inspect(const InspectOptions& options) {
+  const nlohmann::json s = io::summarize(options.path);
+  if (options.json) {
+    nlohmann::json out = s;
+    if (!options.tensors) out.erase("tensors");
+    fmt::print("{}\n", out.dump(2));
+    return 0;
+  }
+  auto row = [](const char* key, const std::string& value) { fmt::print("{:<14}{}\n", key, value); };
+  row("path", s["path"].get<std::string>());
+  if (s["kind"] == "model") {
+    row("architecture", fmt::format("{} ({})", s["architecture"].get<std::string>(), s["model_type"].get<std::string>()));
+    row("layers", std::to_string(s["num_layers"].get<std::int64_t>()));
+    row("hidden", fmt::format("{} (intermediate {})", s["hidden_size"].get<std::int64_t>(),
+                              s["intermediate_size"].get<std::int64_t>()));
+    row("heads", fmt::format("{} query, {} key/value, head_dim {}", s["num_heads"].get<std::int64_t>(),
+                             s["num_kv_heads"].get<std::int64_t>(), s["head_dim"].get<std::int64_t>()));
+    row("vocab", std::to_string(s["vocab_size"].get<std::int64_t>()));
+    row("rope", fmt::format("theta {}, scaling {}", s["rope_theta"].get<double>(), s["rope_scaling"].get<std::string>()));
+    row("tied lm_head", s["tie_word_embeddings"].get<bool>() ? "yes" : "no");
+    row("dtype", s["dtype"].get<std::string>());
+  }
+  const auto params = s["parameters"].get<std::uint64_t>();
+  row("parameters", fmt::format("{} ({})", with_thousands(params), short_count(params)));
+  const auto nfiles = s["files"].size();
+  row("tensors", fmt::format("{} in {} file{}", s["tensor_count"].get<std::uint64_t>(), nfiles, nfiles == 1 ? "" : "s"));
+  for (const auto& [dtype, bytes] : s["bytes_by_dtype"].items()) {
+    row("bytes", fmt::format("{} {} ({})", dtype, with_thousands(bytes.get<std::uint64_t>()), byte_size(bytes.get<std::uint64_t>())));
+  }
+  row("total size", byte_size(s["total_bytes"].get<std::uint64_t>()));
+  if (options.tensors) {
+    std::size_t width = 4;
+    for (const auto& t : s["tensors"]) width = std::max(width, t["name"].get<std::string>().size());
+    fmt::print("\n{:<{}}  {:<8} {:<16} {:>12}  {}\n", "name", width, "dtype", "shape", "bytes", "file");
+    for (const auto& t : s["tensors"]) {
+      std::string shape = "[";
+      for (std::size_t i = 0; i < t["shape"].size(); ++i) shape += (i ? ", " : "") + std::to_string(t["shape"][i].get<std::int64_t>());
+      shape += "]";
+      fmt::print("{:<{}}  {:<8} {:<16} {:>12}  {}\n", t["name"].get<std::string>(), width, t["dtype"].get<std::string>(),
+                 shape, with_thousands(t["bytes"].get<std::uint64_t>()), t["file"].get<std::string>());
+    }
+  }
+  return 0;
+}
+
+}  // namespace mopt::cli

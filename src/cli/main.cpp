@@ -1,0 +1,72 @@
+// mopt: the command-line program. Parses arguments, runs one subcommand, and
+// turns every failure into one line `mopt: error: <message>` and exit code 1
+// (2 for a malformed command line).
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <exception>
+#include <new>
+
+#include "cli/commands.h"
+#include "core/convert.h"
+#include "core/cpu_features.h"
+#include "core/error.h"
+#include "io/json_util.h"
+
+namespace mopt::cli {
+
+std::string version_text() {
+  return fmt::format("mopt {}\ncpu: {}\nconversions: {}", MOPT_VERSION, describe(cpu_features()), convert_isa());
+}
+
+}  // namespace mopt::cli
+
+namespace {
+
+int report_error(const char* message) {
+  std::fprintf(stderr, "mopt: error: %s\n", mopt::io::printable(message).c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"mopt: quantize, evaluate and export transformer language models"};
+  app.name("mopt");
+  bool show_version = false;
+  app.add_flag("--version", show_version, "Print the version and the CPU features in use");
+
+  mopt::cli::InspectOptions inspect;
+  auto* inspect_cmd = app.add_subcommand("inspect", "Describe a model directory or a .safetensors file");
+  inspect_cmd->add_option("path", inspect.path, "Model directory or .safetensors file")->required();
+  inspect_cmd->add_flag("--tensors", inspect.tensors, "List every tensor");
+  inspect_cmd->add_flag("--json", inspect.json, "Print JSON instead of text");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "mopt: error: %s (see mopt --help)\n", mopt::io::printable(e.what()).c_str());
+    return 2;
+  }
+
+  try {
+    if (show_version) {
+      fmt::print("{}\n", mopt::cli::version_text());
+      return 0;
+    }
+    if (inspect_cmd->parsed()) return mopt::cli::run_inspect(inspect);
+    std::fprintf(stderr, "%s", app.help().c_str());
+    return 2;
+  } catch (const mopt::Error& e) {
+    return report_error(e.what());
+  } catch (const std::bad_alloc&) {
+    return report_error("out of memory");
+  } catch (const std::exception& e) {
+    return report_error(e.what());
+  }
+}

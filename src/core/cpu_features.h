@@ -1,0 +1,31 @@
+// What the CPU we run on can do, read once with cpuid/xgetbv.
+#pragma once
+
+#include <string>
+
+namespace mopt {
+
+struct CpuFeatures {
+  bool avx2 = false;
+  bool fma = false;
+  bool f16c = false;
+  bool avx512f = false;
+  bool avx512bw = false;
+  bool avx512vl = false;
+  bool avx512_vnni = false;
+  bool avx512_bf16 = false;
+  bool avx_vnni = false;
+};
+
+// The features of this CPU that the operating system has enabled. Setting the
+// environment variable MOPT_ISA=scalar hides them all (to test the plain paths),
+// MOPT_ISA=avx2 hides the AVX-512 ones.
+const CpuFeatures& cpu_features();
+
+// The features as the processor reports them, ignoring MOPT_ISA.
+CpuFeatures detect_cpu_features();
+
+// "avx2 fma f16c avx512f ..." (the present ones, in a fixed order), or "none".
+std::string describe(const CpuFeatures& features);
+
+}  // namespace mopt

@@ -1,0 +1,38 @@
+// Writes a file under a temporary name beside its target and renames it into
+// place only when every byte is on disk: a reader never sees half a file, and
+// a failure (disk full, a kill) leaves at most the temporary behind, never a
+// truncated target. Errors name the target path.
+#pragma once
+
+#include <cstddef>
+#include <span>
+#include <string>
+#include <string_view>
+
+namespace mopt::io {
+
+class AtomicFileWriter {
+ public:
+  explicit AtomicFileWriter(std::string path);
+  ~AtomicFileWriter();  // removes the temporary if commit() was not reached
+  AtomicFileWriter(const AtomicFileWriter&) = delete;
+  AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
+
+  void write(std::span<const std::byte> bytes);
+  void write(std::string_view text);
+  // Flushes to disk and renames the temporary onto the target.
+  void commit();
+
+  const std::string& path() const { return path_; }
+
+ private:
+  [[noreturn]] void fail_with_errno(const char* what);
+  std::string path_;
+  std::string temp_path_;
+  int fd_ = -1;
+};
+
+// The whole of `text` written atomically to `path`.
+void write_file_atomically(const std::string& path, std::string_view text);
+
+}  // namespace mopt::io

@@ -1,0 +1,87 @@
+#include "io/summary.h"
+
+#include <filesystem>
+#include <map>
+
+#include "core/error.h"
+#include "io/checkpoint.h"
+
+namespace mopt::io {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+const char* rope_scaling_name(RopeScalingType t) {
+  switch (t) {
+    case RopeScalingType::none: return "none";
+    case RopeScalingType::linear: return "linear";
+    case RopeScalingType::llama3: return "llama3";
+  }
+  return "?";
+}
+
+void add_tensors(json& out, const TensorStore& store) {
+  std::map<std::string, std::uint64_t> bytes_by_dtype;
+  std::uint64_t total = 0;
+  std::uint64_t elements = 0;
+  json tensors = json::array();
+  for (const auto& loc : store.all()) {
+    const auto& e = *loc.entry;
+    const std::string dtype(dtype_safetensors_name(e.dtype).value_or(dtype_name(e.dtype)));
+    const std::uint64_t bytes = e.end - e.begin;
+    bytes_by_dtype[dtype] += bytes;
+    total += bytes;
+    if (!is_ignorable_tensor(e.name)) elements += shape_numel(e.shape);
+    tensors.push_back({{"name", e.name},
+                       {"dtype", dtype},
+                       {"shape", e.shape},
+                       {"bytes", bytes},
+                       {"file", fs::path(loc.file->path()).filename().string()}});
+  }
+  json files = json::array();
+  for (const auto& f : store.files()) files.push_back(fs::path(f.path()).filename().string());
+  out["files"] = files;
+  out["tensor_count"] = store.size();
+  out["parameters"] = elements;
+  out["bytes_by_dtype"] = bytes_by_dtype;
+  out["total_bytes"] = total;
+  out["tensors"] = tensors;
+}
+
+}  // namespace
+
+json summarize(const std::string& path) {
+  json out;
+  out["path"] = path;
+  if (fs::is_directory(path)) {
+    const Checkpoint ckpt = Checkpoint::open(path);
+    const ModelConfig& c = ckpt.config();
+    out["kind"] = "model";
+    out["architecture"] = c.architecture;
+    out["model_type"] = c.model_type;
+    out["num_layers"] = c.num_layers;
+    out["hidden_size"] = c.hidden_size;
+    out["intermediate_size"] = c.intermediate_size;
+    out["num_heads"] = c.num_heads;
+    out["num_kv_heads"] = c.num_kv_heads;
+    out["head_dim"] = c.head_dim;
+    out["vocab_size"] = c.vocab_size;
+    out["max_position_embeddings"] = c.max_position_embeddings;
+    out["rope_theta"] = c.rope_theta;
+    out["rope_scaling"] = rope_scaling_name(c.rope_scaling.type);
+    out["tie_word_embeddings"] = c.tie_word_embeddings;
+    out["dtype"] = dtype_name(c.dtype);
+    add_tensors(out, ckpt.tensors());
+    // The model's parameter count (a tied lm_head once), as transformers counts it.
+    out["parameters"] = parameter_count(c);
+    return out;
+  }
+  if (!fs::exists(path)) fail("{}: no such file or directory", path);
+  out["kind"] = "file";
+  add_tensors(out, TensorStore::open_file(path));
+  return out;
+}
+
+}  // namespace mopt::io

@@ -1,0 +1,29 @@
+#include "core/cpu_features.h"
+
+#include <gtest/gtest.h>
+
+namespace mopt {
+namespace {
+
+// GCC's own cpuid reading is an independent check of ours.
+TEST(CpuFeatures, AgreesWithCompilerBuiltins) {
+  const CpuFeatures f = detect_cpu_features();
+  __builtin_cpu_init();
+  EXPECT_EQ(f.avx2, __builtin_cpu_supports("avx2") != 0);
+  EXPECT_EQ(f.fma, __builtin_cpu_supports("fma") != 0);
+  EXPECT_EQ(f.avx512f, __builtin_cpu_supports("avx512f") != 0);
+  EXPECT_EQ(f.avx512bw, __builtin_cpu_supports("avx512bw") != 0);
+  EXPECT_EQ(f.avx512vl, __builtin_cpu_supports("avx512vl") != 0);
+  EXPECT_EQ(f.avx512_vnni, __builtin_cpu_supports("avx512vnni") != 0);
+}
+
+TEST(CpuFeatures, DescribeListsPresentOnes) {
+  CpuFeatures f;
+  EXPECT_EQ(describe(f), "none");
+  f.avx2 = true;
+  f.avx512_bf16 = true;
+  EXPECT_EQ(describe(f), "avx2 avx512_bf16");
+}
+
+}  // namespace
+}  // namespace mopt

@@ -1,0 +1,66 @@
+#include "core/progress.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <string>
+
+namespace mopt {
+namespace {
+
+std::string read_all(std::FILE* f) {
+  std::rewind(f);
+  std::string s;
+  char buf[256];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
+  return s;
+}
+
+TEST(Progress, LiveLineHasCountRateAndEta) {
+  EXPECT_EQ(format_progress("layers", 3, 30, 2.0, "layers"), "layers 3/30  1.5 layers/s  ETA 0:18");
+  EXPECT_EQ(format_progress("layers", 0, 30, 0.0, "layers"), "layers 0/30  0 layers/s  ETA ?");
+  EXPECT_EQ(format_progress("tok", 1, 7201, 1.0, "tok"), "tok 1/7201  1 tok/s  ETA 2:00:00");
+  EXPECT_EQ(format_progress_done("load", 4, 4, 2.0, "files"), "load: 4/4 files in 2.0 s (2 files/s)");
+}
+
+TEST(Progress, NotATerminalGivesOneLinePerStage) {
+  std::FILE* f = std::tmpfile();
+  ASSERT_NE(f, nullptr);
+  double now = 0;
+  {
+    Progress p("calibrate", 10, "batches", f, false, [&] { return now; });
+    for (int i = 0; i < 10; ++i) {
+      now += 0.5;
+      p.advance();
+    }
+  }
+  EXPECT_EQ(read_all(f), "calibrate: 10/10 batches in 5.0 s (2 batches/s)\n");
+  std::fclose(f);
+}
+
+TEST(Progress, TerminalRedrawsInPlaceAndThrottles) {
+  std::FILE* f = std::tmpfile();
+  ASSERT_NE(f, nullptr);
+  double now = 0;
+  {
+    Progress p("layers", 100, "layers", f, true, [&] { return now; });
+    for (int i = 0; i < 100; ++i) {
+      now += 0.01;  // 100 steps in one second: about ten redraws
+      p.advance();
+    }
+  }
+  const std::string out = read_all(f);
+  std::size_t redraws = 0;
+  for (const char c : out) redraws += c == '\r';
+  EXPECT_GE(redraws, 5u);
+  EXPECT_LE(redraws, 15u);
+  EXPECT_NE(out.find("/100  "), std::string::npos);
+  EXPECT_NE(out.find("layers 100/100"), std::string::npos);  // the last step is always drawn
+  EXPECT_NE(out.find("ETA"), std::string::npos);
+  EXPECT_EQ(out.back(), '\n');
+  std::fclose(f);
+}
+
+}  // namespace
+}  // namespace mopt
