@@ -43,6 +43,18 @@ int main(int argc, char** argv) {
   inspect_cmd->add_flag("--tensors", inspect.tensors, "List every tensor");
   inspect_cmd->add_flag("--json", inspect.json, "Print JSON instead of text");
 
+  mopt::cli::TokenizeOptions tokenize;
+  auto* tokenize_cmd = app.add_subcommand("tokenize", "Print the token ids of a text as a JSON array");
+  tokenize_cmd->add_option("tokenizer", tokenize.tokenizer, "tokenizer.json or a model directory")->required();
+  tokenize_cmd->add_option("--text", tokenize.text, "The text to encode")->required();
+  tokenize_cmd->add_flag("--special", tokenize.special, "Add the special tokens the tokenizer's post-processor adds (BOS, ...)");
+
+  mopt::cli::DetokenizeOptions detokenize;
+  auto* detokenize_cmd = app.add_subcommand("detokenize", "Print the text of token ids");
+  detokenize_cmd->add_option("tokenizer", detokenize.tokenizer, "tokenizer.json or a model directory")->required();
+  detokenize_cmd->add_option("--ids", detokenize.ids, "Token ids: 1,2,3")->required();
+  detokenize_cmd->add_flag("--skip-special", detokenize.skip_special, "Leave out special tokens");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -60,6 +72,8 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (inspect_cmd->parsed()) return mopt::cli::run_inspect(inspect);
+    if (tokenize_cmd->parsed()) return mopt::cli::run_tokenize(tokenize);
+    if (detokenize_cmd->parsed()) return mopt::cli::run_detokenize(detokenize);
     std::fprintf(stderr, "%s", app.help().c_str());
     return 2;
   } catch (const mopt::Error& e) {
