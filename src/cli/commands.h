@@ -28,6 +28,12 @@ struct DetokenizeOptions {
   bool skip_special = false;
 };
 int run_detokenize(const DetokenizeOptions& options);
+struct ConvertOptions {
+  std::string gguf;
+  std::string out_dir;
+};
+int run_convert(const ConvertOptions& options);
+
 // "1,2,3", "[1, 2, 3]" or "1 2 3" -> ids; throws Error on anything else.
 std::vector<std::int32_t> parse_ids(const std::string& text);
 

@@ -55,6 +55,11 @@ int main(int argc, char** argv) {
   detokenize_cmd->add_option("--ids", detokenize.ids, "Token ids: 1,2,3")->required();
   detokenize_cmd->add_flag("--skip-special", detokenize.skip_special, "Leave out special tokens");
 
+  mopt::cli::ConvertOptions convert;
+  auto* convert_cmd = app.add_subcommand("convert", "Convert a llama.cpp GGUF model into a Hugging Face checkpoint directory");
+  convert_cmd->add_option("gguf", convert.gguf, "The .gguf file")->required();
+  convert_cmd->add_option("out_dir", convert.out_dir, "The directory to create")->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -72,6 +77,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (inspect_cmd->parsed()) return mopt::cli::run_inspect(inspect);
+    if (convert_cmd->parsed()) return mopt::cli::run_convert(convert);
     if (tokenize_cmd->parsed()) return mopt::cli::run_tokenize(tokenize);
     if (detokenize_cmd->parsed()) return mopt::cli::run_detokenize(detokenize);
     std::fprintf(stderr, "%s", app.help().c_str());

@@ -649,11 +649,12 @@ class Bpe {
             last_unk = false;
           }
         }
-        if (!done) {
-          if (!unk_id) fail("'{}' is not in the vocabulary and the model has no unk_token", printable(word.substr(i, n)));
+        if (!done && unk_id) {
           if (!(fuse_unk && last_unk)) sym.push_back(*unk_id);
           last_unk = true;
         }
+        // With neither byte fallback nor an unk token the character has no
+        // token at all, and HF's BPE leaves it out; so do we.
       }
       i += n;
     }
