@@ -30,6 +30,12 @@ int run_inspect(const InspectOptions& options) {
     row("tied lm_head", s["tie_word_embeddings"].get<bool>() ? "yes" : "no");
     row("dtype", s["dtype"].get<std::string>());
   }
+  if (s["kind"] == "gguf") {
+    row("format", fmt::format("GGUF v{}, {} metadata entries", s["gguf_version"].get<std::uint32_t>(), s["metadata_count"].get<std::uint64_t>()));
+    if (s.contains("architecture")) row("architecture", s["architecture"].get<std::string>());
+    if (s.contains("num_layers")) row("layers", std::to_string(s["num_layers"].get<std::uint64_t>()));
+    if (s.contains("hidden_size")) row("hidden", std::to_string(s["hidden_size"].get<std::uint64_t>()));
+  }
   const auto params = s["parameters"].get<std::uint64_t>();
   row("parameters", fmt::format("{} ({})", with_thousands(params), short_count(params)));
   const auto nfiles = s["files"].size();

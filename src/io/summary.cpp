@@ -1,10 +1,13 @@
 #include "io/summary.h"
 
 #include <filesystem>
+#include <cstdio>
+#include <cstring>
 #include <map>
 
 #include "core/error.h"
 #include "io/checkpoint.h"
+#include "io/gguf.h"
 
 namespace mopt::io {
 
@@ -50,6 +53,42 @@ void add_tensors(json& out, const TensorStore& store) {
   out["tensors"] = tensors;
 }
 
+void add_gguf(json& out, const std::string& path) {
+  const GgufFile g = GgufFile::open(path);
+  out["kind"] = "gguf";
+  out["gguf_version"] = g.header().version;
+  if (const auto arch = g.find_string("general.architecture")) {
+    out["architecture"] = *arch;
+    if (const auto n = g.find_uint(*arch + ".block_count")) out["num_layers"] = *n;
+    if (const auto n = g.find_uint(*arch + ".embedding_length")) out["hidden_size"] = *n;
+  }
+  out["metadata_count"] = g.header().metadata.size();
+  std::map<std::string, std::uint64_t> bytes_by_type;
+  std::uint64_t total = 0, elements = 0;
+  json tensors = json::array();
+  for (const auto& t : g.header().tensors) {
+    bytes_by_type[std::string(t.type.name)] += t.bytes;
+    total += t.bytes;
+    elements += t.elements();
+    tensors.push_back({{"name", t.name}, {"dtype", t.type.name}, {"shape", t.shape()}, {"bytes", t.bytes}, {"file", fs::path(path).filename().string()}});
+  }
+  out["files"] = json::array({fs::path(path).filename().string()});
+  out["tensor_count"] = g.header().tensors.size();
+  out["parameters"] = elements;
+  out["bytes_by_dtype"] = bytes_by_type;
+  out["total_bytes"] = total;
+  out["tensors"] = tensors;
+}
+
+bool is_gguf_file(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return false;
+  char magic[4] = {};
+  const bool gguf = std::fread(magic, 1, 4, f) == 4 && std::memcmp(magic, "GGUF", 4) == 0;
+  std::fclose(f);
+  return gguf || fs::path(path).extension() == ".gguf";
+}
+
 }  // namespace
 
 json summarize(const std::string& path) {
@@ -79,6 +118,10 @@ json summarize(const std::string& path) {
     return out;
   }
   if (!fs::exists(path)) fail("{}: no such file or directory", path);
+  if (is_gguf_file(path)) {
+    add_gguf(out, path);
+    return out;
+  }
   out["kind"] = "file";
   add_tensors(out, TensorStore::open_file(path));
   return out;

@@ -1,4 +1,6 @@
-// What `mopt inspect` reports about a model directory or one safetensors file.
+// What `mopt inspect` reports about a model directory, one safetensors file,
+// or a GGUF file (kind "gguf", with architecture, layers and hidden size
+// from its metadata and llama.cpp's type names as dtypes).
 #pragma once
 
 #include <nlohmann/json.hpp>

@@ -107,13 +107,20 @@ class Regex {
   // Byte ranges of all non-overlapping matches in valid UTF-8 `s`.
   void find_all(std::string_view s, std::vector<std::pair<std::size_t, std::size_t>>& out) const {
     out.clear();
+    MatchResources& r = match_resources();
     pcre2_match_data* md = pcre2_match_data_create_from_pattern(code_, nullptr);
     const auto* subject = reinterpret_cast<PCRE2_SPTR>(s.data());
     std::size_t start = 0;
     while (start <= s.size()) {
-      const int rc = jit_ ? pcre2_jit_match(code_, subject, s.size(), start, PCRE2_NO_UTF_CHECK, md, nullptr)
-                          : pcre2_match(code_, subject, s.size(), start, PCRE2_NO_UTF_CHECK, md, nullptr);
-      if (rc < 0) break;  // PCRE2_ERROR_NOMATCH, or a match-limit error we treat alike
+      const int rc = jit_ ? pcre2_jit_match(code_, subject, s.size(), start, PCRE2_NO_UTF_CHECK, md, r.context)
+                          : pcre2_match(code_, subject, s.size(), start, PCRE2_NO_UTF_CHECK, md, r.context);
+      if (rc == PCRE2_ERROR_NOMATCH) break;
+      if (rc < 0) {
+        pcre2_match_data_free(md);
+        PCRE2_UCHAR message[256];
+        pcre2_get_error_message(rc, message, sizeof message);
+        fail("pre-tokenizer regex failed on a {}-byte piece: {}", s.size(), reinterpret_cast<const char*>(message));
+      }
       const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
       const std::size_t b = ov[0], e = ov[1];
       if (e == b) {  // an empty match: step over one character
@@ -128,6 +135,28 @@ class Regex {
   }
 
  private:
+  // Per thread: a match context with a bounded match limit (a hostile
+  // pattern fails instead of running for hours) and a JIT stack large enough
+  // for long runs of whitespace.
+  struct MatchResources {
+    pcre2_match_context* context = nullptr;
+    pcre2_jit_stack* stack = nullptr;
+    MatchResources() {
+      context = pcre2_match_context_create(nullptr);
+      pcre2_set_match_limit(context, 10'000'000);
+      stack = pcre2_jit_stack_create(32 * 1024, 8 * 1024 * 1024, nullptr);
+      pcre2_jit_stack_assign(context, nullptr, stack);
+    }
+    ~MatchResources() {
+      pcre2_jit_stack_free(stack);
+      pcre2_match_context_free(context);
+    }
+  };
+  static MatchResources& match_resources() {
+    thread_local MatchResources resources;
+    return resources;
+  }
+
   pcre2_code* code_ = nullptr;
   bool jit_ = false;
 };

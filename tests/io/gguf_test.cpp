@@ -1,0 +1,265 @@
+#include "io/gguf.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "core/convert.h"
+#include "core/error.h"
+#include "io/checkpoint.h"
+#include "io/gguf_convert.h"
+#include "io/safetensors.h"
+#include "io/tokenizer.h"
+#include "support/temp_dir.h"
+
+namespace mopt::io {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+// Builds GGUF bytes by hand, for tests of the parser's checks.
+class GgufBuilder {
+ public:
+  GgufBuilder& u32(std::uint32_t v) { return put(v); }
+  GgufBuilder& u64(std::uint64_t v) { return put(v); }
+  GgufBuilder& str(const std::string& s) {
+    u64(s.size());
+    bytes_.insert(bytes_.end(), s.begin(), s.end());
+    return *this;
+  }
+  GgufBuilder& raw(const std::vector<std::uint8_t>& b) {
+    bytes_.insert(bytes_.end(), b.begin(), b.end());
+    return *this;
+  }
+  GgufBuilder& pad_to(std::size_t alignment) {
+    while (bytes_.size() % alignment) bytes_.push_back(0);
+    return *this;
+  }
+  std::span<const std::byte> span() const { return {reinterpret_cast<const std::byte*>(bytes_.data()), bytes_.size()}; }
+  std::vector<std::uint8_t> bytes_;
+
+ private:
+  template <typename T>
+  GgufBuilder& put(T v) {
+    std::uint8_t b[sizeof(T)];
+    std::memcpy(b, &v, sizeof(T));
+    bytes_.insert(bytes_.end(), b, b + sizeof(T));
+    return *this;
+  }
+};
+
+// A valid file: two metadata entries and one F32 tensor [2, 4].
+GgufBuilder valid_file() {
+  GgufBuilder b;
+  b.u32(0x46554747).u32(3).u64(1).u64(2);
+  b.str("general.architecture").u32(8).str("llama");
+  b.str("general.alignment").u32(4).u32(32);
+  b.str("w").u32(2).u64(4).u64(2).u32(0).u64(0);
+  b.pad_to(32);
+  for (int i = 0; i < 8; ++i) {
+    const float v = static_cast<float>(i) - 3.5f;
+    std::uint8_t f[4];
+    std::memcpy(f, &v, 4);
+    b.raw({f[0], f[1], f[2], f[3]});
+  }
+  return b;
+}
+
+std::string error_of(const GgufBuilder& b) {
+  try {
+    parse_gguf(b.span(), "m.gguf");
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Gguf, ParsesAValidFile) {
+  const GgufBuilder b = valid_file();
+  const GgufHeader h = parse_gguf(b.span(), "m.gguf");
+  EXPECT_EQ(h.version, 3u);
+  EXPECT_EQ(h.alignment, 32u);
+  ASSERT_EQ(h.metadata.size(), 2u);
+  EXPECT_EQ(h.metadata[0].first, "general.architecture");
+  EXPECT_EQ(h.metadata[0].second.value, "llama");
+  ASSERT_EQ(h.tensors.size(), 1u);
+  EXPECT_EQ(h.tensors[0].shape(), (Shape{2, 4}));  // ne [4, 2] reversed
+  EXPECT_EQ(h.tensors[0].bytes, 32u);
+  EXPECT_EQ(h.data_offset % 32, 0u);
+}
+
+TEST(Gguf, MalformedHeadersAreNamed) {
+  struct Case {
+    const char* what;
+    GgufBuilder file;
+    const char* expected;
+  };
+  std::vector<Case> cases;
+  {
+    GgufBuilder b;
+    b.u32(0x12345678).u32(3).u64(0).u64(0);
+    cases.push_back({"magic", b, "not a GGUF file"});
+  }
+  {
+    GgufBuilder b;
+    b.u32(0x46554747).u32(1).u64(0).u64(0);
+    cases.push_back({"version 1", b, "version 1 is not supported"});
+  }
+  {
+    GgufBuilder b;
+    b.u32(0x46554747).u32(3).u64(0);
+    cases.push_back({"truncated counts", b, "truncated"});
+  }
+  {
+    GgufBuilder b;
+    b.u32(0x46554747).u32(3).u64(0).u64(1ULL << 60);
+    cases.push_back({"huge kv count", b, "larger than the file can hold"});
+  }
+  {
+    GgufBuilder b;
+    b.u32(0x46554747).u32(3).u64(1ULL << 60).u64(0);
+    cases.push_back({"huge tensor count", b, "larger than the file can hold"});
+  }
+  {
+    GgufBuilder b;
+    b.u32(0x46554747).u32(3).u64(0).u64(1).str("k").u32(8).u64(1ULL << 62);
+    cases.push_back({"huge string", b, "runs past the end"});
+  }
+  {
+    GgufBuilder b;
+    b.u32(0x46554747).u32(3).u64(0).u64(1).str("k").u32(9).u32(4).u64(1ULL << 40);
+    cases.push_back({"huge array", b, "array of 1099511627776 elements"});
+  }
+  {
+    GgufBuilder b;
+    b.u32(0x46554747).u32(3).u64(0).u64(1).str("k").u32(99).u32(0);
+    cases.push_back({"value type", b, "unknown value type 99"});
+  }
+  {
+    GgufBuilder b;
+    b.u32(0x46554747).u32(3).u64(0).u64(2).str("k").u32(4).u32(1).str("k").u32(4).u32(2);
+    cases.push_back({"duplicate key", b, "metadata 'k' appears twice"});
+  }
+  {
+    GgufBuilder b;
+    b.u32(0x46554747).u32(3).u64(0).u64(1).str("general.alignment").u32(4).u32(24);
+    cases.push_back({"alignment", b, "not a power of two"});
+  }
+  {
+    GgufBuilder b;
+    b.u32(0x46554747).u32(3).u64(1).u64(0).str("w").u32(2).u64(4).u64(2).u32(200).u64(0);
+    cases.push_back({"ggml type", b, "unknown ggml type 200"});
+  }
+  {
+    GgufBuilder b;
+    b.u32(0x46554747).u32(3).u64(1).u64(0).str("w").u32(5).u64(1).u64(1).u64(1).u64(1).u64(1).u32(0).u64(0);
+    cases.push_back({"dims", b, "5 dimensions"});
+  }
+  {
+    GgufBuilder b;
+    b.u32(0x46554747).u32(3).u64(1).u64(0).str("w").u32(1).u64(33).u32(2).u64(0);
+    cases.push_back({"block size", b, "not a multiple of the Q4_0 block size 32"});
+  }
+  {
+    GgufBuilder b;
+    b.u32(0x46554747).u32(3).u64(1).u64(0).str("w").u32(1).u64(8).u32(0).u64(64);
+    b.pad_to(32).raw(std::vector<std::uint8_t>(32, 0));
+    cases.push_back({"offset past end", b, "run past the end of the file"});
+  }
+  {
+    GgufBuilder b;
+    b.u32(0x46554747).u32(3).u64(1).u64(0).str("w").u32(1).u64(8).u32(0).u64(4);
+    b.pad_to(32).raw(std::vector<std::uint8_t>(64, 0));
+    cases.push_back({"unaligned", b, "not a multiple of the alignment"});
+  }
+  {
+    GgufBuilder b;
+    b.u32(0x46554747).u32(3).u64(2).u64(0).str("a").u32(1).u64(16).u32(0).u64(0).str("b").u32(1).u64(8).u32(0).u64(32);
+    b.pad_to(32).raw(std::vector<std::uint8_t>(64, 0));
+    cases.push_back({"overlap", b, "overlap"});
+  }
+  {
+    GgufBuilder b;
+    b.u32(0x46554747).u32(3).u64(2).u64(0).str("a").u32(1).u64(8).u32(0).u64(0).str("a").u32(1).u64(8).u32(0).u64(32);
+    b.pad_to(32).raw(std::vector<std::uint8_t>(64, 0));
+    cases.push_back({"duplicate tensor", b, "tensor 'a' appears twice"});
+  }
+  for (const auto& c : cases) {
+    const std::string msg = error_of(c.file);
+    EXPECT_NE(msg.find(c.expected), std::string::npos) << c.what << ": " << msg;
+    EXPECT_EQ(msg.rfind("m.gguf: ", 0), 0u) << c.what << ": " << msg;
+  }
+  // Every truncation of a valid file is refused, never read past.
+  const GgufBuilder b = valid_file();
+  for (std::size_t n = 0; n < b.bytes_.size(); ++n) {
+    GgufBuilder cut;
+    cut.bytes_.assign(b.bytes_.begin(), b.bytes_.begin() + static_cast<std::ptrdiff_t>(n));
+    EXPECT_NE(error_of(cut), "") << "truncated to " << n << " bytes";
+  }
+}
+
+// Blocks built by hand, dequantized by the definitions in FORMATS.md 7.5.
+TEST(GgufDequantize, BlockLayouts) {
+  const std::uint16_t half = f32_to_f16(0.5f), quarter = f32_to_f16(0.25f);
+  // Q8_0: d = 0.5, q = j - 16.
+  std::vector<std::uint8_t> q8 = {static_cast<std::uint8_t>(half & 0xFF), static_cast<std::uint8_t>(half >> 8)};
+  for (int j = 0; j < 32; ++j) q8.push_back(static_cast<std::uint8_t>(static_cast<std::int8_t>(j - 16)));
+  std::vector<float> out(32);
+  ggml_dequantize(GgmlType::Q8_0, std::as_bytes(std::span(q8)), out.data(), 32);
+  for (int j = 0; j < 32; ++j) EXPECT_EQ(out[j], 0.5f * static_cast<float>(j - 16));
+  // Q4_0: byte j holds element j (low nibble) and j + 16 (high nibble), offset 8.
+  std::vector<std::uint8_t> q4 = {static_cast<std::uint8_t>(half & 0xFF), static_cast<std::uint8_t>(half >> 8)};
+  for (int j = 0; j < 16; ++j) q4.push_back(static_cast<std::uint8_t>(j | ((15 - j) << 4)));
+  ggml_dequantize(GgmlType::Q4_0, std::as_bytes(std::span(q4)), out.data(), 32);
+  for (int j = 0; j < 16; ++j) {
+    EXPECT_EQ(out[j], 0.5f * static_cast<float>(j - 8));
+    EXPECT_EQ(out[j + 16], 0.5f * static_cast<float>(15 - j - 8));
+  }
+  // Q4_1: d * q + m.
+  std::vector<std::uint8_t> q41 = {static_cast<std::uint8_t>(half & 0xFF), static_cast<std::uint8_t>(half >> 8),
+                                   static_cast<std::uint8_t>(quarter & 0xFF), static_cast<std::uint8_t>(quarter >> 8)};
+  for (int j = 0; j < 16; ++j) q41.push_back(static_cast<std::uint8_t>(j | (3 << 4)));
+  ggml_dequantize(GgmlType::Q4_1, std::as_bytes(std::span(q41)), out.data(), 32);
+  EXPECT_EQ(out[5], 0.5f * 5 + 0.25f);
+  EXPECT_EQ(out[20], 0.5f * 3 + 0.25f);
+  EXPECT_THROW(ggml_dequantize(GgmlType::Q4_1, std::as_bytes(std::span(q41)), out.data(), 64), Error);
+  EXPECT_THROW(ggml_dequantize(GgmlType::Q5_0, std::as_bytes(std::span(q41)), out.data(), 32), Error);
+}
+
+// llama.cpp's permutation, written from its definition (FORMATS.md 7.6):
+// W_gguf = W_hf.reshape(heads, 2, d/2, in).swapaxes(1, 2).reshape(out, in).
+std::vector<float> permute_like_llama_cpp(const std::vector<float>& w, std::int64_t rows, std::int64_t cols, std::int64_t heads) {
+  const std::int64_t d = rows / heads;
+  std::vector<float> out(w.size());
+  for (std::int64_t h = 0; h < heads; ++h) {
+    for (std::int64_t two = 0; two < 2; ++two) {
+      for (std::int64_t i = 0; i < d / 2; ++i) {
+        const std::int64_t src = h * d + two * (d / 2) + i;  // [h][two][i]
+        const std::int64_t dst = h * d + i * 2 + two;        // [h][i][two]
+        std::copy(w.begin() + src * cols, w.begin() + (src + 1) * cols, out.begin() + dst * cols);
+      }
+    }
+  }
+  return out;
+}
+
+TEST(GgufConvert, UnpermuteUndoesLlamaCppsPermutation) {
+  const std::int64_t heads = 3, d = 8, cols = 5, rows = heads * d;
+  std::vector<float> w(static_cast<std::size_t>(rows * cols));
+  std::mt19937 rng(3);
+  std::normal_distribution<float> n;
+  for (auto& v : w) v = n(rng);
+  std::vector<float> p = permute_like_llama_cpp(w, rows, cols, heads);
+  ASSERT_NE(p, w);
+  unpermute_rope_rows(p.data(), rows, cols, heads);
+  EXPECT_EQ(p, w);
+  EXPECT_THROW(unpermute_rope_rows(p.data(), rows, cols, 5), Error);
+}
+
+}  // namespace
+}  // namespace mopt::io
