@@ -74,6 +74,13 @@ TEST_P(RealTokenizer, MatchesHuggingFace) {
 
 INSTANTIATE_TEST_SUITE_P(Tokenizer, RealTokenizer, ::testing::Values("llama3", "qwen3", "mistral"));
 
+// The tokenizer.json `mopt convert` rebuilt from SmolLM2's GGUF metadata.
+TEST(Tokenizer, ConvertedSmolLM2MatchesHuggingFace) {
+  const std::string dir = std::string(MOPT_MODELS_DIR) + "/smollm2-135m";
+  if (!fs::exists(dir + "/tokenizer.json")) GTEST_SKIP() << dir << " not found: run scripts/get-smollm2.sh";
+  check_golden(testing::data_path("tokenizers/golden-smollm2.json"), dir);
+}
+
 TEST(Utf8, MaximalSubpartsBecomeOneReplacementEach) {
   const std::string r = "\xEF\xBF\xBD";
   EXPECT_EQ(utf8_make_valid("abc"), "abc");

@@ -1,0 +1,182 @@
+#include "eval/perplexity.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "core/error.h"
+
+namespace mopt::eval {
+
+std::vector<Window> sliding_windows(std::int64_t n, std::int64_t ctx, std::int64_t stride) {
+  if (ctx < 2) fail("context must be at least 2 tokens, got {}", ctx);
+  if (stride < 1 || stride > ctx) fail("stride must be between 1 and the context ({}), got {}", ctx, stride);
+  std::vector<Window> out;
+  std::int64_t prev_end = 0;
+  for (std::int64_t begin = 0; begin < n; begin += stride) {
+    const std::int64_t end = std::min(begin + ctx, n);
+    const std::int64_t target_len = end - prev_end;
+    out.push_back({begin, end, std::max(begin + 1, end - target_len)});
+    prev_end = end;
+    if (end == n) break;
+  }
+  return out;
+}
+
+void log_softmax(const float* logits, std::int64_t n, std::vector<double>& out) {
+  out.resize(static_cast<std::size_t>(n));
+  double max = -INFINITY;
+  for (std::int64_t i = 0; i < n; ++i) max = std::max(max, static_cast<double>(logits[i]));
+  double sum = 0;
+  for (std::int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(logits[i]) - max);
+  const double lse = max + std::log(sum);
+  for (std::int64_t i = 0; i < n; ++i) out[static_cast<std::size_t>(i)] = static_cast<double>(logits[i]) - lse;
+}
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+// Runs the windows through the model a few at a time (packed into one batch)
+// and hands each scored position's logits to `visit(window index, position, logits)`.
+template <typename Visit>
+std::int64_t run_windows(const model::Model& m, std::span<const std::int32_t> tokens, const std::vector<Window>& windows,
+                         const ProgressFn& progress, Visit visit) {
+  constexpr std::int64_t kBatchTokens = 2048;
+  std::int64_t processed = 0;
+  std::vector<float> logits;
+  const std::int64_t vocab = m.config().vocab_size;
+  for (std::size_t w0 = 0; w0 < windows.size();) {
+    std::vector<model::SequenceSpan> batch;
+    std::vector<std::int32_t> packed;
+    std::size_t w1 = w0;
+    while (w1 < windows.size() && (packed.empty() || static_cast<std::int64_t>(packed.size()) + (windows[w1].end - windows[w1].begin) <= kBatchTokens)) {
+      const auto& w = windows[w1];
+      batch.push_back({static_cast<std::int64_t>(packed.size()), w.end - w.begin, 0, 0});
+      packed.insert(packed.end(), tokens.begin() + w.begin, tokens.begin() + w.end);
+      ++w1;
+    }
+    m.forward(packed, batch, nullptr, model::LogitsFor::all_rows, logits);
+    for (std::size_t i = w0; i < w1; ++i) {
+      const auto& w = windows[i];
+      const auto& s = batch[i - w0];
+      for (std::int64_t p = w.first_scored; p < w.end; ++p) {
+        // The logits at row p-1 of the window predict token p.
+        visit(i, p, logits.data() + (s.offset + (p - 1 - w.begin)) * vocab);
+      }
+    }
+    processed += static_cast<std::int64_t>(packed.size());
+    w0 = w1;
+    if (progress) progress(w0, windows.size());
+  }
+  return processed;
+}
+
+void finish(PerplexityResult& r, std::int64_t total, std::int64_t processed, double seconds) {
+  r.total_tokens = total;
+  r.perplexity = r.scored_tokens > 0 ? std::exp(r.nll_sum / static_cast<double>(r.scored_tokens)) : 0.0;
+  r.seconds = seconds;
+  r.tokens_per_second = seconds > 0 ? static_cast<double>(processed) / seconds : 0.0;
+}
+
+}  // namespace
+
+PerplexityResult perplexity(const model::Model& m, std::span<const std::int32_t> tokens, std::int64_t ctx, std::int64_t stride,
+                            const ProgressFn& progress) {
+  if (tokens.size() < 2) fail("perplexity needs at least 2 tokens, got {}", tokens.size());
+  const auto windows = sliding_windows(static_cast<std::int64_t>(tokens.size()), ctx, stride);
+  PerplexityResult r;
+  std::vector<double> lp;
+  const std::int64_t vocab = m.config().vocab_size;
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::int64_t processed = run_windows(m, tokens, windows, progress, [&](std::size_t, std::int64_t p, const float* logits) {
+    log_softmax(logits, vocab, lp);
+    const double nll = -lp[static_cast<std::size_t>(tokens[static_cast<std::size_t>(p)])];
+    if (!std::isfinite(nll)) fail("non-finite log-likelihood at token {}", p);
+    r.nll_sum += nll;
+    ++r.scored_tokens;
+  });
+  finish(r, static_cast<std::int64_t>(tokens.size()), processed, seconds_since(t0));
+  return r;
+}
+
+KldResult kl_divergence(const model::Model& m, const model::Model& base, std::span<const std::int32_t> tokens,
+                        std::int64_t ctx, std::int64_t stride, const ProgressFn& progress) {
+  if (tokens.size() < 2) fail("KL divergence needs at least 2 tokens, got {}", tokens.size());
+  if (m.config().vocab_size != base.config().vocab_size) {
+    fail("the models have different vocabularies ({} and {})", m.config().vocab_size, base.config().vocab_size);
+  }
+  const auto windows = sliding_windows(static_cast<std::int64_t>(tokens.size()), ctx, stride);
+  const std::int64_t vocab = m.config().vocab_size;
+  KldResult r;
+  std::vector<double> klds;
+  std::int64_t agree = 0;
+  std::vector<double> lp_base, lp_model;
+  std::vector<float> logits_base, logits_model;
+  double seconds_base = 0, seconds_model = 0;
+  std::int64_t processed = 0;
+  // Both models run the same group of windows in turn; only that group's
+  // logits are held, so memory stays small whatever the vocabulary.
+  constexpr std::int64_t kBatchTokens = 512;
+  for (std::size_t w0 = 0; w0 < windows.size();) {
+    std::vector<model::SequenceSpan> batch;
+    std::vector<std::int32_t> packed;
+    std::size_t w1 = w0;
+    while (w1 < windows.size() && (packed.empty() || static_cast<std::int64_t>(packed.size()) + (windows[w1].end - windows[w1].begin) <= kBatchTokens)) {
+      const auto& w = windows[w1];
+      batch.push_back({static_cast<std::int64_t>(packed.size()), w.end - w.begin, 0, 0});
+      packed.insert(packed.end(), tokens.begin() + w.begin, tokens.begin() + w.end);
+      ++w1;
+    }
+    auto t0 = std::chrono::steady_clock::now();
+    base.forward(packed, batch, nullptr, model::LogitsFor::all_rows, logits_base);
+    seconds_base += seconds_since(t0);
+    t0 = std::chrono::steady_clock::now();
+    m.forward(packed, batch, nullptr, model::LogitsFor::all_rows, logits_model);
+    seconds_model += seconds_since(t0);
+    for (std::size_t i = w0; i < w1; ++i) {
+      const auto& w = windows[i];
+      const auto& s = batch[i - w0];
+      for (std::int64_t p = w.first_scored; p < w.end; ++p) {
+        const std::int64_t row = s.offset + (p - 1 - w.begin);
+        log_softmax(logits_base.data() + row * vocab, vocab, lp_base);
+        log_softmax(logits_model.data() + row * vocab, vocab, lp_model);
+        const auto target = static_cast<std::size_t>(tokens[static_cast<std::size_t>(p)]);
+        r.base.nll_sum += -lp_base[target];
+        r.model.nll_sum += -lp_model[target];
+        double kl = 0;
+        for (std::int64_t v = 0; v < vocab; ++v) {
+          const double lb = lp_base[static_cast<std::size_t>(v)];
+          kl += std::exp(lb) * (lb - lp_model[static_cast<std::size_t>(v)]);
+        }
+        klds.push_back(std::max(0.0, kl));
+        agree += std::max_element(lp_base.begin(), lp_base.end()) - lp_base.begin() ==
+                 std::max_element(lp_model.begin(), lp_model.end()) - lp_model.begin();
+      }
+    }
+    processed += static_cast<std::int64_t>(packed.size());
+    w0 = w1;
+    if (progress) progress(w0, windows.size());
+  }
+  r.base.scored_tokens = r.model.scored_tokens = static_cast<std::int64_t>(klds.size());
+  finish(r.base, static_cast<std::int64_t>(tokens.size()), processed, seconds_base);
+  finish(r.model, static_cast<std::int64_t>(tokens.size()), processed, seconds_model);
+  r.positions = static_cast<std::int64_t>(klds.size());
+  double sum = 0;
+  for (const double k : klds) sum += k;
+  r.mean_kld = sum / static_cast<double>(klds.size());
+  std::sort(klds.begin(), klds.end());
+  auto pct = [&](double q) { return klds[std::min(klds.size() - 1, static_cast<std::size_t>(q * static_cast<double>(klds.size())))]; };
+  r.median_kld = pct(0.5);
+  r.p90_kld = pct(0.90);
+  r.p95_kld = pct(0.95);
+  r.p99_kld = pct(0.99);
+  r.p999_kld = pct(0.999);
+  r.max_kld = klds.back();
+  r.top1_agreement = static_cast<double>(agree) / static_cast<double>(klds.size());
+  return r;
+}
+
+}  // namespace mopt::eval

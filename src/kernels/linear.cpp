@@ -1,0 +1,103 @@
+#include "kernels/linear.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "core/convert.h"
+#include "core/cpu_features.h"
+#include "core/error.h"
+#include "kernels/gemm.h"
+#include "kernels/linear_simd.h"
+
+namespace mopt::kernels {
+
+namespace {
+
+void check_shapes(const Tensor& weight, const Tensor* bias) {
+  if (weight.rank() != 2) fail("linear: weight must be 2-D, got {}", shape_string(weight.shape()));
+  const DType t = weight.dtype();
+  if (t != DType::F32 && t != DType::F16 && t != DType::BF16) fail("linear: weight dtype {} is not f32, f16 or bf16", dtype_name(t));
+  if (bias != nullptr && (bias->numel() != static_cast<std::uint64_t>(weight.dim(0)))) {
+    fail("linear: bias of {} elements for {} outputs", bias->numel(), weight.dim(0));
+  }
+}
+
+void add_bias(float* y, std::int64_t m, std::int64_t n, const Tensor* bias) {
+  if (bias == nullptr) return;
+  const std::vector<float> b = bias->to_f32();
+  for (std::int64_t i = 0; i < m; ++i) {
+    for (std::int64_t j = 0; j < n; ++j) y[i * n + j] += b[static_cast<std::size_t>(j)];
+  }
+}
+
+// One dot product of f32 x with row `row` of the weight, widened on the fly.
+using DotFn = float (*)(const float* x, const void* w_row, std::int64_t k);
+
+float dot_scalar_f32(const float* x, const void* w, std::int64_t k) {
+  const auto* r = static_cast<const float*>(w);
+  float s = 0;
+  for (std::int64_t p = 0; p < k; ++p) s += x[p] * r[p];
+  return s;
+}
+float dot_scalar_bf16(const float* x, const void* w, std::int64_t k) {
+  const auto* r = static_cast<const std::uint16_t*>(w);
+  float s = 0;
+  for (std::int64_t p = 0; p < k; ++p) s += x[p] * bf16_to_f32(r[p]);
+  return s;
+}
+float dot_scalar_f16(const float* x, const void* w, std::int64_t k) {
+  const auto* r = static_cast<const std::uint16_t*>(w);
+  float s = 0;
+  for (std::int64_t p = 0; p < k; ++p) s += x[p] * f16_to_f32(r[p]);
+  return s;
+}
+
+DotFn dot_for(DType t) {
+  const bool avx2 = cpu_features().avx2 && cpu_features().fma && cpu_features().f16c;
+  switch (t) {
+    case DType::F32: return avx2 ? avx2::dot_f32 : dot_scalar_f32;
+    case DType::BF16: return avx2 ? avx2::dot_bf16 : dot_scalar_bf16;
+    case DType::F16: return avx2 ? avx2::dot_f16 : dot_scalar_f16;
+    default: fail("linear: no dot product for {}", dtype_name(t));
+  }
+}
+
+}  // namespace
+
+void linear_forward(const float* x, std::int64_t m, const Tensor& weight, const Tensor* bias, float* y) {
+  check_shapes(weight, bias);
+  const std::int64_t n = weight.dim(0);
+  const std::int64_t k = weight.dim(1);
+  const auto* w = reinterpret_cast<const std::uint8_t*>(weight.bytes().data());
+  const std::int64_t row_bytes = k * dtype_bits(weight.dtype()) / 8;
+  if (weight.dtype() == DType::F32 && m > kGemvMaxRows) {
+    gemm_f32(x, m, k, weight.data<float>(), n, y);
+  } else if (m <= kGemvMaxRows) {
+    const DotFn dot = dot_for(weight.dtype());
+#pragma omp parallel for schedule(static)
+    for (std::int64_t j = 0; j < n; ++j) {
+      for (std::int64_t i = 0; i < m; ++i) y[i * n + j] = dot(x + i * k, w + j * row_bytes, k);
+    }
+  } else {
+    // Widen a tile of weight rows to f32, multiply it with the BLAS, next tile.
+    const std::int64_t tile = std::max<std::int64_t>(16, std::min<std::int64_t>(n, (1 << 20) / std::max<std::int64_t>(k, 1)));
+    std::vector<float> buffer(static_cast<std::size_t>(tile * k));
+    for (std::int64_t j0 = 0; j0 < n; j0 += tile) {
+      const std::int64_t rows = std::min(tile, n - j0);
+      convert_to_f32(weight.dtype(), w + j0 * row_bytes, buffer.data(), static_cast<std::size_t>(rows * k));
+      gemm_f32_strided(x, m, k, buffer.data(), rows, y + j0, n, false);
+    }
+  }
+  add_bias(y, m, n, bias);
+}
+
+namespace ref {
+void linear_forward(const float* x, std::int64_t m, const Tensor& weight, const Tensor* bias, float* y) {
+  check_shapes(weight, bias);
+  const std::vector<float> w = weight.to_f32();
+  kernels::ref::gemm_f32(x, m, weight.dim(1), w.data(), weight.dim(0), y);
+  add_bias(y, m, weight.dim(0), bias);
+}
+}  // namespace ref
+
+}  // namespace mopt::kernels

@@ -1,0 +1,23 @@
+// y[m, n] = x[m, k] · Wᵀ (+ bias) for a weight W [n, k] kept in its checkpoint
+// dtype (f32, f16 or bf16) and widened on use.
+//  - few rows (decode): a GEMV that widens W in registers, threads over rows of W;
+//  - many rows (prefill): W widened tile by tile into f32 and multiplied by the BLAS.
+#pragma once
+
+#include <cstdint>
+
+#include "core/tensor.h"
+
+namespace mopt::kernels {
+
+void linear_forward(const float* x, std::int64_t m, const Tensor& weight, const Tensor* bias, float* y);
+
+namespace ref {
+// Widens the whole weight and multiplies with the reference GEMM.
+void linear_forward(const float* x, std::int64_t m, const Tensor& weight, const Tensor* bias, float* y);
+}
+
+// Rows at or below which linear_forward takes the GEMV path.
+inline constexpr std::int64_t kGemvMaxRows = 4;
+
+}  // namespace mopt::kernels

@@ -1,0 +1,31 @@
+// The element-wise and attention operations of a Llama-family decoder, in f32,
+// written to match what Hugging Face transformers computes.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+
+namespace mopt::kernels {
+
+// y[r] = x[r] / sqrt(mean(x[r]²) + eps) * weight, for each of `rows` rows of `dim`.
+// `y` may equal `x`.
+void rmsnorm(const float* x, const float* weight, std::int64_t rows, std::int64_t dim, float eps, float* y);
+
+// Rotates x [rows, heads, head_dim] in place, row r at position positions[r],
+// with the split-half ("rotate_half") pairing: element i pairs with i + d/2.
+void apply_rope(float* x, std::int64_t rows, std::int64_t heads, std::int64_t head_dim, const std::int32_t* positions,
+                const std::vector<float>& inv_freq);
+
+// gate[i] = silu(gate[i]) * up[i].
+void silu_mul(float* gate, const float* up, std::int64_t n);
+
+// Causal multi-head attention of one sequence with grouped key/value heads.
+// q [n_q, heads, d] holds queries at positions q_pos; k, v [n_k, kv_heads, d]
+// hold keys and values at positions 0..n_k-1. A query at position p sees keys
+// at positions j <= p, and with window > 0 only those with p - j < window.
+// out [n_q, heads, d]. Scores are scaled by 1/sqrt(d); softmax in f32.
+void attention(const float* q, std::int64_t n_q, const std::int32_t* q_pos, const float* k, const float* v, std::int64_t n_k,
+               std::int64_t heads, std::int64_t kv_heads, std::int64_t d, std::int64_t window, float* out);
+
+}  // namespace mopt::kernels

@@ -1,0 +1,146 @@
+// The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) as a list of
+// plain steps over f32 activations. Weights stay in their checkpoint dtype
+// (memory-mapped) and are widened on use.
+//
+// Two levels of API:
+//  - decoder_layer_forward(): one decoder layer on a packed batch of hidden
+//    states, with an observer that sees the input of every Linear and the keys
+//    and values after RoPE. The quantization pipeline runs layer by layer on it.
+//  - Model::forward(): embeddings, every layer, final norm and lm_head, with a
+//    KV cache for prefill and decode.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/tensor.h"
+#include "io/checkpoint.h"
+#include "io/hf_config.h"
+#include "io/tokenizer.h"
+
+namespace mopt::model {
+
+enum class LinearKind { q, k, v, o, gate, up, down };
+inline constexpr LinearKind kAllLinears[] = {LinearKind::q, LinearKind::k, LinearKind::v, LinearKind::o,
+                                             LinearKind::gate, LinearKind::up, LinearKind::down};
+// "self_attn.q_proj", ..., "mlp.down_proj": the module path inside a layer.
+std::string_view linear_name(LinearKind kind);
+
+struct Linear {
+  Tensor weight;              // [out, in], f32, f16 or bf16
+  std::optional<Tensor> bias;  // [out]
+};
+
+struct LayerWeights {
+  Tensor input_norm;           // f32 [hidden]
+  Tensor post_attention_norm;  // f32 [hidden]
+  std::optional<Tensor> q_norm, k_norm;  // f32 [head_dim] (Qwen3)
+  Linear q, k, v, o, gate, up, down;
+  Linear& linear(LinearKind kind);
+  const Linear& linear(LinearKind kind) const;
+};
+
+// Reads layer `index` from a checkpoint (views, norms widened to f32).
+LayerWeights load_layer(const io::Checkpoint& checkpoint, std::int64_t index);
+
+// Sees what flows through a layer. Default: nothing.
+class LayerObserver {
+ public:
+  virtual ~LayerObserver() = default;
+  // The input of Linear `kind` of layer `layer`: [rows, cols].
+  virtual void linear_input(std::int64_t /*layer*/, LinearKind /*kind*/, const float* /*x*/, std::int64_t /*rows*/,
+                            std::int64_t /*cols*/) {}
+  // Keys (after RoPE) and values of the new rows: [rows, kv_heads * head_dim] each.
+  virtual void key_value(std::int64_t /*layer*/, const float* /*k*/, const float* /*v*/, std::int64_t /*rows*/,
+                         std::int64_t /*kv_dim*/) {}
+};
+
+// One sequence of a packed batch: its rows [offset, offset + length) hold
+// tokens at positions start_position ... start_position + length - 1.
+struct SequenceSpan {
+  std::int64_t offset = 0;
+  std::int64_t length = 0;
+  std::int64_t start_position = 0;
+  std::int64_t cache_slot = 0;  // which KV-cache slot holds its earlier tokens
+};
+
+// Keys and values of every layer for `slots` sequences of up to `max_tokens`.
+class KvCache {
+ public:
+  KvCache(const io::ModelConfig& config, std::int64_t slots, std::int64_t max_tokens);
+  float* keys(std::int64_t layer, std::int64_t slot);
+  float* values(std::int64_t layer, std::int64_t slot);
+  std::int64_t max_tokens() const { return max_tokens_; }
+  std::int64_t slots() const { return slots_; }
+  std::size_t bytes() const { return data_.size() * sizeof(float); }
+
+ private:
+  std::int64_t layers_, slots_, max_tokens_, kv_dim_;
+  std::vector<float> data_;
+};
+
+// Scratch buffers reused from call to call, so decoding allocates nothing per token.
+struct Workspace {
+  std::vector<float> normed, q, k, v, attn, proj, gate, up;
+  std::vector<std::int32_t> positions;
+  void reserve(const io::ModelConfig& config, std::int64_t rows);
+};
+
+// RoPE inverse frequencies for the config (theta, linear or llama3 scaling),
+// computed in f32 as transformers does.
+std::vector<float> rope_inv_freq(const io::ModelConfig& config);
+
+// Runs decoder layer `layer` on hidden [rows, hidden_size] in place. With a
+// cache, the new keys and values are stored in each sequence's slot and
+// attention covers its earlier tokens too; without, each sequence attends
+// within the batch only (its start_position must be 0).
+void decoder_layer_forward(const io::ModelConfig& config, const std::vector<float>& inv_freq, std::int64_t layer,
+                           const LayerWeights& weights, float* hidden, std::int64_t rows,
+                           std::span<const SequenceSpan> batch, KvCache* cache, Workspace& ws,
+                           LayerObserver* observer = nullptr);
+
+enum class LogitsFor { all_rows, last_row_of_each_sequence };
+
+class Model {
+ public:
+  // A Hugging Face checkpoint directory; its tokenizer.json is loaded when present.
+  static Model load(const std::string& dir);
+
+  const io::ModelConfig& config() const { return checkpoint_->config(); }
+  const io::Tokenizer* tokenizer() const { return tokenizer_ ? &*tokenizer_ : nullptr; }
+  const io::Tokenizer& require_tokenizer() const;
+  std::int64_t num_layers() const { return static_cast<std::int64_t>(layers_.size()); }
+  const LayerWeights& layer(std::int64_t i) const { return layers_.at(static_cast<std::size_t>(i)); }
+  LayerWeights& mutable_layer(std::int64_t i) { return layers_.at(static_cast<std::size_t>(i)); }
+  const std::vector<float>& inv_freq() const { return inv_freq_; }
+  // Bytes of all weights as stored.
+  std::uint64_t weight_bytes() const;
+
+  // Embeddings of `tokens` into out [tokens.size(), hidden].
+  void embed(std::span<const std::int32_t> tokens, float* out) const;
+  // Final norm and lm_head over the chosen rows of hidden; logits [n, vocab].
+  void head(const float* hidden, std::span<const std::int64_t> rows, float* logits) const;
+
+  // The whole model on a packed batch. Logits of the chosen rows go to
+  // `logits` (resized): [rows or sequences, vocab].
+  void forward(std::span<const std::int32_t> tokens, std::span<const SequenceSpan> batch, KvCache* cache,
+               LogitsFor which, std::vector<float>& logits, LayerObserver* observer = nullptr) const;
+
+ private:
+  std::shared_ptr<io::Checkpoint> checkpoint_;
+  std::optional<io::Tokenizer> tokenizer_;
+  Tensor embed_tokens_;
+  Tensor final_norm_;  // f32
+  Tensor lm_head_;     // the embeddings when tied
+  std::vector<LayerWeights> layers_;
+  std::vector<float> inv_freq_;
+  mutable Workspace workspace_;
+  mutable std::vector<float> hidden_;
+};
+
+}  // namespace mopt::model
