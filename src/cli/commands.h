@@ -34,6 +34,30 @@ struct ConvertOptions {
 };
 int run_convert(const ConvertOptions& options);
 
+struct EvalOptions {
+  std::string model;
+  std::string base;  // kld
+  std::string text;  // ppl, kld
+  std::string data;  // mc
+  std::int64_t ctx = 0;     // 0: min(512, the model's context)
+  std::int64_t stride = 0;  // 0: the context
+  std::int64_t shots = 0;
+  bool json = false;
+};
+int run_eval_ppl(const EvalOptions& options);
+int run_eval_kld(const EvalOptions& options);
+int run_eval_mc(const EvalOptions& options);
+
+struct GenerateCliOptions {
+  std::string model;
+  std::string prompt;
+  std::int64_t max_tokens = 128;
+  float temperature = 0.0f;
+  float top_p = 1.0f;
+  std::uint64_t seed = 0;
+};
+int run_generate(const GenerateCliOptions& options);
+
 // "1,2,3", "[1, 2, 3]" or "1 2 3" -> ids; throws Error on anything else.
 std::vector<std::int32_t> parse_ids(const std::string& text);
 

@@ -60,6 +60,35 @@ int main(int argc, char** argv) {
   convert_cmd->add_option("gguf", convert.gguf, "The .gguf file")->required();
   convert_cmd->add_option("out_dir", convert.out_dir, "The directory to create")->required();
 
+  mopt::cli::EvalOptions eval;
+  auto* eval_cmd = app.add_subcommand("eval", "Measure a model: perplexity, KL divergence against a base, multiple choice");
+  eval_cmd->require_subcommand(1);
+  auto* ppl_cmd = eval_cmd->add_subcommand("ppl", "Perplexity on a text file (Hugging Face's sliding-window procedure)");
+  ppl_cmd->add_option("model", eval.model, "Model directory")->required();
+  ppl_cmd->add_option("--text", eval.text, "UTF-8 text file")->required();
+  auto* kld_cmd = eval_cmd->add_subcommand("kld", "KL divergence of the model's token distributions from a base model's");
+  kld_cmd->add_option("model", eval.model, "Model directory")->required();
+  kld_cmd->add_option("--base", eval.base, "The base (reference) model directory")->required();
+  kld_cmd->add_option("--text", eval.text, "UTF-8 text file")->required();
+  for (auto* cmd : {ppl_cmd, kld_cmd}) {
+    cmd->add_option("--ctx", eval.ctx, "Window length in tokens (default min(512, the model's context))");
+    cmd->add_option("--stride", eval.stride, "Window step in tokens (default: the window length)");
+  }
+  auto* mc_cmd = eval_cmd->add_subcommand("mc", "Multiple-choice accuracy on an MMLU-format CSV file");
+  mc_cmd->add_option("model", eval.model, "Model directory")->required();
+  mc_cmd->add_option("--data", eval.data, "CSV: question, A, B, C, D, answer letter")->required();
+  mc_cmd->add_option("--shots", eval.shots, "Solved examples shown first (taken from the first rows)");
+  for (auto* cmd : {ppl_cmd, kld_cmd, mc_cmd}) cmd->add_flag("--json", eval.json, "Print JSON");
+
+  mopt::cli::GenerateCliOptions gen;
+  auto* gen_cmd = app.add_subcommand("generate", "Continue a prompt, streaming the text");
+  gen_cmd->add_option("model", gen.model, "Model directory")->required();
+  gen_cmd->add_option("--prompt", gen.prompt, "The prompt")->required();
+  gen_cmd->add_option("--max-tokens", gen.max_tokens, "Tokens to generate (default 128)");
+  gen_cmd->add_option("--temp", gen.temperature, "Sampling temperature; 0 is greedy (default)");
+  gen_cmd->add_option("--top-p", gen.top_p, "Nucleus sampling threshold (default 1)");
+  gen_cmd->add_option("--seed", gen.seed, "Random seed for sampling");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -77,6 +106,10 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (inspect_cmd->parsed()) return mopt::cli::run_inspect(inspect);
+    if (ppl_cmd->parsed()) return mopt::cli::run_eval_ppl(eval);
+    if (kld_cmd->parsed()) return mopt::cli::run_eval_kld(eval);
+    if (mc_cmd->parsed()) return mopt::cli::run_eval_mc(eval);
+    if (gen_cmd->parsed()) return mopt::cli::run_generate(gen);
     if (convert_cmd->parsed()) return mopt::cli::run_convert(convert);
     if (tokenize_cmd->parsed()) return mopt::cli::run_tokenize(tokenize);
     if (detokenize_cmd->parsed()) return mopt::cli::run_detokenize(detokenize);

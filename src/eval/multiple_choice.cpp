@@ -103,6 +103,7 @@ McResult multiple_choice(const model::Model& m, const std::vector<McQuestion>& q
   std::vector<float> logits;
   std::vector<double> lp;
   const std::int64_t vocab = m.config().vocab_size;
+  if (progress) progress(0, questions.size() - static_cast<std::size_t>(shots));
   for (std::size_t qi = static_cast<std::size_t>(shots); qi < questions.size(); ++qi) {
     const auto& q = questions[qi];
     const std::vector<std::int32_t> context = tok.encode(mc_prompt(examples, q), true);

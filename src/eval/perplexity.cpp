@@ -48,6 +48,7 @@ std::int64_t run_windows(const model::Model& m, std::span<const std::int32_t> to
   std::int64_t processed = 0;
   std::vector<float> logits;
   const std::int64_t vocab = m.config().vocab_size;
+  if (progress) progress(0, windows.size());
   for (std::size_t w0 = 0; w0 < windows.size();) {
     std::vector<model::SequenceSpan> batch;
     std::vector<std::int32_t> packed;
@@ -120,6 +121,7 @@ KldResult kl_divergence(const model::Model& m, const model::Model& base, std::sp
   // Both models run the same group of windows in turn; only that group's
   // logits are held, so memory stays small whatever the vocabulary.
   constexpr std::int64_t kBatchTokens = 512;
+  if (progress) progress(0, windows.size());
   for (std::size_t w0 = 0; w0 < windows.size();) {
     std::vector<model::SequenceSpan> batch;
     std::vector<std::int32_t> packed;

@@ -3,6 +3,10 @@
 #include <algorithm>
 #include <cmath>
 
+#include <cblas.h>
+
+#include <vector>
+
 #include "core/error.h"
 
 namespace mopt::kernels {
@@ -53,41 +57,87 @@ void silu_mul(float* gate, const float* up, std::int64_t n) {
   }
 }
 
+namespace {
+
+// Softmax over row entries [first, last] of scores, in place; the rest of the
+// row (masked keys) becomes 0.
+void masked_softmax(float* row, std::int64_t n, std::int64_t first, std::int64_t last) {
+  float max_score = -INFINITY;
+  for (std::int64_t j = first; j <= last; ++j) max_score = std::max(max_score, row[j]);
+  float total = 0;
+  for (std::int64_t j = first; j <= last; ++j) {
+    row[j] = std::exp(row[j] - max_score);
+    total += row[j];
+  }
+  const float inv = 1.0f / total;
+  for (std::int64_t j = 0; j < first; ++j) row[j] = 0;
+  for (std::int64_t j = first; j <= last; ++j) row[j] *= inv;
+  for (std::int64_t j = last + 1; j < n; ++j) row[j] = 0;
+}
+
+}  // namespace
+
 void attention(const float* q, std::int64_t n_q, const std::int32_t* q_pos, const float* k, const float* v, std::int64_t n_k,
                std::int64_t heads, std::int64_t kv_heads, std::int64_t d, std::int64_t window, float* out) {
   const std::int64_t group = heads / kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const std::int64_t q_stride = heads * d, kv_stride = kv_heads * d;
+  auto key_range = [&](std::int64_t i, std::int64_t& first, std::int64_t& last) {
+    const std::int64_t p = q_pos[i];
+    last = std::min<std::int64_t>(p, n_k - 1);
+    first = window > 0 ? std::max<std::int64_t>(0, p - window + 1) : 0;
+  };
+  if (n_q >= 8) {
+    // Many queries (prefill): per head, scores = Q Kᵀ and out = P V through
+    // the BLAS, in blocks of query rows so the score matrix stays small.
+    constexpr std::int64_t kBlock = 256;
+    std::vector<float> scores(static_cast<std::size_t>(std::min(n_q, kBlock) * n_k));
+    for (std::int64_t h = 0; h < heads; ++h) {
+      const float* kh = k + (h / group) * d;
+      const float* vh = v + (h / group) * d;
+      for (std::int64_t i0 = 0; i0 < n_q; i0 += kBlock) {
+        const std::int64_t rows = std::min(kBlock, n_q - i0);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(rows), static_cast<blasint>(n_k),
+                    static_cast<blasint>(d), scale, q + i0 * q_stride + h * d, static_cast<blasint>(q_stride), kh,
+                    static_cast<blasint>(kv_stride), 0.0f, scores.data(), static_cast<blasint>(n_k));
+#pragma omp parallel for schedule(static)
+        for (std::int64_t r = 0; r < rows; ++r) {
+          std::int64_t first, last;
+          key_range(i0 + r, first, last);
+          masked_softmax(scores.data() + r * n_k, n_k, first, last);
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(rows), static_cast<blasint>(d),
+                    static_cast<blasint>(n_k), 1.0f, scores.data(), static_cast<blasint>(n_k), vh,
+                    static_cast<blasint>(kv_stride), 0.0f, out + i0 * q_stride + h * d, static_cast<blasint>(q_stride));
+      }
+    }
+    return;
+  }
+  // Few queries (decode): each (query, head) on its own.
 #pragma omp parallel
   {
-    std::vector<float> scores(static_cast<std::size_t>(n_k));
-#pragma omp for collapse(2) schedule(dynamic, 4)
+    std::vector<float> row(static_cast<std::size_t>(n_k));
+#pragma omp for collapse(2) schedule(static)
     for (std::int64_t i = 0; i < n_q; ++i) {
       for (std::int64_t h = 0; h < heads; ++h) {
-        const std::int64_t p = q_pos[i];
-        const std::int64_t last = std::min<std::int64_t>(p, n_k - 1);
-        const std::int64_t first = window > 0 ? std::max<std::int64_t>(0, p - window + 1) : 0;
-        const float* qv = q + (i * heads + h) * d;
+        std::int64_t first, last;
+        key_range(i, first, last);
+        const float* qv = q + i * q_stride + h * d;
         const std::int64_t kh = h / group;
-        float max_score = -INFINITY;
         for (std::int64_t j = first; j <= last; ++j) {
-          const float* kv = k + (j * kv_heads + kh) * d;
+          const float* kv = k + j * kv_stride + kh * d;
           float s = 0;
+#pragma omp simd reduction(+ : s)
           for (std::int64_t t = 0; t < d; ++t) s += qv[t] * kv[t];
-          s *= scale;
-          scores[static_cast<std::size_t>(j)] = s;
-          max_score = std::max(max_score, s);
+          row[static_cast<std::size_t>(j)] = s * scale;
         }
-        float total = 0;
-        for (std::int64_t j = first; j <= last; ++j) {
-          const float e = std::exp(scores[static_cast<std::size_t>(j)] - max_score);
-          scores[static_cast<std::size_t>(j)] = e;
-          total += e;
-        }
-        float* o = out + (i * heads + h) * d;
+        masked_softmax(row.data(), n_k, first, last);
+        float* o = out + i * q_stride + h * d;
         std::fill(o, o + d, 0.0f);
         for (std::int64_t j = first; j <= last; ++j) {
-          const float w = scores[static_cast<std::size_t>(j)] / total;
-          const float* vv = v + (j * kv_heads + kh) * d;
+          const float w = row[static_cast<std::size_t>(j)];
+          const float* vv = v + j * kv_stride + kh * d;
+#pragma omp simd
           for (std::int64_t t = 0; t < d; ++t) o[t] += w * vv[t];
         }
       }

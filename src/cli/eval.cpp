@@ -1,0 +1,152 @@
+#include <fmt/format.h>
+
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "core/progress.h"
+#include "eval/generate.h"
+#include "eval/multiple_choice.h"
+#include "eval/perplexity.h"
+#include "io/json_util.h"
+#include "model/llama.h"
+
+namespace mopt::cli {
+
+namespace {
+
+using nlohmann::json;
+
+std::vector<std::int32_t> tokenize_file(const model::Model& m, const std::string& path) {
+  const std::string text = io::read_text_file(path);
+  const auto tokens = m.require_tokenizer().encode(text, false);
+  if (tokens.size() < 2) fail("{}: {} tokens is too little text to evaluate", path, tokens.size());
+  return tokens;
+}
+
+// A Progress created on the first report (when the total is known).
+struct LazyProgress {
+  std::string stage, unit;
+  std::unique_ptr<Progress> bar;
+  eval::ProgressFn fn() {
+    return [this](std::size_t done, std::size_t total) {
+      if (!bar) bar = std::make_unique<Progress>(stage, total, unit);
+      bar->advance(done - previous);
+      previous = done;
+    };
+  }
+  void finish() {
+    if (bar) bar->finish();
+  }
+  std::size_t previous = 0;
+};
+
+std::int64_t default_ctx(const model::Model& m, std::int64_t requested) {
+  if (requested > 0) return requested;
+  return std::min<std::int64_t>(512, m.config().max_position_embeddings);
+}
+
+json ppl_json(const eval::PerplexityResult& r) {
+  return {{"perplexity", r.perplexity}, {"nll_sum", r.nll_sum}, {"scored_tokens", r.scored_tokens},
+          {"total_tokens", r.total_tokens}, {"seconds", r.seconds}, {"tokens_per_second", r.tokens_per_second}};
+}
+
+}  // namespace
+
+int run_eval_ppl(const EvalOptions& o) {
+  const auto m = model::Model::load(o.model);
+  const auto tokens = tokenize_file(m, o.text);
+  const std::int64_t ctx = default_ctx(m, o.ctx);
+  const std::int64_t stride = o.stride > 0 ? o.stride : ctx;
+  LazyProgress progress{"perplexity", "windows", nullptr};
+  const auto r = eval::perplexity(m, tokens, ctx, stride, progress.fn());
+  progress.finish();
+  if (o.json) {
+    json j = ppl_json(r);
+    j["model"] = o.model;
+    j["text"] = o.text;
+    j["ctx"] = ctx;
+    j["stride"] = stride;
+    fmt::print("{}\n", j.dump(2));
+  } else {
+    fmt::print("perplexity {:.4f} over {} scored tokens of {} (ctx {}, stride {}), {:.1f} tokens/s\n", r.perplexity,
+               r.scored_tokens, r.total_tokens, ctx, stride, r.tokens_per_second);
+  }
+  return 0;
+}
+
+int run_eval_kld(const EvalOptions& o) {
+  if (o.base.empty()) fail("eval kld needs --base BASE_MODEL");
+  const auto m = model::Model::load(o.model);
+  const auto base = model::Model::load(o.base);
+  const auto tokens = tokenize_file(base, o.text);
+  const std::int64_t ctx = default_ctx(base, o.ctx);
+  const std::int64_t stride = o.stride > 0 ? o.stride : ctx;
+  LazyProgress progress{"kl-divergence", "windows", nullptr};
+  const auto r = eval::kl_divergence(m, base, tokens, ctx, stride, progress.fn());
+  progress.finish();
+  const double dppl = r.model.perplexity - r.base.perplexity;
+  if (o.json) {
+    json j = {{"model", o.model}, {"base", o.base}, {"text", o.text}, {"ctx", ctx}, {"stride", stride},
+              {"positions", r.positions}, {"mean_kld", r.mean_kld}, {"median_kld", r.median_kld}, {"p90_kld", r.p90_kld},
+              {"p95_kld", r.p95_kld}, {"p99_kld", r.p99_kld}, {"p999_kld", r.p999_kld}, {"max_kld", r.max_kld},
+              {"top1_agreement", r.top1_agreement}, {"delta_ppl", dppl}, {"model_ppl", ppl_json(r.model)}, {"base_ppl", ppl_json(r.base)}};
+    fmt::print("{}\n", j.dump(2));
+  } else {
+    fmt::print("positions      {}\n", r.positions);
+    fmt::print("ppl(base)      {:.4f}\nppl(model)     {:.4f}\ndelta ppl      {:+.4f} ({:+.2f}%)\n", r.base.perplexity,
+               r.model.perplexity, dppl, 100.0 * dppl / r.base.perplexity);
+    fmt::print("mean KLD       {:.6f}\nmedian KLD     {:.6f}\n90% KLD        {:.6f}\n95% KLD        {:.6f}\n99% KLD        {:.6f}\n"
+               "99.9% KLD      {:.6f}\nmax KLD        {:.6f}\ntop-1 agree    {:.2f}%\n",
+               r.mean_kld, r.median_kld, r.p90_kld, r.p95_kld, r.p99_kld, r.p999_kld, r.max_kld, 100.0 * r.top1_agreement);
+  }
+  return 0;
+}
+
+int run_eval_mc(const EvalOptions& o) {
+  const auto m = model::Model::load(o.model);
+  const auto questions = eval::parse_mc_csv(io::read_text_file(o.data), o.data);
+  LazyProgress progress{"multiple-choice", "questions", nullptr};
+  const auto r = eval::multiple_choice(m, questions, o.shots, progress.fn());
+  progress.finish();
+  if (o.json) {
+    fmt::print("{}\n", json{{"model", o.model}, {"data", o.data}, {"shots", o.shots}, {"questions", r.questions},
+                            {"correct", r.correct}, {"accuracy", r.accuracy}, {"seconds", r.seconds}}
+                           .dump(2));
+  } else {
+    fmt::print("accuracy {:.2f}% ({} of {} questions, {} shots) in {:.1f} s\n", 100.0 * r.accuracy, r.correct, r.questions,
+               o.shots, r.seconds);
+  }
+  return 0;
+}
+
+int run_generate(const GenerateCliOptions& o) {
+  const auto m = model::Model::load(o.model);
+  const auto& tok = m.require_tokenizer();
+  const auto prompt = tok.encode(o.prompt, true);
+  eval::GenerateOptions g;
+  g.max_tokens = o.max_tokens;
+  g.temperature = o.temperature;
+  g.top_p = o.top_p;
+  g.seed = o.seed;
+  if (g.max_tokens < 1) fail("--max-tokens must be at least 1");
+  if (g.temperature < 0) fail("--temp must not be negative");
+  if (!(g.top_p > 0 && g.top_p <= 1)) fail("--top-p must be in (0, 1]");
+  eval::GenerateStats stats;
+  fmt::print("{}", o.prompt);
+  std::fflush(stdout);
+  eval::generate(m, prompt, g, [](std::string_view piece) {
+    fmt::print("{}", piece);
+    std::fflush(stdout);
+  }, &stats);
+  fmt::print("\n");
+  std::fflush(stdout);
+  fmt::print(stderr, "prompt {} tokens in {:.2f} s ({:.1f} tokens/s); generated {} tokens in {:.2f} s ({:.1f} tokens/s)\n",
+             stats.prompt_tokens, stats.prefill_seconds, static_cast<double>(stats.prompt_tokens) / std::max(stats.prefill_seconds, 1e-9),
+             stats.generated_tokens, stats.decode_seconds,
+             static_cast<double>(stats.generated_tokens) / std::max(stats.decode_seconds, 1e-9));
+  return 0;
+}
+
+}  // namespace mopt::cli
