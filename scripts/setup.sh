@@ -9,6 +9,9 @@ packages=(
   nlohmann-json3-dev                  # JSON: config.json, safetensors headers, tokenizer.json
   libfmt-dev                          # formatting (GCC 12 has no <format>)
   libcli11-dev                        # the command line
+  libpcre2-dev                        # tokenizer pre-tokenizer regexes (Unicode properties, JIT)
+  libutf8proc-dev                     # NFC normalization (Qwen tokenizers)
+  libopenblas-openmp-dev libomp-dev   # f32 GEMM; OpenMP for gcc (libgomp) and clang (libomp)
   libgtest-dev libgmock-dev           # unit tests
 )
 

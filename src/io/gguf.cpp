@@ -150,7 +150,10 @@ GgufHeader parse_gguf(std::span<const std::byte> file, const std::string& label)
     const auto magic = c.read<std::uint32_t>("the magic");
     if (magic != kMagic) fail("not a GGUF file (magic 0x{:08x}, expected 0x{:08x} \"GGUF\")", magic, kMagic);
     h.version = c.read<std::uint32_t>("the version");
-    if (h.version != 2 && h.version != 3) fail("GGUF version {} is not supported (2 and 3 are)", h.version);
+    if (h.version != 2 && h.version != 3) {
+      const bool swapped = h.version != 0 && (h.version & 0xFFFF) == 0;
+      fail("GGUF version {} is not supported (2 and 3 are){}", h.version, swapped ? "; the file looks big-endian" : "");
+    }
     const auto n_tensors = c.read<std::uint64_t>("the tensor count");
     const auto n_kv = c.read<std::uint64_t>("the metadata count");
     // Each entry needs at least a length-prefixed name and a type: bound the counts first.
@@ -223,6 +226,16 @@ GgufHeader parse_gguf(std::span<const std::byte> file, const std::string& label)
       const auto* a = by_offset[i - 1];
       const auto* b = by_offset[i];
       if (b->offset < a->offset + a->bytes) fail("tensors '{}' and '{}' overlap", printable(a->name), printable(b->name));
+    }
+    // As llama.cpp requires: the data of each tensor follows the previous one
+    // in tensor-info order, padded to the alignment, with nothing in between.
+    std::uint64_t expected = 0;
+    for (const auto& t : h.tensors) {
+      if (t.offset != expected) {
+        fail("tensor '{}': offset {} where the previous tensors end at {} (tensor data must be contiguous)",
+             printable(t.name), t.offset, expected);
+      }
+      expected = (t.offset + t.bytes + h.alignment - 1) / h.alignment * h.alignment;
     }
     return h;
   });

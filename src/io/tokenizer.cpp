@@ -191,7 +191,6 @@ std::string to_byte_level(std::string_view s) {
   return out;
 }
 
-constexpr std::string_view kMetaspace = "\xE2\x96\x81";  // U+2581 ▁
 
 // ---------------------------------------------------------------------------
 // Normalizers
@@ -836,6 +835,17 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
 
 Tokenizer Tokenizer::from_json(std::string_view text, const std::string& label) {
+  try {
+    return from_json_checked(text, label);
+  } catch (const json::exception& e) {
+    // A field of the wrong type or missing where the parser reads it directly.
+    std::string what = e.what();
+    if (const auto close = what.find("] "); close != std::string::npos) what.erase(0, close + 2);
+    fail("{}: malformed tokenizer.json: {}", label, printable(what));
+  }
+}
+
+Tokenizer Tokenizer::from_json_checked(std::string_view text, const std::string& label) {
   return with_context(label, [&] {
     json j;
     try {

@@ -58,6 +58,7 @@ class Tokenizer {
  private:
   struct Impl;
   explicit Tokenizer(std::unique_ptr<Impl> impl);
+  static Tokenizer from_json_checked(std::string_view text, const std::string& label);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <cctype>
 #include <random>
 
 #include "core/convert.h"
@@ -259,6 +260,131 @@ TEST(GgufConvert, UnpermuteUndoesLlamaCppsPermutation) {
   unpermute_rope_rows(p.data(), rows, cols, heads);
   EXPECT_EQ(p, w);
   EXPECT_THROW(unpermute_rope_rows(p.data(), rows, cols, 5), Error);
+}
+
+}  // namespace
+}  // namespace mopt::io
+
+namespace mopt::io {
+namespace {
+
+json read_json(const std::string& path) {
+  std::ifstream in(path);
+  return json::parse(in);
+}
+
+std::string upper(std::string_view s) {
+  std::string out(s);
+  for (auto& c : out) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  return out;
+}
+
+// A file written by the gguf PyPI package with one metadata entry of every
+// value type and one tensor of every type we dequantize; the expectations
+// come from gguf-py's reader and its dequantize (tools/fixtures/make_gguf_fixtures.py).
+TEST(GgufFixture, EveryValueTypeAndTensorTypeAsGgufPyReadsThem) {
+  const json expected = read_json(testing::data_path("gguf/types.expected.json"));
+  const GgufFile g = GgufFile::open(testing::data_path("gguf/types.gguf"));
+  EXPECT_EQ(g.header().version, expected["gguf_version"]);
+  EXPECT_EQ(g.header().alignment, expected["alignment"]);
+  EXPECT_EQ(g.header().data_offset, expected["data_offset"]);
+  ASSERT_EQ(g.header().metadata.size(), expected["metadata"].size());
+  for (const auto& [key, facts] : expected["metadata"].items()) {
+    const GgufValue* v = g.find(key);
+    ASSERT_NE(v, nullptr) << key;
+    EXPECT_EQ(upper(gguf_value_type_name(v->type)), facts["type"] == "BOOL" ? "BOOL" : facts["type"].get<std::string>()) << key;
+    if (facts.contains("element_type")) EXPECT_EQ(upper(gguf_value_type_name(v->element_type)), facts["element_type"]) << key;
+    EXPECT_EQ(v->value, facts["value"]) << key;
+  }
+  const auto values = SafetensorsFile::open(testing::data_path("gguf/types.expected.safetensors"));
+  ASSERT_EQ(g.header().tensors.size(), expected["tensors"].size());
+  for (const auto& facts : expected["tensors"]) {
+    const std::string name = facts["name"];
+    const GgufTensorInfo* t = g.find_tensor(name);
+    ASSERT_NE(t, nullptr) << name;
+    EXPECT_EQ(t->type.name, facts["ggml_type"].get<std::string>()) << name;
+    EXPECT_EQ(t->ne, facts["ne"].get<std::vector<std::uint64_t>>()) << name;
+    EXPECT_EQ(t->offset, facts["offset"]) << name;
+    EXPECT_EQ(t->bytes, facts["n_bytes"]) << name;
+    if (values.find(name) == nullptr) continue;  // a type we only read, not dequantize
+    const auto want = values.tensor(name).to_f32();
+    const auto got = g.dequantize(*t).to_f32();
+    ASSERT_EQ(got.size(), want.size()) << name;
+    std::size_t mismatches = 0;
+    for (std::size_t i = 0; i < want.size(); ++i) mismatches += got[i] != want[i];
+    EXPECT_EQ(mismatches, 0u) << name << ": dequantized values differ from gguf-py's";
+  }
+}
+
+TEST(GgufFixture, MalformedFilesAreRefused) {
+  const std::string dir = testing::data_path("gguf/bad");
+  int checked = 0;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    if (entry.path().extension() != ".gguf") continue;
+    const std::string name = entry.path().filename().string();
+    if (name == "nested-array.gguf") {
+      // The format allows arrays of arrays (llama.cpp does not); we read them.
+      EXPECT_NO_THROW(GgufFile::open(entry.path().string())) << name;
+      continue;
+    }
+    try {
+      GgufFile::open(entry.path().string());
+      ADD_FAILURE() << name << " was accepted";
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(name), std::string::npos) << msg;
+      EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+    }
+    ++checked;
+  }
+  EXPECT_GE(checked, 30);
+  EXPECT_NO_THROW(GgufFile::open(testing::data_path("gguf/minimal.gguf")));
+}
+
+// A llama-architecture GGUF laid out as llama.cpp's converter lays it out
+// (Q/K rows permuted, llama3 scaling as rope_freqs), made from a transformers
+// checkpoint and checked by transformers' own GGUF loader, whose weights are
+// the expectation here.
+TEST(GgufFixture, ConvertTinyLlamaToHuggingFace) {
+  testing::TempDir tmp;
+  const std::string out = tmp.file("converted");
+  convert_gguf_to_hf(testing::data_path("gguf/tiny-llama.gguf"), out);
+  const Checkpoint ckpt = Checkpoint::open(out);
+  const ModelConfig& c = ckpt.config();
+  EXPECT_EQ(c.architecture, "LlamaForCausalLM");
+  EXPECT_EQ(c.num_layers, 2);
+  EXPECT_EQ(c.num_kv_heads, 2);
+  EXPECT_EQ(c.rope_scaling.type, RopeScalingType::llama3);
+  EXPECT_DOUBLE_EQ(c.rope_scaling.factor, 8.0);
+  EXPECT_DOUBLE_EQ(c.rope_scaling.low_freq_factor, 1.0);
+  EXPECT_DOUBLE_EQ(c.rope_scaling.high_freq_factor, 4.0);
+  EXPECT_EQ(c.rope_scaling.original_max_position_embeddings, 64);
+  EXPECT_DOUBLE_EQ(c.rope_theta, 500000.0);
+  const auto expected = SafetensorsFile::open(testing::data_path("gguf/tiny-llama.expected.safetensors"));
+  for (const auto& e : expected.entries()) {
+    ASSERT_TRUE(ckpt.tensors().contains(e.name)) << e.name;
+    const auto want = expected.tensor(e.name).to_f32();
+    const auto got = ckpt.tensor(e.name).to_f32();
+    ASSERT_EQ(got.size(), want.size()) << e.name;
+    for (std::size_t i = 0; i < want.size(); ++i) {
+      // Stored as bf16: within half a bf16 step of transformers' f32 value.
+      ASSERT_NEAR(got[i], want[i], std::fabs(want[i]) * 0.004 + 1e-30) << e.name << " element " << i;
+    }
+  }
+  // The tokenizer rebuilt from the metadata encodes as transformers' does.
+  const json facts = read_json(testing::data_path("gguf/tiny-llama.expected.json"));
+  const Tokenizer tok = Tokenizer::load(out);
+  const auto& v = facts["verification"];
+  EXPECT_EQ(tok.encode(v["tokenizer_sample"].get<std::string>()), v["tokenizer_sample_ids"].get<std::vector<std::int32_t>>());
+  // An existing target is refused and left untouched.
+  EXPECT_THROW(convert_gguf_to_hf(testing::data_path("gguf/tiny-llama.gguf"), out), Error);
+}
+
+TEST(GgufFixture, ConvertRefusesWhatItCannotRepresent) {
+  testing::TempDir tmp;
+  EXPECT_THROW(convert_gguf_to_hf(testing::data_path("gguf/types.gguf"), tmp.file("x")), Error);  // architecture mopt-types
+  EXPECT_FALSE(fs::exists(tmp.file("x")));
+  for (const auto& entry : fs::directory_iterator(tmp.path())) ADD_FAILURE() << "left behind: " << entry.path();
 }
 
 }  // namespace

@@ -180,6 +180,10 @@ TEST(Tokenizer, UnsupportedComponentsAreNamed) {
   j["pre_tokenizer"] = {{"type", "Split"}, {"pattern", {{"Regex", "(unclosed"}}}, {"behavior", "Isolated"}};
   EXPECT_NE(error_of(j.dump()).find("regex does not compile"), std::string::npos);
   EXPECT_NE(error_of("{not json").find("tokenizer.json: invalid JSON"), std::string::npos);
+  // Found by the fuzzer: a field read without a check is still an Error, not a crash.
+  j = json::parse(tiny_byte_level_json("[]"));
+  j["normalizer"] = {{"type", "Replace"}, {"content", "x"}};
+  EXPECT_NE(error_of(j.dump()).find("malformed tokenizer.json: key 'pattern' not found"), std::string::npos);
   EXPECT_NE(error_of("{}").find("missing object 'model'"), std::string::npos);
 }
 

@@ -1,0 +1,101 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <numeric>
+
+#include "core/error.h"
+#include "eval/generate.h"
+#include "eval/multiple_choice.h"
+#include "eval/perplexity.h"
+#include "support/temp_dir.h"
+
+namespace mopt::eval {
+namespace {
+
+TEST(SlidingWindows, NonOverlappingAndOverlapping) {
+  // Stride = ctx: consecutive windows. The first token of every window has
+  // nothing before it in the window, so HF's procedure never scores it.
+  auto w = sliding_windows(10, 4, 4);
+  ASSERT_EQ(w.size(), 3u);
+  EXPECT_EQ(w[0].begin, 0);
+  EXPECT_EQ(w[0].end, 4);
+  EXPECT_EQ(w[0].first_scored, 1);
+  EXPECT_EQ(w[1].first_scored, 5);
+  EXPECT_EQ(w[2].begin, 8);
+  EXPECT_EQ(w[2].end, 10);
+  // Stride < ctx: later windows score only their new tokens.
+  w = sliding_windows(10, 4, 2);
+  ASSERT_EQ(w.size(), 4u);
+  EXPECT_EQ(w[1].begin, 2);
+  EXPECT_EQ(w[1].end, 6);
+  EXPECT_EQ(w[1].first_scored, 4);
+  EXPECT_EQ(w.back().end, 10);
+  std::int64_t scored = 0;
+  for (const auto& x : w) scored += x.end - x.first_scored;
+  EXPECT_EQ(scored, 9);  // every token but the first, once
+  EXPECT_THROW(sliding_windows(10, 1, 1), Error);
+  EXPECT_THROW(sliding_windows(10, 4, 5), Error);
+  EXPECT_THROW(sliding_windows(10, 4, 0), Error);
+}
+
+TEST(LogSoftmax, NormalizesInDoublePrecision) {
+  const float logits[] = {1.0f, 2.0f, 3.0f, -100.0f};
+  std::vector<double> lp;
+  log_softmax(logits, 4, lp);
+  double total = 0;
+  for (const double v : lp) total += std::exp(v);
+  EXPECT_NEAR(total, 1.0, 1e-12);
+  EXPECT_NEAR(lp[2] - lp[1], 1.0, 1e-12);
+}
+
+TEST(SampleToken, GreedyAndNucleus) {
+  const float logits[] = {0.1f, 5.0f, 4.9f, -3.0f};
+  std::uint64_t rng = 7;
+  EXPECT_EQ(sample_token(logits, 4, 0.0f, 1.0f, rng), 1);
+  // top_p small enough that only the most likely token remains.
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(sample_token(logits, 4, 1.0f, 0.3f, rng), 1);
+  // With top_p 1 both likely tokens come up; token 3 (e^-8 relative) is rare.
+  int counts[4] = {};
+  for (int i = 0; i < 2000; ++i) ++counts[sample_token(logits, 4, 1.0f, 1.0f, rng)];
+  EXPECT_GT(counts[1], 700);
+  EXPECT_GT(counts[2], 700);
+  EXPECT_LT(counts[3], 10);
+}
+
+TEST(McCsv, QuotedFieldsHeaderAndErrors) {
+  const std::string csv =
+      "question,A,B,C,D,answer\n"
+      "\"What is 2+2?\",3,4,5,\"six, or more\",B\r\n"
+      "\"A \"\"quoted\"\" word\nand a newline\",a,b,c,d,D\n";
+  const auto q = parse_mc_csv(csv, "t.csv");
+  ASSERT_EQ(q.size(), 2u);
+  EXPECT_EQ(q[0].question, "What is 2+2?");
+  EXPECT_EQ(q[0].choices[3], "six, or more");
+  EXPECT_EQ(q[0].answer, 1);
+  EXPECT_EQ(q[1].question, "A \"quoted\" word\nand a newline");
+  EXPECT_EQ(q[1].answer, 3);
+  auto error_of = [](const std::string& text) {
+    try {
+      parse_mc_csv(text, "t.csv");
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(error_of("q,a,b,c,d\n").find("row 1 has 5 fields"), std::string::npos);
+  EXPECT_NE(error_of("q,a,b,c,d,E\n").find("answer 'E'"), std::string::npos);
+  EXPECT_NE(error_of("\"q,a,b,c,d,A\n").find("not closed"), std::string::npos);
+  EXPECT_NE(error_of("").find("no questions"), std::string::npos);
+}
+
+TEST(McPrompt, MmluFormat) {
+  const McQuestion shot{"Q1?", {"a", "b", "c", "d"}, 2};
+  const McQuestion q{"Q2?", {"w", "x", "y", "z"}, 0};
+  EXPECT_EQ(mc_prompt({shot}, q),
+            "The following are multiple choice questions (with answers).\n\n"
+            "Q1?\nA. a\nB. b\nC. c\nD. d\nAnswer: C\n\n"
+            "Q2?\nA. w\nB. x\nC. y\nD. z\nAnswer:");
+}
+
+}  // namespace
+}  // namespace mopt::eval
