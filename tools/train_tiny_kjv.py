@@ -6,7 +6,7 @@ Exact command lines used for the committed model (CPU, 2 threads):
     tools/extract_bible.sh /tmp/mopt-bible
     /tmp/mopt-venv/bin/python tools/train_tiny_kjv.py \\
         --train-text /tmp/mopt-bible/kjv-train.txt --out models/tiny-kjv \\
-        --steps 420 --batch 16
+        --steps 800 --batch 16
 
 Other modes:
     --bench 5        time 5 training steps and exit (to choose --steps for a time budget)
@@ -389,7 +389,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train-text", default="/tmp/mopt-bible/kjv-train.txt")
     ap.add_argument("--out", default="models/tiny-kjv")
-    ap.add_argument("--steps", type=int, default=420)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)

@@ -24,6 +24,13 @@ void check_shapes(const Tensor& weight, const Tensor* bias) {
 
 void add_bias(float* y, std::int64_t m, std::int64_t n, const Tensor* bias) {
   if (bias == nullptr) return;
+  if (bias->dtype() == DType::F32) {
+    const float* b = bias->data<float>();
+    for (std::int64_t i = 0; i < m; ++i) {
+      for (std::int64_t j = 0; j < n; ++j) y[i * n + j] += b[j];
+    }
+    return;
+  }
   const std::vector<float> b = bias->to_f32();
   for (std::int64_t i = 0; i < m; ++i) {
     for (std::int64_t j = 0; j < n; ++j) y[i * n + j] += b[static_cast<std::size_t>(j)];

@@ -30,7 +30,9 @@ void apply_rope(float* x, std::int64_t rows, std::int64_t heads, std::int64_t he
   if (static_cast<std::int64_t>(inv_freq.size()) != half) fail("rope: {} frequencies for head_dim {}", inv_freq.size(), head_dim);
 #pragma omp parallel for schedule(static) if (rows > 16)
   for (std::int64_t r = 0; r < rows; ++r) {
-    std::vector<float> cos_v(static_cast<std::size_t>(half)), sin_v(static_cast<std::size_t>(half));
+    thread_local std::vector<float> cos_v, sin_v;
+    cos_v.resize(static_cast<std::size_t>(half));
+    sin_v.resize(static_cast<std::size_t>(half));
     const auto pos = static_cast<float>(positions[r]);
     for (std::int64_t i = 0; i < half; ++i) {
       const float angle = pos * inv_freq[static_cast<std::size_t>(i)];
@@ -116,7 +118,8 @@ void attention(const float* q, std::int64_t n_q, const std::int32_t* q_pos, cons
   // Few queries (decode): each (query, head) on its own.
 #pragma omp parallel
   {
-    std::vector<float> row(static_cast<std::size_t>(n_k));
+    thread_local std::vector<float> row;
+    if (row.size() < static_cast<std::size_t>(n_k)) row.resize(static_cast<std::size_t>(n_k));
 #pragma omp for collapse(2) schedule(static)
     for (std::int64_t i = 0; i < n_q; ++i) {
       for (std::int64_t h = 0; h < heads; ++h) {

@@ -60,7 +60,7 @@ LayerWeights load_layer(const io::Checkpoint& ckpt, std::int64_t index) {
     const std::string base = p + std::string(linear_name(kind));
     Linear& l = w.linear(kind);
     l.weight = store.tensor(base + ".weight");
-    if (store.contains(base + ".bias")) l.bias = store.tensor(base + ".bias");
+    if (store.contains(base + ".bias")) l.bias = store.tensor(base + ".bias").to(DType::F32);
   }
   return w;
 }
@@ -245,7 +245,8 @@ void Model::embed(std::span<const std::int32_t> tokens, float* out) const {
 void Model::head(const float* hidden, std::span<const std::int64_t> rows, float* logits) const {
   const auto& c = config();
   const std::int64_t H = c.hidden_size;
-  std::vector<float> normed(rows.size() * static_cast<std::size_t>(H));
+  std::vector<float>& normed = workspace_.head;
+  if (normed.size() < rows.size() * static_cast<std::size_t>(H)) normed.resize(rows.size() * static_cast<std::size_t>(H));
   for (std::size_t i = 0; i < rows.size(); ++i) {
     kernels::rmsnorm(hidden + rows[i] * H, final_norm_.data<float>(), 1, H, static_cast<float>(c.rms_norm_eps), normed.data() + i * static_cast<std::size_t>(H));
   }
@@ -264,7 +265,8 @@ void Model::forward(std::span<const std::int32_t> tokens, std::span<const Sequen
   for (std::int64_t l = 0; l < num_layers(); ++l) {
     decoder_layer_forward(c, inv_freq_, l, layers_[static_cast<std::size_t>(l)], hidden_.data(), rows, batch, cache, workspace_, observer);
   }
-  std::vector<std::int64_t> chosen;
+  std::vector<std::int64_t>& chosen = workspace_.chosen_rows;
+  chosen.clear();
   if (which == LogitsFor::all_rows) {
     for (std::int64_t r = 0; r < rows; ++r) chosen.push_back(r);
   } else {

@@ -86,8 +86,9 @@ class KvCache {
 
 // Scratch buffers reused from call to call, so decoding allocates nothing per token.
 struct Workspace {
-  std::vector<float> normed, q, k, v, attn, proj, gate, up;
+  std::vector<float> normed, q, k, v, attn, proj, gate, up, head;
   std::vector<std::int32_t> positions;
+  std::vector<std::int64_t> chosen_rows;
   void reserve(const io::ModelConfig& config, std::int64_t rows);
 };
 

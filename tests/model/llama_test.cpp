@@ -8,7 +8,9 @@
 
 #include <cmath>
 
+#include "core/error.h"
 #include "io/safetensors.h"
+#include "kernels/linear.h"
 #include "support/temp_dir.h"
 
 namespace mopt::model {
@@ -104,6 +106,87 @@ TEST_P(GoldenLogits, RopeFrequenciesMatchTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Model, GoldenLogits, ::testing::Values("llama", "mistral", "qwen2", "qwen3"));
+
+}  // namespace
+}  // namespace mopt::model
+
+namespace mopt::model {
+namespace {
+
+// Records what decoder_layer_forward shows an observer.
+struct Recorder : LayerObserver {
+  struct Seen {
+    std::int64_t layer;
+    LinearKind kind;
+    std::vector<float> x;
+    std::int64_t rows, cols;
+  };
+  std::vector<Seen> inputs;
+  std::vector<float> k, v;
+  std::int64_t kv_rows = 0, kv_dim = 0;
+  void linear_input(std::int64_t layer, LinearKind kind, const float* x, std::int64_t rows, std::int64_t cols) override {
+    inputs.push_back({layer, kind, std::vector<float>(x, x + rows * cols), rows, cols});
+  }
+  void key_value(std::int64_t, const float* keys, const float* values, std::int64_t rows, std::int64_t dim) override {
+    k.assign(keys, keys + rows * dim);
+    v.assign(values, values + rows * dim);
+    kv_rows = rows;
+    kv_dim = dim;
+  }
+};
+
+TEST(LayerObserver, SeesEveryLinearInputAndKeysAfterRope) {
+  const Model m = Model::load(testing::data_path("hf/llama"));
+  const auto& c = m.config();
+  const std::int64_t n = 6;
+  const std::vector<std::int32_t> tokens = {5, 17, 200, 3, 99, 42};
+  std::vector<float> hidden(static_cast<std::size_t>(n * c.hidden_size));
+  m.embed(tokens, hidden.data());
+  Recorder rec;
+  Workspace ws;
+  const SequenceSpan s{0, n, 0, 0};
+  decoder_layer_forward(c, m.inv_freq(), 0, m.layer(0), hidden.data(), n, std::span(&s, 1), nullptr, ws, &rec);
+  ASSERT_EQ(rec.inputs.size(), 7u);  // q, k, v, o, gate, up, down
+  auto find = [&](LinearKind kind) -> const Recorder::Seen& {
+    for (const auto& x : rec.inputs) {
+      if (x.kind == kind) return x;
+    }
+    throw std::runtime_error("not observed");
+  };
+  EXPECT_EQ(find(LinearKind::q).x, find(LinearKind::k).x);  // one normalized input feeds q, k and v
+  EXPECT_EQ(find(LinearKind::gate).x, find(LinearKind::up).x);
+  EXPECT_NE(find(LinearKind::q).x, find(LinearKind::gate).x);  // a different norm before the MLP
+  EXPECT_EQ(find(LinearKind::o).cols, c.num_heads * c.head_dim);
+  EXPECT_EQ(find(LinearKind::down).cols, c.intermediate_size);
+  EXPECT_EQ(find(LinearKind::down).rows, n);
+  // At position 0 RoPE is the identity: the observed key row is k_proj of the input row.
+  ASSERT_EQ(rec.kv_rows, n);
+  ASSERT_EQ(rec.kv_dim, c.num_kv_heads * c.head_dim);
+  std::vector<float> k0(static_cast<std::size_t>(rec.kv_dim));
+  kernels::linear_forward(find(LinearKind::k).x.data(), 1, m.layer(0).k.weight, nullptr, k0.data());
+  for (std::int64_t i = 0; i < rec.kv_dim; ++i) EXPECT_NEAR(rec.k[static_cast<std::size_t>(i)], k0[static_cast<std::size_t>(i)], 1e-5);
+  // At later positions it is rotated: not equal to the projection.
+  std::vector<float> k3(static_cast<std::size_t>(rec.kv_dim));
+  kernels::linear_forward(find(LinearKind::k).x.data() + 3 * c.hidden_size, 1, m.layer(0).k.weight, nullptr, k3.data());
+  double diff = 0;
+  for (std::int64_t i = 0; i < rec.kv_dim; ++i) diff += std::fabs(rec.k[static_cast<std::size_t>(3 * rec.kv_dim + i)] - k3[static_cast<std::size_t>(i)]);
+  EXPECT_GT(diff, 1e-3);
+}
+
+TEST(Model, RefusesBadBatchesAndTokens) {
+  const Model m = Model::load(testing::data_path("hf/llama"));
+  std::vector<float> logits;
+  const std::vector<std::int32_t> tokens = {1, 2, 3};
+  const SequenceSpan wrong{0, 2, 0, 0};
+  EXPECT_THROW(m.forward(tokens, std::span(&wrong, 1), nullptr, LogitsFor::all_rows, logits), Error);
+  const std::vector<std::int32_t> outside = {1, 999};
+  const SequenceSpan two{0, 2, 0, 0};
+  EXPECT_THROW(m.forward(outside, std::span(&two, 1), nullptr, LogitsFor::all_rows, logits), Error);
+  KvCache small(m.config(), 1, 2);
+  const SequenceSpan three{0, 3, 0, 0};
+  EXPECT_THROW(m.forward(tokens, std::span(&three, 1), &small, LogitsFor::all_rows, logits), Error);
+  EXPECT_THROW(m.require_tokenizer(), Error);  // the fixture has no tokenizer.json
+}
 
 }  // namespace
 }  // namespace mopt::model

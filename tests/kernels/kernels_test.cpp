@@ -1,0 +1,153 @@
+// Every fast kernel against its plain reference, on random inputs.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "core/convert.h"
+#include "kernels/gemm.h"
+#include "kernels/linear.h"
+#include "kernels/ops.h"
+
+namespace mopt::kernels {
+namespace {
+
+std::vector<float> random_values(std::size_t n, std::uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+double max_relative(const std::vector<float>& a, const std::vector<float>& b) {
+  double diff = 0, ref = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    diff = std::max(diff, static_cast<double>(std::fabs(a[i] - b[i])));
+    ref = std::max(ref, static_cast<double>(std::fabs(b[i])));
+  }
+  return diff / ref;
+}
+
+TEST(Gemm, MatchesReference) {
+  const std::int64_t m = 37, k = 129, n = 53;
+  const auto x = random_values(static_cast<std::size_t>(m * k), 1);
+  const auto w = random_values(static_cast<std::size_t>(n * k), 2);
+  std::vector<float> fast(static_cast<std::size_t>(m * n)), ref(fast.size());
+  gemm_f32(x.data(), m, k, w.data(), n, fast.data());
+  ref::gemm_f32(x.data(), m, k, w.data(), n, ref.data());
+  EXPECT_LE(max_relative(fast, ref), 1e-5);
+  gemm_f32(x.data(), m, k, w.data(), n, fast.data(), true);  // accumulate: twice the product
+  for (auto& r : ref) r *= 2;
+  EXPECT_LE(max_relative(fast, ref), 1e-5);
+}
+
+// Both paths (GEMV for few rows, widened tiles + GEMM for many) and all three
+// weight dtypes, with a bias, against widening everything and the reference GEMM.
+TEST(Linear, EveryPathAndDtypeMatchesReference) {
+  const std::int64_t k = 200, n = 77;  // k not a multiple of the vector width
+  const Tensor w32 = Tensor::from_f32(random_values(static_cast<std::size_t>(n * k), 3, 0.1f), {n, k});
+  const Tensor bias = Tensor::from_f32(random_values(static_cast<std::size_t>(n), 4), {n});
+  for (const DType dtype : {DType::F32, DType::F16, DType::BF16}) {
+    const Tensor w = w32.to(dtype);
+    for (const std::int64_t m : std::vector<std::int64_t>{1, 3, kGemvMaxRows, kGemvMaxRows + 1, 40}) {
+      const auto x = random_values(static_cast<std::size_t>(m * k), 5 + static_cast<std::uint32_t>(m));
+      std::vector<float> fast(static_cast<std::size_t>(m * n)), ref(fast.size());
+      linear_forward(x.data(), m, w, &bias, fast.data());
+      ref::linear_forward(x.data(), m, w, &bias, ref.data());
+      EXPECT_LE(max_relative(fast, ref), 1e-5) << dtype_name(dtype) << " rows " << m;
+    }
+  }
+}
+
+TEST(RmsNorm, Definition) {
+  const std::vector<float> x = {1, 2, 3, 4, -1, 0, 0, 1};
+  const std::vector<float> w = {1, 0.5f, 2, 1};
+  std::vector<float> y(8);
+  rmsnorm(x.data(), w.data(), 2, 4, 1e-6f, y.data());
+  const double rms0 = std::sqrt((1 + 4 + 9 + 16) / 4.0 + 1e-6);
+  EXPECT_NEAR(y[2], 2 * 3 / rms0, 1e-6);
+  const double rms1 = std::sqrt(2 / 4.0 + 1e-6);
+  EXPECT_NEAR(y[4], -1 / rms1, 1e-6);
+}
+
+TEST(Rope, RotatesSplitHalfPairs) {
+  // One head of 4: pairs (0, 2) and (1, 3); position 1 rotates pair i by inv_freq[i].
+  std::vector<float> x = {1, 0, 0, 1};
+  const std::vector<float> inv = {0.5f, 0.25f};
+  const std::int32_t pos = 1;
+  apply_rope(x.data(), 1, 1, 4, &pos, inv);
+  EXPECT_NEAR(x[0], std::cos(0.5f), 1e-6);
+  EXPECT_NEAR(x[2], std::sin(0.5f), 1e-6);
+  EXPECT_NEAR(x[1], -std::sin(0.25f), 1e-6);
+  EXPECT_NEAR(x[3], std::cos(0.25f), 1e-6);
+}
+
+// The reference: every (query, head) computed directly in f64.
+std::vector<float> attention_ref(const std::vector<float>& q, std::int64_t n_q, const std::vector<std::int32_t>& pos,
+                                 const std::vector<float>& k, const std::vector<float>& v, std::int64_t n_k, std::int64_t heads,
+                                 std::int64_t kv_heads, std::int64_t d, std::int64_t window) {
+  std::vector<float> out(static_cast<std::size_t>(n_q * heads * d));
+  for (std::int64_t i = 0; i < n_q; ++i) {
+    for (std::int64_t h = 0; h < heads; ++h) {
+      const std::int64_t kh = h / (heads / kv_heads);
+      std::vector<double> s;
+      std::vector<std::int64_t> js;
+      for (std::int64_t j = 0; j < n_k; ++j) {
+        if (j > pos[static_cast<std::size_t>(i)] || (window > 0 && pos[static_cast<std::size_t>(i)] - j >= window)) continue;
+        double dot = 0;
+        for (std::int64_t t = 0; t < d; ++t) dot += static_cast<double>(q[static_cast<std::size_t>((i * heads + h) * d + t)]) * k[static_cast<std::size_t>((j * kv_heads + kh) * d + t)];
+        s.push_back(dot / std::sqrt(static_cast<double>(d)));
+        js.push_back(j);
+      }
+      const double mx = *std::max_element(s.begin(), s.end());
+      double total = 0;
+      for (auto& e : s) total += (e = std::exp(e - mx));
+      for (std::int64_t t = 0; t < d; ++t) {
+        double acc = 0;
+        for (std::size_t a = 0; a < js.size(); ++a) acc += s[a] / total * v[static_cast<std::size_t>((js[a] * kv_heads + kh) * d + t)];
+        out[static_cast<std::size_t>((i * heads + h) * d + t)] = static_cast<float>(acc);
+      }
+    }
+  }
+  return out;
+}
+
+TEST(Attention, BothPathsMatchReferenceWithGqaAndWindow) {
+  const std::int64_t heads = 6, kv_heads = 2, d = 16, n_k = 300;
+  const auto k = random_values(static_cast<std::size_t>(n_k * kv_heads * d), 11);
+  const auto v = random_values(static_cast<std::size_t>(n_k * kv_heads * d), 12);
+  for (const std::int64_t window : {0, 37}) {
+    // Prefill: all 300 queries (BLAS path, more than one 256-row block).
+    {
+      const std::int64_t n_q = n_k;
+      const auto q = random_values(static_cast<std::size_t>(n_q * heads * d), 13);
+      std::vector<std::int32_t> pos(static_cast<std::size_t>(n_q));
+      for (std::int64_t i = 0; i < n_q; ++i) pos[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+      std::vector<float> out(q.size());
+      attention(q.data(), n_q, pos.data(), k.data(), v.data(), n_k, heads, kv_heads, d, window, out.data());
+      EXPECT_LE(max_relative(out, attention_ref(q, n_q, pos, k, v, n_k, heads, kv_heads, d, window)), 1e-5) << "prefill window " << window;
+    }
+    // Decode: two queries at the end (per-query path).
+    {
+      const std::int64_t n_q = 2;
+      const auto q = random_values(static_cast<std::size_t>(n_q * heads * d), 14);
+      const std::vector<std::int32_t> pos = {298, 299};
+      std::vector<float> out(q.size());
+      attention(q.data(), n_q, pos.data(), k.data(), v.data(), n_k, heads, kv_heads, d, window, out.data());
+      EXPECT_LE(max_relative(out, attention_ref(q, n_q, pos, k, v, n_k, heads, kv_heads, d, window)), 1e-5) << "decode window " << window;
+    }
+  }
+}
+
+TEST(SiluMul, Definition) {
+  std::vector<float> g = {0.0f, 1.0f, -2.0f};
+  const std::vector<float> u = {3.0f, 2.0f, 1.0f};
+  silu_mul(g.data(), u.data(), 3);
+  EXPECT_FLOAT_EQ(g[0], 0.0f);
+  EXPECT_NEAR(g[1], 2.0f / (1.0f + std::exp(-1.0f)), 1e-6);
+  EXPECT_NEAR(g[2], -2.0f / (1.0f + std::exp(2.0f)), 1e-6);
+}
+
+}  // namespace
+}  // namespace mopt::kernels
