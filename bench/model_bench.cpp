@@ -7,6 +7,8 @@
 // rate in weight bytes per second (the memory traffic decode needs), and
 // peak RSS.
 #include <fmt/format.h>
+
+#include "bench_util.h"
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -20,18 +22,8 @@
 #include "core/cpu_features.h"
 #include "model/llama.h"
 
-namespace {
-
-double seconds_since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-}  // namespace
+using mopt::bench::median;
+using mopt::bench::seconds_since;
 
 int main(int argc, char** argv) {
   if (argc < 2) {

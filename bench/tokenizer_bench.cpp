@@ -9,6 +9,8 @@
 // (/usr/share/common-licenses), about 200 KB of English.
 #include <fmt/format.h>
 
+#include "bench_util.h"
+
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
@@ -18,18 +20,8 @@
 #include "io/json_util.h"
 #include "io/tokenizer.h"
 
-namespace {
-
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-}  // namespace
+using mopt::bench::median;
+using mopt::bench::seconds_since;
 
 int main(int argc, char** argv) {
   if (argc < 2) {

@@ -39,6 +39,23 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
 
+// Packs windows [w0, w1) into one batch of at most max_tokens tokens (at
+// least one window) and returns w1.
+std::size_t pack_windows(std::span<const std::int32_t> tokens, const std::vector<Window>& windows, std::size_t w0,
+                         std::int64_t max_tokens, std::vector<model::SequenceSpan>& batch, std::vector<std::int32_t>& packed) {
+  batch.clear();
+  packed.clear();
+  std::size_t w1 = w0;
+  while (w1 < windows.size() &&
+         (packed.empty() || static_cast<std::int64_t>(packed.size()) + (windows[w1].end - windows[w1].begin) <= max_tokens)) {
+    const auto& w = windows[w1];
+    batch.push_back({static_cast<std::int64_t>(packed.size()), w.end - w.begin, 0, 0});
+    packed.insert(packed.end(), tokens.begin() + w.begin, tokens.begin() + w.end);
+    ++w1;
+  }
+  return w1;
+}
+
 // Runs the windows through the model a few at a time (packed into one batch)
 // and hands each scored position's logits to `visit(window index, position, logits)`.
 template <typename Visit>
@@ -49,16 +66,10 @@ std::int64_t run_windows(const model::Model& m, std::span<const std::int32_t> to
   std::vector<float> logits;
   const std::int64_t vocab = m.config().vocab_size;
   if (progress) progress(0, windows.size());
+  std::vector<model::SequenceSpan> batch;
+  std::vector<std::int32_t> packed;
   for (std::size_t w0 = 0; w0 < windows.size();) {
-    std::vector<model::SequenceSpan> batch;
-    std::vector<std::int32_t> packed;
-    std::size_t w1 = w0;
-    while (w1 < windows.size() && (packed.empty() || static_cast<std::int64_t>(packed.size()) + (windows[w1].end - windows[w1].begin) <= kBatchTokens)) {
-      const auto& w = windows[w1];
-      batch.push_back({static_cast<std::int64_t>(packed.size()), w.end - w.begin, 0, 0});
-      packed.insert(packed.end(), tokens.begin() + w.begin, tokens.begin() + w.end);
-      ++w1;
-    }
+    const std::size_t w1 = pack_windows(tokens, windows, w0, kBatchTokens, batch, packed);
     m.forward(packed, batch, nullptr, model::LogitsFor::all_rows, logits);
     for (std::size_t i = w0; i < w1; ++i) {
       const auto& w = windows[i];
@@ -122,16 +133,10 @@ KldResult kl_divergence(const model::Model& m, const model::Model& base, std::sp
   // logits are held, so memory stays small whatever the vocabulary.
   constexpr std::int64_t kBatchTokens = 512;
   if (progress) progress(0, windows.size());
+  std::vector<model::SequenceSpan> batch;
+  std::vector<std::int32_t> packed;
   for (std::size_t w0 = 0; w0 < windows.size();) {
-    std::vector<model::SequenceSpan> batch;
-    std::vector<std::int32_t> packed;
-    std::size_t w1 = w0;
-    while (w1 < windows.size() && (packed.empty() || static_cast<std::int64_t>(packed.size()) + (windows[w1].end - windows[w1].begin) <= kBatchTokens)) {
-      const auto& w = windows[w1];
-      batch.push_back({static_cast<std::int64_t>(packed.size()), w.end - w.begin, 0, 0});
-      packed.insert(packed.end(), tokens.begin() + w.begin, tokens.begin() + w.end);
-      ++w1;
-    }
+    const std::size_t w1 = pack_windows(tokens, windows, w0, kBatchTokens, batch, packed);
     auto t0 = std::chrono::steady_clock::now();
     base.forward(packed, batch, nullptr, model::LogitsFor::all_rows, logits_base);
     seconds_base += seconds_since(t0);

@@ -99,3 +99,42 @@ TEST(McPrompt, MmluFormat) {
 
 }  // namespace
 }  // namespace mopt::eval
+
+#include "io/safetensors.h"
+
+namespace mopt::eval {
+namespace {
+
+// Perplexity of a fixture sequence in one window, against the NLL computed
+// from transformers' own logits for the same tokens.
+TEST(Perplexity, MatchesTransformersLogits) {
+  const model::Model m = model::Model::load(testing::data_path("hf/qwen3"));
+  const auto golden = io::SafetensorsFile::open(testing::data_path("logits/qwen3.safetensors"));
+  const Tensor ids_t = golden.tensor("a.input_ids");
+  std::vector<std::int32_t> ids;
+  for (std::uint64_t i = 0; i < ids_t.numel(); ++i) ids.push_back(static_cast<std::int32_t>(ids_t.data<std::int64_t>()[i]));
+  const auto logits = golden.tensor("a.prefill_logits").to_f32();
+  const std::int64_t vocab = m.config().vocab_size;
+  double nll = 0;
+  std::vector<double> lp;
+  for (std::size_t p = 1; p < ids.size(); ++p) {
+    log_softmax(logits.data() + (p - 1) * static_cast<std::size_t>(vocab), vocab, lp);
+    nll -= lp[static_cast<std::size_t>(ids[p])];
+  }
+  const double expected = std::exp(nll / static_cast<double>(ids.size() - 1));
+  const auto n = static_cast<std::int64_t>(ids.size());
+  const PerplexityResult r = perplexity(m, ids, n, n);
+  EXPECT_EQ(r.scored_tokens, n - 1);
+  EXPECT_NEAR(r.perplexity, expected, 1e-5 * expected);
+  // Overlapping windows score every token once too.
+  const PerplexityResult overlapping = perplexity(m, ids, 16, 8);
+  EXPECT_EQ(overlapping.scored_tokens, n - 1);
+  // A model against itself: zero divergence, full agreement.
+  const KldResult k = kl_divergence(m, m, ids, 16, 16);
+  EXPECT_LT(k.mean_kld, 1e-9);
+  EXPECT_DOUBLE_EQ(k.top1_agreement, 1.0);
+  EXPECT_NEAR(k.model.perplexity, k.base.perplexity, 1e-9);
+}
+
+}  // namespace
+}  // namespace mopt::eval
