@@ -998,7 +998,13 @@ Tokenizer Tokenizer::from_json_checked(std::string_view text, const std::string&
           const std::string& name = string_field(*st, "id", "TemplateProcessing");
           const auto spec = specials.find(name);
           if (spec == specials.end()) fail("TemplateProcessing: special token '{}' is not defined", printable(name));
-          for (const auto& id : spec->at("ids")) (seen_sequence ? impl->suffix_ids : impl->prefix_ids).push_back(id.get<std::int32_t>());
+          for (const auto& id : spec->at("ids")) {
+            if (!id.is_number_integer() || id.get<std::int64_t>() < 0 || id.get<std::int64_t>() >= impl->vocab_size) {
+              fail("TemplateProcessing: special token '{}' has id {}, outside the vocabulary ({} tokens)", printable(name),
+                   id.dump(), impl->vocab_size);
+            }
+            (seen_sequence ? impl->suffix_ids : impl->prefix_ids).push_back(id.get<std::int32_t>());
+          }
         }
       };
       parse_post(*pp);
