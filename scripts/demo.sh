@@ -14,8 +14,8 @@ build/mopt --version
 echo "== inspect"
 build/mopt inspect "$model"
 echo "== perplexity on held-out text"
-build/mopt eval ppl "$model" --text data/kjv-heldout.txt
-build/mopt eval ppl "$model" --text data/web-heldout.txt
+build/mopt eval ppl "$model" --text data/kjv-heldout.txt --ctx 256  # the context tiny-kjv was trained on
+build/mopt eval ppl "$model" --text data/web-heldout.txt --ctx 256
 echo "== generation"
 build/mopt generate "$model" --prompt "In the beginning" --max-tokens 48
 build/mopt generate "$model" --prompt "And the LORD said unto Moses," --max-tokens 48 --temp 0.8 --top-p 0.9 --seed 1
