@@ -298,6 +298,7 @@ TEST(GgufFixture, EveryValueTypeAndTensorTypeAsGgufPyReadsThem) {
   }
   const auto values = SafetensorsFile::open(testing::data_path("gguf/types.expected.safetensors"));
   ASSERT_EQ(g.header().tensors.size(), expected["tensors"].size());
+  int dequantized = 0;
   for (const auto& facts : expected["tensors"]) {
     const std::string name = facts["name"];
     const GgufTensorInfo* t = g.find_tensor(name);
@@ -307,6 +308,7 @@ TEST(GgufFixture, EveryValueTypeAndTensorTypeAsGgufPyReadsThem) {
     EXPECT_EQ(t->offset, facts["offset"]) << name;
     EXPECT_EQ(t->bytes, facts["n_bytes"]) << name;
     if (values.find(name) == nullptr) continue;  // a type we only read, not dequantize
+    ++dequantized;
     const auto want = values.tensor(name).to_f32();
     const auto got = g.dequantize(*t).to_f32();
     ASSERT_EQ(got.size(), want.size()) << name;
@@ -314,6 +316,7 @@ TEST(GgufFixture, EveryValueTypeAndTensorTypeAsGgufPyReadsThem) {
     for (std::size_t i = 0; i < want.size(); ++i) mismatches += got[i] != want[i];
     EXPECT_EQ(mismatches, 0u) << name << ": dequantized values differ from gguf-py's";
   }
+  EXPECT_GE(dequantized, 8);  // F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K at least
 }
 
 TEST(GgufFixture, MalformedFilesAreRefused) {
