@@ -58,6 +58,28 @@ struct GenerateCliOptions {
 };
 int run_generate(const GenerateCliOptions& options);
 
+struct QuantizeOptions {
+  std::string model;
+  std::string out_dir;
+  std::string format;
+  std::string recipe;       // JSON recipe file
+  std::string algo;         // "" = the format's default
+  std::string kv_cache;     // "", "fp8", "nvfp4"
+  std::string calibrator;   // "" = max
+  double percentile = 0.0;  // 0 = 99.99 (or the recipe's)
+  std::vector<std::string> calib;  // text / .jsonl files
+  std::int64_t calib_size = 0;     // 0 = 128 (or the recipe's)
+  std::int64_t seq_len = 0;        // 0 = 512 (or the recipe's)
+  std::int64_t seed = -1;          // -1 = 0 (or the recipe's)
+  std::int64_t group_size = 0;
+  std::int64_t calib_batch = 1;
+  std::vector<std::string> exclude;
+  std::vector<std::string> overrides;  // "glob=format"
+  bool propagate_quantized = false;
+  std::string report;  // JSON report path
+};
+int run_quantize(const QuantizeOptions& options);
+
 // "1,2,3", "[1, 2, 3]" or "1 2 3" -> ids; throws Error on anything else.
 std::vector<std::int32_t> parse_ids(const std::string& text);
 

@@ -10,6 +10,7 @@
 #include "eval/multiple_choice.h"
 #include "eval/perplexity.h"
 #include "io/json_util.h"
+#include "export/hf_modelopt.h"
 #include "model/llama.h"
 
 namespace mopt::cli {
@@ -55,7 +56,7 @@ json ppl_json(const eval::PerplexityResult& r) {
 }  // namespace
 
 int run_eval_ppl(const EvalOptions& o) {
-  const auto m = model::Model::load(o.model);
+  const auto m = exporter::load_model(o.model);
   const auto tokens = tokenize_file(m, o.text);
   const std::int64_t ctx = default_ctx(m, o.ctx);
   const std::int64_t stride = o.stride > 0 ? o.stride : ctx;
@@ -78,8 +79,8 @@ int run_eval_ppl(const EvalOptions& o) {
 
 int run_eval_kld(const EvalOptions& o) {
   if (o.base.empty()) fail("eval kld needs --base BASE_MODEL");
-  const auto m = model::Model::load(o.model);
-  const auto base = model::Model::load(o.base);
+  const auto m = exporter::load_model(o.model);
+  const auto base = exporter::load_model(o.base);
   const auto tokens = tokenize_file(base, o.text);
   const std::int64_t ctx = default_ctx(base, o.ctx);
   const std::int64_t stride = o.stride > 0 ? o.stride : ctx;
@@ -105,7 +106,7 @@ int run_eval_kld(const EvalOptions& o) {
 }
 
 int run_eval_mc(const EvalOptions& o) {
-  const auto m = model::Model::load(o.model);
+  const auto m = exporter::load_model(o.model);
   const auto questions = eval::parse_mc_csv(io::read_text_file(o.data), o.data);
   LazyProgress progress{"multiple-choice", "questions", nullptr};
   const auto r = eval::multiple_choice(m, questions, o.shots, progress.fn());
@@ -122,7 +123,7 @@ int run_eval_mc(const EvalOptions& o) {
 }
 
 int run_generate(const GenerateCliOptions& o) {
-  const auto m = model::Model::load(o.model);
+  const auto m = exporter::load_model(o.model);
   const auto& tok = m.require_tokenizer();
   const auto prompt = tok.encode(o.prompt, true);
   eval::GenerateOptions g;

@@ -89,6 +89,29 @@ int main(int argc, char** argv) {
   gen_cmd->add_option("--top-p", gen.top_p, "Nucleus sampling threshold (default 1)");
   gen_cmd->add_option("--seed", gen.seed, "Random seed for sampling");
 
+  mopt::cli::QuantizeOptions quantize;
+  auto* quantize_cmd = app.add_subcommand("quantize", "Quantize a model layer by layer and write a Hugging Face modelopt checkpoint");
+  quantize_cmd->add_option("model", quantize.model, "Model directory (Hugging Face checkpoint)")->required();
+  quantize_cmd->add_option("--out", quantize.out_dir, "The directory to create")->required();
+  quantize_cmd->add_option("--format", quantize.format,
+                           "fp8, fp8_pc_pt, fp8_block, int8, int8_sq, int8_wo, int4_rtn, int4_awq, w4a8_awq, nvfp4, nvfp4_awq, mxfp8, mxfp4");
+  quantize_cmd->add_option("--recipe", quantize.recipe, "A JSON recipe (format, overrides, exclusions, calibration); flags override it");
+  quantize_cmd->add_option("--algo", quantize.algo, "Algorithm (default: the format's; 'max' is round-to-nearest with max calibration)");
+  quantize_cmd->add_option("--kv-cache", quantize.kv_cache, "Quantize the KV cache too: fp8 or nvfp4");
+  quantize_cmd->add_option("--calib", quantize.calib, "Calibration text: .txt files or .jsonl with a \"text\" field")->expected(1, -1);
+  quantize_cmd->add_option("--calib-size", quantize.calib_size, "Calibration samples (default 128)");
+  quantize_cmd->add_option("--seq-len", quantize.seq_len, "Tokens per calibration sample (default 512)");
+  quantize_cmd->add_option("--seed", quantize.seed, "Seed for choosing the samples (default 0)");
+  quantize_cmd->add_option("--calib-batch", quantize.calib_batch, "Samples per forward call during calibration (default 1)");
+  quantize_cmd->add_option("--calibrator", quantize.calibrator, "Activation amax: max (default), percentile, mse, entropy");
+  quantize_cmd->add_option("--percentile", quantize.percentile, "Percentile for --calibrator percentile (default 99.99)");
+  quantize_cmd->add_option("--group-size", quantize.group_size, "INT4 group size (default 128)");
+  quantize_cmd->add_option("--exclude", quantize.exclude, "Leave modules matching this glob unquantized (repeatable)");
+  quantize_cmd->add_option("--override", quantize.overrides, "GLOB=FORMAT: another format (or none) for matching modules (repeatable)");
+  quantize_cmd->add_flag("--propagate-quantized", quantize.propagate_quantized,
+                         "Feed each layer the quantized previous layer's outputs (default: the unquantized ones, as the reference)");
+  quantize_cmd->add_option("--report", quantize.report, "Write a JSON report here");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -106,6 +129,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (inspect_cmd->parsed()) return mopt::cli::run_inspect(inspect);
+    if (quantize_cmd->parsed()) return mopt::cli::run_quantize(quantize);
     if (ppl_cmd->parsed()) return mopt::cli::run_eval_ppl(eval);
     if (kld_cmd->parsed()) return mopt::cli::run_eval_kld(eval);
     if (mc_cmd->parsed()) return mopt::cli::run_eval_mc(eval);

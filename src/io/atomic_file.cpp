@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <vector>
 
 #include "core/error.h"
@@ -77,6 +78,17 @@ void write_file_atomically(const std::string& path, std::string_view text) {
   AtomicFileWriter writer(path);
   writer.write(text);
   writer.commit();
+}
+
+std::string make_temp_dir_beside(const std::string& target) {
+  std::string pattern = target + ".tmp-XXXXXX";
+  std::vector<char> name(pattern.begin(), pattern.end());
+  name.push_back('\0');
+  if (::mkdtemp(name.data()) == nullptr) fail("{}: cannot create a temporary directory beside it: {}", target, std::strerror(errno));
+  namespace fs = std::filesystem;
+  fs::permissions(name.data(), fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
+                                   fs::perms::others_read | fs::perms::others_exec);
+  return name.data();
 }
 
 }  // namespace mopt::io

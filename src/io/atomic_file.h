@@ -32,6 +32,9 @@ class AtomicFileWriter {
   int fd_ = -1;
 };
 
+// Creates the directory TARGET.tmp-XXXXXX beside `target` (mode 755) and returns its path.
+std::string make_temp_dir_beside(const std::string& target);
+
 // The whole of `text` written atomically to `path`.
 void write_file_atomically(const std::string& path, std::string_view text);
 

@@ -114,7 +114,32 @@ bool is_ignorable_tensor(std::string_view name) {
   return name.size() >= kRotary.size() && name.substr(name.size() - kRotary.size()) == kRotary;
 }
 
-void check_tensors_against_config(const TensorStore& store, const ModelConfig& config, const std::string& label) {
+namespace {
+bool ends_with(std::string_view s, std::string_view suffix) {
+  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
+}
+}  // namespace
+
+bool is_layer_linear_weight(std::string_view name) {
+  if (name.substr(0, 13) != "model.layers.") return false;
+  for (const char* module : {".self_attn.q_proj.weight", ".self_attn.k_proj.weight", ".self_attn.v_proj.weight",
+                             ".self_attn.o_proj.weight", ".mlp.gate_proj.weight", ".mlp.up_proj.weight", ".mlp.down_proj.weight"}) {
+    if (ends_with(name, module)) return true;
+  }
+  return false;
+}
+
+bool is_quantization_scale(std::string_view name) {
+  if (name.substr(0, 13) != "model.layers.") return false;
+  for (const char* suffix : {".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale", ".k_proj.k_scale", ".v_proj.v_scale"}) {
+    if (ends_with(name, suffix)) return true;
+  }
+  return false;
+}
+
+void check_tensors_against_config(const TensorStore& store, const ModelConfig& config, const std::string& label,
+                                  CheckpointLayout layout) {
+  const bool quantized = layout == CheckpointLayout::quantized;
   std::vector<std::string> missing, unexpected, wrong;
   std::set<std::string> expected_names;
   for (const auto& t : expected_tensors(config)) {
@@ -124,6 +149,7 @@ void check_tensors_against_config(const TensorStore& store, const ModelConfig& c
       missing.push_back(t.name);
       continue;
     }
+    if (quantized && is_layer_linear_weight(t.name)) continue;
     if (loc->entry->shape != t.shape) {
       wrong.push_back(fmt::format("{} has shape {}, expected {}", t.name, shape_string(loc->entry->shape), shape_string(t.shape)));
     } else if (loc->entry->dtype != DType::F32 && loc->entry->dtype != DType::F16 && loc->entry->dtype != DType::BF16) {
@@ -133,6 +159,7 @@ void check_tensors_against_config(const TensorStore& store, const ModelConfig& c
   for (const auto& loc : store.all()) {
     const std::string& name = loc.entry->name;
     if (expected_names.count(name) || is_ignorable_tensor(name)) continue;
+    if (quantized && is_quantization_scale(name)) continue;
     // Some savers store the tied lm_head anyway; it must still fit.
     if (name == "lm_head.weight" && config.tie_word_embeddings &&
         loc.entry->shape == Shape{config.vocab_size, config.hidden_size}) {
@@ -149,13 +176,13 @@ void check_tensors_against_config(const TensorStore& store, const ModelConfig& c
   throw Error(msg);
 }
 
-Checkpoint Checkpoint::open(const std::string& dir) {
+Checkpoint Checkpoint::open(const std::string& dir, CheckpointLayout layout) {
   if (!fs::is_directory(dir)) fail("{}: not a directory", dir);
   Checkpoint c;
   c.dir_ = dir;
   c.config_ = load_model_config((fs::path(dir) / "config.json").string());
   c.store_ = TensorStore::open_dir(dir);
-  check_tensors_against_config(c.store_, c.config_, dir);
+  check_tensors_against_config(c.store_, c.config_, dir, layout);
   return c;
 }
 

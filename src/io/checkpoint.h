@@ -53,10 +53,17 @@ class TensorStore {
 // What open() does not treat as a mismatch: buffers older savers wrote.
 bool is_ignorable_tensor(std::string_view name);
 
+// plain: every tensor exactly as config.json calls for, in f32/f16/bf16.
+// quantized: as plain, except that the decoder layers' Linear weights may have
+// any dtype and shape (their reader checks them) and the scale tensors a
+// quantized checkpoint adds beside them (weight_scale, weight_scale_2,
+// input_scale, pre_quant_scale, k_scale, v_scale) are allowed.
+enum class CheckpointLayout { plain, quantized };
+
 class Checkpoint {
  public:
   // Opens and validates a model directory.
-  static Checkpoint open(const std::string& dir);
+  static Checkpoint open(const std::string& dir, CheckpointLayout layout = CheckpointLayout::plain);
 
   const std::string& dir() const { return dir_; }
   const ModelConfig& config() const { return config_; }
@@ -71,6 +78,12 @@ class Checkpoint {
 
 // Throws one Error listing every missing, unexpected, mis-shaped or non-float
 // tensor of `store` against what `config` calls for.
-void check_tensors_against_config(const TensorStore& store, const ModelConfig& config, const std::string& label);
+void check_tensors_against_config(const TensorStore& store, const ModelConfig& config, const std::string& label,
+                                  CheckpointLayout layout = CheckpointLayout::plain);
+
+// True for "model.layers.N.self_attn.q_proj.weight" and the other six Linear weights of a layer.
+bool is_layer_linear_weight(std::string_view name);
+// True for the names of the scale tensors a quantized checkpoint adds.
+bool is_quantization_scale(std::string_view name);
 
 }  // namespace mopt::io

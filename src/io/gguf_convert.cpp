@@ -185,15 +185,6 @@ std::vector<std::int64_t> int_array(const GgufFile& g, const char* key) {
   return v->value.get<std::vector<std::int64_t>>();
 }
 
-std::string make_temp_dir_beside(const std::string& target) {
-  std::string pattern = target + ".tmp-XXXXXX";
-  std::vector<char> name(pattern.begin(), pattern.end());
-  name.push_back('\0');
-  if (::mkdtemp(name.data()) == nullptr) fail("{}: cannot create a temporary directory beside it: {}", target, std::strerror(errno));
-  fs::permissions(name.data(), fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
-                                   fs::perms::others_read | fs::perms::others_exec);
-  return name.data();
-}
 
 }  // namespace
 

@@ -134,7 +134,15 @@ std::vector<float> rope_inv_freq(const io::ModelConfig& config) {
 
 namespace {
 
-void linear(const Linear& l, const float* x, std::int64_t rows, float* y) {
+void linear(const Linear& l, const float* x, std::int64_t rows, float* y, Workspace& ws) {
+  if (l.input_transform) {
+    const auto cols = l.weight.rank() == 2 ? l.weight.dim(1) : 0;
+    const auto n = static_cast<std::size_t>(rows * cols);
+    if (ws.transformed.size() < n) ws.transformed.resize(n);
+    std::copy(x, x + n, ws.transformed.data());
+    l.input_transform(ws.transformed.data(), rows, cols);
+    x = ws.transformed.data();
+  }
   kernels::linear_forward(x, rows, l.weight, l.bias ? &*l.bias : nullptr, y);
 }
 
@@ -157,9 +165,9 @@ void decoder_layer_forward(const io::ModelConfig& c, const std::vector<float>& i
   if (observer) {
     for (const auto kind : {LinearKind::q, LinearKind::k, LinearKind::v}) observer->linear_input(layer, kind, ws.normed.data(), rows, H);
   }
-  linear(w.q, ws.normed.data(), rows, ws.q.data());
-  linear(w.k, ws.normed.data(), rows, ws.k.data());
-  linear(w.v, ws.normed.data(), rows, ws.v.data());
+  linear(w.q, ws.normed.data(), rows, ws.q.data(), ws);
+  linear(w.k, ws.normed.data(), rows, ws.k.data(), ws);
+  linear(w.v, ws.normed.data(), rows, ws.v.data(), ws);
   if (w.q_norm) {
     kernels::rmsnorm(ws.q.data(), w.q_norm->data<float>(), rows * nh, d, eps, ws.q.data());
     kernels::rmsnorm(ws.k.data(), w.k_norm->data<float>(), rows * nkv, d, eps, ws.k.data());
@@ -167,6 +175,8 @@ void decoder_layer_forward(const io::ModelConfig& c, const std::vector<float>& i
   kernels::apply_rope(ws.q.data(), rows, nh, d, ws.positions.data(), inv_freq);
   kernels::apply_rope(ws.k.data(), rows, nkv, d, ws.positions.data(), inv_freq);
   if (observer) observer->key_value(layer, ws.k.data(), ws.v.data(), rows, kv_dim);
+  if (w.key_transform) w.key_transform(ws.k.data(), rows, kv_dim);
+  if (w.value_transform) w.value_transform(ws.v.data(), rows, kv_dim);
 
   const std::int64_t window = c.sliding_window.value_or(0);
   for (const auto& s : batch) {
@@ -189,7 +199,7 @@ void decoder_layer_forward(const io::ModelConfig& c, const std::vector<float>& i
     }
   }
   if (observer) observer->linear_input(layer, LinearKind::o, ws.attn.data(), rows, q_dim);
-  linear(w.o, ws.attn.data(), rows, ws.proj.data());
+  linear(w.o, ws.attn.data(), rows, ws.proj.data(), ws);
   for (std::int64_t i = 0; i < rows * H; ++i) hidden[i] += ws.proj[static_cast<std::size_t>(i)];
 
   // MLP block.
@@ -198,23 +208,28 @@ void decoder_layer_forward(const io::ModelConfig& c, const std::vector<float>& i
     observer->linear_input(layer, LinearKind::gate, ws.normed.data(), rows, H);
     observer->linear_input(layer, LinearKind::up, ws.normed.data(), rows, H);
   }
-  linear(w.gate, ws.normed.data(), rows, ws.gate.data());
-  linear(w.up, ws.normed.data(), rows, ws.up.data());
+  linear(w.gate, ws.normed.data(), rows, ws.gate.data(), ws);
+  linear(w.up, ws.normed.data(), rows, ws.up.data(), ws);
   kernels::silu_mul(ws.gate.data(), ws.up.data(), rows * ff);
   if (observer) observer->linear_input(layer, LinearKind::down, ws.gate.data(), rows, ff);
-  linear(w.down, ws.gate.data(), rows, ws.proj.data());
+  linear(w.down, ws.gate.data(), rows, ws.proj.data(), ws);
   for (std::int64_t i = 0; i < rows * H; ++i) hidden[i] += ws.proj[static_cast<std::size_t>(i)];
 }
 
-Model Model::load(const std::string& dir) {
+Model Model::load(const std::string& dir) { return load(dir, LoadOptions{}); }
+
+Model Model::load(const std::string& dir, const LoadOptions& options) {
   Model m;
-  m.checkpoint_ = std::make_shared<io::Checkpoint>(io::Checkpoint::open(dir));
+  m.checkpoint_ = std::make_shared<io::Checkpoint>(
+      io::Checkpoint::open(dir, options.quantized ? io::CheckpointLayout::quantized : io::CheckpointLayout::plain));
   const auto& c = m.checkpoint_->config();
   const auto& store = m.checkpoint_->tensors();
   m.embed_tokens_ = store.tensor("model.embed_tokens.weight");
   m.final_norm_ = store.tensor("model.norm.weight").to(DType::F32);
   m.lm_head_ = c.tie_word_embeddings ? m.embed_tokens_ : store.tensor("lm_head.weight");
-  for (std::int64_t i = 0; i < c.num_layers; ++i) m.layers_.push_back(load_layer(*m.checkpoint_, i));
+  for (std::int64_t i = 0; i < c.num_layers; ++i) {
+    m.layers_.push_back(options.layer_loader ? options.layer_loader(*m.checkpoint_, i) : load_layer(*m.checkpoint_, i));
+  }
   m.inv_freq_ = rope_inv_freq(c);
   if (fs::exists(fs::path(dir) / "tokenizer.json")) m.tokenizer_ = io::Tokenizer::load(dir);
   return m;

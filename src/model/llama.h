@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -31,9 +32,16 @@ inline constexpr LinearKind kAllLinears[] = {LinearKind::q, LinearKind::k, Linea
 // "self_attn.q_proj", ..., "mlp.down_proj": the module path inside a layer.
 std::string_view linear_name(LinearKind kind);
 
+// A change applied to activations before they are used: fake quantization
+// of a Linear's input (with a pre-quantization scale) or of the keys and
+// values. The quantization parts implement it; the model only calls it.
+// x [rows, cols] is changed in place.
+using ActivationTransform = std::function<void(float* x, std::int64_t rows, std::int64_t cols)>;
+
 struct Linear {
   Tensor weight;              // [out, in], f32, f16 or bf16
   std::optional<Tensor> bias;  // [out]
+  ActivationTransform input_transform;  // applied to a copy of the input when set
 };
 
 struct LayerWeights {
@@ -41,6 +49,8 @@ struct LayerWeights {
   Tensor post_attention_norm;  // f32 [hidden]
   std::optional<Tensor> q_norm, k_norm;  // f32 [head_dim] (Qwen3)
   Linear q, k, v, o, gate, up, down;
+  // Applied to the keys (after RoPE) and to the values before attention uses or caches them.
+  ActivationTransform key_transform, value_transform;
   Linear& linear(LinearKind kind);
   const Linear& linear(LinearKind kind) const;
 };
@@ -86,7 +96,7 @@ class KvCache {
 
 // Scratch buffers reused from call to call, so decoding allocates nothing per token.
 struct Workspace {
-  std::vector<float> normed, q, k, v, attn, proj, gate, up, head;
+  std::vector<float> normed, q, k, v, attn, proj, gate, up, head, transformed;
   std::vector<std::int32_t> positions;
   std::vector<std::int64_t> chosen_rows;
   void reserve(const io::ModelConfig& config, std::int64_t rows);
@@ -107,10 +117,18 @@ void decoder_layer_forward(const io::ModelConfig& config, const std::vector<floa
 
 enum class LogitsFor { all_rows, last_row_of_each_sequence };
 
+struct LoadOptions {
+  // Open with io::CheckpointLayout::quantized (linear weights may be stored quantized).
+  bool quantized = false;
+  // Builds layer i; load_layer() when empty.
+  std::function<LayerWeights(const io::Checkpoint&, std::int64_t)> layer_loader;
+};
+
 class Model {
  public:
   // A Hugging Face checkpoint directory; its tokenizer.json is loaded when present.
   static Model load(const std::string& dir);
+  static Model load(const std::string& dir, const LoadOptions& options);
 
   const io::ModelConfig& config() const { return checkpoint_->config(); }
   const io::Tokenizer* tokenizer() const { return tokenizer_ ? &*tokenizer_ : nullptr; }

@@ -1,0 +1,74 @@
+// Post-training quantization, layer by layer (DESIGN.md's one data flow):
+// embed the calibration tokens once, then for each decoder layer
+//   1. run it with its original weights on the calibration activations,
+//      observing the input of every Linear and the keys/values after RoPE;
+//   2. calibrate and quantize its weights (real codes and scales);
+//   3. run it again with the quantized weights and quantized activations to
+//      measure its output error, and (when asked) to produce the next layer's
+//      inputs from the quantized layer;
+//   4. hand the result to the sink (the exporter) and free it.
+// Peak memory is one layer in f32 plus twice the calibration activations,
+// whatever the number of layers.
+//
+// By default the next layer's inputs are the unquantized layer's outputs, as
+// the reference's calibration computes them (its quantizers are disabled while
+// statistics are collected); `propagate_quantized` feeds the quantized outputs
+// instead.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "io/checkpoint.h"
+#include "io/tokenizer.h"
+#include "quant/quantized_layer.h"
+#include "quant/recipe.h"
+
+namespace mopt::algo {
+
+struct CalibrationSet {
+  std::vector<std::vector<std::int32_t>> sequences;
+  std::int64_t tokens() const;
+};
+
+// `n` samples of at most `seq_len` tokens: each document's tokens are cut
+// into pieces of seq_len minus the tokenizer's prefix (BOS), each piece gets
+// the prefix, and `n` pieces are drawn without replacement with a seeded
+// shuffle (all of them when there are fewer, in their order).
+CalibrationSet make_calibration_set(const std::vector<std::string>& documents, const io::Tokenizer& tokenizer, std::int64_t n,
+                                    std::int64_t seq_len, std::uint64_t seed);
+
+struct PtqOptions {
+  bool propagate_quantized = false;
+  std::int64_t batch_sequences = 1;  // sequences per forward call (the histogram grows per call)
+};
+
+struct LayerReport {
+  std::int64_t layer = 0;
+  std::string formats;         // "nvfp4" or "fp8+int4_rtn(down)" for a mixed layer
+  double weight_error = 0.0;   // mean over its quantized Linears of ||dW|| / ||W||
+  double output_error = -1.0;  // ||y_q - y|| / ||y|| of the layer output on the calibration data; < 0: not measured
+  double seconds = 0.0;
+};
+
+struct PtqReport {
+  std::vector<LayerReport> layers;
+  std::int64_t calib_sequences = 0;
+  std::int64_t calib_tokens = 0;
+  std::int64_t quantized_linears = 0;
+  double seconds = 0.0;
+};
+
+using LayerSink = std::function<void(quant::QuantizedLayer&&)>;
+
+// `calibration` may be empty only when nothing needs calibration (weight-only
+// formats without a KV-cache format); output errors are then not measured.
+PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Recipe& recipe, const CalibrationSet& calibration,
+                              const PtqOptions& options, const LayerSink& sink);
+
+// True when `recipe` on this model needs calibration data.
+bool needs_calibration(const io::ModelConfig& config, const quant::Recipe& recipe);
+
+}  // namespace mopt::algo

@@ -1,0 +1,120 @@
+#include <fmt/format.h>
+
+#include <chrono>
+#include <nlohmann/json.hpp>
+
+#include "algo/ptq.h"
+#include "cli/commands.h"
+#include "core/error.h"
+#include "core/memory.h"
+#include "export/hf_modelopt.h"
+#include "io/atomic_file.h"
+#include "io/checkpoint.h"
+#include "io/dataset.h"
+#include "io/tokenizer.h"
+
+namespace mopt::cli {
+
+namespace {
+
+using nlohmann::json;
+
+quant::Recipe build_recipe(const QuantizeOptions& o) {
+  quant::Recipe r;
+  if (!o.recipe.empty()) r = quant::load_recipe(o.recipe);
+  if (!o.format.empty()) r.format = o.format;
+  if (r.format.empty()) fail("quantize needs --format or a --recipe naming one");
+  if (o.group_size > 0) r.group_size = o.group_size;
+  if (!o.algo.empty()) r.algorithm = o.algo;
+  if (!o.kv_cache.empty()) r.kv_cache = o.kv_cache;
+  if (!o.calibrator.empty()) r.calibrator = quant::parse_calib_method(o.calibrator);
+  if (o.percentile > 0.0) r.percentile = o.percentile;
+  if (o.calib_size > 0) r.calib_size = o.calib_size;
+  if (o.seq_len > 0) r.seq_len = o.seq_len;
+  if (o.seed >= 0) r.seed = static_cast<std::uint64_t>(o.seed);
+  for (const auto& e : o.exclude) r.exclude.push_back(e);
+  for (const auto& ov : o.overrides) {
+    const auto eq = ov.rfind('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == ov.size()) fail("--override '{}' is not GLOB=FORMAT", ov);
+    r.overrides.push_back({ov.substr(0, eq), ov.substr(eq + 1)});
+  }
+  r.validate();
+  return r;
+}
+
+std::string format_error(double e) { return e < 0.0 ? "-" : fmt::format("{:.5f}", e); }
+
+}  // namespace
+
+int run_quantize(const QuantizeOptions& o) {
+  const auto start = std::chrono::steady_clock::now();
+  const quant::Recipe recipe = build_recipe(o);
+  const io::Checkpoint ckpt = io::Checkpoint::open(o.model);
+  if (exporter::is_quantized_checkpoint(o.model)) fail("{}: already quantized; quantize the original checkpoint", o.model);
+
+  algo::CalibrationSet calib;
+  const bool need = algo::needs_calibration(ckpt.config(), recipe);
+  if (need && o.calib.empty()) {
+    fail("--format {}{} quantizes activations or the KV cache and needs calibration text (--calib FILE)", recipe.format,
+         recipe.kv_cache ? " --kv-cache " + *recipe.kv_cache : "");
+  }
+  if (!o.calib.empty()) {
+    const io::Tokenizer tokenizer = io::Tokenizer::load(o.model);
+    std::vector<std::string> docs;
+    for (const auto& path : o.calib) {
+      for (auto& d : io::read_documents(path)) docs.push_back(std::move(d));
+    }
+    calib = algo::make_calibration_set(docs, tokenizer, recipe.calib_size, recipe.seq_len, recipe.seed);
+    fmt::print(stderr, "calibration: {} samples, {} tokens (seq-len {}, seed {})\n", calib.sequences.size(), calib.tokens(),
+               recipe.seq_len, recipe.seed);
+  }
+
+  exporter::HfModeloptWriter writer(ckpt, o.out_dir, recipe);
+  algo::PtqOptions options;
+  options.propagate_quantized = o.propagate_quantized;
+  options.batch_sequences = o.calib_batch;
+  const algo::PtqReport report =
+      algo::quantize_checkpoint(ckpt, recipe, calib, options, [&](quant::QuantizedLayer&& layer) { writer.add_layer(layer); });
+  writer.finish();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const std::uint64_t peak = peak_rss_bytes();
+
+  std::uint64_t source_bytes = 0;
+  for (const auto& loc : ckpt.tensors().all()) source_bytes += loc.entry->end - loc.entry->begin;
+
+  fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8}\n", "layer", "format", "weight err", "output err", "seconds");
+  for (const auto& l : report.layers) {
+    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8.2f}\n", l.layer, l.formats, format_error(l.weight_error), format_error(l.output_error), l.seconds);
+  }
+  fmt::print("quantized {} linears of {} layers to {} ({}{}); {:.1f} MiB -> {:.1f} MiB; {:.1f} s; peak RSS {:.1f} MiB\n",
+             report.quantized_linears, report.layers.size(), recipe.format, recipe.effective_algorithm(),
+             recipe.kv_cache ? ", kv " + *recipe.kv_cache : "", static_cast<double>(source_bytes) / (1 << 20),
+             static_cast<double>(writer.bytes_written()) / (1 << 20), seconds, static_cast<double>(peak) / (1 << 20));
+  fmt::print("wrote {}\n", o.out_dir);
+
+  if (!o.report.empty()) {
+    json layers = json::array();
+    for (const auto& l : report.layers) {
+      layers.push_back({{"layer", l.layer}, {"format", l.formats}, {"weight_error", l.weight_error},
+                        {"output_error", l.output_error < 0.0 ? json(nullptr) : json(l.output_error)}, {"seconds", l.seconds}});
+    }
+    json j = {{"model", o.model},
+              {"out", o.out_dir},
+              {"format", recipe.format},
+              {"algorithm", recipe.effective_algorithm()},
+              {"kv_cache", recipe.kv_cache ? json(*recipe.kv_cache) : json(nullptr)},
+              {"calibrator", quant::calib_method_name(recipe.calibrator)},
+              {"calib_samples", report.calib_sequences},
+              {"calib_tokens", report.calib_tokens},
+              {"quantized_linears", report.quantized_linears},
+              {"source_bytes", source_bytes},
+              {"output_bytes", writer.bytes_written()},
+              {"seconds", seconds},
+              {"peak_rss_bytes", peak},
+              {"layers", layers}};
+    io::write_file_atomically(o.report, j.dump(2) + "\n");
+  }
+  return 0;
+}
+
+}  // namespace mopt::cli

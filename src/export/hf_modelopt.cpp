@@ -1,0 +1,365 @@
+#include "export/hf_modelopt.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <set>
+
+#include "core/error.h"
+#include "io/atomic_file.h"
+#include "io/json_util.h"
+#include "quant/act_quant.h"
+
+#ifndef MOPT_VERSION_STRING
+#define MOPT_VERSION_STRING "0.1.0"
+#endif
+
+namespace mopt::exporter {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+Tensor scalar_f32(float v) {
+  Tensor t = Tensor::zeros(DType::F32, {});
+  t.mutable_data<float>()[0] = v;
+  return t;
+}
+
+Tensor vector_as(const std::vector<float>& v, DType dtype) {
+  return Tensor::from_f32(v, {static_cast<std::int64_t>(v.size())}).to(dtype);
+}
+
+// Group size the config files report for a scheme (0: none).
+std::int64_t reported_group_size(const quant::LinearScheme& s) {
+  if (!s.weight) return 0;
+  if (s.weight->scaling == quant::Scaling::block && s.weight->block_rows == 0) return s.weight->block;
+  if (s.weight->scaling == quant::Scaling::nvfp4 || s.weight->scaling == quant::Scaling::mx) return s.weight->block;
+  return 0;
+}
+
+json layer_quant_entry(const quant::LinearScheme& s, bool has_pre_quant_scale) {
+  json e = {{"quant_algo", s.quant_algo}};
+  if (const auto g = reported_group_size(s); g > 0) e["group_size"] = g;
+  if (s.quant_algo == "W4A16_AWQ" || s.quant_algo == "W4A8_AWQ" || s.quant_algo == "NVFP4_AWQ") {
+    e["has_zero_point"] = false;
+    e["pre_quant_scale"] = has_pre_quant_scale;
+  }
+  return e;
+}
+
+}  // namespace
+
+nlohmann::json make_hf_quant_config(const std::vector<std::pair<std::string, quant::LinearScheme>>& modules,
+                                    const std::string& kv_quant_algo) {
+  std::set<std::string> algos;
+  std::vector<std::string> excluded;
+  for (const auto& [name, s] : modules) {
+    if (s.quantized()) algos.insert(s.quant_algo);
+    else excluded.push_back(name);
+  }
+  excluded.insert(excluded.begin(), "lm_head");
+  json q = json::object();
+  if (algos.size() <= 1) {
+    quant::LinearScheme first;
+    for (const auto& [name, s] : modules) {
+      if (s.quantized()) {
+        first = s;
+        break;
+      }
+    }
+    if (first.quantized()) q = layer_quant_entry(first, false);
+    else q["quant_algo"] = nullptr;
+  } else {
+    q["quant_algo"] = "MIXED_PRECISION";
+    json layers = json::object();
+    for (const auto& [name, s] : modules) {
+      if (s.quantized()) layers[name] = layer_quant_entry(s, false);
+    }
+    q["quantized_layers"] = layers;
+  }
+  q["kv_cache_quant_algo"] = kv_quant_algo.empty() ? json(nullptr) : json(kv_quant_algo);
+  q["exclude_modules"] = excluded;
+  return {{"producer", {{"name", "mopt"}, {"version", MOPT_VERSION_STRING}}}, {"quantization", q}};
+}
+
+nlohmann::json make_quantization_config(const nlohmann::json& hf_quant_config) {
+  json c = hf_quant_config.at("quantization");
+  c["quant_method"] = "modelopt";
+  c["producer"] = hf_quant_config.at("producer");
+  return c;
+}
+
+HfModeloptWriter::HfModeloptWriter(const io::Checkpoint& source, std::string out_dir, const quant::Recipe& recipe,
+                                   std::uint64_t shard_bytes)
+    : source_(source), out_dir_(std::move(out_dir)), recipe_(recipe), shard_bytes_(shard_bytes) {
+  if (fs::exists(out_dir_)) fail("{}: already exists (choose a new output directory)", out_dir_);
+  temp_dir_ = io::make_temp_dir_beside(out_dir_);
+}
+
+HfModeloptWriter::~HfModeloptWriter() {
+  if (!finished_) {
+    std::error_code ec;
+    fs::remove_all(temp_dir_, ec);
+  }
+}
+
+void HfModeloptWriter::add(std::string name, Tensor tensor) {
+  pending_bytes_ += tensor.nbytes();
+  pending_.push_back({std::move(name), std::move(tensor)});
+}
+
+void HfModeloptWriter::flush_shard() {
+  if (pending_.empty()) return;
+  const std::string name = fmt::format("shard-{:05}.safetensors", shard_names_.size() + 1);
+  io::write_safetensors((temp_dir_ / name).string(), pending_);
+  std::vector<std::string> names;
+  for (const auto& t : pending_) names.push_back(t.name);
+  shard_names_.push_back(std::move(names));
+  total_bytes_ += pending_bytes_;
+  pending_.clear();
+  pending_bytes_ = 0;
+}
+
+void HfModeloptWriter::add_layer(const quant::QuantizedLayer& layer) {
+  if (layer.index != next_layer_) fail("layer {} handed to the exporter out of order (expected {})", layer.index, next_layer_);
+  ++next_layer_;
+  const std::string prefix = fmt::format("model.layers.{}.", layer.index);
+  std::set<std::string> written;
+  for (const auto& [name, tensor] : layer.replaced) {
+    add(name, tensor);
+    written.insert(name);
+  }
+  for (const auto& l : layer.linears) {
+    modules_.emplace_back(l.name, l.scheme);
+    if (!l.scheme.quantized()) continue;
+    const auto& q = *l.weight;
+    add(l.name + ".weight", q.weight);
+    add(l.name + ".weight_scale", q.weight_scale);
+    if (q.weight_scale_2) add(l.name + ".weight_scale_2", *q.weight_scale_2);
+    if (!l.input_amax.empty()) add(l.name + ".input_scale", scalar_f32(quant::activation_scale(*l.scheme.input, l.input_amax[0])));
+    if (!l.pre_quant_scale.empty()) add(l.name + ".pre_quant_scale", vector_as(l.pre_quant_scale, source_.config().dtype));
+    written.insert(l.name + ".weight");
+  }
+  if (layer.key_amax && layer.value_amax && recipe_.kv_cache) {
+    const quant::KvScheme kv = quant::kv_scheme(*recipe_.kv_cache);
+    add(prefix + "self_attn.k_proj.k_scale", scalar_f32(quant::activation_scale(kv.spec, *layer.key_amax)));
+    add(prefix + "self_attn.v_proj.v_scale", scalar_f32(quant::activation_scale(kv.spec, *layer.value_amax)));
+    has_kv_ = true;
+  }
+  // Everything else of the layer (norms, biases, unquantized weights) as stored.
+  for (const auto& loc : source_.tensors().all()) {
+    const std::string& name = loc.entry->name;
+    if (name.rfind(prefix, 0) != 0 || written.count(name) || io::is_ignorable_tensor(name)) continue;
+    add(name, source_.tensor(name));
+  }
+  if (pending_bytes_ >= shard_bytes_) flush_shard();
+}
+
+void HfModeloptWriter::finish() {
+  const auto& c = source_.config();
+  if (next_layer_ != c.num_layers) fail("the exporter got {} of {} layers", next_layer_, c.num_layers);
+  for (const auto& loc : source_.tensors().all()) {
+    const std::string& name = loc.entry->name;
+    if (name.rfind("model.layers.", 0) == 0 || io::is_ignorable_tensor(name)) continue;
+    add(name, source_.tensor(name));
+  }
+  flush_shard();
+  // Final shard names and the index.
+  const std::size_t n = shard_names_.size();
+  json weight_map = json::object();
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::string from = fmt::format("shard-{:05}.safetensors", i + 1);
+    const std::string to = n == 1 ? "model.safetensors" : fmt::format("model-{:05}-of-{:05}.safetensors", i + 1, n);
+    fs::rename(temp_dir_ / from, temp_dir_ / to);
+    for (const auto& t : shard_names_[i]) weight_map[t] = to;
+  }
+  if (n > 1) {
+    json index = {{"metadata", {{"total_size", total_bytes_}}}, {"weight_map", weight_map}};
+    io::write_file_atomically((temp_dir_ / "model.safetensors.index.json").string(), index.dump(2) + "\n");
+  }
+  const std::string kv_algo = has_kv_ ? quant::kv_scheme(*recipe_.kv_cache).quant_algo : "";
+  const json hf_quant = make_hf_quant_config(modules_, kv_algo);
+  io::write_file_atomically((temp_dir_ / "hf_quant_config.json").string(), hf_quant.dump(4) + "\n");
+  json config = c.raw;
+  config["quantization_config"] = make_quantization_config(hf_quant);
+  io::write_file_atomically((temp_dir_ / "config.json").string(), config.dump(2) + "\n");
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"}) {
+    const fs::path from = fs::path(source_.dir()) / f;
+    if (fs::exists(from)) io::write_file_atomically((temp_dir_ / f).string(), io::read_text_file(from.string()));
+  }
+  // Read it back as any quantized checkpoint is read: it must validate.
+  load_model(temp_dir_.string());
+  fs::rename(temp_dir_, out_dir_);
+  finished_ = true;
+}
+
+bool is_quantized_checkpoint(const std::string& dir) {
+  if (fs::exists(fs::path(dir) / "hf_quant_config.json")) return true;
+  const fs::path config = fs::path(dir) / "config.json";
+  if (!fs::exists(config)) return false;
+  const json j = io::parse_json_unique_keys(io::read_text_file(config.string()), config.string());
+  return j.is_object() && j.contains("quantization_config") && j["quantization_config"].is_object() &&
+         j["quantization_config"].value("quant_method", "") == "modelopt";
+}
+
+namespace {
+
+// The format a quant_algo names, as the reader rebuilds it.
+quant::LinearScheme scheme_for_algo(const std::string& algo, std::int64_t group_size, const std::string& label) {
+  std::string format;
+  if (algo == "FP8") format = "fp8";
+  else if (algo == "FP8_PER_CHANNEL_PER_TOKEN") format = "fp8_pc_pt";
+  else if (algo == "fp8_pb_wo" || algo == "FP8_PB_WO") format = "fp8_block";
+  else if (algo == "W8A8_SQ_PER_CHANNEL") format = "int8";
+  else if (algo == "W8A16") format = "int8_wo";
+  else if (algo == "W4A16_AWQ") format = "int4_rtn";
+  else if (algo == "W4A8_AWQ") format = "w4a8_awq";
+  else if (algo == "NVFP4") format = "nvfp4";
+  else if (algo == "NVFP4_AWQ") format = "nvfp4_awq";
+  else if (algo == "MXFP8") format = "mxfp8";
+  else if (algo == "mxfp4" || algo == "MXFP4") format = "mxfp4";
+  else fail("{}: quant_algo '{}' is not one mopt reads", label, algo);
+  const bool int4 = format == "int4_rtn" || format == "w4a8_awq";
+  return quant::format_scheme(format, int4 && group_size > 0 ? group_size : 0);
+}
+
+struct ReadConfig {
+  std::string default_algo;
+  std::int64_t group_size = 0;
+  std::map<std::string, std::pair<std::string, std::int64_t>> per_layer;  // MIXED_PRECISION
+  std::vector<std::string> exclude;
+  std::string kv_algo;
+};
+
+ReadConfig read_quant_config(const std::string& dir) {
+  json q;
+  std::string label;
+  const fs::path hf = fs::path(dir) / "hf_quant_config.json";
+  if (fs::exists(hf)) {
+    label = hf.string();
+    const json j = io::parse_json_unique_keys(io::read_text_file(label), label);
+    if (!j.is_object() || !j.contains("quantization") || !j["quantization"].is_object()) fail("{}: no \"quantization\" object", label);
+    q = j["quantization"];
+  } else {
+    label = (fs::path(dir) / "config.json").string();
+    q = io::parse_json_unique_keys(io::read_text_file(label), label).at("quantization_config");
+  }
+  ReadConfig r;
+  try {
+    if (q.contains("quant_algo") && q["quant_algo"].is_string()) r.default_algo = q["quant_algo"].get<std::string>();
+    if (q.contains("group_size") && q["group_size"].is_number_integer()) r.group_size = q["group_size"].get<std::int64_t>();
+    if (q.contains("exclude_modules") && q["exclude_modules"].is_array()) r.exclude = q["exclude_modules"].get<std::vector<std::string>>();
+    if (q.contains("kv_cache_quant_algo") && q["kv_cache_quant_algo"].is_string()) r.kv_algo = q["kv_cache_quant_algo"].get<std::string>();
+    if (r.default_algo == "MIXED_PRECISION") {
+      for (const auto& [name, e] : q.at("quantized_layers").items()) {
+        r.per_layer[name] = {e.at("quant_algo").get<std::string>(), e.value("group_size", std::int64_t{0})};
+      }
+    }
+  } catch (const json::exception& e) {
+    fail("{}: malformed quantization config: {}", label, e.what());
+  }
+  if (!r.kv_algo.empty() && r.kv_algo != "FP8" && r.kv_algo != "NVFP4") fail("{}: kv_cache_quant_algo '{}' is not one mopt reads", label, r.kv_algo);
+  return r;
+}
+
+}  // namespace
+
+model::Model load_model(const std::string& dir) {
+  if (!is_quantized_checkpoint(dir)) return model::Model::load(dir);
+  const ReadConfig rc = read_quant_config(dir);
+  model::LoadOptions options;
+  options.quantized = true;
+  options.layer_loader = [rc, dir](const io::Checkpoint& ckpt, std::int64_t index) {
+    model::LayerWeights w = model::load_layer(ckpt, index);
+    const auto& store = ckpt.tensors();
+    for (const auto kind : model::kAllLinears) {
+      const std::string name = fmt::format("model.layers.{}.{}", index, model::linear_name(kind));
+      model::Linear& lin = w.linear(kind);
+      if (!store.contains(name + ".weight_scale")) {
+        // Unquantized: it must then be stored as a plain weight.
+        const DType dt = lin.weight.dtype();
+        if ((dt != DType::F32 && dt != DType::F16 && dt != DType::BF16) || lin.weight.rank() != 2) {
+          fail("{}: {}.weight is {} without a weight_scale", dir, name, dtype_name(dt));
+        }
+        continue;
+      }
+      std::string algo = rc.default_algo;
+      std::int64_t group = rc.group_size;
+      if (rc.default_algo == "MIXED_PRECISION") {
+        const auto it = rc.per_layer.find(name);
+        if (it == rc.per_layer.end()) fail("{}: {} has a weight_scale but no entry in quantized_layers", dir, name);
+        algo = it->second.first;
+        group = it->second.second;
+      }
+      const quant::LinearScheme s = scheme_for_algo(algo, group, dir);
+      const bool q_like = kind == model::LinearKind::q || kind == model::LinearKind::k || kind == model::LinearKind::v;
+      const std::int64_t in = kind == model::LinearKind::down ? ckpt.config().intermediate_size
+                              : kind == model::LinearKind::o  ? ckpt.config().num_heads * ckpt.config().head_dim
+                                                              : ckpt.config().hidden_size;
+      const std::int64_t out = kind == model::LinearKind::q   ? ckpt.config().num_heads * ckpt.config().head_dim
+                               : q_like                       ? ckpt.config().num_kv_heads * ckpt.config().head_dim
+                               : kind == model::LinearKind::o ? ckpt.config().hidden_size
+                               : kind == model::LinearKind::down ? ckpt.config().hidden_size
+                                                                 : ckpt.config().intermediate_size;
+      quant::QuantizedWeight q;
+      q.weight = lin.weight;
+      q.weight_scale = store.tensor(name + ".weight_scale");
+      if (store.contains(name + ".weight_scale_2")) q.weight_scale_2 = store.tensor(name + ".weight_scale_2");
+      quant::check_quantized_weight(*s.weight, q, out, in, fmt::format("{}: {}", dir, name));
+      lin.weight = Tensor::from_f32(quant::dequantize_weight(*s.weight, q, out, in), {out, in});
+      quant::ActivationQuantizer aq;
+      bool transform = false;
+      if (store.contains(name + ".pre_quant_scale")) {
+        const Tensor pqs = store.tensor(name + ".pre_quant_scale");
+        if (pqs.numel() != static_cast<std::uint64_t>(in)) fail("{}: {}.pre_quant_scale has {} values for {} inputs", dir, name, pqs.numel(), in);
+        aq.pre_quant_scale = pqs.to_f32();
+        transform = true;
+      }
+      if (s.input) {
+        aq.spec = *s.input;
+        if (s.input->needs_amax()) {
+          if (!store.contains(name + ".input_scale")) fail("{}: {}.input_scale is missing ({} quantizes inputs)", dir, name, algo);
+          const float scale = store.tensor(name + ".input_scale").to_f32().at(0);
+          if (!std::isfinite(scale) || scale < 0.0f) fail("{}: {}.input_scale is {}", dir, name, scale);
+          const float bound = s.input->scaling == quant::Scaling::nvfp4 ? 6.0f * 448.0f : s.input->max_bound();
+          aq.amax = {scale * bound};
+        }
+        transform = true;
+      } else if (transform) {
+        // Weight-only with a pre_quant_scale: only the scale applies; use a format that leaves values alone.
+        aq.spec.scaling = quant::Scaling::per_token;
+        aq.spec.element = quant::Element::e4m3;
+      }
+      if (transform) {
+        auto shared = std::make_shared<quant::ActivationQuantizer>(std::move(aq));
+        const bool scale_only = !s.input;
+        lin.input_transform = [shared, scale_only](float* x, std::int64_t rows, std::int64_t cols) {
+          if (!scale_only) return shared->apply(x, rows, cols);
+          for (std::int64_t r = 0; r < rows; ++r) {
+            for (std::int64_t c = 0; c < cols; ++c) x[r * cols + c] *= shared->pre_quant_scale[static_cast<std::size_t>(c)];
+          }
+        };
+      }
+    }
+    if (!rc.kv_algo.empty()) {
+      const quant::KvScheme kv = quant::kv_scheme(rc.kv_algo == "FP8" ? "fp8" : "nvfp4");
+      const float bound = kv.spec.scaling == quant::Scaling::nvfp4 ? 6.0f * 448.0f : 448.0f;
+      const std::string p = fmt::format("model.layers.{}.self_attn.", index);
+      for (const char* which : {"k", "v"}) {
+        const std::string tname = p + which + "_proj." + which + "_scale";
+        if (!store.contains(tname)) fail("{}: {} is missing (kv_cache_quant_algo {})", dir, tname, rc.kv_algo);
+        auto q = std::make_shared<quant::ActivationQuantizer>(quant::ActivationQuantizer{kv.spec, {store.tensor(tname).to_f32().at(0) * bound}, {}});
+        model::ActivationTransform t = [q](float* x, std::int64_t rows, std::int64_t cols) { q->apply(x, rows, cols); };
+        (std::string(which) == "k" ? w.key_transform : w.value_transform) = t;
+      }
+    }
+    return w;
+  };
+  return model::Model::load(dir, options);
+}
+
+}  // namespace mopt::exporter

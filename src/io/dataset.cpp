@@ -1,0 +1,38 @@
+#include "io/dataset.h"
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "io/json_util.h"
+
+namespace mopt::io {
+
+std::vector<std::string> read_documents(const std::string& path) {
+  const std::string text = read_text_file(path);
+  std::vector<std::string> docs;
+  const bool jsonl = path.size() >= 6 && path.substr(path.size() - 6) == ".jsonl";
+  if (!jsonl) {
+    if (text.find_first_not_of(" \t\r\n") == std::string::npos) fail("{}: no text", path);
+    docs.push_back(text);
+    return docs;
+  }
+  std::size_t start = 0;
+  std::int64_t line_no = 0;
+  while (start < text.size()) {
+    std::size_t end = text.find('\n', start);
+    if (end == std::string::npos) end = text.size();
+    ++line_no;
+    const std::string_view line(text.data() + start, end - start);
+    start = end + 1;
+    if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
+    const std::string label = path + ":" + std::to_string(line_no);
+    const nlohmann::json j = parse_json_unique_keys(line, label);
+    if (!j.is_object() || !j.contains("text") || !j["text"].is_string()) fail("{}: a record needs a string \"text\" field", label);
+    std::string doc = j["text"].get<std::string>();
+    if (!doc.empty()) docs.push_back(std::move(doc));
+  }
+  if (docs.empty()) fail("{}: no text", path);
+  return docs;
+}
+
+}  // namespace mopt::io

@@ -1,0 +1,263 @@
+#include "quant/fake_quant.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+
+#include "core/convert.h"
+#include "core/error.h"
+
+namespace mopt::quant {
+
+namespace {
+
+constexpr float kTinyAmax = 5.9604644775390625e-08f;  // 2^-24
+
+std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+[[noreturn]] void fail_non_finite(const float* x, std::int64_t i, std::int64_t cols) {
+  fail("non-finite value {} at row {}, column {}", x[i], i / cols, i % cols);
+}
+
+float block_abs_max(const float* x, std::int64_t n) {
+  float m = 0.0f;
+  for (std::int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(x[i]));
+  return m;
+}
+
+float convert_element(Element element, float magnitude) {
+  switch (element) {
+    case Element::e4m3: return e4m3_to_f32(f32_to_e4m3(magnitude));
+    case Element::e2m1: return round_e2m1_magnitude(magnitude);
+    case Element::int8: return std::clamp(std::nearbyint(magnitude), -127.0f, 127.0f);  // MXINT8 is symmetric
+    case Element::int4: return std::clamp(std::nearbyint(magnitude), -7.0f, 7.0f);
+  }
+  return magnitude;
+}
+
+void fake_quantize_group(const QuantizerSpec& spec, const float* x, float* y, std::int64_t n, float amax) {
+  switch (spec.element) {
+    case Element::int8:
+    case Element::int4: {
+      const int bits = spec.element == Element::int8 ? 8 : 4;
+      for (std::int64_t i = 0; i < n; ++i) y[i] = fake_quant_int(x[i], amax, bits);
+      break;
+    }
+    case Element::e4m3:
+      for (std::int64_t i = 0; i < n; ++i) y[i] = fake_quant_e4m3(x[i], amax);
+      break;
+    case Element::e2m1:
+      fail("E2M1 needs NVFP4 or MX scaling");
+  }
+}
+
+}  // namespace
+
+float element_max_bound(Element element) {
+  switch (element) {
+    case Element::int8: return 127.0f;
+    case Element::int4: return 7.0f;
+    case Element::e4m3: return kE4M3Max;
+    case Element::e2m1: return kE2M1Max;
+  }
+  return 0.0f;
+}
+
+const char* element_name(Element element) {
+  switch (element) {
+    case Element::int8: return "int8";
+    case Element::int4: return "int4";
+    case Element::e4m3: return "fp8";
+    case Element::e2m1: return "fp4";
+  }
+  return "?";
+}
+
+float QuantizerSpec::max_bound() const { return element_max_bound(element); }
+
+std::string QuantizerSpec::describe() const {
+  std::string s = element_name(element);
+  switch (scaling) {
+    case Scaling::per_tensor: s += " per-tensor"; break;
+    case Scaling::per_row: s += " per-channel"; break;
+    case Scaling::per_token: s += " per-token"; break;
+    case Scaling::block:
+      s += block_rows > 0 ? fmt::format(" block {}x{}", block_rows, block) : fmt::format(" block {}", block);
+      break;
+    case Scaling::nvfp4: s = fmt::format("nvfp4 block {}", block); break;
+    case Scaling::mx: s = fmt::format("mx{} block {}", element_name(element), block); break;
+  }
+  if (fp8_second_stage) s += " + fp8 per-tensor";
+  return s;
+}
+
+double QuantizerSpec::bits_per_element() const {
+  const double elem = element == Element::int8 || element == Element::e4m3 ? 8.0 : 4.0;
+  switch (scaling) {
+    case Scaling::block:
+      return elem + 32.0 / static_cast<double>(block * std::max<std::int64_t>(block_rows, 1));
+    case Scaling::nvfp4: return elem + 8.0 / static_cast<double>(block);
+    case Scaling::mx: return elem + 8.0 / static_cast<double>(block);
+    default: return elem;
+  }
+}
+
+std::int64_t amax_count(const QuantizerSpec& spec, std::int64_t rows, std::int64_t cols) {
+  switch (spec.scaling) {
+    case Scaling::per_tensor:
+    case Scaling::nvfp4: return 1;
+    case Scaling::per_row: return rows;
+    case Scaling::block:
+      if (spec.block_rows > 0) return ceil_div(rows, spec.block_rows) * ceil_div(cols, spec.block);
+      return rows * ceil_div(cols, spec.block);
+    case Scaling::per_token:
+    case Scaling::mx: return 0;
+  }
+  return 0;
+}
+
+float fake_quant_int(float x, float amax, int bits) {
+  const float bound = static_cast<float>((1 << (bits - 1)) - 1);
+  if (!(amax > kTinyAmax)) return 0.0f;
+  const float scale = bound / amax;
+  const float q = std::clamp(std::nearbyint(x * scale), -bound - 1.0f, bound);
+  return q / scale;
+}
+
+float fake_quant_e4m3(float x, float amax) {
+  if (!(amax > kTinyAmax)) amax = 1.0f;
+  const float scale = kE4M3Max / amax;
+  const float inv_scale = 1.0f / scale;
+  const float scaled = std::clamp(x * scale, -kE4M3Max, kE4M3Max);
+  return e4m3_to_f32(f32_to_e4m3(scaled)) * inv_scale;
+}
+
+float round_e2m1_magnitude(float a) {
+  // Round to nearest even on {0, .5, 1, 1.5, 2, 3, 4, 6}: ties at .25, 1.25, 2.5, 5 go down,
+  // at .75, 1.75, 3.5 go up.
+  if (a <= 0.25f) return 0.0f;
+  if (a < 0.75f) return 0.5f;
+  if (a <= 1.25f) return 1.0f;
+  if (a < 1.75f) return 1.5f;
+  if (a <= 2.5f) return 2.0f;
+  if (a < 3.5f) return 3.0f;
+  if (a <= 5.0f) return 4.0f;
+  return 6.0f;
+}
+
+float nvfp4_block_scale(float block_amax, float global_amax) {
+  const float global_scale = global_amax / (6.0f * kE4M3Max);
+  const float safe_global = global_scale > 0.0f ? global_scale : 1e-12f;
+  const float ratio = std::min(block_amax / (6.0f * safe_global), kE4M3Max);
+  float scale = e4m3_to_f32(f32_to_e4m3(ratio)) * global_scale;
+  if (!(scale >= 1e-5f)) scale = 1.0f;
+  return scale;
+}
+
+int mx_exponent(float block_amax, Element element) {
+  const float ratio = block_amax / element_max_bound(element);
+  if (!(ratio > 0.0f) || !std::isfinite(ratio)) return 0;
+  int e = 0;
+  const float m = std::frexp(ratio, &e);  // ratio = m * 2^e, m in [0.5, 1)
+  // ceil(log2(ratio)): e when ratio is not a power of two, e - 1 when it is.
+  return m == 0.5f ? e - 1 : e;
+}
+
+void row_amax(const float* x, std::int64_t rows, std::int64_t cols, float* out) {
+  for (std::int64_t r = 0; r < rows; ++r) out[r] = block_abs_max(x + r * cols, cols);
+}
+
+std::vector<float> compute_amax(const QuantizerSpec& spec, const float* x, std::int64_t rows, std::int64_t cols) {
+  const std::int64_t n = rows * cols;
+  for (std::int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(x[i])) fail_non_finite(x, i, cols);
+  }
+  std::vector<float> amax(static_cast<std::size_t>(amax_count(spec, rows, cols)), 0.0f);
+  switch (spec.scaling) {
+    case Scaling::per_tensor:
+    case Scaling::nvfp4: amax[0] = block_abs_max(x, n); break;
+    case Scaling::per_row: row_amax(x, rows, cols, amax.data()); break;
+    case Scaling::block: {
+      const std::int64_t nb = ceil_div(cols, spec.block);
+      for (std::int64_t r = 0; r < rows; ++r) {
+        for (std::int64_t b = 0; b < nb; ++b) {
+          const std::int64_t c0 = b * spec.block, len = std::min(spec.block, cols - c0);
+          const float m = block_abs_max(x + r * cols + c0, len);
+          const std::int64_t slot = spec.block_rows > 0 ? (r / spec.block_rows) * nb + b : r * nb + b;
+          amax[static_cast<std::size_t>(slot)] = std::max(amax[static_cast<std::size_t>(slot)], m);
+        }
+      }
+      break;
+    }
+    case Scaling::per_token:
+    case Scaling::mx: break;
+  }
+  return amax;
+}
+
+void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows, std::int64_t cols,
+                   std::span<const float> amax, float* y) {
+  const auto need = static_cast<std::size_t>(amax_count(spec, rows, cols));
+  if (amax.size() != need) fail("{} quantizer of a [{}, {}] tensor needs {} amax values, got {}", spec.describe(), rows, cols, need, amax.size());
+  switch (spec.scaling) {
+    case Scaling::per_tensor: fake_quantize_group(spec, x, y, rows * cols, amax[0]); break;
+    case Scaling::per_row:
+      for (std::int64_t r = 0; r < rows; ++r) fake_quantize_group(spec, x + r * cols, y + r * cols, cols, amax[static_cast<std::size_t>(r)]);
+      break;
+    case Scaling::per_token:
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const float m = block_abs_max(x + r * cols, cols);
+        fake_quantize_group(spec, x + r * cols, y + r * cols, cols, m);
+      }
+      break;
+    case Scaling::block: {
+      const std::int64_t nb = ceil_div(cols, spec.block);
+      for (std::int64_t r = 0; r < rows; ++r) {
+        for (std::int64_t b = 0; b < nb; ++b) {
+          const std::int64_t c0 = b * spec.block, len = std::min(spec.block, cols - c0);
+          const std::int64_t slot = spec.block_rows > 0 ? (r / spec.block_rows) * nb + b : r * nb + b;
+          fake_quantize_group(spec, x + r * cols + c0, y + r * cols + c0, len, amax[static_cast<std::size_t>(slot)]);
+        }
+      }
+      break;
+    }
+    case Scaling::nvfp4: {
+      const float global_amax = amax[0];
+      for (std::int64_t r = 0; r < rows; ++r) {
+        for (std::int64_t c0 = 0; c0 < cols; c0 += spec.block) {
+          const std::int64_t len = std::min(spec.block, cols - c0);
+          const float* xb = x + r * cols + c0;
+          float* yb = y + r * cols + c0;
+          const float s = nvfp4_block_scale(block_abs_max(xb, len), global_amax);
+          for (std::int64_t i = 0; i < len; ++i) {
+            const float q = round_e2m1_magnitude(std::fabs(xb[i]) / s) * s;
+            yb[i] = xb[i] >= 0.0f ? q : -q;
+          }
+        }
+      }
+      break;
+    }
+    case Scaling::mx: {
+      for (std::int64_t r = 0; r < rows; ++r) {
+        for (std::int64_t c0 = 0; c0 < cols; c0 += spec.block) {
+          const std::int64_t len = std::min(spec.block, cols - c0);
+          const float* xb = x + r * cols + c0;
+          float* yb = y + r * cols + c0;
+          const float bmax = block_abs_max(xb, len);
+          const int e = mx_exponent(bmax, spec.element);
+          const float scale = std::ldexp(1.0f, -e), unscale = std::ldexp(1.0f, e);
+          for (std::int64_t i = 0; i < len; ++i) {
+            const float q = convert_element(spec.element, std::fabs(xb[i]) * scale) * unscale;
+            yb[i] = xb[i] >= 0.0f ? q : -q;
+          }
+        }
+      }
+      break;
+    }
+  }
+  if (spec.fp8_second_stage) fail("a two-stage quantizer is applied with fake_quantize_weight");
+}
+
+}  // namespace mopt::quant

@@ -1,0 +1,311 @@
+#include "quant/qtensor.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/convert.h"
+#include "core/error.h"
+#include "quant/fake_quant.h"
+
+namespace mopt::quant {
+
+namespace {
+
+std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+// The exporter's view of a calibrated amax: zero (an all-zero group) becomes
+// the format's bound, so that its scale is 1.
+float export_amax(float amax, float bound) { return amax > 0.0f ? amax : bound; }
+
+// E8M0 exponent of an MX block: ceil(log2(amax / element_max)), at least -127
+// (at most 127); an all-zero block gets -127.
+int mx_export_exponent(float amax, float element_max) {
+  if (!(amax > 0.0f)) return -127;
+  int e = 0;
+  const float m = std::frexp(amax / element_max, &e);
+  const int ceil_log2 = m == 0.5f ? e - 1 : e;
+  return std::clamp(ceil_log2, -127, 127);
+}
+
+std::uint8_t e2m1_code(float x) {
+  // Sign from x < 0 (so -0 encodes as +0), magnitude rounded to nearest even and saturated at 6.
+  const float a = round_e2m1_magnitude(std::fabs(x));
+  std::uint8_t idx = 0;
+  static constexpr float kGrid[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  while (kGrid[idx] != a) ++idx;
+  return static_cast<std::uint8_t>((x < 0.0f ? 8 : 0) | idx);
+}
+
+// MXFP4 export rounds ties down (a strict > against each midpoint) and gives
+// zero the sign bit, as the reference's MXFP4 exporter does.
+std::uint8_t mxfp4_code(float x) {
+  static constexpr float kBounds[7] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
+  const float a = std::fabs(x);
+  std::uint8_t idx = 0;
+  for (float b : kBounds) idx = static_cast<std::uint8_t>(idx + (a > b ? 1 : 0));
+  const bool negative_bit = !(x > 0.0f);  // (2 - sign(x)) // 2: 0 for x > 0, 1 for x <= 0
+  return static_cast<std::uint8_t>((negative_bit ? 8 : 0) | idx);
+}
+
+}  // namespace
+
+float w4a8_second_amax(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in, std::span<const float> amax) {
+  QuantizerSpec first = spec;
+  first.fp8_second_stage = false;
+  std::vector<float> q(static_cast<std::size_t>(out * in));
+  fake_quantize(first, w, out, in, amax, q.data());
+  float m = 0.0f;
+  for (float v : q) m = std::max(m, std::fabs(v));
+  return m;
+}
+
+QuantizedWeight quantize_weight(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in,
+                                std::span<const float> amax, float amax2) {
+  const auto need = static_cast<std::size_t>(amax_count(spec, out, in));
+  if (amax.size() != need) fail("{} weight [{}, {}] needs {} amax values, got {}", spec.describe(), out, in, need, amax.size());
+  QuantizedWeight q;
+  const std::int64_t n = out * in;
+  switch (spec.element) {
+    case Element::e4m3: {
+      if (spec.scaling == Scaling::mx) {
+        const std::int64_t nb = ceil_div(in, spec.block);
+        q.weight = Tensor::zeros(DType::F8_E4M3, {out, in});
+        q.weight_scale = Tensor::zeros(DType::U8, {out, nb});
+        auto* codes = q.weight.mutable_data<std::uint8_t>();
+        auto* scales = q.weight_scale.mutable_data<std::uint8_t>();
+        for (std::int64_t r = 0; r < out; ++r) {
+          for (std::int64_t b = 0; b < nb; ++b) {
+            const std::int64_t c0 = b * spec.block, len = std::min(spec.block, in - c0);
+            float m = 0.0f;
+            for (std::int64_t i = 0; i < len; ++i) m = std::max(m, std::fabs(w[r * in + c0 + i]));
+            const int e = mx_export_exponent(m, kE4M3Max);
+            scales[r * nb + b] = static_cast<std::uint8_t>(e + 127);
+            const float mul = std::ldexp(1.0f, -e);
+            for (std::int64_t i = 0; i < len; ++i) {
+              codes[r * in + c0 + i] = f32_to_e4m3(std::clamp(w[r * in + c0 + i] * mul, -kE4M3Max, kE4M3Max));
+            }
+          }
+        }
+        return q;
+      }
+      q.weight = Tensor::zeros(DType::F8_E4M3, {out, in});
+      auto* codes = q.weight.mutable_data<std::uint8_t>();
+      if (spec.scaling == Scaling::per_tensor) {
+        q.weight_scale = Tensor::zeros(DType::F32, {});
+        const float s = export_amax(amax[0], kE4M3Max) / kE4M3Max;
+        q.weight_scale.mutable_data<float>()[0] = s;
+        for (std::int64_t i = 0; i < n; ++i) codes[i] = f32_to_e4m3(w[i] / s);
+      } else if (spec.scaling == Scaling::per_row) {
+        q.weight_scale = Tensor::zeros(DType::F32, {out});
+        auto* s = q.weight_scale.mutable_data<float>();
+        for (std::int64_t r = 0; r < out; ++r) {
+          s[r] = export_amax(amax[static_cast<std::size_t>(r)], kE4M3Max) / kE4M3Max;
+          for (std::int64_t c = 0; c < in; ++c) codes[r * in + c] = f32_to_e4m3(w[r * in + c] / s[r]);
+        }
+      } else if (spec.scaling == Scaling::block && spec.block_rows > 0) {
+        const std::int64_t tr = ceil_div(out, spec.block_rows), tc = ceil_div(in, spec.block);
+        q.weight_scale = Tensor::zeros(DType::F32, {tr, tc});
+        auto* s = q.weight_scale.mutable_data<float>();
+        for (std::int64_t i = 0; i < tr * tc; ++i) s[i] = export_amax(amax[static_cast<std::size_t>(i)], kE4M3Max) / kE4M3Max;
+        for (std::int64_t r = 0; r < out; ++r) {
+          for (std::int64_t c = 0; c < in; ++c) codes[r * in + c] = f32_to_e4m3(w[r * in + c] / s[(r / spec.block_rows) * tc + c / spec.block]);
+        }
+      } else {
+        fail("no FP8 weight layout for {}", spec.describe());
+      }
+      return q;
+    }
+    case Element::int8: {
+      if (spec.scaling != Scaling::per_row) fail("no INT8 weight layout for {}", spec.describe());
+      q.weight = Tensor::zeros(DType::I8, {out, in});
+      q.weight_scale = Tensor::zeros(DType::F32, {out});
+      auto* codes = q.weight.mutable_data<std::int8_t>();
+      auto* s = q.weight_scale.mutable_data<float>();
+      for (std::int64_t r = 0; r < out; ++r) {
+        s[r] = export_amax(amax[static_cast<std::size_t>(r)], 127.0f) / 127.0f;
+        for (std::int64_t c = 0; c < in; ++c) {
+          codes[r * in + c] = static_cast<std::int8_t>(std::clamp(std::nearbyint(w[r * in + c] / s[r]), -128.0f, 127.0f));
+        }
+      }
+      return q;
+    }
+    case Element::int4: {
+      if (spec.scaling != Scaling::block || spec.block_rows != 0) fail("no INT4 weight layout for {}", spec.describe());
+      if (out % 2 != 0) fail("INT4 packs pairs of rows; the weight has an odd number of rows ({})", out);
+      const std::int64_t nb = ceil_div(in, spec.block);
+      q.weight = Tensor::zeros(DType::U8, {out / 2, in});
+      q.weight_scale = Tensor::zeros(DType::F32, {out, nb});
+      auto* packed = q.weight.mutable_data<std::uint8_t>();
+      auto* s = q.weight_scale.mutable_data<float>();
+      for (std::int64_t i = 0; i < out * nb; ++i) s[i] = export_amax(amax[static_cast<std::size_t>(i)], 7.0f) / 7.0f;
+      for (std::int64_t r = 0; r < out; ++r) {
+        const auto shift = static_cast<int>((r % 2) * 4);
+        for (std::int64_t c = 0; c < in; ++c) {
+          const float v = std::clamp(std::nearbyint(w[r * in + c] / s[r * nb + c / spec.block]), -8.0f, 7.0f);
+          const auto nibble = static_cast<std::uint8_t>(static_cast<std::int8_t>(v) & 0x0F);
+          packed[(r / 2) * in + c] = static_cast<std::uint8_t>(packed[(r / 2) * in + c] | (nibble << shift));
+        }
+      }
+      if (spec.fp8_second_stage) {
+        q.weight_scale_2 = Tensor::zeros(DType::F32, {});
+        q.weight_scale_2->mutable_data<float>()[0] = export_amax(amax2, kE4M3Max) / kE4M3Max;
+      }
+      return q;
+    }
+    case Element::e2m1: {
+      if (in % 2 != 0) fail("FP4 packs pairs of columns; the weight has an odd number of columns ({})", in);
+      const std::int64_t nb = ceil_div(in, spec.block);
+      q.weight = Tensor::zeros(DType::U8, {out, in / 2});
+      auto* packed = q.weight.mutable_data<std::uint8_t>();
+      auto put = [&](std::int64_t r, std::int64_t c, std::uint8_t code) {
+        packed[r * (in / 2) + c / 2] = static_cast<std::uint8_t>(packed[r * (in / 2) + c / 2] | (code << ((c % 2) * 4)));
+      };
+      if (spec.scaling == Scaling::nvfp4) {
+        q.weight_scale = Tensor::zeros(DType::F8_E4M3, {out, nb});
+        q.weight_scale_2 = Tensor::zeros(DType::F32, {});
+        float wsf2 = amax[0] / (6.0f * kE4M3Max);
+        if (!(wsf2 > 0.0f)) wsf2 = 1.0f;  // an all-zero weight: every code is 0 whatever the scale
+        q.weight_scale_2->mutable_data<float>()[0] = wsf2;
+        auto* scales = q.weight_scale.mutable_data<std::uint8_t>();
+        const float denominator = 6.0f * wsf2;
+        for (std::int64_t r = 0; r < out; ++r) {
+          for (std::int64_t b = 0; b < nb; ++b) {
+            const std::int64_t c0 = b * spec.block, len = std::min(spec.block, in - c0);
+            float m = 0.0f;
+            for (std::int64_t i = 0; i < len; ++i) m = std::max(m, std::fabs(w[r * in + c0 + i]));
+            float s = m / denominator;
+            if (s == 0.0f) s = 1.0f;
+            s = std::clamp(s, 0.001953125f, kE4M3Max);  // [2^-9, 448]: never a zero or NaN scale
+            const std::uint8_t code = f32_to_e4m3(s);
+            scales[r * nb + b] = code;
+            const float step = e4m3_to_f32(code) * wsf2;
+            for (std::int64_t i = 0; i < len; ++i) put(r, c0 + i, e2m1_code(w[r * in + c0 + i] / step));
+          }
+        }
+      } else if (spec.scaling == Scaling::mx) {
+        q.weight_scale = Tensor::zeros(DType::U8, {out, nb});
+        auto* scales = q.weight_scale.mutable_data<std::uint8_t>();
+        for (std::int64_t r = 0; r < out; ++r) {
+          for (std::int64_t b = 0; b < nb; ++b) {
+            const std::int64_t c0 = b * spec.block, len = std::min(spec.block, in - c0);
+            float m = 0.0f;
+            for (std::int64_t i = 0; i < len; ++i) m = std::max(m, std::fabs(w[r * in + c0 + i]));
+            const int e = mx_export_exponent(m, kE2M1Max);
+            scales[r * nb + b] = static_cast<std::uint8_t>(e + 127);
+            const float div = std::ldexp(1.0f, e);
+            for (std::int64_t i = 0; i < len; ++i) put(r, c0 + i, mxfp4_code(w[r * in + c0 + i] / div));
+          }
+        }
+      } else {
+        fail("no FP4 weight layout for {}", spec.describe());
+      }
+      return q;
+    }
+  }
+  fail("unknown element type");
+}
+
+void check_quantized_weight(const QuantizerSpec& spec, const QuantizedWeight& q, std::int64_t out, std::int64_t in,
+                            const std::string& label) {
+  auto expect = [&](const Tensor& t, const char* what, DType dtype, const Shape& shape) {
+    if (t.dtype() != dtype || t.shape() != shape) {
+      fail("{}: {} is {} {}, expected {} {} for {}", label, what, dtype_name(t.dtype()), shape_string(t.shape()),
+           dtype_name(dtype), shape_string(shape), spec.describe());
+    }
+  };
+  const std::int64_t nb = spec.block > 0 ? ceil_div(in, spec.block) : 0;
+  switch (spec.element) {
+    case Element::e4m3:
+      expect(q.weight, "weight", DType::F8_E4M3, {out, in});
+      if (spec.scaling == Scaling::mx) expect(q.weight_scale, "weight_scale", DType::U8, {out, nb});
+      else if (spec.scaling == Scaling::per_tensor) {
+        if (q.weight_scale.numel() != 1 || q.weight_scale.dtype() != DType::F32) expect(q.weight_scale, "weight_scale", DType::F32, {});
+      } else if (spec.scaling == Scaling::per_row) expect(q.weight_scale, "weight_scale", DType::F32, {out});
+      else expect(q.weight_scale, "weight_scale", DType::F32, {ceil_div(out, spec.block_rows), nb});
+      break;
+    case Element::int8:
+      expect(q.weight, "weight", DType::I8, {out, in});
+      expect(q.weight_scale, "weight_scale", DType::F32, {out});
+      break;
+    case Element::int4:
+      expect(q.weight, "weight", DType::U8, {out / 2, in});
+      expect(q.weight_scale, "weight_scale", DType::F32, {out, nb});
+      if (spec.fp8_second_stage && (!q.weight_scale_2 || q.weight_scale_2->numel() != 1)) fail("{}: weight_scale_2 missing", label);
+      break;
+    case Element::e2m1:
+      expect(q.weight, "weight", DType::U8, {out, in / 2});
+      if (spec.scaling == Scaling::nvfp4) {
+        expect(q.weight_scale, "weight_scale", DType::F8_E4M3, {out, nb});
+        if (!q.weight_scale_2 || q.weight_scale_2->numel() != 1) fail("{}: weight_scale_2 missing", label);
+      } else {
+        expect(q.weight_scale, "weight_scale", DType::U8, {out, nb});
+      }
+      break;
+  }
+  for (const Tensor* t : {&q.weight_scale, q.weight_scale_2 ? &*q.weight_scale_2 : nullptr}) {
+    if (t == nullptr || t->dtype() != DType::F32) continue;
+    for (float v : t->to_f32()) {
+      if (!std::isfinite(v) || v <= 0.0f) fail("{}: a weight scale is {} (scales must be finite and positive)", label, v);
+    }
+  }
+}
+
+std::vector<float> dequantize_weight(const QuantizerSpec& spec, const QuantizedWeight& q, std::int64_t out, std::int64_t in) {
+  std::vector<float> w(static_cast<std::size_t>(out * in));
+  const std::int64_t nb = spec.block > 0 ? ceil_div(in, spec.block) : 0;
+  const std::vector<float> s = q.weight_scale.dtype() == DType::U8 ? std::vector<float>{} : q.weight_scale.to_f32();
+  switch (spec.element) {
+    case Element::e4m3: {
+      const auto* codes = q.weight.data<std::uint8_t>();
+      for (std::int64_t r = 0; r < out; ++r) {
+        for (std::int64_t c = 0; c < in; ++c) {
+          float scale = 1.0f;
+          if (spec.scaling == Scaling::mx) scale = e8m0_to_f32(q.weight_scale.data<std::uint8_t>()[r * nb + c / spec.block]);
+          else if (spec.scaling == Scaling::per_tensor) scale = s[0];
+          else if (spec.scaling == Scaling::per_row) scale = s[static_cast<std::size_t>(r)];
+          else scale = s[static_cast<std::size_t>((r / spec.block_rows) * nb + c / spec.block)];
+          w[static_cast<std::size_t>(r * in + c)] = e4m3_to_f32(codes[r * in + c]) * scale;
+        }
+      }
+      break;
+    }
+    case Element::int8: {
+      const auto* codes = q.weight.data<std::int8_t>();
+      for (std::int64_t r = 0; r < out; ++r) {
+        for (std::int64_t c = 0; c < in; ++c) w[static_cast<std::size_t>(r * in + c)] = static_cast<float>(codes[r * in + c]) * s[static_cast<std::size_t>(r)];
+      }
+      break;
+    }
+    case Element::int4: {
+      const auto* packed = q.weight.data<std::uint8_t>();
+      for (std::int64_t r = 0; r < out; ++r) {
+        const auto shift = static_cast<int>((r % 2) * 4);
+        for (std::int64_t c = 0; c < in; ++c) {
+          const auto nibble = static_cast<std::uint8_t>((packed[(r / 2) * in + c] >> shift) & 0x0F);
+          w[static_cast<std::size_t>(r * in + c)] = int4_to_f32(nibble) * s[static_cast<std::size_t>(r * nb + c / spec.block)];
+        }
+      }
+      if (spec.fp8_second_stage) {
+        const float amax2 = q.weight_scale_2->to_f32()[0] * kE4M3Max;
+        for (float& v : w) v = fake_quant_e4m3(v, amax2);
+      }
+      break;
+    }
+    case Element::e2m1: {
+      const auto* packed = q.weight.data<std::uint8_t>();
+      const float wsf2 = q.weight_scale_2 ? q.weight_scale_2->to_f32()[0] : 1.0f;
+      for (std::int64_t r = 0; r < out; ++r) {
+        for (std::int64_t c = 0; c < in; ++c) {
+          const auto code = static_cast<std::uint8_t>((packed[r * (in / 2) + c / 2] >> ((c % 2) * 4)) & 0x0F);
+          const std::uint8_t sc = q.weight_scale.data<std::uint8_t>()[r * nb + c / spec.block];
+          const float step = spec.scaling == Scaling::nvfp4 ? e4m3_to_f32(sc) * wsf2 : e8m0_to_f32(sc);
+          w[static_cast<std::size_t>(r * in + c)] = e2m1_to_f32(code) * step;
+        }
+      }
+      break;
+    }
+  }
+  return w;
+}
+
+}  // namespace mopt::quant

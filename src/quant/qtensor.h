@@ -1,0 +1,53 @@
+// Real quantization of a Linear weight [out, in]: the codes and scales a
+// checkpoint stores, in the layout of NVIDIA Model Optimizer's Hugging Face
+// export ("modelopt" format), and their dequantization.
+//
+//   format        weight                       weight_scale                    weight_scale_2
+//   fp8 tensor    e4m3 [out, in]               f32 []  amax/448                -
+//   fp8 channel   e4m3 [out, in]               f32 [out]                       -
+//   fp8 block     e4m3 [out, in]               f32 [out/128, in/128]           -
+//   int8 channel  i8 [out, in]                 f32 [out]  amax/127             -
+//   int4 block    u8 [out/2, in] (rows 2r, 2r+1 in the low, high nibble)
+//                                              f32 [out, in/g]  amax/7         w4a8: f32 [] amax2/448
+//   nvfp4         u8 [out, in/2] (even column in the low nibble)
+//                                              e4m3 [out, in/16]               f32 [] amax/2688
+//   mxfp4         u8 [out, in/2]               u8 (E8M0) [out, in/32]          -
+//   mxfp8         e4m3 [out, in]               u8 (E8M0) [out, in/32]          -
+// Block counts round up; a partial last block is quantized like a zero-padded one.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+
+#include "core/tensor.h"
+#include "quant/spec.h"
+
+namespace mopt::quant {
+
+struct QuantizedWeight {
+  Tensor weight;
+  Tensor weight_scale;
+  std::optional<Tensor> weight_scale_2;
+};
+
+// `w` [out, in] in f32 (the checkpoint's values widened); `amax` as
+// compute_amax(spec, ...) gives it (or calibrated), `amax2` the second
+// stage's amax for W4A8. Throws Error on shapes the layout cannot hold (odd
+// out for INT4, odd in for FP4).
+QuantizedWeight quantize_weight(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in,
+                                std::span<const float> amax, float amax2 = 0.0f);
+
+// The f32 values [out, in] a quantized weight stands for.
+std::vector<float> dequantize_weight(const QuantizerSpec& spec, const QuantizedWeight& q, std::int64_t out, std::int64_t in);
+
+// The amax of W4A8's FP8 stage: max |int4 fake-quant of w|.
+float w4a8_second_amax(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in,
+                       std::span<const float> amax);
+
+// Checks the stored tensors have the dtypes and shapes the layout calls for;
+// throws Error naming `label` otherwise.
+void check_quantized_weight(const QuantizerSpec& spec, const QuantizedWeight& q, std::int64_t out, std::int64_t in,
+                            const std::string& label);
+
+}  // namespace mopt::quant

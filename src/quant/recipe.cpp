@@ -1,0 +1,190 @@
+#include "quant/recipe.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "io/json_util.h"
+
+namespace mopt::quant {
+
+namespace {
+
+QuantizerSpec spec(Element e, Scaling s, std::int64_t block = 0, std::int64_t block_rows = 0) {
+  QuantizerSpec q;
+  q.element = e;
+  q.scaling = s;
+  q.block = block;
+  q.block_rows = block_rows;
+  return q;
+}
+
+}  // namespace
+
+const std::vector<std::string>& format_names() {
+  static const std::vector<std::string> names = {"fp8",      "fp8_pc_pt", "fp8_block", "int8",  "int8_sq",   "int8_wo", "int4_rtn",
+                                                 "int4_awq", "w4a8_awq",  "nvfp4",     "nvfp4_awq", "mxfp8", "mxfp4"};
+  return names;
+}
+
+LinearScheme format_scheme(const std::string& name, std::int64_t group_size) {
+  LinearScheme s;
+  s.format = name;
+  s.default_algorithm = "max";
+  const std::int64_t g = group_size > 0 ? group_size : 128;
+  if (name == "fp8") {
+    s.quant_algo = "FP8";
+    s.weight = spec(Element::e4m3, Scaling::per_tensor);
+    s.input = spec(Element::e4m3, Scaling::per_tensor);
+  } else if (name == "fp8_pc_pt") {
+    s.quant_algo = "FP8_PER_CHANNEL_PER_TOKEN";
+    s.weight = spec(Element::e4m3, Scaling::per_row);
+    s.input = spec(Element::e4m3, Scaling::per_token);
+  } else if (name == "fp8_block") {
+    s.quant_algo = "fp8_pb_wo";  // the reference writes this one in lower case
+    s.weight = spec(Element::e4m3, Scaling::block, 128, 128);
+  } else if (name == "int8" || name == "int8_sq") {
+    s.quant_algo = "W8A8_SQ_PER_CHANNEL";
+    s.weight = spec(Element::int8, Scaling::per_row);
+    s.input = spec(Element::int8, Scaling::per_tensor);
+    if (name == "int8_sq") s.default_algorithm = "smoothquant";
+  } else if (name == "int8_wo") {
+    s.quant_algo = "W8A16";
+    s.weight = spec(Element::int8, Scaling::per_row);
+  } else if (name == "int4_rtn" || name == "int4_awq") {
+    s.quant_algo = "W4A16_AWQ";
+    s.weight = spec(Element::int4, Scaling::block, g);
+    if (name == "int4_awq") s.default_algorithm = "awq_lite";
+  } else if (name == "w4a8_awq") {
+    s.quant_algo = "W4A8_AWQ";
+    s.weight = spec(Element::int4, Scaling::block, g);
+    s.weight->fp8_second_stage = true;
+    s.input = spec(Element::e4m3, Scaling::per_tensor);
+    s.default_algorithm = "awq_lite";
+  } else if (name == "nvfp4" || name == "nvfp4_awq") {
+    s.quant_algo = name == "nvfp4" ? "NVFP4" : "NVFP4_AWQ";
+    s.weight = spec(Element::e2m1, Scaling::nvfp4, 16);
+    s.input = spec(Element::e2m1, Scaling::nvfp4, 16);
+    if (name == "nvfp4_awq") s.default_algorithm = "awq_lite";
+  } else if (name == "mxfp8") {
+    s.quant_algo = "MXFP8";
+    s.weight = spec(Element::e4m3, Scaling::mx, 32);
+    s.input = spec(Element::e4m3, Scaling::mx, 32);
+  } else if (name == "mxfp4") {
+    s.quant_algo = "mxfp4";  // lower case, as the reference writes it
+    s.weight = spec(Element::e2m1, Scaling::mx, 32);
+    s.input = spec(Element::e2m1, Scaling::mx, 32);
+  } else {
+    fail("unknown format '{}' (known: {})", name, fmt::join(format_names(), ", "));
+  }
+  if (group_size > 0 && s.weight->element != Element::int4) {
+    fail("--group-size applies to the INT4 formats only; {} has a fixed block", name);
+  }
+  return s;
+}
+
+KvScheme kv_scheme(const std::string& name) {
+  if (name == "fp8") return {"fp8", "FP8", spec(Element::e4m3, Scaling::per_tensor)};
+  if (name == "nvfp4") return {"nvfp4", "NVFP4", spec(Element::e2m1, Scaling::nvfp4, 16)};
+  fail("unknown KV-cache format '{}' (known: fp8, nvfp4)", name);
+}
+
+bool glob_match(std::string_view pattern, std::string_view name) {
+  std::size_t p = 0, n = 0, star = std::string_view::npos, mark = 0;
+  while (n < name.size()) {
+    if (p < pattern.size() && (pattern[p] == '?' || pattern[p] == name[n])) {
+      ++p;
+      ++n;
+    } else if (p < pattern.size() && pattern[p] == '*') {
+      star = p++;
+      mark = n;
+    } else if (star != std::string_view::npos) {
+      p = star + 1;
+      n = ++mark;
+    } else {
+      return false;
+    }
+  }
+  while (p < pattern.size() && pattern[p] == '*') ++p;
+  return p == pattern.size();
+}
+
+const std::vector<std::string>& default_exclusions() {
+  static const std::vector<std::string> globs = {
+      "*lm_head*",     "*proj_out.*",       "*block_sparse_moe.gate*", "*router*", "*mlp.gate.*",
+      "*mlp.shared_expert_gate.*", "*output_layer*", "output.*", "*linear_attn.conv1d*", "*mixer.conv1d*"};
+  return globs;
+}
+
+LinearScheme Recipe::scheme_for(const std::string& module) const {
+  for (const auto& g : default_exclusions()) {
+    if (glob_match(g, module)) return {};
+  }
+  for (const auto& g : exclude) {
+    if (glob_match(g, module)) return {};
+  }
+  LinearScheme s = format_scheme(format, group_size);
+  for (const auto& o : overrides) {
+    if (!glob_match(o.pattern, module)) continue;
+    s = o.format == "none" ? LinearScheme{} : format_scheme(o.format, o.format.rfind("int4", 0) == 0 || o.format == "w4a8_awq" ? group_size : 0);
+  }
+  return s;
+}
+
+std::string Recipe::effective_algorithm() const {
+  return algorithm.empty() ? format_scheme(format, group_size).default_algorithm : algorithm;
+}
+
+void Recipe::validate() const {
+  const LinearScheme base = format_scheme(format, group_size);
+  for (const auto& o : overrides) {
+    if (o.format != "none") format_scheme(o.format, o.format.rfind("int4", 0) == 0 || o.format == "w4a8_awq" ? group_size : 0);
+  }
+  if (kv_cache) kv_scheme(*kv_cache);
+  const std::string algo = effective_algorithm();
+  if (algo != "max") {
+    fail("algorithm '{}' is not available yet (this build runs 'max'; pass --algo max for round-to-nearest)", algo);
+  }
+  if (calibrator == CalibMethod::entropy && base.input && base.input->element != Element::int8) {
+    fail("entropy calibration is defined for integer activations; {} quantizes activations to {}", format, element_name(base.input->element));
+  }
+  if (!(percentile > 0.0 && percentile <= 100.0)) fail("percentile {} is outside (0, 100]", percentile);
+  if (calib_size <= 0 || seq_len <= 1) fail("calibration needs at least one sample of at least 2 tokens");
+}
+
+Recipe parse_recipe(const std::string& json_text, const std::string& label) {
+  const nlohmann::json j = io::parse_json_unique_keys(json_text, label);
+  if (!j.is_object()) fail("{}: a recipe is a JSON object", label);
+  Recipe r;
+  try {
+    for (const auto& [key, value] : j.items()) {
+      if (key == "format") r.format = value.get<std::string>();
+      else if (key == "group_size") r.group_size = value.get<std::int64_t>();
+      else if (key == "algorithm") r.algorithm = value.get<std::string>();
+      else if (key == "kv_cache") {
+        if (!value.is_null()) r.kv_cache = value.get<std::string>();
+      } else if (key == "calibrator") r.calibrator = parse_calib_method(value.get<std::string>());
+      else if (key == "percentile") r.percentile = value.get<double>();
+      else if (key == "exclude") r.exclude = value.get<std::vector<std::string>>();
+      else if (key == "overrides") {
+        for (const auto& o : value) r.overrides.push_back({o.at("pattern").get<std::string>(), o.at("format").get<std::string>()});
+      } else if (key == "calib_size") r.calib_size = value.get<std::int64_t>();
+      else if (key == "seq_len") r.seq_len = value.get<std::int64_t>();
+      else if (key == "seed") r.seed = value.get<std::uint64_t>();
+      else fail("unknown key '{}'", key);
+    }
+  } catch (const nlohmann::json::exception& e) {
+    fail("{}: malformed recipe: {}", label, e.what());
+  } catch (const Error& e) {
+    fail("{}: {}", label, e.what());
+  }
+  if (r.format.empty()) fail("{}: the recipe names no \"format\"", label);
+  with_context(label, [&] { r.validate(); });
+  return r;
+}
+
+Recipe load_recipe(const std::string& path) { return parse_recipe(io::read_text_file(path), path); }
+
+}  // namespace mopt::quant

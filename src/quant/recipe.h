@@ -1,0 +1,82 @@
+// Named formats (presets named and defaulted like NVIDIA Model Optimizer's
+// configs), and a recipe: which format each Linear of the model gets, the KV
+// cache format, the calibrator and the algorithm.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "quant/calibrator.h"
+#include "quant/spec.h"
+
+namespace mopt::quant {
+
+// What one Linear gets.
+struct LinearScheme {
+  std::string format;                  // preset name, "" when left unquantized
+  std::string quant_algo;              // the export's name for it ("FP8", "W4A16_AWQ", "NVFP4", ...)
+  std::optional<QuantizerSpec> weight;
+  std::optional<QuantizerSpec> input;  // absent: weight-only
+  std::string default_algorithm;       // the preset's algorithm: "max", "awq_lite", "smoothquant"
+  bool quantized() const { return weight.has_value(); }
+};
+
+// The formats mopt knows: fp8, fp8_pc_pt, fp8_block, int8, int8_sq, int8_wo,
+// int4_rtn, int4_awq, w4a8_awq, nvfp4, nvfp4_awq, mxfp8, mxfp4.
+const std::vector<std::string>& format_names();
+// The scheme of a named format; `group_size` > 0 replaces the INT4 block (128).
+// Throws Error naming the known formats for an unknown name.
+LinearScheme format_scheme(const std::string& name, std::int64_t group_size = 0);
+
+// KV-cache quantization: "fp8" (E4M3 per tensor) or "nvfp4".
+struct KvScheme {
+  std::string name;        // "fp8", "nvfp4"
+  std::string quant_algo;  // "FP8", "NVFP4"
+  QuantizerSpec spec;
+};
+KvScheme kv_scheme(const std::string& name);
+
+// Glob match on module names: '*' any run of characters (dots included), '?' one character.
+bool glob_match(std::string_view pattern, std::string_view name);
+
+// The reference's modules that stay unquantized by default (lm_head, routers, ...).
+const std::vector<std::string>& default_exclusions();
+
+struct FormatOverride {
+  std::string pattern;  // glob on the module name, e.g. "*.mlp.down_proj"
+  std::string format;   // a format name, or "none"
+};
+
+struct Recipe {
+  std::string format;                  // the default format of every Linear
+  std::int64_t group_size = 0;         // 0: the format's own
+  std::string algorithm;               // "" = the format's default
+  std::optional<std::string> kv_cache; // "fp8" / "nvfp4"
+  CalibMethod calibrator = CalibMethod::max;  // for static activation amax
+  double percentile = 99.99;
+  std::vector<std::string> exclude;    // globs on module names, after default_exclusions()
+  std::vector<FormatOverride> overrides;  // applied in order, later ones win; exclusion wins over all
+  // Calibration data defaults (the CLI can override them).
+  std::int64_t calib_size = 128;
+  std::int64_t seq_len = 512;
+  std::uint64_t seed = 0;
+
+  // The scheme of the module named `module` ("model.layers.3.mlp.down_proj").
+  LinearScheme scheme_for(const std::string& module) const;
+  // The algorithm that runs: `algorithm`, else the default format's.
+  std::string effective_algorithm() const;
+  // Throws Error when a format, KV scheme, calibrator/quantizer pairing or algorithm name is invalid.
+  void validate() const;
+};
+
+// A recipe from a JSON file: {"format": "nvfp4", "group_size": 128, "algorithm": "max",
+// "kv_cache": "fp8", "calibrator": "percentile", "percentile": 99.9, "exclude": [...],
+// "overrides": [{"pattern": "*.down_proj", "format": "fp8"}], "calib_size": 64,
+// "seq_len": 256, "seed": 0}. Unknown keys are an error.
+Recipe load_recipe(const std::string& path);
+Recipe parse_recipe(const std::string& json_text, const std::string& label);
+
+}  // namespace mopt::quant
