@@ -1,0 +1,272 @@
+// The layer-streaming pipeline and the checkpoint it writes: calibration
+// statistics equal those of a whole-model forward pass, the exported tensors
+// are the real quantization of the source weights, the checkpoint loads back
+// and evaluates, and bad input fails cleanly with nothing left behind.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "algo/ptq.h"
+#include "core/error.h"
+#include "eval/perplexity.h"
+#include "export/hf_modelopt.h"
+#include "io/dataset.h"
+#include "io/json_util.h"
+#include "io/safetensors.h"
+#include "model/llama.h"
+#include "quant/fake_quant.h"
+#include "support/temp_dir.h"
+
+namespace mopt {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::TempDir;
+
+std::string tiny_llama() { return testing::data_path("hf/llama"); }
+std::string tiny_kjv() { return std::string(MOPT_MODELS_DIR) + "/tiny-kjv"; }
+
+algo::CalibrationSet synthetic_calibration(std::int64_t n, std::int64_t len, std::int32_t vocab) {
+  algo::CalibrationSet c;
+  std::uint32_t state = 7;
+  for (std::int64_t s = 0; s < n; ++s) {
+    std::vector<std::int32_t> seq;
+    for (std::int64_t t = 0; t < len; ++t) {
+      state = state * 1664525u + 1013904223u;
+      seq.push_back(static_cast<std::int32_t>((state >> 8) % static_cast<std::uint32_t>(vocab)));
+    }
+    c.sequences.push_back(std::move(seq));
+  }
+  return c;
+}
+
+quant::Recipe recipe(const std::string& format, std::optional<std::string> kv = std::nullopt) {
+  quant::Recipe r;
+  r.format = format;
+  r.algorithm = "max";
+  r.kv_cache = std::move(kv);
+  return r;
+}
+
+void quantize_to(const std::string& model, const quant::Recipe& r, const algo::CalibrationSet& calib, const std::string& out,
+                 algo::PtqReport* report = nullptr) {
+  const io::Checkpoint ckpt = io::Checkpoint::open(model);
+  exporter::HfModeloptWriter writer(ckpt, out, r, 64 << 10);  // small shards: exercise sharding
+  const auto rep = algo::quantize_checkpoint(ckpt, r, calib, {}, [&](quant::QuantizedLayer&& l) { writer.add_layer(l); });
+  writer.finish();
+  if (report) *report = rep;
+}
+
+// Input amax per (layer, linear) and K/V amax seen by a whole-model forward pass, batch by batch.
+struct WholeModelStats : model::LayerObserver {
+  std::map<std::pair<std::int64_t, int>, float> input_max;
+  std::map<std::int64_t, float> key_max, value_max;
+  void linear_input(std::int64_t layer, model::LinearKind kind, const float* x, std::int64_t rows, std::int64_t cols) override {
+    float& m = input_max[{layer, static_cast<int>(kind)}];
+    for (std::int64_t i = 0; i < rows * cols; ++i) m = std::max(m, std::fabs(x[i]));
+  }
+  void key_value(std::int64_t layer, const float* k, const float* v, std::int64_t rows, std::int64_t kv_dim) override {
+    for (std::int64_t i = 0; i < rows * kv_dim; ++i) {
+      key_max[layer] = std::max(key_max[layer], std::fabs(k[i]));
+      value_max[layer] = std::max(value_max[layer], std::fabs(v[i]));
+    }
+  }
+};
+
+TEST(Ptq, ExportHoldsTheRealQuantizationOfTheSourceAndTheCalibratedScales) {
+  TempDir tmp;
+  const auto calib = synthetic_calibration(3, 40, 256);
+  const std::string out = tmp.file("q");
+  quantize_to(tiny_llama(), recipe("fp8", "fp8"), calib, out);
+
+  // Oracle for the activation statistics: the whole model, unquantized, on the same sequences.
+  const auto m = model::Model::load(tiny_llama());
+  WholeModelStats stats;
+  std::vector<float> logits;
+  for (const auto& seq : calib.sequences) {
+    const model::SequenceSpan span{0, static_cast<std::int64_t>(seq.size()), 0, 0};
+    m.forward(seq, {&span, 1}, nullptr, model::LogitsFor::last_row_of_each_sequence, logits, &stats);
+  }
+  const auto store = io::TensorStore::open_dir(out);
+  const auto src = io::TensorStore::open_dir(tiny_llama());
+  for (std::int64_t l = 0; l < 2; ++l) {
+    for (const auto kind : model::kAllLinears) {
+      const std::string name = fmt::format("model.layers.{}.{}", l, model::linear_name(kind));
+      SCOPED_TRACE(name);
+      const float input_scale = store.tensor(name + ".input_scale").to_f32()[0];
+      EXPECT_EQ(input_scale, (stats.input_max[std::make_pair(l, static_cast<int>(kind))] / 448.0f));
+      const Tensor w = src.tensor(name + ".weight");
+      const auto wf = w.to_f32();
+      const auto spec = *quant::format_scheme("fp8").weight;
+      const auto q = quant::quantize_weight(spec, wf.data(), w.dim(0), w.dim(1), quant::compute_amax(spec, wf.data(), w.dim(0), w.dim(1)));
+      const Tensor stored = store.tensor(name + ".weight");
+      ASSERT_EQ(stored.dtype(), DType::F8_E4M3);
+      ASSERT_EQ(stored.nbytes(), q.weight.nbytes());
+      EXPECT_EQ(0, std::memcmp(stored.bytes().data(), q.weight.bytes().data(), stored.nbytes()));
+      EXPECT_EQ(store.tensor(name + ".weight_scale").to_f32()[0], q.weight_scale.data<float>()[0]);
+    }
+    EXPECT_EQ(store.tensor(fmt::format("model.layers.{}.self_attn.k_proj.k_scale", l)).to_f32()[0], stats.key_max[l] / 448.0f);
+    EXPECT_EQ(store.tensor(fmt::format("model.layers.{}.self_attn.v_proj.v_scale", l)).to_f32()[0], stats.value_max[l] / 448.0f);
+  }
+  // Unquantized tensors are copied bit for bit.
+  for (const char* name : {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.1.input_layernorm.weight"}) {
+    const Tensor a = store.tensor(name), b = src.tensor(name);
+    ASSERT_EQ(a.nbytes(), b.nbytes());
+    EXPECT_EQ(0, std::memcmp(a.bytes().data(), b.bytes().data(), a.nbytes())) << name;
+  }
+  const auto hf = io::parse_json_unique_keys(io::read_text_file(out + "/hf_quant_config.json"), "hf");
+  EXPECT_EQ(hf["quantization"]["quant_algo"], "FP8");
+  EXPECT_EQ(hf["quantization"]["kv_cache_quant_algo"], "FP8");
+  const auto cfg = io::parse_json_unique_keys(io::read_text_file(out + "/config.json"), "cfg");
+  EXPECT_EQ(cfg["quantization_config"]["quant_method"], "modelopt");
+  EXPECT_TRUE(fs::exists(out + "/model.safetensors.index.json"));  // 64 KiB shards
+}
+
+TEST(Ptq, FusedGroupsShareScalesExceptForPerTensorFp8) {
+  TempDir tmp;
+  quantize_to(tiny_llama(), recipe("nvfp4"), synthetic_calibration(2, 32, 256), tmp.file("q"));
+  const auto store = io::TensorStore::open_dir(tmp.file("q"));
+  for (const char* t : {"input_scale", "weight_scale_2"}) {
+    const float q = store.tensor(std::string("model.layers.0.self_attn.q_proj.") + t).to_f32()[0];
+    EXPECT_EQ(store.tensor(std::string("model.layers.0.self_attn.k_proj.") + t).to_f32()[0], q) << t;
+    EXPECT_EQ(store.tensor(std::string("model.layers.0.self_attn.v_proj.") + t).to_f32()[0], q) << t;
+    EXPECT_EQ(store.tensor(std::string("model.layers.0.mlp.gate_proj.") + t).to_f32()[0],
+              store.tensor(std::string("model.layers.0.mlp.up_proj.") + t).to_f32()[0]) << t;
+  }
+}
+
+TEST(Ptq, EveryFormatLoadsBackAndStaysCloseToTheModel) {
+  // tiny-kjv on real text: each format's perplexity is finite and within a format-dependent margin.
+  const auto base = model::Model::load(tiny_kjv());
+  const auto docs = io::read_documents(std::string(MOPT_SOURCE_DIR) + "/data/kjv-calib.txt");
+  const auto calib = algo::make_calibration_set(docs, base.require_tokenizer(), 4, 64, 0);
+  std::vector<std::int32_t> text = base.require_tokenizer().encode(io::read_text_file(std::string(MOPT_SOURCE_DIR) + "/data/kjv-heldout.txt").substr(0, 3000), false);
+  const double base_ppl = eval::perplexity(base, text, 256, 256).perplexity;
+  const std::map<std::string, double> margin = {{"fp8", 1.02},     {"fp8_pc_pt", 1.02}, {"fp8_block", 1.02}, {"int8", 1.03},
+                                                {"int8_wo", 1.01}, {"int4_rtn", 1.25}, {"w4a8_awq", 1.3},   {"nvfp4", 1.15},
+                                                {"mxfp8", 1.03},   {"mxfp4", 1.5}};
+  for (const auto& [format, factor] : margin) {
+    SCOPED_TRACE(format);
+    TempDir tmp;
+    quantize_to(tiny_kjv(), recipe(format), calib, tmp.file("q"));
+    const auto m = exporter::load_model(tmp.file("q"));
+    EXPECT_LT(m.weight_bytes(), base.weight_bytes());
+    const double ppl = eval::perplexity(m, text, 256, 256).perplexity;
+    EXPECT_TRUE(std::isfinite(ppl));
+    EXPECT_NE(ppl, base_ppl);  // the quantization is really applied
+    EXPECT_LT(ppl, base_ppl * factor) << "base " << base_ppl;
+  }
+}
+
+TEST(Ptq, MixedPrecisionRecipesExportPerLayerAlgorithms) {
+  TempDir tmp;
+  auto r = recipe("int4_rtn");
+  r.overrides = {{"*.mlp.down_proj", "int8_wo"}, {"*.layers.1.self_attn.*", "none"}};
+  quantize_to(tiny_llama(), r, {}, tmp.file("q"));
+  const auto hf = io::parse_json_unique_keys(io::read_text_file(tmp.file("q") + "/hf_quant_config.json"), "hf");
+  EXPECT_EQ(hf["quantization"]["quant_algo"], "MIXED_PRECISION");
+  EXPECT_EQ(hf["quantization"]["quantized_layers"]["model.layers.0.mlp.down_proj"]["quant_algo"], "W8A16");
+  EXPECT_EQ(hf["quantization"]["quantized_layers"]["model.layers.0.mlp.up_proj"]["quant_algo"], "W4A16_AWQ");
+  EXPECT_FALSE(hf["quantization"]["quantized_layers"].contains("model.layers.1.self_attn.q_proj"));
+  const auto store = io::TensorStore::open_dir(tmp.file("q"));
+  EXPECT_EQ(store.tensor("model.layers.1.self_attn.q_proj.weight").dtype(), DType::BF16);
+  EXPECT_EQ(store.tensor("model.layers.0.mlp.down_proj.weight").dtype(), DType::I8);
+  const auto m = exporter::load_model(tmp.file("q"));
+  EXPECT_EQ(m.num_layers(), 2);
+}
+
+TEST(Ptq, StaticActivationFormatsNeedCalibrationText) {
+  TempDir tmp;
+  const io::Checkpoint ckpt = io::Checkpoint::open(tiny_llama());
+  EXPECT_TRUE(algo::needs_calibration(ckpt.config(), recipe("fp8")));
+  EXPECT_FALSE(algo::needs_calibration(ckpt.config(), recipe("int4_rtn")));
+  EXPECT_TRUE(algo::needs_calibration(ckpt.config(), recipe("int4_rtn", "fp8")));
+  EXPECT_THROW(algo::quantize_checkpoint(ckpt, recipe("fp8"), {}, {}, [](quant::QuantizedLayer&&) {}), Error);
+}
+
+TEST(Ptq, ANanWeightIsReportedByNameAndNothingIsWritten) {
+  TempDir tmp;
+  // A copy of the tiny model with one NaN in layer 1's up_proj.
+  const std::string bad = tmp.file("bad");
+  fs::create_directories(bad);
+  fs::copy_file(tiny_llama() + "/config.json", bad + "/config.json");
+  const auto src = io::TensorStore::open_dir(tiny_llama());
+  std::vector<io::NamedTensor> tensors;
+  for (const auto& loc : src.all()) {
+    Tensor t = src.tensor(loc.entry->name).clone();
+    if (loc.entry->name == "model.layers.1.mlp.up_proj.weight") t.mutable_data<std::uint16_t>()[5] = 0x7FC0;
+    tensors.push_back({loc.entry->name, t});
+  }
+  io::write_safetensors(bad + "/model.safetensors", tensors);
+  const std::string out = tmp.file("out");
+  try {
+    quantize_to(bad, recipe("int4_rtn"), {}, out);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.1.mlp.up_proj.weight: non-finite value"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(out));
+  for (const auto& entry : fs::directory_iterator(tmp.path())) EXPECT_EQ(entry.path().filename().string().find("out.tmp"), std::string::npos);
+}
+
+TEST(Ptq, AnExistingOutputDirectoryIsRefused) {
+  TempDir tmp;
+  const io::Checkpoint ckpt = io::Checkpoint::open(tiny_llama());
+  EXPECT_THROW(exporter::HfModeloptWriter(ckpt, tmp.path().string(), recipe("int4_rtn")), Error);
+}
+
+TEST(Ptq, PropagatingQuantizedOutputsChangesLaterLayersOnly) {
+  TempDir tmp;
+  const auto calib = synthetic_calibration(2, 32, 256);
+  const io::Checkpoint ckpt = io::Checkpoint::open(tiny_llama());
+  std::vector<float> fp_amax, q_amax;
+  for (bool propagate : {false, true}) {
+    algo::PtqOptions o;
+    o.propagate_quantized = propagate;
+    algo::quantize_checkpoint(ckpt, recipe("int8"), calib, o, [&](quant::QuantizedLayer&& l) {
+      (propagate ? q_amax : fp_amax).push_back(l.linears[0].input_amax.at(0));
+    });
+  }
+  EXPECT_EQ(fp_amax[0], q_amax[0]);
+  EXPECT_NE(fp_amax[1], q_amax[1]);
+}
+
+TEST(Calibration, SamplesAreDeterministicAndPrefixed) {
+  const auto tok = io::Tokenizer::load(tiny_kjv());
+  const auto docs = io::read_documents(std::string(MOPT_SOURCE_DIR) + "/data/kjv-calib.txt");
+  const auto a = algo::make_calibration_set(docs, tok, 8, 32, 1);
+  const auto b = algo::make_calibration_set(docs, tok, 8, 32, 1);
+  const auto c = algo::make_calibration_set(docs, tok, 8, 32, 2);
+  ASSERT_EQ(a.sequences.size(), 8u);
+  EXPECT_EQ(a.sequences, b.sequences);
+  EXPECT_NE(a.sequences, c.sequences);
+  for (const auto& s : a.sequences) {
+    EXPECT_LE(s.size(), 32u);
+    EXPECT_EQ(s.front(), tok.prefix_special_ids().empty() ? s.front() : tok.prefix_special_ids()[0]);
+  }
+}
+
+TEST(Dataset, JsonlRecordsAndTheirErrors) {
+  TempDir tmp;
+  std::ofstream(tmp.file("ok.jsonl")) << "{\"text\": \"one\"}\n\n{\"text\": \"two\", \"id\": 3}\n";
+  EXPECT_EQ(io::read_documents(tmp.file("ok.jsonl")), (std::vector<std::string>{"one", "two"}));
+  std::ofstream(tmp.file("bad.jsonl")) << "{\"text\": \"one\"}\n{\"txt\": 1}\n";
+  try {
+    io::read_documents(tmp.file("bad.jsonl"));
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("bad.jsonl:2"), std::string::npos) << e.what();
+  }
+  std::ofstream(tmp.file("broken.jsonl")) << "{\"text\": \"on\n";
+  EXPECT_THROW(io::read_documents(tmp.file("broken.jsonl")), Error);
+  std::ofstream(tmp.file("empty.txt")) << "  \n";
+  EXPECT_THROW(io::read_documents(tmp.file("empty.txt")), Error);
+  EXPECT_THROW(io::read_documents(tmp.file("missing.txt")), Error);
+}
+
+}  // namespace
+}  // namespace mopt
