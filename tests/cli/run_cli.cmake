@@ -3,6 +3,10 @@
 #   -DEXPECT_STDOUT=text (a substring)   -DEXPECT_STDERR=text (a substring)
 # A failure (exit != 0 and != EXPECT_EXIT... ) must be exactly one line on
 # stderr beginning "mopt: error: ", and never a crash.
+#   -DREMOVE=dir  (removed first: an output directory a previous run left)
+if(DEFINED REMOVE)
+  file(REMOVE_RECURSE "${REMOVE}")
+endif()
 string(REPLACE "|" ";" args "${ARGS}")
 execute_process(COMMAND ${MOPT} ${args} RESULT_VARIABLE code OUTPUT_VARIABLE out ERROR_VARIABLE err)
 if(NOT "${code}" STREQUAL "${EXPECT_EXIT}")
