@@ -340,6 +340,8 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
     lr.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - layer_start).count();
     report.layers.push_back(lr);
     sink(std::move(ql));
+    // Done with this layer's source weights: let their pages go, so resident memory does not grow with depth.
+    for (const auto kind : model::kAllLinears) fp.linear(kind).weight.release_pages();
     progress.advance();
   }
   progress.finish();

@@ -5,6 +5,10 @@
 #include <fmt/format.h>
 
 #include <cstdio>
+
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <exception>
 #include <new>
 
@@ -32,6 +36,13 @@ int report_error(const char* message) {
 }  // namespace
 
 int main(int argc, char** argv) {
+#ifdef __GLIBC__
+  // Large buffers (a layer's weights in f32, activations) are allocated and freed
+  // layer after layer. glibc would raise its mmap threshold after the first free
+  // and serve them from a heap that never shrinks, so resident memory grew with
+  // depth; a fixed threshold keeps them mapped and returned on free.
+  mallopt(M_MMAP_THRESHOLD, 1 << 20);
+#endif
   CLI::App app{"mopt: quantize, evaluate and export transformer language models"};
   app.name("mopt");
   bool show_version = false;

@@ -63,6 +63,10 @@ Tensor Tensor::from_f32(std::span<const float> values, Shape shape) {
   return t;
 }
 
+void Tensor::release_pages() const {
+  if (file_) file_->release(static_cast<std::size_t>(data_ - file_->bytes().data()), nbytes_);
+}
+
 Tensor Tensor::view(std::shared_ptr<const MappedFile> file, std::size_t offset, DType dtype, Shape shape) {
   if (!file) fail("Tensor::view: no file");
   Tensor t;

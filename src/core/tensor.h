@@ -63,6 +63,9 @@ class Tensor {
   // The elements as f32.
   std::vector<float> to_f32() const;
   Tensor clone() const;
+  // For a view: lets the kernel drop its pages from resident memory (see
+  // MappedFile::release). Nothing for an owned tensor.
+  void release_pages() const;
   // The same storage seen with another shape of equal element count.
   Tensor reshaped(Shape shape) const;
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <optional>
 #include <set>
 
 #include "core/error.h"
@@ -107,21 +108,17 @@ HfModeloptWriter::~HfModeloptWriter() {
   }
 }
 
-void HfModeloptWriter::add(std::string name, Tensor tensor) {
-  pending_bytes_ += tensor.nbytes();
-  pending_.push_back({std::move(name), std::move(tensor)});
+void HfModeloptWriter::add(const std::string& name, const Tensor& tensor) {
+  shard_.add(name, tensor);
+  tensor.release_pages();  // a view of the source: copied, done with those pages
 }
 
 void HfModeloptWriter::flush_shard() {
-  if (pending_.empty()) return;
+  if (shard_.empty()) return;
   const std::string name = fmt::format("shard-{:05}.safetensors", shard_names_.size() + 1);
-  io::write_safetensors((temp_dir_ / name).string(), pending_);
-  std::vector<std::string> names;
-  for (const auto& t : pending_) names.push_back(t.name);
-  shard_names_.push_back(std::move(names));
-  total_bytes_ += pending_bytes_;
-  pending_.clear();
-  pending_bytes_ = 0;
+  total_bytes_ += shard_.bytes();
+  shard_names_.push_back(shard_.names());
+  shard_.write((temp_dir_ / name).string());
 }
 
 void HfModeloptWriter::add_layer(const quant::QuantizedLayer& layer) {
@@ -156,7 +153,7 @@ void HfModeloptWriter::add_layer(const quant::QuantizedLayer& layer) {
     if (name.rfind(prefix, 0) != 0 || written.count(name) || io::is_ignorable_tensor(name)) continue;
     add(name, source_.tensor(name));
   }
-  if (pending_bytes_ >= shard_bytes_) flush_shard();
+  if (shard_.bytes() >= shard_bytes_) flush_shard();
 }
 
 void HfModeloptWriter::finish() {
@@ -192,7 +189,7 @@ void HfModeloptWriter::finish() {
     if (fs::exists(from)) io::write_file_atomically((temp_dir_ / f).string(), io::read_text_file(from.string()));
   }
   // Read it back as any quantized checkpoint is read: it must validate.
-  load_model(temp_dir_.string());
+  validate_quantized_checkpoint(temp_dir_.string());
   fs::rename(temp_dir_, out_dir_);
   finished_ = true;
 }
@@ -266,7 +263,62 @@ ReadConfig read_quant_config(const std::string& dir) {
   return r;
 }
 
+
+struct ResolvedLinear {
+  std::string name;
+  quant::LinearScheme scheme;
+  quant::QuantizedWeight weight;
+  std::int64_t out = 0, in = 0;
+};
+
+// The quantized form of Linear `kind` of layer `index`, or nothing when it is stored plain.
+std::optional<ResolvedLinear> resolve_linear(const io::Checkpoint& ckpt, const ReadConfig& rc, std::int64_t index,
+                                             model::LinearKind kind, const std::string& dir) {
+  const auto& c = ckpt.config();
+  const auto& store = ckpt.tensors();
+  ResolvedLinear r;
+  r.name = fmt::format("model.layers.{}.{}", index, model::linear_name(kind));
+  const Tensor weight = store.tensor(r.name + ".weight");
+  if (!store.contains(r.name + ".weight_scale")) {
+    const DType dt = weight.dtype();
+    if (dt != DType::F32 && dt != DType::F16 && dt != DType::BF16) fail("{}: {}.weight is {} without a weight_scale", dir, r.name, dtype_name(dt));
+    return std::nullopt;
+  }
+  std::string algo = rc.default_algo;
+  std::int64_t group = rc.group_size;
+  if (rc.default_algo == "MIXED_PRECISION") {
+    const auto it = rc.per_layer.find(r.name);
+    if (it == rc.per_layer.end()) fail("{}: {} has a weight_scale but no entry in quantized_layers", dir, r.name);
+    algo = it->second.first;
+    group = it->second.second;
+  }
+  r.scheme = scheme_for_algo(algo, group, dir);
+  const std::int64_t q_dim = c.num_heads * c.head_dim, kv_dim = c.num_kv_heads * c.head_dim;
+  switch (kind) {
+    case model::LinearKind::q: r.out = q_dim, r.in = c.hidden_size; break;
+    case model::LinearKind::k:
+    case model::LinearKind::v: r.out = kv_dim, r.in = c.hidden_size; break;
+    case model::LinearKind::o: r.out = c.hidden_size, r.in = q_dim; break;
+    case model::LinearKind::gate:
+    case model::LinearKind::up: r.out = c.intermediate_size, r.in = c.hidden_size; break;
+    case model::LinearKind::down: r.out = c.hidden_size, r.in = c.intermediate_size; break;
+  }
+  r.weight.weight = weight;
+  r.weight.weight_scale = store.tensor(r.name + ".weight_scale");
+  if (store.contains(r.name + ".weight_scale_2")) r.weight.weight_scale_2 = store.tensor(r.name + ".weight_scale_2");
+  quant::check_quantized_weight(*r.scheme.weight, r.weight, r.out, r.in, fmt::format("{}: {}", dir, r.name));
+  return r;
+}
+
 }  // namespace
+
+void validate_quantized_checkpoint(const std::string& dir) {
+  const ReadConfig rc = read_quant_config(dir);
+  const io::Checkpoint ckpt = io::Checkpoint::open(dir, io::CheckpointLayout::quantized);
+  for (std::int64_t l = 0; l < ckpt.config().num_layers; ++l) {
+    for (const auto kind : model::kAllLinears) resolve_linear(ckpt, rc, l, kind, dir);
+  }
+}
 
 model::Model load_model(const std::string& dir) {
   if (!is_quantized_checkpoint(dir)) return model::Model::load(dir);
@@ -277,50 +329,22 @@ model::Model load_model(const std::string& dir) {
     model::LayerWeights w = model::load_layer(ckpt, index);
     const auto& store = ckpt.tensors();
     for (const auto kind : model::kAllLinears) {
-      const std::string name = fmt::format("model.layers.{}.{}", index, model::linear_name(kind));
+      const auto resolved = resolve_linear(ckpt, rc, index, kind, dir);
+      if (!resolved) continue;
+      const std::string& name = resolved->name;
+      const quant::LinearScheme& s = resolved->scheme;
+      const std::int64_t out = resolved->out, in = resolved->in;
       model::Linear& lin = w.linear(kind);
-      if (!store.contains(name + ".weight_scale")) {
-        // Unquantized: it must then be stored as a plain weight.
-        const DType dt = lin.weight.dtype();
-        if ((dt != DType::F32 && dt != DType::F16 && dt != DType::BF16) || lin.weight.rank() != 2) {
-          fail("{}: {}.weight is {} without a weight_scale", dir, name, dtype_name(dt));
-        }
-        continue;
-      }
-      std::string algo = rc.default_algo;
-      std::int64_t group = rc.group_size;
-      if (rc.default_algo == "MIXED_PRECISION") {
-        const auto it = rc.per_layer.find(name);
-        if (it == rc.per_layer.end()) fail("{}: {} has a weight_scale but no entry in quantized_layers", dir, name);
-        algo = it->second.first;
-        group = it->second.second;
-      }
-      const quant::LinearScheme s = scheme_for_algo(algo, group, dir);
-      const bool q_like = kind == model::LinearKind::q || kind == model::LinearKind::k || kind == model::LinearKind::v;
-      const std::int64_t in = kind == model::LinearKind::down ? ckpt.config().intermediate_size
-                              : kind == model::LinearKind::o  ? ckpt.config().num_heads * ckpt.config().head_dim
-                                                              : ckpt.config().hidden_size;
-      const std::int64_t out = kind == model::LinearKind::q   ? ckpt.config().num_heads * ckpt.config().head_dim
-                               : q_like                       ? ckpt.config().num_kv_heads * ckpt.config().head_dim
-                               : kind == model::LinearKind::o ? ckpt.config().hidden_size
-                               : kind == model::LinearKind::down ? ckpt.config().hidden_size
-                                                                 : ckpt.config().intermediate_size;
-      quant::QuantizedWeight q;
-      q.weight = lin.weight;
-      q.weight_scale = store.tensor(name + ".weight_scale");
-      if (store.contains(name + ".weight_scale_2")) q.weight_scale_2 = store.tensor(name + ".weight_scale_2");
-      quant::check_quantized_weight(*s.weight, q, out, in, fmt::format("{}: {}", dir, name));
-      lin.weight = Tensor::from_f32(quant::dequantize_weight(*s.weight, q, out, in), {out, in});
-      quant::ActivationQuantizer aq;
-      bool transform = false;
+      lin.weight = Tensor::from_f32(quant::dequantize_weight(*s.weight, resolved->weight, out, in), {out, in});
+      const std::string& algo = s.quant_algo;
+      std::vector<float> pre_quant_scale;
       if (store.contains(name + ".pre_quant_scale")) {
         const Tensor pqs = store.tensor(name + ".pre_quant_scale");
         if (pqs.numel() != static_cast<std::uint64_t>(in)) fail("{}: {}.pre_quant_scale has {} values for {} inputs", dir, name, pqs.numel(), in);
-        aq.pre_quant_scale = pqs.to_f32();
-        transform = true;
+        pre_quant_scale = pqs.to_f32();
       }
       if (s.input) {
-        aq.spec = *s.input;
+        quant::ActivationQuantizer aq{*s.input, {}, pre_quant_scale};
         if (s.input->needs_amax()) {
           if (!store.contains(name + ".input_scale")) fail("{}: {}.input_scale is missing ({} quantizes inputs)", dir, name, algo);
           const float scale = store.tensor(name + ".input_scale").to_f32().at(0);
@@ -328,19 +352,14 @@ model::Model load_model(const std::string& dir) {
           const float bound = s.input->scaling == quant::Scaling::nvfp4 ? 6.0f * 448.0f : s.input->max_bound();
           aq.amax = {scale * bound};
         }
-        transform = true;
-      } else if (transform) {
-        // Weight-only with a pre_quant_scale: only the scale applies; use a format that leaves values alone.
-        aq.spec.scaling = quant::Scaling::per_token;
-        aq.spec.element = quant::Element::e4m3;
-      }
-      if (transform) {
         auto shared = std::make_shared<quant::ActivationQuantizer>(std::move(aq));
-        const bool scale_only = !s.input;
-        lin.input_transform = [shared, scale_only](float* x, std::int64_t rows, std::int64_t cols) {
-          if (!scale_only) return shared->apply(x, rows, cols);
+        lin.input_transform = [shared](float* x, std::int64_t rows, std::int64_t cols) { shared->apply(x, rows, cols); };
+      } else if (!pre_quant_scale.empty()) {
+        // Weight-only with a pre-quantization scale: only the scale applies to the input.
+        auto pqs = std::make_shared<std::vector<float>>(std::move(pre_quant_scale));
+        lin.input_transform = [pqs](float* x, std::int64_t rows, std::int64_t cols) {
           for (std::int64_t r = 0; r < rows; ++r) {
-            for (std::int64_t c = 0; c < cols; ++c) x[r * cols + c] *= shared->pre_quant_scale[static_cast<std::size_t>(c)];
+            for (std::int64_t c = 0; c < cols; ++c) x[r * cols + c] *= (*pqs)[static_cast<std::size_t>(c)];
           }
         };
       }

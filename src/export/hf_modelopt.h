@@ -48,7 +48,7 @@ class HfModeloptWriter {
   const std::string& out_dir() const { return out_dir_; }
 
  private:
-  void add(std::string name, Tensor tensor);
+  void add(const std::string& name, const Tensor& tensor);
   void flush_shard();
 
   const io::Checkpoint& source_;
@@ -56,8 +56,7 @@ class HfModeloptWriter {
   std::filesystem::path temp_dir_;
   quant::Recipe recipe_;
   std::uint64_t shard_bytes_;
-  std::vector<io::NamedTensor> pending_;
-  std::uint64_t pending_bytes_ = 0;
+  io::StreamingSafetensorsWriter shard_;
   std::uint64_t total_bytes_ = 0;
   std::vector<std::vector<std::string>> shard_names_;  // tensor names per written shard
   std::int64_t next_layer_ = 0;
@@ -72,6 +71,11 @@ nlohmann::json make_hf_quant_config(const std::vector<std::pair<std::string, qua
                                     const std::string& kv_quant_algo);
 // config.json's "quantization_config" derived from it, as the reference converts it.
 nlohmann::json make_quantization_config(const nlohmann::json& hf_quant_config);
+
+// Opens a quantized checkpoint and checks every quantized Linear's codes and
+// scales against its format (dtypes, shapes, finite positive scales) without
+// dequantizing anything; throws Error naming the file and tensor.
+void validate_quantized_checkpoint(const std::string& dir);
 
 // True when `dir` holds a quantized checkpoint (hf_quant_config.json, or a
 // config.json "quantization_config" with quant_method "modelopt").

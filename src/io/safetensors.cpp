@@ -1,6 +1,7 @@
 #include "io/safetensors.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -193,6 +194,83 @@ void write_safetensors(const std::string& path, const std::vector<NamedTensor>& 
   out.write(text);
   for (const NamedTensor* t : order) out.write(t->tensor.bytes());
   out.commit();
+}
+
+StreamingSafetensorsWriter::StreamingSafetensorsWriter() = default;
+
+StreamingSafetensorsWriter::~StreamingSafetensorsWriter() {
+  for (auto*& f : groups_) {
+    if (f) std::fclose(f);
+  }
+}
+
+std::vector<std::string> StreamingSafetensorsWriter::names() const {
+  std::vector<std::string> n;
+  for (const auto& e : entries_) n.push_back(e.name);
+  return n;
+}
+
+void StreamingSafetensorsWriter::add(const std::string& name, const Tensor& tensor) {
+  if (name.empty() || name == "__metadata__") fail("invalid tensor name '{}'", name);
+  for (const auto& e : entries_) {
+    if (e.name == name) fail("tensor '{}' given twice", name);
+  }
+  const NamedTensor nt{name, tensor};
+  const std::string dtype = safetensors_dtype(nt);
+  const std::size_t align = dtype_is_packed(tensor.dtype()) ? 1 : dtype_alignment(tensor.dtype());
+  const int group = align >= 8 ? 0 : align == 4 ? 1 : align == 2 ? 2 : 3;
+  auto*& f = groups_[group];
+  if (f == nullptr) {
+    f = std::tmpfile();
+    if (f == nullptr) fail("cannot create a temporary file: {}", std::strerror(errno));
+  }
+  const auto bytes = tensor.bytes();
+  if (!bytes.empty() && std::fwrite(bytes.data(), 1, bytes.size(), f) != bytes.size()) {
+    fail("writing tensor '{}' to a temporary file: {}", name, std::strerror(errno));
+  }
+  entries_.push_back({name, dtype, tensor.shape(), bytes.size(), group});
+  bytes_ += bytes.size();
+}
+
+void StreamingSafetensorsWriter::write(const std::string& path, const std::map<std::string, std::string>& metadata) {
+  json header = json::object();
+  json meta = json::object();
+  meta["format"] = "pt";
+  for (const auto& [k, v] : metadata) meta[k] = v;
+  header["__metadata__"] = meta;
+  std::uint64_t offset = 0;
+  for (int g = 0; g < 4; ++g) {
+    for (const auto& e : entries_) {
+      if (e.group != g) continue;
+      header[e.name] = {{"dtype", e.dtype}, {"shape", e.shape}, {"data_offsets", {offset, offset + e.size}}};
+      offset += e.size;
+    }
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  AtomicFileWriter out(path);
+  std::byte length[8];
+  for (int i = 0; i < 8; ++i) length[i] = static_cast<std::byte>((text.size() >> (8 * i)) & 0xFF);
+  out.write(std::span<const std::byte>(length, 8));
+  out.write(text);
+  std::vector<std::byte> buffer(8 << 20);
+  for (auto*& f : groups_) {
+    if (f == nullptr) continue;
+    if (std::fflush(f) != 0 || std::fseek(f, 0, SEEK_SET) != 0) fail("{}: reading back a temporary file: {}", path, std::strerror(errno));
+    for (;;) {
+      const std::size_t n = std::fread(buffer.data(), 1, buffer.size(), f);
+      if (n > 0) out.write(std::span<const std::byte>(buffer.data(), n));
+      if (n < buffer.size()) {
+        if (std::ferror(f)) fail("{}: reading back a temporary file: {}", path, std::strerror(errno));
+        break;
+      }
+    }
+    std::fclose(f);
+    f = nullptr;
+  }
+  out.commit();
+  entries_.clear();
+  bytes_ = 0;
 }
 
 std::vector<std::string> write_safetensors_sharded(const std::string& dir, const std::vector<NamedTensor>& tensors,

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <map>
 #include <memory>
 #include <span>
@@ -69,6 +70,39 @@ struct NamedTensor {
 // first) then name so that every tensor is naturally aligned. Atomic.
 void write_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
+
+// Builds one safetensors file from tensors that arrive one at a time without
+// keeping them in memory: each tensor's bytes go at once to an anonymous
+// temporary file for its alignment class; write() puts the header and the
+// classes (largest alignment first, so every tensor stays naturally aligned)
+// into the target, atomically. Memory stays at one tensor.
+class StreamingSafetensorsWriter {
+ public:
+  StreamingSafetensorsWriter();
+  ~StreamingSafetensorsWriter();
+  StreamingSafetensorsWriter(const StreamingSafetensorsWriter&) = delete;
+  StreamingSafetensorsWriter& operator=(const StreamingSafetensorsWriter&) = delete;
+
+  void add(const std::string& name, const Tensor& tensor);
+  std::uint64_t bytes() const { return bytes_; }
+  bool empty() const { return entries_.empty(); }
+  // The names added so far, in the order added.
+  std::vector<std::string> names() const;
+  // Writes the file and starts over empty.
+  void write(const std::string& path, const std::map<std::string, std::string>& metadata = {});
+
+ private:
+  struct Entry {
+    std::string name;
+    std::string dtype;
+    Shape shape;
+    std::uint64_t size;
+    int group;
+  };
+  std::vector<Entry> entries_;
+  std::FILE* groups_[4] = {nullptr, nullptr, nullptr, nullptr};  // alignment 8, 4, 2, 1
+  std::uint64_t bytes_ = 0;
+};
 
 // Writes `tensors` into `dir` as model.safetensors, or, when they exceed
 // `max_shard_bytes`, as model-0000i-of-0000N.safetensors shards (filled in the
