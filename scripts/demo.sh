@@ -2,8 +2,9 @@
 # The main job on the bundled model, as far as mopt goes today: build, then
 # inspect the bundled tiny-kjv model, measure its perplexity on held-out text
 # (King James books it never saw, and the same books in the World English
-# Bible), and let it continue a prompt. Quantization, its evaluation against
-# this 16-bit model, export and benchmarking join here as they land.
+# Bible), let it continue a prompt, then quantize it to NVFP4 with an FP8 KV
+# cache (a Hugging Face "modelopt" checkpoint under build/), and evaluate the
+# quantized model against its 16-bit self. Benchmarking joins as it lands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-models/tiny-kjv}
@@ -19,3 +20,11 @@ build/mopt eval ppl "$model" --text data/web-heldout.txt --ctx 256
 echo "== generation"
 build/mopt generate "$model" --prompt "In the beginning" --max-tokens 48
 build/mopt generate "$model" --prompt "And the LORD said unto Moses," --max-tokens 48 --temp 0.8 --top-p 0.9 --seed 1
+echo "== quantize to NVFP4 (W4A4) with an FP8 KV cache, calibrated on KJV text"
+rm -rf build/tiny-kjv-nvfp4
+build/mopt quantize "$model" --format nvfp4 --kv-cache fp8 --calib data/kjv-calib.txt --calib-size 64 --seq-len 256 \
+  --out build/tiny-kjv-nvfp4 --report build/tiny-kjv-nvfp4.json
+build/mopt inspect build/tiny-kjv-nvfp4
+echo "== the quantized model against the 16-bit one (held-out KJV)"
+build/mopt eval kld build/tiny-kjv-nvfp4 --base "$model" --text data/kjv-heldout.txt --ctx 256
+build/mopt generate build/tiny-kjv-nvfp4 --prompt "In the beginning" --max-tokens 32

@@ -29,6 +29,14 @@ int run_inspect(const InspectOptions& options) {
     row("rope", fmt::format("theta {}, scaling {}", s["rope_theta"].get<double>(), s["rope_scaling"].get<std::string>()));
     row("tied lm_head", s["tie_word_embeddings"].get<bool>() ? "yes" : "no");
     row("dtype", s["dtype"].get<std::string>());
+    if (s.contains("quantization") && s["quantization"].is_object()) {
+      const auto& q = s["quantization"];
+      std::string text = q.contains("quant_algo") && q["quant_algo"].is_string() ? q["quant_algo"].get<std::string>() : "none";
+      if (q.contains("group_size") && q["group_size"].is_number()) text += fmt::format(", group {}", q["group_size"].get<std::int64_t>());
+      if (q.contains("kv_cache_quant_algo") && q["kv_cache_quant_algo"].is_string()) text += ", KV cache " + q["kv_cache_quant_algo"].get<std::string>();
+      if (q.contains("quantized_layers") && q["quantized_layers"].is_object()) text += fmt::format(" ({} layers listed)", q["quantized_layers"].size());
+      row("quantized", text);
+    }
   }
   if (s["kind"] == "gguf") {
     row("format", fmt::format("GGUF v{}, {} metadata entries", s["gguf_version"].get<std::uint32_t>(), s["metadata_count"].get<std::uint64_t>()));

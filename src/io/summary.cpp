@@ -1,5 +1,7 @@
 #include "io/summary.h"
 
+#include "io/json_util.h"
+
 #include <filesystem>
 #include <cstdio>
 #include <cstring>
@@ -95,9 +97,16 @@ json summarize(const std::string& path) {
   json out;
   out["path"] = path;
   if (fs::is_directory(path)) {
-    const Checkpoint ckpt = Checkpoint::open(path);
+    // A quantized checkpoint (hf_quant_config.json) stores its Linears as codes and scales.
+    const fs::path quant_config = fs::path(path) / "hf_quant_config.json";
+    const bool quantized = fs::exists(quant_config);
+    const Checkpoint ckpt = Checkpoint::open(path, quantized ? CheckpointLayout::quantized : CheckpointLayout::plain);
     const ModelConfig& c = ckpt.config();
     out["kind"] = "model";
+    if (quantized) {
+      const json q = parse_json_unique_keys(read_text_file(quant_config.string()), quant_config.string());
+      out["quantization"] = q.is_object() && q.contains("quantization") ? q["quantization"] : json(nullptr);
+    }
     out["architecture"] = c.architecture;
     out["model_type"] = c.model_type;
     out["num_layers"] = c.num_layers;
