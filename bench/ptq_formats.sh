@@ -5,6 +5,7 @@
 #
 #   bash bench/ptq_formats.sh [MODEL] [TEXT] [CTX] [CALIB_SIZE] [SEQ_LEN] [FORMATS...]
 #   defaults: models/tiny-kjv data/kjv-heldout.txt 256 64 256, every format mopt runs with 'max'
+#   GROUP=64 for models whose Linear inputs are not multiples of 128 (tiny-kjv)
 # Needs the Release build (scripts/setup.sh). Prints a Markdown table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,9 @@ CALIB_SIZE=${4:-64}
 SEQ_LEN=${5:-256}
 shift $(( $# < 5 ? $# : 5 ))
 FORMATS=("$@")
-[[ ${#FORMATS[@]} -gt 0 ]] || FORMATS=(fp8 fp8_pc_pt fp8_block int8 int8_wo int4_rtn w4a8_awq nvfp4 mxfp8 mxfp4 "nvfp4 --kv-cache fp8")
+GROUP=${GROUP:-128}  # INT4 group size; tiny-kjv needs 64 (its 704-wide down_proj input)
+[[ ${#FORMATS[@]} -gt 0 ]] || FORMATS=(fp8 fp8_pc_pt fp8_block int8 int8_wo "int4_rtn --group-size $GROUP" "w4a8_awq --group-size $GROUP"
+                                       nvfp4 mxfp8 mxfp4 "nvfp4 --kv-cache fp8")
 MOPT=build/mopt
 [[ -x $MOPT ]] || { echo "build first: bash scripts/setup.sh"; exit 1; }
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mopt-ptq-formats.XXXXXX")

@@ -42,14 +42,52 @@ std::int64_t reported_group_size(const quant::LinearScheme& s) {
   return 0;
 }
 
-json layer_quant_entry(const quant::LinearScheme& s, bool has_pre_quant_scale) {
+// One quant_algo's entry, as the reference writes it: group_size for the
+// block formats, and has_zero_point/pre_quant_scale for the AWQ-family names
+// (the reference states pre_quant_scale true for them whatever the algorithm).
+json layer_quant_entry(const quant::LinearScheme& s) {
   json e = {{"quant_algo", s.quant_algo}};
   if (const auto g = reported_group_size(s); g > 0) e["group_size"] = g;
   if (s.quant_algo == "W4A16_AWQ" || s.quant_algo == "W4A8_AWQ" || s.quant_algo == "NVFP4_AWQ") {
     e["has_zero_point"] = false;
-    e["pre_quant_scale"] = has_pre_quant_scale;
+    e["pre_quant_scale"] = true;
   }
   return e;
+}
+
+// A compressed-tensors style description of one quant_algo (config.json's config_groups).
+json group_config(const std::string& algo, std::int64_t group_size) {
+  auto f = [](int bits, const char* type, std::int64_t g) {
+    json j = {{"dynamic", false}, {"num_bits", bits}, {"type", type}};
+    if (g > 0) j["group_size"] = g;
+    return j;
+  };
+  if (algo == "FP8") return {{"input_activations", f(8, "float", 0)}, {"weights", f(8, "float", 0)}};
+  if (algo == "FP8_PER_CHANNEL_PER_TOKEN") {
+    json w = f(8, "float", 0);
+    w["strategy"] = "channel";
+    return {{"input_activations", f(8, "float", 0)}, {"weights", w}};
+  }
+  if (algo == "NVFP4") {
+    const std::int64_t g = group_size > 0 ? group_size : 16;
+    return {{"input_activations", f(4, "float", g)}, {"weights", f(4, "float", g)}};
+  }
+  if (algo == "W4A16_AWQ") return {{"weights", f(4, "int", group_size > 0 ? group_size : 128)}};
+  if (algo == "NVFP4_AWQ" || algo == "W4A8_AWQ") {
+    const std::int64_t g = group_size > 0 ? group_size : 128;
+    return {{"input_activations", f(8, "float", g)}, {"weights", f(4, "float", g)}};
+  }
+  if (algo == "W8A16") return {{"weights", f(8, "int", 0)}};
+  if (algo == "W8A8_SQ_PER_CHANNEL") {
+    json w = f(8, "int", 0);
+    w["strategy"] = "channel";
+    return {{"input_activations", f(8, "int", 0)}, {"weights", w}};
+  }
+  if (algo == "MXFP8") {
+    const std::int64_t g = group_size > 0 ? group_size : 32;
+    return {{"input_activations", f(8, "float", g)}, {"weights", f(8, "float", g)}};
+  }
+  return {{"quant_algo", algo}};
 }
 
 }  // namespace
@@ -62,7 +100,7 @@ nlohmann::json make_hf_quant_config(const std::vector<std::pair<std::string, qua
     if (s.quantized()) algos.insert(s.quant_algo);
     else excluded.push_back(name);
   }
-  excluded.insert(excluded.begin(), "lm_head");
+  excluded.insert(excluded.begin(), {"lm_head", "model.embed_tokens"});
   json q = json::object();
   if (algos.size() <= 1) {
     quant::LinearScheme first;
@@ -72,13 +110,13 @@ nlohmann::json make_hf_quant_config(const std::vector<std::pair<std::string, qua
         break;
       }
     }
-    if (first.quantized()) q = layer_quant_entry(first, false);
+    if (first.quantized()) q = layer_quant_entry(first);
     else q["quant_algo"] = nullptr;
   } else {
     q["quant_algo"] = "MIXED_PRECISION";
     json layers = json::object();
     for (const auto& [name, s] : modules) {
-      if (s.quantized()) layers[name] = layer_quant_entry(s, false);
+      if (s.quantized()) layers[name] = layer_quant_entry(s);
     }
     q["quantized_layers"] = layers;
   }
@@ -88,9 +126,42 @@ nlohmann::json make_hf_quant_config(const std::vector<std::pair<std::string, qua
 }
 
 nlohmann::json make_quantization_config(const nlohmann::json& hf_quant_config) {
-  json c = hf_quant_config.at("quantization");
-  c["quant_method"] = "modelopt";
+  // The reference's conversion of hf_quant_config.json into config.json's quantization_config.
+  const json& q = hf_quant_config.at("quantization");
+  json c = json::object();
+  const std::string algo = q.contains("quant_algo") && q["quant_algo"].is_string() ? q["quant_algo"].get<std::string>() : "";
+  const std::int64_t group = q.contains("group_size") ? q["group_size"].get<std::int64_t>() : 0;
+  if (algo == "FP8" || algo == "NVFP4") {
+    json g = group_config(algo, group);
+    g["targets"] = {"Linear"};
+    c["config_groups"] = {{"group_0", g}};
+  } else if (algo == "MIXED_PRECISION") {
+    // One group per distinct layer entry, in order of first appearance, targets sorted.
+    std::vector<std::pair<json, std::vector<std::string>>> groups;
+    for (const auto& [name, entry] : q.at("quantized_layers").items()) {
+      auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == entry; });
+      if (it == groups.end()) groups.push_back({entry, {name}});
+      else it->second.push_back(name);
+    }
+    json config_groups = json::object();
+    for (std::size_t i = 0; i < groups.size(); ++i) {
+      const json& entry = groups[i].first;
+      json g = group_config(entry.at("quant_algo").get<std::string>(), entry.value("group_size", std::int64_t{0}));
+      std::sort(groups[i].second.begin(), groups[i].second.end());
+      g["targets"] = groups[i].second;
+      config_groups[fmt::format("group_{}", i)] = g;
+    }
+    c["config_groups"] = config_groups;
+    c["quantized_layers"] = q.at("quantized_layers");
+  }
+  c["ignore"] = q.contains("exclude_modules") ? q["exclude_modules"] : json::array();
+  if (!algo.empty()) c["quant_algo"] = algo;
+  if (q.contains("kv_cache_quant_algo") && q["kv_cache_quant_algo"].is_string()) {
+    const std::string kv = q["kv_cache_quant_algo"].get<std::string>();
+    c["kv_cache_scheme"] = kv == "FP8" ? json{{"dynamic", false}, {"num_bits", 8}, {"type", "float"}} : json(kv);
+  }
   c["producer"] = hf_quant_config.at("producer");
+  c["quant_method"] = "modelopt";
   return c;
 }
 

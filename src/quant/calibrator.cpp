@@ -57,18 +57,15 @@ std::vector<float> torch_linspace(float start, float end, std::int64_t steps) {
     v[0] = start;
     return v;
   }
+  // PyTorch's CPU kernel: the first half counts up from start, the second down
+  // from end, each value rounded once (its build fuses the multiply-add).
   const float step = (end - start) / static_cast<float>(steps - 1);
   const std::int64_t halfway = steps / 2;
-  // The vectorized loop fills 8 values from one base (16 per iteration); the tail is scalar.
-  const std::int64_t vector_end = steps - steps % 16;
-  auto scalar_value = [&](std::int64_t idx) {
-    return idx < halfway ? start + step * static_cast<float>(idx) : end - step * static_cast<float>(steps - idx - 1);
-  };
-  for (std::int64_t i0 = 0; i0 < vector_end; i0 += 8) {
-    const float base = scalar_value(i0);
-    for (std::int64_t i = 0; i < 8; ++i) v[static_cast<std::size_t>(i0 + i)] = base + static_cast<float>(i) * step;
+  for (std::int64_t i = 0; i < steps; ++i) {
+    const double value = i < halfway ? static_cast<double>(start) + static_cast<double>(step) * static_cast<double>(i)
+                                     : static_cast<double>(end) - static_cast<double>(step) * static_cast<double>(steps - i - 1);
+    v[static_cast<std::size_t>(i)] = static_cast<float>(value);
   }
-  for (std::int64_t i = vector_end; i < steps; ++i) v[static_cast<std::size_t>(i)] = scalar_value(i);
   return v;
 }
 

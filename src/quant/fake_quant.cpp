@@ -128,7 +128,9 @@ float fake_quant_int(float x, float amax, int bits) {
 
 float fake_quant_e4m3(float x, float amax) {
   if (!(amax > kTinyAmax)) amax = 1.0f;
-  const float scale = kE4M3Max / amax;
+  // As the reference's eager path computes `448.0 / amax` and `1 / scale` on tensors:
+  // PyTorch evaluates scalar / tensor as reciprocal(tensor) * scalar.
+  const float scale = (1.0f / amax) * kE4M3Max;
   const float inv_scale = 1.0f / scale;
   const float scaled = std::clamp(x * scale, -kE4M3Max, kE4M3Max);
   return e4m3_to_f32(f32_to_e4m3(scaled)) * inv_scale;

@@ -28,7 +28,8 @@ void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows,
 // The element-level steps, exposed for tests and the exporters.
 // Integer: clamp(rint(x * bound/amax), -bound-1, bound) / (bound/amax); 0 when amax is below 2^-24.
 float fake_quant_int(float x, float amax, int bits);
-// FP8: e4m3(clamp(x * 448/amax, ±448)) * (1 / (448/amax)); amax below 2^-24 counts as 1.
+// FP8: e4m3(clamp(x * s, ±448)) * (1 / s) with s = (1 / amax) * 448 (the reference's eager
+// path; its CUDA kernel divides 448 / amax, which may differ in the last bit); amax below 2^-24 counts as 1.
 float fake_quant_e4m3(float x, float amax);
 // The NVFP4 block scale for a block whose amax is `block_amax` under global amax `global_amax`.
 float nvfp4_block_scale(float block_amax, float global_amax);

@@ -65,6 +65,9 @@ QuantizedWeight quantize_weight(const QuantizerSpec& spec, const float* w, std::
   if (amax.size() != need) fail("{} weight [{}, {}] needs {} amax values, got {}", spec.describe(), out, in, need, amax.size());
   QuantizedWeight q;
   const std::int64_t n = out * in;
+  if (spec.scaling == Scaling::mx && in % spec.block != 0) {
+    fail("MX export needs the input dimension ({}) to be a multiple of the block ({}), as the reference's exporter does", in, spec.block);
+  }
   switch (spec.element) {
     case Element::e4m3: {
       if (spec.scaling == Scaling::mx) {
@@ -132,6 +135,11 @@ QuantizedWeight quantize_weight(const QuantizerSpec& spec, const float* w, std::
     case Element::int4: {
       if (spec.scaling != Scaling::block || spec.block_rows != 0) fail("no INT4 weight layout for {}", spec.describe());
       if (out % 2 != 0) fail("INT4 packs pairs of rows; the weight has an odd number of rows ({})", out);
+      if (in % spec.block != 0) {
+        fail("INT4 export needs the input dimension ({}) to be a multiple of the group size ({}), as the reference's "
+             "exporter and the engines' kernels do; choose a group size that divides it (--group-size) or leave the module out",
+             in, spec.block);
+      }
       const std::int64_t nb = ceil_div(in, spec.block);
       q.weight = Tensor::zeros(DType::U8, {out / 2, in});
       q.weight_scale = Tensor::zeros(DType::F32, {out, nb});

@@ -152,7 +152,9 @@ TEST(Ptq, EveryFormatLoadsBackAndStaysCloseToTheModel) {
   for (const auto& [format, factor] : margin) {
     SCOPED_TRACE(format);
     TempDir tmp;
-    quantize_to(tiny_kjv(), recipe(format), calib, tmp.file("q"));
+    auto r = recipe(format);
+    if (format == "int4_rtn" || format == "w4a8_awq") r.group_size = 64;  // tiny-kjv's 704 inputs: 11 groups of 64
+    quantize_to(tiny_kjv(), r, calib, tmp.file("q"));
     const auto m = exporter::load_model(tmp.file("q"));
     EXPECT_LT(m.weight_bytes(), base.weight_bytes());
     const double ppl = eval::perplexity(m, text, 256, 256).perplexity;
@@ -165,12 +167,16 @@ TEST(Ptq, EveryFormatLoadsBackAndStaysCloseToTheModel) {
 TEST(Ptq, MixedPrecisionRecipesExportPerLayerAlgorithms) {
   TempDir tmp;
   auto r = recipe("int4_rtn");
+  r.group_size = 32;  // the tiny model's Linears have 64 and 160 inputs
   r.overrides = {{"*.mlp.down_proj", "int8_wo"}, {"*.layers.1.self_attn.*", "none"}};
   quantize_to(tiny_llama(), r, {}, tmp.file("q"));
   const auto hf = io::parse_json_unique_keys(io::read_text_file(tmp.file("q") + "/hf_quant_config.json"), "hf");
   EXPECT_EQ(hf["quantization"]["quant_algo"], "MIXED_PRECISION");
   EXPECT_EQ(hf["quantization"]["quantized_layers"]["model.layers.0.mlp.down_proj"]["quant_algo"], "W8A16");
   EXPECT_EQ(hf["quantization"]["quantized_layers"]["model.layers.0.mlp.up_proj"]["quant_algo"], "W4A16_AWQ");
+  EXPECT_EQ(hf["quantization"]["quantized_layers"]["model.layers.0.mlp.up_proj"]["group_size"], 32);
+  const auto cfg = io::parse_json_unique_keys(io::read_text_file(tmp.file("q") + "/config.json"), "cfg");
+  EXPECT_EQ(cfg["quantization_config"]["config_groups"].size(), 2u);
   EXPECT_FALSE(hf["quantization"]["quantized_layers"].contains("model.layers.1.self_attn.q_proj"));
   const auto store = io::TensorStore::open_dir(tmp.file("q"));
   EXPECT_EQ(store.tensor("model.layers.1.self_attn.q_proj.weight").dtype(), DType::BF16);
@@ -204,7 +210,7 @@ TEST(Ptq, ANanWeightIsReportedByNameAndNothingIsWritten) {
   io::write_safetensors(bad + "/model.safetensors", tensors);
   const std::string out = tmp.file("out");
   try {
-    quantize_to(bad, recipe("int4_rtn"), {}, out);
+    quantize_to(bad, recipe("int8_wo"), {}, out);
     FAIL() << "no error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("model.layers.1.mlp.up_proj.weight: non-finite value"), std::string::npos) << e.what();
@@ -213,10 +219,21 @@ TEST(Ptq, ANanWeightIsReportedByNameAndNothingIsWritten) {
   for (const auto& entry : fs::directory_iterator(tmp.path())) EXPECT_EQ(entry.path().filename().string().find("out.tmp"), std::string::npos);
 }
 
+TEST(Ptq, PartialInt4GroupsAreRefusedAsTheReferenceDoes) {
+  TempDir tmp;
+  try {
+    quantize_to(tiny_kjv(), recipe("int4_rtn"), {}, tmp.file("q"));  // down_proj has 704 inputs
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.0.mlp.down_proj: INT4 export needs the input dimension (704)"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(tmp.file("q")));
+}
+
 TEST(Ptq, AnExistingOutputDirectoryIsRefused) {
   TempDir tmp;
   const io::Checkpoint ckpt = io::Checkpoint::open(tiny_llama());
-  EXPECT_THROW(exporter::HfModeloptWriter(ckpt, tmp.path().string(), recipe("int4_rtn")), Error);
+  EXPECT_THROW(exporter::HfModeloptWriter(ckpt, tmp.path().string(), recipe("int8_wo")), Error);
 }
 
 TEST(Ptq, PropagatingQuantizedOutputsChangesLaterLayersOnly) {
