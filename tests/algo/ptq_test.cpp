@@ -230,6 +230,46 @@ TEST(Ptq, PartialInt4GroupsAreRefusedAsTheReferenceDoes) {
   EXPECT_FALSE(fs::exists(tmp.file("q")));
 }
 
+TEST(Ptq, DamagedQuantizedCheckpointsAreRefusedByName) {
+  TempDir tmp;
+  const std::string good = tmp.file("good");
+  quantize_to(tiny_llama(), recipe("fp8"), synthetic_calibration(2, 16, 256), good);
+  // Rewrites `good` into `dir` with one tensor changed (or dropped) and/or a different hf_quant_config.json.
+  auto damaged = [&](const std::string& dir, const std::string& tensor, std::optional<Tensor> replacement, const std::string& quant_json) {
+    fs::create_directories(dir);
+    for (const char* f : {"config.json", "hf_quant_config.json"}) fs::copy_file(good + "/" + f, dir + "/" + f);
+    if (!quant_json.empty()) std::ofstream(dir + "/hf_quant_config.json", std::ios::trunc) << quant_json;
+    const auto store = io::TensorStore::open_dir(good);
+    std::vector<io::NamedTensor> tensors;
+    for (const auto& loc : store.all()) {
+      if (loc.entry->name == tensor) {
+        if (replacement) tensors.push_back({tensor, *replacement});
+        continue;
+      }
+      tensors.push_back({loc.entry->name, store.tensor(loc.entry->name)});
+    }
+    io::write_safetensors(dir + "/model.safetensors", tensors);
+    return dir;
+  };
+  auto expect_error = [](const std::string& dir, const std::string& needle) {
+    try {
+      exporter::load_model(dir);
+      ADD_FAILURE() << "no error for " << dir;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  const std::string scale = "model.layers.1.mlp.up_proj.weight_scale";
+  expect_error(damaged(tmp.file("d1"), scale, Tensor::zeros(DType::BF16, {}), ""), scale.substr(0, scale.size() - 13) + ": weight_scale is bf16");
+  expect_error(damaged(tmp.file("d2"), scale, Tensor::zeros(DType::F32, {}), ""), "a weight scale is 0");
+  expect_error(damaged(tmp.file("d3"), "model.layers.0.self_attn.o_proj.input_scale", std::nullopt, ""), "o_proj.input_scale is missing");
+  expect_error(damaged(tmp.file("d4"), "", std::nullopt, R"({"quantization": {"quant_algo": "INT3"}})"), "quant_algo 'INT3' is not one mopt reads");
+  expect_error(damaged(tmp.file("d5"), "", std::nullopt, R"({"quantization": 7})"), "no \"quantization\" object");
+  expect_error(damaged(tmp.file("d6"), "model.layers.0.mlp.down_proj.weight", Tensor::zeros(DType::F8_E4M3, {64, 64}), ""),
+               "down_proj: weight is f8_e4m3 [64, 64], expected f8_e4m3 [64, 160]");
+  EXPECT_NO_THROW(exporter::load_model(good));
+}
+
 TEST(Ptq, AnExistingOutputDirectoryIsRefused) {
   TempDir tmp;
   const io::Checkpoint ckpt = io::Checkpoint::open(tiny_llama());
