@@ -138,10 +138,11 @@ nlohmann::json make_quantization_config(const nlohmann::json& hf_quant_config) {
   } else if (algo == "MIXED_PRECISION") {
     // One group per distinct layer entry, in order of first appearance, targets sorted.
     std::vector<std::pair<json, std::vector<std::string>>> groups;
-    for (const auto& [name, entry] : q.at("quantized_layers").items()) {
+    for (const auto& item : q.at("quantized_layers").items()) {
+      const json& entry = item.value();
       auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == entry; });
-      if (it == groups.end()) groups.push_back({entry, {name}});
-      else it->second.push_back(name);
+      if (it == groups.end()) groups.push_back({entry, {item.key()}});
+      else it->second.push_back(item.key());
     }
     json config_groups = json::object();
     for (std::size_t i = 0; i < groups.size(); ++i) {
