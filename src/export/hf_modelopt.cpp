@@ -130,7 +130,7 @@ nlohmann::json make_quantization_config(const nlohmann::json& hf_quant_config) {
   const json& q = hf_quant_config.at("quantization");
   json c = json::object();
   const std::string algo = q.contains("quant_algo") && q["quant_algo"].is_string() ? q["quant_algo"].get<std::string>() : "";
-  const std::int64_t group = q.contains("group_size") ? q["group_size"].get<std::int64_t>() : 0;
+  const std::int64_t group = q.contains("group_size") && q["group_size"].is_number_integer() ? q["group_size"].get<std::int64_t>() : 0;
   if (algo == "FP8" || algo == "NVFP4") {
     json g = group_config(algo, group);
     g["targets"] = {"Linear"};
@@ -324,8 +324,14 @@ ReadConfig read_quant_config(const std::string& dir) {
     if (q.contains("exclude_modules") && q["exclude_modules"].is_array()) r.exclude = q["exclude_modules"].get<std::vector<std::string>>();
     if (q.contains("kv_cache_quant_algo") && q["kv_cache_quant_algo"].is_string()) r.kv_algo = q["kv_cache_quant_algo"].get<std::string>();
     if (r.default_algo == "MIXED_PRECISION") {
-      for (const auto& [name, e] : q.at("quantized_layers").items()) {
-        r.per_layer[name] = {e.at("quant_algo").get<std::string>(), e.value("group_size", std::int64_t{0})};
+      for (const auto& item : q.at("quantized_layers").items()) {
+        const json& e = item.value();
+        std::int64_t group = 0;
+        if (e.contains("group_size")) {
+          if (!e["group_size"].is_number_integer()) fail("{}: {}: group_size must be an integer", label, item.key());
+          group = e["group_size"].get<std::int64_t>();
+        }
+        r.per_layer[item.key()] = {e.at("quant_algo").get<std::string>(), group};
       }
     }
   } catch (const json::exception& e) {

@@ -1,5 +1,7 @@
 #include "quant/recipe.h"
 
+#include <cstdint>
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -154,6 +156,21 @@ void Recipe::validate() const {
   if (calib_size <= 0 || seq_len <= 1) fail("calibration needs at least one sample of at least 2 tokens");
 }
 
+namespace {
+
+// An integer field; a fraction or a number outside int64 is refused (not converted).
+std::int64_t integer_field(const nlohmann::json& value, const std::string& key) {
+  if (value.is_number_unsigned()) {
+    const auto v = value.get<std::uint64_t>();
+    if (v > static_cast<std::uint64_t>(INT64_MAX)) fail("\"{}\" is too large", key);
+    return static_cast<std::int64_t>(v);
+  }
+  if (!value.is_number_integer()) fail("\"{}\" must be an integer", key);
+  return value.get<std::int64_t>();
+}
+
+}  // namespace
+
 Recipe parse_recipe(const std::string& json_text, const std::string& label) {
   const nlohmann::json j = io::parse_json_unique_keys(json_text, label);
   if (!j.is_object()) fail("{}: a recipe is a JSON object", label);
@@ -161,18 +178,25 @@ Recipe parse_recipe(const std::string& json_text, const std::string& label) {
   try {
     for (const auto& [key, value] : j.items()) {
       if (key == "format") r.format = value.get<std::string>();
-      else if (key == "group_size") r.group_size = value.get<std::int64_t>();
+      else if (key == "group_size") r.group_size = integer_field(value, key);
       else if (key == "algorithm") r.algorithm = value.get<std::string>();
       else if (key == "kv_cache") {
         if (!value.is_null()) r.kv_cache = value.get<std::string>();
       } else if (key == "calibrator") r.calibrator = parse_calib_method(value.get<std::string>());
-      else if (key == "percentile") r.percentile = value.get<double>();
+      else if (key == "percentile") {
+        if (!value.is_number()) fail("\"percentile\" must be a number");
+        r.percentile = value.get<double>();
+      }
       else if (key == "exclude") r.exclude = value.get<std::vector<std::string>>();
       else if (key == "overrides") {
         for (const auto& o : value) r.overrides.push_back({o.at("pattern").get<std::string>(), o.at("format").get<std::string>()});
-      } else if (key == "calib_size") r.calib_size = value.get<std::int64_t>();
-      else if (key == "seq_len") r.seq_len = value.get<std::int64_t>();
-      else if (key == "seed") r.seed = value.get<std::uint64_t>();
+      } else if (key == "calib_size") r.calib_size = integer_field(value, key);
+      else if (key == "seq_len") r.seq_len = integer_field(value, key);
+      else if (key == "seed") {
+        const std::int64_t seed = integer_field(value, key);
+        if (seed < 0) fail("\"seed\" must not be negative");
+        r.seed = static_cast<std::uint64_t>(seed);
+      }
       else fail("unknown key '{}'", key);
     }
   } catch (const nlohmann::json::exception& e) {

@@ -71,6 +71,9 @@ TEST(Recipe, ParsesJsonAndRefusesUnknownKeys) {
   }
   EXPECT_THROW(parse_recipe(R"({"format": "fp8", "kv_cache": "int2"})", "r.json"), Error);
   EXPECT_THROW(parse_recipe(R"({"format": 3})", "r.json"), Error);
+  EXPECT_THROW(parse_recipe(R"({"format": "int4_rtn", "group_size": 6.3e60})", "r.json"), Error);  // found by the fuzzer
+  EXPECT_THROW(parse_recipe(R"({"format": "int4_rtn", "group_size": 64.5})", "r.json"), Error);
+  EXPECT_THROW(parse_recipe(R"({"format": "int4_rtn", "seed": -1})", "r.json"), Error);
   EXPECT_THROW(parse_recipe(R"([1,2])", "r.json"), Error);
   EXPECT_THROW(parse_recipe(R"({"format": "fp8", "calibrator": "entropy"})", "r.json"), Error);  // FP8 activations
 }
