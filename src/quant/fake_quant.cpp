@@ -37,17 +37,29 @@ float convert_element(Element element, float magnitude) {
   return magnitude;
 }
 
+// The per-group constants are computed once; each element then costs a multiply, a rounding and a multiply.
 void fake_quantize_group(const QuantizerSpec& spec, const float* x, float* y, std::int64_t n, float amax) {
   switch (spec.element) {
     case Element::int8:
     case Element::int4: {
-      const int bits = spec.element == Element::int8 ? 8 : 4;
-      for (std::int64_t i = 0; i < n; ++i) y[i] = fake_quant_int(x[i], amax, bits);
+      const float bound = spec.element == Element::int8 ? 127.0f : 7.0f;
+      if (!(amax > kTinyAmax)) {
+        std::fill(y, y + n, 0.0f);
+        break;
+      }
+      const float scale = bound / amax;
+      for (std::int64_t i = 0; i < n; ++i) y[i] = std::clamp(std::nearbyint(x[i] * scale), -bound - 1.0f, bound) / scale;
       break;
     }
-    case Element::e4m3:
-      for (std::int64_t i = 0; i < n; ++i) y[i] = fake_quant_e4m3(x[i], amax);
+    case Element::e4m3: {
+      if (!(amax > kTinyAmax)) amax = 1.0f;
+      const float scale = (1.0f / amax) * kE4M3Max;
+      const float inv_scale = 1.0f / scale;
+      for (std::int64_t i = 0; i < n; ++i) {
+        y[i] = e4m3_to_f32(f32_to_e4m3(std::clamp(x[i] * scale, -kE4M3Max, kE4M3Max))) * inv_scale;
+      }
       break;
+    }
     case Element::e2m1:
       fail("E2M1 needs NVFP4 or MX scaling");
   }
