@@ -25,6 +25,8 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/mopt-ptq-formats.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
 field() { grep -o "\"$2\": [-0-9.e+]*" "$1" | head -1 | sed 's/.*: //'; }
+# The report's own "seconds" comes after the per-layer ones (keys are sorted).
+total_seconds() { grep -o '"seconds": [-0-9.e+]*' "$1" | tail -1 | sed 's/.*: //'; }
 base_bytes=$(du -b --apparent-size "$MODEL"/*.safetensors | awk '{s += $1} END {print s}')
 echo "model $MODEL, text $TEXT (ctx $CTX), calibration $CALIB_SIZE x $SEQ_LEN tokens of data/kjv-calib.txt"
 echo
@@ -47,6 +49,6 @@ for spec in "${FORMATS[@]}"; do
   bytes=$(du -b --apparent-size "$out"/*.safetensors | awk '{s += $1} END {print s}')
   printf '| %s | %.3f | %+.3f | %.5f | %.2f%% | %.1f | %.2fx | %.1f | %.0f |\n' "$spec" "$ppl" "$(field "$WORK/kld.json" delta_ppl)" \
     "$(field "$WORK/kld.json" mean_kld)" "$(echo "$(field "$WORK/kld.json" top1_agreement) * 100" | bc -l)" \
-    "$(echo "$bytes / 1048576" | bc -l)" "$(echo "$base_bytes / $bytes" | bc -l)" "$(field "$WORK/report.json" seconds)" \
+    "$(echo "$bytes / 1048576" | bc -l)" "$(echo "$base_bytes / $bytes" | bc -l)" "$(total_seconds "$WORK/report.json")" \
     "$(echo "$(field "$WORK/report.json" peak_rss_bytes) / 1048576" | bc -l)"
 done
