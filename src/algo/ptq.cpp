@@ -17,6 +17,9 @@
 #include "quant/act_quant.h"
 #include "quant/calibrator.h"
 #include "quant/fake_quant.h"
+#include "algo/gptq.h"
+#include "algo/smoothing.h"
+#include <memory>
 
 namespace mopt::algo {
 
@@ -32,42 +35,6 @@ std::uint64_t splitmix64(std::uint64_t& state) {
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
 }
-
-// What one layer's calibration run saw.
-class LayerStats : public model::LayerObserver {
- public:
-  LayerStats(std::array<bool, 7> want_histogram) : want_histogram_(want_histogram) {}
-
-  void linear_input(std::int64_t layer, LinearKind kind, const float* x, std::int64_t rows, std::int64_t cols) override {
-    const std::size_t k = kind_index(kind);
-    float m = 0.0f;
-    const std::int64_t n = rows * cols;
-    for (std::int64_t i = 0; i < n; ++i) {
-      if (!std::isfinite(x[i])) {
-        fail("layer {}: non-finite activation {} at the input of {} (row {}, column {})", layer, x[i], model::linear_name(kind),
-             i / cols, i % cols);
-      }
-      m = std::max(m, std::fabs(x[i]));
-    }
-    input_max[k] = std::max(input_max[k], m);
-    if (want_histogram_[k]) histograms[k].collect(x, n);
-  }
-
-  void key_value(std::int64_t layer, const float* k, const float* v, std::int64_t rows, std::int64_t kv_dim) override {
-    for (std::int64_t i = 0; i < rows * kv_dim; ++i) {
-      if (!std::isfinite(k[i]) || !std::isfinite(v[i])) fail("layer {}: non-finite key or value after RoPE (row {})", layer, i / kv_dim);
-      key_max = std::max(key_max, std::fabs(k[i]));
-      value_max = std::max(value_max, std::fabs(v[i]));
-    }
-  }
-
-  std::array<float, 7> input_max{};
-  std::array<quant::HistogramCalibrator, 7> histograms;
-  float key_max = 0.0f, value_max = 0.0f;
-
- private:
-  std::array<bool, 7> want_histogram_;
-};
 
 struct Batch {
   std::int64_t row0 = 0, rows = 0;
@@ -102,6 +69,245 @@ std::string layer_formats(const std::vector<quant::QuantizedLinear>& linears) {
   std::string s;
   for (const auto& f : seen) s += (s.empty() ? "" : "+") + f;
   return s;
+}
+
+// The Linears that share an input: q/k/v (the attention norm's output) and gate/up (the MLP norm's).
+const std::array<std::vector<LinearKind>, 2> kInputGroups = {std::vector<LinearKind>{LinearKind::q, LinearKind::k, LinearKind::v},
+                                                             std::vector<LinearKind>{LinearKind::gate, LinearKind::up}};
+
+// The Linear whose input statistics stand for `kind`'s (they see the same tensor).
+LinearKind input_leader(LinearKind kind) {
+  switch (kind) {
+    case LinearKind::k:
+    case LinearKind::v: return LinearKind::q;
+    case LinearKind::up: return LinearKind::gate;
+    default: return kind;
+  }
+}
+
+struct Algorithm {
+  bool smoothquant = false, awq_lite = false, awq_clip = false, gptq = false;
+  bool any() const { return smoothquant || awq_lite || awq_clip || gptq; }
+};
+
+Algorithm parse_algorithm(const std::string& name) {
+  Algorithm a;
+  if (name == "max") return a;
+  if (name == "smoothquant") a.smoothquant = true;
+  else if (name == "awq_lite") a.awq_lite = true;
+  else if (name == "awq_clip") a.awq_clip = true;
+  else if (name == "awq_full") a.awq_lite = a.awq_clip = true;
+  else if (name == "gptq") a.gptq = true;
+  else if (name == "awq_lite+gptq") a.awq_lite = a.gptq = true;
+  else fail("unknown algorithm '{}'", name);
+  return a;
+}
+
+// Throws when `algo` cannot run on a Linear quantized as `s`.
+void check_algorithm(const Algorithm& algo, const std::string& name, const quant::LinearScheme& s) {
+  if (algo.smoothquant && !(s.weight->element == quant::Element::int8 && s.input && s.input->element == quant::Element::int8)) {
+    fail("{} smooths INT8 weights and INT8 activations (W8A8); format {} is not", name, s.format);
+  }
+  if (algo.awq_clip && !(s.weight->scaling == quant::Scaling::block && s.weight->block_rows == 0 &&
+                         (s.weight->element == quant::Element::int4 || s.weight->element == quant::Element::int8) && !s.weight->fp8_second_stage)) {
+    fail("{} searches clip ratios per block of integer block-quantized weights (int4_rtn, int4_awq); format {} is not", name, s.format);
+  }
+  if (algo.gptq && !gptq_supports(*s.weight)) {
+    fail("{}: GPTQ runs on INT4/INT8 and FP8 weights with static scales; format {} ({}) is not supported", name, s.format, s.weight->describe());
+  }
+}
+
+struct StatsNeeds {
+  bool channel_max = false, mean_abs = false, clip_samples = false, hessian = false;
+};
+
+// What one layer's calibration run saw.
+class LayerStats : public model::LayerObserver {
+ public:
+  LayerStats(std::array<bool, 7> want_histogram, StatsNeeds needs) : want_histogram_(want_histogram), needs_(needs) {}
+
+  void linear_input(std::int64_t layer, LinearKind kind, const float* x, std::int64_t rows, std::int64_t cols) override {
+    const std::size_t k = kind_index(kind);
+    float m = 0.0f;
+    const std::int64_t n = rows * cols;
+    for (std::int64_t i = 0; i < n; ++i) {
+      if (!std::isfinite(x[i])) {
+        fail("layer {}: non-finite activation {} at the input of {} (row {}, column {})", layer, x[i], model::linear_name(kind),
+             i / cols, i % cols);
+      }
+      m = std::max(m, std::fabs(x[i]));
+    }
+    input_max[k] = std::max(input_max[k], m);
+    if (want_histogram_[k]) histograms[k].collect(x, n);
+    if (input_leader(kind) != kind) return;  // the algorithms' statistics once per distinct input
+    if (needs_.channel_max) {
+      auto& cm = channel_max[k];
+      if (cm.empty()) cm.assign(static_cast<std::size_t>(cols), 0.0f);
+      for (std::int64_t r = 0; r < rows; ++r) {
+        for (std::int64_t j = 0; j < cols; ++j) cm[j] = std::max(cm[j], std::fabs(x[r * cols + j]));
+      }
+    }
+    if (needs_.mean_abs) mean_abs[k].add(x, rows, cols);
+    if (needs_.clip_samples) clip[k].add(x, rows, cols);
+    if (needs_.hessian) hessian[k].add(x, rows, cols);
+    if (needs_.mean_abs) batch_gram[k].add(x, rows, cols, 1.0 / static_cast<double>(rows));
+  }
+
+  void key_value(std::int64_t layer, const float* k, const float* v, std::int64_t rows, std::int64_t kv_dim) override {
+    for (std::int64_t i = 0; i < rows * kv_dim; ++i) {
+      if (!std::isfinite(k[i]) || !std::isfinite(v[i])) fail("layer {}: non-finite key or value after RoPE (row {})", layer, i / kv_dim);
+      key_max = std::max(key_max, std::fabs(k[i]));
+      value_max = std::max(value_max, std::fabs(v[i]));
+    }
+  }
+
+  std::array<float, 7> input_max{};
+  std::array<quant::HistogramCalibrator, 7> histograms;
+  float key_max = 0.0f, value_max = 0.0f;
+  std::array<std::vector<float>, 7> channel_max;
+  std::array<MeanAbsAccumulator, 7> mean_abs;
+  std::array<ClipSampler, 7> clip;
+  std::array<GramAccumulator, 7> hessian;  // unit weights (GPTQ)
+  std::array<GramAccumulator, 7> batch_gram;  // batches weighted 1/rows (AWQ-lite)
+
+ private:
+  std::array<bool, 7> want_histogram_;
+  StatsNeeds needs_;
+};
+
+// One Linear while the algorithms work on it.
+struct LinearWork {
+  std::int64_t out = 0, in = 0;
+  std::vector<float> w;             // [out, in] f32 holding values of the model's dtype
+  std::vector<float> pqs;           // pre-quantization scale on the input (model dtype values); empty: none
+  std::vector<float> folded_scale;  // the scale folded into the preceding norm (the input is scaled by it)
+  std::vector<float> amax;          // weight amax fixed by an algorithm (clip); empty: max-calibrate w
+  std::vector<float> input_amax;    // static input amax; empty: none
+  float alpha = -1.0f;
+};
+
+// The reference's apply_pre_quant_scale_and_smooth: the input is multiplied by `s` (cast to the
+// model dtype), W by 1/s (in f32, cast back), the weight re-calibrated, and a static input amax
+// becomes max_j(channel_amax_j * s_j).
+void apply_pre_quant_scale(LinearWork& wk, const std::vector<float>& s, const std::vector<float>& channel_amax, bool static_in, DType dtype) {
+  for (float v : s) {
+    if (!(v > 0.0f) || !std::isfinite(v)) fail("pre-quantization scale {} is not a positive finite number", v);
+  }
+  wk.pqs = s;
+  round_to_dtype(dtype, wk.pqs);
+  for (std::int64_t r = 0; r < wk.out; ++r) {
+    for (std::int64_t j = 0; j < wk.in; ++j) wk.w[r * wk.in + j] = wk.w[r * wk.in + j] * (1.0f / s[j]);
+  }
+  round_to_dtype(dtype, wk.w);
+  wk.amax.clear();
+  if (static_in) {
+    std::vector<float> a = channel_amax;
+    round_to_dtype(dtype, a);
+    float m = 0.0f;
+    for (std::size_t j = 0; j < a.size(); ++j) m = std::max(m, a[j] * s[j]);
+    std::vector<float> mv{m};
+    round_to_dtype(dtype, mv);
+    wk.input_amax = mv;
+  }
+}
+
+// The reference's _update_pre_quant_scale: W * old / new in f32, cast back; the weight amax is re-calibrated.
+void resmooth(LinearWork& wk, const std::vector<float>& scale, DType dtype) {
+  if (wk.pqs == scale) return;
+  for (std::int64_t r = 0; r < wk.out; ++r) {
+    for (std::int64_t j = 0; j < wk.in; ++j) wk.w[r * wk.in + j] = (wk.w[r * wk.in + j] * wk.pqs[j]) / scale[j];
+  }
+  round_to_dtype(dtype, wk.w);
+  wk.pqs = scale;
+  wk.amax.clear();
+}
+
+// NVFP4_AWQ's export: the pre-quantization scale of `from` (o_proj, down_proj) multiplies the output
+// rows of the Linear before it (v_proj, up_proj), when their sizes match (not under GQA for o_proj).
+void fold_scale_into_rows(LinearWork& from, LinearWork& into, model::Linear& into_linear, const std::string& bias_name,
+                          quant::QuantizedLayer& ql, DType dtype) {
+  if (from.pqs.empty() || into.w.empty() || from.in != into.out) return;
+  for (std::int64_t r = 0; r < into.out; ++r) {
+    for (std::int64_t j = 0; j < into.in; ++j) into.w[r * into.in + j] = into.w[r * into.in + j] * from.pqs[r];
+  }
+  round_to_dtype(dtype, into.w);
+  into.amax.clear();
+  if (into_linear.bias) {
+    std::vector<float> b = into_linear.bias->to_f32();
+    for (std::size_t r = 0; r < b.size(); ++r) b[r] = b[r] * from.pqs[r];
+    const DType bias_dtype = into_linear.bias->dtype();
+    round_to_dtype(bias_dtype, b);
+    ql.replaced.emplace_back(bias_name, Tensor::from_f32(b, {static_cast<std::int64_t>(b.size())}).to(bias_dtype));
+    into_linear.bias = Tensor::from_f32(b, {static_cast<std::int64_t>(b.size())});
+  }
+  from.pqs.clear();
+}
+
+// As the reference's export does for every format but per-tensor FP8: a fused group shares the input
+// amax, a per-tensor (NVFP4 global) weight amax and W4A8's second-stage amax, each the group's max.
+void share_group_amax(const std::array<quant::LinearScheme, 7>& schemes, std::array<std::vector<float>, 7>& weight_amax,
+                      std::array<float, 7>& second_amax, std::array<LinearWork, 7>& work) {
+  for (const auto& group : kInputGroups) {
+    const auto& s = schemes[kind_index(group[0])];
+    if (!s.quantized() || s.format == "fp8") continue;
+    float in_max = 0.0f, w_max = 0.0f, second_max = 0.0f;
+    for (const auto kind : group) {
+      const std::size_t k = kind_index(kind);
+      if (!work[k].input_amax.empty()) in_max = std::max(in_max, work[k].input_amax[0]);
+      if (weight_amax[k].size() == 1) w_max = std::max(w_max, weight_amax[k][0]);
+      second_max = std::max(second_max, second_amax[k]);
+    }
+    for (const auto kind : group) {
+      const std::size_t k = kind_index(kind);
+      if (!work[k].input_amax.empty()) work[k].input_amax[0] = in_max;
+      if (weight_amax[k].size() == 1) weight_amax[k][0] = w_max;
+      second_amax[k] = second_max;
+    }
+  }
+}
+
+model::ActivationTransform input_transform(const quant::LinearScheme& s, const std::vector<float>& input_amax, const std::vector<float>& pqs) {
+  if (s.input) {
+    auto aq = std::make_shared<quant::ActivationQuantizer>(quant::ActivationQuantizer{*s.input, input_amax, pqs});
+    return [aq](float* x, std::int64_t rows, std::int64_t cols) { aq->apply(x, rows, cols); };
+  }
+  if (pqs.empty()) return {};
+  auto p = std::make_shared<std::vector<float>>(pqs);
+  return [p](float* x, std::int64_t rows, std::int64_t cols) {
+    for (std::int64_t r = 0; r < rows; ++r) {
+      for (std::int64_t j = 0; j < cols; ++j) x[r * cols + j] *= (*p)[j];
+    }
+  };
+}
+
+double relative_error(const std::vector<float>& a, const std::vector<float>& ref) {
+  double num = 0.0, den = 0.0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double d = static_cast<double>(a[i]) - ref[i];
+    num += d * d;
+    den += static_cast<double>(ref[i]) * ref[i];
+  }
+  return den > 0.0 ? std::sqrt(num / den) : 0.0;
+}
+
+// Runs `weights` over the layer inputs in `buffer` (replaced by the outputs) and returns
+// ||y - ref|| / ||ref||; a non-finite output is an error.
+double layer_output_error(const io::ModelConfig& c, const std::vector<float>& inv_freq, std::int64_t l, const model::LayerWeights& weights,
+                          std::vector<float>& buffer, const std::vector<float>& ref, const std::vector<Batch>& batches, model::Workspace& ws) {
+  const std::int64_t H = c.hidden_size;
+  double num = 0.0, den = 0.0;
+  for (const auto& b : batches) {
+    float* y = buffer.data() + b.row0 * H;
+    model::decoder_layer_forward(c, inv_freq, l, weights, y, b.rows, b.spans, nullptr, ws, nullptr);
+    const float* r = ref.data() + b.row0 * H;
+    for (std::int64_t i = 0; i < b.rows * H; ++i) {
+      if (!std::isfinite(y[i])) fail("layer {}: the quantized layer produced a non-finite output", l);
+      const double d = static_cast<double>(y[i]) - r[i];
+      num += d * d;
+      den += static_cast<double>(r[i]) * r[i];
+    }
+  }
+  return den > 0.0 ? std::sqrt(num / den) : 0.0;
 }
 
 }  // namespace
@@ -164,12 +370,17 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
   const io::ModelConfig& c = checkpoint.config();
   const auto start_time = std::chrono::steady_clock::now();
   const bool calibrating = !calib.sequences.empty();
-  if (!calibrating && needs_calibration(c, recipe)) {
-    fail("format {}{} quantizes activations or the KV cache: calibration text is needed (--calib)", recipe.format,
-         recipe.kv_cache ? " with a KV-cache format" : "");
+  const Algorithm algo = parse_algorithm(recipe.effective_algorithm());
+  if (!calibrating && (needs_calibration(c, recipe) || algo.any())) {
+    fail("{}{} needs calibration text (--calib)", algo.any() ? "algorithm " + recipe.effective_algorithm() : "format " + recipe.format,
+         !algo.any() && recipe.kv_cache ? " with a KV-cache format" : "");
   }
+  // As the reference by default (its GPTQ too: layerwise.enable is off), every layer is calibrated on the
+  // unquantized model's activations; `propagate_quantized` gives GPTQ's original sequential procedure.
+  const bool propagate = options.propagate_quantized;
   const std::int64_t H = c.hidden_size;
   const std::int64_t total_rows = calib.tokens();
+  const DType model_dtype = c.dtype;
   std::optional<quant::KvScheme> kv;
   if (recipe.kv_cache) kv = quant::kv_scheme(*recipe.kv_cache);
 
@@ -188,12 +399,13 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       }
     }
   }
-  std::vector<float> saved;
+  std::vector<float> saved, scratch;
   const std::vector<Batch> batches = make_batches(calib, std::max<std::int64_t>(1, options.batch_sequences));
   const std::vector<float> inv_freq = model::rope_inv_freq(c);
   model::Workspace ws;
 
   PtqReport report;
+  report.algorithm = recipe.effective_algorithm();
   report.calib_sequences = static_cast<std::int64_t>(calib.sequences.size());
   report.calib_tokens = total_rows;
   Progress progress("quantize", static_cast<std::uint64_t>(c.num_layers), "layers");
@@ -209,10 +421,10 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       auto& s = schemes[kind_index(kind)];
       s = recipe.scheme_for(prefix + std::string(model::linear_name(kind)));
       want_histogram[kind_index(kind)] = static_input(s) && recipe.calibrator != quant::CalibMethod::max && s.input->scaling == quant::Scaling::per_tensor;
+      if (s.quantized()) with_context(prefix + std::string(model::linear_name(kind)), [&] { check_algorithm(algo, recipe.effective_algorithm(), s); });
     }
     // Linears that share an input (q/k/v, gate/up) become one fused Linear in the engines: they must share a format.
-    for (const auto& group : {std::vector<LinearKind>{LinearKind::q, LinearKind::k, LinearKind::v},
-                              std::vector<LinearKind>{LinearKind::gate, LinearKind::up}}) {
+    for (const auto& group : kInputGroups) {
       for (const auto kind : group) {
         if (schemes[kind_index(kind)].format != schemes[kind_index(group[0])].format) {
           fail("layer {}: {} and {} share an input and must share a format (got '{}' and '{}')", l, model::linear_name(group[0]),
@@ -222,7 +434,12 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
     }
 
     // 1. The original layer on the calibration activations, observed.
-    LayerStats stats(want_histogram);
+    StatsNeeds needs;
+    needs.channel_max = algo.smoothquant || algo.awq_lite;
+    needs.mean_abs = algo.awq_lite;
+    needs.clip_samples = algo.awq_clip;
+    needs.hessian = algo.gptq;
+    LayerStats stats(want_histogram, needs);
     if (calibrating) {
       saved = hidden;
       for (const auto& b : batches) {
@@ -230,46 +447,142 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       }
     }
 
-    // 2. Weights: amax, shared amax of fused groups, real quantization.
+    // 2. The algorithm's weights, scales and amax per Linear.
+    std::array<LinearWork, 7> work;
+    for (const auto kind : model::kAllLinears) {
+      const std::size_t k = kind_index(kind);
+      if (!schemes[k].quantized()) continue;
+      const Tensor& w = fp.linear(kind).weight;
+      work[k].out = w.dim(0);
+      work[k].in = w.dim(1);
+      work[k].w = w.to_f32();
+      if (static_input(schemes[k])) {
+        work[k].input_amax = {want_histogram[k] ? stats.histograms[k].compute(recipe.calibrator, schemes[k].input->element, recipe.percentile)
+                                                : stats.input_max[k]};
+      }
+    }
+    std::array<std::vector<float>, 7> original_weights;
+    for (std::size_t k = 0; k < 7; ++k) original_weights[k] = work[k].w;  // for the round-to-nearest baseline
+    const auto input_amax_rtn = [&] {
+      std::array<std::vector<float>, 7> a;
+      for (std::size_t k = 0; k < 7; ++k) a[k] = work[k].input_amax;
+      return a;
+    }();
+
+    LayerReport lr;
+    if (algo.smoothquant) {
+      for (const auto kind : model::kAllLinears) {
+        const std::size_t k = kind_index(kind);
+        if (!schemes[k].quantized()) continue;
+        const auto& a = stats.channel_max[kind_index(input_leader(kind))];
+        const std::vector<float> s = with_context(prefix + std::string(model::linear_name(kind)), [&] { return smoothquant_scale(a, work[k].w.data(), work[k].out, work[k].in, 1.0f); });
+        apply_pre_quant_scale(work[k], s, a, static_input(schemes[k]), model_dtype);
+      }
+    }
+    if (algo.awq_lite) {
+      std::array<std::unique_ptr<AwqLiteSearch>, 7> searches;
+      for (const auto kind : model::kAllLinears) {
+        const std::size_t k = kind_index(kind);
+        if (!schemes[k].quantized()) continue;
+        const std::size_t lead = kind_index(input_leader(kind));
+        searches[k] = std::make_unique<AwqLiteSearch>(*schemes[k].weight, work[k].w.data(), work[k].out, work[k].in, stats.mean_abs[lead].mean(),
+                                                      stats.batch_gram[lead].full(), model_dtype);
+      }
+      for (const auto kind : model::kAllLinears) {
+        const std::size_t k = kind_index(kind);
+        if (!searches[k]) continue;
+        const float alpha = searches[k]->best_alpha();
+        std::vector<float> s = searches[k]->scale(alpha);
+        for (float& v : s) v = 1.0f / v;
+        apply_pre_quant_scale(work[k], s, stats.channel_max[kind_index(input_leader(kind))], static_input(schemes[k]), model_dtype);
+        work[k].alpha = alpha;
+        lr.alphas.emplace_back(std::string(model::linear_name(kind)), alpha);
+      }
+    }
+    if (algo.awq_clip) {
+      for (const auto kind : model::kAllLinears) {
+        const std::size_t k = kind_index(kind);
+        if (!schemes[k].quantized()) continue;
+        work[k].amax = with_context(prefix + std::string(model::linear_name(kind)), [&] {
+          return awq_clip_search(*schemes[k].weight, work[k].w.data(), work[k].out, work[k].in, stats.clip[kind_index(input_leader(kind))],
+                                 work[k].pqs);
+        });
+      }
+    }
+
+    // 3. As the reference's export does: one pre-quantization scale per shared input, folded where it can be.
     quant::QuantizedLayer ql;
     ql.index = l;
     model::LayerWeights qw = fp;
-    std::array<std::vector<float>, 7> weight_f32, weight_amax, input_amax;
-    std::array<float, 7> second_amax{};
-    for (const auto kind : model::kAllLinears) {
-      const std::size_t k = kind_index(kind);
-      const auto& s = schemes[k];
-      if (!s.quantized()) continue;
-      const Tensor& w = fp.linear(kind).weight;
-      const std::string tensor_name = prefix + std::string(model::linear_name(kind)) + ".weight";
-      weight_f32[k] = w.to_f32();
-      weight_amax[k] = with_context(tensor_name, [&] { return quant::compute_amax(*s.weight, weight_f32[k].data(), w.dim(0), w.dim(1)); });
-      if (s.weight->fp8_second_stage) second_amax[k] = quant::w4a8_second_amax(*s.weight, weight_f32[k].data(), w.dim(0), w.dim(1), weight_amax[k]);
-      if (static_input(s)) {
-        const bool histogram = want_histogram[k];
-        input_amax[k] = {histogram ? stats.histograms[k].compute(recipe.calibrator, s.input->element, recipe.percentile) : stats.input_max[k]};
-      }
+    const std::string fmt_name = schemes[kind_index(LinearKind::q)].format;
+    if (fmt_name == "nvfp4_awq") {
+      fold_scale_into_rows(work[kind_index(LinearKind::o)], work[kind_index(LinearKind::v)], qw.v, prefix + "self_attn.v_proj.bias", ql, model_dtype);
+      fold_scale_into_rows(work[kind_index(LinearKind::down)], work[kind_index(LinearKind::up)], qw.up, prefix + "mlp.up_proj.bias", ql, model_dtype);
     }
-    for (const auto& group : {std::vector<LinearKind>{LinearKind::q, LinearKind::k, LinearKind::v},
-                              std::vector<LinearKind>{LinearKind::gate, LinearKind::up}}) {
+    for (const auto& group : kInputGroups) {
       const auto& s = schemes[kind_index(group[0])];
-      // As the reference's export does for every format but per-tensor FP8: the group shares the input amax,
-      // a per-tensor (NVFP4 global) weight amax and W4A8's second-stage amax, each the group's max.
-      if (!s.quantized() || s.format == "fp8") continue;
-      float in_max = 0.0f, w_max = 0.0f, second_max = 0.0f;
+      if (!s.quantized() || s.format == "fp8" || work[kind_index(group[0])].pqs.empty()) continue;
+      std::vector<float> avg(work[kind_index(group[0])].pqs.size(), 0.0f);
       for (const auto kind : group) {
-        const std::size_t k = kind_index(kind);
-        if (!input_amax[k].empty()) in_max = std::max(in_max, input_amax[k][0]);
-        if (weight_amax[k].size() == 1) w_max = std::max(w_max, weight_amax[k][0]);
-        second_max = std::max(second_max, second_amax[k]);
+        for (std::size_t j = 0; j < avg.size(); ++j) avg[j] += work[kind_index(kind)].pqs[j];
       }
-      for (const auto kind : group) {
-        const std::size_t k = kind_index(kind);
-        if (!input_amax[k].empty()) input_amax[k][0] = in_max;
-        if (weight_amax[k].size() == 1) weight_amax[k][0] = w_max;
-        second_amax[k] = second_max;
+      for (float& v : avg) v = v / static_cast<float>(group.size());
+      round_to_dtype(model_dtype, avg);
+      for (const auto kind : group) resmooth(work[kind_index(kind)], avg, model_dtype);
+      // AWQ formats fold the shared scale into the norm that feeds the group (SmoothQuant's INT8 keeps it).
+      if (s.weight->element != quant::Element::int8) {
+        const bool attention = group[0] == LinearKind::q;
+        const std::string norm_name = prefix + (attention ? "input_layernorm.weight" : "post_attention_layernorm.weight");
+        std::vector<float> norm = (attention ? fp.input_norm : fp.post_attention_norm).to_f32();
+        for (std::size_t j = 0; j < norm.size(); ++j) norm[j] = norm[j] * avg[j];
+        const DType norm_dtype = checkpoint.tensor(norm_name).dtype();
+        round_to_dtype(norm_dtype, norm);
+        ql.replaced.emplace_back(norm_name, Tensor::from_f32(norm, {static_cast<std::int64_t>(norm.size())}).to(norm_dtype));
+        (attention ? qw.input_norm : qw.post_attention_norm) = Tensor::from_f32(norm, {static_cast<std::int64_t>(norm.size())});
+        for (const auto kind : group) {
+          work[kind_index(kind)].folded_scale = avg;
+          work[kind_index(kind)].pqs.clear();
+        }
       }
     }
+
+    // 4. Weight amax (calibrated, or clipped), shared within fused groups; GPTQ on the fixed grid.
+    std::array<std::vector<float>, 7> weight_amax;
+    std::array<float, 7> second_amax{};
+    const auto weight_scales = [&](std::array<LinearWork, 7>& wk) {
+      for (const auto kind : model::kAllLinears) {
+        const std::size_t k = kind_index(kind);
+        const auto& s = schemes[k];
+        if (!s.quantized()) continue;
+        const std::string tensor_name = prefix + std::string(model::linear_name(kind)) + ".weight";
+        weight_amax[k] = !wk[k].amax.empty() ? wk[k].amax
+                                             : with_context(tensor_name, [&] { return quant::compute_amax(*s.weight, wk[k].w.data(), wk[k].out, wk[k].in); });
+        second_amax[k] = s.weight->fp8_second_stage ? quant::w4a8_second_amax(*s.weight, wk[k].w.data(), wk[k].out, wk[k].in, weight_amax[k]) : 0.0f;
+      }
+      share_group_amax(schemes, weight_amax, second_amax, wk);
+    };
+    weight_scales(work);
+    if (algo.gptq) {
+      for (const auto kind : model::kAllLinears) {
+        const std::size_t k = kind_index(kind);
+        if (!schemes[k].quantized()) continue;
+        std::vector<double> h = gptq_hessian(stats.hessian[kind_index(input_leader(kind))]);
+        if (!work[k].pqs.empty() || !work[k].folded_scale.empty()) {
+          const std::vector<float>& p = !work[k].pqs.empty() ? work[k].pqs : work[k].folded_scale;
+          const auto n = static_cast<std::int64_t>(p.size());
+          for (std::int64_t i = 0; i < n; ++i) {
+            for (std::int64_t j = 0; j < n; ++j) h[i * n + j] *= static_cast<double>(p[i]) * p[j];
+          }
+        }
+        const GptqResult g = with_context(prefix + std::string(model::linear_name(kind)), [&] {
+          return gptq_quantize(*schemes[k].weight, work[k].w.data(), work[k].out, work[k].in, weight_amax[k], std::move(h), GptqOptions{});
+        });
+        lr.gptq_retries += g.damp_retries;
+        lr.gptq_fallbacks += g.fell_back ? 1 : 0;
+      }
+    }
+
+    // 5. Real quantization, and the layer with quantized weights (and activations) for the evaluation passes.
     double weight_error_sum = 0.0;
     int quantized_here = 0;
     for (const auto kind : model::kAllLinears) {
@@ -278,29 +591,20 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       qlin.name = prefix + std::string(model::linear_name(kind));
       qlin.scheme = schemes[k];
       if (qlin.scheme.quantized()) {
-        const Tensor& w = fp.linear(kind).weight;
-        const std::int64_t out = w.dim(0), in = w.dim(1);
+        const std::int64_t out = work[k].out, in = work[k].in;
         qlin.weight = with_context(qlin.name, [&] {
-          return quant::quantize_weight(*qlin.scheme.weight, weight_f32[k].data(), out, in, weight_amax[k], second_amax[k]);
+          return quant::quantize_weight(*qlin.scheme.weight, work[k].w.data(), out, in, weight_amax[k], second_amax[k]);
         });
         std::vector<float> deq = quant::dequantize_weight(*qlin.scheme.weight, *qlin.weight, out, in);
-        double num = 0.0, den = 0.0;
-        for (std::size_t i = 0; i < deq.size(); ++i) {
-          const double d = static_cast<double>(deq[i]) - weight_f32[k][i];
-          num += d * d;
-          den += static_cast<double>(weight_f32[k][i]) * weight_f32[k][i];
-        }
-        qlin.weight_error = den > 0.0 ? std::sqrt(num / den) : 0.0;
+        qlin.weight_error = relative_error(deq, original_weights[k]);
         weight_error_sum += qlin.weight_error;
         ++quantized_here;
         qw.linear(kind).weight = Tensor::from_f32(deq, {out, in});
-        qlin.input_amax = input_amax[k];
-        if (qlin.scheme.input) {
-          auto aq = std::make_shared<quant::ActivationQuantizer>(quant::ActivationQuantizer{*qlin.scheme.input, qlin.input_amax, {}});
-          qw.linear(kind).input_transform = [aq](float* x, std::int64_t rows, std::int64_t cols) { aq->apply(x, rows, cols); };
-        }
-        weight_f32[k].clear();
-        weight_f32[k].shrink_to_fit();
+        qlin.input_amax = work[k].input_amax;
+        qlin.pre_quant_scale = work[k].pqs;
+        qw.linear(kind).input_transform = input_transform(qlin.scheme, qlin.input_amax, qlin.pre_quant_scale);
+        original_weights[k].clear();
+        original_weights[k].shrink_to_fit();
       }
       ql.linears.push_back(std::move(qlin));
     }
@@ -313,28 +617,38 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       qw.value_transform = [vq](float* x, std::int64_t rows, std::int64_t cols) { vq->apply(x, rows, cols); };
     }
 
-    // 3. The quantized layer on the same inputs: its output error, and the next inputs when asked.
-    LayerReport lr;
+    // 6. The quantized layer on the same inputs: its output error, and the next inputs when asked.
     lr.layer = l;
     lr.formats = layer_formats(ql.linears);
     lr.weight_error = quantized_here > 0 ? weight_error_sum / quantized_here : 0.0;
     if (calibrating) {
-      double num = 0.0, den = 0.0;
-      for (const auto& b : batches) {
-        float* y = saved.data() + b.row0 * H;
-        model::decoder_layer_forward(c, inv_freq, l, qw, y, b.rows, b.spans, nullptr, ws, nullptr);
-        const float* ref = hidden.data() + b.row0 * H;
-        for (std::int64_t i = 0; i < b.rows * H; ++i) {
-          const double d = static_cast<double>(y[i]) - ref[i];
-          num += d * d;
-          den += static_cast<double>(ref[i]) * ref[i];
+      if (algo.any()) {
+        // Round-to-nearest of the same layer, for the before/after column of the report.
+        model::LayerWeights rtn = fp;
+        std::array<LinearWork, 7> plain;
+        for (const auto kind : model::kAllLinears) {
+          const std::size_t k = kind_index(kind);
+          if (!schemes[k].quantized()) continue;
+          plain[k].out = work[k].out;
+          plain[k].in = work[k].in;
+          plain[k].w = fp.linear(kind).weight.to_f32();
+          plain[k].input_amax = input_amax_rtn[k];
         }
+        weight_scales(plain);
+        for (const auto kind : model::kAllLinears) {
+          const std::size_t k = kind_index(kind);
+          if (!schemes[k].quantized()) continue;
+          const quant::QuantizedWeight q = quant::quantize_weight(*schemes[k].weight, plain[k].w.data(), plain[k].out, plain[k].in, weight_amax[k], second_amax[k]);
+          rtn.linear(kind).weight = Tensor::from_f32(quant::dequantize_weight(*schemes[k].weight, q, plain[k].out, plain[k].in), {plain[k].out, plain[k].in});
+          rtn.linear(kind).input_transform = input_transform(schemes[k], plain[k].input_amax, {});
+        }
+        rtn.key_transform = qw.key_transform;
+        rtn.value_transform = qw.value_transform;
+        scratch = saved;
+        lr.output_error_rtn = layer_output_error(c, inv_freq, l, rtn, scratch, hidden, batches, ws);
       }
-      for (float v : saved) {
-        if (!std::isfinite(v)) fail("layer {}: the quantized layer produced a non-finite output", l);
-      }
-      lr.output_error = den > 0.0 ? std::sqrt(num / den) : 0.0;
-      if (options.propagate_quantized) hidden.swap(saved);
+      lr.output_error = layer_output_error(c, inv_freq, l, qw, saved, hidden, batches, ws);
+      if (propagate) hidden.swap(saved);
     }
     report.quantized_linears += quantized_here;
     lr.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - layer_start).count();

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "io/checkpoint.h"
@@ -50,10 +51,15 @@ struct LayerReport {
   std::string formats;         // "nvfp4" or "fp8+int4_rtn(down)" for a mixed layer
   double weight_error = 0.0;   // mean over its quantized Linears of ||dW|| / ||W||
   double output_error = -1.0;  // ||y_q - y|| / ||y|| of the layer output on the calibration data; < 0: not measured
+  double output_error_rtn = -1.0;  // the same with round-to-nearest (the "before" of an algorithm); < 0: not measured
+  std::vector<std::pair<std::string, float>> alphas;  // AWQ-lite's alpha per Linear
+  int gptq_retries = 0;    // Cholesky retries with more damping
+  int gptq_fallbacks = 0;  // Linears whose Hessian stayed indefinite (plain rounding)
   double seconds = 0.0;
 };
 
 struct PtqReport {
+  std::string algorithm;
   std::vector<LayerReport> layers;
   std::int64_t calib_sequences = 0;
   std::int64_t calib_tokens = 0;

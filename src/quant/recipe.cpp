@@ -1,5 +1,6 @@
 #include "quant/recipe.h"
 
+#include <algorithm>
 #include <cstdint>
 
 #include <fmt/format.h>
@@ -24,6 +25,11 @@ QuantizerSpec spec(Element e, Scaling s, std::int64_t block = 0, std::int64_t bl
 }
 
 }  // namespace
+
+const std::vector<std::string>& algorithm_names() {
+  static const std::vector<std::string> names = {"max", "smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq", "awq_lite+gptq"};
+  return names;
+}
 
 const std::vector<std::string>& format_names() {
   static const std::vector<std::string> names = {"fp8",      "fp8_pc_pt", "fp8_block", "int8",  "int8_sq",   "int8_wo", "int4_rtn",
@@ -146,8 +152,11 @@ void Recipe::validate() const {
   }
   if (kv_cache) kv_scheme(*kv_cache);
   const std::string algo = effective_algorithm();
-  if (algo != "max") {
-    fail("algorithm '{}' is not available yet (this build runs 'max'; pass --algo max for round-to-nearest)", algo);
+  const auto& names = algorithm_names();
+  if (std::find(names.begin(), names.end(), algo) == names.end()) {
+    std::string list;
+    for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
+    fail("unknown algorithm '{}' (known: {})", algo, list);
   }
   if (calibrator == CalibMethod::entropy && base.input && base.input->element != Element::int8) {
     fail("entropy calibration is defined for integer activations; {} quantizes activations to {}", format, element_name(base.input->element));

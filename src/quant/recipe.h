@@ -27,6 +27,8 @@ struct LinearScheme {
 // The formats mopt knows: fp8, fp8_pc_pt, fp8_block, int8, int8_sq, int8_wo,
 // int4_rtn, int4_awq, w4a8_awq, nvfp4, nvfp4_awq, mxfp8, mxfp4.
 const std::vector<std::string>& format_names();
+// The calibration algorithms: max, smoothquant, awq_lite, awq_clip, awq_full, gptq, awq_lite+gptq.
+const std::vector<std::string>& algorithm_names();
 // The scheme of a named format; `group_size` > 0 replaces the INT4 block (128).
 // Throws Error naming the known formats for an unknown name.
 LinearScheme format_scheme(const std::string& name, std::int64_t group_size = 0);

@@ -2,6 +2,7 @@
 // tests/data/ptq, made by tools/fixtures/make_ptq_goldens.py): fake
 // quantization, calibrators, the export path's real quantization, and whole
 // exported checkpoints of tiny-kjv cut to two layers.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -189,6 +190,7 @@ std::string two_layer_tiny_kjv(const testing::TempDir& tmp) {
   fs::create_directories(dir);
   json config = io::parse_json_unique_keys(io::read_text_file(src + "/config.json"), "config.json");
   config["num_hidden_layers"] = 2;
+  config["dtype"] = "float32";  // the reference loaded it in float32: scales and smoothed weights are cast to f32
   std::ofstream(dir + "/config.json") << config.dump(2);
   fs::copy_file(src + "/tokenizer.json", dir + "/tokenizer.json");
   const auto store = io::TensorStore::open_dir(src);
@@ -196,7 +198,7 @@ std::string two_layer_tiny_kjv(const testing::TempDir& tmp) {
   for (const auto& loc : store.all()) {
     const std::string& n = loc.entry->name;
     if (n.rfind("model.layers.", 0) == 0 && n.rfind("model.layers.0.", 0) != 0 && n.rfind("model.layers.1.", 0) != 0) continue;
-    tensors.push_back({n, store.tensor(n)});
+    tensors.push_back({n, store.tensor(n).to(DType::F32)});
   }
   io::write_safetensors(dir + "/model.safetensors", tensors);
   return dir;
@@ -209,9 +211,8 @@ struct ExportCase {
   const char* kv;
 };
 
-TEST(ModeloptGoldens, ExportedCheckpointsMatchTheReference) {
-  testing::TempDir tmp;
-  const std::string model = two_layer_tiny_kjv(tmp);
+// The reference's calibration: 4 sequences of 128 tokens, one forward call each.
+algo::CalibrationSet golden_calibration() {
   const auto ids = io::TensorStore::open_file(ptq("export/calib_ids.safetensors")).tensor("calib_ids");
   algo::CalibrationSet calib;
   for (std::int64_t s = 0; s < ids.dim(0); ++s) {
@@ -219,6 +220,13 @@ TEST(ModeloptGoldens, ExportedCheckpointsMatchTheReference) {
     for (std::int64_t t = 0; t < ids.dim(1); ++t) seq.push_back(static_cast<std::int32_t>(ids.data<std::int64_t>()[s * ids.dim(1) + t]));
     calib.sequences.push_back(seq);
   }
+  return calib;
+}
+
+TEST(ModeloptGoldens, ExportedCheckpointsMatchTheReference) {
+  testing::TempDir tmp;
+  const std::string model = two_layer_tiny_kjv(tmp);
+  const algo::CalibrationSet calib = golden_calibration();
   const ExportCase cases[] = {{"fp8_kv_fp8", "fp8", 0, "fp8"}, {"fp8_pc_pt", "fp8_pc_pt", 0, nullptr},
                               {"int8", "int8", 0, nullptr},        {"int8_wo", "int8_wo", 0, nullptr},
                               {"int4_rtn_g64", "int4_rtn", 64, nullptr}, {"w4a8_max_g64", "w4a8_awq", 64, nullptr}};
@@ -254,8 +262,6 @@ TEST(ModeloptGoldens, ExportedCheckpointsMatchTheReference) {
       const Tensor m = mine.tensor(name);
       const bool activation_scale = name.find("input_scale") != std::string::npos || name.find("k_scale") != std::string::npos ||
                                     name.find("v_scale") != std::string::npos;
-      const bool norm = name.find("layernorm") != std::string::npos;
-      if (norm) continue;  // the reference writes the f32 model's norms; ours keeps the checkpoint's bf16
       ASSERT_EQ(g.dtype(), m.dtype());
       ASSERT_EQ(g.shape(), m.shape());
       if (activation_scale) {
@@ -278,6 +284,106 @@ TEST(ModeloptGoldens, ExportedCheckpointsMatchTheReference) {
     qc.erase("producer");
     want_qc.erase("producer");
     EXPECT_EQ(qc, want_qc);
+  }
+}
+
+struct AlgorithmCase {
+  const char* golden;
+  const char* format;
+  const char* algorithm;
+  std::int64_t group;
+};
+
+// How far one export is from the reference's, tensor kind by tensor kind.
+struct Agreement {
+  std::size_t codes = 0, codes_differ = 0;         // quantized weight elements (nibbles for packed INT4)
+  std::size_t scales = 0, scales_far = 0;          // scale values more than 1e-3 apart (a different clip ratio or alpha)
+  double scale_rel = 0.0;                          // max relative difference of the other scale values
+};
+
+TEST(ModeloptGoldens, AlgorithmsMatchTheReference) {
+  testing::TempDir tmp;
+  const std::string model = two_layer_tiny_kjv(tmp);
+  const algo::CalibrationSet calib = golden_calibration();
+  const AlgorithmCase cases[] = {{"int8_sq", "int8_sq", "smoothquant", 0},          {"int4_awq_lite_g64", "int4_awq", "awq_lite", 64},
+                                 {"int4_awq_clip_g64", "int4_awq", "awq_clip", 64}, {"int4_awq_full_g64", "int4_awq", "awq_full", 64},
+                                 {"w4a8_awq_g64", "w4a8_awq", "awq_lite", 64},      {"int4_gptq_g64", "int4_awq", "gptq", 64}};
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.golden);
+    quant::Recipe r;
+    r.format = c.format;
+    r.algorithm = c.algorithm;
+    r.group_size = c.group;
+    const std::string out = tmp.file(std::string("algo-") + c.golden);
+    algo::PtqReport report;
+    {
+      const io::Checkpoint ckpt = io::Checkpoint::open(model);
+      exporter::HfModeloptWriter writer(ckpt, out, r);
+      report = algo::quantize_checkpoint(ckpt, r, calib, {}, [&](quant::QuantizedLayer&& l) { writer.add_layer(l); });
+      writer.finish();
+    }
+    const json meta = io::parse_json_unique_keys(io::read_text_file(ptq(std::string("export/") + c.golden + ".json")), c.golden);
+    // AWQ-lite: the same alpha for every Linear.
+    std::size_t alphas = 0;
+    for (const auto& lr : report.layers) {
+      for (const auto& [linear, alpha] : lr.alphas) {
+        const std::string name = fmt::format("model.layers.{}.{}", lr.layer, linear);
+        ASSERT_TRUE(meta["awq_lite"].contains(name)) << name;
+        EXPECT_EQ(alpha, meta["awq_lite"][name]["best_alpha"].get<float>()) << name;
+        ++alphas;
+      }
+    }
+    EXPECT_EQ(alphas, meta["awq_lite"].size());
+
+    const auto mine = io::TensorStore::open_dir(out);
+    const auto gold = io::TensorStore::open_file(ptq(std::string("export/") + c.golden + ".safetensors"));
+    Agreement a;
+    for (const auto& loc : gold.all()) {
+      const std::string& name = loc.entry->name;
+      SCOPED_TRACE(name);
+      ASSERT_TRUE(mine.contains(name));
+      const Tensor g = gold.tensor(name);
+      const Tensor m = mine.tensor(name);
+      ASSERT_EQ(g.dtype(), m.dtype());
+      ASSERT_EQ(g.shape(), m.shape());
+      if (g.dtype() == DType::U8 || g.dtype() == DType::I8) {
+        const bool packed = g.dtype() == DType::U8;
+        for (std::size_t i = 0; i < g.nbytes(); ++i) {
+          const auto gb = static_cast<std::uint8_t>(g.bytes()[i]), mb = static_cast<std::uint8_t>(m.bytes()[i]);
+          if (packed) {
+            a.codes += 2;
+            a.codes_differ += ((gb & 15) != (mb & 15)) + ((gb >> 4) != (mb >> 4));
+          } else {
+            a.codes += 1;
+            a.codes_differ += gb != mb;
+          }
+        }
+      } else {
+        const std::vector<float> gv = g.to_f32(), mv = m.to_f32();
+        for (std::size_t i = 0; i < gv.size(); ++i) {
+          const double rel = std::fabs(static_cast<double>(mv[i]) - gv[i]) / std::max(1e-30, static_cast<double>(std::fabs(gv[i])));
+          ++a.scales;
+          if (rel > 1e-3) {
+            ++a.scales_far;
+          } else {
+            a.scale_rel = std::max(a.scale_rel, rel);
+          }
+        }
+      }
+    }
+    std::printf("%-18s %-11s codes differing %zu of %zu; scales 1e-3 apart %zu of %zu; others within %.2g\n", c.golden, c.algorithm,
+                a.codes_differ, a.codes, a.scales_far, a.scales, a.scale_rel);
+    // The activations come from two f32 implementations of the same layers (summation orders differ), so
+    // statistics agree to a few ulps; a code flips only where a value sits on a rounding boundary.
+    EXPECT_EQ(a.scales_far, 0u);
+    EXPECT_LT(a.scale_rel, 1e-4);
+    EXPECT_LE(static_cast<double>(a.codes_differ), 1e-3 * static_cast<double>(a.codes));
+    // The config files, but for the producer.
+    json hf = io::parse_json_unique_keys(io::read_text_file(out + "/hf_quant_config.json"), "hf");
+    json want = meta["hf_quant_config"];
+    hf.erase("producer");
+    want.erase("producer");
+    EXPECT_EQ(hf, want);
   }
 }
 

@@ -1,0 +1,231 @@
+#include "algo/gptq.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.h"
+#include "quant/fake_quant.h"
+
+extern "C" {
+// LAPACK (OpenBLAS carries it): Cholesky factorization and the inverse from it, column-major.
+void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info);
+void dpotri_(const char* uplo, const int* n, double* a, const int* lda, int* info);
+}
+
+namespace mopt::algo {
+
+namespace {
+
+using quant::Element;
+using quant::Scaling;
+
+std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+// One element of column `col`, row `row` on the grid fixed by the original weight's scales.
+class GridQuantizer {
+ public:
+  GridQuantizer(const quant::QuantizerSpec& spec, std::int64_t out, std::int64_t in, std::span<const float> amax)
+      : spec_(spec), in_(in), amax_(amax.begin(), amax.end()) {
+    if (spec.scaling == Scaling::block) nb_ = ceil_div(in, spec.block);
+    if (static_cast<std::int64_t>(amax_.size()) != quant::amax_count(spec, out, in)) {
+      fail("GPTQ: {} amax values for a [{}, {}] weight quantized {}", amax_.size(), out, in, spec.describe());
+    }
+  }
+
+  float operator()(std::int64_t row, std::int64_t col, float x) const {
+    const float a = amax_for(row, col);
+    switch (spec_.element) {
+      case Element::int8: return quant::fake_quant_int(x, a, 8);
+      case Element::int4: return quant::fake_quant_int(x, a, 4);
+      case Element::e4m3: return quant::fake_quant_e4m3(x, a);
+      default: fail("GPTQ: no grid for {}", spec_.describe());
+    }
+  }
+
+ private:
+  float amax_for(std::int64_t row, std::int64_t col) const {
+    switch (spec_.scaling) {
+      case Scaling::per_tensor: return amax_[0];
+      case Scaling::per_row: return amax_[static_cast<std::size_t>(row)];
+      case Scaling::block:
+        if (spec_.block_rows > 0) return amax_[static_cast<std::size_t>((row / spec_.block_rows) * nb_ + col / spec_.block)];
+        return amax_[static_cast<std::size_t>(row * nb_ + col / spec_.block)];
+      default: fail("GPTQ: no static scales for {}", spec_.describe());
+    }
+  }
+
+  quant::QuantizerSpec spec_;
+  std::int64_t in_, nb_ = 0;
+  std::vector<float> amax_;
+};
+
+// tr(D H D^T) for D [out, n] (f64) and symmetric H [n, n].
+double weighted_norm(const std::vector<double>& d, std::int64_t out, std::int64_t n, const std::vector<double>& h) {
+  std::vector<double> dh(static_cast<std::size_t>(out * n));
+  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(out), static_cast<int>(n), static_cast<int>(n), 1.0, d.data(),
+              static_cast<int>(n), h.data(), static_cast<int>(n), 0.0, dh.data(), static_cast<int>(n));
+  double s = 0.0;
+  for (std::size_t i = 0; i < dh.size(); ++i) s += dh[i] * d[i];
+  return s;
+}
+
+// The upper Cholesky factor U of (H + damp I)^-1 (H^-1 = U^T U), row-major; false when H is not positive definite.
+bool inverse_cholesky_upper(std::vector<double> h, std::int64_t n, double damp, std::vector<double>& u) {
+  for (std::int64_t i = 0; i < n; ++i) h[i * n + i] += damp;
+  const int N = static_cast<int>(n);
+  int info = 0;
+  // Row-major storage read as column-major is the transpose; H is symmetric, so 'L' in column-major
+  // is the row-major upper triangle throughout.
+  dpotrf_("L", &N, h.data(), &N, &info);
+  if (info != 0) return false;
+  dpotri_("L", &N, h.data(), &N, &info);
+  if (info != 0) return false;
+  dpotrf_("L", &N, h.data(), &N, &info);
+  if (info != 0) return false;
+  for (std::int64_t r = 0; r < n; ++r) {
+    for (std::int64_t c = 0; c < r; ++c) h[r * n + c] = 0.0;
+  }
+  u = std::move(h);
+  return true;
+}
+
+}  // namespace
+
+void GramAccumulator::add(const float* x, std::int64_t rows, std::int64_t cols, double weight) {
+  if (rows <= 0) return;
+  if (sum_.empty()) {
+    cols_ = cols;
+    sum_.assign(static_cast<std::size_t>(cols * cols), 0.0);
+    batch_.assign(static_cast<std::size_t>(cols * cols), 0.0f);
+  }
+  if (cols != cols_) fail("Gram matrix: inputs of {} columns after {}", cols, cols_);
+  cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(cols), static_cast<int>(rows), 1.0f, x, static_cast<int>(cols), 0.0f,
+              batch_.data(), static_cast<int>(cols));
+  for (std::int64_t r = 0; r < cols; ++r) {
+    for (std::int64_t c = r; c < cols; ++c) sum_[r * cols + c] += weight * batch_[r * cols + c];
+  }
+  samples_ += rows;
+}
+
+std::vector<double> GramAccumulator::full(double factor) const {
+  if (samples_ == 0) return {};
+  std::vector<double> h(sum_.size());
+  for (std::int64_t r = 0; r < cols_; ++r) {
+    for (std::int64_t c = r; c < cols_; ++c) h[r * cols_ + c] = h[c * cols_ + r] = factor * sum_[r * cols_ + c];
+  }
+  return h;
+}
+
+std::vector<double> gptq_hessian(const GramAccumulator& gram) { return gram.full(2.0 / static_cast<double>(std::max<std::int64_t>(1, gram.samples()))); }
+
+bool gptq_supports(const quant::QuantizerSpec& spec) {
+  if (spec.fp8_second_stage) return false;
+  const bool grid = spec.element == Element::int8 || spec.element == Element::int4 || spec.element == Element::e4m3;
+  const bool scales = spec.scaling == Scaling::per_tensor || spec.scaling == Scaling::per_row || spec.scaling == Scaling::block;
+  return grid && scales;
+}
+
+GptqResult gptq_quantize(const quant::QuantizerSpec& spec, float* w, std::int64_t out, std::int64_t in, std::span<const float> amax,
+                         std::vector<double> h, const GptqOptions& options) {
+  if (!gptq_supports(spec)) fail("GPTQ is not implemented for weights quantized {}", spec.describe());
+  if (static_cast<std::int64_t>(h.size()) != in * in) fail("GPTQ: a Hessian of {} values for {} input columns", h.size(), in);
+  if (options.block <= 0) fail("GPTQ block size must be positive");
+  const GridQuantizer grid(spec, out, in, amax);
+  GptqResult result;
+
+  // Dead columns (all-zero weight columns): their Hessian row and column become those of the identity.
+  for (std::int64_t c = 0; c < in; ++c) {
+    bool dead = true;
+    for (std::int64_t r = 0; r < out && dead; ++r) dead = w[r * in + c] == 0.0f;
+    if (!dead) continue;
+    for (std::int64_t i = 0; i < in; ++i) h[c * in + i] = h[i * in + c] = 0.0;
+    h[c * in + c] = 1.0;
+  }
+  const std::vector<double> h_undamped = h;
+
+  // Column order.
+  std::vector<std::int64_t> perm(static_cast<std::size_t>(in));
+  std::iota(perm.begin(), perm.end(), 0);
+  if (options.act_order) {
+    std::stable_sort(perm.begin(), perm.end(), [&](std::int64_t a, std::int64_t b) { return h[a * in + a] > h[b * in + b]; });
+    std::vector<double> hp(h.size());
+    for (std::int64_t i = 0; i < in; ++i) {
+      for (std::int64_t j = 0; j < in; ++j) hp[i * in + j] = h[perm[i] * in + perm[j]];
+    }
+    h.swap(hp);
+  }
+
+  double mean_diag = 0.0;
+  for (std::int64_t i = 0; i < in; ++i) mean_diag += h[i * in + i];
+  mean_diag /= static_cast<double>(in);
+  std::vector<double> u;
+  double damp = options.damp * mean_diag;
+  bool ok = inverse_cholesky_upper(h, in, damp, u);
+  while (!ok && result.damp_retries < 4) {
+    ++result.damp_retries;
+    damp *= 10.0;
+    ok = inverse_cholesky_upper(h, in, damp, u);
+  }
+  if (!ok) {  // as the reference does: the identity, i.e. plain rounding
+    result.fell_back = true;
+    u.assign(static_cast<std::size_t>(in * in), 0.0);
+    for (std::int64_t i = 0; i < in; ++i) u[i * in + i] = 1.0;
+  }
+
+  // Working copy in the permuted column order, f64.
+  std::vector<double> wd(static_cast<std::size_t>(out * in)), orig(static_cast<std::size_t>(out * in));
+  for (std::int64_t r = 0; r < out; ++r) {
+    for (std::int64_t j = 0; j < in; ++j) wd[r * in + j] = w[r * in + perm[j]];
+  }
+  // Plain rounding's error, for the report.
+  {
+    std::vector<double> d(static_cast<std::size_t>(out * in));
+    for (std::int64_t r = 0; r < out; ++r) {
+      for (std::int64_t c = 0; c < in; ++c) {
+        orig[r * in + c] = w[r * in + c];
+        d[r * in + c] = static_cast<double>(grid(r, c, w[r * in + c])) - w[r * in + c];
+      }
+    }
+    const double base = weighted_norm(orig, out, in, h_undamped);
+    result.error_rtn = base > 0.0 ? weighted_norm(d, out, in, h_undamped) / base : 0.0;
+  }
+
+  const std::int64_t B = options.block;
+  std::vector<double> err(static_cast<std::size_t>(out * B));
+  for (std::int64_t b0 = 0; b0 < in; b0 += B) {
+    const std::int64_t b1 = std::min(b0 + B, in), nb = b1 - b0;
+    for (std::int64_t i = b0; i < b1; ++i) {
+      const double d = u[i * in + i];
+      const std::int64_t col = perm[i];
+      for (std::int64_t r = 0; r < out; ++r) {
+        double* row = wd.data() + r * in;
+        const double x = row[i];
+        const double q = grid(r, col, static_cast<float>(x));
+        const double e = (x - q) / d;
+        row[i] = q;
+        for (std::int64_t j = i + 1; j < b1; ++j) row[j] -= e * u[i * in + j];
+        err[r * B + (i - b0)] = e;
+      }
+    }
+    if (b1 < in) {
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(out), static_cast<int>(in - b1), static_cast<int>(nb), -1.0,
+                  err.data(), static_cast<int>(B), u.data() + b0 * in + b1, static_cast<int>(in), 1.0, wd.data() + b1, static_cast<int>(in));
+    }
+  }
+  std::vector<double> d(static_cast<std::size_t>(out * in));
+  for (std::int64_t r = 0; r < out; ++r) {
+    for (std::int64_t j = 0; j < in; ++j) {
+      const float q = static_cast<float>(wd[r * in + j]);
+      w[r * in + perm[j]] = q;
+      d[r * in + perm[j]] = static_cast<double>(q) - orig[r * in + perm[j]];
+    }
+  }
+  const double base = weighted_norm(orig, out, in, h_undamped);
+  result.error_gptq = base > 0.0 ? weighted_norm(d, out, in, h_undamped) / base : 0.0;
+  return result;
+}
+
+}  // namespace mopt::algo

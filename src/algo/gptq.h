@@ -1,0 +1,66 @@
+// GPTQ (Frantar et al.) as NVIDIA Model Optimizer runs it (MODELOPT.md §4.5):
+// the Hessian 2/n * X^T X of a Linear's calibration inputs, dead columns
+// neutralized, damping 0.01 * mean(diag H), the upper Cholesky factor U of
+// H^-1, then column by column in blocks of 128: quantize with the scales fixed
+// beforehand (max calibration of the original weight), spread the error
+// (w - q) / U_ii over the block's later columns and, after each block, over
+// all later columns.
+//
+// Differences from the reference, on purpose: the Hessian is summed in f64
+// (f32 partial sums per batch) and the factorization and the updates run in
+// f64 (the reference uses f32); a Cholesky failure is retried with ten times
+// the damping (up to 4 times) before falling back to plain rounding, and is
+// reported; an optional activation order (columns by decreasing H_ii) exists,
+// off by default like the reference's.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "quant/spec.h"
+
+namespace mopt::algo {
+
+// Sums w_b * X_b^T X_b over batches b of a Linear's inputs (f32 products per batch, summed in f64).
+class GramAccumulator {
+ public:
+  void add(const float* x, std::int64_t rows, std::int64_t cols, double weight = 1.0);
+  // The sum, full symmetric [cols, cols]; empty when nothing was added.
+  std::vector<double> full(double factor = 1.0) const;
+  std::int64_t samples() const { return samples_; }
+  std::int64_t cols() const { return cols_; }
+
+ private:
+  std::vector<double> sum_;  // upper triangle, row-major
+  std::vector<float> batch_;
+  std::int64_t samples_ = 0, cols_ = 0;
+};
+
+// GPTQ's Hessian 2/n * X^T X from a Gram accumulated with unit weights.
+std::vector<double> gptq_hessian(const GramAccumulator& gram);
+
+struct GptqOptions {
+  double damp = 0.01;        // fraction of mean(diag H) added to the diagonal
+  std::int64_t block = 128;  // columns per lazy-update block
+  bool act_order = false;    // columns by decreasing H_ii
+};
+
+struct GptqResult {
+  int damp_retries = 0;      // times the damping was multiplied by 10
+  bool fell_back = false;    // H stayed indefinite: plain rounding
+  double error_rtn = 0.0;    // tr(dW H dW^T) / tr(W H W^T) of plain rounding
+  double error_gptq = 0.0;   // the same after GPTQ
+};
+
+// Replaces w [out, in] by its GPTQ-quantized values (on the grid of `spec`
+// with the static `amax`, as compute_amax laid it out for the original w).
+// Supported: integer and FP8 per-tensor/per-row/block weights and NVFP4 (its
+// block scales fixed from the original weight). Throws for the others.
+GptqResult gptq_quantize(const quant::QuantizerSpec& spec, float* w, std::int64_t out, std::int64_t in, std::span<const float> amax,
+                         std::vector<double> hessian, const GptqOptions& options);
+
+// True when gptq_quantize supports `spec`.
+bool gptq_supports(const quant::QuantizerSpec& spec);
+
+}  // namespace mopt::algo
