@@ -103,20 +103,6 @@ Algorithm parse_algorithm(const std::string& name) {
   return a;
 }
 
-// Throws when `algo` cannot run on a Linear quantized as `s`.
-void check_algorithm(const Algorithm& algo, const std::string& name, const quant::LinearScheme& s) {
-  if (algo.smoothquant && !(s.weight->element == quant::Element::int8 && s.input && s.input->element == quant::Element::int8)) {
-    fail("{} smooths INT8 weights and INT8 activations (W8A8); format {} is not", name, s.format);
-  }
-  if (algo.awq_clip && !(s.weight->scaling == quant::Scaling::block && s.weight->block_rows == 0 &&
-                         (s.weight->element == quant::Element::int4 || s.weight->element == quant::Element::int8) && !s.weight->fp8_second_stage)) {
-    fail("{} searches clip ratios per block of integer block-quantized weights (int4_rtn, int4_awq); format {} is not", name, s.format);
-  }
-  if (algo.gptq && !gptq_supports(*s.weight)) {
-    fail("{}: GPTQ runs on INT4/INT8 and FP8 weights with static scales; format {} ({}) is not supported", name, s.format, s.weight->describe());
-  }
-}
-
 struct StatsNeeds {
   bool channel_max = false, mean_abs = false, clip_samples = false, hessian = false;
 };
@@ -181,6 +167,7 @@ struct LinearWork {
   std::vector<float> w;             // [out, in] f32 holding values of the model's dtype
   std::vector<float> pqs;           // pre-quantization scale on the input (model dtype values); empty: none
   std::vector<float> folded_scale;  // the scale folded into the preceding norm (the input is scaled by it)
+  std::vector<float> row_scale;     // output rows multiplied by the next Linear's scale (NVFP4_AWQ's v_proj, up_proj)
   std::vector<float> amax;          // weight amax fixed by an algorithm (clip); empty: max-calibrate w
   std::vector<float> input_amax;    // static input amax; empty: none
   float alpha = -1.0f;
@@ -232,6 +219,7 @@ void fold_scale_into_rows(LinearWork& from, LinearWork& into, model::Linear& int
   }
   round_to_dtype(dtype, into.w);
   into.amax.clear();
+  into.row_scale = from.pqs;
   if (into_linear.bias) {
     std::vector<float> b = into_linear.bias->to_f32();
     for (std::size_t r = 0; r < b.size(); ++r) b[r] = b[r] * from.pqs[r];
@@ -278,6 +266,21 @@ model::ActivationTransform input_transform(const quant::LinearScheme& s, const s
       for (std::int64_t j = 0; j < cols; ++j) x[r * cols + j] *= (*p)[j];
     }
   };
+}
+
+// What a quantized weight stands for in the original model: the input scale (kept or folded into the
+// norm) multiplied back into its columns, a row scale divided out of its rows.
+std::vector<float> effective_weight(std::vector<float> w, const LinearWork& wk) {
+  const std::vector<float>& col = !wk.pqs.empty() ? wk.pqs : wk.folded_scale;
+  for (std::int64_t r = 0; r < wk.out; ++r) {
+    const float row = wk.row_scale.empty() ? 1.0f : wk.row_scale[r];
+    for (std::int64_t j = 0; j < wk.in; ++j) {
+      float& v = w[r * wk.in + j];
+      if (!col.empty()) v *= col[j];
+      v /= row;
+    }
+  }
+  return w;
 }
 
 double relative_error(const std::vector<float>& a, const std::vector<float>& ref) {
@@ -355,7 +358,7 @@ CalibrationSet make_calibration_set(const std::vector<std::string>& documents, c
 }
 
 bool needs_calibration(const io::ModelConfig& config, const quant::Recipe& recipe) {
-  if (recipe.kv_cache) return true;
+  if (recipe.kv_cache || recipe.effective_algorithm() != "max") return true;
   for (std::int64_t l = 0; l < config.num_layers; ++l) {
     for (const auto kind : model::kAllLinears) {
       if (static_input(recipe.scheme_for(fmt::format("model.layers.{}.{}", l, model::linear_name(kind))))) return true;
@@ -371,7 +374,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
   const auto start_time = std::chrono::steady_clock::now();
   const bool calibrating = !calib.sequences.empty();
   const Algorithm algo = parse_algorithm(recipe.effective_algorithm());
-  if (!calibrating && (needs_calibration(c, recipe) || algo.any())) {
+  if (!calibrating && needs_calibration(c, recipe)) {
     fail("{}{} needs calibration text (--calib)", algo.any() ? "algorithm " + recipe.effective_algorithm() : "format " + recipe.format,
          !algo.any() && recipe.kv_cache ? " with a KV-cache format" : "");
   }
@@ -421,7 +424,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       auto& s = schemes[kind_index(kind)];
       s = recipe.scheme_for(prefix + std::string(model::linear_name(kind)));
       want_histogram[kind_index(kind)] = static_input(s) && recipe.calibrator != quant::CalibMethod::max && s.input->scaling == quant::Scaling::per_tensor;
-      if (s.quantized()) with_context(prefix + std::string(model::linear_name(kind)), [&] { check_algorithm(algo, recipe.effective_algorithm(), s); });
+      if (s.quantized()) with_context(prefix + std::string(model::linear_name(kind)), [&] { quant::check_algorithm_supports(recipe.effective_algorithm(), s); });
     }
     // Linears that share an input (q/k/v, gate/up) become one fused Linear in the engines: they must share a format.
     for (const auto& group : kInputGroups) {
@@ -596,7 +599,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
           return quant::quantize_weight(*qlin.scheme.weight, work[k].w.data(), out, in, weight_amax[k], second_amax[k]);
         });
         std::vector<float> deq = quant::dequantize_weight(*qlin.scheme.weight, *qlin.weight, out, in);
-        qlin.weight_error = relative_error(deq, original_weights[k]);
+        qlin.weight_error = relative_error(effective_weight(deq, work[k]), original_weights[k]);
         weight_error_sum += qlin.weight_error;
         ++quantized_here;
         qw.linear(kind).weight = Tensor::from_f32(deq, {out, in});

@@ -107,7 +107,8 @@ int main(int argc, char** argv) {
   quantize_cmd->add_option("--format", quantize.format,
                            "fp8, fp8_pc_pt, fp8_block, int8, int8_sq, int8_wo, int4_rtn, int4_awq, w4a8_awq, nvfp4, nvfp4_awq, mxfp8, mxfp4");
   quantize_cmd->add_option("--recipe", quantize.recipe, "A JSON recipe (format, overrides, exclusions, calibration); flags override it");
-  quantize_cmd->add_option("--algo", quantize.algo, "Algorithm (default: the format's; 'max' is round-to-nearest with max calibration)");
+  quantize_cmd->add_option("--algo", quantize.algo, "max (round-to-nearest), smoothquant, awq_lite, awq_clip, awq_full, gptq, awq_lite+gptq "
+                           "(default: the format's: smoothquant for int8_sq, awq_lite for int4_awq, w4a8_awq, nvfp4_awq, else max)");
   quantize_cmd->add_option("--kv-cache", quantize.kv_cache, "Quantize the KV cache too: fp8 or nvfp4");
   quantize_cmd->add_option("--calib", quantize.calib, "Calibration text: .txt files or .jsonl with a \"text\" field")->expected(1, -1);
   quantize_cmd->add_option("--calib-size", quantize.calib_size, "Calibration samples (default 128)");

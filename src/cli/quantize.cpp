@@ -55,6 +55,9 @@ int run_quantize(const QuantizeOptions& o) {
   algo::CalibrationSet calib;
   const bool need = algo::needs_calibration(ckpt.config(), recipe);
   if (need && o.calib.empty()) {
+    if (recipe.effective_algorithm() != "max") {
+      fail("--format {} with algorithm {} needs calibration text (--calib FILE)", recipe.format, recipe.effective_algorithm());
+    }
     fail("--format {}{} quantizes activations or the KV cache and needs calibration text (--calib FILE)", recipe.format,
          recipe.kv_cache ? " --kv-cache " + *recipe.kv_cache : "");
   }
@@ -82,9 +85,27 @@ int run_quantize(const QuantizeOptions& o) {
   std::uint64_t source_bytes = 0;
   for (const auto& loc : ckpt.tensors().all()) source_bytes += loc.entry->end - loc.entry->begin;
 
-  fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8}\n", "layer", "format", "weight err", "output err", "seconds");
+  const bool with_algorithm = report.algorithm != "max";
+  if (with_algorithm) {
+    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8}  {}\n", "layer", "format", "weight err", "out err rtn", "out err " + report.algorithm,
+               "seconds", "notes");
+  } else {
+    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8}\n", "layer", "format", "weight err", "output err", "seconds");
+  }
   for (const auto& l : report.layers) {
-    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8.2f}\n", l.layer, l.formats, format_error(l.weight_error), format_error(l.output_error), l.seconds);
+    if (!with_algorithm) {
+      fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8.2f}\n", l.layer, l.formats, format_error(l.weight_error), format_error(l.output_error), l.seconds);
+      continue;
+    }
+    std::string notes;
+    if (!l.alphas.empty()) {
+      notes = "alpha";
+      for (const auto& [name, alpha] : l.alphas) notes += fmt::format(" {}={:.1f}", name.substr(name.find('.') + 1), alpha);
+    }
+    if (l.gptq_retries > 0) notes += fmt::format(" gptq: {} damping retries", l.gptq_retries);
+    if (l.gptq_fallbacks > 0) notes += fmt::format(" gptq: {} Linears fell back to rounding (indefinite Hessian)", l.gptq_fallbacks);
+    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8.2f}  {}\n", l.layer, l.formats, format_error(l.weight_error), format_error(l.output_error_rtn),
+               format_error(l.output_error), l.seconds, notes);
   }
   fmt::print("quantized {} linears of {} layers to {} ({}{}); {:.1f} MiB -> {:.1f} MiB; {:.1f} s; peak RSS {:.1f} MiB\n",
              report.quantized_linears, report.layers.size(), recipe.format, recipe.effective_algorithm(),
@@ -95,8 +116,17 @@ int run_quantize(const QuantizeOptions& o) {
   if (!o.report.empty()) {
     json layers = json::array();
     for (const auto& l : report.layers) {
-      layers.push_back({{"layer", l.layer}, {"format", l.formats}, {"weight_error", l.weight_error},
-                        {"output_error", l.output_error < 0.0 ? json(nullptr) : json(l.output_error)}, {"seconds", l.seconds}});
+      json alphas = json::object();
+      for (const auto& [name, alpha] : l.alphas) alphas[name] = alpha;
+      layers.push_back({{"layer", l.layer},
+                        {"format", l.formats},
+                        {"weight_error", l.weight_error},
+                        {"output_error", l.output_error < 0.0 ? json(nullptr) : json(l.output_error)},
+                        {"output_error_rtn", l.output_error_rtn < 0.0 ? json(nullptr) : json(l.output_error_rtn)},
+                        {"awq_alpha", alphas},
+                        {"gptq_damping_retries", l.gptq_retries},
+                        {"gptq_fallbacks", l.gptq_fallbacks},
+                        {"seconds", l.seconds}});
     }
     json j = {{"model", o.model},
               {"out", o.out_dir},

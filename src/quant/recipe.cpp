@@ -31,6 +31,25 @@ const std::vector<std::string>& algorithm_names() {
   return names;
 }
 
+void check_algorithm_supports(const std::string& algorithm, const LinearScheme& s) {
+  if (!s.weight) return;
+  const QuantizerSpec& w = *s.weight;
+  if (algorithm == "smoothquant" && !(w.element == Element::int8 && s.input && s.input->element == Element::int8)) {
+    fail("smoothquant smooths INT8 weights and INT8 activations (int8, int8_sq); format {} is not W8A8", s.format);
+  }
+  if ((algorithm == "awq_clip" || algorithm == "awq_full") &&
+      !(w.scaling == Scaling::block && w.block_rows == 0 && w.element == Element::int4 && !w.fp8_second_stage)) {
+    fail("{} searches clip ratios per block of INT4 block-quantized weights (int4_rtn, int4_awq); format {} is not", algorithm, s.format);
+  }
+  if (algorithm == "gptq" || algorithm == "awq_lite+gptq") {
+    const bool grid = w.element == Element::int8 || w.element == Element::int4 || w.element == Element::e4m3;
+    const bool fixed = w.scaling == Scaling::per_tensor || w.scaling == Scaling::per_row || w.scaling == Scaling::block;
+    if (!grid || !fixed || w.fp8_second_stage) {
+      fail("{} runs on INT4/INT8/FP8 weights with static scales; format {} ({}) is not supported", algorithm, s.format, w.describe());
+    }
+  }
+}
+
 const std::vector<std::string>& format_names() {
   static const std::vector<std::string> names = {"fp8",      "fp8_pc_pt", "fp8_block", "int8",  "int8_sq",   "int8_wo", "int4_rtn",
                                                  "int4_awq", "w4a8_awq",  "nvfp4",     "nvfp4_awq", "mxfp8", "mxfp4"};
@@ -157,6 +176,10 @@ void Recipe::validate() const {
     std::string list;
     for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
     fail("unknown algorithm '{}' (known: {})", algo, list);
+  }
+  check_algorithm_supports(algo, base);
+  for (const auto& o : overrides) {
+    if (o.format != "none") check_algorithm_supports(algo, format_scheme(o.format, o.format.rfind("int4", 0) == 0 || o.format == "w4a8_awq" ? group_size : 0));
   }
   if (calibrator == CalibMethod::entropy && base.input && base.input->element != Element::int8) {
     fail("entropy calibration is defined for integer activations; {} quantizes activations to {}", format, element_name(base.input->element));

@@ -276,6 +276,70 @@ TEST(Ptq, AnExistingOutputDirectoryIsRefused) {
   EXPECT_THROW(exporter::HfModeloptWriter(ckpt, tmp.path().string(), recipe("int8_wo")), Error);
 }
 
+// Layer 0 of `weights` on the embeddings of `calib` (one forward call per sequence): ||y - y_fp|| / ||y_fp||.
+double layer0_error(const model::Model& fp, const model::LayerWeights& weights, const algo::CalibrationSet& calib) {
+  const auto& c = fp.config();
+  const std::vector<float> inv_freq = model::rope_inv_freq(c);
+  const Tensor embed = io::Checkpoint::open(tiny_kjv()).tensor("model.embed_tokens.weight");
+  const std::vector<float> table = embed.to_f32();
+  model::Workspace ws;
+  double num = 0.0, den = 0.0;
+  for (const auto& seq : calib.sequences) {
+    const auto rows = static_cast<std::int64_t>(seq.size());
+    std::vector<float> x(static_cast<std::size_t>(rows * c.hidden_size));
+    for (std::int64_t t = 0; t < rows; ++t) {
+      std::copy_n(table.begin() + seq[t] * c.hidden_size, c.hidden_size, x.begin() + t * c.hidden_size);
+    }
+    std::vector<float> y = x;
+    const std::vector<model::SequenceSpan> spans = {{0, rows, 0, 0}};
+    model::decoder_layer_forward(c, inv_freq, 0, fp.layer(0), x.data(), rows, spans, nullptr, ws, nullptr);
+    model::decoder_layer_forward(c, inv_freq, 0, weights, y.data(), rows, spans, nullptr, ws, nullptr);
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      num += (static_cast<double>(y[i]) - x[i]) * (static_cast<double>(y[i]) - x[i]);
+      den += static_cast<double>(x[i]) * x[i];
+    }
+  }
+  return std::sqrt(num / den);
+}
+
+TEST(Ptq, AlgorithmsExportWhatTheyEvaluatedAndBeatRoundToNearest) {
+  // The export (scales folded into norms or into v_proj/up_proj rows, pre_quant_scale kept on o_proj and
+  // down_proj, smoothed weights) loaded back gives layer 0 exactly the output error the pipeline measured;
+  // and every algorithm lowers the layers' output error below round-to-nearest's on this data.
+  const auto base = model::Model::load(tiny_kjv());
+  const auto docs = io::read_documents(std::string(MOPT_SOURCE_DIR) + "/data/kjv-calib.txt");
+  const auto calib = algo::make_calibration_set(docs, base.require_tokenizer(), 4, 64, 0);
+  struct Case {
+    const char* format;
+    const char* algorithm;
+  } cases[] = {{"int8_sq", "smoothquant"}, {"int4_awq", "awq_lite"},  {"int4_awq", "awq_full"},     {"int4_awq", "gptq"},
+               {"w4a8_awq", "awq_lite"},   {"nvfp4_awq", "awq_lite"}, {"int4_awq", "awq_lite+gptq"}};
+  for (const auto& c : cases) {
+    SCOPED_TRACE(std::string(c.format) + " " + c.algorithm);
+    TempDir tmp;
+    quant::Recipe r;
+    r.format = c.format;
+    r.algorithm = c.algorithm;
+    if (std::string(c.format) == "int4_awq" || std::string(c.format) == "w4a8_awq") r.group_size = 64;  // 704 = 11 x 64
+    algo::PtqReport report;
+    quantize_to(tiny_kjv(), r, calib, tmp.file("q"), &report);
+    EXPECT_EQ(report.algorithm, c.algorithm);
+    const auto m = exporter::load_model(tmp.file("q"));
+    EXPECT_NEAR(layer0_error(base, m.layer(0), calib), report.layers[0].output_error, 1e-6 + 1e-4 * report.layers[0].output_error);
+    double before = 0.0, after = 0.0;
+    for (const auto& l : report.layers) {
+      ASSERT_GE(l.output_error_rtn, 0.0);
+      before += l.output_error_rtn;
+      after += l.output_error;
+      EXPECT_LT(l.weight_error, 0.5);  // measured on the weight the export stands for, scales multiplied back
+    }
+    EXPECT_LT(after, before);
+    if (std::string(c.algorithm).find("awq_lite") != std::string::npos) {
+      EXPECT_EQ(report.layers[0].alphas.size(), 7u);
+    }
+  }
+}
+
 TEST(Ptq, PropagatingQuantizedOutputsChangesLaterLayersOnly) {
   TempDir tmp;
   const auto calib = synthetic_calibration(2, 32, 256);

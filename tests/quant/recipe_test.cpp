@@ -78,12 +78,40 @@ TEST(Recipe, ParsesJsonAndRefusesUnknownKeys) {
   EXPECT_THROW(parse_recipe(R"({"format": "fp8", "calibrator": "entropy"})", "r.json"), Error);  // FP8 activations
 }
 
-TEST(Recipe, UnavailableAlgorithmsAreRefusedNotIgnored) {
+TEST(Recipe, AlgorithmsRunOnlyWhereTheyAreDefined) {
   Recipe r;
   r.format = "int4_awq";
-  EXPECT_THROW(r.validate(), Error);
-  r.algorithm = "max";
+  EXPECT_EQ(r.effective_algorithm(), "awq_lite");
   EXPECT_NO_THROW(r.validate());
+  for (const char* a : {"max", "awq_lite", "awq_clip", "awq_full", "gptq", "awq_lite+gptq"}) {
+    r.algorithm = a;
+    EXPECT_NO_THROW(r.validate()) << a;
+  }
+  r.algorithm = "smoothquant";  // SmoothQuant is W8A8's
+  EXPECT_THROW(r.validate(), Error);
+  r.algorithm = "awq_fast";
+  EXPECT_THROW(r.validate(), Error);
+  r.format = "nvfp4";
+  r.algorithm = "gptq";  // NVFP4's block scales are not fixed before GPTQ here
+  EXPECT_THROW(r.validate(), Error);
+  r.algorithm = "awq_clip";
+  EXPECT_THROW(r.validate(), Error);
+  r.algorithm = "awq_lite";
+  EXPECT_NO_THROW(r.validate());
+  r.format = "w4a8_awq";
+  r.algorithm = "gptq";
+  EXPECT_THROW(r.validate(), Error);
+  r.format = "int8_sq";
+  r.algorithm = "";
+  EXPECT_EQ(r.effective_algorithm(), "smoothquant");
+  EXPECT_NO_THROW(r.validate());
+  r.algorithm = "gptq";
+  EXPECT_NO_THROW(r.validate());
+  // An override to a format the algorithm cannot run on is refused too.
+  r.format = "int4_rtn";
+  r.algorithm = "awq_clip";
+  r.overrides.push_back({"*down_proj", "nvfp4"});
+  EXPECT_THROW(r.validate(), Error);
 }
 
 // ---- Calibrators: the reference's test_calibrator.py behaviours ----
