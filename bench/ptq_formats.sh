@@ -5,6 +5,7 @@
 #
 #   bash bench/ptq_formats.sh [MODEL] [TEXT] [CTX] [CALIB_SIZE] [SEQ_LEN] [FORMATS...]
 #   defaults: models/tiny-kjv data/kjv-heldout.txt 256 64 256, every format mopt runs with 'max'
+#   a format spec may name an algorithm: "int4_awq --group-size 64 --algo gptq" (else --algo max)
 #   GROUP=64 for models whose Linear inputs are not multiples of 128 (tiny-kjv)
 # Needs the Release build (scripts/setup.sh). Prints a Markdown table.
 set -euo pipefail
@@ -37,7 +38,9 @@ for spec in "${FORMATS[@]}"; do
   read -r -a args <<< "$spec"
   out="$WORK/q"
   rm -rf "$out"
-  $MOPT quantize "$MODEL" --format "${args[@]}" --algo max --calib data/kjv-calib.txt --calib-size "$CALIB_SIZE" --seq-len "$SEQ_LEN" \
+  algo=(--algo max)  # round-to-nearest unless the spec names an algorithm
+  [[ " ${args[*]} " == *" --algo "* ]] && algo=()
+  $MOPT quantize "$MODEL" --format "${args[@]}" "${algo[@]}" --calib data/kjv-calib.txt --calib-size "$CALIB_SIZE" --seq-len "$SEQ_LEN" \
     --out "$out" --report "$WORK/report.json" >/dev/null 2>"$WORK/err" || { echo "| ${spec} | failed: $(tail -1 "$WORK/err") |"; continue; }
   $MOPT eval kld "$out" --base "$MODEL" --text "$TEXT" --ctx "$CTX" --json > "$WORK/kld.json" 2>/dev/null
   if [[ $first == 1 ]]; then

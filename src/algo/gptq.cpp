@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "quant/fake_quant.h"
+#include "quant/qtensor.h"
 
 extern "C" {
 // LAPACK (OpenBLAS carries it): Cholesky factorization and the inverse from it, column-major.
@@ -27,15 +28,25 @@ std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; 
 // One element of column `col`, row `row` on the grid fixed by the original weight's scales.
 class GridQuantizer {
  public:
-  GridQuantizer(const quant::QuantizerSpec& spec, std::int64_t out, std::int64_t in, std::span<const float> amax)
+  GridQuantizer(const quant::QuantizerSpec& spec, std::int64_t out, std::int64_t in, std::span<const float> amax,
+                std::span<const float> block_amax)
       : spec_(spec), in_(in), amax_(amax.begin(), amax.end()) {
-    if (spec.scaling == Scaling::block) nb_ = ceil_div(in, spec.block);
+    if (spec.scaling == Scaling::block || spec.scaling == Scaling::nvfp4) nb_ = ceil_div(in, spec.block);
     if (static_cast<std::int64_t>(amax_.size()) != quant::amax_count(spec, out, in)) {
       fail("GPTQ: {} amax values for a [{}, {}] weight quantized {}", amax_.size(), out, in, spec.describe());
+    }
+    if (spec.scaling == Scaling::nvfp4) {
+      if (static_cast<std::int64_t>(block_amax.size()) != out * nb_) fail("GPTQ: {} NVFP4 block maxima for {} blocks", block_amax.size(), out * nb_);
+      for (const float m : block_amax) step_.push_back(quant::nvfp4_export_step(m, amax_[0]));
     }
   }
 
   float operator()(std::int64_t row, std::int64_t col, float x) const {
+    if (spec_.scaling == Scaling::nvfp4) {  // the export's grid: E2M1 times the block's fixed step
+      const float step = step_[static_cast<std::size_t>(row * nb_ + col / spec_.block)];
+      const float q = quant::round_e2m1_magnitude(std::fabs(x) / step) * step;
+      return x < 0.0f ? -q : q;
+    }
     const float a = amax_for(row, col);
     switch (spec_.element) {
       case Element::int8: return quant::fake_quant_int(x, a, 8);
@@ -60,6 +71,7 @@ class GridQuantizer {
   quant::QuantizerSpec spec_;
   std::int64_t in_, nb_ = 0;
   std::vector<float> amax_;
+  std::vector<float> step_;  // NVFP4: per block
 };
 
 // tr(D H D^T) for D [out, n] (f64) and symmetric H [n, n].
@@ -123,17 +135,23 @@ std::vector<double> gptq_hessian(const GramAccumulator& gram) { return gram.full
 
 bool gptq_supports(const quant::QuantizerSpec& spec) {
   if (spec.fp8_second_stage) return false;
+  if (spec.element == Element::e2m1 && spec.scaling == Scaling::nvfp4) return true;
   const bool grid = spec.element == Element::int8 || spec.element == Element::int4 || spec.element == Element::e4m3;
   const bool scales = spec.scaling == Scaling::per_tensor || spec.scaling == Scaling::per_row || spec.scaling == Scaling::block;
   return grid && scales;
 }
 
 GptqResult gptq_quantize(const quant::QuantizerSpec& spec, float* w, std::int64_t out, std::int64_t in, std::span<const float> amax,
-                         std::vector<double> h, const GptqOptions& options) {
+                         std::vector<double> h, const GptqOptions& options, std::span<const float> nvfp4_block_amax) {
   if (!gptq_supports(spec)) fail("GPTQ is not implemented for weights quantized {}", spec.describe());
   if (static_cast<std::int64_t>(h.size()) != in * in) fail("GPTQ: a Hessian of {} values for {} input columns", h.size(), in);
   if (options.block <= 0) fail("GPTQ block size must be positive");
-  const GridQuantizer grid(spec, out, in, amax);
+  std::vector<float> own_block_amax;
+  if (spec.scaling == Scaling::nvfp4 && nvfp4_block_amax.empty()) {
+    own_block_amax = quant::nvfp4_block_amax(spec, w, out, in);
+    nvfp4_block_amax = own_block_amax;
+  }
+  const GridQuantizer grid(spec, out, in, amax, nvfp4_block_amax);
   GptqResult result;
 
   // Dead columns (all-zero weight columns): their Hessian row and column become those of the identity.

@@ -55,10 +55,12 @@ struct GptqResult {
 
 // Replaces w [out, in] by its GPTQ-quantized values (on the grid of `spec`
 // with the static `amax`, as compute_amax laid it out for the original w).
-// Supported: integer and FP8 per-tensor/per-row/block weights and NVFP4 (its
-// block scales fixed from the original weight). Throws for the others.
+// Supported: integer and FP8 per-tensor/per-row/block weights and NVFP4, whose
+// block steps are fixed from `nvfp4_block_amax` (quant::nvfp4_block_amax of
+// the original w, computed here when empty) with the export's arithmetic;
+// export the result with the same block maxima. Throws for the others.
 GptqResult gptq_quantize(const quant::QuantizerSpec& spec, float* w, std::int64_t out, std::int64_t in, std::span<const float> amax,
-                         std::vector<double> hessian, const GptqOptions& options);
+                         std::vector<double> hessian, const GptqOptions& options, std::span<const float> nvfp4_block_amax = {});
 
 // True when gptq_quantize supports `spec`.
 bool gptq_supports(const quant::QuantizerSpec& spec);

@@ -169,6 +169,7 @@ struct LinearWork {
   std::vector<float> folded_scale;  // the scale folded into the preceding norm (the input is scaled by it)
   std::vector<float> row_scale;     // output rows multiplied by the next Linear's scale (NVFP4_AWQ's v_proj, up_proj)
   std::vector<float> amax;          // weight amax fixed by an algorithm (clip); empty: max-calibrate w
+  std::vector<float> block_amax;    // NVFP4 block maxima fixed before GPTQ; empty: from w
   std::vector<float> input_amax;    // static input amax; empty: none
   float alpha = -1.0f;
 };
@@ -577,8 +578,12 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
             for (std::int64_t j = 0; j < n; ++j) h[i * n + j] *= static_cast<double>(p[i]) * p[j];
           }
         }
+        if (schemes[k].weight->scaling == quant::Scaling::nvfp4) {
+          work[k].block_amax = quant::nvfp4_block_amax(*schemes[k].weight, work[k].w.data(), work[k].out, work[k].in);
+        }
         const GptqResult g = with_context(prefix + std::string(model::linear_name(kind)), [&] {
-          return gptq_quantize(*schemes[k].weight, work[k].w.data(), work[k].out, work[k].in, weight_amax[k], std::move(h), GptqOptions{});
+          return gptq_quantize(*schemes[k].weight, work[k].w.data(), work[k].out, work[k].in, weight_amax[k], std::move(h), GptqOptions{},
+                               work[k].block_amax);
         });
         lr.gptq_retries += g.damp_retries;
         lr.gptq_fallbacks += g.fell_back ? 1 : 0;
@@ -596,7 +601,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       if (qlin.scheme.quantized()) {
         const std::int64_t out = work[k].out, in = work[k].in;
         qlin.weight = with_context(qlin.name, [&] {
-          return quant::quantize_weight(*qlin.scheme.weight, work[k].w.data(), out, in, weight_amax[k], second_amax[k]);
+          return quant::quantize_weight(*qlin.scheme.weight, work[k].w.data(), out, in, weight_amax[k], second_amax[k], work[k].block_amax);
         });
         std::vector<float> deq = quant::dequantize_weight(*qlin.scheme.weight, *qlin.weight, out, in);
         qlin.weight_error = relative_error(effective_weight(deq, work[k]), original_weights[k]);

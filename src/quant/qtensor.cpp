@@ -60,7 +60,7 @@ float w4a8_second_amax(const QuantizerSpec& spec, const float* w, std::int64_t o
 }
 
 QuantizedWeight quantize_weight(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in,
-                                std::span<const float> amax, float amax2) {
+                                std::span<const float> amax, float amax2, std::span<const float> nvfp4_block_amax) {
   const auto need = static_cast<std::size_t>(amax_count(spec, out, in));
   if (amax.size() != need) fail("{} weight [{}, {}] needs {} amax values, got {}", spec.describe(), out, in, need, amax.size());
   QuantizedWeight q;
@@ -176,11 +176,18 @@ QuantizedWeight quantize_weight(const QuantizerSpec& spec, const float* w, std::
         q.weight_scale_2->mutable_data<float>()[0] = wsf2;
         auto* scales = q.weight_scale.mutable_data<std::uint8_t>();
         const float denominator = 6.0f * wsf2;
+        if (!nvfp4_block_amax.empty() && static_cast<std::int64_t>(nvfp4_block_amax.size()) != out * nb) {
+          fail("NVFP4: {} block maxima for a [{}, {}] weight", nvfp4_block_amax.size(), out, in);
+        }
         for (std::int64_t r = 0; r < out; ++r) {
           for (std::int64_t b = 0; b < nb; ++b) {
             const std::int64_t c0 = b * spec.block, len = std::min(spec.block, in - c0);
             float m = 0.0f;
-            for (std::int64_t i = 0; i < len; ++i) m = std::max(m, std::fabs(w[r * in + c0 + i]));
+            if (nvfp4_block_amax.empty()) {
+              for (std::int64_t i = 0; i < len; ++i) m = std::max(m, std::fabs(w[r * in + c0 + i]));
+            } else {
+              m = nvfp4_block_amax[static_cast<std::size_t>(r * nb + b)];
+            }
             float s = m / denominator;
             if (s == 0.0f) s = 1.0f;
             s = std::clamp(s, 0.001953125f, kE4M3Max);  // [2^-9, 448]: never a zero or NaN scale
@@ -256,6 +263,28 @@ void check_quantized_weight(const QuantizerSpec& spec, const QuantizedWeight& q,
       if (!std::isfinite(v) || v <= 0.0f) fail("{}: a weight scale is {} (scales must be finite and positive)", label, v);
     }
   }
+}
+
+std::vector<float> nvfp4_block_amax(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in) {
+  if (spec.scaling != Scaling::nvfp4) fail("NVFP4 block maxima asked of a {} quantizer", spec.describe());
+  const std::int64_t nb = ceil_div(in, spec.block);
+  std::vector<float> m(static_cast<std::size_t>(out * nb), 0.0f);
+  for (std::int64_t r = 0; r < out; ++r) {
+    for (std::int64_t c = 0; c < in; ++c) {
+      float& v = m[static_cast<std::size_t>(r * nb + c / spec.block)];
+      v = std::max(v, std::fabs(w[r * in + c]));
+    }
+  }
+  return m;
+}
+
+float nvfp4_export_step(float block_amax, float global_amax) {
+  float wsf2 = global_amax / (6.0f * kE4M3Max);
+  if (!(wsf2 > 0.0f)) wsf2 = 1.0f;
+  float s = block_amax / (6.0f * wsf2);
+  if (s == 0.0f) s = 1.0f;
+  s = std::clamp(s, 0.001953125f, kE4M3Max);
+  return e4m3_to_f32(f32_to_e4m3(s)) * wsf2;
 }
 
 std::vector<float> dequantize_weight(const QuantizerSpec& spec, const QuantizedWeight& q, std::int64_t out, std::int64_t in) {

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <optional>
 #include <span>
+#include <vector>
 
 #include "core/tensor.h"
 #include "quant/spec.h"
@@ -35,8 +36,18 @@ struct QuantizedWeight {
 // compute_amax(spec, ...) gives it (or calibrated), `amax2` the second
 // stage's amax for W4A8. Throws Error on shapes the layout cannot hold (odd
 // out for INT4, odd in for FP4).
+// `nvfp4_block_amax` (NVFP4 only, [out, ceil(in/16)]) fixes the block scales
+// from these maxima instead of w's own (GPTQ quantizes on a grid fixed from
+// the original weight, as the reference's static NVFP4 quantizer does).
 QuantizedWeight quantize_weight(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in,
-                                std::span<const float> amax, float amax2 = 0.0f);
+                                std::span<const float> amax, float amax2 = 0.0f, std::span<const float> nvfp4_block_amax = {});
+
+// NVFP4's per-block maxima of w [out, ceil(in/block)].
+std::vector<float> nvfp4_block_amax(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in);
+
+// The NVFP4 step (E4M3 block scale times the global scale) the export uses for a block of maximum
+// `block_amax` under global amax `global_amax`.
+float nvfp4_export_step(float block_amax, float global_amax);
 
 // The f32 values [out, in] a quantized weight stands for.
 std::vector<float> dequantize_weight(const QuantizerSpec& spec, const QuantizedWeight& q, std::int64_t out, std::int64_t in);

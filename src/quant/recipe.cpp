@@ -44,9 +44,11 @@ void check_algorithm_supports(const std::string& algorithm, const LinearScheme& 
   if (algorithm == "gptq" || algorithm == "awq_lite+gptq") {
     const bool grid = w.element == Element::int8 || w.element == Element::int4 || w.element == Element::e4m3;
     const bool fixed = w.scaling == Scaling::per_tensor || w.scaling == Scaling::per_row || w.scaling == Scaling::block;
-    if (!grid || !fixed || w.fp8_second_stage) {
-      fail("{} runs on INT4/INT8/FP8 weights with static scales; format {} ({}) is not supported", algorithm, s.format, w.describe());
+    const bool nvfp4 = w.element == Element::e2m1 && w.scaling == Scaling::nvfp4;
+    if (!(grid && fixed) && !nvfp4) {
+      fail("{} runs on INT4/INT8/FP8 weights with static scales and on NVFP4; format {} ({}) is not supported", algorithm, s.format, w.describe());
     }
+    if (w.fp8_second_stage) fail("{} is not implemented for W4A8's two-stage weights (format {})", algorithm, s.format);
   }
 }
 

@@ -14,6 +14,7 @@
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "quant/fake_quant.h"
+#include "quant/qtensor.h"
 #include "support/temp_dir.h"
 
 namespace mopt::algo {
@@ -346,9 +347,25 @@ TEST(Gptq, IndefiniteHessianIsRetriedWithMoreDampingThenFallsBackToRounding) {
   EXPECT_FALSE(r1.fell_back);
 }
 
+TEST(Gptq, Nvfp4OnBlockStepsFixedFromTheOriginalWeightExportsExactly) {
+  const std::int64_t out = 16, in = 64;
+  const QuantizerSpec spec{Element::e2m1, Scaling::nvfp4, 16, 0, false};
+  std::vector<float> w = random_values(static_cast<std::size_t>(out * in), 41, 0.05f);
+  const std::vector<float> x = activations(200, in, 42);
+  GramAccumulator g;
+  g.add(x.data(), 200, in);
+  const std::vector<float> amax = quant::compute_amax(spec, w.data(), out, in);
+  const std::vector<float> blocks = quant::nvfp4_block_amax(spec, w.data(), out, in);
+  const GptqResult r = gptq_quantize(spec, w.data(), out, in, amax, gptq_hessian(g), GptqOptions{}, blocks);
+  EXPECT_LT(r.error_gptq, 0.8 * r.error_rtn);
+  // Exported with the same block maxima, the codes stand for exactly the updated weight.
+  const quant::QuantizedWeight q = quant::quantize_weight(spec, w.data(), out, in, amax, 0.0f, blocks);
+  EXPECT_EQ(quant::dequantize_weight(spec, q, out, in), w);
+}
+
 TEST(Gptq, RefusesWhatItCannotQuantizeOnAFixedGrid) {
   EXPECT_FALSE(gptq_supports({Element::e2m1, Scaling::mx, 32, 0, false}));
-  EXPECT_FALSE(gptq_supports({Element::e2m1, Scaling::nvfp4, 16, 0, false}));
+  EXPECT_TRUE(gptq_supports({Element::e2m1, Scaling::nvfp4, 16, 0, false}));
   EXPECT_FALSE(gptq_supports({Element::int4, Scaling::block, 128, 0, true}));
   EXPECT_TRUE(gptq_supports(int4_block(128)));
   std::vector<float> w(16, 0.1f);

@@ -313,7 +313,7 @@ TEST(Ptq, AlgorithmsExportWhatTheyEvaluatedAndBeatRoundToNearest) {
     const char* format;
     const char* algorithm;
   } cases[] = {{"int8_sq", "smoothquant"}, {"int4_awq", "awq_lite"},  {"int4_awq", "awq_full"},     {"int4_awq", "gptq"},
-               {"w4a8_awq", "awq_lite"},   {"nvfp4_awq", "awq_lite"}, {"int4_awq", "awq_lite+gptq"}};
+               {"w4a8_awq", "awq_lite"},   {"nvfp4_awq", "awq_lite"}, {"int4_awq", "awq_lite+gptq"}, {"nvfp4", "gptq"}};
   for (const auto& c : cases) {
     SCOPED_TRACE(std::string(c.format) + " " + c.algorithm);
     TempDir tmp;

@@ -92,8 +92,11 @@ TEST(Recipe, AlgorithmsRunOnlyWhereTheyAreDefined) {
   r.algorithm = "awq_fast";
   EXPECT_THROW(r.validate(), Error);
   r.format = "nvfp4";
-  r.algorithm = "gptq";  // NVFP4's block scales are not fixed before GPTQ here
+  r.algorithm = "gptq";
+  EXPECT_NO_THROW(r.validate());
+  r.format = "mxfp4";  // power-of-two scales computed from the weight itself
   EXPECT_THROW(r.validate(), Error);
+  r.format = "nvfp4";
   r.algorithm = "awq_clip";
   EXPECT_THROW(r.validate(), Error);
   r.algorithm = "awq_lite";
