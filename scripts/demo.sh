@@ -4,7 +4,8 @@
 # (King James books it never saw, and the same books in the World English
 # Bible), let it continue a prompt, then quantize it to NVFP4 with an FP8 KV
 # cache (a Hugging Face "modelopt" checkpoint under build/), and evaluate the
-# quantized model against its 16-bit self. Benchmarking joins as it lands.
+# quantized model against its 16-bit self; then INT4 weights with and without
+# GPTQ. Benchmarking joins as it lands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-models/tiny-kjv}
@@ -28,3 +29,10 @@ build/mopt inspect build/tiny-kjv-nvfp4
 echo "== the quantized model against the 16-bit one (held-out KJV)"
 build/mopt eval kld build/tiny-kjv-nvfp4 --base "$model" --text data/kjv-heldout.txt --ctx 256
 build/mopt generate build/tiny-kjv-nvfp4 --prompt "In the beginning" --max-tokens 32
+echo "== INT4 weights (W4A16, groups of 64): round-to-nearest against GPTQ, same calibration"
+for algo in max gptq; do
+  rm -rf "build/tiny-kjv-int4-$algo"
+  build/mopt quantize "$model" --format int4_awq --group-size 64 --algo "$algo" --calib data/kjv-calib.txt --calib-size 64 --seq-len 256 \
+    --out "build/tiny-kjv-int4-$algo" | tail -2
+  build/mopt eval kld "build/tiny-kjv-int4-$algo" --base "$model" --text data/kjv-heldout.txt --ctx 256 | grep -E "ppl|mean"
+done

@@ -25,6 +25,7 @@ namespace mopt {
 namespace {
 
 namespace fs = std::filesystem;
+using nlohmann::json;
 using testing::TempDir;
 
 std::string tiny_llama() { return testing::data_path("hf/llama"); }
@@ -277,10 +278,11 @@ TEST(Ptq, AnExistingOutputDirectoryIsRefused) {
 }
 
 // Layer 0 of `weights` on the embeddings of `calib` (one forward call per sequence): ||y - y_fp|| / ||y_fp||.
-double layer0_error(const model::Model& fp, const model::LayerWeights& weights, const algo::CalibrationSet& calib) {
+double layer0_error(const model::Model& fp, const model::LayerWeights& weights, const algo::CalibrationSet& calib,
+                    const std::string& model_dir = tiny_kjv()) {
   const auto& c = fp.config();
   const std::vector<float> inv_freq = model::rope_inv_freq(c);
-  const Tensor embed = io::Checkpoint::open(tiny_kjv()).tensor("model.embed_tokens.weight");
+  const Tensor embed = io::Checkpoint::open(model_dir).tensor("model.embed_tokens.weight");
   const std::vector<float> table = embed.to_f32();
   model::Workspace ws;
   double num = 0.0, den = 0.0;
@@ -338,6 +340,65 @@ TEST(Ptq, AlgorithmsExportWhatTheyEvaluatedAndBeatRoundToNearest) {
       EXPECT_EQ(report.layers[0].alphas.size(), 7u);
     }
   }
+}
+
+// tiny-kjv cut to 2 layers with as many KV heads as query heads (k/v weights made from q's), so that
+// NVFP4_AWQ's export can fold o_proj's scale into v_proj's rows.
+std::string mha_tiny_kjv(const TempDir& tmp) {
+  const std::string dir = tmp.file("mha");
+  fs::create_directories(dir);
+  json config = io::parse_json_unique_keys(io::read_text_file(tiny_kjv() + "/config.json"), "config.json");
+  config["num_hidden_layers"] = 2;
+  config["num_key_value_heads"] = config["num_attention_heads"];
+  std::ofstream(dir + "/config.json") << config.dump(2);
+  fs::copy_file(tiny_kjv() + "/tokenizer.json", dir + "/tokenizer.json");
+  const auto store = io::TensorStore::open_dir(tiny_kjv());
+  std::vector<io::NamedTensor> tensors;
+  for (const auto& loc : store.all()) {
+    const std::string& n = loc.entry->name;
+    if (n.rfind("model.layers.", 0) == 0 && n.rfind("model.layers.0.", 0) != 0 && n.rfind("model.layers.1.", 0) != 0) continue;
+    const bool kv = n.find("k_proj.weight") != std::string::npos || n.find("v_proj.weight") != std::string::npos;
+    if (!kv) {
+      tensors.push_back({n, store.tensor(n)});
+      continue;
+    }
+    // [hidden, hidden] from q_proj, rows permuted so k and v differ from q.
+    const std::string q = n.substr(0, n.find("self_attn.")) + "self_attn.q_proj.weight";
+    std::vector<float> w = store.tensor(q).to_f32();
+    const std::int64_t rows = store.tensor(q).dim(0), cols = store.tensor(q).dim(1);
+    std::vector<float> p(w.size());
+    const std::int64_t shift = n.find("k_proj") != std::string::npos ? 1 : 2;
+    for (std::int64_t r = 0; r < rows; ++r) std::copy_n(w.begin() + ((r * 7 + shift) % rows) * cols, cols, p.begin() + r * cols);
+    tensors.push_back({n, Tensor::from_f32(p, {rows, cols}).to(DType::BF16)});
+  }
+  io::write_safetensors(dir + "/model.safetensors", tensors);
+  return dir;
+}
+
+TEST(Ptq, Nvfp4AwqFoldsOprojScaleIntoVprojRowsWithoutGqa) {
+  TempDir tmp;
+  const std::string mha = mha_tiny_kjv(tmp);
+  const auto base = model::Model::load(mha);
+  const auto docs = io::read_documents(std::string(MOPT_SOURCE_DIR) + "/data/kjv-calib.txt");
+  const auto calib = algo::make_calibration_set(docs, base.require_tokenizer(), 4, 64, 0);
+  quant::Recipe r;
+  r.format = "nvfp4_awq";
+  algo::PtqReport report;
+  quantize_to(mha, r, calib, tmp.file("q"), &report);
+  const auto out = io::TensorStore::open_dir(tmp.file("q"));
+  // Folded: o_proj and down_proj keep no pre_quant_scale (down_proj's went into up_proj's rows), q/k/v's and
+  // gate/up's went into the norms.
+  for (const char* n : {"self_attn.o_proj", "mlp.down_proj", "self_attn.q_proj", "mlp.up_proj"}) {
+    EXPECT_FALSE(out.contains(std::string("model.layers.0.") + n + ".pre_quant_scale")) << n;
+  }
+  const auto m = exporter::load_model(tmp.file("q"));
+  EXPECT_NEAR(layer0_error(base, m.layer(0), calib, mha), report.layers[0].output_error, 1e-6 + 1e-4 * report.layers[0].output_error);
+  // With GQA (tiny-kjv itself) o_proj's scale cannot be folded and stays.
+  TempDir tmp2;
+  quantize_to(tiny_kjv(), r, calib, tmp2.file("q"));
+  const auto gqa = io::TensorStore::open_dir(tmp2.file("q"));
+  EXPECT_TRUE(gqa.contains("model.layers.0.self_attn.o_proj.pre_quant_scale"));
+  EXPECT_FALSE(gqa.contains("model.layers.0.mlp.down_proj.pre_quant_scale"));
 }
 
 TEST(Ptq, PropagatingQuantizedOutputsChangesLaterLayersOnly) {
