@@ -582,7 +582,10 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
           work[k].block_amax = quant::nvfp4_block_amax(*schemes[k].weight, work[k].w.data(), work[k].out, work[k].in);
         }
         const GptqResult g = with_context(prefix + std::string(model::linear_name(kind)), [&] {
-          return gptq_quantize(*schemes[k].weight, work[k].w.data(), work[k].out, work[k].in, weight_amax[k], std::move(h), GptqOptions{},
+          GptqOptions go;
+          go.damp = options.gptq_damp;
+          go.act_order = options.gptq_act_order;
+          return gptq_quantize(*schemes[k].weight, work[k].w.data(), work[k].out, work[k].in, weight_amax[k], std::move(h), go,
                                work[k].block_amax);
         });
         lr.gptq_retries += g.damp_retries;

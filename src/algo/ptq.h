@@ -44,6 +44,8 @@ CalibrationSet make_calibration_set(const std::vector<std::string>& documents, c
 struct PtqOptions {
   bool propagate_quantized = false;
   std::int64_t batch_sequences = 1;  // sequences per forward call (the histogram grows per call)
+  double gptq_damp = 0.01;           // GPTQ damping, a fraction of mean(diag H)
+  bool gptq_act_order = false;       // GPTQ columns by decreasing H_ii (the reference: natural order)
 };
 
 struct LayerReport {

@@ -122,6 +122,8 @@ int main(int argc, char** argv) {
   quantize_cmd->add_option("--override", quantize.overrides, "GLOB=FORMAT: another format (or none) for matching modules (repeatable)");
   quantize_cmd->add_flag("--propagate-quantized", quantize.propagate_quantized,
                          "Feed each layer the quantized previous layer's outputs (default: the unquantized ones, as the reference)");
+  quantize_cmd->add_option("--gptq-damp", quantize.gptq_damp, "GPTQ damping as a fraction of the Hessian's mean diagonal (default 0.01)");
+  quantize_cmd->add_flag("--gptq-act-order", quantize.gptq_act_order, "GPTQ: columns by decreasing Hessian diagonal (default: natural order, as the reference)");
   quantize_cmd->add_option("--report", quantize.report, "Write a JSON report here");
 
   try {

@@ -1,6 +1,7 @@
 #include <fmt/format.h>
 
 #include <chrono>
+#include <cmath>
 #include <nlohmann/json.hpp>
 
 #include "algo/ptq.h"
@@ -48,6 +49,7 @@ std::string format_error(double e) { return e < 0.0 ? "-" : fmt::format("{:.5f}"
 
 int run_quantize(const QuantizeOptions& o) {
   const auto start = std::chrono::steady_clock::now();
+  if (!(o.gptq_damp > 0.0) || !std::isfinite(o.gptq_damp)) fail("--gptq-damp {} is not a positive number", o.gptq_damp);
   const quant::Recipe recipe = build_recipe(o);
   const io::Checkpoint ckpt = io::Checkpoint::open(o.model);
   if (exporter::is_quantized_checkpoint(o.model)) fail("{}: already quantized; quantize the original checkpoint", o.model);
@@ -76,6 +78,8 @@ int run_quantize(const QuantizeOptions& o) {
   algo::PtqOptions options;
   options.propagate_quantized = o.propagate_quantized;
   options.batch_sequences = o.calib_batch;
+  options.gptq_damp = o.gptq_damp;
+  options.gptq_act_order = o.gptq_act_order;
   const algo::PtqReport report =
       algo::quantize_checkpoint(ckpt, recipe, calib, options, [&](quant::QuantizedLayer&& layer) { writer.add_layer(layer); });
   writer.finish();
