@@ -30,7 +30,7 @@ class GridQuantizer {
  public:
   GridQuantizer(const quant::QuantizerSpec& spec, std::int64_t out, std::int64_t in, std::span<const float> amax,
                 std::span<const float> block_amax)
-      : spec_(spec), in_(in), amax_(amax.begin(), amax.end()) {
+      : spec_(spec), amax_(amax.begin(), amax.end()) {
     if (spec.scaling == Scaling::block || spec.scaling == Scaling::nvfp4) nb_ = ceil_div(in, spec.block);
     if (static_cast<std::int64_t>(amax_.size()) != quant::amax_count(spec, out, in)) {
       fail("GPTQ: {} amax values for a [{}, {}] weight quantized {}", amax_.size(), out, in, spec.describe());
@@ -69,7 +69,7 @@ class GridQuantizer {
   }
 
   quant::QuantizerSpec spec_;
-  std::int64_t in_, nb_ = 0;
+  std::int64_t nb_ = 0;
   std::vector<float> amax_;
   std::vector<float> step_;  // NVFP4: per block
 };
