@@ -1,0 +1,54 @@
+// Writing GGUF (version 3): metadata of every value type, tensors in ggml
+// block layouts, each tensor's data aligned to `general.alignment` (32 unless
+// set). The file is written under a temporary name and renamed when complete.
+//
+// ggml_quantize() produces the blocks llama.cpp's reference quantizers do, as
+// the gguf Python package computes them (tests/data/gguf/quant_goldens.*):
+//   F32, F16 (round to nearest even, overflow to inf), BF16 (round to nearest
+//   even), Q8_0 (32 values: f16 d = max|x| / 127, int8 round-half-away(x / d)),
+//   Q4_0 (32 values: f16 d = m / -8 with m the value of largest magnitude,
+//   nibbles trunc(x / d + 8.5) clipped to 15, element i in the low nibble of
+//   byte i and element i+16 in its high nibble).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "io/gguf.h"
+
+namespace mopt::io {
+
+// `count` values of x as blocks of `type`; count must be a multiple of the
+// type's block size. Non-finite values are an error naming `label`.
+std::vector<std::byte> ggml_quantize(GgmlType type, const float* x, std::uint64_t count, const std::string& label = "tensor");
+
+class GgufWriter {
+ public:
+  // Metadata in the order added; a key added twice is an error.
+  void add(const std::string& key, GgufValue value);
+  void add_string(const std::string& key, const std::string& value);
+  void add_u32(const std::string& key, std::uint32_t value);
+  void add_f32(const std::string& key, float value);
+  // A tensor of PyTorch shape `shape` ([rows, ..., contiguous]) whose bytes are `data` in `type`'s layout.
+  void add_tensor(const std::string& name, const Shape& shape, GgmlType type, std::vector<std::byte> data);
+  // Writes the file atomically.
+  void write(const std::string& path) const;
+  // The file's bytes (what write() writes).
+  std::vector<std::byte> bytes() const;
+
+ private:
+  struct Entry {
+    std::string name;
+    Shape shape;
+    GgmlTypeInfo type;
+    std::vector<std::byte> data;
+  };
+  std::vector<std::pair<std::string, GgufValue>> metadata_;
+  std::vector<Entry> tensors_;
+  std::uint64_t alignment() const;
+};
+
+}  // namespace mopt::io

@@ -1,0 +1,120 @@
+// The GGUF writer: its quantizers against the gguf package's reference
+// quantization (tests/data/gguf/quant_goldens.*), and files that mopt's own
+// reader reads back exactly.
+#include "io/gguf_writer.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "core/error.h"
+#include "io/checkpoint.h"
+#include "support/temp_dir.h"
+
+namespace mopt::io {
+namespace {
+
+TEST(GgufWriter, QuantizersMatchTheGgufPackageByteForByte) {
+  const auto gold = TensorStore::open_file(testing::data_path("gguf/quant_goldens.safetensors"));
+  const std::vector<float> x = gold.tensor("x").to_f32();
+  for (const auto& [name, type] : {std::pair{"F16", GgmlType::F16}, std::pair{"BF16", GgmlType::BF16}, std::pair{"Q8_0", GgmlType::Q8_0},
+                                   std::pair{"Q4_0", GgmlType::Q4_0}}) {
+    SCOPED_TRACE(name);
+    const Tensor want = gold.tensor(name);
+    const std::vector<std::byte> got = ggml_quantize(type, x.data(), x.size());
+    ASSERT_EQ(got.size(), want.nbytes());
+    std::size_t differ = 0;
+    for (std::size_t i = 0; i < got.size(); ++i) differ += got[i] != want.bytes()[i];
+    EXPECT_EQ(differ, 0u);
+    // And they dequantize to within half a step of the input, plus what storing the step in f16 costs
+    // (blocks whose step is below f16's normal range are skipped; F16 overflows to inf by design).
+    if (type == GgmlType::Q8_0 || type == GgmlType::Q4_0) {
+      std::vector<float> back(x.size());
+      ggml_dequantize(type, got, back.data(), back.size());
+      for (std::size_t b = 0; b < x.size(); b += 32) {
+        float amax = 0.0f;
+        for (std::size_t i = b; i < b + 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+        const float step = amax / (type == GgmlType::Q8_0 ? 127.0f : 8.0f);
+        if (step < 6.2e-5f) continue;
+        // Q4_0's grid is -8..7 steps of the signed extreme: the other side reaches 7 steps, clipping 1.
+        const float clip = type == GgmlType::Q4_0 ? step : 0.0f;
+        for (std::size_t i = b; i < b + 32; ++i) EXPECT_LE(std::fabs(back[i] - x[i]), step * 0.5f + clip + amax * 1e-3f) << i;
+      }
+    }
+  }
+  const std::vector<float> bad = {1.0f, std::numeric_limits<float>::quiet_NaN()};
+  EXPECT_THROW(ggml_quantize(GgmlType::F16, bad.data(), 2), Error);
+  EXPECT_THROW(ggml_quantize(GgmlType::Q8_0, x.data(), 31), Error);
+  EXPECT_THROW(ggml_quantize(GgmlType::Q4_K, x.data(), 256), Error);
+}
+
+TEST(GgufWriter, WritesFilesTheReaderReadsBack) {
+  testing::TempDir tmp;
+  GgufWriter w;
+  w.add_string("general.architecture", "llama");
+  w.add_u32("llama.block_count", 2);
+  w.add_f32("llama.rope.freq_base", 500000.0f);
+  w.add("general.alignment", {GgufValueType::u32, GgufValueType::u8, 64});
+  w.add("flag", {GgufValueType::boolean, GgufValueType::u8, true});
+  w.add("i64", {GgufValueType::i64, GgufValueType::u8, -5});
+  w.add("f64", {GgufValueType::f64, GgufValueType::u8, 0.25});
+  w.add("tokenizer.ggml.tokens", {GgufValueType::array, GgufValueType::string, nlohmann::json::array({"a", "b", "<s>"})});
+  w.add("tokenizer.ggml.token_type", {GgufValueType::array, GgufValueType::i32, nlohmann::json::array({1, 1, 3})});
+  std::vector<float> a(64 * 3), v(96);
+  for (std::size_t i = 0; i < a.size(); ++i) a[i] = std::sin(static_cast<float>(i)) * 0.1f;
+  for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(i) - 40.0f;
+  const std::pair<const char*, GgmlType> types[] = {{"f32", GgmlType::F32}, {"f16", GgmlType::F16}, {"bf16", GgmlType::BF16},
+                                                    {"q8", GgmlType::Q8_0}, {"q4", GgmlType::Q4_0}};
+  for (const auto& [name, type] : types) w.add_tensor(std::string("w.") + name, {3, 64}, type, ggml_quantize(type, a.data(), a.size()));
+  w.add_tensor("norm", {96}, GgmlType::F32, ggml_quantize(GgmlType::F32, v.data(), v.size()));
+  EXPECT_THROW(w.add_string("general.architecture", "qwen2"), Error);
+  EXPECT_THROW(w.add_tensor("norm", {96}, GgmlType::F32, ggml_quantize(GgmlType::F32, v.data(), v.size())), Error);
+  EXPECT_THROW(w.add_tensor("short", {3, 64}, GgmlType::Q8_0, std::vector<std::byte>(10)), Error);
+  EXPECT_THROW(w.add_tensor("ragged", {2, 48}, GgmlType::Q8_0, std::vector<std::byte>(102)), Error);
+
+  const std::string path = tmp.file("m.gguf");
+  w.write(path);
+  const GgufFile f = GgufFile::open(path);
+  EXPECT_EQ(f.header().version, 3u);
+  EXPECT_EQ(f.header().alignment, 64u);
+  EXPECT_EQ(f.get_string("general.architecture"), "llama");
+  EXPECT_EQ(f.get_uint("llama.block_count"), 2u);
+  EXPECT_EQ(f.get_float("llama.rope.freq_base"), 500000.0);
+  EXPECT_TRUE(f.get_bool("flag"));
+  EXPECT_EQ(f.find("i64")->value.get<std::int64_t>(), -5);
+  EXPECT_EQ(f.get_float("f64"), 0.25);
+  EXPECT_EQ(f.find("tokenizer.ggml.tokens")->value, nlohmann::json::array({"a", "b", "<s>"}));
+  EXPECT_EQ(f.find("tokenizer.ggml.token_type")->value, nlohmann::json::array({1, 1, 3}));
+  ASSERT_EQ(f.header().tensors.size(), 6u);
+  for (const auto& [name, type] : types) {
+    SCOPED_TRACE(name);
+    const GgufTensorInfo* t = f.find_tensor(std::string("w.") + name);
+    ASSERT_NE(t, nullptr);
+    EXPECT_EQ(t->shape(), (Shape{3, 64}));
+    EXPECT_EQ(t->type.type, type);
+    EXPECT_EQ(t->offset % 64, 0u);
+    const std::vector<std::byte> blocks = ggml_quantize(type, a.data(), a.size());
+    const auto raw = f.raw(*t);
+    ASSERT_EQ(raw.size(), blocks.size());
+    EXPECT_EQ(std::memcmp(raw.data(), blocks.data(), blocks.size()), 0);
+    std::vector<float> want(a.size());
+    ggml_dequantize(type, blocks, want.data(), want.size());
+    EXPECT_EQ(f.dequantize(*t).to_f32(), want);
+  }
+  EXPECT_EQ(f.dequantize(*f.find_tensor("norm")).to_f32(), v);
+  // The same bytes as bytes() promises.
+  EXPECT_EQ(f.header().data_offset % 64, 0u);
+}
+
+TEST(GgufWriter, ABadValueLeavesNoFile) {
+  testing::TempDir tmp;
+  GgufWriter w;
+  w.add("bad", {GgufValueType::u32, GgufValueType::u8, "text"});
+  EXPECT_THROW(w.write(tmp.file("x.gguf")), Error);
+  EXPECT_FALSE(std::filesystem::exists(tmp.file("x.gguf")));
+}
+
+}  // namespace
+}  // namespace mopt::io
