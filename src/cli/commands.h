@@ -34,6 +34,14 @@ struct ConvertOptions {
 };
 int run_convert(const ConvertOptions& options);
 
+struct ExportOptions {
+  std::string model;
+  std::string to;  // "gguf"
+  std::string out;
+  std::string type = "bf16";
+};
+int run_export(const ExportOptions& options);
+
 struct EvalOptions {
   std::string model;
   std::string base;  // kld

@@ -71,6 +71,13 @@ int main(int argc, char** argv) {
   convert_cmd->add_option("gguf", convert.gguf, "The .gguf file")->required();
   convert_cmd->add_option("out_dir", convert.out_dir, "The directory to create")->required();
 
+  mopt::cli::ExportOptions export_options;
+  auto* export_cmd = app.add_subcommand("export", "Write a Hugging Face checkpoint in another engine's format (GGUF for llama.cpp)");
+  export_cmd->add_option("model", export_options.model, "Model directory (Hugging Face checkpoint)")->required();
+  export_cmd->add_option("--to", export_options.to, "Target format: gguf")->required();
+  export_cmd->add_option("out", export_options.out, "The file to create")->required();
+  export_cmd->add_option("--type", export_options.type, "GGUF weight type: bf16 (default), f16, f32, q8_0, q4_0");
+
   mopt::cli::EvalOptions eval;
   auto* eval_cmd = app.add_subcommand("eval", "Measure a model: perplexity, KL divergence against a base, multiple choice");
   eval_cmd->require_subcommand(1);
@@ -149,6 +156,7 @@ int main(int argc, char** argv) {
     if (mc_cmd->parsed()) return mopt::cli::run_eval_mc(eval);
     if (gen_cmd->parsed()) return mopt::cli::run_generate(gen);
     if (convert_cmd->parsed()) return mopt::cli::run_convert(convert);
+    if (export_cmd->parsed()) return mopt::cli::run_export(export_options);
     if (tokenize_cmd->parsed()) return mopt::cli::run_tokenize(tokenize);
     if (detokenize_cmd->parsed()) return mopt::cli::run_detokenize(detokenize);
     std::fprintf(stderr, "%s", app.help().c_str());

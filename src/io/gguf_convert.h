@@ -22,6 +22,10 @@ nlohmann::json gguf_to_hf_config(const GgufFile& gguf);
 // tokenizer.json built from the tokenizer.ggml.* metadata.
 nlohmann::json gguf_to_hf_tokenizer(const GgufFile& gguf);
 
+// The pre-tokenizer regexes behind llama.cpp's tokenizer.ggml.pre names "llama-bpe" and "qwen2".
+extern const char* const kLlama3SplitRegex;
+extern const char* const kQwen2SplitRegex;
+
 // The inverse of llama.cpp's Q/K permutation on the rows of a [rows, cols]
 // f32 tensor with `heads` heads: row h*d + 2i + j of the GGUF tensor becomes
 // row h*d + j*(d/2) + i.

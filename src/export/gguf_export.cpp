@@ -1,0 +1,242 @@
+#include "export/gguf_export.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <map>
+
+#include "core/error.h"
+#include "io/checkpoint.h"
+#include "io/gguf_convert.h"
+#include "io/gguf_writer.h"
+#include "io/json_util.h"
+#include "io/tokenizer.h"
+#include "model/llama.h"
+
+namespace mopt::exporter {
+
+namespace {
+
+using io::GgmlType;
+using io::GgufValue;
+using io::GgufValueType;
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+// llama.cpp's general.file_type for a whole-model type.
+std::uint32_t file_type(GgmlType t) {
+  switch (t) {
+    case GgmlType::F32: return 0;
+    case GgmlType::F16: return 1;
+    case GgmlType::Q4_0: return 2;
+    case GgmlType::Q8_0: return 7;
+    case GgmlType::BF16: return 32;
+    default: fail("no GGUF file type for ggml type {}", static_cast<std::uint32_t>(t));
+  }
+}
+
+// llama.cpp's Q/K permutation: within each head of d rows, row j*(d/2) + i moves to 2i + j (RoPE on
+// adjacent pairs instead of halves). `unpermute_rope_rows` undoes it.
+void permute_rope_rows(float* data, std::int64_t rows, std::int64_t cols, std::int64_t heads) {
+  if (heads <= 0 || rows % heads != 0 || (rows / heads) % 2 != 0) {
+    fail("cannot apply llama.cpp's RoPE permutation: {} rows do not split into {} heads of even size", rows, heads);
+  }
+  const std::int64_t d = rows / heads;
+  std::vector<float> copy(data, data + rows * cols);
+  for (std::int64_t h = 0; h < heads; ++h) {
+    for (std::int64_t i = 0; i < d / 2; ++i) {
+      for (std::int64_t j = 0; j < 2; ++j) {
+        const std::int64_t from = h * d + j * (d / 2) + i;
+        const std::int64_t to = h * d + 2 * i + j;
+        std::copy(copy.begin() + from * cols, copy.begin() + (from + 1) * cols, data + to * cols);
+      }
+    }
+  }
+}
+
+bool is_byte_level(const json& j, bool use_regex) {
+  return j.is_object() && j.value("type", "") == "ByteLevel" && j.value("use_regex", true) == use_regex;
+}
+
+bool is_split(const json& j, const char* regex) {
+  return j.is_object() && j.value("type", "") == "Split" && j.contains("pattern") && j["pattern"].is_object() &&
+         j["pattern"].value("Regex", "") == regex && j.value("behavior", "") == "Isolated" && !j.value("invert", false);
+}
+
+// True when applying merges to every vocabulary entry gives the entry back, i.e. a pre-token that is a
+// whole token is encoded the same with and without ignore_merges.
+bool merges_reproduce_vocab(const json& tokenizer, const std::string& label) {
+  json ignoring = tokenizer;
+  ignoring["model"]["ignore_merges"] = true;
+  const io::Tokenizer a = io::Tokenizer::from_json(tokenizer.dump(), label);
+  const io::Tokenizer b = io::Tokenizer::from_json(ignoring.dump(), label);
+  for (std::int32_t id = 0; id < a.vocab_size(); ++id) {
+    if (a.is_special(id)) continue;
+    const std::string text = a.decode(std::span<const std::int32_t>(&id, 1));
+    if (a.encode(text) != b.encode(text)) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+GgmlType gguf_type_from_name(const std::string& name) {
+  static const std::map<std::string, GgmlType> kTypes = {
+      {"f32", GgmlType::F32}, {"f16", GgmlType::F16}, {"bf16", GgmlType::BF16}, {"q8_0", GgmlType::Q8_0}, {"q4_0", GgmlType::Q4_0}};
+  const auto it = kTypes.find(name);
+  if (it == kTypes.end()) fail("unknown GGUF type '{}' (f32, f16, bf16, q8_0, q4_0)", name);
+  return it->second;
+}
+
+std::string gguf_pre_tokenizer_name(const json& t, const std::string& label) {
+  if (!t.contains("model") || t["model"].value("type", "") != "BPE") fail("{}: only byte-level BPE tokenizers can be written to GGUF", label);
+  const json& pre = t.contains("pre_tokenizer") ? t["pre_tokenizer"] : json(nullptr);
+  const json& norm = t.contains("normalizer") ? t["normalizer"] : json(nullptr);
+  const bool sequence = pre.is_object() && pre.value("type", "") == "Sequence" && pre.contains("pretokenizers") &&
+                        pre["pretokenizers"].is_array() && pre["pretokenizers"].size() == 2;
+  const bool ignore_merges = t["model"].value("ignore_merges", false);
+  if (sequence && norm.is_null() && is_split(pre["pretokenizers"][0], io::kLlama3SplitRegex) && is_byte_level(pre["pretokenizers"][1], false)) {
+    // llama.cpp's llama-bpe ignores merges for whole-token pre-tokens; fine when that changes nothing.
+    if (!ignore_merges && !merges_reproduce_vocab(t, label)) {
+      fail("{}: Llama-3's pre-tokenizer without ignore_merges, and some token is not what its merges give: llama.cpp's "
+           "llama-bpe would tokenize differently",
+           label);
+    }
+    return "llama-bpe";
+  }
+  if (sequence && norm.is_object() && norm.value("type", "") == "NFC" && is_split(pre["pretokenizers"][0], io::kQwen2SplitRegex) &&
+      is_byte_level(pre["pretokenizers"][1], false) && !ignore_merges) {
+    return "qwen2";
+  }
+  if (sequence && norm.is_null() && pre["pretokenizers"][0].value("type", "") == "Digits" &&
+      pre["pretokenizers"][0].value("individual_digits", false) && is_byte_level(pre["pretokenizers"][1], true) && !ignore_merges) {
+    return "smollm";
+  }
+  if (is_byte_level(pre, true) && norm.is_null() && !ignore_merges) return "gpt-2";
+  fail("{}: its pre-tokenizer matches none of llama.cpp's that mopt writes (llama-bpe, qwen2, smollm, gpt-2)", label);
+}
+
+void export_gguf(const std::string& model_dir, const std::string& out_path, const GgufExportOptions& options) {
+  if (fs::exists(out_path)) fail("{}: already exists; choose a new file", out_path);
+  const io::Checkpoint ckpt = io::Checkpoint::open(model_dir);
+  const io::ModelConfig& c = ckpt.config();
+  if (c.model_type != "llama" && c.model_type != "mistral") {
+    fail("{}: GGUF export of '{}' models is not built yet (llama, and mistral without a sliding window)", model_dir, c.model_type);
+  }
+  if (c.sliding_window) fail("{}: llama.cpp's llama architecture has no sliding window ({} tokens here)", model_dir, *c.sliding_window);
+  if (c.qkv_bias || c.o_bias || c.mlp_bias) fail("{}: GGUF export of Linear biases is not built yet", model_dir);
+  const std::string tok_path = model_dir + "/tokenizer.json";
+  if (!fs::exists(tok_path)) fail("{}: missing tokenizer.json; a GGUF file carries its tokenizer", model_dir);
+  const json tok = io::parse_json_unique_keys(io::read_text_file(tok_path), tok_path);
+  const std::string pre = gguf_pre_tokenizer_name(tok, tok_path);
+
+  io::GgufWriter w;
+  w.add_string("general.architecture", "llama");
+  w.add_string("general.name", fs::path(model_dir).filename().string());
+  w.add_u32("general.file_type", file_type(options.type));
+  w.add_u32("general.quantization_version", 2);
+  w.add_u32("llama.vocab_size", static_cast<std::uint32_t>(c.vocab_size));
+  w.add_u32("llama.context_length", static_cast<std::uint32_t>(c.max_position_embeddings));
+  w.add_u32("llama.embedding_length", static_cast<std::uint32_t>(c.hidden_size));
+  w.add_u32("llama.block_count", static_cast<std::uint32_t>(c.num_layers));
+  w.add_u32("llama.feed_forward_length", static_cast<std::uint32_t>(c.intermediate_size));
+  w.add_u32("llama.rope.dimension_count", static_cast<std::uint32_t>(c.head_dim));
+  w.add_u32("llama.attention.head_count", static_cast<std::uint32_t>(c.num_heads));
+  w.add_u32("llama.attention.head_count_kv", static_cast<std::uint32_t>(c.num_kv_heads));
+  if (c.head_dim * c.num_heads != c.hidden_size) {
+    w.add_u32("llama.attention.key_length", static_cast<std::uint32_t>(c.head_dim));
+    w.add_u32("llama.attention.value_length", static_cast<std::uint32_t>(c.head_dim));
+  }
+  w.add_f32("llama.attention.layer_norm_rms_epsilon", static_cast<float>(c.rms_norm_eps));
+  w.add_f32("llama.rope.freq_base", static_cast<float>(c.rope_theta));
+  if (c.rope_scaling.type == io::RopeScalingType::linear) {
+    w.add_string("llama.rope.scaling.type", "linear");
+    w.add_f32("llama.rope.scaling.factor", static_cast<float>(c.rope_scaling.factor));
+  }
+
+  // The tokenizer: ids 0..n-1 from the BPE vocabulary and the added tokens.
+  std::map<std::int64_t, std::pair<std::string, std::int32_t>> by_id;  // id -> (token, ggml token type)
+  for (const auto& [token, id] : tok["model"]["vocab"].items()) by_id[id.get<std::int64_t>()] = {token, 1};
+  if (tok.contains("added_tokens")) {
+    for (const auto& a : tok["added_tokens"]) by_id[a["id"].get<std::int64_t>()] = {a["content"].get<std::string>(), a.value("special", false) ? 3 : 4};
+  }
+  json tokens = json::array(), types = json::array(), merges = json::array();
+  std::int64_t next = 0;
+  for (const auto& [id, entry] : by_id) {
+    if (id != next) fail("{}: token ids are not contiguous (no token {})", tok_path, next);
+    tokens.push_back(entry.first);
+    types.push_back(entry.second);
+    ++next;
+  }
+  if (next > c.vocab_size) fail("{}: {} tokens for an embedding of {} rows", tok_path, next, c.vocab_size);
+  for (const auto& m : tok["model"]["merges"]) {
+    if (m.is_string()) {
+      merges.push_back(m);
+    } else if (m.is_array() && m.size() == 2) {
+      merges.push_back(m[0].get<std::string>() + " " + m[1].get<std::string>());
+    } else {
+      fail("{}: a merge is neither \"a b\" nor [a, b]", tok_path);
+    }
+  }
+  w.add_string("tokenizer.ggml.model", "gpt2");
+  w.add_string("tokenizer.ggml.pre", pre);
+  w.add("tokenizer.ggml.tokens", {GgufValueType::array, GgufValueType::string, tokens});
+  w.add("tokenizer.ggml.token_type", {GgufValueType::array, GgufValueType::i32, types});
+  w.add("tokenizer.ggml.merges", {GgufValueType::array, GgufValueType::string, merges});
+  if (!c.bos_token_ids.empty()) w.add_u32("tokenizer.ggml.bos_token_id", static_cast<std::uint32_t>(c.bos_token_ids[0]));
+  if (!c.eos_token_ids.empty()) w.add_u32("tokenizer.ggml.eos_token_id", static_cast<std::uint32_t>(c.eos_token_ids[0]));
+  bool add_bos = false;
+  if (tok.contains("post_processor") && tok["post_processor"].is_object() && tok["post_processor"].value("type", "") == "TemplateProcessing") {
+    const json& single = tok["post_processor"]["single"];
+    add_bos = single.is_array() && !single.empty() && single[0].contains("SpecialToken");
+  }
+  w.add("tokenizer.ggml.add_bos_token", {GgufValueType::boolean, GgufValueType::u8, add_bos});
+  const std::string tc_path = model_dir + "/tokenizer_config.json";
+  if (fs::exists(tc_path)) {
+    const json tc = io::parse_json_unique_keys(io::read_text_file(tc_path), tc_path);
+    if (tc.contains("chat_template") && tc["chat_template"].is_string()) w.add_string("tokenizer.chat_template", tc["chat_template"].get<std::string>());
+  }
+
+  // Tensors.
+  const auto matrix = [&](const std::string& hf, const std::string& gguf, std::int64_t permute_heads = 0) {
+    const Tensor t = ckpt.tensor(hf);
+    std::vector<float> v = t.to_f32();
+    if (permute_heads > 0) permute_rope_rows(v.data(), t.dim(0), t.dim(1), permute_heads);
+    w.add_tensor(gguf, t.shape(), options.type, io::ggml_quantize(options.type, v.data(), v.size(), hf));
+  };
+  const auto vector = [&](const std::string& hf, const std::string& gguf) {
+    const Tensor t = ckpt.tensor(hf);
+    const std::vector<float> v = t.to_f32();
+    w.add_tensor(gguf, t.shape(), GgmlType::F32, io::ggml_quantize(GgmlType::F32, v.data(), v.size(), hf));
+  };
+  matrix("model.embed_tokens.weight", "token_embd.weight");
+  vector("model.norm.weight", "output_norm.weight");
+  if (!c.tie_word_embeddings) matrix("lm_head.weight", "output.weight");
+  if (c.rope_scaling.type == io::RopeScalingType::llama3) {
+    // The divisor of each frequency, as llama.cpp's rope_freqs holds it.
+    io::ModelConfig plain = c;
+    plain.rope_scaling = {};
+    const std::vector<float> base = model::rope_inv_freq(plain), scaled = model::rope_inv_freq(c);
+    std::vector<float> divisors(base.size());
+    for (std::size_t i = 0; i < base.size(); ++i) divisors[i] = base[i] / scaled[i];
+    w.add_tensor("rope_freqs.weight", {static_cast<std::int64_t>(divisors.size())}, GgmlType::F32,
+                 io::ggml_quantize(GgmlType::F32, divisors.data(), divisors.size()));
+  }
+  for (std::int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string hf = fmt::format("model.layers.{}.", l), g = fmt::format("blk.{}.", l);
+    vector(hf + "input_layernorm.weight", g + "attn_norm.weight");
+    vector(hf + "post_attention_layernorm.weight", g + "ffn_norm.weight");
+    matrix(hf + "self_attn.q_proj.weight", g + "attn_q.weight", c.num_heads);
+    matrix(hf + "self_attn.k_proj.weight", g + "attn_k.weight", c.num_kv_heads);
+    matrix(hf + "self_attn.v_proj.weight", g + "attn_v.weight");
+    matrix(hf + "self_attn.o_proj.weight", g + "attn_output.weight");
+    matrix(hf + "mlp.gate_proj.weight", g + "ffn_gate.weight");
+    matrix(hf + "mlp.up_proj.weight", g + "ffn_up.weight");
+    matrix(hf + "mlp.down_proj.weight", g + "ffn_down.weight");
+  }
+  w.write(out_path);
+}
+
+}  // namespace mopt::exporter

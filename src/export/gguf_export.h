@@ -1,0 +1,35 @@
+// `mopt export MODEL --to gguf OUT.gguf`: a Hugging Face Llama-architecture
+// checkpoint as a llama.cpp GGUF file: llama.cpp's tensor names, its Q/K row
+// permutation (FORMATS.md 7.6), norms in F32, the other weights in the chosen
+// type (F32, F16, BF16, Q8_0, Q4_0, quantized as llama.cpp's reference
+// quantizers do), llama3 RoPE scaling as rope_freqs, and the byte-level BPE
+// tokenizer as tokenizer.ggml.* metadata with the pre-tokenizer llama.cpp
+// names (llama-bpe, qwen2, smollm, gpt-2). `mopt convert` reads it back.
+//
+// Not yet: qwen2/qwen3 architectures, biases, Mistral's sliding window,
+// SentencePiece vocabularies, K-quants, and mopt's quantized exports as input.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "io/gguf.h"
+
+namespace mopt::exporter {
+
+struct GgufExportOptions {
+  io::GgmlType type = io::GgmlType::BF16;  // for every weight matrix (norms stay F32)
+};
+
+// The ggml type named `name` ("bf16", "f16", "f32", "q8_0", "q4_0").
+io::GgmlType gguf_type_from_name(const std::string& name);
+
+// llama.cpp's tokenizer.ggml.pre for a tokenizer.json, or an error naming `label` when llama.cpp has no
+// pre-tokenizer that splits text the same way.
+std::string gguf_pre_tokenizer_name(const nlohmann::json& tokenizer, const std::string& label);
+
+// Writes `model_dir` as the GGUF file `out_path`, which must not exist (written under a temporary name and
+// renamed when complete).
+void export_gguf(const std::string& model_dir, const std::string& out_path, const GgufExportOptions& options);
+
+}  // namespace mopt::exporter

@@ -1,0 +1,151 @@
+// `mopt export --to gguf`: what it writes reads back through `mopt convert`
+// (the GGUF -> Hugging Face path, itself checked against transformers' GGUF
+// loader) as the same model, tokenizer included.
+#include "export/gguf_export.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "core/error.h"
+#include "eval/perplexity.h"
+#include "io/checkpoint.h"
+#include "io/gguf_convert.h"
+#include "io/gguf_writer.h"
+#include "io/json_util.h"
+#include "io/tokenizer.h"
+#include "model/llama.h"
+#include "support/temp_dir.h"
+
+namespace mopt::exporter {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+std::string tiny_kjv() { return std::string(MOPT_MODELS_DIR) + "/tiny-kjv"; }
+
+std::string sample_text() {
+  return io::read_text_file(std::string(MOPT_SOURCE_DIR) + "/data/kjv-heldout.txt").substr(0, 3000) +
+         " Ünïcödé, numbers 12345 and 3.14159, tabs\tand\nnew lines  ";
+}
+
+TEST(GgufExport, Bf16RoundTripsThroughConvertExactly) {
+  testing::TempDir tmp;
+  export_gguf(tiny_kjv(), tmp.file("m.gguf"), {});
+  const io::GgufFile g = io::GgufFile::open(tmp.file("m.gguf"));
+  EXPECT_EQ(g.get_string("general.architecture"), "llama");
+  EXPECT_EQ(g.get_string("tokenizer.ggml.pre"), "llama-bpe");
+  EXPECT_EQ(g.find_tensor("blk.0.attn_q.weight")->type.type, io::GgmlType::BF16);
+  EXPECT_EQ(g.find_tensor("blk.0.attn_norm.weight")->type.type, io::GgmlType::F32);
+  io::convert_gguf_to_hf(tmp.file("m.gguf"), tmp.file("back"));
+  const auto a = io::TensorStore::open_dir(tiny_kjv());
+  const auto b = io::TensorStore::open_dir(tmp.file("back"));
+  ASSERT_EQ(a.all().size(), b.all().size());
+  for (const auto& loc : a.all()) {
+    SCOPED_TRACE(loc.entry->name);
+    ASSERT_TRUE(b.contains(loc.entry->name));
+    EXPECT_EQ(a.tensor(loc.entry->name).to_f32(), b.tensor(loc.entry->name).to_f32());  // permuted and back
+  }
+  const io::ModelConfig ca = io::Checkpoint::open(tiny_kjv()).config(), cb = io::Checkpoint::open(tmp.file("back")).config();
+  EXPECT_EQ(ca.hidden_size, cb.hidden_size);
+  EXPECT_EQ(ca.num_heads, cb.num_heads);
+  EXPECT_EQ(ca.num_kv_heads, cb.num_kv_heads);
+  EXPECT_EQ(ca.num_layers, cb.num_layers);
+  EXPECT_EQ(ca.vocab_size, cb.vocab_size);
+  EXPECT_EQ(ca.rope_theta, cb.rope_theta);
+  EXPECT_FLOAT_EQ(static_cast<float>(ca.rms_norm_eps), static_cast<float>(cb.rms_norm_eps));
+  EXPECT_EQ(ca.tie_word_embeddings, cb.tie_word_embeddings);
+  EXPECT_EQ(ca.bos_token_ids, cb.bos_token_ids);
+  const io::Tokenizer ta = io::Tokenizer::load(tiny_kjv()), tb = io::Tokenizer::load(tmp.file("back"));
+  EXPECT_EQ(ta.encode(sample_text(), true), tb.encode(sample_text(), true));
+  EXPECT_THROW(export_gguf(tiny_kjv(), tmp.file("m.gguf"), {}), Error);  // exists
+}
+
+TEST(GgufExport, IntegerTypesHoldTheReferenceBlocksAndKeepThePerplexity) {
+  testing::TempDir tmp;
+  const auto base = model::Model::load(tiny_kjv());
+  const std::vector<std::int32_t> text = base.require_tokenizer().encode(sample_text(), false);
+  const double base_ppl = eval::perplexity(base, text, 256, 256).perplexity;
+  for (const auto& [name, limit] : {std::pair{"q8_0", 1.005}, std::pair{"q4_0", 1.15}}) {
+    SCOPED_TRACE(name);
+    GgufExportOptions o;
+    o.type = gguf_type_from_name(name);
+    const std::string path = tmp.file(std::string(name) + ".gguf");
+    export_gguf(tiny_kjv(), path, o);
+    const io::GgufFile g = io::GgufFile::open(path);
+    // v_proj is not permuted: its blocks are the quantizer's of the checkpoint's values.
+    const std::vector<float> v = io::Checkpoint::open(tiny_kjv()).tensor("model.layers.2.self_attn.v_proj.weight").to_f32();
+    const std::vector<std::byte> want = io::ggml_quantize(o.type, v.data(), v.size());
+    const auto raw = g.raw(*g.find_tensor("blk.2.attn_v.weight"));
+    ASSERT_EQ(raw.size(), want.size());
+    EXPECT_TRUE(std::equal(raw.begin(), raw.end(), want.begin()));
+    io::convert_gguf_to_hf(path, tmp.file(std::string(name) + "-back"));
+    const double ppl = eval::perplexity(model::Model::load(tmp.file(std::string(name) + "-back")), text, 256, 256).perplexity;
+    EXPECT_NE(ppl, base_ppl);
+    EXPECT_LT(ppl, base_ppl * limit) << base_ppl;
+  }
+}
+
+TEST(GgufExport, Llama3RopeScalingTravelsAsRopeFreqs) {
+  testing::TempDir tmp;
+  const std::string dir = tmp.file("scaled");
+  fs::create_directories(dir);
+  json config = io::parse_json_unique_keys(io::read_text_file(tiny_kjv() + "/config.json"), "config.json");
+  config["rope_parameters"] = {{"rope_type", "llama3"}, {"rope_theta", 10000.0}, {"factor", 8.0}, {"low_freq_factor", 1.0},
+                               {"high_freq_factor", 4.0}, {"original_max_position_embeddings", 64}};
+  config["max_position_embeddings"] = 1024;
+  std::ofstream(dir + "/config.json") << config.dump(2);
+  for (const char* f : {"tokenizer.json", "model.safetensors"}) fs::copy_file(tiny_kjv() + "/" + f, dir + "/" + f);
+  export_gguf(dir, tmp.file("s.gguf"), {});
+  const io::GgufFile g = io::GgufFile::open(tmp.file("s.gguf"));
+  ASSERT_NE(g.find_tensor("rope_freqs.weight"), nullptr);
+  const json back = io::gguf_to_hf_config(g);
+  EXPECT_EQ(back["rope_scaling"]["rope_type"], "llama3");
+  EXPECT_EQ(back["rope_scaling"]["factor"], 8.0);
+  EXPECT_EQ(back["rope_scaling"]["high_freq_factor"], 4.0);
+  EXPECT_EQ(back["rope_scaling"]["original_max_position_embeddings"], 64);
+}
+
+TEST(GgufExport, RefusesWhatItCannotWriteByName) {
+  testing::TempDir tmp;
+  try {
+    export_gguf(testing::data_path("hf/qwen2"), tmp.file("q.gguf"), {});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'qwen2'"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(tmp.file("q.gguf")));
+  try {
+    export_gguf(testing::data_path("hf/llama"), tmp.file("l.gguf"), {});  // no tokenizer.json
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("tokenizer.json"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(gguf_type_from_name("q4_k"), Error);
+}
+
+TEST(GgufExport, PreTokenizerNamesFollowLlamaCpp) {
+  const json byte_level_gpt2 = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
+  json t = {{"model", {{"type", "BPE"}, {"ignore_merges", false}, {"vocab", json::object()}, {"merges", json::array()}}},
+            {"normalizer", nullptr},
+            {"pre_tokenizer", byte_level_gpt2}};
+  EXPECT_EQ(gguf_pre_tokenizer_name(t, "t"), "gpt-2");
+  t["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", {{{"type", "Digits"}, {"individual_digits", true}}, byte_level_gpt2}}};
+  EXPECT_EQ(gguf_pre_tokenizer_name(t, "t"), "smollm");
+  const json split_qwen = {{"type", "Split"}, {"pattern", {{"Regex", io::kQwen2SplitRegex}}}, {"behavior", "Isolated"}, {"invert", false}};
+  const json byte_level_plain = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", false}};
+  t["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", {split_qwen, byte_level_plain}}};
+  EXPECT_THROW(gguf_pre_tokenizer_name(t, "t"), Error);  // qwen2 needs its NFC normalizer
+  t["normalizer"] = {{"type", "NFC"}};
+  EXPECT_EQ(gguf_pre_tokenizer_name(t, "t"), "qwen2");
+  t["pre_tokenizer"] = {{"type", "Whitespace"}};
+  EXPECT_THROW(gguf_pre_tokenizer_name(t, "t"), Error);
+  t["model"]["type"] = "Unigram";
+  EXPECT_THROW(gguf_pre_tokenizer_name(t, "t"), Error);
+}
+
+}  // namespace
+}  // namespace mopt::exporter
