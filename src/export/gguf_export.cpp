@@ -171,6 +171,10 @@ void export_gguf(const std::string& model_dir, const std::string& out_path, cons
     ++next;
   }
   if (next > c.vocab_size) fail("{}: {} tokens for an embedding of {} rows", tok_path, next, c.vocab_size);
+  for (; next < c.vocab_size; ++next) {  // embedding rows beyond the vocabulary, named as llama.cpp's converter names them
+    tokens.push_back(fmt::format("[PAD{}]", next));
+    types.push_back(5);  // unused
+  }
   for (const auto& m : tok["model"]["merges"]) {
     if (m.is_string()) {
       merges.push_back(m);

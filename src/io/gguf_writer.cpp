@@ -152,6 +152,16 @@ std::uint64_t GgufWriter::alignment() const {
 }
 
 std::vector<std::byte> GgufWriter::bytes() const {
+  std::vector<std::byte> out = header_bytes();
+  const std::uint64_t align = alignment();
+  for (const auto& t : tensors_) {
+    put_bytes(out, t.data.data(), t.data.size());
+    out.resize(round_up(out.size(), align), std::byte{0});
+  }
+  return out;
+}
+
+std::vector<std::byte> GgufWriter::header_bytes() const {
   const std::uint64_t align = alignment();
   std::vector<std::byte> out;
   put_bytes(out, "GGUF", 4);
@@ -180,17 +190,24 @@ std::vector<std::byte> GgufWriter::bytes() const {
     offset = round_up(offset + t.data.size(), align);
   }
   out.resize(round_up(out.size(), align), std::byte{0});
-  for (const auto& t : tensors_) {
-    put_bytes(out, t.data.data(), t.data.size());
-    out.resize(round_up(out.size(), align), std::byte{0});
-  }
   return out;
 }
 
 void GgufWriter::write(const std::string& path) const {
-  const std::vector<std::byte> b = bytes();
+  const std::uint64_t align = alignment();
   AtomicFileWriter w(path);
-  w.write(b);
+  const std::vector<std::byte> header = header_bytes();
+  w.write(header);
+  static const std::byte zeros[256] = {};
+  for (const auto& t : tensors_) {
+    w.write(t.data);
+    const std::uint64_t pad = round_up(t.data.size(), align) - t.data.size();
+    for (std::uint64_t left = pad; left > 0;) {
+      const std::uint64_t n = std::min<std::uint64_t>(left, sizeof zeros);
+      w.write(std::span<const std::byte>(zeros, n));
+      left -= n;
+    }
+  }
   w.commit();
 }
 

@@ -49,6 +49,7 @@ class GgufWriter {
   std::vector<std::pair<std::string, GgufValue>> metadata_;
   std::vector<Entry> tensors_;
   std::uint64_t alignment() const;
+  std::vector<std::byte> header_bytes() const;  // everything before the first tensor's data
 };
 
 }  // namespace mopt::io
