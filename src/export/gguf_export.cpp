@@ -122,38 +122,46 @@ void export_gguf(const std::string& model_dir, const std::string& out_path, cons
   if (fs::exists(out_path)) fail("{}: already exists; choose a new file", out_path);
   const io::Checkpoint ckpt = io::Checkpoint::open(model_dir);
   const io::ModelConfig& c = ckpt.config();
-  if (c.model_type != "llama" && c.model_type != "mistral") {
-    fail("{}: GGUF export of '{}' models is not built yet (llama, and mistral without a sliding window)", model_dir, c.model_type);
+  // llama.cpp's architecture: Mistral without a sliding window is a Llama; Qwen2 and Qwen3 keep their names
+  // (their Q/K rows are not permuted: llama.cpp applies their RoPE on halves, as transformers does).
+  std::string arch;
+  if (c.model_type == "llama" || c.model_type == "mistral") {
+    arch = "llama";
+  } else if (c.model_type == "qwen2" || c.model_type == "qwen3") {
+    arch = c.model_type;
+  } else {
+    fail("{}: GGUF export of '{}' models is not supported (llama, mistral, qwen2, qwen3)", model_dir, c.model_type);
   }
-  if (c.sliding_window) fail("{}: llama.cpp's llama architecture has no sliding window ({} tokens here)", model_dir, *c.sliding_window);
-  if (c.qkv_bias || c.o_bias || c.mlp_bias) fail("{}: GGUF export of Linear biases is not built yet", model_dir);
+  const bool permute = arch == "llama";
+  if (c.sliding_window) fail("{}: llama.cpp's {} architecture has no sliding window ({} tokens here)", model_dir, arch, *c.sliding_window);
+  if (c.mlp_bias) fail("{}: GGUF export of MLP biases is not built yet", model_dir);
   const std::string tok_path = model_dir + "/tokenizer.json";
   if (!fs::exists(tok_path)) fail("{}: missing tokenizer.json; a GGUF file carries its tokenizer", model_dir);
   const json tok = io::parse_json_unique_keys(io::read_text_file(tok_path), tok_path);
   const std::string pre = gguf_pre_tokenizer_name(tok, tok_path);
 
   io::GgufWriter w;
-  w.add_string("general.architecture", "llama");
+  w.add_string("general.architecture", arch);
   w.add_string("general.name", fs::path(model_dir).filename().string());
   w.add_u32("general.file_type", file_type(options.type));
   w.add_u32("general.quantization_version", 2);
-  w.add_u32("llama.vocab_size", static_cast<std::uint32_t>(c.vocab_size));
-  w.add_u32("llama.context_length", static_cast<std::uint32_t>(c.max_position_embeddings));
-  w.add_u32("llama.embedding_length", static_cast<std::uint32_t>(c.hidden_size));
-  w.add_u32("llama.block_count", static_cast<std::uint32_t>(c.num_layers));
-  w.add_u32("llama.feed_forward_length", static_cast<std::uint32_t>(c.intermediate_size));
-  w.add_u32("llama.rope.dimension_count", static_cast<std::uint32_t>(c.head_dim));
-  w.add_u32("llama.attention.head_count", static_cast<std::uint32_t>(c.num_heads));
-  w.add_u32("llama.attention.head_count_kv", static_cast<std::uint32_t>(c.num_kv_heads));
+  w.add_u32(arch + ".vocab_size", static_cast<std::uint32_t>(c.vocab_size));
+  w.add_u32(arch + ".context_length", static_cast<std::uint32_t>(c.max_position_embeddings));
+  w.add_u32(arch + ".embedding_length", static_cast<std::uint32_t>(c.hidden_size));
+  w.add_u32(arch + ".block_count", static_cast<std::uint32_t>(c.num_layers));
+  w.add_u32(arch + ".feed_forward_length", static_cast<std::uint32_t>(c.intermediate_size));
+  w.add_u32(arch + ".rope.dimension_count", static_cast<std::uint32_t>(c.head_dim));
+  w.add_u32(arch + ".attention.head_count", static_cast<std::uint32_t>(c.num_heads));
+  w.add_u32(arch + ".attention.head_count_kv", static_cast<std::uint32_t>(c.num_kv_heads));
   if (c.head_dim * c.num_heads != c.hidden_size) {
-    w.add_u32("llama.attention.key_length", static_cast<std::uint32_t>(c.head_dim));
-    w.add_u32("llama.attention.value_length", static_cast<std::uint32_t>(c.head_dim));
+    w.add_u32(arch + ".attention.key_length", static_cast<std::uint32_t>(c.head_dim));
+    w.add_u32(arch + ".attention.value_length", static_cast<std::uint32_t>(c.head_dim));
   }
-  w.add_f32("llama.attention.layer_norm_rms_epsilon", static_cast<float>(c.rms_norm_eps));
-  w.add_f32("llama.rope.freq_base", static_cast<float>(c.rope_theta));
+  w.add_f32(arch + ".attention.layer_norm_rms_epsilon", static_cast<float>(c.rms_norm_eps));
+  w.add_f32(arch + ".rope.freq_base", static_cast<float>(c.rope_theta));
   if (c.rope_scaling.type == io::RopeScalingType::linear) {
-    w.add_string("llama.rope.scaling.type", "linear");
-    w.add_f32("llama.rope.scaling.factor", static_cast<float>(c.rope_scaling.factor));
+    w.add_string(arch + ".rope.scaling.type", "linear");
+    w.add_f32(arch + ".rope.scaling.factor", static_cast<float>(c.rope_scaling.factor));
   }
 
   // The tokenizer: ids 0..n-1 from the BPE vocabulary and the added tokens.
@@ -215,6 +223,12 @@ void export_gguf(const std::string& model_dir, const std::string& out_path, cons
     const std::vector<float> v = t.to_f32();
     w.add_tensor(gguf, t.shape(), GgmlType::F32, io::ggml_quantize(GgmlType::F32, v.data(), v.size(), hf));
   };
+  const auto bias = [&](const std::string& hf, const std::string& gguf, std::int64_t permute_heads) {
+    const Tensor t = ckpt.tensor(hf);
+    std::vector<float> v = t.to_f32();
+    if (permute_heads > 0) permute_rope_rows(v.data(), t.dim(0), 1, permute_heads);
+    w.add_tensor(gguf, t.shape(), GgmlType::F32, io::ggml_quantize(GgmlType::F32, v.data(), v.size(), hf));
+  };
   matrix("model.embed_tokens.weight", "token_embd.weight");
   vector("model.norm.weight", "output_norm.weight");
   if (!c.tie_word_embeddings) matrix("lm_head.weight", "output.weight");
@@ -232,8 +246,18 @@ void export_gguf(const std::string& model_dir, const std::string& out_path, cons
     const std::string hf = fmt::format("model.layers.{}.", l), g = fmt::format("blk.{}.", l);
     vector(hf + "input_layernorm.weight", g + "attn_norm.weight");
     vector(hf + "post_attention_layernorm.weight", g + "ffn_norm.weight");
-    matrix(hf + "self_attn.q_proj.weight", g + "attn_q.weight", c.num_heads);
-    matrix(hf + "self_attn.k_proj.weight", g + "attn_k.weight", c.num_kv_heads);
+    matrix(hf + "self_attn.q_proj.weight", g + "attn_q.weight", permute ? c.num_heads : 0);
+    matrix(hf + "self_attn.k_proj.weight", g + "attn_k.weight", permute ? c.num_kv_heads : 0);
+    if (c.qkv_bias) {
+      bias(hf + "self_attn.q_proj.bias", g + "attn_q.bias", permute ? c.num_heads : 0);
+      bias(hf + "self_attn.k_proj.bias", g + "attn_k.bias", permute ? c.num_kv_heads : 0);
+      bias(hf + "self_attn.v_proj.bias", g + "attn_v.bias", 0);
+    }
+    if (c.o_bias) bias(hf + "self_attn.o_proj.bias", g + "attn_output.bias", 0);
+    if (ckpt.tensors().contains(hf + "self_attn.q_norm.weight")) {  // Qwen3
+      vector(hf + "self_attn.q_norm.weight", g + "attn_q_norm.weight");
+      vector(hf + "self_attn.k_norm.weight", g + "attn_k_norm.weight");
+    }
     matrix(hf + "self_attn.v_proj.weight", g + "attn_v.weight");
     matrix(hf + "self_attn.o_proj.weight", g + "attn_output.weight");
     matrix(hf + "mlp.gate_proj.weight", g + "ffn_gate.weight");

@@ -1,13 +1,14 @@
-// `mopt export MODEL --to gguf OUT.gguf`: a Hugging Face Llama-architecture
-// checkpoint as a llama.cpp GGUF file: llama.cpp's tensor names, its Q/K row
-// permutation (FORMATS.md 7.6), norms in F32, the other weights in the chosen
+// `mopt export MODEL --to gguf OUT.gguf`: a Hugging Face Llama, Mistral (no
+// sliding window), Qwen2 or Qwen3 checkpoint as a llama.cpp GGUF file:
+// llama.cpp's tensor names, its Q/K row permutation for llama (FORMATS.md
+// 7.6), norms and biases in F32, the other weights in the chosen
 // type (F32, F16, BF16, Q8_0, Q4_0, quantized as llama.cpp's reference
 // quantizers do), llama3 RoPE scaling as rope_freqs, and the byte-level BPE
 // tokenizer as tokenizer.ggml.* metadata with the pre-tokenizer llama.cpp
 // names (llama-bpe, qwen2, smollm, gpt-2). `mopt convert` reads it back.
 //
-// Not yet: qwen2/qwen3 architectures, biases, Mistral's sliding window,
-// SentencePiece vocabularies, K-quants, and mopt's quantized exports as input.
+// Not yet: MLP biases, Mistral's sliding window, SentencePiece vocabularies,
+// K-quants, and mopt's quantized exports as input.
 #pragma once
 
 #include <nlohmann/json.hpp>
