@@ -4,12 +4,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <map>
 #include <optional>
 #include <set>
 
 #include "core/error.h"
 #include "io/atomic_file.h"
+#include "io/gguf_convert.h"
 #include "io/json_util.h"
 #include "quant/act_quant.h"
 
@@ -399,6 +401,22 @@ void validate_quantized_checkpoint(const std::string& dir) {
 }
 
 model::Model load_model(const std::string& dir) {
+  if (std::filesystem::is_regular_file(dir) && std::filesystem::path(dir).extension() == ".gguf") {
+    // A llama.cpp file: its tensors dequantized to f32 in a temporary checkpoint, which can go as soon as the
+    // model has mapped it (the mappings outlive the names).
+    const std::string tmp = io::make_temp_dir_beside((std::filesystem::temp_directory_path() / "mopt-gguf").string());
+    const std::string conv = tmp + "/model";
+    try {
+      io::convert_gguf_to_hf(dir, conv, {}, DType::F32);
+      model::Model m = model::Model::load(conv);
+      std::filesystem::remove_all(tmp);
+      return m;
+    } catch (...) {
+      std::error_code ec;
+      std::filesystem::remove_all(tmp, ec);
+      throw;
+    }
+  }
   if (!is_quantized_checkpoint(dir)) return model::Model::load(dir);
   const ReadConfig rc = read_quant_config(dir);
   model::LoadOptions options;

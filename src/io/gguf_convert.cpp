@@ -313,11 +313,13 @@ json gguf_to_hf_tokenizer(const GgufFile& g) {
 }
 
 void convert_gguf_to_hf(const std::string& gguf_path, const std::string& out_dir,
-                        const std::function<void(std::size_t, std::size_t)>& progress) {
+                        const std::function<void(std::size_t, std::size_t)>& progress, DType dtype) {
+  if (dtype != DType::BF16 && dtype != DType::F32) fail("GGUF conversion stores bf16 or f32, not {}", dtype_name(dtype));
   if (fs::exists(out_dir)) fail("{}: already exists; choose a new directory", out_dir);
   const GgufFile g = GgufFile::open(gguf_path);
   const ArchitectureNames& arch = architecture_of(g);
-  const json config = gguf_to_hf_config(g);
+  json config = gguf_to_hf_config(g);
+  if (dtype == DType::F32) config["torch_dtype"] = "float32";
   const ModelConfig model_config = parse_model_config(config.dump(), out_dir + "/config.json");
   const json tokenizer = gguf_to_hf_tokenizer(g);
 
@@ -335,7 +337,7 @@ void convert_gguf_to_hf(const std::string& gguf_path, const std::string& out_dir
       const std::int64_t cols = t.rank() > 1 ? t.dim(1) : 1;
       unpermute_rope_rows(t.mutable_data<float>(), rows, cols, is_q ? model_config.num_heads : model_config.num_kv_heads);
     }
-    tensors.push_back({name, t.to(DType::BF16)});
+    tensors.push_back({name, dtype == DType::F32 ? std::move(t) : t.to(DType::BF16)});
     if (progress) progress(i + 1, infos.size());
   }
   // The checkpoint must be exactly what config.json calls for.

@@ -34,7 +34,8 @@ void unpermute_rope_rows(float* data, std::int64_t rows, std::int64_t cols, std:
 // Converts `gguf_path` into the directory `out_dir`, which must not exist yet.
 // The directory is built under a temporary name beside it and renamed when
 // complete. `progress` (may be empty) is called after each tensor.
+// `dtype` (BF16 or F32) is what the tensors are stored as: F32 keeps dequantized Q8_0/Q4_0/... values exactly.
 void convert_gguf_to_hf(const std::string& gguf_path, const std::string& out_dir,
-                        const std::function<void(std::size_t done, std::size_t total)>& progress = {});
+                        const std::function<void(std::size_t done, std::size_t total)>& progress = {}, DType dtype = DType::BF16);
 
 }  // namespace mopt::io

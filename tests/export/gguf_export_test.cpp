@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "eval/perplexity.h"
+#include "export/hf_modelopt.h"
 #include "io/checkpoint.h"
 #include "io/gguf_convert.h"
 #include "io/gguf_writer.h"
@@ -175,6 +176,23 @@ TEST(GgufExport, QwenModelsRoundTripWithBiasesAndQkNorms) {
     mb.forward(ids, spans, nullptr, model::LogitsFor::all_rows, lb);
     EXPECT_EQ(la, lb);
   }
+}
+
+TEST(GgufExport, EvalAndGenerateLoadAGgufFileDirectly) {
+  // exporter::load_model (what `mopt eval` and `mopt generate` use) reads a .gguf file: its values dequantized
+  // to f32 exactly, its tokenizer from the metadata.
+  testing::TempDir tmp;
+  GgufExportOptions o;
+  o.type = io::GgmlType::Q4_0;
+  export_gguf(tiny_kjv(), tmp.file("m.gguf"), o);
+  const model::Model m = load_model(tmp.file("m.gguf"));
+  const io::GgufFile g = io::GgufFile::open(tmp.file("m.gguf"));
+  EXPECT_EQ(m.layer(1).v.weight.to_f32(), g.dequantize(*g.find_tensor("blk.1.attn_v.weight")).to_f32());
+  const auto base = model::Model::load(tiny_kjv());
+  EXPECT_EQ(m.require_tokenizer().encode(sample_text(), true), base.require_tokenizer().encode(sample_text(), true));
+  const std::vector<std::int32_t> text = base.require_tokenizer().encode(sample_text(), false);
+  io::convert_gguf_to_hf(tmp.file("m.gguf"), tmp.file("f32"), {}, DType::F32);
+  EXPECT_EQ(eval::perplexity(m, text, 256, 256).perplexity, eval::perplexity(model::Model::load(tmp.file("f32")), text, 256, 256).perplexity);
 }
 
 TEST(GgufExport, RefusesWhatItCannotWriteByName) {
