@@ -212,11 +212,17 @@ void export_gguf(const std::string& model_dir, const std::string& out_path, cons
   }
 
   // Tensors.
+  // Weight matrices are read, permuted and quantized only when the writer reaches them: one at a time in memory.
   const auto matrix = [&](const std::string& hf, const std::string& gguf, std::int64_t permute_heads = 0) {
-    const Tensor t = ckpt.tensor(hf);
-    std::vector<float> v = t.to_f32();
-    if (permute_heads > 0) permute_rope_rows(v.data(), t.dim(0), t.dim(1), permute_heads);
-    w.add_tensor(gguf, t.shape(), options.type, io::ggml_quantize(options.type, v.data(), v.size(), hf));
+    const GgmlType type = options.type;
+    w.add_tensor(gguf, ckpt.tensor(hf).shape(), type, [&ckpt, hf, permute_heads, type] {
+      const Tensor t = ckpt.tensor(hf);
+      std::vector<float> v = t.to_f32();
+      if (permute_heads > 0) permute_rope_rows(v.data(), t.dim(0), t.dim(1), permute_heads);
+      std::vector<std::byte> out = io::ggml_quantize(type, v.data(), v.size(), hf);
+      t.release_pages();
+      return out;
+    });
   };
   const auto vector = [&](const std::string& hf, const std::string& gguf) {
     const Tensor t = ckpt.tensor(hf);

@@ -119,7 +119,7 @@ void GgufWriter::add_string(const std::string& key, const std::string& value) { 
 void GgufWriter::add_u32(const std::string& key, std::uint32_t value) { add(key, {GgufValueType::u32, GgufValueType::u8, value}); }
 void GgufWriter::add_f32(const std::string& key, float value) { add(key, {GgufValueType::f32, GgufValueType::u8, value}); }
 
-void GgufWriter::add_tensor(const std::string& name, const Shape& shape, GgmlType type, std::vector<std::byte> data) {
+GgmlTypeInfo GgufWriter::check_tensor(const std::string& name, const Shape& shape, GgmlType type, std::uint64_t& bytes) const {
   const auto info = ggml_type_info(static_cast<std::uint32_t>(type));
   if (!info) fail("GGUF tensor {}: unknown ggml type {}", name, static_cast<std::uint32_t>(type));
   if (shape.empty()) fail("GGUF tensor {}: no dimensions", name);
@@ -134,10 +134,28 @@ void GgufWriter::add_tensor(const std::string& name, const Shape& shape, GgmlTyp
   if (static_cast<std::uint64_t>(shape.back()) % info->block_elements != 0) {
     fail("GGUF tensor {}: its rows of {} are not whole {} blocks of {}", name, shape.back(), info->name, info->block_elements);
   }
-  if (data.size() != n / info->block_elements * info->block_bytes) {
-    fail("GGUF tensor {}: {} bytes for {} values of {}", name, data.size(), n, info->name);
-  }
-  tensors_.push_back({name, shape, *info, std::move(data)});
+  bytes = n / info->block_elements * info->block_bytes;
+  return *info;
+}
+
+void GgufWriter::add_tensor(const std::string& name, const Shape& shape, GgmlType type, std::vector<std::byte> data) {
+  std::uint64_t bytes = 0;
+  const GgmlTypeInfo info = check_tensor(name, shape, type, bytes);
+  if (data.size() != bytes) fail("GGUF tensor {}: {} bytes for {} of {} bytes", name, data.size(), info.name, bytes);
+  tensors_.push_back({name, shape, info, bytes, std::move(data), {}});
+}
+
+void GgufWriter::add_tensor(const std::string& name, const Shape& shape, GgmlType type, std::function<std::vector<std::byte>()> produce) {
+  std::uint64_t bytes = 0;
+  const GgmlTypeInfo info = check_tensor(name, shape, type, bytes);
+  tensors_.push_back({name, shape, info, bytes, {}, std::move(produce)});
+}
+
+std::vector<std::byte> GgufWriter::Entry::contents() const {
+  if (!produce) return data;
+  std::vector<std::byte> d = produce();
+  if (d.size() != bytes) fail("GGUF tensor {}: {} bytes produced for {} of {} bytes", name, d.size(), type.name, bytes);
+  return d;
 }
 
 std::uint64_t GgufWriter::alignment() const {
@@ -155,7 +173,8 @@ std::vector<std::byte> GgufWriter::bytes() const {
   std::vector<std::byte> out = header_bytes();
   const std::uint64_t align = alignment();
   for (const auto& t : tensors_) {
-    put_bytes(out, t.data.data(), t.data.size());
+    const std::vector<std::byte> d = t.contents();
+    put_bytes(out, d.data(), d.size());
     out.resize(round_up(out.size(), align), std::byte{0});
   }
   return out;
@@ -187,7 +206,7 @@ std::vector<std::byte> GgufWriter::header_bytes() const {
     for (auto it = t.shape.rbegin(); it != t.shape.rend(); ++it) put<std::uint64_t>(out, static_cast<std::uint64_t>(*it));
     put<std::uint32_t>(out, static_cast<std::uint32_t>(t.type.type));
     put<std::uint64_t>(out, offset);
-    offset = round_up(offset + t.data.size(), align);
+    offset = round_up(offset + t.bytes, align);
   }
   out.resize(round_up(out.size(), align), std::byte{0});
   return out;
@@ -200,8 +219,8 @@ void GgufWriter::write(const std::string& path) const {
   w.write(header);
   static const std::byte zeros[256] = {};
   for (const auto& t : tensors_) {
-    w.write(t.data);
-    const std::uint64_t pad = round_up(t.data.size(), align) - t.data.size();
+    w.write(t.contents());
+    const std::uint64_t pad = round_up(t.bytes, align) - t.bytes;
     for (std::uint64_t left = pad; left > 0;) {
       const std::uint64_t n = std::min<std::uint64_t>(left, sizeof zeros);
       w.write(std::span<const std::byte>(zeros, n));

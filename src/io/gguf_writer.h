@@ -13,6 +13,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -34,6 +35,9 @@ class GgufWriter {
   void add_f32(const std::string& key, float value);
   // A tensor of PyTorch shape `shape` ([rows, ..., contiguous]) whose bytes are `data` in `type`'s layout.
   void add_tensor(const std::string& name, const Shape& shape, GgmlType type, std::vector<std::byte> data);
+  // The same, with the bytes produced by `produce` only when write() reaches the tensor, so that a model is
+  // written holding one tensor at a time. A wrong byte count is an error then.
+  void add_tensor(const std::string& name, const Shape& shape, GgmlType type, std::function<std::vector<std::byte>()> produce);
   // Writes the file atomically.
   void write(const std::string& path) const;
   // The file's bytes (what write() writes).
@@ -44,8 +48,12 @@ class GgufWriter {
     std::string name;
     Shape shape;
     GgmlTypeInfo type;
-    std::vector<std::byte> data;
+    std::uint64_t bytes = 0;
+    std::vector<std::byte> data;                       // when given up front
+    std::function<std::vector<std::byte>()> produce;  // otherwise
+    std::vector<std::byte> contents() const;
   };
+  GgmlTypeInfo check_tensor(const std::string& name, const Shape& shape, GgmlType type, std::uint64_t& bytes) const;
   std::vector<std::pair<std::string, GgufValue>> metadata_;
   std::vector<Entry> tensors_;
   std::uint64_t alignment() const;

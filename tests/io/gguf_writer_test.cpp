@@ -73,6 +73,8 @@ TEST(GgufWriter, WritesFilesTheReaderReadsBack) {
   EXPECT_THROW(w.add_tensor("norm", {96}, GgmlType::F32, ggml_quantize(GgmlType::F32, v.data(), v.size())), Error);
   EXPECT_THROW(w.add_tensor("short", {3, 64}, GgmlType::Q8_0, std::vector<std::byte>(10)), Error);
   EXPECT_THROW(w.add_tensor("ragged", {2, 48}, GgmlType::Q8_0, std::vector<std::byte>(102)), Error);
+  // Produced when written: the same bytes as given up front.
+  w.add_tensor("w.lazy", {3, 64}, GgmlType::Q8_0, [&a] { return ggml_quantize(GgmlType::Q8_0, a.data(), a.size()); });
 
   const std::string path = tmp.file("m.gguf");
   w.write(path);
@@ -87,7 +89,13 @@ TEST(GgufWriter, WritesFilesTheReaderReadsBack) {
   EXPECT_EQ(f.get_float("f64"), 0.25);
   EXPECT_EQ(f.find("tokenizer.ggml.tokens")->value, nlohmann::json::array({"a", "b", "<s>"}));
   EXPECT_EQ(f.find("tokenizer.ggml.token_type")->value, nlohmann::json::array({1, 1, 3}));
-  ASSERT_EQ(f.header().tensors.size(), 6u);
+  ASSERT_EQ(f.header().tensors.size(), 7u);
+  {
+    const auto lazy = f.raw(*f.find_tensor("w.lazy"));
+    const std::vector<std::byte> want = ggml_quantize(GgmlType::Q8_0, a.data(), a.size());
+    ASSERT_EQ(lazy.size(), want.size());
+    EXPECT_TRUE(std::equal(lazy.begin(), lazy.end(), want.begin()));
+  }
   for (const auto& [name, type] : types) {
     SCOPED_TRACE(name);
     const GgufTensorInfo* t = f.find_tensor(std::string("w.") + name);
@@ -114,6 +122,14 @@ TEST(GgufWriter, ABadValueLeavesNoFile) {
   w.add("bad", {GgufValueType::u32, GgufValueType::u8, "text"});
   EXPECT_THROW(w.write(tmp.file("x.gguf")), Error);
   EXPECT_FALSE(std::filesystem::exists(tmp.file("x.gguf")));
+  // A producer failing (or giving the wrong size) midway: no file either.
+  GgufWriter w2;
+  std::vector<float> a(64, 0.5f);
+  w2.add_tensor("ok", {64}, GgmlType::F32, ggml_quantize(GgmlType::F32, a.data(), a.size()));
+  w2.add_tensor("short", {64}, GgmlType::F32, [] { return std::vector<std::byte>(10); });
+  EXPECT_THROW(w2.write(tmp.file("y.gguf")), Error);
+  EXPECT_FALSE(std::filesystem::exists(tmp.file("y.gguf")));
+  for (const auto& e : std::filesystem::directory_iterator(tmp.path())) ADD_FAILURE() << "left behind: " << e.path();
 }
 
 }  // namespace
