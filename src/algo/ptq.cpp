@@ -466,7 +466,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       }
     }
     std::array<std::vector<float>, 7> original_weights;
-    for (std::size_t k = 0; k < 7; ++k) original_weights[k] = work[k].w;  // for the round-to-nearest baseline
+    for (std::size_t k = 0; k < 7; ++k) original_weights[k] = work[k].w;  // the weight error is measured against these
     const auto input_amax_rtn = [&] {
       std::array<std::vector<float>, 7> a;
       for (std::size_t k = 0; k < 7; ++k) a[k] = work[k].input_amax;

@@ -37,25 +37,6 @@ std::uint32_t file_type(GgmlType t) {
   }
 }
 
-// llama.cpp's Q/K permutation: within each head of d rows, row j*(d/2) + i moves to 2i + j (RoPE on
-// adjacent pairs instead of halves). `unpermute_rope_rows` undoes it.
-void permute_rope_rows(float* data, std::int64_t rows, std::int64_t cols, std::int64_t heads) {
-  if (heads <= 0 || rows % heads != 0 || (rows / heads) % 2 != 0) {
-    fail("cannot apply llama.cpp's RoPE permutation: {} rows do not split into {} heads of even size", rows, heads);
-  }
-  const std::int64_t d = rows / heads;
-  std::vector<float> copy(data, data + rows * cols);
-  for (std::int64_t h = 0; h < heads; ++h) {
-    for (std::int64_t i = 0; i < d / 2; ++i) {
-      for (std::int64_t j = 0; j < 2; ++j) {
-        const std::int64_t from = h * d + j * (d / 2) + i;
-        const std::int64_t to = h * d + 2 * i + j;
-        std::copy(copy.begin() + from * cols, copy.begin() + (from + 1) * cols, data + to * cols);
-      }
-    }
-  }
-}
-
 bool is_byte_level(const json& j, bool use_regex) {
   return j.is_object() && j.value("type", "") == "ByteLevel" && j.value("use_regex", true) == use_regex;
 }
@@ -218,7 +199,7 @@ void export_gguf(const std::string& model_dir, const std::string& out_path, cons
     w.add_tensor(gguf, ckpt.tensor(hf).shape(), type, [&ckpt, hf, permute_heads, type] {
       const Tensor t = ckpt.tensor(hf);
       std::vector<float> v = t.to_f32();
-      if (permute_heads > 0) permute_rope_rows(v.data(), t.dim(0), t.dim(1), permute_heads);
+      if (permute_heads > 0) io::permute_rope_rows(v.data(), t.dim(0), t.dim(1), permute_heads);
       std::vector<std::byte> out = io::ggml_quantize(type, v.data(), v.size(), hf);
       t.release_pages();
       return out;
@@ -232,7 +213,7 @@ void export_gguf(const std::string& model_dir, const std::string& out_path, cons
   const auto bias = [&](const std::string& hf, const std::string& gguf, std::int64_t permute_heads) {
     const Tensor t = ckpt.tensor(hf);
     std::vector<float> v = t.to_f32();
-    if (permute_heads > 0) permute_rope_rows(v.data(), t.dim(0), 1, permute_heads);
+    if (permute_heads > 0) io::permute_rope_rows(v.data(), t.dim(0), 1, permute_heads);
     w.add_tensor(gguf, t.shape(), GgmlType::F32, io::ggml_quantize(GgmlType::F32, v.data(), v.size(), hf));
   };
   matrix("model.embed_tokens.weight", "token_embd.weight");

@@ -191,21 +191,34 @@ std::vector<std::int64_t> int_array(const GgufFile& g, const char* key) {
 
 }  // namespace
 
-void unpermute_rope_rows(float* data, std::int64_t rows, std::int64_t cols, std::int64_t heads) {
+namespace {
+
+// llama.cpp's Q/K permutation and its inverse: within each head of d rows, row j*(d/2) + i <-> row 2i + j.
+void move_rope_rows(float* data, std::int64_t rows, std::int64_t cols, std::int64_t heads, bool to_gguf) {
   if (heads <= 0 || rows % heads != 0 || (rows / heads) % 2 != 0) {
-    fail("cannot undo the RoPE permutation: {} rows do not split into {} heads of even size", rows, heads);
+    fail("cannot {} the RoPE permutation: {} rows do not split into {} heads of even size", to_gguf ? "apply" : "undo", rows, heads);
   }
   const std::int64_t d = rows / heads;
   std::vector<float> copy(data, data + rows * cols);
   for (std::int64_t h = 0; h < heads; ++h) {
     for (std::int64_t i = 0; i < d / 2; ++i) {
       for (std::int64_t j = 0; j < 2; ++j) {
-        const std::int64_t from = h * d + 2 * i + j;
-        const std::int64_t to = h * d + j * (d / 2) + i;
+        const std::int64_t halves = h * d + j * (d / 2) + i, pairs = h * d + 2 * i + j;
+        const std::int64_t from = to_gguf ? halves : pairs, to = to_gguf ? pairs : halves;
         std::copy(copy.begin() + from * cols, copy.begin() + (from + 1) * cols, data + to * cols);
       }
     }
   }
+}
+
+}  // namespace
+
+void unpermute_rope_rows(float* data, std::int64_t rows, std::int64_t cols, std::int64_t heads) {
+  move_rope_rows(data, rows, cols, heads, false);
+}
+
+void permute_rope_rows(float* data, std::int64_t rows, std::int64_t cols, std::int64_t heads) {
+  move_rope_rows(data, rows, cols, heads, true);
 }
 
 json gguf_to_hf_config(const GgufFile& g) {

@@ -30,6 +30,8 @@ extern const char* const kQwen2SplitRegex;
 // f32 tensor with `heads` heads: row h*d + 2i + j of the GGUF tensor becomes
 // row h*d + j*(d/2) + i.
 void unpermute_rope_rows(float* data, std::int64_t rows, std::int64_t cols, std::int64_t heads);
+// llama.cpp's Q/K permutation itself (what its converter applies): row h*d + j*(d/2) + i becomes row h*d + 2i + j.
+void permute_rope_rows(float* data, std::int64_t rows, std::int64_t cols, std::int64_t heads);
 
 // Converts `gguf_path` into the directory `out_dir`, which must not exist yet.
 // The directory is built under a temporary name beside it and renamed when

@@ -15,6 +15,7 @@
 #include "io/safetensors.h"
 #include "quant/fake_quant.h"
 #include "quant/qtensor.h"
+#include "support/random_values.h"
 #include "support/temp_dir.h"
 
 namespace mopt::algo {
@@ -24,13 +25,7 @@ using quant::Element;
 using quant::QuantizerSpec;
 using quant::Scaling;
 
-std::vector<float> random_values(std::size_t n, std::uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
-}
+using testing::random_values;
 
 // Activations with a few loud channels, as real ones have.
 std::vector<float> activations(std::int64_t rows, std::int64_t cols, std::uint32_t seed) {

@@ -260,6 +260,11 @@ TEST(GgufConvert, UnpermuteUndoesLlamaCppsPermutation) {
   unpermute_rope_rows(p.data(), rows, cols, heads);
   EXPECT_EQ(p, w);
   EXPECT_THROW(unpermute_rope_rows(p.data(), rows, cols, 5), Error);
+  // And mopt's own permutation (the GGUF export's) is llama.cpp's.
+  std::vector<float> q = w;
+  permute_rope_rows(q.data(), rows, cols, heads);
+  EXPECT_EQ(q, permute_like_llama_cpp(w, rows, cols, heads));
+  EXPECT_THROW(permute_rope_rows(q.data(), rows, cols, 5), Error);
 }
 
 }  // namespace

@@ -8,17 +8,12 @@
 #include "kernels/gemm.h"
 #include "kernels/linear.h"
 #include "kernels/ops.h"
+#include "support/random_values.h"
 
 namespace mopt::kernels {
 namespace {
 
-std::vector<float> random_values(std::size_t n, std::uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
-}
+using testing::random_values;
 
 double max_relative(const std::vector<float>& a, const std::vector<float>& b) {
   double diff = 0, ref = 0;
