@@ -195,6 +195,22 @@ TEST(GgufExport, EvalAndGenerateLoadAGgufFileDirectly) {
   EXPECT_EQ(eval::perplexity(m, text, 256, 256).perplexity, eval::perplexity(model::Model::load(tmp.file("f32")), text, 256, 256).perplexity);
 }
 
+TEST(GgufExport, ABrokenGgufModelIsRefusedAndLeavesNoTemporaryCheckpoint) {
+  const auto leftovers = [] {
+    int n = 0;
+    for (const auto& e : fs::directory_iterator(fs::temp_directory_path())) n += e.path().filename().string().rfind("mopt-gguf", 0) == 0;
+    return n;
+  };
+  const int before = leftovers();
+  try {
+    load_model(testing::data_path("gguf/bad/truncated-data.gguf"));
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("truncated-data.gguf"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(leftovers(), before);
+}
+
 TEST(GgufExport, RefusesWhatItCannotWriteByName) {
   testing::TempDir tmp;
   try {
