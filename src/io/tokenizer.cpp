@@ -277,6 +277,9 @@ SplitBehavior parse_behavior(const std::string& name) {
 }
 
 // GPT-2's regex, which ByteLevel applies when use_regex is true.
+// The largest token id accepted (real vocabularies stay below 300,000).
+constexpr std::int64_t kMaxTokenId = std::int64_t{1} << 24;
+
 constexpr const char* kGpt2Pattern = R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
 
 PreTokenizer parse_pre_tokenizer(const json& j) {
@@ -882,12 +885,21 @@ Tokenizer Tokenizer::from_json_checked(std::string_view text, const std::string&
       bpe.vocab.reserve(vocab_it->size());
       std::int32_t max_id = -1;
       for (const auto& [token, id] : vocab_it->items()) {
-        if (!id.is_number_integer() || id.get<std::int64_t>() < 0 || id.get<std::int64_t>() >= (1LL << 30)) {
+        if (!id.is_number_integer() || id.get<std::int64_t>() < 0 || id.get<std::int64_t>() >= kMaxTokenId) {
           fail("vocab entry '{}' has an invalid id", printable(token));
         }
         const auto v = static_cast<std::int32_t>(id.get<std::int64_t>());
         bpe.vocab.emplace(token, v);
         max_id = std::max(max_id, v);
+      }
+      // Ids index dense tables (here and in the model's embedding): a few
+      // holes are normal, an id far beyond the number of tokens is not.
+      const auto added_it = j.find("added_tokens");
+      const std::size_t entries =
+          vocab_it->size() + (added_it != j.end() && added_it->is_array() ? added_it->size() : 0);
+      const std::int64_t id_limit = std::min<std::int64_t>(kMaxTokenId, 4 * static_cast<std::int64_t>(entries) + 1024);
+      if (max_id >= id_limit) {
+        fail("vocabulary id {} is too large for {} tokens (ids must be below {})", max_id, entries, id_limit);
       }
       bpe.id_to_token.assign(static_cast<std::size_t>(max_id + 1), std::string());
       for (const auto& [token, id] : bpe.vocab) {
@@ -946,7 +958,9 @@ Tokenizer Tokenizer::from_json_checked(std::string_view text, const std::string&
         if (!t.is_object() || !t.contains("id") || !t["id"].is_number_integer()) fail("added_tokens: each needs an integer id");
         AddedToken a{};
         const auto id = t["id"].get<std::int64_t>();
-        if (id < 0 || id >= (1LL << 30)) fail("added token id {} is out of range", id);
+        if (id < 0 || id >= kMaxTokenId || id >= 4 * static_cast<std::int64_t>(bpe.vocab.size() + at->size()) + 1024) {
+          fail("added token id {} is out of range for {} tokens", id, bpe.vocab.size() + at->size());
+        }
         a.id = static_cast<std::int32_t>(id);
         a.content = string_field(t, "content", "added token");
         if (a.content.empty()) fail("added token {} is empty", a.id);

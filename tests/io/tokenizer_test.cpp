@@ -185,6 +185,17 @@ TEST(Tokenizer, UnsupportedComponentsAreNamed) {
   j["normalizer"] = {{"type", "Replace"}, {"content", "x"}};
   EXPECT_NE(error_of(j.dump()).find("malformed tokenizer.json: key 'pattern' not found"), std::string::npos);
   EXPECT_NE(error_of("{}").find("missing object 'model'"), std::string::npos);
+  // Found by the fuzzer in CI: one large id made the id table allocate
+  // gigabytes. Ids far beyond the number of tokens are refused before any table.
+  j = json::parse(tiny_byte_level_json("[]"));
+  j["model"]["vocab"]["far"] = 10000000;
+  EXPECT_NE(error_of(j.dump()).find("vocabulary id 10000000 is too large for 264 tokens"), std::string::npos);
+  j = json::parse(tiny_byte_level_json("[]"));
+  j["added_tokens"][1]["id"] = 5000;
+  EXPECT_NE(error_of(j.dump()).find("added token id 5000 is out of range for 263 tokens"), std::string::npos);
+  j = json::parse(tiny_byte_level_json("[]"));
+  j["model"]["vocab"]["hole"] = 1500;  // holes within reason are kept
+  EXPECT_EQ(error_of(j.dump()), "");
 }
 
 TEST(Tokenizer, MissingFileOrDirectory) {
