@@ -519,9 +519,26 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
     ql.index = l;
     model::LayerWeights qw = fp;
     const std::string fmt_name = schemes[kind_index(LinearKind::q)].format;
-    if (fmt_name == "nvfp4_awq") {
+    if (fmt_name == "nvfp4_awq" || options.fold_pre_quant_scales) {
       fold_scale_into_rows(work[kind_index(LinearKind::o)], work[kind_index(LinearKind::v)], qw.v, prefix + "self_attn.v_proj.bias", ql, model_dtype);
       fold_scale_into_rows(work[kind_index(LinearKind::down)], work[kind_index(LinearKind::up)], qw.up, prefix + "mlp.up_proj.bias", ql, model_dtype);
+    }
+    if (options.fold_pre_quant_scales) {
+      // A scale that could not be folded (o_proj under GQA, or when v_proj is not quantized) is dropped:
+      // that Linear is quantized unsmoothed, with its own clip search when the algorithm has one.
+      for (const auto kind : {LinearKind::o, LinearKind::down}) {
+        const std::size_t k = kind_index(kind);
+        if (work[k].pqs.empty()) continue;
+        work[k].w = original_weights[k];
+        work[k].pqs.clear();
+        work[k].amax.clear();
+        work[k].input_amax = input_amax_rtn[k];
+        if (algo.awq_clip) {
+          work[k].amax = with_context(prefix + std::string(model::linear_name(kind)), [&] {
+            return awq_clip_search(*schemes[k].weight, work[k].w.data(), work[k].out, work[k].in, stats.clip[kind_index(input_leader(kind))], {});
+          });
+        }
+      }
     }
     for (const auto& group : kInputGroups) {
       const auto& s = schemes[kind_index(group[0])];
@@ -534,7 +551,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       round_to_dtype(model_dtype, avg);
       for (const auto kind : group) resmooth(work[kind_index(kind)], avg, model_dtype);
       // AWQ formats fold the shared scale into the norm that feeds the group (SmoothQuant's INT8 keeps it).
-      if (s.weight->element != quant::Element::int8) {
+      if (s.weight->element != quant::Element::int8 || options.fold_pre_quant_scales) {
         const bool attention = group[0] == LinearKind::q;
         const std::string norm_name = prefix + (attention ? "input_layernorm.weight" : "post_attention_layernorm.weight");
         std::vector<float> norm = (attention ? fp.input_norm : fp.post_attention_norm).to_f32();

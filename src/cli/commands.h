@@ -36,7 +36,7 @@ int run_convert(const ConvertOptions& options);
 
 struct ExportOptions {
   std::string model;
-  std::string to;  // "gguf"
+  std::string to;  // "gguf", "compressed-tensors"
   std::string out;
   std::string type = "bf16";
 };
@@ -87,6 +87,8 @@ struct QuantizeOptions {
   double gptq_damp = 0.01;
   bool gptq_act_order = false;
   std::string report;  // JSON report path
+  std::string export_format = "modelopt";  // modelopt, compressed-tensors, gguf
+  std::string gguf_type;                   // "" = q4_0 for 4-bit formats, q8_0 otherwise
 };
 int run_quantize(const QuantizeOptions& options);
 

@@ -5,6 +5,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/progress.h"
+#include "export/compressed_tensors.h"
 #include "export/gguf_export.h"
 #include "io/gguf_convert.h"
 
@@ -22,10 +23,23 @@ int run_convert(const ConvertOptions& options) {
 }
 
 int run_export(const ExportOptions& options) {
-  if (options.to != "gguf") fail("--to {}: mopt exports to gguf (compressed-tensors is not built yet)", options.to);
+  if (options.to == "compressed-tensors") {
+    const auto r = exporter::export_compressed_tensors(options.model, options.out);
+    for (const auto& name : r.requantized) {
+      fmt::print(stderr, "note: {} kept a pre_quant_scale (compressed-tensors has none): folded into its columns and re-quantized\n", name);
+    }
+    fmt::print("wrote {} ({} quantized linears, {:.1f} MiB)\n", options.out, r.quantized_linears, static_cast<double>(r.bytes) / (1 << 20));
+    return 0;
+  }
+  if (options.to != "gguf") fail("--to {}: mopt exports to gguf or compressed-tensors", options.to);
   exporter::GgufExportOptions o;
   o.type = exporter::gguf_type_from_name(options.type);
-  exporter::export_gguf(options.model, options.out, o);
+  const auto r = exporter::export_gguf(options.model, options.out, o);
+  if (r.exact_linears + r.requantized_linears > 0) {
+    fmt::print(stderr, "{} quantized linears written code for code, {} dequantized and quantized to {}\n", r.exact_linears, r.requantized_linears,
+               options.type);
+  }
+  if (r.activation_quantization_dropped) fmt::print(stderr, "note: llama.cpp does not quantize activations as this checkpoint's scheme does\n");
   fmt::print("wrote {}\n", options.out);
   return 0;
 }

@@ -72,10 +72,10 @@ int main(int argc, char** argv) {
   convert_cmd->add_option("out_dir", convert.out_dir, "The directory to create")->required();
 
   mopt::cli::ExportOptions export_options;
-  auto* export_cmd = app.add_subcommand("export", "Write a Hugging Face checkpoint in another engine's format (GGUF for llama.cpp)");
-  export_cmd->add_option("model", export_options.model, "Model directory (Hugging Face checkpoint)")->required();
-  export_cmd->add_option("--to", export_options.to, "Target format: gguf")->required();
-  export_cmd->add_option("out", export_options.out, "The file to create")->required();
+  auto* export_cmd = app.add_subcommand("export", "Write a checkpoint (plain, or mopt's quantized export) in another engine's format");
+  export_cmd->add_option("model", export_options.model, "Model directory (Hugging Face checkpoint, or a mopt quantized export)")->required();
+  export_cmd->add_option("--to", export_options.to, "Target format: gguf (llama.cpp) or compressed-tensors (vLLM; quantized input only)")->required();
+  export_cmd->add_option("out", export_options.out, "The file (gguf) or directory (compressed-tensors) to create")->required();
   export_cmd->add_option("--type", export_options.type, "GGUF weight type: bf16 (default), f16, f32, q8_0, q4_0");
 
   mopt::cli::EvalOptions eval;
@@ -108,7 +108,7 @@ int main(int argc, char** argv) {
   gen_cmd->add_option("--seed", gen.seed, "Random seed for sampling");
 
   mopt::cli::QuantizeOptions quantize;
-  auto* quantize_cmd = app.add_subcommand("quantize", "Quantize a model layer by layer and write a Hugging Face modelopt checkpoint");
+  auto* quantize_cmd = app.add_subcommand("quantize", "Quantize a model layer by layer and export it (modelopt, compressed-tensors or GGUF)");
   quantize_cmd->add_option("model", quantize.model, "Model directory (Hugging Face checkpoint)")->required();
   quantize_cmd->add_option("--out", quantize.out_dir, "The directory to create")->required();
   quantize_cmd->add_option("--format", quantize.format,
@@ -132,6 +132,9 @@ int main(int argc, char** argv) {
   quantize_cmd->add_option("--gptq-damp", quantize.gptq_damp, "GPTQ damping as a fraction of the Hessian's mean diagonal (default 0.01)");
   quantize_cmd->add_flag("--gptq-act-order", quantize.gptq_act_order, "GPTQ: columns by decreasing Hessian diagonal (default: natural order, as the reference)");
   quantize_cmd->add_option("--report", quantize.report, "Write a JSON report here");
+  quantize_cmd->add_option("--export", quantize.export_format,
+                           "Output format: modelopt (default: TensorRT-LLM, vLLM, SGLang), compressed-tensors (vLLM), gguf (llama.cpp; --out is the .gguf file)");
+  quantize_cmd->add_option("--gguf-type", quantize.gguf_type, "With --export gguf: q4_0, q8_0, bf16, f16, f32 (default: q4_0 for 4-bit formats, else q8_0)");
 
   try {
     app.parse(argc, argv);

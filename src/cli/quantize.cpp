@@ -2,12 +2,15 @@
 
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "algo/ptq.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/memory.h"
+#include "export/compressed_tensors.h"
+#include "export/gguf_export.h"
 #include "export/hf_modelopt.h"
 #include "io/atomic_file.h"
 #include "io/checkpoint.h"
@@ -74,8 +77,27 @@ int run_quantize(const QuantizeOptions& o) {
                recipe.seq_len, recipe.seed);
   }
 
-  exporter::HfModeloptWriter writer(ckpt, o.out_dir, recipe);
+  if (o.export_format != "modelopt" && o.export_format != "compressed-tensors" && o.export_format != "gguf") {
+    fail("--export {}: one of modelopt, compressed-tensors, gguf", o.export_format);
+  }
+  if (!o.gguf_type.empty() && o.export_format != "gguf") fail("--gguf-type applies to --export gguf");
+  if (std::filesystem::exists(o.out_dir)) fail("{}: already exists (choose a new output)", o.out_dir);
+  // Another format is converted from the modelopt checkpoint, written first into a temporary directory beside the output.
+  struct Staging {
+    std::string dir;
+    ~Staging() {
+      std::error_code ec;
+      if (!dir.empty()) std::filesystem::remove_all(dir, ec);
+    }
+  } staging;
+  std::string modelopt_dir = o.out_dir;
+  if (o.export_format != "modelopt") {
+    staging.dir = io::make_temp_dir_beside(o.out_dir);
+    modelopt_dir = staging.dir + "/modelopt";
+  }
+  exporter::HfModeloptWriter writer(ckpt, modelopt_dir, recipe);
   algo::PtqOptions options;
+  options.fold_pre_quant_scales = o.export_format != "modelopt";
   options.propagate_quantized = o.propagate_quantized;
   options.batch_sequences = o.calib_batch;
   options.gptq_damp = o.gptq_damp;
@@ -83,6 +105,19 @@ int run_quantize(const QuantizeOptions& o) {
   const algo::PtqReport report =
       algo::quantize_checkpoint(ckpt, recipe, calib, options, [&](quant::QuantizedLayer&& layer) { writer.add_layer(layer); });
   writer.finish();
+  std::uint64_t output_bytes = writer.bytes_written();
+  if (o.export_format == "compressed-tensors") {
+    const auto r = exporter::export_compressed_tensors(modelopt_dir, o.out_dir);
+    output_bytes = r.bytes;
+  } else if (o.export_format == "gguf") {
+    exporter::GgufExportOptions go;
+    const bool four_bit = recipe.format.find("4") != std::string::npos;
+    go.type = exporter::gguf_type_from_name(!o.gguf_type.empty() ? o.gguf_type : four_bit ? "q4_0" : "q8_0");
+    const auto r = exporter::export_gguf(modelopt_dir, o.out_dir, go);
+    output_bytes = std::filesystem::file_size(o.out_dir);
+    fmt::print(stderr, "gguf: {} quantized linears written code for code, {} quantized to the GGUF type{}\n", r.exact_linears,
+               r.requantized_linears, r.activation_quantization_dropped ? " (llama.cpp does not quantize activations as this format does)" : "");
+  }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const std::uint64_t peak = peak_rss_bytes();
 
@@ -114,7 +149,7 @@ int run_quantize(const QuantizeOptions& o) {
   fmt::print("quantized {} linears of {} layers to {} ({}{}); {:.1f} MiB -> {:.1f} MiB; {:.1f} s; peak RSS {:.1f} MiB\n",
              report.quantized_linears, report.layers.size(), recipe.format, recipe.effective_algorithm(),
              recipe.kv_cache ? ", kv " + *recipe.kv_cache : "", static_cast<double>(source_bytes) / (1 << 20),
-             static_cast<double>(writer.bytes_written()) / (1 << 20), seconds, static_cast<double>(peak) / (1 << 20));
+             static_cast<double>(output_bytes) / (1 << 20), seconds, static_cast<double>(peak) / (1 << 20));
   fmt::print("wrote {}\n", o.out_dir);
 
   if (!o.report.empty()) {
@@ -142,7 +177,8 @@ int run_quantize(const QuantizeOptions& o) {
               {"calib_tokens", report.calib_tokens},
               {"quantized_linears", report.quantized_linears},
               {"source_bytes", source_bytes},
-              {"output_bytes", writer.bytes_written()},
+              {"export", o.export_format},
+              {"output_bytes", output_bytes},
               {"seconds", seconds},
               {"peak_rss_bytes", peak},
               {"layers", layers}};

@@ -3,11 +3,16 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstring>
+#include <optional>
 #include <cmath>
 #include <filesystem>
 #include <map>
 
+#include "core/convert.h"
 #include "core/error.h"
+#include "export/compressed_tensors.h"
+#include "export/hf_modelopt.h"
 #include "io/checkpoint.h"
 #include "io/gguf_convert.h"
 #include "io/gguf_writer.h"
@@ -61,6 +66,65 @@ bool merges_reproduce_vocab(const json& tokenizer, const std::string& label) {
   return true;
 }
 
+// A quantized Linear's own codes as GGUF blocks, when the type holds them exactly: INT4 groups of a
+// multiple of 32 as Q4_0 (value (nibble - 8) * d, d the group's scale), INT8 rows as Q8_0 (codes * d).
+// The scales are rounded to f16, as the blocks store them. Rows already permuted.
+std::optional<std::vector<std::byte>> exact_blocks(GgmlType type, const std::vector<float>& codes, const std::vector<float>& scales,
+                                                   std::int64_t out, std::int64_t in, std::int64_t group) {
+  const std::int64_t blocks_per_row = in / 32;
+  if (in % 32 != 0) return std::nullopt;
+  const std::int64_t groups = scales.size() / static_cast<std::size_t>(out);
+  std::vector<std::byte> bytes;
+  if (type == GgmlType::Q4_0) {
+    bytes.resize(static_cast<std::size_t>(out * blocks_per_row * 18));
+    for (std::int64_t r = 0; r < out; ++r) {
+      for (std::int64_t b = 0; b < blocks_per_row; ++b) {
+        std::byte* blk = bytes.data() + (r * blocks_per_row + b) * 18;
+        const std::uint16_t d = f32_to_f16(scales[static_cast<std::size_t>(r * groups + (b * 32) / group)]);
+        std::memcpy(blk, &d, 2);
+        const float* x = codes.data() + r * in + b * 32;
+        for (int j = 0; j < 16; ++j) {
+          const auto lo = static_cast<unsigned>(static_cast<int>(x[j]) + 8), hi = static_cast<unsigned>(static_cast<int>(x[j + 16]) + 8);
+          blk[2 + j] = static_cast<std::byte>((lo & 0xF) | ((hi & 0xF) << 4));
+        }
+      }
+    }
+    return bytes;
+  }
+  if (type == GgmlType::Q8_0) {
+    bytes.resize(static_cast<std::size_t>(out * blocks_per_row * 34));
+    for (std::int64_t r = 0; r < out; ++r) {
+      const std::uint16_t d = f32_to_f16(scales[static_cast<std::size_t>(r)]);
+      for (std::int64_t b = 0; b < blocks_per_row; ++b) {
+        std::byte* blk = bytes.data() + (r * blocks_per_row + b) * 34;
+        std::memcpy(blk, &d, 2);
+        for (int j = 0; j < 32; ++j) blk[2 + j] = static_cast<std::byte>(static_cast<std::int8_t>(codes[static_cast<std::size_t>(r * in + b * 32 + j)]));
+      }
+    }
+    return bytes;
+  }
+  return std::nullopt;
+}
+
+// The integer codes [out, in] of an INT4 (modelopt layout) or INT8 weight, as floats.
+std::vector<float> integer_codes(const quant::QuantizerSpec& spec, const Tensor& w, std::int64_t out, std::int64_t in) {
+  std::vector<float> codes(static_cast<std::size_t>(out * in));
+  if (spec.element == quant::Element::int8) {
+    const auto* p = w.data<std::int8_t>();
+    for (std::size_t i = 0; i < codes.size(); ++i) codes[i] = p[i];
+    return codes;
+  }
+  const auto* b = w.data<std::uint8_t>();
+  for (std::int64_t r2 = 0; r2 < out / 2; ++r2) {
+    for (std::int64_t c = 0; c < in; ++c) {
+      const int lo = b[r2 * in + c] & 0xF, hi = b[r2 * in + c] >> 4;
+      codes[static_cast<std::size_t>(2 * r2 * in + c)] = static_cast<float>(lo >= 8 ? lo - 16 : lo);
+      codes[static_cast<std::size_t>((2 * r2 + 1) * in + c)] = static_cast<float>(hi >= 8 ? hi - 16 : hi);
+    }
+  }
+  return codes;
+}
+
 }  // namespace
 
 GgmlType gguf_type_from_name(const std::string& name) {
@@ -99,9 +163,14 @@ std::string gguf_pre_tokenizer_name(const json& t, const std::string& label) {
   fail("{}: its pre-tokenizer matches none of llama.cpp's that mopt writes (llama-bpe, qwen2, smollm, gpt-2)", label);
 }
 
-void export_gguf(const std::string& model_dir, const std::string& out_path, const GgufExportOptions& options) {
+GgufExportReport export_gguf(const std::string& model_dir, const std::string& out_path, const GgufExportOptions& options) {
   if (fs::exists(out_path)) fail("{}: already exists; choose a new file", out_path);
-  const io::Checkpoint ckpt = io::Checkpoint::open(model_dir);
+  // A quantized checkpoint (mopt's modelopt or compressed-tensors export) gives its quantized weights.
+  std::optional<QuantizedReader> reader;
+  if (is_compressed_tensors_checkpoint(model_dir)) reader = compressed_tensors_reader(model_dir);
+  else if (is_quantized_checkpoint(model_dir)) reader = modelopt_reader(model_dir);
+  const io::Checkpoint ckpt = io::Checkpoint::open(model_dir, reader ? io::CheckpointLayout::quantized : io::CheckpointLayout::plain);
+  GgufExportReport report;
   const io::ModelConfig& c = ckpt.config();
   // llama.cpp's architecture: Mistral without a sliding window is a Llama; Qwen2 and Qwen3 keep their names
   // (their Q/K rows are not permuted: llama.cpp applies their RoPE on halves, as transformers does).
@@ -194,8 +263,10 @@ void export_gguf(const std::string& model_dir, const std::string& out_path, cons
 
   // Tensors.
   // Weight matrices are read, permuted and quantized only when the writer reaches them: one at a time in memory.
-  const auto matrix = [&](const std::string& hf, const std::string& gguf, std::int64_t permute_heads = 0) {
-    const GgmlType type = options.type;
+  // The embeddings and lm_head, which a quantized checkpoint keeps in 16 bits, get Q8_0 rather than Q4_0.
+  const GgmlType embedding_type = reader && options.type == GgmlType::Q4_0 ? GgmlType::Q8_0 : options.type;
+  const auto matrix = [&](const std::string& hf, const std::string& gguf, std::int64_t permute_heads = 0, bool embedding = false) {
+    const GgmlType type = embedding ? embedding_type : options.type;
     w.add_tensor(gguf, ckpt.tensor(hf).shape(), type, [&ckpt, hf, permute_heads, type] {
       const Tensor t = ckpt.tensor(hf);
       std::vector<float> v = t.to_f32();
@@ -216,9 +287,51 @@ void export_gguf(const std::string& model_dir, const std::string& out_path, cons
     if (permute_heads > 0) io::permute_rope_rows(v.data(), t.dim(0), 1, permute_heads);
     w.add_tensor(gguf, t.shape(), GgmlType::F32, io::ggml_quantize(GgmlType::F32, v.data(), v.size(), hf));
   };
-  matrix("model.embed_tokens.weight", "token_embd.weight");
+  // A decoder Linear: from the quantized checkpoint when it is one. Its codes go over exactly when the
+  // type holds them; otherwise the weight it stands for (any pre_quant_scale multiplied into its columns,
+  // as llama.cpp has no input scale) is quantized to the type.
+  const auto linear = [&](std::int64_t layer, model::LinearKind kind, const std::string& gguf, std::int64_t permute_heads) {
+    const std::string hf = fmt::format("model.layers.{}.{}.weight", layer, model::linear_name(kind));
+    std::optional<StoredLinear> st = reader ? reader->linear(ckpt, layer, kind) : std::nullopt;
+    if (!st) {
+      matrix(hf, gguf, permute_heads);
+      return;
+    }
+    const GgmlType type = options.type;
+    const auto& spec = *st->scheme.weight;
+    const bool int4 = spec.element == quant::Element::int4 && spec.scaling == quant::Scaling::block && !spec.fp8_second_stage &&
+                      spec.block % 32 == 0 && type == GgmlType::Q4_0;
+    const bool int8 = spec.element == quant::Element::int8 && spec.scaling == quant::Scaling::per_row && type == GgmlType::Q8_0;
+    const bool exact = (int4 || int8) && st->pre_quant_scale.empty() && st->in % 32 == 0;
+    if (exact) ++report.exact_linears;
+    else ++report.requantized_linears;
+    if (st->scheme.input) report.activation_quantization_dropped = true;
+    w.add_tensor(gguf, {st->out, st->in}, type, [st = std::move(*st), permute_heads, type, exact, hf] {
+      const std::int64_t out = st.out, in = st.in;
+      const auto& sp = *st.scheme.weight;
+      if (exact) {
+        std::vector<float> codes = integer_codes(sp, st.weight.weight, out, in);
+        std::vector<float> scales = st.weight.weight_scale.to_f32();
+        const auto groups = static_cast<std::int64_t>(scales.size()) / out;
+        if (permute_heads > 0) {
+          io::permute_rope_rows(codes.data(), out, in, permute_heads);
+          io::permute_rope_rows(scales.data(), out, groups, permute_heads);
+        }
+        return *exact_blocks(type, codes, scales, out, in, sp.element == quant::Element::int4 ? sp.block : in);
+      }
+      std::vector<float> v = quant::dequantize_weight(sp, st.weight, out, in);
+      if (!st.pre_quant_scale.empty()) {
+        for (std::int64_t r = 0; r < out; ++r) {
+          for (std::int64_t j = 0; j < in; ++j) v[static_cast<std::size_t>(r * in + j)] *= st.pre_quant_scale[static_cast<std::size_t>(j)];
+        }
+      }
+      if (permute_heads > 0) io::permute_rope_rows(v.data(), out, in, permute_heads);
+      return io::ggml_quantize(type, v.data(), v.size(), hf);
+    });
+  };
+  matrix("model.embed_tokens.weight", "token_embd.weight", 0, true);
   vector("model.norm.weight", "output_norm.weight");
-  if (!c.tie_word_embeddings) matrix("lm_head.weight", "output.weight");
+  if (!c.tie_word_embeddings) matrix("lm_head.weight", "output.weight", 0, true);
   if (c.rope_scaling.type == io::RopeScalingType::llama3) {
     // The divisor of each frequency, as llama.cpp's rope_freqs holds it.
     io::ModelConfig plain = c;
@@ -233,8 +346,8 @@ void export_gguf(const std::string& model_dir, const std::string& out_path, cons
     const std::string hf = fmt::format("model.layers.{}.", l), g = fmt::format("blk.{}.", l);
     vector(hf + "input_layernorm.weight", g + "attn_norm.weight");
     vector(hf + "post_attention_layernorm.weight", g + "ffn_norm.weight");
-    matrix(hf + "self_attn.q_proj.weight", g + "attn_q.weight", permute ? c.num_heads : 0);
-    matrix(hf + "self_attn.k_proj.weight", g + "attn_k.weight", permute ? c.num_kv_heads : 0);
+    linear(l, model::LinearKind::q, g + "attn_q.weight", permute ? c.num_heads : 0);
+    linear(l, model::LinearKind::k, g + "attn_k.weight", permute ? c.num_kv_heads : 0);
     if (c.qkv_bias) {
       bias(hf + "self_attn.q_proj.bias", g + "attn_q.bias", permute ? c.num_heads : 0);
       bias(hf + "self_attn.k_proj.bias", g + "attn_k.bias", permute ? c.num_kv_heads : 0);
@@ -245,13 +358,14 @@ void export_gguf(const std::string& model_dir, const std::string& out_path, cons
       vector(hf + "self_attn.q_norm.weight", g + "attn_q_norm.weight");
       vector(hf + "self_attn.k_norm.weight", g + "attn_k_norm.weight");
     }
-    matrix(hf + "self_attn.v_proj.weight", g + "attn_v.weight");
-    matrix(hf + "self_attn.o_proj.weight", g + "attn_output.weight");
-    matrix(hf + "mlp.gate_proj.weight", g + "ffn_gate.weight");
-    matrix(hf + "mlp.up_proj.weight", g + "ffn_up.weight");
-    matrix(hf + "mlp.down_proj.weight", g + "ffn_down.weight");
+    linear(l, model::LinearKind::v, g + "attn_v.weight", 0);
+    linear(l, model::LinearKind::o, g + "attn_output.weight", 0);
+    linear(l, model::LinearKind::gate, g + "ffn_gate.weight", 0);
+    linear(l, model::LinearKind::up, g + "ffn_up.weight", 0);
+    linear(l, model::LinearKind::down, g + "ffn_down.weight", 0);
   }
   w.write(out_path);
+  return report;
 }
 
 }  // namespace mopt::exporter

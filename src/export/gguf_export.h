@@ -7,11 +7,18 @@
 // tokenizer as tokenizer.ggml.* metadata with the pre-tokenizer llama.cpp
 // names (llama-bpe, qwen2, smollm, gpt-2). `mopt convert` reads it back.
 //
-// Not yet: MLP biases, Mistral's sliding window, SentencePiece vocabularies,
-// K-quants, and mopt's quantized exports as input.
+// A quantized mopt export (modelopt or compressed-tensors) is read as such:
+// INT4 weights with groups of a multiple of 32 go to Q4_0 and INT8 rows to
+// Q8_0 code for code (scales rounded to f16), so AWQ's and GPTQ's choices
+// reach llama.cpp unchanged; other weights are dequantized (a kept
+// pre_quant_scale multiplied into the columns) and quantized to the type.
+// llama.cpp does not quantize activations as W8A8/FP8 schemes do.
+//
+// Not yet: MLP biases, Mistral's sliding window, SentencePiece vocabularies, K-quants.
 #pragma once
 
 #include <nlohmann/json.hpp>
+#include <cstdint>
 #include <string>
 
 #include "io/gguf.h"
@@ -31,6 +38,11 @@ std::string gguf_pre_tokenizer_name(const nlohmann::json& tokenizer, const std::
 
 // Writes `model_dir` as the GGUF file `out_path`, which must not exist (written under a temporary name and
 // renamed when complete).
-void export_gguf(const std::string& model_dir, const std::string& out_path, const GgufExportOptions& options);
+struct GgufExportReport {
+  std::int64_t exact_linears = 0;        // quantized Linears whose codes went over unchanged
+  std::int64_t requantized_linears = 0;  // quantized Linears dequantized and quantized to the type
+  bool activation_quantization_dropped = false;
+};
+GgufExportReport export_gguf(const std::string& model_dir, const std::string& out_path, const GgufExportOptions& options);
 
 }  // namespace mopt::exporter

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -13,6 +14,7 @@
 #include "io/atomic_file.h"
 #include "io/gguf_convert.h"
 #include "io/json_util.h"
+#include "export/compressed_tensors.h"
 #include "quant/act_quant.h"
 
 #ifndef MOPT_VERSION_STRING
@@ -90,6 +92,13 @@ json group_config(const std::string& algo, std::int64_t group_size) {
     return {{"input_activations", f(8, "float", g)}, {"weights", f(8, "float", g)}};
   }
   return {{"quant_algo", algo}};
+}
+
+bool needs_pre_quant_scale(const quant::QuantizedLinear& l) {
+  const auto ends_with = [&](std::string_view suffix) {
+    return l.name.size() >= suffix.size() && std::string_view(l.name).substr(l.name.size() - suffix.size()) == suffix;
+  };
+  return (l.scheme.quant_algo == "W4A16_AWQ" || l.scheme.quant_algo == "W4A8_AWQ") && (ends_with(".o_proj") || ends_with(".down_proj"));
 }
 
 }  // namespace
@@ -170,30 +179,7 @@ nlohmann::json make_quantization_config(const nlohmann::json& hf_quant_config) {
 
 HfModeloptWriter::HfModeloptWriter(const io::Checkpoint& source, std::string out_dir, const quant::Recipe& recipe,
                                    std::uint64_t shard_bytes)
-    : source_(source), out_dir_(std::move(out_dir)), recipe_(recipe), shard_bytes_(shard_bytes) {
-  if (fs::exists(out_dir_)) fail("{}: already exists (choose a new output directory)", out_dir_);
-  temp_dir_ = io::make_temp_dir_beside(out_dir_);
-}
-
-HfModeloptWriter::~HfModeloptWriter() {
-  if (!finished_) {
-    std::error_code ec;
-    fs::remove_all(temp_dir_, ec);
-  }
-}
-
-void HfModeloptWriter::add(const std::string& name, const Tensor& tensor) {
-  shard_.add(name, tensor);
-  tensor.release_pages();  // a view of the source: copied, done with those pages
-}
-
-void HfModeloptWriter::flush_shard() {
-  if (shard_.empty()) return;
-  const std::string name = fmt::format("shard-{:05}.safetensors", shard_names_.size() + 1);
-  total_bytes_ += shard_.bytes();
-  shard_names_.push_back(shard_.names());
-  shard_.write((temp_dir_ / name).string());
-}
+    : source_(source), recipe_(recipe), dir_(std::move(out_dir), shard_bytes) {}
 
 void HfModeloptWriter::add_layer(const quant::QuantizedLayer& layer) {
   if (layer.index != next_layer_) fail("layer {} handed to the exporter out of order (expected {})", layer.index, next_layer_);
@@ -212,7 +198,13 @@ void HfModeloptWriter::add_layer(const quant::QuantizedLayer& layer) {
     add(l.name + ".weight_scale", q.weight_scale);
     if (q.weight_scale_2) add(l.name + ".weight_scale_2", *q.weight_scale_2);
     if (!l.input_amax.empty()) add(l.name + ".input_scale", scalar_f32(quant::activation_scale(*l.scheme.input, l.input_amax[0])));
-    if (!l.pre_quant_scale.empty()) add(l.name + ".pre_quant_scale", vector_as(l.pre_quant_scale, source_.config().dtype));
+    if (!l.pre_quant_scale.empty()) {
+      add(l.name + ".pre_quant_scale", vector_as(l.pre_quant_scale, source_.config().dtype));
+    } else if (needs_pre_quant_scale(l)) {
+      // TensorRT-LLM's AWQ loaders read pre_quant_scale on every unfused Linear (o_proj, down_proj) and
+      // fail without one; the reference writes none when no AWQ scale was searched. A scale of ones.
+      add(l.name + ".pre_quant_scale", vector_as(std::vector<float>(static_cast<std::size_t>(q.weight.dim(1)), 1.0f), source_.config().dtype));
+    }
     written.insert(l.name + ".weight");
   }
   if (layer.key_amax && layer.value_amax && recipe_.kv_cache) {
@@ -227,7 +219,7 @@ void HfModeloptWriter::add_layer(const quant::QuantizedLayer& layer) {
     if (name.rfind(prefix, 0) != 0 || written.count(name) || io::is_ignorable_tensor(name)) continue;
     add(name, source_.tensor(name));
   }
-  if (shard_.bytes() >= shard_bytes_) flush_shard();
+  dir_.maybe_flush();
 }
 
 void HfModeloptWriter::finish() {
@@ -238,34 +230,15 @@ void HfModeloptWriter::finish() {
     if (name.rfind("model.layers.", 0) == 0 || io::is_ignorable_tensor(name)) continue;
     add(name, source_.tensor(name));
   }
-  flush_shard();
-  // Final shard names and the index.
-  const std::size_t n = shard_names_.size();
-  json weight_map = json::object();
-  for (std::size_t i = 0; i < n; ++i) {
-    const std::string from = fmt::format("shard-{:05}.safetensors", i + 1);
-    const std::string to = n == 1 ? "model.safetensors" : fmt::format("model-{:05}-of-{:05}.safetensors", i + 1, n);
-    fs::rename(temp_dir_ / from, temp_dir_ / to);
-    for (const auto& t : shard_names_[i]) weight_map[t] = to;
-  }
-  if (n > 1) {
-    json index = {{"metadata", {{"total_size", total_bytes_}}}, {"weight_map", weight_map}};
-    io::write_file_atomically((temp_dir_ / "model.safetensors.index.json").string(), index.dump(2) + "\n");
-  }
   const std::string kv_algo = has_kv_ ? quant::kv_scheme(*recipe_.kv_cache).quant_algo : "";
   const json hf_quant = make_hf_quant_config(modules_, kv_algo);
-  io::write_file_atomically((temp_dir_ / "hf_quant_config.json").string(), hf_quant.dump(4) + "\n");
+  dir_.write_json("hf_quant_config.json", hf_quant, 4);
   json config = c.raw;
   config["quantization_config"] = make_quantization_config(hf_quant);
-  io::write_file_atomically((temp_dir_ / "config.json").string(), config.dump(2) + "\n");
-  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"}) {
-    const fs::path from = fs::path(source_.dir()) / f;
-    if (fs::exists(from)) io::write_file_atomically((temp_dir_ / f).string(), io::read_text_file(from.string()));
-  }
+  dir_.write_json("config.json", config, 2);
+  dir_.copy_model_files(source_.dir());
   // Read it back as any quantized checkpoint is read: it must validate.
-  validate_quantized_checkpoint(temp_dir_.string());
-  fs::rename(temp_dir_, out_dir_);
-  finished_ = true;
+  dir_.commit([](const std::string& dir) { validate_quantized_checkpoint(dir); });
 }
 
 bool is_quantized_checkpoint(const std::string& dir) {
@@ -344,60 +317,140 @@ ReadConfig read_quant_config(const std::string& dir) {
 }
 
 
-struct ResolvedLinear {
-  std::string name;
-  quant::LinearScheme scheme;
-  quant::QuantizedWeight weight;
-  std::int64_t out = 0, in = 0;
-};
+}  // namespace
 
-// The quantized form of Linear `kind` of layer `index`, or nothing when it is stored plain.
-std::optional<ResolvedLinear> resolve_linear(const io::Checkpoint& ckpt, const ReadConfig& rc, std::int64_t index,
-                                             model::LinearKind kind, const std::string& dir) {
-  const auto& c = ckpt.config();
-  const auto& store = ckpt.tensors();
-  ResolvedLinear r;
-  r.name = fmt::format("model.layers.{}.{}", index, model::linear_name(kind));
-  const Tensor weight = store.tensor(r.name + ".weight");
-  if (!store.contains(r.name + ".weight_scale")) {
-    const DType dt = weight.dtype();
-    if (dt != DType::F32 && dt != DType::F16 && dt != DType::BF16) fail("{}: {}.weight is {} without a weight_scale", dir, r.name, dtype_name(dt));
-    return std::nullopt;
-  }
-  std::string algo = rc.default_algo;
-  std::int64_t group = rc.group_size;
-  if (rc.default_algo == "MIXED_PRECISION") {
-    const auto it = rc.per_layer.find(r.name);
-    if (it == rc.per_layer.end()) fail("{}: {} has a weight_scale but no entry in quantized_layers", dir, r.name);
-    algo = it->second.first;
-    group = it->second.second;
-  }
-  r.scheme = scheme_for_algo(algo, group, dir);
+std::pair<std::int64_t, std::int64_t> linear_shape(const io::ModelConfig& c, model::LinearKind kind) {
   const std::int64_t q_dim = c.num_heads * c.head_dim, kv_dim = c.num_kv_heads * c.head_dim;
   switch (kind) {
-    case model::LinearKind::q: r.out = q_dim, r.in = c.hidden_size; break;
+    case model::LinearKind::q: return {q_dim, c.hidden_size};
     case model::LinearKind::k:
-    case model::LinearKind::v: r.out = kv_dim, r.in = c.hidden_size; break;
-    case model::LinearKind::o: r.out = c.hidden_size, r.in = q_dim; break;
+    case model::LinearKind::v: return {kv_dim, c.hidden_size};
+    case model::LinearKind::o: return {c.hidden_size, q_dim};
     case model::LinearKind::gate:
-    case model::LinearKind::up: r.out = c.intermediate_size, r.in = c.hidden_size; break;
-    case model::LinearKind::down: r.out = c.hidden_size, r.in = c.intermediate_size; break;
+    case model::LinearKind::up: return {c.intermediate_size, c.hidden_size};
+    case model::LinearKind::down: return {c.hidden_size, c.intermediate_size};
   }
-  r.weight.weight = weight;
-  r.weight.weight_scale = store.tensor(r.name + ".weight_scale");
-  if (store.contains(r.name + ".weight_scale_2")) r.weight.weight_scale_2 = store.tensor(r.name + ".weight_scale_2");
-  quant::check_quantized_weight(*r.scheme.weight, r.weight, r.out, r.in, fmt::format("{}: {}", dir, r.name));
+  return {0, 0};
+}
+
+QuantizedReader modelopt_reader(const std::string& dir) {
+  const ReadConfig rc = read_quant_config(dir);
+  QuantizedReader r;
+  r.kv_algo = rc.kv_algo;
+  r.linear = [rc, dir](const io::Checkpoint& ckpt, std::int64_t index, model::LinearKind kind) -> std::optional<StoredLinear> {
+    const auto& store = ckpt.tensors();
+    StoredLinear s;
+    s.name = fmt::format("model.layers.{}.{}", index, model::linear_name(kind));
+    const Tensor weight = store.tensor(s.name + ".weight");
+    if (!store.contains(s.name + ".weight_scale")) {
+      const DType dt = weight.dtype();
+      if (dt != DType::F32 && dt != DType::F16 && dt != DType::BF16) fail("{}: {}.weight is {} without a weight_scale", dir, s.name, dtype_name(dt));
+      return std::nullopt;
+    }
+    std::string algo = rc.default_algo;
+    std::int64_t group = rc.group_size;
+    if (rc.default_algo == "MIXED_PRECISION") {
+      const auto it = rc.per_layer.find(s.name);
+      if (it == rc.per_layer.end()) fail("{}: {} has a weight_scale but no entry in quantized_layers", dir, s.name);
+      algo = it->second.first;
+      group = it->second.second;
+    }
+    s.scheme = scheme_for_algo(algo, group, dir);
+    std::tie(s.out, s.in) = linear_shape(ckpt.config(), kind);
+    s.weight.weight = weight;
+    s.weight.weight_scale = store.tensor(s.name + ".weight_scale");
+    if (store.contains(s.name + ".weight_scale_2")) s.weight.weight_scale_2 = store.tensor(s.name + ".weight_scale_2");
+    quant::check_quantized_weight(*s.scheme.weight, s.weight, s.out, s.in, fmt::format("{}: {}", dir, s.name));
+    if (store.contains(s.name + ".pre_quant_scale")) {
+      const Tensor pqs = store.tensor(s.name + ".pre_quant_scale");
+      if (pqs.numel() != static_cast<std::uint64_t>(s.in)) fail("{}: {}.pre_quant_scale has {} values for {} inputs", dir, s.name, pqs.numel(), s.in);
+      s.pre_quant_scale = pqs.to_f32();
+      for (const float v : s.pre_quant_scale) {
+        if (!(v > 0.0f) || !std::isfinite(v)) fail("{}: {}.pre_quant_scale holds {}", dir, s.name, v);
+      }
+      // A scale of ones (written for TensorRT-LLM's sake) changes nothing.
+      if (std::all_of(s.pre_quant_scale.begin(), s.pre_quant_scale.end(), [](float v) { return v == 1.0f; })) s.pre_quant_scale.clear();
+    }
+    if (s.scheme.input && s.scheme.input->needs_amax()) {
+      if (!store.contains(s.name + ".input_scale")) fail("{}: {}.input_scale is missing ({} quantizes inputs)", dir, s.name, algo);
+      const Tensor t = store.tensor(s.name + ".input_scale");
+      if (t.numel() != 1) fail("{}: {}.input_scale has {} values, expected 1", dir, s.name, t.numel());
+      s.input_scale = t.to_f32().at(0);
+    }
+    return s;
+  };
+  r.kv_scales = [dir, kv = rc.kv_algo](const io::Checkpoint& ckpt, std::int64_t index) {
+    const std::string p = fmt::format("model.layers.{}.self_attn.", index);
+    std::array<float, 2> v{};
+    for (int i = 0; i < 2; ++i) {
+      const std::string tname = p + (i == 0 ? "k_proj.k_scale" : "v_proj.v_scale");
+      if (!ckpt.tensors().contains(tname)) fail("{}: {} is missing (kv_cache_quant_algo {})", dir, tname, kv);
+      v[static_cast<std::size_t>(i)] = ckpt.tensor(tname).to_f32().at(0);
+    }
+    return std::pair<float, float>{v[0], v[1]};
+  };
   return r;
 }
 
-}  // namespace
-
 void validate_quantized_checkpoint(const std::string& dir) {
-  const ReadConfig rc = read_quant_config(dir);
+  const QuantizedReader reader = modelopt_reader(dir);
   const io::Checkpoint ckpt = io::Checkpoint::open(dir, io::CheckpointLayout::quantized);
   for (std::int64_t l = 0; l < ckpt.config().num_layers; ++l) {
-    for (const auto kind : model::kAllLinears) resolve_linear(ckpt, rc, l, kind, dir);
+    for (const auto kind : model::kAllLinears) reader.linear(ckpt, l, kind);
+    if (!reader.kv_algo.empty()) reader.kv_scales(ckpt, l);
   }
+}
+
+model::Model load_quantized(const std::string& dir, const QuantizedReader& reader) {
+  if (!reader.kv_algo.empty() && reader.kv_algo != "FP8" && reader.kv_algo != "NVFP4") {
+    fail("{}: KV-cache quantization '{}' is not one mopt reads", dir, reader.kv_algo);
+  }
+  model::LoadOptions options;
+  options.quantized = true;
+  options.layer_loader = [reader, dir](const io::Checkpoint& ckpt, std::int64_t index) {
+    model::LayerWeights w = model::load_layer(ckpt, index);
+    for (const auto kind : model::kAllLinears) {
+      auto stored = reader.linear(ckpt, index, kind);
+      if (!stored) continue;
+      const quant::LinearScheme& s = stored->scheme;
+      model::Linear& lin = w.linear(kind);
+      lin.weight = Tensor::from_f32(quant::dequantize_weight(*s.weight, stored->weight, stored->out, stored->in), {stored->out, stored->in});
+      std::vector<float> pre_quant_scale = std::move(stored->pre_quant_scale);
+      if (s.input) {
+        quant::ActivationQuantizer aq{*s.input, {}, pre_quant_scale};
+        if (s.input->needs_amax()) {
+          const float scale = stored->input_scale.value_or(-1.0f);
+          if (!std::isfinite(scale) || scale < 0.0f) fail("{}: {}'s input scale is {}", dir, stored->name, scale);
+          const float bound = s.input->scaling == quant::Scaling::nvfp4 ? 6.0f * 448.0f : s.input->max_bound();
+          aq.amax = {scale * bound};
+        }
+        auto shared = std::make_shared<quant::ActivationQuantizer>(std::move(aq));
+        lin.input_transform = [shared](float* x, std::int64_t rows, std::int64_t cols) { shared->apply(x, rows, cols); };
+      } else if (!pre_quant_scale.empty()) {
+        // Weight-only with a pre-quantization scale: only the scale applies to the input.
+        auto pqs = std::make_shared<std::vector<float>>(std::move(pre_quant_scale));
+        lin.input_transform = [pqs](float* x, std::int64_t rows, std::int64_t cols) {
+          for (std::int64_t r = 0; r < rows; ++r) {
+            for (std::int64_t c = 0; c < cols; ++c) x[r * cols + c] *= (*pqs)[static_cast<std::size_t>(c)];
+          }
+        };
+      }
+    }
+    if (!reader.kv_algo.empty()) {
+      const quant::KvScheme kv = quant::kv_scheme(reader.kv_algo == "FP8" ? "fp8" : "nvfp4");
+      const float bound = kv.spec.scaling == quant::Scaling::nvfp4 ? 6.0f * 448.0f : 448.0f;
+      const auto [k_scale, v_scale] = reader.kv_scales(ckpt, index);
+      for (const float v : {k_scale, v_scale}) {
+        if (!std::isfinite(v) || v < 0.0f) fail("{}: layer {}'s KV-cache scale is {}", dir, index, v);
+      }
+      auto kq = std::make_shared<quant::ActivationQuantizer>(quant::ActivationQuantizer{kv.spec, {k_scale * bound}, {}});
+      auto vq = std::make_shared<quant::ActivationQuantizer>(quant::ActivationQuantizer{kv.spec, {v_scale * bound}, {}});
+      w.key_transform = [kq](float* x, std::int64_t rows, std::int64_t cols) { kq->apply(x, rows, cols); };
+      w.value_transform = [vq](float* x, std::int64_t rows, std::int64_t cols) { vq->apply(x, rows, cols); };
+    }
+    return w;
+  };
+  return model::Model::load(dir, options);
 }
 
 model::Model load_model(const std::string& dir) {
@@ -417,64 +470,9 @@ model::Model load_model(const std::string& dir) {
       throw;
     }
   }
+  if (is_compressed_tensors_checkpoint(dir)) return load_quantized(dir, compressed_tensors_reader(dir));
   if (!is_quantized_checkpoint(dir)) return model::Model::load(dir);
-  const ReadConfig rc = read_quant_config(dir);
-  model::LoadOptions options;
-  options.quantized = true;
-  options.layer_loader = [rc, dir](const io::Checkpoint& ckpt, std::int64_t index) {
-    model::LayerWeights w = model::load_layer(ckpt, index);
-    const auto& store = ckpt.tensors();
-    for (const auto kind : model::kAllLinears) {
-      const auto resolved = resolve_linear(ckpt, rc, index, kind, dir);
-      if (!resolved) continue;
-      const std::string& name = resolved->name;
-      const quant::LinearScheme& s = resolved->scheme;
-      const std::int64_t out = resolved->out, in = resolved->in;
-      model::Linear& lin = w.linear(kind);
-      lin.weight = Tensor::from_f32(quant::dequantize_weight(*s.weight, resolved->weight, out, in), {out, in});
-      const std::string& algo = s.quant_algo;
-      std::vector<float> pre_quant_scale;
-      if (store.contains(name + ".pre_quant_scale")) {
-        const Tensor pqs = store.tensor(name + ".pre_quant_scale");
-        if (pqs.numel() != static_cast<std::uint64_t>(in)) fail("{}: {}.pre_quant_scale has {} values for {} inputs", dir, name, pqs.numel(), in);
-        pre_quant_scale = pqs.to_f32();
-      }
-      if (s.input) {
-        quant::ActivationQuantizer aq{*s.input, {}, pre_quant_scale};
-        if (s.input->needs_amax()) {
-          if (!store.contains(name + ".input_scale")) fail("{}: {}.input_scale is missing ({} quantizes inputs)", dir, name, algo);
-          const float scale = store.tensor(name + ".input_scale").to_f32().at(0);
-          if (!std::isfinite(scale) || scale < 0.0f) fail("{}: {}.input_scale is {}", dir, name, scale);
-          const float bound = s.input->scaling == quant::Scaling::nvfp4 ? 6.0f * 448.0f : s.input->max_bound();
-          aq.amax = {scale * bound};
-        }
-        auto shared = std::make_shared<quant::ActivationQuantizer>(std::move(aq));
-        lin.input_transform = [shared](float* x, std::int64_t rows, std::int64_t cols) { shared->apply(x, rows, cols); };
-      } else if (!pre_quant_scale.empty()) {
-        // Weight-only with a pre-quantization scale: only the scale applies to the input.
-        auto pqs = std::make_shared<std::vector<float>>(std::move(pre_quant_scale));
-        lin.input_transform = [pqs](float* x, std::int64_t rows, std::int64_t cols) {
-          for (std::int64_t r = 0; r < rows; ++r) {
-            for (std::int64_t c = 0; c < cols; ++c) x[r * cols + c] *= (*pqs)[static_cast<std::size_t>(c)];
-          }
-        };
-      }
-    }
-    if (!rc.kv_algo.empty()) {
-      const quant::KvScheme kv = quant::kv_scheme(rc.kv_algo == "FP8" ? "fp8" : "nvfp4");
-      const float bound = kv.spec.scaling == quant::Scaling::nvfp4 ? 6.0f * 448.0f : 448.0f;
-      const std::string p = fmt::format("model.layers.{}.self_attn.", index);
-      for (const char* which : {"k", "v"}) {
-        const std::string tname = p + which + "_proj." + which + "_scale";
-        if (!store.contains(tname)) fail("{}: {} is missing (kv_cache_quant_algo {})", dir, tname, rc.kv_algo);
-        auto q = std::make_shared<quant::ActivationQuantizer>(quant::ActivationQuantizer{kv.spec, {store.tensor(tname).to_f32().at(0) * bound}, {}});
-        model::ActivationTransform t = [q](float* x, std::int64_t rows, std::int64_t cols) { q->apply(x, rows, cols); };
-        (std::string(which) == "k" ? w.key_transform : w.value_transform) = t;
-      }
-    }
-    return w;
-  };
-  return model::Model::load(dir, options);
+  return load_quantized(dir, modelopt_reader(dir));
 }
 
 }  // namespace mopt::exporter

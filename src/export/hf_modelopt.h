@@ -17,12 +17,16 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
+#include <optional>
+#include <utility>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "export/checkpoint_dir.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "model/llama.h"
@@ -35,7 +39,7 @@ class HfModeloptWriter {
  public:
   HfModeloptWriter(const io::Checkpoint& source, std::string out_dir, const quant::Recipe& recipe,
                    std::uint64_t shard_bytes = 4ull << 30);
-  ~HfModeloptWriter();  // removes the temporary directory unless finish() completed
+  // Destroyed before finish() completes, it leaves nothing at out_dir.
   HfModeloptWriter(const HfModeloptWriter&) = delete;
   HfModeloptWriter& operator=(const HfModeloptWriter&) = delete;
 
@@ -44,26 +48,19 @@ class HfModeloptWriter {
   // Writes the rest (embeddings, final norm, lm_head, configs, tokenizer) and renames into place.
   void finish();
 
-  std::uint64_t bytes_written() const { return total_bytes_; }
-  const std::string& out_dir() const { return out_dir_; }
+  std::uint64_t bytes_written() const { return dir_.bytes_written(); }
+  const std::string& out_dir() const { return dir_.out_dir(); }
 
  private:
-  void add(const std::string& name, const Tensor& tensor);
-  void flush_shard();
+  void add(const std::string& name, const Tensor& tensor) { dir_.add(name, tensor); }
 
   const io::Checkpoint& source_;
-  std::string out_dir_;
-  std::filesystem::path temp_dir_;
   quant::Recipe recipe_;
-  std::uint64_t shard_bytes_;
-  io::StreamingSafetensorsWriter shard_;
-  std::uint64_t total_bytes_ = 0;
-  std::vector<std::vector<std::string>> shard_names_;  // tensor names per written shard
+  CheckpointDirWriter dir_;
   std::int64_t next_layer_ = 0;
   // Per-module schemes actually used, for the config files.
   std::vector<std::pair<std::string, quant::LinearScheme>> modules_;
   bool has_kv_ = false;
-  bool finished_ = false;
 };
 
 // hf_quant_config.json's contents for the modules written (exported for tests).
@@ -71,6 +68,32 @@ nlohmann::json make_hf_quant_config(const std::vector<std::pair<std::string, qua
                                     const std::string& kv_quant_algo);
 // config.json's "quantization_config" derived from it, as the reference converts it.
 nlohmann::json make_quantization_config(const nlohmann::json& hf_quant_config);
+
+// One quantized Linear of a stored checkpoint, in the modelopt layout
+// (quant/qtensor.h) whatever the file's own format.
+struct StoredLinear {
+  std::string name;  // "model.layers.3.self_attn.q_proj"
+  quant::LinearScheme scheme;
+  quant::QuantizedWeight weight;
+  std::int64_t out = 0, in = 0;
+  std::vector<float> pre_quant_scale;  // empty: none
+  std::optional<float> input_scale;    // the static activation scale (amax / bound), when the scheme has one
+};
+
+// How a quantized checkpoint format is read: its Linears (nothing for one
+// stored plain) and its KV-cache scales.
+struct QuantizedReader {
+  std::function<std::optional<StoredLinear>(const io::Checkpoint&, std::int64_t layer, model::LinearKind)> linear;
+  std::string kv_algo;  // "", "FP8", "NVFP4"
+  std::function<std::pair<float, float>(const io::Checkpoint&, std::int64_t layer)> kv_scales;  // k_scale, v_scale
+};
+
+// The modelopt format's reader (hf_quant_config.json or config.json's quantization_config).
+QuantizedReader modelopt_reader(const std::string& dir);
+// [out, in] of Linear `kind` under `config`.
+std::pair<std::int64_t, std::int64_t> linear_shape(const io::ModelConfig& config, model::LinearKind kind);
+// A model whose quantized Linears hold the dequantized weights and fake-quantize their inputs.
+model::Model load_quantized(const std::string& dir, const QuantizedReader& reader);
 
 // Opens a quantized checkpoint and checks every quantized Linear's codes and
 // scales against its format (dtypes, shapes, finite positive scales) without
@@ -81,7 +104,7 @@ void validate_quantized_checkpoint(const std::string& dir);
 // config.json "quantization_config" with quant_method "modelopt").
 bool is_quantized_checkpoint(const std::string& dir);
 
-// Loads a checkpoint, quantized or not (plain ones go to model::Model::load).
+// Loads a checkpoint: plain, modelopt, compressed-tensors, or a .gguf file.
 model::Model load_model(const std::string& dir);
 
 }  // namespace mopt::exporter

@@ -131,7 +131,10 @@ bool is_layer_linear_weight(std::string_view name) {
 
 bool is_quantization_scale(std::string_view name) {
   if (name.substr(0, 13) != "model.layers.") return false;
-  for (const char* suffix : {".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale", ".k_proj.k_scale", ".v_proj.v_scale"}) {
+  for (const char* suffix : {".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale", ".k_proj.k_scale", ".v_proj.v_scale",
+                             // compressed-tensors' names
+                             ".weight_packed", ".weight_shape", ".weight_global_scale", ".input_global_scale", ".self_attn.k_scale",
+                             ".self_attn.v_scale"}) {
     if (ends_with(name, suffix)) return true;
   }
   return false;
@@ -145,6 +148,10 @@ void check_tensors_against_config(const TensorStore& store, const ModelConfig& c
   for (const auto& t : expected_tensors(config)) {
     expected_names.insert(t.name);
     const auto* loc = store.find(t.name);
+    if (loc == nullptr && quantized && is_layer_linear_weight(t.name) &&
+        store.find(t.name.substr(0, t.name.size() - 7) + ".weight_packed") != nullptr) {
+      continue;  // compressed-tensors stores a packed weight under another name
+    }
     if (loc == nullptr) {
       missing.push_back(t.name);
       continue;

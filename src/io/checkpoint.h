@@ -57,7 +57,9 @@ bool is_ignorable_tensor(std::string_view name);
 // quantized: as plain, except that the decoder layers' Linear weights may have
 // any dtype and shape (their reader checks them) and the scale tensors a
 // quantized checkpoint adds beside them (weight_scale, weight_scale_2,
-// input_scale, pre_quant_scale, k_scale, v_scale) are allowed.
+// input_scale, pre_quant_scale, k_scale, v_scale; compressed-tensors'
+// weight_packed in place of weight, weight_shape, weight_global_scale,
+// input_global_scale, self_attn.k_scale/v_scale) are allowed.
 enum class CheckpointLayout { plain, quantized };
 
 class Checkpoint {

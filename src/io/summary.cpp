@@ -98,12 +98,29 @@ json summarize(const std::string& path) {
   out["path"] = path;
   if (fs::is_directory(path)) {
     // A quantized checkpoint (hf_quant_config.json) stores its Linears as codes and scales.
+    // So does a compressed-tensors checkpoint (config.json's quantization_config, quant_method compressed-tensors).
     const fs::path quant_config = fs::path(path) / "hf_quant_config.json";
-    const bool quantized = fs::exists(quant_config);
+    const fs::path config_path = fs::path(path) / "config.json";
+    json compressed;
+    if (fs::exists(config_path)) {
+      try {
+        const json cj = json::parse(read_text_file(config_path.string()));
+        if (cj.is_object() && cj.contains("quantization_config") && cj["quantization_config"].is_object() &&
+            cj["quantization_config"].value("quant_method", "") == "compressed-tensors") {
+          compressed = cj["quantization_config"];
+        }
+      } catch (const json::exception&) {
+        // Checkpoint::open below reports a malformed config.json.
+      }
+    }
+    const bool quantized = fs::exists(quant_config) || compressed.is_object();
     const Checkpoint ckpt = Checkpoint::open(path, quantized ? CheckpointLayout::quantized : CheckpointLayout::plain);
     const ModelConfig& c = ckpt.config();
     out["kind"] = "model";
-    if (quantized) {
+    if (compressed.is_object()) {
+      out["quantization"] = {{"quant_algo", "compressed-tensors " + compressed.value("format", std::string("?"))},
+                             {"kv_cache_quant_algo", compressed.contains("kv_cache_scheme") && compressed["kv_cache_scheme"].is_object() ? json("FP8") : json(nullptr)}};
+    } else if (quantized) {
       const json q = parse_json_unique_keys(read_text_file(quant_config.string()), quant_config.string());
       out["quantization"] = q.is_object() && q.contains("quantization") ? q["quantization"] : json(nullptr);
     }

@@ -1,0 +1,267 @@
+// Exports beyond the modelopt checkpoint: compressed-tensors (vLLM's INT4
+// path) and GGUF from mopt's quantized checkpoints. Each carries the codes and
+// scales of the export it comes from, so it computes what the fake-quantized
+// model computes; each passes the engines' loading rules (export/conformance.h).
+#include "export/compressed_tensors.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+#include "algo/ptq.h"
+#include "core/error.h"
+#include "eval/perplexity.h"
+#include "export/conformance.h"
+#include "export/gguf_export.h"
+#include "export/hf_modelopt.h"
+#include "io/dataset.h"
+#include "io/gguf.h"
+#include "io/json_util.h"
+#include "io/safetensors.h"
+#include "model/llama.h"
+#include "support/temp_dir.h"
+
+namespace mopt::exporter {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using testing::TempDir;
+
+std::string tiny_kjv() { return std::string(MOPT_MODELS_DIR) + "/tiny-kjv"; }
+
+const algo::CalibrationSet& calibration() {
+  static const algo::CalibrationSet calib = [] {
+    const auto base = model::Model::load(tiny_kjv());
+    const auto docs = io::read_documents(std::string(MOPT_SOURCE_DIR) + "/data/kjv-calib.txt");
+    return algo::make_calibration_set(docs, base.require_tokenizer(), 4, 64, 0);
+  }();
+  return calib;
+}
+
+const std::vector<std::int32_t>& heldout() {
+  static const std::vector<std::int32_t> ids = [] {
+    const auto base = model::Model::load(tiny_kjv());
+    return base.require_tokenizer().encode(io::read_text_file(std::string(MOPT_SOURCE_DIR) + "/data/kjv-heldout.txt").substr(0, 4000), false);
+  }();
+  return ids;
+}
+
+void quantize(const std::string& format, const std::string& algorithm, const std::string& out, bool fold = false,
+              std::optional<std::string> kv = std::nullopt) {
+  quant::Recipe r;
+  r.format = format;
+  r.algorithm = algorithm;
+  r.kv_cache = std::move(kv);
+  if (format.rfind("int4", 0) == 0 || format == "w4a8_awq") r.group_size = 64;
+  const io::Checkpoint ckpt = io::Checkpoint::open(tiny_kjv());
+  HfModeloptWriter writer(ckpt, out, r);
+  algo::PtqOptions o;
+  o.fold_pre_quant_scales = fold;
+  algo::quantize_checkpoint(ckpt, r, calibration(), o, [&](quant::QuantizedLayer&& l) { writer.add_layer(l); });
+  writer.finish();
+}
+
+std::vector<float> logits_of(const std::string& dir) {
+  const model::Model m = load_model(dir);
+  const std::vector<std::int32_t> tokens(heldout().begin(), heldout().begin() + 96);
+  const model::SequenceSpan span{0, static_cast<std::int64_t>(tokens.size()), 0, 0};
+  std::vector<float> logits;
+  m.forward(tokens, std::span<const model::SequenceSpan>(&span, 1), nullptr, model::LogitsFor::all_rows, logits);
+  return logits;
+}
+
+double ppl_of(const std::string& path) { return eval::perplexity(load_model(path), heldout(), 256, 256).perplexity; }
+
+std::string joined(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& e : v) s += e + "\n";
+  return s;
+}
+
+TEST(CompressedTensors, PacksLikePackToInt32) {
+  // compressed-tensors' pack_to_int32: offset 8, the first value in the lowest nibble.
+  const std::vector<std::int8_t> codes = {0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1};
+  const Tensor p = pack_int32_rows(codes, 1, 16, 4);
+  ASSERT_EQ(p.shape(), (Shape{1, 2}));
+  EXPECT_EQ(static_cast<std::uint32_t>(p.data<std::int32_t>()[0]), 0xFEDCBA98u);
+  EXPECT_EQ(static_cast<std::uint32_t>(p.data<std::int32_t>()[1]), 0x76543210u);
+  const Tensor p8 = pack_int32_rows({-128, 127, 0, -1, 5}, 1, 5, 8);  // padded with code 0
+  ASSERT_EQ(p8.shape(), (Shape{1, 2}));
+  EXPECT_EQ(static_cast<std::uint32_t>(p8.data<std::int32_t>()[0]), 0x7F80FF00u);
+  EXPECT_EQ(static_cast<std::uint32_t>(p8.data<std::int32_t>()[1]), 0x80808085u);
+  std::mt19937 rng(3);
+  for (const int bits : {4, 8}) {
+    std::uniform_int_distribution<int> d(-(1 << (bits - 1)), (1 << (bits - 1)) - 1);
+    std::vector<std::int8_t> v(7 * 45);
+    for (auto& x : v) x = static_cast<std::int8_t>(d(rng));
+    EXPECT_EQ(unpack_int32_rows(pack_int32_rows(v, 7, 45, bits), 7, 45, bits), v) << bits;
+  }
+  EXPECT_THROW(unpack_int32_rows(pack_int32_rows(codes, 1, 16, 4), 1, 24, 4), Error);
+}
+
+TEST(CompressedTensors, EveryFormatComputesExactlyWhatTheModeloptExportDoes) {
+  struct Case {
+    const char* format;
+    const char* kv;
+    bool vllm_modelopt, trtllm_ct;
+  };
+  const Case cases[] = {{"int4_rtn", nullptr, false, false}, {"int8_wo", nullptr, false, false}, {"int8", nullptr, false, false},
+                        {"fp8", "fp8", true, true},         {"fp8_pc_pt", nullptr, true, true}, {"nvfp4", nullptr, true, false}};
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.format);
+    TempDir tmp;
+    quantize(c.format, "max", tmp.file("modelopt"), false, c.kv ? std::optional<std::string>(c.kv) : std::nullopt);
+    const auto report = export_compressed_tensors(tmp.file("modelopt"), tmp.file("ct"));
+    EXPECT_EQ(report.quantized_linears, 42);
+    EXPECT_TRUE(report.requantized.empty());
+    const std::vector<float> a = logits_of(tmp.file("modelopt")), b = logits_of(tmp.file("ct"));
+    ASSERT_EQ(a.size(), b.size());
+    double worst = 0.0;
+    for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(static_cast<double>(a[i]) - b[i]));
+    // NVFP4's global scales are stored as reciprocals (one f32 rounding each way); the rest are the same numbers.
+    EXPECT_LE(worst, std::string(c.format) == "nvfp4" ? 1e-3 : 0.0);
+    // The engines' loading rules.
+    EXPECT_EQ(joined(check_engine_rules(tmp.file("ct"), Engine::vllm)), "");
+    EXPECT_EQ(check_engine_rules(tmp.file("ct"), Engine::trtllm).empty(), c.trtllm_ct) << joined(check_engine_rules(tmp.file("ct"), Engine::trtllm));
+    EXPECT_EQ(joined(check_engine_rules(tmp.file("modelopt"), Engine::trtllm)), "");
+    const auto vllm = check_engine_rules(tmp.file("modelopt"), Engine::vllm);
+    if (c.vllm_modelopt) {
+      EXPECT_EQ(joined(vllm), "");
+    } else {
+      ASSERT_EQ(vllm.size(), 1u) << joined(vllm);
+      EXPECT_NE(vllm[0].find("rejected by its modelopt loader"), std::string::npos) << vllm[0];
+    }
+    const json qc = io::parse_json_unique_keys(io::read_text_file(tmp.file("ct/config.json")), "config")["quantization_config"];
+    EXPECT_EQ(qc["quant_method"], "compressed-tensors");
+    EXPECT_EQ(qc["quantization_status"], "compressed");
+    EXPECT_EQ(qc["ignore"], json::array({"lm_head"}));
+    EXPECT_TRUE(fs::exists(tmp.file("ct/tokenizer.json")));
+  }
+}
+
+TEST(CompressedTensors, FormatsWithoutAFormAndKeptScalesAreRefusedByName) {
+  TempDir tmp;
+  auto error_of = [&](const std::string& dir) {
+    try {
+      export_compressed_tensors(dir, tmp.file("never"));
+    } catch (const Error& e) {
+      EXPECT_FALSE(fs::exists(tmp.file("never")));
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  quantize("w4a8_awq", "max", tmp.file("w4a8"));
+  EXPECT_NE(error_of(tmp.file("w4a8")).find("compressed-tensors has no form for W4A8_AWQ"), std::string::npos);
+  quantize("mxfp8", "max", tmp.file("mx"));
+  EXPECT_NE(error_of(tmp.file("mx")).find("no form for MXFP8"), std::string::npos);
+  quantize("int8", "smoothquant", tmp.file("sq"));  // INT8 SmoothQuant keeps its scales on quantized inputs
+  EXPECT_NE(error_of(tmp.file("sq")).find("model.layers.0.self_attn.q_proj keeps a pre_quant_scale on its quantized inputs"), std::string::npos);
+  EXPECT_NE(error_of(tiny_kjv()).find("not a quantized checkpoint"), std::string::npos);
+  // Weight-only AWQ: the kept scales are folded into the columns and those Linears re-quantized.
+  quantize("int4_awq", "awq_lite", tmp.file("awq"));
+  const auto r = export_compressed_tensors(tmp.file("awq"), tmp.file("awq-ct"));
+  EXPECT_EQ(r.requantized.size(), 12u);  // o_proj and down_proj of 6 layers
+  const double modelopt = ppl_of(tmp.file("awq")), ct = ppl_of(tmp.file("awq-ct"));
+  EXPECT_NEAR(ct, modelopt, 0.01 * modelopt);
+}
+
+TEST(CompressedTensors, QuantizingForATargetWithoutPreQuantScalesExportsExactly) {
+  // With every smoothing scale folded before quantization, compressed-tensors and GGUF Q4_0 carry the
+  // export's own codes: the perplexity of each export equals the fake-quantized model's.
+  for (const auto& [format, algorithm] : {std::pair{"int4_awq", "awq_lite"}, std::pair{"int8", "smoothquant"}}) {
+    SCOPED_TRACE(format);
+    TempDir tmp;
+    quantize(format, algorithm, tmp.file("modelopt"), true);
+    const io::TensorStore store = io::TensorStore::open_dir(tmp.file("modelopt"));
+    for (const auto& loc : store.all()) {
+      if (loc.entry->name.find("pre_quant_scale") == std::string::npos) continue;
+      const auto v = store.tensor(loc.entry->name).to_f32();
+      EXPECT_TRUE(std::all_of(v.begin(), v.end(), [](float x) { return x == 1.0f; })) << loc.entry->name;
+    }
+    const auto r = export_compressed_tensors(tmp.file("modelopt"), tmp.file("ct"));
+    EXPECT_TRUE(r.requantized.empty());
+    EXPECT_EQ(logits_of(tmp.file("modelopt")), logits_of(tmp.file("ct")));
+    EXPECT_EQ(joined(check_engine_rules(tmp.file("ct"), Engine::vllm)), "");
+    const bool int4 = std::string(format) == "int4_awq";
+    GgufExportOptions go;
+    go.type = int4 ? io::GgmlType::Q4_0 : io::GgmlType::Q8_0;
+    const auto g = export_gguf(tmp.file("modelopt"), tmp.file("m.gguf"), go);
+    EXPECT_EQ(g.exact_linears, 42);
+    EXPECT_EQ(g.requantized_linears, 0);
+    EXPECT_EQ(g.activation_quantization_dropped, !int4);
+    const double fake = ppl_of(tmp.file("modelopt")), ct = ppl_of(tmp.file("ct")), gguf = ppl_of(tmp.file("m.gguf"));
+    EXPECT_EQ(ct, fake);
+    if (int4) EXPECT_NEAR(gguf, fake, 0.005 * fake);  // f16 block scales, Q8_0 embeddings
+  }
+}
+
+TEST(GgufFromQuantized, Int4CodesGoOverUnchanged) {
+  // A Q4_0 block holds (nibble - 8) * d: an INT4 group of 64 is two blocks with the group's scale.
+  TempDir tmp;
+  quantize("int4_rtn", "max", tmp.file("q"));
+  GgufExportOptions go;
+  go.type = io::GgmlType::Q4_0;
+  export_gguf(tmp.file("q"), tmp.file("m.gguf"), go);
+  const io::GgufFile g = io::GgufFile::open(tmp.file("m.gguf"));
+  EXPECT_EQ(g.find_tensor("token_embd.weight")->type.type, io::GgmlType::Q8_0);  // kept 16-bit in the source
+  const auto reader = modelopt_reader(tmp.file("q"));
+  const io::Checkpoint ckpt = io::Checkpoint::open(tmp.file("q"), io::CheckpointLayout::quantized);
+  const auto st = reader.linear(ckpt, 2, model::LinearKind::v);  // not permuted
+  ASSERT_TRUE(st.has_value());
+  const std::vector<float> want = quant::dequantize_weight(*st->scheme.weight, st->weight, st->out, st->in);
+  const std::vector<float> got = g.dequantize(*g.find_tensor("blk.2.attn_v.weight")).to_f32();
+  ASSERT_EQ(got.size(), want.size());
+  for (std::size_t i = 0; i < want.size(); ++i) ASSERT_NEAR(got[i], want[i], 1e-3 * std::fabs(want[i]) + 1e-7) << i;
+}
+
+TEST(CompressedTensors, DamagedCheckpointsAreRefusedByName) {
+  TempDir tmp;
+  quantize("int4_rtn", "max", tmp.file("q"));
+  export_compressed_tensors(tmp.file("q"), tmp.file("ct"));
+  json config = io::parse_json_unique_keys(io::read_text_file(tmp.file("ct/config.json")), "config");
+  config["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = false;
+  std::ofstream(tmp.file("ct/config.json")) << config.dump();
+  try {
+    load_model(tmp.file("ct"));
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("asymmetric (zero-point) weights are not supported"), std::string::npos) << e.what();
+  }
+  config["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = true;
+  config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 32;
+  std::ofstream(tmp.file("ct/config.json")) << config.dump();
+  try {
+    load_model(tmp.file("ct"));
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.0.self_attn.q_proj.weight_scale has"), std::string::npos) << e.what();
+  }
+  EXPECT_NE(joined(check_engine_rules(tmp.file("ct"), Engine::vllm)).find("weight_scale has shape"), std::string::npos);
+}
+
+TEST(Conformance, MissingScalesAndMismatchedFusedGroupsAreFound) {
+  TempDir tmp;
+  quantize("fp8", "max", tmp.file("q"));
+  // Rewrite the checkpoint without one input_scale.
+  const io::TensorStore store = io::TensorStore::open_dir(tmp.file("q"));
+  std::vector<io::NamedTensor> kept;
+  for (const auto& loc : store.all()) {
+    if (loc.entry->name == "model.layers.1.self_attn.k_proj.input_scale") continue;
+    kept.push_back({loc.entry->name, store.tensor(loc.entry->name)});
+  }
+  fs::create_directories(tmp.file("damaged"));
+  io::write_safetensors(tmp.file("damaged/model.safetensors"), kept);
+  for (const char* f : {"config.json", "hf_quant_config.json"}) fs::copy_file(tmp.file(std::string("q/") + f), tmp.file(std::string("damaged/") + f));
+  const std::string errors = joined(check_engine_rules(tmp.file("damaged"), Engine::vllm));
+  EXPECT_NE(errors.find("model.layers.1.self_attn.k_proj.input_scale is missing"), std::string::npos) << errors;
+  EXPECT_NE(errors.find("layer 1: self_attn.k_proj and self_attn.q_proj do not have the same scale tensors"), std::string::npos) << errors;
+  EXPECT_EQ(joined(check_engine_rules(tmp.file("q"), Engine::vllm)), "");
+}
+
+}  // namespace
+}  // namespace mopt::exporter
