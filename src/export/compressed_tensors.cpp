@@ -301,10 +301,11 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
 
   // One config group per distinct scheme; a single one targets every Linear.
   std::vector<std::pair<json, std::vector<std::string>>> groups;
-  for (const auto& [name, g] : modules) {
-    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& e) { return e.first == g; });
-    if (it == groups.end()) groups.push_back({g, {name}});
-    else it->second.push_back(name);
+  for (const auto& module : modules) {
+    const json& g = module.second;
+    auto it = std::find_if(groups.begin(), groups.end(), [&g](const auto& e) { return e.first == g; });
+    if (it == groups.end()) groups.push_back({g, {module.first}});
+    else it->second.push_back(module.first);
   }
   json config_groups = json::object();
   std::set<std::string> formats;
