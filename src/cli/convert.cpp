@@ -32,8 +32,7 @@ int run_export(const ExportOptions& options) {
     return 0;
   }
   if (options.to != "gguf") fail("--to {}: mopt exports to gguf or compressed-tensors", options.to);
-  exporter::GgufExportOptions o;
-  o.type = exporter::gguf_type_from_name(options.type);
+  const exporter::GgufExportOptions o = exporter::gguf_options_from_name(options.type);
   const auto r = exporter::export_gguf(options.model, options.out, o);
   if (r.exact_linears + r.requantized_linears > 0) {
     fmt::print(stderr, "{} quantized linears written code for code, {} dequantized and quantized to {}\n", r.exact_linears, r.requantized_linears,

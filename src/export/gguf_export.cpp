@@ -31,15 +31,32 @@ using nlohmann::json;
 namespace fs = std::filesystem;
 
 // llama.cpp's general.file_type for a whole-model type.
-std::uint32_t file_type(GgmlType t) {
-  switch (t) {
+std::uint32_t file_type(const GgufExportOptions& o) {
+  if (o.q4_k_m) return 15;  // LLAMA_FTYPE_MOSTLY_Q4_K_M
+  switch (o.type) {
     case GgmlType::F32: return 0;
     case GgmlType::F16: return 1;
     case GgmlType::Q4_0: return 2;
     case GgmlType::Q8_0: return 7;
+    case GgmlType::Q5_0: return 8;
+    case GgmlType::Q4_K: return 14;  // all Q4_K: llama.cpp's "Q4_K_S" is the nearest name
+    case GgmlType::Q6_K: return 18;
     case GgmlType::BF16: return 32;
-    default: fail("no GGUF file type for ggml type {}", static_cast<std::uint32_t>(t));
+    default: fail("no GGUF file type for ggml type {}", static_cast<std::uint32_t>(o.type));
   }
+}
+
+// llama.cpp's choice of layers that get more bits in its _M mixes.
+bool more_bits_layer(std::int64_t layer, std::int64_t layers) {
+  return layer < layers / 8 || layer >= 7 * layers / 8 || (layer - layers / 8) % 3 == 2;
+}
+
+// The type a K-quant falls back to for rows that are not whole super-blocks, as llama.cpp's quantizer does.
+GgmlType fit_row(GgmlType t, std::int64_t cols) {
+  if (cols % 256 == 0) return t;
+  if (t == GgmlType::Q4_K) return GgmlType::Q5_0;
+  if (t == GgmlType::Q6_K) return GgmlType::Q8_0;
+  return t;
 }
 
 bool is_byte_level(const json& j, bool use_regex) {
@@ -127,12 +144,16 @@ std::vector<float> integer_codes(const quant::QuantizerSpec& spec, const Tensor&
 
 }  // namespace
 
-GgmlType gguf_type_from_name(const std::string& name) {
-  static const std::map<std::string, GgmlType> kTypes = {
-      {"f32", GgmlType::F32}, {"f16", GgmlType::F16}, {"bf16", GgmlType::BF16}, {"q8_0", GgmlType::Q8_0}, {"q4_0", GgmlType::Q4_0}};
+GgufExportOptions gguf_options_from_name(const std::string& name) {
+  static const std::map<std::string, GgmlType> kTypes = {{"f32", GgmlType::F32},   {"f16", GgmlType::F16},   {"bf16", GgmlType::BF16},
+                                                         {"q8_0", GgmlType::Q8_0}, {"q5_0", GgmlType::Q5_0}, {"q4_0", GgmlType::Q4_0},
+                                                         {"q6_k", GgmlType::Q6_K}, {"q4_k", GgmlType::Q4_K}, {"q4_k_m", GgmlType::Q4_K}};
   const auto it = kTypes.find(name);
-  if (it == kTypes.end()) fail("unknown GGUF type '{}' (f32, f16, bf16, q8_0, q4_0)", name);
-  return it->second;
+  if (it == kTypes.end()) fail("unknown GGUF type '{}' (f32, f16, bf16, q8_0, q5_0, q4_0, q6_k, q4_k, q4_k_m)", name);
+  GgufExportOptions o;
+  o.type = it->second;
+  o.q4_k_m = name == "q4_k_m";
+  return o;
 }
 
 std::string gguf_pre_tokenizer_name(const json& t, const std::string& label) {
@@ -193,7 +214,7 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
   io::GgufWriter w;
   w.add_string("general.architecture", arch);
   w.add_string("general.name", fs::path(model_dir).filename().string());
-  w.add_u32("general.file_type", file_type(options.type));
+  w.add_u32("general.file_type", file_type(options));
   w.add_u32("general.quantization_version", 2);
   w.add_u32(arch + ".vocab_size", static_cast<std::uint32_t>(c.vocab_size));
   w.add_u32(arch + ".context_length", static_cast<std::uint32_t>(c.max_position_embeddings));
@@ -263,10 +284,20 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
 
   // Tensors.
   // Weight matrices are read, permuted and quantized only when the writer reaches them: one at a time in memory.
-  // The embeddings and lm_head, which a quantized checkpoint keeps in 16 bits, get Q8_0 rather than Q4_0.
-  const GgmlType embedding_type = reader && options.type == GgmlType::Q4_0 ? GgmlType::Q8_0 : options.type;
-  const auto matrix = [&](const std::string& hf, const std::string& gguf, std::int64_t permute_heads = 0, bool embedding = false) {
-    const GgmlType type = embedding ? embedding_type : options.type;
+  // The type of each matrix. The embeddings and lm_head, which a quantized checkpoint keeps in 16 bits, get
+  // Q8_0 rather than Q4_0; Q4_K_M gives the output embedding (the token embedding when tied) Q6_K.
+  const auto type_of = [&](const std::string& gguf, std::int64_t layer, std::int64_t cols) {
+    GgmlType t = options.type;
+    const bool output = gguf == "output.weight" || (c.tie_word_embeddings && gguf == "token_embd.weight");
+    if (reader && options.type == GgmlType::Q4_0 && (output || gguf == "token_embd.weight")) t = GgmlType::Q8_0;
+    if (options.q4_k_m) {
+      const bool more = gguf.find("attn_v.weight") != std::string::npos || gguf.find("ffn_down.weight") != std::string::npos;
+      if (output || (more && more_bits_layer(layer, c.num_layers))) t = GgmlType::Q6_K;
+    }
+    return fit_row(t, cols);
+  };
+  const auto matrix = [&](const std::string& hf, const std::string& gguf, std::int64_t permute_heads = 0, std::int64_t layer = 0) {
+    const GgmlType type = type_of(gguf, layer, ckpt.tensor(hf).shape().back());
     w.add_tensor(gguf, ckpt.tensor(hf).shape(), type, [&ckpt, hf, permute_heads, type] {
       const Tensor t = ckpt.tensor(hf);
       std::vector<float> v = t.to_f32();
@@ -294,10 +325,10 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
     const std::string hf = fmt::format("model.layers.{}.{}.weight", layer, model::linear_name(kind));
     std::optional<StoredLinear> st = reader ? reader->linear(ckpt, layer, kind) : std::nullopt;
     if (!st) {
-      matrix(hf, gguf, permute_heads);
+      matrix(hf, gguf, permute_heads, layer);
       return;
     }
-    const GgmlType type = options.type;
+    const GgmlType type = type_of(gguf, layer, st->in);
     const auto& spec = *st->scheme.weight;
     const bool int4 = spec.element == quant::Element::int4 && spec.scaling == quant::Scaling::block && !spec.fp8_second_stage &&
                       spec.block % 32 == 0 && type == GgmlType::Q4_0;
@@ -329,9 +360,9 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
       return io::ggml_quantize(type, v.data(), v.size(), hf);
     });
   };
-  matrix("model.embed_tokens.weight", "token_embd.weight", 0, true);
+  matrix("model.embed_tokens.weight", "token_embd.weight");
   vector("model.norm.weight", "output_norm.weight");
-  if (!c.tie_word_embeddings) matrix("lm_head.weight", "output.weight", 0, true);
+  if (!c.tie_word_embeddings) matrix("lm_head.weight", "output.weight");
   if (c.rope_scaling.type == io::RopeScalingType::llama3) {
     // The divisor of each frequency, as llama.cpp's rope_freqs holds it.
     io::ModelConfig plain = c;

@@ -2,8 +2,8 @@
 // sliding window), Qwen2 or Qwen3 checkpoint as a llama.cpp GGUF file:
 // llama.cpp's tensor names, its Q/K row permutation for llama (FORMATS.md
 // 7.6), norms and biases in F32, the other weights in the chosen
-// type (F32, F16, BF16, Q8_0, Q4_0, quantized as llama.cpp's reference
-// quantizers do), llama3 RoPE scaling as rope_freqs, and the byte-level BPE
+// type (F32, F16, BF16, Q8_0, Q5_0, Q4_0, Q6_K, Q4_K, or the Q4_K_M mix, quantized
+// as llama.cpp's reference quantizers do), llama3 RoPE scaling as rope_freqs, and the byte-level BPE
 // tokenizer as tokenizer.ggml.* metadata with the pre-tokenizer llama.cpp
 // names (llama-bpe, qwen2, smollm, gpt-2). `mopt convert` reads it back.
 //
@@ -14,7 +14,7 @@
 // pre_quant_scale multiplied into the columns) and quantized to the type.
 // llama.cpp does not quantize activations as W8A8/FP8 schemes do.
 //
-// Not yet: MLP biases, Mistral's sliding window, SentencePiece vocabularies, K-quants.
+// Not yet: MLP biases, Mistral's sliding window, SentencePiece vocabularies.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -27,10 +27,15 @@ namespace mopt::exporter {
 
 struct GgufExportOptions {
   io::GgmlType type = io::GgmlType::BF16;  // for every weight matrix (norms stay F32)
+  // llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for the output (or tied) embedding and for attn_v and
+  // ffn_down in the first and last eighth of the layers and every third layer between.
+  bool q4_k_m = false;
 };
 
-// The ggml type named `name` ("bf16", "f16", "f32", "q8_0", "q4_0").
-io::GgmlType gguf_type_from_name(const std::string& name);
+// The options a type name stands for: "bf16", "f16", "f32", "q8_0", "q5_0", "q4_0", "q6_k", "q4_k",
+// "q4_k_m". K-quant rows whose length is not a multiple of 256 fall back as llama.cpp's quantizer
+// does (Q4_K to Q5_0, Q6_K to Q8_0).
+GgufExportOptions gguf_options_from_name(const std::string& name);
 
 // llama.cpp's tokenizer.ggml.pre for a tokenizer.json, or an error naming `label` when llama.cpp has no
 // pre-tokenizer that splits text the same way.

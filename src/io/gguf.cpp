@@ -378,6 +378,19 @@ void ggml_dequantize(GgmlType type, std::span<const std::byte> blocks, float* y,
         }
       }
       return;
+    case GgmlType::Q5_0:
+      for (std::uint64_t b = 0; b < nblocks; ++b, p += 22, y += 32) {
+        const float d = f16_at(p);
+        const std::uint32_t high = static_cast<std::uint32_t>(p[2]) | (static_cast<std::uint32_t>(p[3]) << 8) |
+                                   (static_cast<std::uint32_t>(p[4]) << 16) | (static_cast<std::uint32_t>(p[5]) << 24);
+        for (int j = 0; j < 16; ++j) {
+          const int lo = (p[6 + j] & 0xF) | static_cast<int>(((high >> j) & 1u) << 4);
+          const int hi = (p[6 + j] >> 4) | static_cast<int>(((high >> (j + 16)) & 1u) << 4);
+          y[j] = d * static_cast<float>(lo - 16);
+          y[j + 16] = d * static_cast<float>(hi - 16);
+        }
+      }
+      return;
     case GgmlType::Q4_1:
       for (std::uint64_t b = 0; b < nblocks; ++b, p += 20, y += 32) {
         const float d = f16_at(p);

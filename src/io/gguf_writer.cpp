@@ -59,6 +59,220 @@ void put_scalar(std::vector<std::byte>& out, GgufValueType type, const nlohmann:
 
 std::uint64_t round_up(std::uint64_t n, std::uint64_t a) { return (n + a - 1) / a * a; }
 
+// ---- K-quants, as llama.cpp's reference quantizers compute them (ggml-quants.c, without an importance
+// matrix). Every float operation is in the reference's order: the goldens are byte-identical.
+
+constexpr int kSuperBlock = 256;
+
+// Round to nearest (ties to even) through the float mantissa, as ggml's nearest_int does.
+int nearest_int(float v) {
+  const float shifted = v + 12582912.0f;
+  std::int32_t bits = 0;
+  std::memcpy(&bits, &shifted, 4);
+  return (bits & 0x007fffff) - 0x00400000;
+}
+
+// Q4_K's fit of one 32-value sub-block as scale * L + min (L in 0..nmax, min <= 0), by weighted least
+// squares over 21 candidate grids; returns the scale and stores -min.
+float fit_scale_and_min(const float* x, const float* w, std::uint8_t* levels, float* neg_min) {
+  constexpr int n = 32, nmax = 15, steps = 20;
+  constexpr float rmin = -1.0f, rdelta = 0.1f;
+  float lo = x[0], hi = x[0];
+  float sum_w = w[0];
+  float sum_x = sum_w * x[0];
+  for (int i = 1; i < n; ++i) {
+    if (x[i] < lo) lo = x[i];
+    if (x[i] > hi) hi = x[i];
+    sum_w += w[i];
+    sum_x += w[i] * x[i];
+  }
+  if (lo > 0) lo = 0;
+  if (hi == lo) {
+    std::fill(levels, levels + n, std::uint8_t{0});
+    *neg_min = -lo;
+    return 0.0f;
+  }
+  float iscale = static_cast<float>(nmax) / (hi - lo);
+  float scale = 1 / iscale;
+  float best_error = 0;
+  for (int i = 0; i < n; ++i) {
+    levels[i] = static_cast<std::uint8_t>(std::clamp(nearest_int(iscale * (x[i] - lo)), 0, nmax));
+    const float diff = scale * levels[i] + lo - x[i];
+    best_error += w[i] * (diff * diff);
+  }
+  std::uint8_t trial[n];
+  for (int step = 0; step <= steps; ++step) {
+    iscale = (rmin + rdelta * static_cast<float>(step) + static_cast<float>(nmax)) / (hi - lo);
+    float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = std::clamp(nearest_int(iscale * (x[i] - lo)), 0, nmax);
+      trial[i] = static_cast<std::uint8_t>(l);
+      sum_l += w[i] * static_cast<float>(l);
+      sum_l2 += w[i] * static_cast<float>(l) * static_cast<float>(l);
+      sum_xl += w[i] * static_cast<float>(l) * x[i];
+    }
+    const float det = sum_w * sum_l2 - sum_l * sum_l;
+    if (det > 0) {
+      float trial_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+      float trial_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+      if (trial_min > 0) {
+        trial_min = 0;
+        trial_scale = sum_xl / sum_l2;
+      }
+      float error = 0;
+      for (int i = 0; i < n; ++i) {
+        const float diff = trial_scale * trial[i] + trial_min - x[i];
+        error += w[i] * (diff * diff);
+      }
+      if (error < best_error) {
+        std::copy(trial, trial + n, levels);
+        best_error = error;
+        scale = trial_scale;
+        lo = trial_min;
+      }
+    }
+  }
+  *neg_min = -lo;
+  return scale;
+}
+
+void quantize_q4_k(const float* x, std::vector<std::byte>& out) {
+  std::uint8_t levels[kSuperBlock];
+  float weights[32], scales[8], mins[8];
+  float max_scale = 0, max_min = 0;
+  for (int j = 0; j < 8; ++j) {
+    const float* v = x + 32 * j;
+    float sum_x2 = 0;
+    for (int l = 0; l < 32; ++l) sum_x2 += v[l] * v[l];
+    const float av_x = std::sqrt(sum_x2 / 32);
+    for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(v[l]);
+    scales[j] = fit_scale_and_min(v, weights, levels + 32 * j, &mins[j]);
+    if (scales[j] > max_scale) max_scale = scales[j];
+    if (mins[j] > max_min) max_min = mins[j];
+  }
+  const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
+  const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
+  // Eight 6-bit scales and mins in 12 bytes: j < 4 in the low 6 bits of bytes j and j+4; j >= 4 split
+  // into a nibble of byte j+4 and the top 2 bits of bytes j-4 (scale) and j (min).
+  std::uint8_t packed[12] = {};
+  std::uint8_t sc[8], mn[8];
+  for (int j = 0; j < 8; ++j) {
+    sc[j] = std::min<std::uint8_t>(63, static_cast<std::uint8_t>(nearest_int(inv_scale * scales[j])));
+    mn[j] = std::min<std::uint8_t>(63, static_cast<std::uint8_t>(nearest_int(inv_min * mins[j])));
+    if (j < 4) {
+      packed[j] = sc[j];
+      packed[j + 4] = mn[j];
+    } else {
+      packed[j + 4] = static_cast<std::uint8_t>((sc[j] & 0xF) | ((mn[j] & 0xF) << 4));
+      packed[j - 4] = static_cast<std::uint8_t>(packed[j - 4] | ((sc[j] >> 4) << 6));
+      packed[j] = static_cast<std::uint8_t>(packed[j] | ((mn[j] >> 4) << 6));
+    }
+  }
+  const std::uint16_t d16 = f32_to_f16(max_scale / 63.0f), dmin16 = f32_to_f16(max_min / 63.0f);
+  for (int j = 0; j < 8; ++j) {
+    const float d = f16_to_f32(d16) * static_cast<float>(sc[j]);
+    if (d == 0.0f) continue;
+    const float dm = f16_to_f32(dmin16) * static_cast<float>(mn[j]);
+    for (int i = 0; i < 32; ++i) levels[32 * j + i] = static_cast<std::uint8_t>(std::clamp(nearest_int((x[32 * j + i] + dm) / d), 0, 15));
+  }
+  put<std::uint16_t>(out, d16);
+  put<std::uint16_t>(out, dmin16);
+  put_bytes(out, packed, 12);
+  for (int j = 0; j < kSuperBlock; j += 64) {
+    for (int l = 0; l < 32; ++l) put<std::uint8_t>(out, static_cast<std::uint8_t>(levels[j + l] | (levels[j + l + 32] << 4)));
+  }
+}
+
+// Q6_K's symmetric fit of one 16-value sub-block to levels -32..31 (stored +32), choosing among 19
+// grids the one with the least x^2-weighted squared error; returns the scale.
+float fit_symmetric_scale(const float* x, std::uint8_t* levels) {
+  constexpr int n = 16, nmax = 32;
+  float max = 0, amax = 0;
+  for (int i = 0; i < n; ++i) {
+    const float ax = std::fabs(x[i]);
+    if (ax > amax) {
+      amax = ax;
+      max = x[i];
+    }
+  }
+  if (amax < 1e-15f) {
+    std::fill(levels, levels + n, std::uint8_t{0});
+    return 0.0f;
+  }
+  const auto level = [](float iscale, float v) { return std::clamp(nearest_int(iscale * v), -nmax, nmax - 1); };
+  float iscale = static_cast<float>(-nmax) / max;
+  float sumlx = 0, suml2 = 0;
+  for (int i = 0; i < n; ++i) {
+    const int l = level(iscale, x[i]);
+    levels[i] = static_cast<std::uint8_t>(l + nmax);
+    const float w = x[i] * x[i];
+    sumlx += w * x[i] * static_cast<float>(l);
+    suml2 += w * static_cast<float>(l) * static_cast<float>(l);
+  }
+  float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
+  float best = scale * sumlx;
+  for (int step = -9; step <= 9; ++step) {
+    if (step == 0) continue;
+    iscale = -(static_cast<float>(nmax) + 0.1f * static_cast<float>(step)) / max;
+    sumlx = suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = level(iscale, x[i]);
+      const float w = x[i] * x[i];
+      sumlx += w * x[i] * static_cast<float>(l);
+      suml2 += w * static_cast<float>(l) * static_cast<float>(l);
+    }
+    if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+      for (int i = 0; i < n; ++i) levels[i] = static_cast<std::uint8_t>(nmax + level(iscale, x[i]));
+      scale = sumlx / suml2;
+      best = scale * sumlx;
+    }
+  }
+  return scale;
+}
+
+void quantize_q6_k(const float* x, std::vector<std::byte>& out) {
+  std::uint8_t levels[kSuperBlock];
+  float scales[16];
+  float max_scale = 0, max_abs_scale = 0;
+  for (int b = 0; b < 16; ++b) {
+    scales[b] = fit_symmetric_scale(x + 16 * b, levels + 16 * b);
+    if (std::fabs(scales[b]) > max_abs_scale) {
+      max_abs_scale = std::fabs(scales[b]);
+      max_scale = scales[b];
+    }
+  }
+  if (max_abs_scale < 1e-15f) {  // an all-zero block
+    out.resize(out.size() + 210, std::byte{0});
+    return;
+  }
+  const float iscale = -128.0f / max_scale;
+  const std::uint16_t d16 = f32_to_f16(1 / iscale);
+  std::int8_t sub[16];
+  for (int b = 0; b < 16; ++b) sub[b] = static_cast<std::int8_t>(std::min(127, nearest_int(iscale * scales[b])));
+  for (int b = 0; b < 16; ++b) {
+    const float d = f16_to_f32(d16) * static_cast<float>(sub[b]);
+    if (d == 0.0f) continue;
+    for (int i = 0; i < 16; ++i) levels[16 * b + i] = static_cast<std::uint8_t>(std::clamp(nearest_int(x[16 * b + i] / d), -32, 31) + 32);
+  }
+  // Low nibbles: bytes 0..63 of each 128-value half hold values l and l+64 (l < 32) or l and l+64 shifted
+  // by 32; high 2 bits: four values per byte.
+  std::uint8_t ql[128], qh[64];
+  for (int half = 0; half < 2; ++half) {
+    const std::uint8_t* L = levels + 128 * half;
+    std::uint8_t* lo = ql + 64 * half;
+    std::uint8_t* hi = qh + 32 * half;
+    for (int l = 0; l < 32; ++l) {
+      lo[l] = static_cast<std::uint8_t>((L[l] & 0xF) | ((L[l + 64] & 0xF) << 4));
+      lo[l + 32] = static_cast<std::uint8_t>((L[l + 32] & 0xF) | ((L[l + 96] & 0xF) << 4));
+      hi[l] = static_cast<std::uint8_t>((L[l] >> 4) | ((L[l + 32] >> 4) << 2) | ((L[l + 64] >> 4) << 4) | ((L[l + 96] >> 4) << 6));
+    }
+  }
+  put_bytes(out, ql, 128);
+  put_bytes(out, qh, 64);
+  put_bytes(out, sub, 16);
+  put<std::uint16_t>(out, d16);
+}
+
 }  // namespace
 
 std::vector<std::byte> ggml_quantize(GgmlType type, const float* x, std::uint64_t count, const std::string& label) {
@@ -75,13 +289,21 @@ std::vector<std::byte> ggml_quantize(GgmlType type, const float* x, std::uint64_
       for (std::uint64_t i = 0; i < count; ++i) dst[i] = type == GgmlType::F16 ? f32_to_f16(x[i]) : f32_to_bf16(x[i]);
       return out;
     }
+    case GgmlType::Q4_K:
+    case GgmlType::Q6_K: {
+      if (count % kSuperBlock != 0) fail("{}: {} values are not whole super-blocks of {}", label, count, kSuperBlock);
+      out.reserve(count / kSuperBlock * (type == GgmlType::Q4_K ? 144 : 210));
+      for (std::uint64_t b = 0; b < count; b += kSuperBlock) (type == GgmlType::Q4_K ? quantize_q4_k : quantize_q6_k)(x + b, out);
+      return out;
+    }
     case GgmlType::Q8_0:
+    case GgmlType::Q5_0:
     case GgmlType::Q4_0: break;
-    default: fail("{}: writing ggml type {} is not supported (F32, F16, BF16, Q8_0, Q4_0)", label, static_cast<std::uint32_t>(type));
+    default: fail("{}: writing ggml type {} is not supported (F32, F16, BF16, Q8_0, Q5_0, Q4_0, Q4_K, Q6_K)", label, static_cast<std::uint32_t>(type));
   }
   if (count % kBlock != 0) fail("{}: {} values are not whole blocks of {}", label, count, kBlock);
   const bool q8 = type == GgmlType::Q8_0;
-  out.reserve(count / kBlock * (q8 ? 34 : 18));
+  out.reserve(count / kBlock * (q8 ? 34 : type == GgmlType::Q5_0 ? 22 : 18));
   for (std::uint64_t b = 0; b < count; b += kBlock) {
     const float* v = x + b;
     if (q8) {
@@ -91,6 +313,23 @@ std::vector<std::byte> ggml_quantize(GgmlType type, const float* x, std::uint64_
       const float id = d == 0.0f ? 0.0f : 1.0f / d;
       put<std::uint16_t>(out, f32_to_f16(d));
       for (std::uint32_t i = 0; i < kBlock; ++i) put<std::int8_t>(out, static_cast<std::int8_t>(std::round(v[i] * id)));
+    } else if (type == GgmlType::Q5_0) {
+      // As Q4_0 with 32 levels: d = m / -16, the fifth bits of the 32 values in a little-endian u32.
+      float m = 0.0f, am = 0.0f;
+      for (std::uint32_t i = 0; i < kBlock; ++i) {
+        if (am < std::fabs(v[i])) am = std::fabs(v[i]), m = v[i];
+      }
+      const float d = m / -16.0f;
+      const float id = d == 0.0f ? 0.0f : 1.0f / d;
+      put<std::uint16_t>(out, f32_to_f16(d));
+      std::uint8_t q[kBlock];
+      std::uint32_t high = 0;
+      for (std::uint32_t i = 0; i < kBlock; ++i) {
+        q[i] = static_cast<std::uint8_t>(std::min(31.0f, std::trunc(v[i] * id + 16.5f)));
+        high |= static_cast<std::uint32_t>((q[i] >> 4) & 1u) << i;
+      }
+      put<std::uint32_t>(out, high);
+      for (std::uint32_t i = 0; i < kBlock / 2; ++i) put<std::uint8_t>(out, static_cast<std::uint8_t>((q[i] & 0xF) | ((q[i + kBlock / 2] & 0xF) << 4)));
     } else {
       // The value of largest magnitude, the first of equals, with its sign.
       float m = 0.0f, am = -1.0f;

@@ -70,19 +70,31 @@ TEST(GgufExport, IntegerTypesHoldTheReferenceBlocksAndKeepThePerplexity) {
   const auto base = model::Model::load(tiny_kjv());
   const std::vector<std::int32_t> text = base.require_tokenizer().encode(sample_text(), false);
   const double base_ppl = eval::perplexity(base, text, 256, 256).perplexity;
-  for (const auto& [name, limit] : {std::pair{"q8_0", 1.005}, std::pair{"q4_0", 1.15}}) {
+  // Perplexity for three of them (limit 0: blocks only, to keep the test short).
+  for (const auto& [name, limit] : {std::pair{"q8_0", 1.005}, std::pair{"q6_k", 0.0}, std::pair{"q5_0", 0.0}, std::pair{"q4_k_m", 1.08},
+                                     std::pair{"q4_k", 0.0}, std::pair{"q4_0", 1.15}}) {
     SCOPED_TRACE(name);
-    GgufExportOptions o;
-    o.type = gguf_type_from_name(name);
+    const GgufExportOptions o = gguf_options_from_name(name);
     const std::string path = tmp.file(std::string(name) + ".gguf");
     export_gguf(tiny_kjv(), path, o);
     const io::GgufFile g = io::GgufFile::open(path);
     // v_proj is not permuted: its blocks are the quantizer's of the checkpoint's values.
     const std::vector<float> v = io::Checkpoint::open(tiny_kjv()).tensor("model.layers.2.self_attn.v_proj.weight").to_f32();
-    const std::vector<std::byte> want = io::ggml_quantize(o.type, v.data(), v.size());
+    const io::GgmlType v_type = g.find_tensor("blk.2.attn_v.weight")->type.type;
+    EXPECT_EQ(v_type, o.q4_k_m ? io::GgmlType::Q6_K : o.type);  // Q4_K_M gives layer 2 of 6 more bits
+    const std::vector<std::byte> want = io::ggml_quantize(v_type, v.data(), v.size());
+    if (o.q4_k_m) {
+      EXPECT_EQ(g.find_tensor("blk.1.attn_v.weight")->type.type, io::GgmlType::Q4_K);
+      EXPECT_EQ(g.find_tensor("output.weight")->type.type, io::GgmlType::Q6_K);
+      EXPECT_EQ(g.find_tensor("token_embd.weight")->type.type, io::GgmlType::Q4_K);
+      EXPECT_EQ(g.find_tensor("blk.5.ffn_down.weight")->type.type, io::GgmlType::Q8_0);  // 704 inputs: Q6_K falls back
+      EXPECT_EQ(g.find_tensor("blk.4.ffn_down.weight")->type.type, io::GgmlType::Q5_0);  // and Q4_K to Q5_0
+      EXPECT_EQ(g.get_uint("general.file_type"), 15u);
+    }
     const auto raw = g.raw(*g.find_tensor("blk.2.attn_v.weight"));
     ASSERT_EQ(raw.size(), want.size());
     EXPECT_TRUE(std::equal(raw.begin(), raw.end(), want.begin()));
+    if (limit == 0.0) continue;
     io::convert_gguf_to_hf(path, tmp.file(std::string(name) + "-back"));
     const double ppl = eval::perplexity(model::Model::load(tmp.file(std::string(name) + "-back")), text, 256, 256).perplexity;
     EXPECT_NE(ppl, base_ppl);
@@ -182,9 +194,7 @@ TEST(GgufExport, EvalAndGenerateLoadAGgufFileDirectly) {
   // exporter::load_model (what `mopt eval` and `mopt generate` use) reads a .gguf file: its values dequantized
   // to f32 exactly, its tokenizer from the metadata.
   testing::TempDir tmp;
-  GgufExportOptions o;
-  o.type = io::GgmlType::Q4_0;
-  export_gguf(tiny_kjv(), tmp.file("m.gguf"), o);
+  export_gguf(tiny_kjv(), tmp.file("m.gguf"), gguf_options_from_name("q4_0"));
   const model::Model m = load_model(tmp.file("m.gguf"));
   const io::GgufFile g = io::GgufFile::open(tmp.file("m.gguf"));
   EXPECT_EQ(m.layer(1).v.weight.to_f32(), g.dequantize(*g.find_tensor("blk.1.attn_v.weight")).to_f32());
@@ -226,7 +236,7 @@ TEST(GgufExport, RefusesWhatItCannotWriteByName) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("tokenizer.json"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(gguf_type_from_name("q4_k"), Error);
+  EXPECT_THROW(gguf_options_from_name("q3_k"), Error);
 }
 
 TEST(GgufExport, PreTokenizerNamesFollowLlamaCpp) {

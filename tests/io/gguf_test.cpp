@@ -229,7 +229,7 @@ TEST(GgufDequantize, BlockLayouts) {
   EXPECT_EQ(out[5], 0.5f * 5 + 0.25f);
   EXPECT_EQ(out[20], 0.5f * 3 + 0.25f);
   EXPECT_THROW(ggml_dequantize(GgmlType::Q4_1, std::as_bytes(std::span(q41)), out.data(), 64), Error);
-  EXPECT_THROW(ggml_dequantize(GgmlType::Q5_0, std::as_bytes(std::span(q41)), out.data(), 32), Error);
+  EXPECT_THROW(ggml_dequantize(GgmlType::Q5_1, std::as_bytes(std::span(q41)), out.data(), 32), Error);
 }
 
 // llama.cpp's permutation, written from its definition (FORMATS.md 7.6):

@@ -20,7 +20,7 @@ TEST(GgufWriter, QuantizersMatchTheGgufPackageByteForByte) {
   const auto gold = TensorStore::open_file(testing::data_path("gguf/quant_goldens.safetensors"));
   const std::vector<float> x = gold.tensor("x").to_f32();
   for (const auto& [name, type] : {std::pair{"F16", GgmlType::F16}, std::pair{"BF16", GgmlType::BF16}, std::pair{"Q8_0", GgmlType::Q8_0},
-                                   std::pair{"Q4_0", GgmlType::Q4_0}}) {
+                                   std::pair{"Q5_0", GgmlType::Q5_0}, std::pair{"Q4_0", GgmlType::Q4_0}}) {
     SCOPED_TRACE(name);
     const Tensor want = gold.tensor(name);
     const std::vector<std::byte> got = ggml_quantize(type, x.data(), x.size());
@@ -30,16 +30,16 @@ TEST(GgufWriter, QuantizersMatchTheGgufPackageByteForByte) {
     EXPECT_EQ(differ, 0u);
     // And they dequantize to within half a step of the input, plus what storing the step in f16 costs
     // (blocks whose step is below f16's normal range are skipped; F16 overflows to inf by design).
-    if (type == GgmlType::Q8_0 || type == GgmlType::Q4_0) {
+    if (type == GgmlType::Q8_0 || type == GgmlType::Q5_0 || type == GgmlType::Q4_0) {
       std::vector<float> back(x.size());
       ggml_dequantize(type, got, back.data(), back.size());
       for (std::size_t b = 0; b < x.size(); b += 32) {
         float amax = 0.0f;
         for (std::size_t i = b; i < b + 32; ++i) amax = std::max(amax, std::fabs(x[i]));
-        const float step = amax / (type == GgmlType::Q8_0 ? 127.0f : 8.0f);
+        const float step = amax / (type == GgmlType::Q8_0 ? 127.0f : type == GgmlType::Q5_0 ? 16.0f : 8.0f);
         if (step < 6.2e-5f) continue;
         // Q4_0's grid is -8..7 steps of the signed extreme: the other side reaches 7 steps, clipping 1.
-        const float clip = type == GgmlType::Q4_0 ? step : 0.0f;
+        const float clip = type == GgmlType::Q4_0 || type == GgmlType::Q5_0 ? step : 0.0f;
         for (std::size_t i = b; i < b + 32; ++i) EXPECT_LE(std::fabs(back[i] - x[i]), step * 0.5f + clip + amax * 1e-3f) << i;
       }
     }
@@ -47,7 +47,33 @@ TEST(GgufWriter, QuantizersMatchTheGgufPackageByteForByte) {
   const std::vector<float> bad = {1.0f, std::numeric_limits<float>::quiet_NaN()};
   EXPECT_THROW(ggml_quantize(GgmlType::F16, bad.data(), 2), Error);
   EXPECT_THROW(ggml_quantize(GgmlType::Q8_0, x.data(), 31), Error);
-  EXPECT_THROW(ggml_quantize(GgmlType::Q4_K, x.data(), 256), Error);
+  EXPECT_THROW(ggml_quantize(GgmlType::Q4_K, x.data(), 255), Error);
+}
+
+TEST(GgufWriter, KQuantsMatchLlamaCppByteForByte) {
+  // tools/fixtures/make_gguf_kquant_goldens.sh: llama.cpp's own ggml library quantized these values.
+  const auto gold = TensorStore::open_file(testing::data_path("gguf/kquant_goldens.safetensors"));
+  const std::vector<float> x = gold.tensor("x").to_f32();
+  for (const auto& [name, type] : {std::pair{"Q4_K", GgmlType::Q4_K}, std::pair{"Q6_K", GgmlType::Q6_K}}) {
+    SCOPED_TRACE(name);
+    const Tensor want = gold.tensor(name);
+    const std::vector<std::byte> got = ggml_quantize(type, x.data(), x.size());
+    ASSERT_EQ(got.size(), want.nbytes());
+    const std::size_t block = type == GgmlType::Q4_K ? 144 : 210;
+    for (std::size_t b = 0; b < got.size() / block; ++b) {
+      std::size_t differ = 0;
+      for (std::size_t i = b * block; i < (b + 1) * block; ++i) differ += got[i] != want.bytes()[i];
+      EXPECT_EQ(differ, 0u) << "super-block " << b;
+    }
+    // What they stand for is close to the input: relative RMS error per super-block.
+    std::vector<float> back(x.size());
+    ggml_dequantize(type, got, back.data(), back.size());
+    for (std::size_t b = 0; b < x.size(); b += 256) {
+      double num = 0.0, den = 0.0;
+      for (std::size_t i = b; i < b + 256; ++i) num += (back[i] - x[i]) * (back[i] - x[i]), den += x[i] * x[i];
+      if (den > 1e-20) EXPECT_LT(std::sqrt(num / den), type == GgmlType::Q4_K ? 0.12 : 0.05) << "super-block " << b / 256;
+    }
+  }
 }
 
 TEST(GgufWriter, WritesFilesTheReaderReadsBack) {
