@@ -8,7 +8,10 @@
 //   even), Q8_0 (32 values: f16 d = max|x| / 127, int8 round-half-away(x / d)),
 //   Q4_0 (32 values: f16 d = m / -8 with m the value of largest magnitude,
 //   nibbles trunc(x / d + 8.5) clipped to 15, element i in the low nibble of
-//   byte i and element i+16 in its high nibble).
+//   byte i and element i+16 in its high nibble), Q5_0 (as Q4_0 with d = m / -16
+//   and the fifth bits in a u32). Q6_K and Q4_K (256-value super-blocks) are
+//   llama.cpp's reference quantizers without an importance matrix, checked
+//   against llama.cpp's own library (tests/data/gguf/kquant_goldens.*).
 #pragma once
 
 #include <cstddef>
