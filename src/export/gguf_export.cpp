@@ -205,7 +205,7 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
   }
   const bool permute = arch == "llama";
   if (c.sliding_window) fail("{}: llama.cpp's {} architecture has no sliding window ({} tokens here)", model_dir, arch, *c.sliding_window);
-  if (c.mlp_bias) fail("{}: GGUF export of MLP biases is not built yet", model_dir);
+  if (c.mlp_bias && arch != "llama") fail("{}: llama.cpp's {} architecture has no MLP biases", model_dir, arch);
   const std::string tok_path = model_dir + "/tokenizer.json";
   if (!fs::exists(tok_path)) fail("{}: missing tokenizer.json; a GGUF file carries its tokenizer", model_dir);
   const json tok = io::parse_json_unique_keys(io::read_text_file(tok_path), tok_path);
@@ -394,6 +394,11 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
     linear(l, model::LinearKind::gate, g + "ffn_gate.weight", 0);
     linear(l, model::LinearKind::up, g + "ffn_up.weight", 0);
     linear(l, model::LinearKind::down, g + "ffn_down.weight", 0);
+    if (c.mlp_bias) {
+      bias(hf + "mlp.gate_proj.bias", g + "ffn_gate.bias", 0);
+      bias(hf + "mlp.up_proj.bias", g + "ffn_up.bias", 0);
+      bias(hf + "mlp.down_proj.bias", g + "ffn_down.bias", 0);
+    }
   }
   w.write(out_path);
   return report;

@@ -14,7 +14,8 @@
 // pre_quant_scale multiplied into the columns) and quantized to the type.
 // llama.cpp does not quantize activations as W8A8/FP8 schemes do.
 //
-// Not yet: MLP biases, Mistral's sliding window, SentencePiece vocabularies.
+// MLP biases are written for llama (llama.cpp reads ffn_*.bias there).
+// Not yet: Mistral's sliding window, SentencePiece vocabularies.
 #pragma once
 
 #include <nlohmann/json.hpp>

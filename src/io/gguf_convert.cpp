@@ -265,6 +265,7 @@ json gguf_to_hf_config(const GgufFile& g) {
   if (arch.model_type == std::string("llama") || arch.model_type == std::string("qwen3")) {
     c["attention_bias"] = g.find_tensor("blk.0.attn_q.bias") != nullptr;
   }
+  if (arch.model_type == std::string("llama") && g.find_tensor("blk.0.ffn_gate.bias") != nullptr) c["mlp_bias"] = true;
   if (const auto bos = g.find_uint("tokenizer.ggml.bos_token_id")) c["bos_token_id"] = *bos;
   if (const auto eos = g.find_uint("tokenizer.ggml.eos_token_id")) c["eos_token_id"] = *eos;
   return c;

@@ -9,6 +9,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include <fmt/format.h>
+
 #include "core/error.h"
 #include "eval/perplexity.h"
 #include "export/hf_modelopt.h"
@@ -16,6 +18,7 @@
 #include "io/gguf_convert.h"
 #include "io/gguf_writer.h"
 #include "io/json_util.h"
+#include "io/safetensors.h"
 #include "io/tokenizer.h"
 #include "model/llama.h"
 #include "support/temp_dir.h"
@@ -159,14 +162,35 @@ json byte_tokenizer_qwen2() {
                      {"vocab", vocab}, {"merges", json::array()}}}};
 }
 
-TEST(GgufExport, QwenModelsRoundTripWithBiasesAndQkNorms) {
-  for (const char* arch : {"qwen2", "qwen3"}) {
-    SCOPED_TRACE(arch);
+TEST(GgufExport, QwenAndBiasedLlamaModelsRoundTripWithQkNorms) {
+  for (const std::string variant : {"qwen2", "qwen3", "llama-mlp-bias"}) {
+    SCOPED_TRACE(variant);
+    const std::string arch = variant == "llama-mlp-bias" ? "llama" : variant;
     testing::TempDir tmp;
-    const std::string src = testing::data_path(std::string("hf/") + arch), dir = tmp.file("m");
+    const std::string src = testing::data_path("hf/" + arch), dir = tmp.file("m");
     fs::create_directories(dir);
     for (const auto& e : fs::directory_iterator(src)) fs::copy_file(e.path(), dir + "/" + e.path().filename().string());
     std::ofstream(dir + "/tokenizer.json") << byte_tokenizer_qwen2().dump();
+    if (variant == "llama-mlp-bias") {
+      // The Llama fixture with MLP biases (llama.cpp's ffn_*.bias).
+      json config = io::parse_json_unique_keys(io::read_text_file(dir + "/config.json"), "config.json");
+      config["mlp_bias"] = true;
+      std::ofstream(dir + "/config.json") << config.dump(2);
+      const auto store = io::TensorStore::open_dir(src);
+      std::vector<io::NamedTensor> tensors;
+      for (const auto& loc : store.all()) tensors.push_back({loc.entry->name, store.tensor(loc.entry->name)});
+      const io::ModelConfig c = io::Checkpoint::open(src).config();
+      for (std::int64_t l = 0; l < c.num_layers; ++l) {
+        for (const auto& [name, n] : {std::pair{"gate_proj", c.intermediate_size}, std::pair{"up_proj", c.intermediate_size},
+                                      std::pair{"down_proj", c.hidden_size}}) {
+          std::vector<float> b(static_cast<std::size_t>(n));
+          for (std::size_t i = 0; i < b.size(); ++i) b[i] = 0.01f * static_cast<float>((i * 7 + static_cast<std::size_t>(l)) % 13) - 0.06f;
+          tensors.push_back({fmt::format("model.layers.{}.mlp.{}.bias", l, name), Tensor::from_f32(b, {n}).to(c.dtype)});
+        }
+      }
+      fs::remove(dir + "/model.safetensors");
+      io::write_safetensors(dir + "/model.safetensors", tensors);
+    }
     export_gguf(dir, tmp.file("m.gguf"), {});
     const io::GgufFile g = io::GgufFile::open(tmp.file("m.gguf"));
     EXPECT_EQ(g.get_string("general.architecture"), arch);
