@@ -54,6 +54,17 @@ int run_quantize(const QuantizeOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   if (!(o.gptq_damp > 0.0) || !std::isfinite(o.gptq_damp)) fail("--gptq-damp {} is not a positive number", o.gptq_damp);
   const quant::Recipe recipe = build_recipe(o);
+  if (o.export_format != "modelopt" && o.export_format != "compressed-tensors" && o.export_format != "gguf") {
+    fail("--export {}: one of modelopt, compressed-tensors, gguf", o.export_format);
+  }
+  if (!o.gguf_type.empty() && o.export_format != "gguf") fail("--gguf-type applies to --export gguf");
+  if (o.export_format == "compressed-tensors") {
+    // Refuse a format compressed-tensors cannot hold before any work is done.
+    if (!recipe.format.empty() && recipe.format != "none") exporter::compressed_tensors_group(quant::format_scheme(recipe.format, recipe.group_size));
+    if (recipe.kv_cache && *recipe.kv_cache != "fp8") fail("compressed-tensors has no form for a {} KV cache", *recipe.kv_cache);
+  }
+  if (o.export_format == "gguf" && !o.gguf_type.empty()) exporter::gguf_options_from_name(o.gguf_type);
+  if (std::filesystem::exists(o.out_dir)) fail("{}: already exists (choose a new output)", o.out_dir);
   const io::Checkpoint ckpt = io::Checkpoint::open(o.model);
   if (exporter::is_quantized_checkpoint(o.model)) fail("{}: already quantized; quantize the original checkpoint", o.model);
 
@@ -77,11 +88,6 @@ int run_quantize(const QuantizeOptions& o) {
                recipe.seq_len, recipe.seed);
   }
 
-  if (o.export_format != "modelopt" && o.export_format != "compressed-tensors" && o.export_format != "gguf") {
-    fail("--export {}: one of modelopt, compressed-tensors, gguf", o.export_format);
-  }
-  if (!o.gguf_type.empty() && o.export_format != "gguf") fail("--gguf-type applies to --export gguf");
-  if (std::filesystem::exists(o.out_dir)) fail("{}: already exists (choose a new output)", o.out_dir);
   // Another format is converted from the modelopt checkpoint, written first into a temporary directory beside the output.
   struct Staging {
     std::string dir;
