@@ -41,6 +41,8 @@ std::uint32_t file_type(const GgufExportOptions& o) {
     case GgmlType::Q5_0: return 8;
     case GgmlType::Q4_K: return 14;  // all Q4_K: llama.cpp's "Q4_K_S" is the nearest name
     case GgmlType::Q6_K: return 18;
+    case GgmlType::MXFP4: return 38;  // LLAMA_FTYPE_MOSTLY_MXFP4_MOE, the only MXFP4 file type llama.cpp names
+    case GgmlType::NVFP4: return 39;
     case GgmlType::BF16: return 32;
     default: fail("no GGUF file type for ggml type {}", static_cast<std::uint32_t>(o.type));
   }
@@ -123,6 +125,46 @@ std::optional<std::vector<std::byte>> exact_blocks(GgmlType type, const std::vec
   return std::nullopt;
 }
 
+// NVFP4 / MXFP4 weights in llama.cpp's blocks, code for code. `codes` [out, in] are E2M1 codes (as
+// floats, rows already permuted), `scales` the E4M3 (per 16) or E8M0 (per 32) bytes [out, in/16|32].
+std::vector<std::byte> fp4_blocks(GgmlType type, const std::vector<float>& codes, const std::vector<float>& scales, std::int64_t out,
+                                  std::int64_t in) {
+  const bool nv = type == GgmlType::NVFP4;
+  const std::int64_t block = nv ? 64 : 32, block_bytes = nv ? 36 : 17, per_scale = nv ? 16 : 32;
+  const std::int64_t scales_per_row = in / per_scale;
+  std::vector<std::byte> bytes(static_cast<std::size_t>(out * (in / block) * block_bytes));
+  std::byte* p = bytes.data();
+  const auto code = [&](std::int64_t r, std::int64_t c) { return static_cast<unsigned>(codes[static_cast<std::size_t>(r * in + c)]) & 0xFu; };
+  for (std::int64_t r = 0; r < out; ++r) {
+    for (std::int64_t b = 0; b < in / block; ++b, p += block_bytes) {
+      if (nv) {
+        for (int s = 0; s < 4; ++s) {
+          p[s] = static_cast<std::byte>(static_cast<std::uint8_t>(scales[static_cast<std::size_t>(r * scales_per_row + b * 4 + s)]));
+          for (int j = 0; j < 8; ++j) {
+            const std::int64_t c = b * 64 + s * 16 + j;
+            p[4 + 8 * s + j] = static_cast<std::byte>(code(r, c) | (code(r, c + 8) << 4));
+          }
+        }
+      } else {
+        p[0] = static_cast<std::byte>(static_cast<std::uint8_t>(scales[static_cast<std::size_t>(r * scales_per_row + b)]));
+        for (int j = 0; j < 16; ++j) p[1 + j] = static_cast<std::byte>(code(r, b * 32 + j) | (code(r, b * 32 + j + 16) << 4));
+      }
+    }
+  }
+  return bytes;
+}
+
+// The E2M1 codes [out, in] of a modelopt NVFP4/MXFP4 weight (even column in the low nibble), as floats.
+std::vector<float> fp4_codes(const Tensor& w, std::int64_t out, std::int64_t in) {
+  std::vector<float> codes(static_cast<std::size_t>(out * in));
+  const auto* b = w.data<std::uint8_t>();
+  for (std::int64_t i = 0; i < out * in / 2; ++i) {
+    codes[static_cast<std::size_t>(2 * i)] = static_cast<float>(b[i] & 0xF);
+    codes[static_cast<std::size_t>(2 * i + 1)] = static_cast<float>(b[i] >> 4);
+  }
+  return codes;
+}
+
 // The integer codes [out, in] of an INT4 (modelopt layout) or INT8 weight, as floats.
 std::vector<float> integer_codes(const quant::QuantizerSpec& spec, const Tensor& w, std::int64_t out, std::int64_t in) {
   std::vector<float> codes(static_cast<std::size_t>(out * in));
@@ -147,9 +189,10 @@ std::vector<float> integer_codes(const quant::QuantizerSpec& spec, const Tensor&
 GgufExportOptions gguf_options_from_name(const std::string& name) {
   static const std::map<std::string, GgmlType> kTypes = {{"f32", GgmlType::F32},   {"f16", GgmlType::F16},   {"bf16", GgmlType::BF16},
                                                          {"q8_0", GgmlType::Q8_0}, {"q5_0", GgmlType::Q5_0}, {"q4_0", GgmlType::Q4_0},
-                                                         {"q6_k", GgmlType::Q6_K}, {"q4_k", GgmlType::Q4_K}, {"q4_k_m", GgmlType::Q4_K}};
+                                                         {"q6_k", GgmlType::Q6_K}, {"q4_k", GgmlType::Q4_K}, {"q4_k_m", GgmlType::Q4_K},
+                                                         {"nvfp4", GgmlType::NVFP4}, {"mxfp4", GgmlType::MXFP4}};
   const auto it = kTypes.find(name);
-  if (it == kTypes.end()) fail("unknown GGUF type '{}' (f32, f16, bf16, q8_0, q5_0, q4_0, q6_k, q4_k, q4_k_m)", name);
+  if (it == kTypes.end()) fail("unknown GGUF type '{}' (f32, f16, bf16, q8_0, q5_0, q4_0, q6_k, q4_k, q4_k_m, nvfp4, mxfp4)", name);
   GgufExportOptions o;
   o.type = it->second;
   o.q4_k_m = name == "q4_k_m";
@@ -288,6 +331,7 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
   // Q8_0 rather than Q4_0; Q4_K_M gives the output embedding (the token embedding when tied) Q6_K.
   const auto type_of = [&](const std::string& gguf, std::int64_t layer, std::int64_t cols) {
     GgmlType t = options.type;
+    if (t == GgmlType::NVFP4 || t == GgmlType::MXFP4) t = GgmlType::Q8_0;  // FP4 types hold FP4 Linears only
     const bool output = gguf == "output.weight" || (c.tie_word_embeddings && gguf == "token_embd.weight");
     if (reader && options.type == GgmlType::Q4_0 && (output || gguf == "token_embd.weight")) t = GgmlType::Q8_0;
     if (options.q4_k_m) {
@@ -328,8 +372,40 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
       matrix(hf, gguf, permute_heads, layer);
       return;
     }
-    const GgmlType type = type_of(gguf, layer, st->in);
     const auto& spec = *st->scheme.weight;
+    const bool fp4_type = options.type == GgmlType::NVFP4 || options.type == GgmlType::MXFP4;
+    if (fp4_type) {
+      // NVFP4 / MXFP4 Linears go over code for code (NVFP4's second-level scale as llama.cpp's ".scale").
+      const bool nv = options.type == GgmlType::NVFP4;
+      const bool fits = spec.element == quant::Element::e2m1 && spec.scaling == (nv ? quant::Scaling::nvfp4 : quant::Scaling::mx) &&
+                        st->pre_quant_scale.empty() && st->in % (nv ? 64 : 32) == 0;
+      if (!fits) {
+        fail("{}: {} is {}{}: a {} GGUF holds {} weights code for code only (use another --type)", model_dir, st->name,
+             st->scheme.quant_algo, st->pre_quant_scale.empty() ? "" : " with a pre_quant_scale", nv ? "nvfp4" : "mxfp4",
+             nv ? "NVFP4 (blocks of 64)" : "MXFP4");
+      }
+      ++report.exact_linears;
+      if (st->scheme.input) report.activation_quantization_dropped = true;
+      if (nv) {
+        const std::string scale_name = gguf.substr(0, gguf.size() - 7) + ".scale";
+        const float s2 = st->weight.weight_scale_2->to_f32().at(0);
+        w.add_tensor(scale_name, {1}, GgmlType::F32, io::ggml_quantize(GgmlType::F32, &s2, 1, scale_name));
+      }
+      w.add_tensor(gguf, {st->out, st->in}, options.type, [st = std::move(*st), permute_heads, type = options.type] {
+        std::vector<float> codes = fp4_codes(st.weight.weight, st.out, st.in);
+        std::vector<float> scales;
+        const Tensor& sc = st.weight.weight_scale;
+        const auto* sb = sc.data<std::uint8_t>();
+        for (std::uint64_t i = 0; i < sc.numel(); ++i) scales.push_back(static_cast<float>(sb[i]));
+        if (permute_heads > 0) {
+          io::permute_rope_rows(codes.data(), st.out, st.in, permute_heads);
+          io::permute_rope_rows(scales.data(), st.out, static_cast<std::int64_t>(scales.size()) / st.out, permute_heads);
+        }
+        return fp4_blocks(type, codes, scales, st.out, st.in);
+      });
+      return;
+    }
+    const GgmlType type = type_of(gguf, layer, st->in);
     const bool int4 = spec.element == quant::Element::int4 && spec.scaling == quant::Scaling::block && !spec.fp8_second_stage &&
                       spec.block % 32 == 0 && type == GgmlType::Q4_0;
     const bool int8 = spec.element == quant::Element::int8 && spec.scaling == quant::Scaling::per_row && type == GgmlType::Q8_0;

@@ -28,6 +28,7 @@ constexpr GgmlTypeInfo kTypes[] = {
     {GgmlType::Q6_K, "Q6_K", 256, 210}, {GgmlType::Q8_K, "Q8_K", 256, 292}, {GgmlType::I8, "I8", 1, 1},
     {GgmlType::I16, "I16", 1, 2},       {GgmlType::I32, "I32", 1, 4},       {GgmlType::I64, "I64", 1, 8},
     {GgmlType::F64, "F64", 1, 8},       {GgmlType::BF16, "BF16", 1, 2},     {GgmlType::MXFP4, "MXFP4", 32, 17},
+    {GgmlType::NVFP4, "NVFP4", 64, 36},
 };
 
 // Reads little-endian values from the file, refusing to run past its end.
@@ -388,6 +389,34 @@ void ggml_dequantize(GgmlType type, std::span<const std::byte> blocks, float* y,
           const int hi = (p[6 + j] >> 4) | static_cast<int>(((high >> (j + 16)) & 1u) << 4);
           y[j] = d * static_cast<float>(lo - 16);
           y[j + 16] = d * static_cast<float>(hi - 16);
+        }
+      }
+      return;
+    case GgmlType::MXFP4:
+      // One E8M0 exponent, then 16 bytes: element j in the low nibble of byte j, element j+16 in its high one.
+      for (std::uint64_t b = 0; b < nblocks; ++b, p += 17, y += 32) {
+        const float d = std::ldexp(1.0f, static_cast<int>(p[0]) - 127);
+        for (int j = 0; j < 16; ++j) {
+          y[j] = d * e2m1_to_f32(static_cast<std::uint8_t>(p[1 + j] & 0xF));
+          y[j + 16] = d * e2m1_to_f32(static_cast<std::uint8_t>(p[1 + j] >> 4));
+        }
+      }
+      return;
+    case GgmlType::NVFP4:
+      // Four unsigned E4M3 scales (one per 16 values), then per 16 values 8 bytes: element j low, j+8 high.
+      for (std::uint64_t b = 0; b < nblocks; ++b, p += 36, y += 64) {
+        for (int s = 0; s < 4; ++s) {
+          const std::uint8_t code = p[s];
+          // llama.cpp's unsigned E4M3: the top bit is ignored, 0 and 0x7F are zero.
+          const int e = (code >> 3) & 0xF, m = code & 7;
+          const float d = code == 0 || code == 0x7F ? 0.0f
+                          : e == 0                  ? std::ldexp(static_cast<float>(m), -9)
+                                                    : std::ldexp(1.0f + static_cast<float>(m) / 8.0f, e - 7);
+          const std::uint8_t* q = p + 4 + 8 * s;
+          for (int j = 0; j < 8; ++j) {
+            y[16 * s + j] = d * e2m1_to_f32(static_cast<std::uint8_t>(q[j] & 0xF));
+            y[16 * s + j + 8] = d * e2m1_to_f32(static_cast<std::uint8_t>(q[j] >> 4));
+          }
         }
       }
       return;

@@ -30,7 +30,7 @@ std::string_view gguf_value_type_name(GgufValueType t);
 enum class GgmlType : std::uint32_t {
   F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q8_1 = 9,
   Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, Q8_K = 15,
-  I8 = 24, I16 = 25, I32 = 26, I64 = 27, F64 = 28, BF16 = 30, MXFP4 = 39,
+  I8 = 24, I16 = 25, I32 = 26, I64 = 27, F64 = 28, BF16 = 30, MXFP4 = 39, NVFP4 = 40,
 };
 
 struct GgmlTypeInfo {
@@ -105,7 +105,8 @@ class GgufFile {
 };
 
 // Dequantizes `blocks` of ggml type `type` into `count` f32 values.
-// Supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K.
+// Supported: F32, F16, BF16, Q8_0, Q5_0, Q4_0, Q4_1, Q4_K, Q6_K, MXFP4, NVFP4 (llama.cpp's
+// layouts: E2M1 codes with E8M0 per 32, or with E4M3 per 16 in blocks of 64).
 void ggml_dequantize(GgmlType type, std::span<const std::byte> blocks, float* out, std::uint64_t count);
 
 }  // namespace mopt::io

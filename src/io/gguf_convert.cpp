@@ -342,9 +342,24 @@ void convert_gguf_to_hf(const std::string& gguf_path, const std::string& out_dir
   const auto& infos = g.header().tensors;
   for (std::size_t i = 0; i < infos.size(); ++i) {
     const GgufTensorInfo& info = infos[i];
+    // A weight's per-tensor ".scale" (NVFP4's second-level scale) multiplies it; it has no tensor of its own.
+    constexpr std::string_view kScale = ".scale";
+    if (info.name.size() > kScale.size() && info.name.substr(info.name.size() - kScale.size()) == kScale) {
+      const std::string weight = info.name.substr(0, info.name.size() - kScale.size()) + ".weight";
+      if (g.find_tensor(weight) == nullptr) fail("{}: {} scales no tensor ({} is missing)", g.path(), info.name, weight);
+      continue;
+    }
     const std::string name = hf_name(info.name, g.path());
     if (name.empty()) continue;
     Tensor t = g.dequantize(info);
+    const bool weight = info.name.size() > 7 && info.name.substr(info.name.size() - 7) == ".weight";
+    if (const std::string base = info.name.substr(0, info.name.rfind('.')); weight && g.find_tensor(base + ".scale") != nullptr) {
+      const GgufTensorInfo* scale = g.find_tensor(base + ".scale");
+      const std::vector<float> sv = g.dequantize(*scale).to_f32();
+      if (sv.size() != 1 || !std::isfinite(sv[0])) fail("{}: {}.scale must be one finite value", g.path(), base);
+      float* v = t.mutable_data<float>();
+      for (std::uint64_t k = 0; k < t.numel(); ++k) v[k] *= sv[0];
+    }
     if (arch.permuted_qk && (name.find(".self_attn.q_proj.") != std::string::npos || name.find(".self_attn.k_proj.") != std::string::npos)) {
       const bool is_q = name.find(".q_proj.") != std::string::npos;
       const std::int64_t rows = t.dim(0);

@@ -219,6 +219,41 @@ TEST(GgufFromQuantized, Int4CodesGoOverUnchanged) {
   for (std::size_t i = 0; i < want.size(); ++i) ASSERT_NEAR(got[i], want[i], 1e-3 * std::fabs(want[i]) + 1e-7) << i;
 }
 
+TEST(GgufFromQuantized, Fp4CodesGoOverUnchanged) {
+  // NVFP4 and MXFP4 exports as llama.cpp's NVFP4/MXFP4 blocks (NVFP4's weight_scale_2 as the ".scale"
+  // tensor): the GGUF model's weights are the export's, Q/K permutation and all.
+  for (const char* format : {"nvfp4", "mxfp4"}) {
+    SCOPED_TRACE(format);
+    TempDir tmp;
+    quantize(format, "max", tmp.file("q"));
+    const auto r = export_gguf(tmp.file("q"), tmp.file("m.gguf"), gguf_options_from_name(format));
+    EXPECT_EQ(r.exact_linears, 42);
+    EXPECT_TRUE(r.activation_quantization_dropped);
+    const io::GgufFile g = io::GgufFile::open(tmp.file("m.gguf"));
+    const bool nv = std::string(format) == "nvfp4";
+    EXPECT_EQ(g.find_tensor("blk.0.attn_q.weight")->type.type, nv ? io::GgmlType::NVFP4 : io::GgmlType::MXFP4);
+    EXPECT_EQ(g.find_tensor("blk.0.attn_q.scale") != nullptr, nv);
+    EXPECT_EQ(g.find_tensor("token_embd.weight")->type.type, io::GgmlType::Q8_0);
+    const model::Model a = load_model(tmp.file("q")), b = load_model(tmp.file("m.gguf"));
+    for (std::int64_t l = 0; l < 6; ++l) {
+      for (const auto kind : model::kAllLinears) {
+        const std::vector<float> wa = a.layer(l).linear(kind).weight.to_f32(), wb = b.layer(l).linear(kind).weight.to_f32();
+        ASSERT_EQ(wa.size(), wb.size());
+        for (std::size_t i = 0; i < wa.size(); ++i) ASSERT_NEAR(wb[i], wa[i], 1e-6f * std::fabs(wa[i])) << l << " " << model::linear_name(kind) << " " << i;
+      }
+    }
+  }
+  TempDir tmp;
+  quantize("int4_rtn", "max", tmp.file("int4"));
+  try {
+    export_gguf(tmp.file("int4"), tmp.file("never.gguf"), gguf_options_from_name("nvfp4"));
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("is W4A16_AWQ: a nvfp4 GGUF holds NVFP4"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(tmp.file("never.gguf")));
+}
+
 TEST(CompressedTensors, DamagedCheckpointsAreRefusedByName) {
   TempDir tmp;
   quantize("int4_rtn", "max", tmp.file("q"));

@@ -50,6 +50,21 @@ TEST(GgufWriter, QuantizersMatchTheGgufPackageByteForByte) {
   EXPECT_THROW(ggml_quantize(GgmlType::Q4_K, x.data(), 255), Error);
 }
 
+TEST(GgufReader, Fp4BlocksReadAsTheGgufPackageReadsThem) {
+  // llama.cpp's NVFP4 (E4M3 per 16 in blocks of 64, top scale bit ignored, 0x7F zero) and MXFP4 layouts.
+  const auto gold = TensorStore::open_file(testing::data_path("gguf/quant_goldens.safetensors"));
+  for (const auto& [name, type] : {std::pair{"NVFP4", GgmlType::NVFP4}, std::pair{"MXFP4", GgmlType::MXFP4}}) {
+    SCOPED_TRACE(name);
+    const Tensor bytes = gold.tensor(name);
+    const std::vector<float> want = gold.tensor(std::string(name) + "_values").to_f32();
+    std::vector<float> got(want.size());
+    ggml_dequantize(type, bytes.bytes(), got.data(), got.size());
+    std::size_t differ = 0;
+    for (std::size_t i = 0; i < want.size(); ++i) differ += std::memcmp(&got[i], &want[i], 4) != 0 && !(got[i] == 0.0f && want[i] == 0.0f);
+    EXPECT_EQ(differ, 0u);
+  }
+}
+
 TEST(GgufWriter, KQuantsMatchLlamaCppByteForByte) {
   // tools/fixtures/make_gguf_kquant_goldens.sh: llama.cpp's own ggml library quantized these values.
   const auto gold = TensorStore::open_file(testing::data_path("gguf/kquant_goldens.safetensors"));
