@@ -16,7 +16,7 @@ trap 'rm -rf "$work"' EXIT
 calib=(--calib data/kjv-calib.txt --calib-size "$calib_size" --seq-len "$seq_len")
 size() { du -sb "$1" | cut -f1; }
 ppl() { "$mopt" eval ppl "$1" --text "$text" --ctx "$ctx" 2>/dev/null | sed -n 's/^perplexity \([0-9.]*\).*/\1/p'; }
-base_bytes=$(find "$model" -name '*.safetensors' -printf '%s\n' | awk '{s+=$1} END {print s}')
+base_bytes=$(find "$model" -maxdepth 1 -name 'model*.safetensors' -printf '%s\n' | awk '{s+=$1} END {print s}')
 base_ppl=$(ppl "$model")
 rows=()
 row() {  # name path [fake-quant dir]
@@ -38,6 +38,8 @@ echo "|---|---|---|---|---|"
 q --format fp8 "${calib[@]}" --out "$work/fp8"; row "modelopt FP8" "$work/fp8"
 q --format fp8 "${calib[@]}" --export compressed-tensors --out "$work/fp8-ct"; row "compressed-tensors FP8" "$work/fp8-ct"
 q --format nvfp4 "${calib[@]}" --out "$work/nvfp4"; row "modelopt NVFP4" "$work/nvfp4"
+"$mopt" export "$work/nvfp4" --to gguf "$work/nvfp4.gguf" --type nvfp4 >/dev/null 2>&1
+row "  -> GGUF NVFP4 (weights only)" "$work/nvfp4.gguf" "$work/nvfp4"
 q --format int8_sq "${calib[@]}" --out "$work/sq"; row "modelopt INT8 SmoothQuant" "$work/sq"
 q --format int8_sq "${calib[@]}" --export compressed-tensors --out "$work/sq-ct"; row "compressed-tensors INT8 SmoothQuant" "$work/sq-ct"
 q --format int4_awq --group-size "$group" "${calib[@]}" --out "$work/awq"; row "modelopt INT4 AWQ g$group" "$work/awq"
