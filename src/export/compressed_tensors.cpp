@@ -42,34 +42,6 @@ float only_value(const Tensor& t, const std::string& label) {
   return t.to_f32().at(0);
 }
 
-// modelopt's INT4 layout: [out/2, in] bytes, row 2r in the low nibble, 2r+1 in the high one.
-std::vector<std::int8_t> unpack_modelopt_int4(const Tensor& w, std::int64_t out, std::int64_t in) {
-  std::vector<std::int8_t> codes(static_cast<std::size_t>(out * in));
-  const auto* b = w.data<std::uint8_t>();
-  for (std::int64_t r2 = 0; r2 < out / 2; ++r2) {
-    for (std::int64_t c = 0; c < in; ++c) {
-      const std::uint8_t byte = b[r2 * in + c];
-      const int lo = byte & 0xF, hi = byte >> 4;
-      codes[static_cast<std::size_t>((2 * r2) * in + c)] = static_cast<std::int8_t>(lo >= 8 ? lo - 16 : lo);
-      codes[static_cast<std::size_t>((2 * r2 + 1) * in + c)] = static_cast<std::int8_t>(hi >= 8 ? hi - 16 : hi);
-    }
-  }
-  return codes;
-}
-
-Tensor pack_modelopt_int4(const std::vector<std::int8_t>& codes, std::int64_t out, std::int64_t in) {
-  Tensor t = Tensor::zeros(DType::U8, {out / 2, in});
-  auto* b = t.mutable_data<std::uint8_t>();
-  for (std::int64_t r2 = 0; r2 < out / 2; ++r2) {
-    for (std::int64_t c = 0; c < in; ++c) {
-      const auto lo = static_cast<std::uint8_t>(codes[static_cast<std::size_t>((2 * r2) * in + c)] & 0xF);
-      const auto hi = static_cast<std::uint8_t>(codes[static_cast<std::size_t>((2 * r2 + 1) * in + c)] & 0xF);
-      b[r2 * in + c] = static_cast<std::uint8_t>(lo | (hi << 4));
-    }
-  }
-  return t;
-}
-
 std::vector<std::int8_t> int8_codes(const Tensor& w) {
   const auto* p = w.data<std::int8_t>();
   return std::vector<std::int8_t>(p, p + w.numel());
@@ -100,8 +72,9 @@ CtKind ct_kind(const quant::LinearScheme& s) {
        s.weight->describe());
 }
 
-// The anchored regular-expression match compressed-tensors uses for "re:" targets.
-bool target_matches(const std::string& target, const std::string& module) {
+}  // namespace
+
+bool compressed_tensors_target_matches(const std::string& target, const std::string& module) {
   if (target.rfind("re:", 0) == 0) {
     try {
       return std::regex_search(module, std::regex(target.substr(3)), std::regex_constants::match_continuous);
@@ -111,8 +84,6 @@ bool target_matches(const std::string& target, const std::string& module) {
   }
   return target == module || target == "Linear";
 }
-
-}  // namespace
 
 Tensor pack_int32_rows(const std::vector<std::int8_t>& codes, std::int64_t rows, std::int64_t cols, int bits) {
   const int per_word = 32 / bits;
@@ -242,7 +213,7 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
         case CtKind::int4_pack:
         case CtKind::int8_pack: {
           const bool int4 = ct_kind(st->scheme) == CtKind::int4_pack;
-          const std::vector<std::int8_t> codes = int4 ? unpack_modelopt_int4(q.weight, out, in) : int8_codes(q.weight);
+          const std::vector<std::int8_t> codes = int4 ? quant::unpack_int4_rows(q.weight, out, in) : int8_codes(q.weight);
           dir.add(name + ".weight_packed", pack_int32_rows(codes, out, in, int4 ? 4 : 8));
           Tensor scale = q.weight_scale.to(DType::F32);
           dir.add(name + ".weight_scale", int4 ? scale : f32_tensor(scale.to_f32(), {out, 1}));
@@ -429,12 +400,12 @@ QuantizedReader compressed_tensors_reader(const std::string& dir) {
     StoredLinear s;
     s.name = fmt::format("model.layers.{}.{}", index, model::linear_name(kind));
     for (const auto& ig : cfg.ignore) {
-      if (ig != "Linear" && target_matches(ig, s.name)) return std::nullopt;
+      if (ig != "Linear" && compressed_tensors_target_matches(ig, s.name)) return std::nullopt;
     }
     const CtGroup* group = nullptr;
     for (const auto& g : cfg.groups) {
       for (const auto& t : g.targets) {
-        if (target_matches(t, s.name)) group = &g;
+        if (compressed_tensors_target_matches(t, s.name)) group = &g;
       }
       if (group) break;
     }
@@ -465,7 +436,7 @@ QuantizedReader compressed_tensors_reader(const std::string& dir) {
       std::vector<std::int8_t> codes = with_context(label, [&] { return unpack_int32_rows(need(".weight_packed"), out, in, bits); });
       if (bits == 4) {
         if (out % 2 != 0) fail("{}: {} output rows cannot be stored in mopt's INT4 layout", label, out);
-        q.weight = pack_modelopt_int4(codes, out, in);
+        q.weight = quant::pack_int4_rows(codes, out, in);
         const std::int64_t groups = (in + spec.block - 1) / spec.block;
         q.weight_scale = f32_tensor(f32_of(".weight_scale", static_cast<std::uint64_t>(out * groups)), {out, groups});
       } else {

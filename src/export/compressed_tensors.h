@@ -45,6 +45,10 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
 // scheme it has no form for.
 nlohmann::json compressed_tensors_group(const quant::LinearScheme& scheme);
 
+// Whether a config group's target (or an ignore entry) names `module`: "Linear", the exact module
+// name, or "re:REGEX" matched from the start, as compressed-tensors matches them.
+bool compressed_tensors_target_matches(const std::string& target, const std::string& module);
+
 // True when config.json has quantization_config.quant_method "compressed-tensors".
 bool is_compressed_tensors_checkpoint(const std::string& dir);
 QuantizedReader compressed_tensors_reader(const std::string& dir);

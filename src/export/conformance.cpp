@@ -7,10 +7,11 @@
 #include <cctype>
 #include <filesystem>
 #include <optional>
-#include <regex>
 #include <set>
 
 #include "core/error.h"
+#include "export/compressed_tensors.h"
+#include "export/hf_modelopt.h"
 #include "io/checkpoint.h"
 #include "io/hf_config.h"
 #include "io/json_util.h"
@@ -72,20 +73,6 @@ bool excluded(const std::vector<std::string>& patterns, const std::string& modul
     if (!p.empty() && p.back() == '*' && p.substr(0, p.size() - 1) == module) return true;
   }
   return false;
-}
-
-std::pair<std::int64_t, std::int64_t> shape_of(const io::ModelConfig& c, model::LinearKind kind) {
-  const std::int64_t q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
-  switch (kind) {
-    case model::LinearKind::q: return {q, c.hidden_size};
-    case model::LinearKind::k:
-    case model::LinearKind::v: return {kv, c.hidden_size};
-    case model::LinearKind::o: return {c.hidden_size, q};
-    case model::LinearKind::gate:
-    case model::LinearKind::up: return {c.intermediate_size, c.hidden_size};
-    case model::LinearKind::down: return {c.hidden_size, c.intermediate_size};
-  }
-  return {0, 0};
 }
 
 constexpr std::array<std::array<model::LinearKind, 3>, 2> kFused = {
@@ -201,7 +188,7 @@ void check_modelopt(Ctx& x, const json& config, const io::ModelConfig& c, const 
     std::map<model::LinearKind, std::string> algos;
     for (const auto kind : model::kAllLinears) {
       const std::string m = fmt::format("model.layers.{}.{}", l, model::linear_name(kind));
-      const auto [out, in] = shape_of(c, kind);
+      const auto [out, in] = linear_shape(c, kind);
       std::string a = algo;
       std::int64_t g = group;
       if (algo == "MIXED_PRECISION") {
@@ -248,15 +235,13 @@ void check_modelopt(Ctx& x, const json& config, const io::ModelConfig& c, const 
   }
 }
 
-bool ct_target_matches(const std::string& target, const std::string& module) {
-  if (target.rfind("re:", 0) == 0) {
-    try {
-      return std::regex_search(module, std::regex(target.substr(3)), std::regex_constants::match_continuous);
-    } catch (const std::regex_error&) {
-      return false;
-    }
+// An invalid "re:" pattern matches nothing here (the engine would fail to load; the reader names it).
+bool compressed_tensors_target_matches_safe(const std::string& target, const std::string& module) {
+  try {
+    return compressed_tensors_target_matches(target, module);
+  } catch (const Error&) {
+    return false;
   }
-  return target == module || target == "Linear";
 }
 
 void check_compressed_tensors(Ctx& x, const json& q, const io::ModelConfig& c) {
@@ -314,12 +299,12 @@ void check_compressed_tensors(Ctx& x, const json& q, const io::ModelConfig& c) {
     std::map<model::LinearKind, std::string> chosen;
     for (const auto kind : model::kAllLinears) {
       const std::string m = fmt::format("model.layers.{}.{}", l, model::linear_name(kind));
-      const auto [out, in] = shape_of(c, kind);
+      const auto [out, in] = linear_shape(c, kind);
       const Group* g = nullptr;
-      const bool ignored = std::any_of(ignore.begin(), ignore.end(), [&](const std::string& p) { return p != "Linear" && ct_target_matches(p, m); });
+      const bool ignored = std::any_of(ignore.begin(), ignore.end(), [&](const std::string& p) { return p != "Linear" && compressed_tensors_target_matches_safe(p, m); });
       if (!ignored) {
         for (const auto& cand : groups) {
-          if (std::any_of(cand.targets.begin(), cand.targets.end(), [&](const std::string& t) { return ct_target_matches(t, m); })) {
+          if (std::any_of(cand.targets.begin(), cand.targets.end(), [&](const std::string& t) { return compressed_tensors_target_matches_safe(t, m); })) {
             g = &cand;
             break;
           }

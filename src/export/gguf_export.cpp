@@ -173,14 +173,8 @@ std::vector<float> integer_codes(const quant::QuantizerSpec& spec, const Tensor&
     for (std::size_t i = 0; i < codes.size(); ++i) codes[i] = p[i];
     return codes;
   }
-  const auto* b = w.data<std::uint8_t>();
-  for (std::int64_t r2 = 0; r2 < out / 2; ++r2) {
-    for (std::int64_t c = 0; c < in; ++c) {
-      const int lo = b[r2 * in + c] & 0xF, hi = b[r2 * in + c] >> 4;
-      codes[static_cast<std::size_t>(2 * r2 * in + c)] = static_cast<float>(lo >= 8 ? lo - 16 : lo);
-      codes[static_cast<std::size_t>((2 * r2 + 1) * in + c)] = static_cast<float>(hi >= 8 ? hi - 16 : hi);
-    }
-  }
+  const std::vector<std::int8_t> c = quant::unpack_int4_rows(w, out, in);
+  std::copy(c.begin(), c.end(), codes.begin());
   return codes;
 }
 

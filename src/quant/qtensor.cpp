@@ -345,4 +345,34 @@ std::vector<float> dequantize_weight(const QuantizerSpec& spec, const QuantizedW
   return w;
 }
 
+std::vector<std::int8_t> unpack_int4_rows(const Tensor& packed, std::int64_t out, std::int64_t in) {
+  if (packed.shape() != Shape{out / 2, in} || out % 2 != 0 || (packed.dtype() != DType::U8 && packed.dtype() != DType::I8)) {
+    fail("INT4 weight is {} {}, expected u8 [{}, {}]", dtype_name(packed.dtype()), shape_string(packed.shape()), out / 2, in);
+  }
+  std::vector<std::int8_t> codes(static_cast<std::size_t>(out * in));
+  const auto* b = reinterpret_cast<const std::uint8_t*>(packed.bytes().data());
+  for (std::int64_t r2 = 0; r2 < out / 2; ++r2) {
+    for (std::int64_t c = 0; c < in; ++c) {
+      const int lo = b[r2 * in + c] & 0xF, hi = b[r2 * in + c] >> 4;
+      codes[static_cast<std::size_t>(2 * r2 * in + c)] = static_cast<std::int8_t>(lo >= 8 ? lo - 16 : lo);
+      codes[static_cast<std::size_t>((2 * r2 + 1) * in + c)] = static_cast<std::int8_t>(hi >= 8 ? hi - 16 : hi);
+    }
+  }
+  return codes;
+}
+
+Tensor pack_int4_rows(const std::vector<std::int8_t>& codes, std::int64_t out, std::int64_t in) {
+  if (out % 2 != 0) fail("INT4 rows are stored in pairs; {} rows", out);
+  Tensor t = Tensor::zeros(DType::U8, {out / 2, in});
+  auto* b = t.mutable_data<std::uint8_t>();
+  for (std::int64_t r2 = 0; r2 < out / 2; ++r2) {
+    for (std::int64_t c = 0; c < in; ++c) {
+      const auto lo = static_cast<std::uint8_t>(codes[static_cast<std::size_t>(2 * r2 * in + c)] & 0xF);
+      const auto hi = static_cast<std::uint8_t>(codes[static_cast<std::size_t>((2 * r2 + 1) * in + c)] & 0xF);
+      b[r2 * in + c] = static_cast<std::uint8_t>(lo | (hi << 4));
+    }
+  }
+  return t;
+}
+
 }  // namespace mopt::quant

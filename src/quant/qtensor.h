@@ -56,6 +56,11 @@ std::vector<float> dequantize_weight(const QuantizerSpec& spec, const QuantizedW
 float w4a8_second_amax(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in,
                        std::span<const float> amax);
 
+// The INT4 layout's codes: [out/2, in] bytes (row 2r in the low nibble, 2r+1 in the high one) to
+// signed codes [out, in], and back.
+std::vector<std::int8_t> unpack_int4_rows(const Tensor& packed, std::int64_t out, std::int64_t in);
+Tensor pack_int4_rows(const std::vector<std::int8_t>& codes, std::int64_t out, std::int64_t in);
+
 // Checks the stored tensors have the dtypes and shapes the layout calls for;
 // throws Error naming `label` otherwise.
 void check_quantized_weight(const QuantizerSpec& spec, const QuantizedWeight& q, std::int64_t out, std::int64_t in,

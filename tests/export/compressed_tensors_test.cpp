@@ -102,6 +102,16 @@ TEST(CompressedTensors, PacksLikePackToInt32) {
     EXPECT_EQ(unpack_int32_rows(pack_int32_rows(v, 7, 45, bits), 7, 45, bits), v) << bits;
   }
   EXPECT_THROW(unpack_int32_rows(pack_int32_rows(codes, 1, 16, 4), 1, 24, 4), Error);
+  // modelopt's INT4 layout, the other side of the conversion: rows 2r and 2r+1 share a byte.
+  const Tensor m = quant::pack_int4_rows({-8, 7, 1, -1}, 2, 2);
+  ASSERT_EQ(m.shape(), (Shape{1, 2}));
+  EXPECT_EQ(m.data<std::uint8_t>()[0], 0x18);
+  EXPECT_EQ(m.data<std::uint8_t>()[1], 0xF7);
+  std::uniform_int_distribution<int> d4(-8, 7);
+  std::vector<std::int8_t> v(6 * 33);
+  for (auto& x : v) x = static_cast<std::int8_t>(d4(rng));
+  EXPECT_EQ(quant::unpack_int4_rows(quant::pack_int4_rows(v, 6, 33), 6, 33), v);
+  EXPECT_THROW(quant::unpack_int4_rows(m, 2, 3), Error);
 }
 
 TEST(CompressedTensors, EveryFormatComputesExactlyWhatTheModeloptExportDoes) {
