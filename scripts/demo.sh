@@ -5,7 +5,8 @@
 # Bible), let it continue a prompt, then quantize it to NVFP4 with an FP8 KV
 # cache (a Hugging Face "modelopt" checkpoint under build/), and evaluate the
 # quantized model against its 16-bit self; then INT4 weights with and without
-# GPTQ. Benchmarking joins as it lands.
+# GPTQ, and that model exported for vLLM and llama.cpp. Benchmarking joins
+# as it lands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-models/tiny-kjv}
@@ -35,4 +36,11 @@ for algo in max gptq; do
   build/mopt quantize "$model" --format int4_awq --group-size 64 --algo "$algo" --calib data/kjv-calib.txt --calib-size 64 --seq-len 256 \
     --out "build/tiny-kjv-int4-$algo" | tail -2
   build/mopt eval kld "build/tiny-kjv-int4-$algo" --base "$model" --text data/kjv-heldout.txt --ctx 256 | grep -E "ppl|mean"
+done
+echo "== export for the engines: compressed-tensors (vLLM) and GGUF (llama.cpp) from the GPTQ model"
+rm -rf build/tiny-kjv-int4-ct build/tiny-kjv-int4.gguf
+build/mopt export build/tiny-kjv-int4-gptq --to compressed-tensors build/tiny-kjv-int4-ct
+build/mopt export build/tiny-kjv-int4-gptq --to gguf build/tiny-kjv-int4.gguf --type q4_0
+for m in build/tiny-kjv-int4-gptq build/tiny-kjv-int4-ct build/tiny-kjv-int4.gguf; do
+  echo "$m: $(build/mopt eval ppl "$m" --text data/kjv-heldout.txt --ctx 256 | tail -1)"
 done
