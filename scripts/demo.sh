@@ -5,8 +5,8 @@
 # Bible), let it continue a prompt, then quantize it to NVFP4 with an FP8 KV
 # cache (a Hugging Face "modelopt" checkpoint under build/), and evaluate the
 # quantized model against its 16-bit self; then INT4 weights with and without
-# GPTQ, and that model exported for vLLM and llama.cpp. Benchmarking joins
-# as it lands.
+# GPTQ, and that model exported for vLLM and llama.cpp; finally the quantized
+# models' speed and memory against the 16-bit model with the quantized kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-models/tiny-kjv}
@@ -44,3 +44,10 @@ build/mopt export build/tiny-kjv-int4-gptq --to gguf build/tiny-kjv-int4.gguf --
 for m in build/tiny-kjv-int4-gptq build/tiny-kjv-int4-ct build/tiny-kjv-int4.gguf; do
   echo "$m: $(build/mopt eval ppl "$m" --text data/kjv-heldout.txt --ctx 256 | tail -1)"
 done
+echo "== the quantized kernels compute what the fake-quantized definition does (NVFP4 model, perplexity)"
+echo "kernels:      $(build/mopt eval ppl build/tiny-kjv-nvfp4 --text data/kjv-heldout.txt --ctx 256 | tail -1)"
+echo "definition:   $(build/mopt eval ppl build/tiny-kjv-nvfp4 --text data/kjv-heldout.txt --ctx 256 --fake-quant | tail -1)"
+echo "== INT8 W8A8 (SmoothQuant), then the benchmark: every model against the 16-bit one, in one process"
+rm -rf build/tiny-kjv-int8
+build/mopt quantize "$model" --format int8_sq --calib data/kjv-calib.txt --calib-size 64 --seq-len 256 --out build/tiny-kjv-int8 | tail -1
+build/mopt bench build/tiny-kjv-int4-gptq build/tiny-kjv-int8 build/tiny-kjv-nvfp4 --base "$model" --batch 1,16 --prompt 128 --gen 64 --rounds 3

@@ -42,6 +42,30 @@ struct ExportOptions {
 };
 int run_export(const ExportOptions& options);
 
+struct BenchCliOptions {
+  std::vector<std::string> models;
+  std::string base;  // the 16-bit baseline; default: the first model, dequantized to bf16
+  std::string batches = "1,32,64";
+  std::int64_t prompt = 512;
+  std::int64_t gen = 128;
+  int threads = 0;  // 0: OpenMP's default (every core)
+  int rounds = 3;
+  bool json = false;
+  bool no_rss = false;  // skip the per-model peak-RSS processes
+  // Internal: print this model's peak RSS per batch as JSON and exit (run in a child process).
+  bool probe_rss = false;
+  bool probe_as_baseline = false;
+};
+int run_bench(const BenchCliOptions& options, const std::string& self_path);
+
+struct CreateRandomOptions {
+  std::string like;
+  std::string out;
+  std::string tokenizer;
+  std::uint64_t seed = 0;
+};
+int run_create_random(const CreateRandomOptions& options);
+
 struct EvalOptions {
   std::string model;
   std::string base;  // kld
@@ -51,6 +75,8 @@ struct EvalOptions {
   std::int64_t stride = 0;  // 0: the context
   std::int64_t shots = 0;
   bool json = false;
+  bool fake_quant = false;  // dequantized weights with fake-quantized inputs instead of the quantized kernels
+  bool decode = false;      // ppl: one token at a time through the KV cache
 };
 int run_eval_ppl(const EvalOptions& options);
 int run_eval_kld(const EvalOptions& options);

@@ -55,13 +55,15 @@ json ppl_json(const eval::PerplexityResult& r) {
 
 }  // namespace
 
+static exporter::QuantizedRun run_of(const EvalOptions& o) { return o.fake_quant ? exporter::QuantizedRun::fake_quant : exporter::QuantizedRun::kernels; }
+
 int run_eval_ppl(const EvalOptions& o) {
-  const auto m = exporter::load_model(o.model);
+  const auto m = exporter::load_model(o.model, run_of(o));
   const auto tokens = tokenize_file(m, o.text);
   const std::int64_t ctx = default_ctx(m, o.ctx);
   const std::int64_t stride = o.stride > 0 ? o.stride : ctx;
   LazyProgress progress{"perplexity", "windows", nullptr};
-  const auto r = eval::perplexity(m, tokens, ctx, stride, progress.fn());
+  const auto r = eval::perplexity(m, tokens, ctx, stride, progress.fn(), o.decode ? eval::WindowRun::decode : eval::WindowRun::prefill);
   progress.finish();
   if (o.json) {
     json j = ppl_json(r);
@@ -79,8 +81,8 @@ int run_eval_ppl(const EvalOptions& o) {
 
 int run_eval_kld(const EvalOptions& o) {
   if (o.base.empty()) fail("eval kld needs --base BASE_MODEL");
-  const auto m = exporter::load_model(o.model);
-  const auto base = exporter::load_model(o.base);
+  const auto m = exporter::load_model(o.model, run_of(o));
+  const auto base = exporter::load_model(o.base, run_of(o));
   const auto tokens = tokenize_file(base, o.text);
   const std::int64_t ctx = default_ctx(base, o.ctx);
   const std::int64_t stride = o.stride > 0 ? o.stride : ctx;
@@ -106,7 +108,7 @@ int run_eval_kld(const EvalOptions& o) {
 }
 
 int run_eval_mc(const EvalOptions& o) {
-  const auto m = exporter::load_model(o.model);
+  const auto m = exporter::load_model(o.model, run_of(o));
   const auto questions = eval::parse_mc_csv(io::read_text_file(o.data), o.data);
   LazyProgress progress{"multiple-choice", "questions", nullptr};
   const auto r = eval::multiple_choice(m, questions, o.shots, progress.fn());

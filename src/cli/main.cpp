@@ -96,7 +96,35 @@ int main(int argc, char** argv) {
   mc_cmd->add_option("model", eval.model, "Model directory")->required();
   mc_cmd->add_option("--data", eval.data, "CSV: question, A, B, C, D, answer letter")->required();
   mc_cmd->add_option("--shots", eval.shots, "Solved examples shown first (taken from the first rows)");
-  for (auto* cmd : {ppl_cmd, kld_cmd, mc_cmd}) cmd->add_flag("--json", eval.json, "Print JSON");
+  for (auto* cmd : {ppl_cmd, kld_cmd, mc_cmd}) {
+    cmd->add_flag("--json", eval.json, "Print JSON");
+    cmd->add_flag("--fake-quant", eval.fake_quant,
+                  "Run a quantized checkpoint as dequantized weights with fake-quantized inputs (the definition) "
+                  "instead of the quantized kernels");
+  }
+  ppl_cmd->add_flag("--decode", eval.decode, "Feed the text one token at a time through the KV cache (the decode kernels)");
+
+  mopt::cli::BenchCliOptions bench;
+  auto* bench_cmd = app.add_subcommand("bench", "Prefill and decode speed and memory of models against their 16-bit baseline, "
+                                                "with the quantized kernels");
+  bench_cmd->add_option("models", bench.models, "Model directories (quantized exports or plain checkpoints)")->required()->expected(1, -1);
+  bench_cmd->add_option("--base", bench.base, "The 16-bit baseline checkpoint (default: the first model dequantized to bf16)");
+  bench_cmd->add_option("--batch", bench.batches, "Batch sizes, comma-separated (default 1,32,64)");
+  bench_cmd->add_option("--prompt", bench.prompt, "Prompt tokens per sequence (default 512)");
+  bench_cmd->add_option("--gen", bench.gen, "Decode steps (default 128)");
+  bench_cmd->add_option("--threads", bench.threads, "Threads (default: every core)");
+  bench_cmd->add_option("--rounds", bench.rounds, "Rounds over all models; medians are reported (default 3)");
+  bench_cmd->add_flag("--json", bench.json, "Print a JSON array, one object per (model, batch)");
+  bench_cmd->add_flag("--no-rss", bench.no_rss, "Do not measure each model's peak RSS (in a process of its own)");
+  bench_cmd->add_flag("--probe-rss", bench.probe_rss)->group("");
+  bench_cmd->add_flag("--probe-as-baseline", bench.probe_as_baseline)->group("");
+
+  mopt::cli::CreateRandomOptions create_random;
+  auto* random_cmd = app.add_subcommand("create-random", "Write a checkpoint of a real model's shape with random bf16 weights (for speed work)");
+  random_cmd->add_option("--like", create_random.like, "llama-3.2-1b, llama-3.2-3b, llama-3-8b, mistral-7b, tiny-kjv")->required();
+  random_cmd->add_option("out", create_random.out, "The directory to create")->required();
+  random_cmd->add_option("--tokenizer", create_random.tokenizer, "Copy tokenizer.json (and its config) from this model directory");
+  random_cmd->add_option("--seed", create_random.seed, "Seed (default 0)");
 
   mopt::cli::GenerateCliOptions gen;
   auto* gen_cmd = app.add_subcommand("generate", "Continue a prompt, streaming the text");
@@ -160,6 +188,8 @@ int main(int argc, char** argv) {
     if (gen_cmd->parsed()) return mopt::cli::run_generate(gen);
     if (convert_cmd->parsed()) return mopt::cli::run_convert(convert);
     if (export_cmd->parsed()) return mopt::cli::run_export(export_options);
+    if (bench_cmd->parsed()) return mopt::cli::run_bench(bench, argv[0]);
+    if (random_cmd->parsed()) return mopt::cli::run_create_random(create_random);
     if (tokenize_cmd->parsed()) return mopt::cli::run_tokenize(tokenize);
     if (detokenize_cmd->parsed()) return mopt::cli::run_detokenize(detokenize);
     std::fprintf(stderr, "%s", app.help().c_str());

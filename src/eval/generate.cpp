@@ -53,7 +53,7 @@ std::vector<std::int32_t> generate(const model::Model& m, std::span<const std::i
   if (static_cast<std::int64_t>(prompt.size()) >= limit) {
     fail("the prompt has {} tokens; the model's context is {}", prompt.size(), c.max_position_embeddings);
   }
-  model::KvCache cache(c, 1, limit);
+  model::KvCache cache = m.new_cache(1, limit);
   std::vector<float> logits;
   std::uint64_t rng_state = options.seed;
   std::vector<std::int32_t> generated;

@@ -59,6 +59,29 @@ std::size_t pack_windows(std::span<const std::int32_t> tokens, const std::vector
 // Runs the windows through the model a few at a time (packed into one batch)
 // and hands each scored position's logits to `visit(window index, position, logits)`.
 template <typename Visit>
+std::int64_t run_windows_decode(const model::Model& m, std::span<const std::int32_t> tokens, const std::vector<Window>& windows,
+                                const ProgressFn& progress, Visit visit) {
+  std::int64_t longest = 1;
+  for (const auto& w : windows) longest = std::max(longest, w.end - w.begin);
+  model::KvCache cache = m.new_cache(1, longest);
+  std::vector<float> logits;
+  std::int64_t processed = 0;
+  if (progress) progress(0, windows.size());
+  for (std::size_t i = 0; i < windows.size(); ++i) {
+    const auto& w = windows[i];
+    for (std::int64_t p = w.begin; p < w.end; ++p) {
+      const model::SequenceSpan span{0, 1, p - w.begin, 0};
+      m.forward(tokens.subspan(static_cast<std::size_t>(p), 1), {&span, 1}, &cache, model::LogitsFor::all_rows, logits);
+      // The logits after token p predict token p + 1.
+      if (p + 1 >= w.first_scored && p + 1 < w.end) visit(i, p + 1, logits.data());
+    }
+    processed += w.end - w.begin;
+    if (progress) progress(i + 1, windows.size());
+  }
+  return processed;
+}
+
+template <typename Visit>
 std::int64_t run_windows(const model::Model& m, std::span<const std::int32_t> tokens, const std::vector<Window>& windows,
                          const ProgressFn& progress, Visit visit) {
   constexpr std::int64_t kBatchTokens = 2048;
@@ -96,20 +119,22 @@ void finish(PerplexityResult& r, std::int64_t total, std::int64_t processed, dou
 }  // namespace
 
 PerplexityResult perplexity(const model::Model& m, std::span<const std::int32_t> tokens, std::int64_t ctx, std::int64_t stride,
-                            const ProgressFn& progress) {
+                            const ProgressFn& progress, WindowRun run) {
   if (tokens.size() < 2) fail("perplexity needs at least 2 tokens, got {}", tokens.size());
   const auto windows = sliding_windows(static_cast<std::int64_t>(tokens.size()), ctx, stride);
   PerplexityResult r;
   std::vector<double> lp;
   const std::int64_t vocab = m.config().vocab_size;
   const auto t0 = std::chrono::steady_clock::now();
-  const std::int64_t processed = run_windows(m, tokens, windows, progress, [&](std::size_t, std::int64_t p, const float* logits) {
+  auto score = [&](std::size_t, std::int64_t p, const float* logits) {
     log_softmax(logits, vocab, lp);
     const double nll = -lp[static_cast<std::size_t>(tokens[static_cast<std::size_t>(p)])];
     if (!std::isfinite(nll)) fail("non-finite log-likelihood at token {}", p);
     r.nll_sum += nll;
     ++r.scored_tokens;
-  });
+  };
+  const std::int64_t processed = run == WindowRun::decode ? run_windows_decode(m, tokens, windows, progress, score)
+                                                          : run_windows(m, tokens, windows, progress, score);
   finish(r, static_cast<std::int64_t>(tokens.size()), processed, seconds_since(t0));
   return r;
 }

@@ -31,8 +31,13 @@ struct PerplexityResult {
 
 using ProgressFn = std::function<void(std::size_t done, std::size_t total)>;
 
+// How windows go through the model: whole (prefill: many rows per Linear, as
+// training and evaluation do), or one token at a time through the KV cache
+// (decode: the path generation takes, with its own kernels).
+enum class WindowRun { prefill, decode };
+
 PerplexityResult perplexity(const model::Model& model, std::span<const std::int32_t> tokens, std::int64_t ctx,
-                            std::int64_t stride, const ProgressFn& progress = {});
+                            std::int64_t stride, const ProgressFn& progress = {}, WindowRun run = WindowRun::prefill);
 
 struct KldResult {
   PerplexityResult base, model;

@@ -14,6 +14,7 @@
 #include "io/atomic_file.h"
 #include "io/gguf_convert.h"
 #include "io/json_util.h"
+#include "core/convert.h"
 #include "export/compressed_tensors.h"
 #include "quant/act_quant.h"
 
@@ -401,22 +402,126 @@ void validate_quantized_checkpoint(const std::string& dir) {
   }
 }
 
-model::Model load_quantized(const std::string& dir, const QuantizedReader& reader) {
+kernels::QuantizedWeightSource kernel_source(const StoredLinear& st) {
+  using kernels::QuantizedWeightType;
+  const quant::QuantizerSpec& spec = *st.scheme.weight;
+  kernels::QuantizedWeightSource k;
+  k.out = st.out;
+  k.in = st.in;
+  const std::int64_t nb_in = spec.block > 0 ? (st.in + spec.block - 1) / spec.block : 1;
+  auto bytes_of = [](const Tensor& t) {
+    const auto b = t.bytes();
+    return std::vector<std::uint8_t>(reinterpret_cast<const std::uint8_t*>(b.data()), reinterpret_cast<const std::uint8_t*>(b.data()) + b.size());
+  };
+  switch (spec.element) {
+    case quant::Element::int4: {
+      // The export pairs rows in a byte; the kernels want each row's codes together.
+      const std::vector<std::int8_t> codes = quant::unpack_int4_rows(st.weight.weight, st.out, st.in);
+      const std::int64_t row_bytes = (st.in + 1) / 2;
+      k.codes.assign(static_cast<std::size_t>(st.out * row_bytes), 0);
+      for (std::int64_t r = 0; r < st.out; ++r) {
+        for (std::int64_t c = 0; c < st.in; ++c) {
+          const auto n = static_cast<std::uint8_t>(codes[static_cast<std::size_t>(r * st.in + c)] & 0x0F);
+          k.codes[static_cast<std::size_t>(r * row_bytes + c / 2)] |= static_cast<std::uint8_t>(c % 2 == 0 ? n : n << 4);
+        }
+      }
+      k.block = spec.block;
+      const std::vector<float> scales = st.weight.weight_scale.to_f32();
+      if (!spec.fp8_second_stage) {
+        k.type = QuantizedWeightType::int4;
+        k.scales = scales;
+        break;
+      }
+      // W4A8: each block's 16 INT4 values after the FP8 stage, as E4M3 codes of one scale.
+      k.type = QuantizedWeightType::int4_fp8_table;
+      float amax2 = st.weight.weight_scale_2->to_f32().at(0) * kE4M3Max;
+      if (!(amax2 > 5.9604644775390625e-08f)) amax2 = 1.0f;
+      const float scale = (1.0f / amax2) * kE4M3Max;
+      k.table_scale = 1.0f / scale;
+      k.block_tables.resize(scales.size() * 16);
+      for (std::size_t b = 0; b < scales.size(); ++b) {
+        for (int u = 0; u < 16; ++u) {
+          const float v = static_cast<float>(u - 8) * scales[b];
+          k.block_tables[b * 16 + static_cast<std::size_t>(u)] = f32_to_e4m3(std::clamp(v * scale, -kE4M3Max, kE4M3Max));
+        }
+      }
+      break;
+    }
+    case quant::Element::int8:
+      k.type = QuantizedWeightType::int8;
+      k.stored_codes = st.weight.weight;  // used where it is mapped (W8A8 pads a copy)
+      k.scales = st.weight.weight_scale.to_f32();
+      k.block = st.in;
+      if (st.scheme.input && st.scheme.input->element == quant::Element::int8) {
+        k.int8_activations = true;
+        k.input_amax = st.input_scale.value_or(0.0f) * st.scheme.input->max_bound();
+      }
+      break;
+    case quant::Element::e4m3: {
+      k.type = QuantizedWeightType::e4m3;
+      k.stored_codes = st.weight.weight;  // used where it is mapped
+      if (spec.scaling == quant::Scaling::mx) {
+        k.block = spec.block;
+        for (const auto c : bytes_of(st.weight.weight_scale)) k.scales.push_back(e8m0_to_f32(c));
+      } else if (spec.scaling == quant::Scaling::per_tensor) {
+        k.block = st.in;
+        k.scales.assign(static_cast<std::size_t>(st.out), st.weight.weight_scale.to_f32().at(0));
+      } else if (spec.scaling == quant::Scaling::per_row) {
+        k.block = st.in;
+        k.scales = st.weight.weight_scale.to_f32();
+      } else {
+        // 2-D tiles: every row of a tile repeats the tile row's scales.
+        k.block = spec.block;
+        const std::vector<float> tiles = st.weight.weight_scale.to_f32();
+        for (std::int64_t r = 0; r < st.out; ++r) {
+          for (std::int64_t b = 0; b < nb_in; ++b) k.scales.push_back(tiles[static_cast<std::size_t>((r / spec.block_rows) * nb_in + b)]);
+        }
+      }
+      break;
+    }
+    case quant::Element::e2m1: {
+      k.type = QuantizedWeightType::e2m1;
+      k.codes = bytes_of(st.weight.weight);
+      k.block = spec.block;
+      k.scale_codes = bytes_of(st.weight.weight_scale);
+      k.scale_code_values.resize(256);
+      const float global = st.weight.weight_scale_2 ? st.weight.weight_scale_2->to_f32().at(0) : 1.0f;
+      for (int c = 0; c < 256; ++c) {
+        const auto code = static_cast<std::uint8_t>(c);
+        k.scale_code_values[static_cast<std::size_t>(c)] = spec.scaling == quant::Scaling::nvfp4 ? e4m3_to_f32(code) * global : e8m0_to_f32(code);
+      }
+      break;
+    }
+  }
+  return k;
+}
+
+model::Model load_quantized(const std::string& dir, const QuantizedReader& reader, QuantizedRun run) {
   if (!reader.kv_algo.empty() && reader.kv_algo != "FP8" && reader.kv_algo != "NVFP4") {
     fail("{}: KV-cache quantization '{}' is not one mopt reads", dir, reader.kv_algo);
   }
   model::LoadOptions options;
   options.quantized = true;
-  options.layer_loader = [reader, dir](const io::Checkpoint& ckpt, std::int64_t index) {
+  options.layer_loader = [reader, dir, run](const io::Checkpoint& ckpt, std::int64_t index) {
     model::LayerWeights w = model::load_layer(ckpt, index);
     for (const auto kind : model::kAllLinears) {
       auto stored = reader.linear(ckpt, index, kind);
       if (!stored) continue;
       const quant::LinearScheme& s = stored->scheme;
       model::Linear& lin = w.linear(kind);
-      lin.weight = Tensor::from_f32(quant::dequantize_weight(*s.weight, stored->weight, stored->out, stored->in), {stored->out, stored->in});
+      bool input_in_kernel = false;
+      if (run == QuantizedRun::kernels) {
+        auto q = std::make_shared<const kernels::QuantizedLinear>(kernel_source(*stored), fmt::format("{}: {}", dir, stored->name));
+        input_in_kernel = q->int8_activations();
+        // What the kernel copied into its own layout need not stay resident from the file.
+        if (q->source().stored_codes.nbytes() == 0) stored->weight.weight.release_pages();
+        lin.quantized = std::move(q);
+        lin.weight = Tensor();
+      } else {
+        lin.weight = Tensor::from_f32(quant::dequantize_weight(*s.weight, stored->weight, stored->out, stored->in), {stored->out, stored->in});
+      }
       std::vector<float> pre_quant_scale = std::move(stored->pre_quant_scale);
-      if (s.input) {
+      if (s.input && !input_in_kernel) {
         quant::ActivationQuantizer aq{*s.input, {}, pre_quant_scale};
         if (s.input->needs_amax()) {
           const float scale = stored->input_scale.value_or(-1.0f);
@@ -427,7 +532,8 @@ model::Model load_quantized(const std::string& dir, const QuantizedReader& reade
         auto shared = std::make_shared<quant::ActivationQuantizer>(std::move(aq));
         lin.input_transform = [shared](float* x, std::int64_t rows, std::int64_t cols) { shared->apply(x, rows, cols); };
       } else if (!pre_quant_scale.empty()) {
-        // Weight-only with a pre-quantization scale: only the scale applies to the input.
+        // Weight-only with a pre-quantization scale, or W8A8 whose kernel quantizes the input:
+        // only the scale applies to the input here.
         auto pqs = std::make_shared<std::vector<float>>(std::move(pre_quant_scale));
         lin.input_transform = [pqs](float* x, std::int64_t rows, std::int64_t cols) {
           for (std::int64_t r = 0; r < rows; ++r) {
@@ -445,6 +551,7 @@ model::Model load_quantized(const std::string& dir, const QuantizedReader& reade
       }
       auto kq = std::make_shared<quant::ActivationQuantizer>(quant::ActivationQuantizer{kv.spec, {k_scale * bound}, {}});
       auto vq = std::make_shared<quant::ActivationQuantizer>(quant::ActivationQuantizer{kv.spec, {v_scale * bound}, {}});
+      if (reader.kv_algo == "FP8") w.kv_e4m3_amax = std::pair<float, float>{k_scale * bound, v_scale * bound};
       w.key_transform = [kq](float* x, std::int64_t rows, std::int64_t cols) { kq->apply(x, rows, cols); };
       w.value_transform = [vq](float* x, std::int64_t rows, std::int64_t cols) { vq->apply(x, rows, cols); };
     }
@@ -453,7 +560,7 @@ model::Model load_quantized(const std::string& dir, const QuantizedReader& reade
   return model::Model::load(dir, options);
 }
 
-model::Model load_model(const std::string& dir) {
+model::Model load_model(const std::string& dir, QuantizedRun run) {
   if (std::filesystem::is_regular_file(dir) && std::filesystem::path(dir).extension() == ".gguf") {
     // A llama.cpp file: its tensors dequantized to f32 in a temporary checkpoint, which can go as soon as the
     // model has mapped it (the mappings outlive the names).
@@ -470,9 +577,9 @@ model::Model load_model(const std::string& dir) {
       throw;
     }
   }
-  if (is_compressed_tensors_checkpoint(dir)) return load_quantized(dir, compressed_tensors_reader(dir));
+  if (is_compressed_tensors_checkpoint(dir)) return load_quantized(dir, compressed_tensors_reader(dir), run);
   if (!is_quantized_checkpoint(dir)) return model::Model::load(dir);
-  return load_quantized(dir, modelopt_reader(dir));
+  return load_quantized(dir, modelopt_reader(dir), run);
 }
 
 }  // namespace mopt::exporter

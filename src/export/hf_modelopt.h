@@ -29,6 +29,7 @@
 #include "export/checkpoint_dir.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
+#include "kernels/qlinear.h"
 #include "model/llama.h"
 #include "quant/quantized_layer.h"
 #include "quant/recipe.h"
@@ -92,8 +93,18 @@ struct QuantizedReader {
 QuantizedReader modelopt_reader(const std::string& dir);
 // [out, in] of Linear `kind` under `config`.
 std::pair<std::int64_t, std::int64_t> linear_shape(const io::ModelConfig& config, model::LinearKind kind);
-// A model whose quantized Linears hold the dequantized weights and fake-quantize their inputs.
-model::Model load_quantized(const std::string& dir, const QuantizedReader& reader);
+// How a quantized checkpoint's Linears run.
+enum class QuantizedRun {
+  kernels,     // weights stay quantized and run by the quantized kernels (kernels/qlinear.h)
+  fake_quant,  // weights dequantized to f32 (the definition the kernels are held to)
+};
+// The weight of a stored Linear in the kernels' terms (codes, scales, W8A8's input amax).
+kernels::QuantizedWeightSource kernel_source(const StoredLinear& stored);
+
+// A model whose quantized Linears fake-quantize their inputs (and keys/values) as the
+// checkpoint's scales say, with weights run as `run` says (W8A8 with the kernels quantizes
+// its input to int8 inside the kernel).
+model::Model load_quantized(const std::string& dir, const QuantizedReader& reader, QuantizedRun run = QuantizedRun::kernels);
 
 // Opens a quantized checkpoint and checks every quantized Linear's codes and
 // scales against its format (dtypes, shapes, finite positive scales) without
@@ -105,6 +116,6 @@ void validate_quantized_checkpoint(const std::string& dir);
 bool is_quantized_checkpoint(const std::string& dir);
 
 // Loads a checkpoint: plain, modelopt, compressed-tensors, or a .gguf file.
-model::Model load_model(const std::string& dir);
+model::Model load_model(const std::string& dir, QuantizedRun run = QuantizedRun::kernels);
 
 }  // namespace mopt::exporter

@@ -22,6 +22,8 @@ void check_shapes(const Tensor& weight, const Tensor* bias) {
   }
 }
 
+}  // namespace
+
 void add_bias(float* y, std::int64_t m, std::int64_t n, const Tensor* bias) {
   if (bias == nullptr) return;
   if (bias->dtype() == DType::F32) {
@@ -31,11 +33,15 @@ void add_bias(float* y, std::int64_t m, std::int64_t n, const Tensor* bias) {
     }
     return;
   }
-  const std::vector<float> b = bias->to_f32();
+  thread_local std::vector<float> b;  // reused: decoding allocates nothing per token
+  b.resize(static_cast<std::size_t>(n));
+  convert_to_f32(bias->dtype(), bias->bytes().data(), b.data(), static_cast<std::size_t>(n));
   for (std::int64_t i = 0; i < m; ++i) {
     for (std::int64_t j = 0; j < n; ++j) y[i * n + j] += b[static_cast<std::size_t>(j)];
   }
 }
+
+namespace {
 
 // One dot product of f32 x with row `row` of the weight, widened on the fly.
 using DotFn = float (*)(const float* x, const void* w_row, std::int64_t k);
@@ -91,7 +97,11 @@ void linear_forward(const float* x, std::int64_t m, const Tensor& weight, const 
     std::vector<float> buffer(static_cast<std::size_t>(tile * k));
     for (std::int64_t j0 = 0; j0 < n; j0 += tile) {
       const std::int64_t rows = std::min(tile, n - j0);
-      convert_to_f32(weight.dtype(), w + j0 * row_bytes, buffer.data(), static_cast<std::size_t>(rows * k));
+      // Widened by every thread (the BLAS then uses them all too).
+      float* b = buffer.data();
+      const DType t = weight.dtype();
+#pragma omp parallel for schedule(static)
+      for (std::int64_t r = 0; r < rows; ++r) convert_to_f32(t, w + (j0 + r) * row_bytes, b + r * k, static_cast<std::size_t>(k));
       gemm_f32_strided(x, m, k, buffer.data(), rows, y + j0, n, false);
     }
   }

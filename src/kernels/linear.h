@@ -12,6 +12,9 @@ namespace mopt::kernels {
 
 void linear_forward(const float* x, std::int64_t m, const Tensor& weight, const Tensor* bias, float* y);
 
+// y[i, j] += bias[j] for m rows of n (bias in any float dtype; nothing when null).
+void add_bias(float* y, std::int64_t m, std::int64_t n, const Tensor* bias);
+
 namespace ref {
 // Widens the whole weight and multiplies with the reference GEMM.
 void linear_forward(const float* x, std::int64_t m, const Tensor& weight, const Tensor* bias, float* y);

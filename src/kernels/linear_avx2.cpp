@@ -31,8 +31,22 @@ float dot_f32(const float* x, const void* w_row, std::int64_t k) {
 
 float dot_bf16(const float* x, const void* w_row, std::int64_t k) {
   const auto* w = static_cast<const std::uint16_t*>(w_row);
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  // Four independent FMA chains (one would wait on the FMA latency instead of on memory).
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
   std::int64_t p = 0;
+  for (; p + 32 <= k; p += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + p) + 2048, _MM_HINT_T0);
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p));
+    const __m256i g = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p + 16));
+    const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));
+    const __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)), 16));
+    const __m256 w2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(g)), 16));
+    const __m256 w3 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(g, 1)), 16));
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + p), w0, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + p + 8), w1, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + p + 16), w2, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + p + 24), w3, a3);
+  }
   for (; p + 16 <= k; p += 16) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p));
     const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));
@@ -40,7 +54,7 @@ float dot_bf16(const float* x, const void* w_row, std::int64_t k) {
     a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + p), w0, a0);
     a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + p + 8), w1, a1);
   }
-  float s = horizontal_sum(_mm256_add_ps(a0, a1));
+  float s = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
   for (; p < k; ++p) s += x[p] * bf16_to_f32(w[p]);
   return s;
 }

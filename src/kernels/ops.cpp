@@ -1,5 +1,7 @@
 #include "kernels/ops.h"
 
+#include "core/convert.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -146,6 +148,69 @@ void attention(const float* q, std::int64_t n_q, const std::int32_t* q_pos, cons
       }
     }
   }
+}
+
+std::size_t kv_element_bytes(KvElement element) {
+  switch (element) {
+    case KvElement::f32: return 4;
+    case KvElement::bf16: return 2;
+    case KvElement::e4m3: return 1;
+  }
+  return 4;
+}
+
+namespace {
+const float* e4m3_values() {
+  static const auto* table = [] {
+    auto* t = new float[256];
+    for (int c = 0; c < 256; ++c) t[c] = e4m3_to_f32(static_cast<std::uint8_t>(c));
+    return t;
+  }();
+  return table;
+}
+}  // namespace
+
+void kv_to_f32(const KvRows& rows, std::int64_t first, std::int64_t count, float* out) {
+  switch (rows.element) {
+    case KvElement::f32: std::copy_n(static_cast<const float*>(rows.data) + first, count, out); return;
+    case KvElement::bf16: convert_bf16_to_f32(static_cast<const std::uint16_t*>(rows.data) + first, out, static_cast<std::size_t>(count)); return;
+    case KvElement::e4m3: {
+      const float* table = e4m3_values();
+      const auto* c = static_cast<const std::uint8_t*>(rows.data) + first;
+      for (std::int64_t i = 0; i < count; ++i) out[i] = table[c[i]] * rows.scale;
+      return;
+    }
+  }
+}
+
+void attention_cached(const float* q, std::int64_t n_q, const std::int32_t* q_pos, const KvRows& k, const KvRows& v,
+                      std::int64_t n_k, std::int64_t heads, std::int64_t kv_heads, std::int64_t d, std::int64_t window, float* out) {
+  const std::int64_t kv_stride = kv_heads * d;
+  if (k.element == KvElement::f32 && v.element == KvElement::f32) {
+    attention(q, n_q, q_pos, static_cast<const float*>(k.data), static_cast<const float*>(v.data), n_k, heads, kv_heads, d, window, out);
+    return;
+  }
+  // Widen the keys and values the queries can see (every thread a share of the rows), then attend in f32.
+  // (Prefill multiplies by every key through the BLAS, masked ones included: widen them all.)
+  std::int64_t first_row = n_q >= 8 ? 0 : n_k;
+  for (std::int64_t i = 0; i < n_q; ++i) {
+    const std::int64_t p = q_pos[i];
+    first_row = std::min(first_row, window > 0 ? std::max<std::int64_t>(0, p - window + 1) : std::int64_t{0});
+  }
+  thread_local std::vector<float> kf, vf;
+  kf.resize(static_cast<std::size_t>(n_k * kv_stride));
+  vf.resize(kf.size());
+  float* kd = kf.data();
+  float* vd = vf.data();
+  const std::int64_t rows = n_k - first_row;
+  const std::int64_t chunk = 64;
+#pragma omp parallel for schedule(static)
+  for (std::int64_t c = 0; c < (rows + chunk - 1) / chunk; ++c) {
+    const std::int64_t r0 = first_row + c * chunk, r1 = std::min(n_k, r0 + chunk);
+    kv_to_f32(k, r0 * kv_stride, (r1 - r0) * kv_stride, kd + r0 * kv_stride);
+    kv_to_f32(v, r0 * kv_stride, (r1 - r0) * kv_stride, vd + r0 * kv_stride);
+  }
+  attention(q, n_q, q_pos, kd, vd, n_k, heads, kv_heads, d, window, out);
 }
 
 }  // namespace mopt::kernels

@@ -28,4 +28,20 @@ void silu_mul(float* gate, const float* up, std::int64_t n);
 void attention(const float* q, std::int64_t n_q, const std::int32_t* q_pos, const float* k, const float* v, std::int64_t n_k,
                std::int64_t heads, std::int64_t kv_heads, std::int64_t d, std::int64_t window, float* out);
 
+// Keys or values as a KV cache stores them: rows of kv_heads * d elements.
+enum class KvElement { f32, bf16, e4m3 };
+struct KvRows {
+  const void* data = nullptr;
+  KvElement element = KvElement::f32;
+  float scale = 1.0f;  // e4m3: the value of a code is e4m3_to_f32(code) * scale
+};
+std::size_t kv_element_bytes(KvElement element);
+// `count` elements of `rows`, from element `first` on, in f32.
+void kv_to_f32(const KvRows& rows, std::int64_t first, std::int64_t count, float* out);
+
+// attention() over keys and values stored as KvRows: decode (n_q < 8) reads
+// them in place, prefill widens them to f32 first and takes attention().
+void attention_cached(const float* q, std::int64_t n_q, const std::int32_t* q_pos, const KvRows& k, const KvRows& v,
+                      std::int64_t n_k, std::int64_t heads, std::int64_t kv_heads, std::int64_t d, std::int64_t window, float* out);
+
 }  // namespace mopt::kernels

@@ -1,6 +1,7 @@
 #include "model/llama.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -66,18 +67,53 @@ LayerWeights load_layer(const io::Checkpoint& ckpt, std::int64_t index) {
   return w;
 }
 
-KvCache::KvCache(const io::ModelConfig& c, std::int64_t slots, std::int64_t max_tokens)
-    : layers_(c.num_layers), slots_(slots), max_tokens_(max_tokens), kv_dim_(c.num_kv_heads * c.head_dim) {
+KvCache::KvCache(const io::ModelConfig& c, std::int64_t slots, std::int64_t max_tokens, kernels::KvElement element,
+                 std::vector<std::pair<float, float>> e4m3_amax)
+    : layers_(c.num_layers), slots_(slots), max_tokens_(max_tokens), kv_dim_(c.num_kv_heads * c.head_dim), element_(element) {
   if (slots <= 0 || max_tokens <= 0) fail("KV cache needs at least one slot and one token");
-  data_.assign(static_cast<std::size_t>(2 * layers_ * slots_ * max_tokens_ * kv_dim_), 0.0f);
+  if (element == kernels::KvElement::e4m3) {
+    if (static_cast<std::int64_t>(e4m3_amax.size()) != layers_) fail("an FP8 KV cache needs the amax of all {} layers, got {}", layers_, e4m3_amax.size());
+    for (const auto& [k, v] : e4m3_amax) {
+      for (float amax : {k, v}) {
+        if (!(amax > 5.9604644775390625e-08f)) amax = 1.0f;  // as the FP8 fake quantization takes a zero amax
+        const float scale = (1.0f / amax) * kE4M3Max;
+        scale_.push_back(scale);
+        inv_scale_.push_back(1.0f / scale);
+      }
+    }
+  }
+  data_.assign(static_cast<std::size_t>(2 * layers_ * slots_ * max_tokens_ * kv_dim_) * kernels::kv_element_bytes(element), 0);
 }
 
-float* KvCache::keys(std::int64_t layer, std::int64_t slot) {
-  return data_.data() + ((layer * slots_ + slot) * 2) * max_tokens_ * kv_dim_;
+std::size_t KvCache::offset(std::int64_t layer, std::int64_t slot, int which) const {
+  return static_cast<std::size_t>(((layer * slots_ + slot) * 2 + which) * max_tokens_ * kv_dim_) * kernels::kv_element_bytes(element_);
 }
 
-float* KvCache::values(std::int64_t layer, std::int64_t slot) {
-  return data_.data() + ((layer * slots_ + slot) * 2 + 1) * max_tokens_ * kv_dim_;
+void KvCache::store(std::int64_t layer, std::int64_t slot, std::int64_t pos, const float* k, const float* v, std::int64_t n) {
+  const auto count = static_cast<std::size_t>(n * kv_dim_);
+  for (int which = 0; which < 2; ++which) {
+    const float* src = which == 0 ? k : v;
+    std::uint8_t* base = data_.data() + offset(layer, slot, which);
+    const auto first = static_cast<std::size_t>(pos * kv_dim_);
+    switch (element_) {
+      case kernels::KvElement::f32: std::memcpy(reinterpret_cast<float*>(base) + first, src, count * sizeof(float)); break;
+      case kernels::KvElement::bf16: convert_f32_to_bf16(src, reinterpret_cast<std::uint16_t*>(base) + first, count); break;
+      case kernels::KvElement::e4m3: {
+        const float scale = scale_[static_cast<std::size_t>(layer * 2 + which)];
+        std::uint8_t* dst = base + first;
+        for (std::size_t i = 0; i < count; ++i) dst[i] = f32_to_e4m3(std::clamp(src[i] * scale, -kE4M3Max, kE4M3Max));
+        break;
+      }
+    }
+  }
+}
+
+kernels::KvRows KvCache::keys(std::int64_t layer, std::int64_t slot) const {
+  return {data_.data() + offset(layer, slot, 0), element_, element_ == kernels::KvElement::e4m3 ? inv_scale_[static_cast<std::size_t>(layer * 2)] : 1.0f};
+}
+
+kernels::KvRows KvCache::values(std::int64_t layer, std::int64_t slot) const {
+  return {data_.data() + offset(layer, slot, 1), element_, element_ == kernels::KvElement::e4m3 ? inv_scale_[static_cast<std::size_t>(layer * 2 + 1)] : 1.0f};
 }
 
 void Workspace::reserve(const io::ModelConfig& c, std::int64_t rows) {
@@ -137,17 +173,32 @@ namespace {
 
 void linear(const Linear& l, const float* x, std::int64_t rows, float* y, Workspace& ws) {
   if (l.input_transform) {
-    const auto cols = l.weight.rank() == 2 ? l.weight.dim(1) : 0;
+    const auto cols = l.in_features();
     const auto n = static_cast<std::size_t>(rows * cols);
     if (ws.transformed.size() < n) ws.transformed.resize(n);
     std::copy(x, x + n, ws.transformed.data());
     l.input_transform(ws.transformed.data(), rows, cols);
     x = ws.transformed.data();
   }
+  if (l.quantized) {
+    l.quantized->forward(x, rows, y);
+    kernels::add_bias(y, rows, l.quantized->out(), l.bias ? &*l.bias : nullptr);
+    return;
+  }
   kernels::linear_forward(x, rows, l.weight, l.bias ? &*l.bias : nullptr, y);
 }
 
 }  // namespace
+
+std::int64_t Linear::in_features() const {
+  if (quantized) return quantized->in();
+  return weight.rank() == 2 ? weight.dim(1) : 0;
+}
+
+std::uint64_t Linear::weight_bytes() const {
+  if (quantized) return quantized->bytes();
+  return weight.bytes().size();
+}
 
 void decoder_layer_forward(const io::ModelConfig& c, const std::vector<float>& inv_freq, std::int64_t layer,
                            const LayerWeights& w, float* hidden, std::int64_t rows, std::span<const SequenceSpan> batch,
@@ -176,8 +227,10 @@ void decoder_layer_forward(const io::ModelConfig& c, const std::vector<float>& i
   kernels::apply_rope(ws.q.data(), rows, nh, d, ws.positions.data(), inv_freq);
   kernels::apply_rope(ws.k.data(), rows, nkv, d, ws.positions.data(), inv_freq);
   if (observer) observer->key_value(layer, ws.k.data(), ws.v.data(), rows, kv_dim);
-  if (w.key_transform) w.key_transform(ws.k.data(), rows, kv_dim);
-  if (w.value_transform) w.value_transform(ws.v.data(), rows, kv_dim);
+  // An E4M3 cache quantizes as it stores (the same values the transforms would give).
+  const bool cache_quantizes = cache != nullptr && cache->element() == kernels::KvElement::e4m3;
+  if (w.key_transform && !cache_quantizes) w.key_transform(ws.k.data(), rows, kv_dim);
+  if (w.value_transform && !cache_quantizes) w.value_transform(ws.v.data(), rows, kv_dim);
 
   const std::int64_t window = c.sliding_window.value_or(0);
   for (const auto& s : batch) {
@@ -188,11 +241,9 @@ void decoder_layer_forward(const io::ModelConfig& c, const std::vector<float>& i
       const std::int64_t end = s.start_position + s.length;
       if (end > cache->max_tokens()) fail("sequence of {} tokens exceeds the KV cache of {}", end, cache->max_tokens());
       if (s.cache_slot < 0 || s.cache_slot >= cache->slots()) fail("KV cache slot {} out of range", s.cache_slot);
-      float* kc = cache->keys(layer, s.cache_slot);
-      float* vc = cache->values(layer, s.cache_slot);
-      std::memcpy(kc + s.start_position * kv_dim, ws.k.data() + s.offset * kv_dim, static_cast<std::size_t>(s.length * kv_dim) * sizeof(float));
-      std::memcpy(vc + s.start_position * kv_dim, ws.v.data() + s.offset * kv_dim, static_cast<std::size_t>(s.length * kv_dim) * sizeof(float));
-      kernels::attention(q, s.length, pos, kc, vc, end, nh, nkv, d, window, out);
+      cache->store(layer, s.cache_slot, s.start_position, ws.k.data() + s.offset * kv_dim, ws.v.data() + s.offset * kv_dim, s.length);
+      kernels::attention_cached(q, s.length, pos, cache->keys(layer, s.cache_slot), cache->values(layer, s.cache_slot), end, nh, nkv,
+                                d, window, out);
     } else {
       if (s.start_position != 0) fail("without a KV cache every sequence must start at position 0");
       kernels::attention(q, s.length, pos, ws.k.data() + s.offset * kv_dim, ws.v.data() + s.offset * kv_dim, s.length, nh,
@@ -241,6 +292,44 @@ const io::Tokenizer& Model::require_tokenizer() const {
   return *tokenizer_;
 }
 
+std::uint64_t Model::resident_weight_bytes() const {
+  std::uint64_t n = embed_tokens_.bytes().size() + final_norm_.bytes().size();
+  if (!config().tie_word_embeddings) n += lm_head_.bytes().size();
+  for (const auto& l : layers_) {
+    n += l.input_norm.bytes().size() + l.post_attention_norm.bytes().size();
+    if (l.q_norm) n += l.q_norm->bytes().size() + l.k_norm->bytes().size();
+    for (const auto kind : kAllLinears) {
+      const Linear& lin = l.linear(kind);
+      n += lin.weight_bytes() + (lin.bias ? lin.bias->bytes().size() : 0);
+    }
+  }
+  return n;
+}
+
+void Model::convert_float_weights(DType dtype) {
+  auto convert = [dtype](Tensor& t) {
+    if (t.numel() > 0 && t.dtype() != dtype && (t.dtype() == DType::F32 || t.dtype() == DType::F16 || t.dtype() == DType::BF16)) t = t.to(dtype);
+  };
+  const bool tied = lm_head_.bytes().data() == embed_tokens_.bytes().data();
+  convert(embed_tokens_);
+  if (tied) lm_head_ = embed_tokens_;
+  else convert(lm_head_);
+  for (auto& l : layers_) {
+    for (const auto kind : kAllLinears) {
+      Linear& lin = l.linear(kind);
+      if (!lin.quantized) convert(lin.weight);
+    }
+  }
+}
+
+KvCache Model::new_cache(std::int64_t slots, std::int64_t max_tokens) const {
+  const bool fp8 = !layers_.empty() && std::all_of(layers_.begin(), layers_.end(), [](const LayerWeights& l) { return l.kv_e4m3_amax.has_value(); });
+  if (!fp8) return KvCache(config(), slots, max_tokens, kv_element_);
+  std::vector<std::pair<float, float>> amax;
+  for (const auto& l : layers_) amax.push_back(*l.kv_e4m3_amax);
+  return KvCache(config(), slots, max_tokens, kernels::KvElement::e4m3, std::move(amax));
+}
+
 std::uint64_t Model::weight_bytes() const {
   std::uint64_t n = 0;
   for (const auto& loc : checkpoint_->tensors().all()) n += loc.entry->end - loc.entry->begin;
@@ -277,10 +366,12 @@ void Model::forward(std::span<const std::int32_t> tokens, std::span<const Sequen
   for (const auto& s : batch) covered += s.length;
   if (covered != rows) fail("batch spans cover {} rows but {} tokens were given", covered, rows);
   hidden_.resize(static_cast<std::size_t>(rows * c.hidden_size));
+  const auto t0 = std::chrono::steady_clock::now();
   embed(tokens, hidden_.data());
   for (std::int64_t l = 0; l < num_layers(); ++l) {
     decoder_layer_forward(c, inv_freq_, l, layers_[static_cast<std::size_t>(l)], hidden_.data(), rows, batch, cache, workspace_, observer);
   }
+  const auto t1 = std::chrono::steady_clock::now();
   std::vector<std::int64_t>& chosen = workspace_.chosen_rows;
   chosen.clear();
   if (which == LogitsFor::all_rows) {
@@ -290,6 +381,9 @@ void Model::forward(std::span<const std::int32_t> tokens, std::span<const Sequen
   }
   logits.resize(chosen.size() * static_cast<std::size_t>(c.vocab_size));
   head(hidden_.data(), chosen, logits.data());
+  const auto t2 = std::chrono::steady_clock::now();
+  profile_.layers_seconds += std::chrono::duration<double>(t1 - t0).count();
+  profile_.head_seconds += std::chrono::duration<double>(t2 - t1).count();
 }
 
 }  // namespace mopt::model

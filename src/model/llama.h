@@ -23,6 +23,8 @@
 #include "io/checkpoint.h"
 #include "io/hf_config.h"
 #include "io/tokenizer.h"
+#include "kernels/ops.h"
+#include "kernels/qlinear.h"
 
 namespace mopt::model {
 
@@ -39,9 +41,14 @@ std::string_view linear_name(LinearKind kind);
 using ActivationTransform = std::function<void(float* x, std::int64_t rows, std::int64_t cols)>;
 
 struct Linear {
-  Tensor weight;              // [out, in], f32, f16 or bf16
+  Tensor weight;              // [out, in], f32, f16 or bf16; empty when `quantized` holds the weight
   std::optional<Tensor> bias;  // [out]
   ActivationTransform input_transform;  // applied to a copy of the input when set
+  // The weight kept quantized and run by the quantized kernels (shared: layers are copied cheaply).
+  std::shared_ptr<const kernels::QuantizedLinear> quantized;
+  std::int64_t in_features() const;
+  // Bytes the forward pass reads for the weight (codes and scales when quantized).
+  std::uint64_t weight_bytes() const;
 };
 
 struct LayerWeights {
@@ -51,6 +58,9 @@ struct LayerWeights {
   Linear q, k, v, o, gate, up, down;
   // Applied to the keys (after RoPE) and to the values before attention uses or caches them.
   ActivationTransform key_transform, value_transform;
+  // FP8 KV cache: the static amax of keys and values; an E4M3 KvCache stores codes under it
+  // (and the transforms, which compute the same values, are then skipped).
+  std::optional<std::pair<float, float>> kv_e4m3_amax;
   Linear& linear(LinearKind kind);
   const Linear& linear(LinearKind kind) const;
 };
@@ -79,19 +89,29 @@ struct SequenceSpan {
   std::int64_t cache_slot = 0;  // which KV-cache slot holds its earlier tokens
 };
 
-// Keys and values of every layer for `slots` sequences of up to `max_tokens`.
+// Keys and values of every layer for `slots` sequences of up to `max_tokens`,
+// stored as f32, bf16 (rounded to nearest even) or E4M3 codes under a
+// per-layer static amax (the FP8 KV cache: code = e4m3(clamp(x * 448/amax)),
+// value = e4m3 * (1 / (448/amax)), exactly what its fake quantization computes).
 class KvCache {
  public:
-  KvCache(const io::ModelConfig& config, std::int64_t slots, std::int64_t max_tokens);
-  float* keys(std::int64_t layer, std::int64_t slot);
-  float* values(std::int64_t layer, std::int64_t slot);
+  KvCache(const io::ModelConfig& config, std::int64_t slots, std::int64_t max_tokens,
+          kernels::KvElement element = kernels::KvElement::f32, std::vector<std::pair<float, float>> e4m3_amax = {});
+  // Stores keys and values [n, kv_dim] (f32) of `slot` at positions [pos, pos + n).
+  void store(std::int64_t layer, std::int64_t slot, std::int64_t pos, const float* k, const float* v, std::int64_t n);
+  kernels::KvRows keys(std::int64_t layer, std::int64_t slot) const;
+  kernels::KvRows values(std::int64_t layer, std::int64_t slot) const;
+  kernels::KvElement element() const { return element_; }
   std::int64_t max_tokens() const { return max_tokens_; }
   std::int64_t slots() const { return slots_; }
-  std::size_t bytes() const { return data_.size() * sizeof(float); }
+  std::size_t bytes() const { return data_.size(); }
 
  private:
+  std::size_t offset(std::int64_t layer, std::int64_t slot, int which) const;
   std::int64_t layers_, slots_, max_tokens_, kv_dim_;
-  std::vector<float> data_;
+  kernels::KvElement element_;
+  std::vector<float> scale_, inv_scale_;  // e4m3: per layer, keys then values
+  std::vector<std::uint8_t> data_;
 };
 
 // Scratch buffers reused from call to call, so decoding allocates nothing per token.
@@ -139,6 +159,24 @@ class Model {
   const std::vector<float>& inv_freq() const { return inv_freq_; }
   // Bytes of all weights as stored.
   std::uint64_t weight_bytes() const;
+  // Bytes the forward pass keeps for weights: Linears as the kernels hold them, embeddings,
+  // lm_head (when not tied) and norms.
+  std::uint64_t resident_weight_bytes() const;
+  std::uint64_t embedding_bytes() const { return embed_tokens_.bytes().size(); }
+  // Widens or narrows every float weight kept as a plain tensor (embeddings, lm_head, unquantized
+  // Linears) to `dtype` (bf16 or f16 for a 16-bit baseline).
+  void convert_float_weights(DType dtype);
+
+  // A KV cache for this model: E4M3 when every layer has an FP8 KV amax, else `other` (f32 unless set).
+  KvCache new_cache(std::int64_t slots, std::int64_t max_tokens) const;
+  void set_kv_element(kernels::KvElement other) { kv_element_ = other; }
+
+  // Seconds spent in the decoder layers and in the head (final norm + lm_head) since the last reset.
+  struct Profile {
+    double layers_seconds = 0, head_seconds = 0;
+  };
+  const Profile& profile() const { return profile_; }
+  void reset_profile() const { profile_ = {}; }
 
   // Embeddings of `tokens` into out [tokens.size(), hidden].
   void embed(std::span<const std::int32_t> tokens, float* out) const;
@@ -160,6 +198,8 @@ class Model {
   std::vector<float> inv_freq_;
   mutable Workspace workspace_;
   mutable std::vector<float> hidden_;
+  mutable Profile profile_;
+  kernels::KvElement kv_element_ = kernels::KvElement::f32;
 };
 
 }  // namespace mopt::model

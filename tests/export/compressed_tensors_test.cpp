@@ -24,6 +24,7 @@
 #include "io/safetensors.h"
 #include "model/llama.h"
 #include "support/temp_dir.h"
+#include "support/tiny_kjv.h"
 
 namespace mopt::exporter {
 namespace {
@@ -31,65 +32,11 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 using testing::TempDir;
-
-std::string tiny_kjv() { return std::string(MOPT_MODELS_DIR) + "/tiny-kjv"; }
-
-// tiny-kjv's first two layers (the tests quantize it many times; the sanitizer build is slow).
-std::string two_layer_tiny_kjv() {
-  static const TempDir dir;
-  static const std::string path = [] {
-    const std::string out = dir.file("tiny-kjv-2");
-    fs::create_directories(out);
-    json config = io::parse_json_unique_keys(io::read_text_file(tiny_kjv() + "/config.json"), "config.json");
-    config["num_hidden_layers"] = 2;
-    std::ofstream(out + "/config.json") << config.dump(2);
-    for (const char* f : {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}) {
-      if (fs::exists(tiny_kjv() + "/" + f)) fs::copy_file(tiny_kjv() + "/" + f, out + "/" + f);
-    }
-    const auto store = io::TensorStore::open_dir(tiny_kjv());
-    std::vector<io::NamedTensor> tensors;
-    for (const auto& loc : store.all()) {
-      const std::string& n = loc.entry->name;
-      if (n.rfind("model.layers.", 0) == 0 && n.rfind("model.layers.0.", 0) != 0 && n.rfind("model.layers.1.", 0) != 0) continue;
-      tensors.push_back({n, store.tensor(n)});
-    }
-    io::write_safetensors(out + "/model.safetensors", tensors);
-    return out;
-  }();
-  return path;
-}
-
-const algo::CalibrationSet& calibration() {
-  static const algo::CalibrationSet calib = [] {
-    const auto base = model::Model::load(tiny_kjv());
-    const auto docs = io::read_documents(std::string(MOPT_SOURCE_DIR) + "/data/kjv-calib.txt");
-    return algo::make_calibration_set(docs, base.require_tokenizer(), 4, 64, 0);
-  }();
-  return calib;
-}
-
-const std::vector<std::int32_t>& heldout() {
-  static const std::vector<std::int32_t> ids = [] {
-    const auto base = model::Model::load(tiny_kjv());
-    return base.require_tokenizer().encode(io::read_text_file(std::string(MOPT_SOURCE_DIR) + "/data/kjv-heldout.txt").substr(0, 4000), false);
-  }();
-  return ids;
-}
-
-void quantize(const std::string& format, const std::string& algorithm, const std::string& out, bool fold = false,
-              std::optional<std::string> kv = std::nullopt) {
-  quant::Recipe r;
-  r.format = format;
-  r.algorithm = algorithm;
-  r.kv_cache = std::move(kv);
-  if (format.rfind("int4", 0) == 0 || format == "w4a8_awq") r.group_size = 64;
-  const io::Checkpoint ckpt = io::Checkpoint::open(two_layer_tiny_kjv());
-  HfModeloptWriter writer(ckpt, out, r);
-  algo::PtqOptions o;
-  o.fold_pre_quant_scales = fold;
-  algo::quantize_checkpoint(ckpt, r, calibration(), o, [&](quant::QuantizedLayer&& l) { writer.add_layer(l); });
-  writer.finish();
-}
+using testing::calibration;
+using testing::heldout;
+using testing::quantize;
+using testing::tiny_kjv;
+using testing::two_layer_tiny_kjv;
 
 std::vector<float> logits_of(const std::string& dir) {
   const model::Model m = load_model(dir);
@@ -269,7 +216,7 @@ TEST(GgufFromQuantized, Fp4CodesGoOverUnchanged) {
     EXPECT_EQ(g.find_tensor("blk.0.attn_q.weight")->type.type, nv ? io::GgmlType::NVFP4 : io::GgmlType::MXFP4);
     EXPECT_EQ(g.find_tensor("blk.0.attn_q.scale") != nullptr, nv);
     EXPECT_EQ(g.find_tensor("token_embd.weight")->type.type, io::GgmlType::Q8_0);
-    const model::Model a = load_model(tmp.file("q")), b = load_model(tmp.file("m.gguf"));
+    const model::Model a = load_model(tmp.file("q"), QuantizedRun::fake_quant), b = load_model(tmp.file("m.gguf"));
     for (std::int64_t l = 0; l < 2; ++l) {
       for (const auto kind : model::kAllLinears) {
         const std::vector<float> wa = a.layer(l).linear(kind).weight.to_f32(), wb = b.layer(l).linear(kind).weight.to_f32();

@@ -135,6 +135,41 @@ TEST(Attention, BothPathsMatchReferenceWithGqaAndWindow) {
   }
 }
 
+TEST(Attention, CachedBf16AndFp8MatchTheirWidenedValues) {
+  const std::int64_t heads = 6, kv_heads = 2, d = 16, n_k = 40;
+  const auto k = random_values(static_cast<std::size_t>(n_k * kv_heads * d), 21);
+  const auto v = random_values(static_cast<std::size_t>(n_k * kv_heads * d), 22);
+  std::vector<std::uint16_t> kb(k.size()), vb(v.size());
+  convert_f32_to_bf16(k.data(), kb.data(), k.size());
+  convert_f32_to_bf16(v.data(), vb.data(), v.size());
+  std::vector<std::uint8_t> k8(k.size()), v8(v.size());
+  const float ks = 0.01f, vs = 0.02f;  // code value x scale
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    k8[i] = f32_to_e4m3(k[i] / ks);
+    v8[i] = f32_to_e4m3(v[i] / vs);
+  }
+  const std::vector<KvRows> keys = {{kb.data(), KvElement::bf16, 1.0f}, {k8.data(), KvElement::e4m3, ks}};
+  const std::vector<KvRows> values = {{vb.data(), KvElement::bf16, 1.0f}, {v8.data(), KvElement::e4m3, vs}};
+  for (std::size_t t = 0; t < keys.size(); ++t) {
+    std::vector<float> kf(k.size()), vf(v.size());
+    kv_to_f32(keys[t], 0, static_cast<std::int64_t>(k.size()), kf.data());
+    kv_to_f32(values[t], 0, static_cast<std::int64_t>(v.size()), vf.data());
+    for (std::size_t i = 0; i < k.size(); ++i) {
+      const float expect = t == 0 ? bf16_to_f32(kb[i]) : e4m3_to_f32(k8[i]) * ks;
+      ASSERT_EQ(kf[i], expect);
+      ASSERT_NEAR(kf[i], k[i], 0.07f * std::fabs(k[i]) + 0.01f);  // the stored value is close to the original
+    }
+    for (const std::int64_t n_q : {2, 12}) {  // decode reads the cache in place; prefill widens it first
+      const auto q = random_values(static_cast<std::size_t>(n_q * heads * d), 23);
+      std::vector<std::int32_t> pos(static_cast<std::size_t>(n_q));
+      for (std::int64_t i = 0; i < n_q; ++i) pos[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(n_k - n_q + i);
+      std::vector<float> out(q.size());
+      attention_cached(q.data(), n_q, pos.data(), keys[t], values[t], n_k, heads, kv_heads, d, 0, out.data());
+      EXPECT_LE(max_relative(out, attention_ref(q, n_q, pos, kf, vf, n_k, heads, kv_heads, d, 0)), 1e-5) << "type " << t << " n_q " << n_q;
+    }
+  }
+}
+
 TEST(SiluMul, Definition) {
   std::vector<float> g = {0.0f, 1.0f, -2.0f};
   const std::vector<float> u = {3.0f, 2.0f, 1.0f};

@@ -1,0 +1,371 @@
+#include "kernels/qlinear.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/convert.h"
+#include "core/cpu_features.h"
+#include "core/error.h"
+#include "kernels/gemm.h"
+#include "kernels/linear.h"
+#include "kernels/qlinear_simd.h"
+
+namespace mopt::kernels {
+
+namespace {
+
+constexpr float kTinyAmax = 5.9604644775390625e-08f;  // 2^-24, below which an int8 input rounds to zero
+
+std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+bool simd_available() {
+  const auto& f = cpu_features();
+  return f.avx2 && f.fma && f.f16c;
+}
+
+bool is_nibble_type(QuantizedWeightType t) {
+  return t == QuantizedWeightType::int4 || t == QuantizedWeightType::int4_fp8_table || t == QuantizedWeightType::e2m1;
+}
+
+// The source's codes in their natural layout: its own vector, else the stored tensor's bytes.
+std::span<const std::uint8_t> codes_of(const QuantizedWeightSource& s) {
+  if (!s.codes.empty() || s.stored_codes.nbytes() == 0) return s.codes;
+  return {reinterpret_cast<const std::uint8_t*>(s.stored_codes.bytes().data()), s.stored_codes.nbytes()};
+}
+
+// Code of element (r, c) in the source's natural layout.
+std::uint8_t natural_code(const QuantizedWeightSource& s, std::span<const std::uint8_t> codes, std::int64_t r, std::int64_t c) {
+  if (is_nibble_type(s.type)) {
+    const std::uint8_t b = codes[static_cast<std::size_t>(r * ceil_div(s.in, 2) + c / 2)];
+    return static_cast<std::uint8_t>(c % 2 == 0 ? b & 0x0F : b >> 4);
+  }
+  return codes[static_cast<std::size_t>(r * s.in + c)];
+}
+
+// The value of code `code` at (r, c); int4 codes are two's complement nibbles.
+float code_value(const QuantizedWeightSource& s, std::int64_t nb, std::int64_t r, std::int64_t c, std::uint8_t code) {
+  const auto b = static_cast<std::size_t>(r * nb + c / s.block);
+  switch (s.type) {
+    case QuantizedWeightType::int4: return int4_to_f32(code) * s.scales[b];
+    case QuantizedWeightType::int4_fp8_table: return e4m3_to_f32(s.block_tables[b * 16 + (code ^ 8u)]) * s.table_scale;
+    case QuantizedWeightType::int8: return static_cast<float>(static_cast<std::int8_t>(code)) * s.scales[b];
+    case QuantizedWeightType::e4m3: return e4m3_to_f32(code) * s.scales[b];
+    case QuantizedWeightType::e2m1: return e2m1_to_f32(code) * s.scale_code_values[s.scale_codes[b]];
+  }
+  return 0.0f;
+}
+
+// Rows split in blocks over the OpenMP threads.
+template <class F>
+void parallel_rows(std::int64_t n, std::int64_t block, F&& f) {
+  const std::int64_t blocks = ceil_div(n, block);
+#pragma omp parallel for schedule(static)
+  for (std::int64_t b = 0; b < blocks; ++b) f(b * block, std::min(n, (b + 1) * block));
+}
+
+}  // namespace
+
+void quantize_int8_activations(const float* x, std::int64_t n, float amax, std::int8_t* codes) {
+  if (!(amax > kTinyAmax)) {
+    std::fill(codes, codes + n, std::int8_t{0});
+    return;
+  }
+  const float scale = 127.0f / amax;
+  for (std::int64_t i = 0; i < n; ++i) codes[i] = static_cast<std::int8_t>(std::clamp(std::nearbyint(x[i] * scale), -128.0f, 127.0f));
+}
+
+QuantizedLinear::QuantizedLinear(QuantizedWeightSource source, const std::string& label) : src_(std::move(source)) {
+  auto& s = src_;
+  if (s.out <= 0 || s.in <= 0 || s.block <= 0) fail("{}: quantized weight [{}, {}] with block {}", label, s.out, s.in, s.block);
+  blocks_per_row_ = ceil_div(s.in, s.block);
+  const auto scale_count = static_cast<std::size_t>(s.out * blocks_per_row_);
+  const auto code_bytes = static_cast<std::size_t>(is_nibble_type(s.type) ? s.out * ceil_div(s.in, 2) : s.out * s.in);
+  // Layouts the kernels rebuild take a copy; the rest read the stored codes where they are.
+  const bool keeps_natural_layout = (s.type == QuantizedWeightType::int8 && !s.int8_activations) || s.type == QuantizedWeightType::e4m3;
+  if (s.codes.empty() && !keeps_natural_layout) {
+    const auto stored = codes_of(s);
+    s.codes.assign(stored.begin(), stored.end());
+    s.stored_codes = Tensor();
+  }
+  codes_ = codes_of(s);
+  if (codes_.size() != code_bytes) fail("{}: {} code bytes for [{}, {}], expected {}", label, codes_.size(), s.out, s.in, code_bytes);
+  switch (s.type) {
+    case QuantizedWeightType::e2m1:
+      if (s.scale_codes.size() != scale_count || s.scale_code_values.size() != 256) fail("{}: FP4 scales do not match the weight", label);
+      break;
+    case QuantizedWeightType::int4_fp8_table:
+      if (s.block_tables.size() != scale_count * 16) fail("{}: {} table bytes, expected {}", label, s.block_tables.size(), scale_count * 16);
+      if (!std::isfinite(s.table_scale)) fail("{}: table scale {}", label, s.table_scale);
+      break;
+    default:
+      if (s.scales.size() != scale_count) fail("{}: {} scales, expected {}", label, s.scales.size(), scale_count);
+  }
+  for (const float v : s.scales) {
+    if (!std::isfinite(v)) fail("{}: a weight scale is {}", label, v);
+  }
+  if (s.type == QuantizedWeightType::e4m3) {
+    for (std::size_t i = 0; i < codes_.size(); ++i) {
+      if ((codes_[i] & 0x7F) == 0x7F) fail("{}: the E4M3 weight code at row {} column {} is NaN", label, i / s.in, i % s.in);
+    }
+  }
+  if (s.int8_activations && s.type != QuantizedWeightType::int8) fail("{}: int8 activations need int8 weights", label);
+  if (s.int8_activations && !(std::isfinite(s.input_amax) && s.input_amax >= 0.0f)) fail("{}: input amax {}", label, s.input_amax);
+
+  const bool simd = simd_available();
+  switch (s.type) {
+    case QuantizedWeightType::int4:
+    case QuantizedWeightType::int4_fp8_table:
+      vectorized_ = simd && s.in % 64 == 0 && s.block % 64 == 0 && s.in % s.block == 0;
+      break;
+    case QuantizedWeightType::e2m1: vectorized_ = simd && s.in % 64 == 0 && (s.block == 16 || s.block == 32); break;
+    case QuantizedWeightType::int8:
+      if (s.int8_activations) {
+        // The AVX2 product needs weight codes in -127..127 (the sign trick); -128 takes the plain loop.
+        vectorized_ = simd && std::none_of(codes_.begin(), codes_.end(), [](std::uint8_t c) { return c == 0x80; });
+      } else {
+        vectorized_ = simd && s.in % 16 == 0 && (s.block % 16 == 0 || s.block >= s.in);
+      }
+      break;
+    case QuantizedWeightType::e4m3: vectorized_ = simd && s.in % 16 == 0 && (s.block % 16 == 0 || s.block >= s.in); break;
+  }
+  if (s.type == QuantizedWeightType::e2m1) {
+    for (const float v : s.scale_code_values) half_code_values_.push_back(v * 0.5f);
+  }
+  if (vectorized_ && is_nibble_type(s.type)) {
+    // Chunks of 64 inputs: byte j holds input j (low nibble) and j + 32 (high); int4 biased to 0..15.
+    const std::int64_t row_bytes = s.in / 2;
+    layout_.nibbles.assign(static_cast<std::size_t>(s.out * row_bytes), 0);
+    const std::uint8_t bias = s.type == QuantizedWeightType::e2m1 ? 0 : 8;
+    for (std::int64_t r = 0; r < s.out; ++r) {
+      std::uint8_t* dst = layout_.nibbles.data() + r * row_bytes;
+      for (std::int64_t c = 0; c < s.in; ++c) {
+        const auto n = static_cast<std::uint8_t>(natural_code(s, codes_, r, c) ^ bias);
+        const std::int64_t chunk = c / 64, j = c % 64;
+        dst[chunk * 32 + j % 32] |= static_cast<std::uint8_t>(j < 32 ? n : n << 4);
+      }
+    }
+    std::vector<std::uint8_t>().swap(s.codes);  // give the natural copy back (clear() keeps the capacity)
+    codes_ = {};
+  }
+  if (s.int8_activations) {
+    if (s.block < s.in) fail("{}: int8 w8a8 needs one scale per weight row", label);
+    // y = sum(qx * qw) * w_scale / (127 / amax): the fake-quantized product, computed on integers.
+    const float x_scale = s.input_amax > kTinyAmax ? 127.0f / s.input_amax : 1.0f;
+    w8a8_factor_.resize(static_cast<std::size_t>(s.out));
+    for (std::int64_t r = 0; r < s.out; ++r) w8a8_factor_[static_cast<std::size_t>(r)] = s.scales[static_cast<std::size_t>(r)] / x_scale;
+    if (vectorized_) {
+      layout_.k32 = ceil_div(s.in, 32) * 32;
+      layout_.int8_rows.assign(static_cast<std::size_t>(s.out * layout_.k32), 0);
+      for (std::int64_t r = 0; r < s.out; ++r) {
+        std::copy_n(reinterpret_cast<const std::int8_t*>(codes_.data()) + r * s.in, s.in, layout_.int8_rows.data() + r * layout_.k32);
+      }
+      std::vector<std::uint8_t>().swap(s.codes);
+      codes_ = {};
+    }
+  }
+}
+
+std::uint64_t QuantizedLinear::bytes() const {
+  return codes_.size() + layout_.nibbles.size() + layout_.int8_rows.size() + src_.scales.size() * sizeof(float) +
+         src_.scale_codes.size() + src_.block_tables.size();
+}
+
+std::string QuantizedLinear::describe() const {
+  switch (src_.type) {
+    case QuantizedWeightType::int4: return fmt::format("int4 g{}", src_.block);
+    case QuantizedWeightType::int4_fp8_table: return fmt::format("int4 g{} via fp8", src_.block);
+    case QuantizedWeightType::int8: return src_.int8_activations ? "int8 w8a8" : "int8 weight-only";
+    case QuantizedWeightType::e4m3: return src_.block >= src_.in ? "fp8" : fmt::format("fp8 block {}", src_.block);
+    case QuantizedWeightType::e2m1: return fmt::format("fp4 block {}", src_.block);
+  }
+  return "?";
+}
+
+void QuantizedLinear::dequantize_rows(std::int64_t row0, std::int64_t rows, float* out) const {
+  const auto& s = src_;
+  if (vectorized_ && !s.int8_activations) {
+    const std::int64_t r1 = row0 + rows;
+    switch (s.type) {
+      case QuantizedWeightType::int4: return avx2::dequantize_int4(layout_.nibbles.data(), s.scales.data(), s.block, s.in, row0, r1, out);
+      case QuantizedWeightType::int4_fp8_table:
+        return avx2::dequantize_int4_fp8_table(layout_.nibbles.data(), s.block_tables.data(), s.table_scale, s.block, s.in, row0, r1, out);
+      case QuantizedWeightType::e2m1:
+        return avx2::dequantize_e2m1(layout_.nibbles.data(), s.scale_codes.data(), half_code_values_.data(), s.block, s.in, row0, r1, out);
+      case QuantizedWeightType::int8:
+        return avx2::dequantize_int8(reinterpret_cast<const std::int8_t*>(codes_.data()), s.scales.data(), std::min(s.block, s.in), s.in, row0, r1, out);
+      case QuantizedWeightType::e4m3: return avx2::dequantize_e4m3(codes_.data(), s.scales.data(), std::min(s.block, s.in), s.in, row0, r1, out);
+    }
+  }
+  for (std::int64_t r = row0; r < row0 + rows; ++r) {
+    float* o = out + (r - row0) * s.in;
+    if (!layout_.nibbles.empty()) {
+      const std::uint8_t* src = layout_.nibbles.data() + r * (s.in / 2);
+      const std::uint8_t unbias = s.type == QuantizedWeightType::e2m1 ? 0 : 8;
+      for (std::int64_t c = 0; c < s.in; ++c) {
+        const std::int64_t chunk = c / 64, j = c % 64;
+        const std::uint8_t b = src[chunk * 32 + j % 32];
+        o[c] = code_value(s, blocks_per_row_, r, c, static_cast<std::uint8_t>((j < 32 ? b & 0x0F : b >> 4) ^ unbias));
+      }
+    } else if (!layout_.int8_rows.empty()) {
+      for (std::int64_t c = 0; c < s.in; ++c) {
+        o[c] = static_cast<float>(layout_.int8_rows[static_cast<std::size_t>(r * layout_.k32 + c)]) * s.scales[static_cast<std::size_t>(r * blocks_per_row_ + c / s.block)];
+      }
+    } else {
+      for (std::int64_t c = 0; c < s.in; ++c) o[c] = code_value(s, blocks_per_row_, r, c, natural_code(s, codes_, r, c));
+    }
+  }
+}
+
+void QuantizedLinear::forward(const float* x, std::int64_t m, float* y) const {
+  if (m <= 0) return;
+  if (src_.int8_activations) return forward_w8a8(x, m, y);
+  if (m <= kGemvMaxRows) return forward_gemv(x, m, y);
+  forward_tiles(x, m, y);
+}
+
+void QuantizedLinear::forward_gemv(const float* x, std::int64_t m, float* y) const {
+  const auto& s = src_;
+  const std::int64_t k = s.in, n = s.out;
+  const int mi = static_cast<int>(m);
+  if (!vectorized_) {
+    parallel_rows(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+      thread_local std::vector<float> row;
+      if (row.size() < static_cast<std::size_t>(k)) row.resize(static_cast<std::size_t>(k));
+      for (std::int64_t r = r0; r < r1; ++r) {
+        dequantize_rows(r, 1, row.data());
+        for (std::int64_t i = 0; i < m; ++i) {
+          float acc = 0.0f;
+          for (std::int64_t p = 0; p < k; ++p) acc += x[i * k + p] * row[static_cast<std::size_t>(p)];
+          y[i * n + r] = acc;
+        }
+      }
+    });
+    return;
+  }
+  switch (s.type) {
+    case QuantizedWeightType::int4: {
+      // The input rounded to int8 per 64 values; offsets carry the -8 of the biased nibbles.
+      thread_local std::vector<std::int8_t> codes;
+      thread_local std::vector<float> steps, offsets;
+      const std::int64_t chunks = k / 64, groups = k / s.block, per_group = s.block / 64;
+      codes.resize(static_cast<std::size_t>(m * k));
+      steps.resize(static_cast<std::size_t>(m * chunks));
+      offsets.assign(static_cast<std::size_t>(m * groups), 0.0f);
+      for (std::int64_t i = 0; i < m; ++i) {
+        for (std::int64_t c = 0; c < chunks; ++c) {
+          const float* xc = x + i * k + c * 64;
+          std::int8_t* qc = codes.data() + i * k + c * 64;
+          float amax = 0.0f;
+          for (int t = 0; t < 64; ++t) amax = std::max(amax, std::fabs(xc[t]));
+          const float step = amax / 127.0f;
+          const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+          std::int32_t sum = 0;
+          for (int t = 0; t < 64; ++t) {
+            qc[t] = static_cast<std::int8_t>(std::clamp(std::nearbyint(xc[t] * inv), -127.0f, 127.0f));
+            sum += qc[t];
+          }
+          steps[static_cast<std::size_t>(i * chunks + c)] = step;
+          offsets[static_cast<std::size_t>(i * groups + c / per_group)] += step * static_cast<float>(sum);
+        }
+      }
+      const avx2::Int8Blocks xb{codes.data(), steps.data(), offsets.data()};
+      parallel_rows(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+        avx2::gemv_int4(layout_.nibbles.data(), s.scales.data(), s.block, k, r0, r1, xb, mi, y, n);
+      });
+      return;
+    }
+    case QuantizedWeightType::int4_fp8_table:
+      parallel_rows(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+        avx2::gemv_int4_fp8_table(layout_.nibbles.data(), s.block_tables.data(), s.table_scale, s.block, k, r0, r1, x, mi, y, n);
+      });
+      return;
+    case QuantizedWeightType::e2m1:
+      parallel_rows(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+        avx2::gemv_e2m1(layout_.nibbles.data(), s.scale_codes.data(), half_code_values_.data(), s.block, k, r0, r1, x, mi, y, n);
+      });
+      return;
+    case QuantizedWeightType::int8:
+      parallel_rows(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+        avx2::gemv_int8(reinterpret_cast<const std::int8_t*>(codes_.data()), s.scales.data(), std::min(s.block, k), k, r0, r1, x, mi, y, n);
+      });
+      return;
+    case QuantizedWeightType::e4m3:
+      parallel_rows(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+        avx2::gemv_e4m3(codes_.data(), s.scales.data(), std::min(s.block, k), k, r0, r1, x, mi, y, n);
+      });
+      return;
+  }
+}
+
+void QuantizedLinear::forward_tiles(const float* x, std::int64_t m, float* y) const {
+  const std::int64_t k = src_.in, n = src_.out;
+  const std::int64_t tile = std::max<std::int64_t>(16, std::min<std::int64_t>(n, (1 << 20) / std::max<std::int64_t>(k, 1)));
+  thread_local std::vector<float> buffer;
+  buffer.resize(static_cast<std::size_t>(tile * k));
+  for (std::int64_t j0 = 0; j0 < n; j0 += tile) {
+    const std::int64_t rows = std::min(tile, n - j0);
+    float* b = buffer.data();
+    parallel_rows(rows, 4, [&](std::int64_t r0, std::int64_t r1) { dequantize_rows(j0 + r0, r1 - r0, b + r0 * k); });
+    gemm_f32_strided(x, m, k, b, rows, y + j0, n, false);
+  }
+}
+
+void QuantizedLinear::forward_w8a8(const float* x, std::int64_t m, float* y) const {
+  const auto& s = src_;
+  const std::int64_t k = s.in, n = s.out;
+  const std::vector<float>& factor = w8a8_factor_;
+  thread_local std::vector<std::int8_t> xq;
+  if (vectorized_) {
+    const std::int64_t k32 = layout_.k32;
+    xq.assign(static_cast<std::size_t>(m * k32), 0);
+    for (std::int64_t i = 0; i < m; ++i) quantize_int8_activations(x + i * k, k, s.input_amax, xq.data() + i * k32);
+    const std::int8_t* codes = xq.data();  // thread_local: the workers must see this thread's buffer
+    parallel_rows(n, m <= kGemvMaxRows ? 16 : 64, [&](std::int64_t r0, std::int64_t r1) {
+      avx2::int8_gemm(layout_.int8_rows.data(), k32, r0, r1, codes, m, factor.data(), y, n);
+    });
+    return;
+  }
+  xq.resize(static_cast<std::size_t>(m * k));
+  quantize_int8_activations(x, m * k, s.input_amax, xq.data());
+  const auto* w = reinterpret_cast<const std::int8_t*>(codes_.data());
+  const std::int8_t* codes = xq.data();
+  parallel_rows(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t r = r0; r < r1; ++r) {
+      for (std::int64_t i = 0; i < m; ++i) {
+        std::int32_t acc = 0;
+        for (std::int64_t p = 0; p < k; ++p) acc += static_cast<std::int32_t>(codes[i * k + p]) * w[r * k + p];
+        y[i * n + r] = static_cast<float>(acc) * factor[static_cast<std::size_t>(r)];
+      }
+    }
+  });
+}
+
+namespace ref {
+
+std::vector<float> dequantize(const QuantizedWeightSource& s) {
+  const std::int64_t nb = ceil_div(s.in, s.block);
+  std::vector<float> w(static_cast<std::size_t>(s.out * s.in));
+  for (std::int64_t r = 0; r < s.out; ++r) {
+    for (std::int64_t c = 0; c < s.in; ++c) w[static_cast<std::size_t>(r * s.in + c)] = code_value(s, nb, r, c, natural_code(s, codes_of(s), r, c));
+  }
+  return w;
+}
+
+void quantized_linear_forward(const QuantizedWeightSource& s, const float* x, std::int64_t m, float* y) {
+  const std::vector<float> w = dequantize(s);
+  if (!s.int8_activations) {
+    kernels::ref::gemm_f32(x, m, s.in, w.data(), s.out, y);
+    return;
+  }
+  // The fake-quantized input: clamp(rint(x * 127/amax), -128, 127) / (127/amax).
+  std::vector<std::int8_t> q(static_cast<std::size_t>(m * s.in));
+  quantize_int8_activations(x, m * s.in, s.input_amax, q.data());
+  const float x_scale = s.input_amax > kTinyAmax ? 127.0f / s.input_amax : 1.0f;
+  std::vector<float> xf(q.size());
+  for (std::size_t i = 0; i < q.size(); ++i) xf[i] = static_cast<float>(q[i]) / x_scale;
+  kernels::ref::gemm_f32(xf.data(), m, s.in, w.data(), s.out, y);
+}
+
+}  // namespace ref
+
+}  // namespace mopt::kernels

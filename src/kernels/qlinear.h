@@ -1,0 +1,131 @@
+// Linear layers whose weights stay quantized: the codes are repacked once, at
+// load, into the layout the kernels read, and decoded in registers while
+// multiplying (never widened to a full f32 matrix).
+//
+//   weights  codes                     scales (per row, per block of `block` inputs)
+//   int4     -8..7                     f32                (INT4 AWQ / W4A16)
+//   int4     -8..7 through a per-block table of 16 E4M3 codes, times one f32
+//                                                         (W4A8: the INT4 value after its FP8 stage)
+//   int8     -128..127                 f32 per row        (W8A16; W8A8 runs int8 x int8 -> int32)
+//   e4m3     FP8                       f32                (FP8 per tensor / channel / 128x128 block, MXFP8)
+//   e2m1     FP4                       E4M3 x global f32 (NVFP4) or E8M0 (MXFP4), one byte per block
+//
+// Activations arrive in f32, already transformed the way the format says
+// (pre-quantization scale, FP8/FP4 rounding: the model's input transform);
+// only W8A8 quantizes them here, to int8 with the static input scale, because
+// its product runs on integers.
+//
+// Kernels: m <= kGemvMaxRows rows (decode) run a GEMV that reads each weight
+// once for all rows (the INT4 GEMV rounds its input to int8 per 64 inputs,
+// dynamically, as llama.cpp's Q4_0 x Q8_0 product does, so that it runs on
+// integers at the memory's speed; the reference keeps the input in f32); more rows (prefill) decode tiles of weight rows into f32
+// and multiply them with the BLAS, except W8A8, which has its own int8 GEMM.
+// Each has a plain reference (ref::) that the fast versions are tested
+// against; the AVX2 versions are chosen at run time (cpu_features()).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace mopt::kernels {
+
+enum class QuantizedWeightType { int4, int4_fp8_table, int8, e4m3, e2m1 };
+
+// What the exporter's reader hands over: codes in their natural order.
+struct QuantizedWeightSource {
+  QuantizedWeightType type = QuantizedWeightType::int8;
+  std::int64_t out = 0, in = 0;
+  std::int64_t block = 0;  // inputs per scale along a row; `in` for one scale per row
+  // Codes [out, in] row-major: one byte each (int8 as two's complement, e4m3),
+  // or one nibble each for int4 (two's complement) and e2m1, even column in the low nibble
+  // (rows padded to a whole byte).
+  std::vector<std::uint8_t> codes;
+  // Or the codes as a checkpoint stores them (a view into its mapped file), used in place where the
+  // kernels read that layout (int8 weight-only, e4m3) and copied otherwise. Used when `codes` is empty.
+  Tensor stored_codes;
+  // int4, int8, e4m3: [out, ceil(in/block)] f32 scales.
+  std::vector<float> scales;
+  // e2m1: [out, ceil(in/block)] scale codes and what each code stands for (the
+  // E4M3 value times NVFP4's global scale, or the E8M0 power of two).
+  std::vector<std::uint8_t> scale_codes;
+  std::vector<float> scale_code_values;  // 256 entries
+  // int4_fp8_table: per block the 16 E4M3 codes of INT4 values -8..7 ([out, nb, 16]) and the f32 they are scaled by.
+  std::vector<std::uint8_t> block_tables;
+  float table_scale = 1.0f;
+  // W8A8: the input is quantized to int8 with clamp(rint(x * 127 / input_amax), -128, 127).
+  bool int8_activations = false;
+  float input_amax = 0.0f;
+};
+
+class QuantizedLinear {
+ public:
+  // Repacks the codes (throws Error naming `label` for a shape or code the layout cannot hold).
+  QuantizedLinear(QuantizedWeightSource source, const std::string& label);
+  // Not copyable (it refers into its own buffers); moves keep the buffers.
+  QuantizedLinear(const QuantizedLinear&) = delete;
+  QuantizedLinear& operator=(const QuantizedLinear&) = delete;
+  QuantizedLinear(QuantizedLinear&&) = default;
+  QuantizedLinear& operator=(QuantizedLinear&&) = default;
+
+  std::int64_t out() const { return src_.out; }
+  std::int64_t in() const { return src_.in; }
+  QuantizedWeightType type() const { return src_.type; }
+  bool int8_activations() const { return src_.int8_activations; }
+  // Bytes the kernels read for the weight: codes, scales and tables.
+  std::uint64_t bytes() const;
+  // "int4 g128", "int8 w8a8", ... for reports.
+  std::string describe() const;
+  // Whether a vectorized kernel runs it on this CPU (else the plain loops).
+  bool vectorized() const { return vectorized_; }
+
+  // y[m, out] = x[m, in] · Wᵀ.
+  void forward(const float* x, std::int64_t m, float* y) const;
+
+  // Rows [row0, row0 + rows) of the weight in f32 (what the kernels multiply by).
+  void dequantize_rows(std::int64_t row0, std::int64_t rows, float* out) const;
+
+  // The source with its codes dropped where they were repacked (scales and tables stay).
+  const QuantizedWeightSource& source() const { return src_; }
+  std::int64_t blocks_per_row() const { return blocks_per_row_; }
+
+  // The kernels' layouts (public for the AVX2 translation unit).
+  struct Layout {
+    // int4, int4_fp8_table, e2m1 (when in % 64 == 0): per row, chunks of 64 inputs as 32 bytes,
+    // byte j holding input j in its low nibble and input j + 32 in its high one. int4 codes are
+    // biased by 8 (0..15, which also index int4_fp8_table's tables); e2m1 codes as they are.
+    std::vector<std::uint8_t> nibbles;
+    // int8 for W8A8: rows padded with zeros to k32 = in rounded up to 32.
+    std::vector<std::int8_t> int8_rows;
+    std::int64_t k32 = 0;
+  };
+  const Layout& layout() const { return layout_; }
+
+ private:
+  void forward_gemv(const float* x, std::int64_t m, float* y) const;
+  void forward_tiles(const float* x, std::int64_t m, float* y) const;
+  void forward_w8a8(const float* x, std::int64_t m, float* y) const;
+
+  QuantizedWeightSource src_;
+  Layout layout_;
+  std::span<const std::uint8_t> codes_;  // the codes in their natural layout (empty once repacked)
+  std::vector<float> w8a8_factor_;  // per row: weight scale / input scale
+  std::vector<float> half_code_values_;  // e2m1: scale_code_values / 2 (the kernels decode 2 x E2M1)
+  std::int64_t blocks_per_row_ = 0;
+  bool vectorized_ = false;
+};
+
+// int8 activation codes as W8A8 quantizes them: clamp(rint(x * (127 / amax)), -128, 127).
+void quantize_int8_activations(const float* x, std::int64_t n, float amax, std::int8_t* codes);
+
+namespace ref {
+// The f32 weight [out, in] a source stands for, read from its natural layout.
+std::vector<float> dequantize(const QuantizedWeightSource& source);
+// Dequantizes the whole weight, quantizes the input as the format says (W8A8), multiplies with the reference GEMM.
+void quantized_linear_forward(const QuantizedWeightSource& source, const float* x, std::int64_t m, float* y);
+}
+
+}  // namespace mopt::kernels

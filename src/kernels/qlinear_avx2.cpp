@@ -1,0 +1,466 @@
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "kernels/qlinear_simd.h"
+
+namespace mopt::kernels::avx2 {
+
+namespace {
+
+float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+
+std::int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// 16 E4M3 codes -> two f32 vectors of their values times 2^-8: the code's
+// exponent and mantissa moved into an F16's (bias 15 instead of 7), then F16C.
+inline void e4m3x16_times_2m8(__m128i bytes, __m256& lo, __m256& hi) {
+  const __m256i v = _mm256_cvtepi8_epi16(bytes);  // sign-extended: bits 8..15 repeat the sign
+  const __m256i h = _mm256_and_si256(_mm256_slli_epi16(v, 7), _mm256_set1_epi16(static_cast<short>(0xBFFF)));
+  lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+  hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+
+// The weight streams from memory: ask for what comes 1 KiB later while this is used.
+inline void prefetch_ahead(const void* p) { _mm_prefetch(static_cast<const char*>(p) + 1024, _MM_HINT_T0); }
+
+// Low 8 int8 of v -> f32.
+inline __m256 i8x8_to_f32(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+// The 32 int8 of v -> four f32 vectors (inputs 0-7, 8-15, 16-23, 24-31).
+inline void i8x32_to_f32(__m256i v, __m256* w) {
+  const __m128i a = _mm256_castsi256_si128(v), b = _mm256_extracti128_si256(v, 1);
+  w[0] = i8x8_to_f32(a);
+  w[1] = i8x8_to_f32(_mm_srli_si128(a, 8));
+  w[2] = i8x8_to_f32(b);
+  w[3] = i8x8_to_f32(_mm_srli_si128(b, 8));
+}
+
+// Independent FMA chains per input row (the latency of one chain would bound the GEMV):
+// four for one row, two each for more.
+template <int M>
+inline constexpr int kChains = M == 1 ? 4 : 2;
+
+template <int M>
+inline __m256 sum_chains(const __m256* a) {
+  __m256 s = _mm256_add_ps(a[0], a[1]);
+  if constexpr (kChains<M> == 4) s = _mm256_add_ps(s, _mm256_add_ps(a[2], a[3]));
+  return s;
+}
+
+template <int M>
+void gemv_int4_m(const std::uint8_t* nibbles, const float* scales, std::int64_t group, std::int64_t k, std::int64_t r0,
+                 std::int64_t r1, const Int8Blocks& x, float* y, std::int64_t ldy) {
+  const std::int64_t chunks = k / 64, groups = k / group, per_group = group / 64;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* wr = nibbles + r * (k / 2);
+    const float* sr = scales + r * groups;
+    __m256 acc[M];
+    float offset[M];
+    for (int i = 0; i < M; ++i) {
+      acc[i] = _mm256_setzero_ps();
+      offset[i] = 0.0f;
+    }
+    for (std::int64_t g = 0; g < groups; ++g) {
+      __m256 gacc[M];
+      for (int i = 0; i < M; ++i) gacc[i] = _mm256_setzero_ps();
+      for (std::int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+        prefetch_ahead(wr + c * 32);
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32));
+        const __m256i lo = _mm256_and_si256(b, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+        for (int i = 0; i < M; ++i) {
+          const std::int8_t* xq = x.codes + i * k + c * 64;
+          // Unsigned nibble (0..15) x signed code (-127..127): pairs stay far from int16's limit.
+          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
+                                             _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32))));
+          const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+          gacc[i] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(x.steps + i * chunks + c), gacc[i]);
+        }
+      }
+      const __m256 s = _mm256_broadcast_ss(sr + g);
+      for (int i = 0; i < M; ++i) {
+        acc[i] = _mm256_fmadd_ps(gacc[i], s, acc[i]);
+        offset[i] += sr[g] * x.offsets[i * groups + g];
+      }
+    }
+    for (int i = 0; i < M; ++i) y[i * ldy + r] = hsum(acc[i]) - 8.0f * offset[i];
+  }
+}
+
+template <int M>
+void gemv_int4_fp8_table_m(const std::uint8_t* nibbles, const std::uint8_t* tables, float table_scale, std::int64_t group,
+                           std::int64_t k, std::int64_t r0, std::int64_t r1, const float* x, float* y, std::int64_t ldy) {
+  const std::int64_t groups = k / group, per_group = group / 64;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const float out_scale = table_scale * 256.0f;
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* wr = nibbles + r * (k / 2);
+    // Independent accumulators: one FMA chain would wait on its latency.
+    __m256 acc[M][4];
+    for (int i = 0; i < M; ++i) {
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+    }
+    for (std::int64_t g = 0; g < groups; ++g) {
+      const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tables + (r * groups + g) * 16)));
+      for (std::int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+        prefetch_ahead(wr + c * 32);
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32));
+        const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(b, low4));
+        const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
+        __m256 w[8];
+        e4m3x16_times_2m8(_mm256_castsi256_si128(lo), w[0], w[1]);
+        e4m3x16_times_2m8(_mm256_extracti128_si256(lo, 1), w[2], w[3]);
+        e4m3x16_times_2m8(_mm256_castsi256_si128(hi), w[4], w[5]);
+        e4m3x16_times_2m8(_mm256_extracti128_si256(hi, 1), w[6], w[7]);
+        for (int i = 0; i < M; ++i) {
+          const float* xr = x + i * k + c * 64;
+          for (int t = 0; t < 8; ++t) acc[i][t % 4] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8 * t), w[t], acc[i][t % 4]);
+        }
+      }
+    }
+    for (int i = 0; i < M; ++i) {
+      y[i * ldy + r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]), _mm256_add_ps(acc[i][2], acc[i][3]))) * out_scale;
+    }
+  }
+}
+
+template <int M>
+void gemv_e2m1_m(const std::uint8_t* nibbles, const std::uint8_t* scale_codes, const float* values_half, std::int64_t block,
+                 std::int64_t k, std::int64_t r0, std::int64_t r1, const float* x, float* y, std::int64_t ldy) {
+  const std::int64_t nb = k / block;
+  const int vectors_per_block = static_cast<int>(block / 8);  // 2 or 4
+  const int blocks_per_chunk = 8 / vectors_per_block;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  // 2 x E2M1 by code: 0, .5, 1, 1.5, 2, 3, 4, 6 and their negatives.
+  const __m256i lut = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2,
+                                       -3, -4, -6, -8, -12);
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* wr = nibbles + r * (k / 2);
+    const std::uint8_t* sc = scale_codes + r * nb;
+    __m256 acc[M][2];
+    for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (std::int64_t c = 0; c < k / 64; ++c) {
+      prefetch_ahead(wr + c * 32);
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32));
+      __m256 w[8];
+      i8x32_to_f32(_mm256_shuffle_epi8(lut, _mm256_and_si256(b, low4)), w);
+      i8x32_to_f32(_mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4)), w + 4);
+      for (int q = 0; q < blocks_per_chunk; ++q) {
+        const __m256 s = _mm256_broadcast_ss(values_half + sc[c * blocks_per_chunk + q]);
+        for (int i = 0; i < M; ++i) {
+          const float* xr = x + i * k + c * 64 + q * block;
+          __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xr), w[q * vectors_per_block]);
+          for (int v = 1; v < vectors_per_block; ++v) t = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8 * v), w[q * vectors_per_block + v], t);
+          acc[i][q & 1] = _mm256_fmadd_ps(t, s, acc[i][q & 1]);
+        }
+      }
+    }
+    for (int i = 0; i < M; ++i) y[i * ldy + r] = hsum(_mm256_add_ps(acc[i][0], acc[i][1]));
+  }
+}
+
+template <int M>
+void gemv_int8_m(const std::int8_t* codes, const float* scales, std::int64_t block, std::int64_t k, std::int64_t r0,
+                 std::int64_t r1, const float* x, float* y, std::int64_t ldy) {
+  const std::int64_t nb = (k + block - 1) / block;
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::int8_t* wr = codes + r * k;
+    __m256 acc[M];
+    for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
+    for (std::int64_t b = 0; b < nb; ++b) {
+      __m256 bacc[M][kChains<M>];
+      for (int i = 0; i < M; ++i) {
+        for (int j = 0; j < kChains<M>; ++j) bacc[i][j] = _mm256_setzero_ps();
+      }
+      const std::int64_t end = std::min(k, (b + 1) * block);
+      std::int64_t p = b * block;
+      for (; p + 32 <= end; p += 32) {
+        prefetch_ahead(wr + p);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + p));
+        __m256 w[4];
+        i8x32_to_f32(v, w);
+        for (int i = 0; i < M; ++i) {
+          for (int t = 0; t < 4; ++t) {
+            constexpr int n = kChains<M>;
+            bacc[i][t % n] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + p + 8 * t), w[t], bacc[i][t % n]);
+          }
+        }
+      }
+      for (; p < end; p += 16) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + p));
+        const __m256 w0 = i8x8_to_f32(v), w1 = i8x8_to_f32(_mm_srli_si128(v, 8));
+        for (int i = 0; i < M; ++i) {
+          bacc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + p), w0, bacc[i][0]);
+          bacc[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + p + 8), w1, bacc[i][1]);
+        }
+      }
+      const __m256 s = _mm256_broadcast_ss(scales + r * nb + b);
+      for (int i = 0; i < M; ++i) acc[i] = _mm256_fmadd_ps(sum_chains<M>(bacc[i]), s, acc[i]);
+    }
+    for (int i = 0; i < M; ++i) y[i * ldy + r] = hsum(acc[i]);
+  }
+}
+
+template <int M>
+void gemv_e4m3_m(const std::uint8_t* codes, const float* scales, std::int64_t block, std::int64_t k, std::int64_t r0,
+                 std::int64_t r1, const float* x, float* y, std::int64_t ldy) {
+  const std::int64_t nb = (k + block - 1) / block;
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* wr = codes + r * k;
+    __m256 acc[M];
+    for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
+    for (std::int64_t b = 0; b < nb; ++b) {
+      __m256 bacc[M][kChains<M>];
+      for (int i = 0; i < M; ++i) {
+        for (int j = 0; j < kChains<M>; ++j) bacc[i][j] = _mm256_setzero_ps();
+      }
+      const std::int64_t end = std::min(k, (b + 1) * block);
+      std::int64_t p = b * block;
+      for (; p + 32 <= end; p += 32) {
+        prefetch_ahead(wr + p);
+        __m256 w[4];
+        e4m3x16_times_2m8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + p)), w[0], w[1]);
+        e4m3x16_times_2m8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + p + 16)), w[2], w[3]);
+        for (int i = 0; i < M; ++i) {
+          for (int t = 0; t < 4; ++t) {
+            constexpr int n = kChains<M>;
+            bacc[i][t % n] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + p + 8 * t), w[t], bacc[i][t % n]);
+          }
+        }
+      }
+      for (; p < end; p += 16) {
+        __m256 w0, w1;
+        e4m3x16_times_2m8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + p)), w0, w1);
+        for (int i = 0; i < M; ++i) {
+          bacc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + p), w0, bacc[i][0]);
+          bacc[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + p + 8), w1, bacc[i][1]);
+        }
+      }
+      const __m256 s = _mm256_set1_ps(scales[r * nb + b] * 256.0f);
+      for (int i = 0; i < M; ++i) acc[i] = _mm256_fmadd_ps(sum_chains<M>(bacc[i]), s, acc[i]);
+    }
+    for (int i = 0; i < M; ++i) y[i * ldy + r] = hsum(acc[i]);
+  }
+}
+
+// MR input rows x NR weight rows of the W8A8 product over the whole k32.
+template <int MR, int NR>
+void int8_tile(const std::int8_t* w, std::int64_t k32, const std::int8_t* x, const float* factor, float* y, std::int64_t ldy) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MR][NR];
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+  }
+  for (std::int64_t p = 0; p < k32; p += 32) {
+    __m256i wv[NR];
+    for (int j = 0; j < NR; ++j) {
+      if constexpr (MR < 4) prefetch_ahead(w + j * k32 + p);  // decode streams the weight; prefill finds it in the cache
+      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * k32 + p));
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * k32 + p));
+      const __m256i ax = _mm256_abs_epi8(xv);  // -128 becomes 0x80, which is 128 read unsigned
+      for (int j = 0; j < NR; ++j) {
+        // |x| (unsigned) times sign(x) * w (w in -127..127): each pair at most 2 * 128 * 127 < 2^15.
+        const __m256i t = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[j], xv));
+        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(t, ones));
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) y[i * ldy + j] = static_cast<float>(hsum_epi32(acc[i][j])) * factor[j];
+  }
+}
+
+template <int MR, int NR = 2>
+void int8_rows(const std::int8_t* w, std::int64_t k32, std::int64_t r0, std::int64_t r1, const std::int8_t* x, const float* factor,
+               float* y, std::int64_t ldy) {
+  std::int64_t r = r0;
+  for (; r + NR <= r1; r += NR) int8_tile<MR, NR>(w + r * k32, k32, x, factor + r, y + r, ldy);
+  for (; r < r1; ++r) int8_tile<MR, 1>(w + r * k32, k32, x, factor + r, y + r, ldy);
+}
+
+}  // namespace
+
+void gemv_int4(const std::uint8_t* nibbles, const float* scales, std::int64_t group, std::int64_t k, std::int64_t r0,
+               std::int64_t r1, const Int8Blocks& x, int m, float* y, std::int64_t ldy) {
+  switch (m) {
+    case 1: return gemv_int4_m<1>(nibbles, scales, group, k, r0, r1, x, y, ldy);
+    case 2: return gemv_int4_m<2>(nibbles, scales, group, k, r0, r1, x, y, ldy);
+    case 3: return gemv_int4_m<3>(nibbles, scales, group, k, r0, r1, x, y, ldy);
+    default: return gemv_int4_m<4>(nibbles, scales, group, k, r0, r1, x, y, ldy);
+  }
+}
+
+void gemv_int4_fp8_table(const std::uint8_t* nibbles, const std::uint8_t* tables, float table_scale, std::int64_t group,
+                         std::int64_t k, std::int64_t r0, std::int64_t r1, const float* x, int m, float* y, std::int64_t ldy) {
+  switch (m) {
+    case 1: return gemv_int4_fp8_table_m<1>(nibbles, tables, table_scale, group, k, r0, r1, x, y, ldy);
+    case 2: return gemv_int4_fp8_table_m<2>(nibbles, tables, table_scale, group, k, r0, r1, x, y, ldy);
+    case 3: return gemv_int4_fp8_table_m<3>(nibbles, tables, table_scale, group, k, r0, r1, x, y, ldy);
+    default: return gemv_int4_fp8_table_m<4>(nibbles, tables, table_scale, group, k, r0, r1, x, y, ldy);
+  }
+}
+
+void gemv_e2m1(const std::uint8_t* nibbles, const std::uint8_t* scale_codes, const float* code_values_half, std::int64_t block,
+               std::int64_t k, std::int64_t r0, std::int64_t r1, const float* x, int m, float* y, std::int64_t ldy) {
+  switch (m) {
+    case 1: return gemv_e2m1_m<1>(nibbles, scale_codes, code_values_half, block, k, r0, r1, x, y, ldy);
+    case 2: return gemv_e2m1_m<2>(nibbles, scale_codes, code_values_half, block, k, r0, r1, x, y, ldy);
+    case 3: return gemv_e2m1_m<3>(nibbles, scale_codes, code_values_half, block, k, r0, r1, x, y, ldy);
+    default: return gemv_e2m1_m<4>(nibbles, scale_codes, code_values_half, block, k, r0, r1, x, y, ldy);
+  }
+}
+
+void gemv_int8(const std::int8_t* codes, const float* scales, std::int64_t block, std::int64_t k, std::int64_t r0,
+               std::int64_t r1, const float* x, int m, float* y, std::int64_t ldy) {
+  switch (m) {
+    case 1: return gemv_int8_m<1>(codes, scales, block, k, r0, r1, x, y, ldy);
+    case 2: return gemv_int8_m<2>(codes, scales, block, k, r0, r1, x, y, ldy);
+    case 3: return gemv_int8_m<3>(codes, scales, block, k, r0, r1, x, y, ldy);
+    default: return gemv_int8_m<4>(codes, scales, block, k, r0, r1, x, y, ldy);
+  }
+}
+
+void gemv_e4m3(const std::uint8_t* codes, const float* scales, std::int64_t block, std::int64_t k, std::int64_t r0,
+               std::int64_t r1, const float* x, int m, float* y, std::int64_t ldy) {
+  switch (m) {
+    case 1: return gemv_e4m3_m<1>(codes, scales, block, k, r0, r1, x, y, ldy);
+    case 2: return gemv_e4m3_m<2>(codes, scales, block, k, r0, r1, x, y, ldy);
+    case 3: return gemv_e4m3_m<3>(codes, scales, block, k, r0, r1, x, y, ldy);
+    default: return gemv_e4m3_m<4>(codes, scales, block, k, r0, r1, x, y, ldy);
+  }
+}
+
+// 4 input rows x 2 weight rows per tile: the best of 2x4, 3x3, 3x4, 4x3 and 4x2 measured with
+// bench/qlinear_bench on the development machine (AVX2, 16 registers).
+constexpr int kMR = 4, kNR = 2;
+
+void int8_gemm(const std::int8_t* w, std::int64_t k32, std::int64_t r0, std::int64_t r1, const std::int8_t* x, std::int64_t m,
+               const float* factor, float* y, std::int64_t ldy) {
+  // Weight rows in panels that stay in the L2 cache while every input row passes over them.
+  const std::int64_t panel = std::max<std::int64_t>(2, (256 * 1024) / std::max<std::int64_t>(k32, 1) / 2 * 2);
+  for (std::int64_t p0 = r0; p0 < r1; p0 += panel) {
+    const std::int64_t p1 = std::min(r1, p0 + panel);
+    std::int64_t i = 0;
+    for (; i + kMR <= m; i += kMR) int8_rows<kMR, kNR>(w, k32, p0, p1, x + i * k32, factor, y + i * ldy, ldy);
+    switch (m - i) {
+      case 1: int8_rows<1>(w, k32, p0, p1, x + i * k32, factor, y + i * ldy, ldy); break;
+      case 2: int8_rows<2>(w, k32, p0, p1, x + i * k32, factor, y + i * ldy, ldy); break;
+      case 3: int8_rows<3>(w, k32, p0, p1, x + i * k32, factor, y + i * ldy, ldy); break;
+      default: break;
+    }
+  }
+}
+
+void dequantize_int4(const std::uint8_t* nibbles, const float* scales, std::int64_t group, std::int64_t k, std::int64_t r0,
+                     std::int64_t r1, float* out) {
+  const std::int64_t groups = k / group;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i eight = _mm256_set1_epi8(8);
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* wr = nibbles + r * (k / 2);
+    float* o = out + (r - r0) * k;
+    for (std::int64_t c = 0; c < k / 64; ++c) {
+      const __m256 s = _mm256_broadcast_ss(scales + r * groups + c * 64 / group);
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32));
+      __m256 w[8];
+      i8x32_to_f32(_mm256_sub_epi8(_mm256_and_si256(b, low4), eight), w);
+      i8x32_to_f32(_mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 4), low4), eight), w + 4);
+      for (int t = 0; t < 8; ++t) _mm256_storeu_ps(o + c * 64 + 8 * t, _mm256_mul_ps(w[t], s));
+    }
+  }
+}
+
+void dequantize_int4_fp8_table(const std::uint8_t* nibbles, const std::uint8_t* tables, float table_scale, std::int64_t group,
+                               std::int64_t k, std::int64_t r0, std::int64_t r1, float* out) {
+  const std::int64_t groups = k / group;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256 s = _mm256_set1_ps(table_scale * 256.0f);
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* wr = nibbles + r * (k / 2);
+    float* o = out + (r - r0) * k;
+    for (std::int64_t c = 0; c < k / 64; ++c) {
+      const __m256i table = _mm256_broadcastsi128_si256(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(tables + (r * groups + c * 64 / group) * 16)));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32));
+      const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(b, low4));
+      const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
+      __m256 w[8];
+      e4m3x16_times_2m8(_mm256_castsi256_si128(lo), w[0], w[1]);
+      e4m3x16_times_2m8(_mm256_extracti128_si256(lo, 1), w[2], w[3]);
+      e4m3x16_times_2m8(_mm256_castsi256_si128(hi), w[4], w[5]);
+      e4m3x16_times_2m8(_mm256_extracti128_si256(hi, 1), w[6], w[7]);
+      for (int t = 0; t < 8; ++t) _mm256_storeu_ps(o + c * 64 + 8 * t, _mm256_mul_ps(w[t], s));
+    }
+  }
+}
+
+void dequantize_e2m1(const std::uint8_t* nibbles, const std::uint8_t* scale_codes, const float* code_values_half, std::int64_t block,
+                     std::int64_t k, std::int64_t r0, std::int64_t r1, float* out) {
+  const std::int64_t nb = k / block;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i lut = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2,
+                                       -3, -4, -6, -8, -12);
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* wr = nibbles + r * (k / 2);
+    float* o = out + (r - r0) * k;
+    for (std::int64_t c = 0; c < k / 64; ++c) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32));
+      __m256 w[8];
+      i8x32_to_f32(_mm256_shuffle_epi8(lut, _mm256_and_si256(b, low4)), w);
+      i8x32_to_f32(_mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4)), w + 4);
+      for (int t = 0; t < 8; ++t) {
+        const std::int64_t col = c * 64 + 8 * t;
+        const __m256 s = _mm256_broadcast_ss(code_values_half + scale_codes[r * nb + col / block]);
+        _mm256_storeu_ps(o + col, _mm256_mul_ps(w[t], s));
+      }
+    }
+  }
+}
+
+void dequantize_int8(const std::int8_t* codes, const float* scales, std::int64_t block, std::int64_t k, std::int64_t r0,
+                     std::int64_t r1, float* out) {
+  const std::int64_t nb = (k + block - 1) / block;
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::int8_t* wr = codes + r * k;
+    float* o = out + (r - r0) * k;
+    for (std::int64_t p = 0; p < k; p += 16) {
+      const __m256 s = _mm256_broadcast_ss(scales + r * nb + p / block);
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + p));
+      _mm256_storeu_ps(o + p, _mm256_mul_ps(i8x8_to_f32(v), s));
+      _mm256_storeu_ps(o + p + 8, _mm256_mul_ps(i8x8_to_f32(_mm_srli_si128(v, 8)), s));
+    }
+  }
+}
+
+void dequantize_e4m3(const std::uint8_t* codes, const float* scales, std::int64_t block, std::int64_t k, std::int64_t r0,
+                     std::int64_t r1, float* out) {
+  const std::int64_t nb = (k + block - 1) / block;
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* wr = codes + r * k;
+    float* o = out + (r - r0) * k;
+    for (std::int64_t p = 0; p < k; p += 16) {
+      const __m256 s = _mm256_set1_ps(scales[r * nb + p / block] * 256.0f);
+      __m256 w0, w1;
+      e4m3x16_times_2m8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + p)), w0, w1);
+      _mm256_storeu_ps(o + p, _mm256_mul_ps(w0, s));
+      _mm256_storeu_ps(o + p + 8, _mm256_mul_ps(w1, s));
+    }
+  }
+}
+
+}  // namespace mopt::kernels::avx2

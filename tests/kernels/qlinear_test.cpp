@@ -1,0 +1,167 @@
+// The quantized Linear kernels against their plain reference (the whole
+// weight dequantized from its natural layout, the reference GEMM), on random
+// codes and inputs. Run twice by CTest: as the CPU allows, and with
+// MOPT_ISA=scalar (the plain loops).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "core/convert.h"
+#include "core/cpu_features.h"
+#include "core/error.h"
+#include "kernels/linear.h"
+#include "kernels/qlinear.h"
+
+namespace mopt::kernels {
+namespace {
+
+using T = QuantizedWeightType;
+
+std::uint8_t random_e4m3(std::mt19937& rng) {
+  for (;;) {
+    const auto c = static_cast<std::uint8_t>(rng() & 0xFF);
+    if ((c & 0x7F) != 0x7F) return c;
+  }
+}
+
+QuantizedWeightSource random_source(T type, std::int64_t out, std::int64_t in, std::int64_t block, std::uint32_t seed,
+                                    bool mx = false) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> scale(0.01f, 0.1f);
+  QuantizedWeightSource s;
+  s.type = type;
+  s.out = out;
+  s.in = in;
+  s.block = block;
+  const std::int64_t nb = (in + block - 1) / block;
+  const bool nibbles = type == T::int4 || type == T::int4_fp8_table || type == T::e2m1;
+  s.codes.resize(static_cast<std::size_t>(nibbles ? out * ((in + 1) / 2) : out * in));
+  for (auto& c : s.codes) c = type == T::e4m3 ? random_e4m3(rng) : static_cast<std::uint8_t>(rng() & 0xFF);
+  if (nibbles && in % 2 == 1) {
+    for (std::int64_t r = 0; r < out; ++r) s.codes[static_cast<std::size_t>(r * ((in + 1) / 2) + in / 2)] &= 0x0F;
+  }
+  switch (type) {
+    case T::e2m1:
+      s.scale_codes.resize(static_cast<std::size_t>(out * nb));
+      s.scale_code_values.resize(256);
+      for (int c = 0; c < 256; ++c) {
+        s.scale_code_values[static_cast<std::size_t>(c)] = mx ? std::ldexp(1.0f, c - 127) : ((c & 0x7F) == 0x7F ? 0.0f : e4m3_to_f32(static_cast<std::uint8_t>(c)) * 0.003f);
+      }
+      for (auto& c : s.scale_codes) c = static_cast<std::uint8_t>(mx ? 118 + rng() % 8 : 0x28 + rng() % 0x30);
+      break;
+    case T::int4_fp8_table:
+      s.block_tables.resize(static_cast<std::size_t>(out * nb * 16));
+      for (auto& c : s.block_tables) c = random_e4m3(rng);
+      s.table_scale = 0.002f;
+      break;
+    default:
+      s.scales.resize(static_cast<std::size_t>(out * nb));
+      for (auto& v : s.scales) v = scale(rng);
+  }
+  return s;
+}
+
+std::vector<float> random_input(std::int64_t m, std::int64_t k, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> x(static_cast<std::size_t>(m * k));
+  for (auto& v : x) v = d(rng);
+  return x;
+}
+
+// Checks forward() against the reference for several row counts; `int4_gemv` widens the bound by the
+// int8 rounding of the input (half a step of each 64 inputs' amax / 127) that the vectorized INT4 GEMV does.
+void check_forward(const QuantizedWeightSource& src, const std::string& what) {
+  const QuantizedLinear q(src, what);
+  const std::vector<float> w = ref::dequantize(src);
+  // The repacked layout decodes to the same values, bit for bit.
+  std::vector<float> rows(static_cast<std::size_t>(src.out * src.in));
+  q.dequantize_rows(0, src.out, rows.data());
+  for (std::size_t i = 0; i < rows.size(); ++i) ASSERT_EQ(rows[i], w[i]) << what << " element " << i;
+  for (const std::int64_t m : {1, 2, 3, 4, 5, 9}) {
+    const auto x = random_input(m, src.in, static_cast<std::uint32_t>(m * 7 + src.out));
+    std::vector<float> y(static_cast<std::size_t>(m * src.out)), expect(y.size());
+    q.forward(x.data(), m, y.data());
+    ref::quantized_linear_forward(src, x.data(), m, expect.data());
+    const bool int4_gemv = src.type == T::int4 && q.vectorized() && m <= kGemvMaxRows;
+    for (std::int64_t i = 0; i < m; ++i) {
+      for (std::int64_t r = 0; r < src.out; ++r) {
+        double magnitude = 0, rounding = 0;
+        for (std::int64_t p = 0; p < src.in; ++p) {
+          const double wv = std::fabs(w[static_cast<std::size_t>(r * src.in + p)]);
+          magnitude += std::fabs(x[static_cast<std::size_t>(i * src.in + p)]) * wv;
+          if (int4_gemv) {
+            float amax = 0;
+            for (std::int64_t t = p / 64 * 64; t < p / 64 * 64 + 64; ++t) amax = std::max(amax, std::fabs(x[static_cast<std::size_t>(i * src.in + t)]));
+            rounding += wv * amax / 254.0;
+          }
+        }
+        if (src.int8_activations) magnitude *= 1.05;  // the input as rounded to int8 can exceed it a little
+        const double bound = 2e-5 * magnitude + rounding;
+        const auto at = static_cast<std::size_t>(i * src.out + r);
+        ASSERT_NEAR(y[at], expect[at], bound) << what << " m=" << m << " row " << i << " output " << r << (q.vectorized() ? " (vectorized)" : " (plain)");
+      }
+    }
+  }
+}
+
+TEST(QuantizedLinear, EveryWeightTypeMatchesTheReference) {
+  check_forward(random_source(T::int4, 24, 256, 128, 1), "int4 g128");
+  check_forward(random_source(T::int4, 10, 192, 64, 2), "int4 g64");
+  check_forward(random_source(T::int4, 6, 40, 8, 3), "int4 g8 (plain layout)");
+  check_forward(random_source(T::int4_fp8_table, 18, 256, 128, 4), "int4 via fp8 tables");
+  check_forward(random_source(T::int8, 20, 192, 192, 5), "int8 weight-only");
+  check_forward(random_source(T::int8, 7, 30, 30, 6), "int8 weight-only, odd width");
+  check_forward(random_source(T::e4m3, 20, 256, 256, 7), "fp8 per row");
+  check_forward(random_source(T::e4m3, 20, 256, 128, 8), "fp8 blocks of 128");
+  check_forward(random_source(T::e4m3, 20, 96, 32, 9), "mxfp8");
+  check_forward(random_source(T::e2m1, 20, 256, 16, 10), "nvfp4");
+  check_forward(random_source(T::e2m1, 12, 128, 32, 11, true), "mxfp4");
+  check_forward(random_source(T::e2m1, 5, 48, 16, 12), "nvfp4 (plain layout)");
+}
+
+TEST(QuantizedLinear, W8A8RunsOnIntegers) {
+  for (const std::int64_t in : {192, 100}) {
+    QuantizedWeightSource s = random_source(T::int8, 19, in, in, 20);
+    for (auto& c : s.codes) {
+      if (c == 0x80) c = 0x81;  // the vectorized product's domain: -127..127
+    }
+    s.int8_activations = true;
+    s.input_amax = 2.5f;  // the normal inputs exceed it: codes -128 and 127 occur
+    check_forward(s, "w8a8");
+    EXPECT_EQ(QuantizedLinear(s, "w8a8").vectorized(), cpu_features().avx2 && cpu_features().fma && cpu_features().f16c);
+  }
+  // A weight code of -128 is still computed exactly (by the plain loop).
+  QuantizedWeightSource s = random_source(T::int8, 9, 64, 64, 21);
+  s.codes[5] = 0x80;
+  s.int8_activations = true;
+  s.input_amax = 3.0f;
+  EXPECT_FALSE(QuantizedLinear(s, "w8a8").vectorized());
+  check_forward(s, "w8a8 with -128");
+}
+
+TEST(QuantizedLinear, BytesAreTheKernelLayout) {
+  const QuantizedLinear q(random_source(T::int4, 16, 256, 128, 1), "int4");
+  EXPECT_EQ(q.bytes(), 16u * 128u + 16u * 2u * 4u);
+  const QuantizedLinear f(random_source(T::e2m1, 16, 256, 16, 1), "nvfp4");
+  EXPECT_EQ(f.bytes(), 16u * 128u + 16u * 16u);
+}
+
+TEST(QuantizedLinear, RefusesWhatItCannotHold) {
+  QuantizedWeightSource s = random_source(T::e4m3, 4, 32, 32, 1);
+  s.codes[37] = 0xFF;
+  try {
+    QuantizedLinear q(s, "model.layers.0.mlp.up_proj");
+    FAIL() << "accepted a NaN code";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.0.mlp.up_proj"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("row 1 column 5"), std::string::npos) << e.what();
+  }
+  QuantizedWeightSource t = random_source(T::int4, 4, 32, 32, 1);
+  t.scales.pop_back();
+  EXPECT_THROW(QuantizedLinear(t, "x"), Error);
+}
+
+}  // namespace
+}  // namespace mopt::kernels
