@@ -65,6 +65,15 @@ Tensor ones_bf16(std::int64_t n) {
 
 }  // namespace
 
+ModelShape llama_shape(const std::string& name, std::int64_t hidden, std::int64_t intermediate, std::int64_t layers,
+                       std::int64_t heads, std::int64_t kv_heads, std::int64_t vocab) {
+  if (hidden <= 0 || intermediate <= 0 || layers <= 0 || heads <= 0 || kv_heads <= 0 || vocab <= 0 || hidden % heads != 0 || heads % kv_heads != 0) {
+    fail("{}: sizes hidden {} intermediate {} layers {} heads {} kv heads {} vocab {} do not make a Llama model", name, hidden,
+         intermediate, layers, heads, kv_heads, vocab);
+  }
+  return {name, llama_config(hidden, intermediate, layers, heads, kv_heads, vocab, false, 10000.0, 4096, nullptr, 1e-5)};
+}
+
 const std::vector<ModelShape>& known_shapes() {
   static const std::vector<ModelShape> shapes = [] {
     const json llama3_scaling = {{"rope_type", "llama3"}, {"factor", 32.0}, {"low_freq_factor", 1.0}, {"high_freq_factor", 4.0},
@@ -78,7 +87,9 @@ const std::vector<ModelShape>& known_shapes() {
     mistral["model_type"] = "mistral";
     mistral["sliding_window"] = nullptr;
     s.push_back({"mistral-7b", mistral});
-    s.push_back({"tiny-kjv", llama_config(256, 704, 6, 8, 4, 4096, false, 10000.0, 512, nullptr, 1e-5)});
+    ModelShape tiny = llama_shape("tiny-kjv", 256, 704, 6, 8, 4, 4096);
+    tiny.config["max_position_embeddings"] = 512;
+    s.push_back(tiny);
     return s;
   }();
   return shapes;
@@ -95,6 +106,9 @@ const ModelShape& shape_named(const std::string& name) {
 
 void write_random_checkpoint(const ModelShape& shape, const std::string& out, const RandomCheckpointOptions& options) {
   if (std::filesystem::exists(out)) fail("{} already exists", out);
+  if (!options.tokenizer_dir.empty() && !std::filesystem::exists(std::filesystem::path(options.tokenizer_dir) / "tokenizer.json")) {
+    fail("{}: no tokenizer.json to copy", options.tokenizer_dir);  // before minutes of writing, not after
+  }
   const json& c = shape.config;
   const auto hidden = c.at("hidden_size").get<std::int64_t>(), inter = c.at("intermediate_size").get<std::int64_t>();
   const auto layers = c.at("num_hidden_layers").get<std::int64_t>(), heads = c.at("num_attention_heads").get<std::int64_t>();
@@ -127,12 +141,7 @@ void write_random_checkpoint(const ModelShape& shape, const std::string& out, co
   }
   progress.finish();
   writer.write_json("config.json", c, 2);
-  if (!options.tokenizer_dir.empty()) {
-    if (!std::filesystem::exists(std::filesystem::path(options.tokenizer_dir) / "tokenizer.json")) {
-      fail("{}: no tokenizer.json to copy", options.tokenizer_dir);
-    }
-    writer.copy_model_files(options.tokenizer_dir);
-  }
+  if (!options.tokenizer_dir.empty()) writer.copy_model_files(options.tokenizer_dir);
   writer.commit([](const std::string& dir) { io::Checkpoint::open(dir); });
 }
 

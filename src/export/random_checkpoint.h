@@ -18,6 +18,10 @@ struct ModelShape {
   nlohmann::json config;  // config.json
 };
 
+// A Llama checkpoint's config of the given sizes (head_dim = hidden / heads, RoPE theta 10000, untied head).
+ModelShape llama_shape(const std::string& name, std::int64_t hidden, std::int64_t intermediate, std::int64_t layers,
+                       std::int64_t heads, std::int64_t kv_heads, std::int64_t vocab);
+
 // The shapes create-random knows: llama-3.2-1b, llama-3.2-3b, llama-3-8b, mistral-7b, tiny-kjv.
 const std::vector<ModelShape>& known_shapes();
 const ModelShape& shape_named(const std::string& name);
