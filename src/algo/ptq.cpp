@@ -13,6 +13,8 @@
 #include "core/convert.h"
 #include "core/error.h"
 #include "core/progress.h"
+#include "kernels/gemm.h"
+#include "kernels/ops.h"
 #include "model/llama.h"
 #include "quant/act_quant.h"
 #include "quant/calibrator.h"
@@ -314,6 +316,101 @@ double layer_output_error(const io::ModelConfig& c, const std::vector<float>& in
   return den > 0.0 ? std::sqrt(num / den) : 0.0;
 }
 
+// The lm_head on the final norm of `hidden` (the last layer's outputs on the calibration rows; null
+// without calibration): static input amax, SmoothQuant's scale folded into the final norm when asked
+// and the input is INT8, round-to-nearest weights.
+LayerReport quantize_head(const io::Checkpoint& checkpoint, const quant::Recipe& recipe, const quant::LinearScheme& scheme, bool smoothquant,
+                          const std::vector<float>* hidden, const HeadSink& sink) {
+  const auto start = std::chrono::steady_clock::now();
+  const io::ModelConfig& c = checkpoint.config();
+  const std::int64_t H = c.hidden_size;
+  const DType model_dtype = c.dtype;
+  const Tensor weight = checkpoint.tensor(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
+  const Tensor final_norm = checkpoint.tensor("model.norm.weight");
+  LinearWork wk;
+  wk.out = weight.dim(0);
+  wk.in = weight.dim(1);
+  wk.w = weight.to_f32();
+  const std::vector<float> original = wk.w;
+  const bool static_in = static_input(scheme);
+  const bool smooth = smoothquant && static_in && scheme.input->element == quant::Element::int8;
+  if (static_in && hidden == nullptr) fail("lm_head: {} quantizes its input and needs calibration text (--calib)", scheme.format);
+
+  std::vector<float> normed;
+  std::int64_t rows = 0;
+  std::vector<float> norm = final_norm.to_f32();
+  if (hidden != nullptr) {
+    rows = static_cast<std::int64_t>(hidden->size()) / H;
+    normed.resize(hidden->size());
+    kernels::rmsnorm(hidden->data(), norm.data(), rows, H, static_cast<float>(c.rms_norm_eps), normed.data());
+    for (const float v : normed) {
+      if (!std::isfinite(v)) fail("lm_head: non-finite activation {} at its input", v);
+    }
+  }
+  quant::QuantizedLayer ql;
+  ql.index = -1;
+  if (static_in) {
+    const bool histogram = recipe.calibrator != quant::CalibMethod::max && scheme.input->scaling == quant::Scaling::per_tensor;
+    float amax = 0.0f;
+    for (const float v : normed) amax = std::max(amax, std::fabs(v));
+    if (histogram) {
+      quant::HistogramCalibrator h;
+      h.collect(normed.data(), static_cast<std::int64_t>(normed.size()));
+      amax = h.compute(recipe.calibrator, scheme.input->element, recipe.percentile);
+    }
+    wk.input_amax = {amax};
+  }
+  if (smooth) {
+    std::vector<float> channel_max(static_cast<std::size_t>(H), 0.0f);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      for (std::int64_t j = 0; j < H; ++j) channel_max[j] = std::max(channel_max[j], std::fabs(normed[r * H + j]));
+    }
+    const std::vector<float> s = with_context("lm_head", [&] { return smoothquant_scale(channel_max, wk.w.data(), wk.out, wk.in, 1.0f); });
+    apply_pre_quant_scale(wk, s, channel_max, true, model_dtype);
+    // The final norm feeds only the lm_head: the scale goes into it.
+    for (std::int64_t j = 0; j < H; ++j) norm[j] = norm[j] * wk.pqs[j];
+    round_to_dtype(final_norm.dtype(), norm);
+    ql.replaced.emplace_back("model.norm.weight", Tensor::from_f32(norm, {H}).to(final_norm.dtype()));
+    wk.folded_scale = wk.pqs;
+    wk.pqs.clear();
+    // The calibration inputs as the folded norm now produces them.
+    kernels::rmsnorm(hidden->data(), norm.data(), rows, H, static_cast<float>(c.rms_norm_eps), normed.data());
+  }
+  const std::vector<float> amax = with_context("lm_head.weight", [&] { return quant::compute_amax(*scheme.weight, wk.w.data(), wk.out, wk.in); });
+  const float second = scheme.weight->fp8_second_stage ? quant::w4a8_second_amax(*scheme.weight, wk.w.data(), wk.out, wk.in, amax) : 0.0f;
+  quant::QuantizedLinear qlin;
+  qlin.name = "lm_head";
+  qlin.scheme = scheme;
+  qlin.weight = with_context("lm_head", [&] { return quant::quantize_weight(*scheme.weight, wk.w.data(), wk.out, wk.in, amax, second, {}); });
+  std::vector<float> deq = quant::dequantize_weight(*scheme.weight, *qlin.weight, wk.out, wk.in);
+  qlin.input_amax = wk.input_amax;
+  LayerReport lr;
+  lr.layer = -1;
+  lr.formats = scheme.format;
+  // The logits on up to 128 calibration rows against the unquantized head's.
+  if (rows > 0) {
+    const std::int64_t n = std::min<std::int64_t>(rows, 128);
+    std::vector<float> x(normed.begin(), normed.begin() + n * H);
+    if (!wk.folded_scale.empty()) {
+      // The reference's logits come from the original norm: undo the fold on this copy.
+      for (std::int64_t r = 0; r < n; ++r) {
+        for (std::int64_t j = 0; j < H; ++j) x[r * H + j] /= wk.folded_scale[j];
+      }
+    }
+    std::vector<float> ref(static_cast<std::size_t>(n * wk.out)), got(ref.size());
+    kernels::gemm_f32_strided(x.data(), n, H, original.data(), wk.out, ref.data(), wk.out, false);
+    std::vector<float> xq(normed.begin(), normed.begin() + n * H);
+    if (auto t = input_transform(scheme, qlin.input_amax, {})) t(xq.data(), n, H);
+    kernels::gemm_f32_strided(xq.data(), n, H, deq.data(), wk.out, got.data(), wk.out, false);
+    lr.output_error = relative_error(got, ref);
+  }
+  lr.weight_error = qlin.weight_error = relative_error(effective_weight(std::move(deq), wk), original);
+  ql.linears.push_back(std::move(qlin));
+  sink(std::move(ql));
+  lr.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return lr;
+}
+
 }  // namespace
 
 std::int64_t CalibrationSet::tokens() const {
@@ -360,6 +457,7 @@ CalibrationSet make_calibration_set(const std::vector<std::string>& documents, c
 
 bool needs_calibration(const io::ModelConfig& config, const quant::Recipe& recipe) {
   if (recipe.kv_cache || recipe.effective_algorithm() != "max") return true;
+  if (static_input(recipe.scheme_for("lm_head"))) return true;
   for (std::int64_t l = 0; l < config.num_layers; ++l) {
     for (const auto kind : model::kAllLinears) {
       if (static_input(recipe.scheme_for(fmt::format("model.layers.{}.{}", l, model::linear_name(kind))))) return true;
@@ -369,8 +467,10 @@ bool needs_calibration(const io::ModelConfig& config, const quant::Recipe& recip
 }
 
 PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Recipe& recipe, const CalibrationSet& calib,
-                              const PtqOptions& options, const LayerSink& sink) {
+                              const PtqOptions& options, const LayerSink& sink, const HeadSink& head_sink) {
   recipe.validate();
+  const quant::LinearScheme head_scheme = recipe.scheme_for("lm_head");
+  if (head_scheme.quantized() && !head_sink) fail("lm_head: this export keeps the lm_head in 16 bits (only the modelopt export holds a quantized lm_head)");
   const io::ModelConfig& c = checkpoint.config();
   const auto start_time = std::chrono::steady_clock::now();
   const bool calibrating = !calib.sequences.empty();
@@ -687,6 +787,10 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
     progress.advance();
   }
   progress.finish();
+  if (head_scheme.quantized()) {
+    report.head = quantize_head(checkpoint, recipe, head_scheme, algo.smoothquant, calibrating ? &hidden : nullptr, head_sink);
+    report.quantized_linears += 1;
+  }
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();
   return report;
 }

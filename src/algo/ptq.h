@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -66,6 +67,9 @@ struct LayerReport {
 struct PtqReport {
   std::string algorithm;
   std::vector<LayerReport> layers;
+  // The lm_head when the recipe quantizes it (layer = -1; output_error: of the logits on up to 128
+  // calibration rows; always round-to-nearest, with SmoothQuant's scale folded into the final norm for W8A8).
+  std::optional<LayerReport> head;
   std::int64_t calib_sequences = 0;
   std::int64_t calib_tokens = 0;
   std::int64_t quantized_linears = 0;
@@ -73,11 +77,14 @@ struct PtqReport {
 };
 
 using LayerSink = std::function<void(quant::QuantizedLayer&&)>;
+// Receives the quantized lm_head (a QuantizedLayer with index -1: the one Linear "lm_head" and, for
+// SmoothQuant, the final norm the scale was folded into) after the last layer.
+using HeadSink = std::function<void(quant::QuantizedLayer&&)>;
 
 // `calibration` may be empty only when nothing needs calibration (weight-only
 // formats without a KV-cache format); output errors are then not measured.
 PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Recipe& recipe, const CalibrationSet& calibration,
-                              const PtqOptions& options, const LayerSink& sink);
+                              const PtqOptions& options, const LayerSink& sink, const HeadSink& head_sink = {});
 
 // True when `recipe` on this model needs calibration data.
 bool needs_calibration(const io::ModelConfig& config, const quant::Recipe& recipe);

@@ -110,6 +110,7 @@ struct QuantizeOptions {
   std::vector<std::string> exclude;
   std::vector<std::string> overrides;  // "glob=format"
   bool propagate_quantized = false;
+  bool quantize_lm_head = false;
   double gptq_damp = 0.01;
   bool gptq_act_order = false;
   std::string report;  // JSON report path

@@ -36,6 +36,7 @@ quant::Recipe build_recipe(const QuantizeOptions& o) {
   if (o.calib_size > 0) r.calib_size = o.calib_size;
   if (o.seq_len > 0) r.seq_len = o.seq_len;
   if (o.seed >= 0) r.seed = static_cast<std::uint64_t>(o.seed);
+  if (o.quantize_lm_head) r.quantize_lm_head = true;
   for (const auto& e : o.exclude) r.exclude.push_back(e);
   for (const auto& ov : o.overrides) {
     const auto eq = ov.rfind('=');
@@ -64,6 +65,10 @@ int run_quantize(const QuantizeOptions& o) {
     if (recipe.kv_cache && *recipe.kv_cache != "fp8") fail("compressed-tensors has no form for a {} KV cache", *recipe.kv_cache);
   }
   if (o.export_format == "gguf" && !o.gguf_type.empty()) exporter::gguf_options_from_name(o.gguf_type);
+  const bool head_quantized = recipe.scheme_for("lm_head").quantized();
+  if (head_quantized && o.export_format != "modelopt") {
+    fail("--quantize-lm-head: the {} export keeps the lm_head in 16 bits; only --export modelopt holds a quantized lm_head", o.export_format);
+  }
   if (std::filesystem::exists(o.out_dir)) fail("{}: already exists (choose a new output)", o.out_dir);
   const io::Checkpoint ckpt = io::Checkpoint::open(o.model);
   if (exporter::is_quantized_checkpoint(o.model)) fail("{}: already quantized; quantize the original checkpoint", o.model);
@@ -109,7 +114,8 @@ int run_quantize(const QuantizeOptions& o) {
   options.gptq_damp = o.gptq_damp;
   options.gptq_act_order = o.gptq_act_order;
   const algo::PtqReport report =
-      algo::quantize_checkpoint(ckpt, recipe, calib, options, [&](quant::QuantizedLayer&& layer) { writer.add_layer(layer); });
+      algo::quantize_checkpoint(ckpt, recipe, calib, options, [&](quant::QuantizedLayer&& layer) { writer.add_layer(layer); },
+                                [&](quant::QuantizedLayer&& head) { writer.add_head(head); });
   writer.finish();
   std::uint64_t output_bytes = writer.bytes_written();
   if (o.export_format == "compressed-tensors") {
@@ -153,6 +159,16 @@ int run_quantize(const QuantizeOptions& o) {
     fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8.2f}  {}\n", l.layer, l.formats, format_error(l.weight_error), format_error(l.output_error_rtn),
                format_error(l.output_error), l.seconds, notes);
   }
+  if (report.head) {
+    const auto& h = *report.head;
+    if (with_algorithm) {
+      fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8.2f}  {}\n", "head", "lm_head " + h.formats, format_error(h.weight_error), "-",
+                 format_error(h.output_error), h.seconds, "round-to-nearest; output err: logits");
+    } else {
+      fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8.2f}  {}\n", "head", "lm_head " + h.formats, format_error(h.weight_error), format_error(h.output_error),
+                 h.seconds, "(output err: logits)");
+    }
+  }
   fmt::print("quantized {} linears of {} layers to {} ({}{}); {:.1f} MiB -> {:.1f} MiB; {:.1f} s; peak RSS {:.1f} MiB\n",
              report.quantized_linears, report.layers.size(), recipe.format, recipe.effective_algorithm(),
              recipe.kv_cache ? ", kv " + *recipe.kv_cache : "", static_cast<double>(source_bytes) / (1 << 20),
@@ -188,7 +204,12 @@ int run_quantize(const QuantizeOptions& o) {
               {"output_bytes", output_bytes},
               {"seconds", seconds},
               {"peak_rss_bytes", peak},
-              {"layers", layers}};
+              {"layers", layers},
+              {"lm_head", report.head ? json{{"format", report.head->formats},
+                                             {"weight_error", report.head->weight_error},
+                                             {"logits_error", report.head->output_error < 0.0 ? json(nullptr) : json(report.head->output_error)},
+                                             {"seconds", report.head->seconds}}
+                                      : json(nullptr)}};
     io::write_file_atomically(o.report, j.dump(2) + "\n");
   }
   return 0;

@@ -108,7 +108,7 @@ std::uint64_t decode_step_bytes(const model::Model& m, std::int64_t batch, doubl
   const auto& c = m.config();
   std::uint64_t bytes = m.resident_weight_bytes();
   // Only `batch` rows of the embedding table are read, unless it is also the head.
-  if (!c.tie_word_embeddings) {
+  if (!m.head_is_embedding_table()) {
     const std::uint64_t table = m.embedding_bytes();
     bytes = bytes - table + table / static_cast<std::uint64_t>(c.vocab_size) * static_cast<std::uint64_t>(batch);
   }

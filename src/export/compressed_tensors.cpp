@@ -175,6 +175,9 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
     fail("{}: compressed-tensors has no form for a {} KV cache", quantized_dir, reader.kv_algo);
   }
   const io::Checkpoint ckpt = io::Checkpoint::open(quantized_dir, io::CheckpointLayout::quantized);
+  if (ckpt.tensors().contains("lm_head.weight_scale")) {
+    fail("{}: its lm_head is quantized (--quantize-lm-head); the compressed-tensors export keeps a 16-bit lm_head", quantized_dir);
+  }
   const auto& c = ckpt.config();
   CheckpointDirWriter dir(out_dir, shard_bytes);
   CompressedTensorsReport report;

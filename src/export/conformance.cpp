@@ -232,6 +232,23 @@ void check_modelopt(Ctx& x, const json& config, const io::ModelConfig& c, const 
     if (!kv.empty()) {
       for (const char* s : {"self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale"}) x.expect(fmt::format("model.layers.{}.{}", l, s), {DType::F32}, std::nullopt, 1);
     }
+  }  // The lm_head: 16-bit, or quantized as a Linear (vLLM's ModelOpt configs and TensorRT-LLM take one when
+  // lm_head.weight_scale is there and the embeddings are not tied; tied, they use the embeddings and ignore it).
+  if (x.find("lm_head.weight_scale")) {
+    if (c.tie_word_embeddings) x.error("lm_head is quantized but tie_word_embeddings is true: the engine ties lm_head to the 16-bit embeddings");
+    std::string a = algo;
+    std::int64_t g = group;
+    if (algo == "MIXED_PRECISION") {
+      const auto it = per_layer.find("lm_head");
+      if (it == per_layer.end()) a.clear();
+      else std::tie(a, g) = it->second;
+    } else if (excluded(exclude, "lm_head")) {
+      a.clear();
+    }
+    if (a.empty()) x.error("lm_head has a weight_scale but the quantization config leaves it unquantized");
+    else check_modelopt_linear(x, a, g, "lm_head", c.vocab_size, c.hidden_size, model::LinearKind::q, c.dtype);
+  } else if (!c.tie_word_embeddings) {
+    x.expect("lm_head.weight", kFloat, Shape{c.vocab_size, c.hidden_size});
   }
 }
 

@@ -228,6 +228,9 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
   if (is_compressed_tensors_checkpoint(model_dir)) reader = compressed_tensors_reader(model_dir);
   else if (is_quantized_checkpoint(model_dir)) reader = modelopt_reader(model_dir);
   const io::Checkpoint ckpt = io::Checkpoint::open(model_dir, reader ? io::CheckpointLayout::quantized : io::CheckpointLayout::plain);
+  if (reader && ckpt.tensors().contains("lm_head.weight_scale")) {
+    fail("{}: its lm_head is quantized (--quantize-lm-head); the GGUF export reads a 16-bit lm_head", model_dir);
+  }
   GgufExportReport report;
   const io::ModelConfig& c = ckpt.config();
   // llama.cpp's architecture: Mistral without a sliding window is a Llama; Qwen2 and Qwen3 keep their names

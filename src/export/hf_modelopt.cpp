@@ -112,7 +112,9 @@ nlohmann::json make_hf_quant_config(const std::vector<std::pair<std::string, qua
     if (s.quantized()) algos.insert(s.quant_algo);
     else excluded.push_back(name);
   }
-  excluded.insert(excluded.begin(), {"lm_head", "model.embed_tokens"});
+  const bool head_quantized = std::any_of(modules.begin(), modules.end(), [](const auto& m) { return m.first == "lm_head" && m.second.quantized(); });
+  excluded.insert(excluded.begin(), "model.embed_tokens");
+  if (!head_quantized) excluded.insert(excluded.begin(), "lm_head");
   json q = json::object();
   if (algos.size() <= 1) {
     quant::LinearScheme first;
@@ -182,6 +184,23 @@ HfModeloptWriter::HfModeloptWriter(const io::Checkpoint& source, std::string out
                                    std::uint64_t shard_bytes)
     : source_(source), recipe_(recipe), dir_(std::move(out_dir), shard_bytes) {}
 
+void HfModeloptWriter::write_linear(const quant::QuantizedLinear& l) {
+  modules_.emplace_back(l.name, l.scheme);
+  if (!l.scheme.quantized()) return;
+  const auto& q = *l.weight;
+  add(l.name + ".weight", q.weight);
+  add(l.name + ".weight_scale", q.weight_scale);
+  if (q.weight_scale_2) add(l.name + ".weight_scale_2", *q.weight_scale_2);
+  if (!l.input_amax.empty()) add(l.name + ".input_scale", scalar_f32(quant::activation_scale(*l.scheme.input, l.input_amax[0])));
+  if (!l.pre_quant_scale.empty()) {
+    add(l.name + ".pre_quant_scale", vector_as(l.pre_quant_scale, source_.config().dtype));
+  } else if (needs_pre_quant_scale(l)) {
+    // TensorRT-LLM's AWQ loaders read pre_quant_scale on every unfused Linear (o_proj, down_proj) and
+    // fail without one; the reference writes none when no AWQ scale was searched. A scale of ones.
+    add(l.name + ".pre_quant_scale", vector_as(std::vector<float>(static_cast<std::size_t>(q.weight.dim(1)), 1.0f), source_.config().dtype));
+  }
+}
+
 void HfModeloptWriter::add_layer(const quant::QuantizedLayer& layer) {
   if (layer.index != next_layer_) fail("layer {} handed to the exporter out of order (expected {})", layer.index, next_layer_);
   ++next_layer_;
@@ -192,21 +211,8 @@ void HfModeloptWriter::add_layer(const quant::QuantizedLayer& layer) {
     written.insert(name);
   }
   for (const auto& l : layer.linears) {
-    modules_.emplace_back(l.name, l.scheme);
-    if (!l.scheme.quantized()) continue;
-    const auto& q = *l.weight;
-    add(l.name + ".weight", q.weight);
-    add(l.name + ".weight_scale", q.weight_scale);
-    if (q.weight_scale_2) add(l.name + ".weight_scale_2", *q.weight_scale_2);
-    if (!l.input_amax.empty()) add(l.name + ".input_scale", scalar_f32(quant::activation_scale(*l.scheme.input, l.input_amax[0])));
-    if (!l.pre_quant_scale.empty()) {
-      add(l.name + ".pre_quant_scale", vector_as(l.pre_quant_scale, source_.config().dtype));
-    } else if (needs_pre_quant_scale(l)) {
-      // TensorRT-LLM's AWQ loaders read pre_quant_scale on every unfused Linear (o_proj, down_proj) and
-      // fail without one; the reference writes none when no AWQ scale was searched. A scale of ones.
-      add(l.name + ".pre_quant_scale", vector_as(std::vector<float>(static_cast<std::size_t>(q.weight.dim(1)), 1.0f), source_.config().dtype));
-    }
-    written.insert(l.name + ".weight");
+    write_linear(l);
+    if (l.scheme.quantized()) written.insert(l.name + ".weight");
   }
   if (layer.key_amax && layer.value_amax && recipe_.kv_cache) {
     const quant::KvScheme kv = quant::kv_scheme(*recipe_.kv_cache);
@@ -223,18 +229,38 @@ void HfModeloptWriter::add_layer(const quant::QuantizedLayer& layer) {
   dir_.maybe_flush();
 }
 
+void HfModeloptWriter::add_head(const quant::QuantizedLayer& head) {
+  const auto& c = source_.config();
+  if (next_layer_ != c.num_layers) fail("lm_head handed to the exporter before the last layer ({} of {} written)", next_layer_, c.num_layers);
+  if (head_written_) fail("lm_head handed to the exporter twice");
+  if (head.linears.size() != 1 || head.linears[0].name != "lm_head" || !head.linears[0].scheme.quantized()) {
+    fail("the exporter's head must be the one quantized Linear lm_head");
+  }
+  for (const auto& [name, tensor] : head.replaced) {
+    if (name != "model.norm.weight") fail("the head may replace only model.norm.weight, not {}", name);
+    add(name, tensor);
+    head_tensors_.insert(name);
+  }
+  write_linear(head.linears[0]);
+  head_tensors_.insert("lm_head.weight");
+  head_written_ = true;
+  dir_.maybe_flush();
+}
+
 void HfModeloptWriter::finish() {
   const auto& c = source_.config();
   if (next_layer_ != c.num_layers) fail("the exporter got {} of {} layers", next_layer_, c.num_layers);
   for (const auto& loc : source_.tensors().all()) {
     const std::string& name = loc.entry->name;
-    if (name.rfind("model.layers.", 0) == 0 || io::is_ignorable_tensor(name)) continue;
+    if (name.rfind("model.layers.", 0) == 0 || io::is_ignorable_tensor(name) || head_tensors_.count(name)) continue;
     add(name, source_.tensor(name));
   }
   const std::string kv_algo = has_kv_ ? quant::kv_scheme(*recipe_.kv_cache).quant_algo : "";
   const json hf_quant = make_hf_quant_config(modules_, kv_algo);
   dir_.write_json("hf_quant_config.json", hf_quant, 4);
   json config = c.raw;
+  // A quantized lm_head of a tied model is its own tensor now: engines must not tie it back to the embeddings.
+  if (head_written_ && c.tie_word_embeddings) config["tie_word_embeddings"] = false;
   config["quantization_config"] = make_quantization_config(hf_quant);
   dir_.write_json("config.json", config, 2);
   dir_.copy_model_files(source_.dir());
@@ -334,51 +360,69 @@ std::pair<std::int64_t, std::int64_t> linear_shape(const io::ModelConfig& c, mod
   return {0, 0};
 }
 
+namespace {
+
+// A Linear named `name` ([out, in]) as stored: nothing when it is a plain float weight.
+std::optional<StoredLinear> read_stored_linear(const ReadConfig& rc, const std::string& dir, const io::Checkpoint& ckpt, const std::string& name,
+                                             std::int64_t out, std::int64_t in) {
+  const auto& store = ckpt.tensors();
+  StoredLinear s;
+  s.name = name;
+  const Tensor weight = store.tensor(s.name + ".weight");
+  if (!store.contains(s.name + ".weight_scale")) {
+    const DType dt = weight.dtype();
+    if (dt != DType::F32 && dt != DType::F16 && dt != DType::BF16) fail("{}: {}.weight is {} without a weight_scale", dir, s.name, dtype_name(dt));
+    return std::nullopt;
+  }
+  std::string algo = rc.default_algo;
+  std::int64_t group = rc.group_size;
+  if (rc.default_algo == "MIXED_PRECISION") {
+    const auto it = rc.per_layer.find(s.name);
+    if (it == rc.per_layer.end()) fail("{}: {} has a weight_scale but no entry in quantized_layers", dir, s.name);
+    algo = it->second.first;
+    group = it->second.second;
+  }
+  s.scheme = scheme_for_algo(algo, group, dir);
+  s.out = out;
+  s.in = in;
+  s.weight.weight = weight;
+  s.weight.weight_scale = store.tensor(s.name + ".weight_scale");
+  if (store.contains(s.name + ".weight_scale_2")) s.weight.weight_scale_2 = store.tensor(s.name + ".weight_scale_2");
+  quant::check_quantized_weight(*s.scheme.weight, s.weight, s.out, s.in, fmt::format("{}: {}", dir, s.name));
+  if (store.contains(s.name + ".pre_quant_scale")) {
+    const Tensor pqs = store.tensor(s.name + ".pre_quant_scale");
+    if (pqs.numel() != static_cast<std::uint64_t>(s.in)) fail("{}: {}.pre_quant_scale has {} values for {} inputs", dir, s.name, pqs.numel(), s.in);
+    s.pre_quant_scale = pqs.to_f32();
+    for (const float v : s.pre_quant_scale) {
+      if (!(v > 0.0f) || !std::isfinite(v)) fail("{}: {}.pre_quant_scale holds {}", dir, s.name, v);
+    }
+    // A scale of ones (written for TensorRT-LLM's sake) changes nothing.
+    if (std::all_of(s.pre_quant_scale.begin(), s.pre_quant_scale.end(), [](float v) { return v == 1.0f; })) s.pre_quant_scale.clear();
+  }
+  if (s.scheme.input && s.scheme.input->needs_amax()) {
+    if (!store.contains(s.name + ".input_scale")) fail("{}: {}.input_scale is missing ({} quantizes inputs)", dir, s.name, algo);
+    const Tensor t = store.tensor(s.name + ".input_scale");
+    if (t.numel() != 1) fail("{}: {}.input_scale has {} values, expected 1", dir, s.name, t.numel());
+    s.input_scale = t.to_f32().at(0);
+  }
+  return s;
+  }
+
+}  // namespace
+
 QuantizedReader modelopt_reader(const std::string& dir) {
   const ReadConfig rc = read_quant_config(dir);
   QuantizedReader r;
   r.kv_algo = rc.kv_algo;
-  r.linear = [rc, dir](const io::Checkpoint& ckpt, std::int64_t index, model::LinearKind kind) -> std::optional<StoredLinear> {
-    const auto& store = ckpt.tensors();
-    StoredLinear s;
-    s.name = fmt::format("model.layers.{}.{}", index, model::linear_name(kind));
-    const Tensor weight = store.tensor(s.name + ".weight");
-    if (!store.contains(s.name + ".weight_scale")) {
-      const DType dt = weight.dtype();
-      if (dt != DType::F32 && dt != DType::F16 && dt != DType::BF16) fail("{}: {}.weight is {} without a weight_scale", dir, s.name, dtype_name(dt));
-      return std::nullopt;
-    }
-    std::string algo = rc.default_algo;
-    std::int64_t group = rc.group_size;
-    if (rc.default_algo == "MIXED_PRECISION") {
-      const auto it = rc.per_layer.find(s.name);
-      if (it == rc.per_layer.end()) fail("{}: {} has a weight_scale but no entry in quantized_layers", dir, s.name);
-      algo = it->second.first;
-      group = it->second.second;
-    }
-    s.scheme = scheme_for_algo(algo, group, dir);
-    std::tie(s.out, s.in) = linear_shape(ckpt.config(), kind);
-    s.weight.weight = weight;
-    s.weight.weight_scale = store.tensor(s.name + ".weight_scale");
-    if (store.contains(s.name + ".weight_scale_2")) s.weight.weight_scale_2 = store.tensor(s.name + ".weight_scale_2");
-    quant::check_quantized_weight(*s.scheme.weight, s.weight, s.out, s.in, fmt::format("{}: {}", dir, s.name));
-    if (store.contains(s.name + ".pre_quant_scale")) {
-      const Tensor pqs = store.tensor(s.name + ".pre_quant_scale");
-      if (pqs.numel() != static_cast<std::uint64_t>(s.in)) fail("{}: {}.pre_quant_scale has {} values for {} inputs", dir, s.name, pqs.numel(), s.in);
-      s.pre_quant_scale = pqs.to_f32();
-      for (const float v : s.pre_quant_scale) {
-        if (!(v > 0.0f) || !std::isfinite(v)) fail("{}: {}.pre_quant_scale holds {}", dir, s.name, v);
-      }
-      // A scale of ones (written for TensorRT-LLM's sake) changes nothing.
-      if (std::all_of(s.pre_quant_scale.begin(), s.pre_quant_scale.end(), [](float v) { return v == 1.0f; })) s.pre_quant_scale.clear();
-    }
-    if (s.scheme.input && s.scheme.input->needs_amax()) {
-      if (!store.contains(s.name + ".input_scale")) fail("{}: {}.input_scale is missing ({} quantizes inputs)", dir, s.name, algo);
-      const Tensor t = store.tensor(s.name + ".input_scale");
-      if (t.numel() != 1) fail("{}: {}.input_scale has {} values, expected 1", dir, s.name, t.numel());
-      s.input_scale = t.to_f32().at(0);
-    }
-    return s;
+  r.linear = [rc, dir](const io::Checkpoint& ckpt, std::int64_t index, model::LinearKind kind) {
+    const auto [out, in] = linear_shape(ckpt.config(), kind);
+    return read_stored_linear(rc, dir, ckpt, fmt::format("model.layers.{}.{}", index, model::linear_name(kind)), out, in);
+  };
+  r.head = [rc, dir](const io::Checkpoint& ckpt) -> std::optional<StoredLinear> {
+    if (!ckpt.tensors().contains("lm_head.weight_scale")) return std::nullopt;
+    const auto& c = ckpt.config();
+    if (c.tie_word_embeddings) fail("{}: lm_head is stored quantized but config.json ties it to the embeddings", dir);
+    return read_stored_linear(rc, dir, ckpt, "lm_head", c.vocab_size, c.hidden_size);
   };
   r.kv_scales = [dir, kv = rc.kv_algo](const io::Checkpoint& ckpt, std::int64_t index) {
     const std::string p = fmt::format("model.layers.{}.self_attn.", index);
@@ -400,6 +444,7 @@ void validate_quantized_checkpoint(const std::string& dir) {
     for (const auto kind : model::kAllLinears) reader.linear(ckpt, l, kind);
     if (!reader.kv_algo.empty()) reader.kv_scales(ckpt, l);
   }
+  if (reader.head) reader.head(ckpt);
 }
 
 kernels::QuantizedWeightSource kernel_source(const StoredLinear& st) {
@@ -496,6 +541,48 @@ kernels::QuantizedWeightSource kernel_source(const StoredLinear& st) {
   return k;
 }
 
+namespace {
+
+// Sets `lin` up from a stored quantized Linear: the kernels' weight (or the dequantized one) and the
+// input's fake quantization and pre-quantization scale; a bias stays as it is.
+void set_quantized_linear(StoredLinear& stored, QuantizedRun run, const std::string& dir, model::Linear& lin) {
+  const quant::LinearScheme& s = stored.scheme;
+  bool input_in_kernel = false;
+  if (run == QuantizedRun::kernels) {
+    auto q = std::make_shared<const kernels::QuantizedLinear>(kernel_source(stored), fmt::format("{}: {}", dir, stored.name));
+    input_in_kernel = q->int8_activations();
+    // What the kernel copied into its own layout need not stay resident from the file.
+    if (q->source().stored_codes.nbytes() == 0) stored.weight.weight.release_pages();
+    lin.quantized = std::move(q);
+    lin.weight = Tensor();
+  } else {
+    lin.weight = Tensor::from_f32(quant::dequantize_weight(*s.weight, stored.weight, stored.out, stored.in), {stored.out, stored.in});
+  }
+  std::vector<float> pre_quant_scale = std::move(stored.pre_quant_scale);
+  if (s.input && !input_in_kernel) {
+    quant::ActivationQuantizer aq{*s.input, {}, pre_quant_scale};
+    if (s.input->needs_amax()) {
+      const float scale = stored.input_scale.value_or(-1.0f);
+      if (!std::isfinite(scale) || scale < 0.0f) fail("{}: {}'s input scale is {}", dir, stored.name, scale);
+      const float bound = s.input->scaling == quant::Scaling::nvfp4 ? 6.0f * 448.0f : s.input->max_bound();
+      aq.amax = {scale * bound};
+    }
+    auto shared = std::make_shared<quant::ActivationQuantizer>(std::move(aq));
+    lin.input_transform = [shared](float* x, std::int64_t rows, std::int64_t cols) { shared->apply(x, rows, cols); };
+  } else if (!pre_quant_scale.empty()) {
+    // Weight-only with a pre-quantization scale, or W8A8 whose kernel quantizes the input:
+    // only the scale applies to the input here.
+    auto pqs = std::make_shared<std::vector<float>>(std::move(pre_quant_scale));
+    lin.input_transform = [pqs](float* x, std::int64_t rows, std::int64_t cols) {
+      for (std::int64_t r = 0; r < rows; ++r) {
+        for (std::int64_t c = 0; c < cols; ++c) x[r * cols + c] *= (*pqs)[static_cast<std::size_t>(c)];
+      }
+    };
+  }
+}
+
+}  // namespace
+
 model::Model load_quantized(const std::string& dir, const QuantizedReader& reader, QuantizedRun run) {
   if (!reader.kv_algo.empty() && reader.kv_algo != "FP8" && reader.kv_algo != "NVFP4") {
     fail("{}: KV-cache quantization '{}' is not one mopt reads", dir, reader.kv_algo);
@@ -507,40 +594,7 @@ model::Model load_quantized(const std::string& dir, const QuantizedReader& reade
     for (const auto kind : model::kAllLinears) {
       auto stored = reader.linear(ckpt, index, kind);
       if (!stored) continue;
-      const quant::LinearScheme& s = stored->scheme;
-      model::Linear& lin = w.linear(kind);
-      bool input_in_kernel = false;
-      if (run == QuantizedRun::kernels) {
-        auto q = std::make_shared<const kernels::QuantizedLinear>(kernel_source(*stored), fmt::format("{}: {}", dir, stored->name));
-        input_in_kernel = q->int8_activations();
-        // What the kernel copied into its own layout need not stay resident from the file.
-        if (q->source().stored_codes.nbytes() == 0) stored->weight.weight.release_pages();
-        lin.quantized = std::move(q);
-        lin.weight = Tensor();
-      } else {
-        lin.weight = Tensor::from_f32(quant::dequantize_weight(*s.weight, stored->weight, stored->out, stored->in), {stored->out, stored->in});
-      }
-      std::vector<float> pre_quant_scale = std::move(stored->pre_quant_scale);
-      if (s.input && !input_in_kernel) {
-        quant::ActivationQuantizer aq{*s.input, {}, pre_quant_scale};
-        if (s.input->needs_amax()) {
-          const float scale = stored->input_scale.value_or(-1.0f);
-          if (!std::isfinite(scale) || scale < 0.0f) fail("{}: {}'s input scale is {}", dir, stored->name, scale);
-          const float bound = s.input->scaling == quant::Scaling::nvfp4 ? 6.0f * 448.0f : s.input->max_bound();
-          aq.amax = {scale * bound};
-        }
-        auto shared = std::make_shared<quant::ActivationQuantizer>(std::move(aq));
-        lin.input_transform = [shared](float* x, std::int64_t rows, std::int64_t cols) { shared->apply(x, rows, cols); };
-      } else if (!pre_quant_scale.empty()) {
-        // Weight-only with a pre-quantization scale, or W8A8 whose kernel quantizes the input:
-        // only the scale applies to the input here.
-        auto pqs = std::make_shared<std::vector<float>>(std::move(pre_quant_scale));
-        lin.input_transform = [pqs](float* x, std::int64_t rows, std::int64_t cols) {
-          for (std::int64_t r = 0; r < rows; ++r) {
-            for (std::int64_t c = 0; c < cols; ++c) x[r * cols + c] *= (*pqs)[static_cast<std::size_t>(c)];
-          }
-        };
-      }
+      set_quantized_linear(*stored, run, dir, w.linear(kind));
     }
     if (!reader.kv_algo.empty()) {
       const quant::KvScheme kv = quant::kv_scheme(reader.kv_algo == "FP8" ? "fp8" : "nvfp4");
@@ -557,6 +611,15 @@ model::Model load_quantized(const std::string& dir, const QuantizedReader& reade
     }
     return w;
   };
+  if (reader.head) {
+    options.head_loader = [reader, dir, run](const io::Checkpoint& ckpt) -> std::optional<model::Linear> {
+      auto stored = reader.head(ckpt);
+      if (!stored) return std::nullopt;
+      model::Linear head;
+      set_quantized_linear(*stored, run, dir, head);
+      return head;
+    };
+  }
   return model::Model::load(dir, options);
 }
 

@@ -19,6 +19,7 @@
 #include <filesystem>
 #include <functional>
 #include <optional>
+#include <set>
 #include <utility>
 #include <memory>
 #include <string>
@@ -46,6 +47,9 @@ class HfModeloptWriter {
 
   // Layers must arrive in order 0, 1, ...
   void add_layer(const quant::QuantizedLayer& layer);
+  // The quantized lm_head (algo::HeadSink's layer), after the last layer. With tied embeddings the
+  // export unties them: lm_head.weight holds the head's codes, the embeddings stay as they were.
+  void add_head(const quant::QuantizedLayer& head);
   // Writes the rest (embeddings, final norm, lm_head, configs, tokenizer) and renames into place.
   void finish();
 
@@ -54,6 +58,7 @@ class HfModeloptWriter {
 
  private:
   void add(const std::string& name, const Tensor& tensor) { dir_.add(name, tensor); }
+  void write_linear(const quant::QuantizedLinear& l);
 
   const io::Checkpoint& source_;
   quant::Recipe recipe_;
@@ -62,6 +67,8 @@ class HfModeloptWriter {
   // Per-module schemes actually used, for the config files.
   std::vector<std::pair<std::string, quant::LinearScheme>> modules_;
   bool has_kv_ = false;
+  bool head_written_ = false;
+  std::set<std::string> head_tensors_;  // written by add_head
 };
 
 // hf_quant_config.json's contents for the modules written (exported for tests).
@@ -85,6 +92,8 @@ struct StoredLinear {
 // stored plain) and its KV-cache scales.
 struct QuantizedReader {
   std::function<std::optional<StoredLinear>(const io::Checkpoint&, std::int64_t layer, model::LinearKind)> linear;
+  // The lm_head when it is stored quantized (empty function or nothing: a 16-bit head).
+  std::function<std::optional<StoredLinear>(const io::Checkpoint&)> head;
   std::string kv_algo;  // "", "FP8", "NVFP4"
   std::function<std::pair<float, float>(const io::Checkpoint&, std::int64_t layer)> kv_scales;  // k_scale, v_scale
 };

@@ -130,6 +130,13 @@ bool is_layer_linear_weight(std::string_view name) {
 }
 
 bool is_quantization_scale(std::string_view name) {
+  if (name.substr(0, 8) == "lm_head.") {
+    // A quantized lm_head (modelopt's names).
+    for (const char* suffix : {".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale"}) {
+      if (ends_with(name, suffix)) return true;
+    }
+    return false;
+  }
   if (name.substr(0, 13) != "model.layers.") return false;
   for (const char* suffix : {".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale", ".k_proj.k_scale", ".v_proj.v_scale",
                              // compressed-tensors' names
@@ -157,6 +164,7 @@ void check_tensors_against_config(const TensorStore& store, const ModelConfig& c
       continue;
     }
     if (quantized && is_layer_linear_weight(t.name)) continue;
+    if (quantized && t.name == "lm_head.weight" && store.find("lm_head.weight_scale") != nullptr) continue;  // checked by the reader
     if (loc->entry->shape != t.shape) {
       wrong.push_back(fmt::format("{} has shape {}, expected {}", t.name, shape_string(loc->entry->shape), shape_string(t.shape)));
     } else if (loc->entry->dtype != DType::F32 && loc->entry->dtype != DType::F16 && loc->entry->dtype != DType::BF16) {

@@ -9,7 +9,9 @@
 
 #include <vector>
 
+#include "core/cpu_features.h"
 #include "core/error.h"
+#include "kernels/ops_simd.h"
 
 namespace mopt::kernels {
 
@@ -53,7 +55,25 @@ void apply_rope(float* x, std::int64_t rows, std::int64_t heads, std::int64_t he
   }
 }
 
+namespace {
+
+bool simd_ops() {
+  static const bool yes = cpu_features().avx2 && cpu_features().fma;
+  return yes;
+}
+
+}  // namespace
+
 void silu_mul(float* gate, const float* up, std::int64_t n) {
+  if (simd_ops()) {
+    constexpr std::int64_t chunk = 4096;
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (std::int64_t c = 0; c < (n + chunk - 1) / chunk; ++c) {
+      const std::int64_t i = c * chunk;
+      avx2::silu_mul(gate + i, up + i, std::min(chunk, n - i));
+    }
+    return;
+  }
 #pragma omp parallel for schedule(static) if (n > 65536)
   for (std::int64_t i = 0; i < n; ++i) {
     const float g = gate[i];
@@ -69,9 +89,13 @@ void masked_softmax(float* row, std::int64_t n, std::int64_t first, std::int64_t
   float max_score = -INFINITY;
   for (std::int64_t j = first; j <= last; ++j) max_score = std::max(max_score, row[j]);
   float total = 0;
-  for (std::int64_t j = first; j <= last; ++j) {
-    row[j] = std::exp(row[j] - max_score);
-    total += row[j];
+  if (simd_ops()) {
+    total = avx2::exp_shifted_sum(row + first, last - first + 1, max_score);
+  } else {
+    for (std::int64_t j = first; j <= last; ++j) {
+      row[j] = std::exp(row[j] - max_score);
+      total += row[j];
+    }
   }
   const float inv = 1.0f / total;
   for (std::int64_t j = 0; j < first; ++j) row[j] = 0;
@@ -93,25 +117,36 @@ void attention(const float* q, std::int64_t n_q, const std::int32_t* q_pos, cons
   };
   if (n_q >= 8) {
     // Many queries (prefill): per head, scores = Q Kᵀ and out = P V through
-    // the BLAS, in blocks of query rows so the score matrix stays small.
-    constexpr std::int64_t kBlock = 256;
+    // the BLAS, in blocks of query rows so the score matrix stays small; each
+    // block multiplies only the keys its rows can see (causal: a block of the
+    // first rows needs only the first keys).
+    constexpr std::int64_t kBlock = 128;
     std::vector<float> scores(static_cast<std::size_t>(std::min(n_q, kBlock) * n_k));
-    for (std::int64_t h = 0; h < heads; ++h) {
-      const float* kh = k + (h / group) * d;
-      const float* vh = v + (h / group) * d;
-      for (std::int64_t i0 = 0; i0 < n_q; i0 += kBlock) {
-        const std::int64_t rows = std::min(kBlock, n_q - i0);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(rows), static_cast<blasint>(n_k),
+    for (std::int64_t i0 = 0; i0 < n_q; i0 += kBlock) {
+      const std::int64_t rows = std::min(kBlock, n_q - i0);
+      std::int64_t k0 = n_k, k1 = -1;  // the keys [k0, k1] some row of the block sees
+      for (std::int64_t r = 0; r < rows; ++r) {
+        std::int64_t first, last;
+        key_range(i0 + r, first, last);
+        if (first > last) fail("attention: query {} at position {} sees no key", i0 + r, q_pos[i0 + r]);
+        k0 = std::min(k0, first);
+        k1 = std::max(k1, last);
+      }
+      const std::int64_t nk = k1 - k0 + 1;
+      for (std::int64_t h = 0; h < heads; ++h) {
+        const float* kh = k + k0 * kv_stride + (h / group) * d;
+        const float* vh = v + k0 * kv_stride + (h / group) * d;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(rows), static_cast<blasint>(nk),
                     static_cast<blasint>(d), scale, q + i0 * q_stride + h * d, static_cast<blasint>(q_stride), kh,
-                    static_cast<blasint>(kv_stride), 0.0f, scores.data(), static_cast<blasint>(n_k));
+                    static_cast<blasint>(kv_stride), 0.0f, scores.data(), static_cast<blasint>(nk));
 #pragma omp parallel for schedule(static)
         for (std::int64_t r = 0; r < rows; ++r) {
           std::int64_t first, last;
           key_range(i0 + r, first, last);
-          masked_softmax(scores.data() + r * n_k, n_k, first, last);
+          masked_softmax(scores.data() + r * nk, nk, first - k0, last - k0);
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(rows), static_cast<blasint>(d),
-                    static_cast<blasint>(n_k), 1.0f, scores.data(), static_cast<blasint>(n_k), vh,
+                    static_cast<blasint>(nk), 1.0f, scores.data(), static_cast<blasint>(nk), vh,
                     static_cast<blasint>(kv_stride), 0.0f, out + i0 * q_stride + h * d, static_cast<blasint>(q_stride));
       }
     }

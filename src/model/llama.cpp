@@ -278,7 +278,9 @@ Model Model::load(const std::string& dir, const LoadOptions& options) {
   const auto& store = m.checkpoint_->tensors();
   m.embed_tokens_ = store.tensor("model.embed_tokens.weight");
   m.final_norm_ = store.tensor("model.norm.weight").to(DType::F32);
-  m.lm_head_ = c.tie_word_embeddings ? m.embed_tokens_ : store.tensor("lm_head.weight");
+  std::optional<Linear> head = options.head_loader ? options.head_loader(*m.checkpoint_) : std::nullopt;
+  if (head) m.lm_head_ = std::move(*head);
+  else m.lm_head_.weight = c.tie_word_embeddings ? m.embed_tokens_ : store.tensor("lm_head.weight");
   for (std::int64_t i = 0; i < c.num_layers; ++i) {
     m.layers_.push_back(options.layer_loader ? options.layer_loader(*m.checkpoint_, i) : load_layer(*m.checkpoint_, i));
   }
@@ -294,7 +296,7 @@ const io::Tokenizer& Model::require_tokenizer() const {
 
 std::uint64_t Model::resident_weight_bytes() const {
   std::uint64_t n = embed_tokens_.bytes().size() + final_norm_.bytes().size();
-  if (!config().tie_word_embeddings) n += lm_head_.bytes().size();
+  if (!head_is_embedding_table()) n += lm_head_.weight_bytes();
   for (const auto& l : layers_) {
     n += l.input_norm.bytes().size() + l.post_attention_norm.bytes().size();
     if (l.q_norm) n += l.q_norm->bytes().size() + l.k_norm->bytes().size();
@@ -310,10 +312,10 @@ void Model::convert_float_weights(DType dtype) {
   auto convert = [dtype](Tensor& t) {
     if (t.numel() > 0 && t.dtype() != dtype && (t.dtype() == DType::F32 || t.dtype() == DType::F16 || t.dtype() == DType::BF16)) t = t.to(dtype);
   };
-  const bool tied = lm_head_.bytes().data() == embed_tokens_.bytes().data();
+  const bool tied = head_is_embedding_table();
   convert(embed_tokens_);
-  if (tied) lm_head_ = embed_tokens_;
-  else convert(lm_head_);
+  if (tied) lm_head_.weight = embed_tokens_;
+  else if (!lm_head_.quantized) convert(lm_head_.weight);
   for (auto& l : layers_) {
     for (const auto kind : kAllLinears) {
       Linear& lin = l.linear(kind);
@@ -355,7 +357,11 @@ void Model::head(const float* hidden, std::span<const std::int64_t> rows, float*
   for (std::size_t i = 0; i < rows.size(); ++i) {
     kernels::rmsnorm(hidden + rows[i] * H, final_norm_.data<float>(), 1, H, static_cast<float>(c.rms_norm_eps), normed.data() + i * static_cast<std::size_t>(H));
   }
-  kernels::linear_forward(normed.data(), static_cast<std::int64_t>(rows.size()), lm_head_, nullptr, logits);
+  linear(lm_head_, normed.data(), static_cast<std::int64_t>(rows.size()), logits, workspace_);
+}
+
+bool Model::head_is_embedding_table() const {
+  return !lm_head_.quantized && lm_head_.weight.numel() > 0 && lm_head_.weight.bytes().data() == embed_tokens_.bytes().data();
 }
 
 void Model::forward(std::span<const std::int32_t> tokens, std::span<const SequenceSpan> batch, KvCache* cache, LogitsFor which,

@@ -142,6 +142,8 @@ struct LoadOptions {
   bool quantized = false;
   // Builds layer i; load_layer() when empty.
   std::function<LayerWeights(const io::Checkpoint&, std::int64_t)> layer_loader;
+  // Builds the lm_head when it is stored quantized; nothing: lm_head.weight (or the tied embeddings) as stored.
+  std::function<std::optional<Linear>(const io::Checkpoint&)> head_loader;
 };
 
 class Model {
@@ -163,6 +165,10 @@ class Model {
   // lm_head (when not tied) and norms.
   std::uint64_t resident_weight_bytes() const;
   std::uint64_t embedding_bytes() const { return embed_tokens_.bytes().size(); }
+  // The lm_head: the embeddings when tied, else lm_head.weight, plain or quantized.
+  const Linear& lm_head() const { return lm_head_; }
+  // True when the lm_head reads the embedding table itself (tied and not quantized separately).
+  bool head_is_embedding_table() const;
   // Widens or narrows every float weight kept as a plain tensor (embeddings, lm_head, unquantized
   // Linears) to `dtype` (bf16 or f16 for a 16-bit baseline).
   void convert_float_weights(DType dtype);
@@ -193,7 +199,7 @@ class Model {
   std::optional<io::Tokenizer> tokenizer_;
   Tensor embed_tokens_;
   Tensor final_norm_;  // f32
-  Tensor lm_head_;     // the embeddings when tied
+  Linear lm_head_;     // weight: the embeddings when tied
   std::vector<LayerWeights> layers_;
   std::vector<float> inv_freq_;
   mutable Workspace workspace_;

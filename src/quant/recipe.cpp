@@ -148,8 +148,9 @@ const std::vector<std::string>& default_exclusions() {
 }
 
 LinearScheme Recipe::scheme_for(const std::string& module) const {
+  const bool head = quantize_lm_head && module == "lm_head";
   for (const auto& g : default_exclusions()) {
-    if (glob_match(g, module)) return {};
+    if (!head && glob_match(g, module)) return {};
   }
   for (const auto& g : exclude) {
     if (glob_match(g, module)) return {};
@@ -221,7 +222,10 @@ Recipe parse_recipe(const std::string& json_text, const std::string& label) {
         if (!value.is_number()) fail("\"percentile\" must be a number");
         r.percentile = value.get<double>();
       }
-      else if (key == "exclude") r.exclude = value.get<std::vector<std::string>>();
+      else if (key == "quantize_lm_head") {
+        if (!value.is_boolean()) fail("\"quantize_lm_head\" must be true or false");
+        r.quantize_lm_head = value.get<bool>();
+      } else if (key == "exclude") r.exclude = value.get<std::vector<std::string>>();
       else if (key == "overrides") {
         for (const auto& o : value) r.overrides.push_back({o.at("pattern").get<std::string>(), o.at("format").get<std::string>()});
       } else if (key == "calib_size") r.calib_size = integer_field(value, key);

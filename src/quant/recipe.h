@@ -65,6 +65,9 @@ struct Recipe {
   double percentile = 99.99;
   std::vector<std::string> exclude;    // globs on module names, after default_exclusions()
   std::vector<FormatOverride> overrides;  // applied in order, later ones win; exclusion wins over all
+  // Quantize the lm_head too (module "lm_head"; the reference leaves it 16-bit by default): the
+  // default format, or an override's for "lm_head". Round-to-nearest (SmoothQuant's scale for W8A8).
+  bool quantize_lm_head = false;
   // Calibration data defaults (the CLI can override them).
   std::int64_t calib_size = 128;
   std::int64_t seq_len = 512;

@@ -8,6 +8,8 @@
 #include "kernels/gemm.h"
 #include "kernels/linear.h"
 #include "kernels/ops.h"
+#include "kernels/ops_simd.h"
+#include "core/cpu_features.h"
 #include "support/random_values.h"
 
 namespace mopt::kernels {
@@ -123,6 +125,16 @@ TEST(Attention, BothPathsMatchReferenceWithGqaAndWindow) {
       attention(q.data(), n_q, pos.data(), k.data(), v.data(), n_k, heads, kv_heads, d, window, out.data());
       EXPECT_LE(max_relative(out, attention_ref(q, n_q, pos, k, v, n_k, heads, kv_heads, d, window)), 1e-5) << "prefill window " << window;
     }
+    // Prefill after a cached prefix: 200 queries at positions 100..299 (their blocks see keys from 0).
+    {
+      const std::int64_t n_q = 200;
+      const auto q = random_values(static_cast<std::size_t>(n_q * heads * d), 15);
+      std::vector<std::int32_t> pos(static_cast<std::size_t>(n_q));
+      for (std::int64_t i = 0; i < n_q; ++i) pos[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(100 + i);
+      std::vector<float> out(q.size());
+      attention(q.data(), n_q, pos.data(), k.data(), v.data(), n_k, heads, kv_heads, d, window, out.data());
+      EXPECT_LE(max_relative(out, attention_ref(q, n_q, pos, k, v, n_k, heads, kv_heads, d, window)), 1e-5) << "cached prefill window " << window;
+    }
     // Decode: two queries at the end (per-query path).
     {
       const std::int64_t n_q = 2;
@@ -167,6 +179,58 @@ TEST(Attention, CachedBf16AndFp8MatchTheirWidenedValues) {
       attention_cached(q.data(), n_q, pos.data(), keys[t], values[t], n_k, heads, kv_heads, d, 0, out.data());
       EXPECT_LE(max_relative(out, attention_ref(q, n_q, pos, kf, vf, n_k, heads, kv_heads, d, 0)), 1e-5) << "type " << t << " n_q " << n_q;
     }
+  }
+}
+
+TEST(SimdOps, ExpWithinTwoUlpOfStdExp) {
+  if (!cpu_features().avx2 || !cpu_features().fma) GTEST_SKIP() << "no AVX2/FMA on this CPU";
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> wide(-100.0f, 100.0f), narrow(-5.0f, 5.0f);
+  std::vector<float> x;
+  for (int i = 0; i < 20000; ++i) x.push_back(i % 2 ? wide(rng) : narrow(rng));
+  for (const float v : {0.0f, -0.0f, 1.0f, -87.33f, -87.34f, 88.72f, 88.73f, -1e30f, 1e30f, INFINITY, -INFINITY}) x.push_back(v);
+  x.push_back(NAN);
+  std::vector<float> y = x;
+  avx2::exp_inplace(y.data(), static_cast<std::int64_t>(y.size()));  // 20012: a tail of 4 too
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const float want = std::exp(x[i]);
+    if (std::isnan(x[i])) {
+      EXPECT_TRUE(std::isnan(y[i]));
+    } else if (x[i] < -87.336f) {
+      EXPECT_EQ(y[i], 0.0f) << x[i];
+      EXPECT_LT(want, 1.1757e-38f);
+    } else if (std::isinf(want)) {
+      EXPECT_TRUE(std::isinf(y[i]) && y[i] > 0) << x[i];
+    } else {
+      EXPECT_LE(std::fabs(y[i] - want), 2.0f * (std::nextafter(want, INFINITY) - want)) << "x = " << x[i] << ": " << y[i] << " vs " << want;
+    }
+  }
+  // exp_shifted_sum: the same values less the shift, and their sum.
+  std::vector<float> row(std::vector<float>(x.begin(), x.begin() + 1001));
+  for (float& v : row) v = std::min(v, 50.0f);
+  std::vector<float> got = row;
+  const float total = avx2::exp_shifted_sum(got.data(), static_cast<std::int64_t>(got.size()), 50.0f);
+  double want_total = 0;
+  for (std::size_t i = 0; i < row.size(); ++i) {
+    const double e = std::exp(static_cast<double>(row[i] - 50.0f));  // the f32 difference is the input
+    want_total += e;
+    EXPECT_NEAR(got[i], e, 3e-7 * e + 1e-37);
+  }
+  EXPECT_NEAR(total, want_total, 1e-6 * want_total);
+}
+
+TEST(SimdOps, SiluMulMatchesItsDefinition) {
+  if (!cpu_features().avx2 || !cpu_features().fma) GTEST_SKIP() << "no AVX2/FMA on this CPU";
+  auto g = random_values(1003, 21);
+  for (float& v : g) v *= 12.0f;
+  g[5] = 95.0f;
+  g[6] = -95.0f;
+  const auto u = random_values(1003, 22);
+  std::vector<float> fast = g;
+  avx2::silu_mul(fast.data(), u.data(), static_cast<std::int64_t>(g.size()));
+  for (std::size_t i = 0; i < g.size(); ++i) {
+    const double want = g[i] / (1.0 + std::exp(-static_cast<double>(g[i]))) * u[i];
+    EXPECT_NEAR(fast[i], want, 4e-7 * std::fabs(want) + 1e-30) << g[i];
   }
 }
 

@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -22,14 +23,18 @@ namespace mopt::testing {
 
 inline std::string tiny_kjv() { return std::string(MOPT_MODELS_DIR) + "/tiny-kjv"; }
 
-// tiny-kjv's first two layers (the tests quantize it many times; the sanitizer build is slow).
-inline std::string two_layer_tiny_kjv() {
+// tiny-kjv's first two layers (the tests quantize it many times; the sanitizer build is slow);
+// `tied`: with its lm_head dropped and tie_word_embeddings set, as Llama-3.2-1B is.
+inline std::string two_layer_tiny_kjv(bool tied = false) {
   static const TempDir dir;
-  static const std::string path = [] {
-    const std::string out = dir.file("tiny-kjv-2");
+  static std::map<bool, std::string> paths;
+  if (paths.count(tied)) return paths[tied];
+  const std::string path = [tied] {
+    const std::string out = dir.file(tied ? "tiny-kjv-2-tied" : "tiny-kjv-2");
     std::filesystem::create_directories(out);
     nlohmann::json config = io::parse_json_unique_keys(io::read_text_file(tiny_kjv() + "/config.json"), "config.json");
     config["num_hidden_layers"] = 2;
+    if (tied) config["tie_word_embeddings"] = true;
     std::ofstream(out + "/config.json") << config.dump(2);
     for (const char* f : {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}) {
       if (std::filesystem::exists(tiny_kjv() + "/" + f)) std::filesystem::copy_file(tiny_kjv() + "/" + f, out + "/" + f);
@@ -39,11 +44,13 @@ inline std::string two_layer_tiny_kjv() {
     for (const auto& loc : store.all()) {
       const std::string& n = loc.entry->name;
       if (n.rfind("model.layers.", 0) == 0 && n.rfind("model.layers.0.", 0) != 0 && n.rfind("model.layers.1.", 0) != 0) continue;
+      if (tied && n == "lm_head.weight") continue;
       tensors.push_back({n, store.tensor(n)});
     }
     io::write_safetensors(out + "/model.safetensors", tensors);
     return out;
   }();
+  paths[tied] = path;
   return path;
 }
 
@@ -64,19 +71,22 @@ inline const std::vector<std::int32_t>& heldout() {
   return ids;
 }
 
-inline void quantize(const std::string& format, const std::string& algorithm, const std::string& out, bool fold = false,
-              std::optional<std::string> kv = std::nullopt) {
+inline algo::PtqReport quantize(const std::string& format, const std::string& algorithm, const std::string& out, bool fold = false,
+                                std::optional<std::string> kv = std::nullopt, bool quantize_lm_head = false, bool tied = false) {
   quant::Recipe r;
+  r.quantize_lm_head = quantize_lm_head;
   r.format = format;
   r.algorithm = algorithm;
   r.kv_cache = std::move(kv);
   if (format.rfind("int4", 0) == 0 || format == "w4a8_awq") r.group_size = 64;
-  const io::Checkpoint ckpt = io::Checkpoint::open(two_layer_tiny_kjv());
+  const io::Checkpoint ckpt = io::Checkpoint::open(two_layer_tiny_kjv(tied));
   exporter::HfModeloptWriter writer(ckpt, out, r);
   algo::PtqOptions o;
   o.fold_pre_quant_scales = fold;
-  algo::quantize_checkpoint(ckpt, r, calibration(), o, [&](quant::QuantizedLayer&& l) { writer.add_layer(l); });
+  algo::PtqReport report = algo::quantize_checkpoint(ckpt, r, calibration(), o, [&](quant::QuantizedLayer&& l) { writer.add_layer(l); },
+                                                     [&](quant::QuantizedLayer&& h) { writer.add_head(h); });
   writer.finish();
+  return report;
 }
 
 }  // namespace mopt::testing

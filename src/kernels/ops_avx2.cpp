@@ -1,0 +1,103 @@
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "kernels/ops_simd.h"
+
+namespace mopt::kernels::avx2 {
+
+namespace {
+
+// e^x: x = n ln2 + r with n = round(x / ln2), |r| <= ln2 / 2 (ln2 in two parts so
+// r is exact to f32), e^r by its degree-7 Taylor polynomial (truncation below 2^-27
+// there), 2^n through the exponent bits. Lanes below -87.336 give 0, above ln(FLT_MAX) +inf.
+inline __m256 exp8(__m256 x) {
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 ln2_hi = _mm256_set1_ps(0.693145751953125f);
+  const __m256 ln2_lo = _mm256_set1_ps(1.42860682030941723212e-6f);
+  const __m256 lo_limit = _mm256_set1_ps(-87.336f), hi_limit = _mm256_set1_ps(88.7228f);
+  const __m256 too_small = _mm256_cmp_ps(x, lo_limit, _CMP_LT_OQ);
+  const __m256 too_large = _mm256_cmp_ps(x, hi_limit, _CMP_GT_OQ);
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo_limit), hi_limit);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, ln2_hi, xc);
+  r = _mm256_fnmadd_ps(n, ln2_lo, r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  // 2^n as n + 127 in the exponent field; n is in [-126, 128]: 2^128 in two halves.
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i half = _mm256_srai_epi32(ni, 1);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), _mm256_set1_epi32(127)), 23));
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+  y = _mm256_andnot_ps(too_small, y);
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), too_large);
+  // NaN compares false both ways and was clamped: give it back.
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+inline float lane_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The first `n` (< 8) floats of p, the rest `fill`.
+inline __m256 load_partial(const float* p, std::int64_t n, float fill) {
+  alignas(32) float tmp[8];
+  for (int i = 0; i < 8; ++i) tmp[i] = i < n ? p[i] : fill;
+  return _mm256_load_ps(tmp);
+}
+
+inline void store_partial(float* p, std::int64_t n, __m256 v) {
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, v);
+  for (int i = 0; i < n; ++i) p[i] = tmp[i];
+}
+
+}  // namespace
+
+void exp_inplace(float* x, std::int64_t n) {
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp8(_mm256_loadu_ps(x + i)));
+  if (i < n) store_partial(x + i, n - i, exp8(load_partial(x + i, n - i, 0.0f)));
+}
+
+float exp_shifted_sum(float* row, std::int64_t n, float shift) {
+  const __m256 s = _mm256_set1_ps(shift);
+  __m256 total = _mm256_setzero_ps();
+  std::int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), s));
+    _mm256_storeu_ps(row + j, e);
+    total = _mm256_add_ps(total, e);
+  }
+  if (j < n) {
+    // Padding lanes hold -inf: e^-inf = 0 adds nothing.
+    const __m256 e = exp8(_mm256_sub_ps(load_partial(row + j, n - j, -INFINITY), s));
+    store_partial(row + j, n - j, e);
+    total = _mm256_add_ps(total, e);
+  }
+  return lane_sum(total);
+}
+
+void silu_mul(float* gate, const float* up, std::int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = exp8(_mm256_xor_ps(g, sign));
+    _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+}  // namespace mopt::kernels::avx2

@@ -1,0 +1,16 @@
+// Vectorized pieces of kernels/ops (AVX2 + FMA). Called only after the CPU check.
+#pragma once
+
+#include <cstdint>
+
+namespace mopt::kernels::avx2 {
+
+// e^x for 8 lanes at a time over x[0, n) in place: within 2 ulp of std::exp for x in
+// [-87.336, 88.7228]; below, 0 (std::exp gives a subnormal there); above, +inf; NaN stays NaN.
+void exp_inplace(float* x, std::int64_t n);
+// row[j] = e^(row[j] - shift) for j in [0, n); returns their sum.
+float exp_shifted_sum(float* row, std::int64_t n, float shift);
+// gate[i] = silu(gate[i]) * up[i] = gate / (1 + e^-gate) * up.
+void silu_mul(float* gate, const float* up, std::int64_t n);
+
+}  // namespace mopt::kernels::avx2
