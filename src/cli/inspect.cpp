@@ -1,5 +1,7 @@
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include <cstdio>
 
 #include "cli/commands.h"
@@ -35,6 +37,11 @@ int run_inspect(const InspectOptions& options) {
       if (q.contains("group_size") && q["group_size"].is_number()) text += fmt::format(", group {}", q["group_size"].get<std::int64_t>());
       if (q.contains("kv_cache_quant_algo") && q["kv_cache_quant_algo"].is_string()) text += ", KV cache " + q["kv_cache_quant_algo"].get<std::string>();
       if (q.contains("quantized_layers") && q["quantized_layers"].is_object()) text += fmt::format(" ({} layers listed)", q["quantized_layers"].size());
+      // The reference's exports list lm_head among the excluded modules unless it was quantized.
+      if (q.contains("exclude_modules") && q["exclude_modules"].is_array()) {
+        const auto& ex = q["exclude_modules"];
+        if (std::find(ex.begin(), ex.end(), "lm_head") == ex.end()) text += ", lm_head quantized";
+      }
       row("quantized", text);
     }
   }

@@ -71,6 +71,10 @@ void quantize_int8_activations(const float* x, std::int64_t n, float amax, std::
     return;
   }
   const float scale = 127.0f / amax;
+  if (cpu_features().avx2) {
+    avx2::quantize_int8(x, n, scale, codes);
+    return;
+  }
   for (std::int64_t i = 0; i < n; ++i) codes[i] = static_cast<std::int8_t>(std::clamp(std::nearbyint(x[i] * scale), -128.0f, 127.0f));
 }
 
@@ -318,8 +322,15 @@ void QuantizedLinear::forward_w8a8(const float* x, std::int64_t m, float* y) con
   if (vectorized_) {
     const std::int64_t k32 = layout_.k32;
     xq.assign(static_cast<std::size_t>(m * k32), 0);
-    for (std::int64_t i = 0; i < m; ++i) quantize_int8_activations(x + i * k, k, s.input_amax, xq.data() + i * k32);
-    const std::int8_t* codes = xq.data();  // thread_local: the workers must see this thread's buffer
+    std::int8_t* rows = xq.data();  // thread_local: the workers must see this thread's buffer
+    if (m > kGemvMaxRows) {
+      parallel_rows(m, 16, [&](std::int64_t i0, std::int64_t i1) {
+        for (std::int64_t i = i0; i < i1; ++i) quantize_int8_activations(x + i * k, k, s.input_amax, rows + i * k32);
+      });
+    } else {
+      for (std::int64_t i = 0; i < m; ++i) quantize_int8_activations(x + i * k, k, s.input_amax, rows + i * k32);
+    }
+    const std::int8_t* codes = rows;
     parallel_rows(n, m <= kGemvMaxRows ? 16 : 64, [&](std::int64_t r0, std::int64_t r1) {
       avx2::int8_gemm(layout_.int8_rows.data(), k32, r0, r1, codes, m, factor.data(), y, n);
     });

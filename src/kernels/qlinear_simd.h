@@ -35,6 +35,9 @@ void gemv_int8(const std::int8_t* codes, const float* scales, std::int64_t block
 void gemv_e4m3(const std::uint8_t* codes, const float* scales, std::int64_t block, std::int64_t k, std::int64_t r0,
                std::int64_t r1, const float* x, int m, float* y, std::int64_t ldy);
 
+// codes[i] = clamp(round-half-even(x[i] * scale), -128, 127) (W8A8's input; NaN gives -128).
+void quantize_int8(const float* x, std::int64_t n, float scale, std::int8_t* codes);
+
 // W8A8: int8 weight rows [rows, k32] (codes in -127..127) times int8 input rows [m, k32] (any code),
 // k32 % 32 == 0; y[i, r] = (sum of products) * factor[r]. Any m (a GEMM for many rows).
 void int8_gemm(const std::int8_t* w, std::int64_t k32, std::int64_t r0, std::int64_t r1, const std::int8_t* x, std::int64_t m,

@@ -141,6 +141,26 @@ TEST(QuantizedLinear, W8A8RunsOnIntegers) {
   check_forward(s, "w8a8 with -128");
 }
 
+TEST(QuantizedLinear, Int8ActivationsRoundHalfToEvenAndClamp) {
+  // Random values, exact half steps and values past the range; 1000 of them: a tail after the 32-wide loop.
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-1.3f, 1.3f);
+  const float amax = 1.0f, scale = 127.0f / amax;
+  std::vector<float> x(1000);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = i % 5 == 0 ? (static_cast<float>(static_cast<int>(i % 300) - 150) + 0.5f) / scale : u(rng);
+  std::vector<std::int8_t> got(x.size());
+  quantize_int8_activations(x.data(), static_cast<std::int64_t>(x.size()), amax, got.data());
+  int ties = 0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const float v = x[i] * scale;
+    float want = std::nearbyint(v);  // half to even
+    want = std::min(127.0f, std::max(-128.0f, want));
+    if (std::fabs(v - std::trunc(v)) == 0.5f) ++ties;
+    ASSERT_EQ(got[i], static_cast<std::int8_t>(want)) << "x = " << x[i] << " (x * scale = " << v << ")";
+  }
+  EXPECT_GT(ties, 50);
+}
+
 TEST(QuantizedLinear, BytesAreTheKernelLayout) {
   const QuantizedLinear q(random_source(T::int4, 16, 256, 128, 1), "int4");
   EXPECT_EQ(q.bytes(), 16u * 128u + 16u * 2u * 4u);
