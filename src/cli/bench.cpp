@@ -74,7 +74,7 @@ std::string format_of(const model::Model& m) {
     }
   }
   std::string label = fmt::format("{}", fmt::join(kinds, "+"));
-  if (m.lm_head().quantized) label += " +head";
+  if (m.lm_head().quantized) label += ", head " + m.lm_head().quantized->describe();
   if (m.new_cache(1, 1).element() == kernels::KvElement::e4m3) label += " kv-fp8";
   return label;
 }

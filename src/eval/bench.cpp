@@ -207,10 +207,12 @@ std::string format_bench_table(const BenchReport& r) {
   std::string s = fmt::format(
       "{} threads; memory read bandwidth {:.1f} GB/s (measured in this run); prompt {} tokens, gen {} tokens; medians of {} rounds\n",
       r.threads, r.bandwidth_bytes_per_s / 1e9, r.options.prompt, r.options.gen, r.options.rounds);
-  s += fmt::format("{:<22} {:>5} {:>10} {:>10} {:>10} {:>10} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9}\n", "format", "batch", "weights",
+  std::size_t width = 22;  // the format column fits the longest name
+  for (const auto& row : r.rows) width = std::max(width, row.format.size());
+  s += fmt::format("{:<{}} {:>5} {:>10} {:>10} {:>10} {:>10} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9}\n", "format", width, "batch", "weights",
                    "mem saving", "peak RSS", "prefill/s", "decode/s", "speedup", "prefill x", "layers x", "roofline", "KV cache");
   for (const auto& row : r.rows) {
-    s += fmt::format("{:<22} {:>5} {:>10} {:>9.2f}x {:>10} {:>10.1f} {:>11.2f} {:>8.2f}x {:>8.2f}x {:>8.2f}x {:>8.0f}% {:>9}\n", row.format,
+    s += fmt::format("{:<{}} {:>5} {:>10} {:>9.2f}x {:>10} {:>10.1f} {:>11.2f} {:>8.2f}x {:>8.2f}x {:>8.2f}x {:>8.0f}% {:>9}\n", row.format, width,
                      row.batch, human_bytes(row.weight_bytes), row.memory_saving, row.peak_rss_bytes ? human_bytes(row.peak_rss_bytes) : "-",
                      row.prefill_tokens_per_s, row.decode_tokens_per_s, row.decode_speedup, row.prefill_speedup, row.layers_decode_speedup,
                      100.0 * row.roofline_fraction, human_bytes(row.kv_cache_bytes));

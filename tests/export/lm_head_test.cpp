@@ -33,6 +33,9 @@ TEST(Recipe, QuantizeLmHeadLiftsOnlyTheDefaultExclusionOfTheHead) {
   r = quant::parse_recipe(R"({"format": "fp8", "quantize_lm_head": true, "overrides": [{"pattern": "lm_head", "format": "int8_wo"}]})", "r.json");
   EXPECT_EQ(r.scheme_for("lm_head").format, "int8_wo");
   EXPECT_FALSE(r.scheme_for("model.layers.0.mlp.router").quantized());
+  // The head is rounded to nearest whatever the algorithm: an override for it need not suit the algorithm.
+  EXPECT_NO_THROW(quant::parse_recipe(R"({"format": "int8_sq", "quantize_lm_head": true, "overrides": [{"pattern": "lm_head", "format": "int4_rtn"}]})", "r.json"));
+  EXPECT_THROW(quant::parse_recipe(R"({"format": "int8_sq", "overrides": [{"pattern": "*.down_proj", "format": "int4_rtn"}]})", "r.json"), Error);
   r.exclude = {"lm_head"};
   EXPECT_FALSE(r.scheme_for("lm_head").quantized());
   EXPECT_THROW(quant::parse_recipe(R"({"format": "fp8", "quantize_lm_head": 1})", "r.json"), Error);
