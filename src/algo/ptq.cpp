@@ -350,13 +350,13 @@ LayerReport quantize_head(const io::Checkpoint& checkpoint, const quant::Recipe&
   quant::QuantizedLayer ql;
   ql.index = -1;
   if (static_in) {
-    const bool histogram = recipe.calibrator != quant::CalibMethod::max && scheme.input->scaling == quant::Scaling::per_tensor;
     float amax = 0.0f;
-    for (const float v : normed) amax = std::max(amax, std::fabs(v));
-    if (histogram) {
+    if (recipe.calibrator != quant::CalibMethod::max && scheme.input->scaling == quant::Scaling::per_tensor) {
       quant::HistogramCalibrator h;
       h.collect(normed.data(), static_cast<std::int64_t>(normed.size()));
       amax = h.compute(recipe.calibrator, scheme.input->element, recipe.percentile);
+    } else {
+      for (const float v : normed) amax = std::max(amax, std::fabs(v));
     }
     wk.input_amax = {amax};
   }

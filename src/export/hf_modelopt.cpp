@@ -406,7 +406,7 @@ std::optional<StoredLinear> read_stored_linear(const ReadConfig& rc, const std::
     s.input_scale = t.to_f32().at(0);
   }
   return s;
-  }
+}
 
 }  // namespace
 

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -112,6 +114,20 @@ TEST(QuantizedLmHead, RefusedWhereTheHeadStays16Bit) {
   }
   // Converting a quantized-head export names the head.
   quantize("fp8", "max", tmp.file("head"), false, std::nullopt, true);
+  {
+    // Such an export whose config.json ties the head back to the embeddings is refused by name.
+    const std::string bad = tmp.file("tied-again");
+    std::filesystem::copy(tmp.file("head"), bad, std::filesystem::copy_options::recursive);
+    nlohmann::json config = read_json(bad + "/config.json");
+    config["tie_word_embeddings"] = true;
+    std::ofstream(bad + "/config.json") << config.dump(2);
+    try {
+      load_model(bad);
+      FAIL() << "no error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("lm_head is stored quantized but config.json ties it"), std::string::npos) << e.what();
+    }
+  }
   for (const int target : {0, 1}) {
     try {
       if (target == 0) export_gguf(tmp.file("head"), tmp.file("out.gguf"), gguf_options_from_name("q8_0"));
