@@ -1,4 +1,4 @@
-// Speed of the 16-bit model as it is stored: prefill of a prompt and
+// Speed of a model as it is stored (16-bit, or a quantized export on its kernels): prefill of a prompt and
 // step-by-step decode with the KV cache, batch 1, median of repeated runs.
 //
 //   build/bench/model_bench MODEL_DIR [--prompt 512] [--gen 64] [--runs 3]
@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "core/cpu_features.h"
+#include "export/hf_modelopt.h"
 #include "model/llama.h"
 
 using mopt::bench::median;
@@ -37,7 +38,7 @@ int main(int argc, char** argv) {
     if (std::strcmp(argv[i], "--gen") == 0) gen = std::atoll(argv[i + 1]);
     if (std::strcmp(argv[i], "--runs") == 0) runs = std::atoi(argv[i + 1]);
   }
-  const auto m = mopt::model::Model::load(argv[1]);
+  const auto m = mopt::exporter::load_model(argv[1]);  // a quantized export runs on its kernels
   const auto& c = m.config();
   prompt_len = std::min<std::int64_t>(prompt_len, c.max_position_embeddings - gen);
   std::mt19937 rng(1);

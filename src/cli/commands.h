@@ -77,6 +77,7 @@ struct EvalOptions {
   bool json = false;
   bool fake_quant = false;  // dequantized weights with fake-quantized inputs instead of the quantized kernels
   bool decode = false;      // ppl: one token at a time through the KV cache
+  std::string token_nll;    // ppl: write each scored token's position and NLL here
 };
 int run_eval_ppl(const EvalOptions& options);
 int run_eval_kld(const EvalOptions& options);

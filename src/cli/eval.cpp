@@ -1,6 +1,7 @@
 #include <fmt/format.h>
 
 #include <memory>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
@@ -9,6 +10,7 @@
 #include "eval/generate.h"
 #include "eval/multiple_choice.h"
 #include "eval/perplexity.h"
+#include "io/atomic_file.h"
 #include "io/json_util.h"
 #include "export/hf_modelopt.h"
 #include "model/llama.h"
@@ -62,9 +64,18 @@ int run_eval_ppl(const EvalOptions& o) {
   const auto tokens = tokenize_file(m, o.text);
   const std::int64_t ctx = default_ctx(m, o.ctx);
   const std::int64_t stride = o.stride > 0 ? o.stride : ctx;
+  // Opened first: an unwritable path fails before the evaluation, not after it.
+  std::optional<io::AtomicFileWriter> token_nll_out;
+  if (!o.token_nll.empty()) token_nll_out.emplace(o.token_nll);
   LazyProgress progress{"perplexity", "windows", nullptr};
   const auto r = eval::perplexity(m, tokens, ctx, stride, progress.fn(), o.decode ? eval::WindowRun::decode : eval::WindowRun::prefill);
   progress.finish();
+  if (token_nll_out) {
+    std::string lines;
+    for (const auto& t : r.token_nll) lines += fmt::format("{}\t{:.17g}\n", t.position, t.nll);
+    token_nll_out->write(lines);
+    token_nll_out->commit();
+  }
   if (o.json) {
     json j = ppl_json(r);
     j["model"] = o.model;

@@ -103,6 +103,9 @@ int main(int argc, char** argv) {
                   "instead of the quantized kernels");
   }
   ppl_cmd->add_flag("--decode", eval.decode, "Feed the text one token at a time through the KV cache (the decode kernels)");
+  ppl_cmd->add_option("--token-nll", eval.token_nll,
+                      "Write every scored token's position and negative log-likelihood (tab-separated, one per line) to "
+                      "this file, to compare two runs token by token");
 
   mopt::cli::BenchCliOptions bench;
   auto* bench_cmd = app.add_subcommand("bench", "Prefill and decode speed and memory of models against their 16-bit baseline, "

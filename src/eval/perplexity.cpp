@@ -132,10 +132,12 @@ PerplexityResult perplexity(const model::Model& m, std::span<const std::int32_t>
     if (!std::isfinite(nll)) fail("non-finite log-likelihood at token {}", p);
     r.nll_sum += nll;
     ++r.scored_tokens;
+    r.token_nll.push_back({p, nll});
   };
   const std::int64_t processed = run == WindowRun::decode ? run_windows_decode(m, tokens, windows, progress, score)
                                                           : run_windows(m, tokens, windows, progress, score);
   finish(r, static_cast<std::int64_t>(tokens.size()), processed, seconds_since(t0));
+  std::sort(r.token_nll.begin(), r.token_nll.end(), [](const TokenNll& a, const TokenNll& b) { return a.position < b.position; });
   return r;
 }
 

@@ -20,6 +20,11 @@ struct Window {
 // The windows of a stream of n tokens.
 std::vector<Window> sliding_windows(std::int64_t n, std::int64_t ctx, std::int64_t stride);
 
+struct TokenNll {
+  std::int64_t position;  // of the predicted token in the stream
+  double nll;
+};
+
 struct PerplexityResult {
   double nll_sum = 0;             // natural-log negative likelihood, summed in f64
   std::int64_t scored_tokens = 0;
@@ -27,6 +32,7 @@ struct PerplexityResult {
   double perplexity = 0;
   double seconds = 0;
   double tokens_per_second = 0;   // tokens through the model (windows overlap when stride < ctx)
+  std::vector<TokenNll> token_nll;  // every scored token, in stream order (for paired comparisons of two runs)
 };
 
 using ProgressFn = std::function<void(std::size_t done, std::size_t total)>;

@@ -63,6 +63,15 @@ void parallel_rows(std::int64_t n, std::int64_t block, F&& f) {
   for (std::int64_t b = 0; b < blocks; ++b) f(b * block, std::min(n, (b + 1) * block));
 }
 
+// The same, blocks handed out as threads become free: for the compute-bound prefill GEMM, where a
+// core slowed by anything else would otherwise keep the other waiting at the end of every matmul.
+template <class F>
+void parallel_rows_dynamic(std::int64_t n, std::int64_t block, F&& f) {
+  const std::int64_t blocks = ceil_div(n, block);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (std::int64_t b = 0; b < blocks; ++b) f(b * block, std::min(n, (b + 1) * block));
+}
+
 }  // namespace
 
 void quantize_int8_activations(const float* x, std::int64_t n, float amax, std::int8_t* codes) {
@@ -331,9 +340,9 @@ void QuantizedLinear::forward_w8a8(const float* x, std::int64_t m, float* y) con
       for (std::int64_t i = 0; i < m; ++i) quantize_int8_activations(x + i * k, k, s.input_amax, rows + i * k32);
     }
     const std::int8_t* codes = rows;
-    parallel_rows(n, m <= kGemvMaxRows ? 16 : 64, [&](std::int64_t r0, std::int64_t r1) {
-      avx2::int8_gemm(layout_.int8_rows.data(), k32, r0, r1, codes, m, factor.data(), y, n);
-    });
+    const auto weight_rows = [&](std::int64_t r0, std::int64_t r1) { avx2::int8_gemm(layout_.int8_rows.data(), k32, r0, r1, codes, m, factor.data(), y, n); };
+    if (m <= kGemvMaxRows) parallel_rows(n, 16, weight_rows);
+    else parallel_rows_dynamic(n, 64, weight_rows);
     return;
   }
   xq.resize(static_cast<std::size_t>(m * k));

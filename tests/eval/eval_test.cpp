@@ -116,19 +116,36 @@ TEST(Perplexity, MatchesTransformersLogits) {
   const auto logits = golden.tensor("a.prefill_logits").to_f32();
   const std::int64_t vocab = m.config().vocab_size;
   double nll = 0;
-  std::vector<double> lp;
+  std::vector<double> lp, token_nll;
   for (std::size_t p = 1; p < ids.size(); ++p) {
     log_softmax(logits.data() + (p - 1) * static_cast<std::size_t>(vocab), vocab, lp);
-    nll -= lp[static_cast<std::size_t>(ids[p])];
+    token_nll.push_back(-lp[static_cast<std::size_t>(ids[p])]);
+    nll += token_nll.back();
   }
   const double expected = std::exp(nll / static_cast<double>(ids.size() - 1));
   const auto n = static_cast<std::int64_t>(ids.size());
   const PerplexityResult r = perplexity(m, ids, n, n);
   EXPECT_EQ(r.scored_tokens, n - 1);
   EXPECT_NEAR(r.perplexity, expected, 1e-5 * expected);
-  // Overlapping windows score every token once too.
+  // Each token's NLL, in stream order, summing to the total.
+  ASSERT_EQ(r.token_nll.size(), token_nll.size());
+  double sum = 0;
+  for (std::size_t i = 0; i < token_nll.size(); ++i) {
+    EXPECT_EQ(r.token_nll[i].position, static_cast<std::int64_t>(i + 1));
+    EXPECT_NEAR(r.token_nll[i].nll, token_nll[i], 1e-4 + 1e-4 * token_nll[i]) << "token " << i + 1;
+    sum += r.token_nll[i].nll;
+  }
+  EXPECT_NEAR(sum, r.nll_sum, 1e-9 * r.nll_sum);
+  // Overlapping windows score every token once too, and decode scores the same tokens alike.
   const PerplexityResult overlapping = perplexity(m, ids, 16, 8);
   EXPECT_EQ(overlapping.scored_tokens, n - 1);
+  const PerplexityResult decoded = perplexity(m, ids, 16, 8, {}, WindowRun::decode);
+  ASSERT_EQ(decoded.token_nll.size(), overlapping.token_nll.size());
+  for (std::size_t i = 0; i < decoded.token_nll.size(); ++i) {
+    EXPECT_EQ(decoded.token_nll[i].position, overlapping.token_nll[i].position);
+    EXPECT_EQ(overlapping.token_nll[i].position, static_cast<std::int64_t>(i + 1));
+    EXPECT_NEAR(decoded.token_nll[i].nll, overlapping.token_nll[i].nll, 1e-3 + 1e-3 * overlapping.token_nll[i].nll) << "token " << i + 1;
+  }
   // A model against itself: zero divergence, full agreement.
   const KldResult k = kl_divergence(m, m, ids, 16, 16);
   EXPECT_LT(k.mean_kld, 1e-9);
