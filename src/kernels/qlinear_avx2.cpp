@@ -263,23 +263,18 @@ template <int MR, int NR>
 void int8_tile(const std::int8_t* w, std::int64_t k32, const std::int8_t* x, const float* factor, float* y, std::int64_t ldy) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[MR][NR];
-#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
   }
   for (std::int64_t p = 0; p < k32; p += 32) {
     __m256i wv[NR];
-#pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) {
       if constexpr (MR < 4) prefetch_ahead(w + j * k32 + p);  // decode streams the weight; prefill finds it in the cache
       wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * k32 + p));
     }
-#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * k32 + p));
       const __m256i ax = _mm256_abs_epi8(xv);  // -128 becomes 0x80, which is 128 read unsigned
-#pragma GCC unroll 16
       for (int j = 0; j < NR; ++j) {
         // |x| (unsigned) times sign(x) * w (w in -127..127): each pair at most 2 * 128 * 127 < 2^15.
         const __m256i t = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[j], xv));
