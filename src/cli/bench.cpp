@@ -45,8 +45,9 @@ std::vector<std::int64_t> parse_batches(const std::string& text) {
 
 // The model as its 16-bit self: quantized Linears dequantized, no activation or KV quantization,
 // float weights in bf16.
-model::Model load_16bit(const std::string& dir) {
+model::Model load_16bit(const std::string& dir, kernels::Precision products) {
   model::Model m = exporter::load_model(dir, exporter::QuantizedRun::fake_quant);
+  m.set_precision(products);
   for (std::int64_t i = 0; i < m.num_layers(); ++i) {
     auto& l = m.mutable_layer(i);
     for (const auto kind : model::kAllLinears) l.linear(kind).input_transform = {};
@@ -59,8 +60,9 @@ model::Model load_16bit(const std::string& dir) {
   return m;
 }
 
-model::Model load_for_bench(const std::string& dir) {
+model::Model load_for_bench(const std::string& dir, kernels::Precision products) {
   model::Model m = exporter::load_model(dir, exporter::QuantizedRun::kernels);
+  m.set_precision(products);
   m.set_kv_element(kernels::KvElement::bf16);
   return m;
 }
@@ -90,6 +92,7 @@ std::vector<std::uint64_t> probe_in_child(const std::string& self, const std::st
   std::string cmd = fmt::format("{} bench --probe-rss {} --batch {} --prompt {} --gen {}", shell_quote(self), shell_quote(dir),
                                 shell_quote(o.batches), o.prompt, o.gen);
   if (as_baseline) cmd += " --probe-as-baseline";
+  cmd += " --products " + shell_quote(o.products);
   if (o.threads > 0) cmd += fmt::format(" --threads {}", o.threads);
   cmd += " 2>&1";
   std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(cmd.c_str(), "r"), pclose);
@@ -113,6 +116,7 @@ int run_bench(const BenchCliOptions& o, const std::string& argv0) {
     omp_set_num_threads(o.threads);
     openblas_set_num_threads(o.threads);
   }
+  const kernels::Precision products = parse_products(o.products);
   eval::BenchOptions options;
   options.batches = parse_batches(o.batches);
   options.prompt = o.prompt;
@@ -121,7 +125,7 @@ int run_bench(const BenchCliOptions& o, const std::string& argv0) {
   if (o.rounds < 1) fail("--rounds must be at least 1");
   if (o.probe_rss) {
     if (o.models.size() != 1) fail("--probe-rss takes one model");
-    const model::Model m = o.probe_as_baseline ? load_16bit(o.models[0]) : load_for_bench(o.models[0]);
+    const model::Model m = o.probe_as_baseline ? load_16bit(o.models[0], products) : load_for_bench(o.models[0], products);
     fmt::print("{}\n", json(eval::probe_peak_rss(m, options)).dump());
     return 0;
   }
@@ -144,8 +148,8 @@ int run_bench(const BenchCliOptions& o, const std::string& argv0) {
   }
   std::vector<model::Model> models;
   models.reserve(dirs.size());
-  models.push_back(load_16bit(base_dir));
-  for (const auto& d : o.models) models.push_back(load_for_bench(d));
+  models.push_back(load_16bit(base_dir, products));
+  for (const auto& d : o.models) models.push_back(load_for_bench(d, products));
   std::vector<eval::BenchModel> bench_models;
   for (std::size_t i = 0; i < models.size(); ++i) {
     bench_models.push_back({dirs[i], i == 0 ? "bf16 (baseline)" : format_of(models[i]), &models[i], rss[i]});

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 #include <string>
+
+#include "kernels/gemm.h"
 #include <vector>
 
 namespace mopt::cli {
@@ -55,6 +57,7 @@ struct BenchCliOptions {
   // Internal: print this model's peak RSS per batch as JSON and exit (run in a child process).
   bool probe_rss = false;
   bool probe_as_baseline = false;
+  std::string products = "bf16";
 };
 int run_bench(const BenchCliOptions& options, const std::string& self_path);
 
@@ -78,6 +81,7 @@ struct EvalOptions {
   bool fake_quant = false;  // dequantized weights with fake-quantized inputs instead of the quantized kernels
   bool decode = false;      // ppl: one token at a time through the KV cache
   std::string token_nll;    // ppl: write each scored token's position and NLL here
+  std::string products = "bf16";  // bf16 or f32 (kernels::Precision); --fake-quant runs f32 weights, always f32
 };
 int run_eval_ppl(const EvalOptions& options);
 int run_eval_kld(const EvalOptions& options);
@@ -90,6 +94,7 @@ struct GenerateCliOptions {
   float temperature = 0.0f;
   float top_p = 1.0f;
   std::uint64_t seed = 0;
+  std::string products = "bf16";
 };
 int run_generate(const GenerateCliOptions& options);
 
@@ -125,5 +130,8 @@ std::vector<std::int32_t> parse_ids(const std::string& text);
 
 // "mopt 0.1.0" and the CPU features this build uses.
 std::string version_text();
+
+// --products bf16|f32 as a kernels::Precision (an error names anything else).
+kernels::Precision parse_products(const std::string& value);
 
 }  // namespace mopt::cli

@@ -59,8 +59,22 @@ json ppl_json(const eval::PerplexityResult& r) {
 
 static exporter::QuantizedRun run_of(const EvalOptions& o) { return o.fake_quant ? exporter::QuantizedRun::fake_quant : exporter::QuantizedRun::kernels; }
 
+kernels::Precision parse_products(const std::string& value) {
+  if (value == "bf16") return kernels::Precision::bf16;
+  if (value == "f32") return kernels::Precision::f32;
+  fail("--products {}: expected bf16 or f32", value);
+}
+
+// The model as the evaluation runs it: quantized kernels or the definition, products as asked.
+static model::Model load_for_eval(const std::string& dir, const EvalOptions& o) {
+  const kernels::Precision products = parse_products(o.products);
+  model::Model m = exporter::load_model(dir, run_of(o));
+  m.set_precision(products);
+  return m;
+}
+
 int run_eval_ppl(const EvalOptions& o) {
-  const auto m = exporter::load_model(o.model, run_of(o));
+  const auto m = load_for_eval(o.model, o);
   const auto tokens = tokenize_file(m, o.text);
   const std::int64_t ctx = default_ctx(m, o.ctx);
   const std::int64_t stride = o.stride > 0 ? o.stride : ctx;
@@ -92,8 +106,8 @@ int run_eval_ppl(const EvalOptions& o) {
 
 int run_eval_kld(const EvalOptions& o) {
   if (o.base.empty()) fail("eval kld needs --base BASE_MODEL");
-  const auto m = exporter::load_model(o.model, run_of(o));
-  const auto base = exporter::load_model(o.base, run_of(o));
+  const auto m = load_for_eval(o.model, o);
+  const auto base = load_for_eval(o.base, o);
   const auto tokens = tokenize_file(base, o.text);
   const std::int64_t ctx = default_ctx(base, o.ctx);
   const std::int64_t stride = o.stride > 0 ? o.stride : ctx;
@@ -119,7 +133,7 @@ int run_eval_kld(const EvalOptions& o) {
 }
 
 int run_eval_mc(const EvalOptions& o) {
-  const auto m = exporter::load_model(o.model, run_of(o));
+  const auto m = load_for_eval(o.model, o);
   const auto questions = eval::parse_mc_csv(io::read_text_file(o.data), o.data);
   LazyProgress progress{"multiple-choice", "questions", nullptr};
   const auto r = eval::multiple_choice(m, questions, o.shots, progress.fn());
@@ -136,7 +150,9 @@ int run_eval_mc(const EvalOptions& o) {
 }
 
 int run_generate(const GenerateCliOptions& o) {
-  const auto m = exporter::load_model(o.model);
+  const kernels::Precision products = parse_products(o.products);
+  auto m = exporter::load_model(o.model);
+  m.set_precision(products);
   const auto& tok = m.require_tokenizer();
   const auto prompt = tok.encode(o.prompt, true);
   eval::GenerateOptions g;

@@ -13,6 +13,7 @@
 #include <new>
 
 #include "cli/commands.h"
+#include "kernels/gemm.h"
 #include "core/convert.h"
 #include "core/cpu_features.h"
 #include "core/error.h"
@@ -21,7 +22,8 @@
 namespace mopt::cli {
 
 std::string version_text() {
-  return fmt::format("mopt {}\ncpu: {}\nconversions: {}", MOPT_VERSION, describe(cpu_features()), convert_isa());
+  return fmt::format("mopt {}\ncpu: {}\nconversions: {}\ngemm: {}", MOPT_VERSION, describe(cpu_features()), convert_isa(),
+                     kernels::describe_gemm());
 }
 
 }  // namespace mopt::cli
@@ -102,6 +104,11 @@ int main(int argc, char** argv) {
                   "Run a quantized checkpoint as dequantized weights with fake-quantized inputs (the definition) "
                   "instead of the quantized kernels");
   }
+  for (auto* cmd : {ppl_cmd, kld_cmd, mc_cmd}) {
+    cmd->add_option("--products", eval.products,
+                    "How 16-bit and quantized weights multiply in prefill: bf16 (default: bf16 operands, f32 sums, "
+                    "where the CPU has AVX-512 BF16; f32 elsewhere) or f32 (exact f32 products)");
+  }
   ppl_cmd->add_flag("--decode", eval.decode, "Feed the text one token at a time through the KV cache (the decode kernels)");
   ppl_cmd->add_option("--token-nll", eval.token_nll,
                       "Write every scored token's position and negative log-likelihood (tab-separated, one per line) to "
@@ -117,6 +124,7 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--gen", bench.gen, "Decode steps (default 128)");
   bench_cmd->add_option("--threads", bench.threads, "Threads (default: every core)");
   bench_cmd->add_option("--rounds", bench.rounds, "Rounds over all models; medians are reported (default 3)");
+  bench_cmd->add_option("--products", bench.products, "bf16 (default, where the CPU has AVX-512 BF16) or f32, as for eval");
   bench_cmd->add_flag("--json", bench.json, "Print a JSON array, one object per (model, batch)");
   bench_cmd->add_flag("--no-rss", bench.no_rss, "Do not measure each model's peak RSS (in a process of its own)");
   bench_cmd->add_flag("--probe-rss", bench.probe_rss)->group("");
@@ -137,6 +145,7 @@ int main(int argc, char** argv) {
   gen_cmd->add_option("--temp", gen.temperature, "Sampling temperature; 0 is greedy (default)");
   gen_cmd->add_option("--top-p", gen.top_p, "Nucleus sampling threshold (default 1)");
   gen_cmd->add_option("--seed", gen.seed, "Random seed for sampling");
+  gen_cmd->add_option("--products", gen.products, "bf16 (default, where the CPU has AVX-512 BF16) or f32, as for eval");
 
   mopt::cli::QuantizeOptions quantize;
   auto* quantize_cmd = app.add_subcommand("quantize", "Quantize a model layer by layer and export it (modelopt, compressed-tensors or GGUF)");

@@ -136,6 +136,7 @@ BenchReport run_benchmark(std::span<const BenchModel> models, const BenchOptions
   BenchReport report;
   report.options = o;
   report.threads = omp_get_max_threads();
+  if (!models.empty()) report.products = models[0].model->precision() == kernels::Precision::bf16 ? "bf16" : "f32";
   report.bandwidth_bytes_per_s = measure_read_bandwidth();
 
   const std::size_t nb = o.batches.size();
@@ -205,8 +206,8 @@ BenchReport run_benchmark(std::span<const BenchModel> models, const BenchOptions
 
 std::string format_bench_table(const BenchReport& r) {
   std::string s = fmt::format(
-      "{} threads; memory read bandwidth {:.1f} GB/s (measured in this run); prompt {} tokens, gen {} tokens; medians of {} rounds\n",
-      r.threads, r.bandwidth_bytes_per_s / 1e9, r.options.prompt, r.options.gen, r.options.rounds);
+      "gemm: {}; products asked: {}\n{} threads; memory read bandwidth {:.1f} GB/s (measured in this run); prompt {} tokens, gen {} tokens; medians of {} rounds\n",
+      kernels::describe_gemm(), r.products, r.threads, r.bandwidth_bytes_per_s / 1e9, r.options.prompt, r.options.gen, r.options.rounds);
   std::size_t width = 22;  // the format column fits the longest name
   for (const auto& row : r.rows) width = std::max(width, row.format.size());
   s += fmt::format("{:<{}} {:>5} {:>10} {:>10} {:>10} {:>10} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9}\n", "format", width, "batch", "weights",

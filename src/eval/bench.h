@@ -57,6 +57,7 @@ struct BenchRow {
 struct BenchReport {
   double bandwidth_bytes_per_s = 0;
   int threads = 0;
+  std::string products = "f32";  // the Precision the models run ("bf16" or "f32")
   BenchOptions options;
   std::vector<BenchRow> rows;  // per model, per batch
 };

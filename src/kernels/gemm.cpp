@@ -2,7 +2,87 @@
 
 #include <cblas.h>
 
+#include <algorithm>
+#include <vector>
+
+#include "core/convert.h"
+#include "core/cpu_features.h"
+#include "kernels/gemm_simd.h"
+
+extern "C" char* openblas_get_corename(void);
+
 namespace mopt::kernels {
+
+namespace {
+
+constexpr std::int64_t kPanel = avx512::kPanelColumns;
+// Input pairs per pass over a packed panel: 128 pairs x 64 columns x 4 bytes = 32 KiB, the L1 data cache.
+constexpr std::int64_t kPairsPerPass = 128;
+
+std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+// Rows of x packed in blocks of 6 (gemm_simd.h) once per product, shared by the threads.
+template <class PackBlock>
+void pack_input(std::int64_t m, std::int64_t block_dwords, std::vector<std::uint32_t>& xp, const PackBlock& pack_block) {
+  const std::int64_t blocks = ceil_div(m, avx512::kRowBlock);
+  xp.resize(static_cast<std::size_t>(blocks * block_dwords));
+  std::uint32_t* dst = xp.data();  // thread_local in the caller: the workers must see this thread's buffer
+  // In parallel only when it is worth a synchronization of the threads (a few hundred microseconds of work).
+#pragma omp parallel for schedule(static) if (blocks * block_dwords > (std::int64_t{1} << 20))
+  for (std::int64_t b = 0; b < blocks; ++b) {
+    const std::int64_t i0 = b * avx512::kRowBlock;
+    pack_block(i0, std::min(avx512::kRowBlock, m - i0), dst + b * block_dwords);
+  }
+}
+
+// The bf16 product over packed panels: each thread takes whole panels of 64 weight rows, packs one
+// and runs every input row through it, a pass of kPairsPerPass input pairs at a time.
+template <class Pack>
+void gemm_bf16_panels(const float* x, std::int64_t m, std::int64_t k, std::int64_t n, float* y, const Pack& pack) {
+  const std::int64_t pairs = (k + 1) / 2;
+  thread_local std::vector<std::uint32_t> xp_buffer;
+  pack_input(m, pairs * avx512::kRowBlock, xp_buffer, [&](std::int64_t i0, std::int64_t rows, std::uint32_t* block) {
+    avx512::pack_rows_bf16(x + i0 * k, k, rows, k, block);
+  });
+  const std::uint32_t* xp = xp_buffer.data();
+  const std::int64_t panels = ceil_div(n, kPanel);
+#pragma omp parallel
+  {
+    thread_local std::vector<std::uint32_t> panel;
+    panel.resize(static_cast<std::size_t>(pairs * kPanel));
+#pragma omp for schedule(dynamic, 1)
+    for (std::int64_t p = 0; p < panels; ++p) {
+      const std::int64_t r0 = p * kPanel, rows = std::min(kPanel, n - r0);
+      pack(r0, rows, panel.data());
+      for (std::int64_t q0 = 0; q0 < pairs; q0 += kPairsPerPass) {
+        avx512::gemm_bf16_panel(xp, pairs, m, q0, std::min(kPairsPerPass, pairs - q0), panel.data() + q0 * kPanel, rows, y + r0, n, q0 > 0);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+bool bf16_gemm_available() {
+  const auto& f = cpu_features();
+  return f.avx512f && f.avx512bw && f.avx512vl && f.avx512_bf16;
+}
+
+bool vnni_gemm_available() {
+  const auto& f = cpu_features();
+  return f.avx512f && f.avx512bw && f.avx512vl && f.avx512_vnni;
+}
+
+std::string describe_gemm() {
+  std::string s = "bf16 products: ";
+  s += bf16_gemm_available() ? "avx512_bf16" : "f32 (no avx512_bf16)";
+  s += "; int8: ";
+  s += vnni_gemm_available() ? "avx512_vnni" : cpu_features().avx2 ? "avx2" : "plain";
+  s += "; f32: OpenBLAS ";
+  const char* core = openblas_get_corename();
+  s += core != nullptr ? core : "?";
+  return s;
+}
 
 void gemm_f32_strided(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y,
                       std::int64_t ldy, bool accumulate) {
@@ -16,6 +96,56 @@ void gemm_f32(const float* x, std::int64_t m, std::int64_t k, const float* w, st
   gemm_f32_strided(x, m, k, w, n, y, n, accumulate);
 }
 
+void gemm_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w_bf16, std::int64_t ldw, std::int64_t n, float* y) {
+  if (m == 0 || n == 0) return;
+  gemm_bf16_panels(x, m, k, n, y, [&](std::int64_t r0, std::int64_t rows, std::uint32_t* panel) {
+    avx512::pack_panel_bf16(w_bf16 + r0 * ldw, ldw, rows, k, panel);
+  });
+}
+
+void gemm_bf16(const float* x, std::int64_t m, std::int64_t k, const WeightRowsF32& rows_f32, std::int64_t n, float* y) {
+  if (m == 0 || n == 0) return;
+  gemm_bf16_panels(x, m, k, n, y, [&](std::int64_t r0, std::int64_t rows, std::uint32_t* panel) {
+    thread_local std::vector<float> widened;
+    widened.resize(static_cast<std::size_t>(kPanel * k));
+    rows_f32(r0, rows, widened.data());
+    avx512::pack_panel_f32(widened.data(), k, rows, k, panel);
+  });
+}
+
+Int8Panels::Int8Panels(const std::int8_t* codes, std::int64_t ldw, std::int64_t n, std::int64_t k)
+    : n_(n), k_(k), quads_(ceil_div(k, 4)) {
+  const std::int64_t panels = ceil_div(n, kPanel);
+  panels_.assign(static_cast<std::size_t>(panels * quads_ * kPanel), 0);
+  offsets_.assign(static_cast<std::size_t>(panels * kPanel), 0);
+  for (std::int64_t p = 0; p < panels; ++p) {
+    const std::int64_t r0 = p * kPanel;
+    avx512::pack_panel_int8(codes + r0 * ldw, ldw, std::min(kPanel, n - r0), k, panels_.data() + p * quads_ * kPanel,
+                            offsets_.data() + p * kPanel);
+  }
+}
+
+std::int8_t Int8Panels::code(std::int64_t r, std::int64_t c) const {
+  const std::uint32_t d = panels_[static_cast<std::size_t>(((r / kPanel) * quads_ + c / 4) * kPanel + r % kPanel)];
+  return static_cast<std::int8_t>(static_cast<std::uint8_t>(d >> (8 * (c % 4))));
+}
+
+void Int8Panels::multiply(const std::int8_t* x_codes, std::int64_t m, const float* factor, float* y) const {
+  if (m == 0 || n_ == 0) return;
+  thread_local std::vector<std::uint32_t> xp_buffer;
+  pack_input(m, quads_ * avx512::kRowBlock, xp_buffer, [&](std::int64_t i0, std::int64_t rows, std::uint32_t* block) {
+    avx512::pack_rows_uint8(x_codes + i0 * k_, k_, rows, k_, block);
+  });
+  const std::uint32_t* xp = xp_buffer.data();
+  const std::int64_t panels = ceil_div(n_, kPanel);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (std::int64_t p = 0; p < panels; ++p) {
+    const std::int64_t r0 = p * kPanel;
+    avx512::gemm_int8_panel(xp, m, quads_, panels_.data() + p * quads_ * kPanel, offsets_.data() + p * kPanel, factor + r0,
+                            std::min(kPanel, n_ - r0), y + r0, n_);
+  }
+}
+
 namespace ref {
 void gemm_f32(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y, bool accumulate) {
   for (std::int64_t i = 0; i < m; ++i) {
@@ -25,6 +155,14 @@ void gemm_f32(const float* x, std::int64_t m, std::int64_t k, const float* w, st
       y[i * n + j] = static_cast<float>(accumulate ? y[i * n + j] + s : s);
     }
   }
+}
+
+void gemm_bf16_products(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y) {
+  const auto round = [](float v) { return bf16_to_f32(f32_to_bf16(v)); };
+  std::vector<float> xr(static_cast<std::size_t>(m * k)), wr(static_cast<std::size_t>(n * k));
+  for (std::size_t i = 0; i < xr.size(); ++i) xr[i] = round(x[i]);
+  for (std::size_t i = 0; i < wr.size(); ++i) wr[i] = round(w[i]);
+  gemm_f32(xr.data(), m, k, wr.data(), n, y, false);
 }
 }  // namespace ref
 

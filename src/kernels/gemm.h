@@ -1,11 +1,37 @@
-// f32 matrix products: y[m, n] (+)= x[m, k] · w[n, k]ᵀ, the shape of a Linear
-// layer (PyTorch stores weights [out, in]). The fast version calls the BLAS;
-// the reference is the plain triple loop it is tested against.
+// Matrix products of the shape of a Linear layer: y[m, n] (+)= x[m, k] · w[n, k]ᵀ
+// (PyTorch stores weights [out, in]), and the run-time choice of how they run.
+//
+//  - f32: exact f32 products through the BLAS (OpenBLAS picks its kernels for the
+//    CPU at run time). What calibration, the algorithms and the tests' definitions
+//    use, so that an export does not depend on the machine it was made on.
+//  - bf16 products: both operands rounded to bf16 (round to nearest even), products
+//    summed in f32, as the serving engines compute a 16-bit model. Our own AVX-512
+//    BF16 kernels (gemm_simd.h); where the CPU lacks AVX-512 BF16 the f32 path runs.
+//  - int8 products (W8A8): exact int32 sums; AVX-512 VNNI where present (gemm_simd.h),
+//    else AVX2 (qlinear_simd.h).
+// The reference (ref::) is the plain triple loop the fast versions are tested against.
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
 
 namespace mopt::kernels {
+
+// How the products of a forward pass with 16-bit or quantized weights are computed.
+enum class Precision {
+  f32,   // exact f32 products (the default of the library)
+  bf16,  // bf16 operands, f32 sums, where the CPU has AVX-512 BF16; f32 elsewhere
+};
+
+// Whether Precision::bf16 runs bf16 kernels here (AVX-512 BF16), and whether the int8 product
+// runs on AVX-512 VNNI.
+bool bf16_gemm_available();
+bool vnni_gemm_available();
+
+// "bf16: avx512_bf16 tiles; int8: avx512_vnni; f32: OpenBLAS Cooperlake" — for --version and bench headers.
+std::string describe_gemm();
 
 void gemm_f32(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y, bool accumulate = false);
 
@@ -13,8 +39,37 @@ void gemm_f32(const float* x, std::int64_t m, std::int64_t k, const float* w, st
 void gemm_f32_strided(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y,
                       std::int64_t ldy, bool accumulate);
 
+// Writes weight rows [row0, row0 + rows) (rows <= 64), inputs [0, k), as f32 into out [rows, k].
+using WeightRowsF32 = std::function<void(std::int64_t row0, std::int64_t rows, float* out)>;
+
+// bf16 products (needs bf16_gemm_available()): y[m, n] = x[m, k] · Wᵀ for a weight given as bf16
+// rows (ldw elements apart) or through `rows_f32`, which are rounded to bf16.
+void gemm_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w_bf16, std::int64_t ldw, std::int64_t n, float* y);
+void gemm_bf16(const float* x, std::int64_t m, std::int64_t k, const WeightRowsF32& rows_f32, std::int64_t n, float* y);
+
+// int8 weight rows packed once for the VNNI product (needs vnni_gemm_available()).
+class Int8Panels {
+ public:
+  Int8Panels() = default;
+  // codes [n, k] row-major (ldw bytes apart).
+  Int8Panels(const std::int8_t* codes, std::int64_t ldw, std::int64_t n, std::int64_t k);
+  std::int64_t rows() const { return n_; }
+  std::int64_t bytes() const { return static_cast<std::int64_t>(panels_.size() * sizeof(std::uint32_t) + offsets_.size() * sizeof(std::int32_t)); }
+  // The code at row r, input c.
+  std::int8_t code(std::int64_t r, std::int64_t c) const;
+  // y[m, n] = (x_codes[m, k] · codesᵀ) * factor[n], exactly (int32 sums).
+  void multiply(const std::int8_t* x_codes, std::int64_t m, const float* factor, float* y) const;
+
+ private:
+  std::int64_t n_ = 0, k_ = 0, quads_ = 0;
+  std::vector<std::uint32_t> panels_;  // [n/64][quads][64], see gemm_simd.h
+  std::vector<std::int32_t> offsets_;  // [n/64 * 64]
+};
+
 namespace ref {
 void gemm_f32(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y, bool accumulate = false);
+// The bf16-products definition: x and w rounded to bf16 (nearest even), products summed in double.
+void gemm_bf16_products(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y);
 }
 
 }  // namespace mopt::kernels

@@ -77,13 +77,22 @@ DotFn dot_for(DType t) {
 
 }  // namespace
 
-void linear_forward(const float* x, std::int64_t m, const Tensor& weight, const Tensor* bias, float* y) {
+void linear_forward(const float* x, std::int64_t m, const Tensor& weight, const Tensor* bias, float* y, Precision precision) {
   check_shapes(weight, bias);
   const std::int64_t n = weight.dim(0);
   const std::int64_t k = weight.dim(1);
   const auto* w = reinterpret_cast<const std::uint8_t*>(weight.bytes().data());
   const std::int64_t row_bytes = k * dtype_bits(weight.dtype()) / 8;
-  if (weight.dtype() == DType::F32 && m > kGemvMaxRows) {
+  if (precision == Precision::bf16 && m > kGemvMaxRows && weight.dtype() != DType::F32 && bf16_gemm_available()) {
+    if (weight.dtype() == DType::BF16) {
+      gemm_bf16(x, m, k, reinterpret_cast<const std::uint16_t*>(w), k, n, y);
+    } else {
+      const DType t = weight.dtype();
+      gemm_bf16(x, m, k, [&](std::int64_t r0, std::int64_t rows, float* out) {
+        convert_to_f32(t, w + r0 * row_bytes, out, static_cast<std::size_t>(rows * k));
+      }, n, y);
+    }
+  } else if (weight.dtype() == DType::F32 && m > kGemvMaxRows) {
     gemm_f32(x, m, k, weight.data<float>(), n, y);
   } else if (m <= kGemvMaxRows) {
     const DotFn dot = dot_for(weight.dtype());

@@ -1,16 +1,20 @@
 // y[m, n] = x[m, k] · Wᵀ (+ bias) for a weight W [n, k] kept in its checkpoint
 // dtype (f32, f16 or bf16) and widened on use.
 //  - few rows (decode): a GEMV that widens W in registers, threads over rows of W;
-//  - many rows (prefill): W widened tile by tile into f32 and multiplied by the BLAS.
+//  - many rows (prefill): with Precision::f32, W widened tile by tile into f32 and multiplied by
+//    the BLAS; with Precision::bf16 on a CPU with AVX-512 BF16, bf16 and f16 weights run the bf16
+//    kernels (gemm.h; f32 weights always take the f32 path).
 #pragma once
 
 #include <cstdint>
 
 #include "core/tensor.h"
+#include "kernels/gemm.h"
 
 namespace mopt::kernels {
 
-void linear_forward(const float* x, std::int64_t m, const Tensor& weight, const Tensor* bias, float* y);
+void linear_forward(const float* x, std::int64_t m, const Tensor& weight, const Tensor* bias, float* y,
+                    Precision precision = Precision::f32);
 
 // y[i, j] += bias[j] for m rows of n (bias in any float dtype; nothing when null).
 void add_bias(float* y, std::int64_t m, std::int64_t n, const Tensor* bias);

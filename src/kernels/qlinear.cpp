@@ -133,8 +133,10 @@ QuantizedLinear::QuantizedLinear(QuantizedWeightSource source, const std::string
     case QuantizedWeightType::e2m1: vectorized_ = simd && s.in % 64 == 0 && (s.block == 16 || s.block == 32); break;
     case QuantizedWeightType::int8:
       if (s.int8_activations) {
-        // The AVX2 product needs weight codes in -127..127 (the sign trick); -128 takes the plain loop.
-        vectorized_ = simd && std::none_of(codes_.begin(), codes_.end(), [](std::uint8_t c) { return c == 0x80; });
+        // VNNI takes every code; the AVX2 product needs weight codes in -127..127 (the sign trick), so
+        // there -128 takes the plain loop.
+        vectorized_ = vnni_gemm_available() ||
+                      (simd && std::none_of(codes_.begin(), codes_.end(), [](std::uint8_t c) { return c == 0x80; }));
       } else {
         vectorized_ = simd && s.in % 16 == 0 && (s.block % 16 == 0 || s.block >= s.in);
       }
@@ -166,7 +168,11 @@ QuantizedLinear::QuantizedLinear(QuantizedWeightSource source, const std::string
     const float x_scale = s.input_amax > kTinyAmax ? 127.0f / s.input_amax : 1.0f;
     w8a8_factor_.resize(static_cast<std::size_t>(s.out));
     for (std::int64_t r = 0; r < s.out; ++r) w8a8_factor_[static_cast<std::size_t>(r)] = s.scales[static_cast<std::size_t>(r)] / x_scale;
-    if (vectorized_) {
+    if (vnni_gemm_available()) {
+      layout_.vnni = Int8Panels(reinterpret_cast<const std::int8_t*>(codes_.data()), s.in, s.out, s.in);
+      std::vector<std::uint8_t>().swap(s.codes);
+      codes_ = {};
+    } else if (vectorized_) {
       layout_.k32 = ceil_div(s.in, 32) * 32;
       layout_.int8_rows.assign(static_cast<std::size_t>(s.out * layout_.k32), 0);
       for (std::int64_t r = 0; r < s.out; ++r) {
@@ -179,7 +185,8 @@ QuantizedLinear::QuantizedLinear(QuantizedWeightSource source, const std::string
 }
 
 std::uint64_t QuantizedLinear::bytes() const {
-  return codes_.size() + layout_.nibbles.size() + layout_.int8_rows.size() + src_.scales.size() * sizeof(float) +
+  return codes_.size() + layout_.nibbles.size() + layout_.int8_rows.size() + static_cast<std::uint64_t>(layout_.vnni.bytes()) +
+         src_.scales.size() * sizeof(float) +
          src_.scale_codes.size() + src_.block_tables.size();
 }
 
@@ -219,6 +226,8 @@ void QuantizedLinear::dequantize_rows(std::int64_t row0, std::int64_t rows, floa
         const std::uint8_t b = src[chunk * 32 + j % 32];
         o[c] = code_value(s, blocks_per_row_, r, c, static_cast<std::uint8_t>((j < 32 ? b & 0x0F : b >> 4) ^ unbias));
       }
+    } else if (layout_.vnni.rows() > 0) {
+      for (std::int64_t c = 0; c < s.in; ++c) o[c] = static_cast<float>(layout_.vnni.code(r, c)) * s.scales[static_cast<std::size_t>(r * blocks_per_row_ + c / s.block)];
     } else if (!layout_.int8_rows.empty()) {
       for (std::int64_t c = 0; c < s.in; ++c) {
         o[c] = static_cast<float>(layout_.int8_rows[static_cast<std::size_t>(r * layout_.k32 + c)]) * s.scales[static_cast<std::size_t>(r * blocks_per_row_ + c / s.block)];
@@ -229,11 +238,11 @@ void QuantizedLinear::dequantize_rows(std::int64_t row0, std::int64_t rows, floa
   }
 }
 
-void QuantizedLinear::forward(const float* x, std::int64_t m, float* y) const {
+void QuantizedLinear::forward(const float* x, std::int64_t m, float* y, Precision precision) const {
   if (m <= 0) return;
   if (src_.int8_activations) return forward_w8a8(x, m, y);
   if (m <= kGemvMaxRows) return forward_gemv(x, m, y);
-  forward_tiles(x, m, y);
+  forward_tiles(x, m, y, precision);
 }
 
 void QuantizedLinear::forward_gemv(const float* x, std::int64_t m, float* y) const {
@@ -310,8 +319,13 @@ void QuantizedLinear::forward_gemv(const float* x, std::int64_t m, float* y) con
   }
 }
 
-void QuantizedLinear::forward_tiles(const float* x, std::int64_t m, float* y) const {
+void QuantizedLinear::forward_tiles(const float* x, std::int64_t m, float* y, Precision precision) const {
   const std::int64_t k = src_.in, n = src_.out;
+  if (precision == Precision::bf16 && bf16_gemm_available()) {
+    // Each thread decodes a panel of 64 weight rows to f32 (exactly as below) and rounds it to bf16.
+    gemm_bf16(x, m, k, [this](std::int64_t r0, std::int64_t rows, float* out) { dequantize_rows(r0, rows, out); }, n, y);
+    return;
+  }
   const std::int64_t tile = std::max<std::int64_t>(16, std::min<std::int64_t>(n, (1 << 20) / std::max<std::int64_t>(k, 1)));
   thread_local std::vector<float> buffer;
   buffer.resize(static_cast<std::size_t>(tile * k));
@@ -328,6 +342,17 @@ void QuantizedLinear::forward_w8a8(const float* x, std::int64_t m, float* y) con
   const std::int64_t k = s.in, n = s.out;
   const std::vector<float>& factor = w8a8_factor_;
   thread_local std::vector<std::int8_t> xq;
+  if (layout_.vnni.rows() > 0) {
+    xq.resize(static_cast<std::size_t>(m * k));
+    std::int8_t* rows = xq.data();  // thread_local: the workers must see this thread's buffer
+    if (m > kGemvMaxRows) {
+      parallel_rows(m, 16, [&](std::int64_t i0, std::int64_t i1) { quantize_int8_activations(x + i0 * k, (i1 - i0) * k, s.input_amax, rows + i0 * k); });
+    } else {
+      quantize_int8_activations(x, m * k, s.input_amax, rows);
+    }
+    layout_.vnni.multiply(rows, m, factor.data(), y);
+    return;
+  }
   if (vectorized_) {
     const std::int64_t k32 = layout_.k32;
     xq.assign(static_cast<std::size_t>(m * k32), 0);

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "kernels/gemm.h"
 
 namespace mopt::kernels {
 
@@ -82,8 +83,9 @@ class QuantizedLinear {
   // Whether a vectorized kernel runs it on this CPU (else the plain loops).
   bool vectorized() const { return vectorized_; }
 
-  // y[m, out] = x[m, in] · Wᵀ.
-  void forward(const float* x, std::int64_t m, float* y) const;
+  // y[m, out] = x[m, in] · Wᵀ. Precision::bf16 lets prefill (m > kGemvMaxRows) decode the weight
+  // into bf16 panels and run the bf16 kernels where the CPU has them (gemm.h); W8A8 is exact either way.
+  void forward(const float* x, std::int64_t m, float* y, Precision precision = Precision::f32) const;
 
   // Rows [row0, row0 + rows) of the weight in f32 (what the kernels multiply by).
   void dequantize_rows(std::int64_t row0, std::int64_t rows, float* out) const;
@@ -101,12 +103,14 @@ class QuantizedLinear {
     // int8 for W8A8: rows padded with zeros to k32 = in rounded up to 32.
     std::vector<std::int8_t> int8_rows;
     std::int64_t k32 = 0;
+    // int8 for W8A8 on a CPU with AVX-512 VNNI: the rows packed for VPDPBUSD instead (int8_rows stays empty).
+    Int8Panels vnni;
   };
   const Layout& layout() const { return layout_; }
 
  private:
   void forward_gemv(const float* x, std::int64_t m, float* y) const;
-  void forward_tiles(const float* x, std::int64_t m, float* y) const;
+  void forward_tiles(const float* x, std::int64_t m, float* y, Precision precision) const;
   void forward_w8a8(const float* x, std::int64_t m, float* y) const;
 
   QuantizedWeightSource src_;

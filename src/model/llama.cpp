@@ -181,11 +181,11 @@ void linear(const Linear& l, const float* x, std::int64_t rows, float* y, Worksp
     x = ws.transformed.data();
   }
   if (l.quantized) {
-    l.quantized->forward(x, rows, y);
+    l.quantized->forward(x, rows, y, ws.precision);
     kernels::add_bias(y, rows, l.quantized->out(), l.bias ? &*l.bias : nullptr);
     return;
   }
-  kernels::linear_forward(x, rows, l.weight, l.bias ? &*l.bias : nullptr, y);
+  kernels::linear_forward(x, rows, l.weight, l.bias ? &*l.bias : nullptr, y, ws.precision);
 }
 
 }  // namespace

@@ -116,6 +116,8 @@ class KvCache {
 
 // Scratch buffers reused from call to call, so decoding allocates nothing per token.
 struct Workspace {
+  // How the Linears' products run (kernels::Precision); calibration keeps f32.
+  kernels::Precision precision = kernels::Precision::f32;
   std::vector<float> normed, q, k, v, attn, proj, gate, up, head, transformed;
   std::vector<std::int32_t> positions;
   std::vector<std::int64_t> chosen_rows;
@@ -176,6 +178,9 @@ class Model {
   // A KV cache for this model: E4M3 when every layer has an FP8 KV amax, else `other` (f32 unless set).
   KvCache new_cache(std::int64_t slots, std::int64_t max_tokens) const;
   void set_kv_element(kernels::KvElement other) { kv_element_ = other; }
+  // How forward() computes the Linears' products (kernels::Precision::f32 unless set).
+  void set_precision(kernels::Precision precision) { workspace_.precision = precision; }
+  kernels::Precision precision() const { return workspace_.precision; }
 
   // Seconds spent in the decoder layers and in the head (final norm + lm_head) since the last reset.
   struct Profile {

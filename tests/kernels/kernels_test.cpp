@@ -39,6 +39,58 @@ TEST(Gemm, MatchesReference) {
   EXPECT_LE(max_relative(fast, ref), 1e-5);
 }
 
+// The bf16 product against its definition (both operands rounded to bf16, exact products):
+// shapes with tails in every dimension (rows past a tile of 6, columns past a panel of 64, odd
+// inputs and inputs past a pass of 256), from bf16 rows and from f32 rows.
+TEST(Gemm, Bf16ProductsMatchTheirDefinition) {
+  if (!bf16_gemm_available()) GTEST_SKIP() << "this CPU has no AVX-512 BF16 (" << describe(cpu_features()) << ")";
+  struct Shape { std::int64_t m, k, n; };
+  for (const Shape s : {Shape{1, 64, 64}, Shape{5, 129, 53}, Shape{13, 300, 130}, Shape{40, 513, 200}, Shape{7, 2, 65}}) {
+    const auto x = random_values(static_cast<std::size_t>(s.m * s.k), 11, 2.0f);
+    const auto w = random_values(static_cast<std::size_t>(s.n * s.k), 12, 0.5f);
+    std::vector<std::uint16_t> wb(w.size());
+    for (std::size_t i = 0; i < w.size(); ++i) wb[i] = f32_to_bf16(w[i]);
+    std::vector<float> ref(static_cast<std::size_t>(s.m * s.n)), from_bf16(ref.size(), -1.0f), from_f32(ref.size(), -1.0f);
+    ref::gemm_bf16_products(x.data(), s.m, s.k, w.data(), s.n, ref.data());
+    gemm_bf16(x.data(), s.m, s.k, wb.data(), s.k, s.n, from_bf16.data());
+    gemm_bf16(x.data(), s.m, s.k, [&](std::int64_t r0, std::int64_t rows, float* out) {
+      std::copy(w.begin() + r0 * s.k, w.begin() + (r0 + rows) * s.k, out);
+    }, s.n, from_f32.data());
+    EXPECT_LE(max_relative(from_bf16, ref), 1e-5) << s.m << "x" << s.k << "x" << s.n;
+    EXPECT_LE(max_relative(from_f32, ref), 1e-5) << s.m << "x" << s.k << "x" << s.n;
+    // And the rounding is what it claims: the f32 product differs by more than the sums' rounding.
+    std::vector<float> exact(ref.size());
+    ref::gemm_f32(x.data(), s.m, s.k, w.data(), s.n, exact.data());
+    if (s.k > 2) EXPECT_GT(max_relative(exact, ref), 1e-5);
+  }
+}
+
+// The VNNI int8 product is exact: every code (-128 included) on both sides, against int32 sums.
+TEST(Gemm, Int8PanelsAreExact) {
+  if (!vnni_gemm_available()) GTEST_SKIP() << "this CPU has no AVX-512 VNNI (" << describe(cpu_features()) << ")";
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int> code(-128, 127);
+  struct Shape { std::int64_t m, k, n; };
+  for (const Shape s : {Shape{1, 32, 64}, Shape{4, 131, 70}, Shape{9, 1000, 129}, Shape{64, 64, 5}}) {
+    std::vector<std::int8_t> w(static_cast<std::size_t>(s.n * s.k)), x(static_cast<std::size_t>(s.m * s.k));
+    for (auto& v : w) v = static_cast<std::int8_t>(code(rng));
+    for (auto& v : x) v = static_cast<std::int8_t>(code(rng));
+    w[0] = x[0] = -128;
+    std::vector<float> factor(static_cast<std::size_t>(s.n));
+    for (std::size_t j = 0; j < factor.size(); ++j) factor[j] = 0.001f * static_cast<float>(j + 1);
+    const Int8Panels panels(w.data(), s.k, s.n, s.k);
+    std::vector<float> y(static_cast<std::size_t>(s.m * s.n), -1.0f);
+    panels.multiply(x.data(), s.m, factor.data(), y.data());
+    for (std::int64_t i = 0; i < s.m; ++i) {
+      for (std::int64_t j = 0; j < s.n; ++j) {
+        std::int32_t acc = 0;
+        for (std::int64_t p = 0; p < s.k; ++p) acc += std::int32_t{x[static_cast<std::size_t>(i * s.k + p)]} * w[static_cast<std::size_t>(j * s.k + p)];
+        ASSERT_EQ(y[static_cast<std::size_t>(i * s.n + j)], static_cast<float>(acc) * factor[static_cast<std::size_t>(j)]) << i << "," << j;
+      }
+    }
+  }
+}
+
 // Both paths (GEMV for few rows, widened tiles + GEMM for many) and all three
 // weight dtypes, with a bias, against widening everything and the reference GEMM.
 TEST(Linear, EveryPathAndDtypeMatchesReference) {
@@ -53,6 +105,26 @@ TEST(Linear, EveryPathAndDtypeMatchesReference) {
       linear_forward(x.data(), m, w, &bias, fast.data());
       ref::linear_forward(x.data(), m, w, &bias, ref.data());
       EXPECT_LE(max_relative(fast, ref), 1e-5) << dtype_name(dtype) << " rows " << m;
+    }
+  }
+}
+
+// Precision::bf16: bf16 and f16 weights take the bf16 products where the CPU has them (their
+// definition: both operands rounded to bf16), f32 weights and the GEMV keep f32.
+TEST(Linear, Bf16PrecisionMatchesItsDefinition) {
+  const std::int64_t k = 200, n = 77;
+  const Tensor w32 = Tensor::from_f32(random_values(static_cast<std::size_t>(n * k), 13, 0.1f), {n, k});
+  for (const DType dtype : {DType::F32, DType::F16, DType::BF16}) {
+    const Tensor w = w32.to(dtype);
+    const std::vector<float> wf = w.to_f32();
+    for (const std::int64_t m : std::vector<std::int64_t>{kGemvMaxRows, kGemvMaxRows + 1, 40}) {
+      const auto x = random_values(static_cast<std::size_t>(m * k), 17 + static_cast<std::uint32_t>(m));
+      std::vector<float> fast(static_cast<std::size_t>(m * n)), ref(fast.size());
+      linear_forward(x.data(), m, w, nullptr, fast.data(), Precision::bf16);
+      const bool bf16 = bf16_gemm_available() && dtype != DType::F32 && m > kGemvMaxRows;
+      if (bf16) ref::gemm_bf16_products(x.data(), m, k, wf.data(), n, ref.data());
+      else ref::gemm_f32(x.data(), m, k, wf.data(), n, ref.data());
+      EXPECT_LE(max_relative(fast, ref), 1e-5) << dtype_name(dtype) << " rows " << m << (bf16 ? " (bf16 products)" : " (f32)");
     }
   }
 }

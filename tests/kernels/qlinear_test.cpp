@@ -104,6 +104,24 @@ void check_forward(const QuantizedWeightSource& src, const std::string& what) {
       }
     }
   }
+  // Prefill with bf16 products: where the CPU has them, the definition is the product of the input and
+  // the decoded weight both rounded to bf16 (W8A8 stays on integers); elsewhere the f32 product.
+  for (const std::int64_t m : {5, 13}) {
+    const auto x = random_input(m, src.in, static_cast<std::uint32_t>(m * 11 + src.out));
+    std::vector<float> y(static_cast<std::size_t>(m * src.out)), expect(y.size());
+    q.forward(x.data(), m, y.data(), Precision::bf16);
+    const bool bf16 = bf16_gemm_available() && !src.int8_activations;
+    if (bf16) ref::gemm_bf16_products(x.data(), m, src.in, w.data(), src.out, expect.data());
+    else ref::quantized_linear_forward(src, x.data(), m, expect.data());
+    for (std::int64_t i = 0; i < m; ++i) {
+      for (std::int64_t r = 0; r < src.out; ++r) {
+        double magnitude = 0;
+        for (std::int64_t p = 0; p < src.in; ++p) magnitude += std::fabs(x[static_cast<std::size_t>(i * src.in + p)] * w[static_cast<std::size_t>(r * src.in + p)]);
+        const auto at = static_cast<std::size_t>(i * src.out + r);
+        ASSERT_NEAR(y[at], expect[at], 2e-5 * magnitude * 1.05) << what << " bf16 products, m=" << m << " row " << i << " output " << r;
+      }
+    }
+  }
 }
 
 TEST(QuantizedLinear, EveryWeightTypeMatchesTheReference) {
@@ -130,14 +148,14 @@ TEST(QuantizedLinear, W8A8RunsOnIntegers) {
     s.int8_activations = true;
     s.input_amax = 2.5f;  // the normal inputs exceed it: codes -128 and 127 occur
     check_forward(s, "w8a8");
-    EXPECT_EQ(QuantizedLinear(s, "w8a8").vectorized(), cpu_features().avx2 && cpu_features().fma && cpu_features().f16c);
+    EXPECT_EQ(QuantizedLinear(s, "w8a8").vectorized(), vnni_gemm_available() || (cpu_features().avx2 && cpu_features().fma && cpu_features().f16c));
   }
-  // A weight code of -128 is still computed exactly (by the plain loop).
+  // A weight code of -128 is still computed exactly (by VNNI, else by the plain loop).
   QuantizedWeightSource s = random_source(T::int8, 9, 64, 64, 21);
   s.codes[5] = 0x80;
   s.int8_activations = true;
   s.input_amax = 3.0f;
-  EXPECT_FALSE(QuantizedLinear(s, "w8a8").vectorized());
+  EXPECT_EQ(QuantizedLinear(s, "w8a8").vectorized(), vnni_gemm_available());
   check_forward(s, "w8a8 with -128");
 }
 

@@ -1,0 +1,220 @@
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "kernels/gemm_simd.h"
+
+namespace mopt::kernels::avx512 {
+
+namespace {
+
+// Rows of x per tile: 6 rows x 4 vectors of 16 columns = 24 accumulators, 4 weight vectors, and
+// the broadcast input: 29 of the 32 registers.
+constexpr int kTileRows = static_cast<int>(kRowBlock);
+
+__mmask16 column_mask(std::int64_t cols, int vector) {
+  const std::int64_t n = std::clamp<std::int64_t>(cols - vector * 16, 0, 16);
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// 32 f32 (fewer with a mask, the rest zeros) -> 16 dwords of bf16 pairs, round to nearest even.
+__m512i f32x32_to_bf16_pairs(const float* src, std::int64_t n) {
+  const __mmask16 lo = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1u);
+  const __mmask16 hi = static_cast<__mmask16>(n >= 32 ? 0xFFFF : n <= 16 ? 0u : (1u << (n - 16)) - 1u);
+  const __m512 a = _mm512_maskz_loadu_ps(lo, src);
+  const __m512 b = _mm512_maskz_loadu_ps(hi, src + 16);
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
+}
+
+template <int RM>
+void tile_bf16(const std::uint32_t* xp, std::int64_t pairs, const std::uint32_t* panel, float* y, std::int64_t ldy,
+               const __mmask16* mask, bool accumulate) {
+  __m512 acc[RM][4];
+  for (int r = 0; r < RM; ++r) {
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  }
+  for (std::int64_t p = 0; p < pairs; ++p) {
+    const std::uint32_t* w = panel + p * kPanelColumns;
+    const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w));
+    const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + 16));
+    const __m512bh w2 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + 32));
+    const __m512bh w3 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + 48));
+    for (int r = 0; r < RM; ++r) {
+      const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[p * kRowBlock + r])));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, w1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], x, w2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], x, w3);
+    }
+  }
+  for (int r = 0; r < RM; ++r) {
+    float* yr = y + r * ldy;
+    for (int j = 0; j < 4; ++j) {
+      if (mask[j] == 0) continue;
+      __m512 v = acc[r][j];
+      if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask[j], yr + 16 * j));
+      _mm512_mask_storeu_ps(yr + 16 * j, mask[j], v);
+    }
+  }
+}
+
+template <int RM>
+void tile_int8(const std::uint32_t* xp, std::int64_t quads, const std::uint32_t* panel,
+               const std::int32_t* offsets, const float* factor, float* y, std::int64_t ldy, const __mmask16* mask) {
+  __m512i acc[RM][4];
+  for (int r = 0; r < RM; ++r) {
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
+  }
+  for (std::int64_t q = 0; q < quads; ++q) {
+    const std::uint32_t* w = panel + q * kPanelColumns;
+    const __m512i w0 = _mm512_loadu_si512(w);
+    const __m512i w1 = _mm512_loadu_si512(w + 16);
+    const __m512i w2 = _mm512_loadu_si512(w + 32);
+    const __m512i w3 = _mm512_loadu_si512(w + 48);
+    for (int r = 0; r < RM; ++r) {
+      const __m512i x = _mm512_set1_epi32(static_cast<int>(xp[q * kRowBlock + r]));
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], x, w0);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], x, w1);
+      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], x, w2);
+      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], x, w3);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    if (mask[j] == 0) continue;
+    const __m512i off = _mm512_maskz_loadu_epi32(mask[j], offsets + 16 * j);
+    const __m512 f = _mm512_maskz_loadu_ps(mask[j], factor + 16 * j);
+    for (int r = 0; r < RM; ++r) {
+      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], off)), f);
+      _mm512_mask_storeu_ps(y + r * ldy + 16 * j, mask[j], v);
+    }
+  }
+}
+
+}  // namespace
+
+void pack_rows_bf16(const float* x, std::int64_t ldx, std::int64_t rows, std::int64_t k, std::uint32_t* block) {
+  const std::int64_t pairs = (k + 1) / 2;
+  alignas(64) std::uint32_t buf[16];
+  for (std::int64_t r = 0; r < kRowBlock; ++r) {
+    if (r >= rows) {
+      for (std::int64_t p = 0; p < pairs; ++p) block[p * kRowBlock + r] = 0;
+      continue;
+    }
+    const float* src = x + r * ldx;
+    for (std::int64_t p0 = 0; p0 < pairs; p0 += 16) {
+      const std::int64_t n = std::min<std::int64_t>(16, pairs - p0);
+      _mm512_store_si512(buf, f32x32_to_bf16_pairs(src + 2 * p0, k - 2 * p0));
+      for (std::int64_t t = 0; t < n; ++t) block[(p0 + t) * kRowBlock + r] = buf[t];
+    }
+  }
+}
+
+void pack_rows_uint8(const std::int8_t* x, std::int64_t ldx, std::int64_t rows, std::int64_t k, std::uint32_t* block) {
+  const std::int64_t quads = (k + 3) / 4;
+  for (std::int64_t r = 0; r < kRowBlock; ++r) {
+    for (std::int64_t q = 0; q < quads; ++q) {
+      std::uint32_t d = 0x80808080u;  // the code 0 offset by 128
+      if (r < rows) {
+        for (int b = 0; b < 4 && 4 * q + b < k; ++b) {
+          const auto u = static_cast<std::uint8_t>(static_cast<std::uint8_t>(x[r * ldx + 4 * q + b]) ^ 0x80u);
+          d = (d & ~(0xFFu << (8 * b))) | (static_cast<std::uint32_t>(u) << (8 * b));
+        }
+      }
+      block[q * kRowBlock + r] = d;
+    }
+  }
+}
+
+void pack_panel_bf16(const std::uint16_t* w, std::int64_t ldw, std::int64_t rows, std::int64_t k, std::uint32_t* panel) {
+  const std::int64_t pairs = (k + 1) / 2;
+  alignas(64) std::uint32_t buf[16];
+  for (std::int64_t c = 0; c < kPanelColumns; ++c) {
+    if (c >= rows) {
+      for (std::int64_t p = 0; p < pairs; ++p) panel[p * kPanelColumns + c] = 0;
+      continue;
+    }
+    const std::uint16_t* src = w + c * ldw;
+    for (std::int64_t p0 = 0; p0 < pairs; p0 += 16) {
+      const std::int64_t n = std::min<std::int64_t>(16, pairs - p0);
+      const std::int64_t elems = std::min<std::int64_t>(32, k - 2 * p0);
+      const __m512i v = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(elems >= 32 ? 0xFFFFFFFFu : (1u << elems) - 1u), src + 2 * p0);
+      _mm512_store_si512(buf, v);
+      for (std::int64_t t = 0; t < n; ++t) panel[(p0 + t) * kPanelColumns + c] = buf[t];
+    }
+  }
+}
+
+void pack_panel_f32(const float* w, std::int64_t ldw, std::int64_t rows, std::int64_t k, std::uint32_t* panel) {
+  const std::int64_t pairs = (k + 1) / 2;
+  alignas(64) std::uint32_t buf[16];
+  for (std::int64_t c = 0; c < kPanelColumns; ++c) {
+    if (c >= rows) {
+      for (std::int64_t p = 0; p < pairs; ++p) panel[p * kPanelColumns + c] = 0;
+      continue;
+    }
+    const float* src = w + c * ldw;
+    for (std::int64_t p0 = 0; p0 < pairs; p0 += 16) {
+      const std::int64_t n = std::min<std::int64_t>(16, pairs - p0);
+      _mm512_store_si512(buf, f32x32_to_bf16_pairs(src + 2 * p0, k - 2 * p0));
+      for (std::int64_t t = 0; t < n; ++t) panel[(p0 + t) * kPanelColumns + c] = buf[t];
+    }
+  }
+}
+
+void gemm_bf16_panel(const std::uint32_t* xp, std::int64_t pairs_total, std::int64_t m, std::int64_t pair0, std::int64_t pairs,
+                     const std::uint32_t* panel, std::int64_t cols, float* y, std::int64_t ldy, bool accumulate) {
+  const __mmask16 mask[4] = {column_mask(cols, 0), column_mask(cols, 1), column_mask(cols, 2), column_mask(cols, 3)};
+  for (std::int64_t i = 0; i < m; i += kRowBlock) {
+    const std::uint32_t* x = xp + (i / kRowBlock) * pairs_total * kRowBlock + pair0 * kRowBlock;
+    float* yi = y + i * ldy;
+    switch (std::min<std::int64_t>(kRowBlock, m - i)) {
+      case 6: tile_bf16<6>(x, pairs, panel, yi, ldy, mask, accumulate); break;
+      case 5: tile_bf16<5>(x, pairs, panel, yi, ldy, mask, accumulate); break;
+      case 4: tile_bf16<4>(x, pairs, panel, yi, ldy, mask, accumulate); break;
+      case 3: tile_bf16<3>(x, pairs, panel, yi, ldy, mask, accumulate); break;
+      case 2: tile_bf16<2>(x, pairs, panel, yi, ldy, mask, accumulate); break;
+      default: tile_bf16<1>(x, pairs, panel, yi, ldy, mask, accumulate); break;
+    }
+  }
+}
+
+void pack_panel_int8(const std::int8_t* w, std::int64_t ldw, std::int64_t rows, std::int64_t k, std::uint32_t* panel,
+                     std::int32_t* column_offsets) {
+  const std::int64_t quads = (k + 3) / 4;
+  for (std::int64_t c = 0; c < kPanelColumns; ++c) {
+    std::int32_t sum = 0;
+    for (std::int64_t q = 0; q < quads; ++q) {
+      std::uint32_t d = 0;
+      if (c < rows) {
+        for (int b = 0; b < 4; ++b) {
+          const std::int64_t p = 4 * q + b;
+          if (p >= k) break;
+          const std::int8_t v = w[c * ldw + p];
+          sum += v;
+          d |= static_cast<std::uint32_t>(static_cast<std::uint8_t>(v)) << (8 * b);
+        }
+      }
+      panel[q * kPanelColumns + c] = d;
+    }
+    column_offsets[c] = 128 * sum;
+  }
+}
+
+void gemm_int8_panel(const std::uint32_t* xp, std::int64_t m, std::int64_t quads, const std::uint32_t* panel,
+                     const std::int32_t* column_offsets, const float* factor, std::int64_t cols, float* y, std::int64_t ldy) {
+  const __mmask16 mask[4] = {column_mask(cols, 0), column_mask(cols, 1), column_mask(cols, 2), column_mask(cols, 3)};
+  for (std::int64_t i = 0; i < m; i += kRowBlock) {
+    const std::uint32_t* x = xp + (i / kRowBlock) * quads * kRowBlock;
+    float* yi = y + i * ldy;
+    switch (std::min<std::int64_t>(kRowBlock, m - i)) {
+      case 6: tile_int8<6>(x, quads, panel, column_offsets, factor, yi, ldy, mask); break;
+      case 5: tile_int8<5>(x, quads, panel, column_offsets, factor, yi, ldy, mask); break;
+      case 4: tile_int8<4>(x, quads, panel, column_offsets, factor, yi, ldy, mask); break;
+      case 3: tile_int8<3>(x, quads, panel, column_offsets, factor, yi, ldy, mask); break;
+      case 2: tile_int8<2>(x, quads, panel, column_offsets, factor, yi, ldy, mask); break;
+      default: tile_int8<1>(x, quads, panel, column_offsets, factor, yi, ldy, mask); break;
+    }
+  }
+}
+
+}  // namespace mopt::kernels::avx512
