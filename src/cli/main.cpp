@@ -13,6 +13,7 @@
 #include <new>
 
 #include "cli/commands.h"
+#include "core/thread_waits.h"
 #include "kernels/gemm.h"
 #include "core/convert.h"
 #include "core/cpu_features.h"
@@ -22,8 +23,8 @@
 namespace mopt::cli {
 
 std::string version_text() {
-  return fmt::format("mopt {}\ncpu: {}\nconversions: {}\ngemm: {}", MOPT_VERSION, describe(cpu_features()), convert_isa(),
-                     kernels::describe_gemm());
+  return fmt::format("mopt {}\ncpu: {}\nconversions: {}\ngemm: {}\nthreads: {}", MOPT_VERSION, describe(cpu_features()), convert_isa(),
+                     kernels::describe_gemm(), describe_thread_waits());
 }
 
 }  // namespace mopt::cli
@@ -38,6 +39,7 @@ int report_error(const char* message) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  mopt::choose_thread_waits(argv);  // first: it may run the program again with OpenMP's waits set
 #ifdef __GLIBC__
   // Large buffers (a layer's weights in f32, activations) are allocated and freed
   // layer after layer. glibc would raise its mmap threshold after the first free
