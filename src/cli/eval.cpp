@@ -57,10 +57,21 @@ json ppl_json(const eval::PerplexityResult& r) {
 
 }  // namespace
 
+void report_plain_loops(const model::Model& m, const std::string& path) {
+  for (const auto& l : m.plain_loop_linears()) fmt::print(stderr, "mopt: note: {}: {}\n", path, l.notice());
+}
+
+// The model, with its plain-loop Linears reported.
+static model::Model load_reported(const std::string& path, exporter::QuantizedRun run = exporter::QuantizedRun::kernels) {
+  model::Model m = exporter::load_model(path, run);
+  report_plain_loops(m, path);
+  return m;
+}
+
 static exporter::QuantizedRun run_of(const EvalOptions& o) { return o.fake_quant ? exporter::QuantizedRun::fake_quant : exporter::QuantizedRun::kernels; }
 
 int run_eval_ppl(const EvalOptions& o) {
-  const auto m = exporter::load_model(o.model, run_of(o));
+  const auto m = load_reported(o.model, run_of(o));
   const auto tokens = tokenize_file(m, o.text);
   const std::int64_t ctx = default_ctx(m, o.ctx);
   const std::int64_t stride = o.stride > 0 ? o.stride : ctx;
@@ -92,8 +103,8 @@ int run_eval_ppl(const EvalOptions& o) {
 
 int run_eval_kld(const EvalOptions& o) {
   if (o.base.empty()) fail("eval kld needs --base BASE_MODEL");
-  const auto m = exporter::load_model(o.model, run_of(o));
-  const auto base = exporter::load_model(o.base, run_of(o));
+  const auto m = load_reported(o.model, run_of(o));
+  const auto base = load_reported(o.base, run_of(o));
   const auto tokens = tokenize_file(base, o.text);
   const std::int64_t ctx = default_ctx(base, o.ctx);
   const std::int64_t stride = o.stride > 0 ? o.stride : ctx;
@@ -119,7 +130,7 @@ int run_eval_kld(const EvalOptions& o) {
 }
 
 int run_eval_mc(const EvalOptions& o) {
-  const auto m = exporter::load_model(o.model, run_of(o));
+  const auto m = load_reported(o.model, run_of(o));
   const auto questions = eval::parse_mc_csv(io::read_text_file(o.data), o.data);
   LazyProgress progress{"multiple-choice", "questions", nullptr};
   const auto r = eval::multiple_choice(m, questions, o.shots, progress.fn());
@@ -136,7 +147,7 @@ int run_eval_mc(const EvalOptions& o) {
 }
 
 int run_generate(const GenerateCliOptions& o) {
-  const auto m = exporter::load_model(o.model);
+  const auto m = load_reported(o.model);
   const auto& tok = m.require_tokenizer();
   const auto prompt = tok.encode(o.prompt, true);
   eval::GenerateOptions g;
