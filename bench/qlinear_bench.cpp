@@ -1,8 +1,11 @@
 // The Linear kernels alone, side by side in one run, on a Llama-3.2-1B MLP
 // shape: decode (1 row) as a share of the memory-read bandwidth measured in
-// the same run, and prefill (512 rows) in GFLOP/s and against bf16.
+// the same run, and prefill (512 rows) in GFLOP/s and against bf16. INT4 and
+// W4A8 run at groups 32, 64 and 128 side by side; the last line compares the
+// INT4 groups' decode in GB/s of weight bytes (codes and scales) read.
 //
-//   build/bench/qlinear_bench [--out 8192] [--in 2048] [--rows 512] [--repeats 7]
+//   build/bench/qlinear_bench [--out 8192] [--in 2048] [--rows 512] [--repeats 7] [--only int4]
+//   (--only: just the kernels whose name begins so, beside bf16)
 #include <fmt/format.h>
 
 #include <chrono>
@@ -64,8 +67,10 @@ QuantizedWeightSource source(QuantizedWeightType type, std::int64_t out, std::in
 int main(int argc, char** argv) {
   std::int64_t out = 8192, in = 2048, rows = 512;
   int repeats = 7;
+  std::string only;
   for (int i = 1; i + 1 < argc; i += 2) {
-    if (!std::strcmp(argv[i], "--out")) out = std::atoll(argv[i + 1]);
+    if (!std::strcmp(argv[i], "--only")) only = argv[i + 1];
+    else if (!std::strcmp(argv[i], "--out")) out = std::atoll(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--in")) in = std::atoll(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--rows")) rows = std::atoll(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--repeats")) repeats = std::atoi(argv[i + 1]);
@@ -93,11 +98,13 @@ int main(int argc, char** argv) {
   const auto add = [&](const QuantizedWeightSource& src) {
     std::vector<kernels::QuantizedLinear> copies;
     const kernels::QuantizedLinear first(src, "bench");
+    if (!only.empty() && first.describe().rfind(only, 0) != 0) return;
+    if (!first.vectorized()) fmt::print("note: {} runs the plain loop: {}\n", first.describe(), first.plain_reason());
     for (std::size_t c = 0; c < copies_for(first.bytes()); ++c) copies.emplace_back(src, "bench");
     q.push_back(std::move(copies));
   };
-  add(source(QuantizedWeightType::int4, out, in, 128));
-  add(source(QuantizedWeightType::int4_fp8_table, out, in, 128));
+  for (const std::int64_t group : {32, 64, 128}) add(source(QuantizedWeightType::int4, out, in, group));
+  for (const std::int64_t group : {32, 64, 128}) add(source(QuantizedWeightType::int4_fp8_table, out, in, group));
   add(source(QuantizedWeightType::int8, out, in, in));
   add(source(QuantizedWeightType::int8, out, in, in, true));
   add(source(QuantizedWeightType::e4m3, out, in, in));
@@ -135,5 +142,18 @@ int main(int argc, char** argv) {
                variants[v].bytes / d / 1e9, 100.0 * variants[v].bytes / d / bandwidth, median(decode[0]) / d, flops / p / 1e9,
                median(prefill[0]) / p);
   }
+  // INT4's decode per weight byte read, each group against group 128 (a group of 32 reads 8 scale bytes per
+  // 32 code bytes, 128 two per 32: GB/s counts them all).
+  std::string line;
+  double g128 = 0;
+  for (std::size_t v = 0; v < variants.size(); ++v) {
+    if (variants[v].name == "int4 g128") g128 = variants[v].bytes / median(decode[v]);
+  }
+  for (std::size_t v = 0; v < variants.size() && g128 > 0; ++v) {
+    if (variants[v].name.rfind("int4 g", 0) != 0 || variants[v].name.find("via") != std::string::npos) continue;
+    const double rate = variants[v].bytes / median(decode[v]);
+    line += fmt::format("{}{}: {:.1f} GB/s ({:.0f}% of g128)", line.empty() ? "" : ", ", variants[v].name, rate / 1e9, 100.0 * rate / g128);
+  }
+  if (!line.empty()) fmt::print("int4 decode per weight byte: {}\n", line);
   return 0;
 }

@@ -150,6 +150,9 @@ int run_bench(const BenchCliOptions& o, const std::string& argv0) {
   models.reserve(dirs.size());
   models.push_back(load_16bit(base_dir, products));
   for (const auto& d : o.models) models.push_back(load_for_bench(d, products));
+  // Said here, not in the peak-RSS children (their output is read as JSON).
+  report_plain_loops(models[0], base_dir + " (baseline)");
+  for (std::size_t i = 0; i < o.models.size(); ++i) report_plain_loops(models[i + 1], o.models[i]);
   std::vector<eval::BenchModel> bench_models;
   for (std::size_t i = 0; i < models.size(); ++i) {
     bench_models.push_back({dirs[i], i == 0 ? "bf16 (baseline)" : format_of(models[i]), &models[i], rss[i]});

@@ -8,7 +8,16 @@
 #include "kernels/gemm.h"
 #include <vector>
 
+namespace mopt::model {
+class Model;
+}
+
 namespace mopt::cli {
+
+// Says on stderr, once per Linear of `m` (loaded from `path`), which ones run the plain loops rather
+// than a vectorized kernel and why: "mopt: note: PATH: model.layers.3.mlp.down_proj: int4 g48 runs the
+// plain loop: no AVX2 kernel for groups of 48 (it takes multiples of 32)". Nothing when all are vectorized.
+void report_plain_loops(const model::Model& m, const std::string& path);
 
 struct InspectOptions {
   std::string path;

@@ -57,6 +57,17 @@ json ppl_json(const eval::PerplexityResult& r) {
 
 }  // namespace
 
+void report_plain_loops(const model::Model& m, const std::string& path) {
+  for (const auto& l : m.plain_loop_linears()) fmt::print(stderr, "mopt: note: {}: {}\n", path, l.notice());
+}
+
+// The model, with its plain-loop Linears reported.
+static model::Model load_reported(const std::string& path, exporter::QuantizedRun run = exporter::QuantizedRun::kernels) {
+  model::Model m = exporter::load_model(path, run);
+  report_plain_loops(m, path);
+  return m;
+}
+
 static exporter::QuantizedRun run_of(const EvalOptions& o) { return o.fake_quant ? exporter::QuantizedRun::fake_quant : exporter::QuantizedRun::kernels; }
 
 kernels::Precision parse_products(const std::string& value) {
@@ -68,7 +79,7 @@ kernels::Precision parse_products(const std::string& value) {
 // The model as the evaluation runs it: quantized kernels or the definition, products as asked.
 static model::Model load_for_eval(const std::string& dir, const EvalOptions& o) {
   const kernels::Precision products = parse_products(o.products);
-  model::Model m = exporter::load_model(dir, run_of(o));
+  model::Model m = load_reported(dir, run_of(o));
   m.set_precision(products);
   return m;
 }
@@ -151,7 +162,7 @@ int run_eval_mc(const EvalOptions& o) {
 
 int run_generate(const GenerateCliOptions& o) {
   const kernels::Precision products = parse_products(o.products);
-  auto m = exporter::load_model(o.model);
+  auto m = load_reported(o.model);
   m.set_precision(products);
   const auto& tok = m.require_tokenizer();
   const auto prompt = tok.encode(o.prompt, true);

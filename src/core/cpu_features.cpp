@@ -76,6 +76,21 @@ const CpuFeatures& cpu_features() {
   return features;
 }
 
+std::string avx2_kernels_unavailable() {
+  const CpuFeatures& f = cpu_features();
+  if (f.avx2 && f.fma && f.f16c) return {};
+  const char* isa = std::getenv("MOPT_ISA");
+  if (isa != nullptr && std::string_view(isa) == "scalar") return "MOPT_ISA=scalar turns the AVX2 kernels off";
+  std::string lacking;
+  const auto note = [&](bool present, const char* name) {
+    if (!present) lacking += lacking.empty() ? name : std::string(", ") + name;
+  };
+  note(f.avx2, "AVX2");
+  note(f.fma, "FMA");
+  note(f.f16c, "F16C");
+  return "the CPU lacks " + lacking;
+}
+
 std::string describe(const CpuFeatures& f) {
   std::string out;
   auto add = [&](bool present, const char* name) {

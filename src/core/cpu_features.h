@@ -25,6 +25,10 @@ const CpuFeatures& cpu_features();
 // The features as the processor reports them, ignoring MOPT_ISA.
 CpuFeatures detect_cpu_features();
 
+// Why the AVX2 kernels (which need AVX2, FMA and F16C) cannot run here: empty when they can, else
+// "MOPT_ISA=scalar turns the AVX2 kernels off" or "the CPU lacks AVX2, FMA" (naming what is missing).
+std::string avx2_kernels_unavailable();
+
 // "avx2 fma f16c avx512f ..." (the present ones, in a fixed order), or "none".
 std::string describe(const CpuFeatures& features);
 

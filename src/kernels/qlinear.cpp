@@ -18,11 +18,6 @@ constexpr float kTinyAmax = 5.9604644775390625e-08f;  // 2^-24, below which an i
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
-bool simd_available() {
-  const auto& f = cpu_features();
-  return f.avx2 && f.fma && f.f16c;
-}
-
 bool is_nibble_type(QuantizedWeightType t) {
   return t == QuantizedWeightType::int4 || t == QuantizedWeightType::int4_fp8_table || t == QuantizedWeightType::e2m1;
 }
@@ -53,6 +48,41 @@ float code_value(const QuantizedWeightSource& s, std::int64_t nb, std::int64_t r
     case QuantizedWeightType::e2m1: return e2m1_to_f32(code) * s.scale_code_values[s.scale_codes[b]];
   }
   return 0.0f;
+}
+
+// Why no vectorized kernel runs this weight (empty when one does): first what no AVX2 kernel holds (on
+// any CPU), then what this CPU lacks.
+std::string plain_loop_reason(const QuantizedWeightSource& s, std::span<const std::uint8_t> codes) {
+  const auto not_whole_chunks = [&] {
+    return fmt::format("{} inputs is not a multiple of 64 (the AVX2 layout packs 64 inputs into 32 bytes)", s.in);
+  };
+  switch (s.type) {
+    case QuantizedWeightType::int4:
+    case QuantizedWeightType::int4_fp8_table:
+      // A 64-input chunk is two halves of 32: a group that is a multiple of 32 never splits a half.
+      if (s.block % 32 != 0) return fmt::format("no AVX2 kernel for groups of {} (it takes multiples of 32)", s.block);
+      if (s.in % 64 != 0) return not_whole_chunks();
+      return avx2_kernels_unavailable();
+    case QuantizedWeightType::e2m1:
+      if (s.block != 16 && s.block != 32) return fmt::format("no AVX2 kernel for FP4 blocks of {} (it takes 16 and 32)", s.block);
+      if (s.in % 64 != 0) return not_whole_chunks();
+      return avx2_kernels_unavailable();
+    case QuantizedWeightType::int8:
+      if (s.int8_activations) {
+        if (vnni_gemm_available()) return {};  // VPDPBUSD takes every code
+        // The AVX2 product needs weight codes in -127..127 (the sign trick).
+        if (std::any_of(codes.begin(), codes.end(), [](std::uint8_t c) { return c == 0x80; })) {
+          return "a weight code is -128 (the AVX2 int8 product takes -127..127)";
+        }
+        return avx2_kernels_unavailable();
+      }
+      [[fallthrough]];
+    case QuantizedWeightType::e4m3:
+      if (s.in % 16 != 0) return fmt::format("{} inputs is not a multiple of 16", s.in);
+      if (s.block % 16 != 0 && s.block < s.in) return fmt::format("no AVX2 kernel for blocks of {} (it takes multiples of 16)", s.block);
+      return avx2_kernels_unavailable();
+  }
+  return "unknown weight type";
 }
 
 // Rows split in blocks over the OpenMP threads.
@@ -124,25 +154,8 @@ QuantizedLinear::QuantizedLinear(QuantizedWeightSource source, const std::string
   if (s.int8_activations && s.type != QuantizedWeightType::int8) fail("{}: int8 activations need int8 weights", label);
   if (s.int8_activations && !(std::isfinite(s.input_amax) && s.input_amax >= 0.0f)) fail("{}: input amax {}", label, s.input_amax);
 
-  const bool simd = simd_available();
-  switch (s.type) {
-    case QuantizedWeightType::int4:
-    case QuantizedWeightType::int4_fp8_table:
-      vectorized_ = simd && s.in % 64 == 0 && s.block % 64 == 0 && s.in % s.block == 0;
-      break;
-    case QuantizedWeightType::e2m1: vectorized_ = simd && s.in % 64 == 0 && (s.block == 16 || s.block == 32); break;
-    case QuantizedWeightType::int8:
-      if (s.int8_activations) {
-        // VNNI takes every code; the AVX2 product needs weight codes in -127..127 (the sign trick), so
-        // there -128 takes the plain loop.
-        vectorized_ = vnni_gemm_available() ||
-                      (simd && std::none_of(codes_.begin(), codes_.end(), [](std::uint8_t c) { return c == 0x80; }));
-      } else {
-        vectorized_ = simd && s.in % 16 == 0 && (s.block % 16 == 0 || s.block >= s.in);
-      }
-      break;
-    case QuantizedWeightType::e4m3: vectorized_ = simd && s.in % 16 == 0 && (s.block % 16 == 0 || s.block >= s.in); break;
-  }
+  plain_reason_ = plain_loop_reason(s, codes_);
+  vectorized_ = plain_reason_.empty();
   if (s.type == QuantizedWeightType::e2m1) {
     for (const float v : s.scale_code_values) half_code_values_.push_back(v * 0.5f);
   }
@@ -266,10 +279,11 @@ void QuantizedLinear::forward_gemv(const float* x, std::int64_t m, float* y) con
   }
   switch (s.type) {
     case QuantizedWeightType::int4: {
-      // The input rounded to int8 per 64 values; offsets carry the -8 of the biased nibbles.
+      // The input rounded to int8 per 64 values; offsets carry the -8 of the biased nibbles, summed per group
+      // by halves of 32 (a group is a multiple of 32 inputs, so no half straddles two).
       thread_local std::vector<std::int8_t> codes;
       thread_local std::vector<float> steps, offsets;
-      const std::int64_t chunks = k / 64, groups = k / s.block, per_group = s.block / 64;
+      const std::int64_t chunks = k / 64, groups = blocks_per_row_;
       codes.resize(static_cast<std::size_t>(m * k));
       steps.resize(static_cast<std::size_t>(m * chunks));
       offsets.assign(static_cast<std::size_t>(m * groups), 0.0f);
@@ -281,13 +295,13 @@ void QuantizedLinear::forward_gemv(const float* x, std::int64_t m, float* y) con
           for (int t = 0; t < 64; ++t) amax = std::max(amax, std::fabs(xc[t]));
           const float step = amax / 127.0f;
           const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-          std::int32_t sum = 0;
+          std::int32_t sum[2] = {0, 0};
           for (int t = 0; t < 64; ++t) {
             qc[t] = static_cast<std::int8_t>(std::clamp(std::nearbyint(xc[t] * inv), -127.0f, 127.0f));
-            sum += qc[t];
+            sum[t / 32] += qc[t];
           }
           steps[static_cast<std::size_t>(i * chunks + c)] = step;
-          offsets[static_cast<std::size_t>(i * groups + c / per_group)] += step * static_cast<float>(sum);
+          for (int h = 0; h < 2; ++h) offsets[static_cast<std::size_t>(i * groups + (c * 64 + h * 32) / s.block)] += step * static_cast<float>(sum[h]);
         }
       }
       const avx2::Int8Blocks xb{codes.data(), steps.data(), offsets.data()};

@@ -82,6 +82,9 @@ class QuantizedLinear {
   std::string describe() const;
   // Whether a vectorized kernel runs it on this CPU (else the plain loops).
   bool vectorized() const { return vectorized_; }
+  // Why the plain loops run it: empty when vectorized, else e.g. "no AVX2 kernel for groups of 48
+  // (it takes multiples of 32)" or "MOPT_ISA=scalar hides AVX2, FMA, F16C".
+  const std::string& plain_reason() const { return plain_reason_; }
 
   // y[m, out] = x[m, in] · Wᵀ. Precision::bf16 lets prefill (m > kGemvMaxRows) decode the weight
   // into bf16 panels and run the bf16 kernels where the CPU has them (gemm.h); W8A8 is exact either way.
@@ -96,7 +99,7 @@ class QuantizedLinear {
 
   // The kernels' layouts (public for the AVX2 translation unit).
   struct Layout {
-    // int4, int4_fp8_table, e2m1 (when in % 64 == 0): per row, chunks of 64 inputs as 32 bytes,
+    // int4, int4_fp8_table, e2m1 (when vectorized: in % 64 == 0): per row, chunks of 64 inputs as 32 bytes,
     // byte j holding input j in its low nibble and input j + 32 in its high one. int4 codes are
     // biased by 8 (0..15, which also index int4_fp8_table's tables); e2m1 codes as they are.
     std::vector<std::uint8_t> nibbles;
@@ -120,6 +123,7 @@ class QuantizedLinear {
   std::vector<float> half_code_values_;  // e2m1: scale_code_values / 2 (the kernels decode 2 x E2M1)
   std::int64_t blocks_per_row_ = 0;
   bool vectorized_ = false;
+  std::string plain_reason_;
 };
 
 // int8 activation codes as W8A8 quantizes them: clamp(rint(x * (127 / amax)), -128, 127).

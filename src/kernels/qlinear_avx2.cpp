@@ -60,25 +60,54 @@ inline __m256 sum_chains(const __m256* a) {
   return s;
 }
 
+// The group of each 32-input half of a row, in order: with groups that are a multiple of 32 a half
+// never straddles two groups (with groups of 32 the low nibbles of a chunk are one group, the high
+// ones the next).
+class HalfGroups {
+ public:
+  explicit HalfGroups(std::int64_t group) : per_group_(group / 32), left_(per_group_) {}
+  // The group of the next half.
+  std::int64_t next() {
+    const std::int64_t g = g_;
+    if (--left_ == 0) {
+      ++g_;
+      left_ = per_group_;
+    }
+    return g;
+  }
+
+ private:
+  std::int64_t per_group_, left_, g_ = 0;
+};
+
+// sum of a[i] * b[i], i < n.
+float dot(const float* a, const float* b, std::int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Groups of a multiple of 64: whole chunks per group, the int32 products of a group summed before its scale
+// (the last group may be shorter).
 template <int M>
 void gemv_int4_m(const std::uint8_t* nibbles, const float* scales, std::int64_t group, std::int64_t k, std::int64_t r0,
                  std::int64_t r1, const Int8Blocks& x, float* y, std::int64_t ldy) {
-  const std::int64_t chunks = k / 64, groups = k / group, per_group = group / 64;
+  const std::int64_t chunks = k / 64, groups = (k + group - 1) / group, per_group = group / 64;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   for (std::int64_t r = r0; r < r1; ++r) {
     const std::uint8_t* wr = nibbles + r * (k / 2);
     const float* sr = scales + r * groups;
     __m256 acc[M];
-    float offset[M];
-    for (int i = 0; i < M; ++i) {
-      acc[i] = _mm256_setzero_ps();
-      offset[i] = 0.0f;
-    }
+    for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
     for (std::int64_t g = 0; g < groups; ++g) {
       __m256 gacc[M];
       for (int i = 0; i < M; ++i) gacc[i] = _mm256_setzero_ps();
-      for (std::int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+      const std::int64_t c_end = std::min(chunks, (g + 1) * per_group);
+      for (std::int64_t c = g * per_group; c < c_end; ++c) {
         prefetch_ahead(wr + c * 32);
         const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32));
         const __m256i lo = _mm256_and_si256(b, low4);
@@ -93,44 +122,132 @@ void gemv_int4_m(const std::uint8_t* nibbles, const float* scales, std::int64_t 
         }
       }
       const __m256 s = _mm256_broadcast_ss(sr + g);
+      for (int i = 0; i < M; ++i) acc[i] = _mm256_fmadd_ps(gacc[i], s, acc[i]);
+    }
+    for (int i = 0; i < M; ++i) y[i * ldy + r] = hsum(acc[i]) - 8.0f * dot(sr, x.offsets + i * groups, groups);
+  }
+}
+
+// Groups of a multiple of 32 that is not one of 64 (32, 96, ...): the two halves of a chunk can belong to
+// different groups, so each half's int32 products get their own scale (step x group scale) and their own
+// accumulator (two FMA chains per input row, as many as the whole-chunk kernel's group and row chains).
+template <int M>
+void gemv_int4_halves_m(const std::uint8_t* nibbles, const float* scales, std::int64_t group, std::int64_t k, std::int64_t r0,
+                        std::int64_t r1, const Int8Blocks& x, float* y, std::int64_t ldy) {
+  const std::int64_t chunks = k / 64, groups = (k + group - 1) / group;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* wr = nibbles + r * (k / 2);
+    const float* sr = scales + r * groups;
+    __m256 acc[M][2];
+    for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    HalfGroups halves(group);
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      prefetch_ahead(wr + c * 32);
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32));
+      const __m256i lo = _mm256_and_si256(b, low4);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+      const float s_lo = sr[halves.next()];
+      const float s_hi = sr[halves.next()];
       for (int i = 0; i < M; ++i) {
-        acc[i] = _mm256_fmadd_ps(gacc[i], s, acc[i]);
-        offset[i] += sr[g] * x.offsets[i * groups + g];
+        const std::int8_t* xq = x.codes + i * k + c * 64;
+        const __m256i p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))), ones);
+        const __m256i p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32))), ones);
+        const float step = x.steps[i * chunks + c];
+        acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p_lo), _mm256_set1_ps(step * s_lo), acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p_hi), _mm256_set1_ps(step * s_hi), acc[i][1]);
       }
     }
-    for (int i = 0; i < M; ++i) y[i * ldy + r] = hsum(acc[i]) - 8.0f * offset[i];
+    for (int i = 0; i < M; ++i) {
+      y[i * ldy + r] = hsum(_mm256_add_ps(acc[i][0], acc[i][1])) - 8.0f * dot(sr, x.offsets + i * groups, groups);
+    }
+  }
+}
+
+// Groups of exactly 32: the same products as gemv_int4_halves_m, with the halves' factors (step x scale)
+// made eight at a time (four chunks: one vector multiply of eight scales by the four steps, each twice)
+// and read back by broadcast loads, instead of a scalar multiply and a broadcast per half.
+template <int M>
+void gemv_int4_g32_m(const std::uint8_t* nibbles, const float* scales, std::int64_t k, std::int64_t r0, std::int64_t r1,
+                     const Int8Blocks& x, float* y, std::int64_t ldy) {
+  const std::int64_t chunks = k / 64, groups = k / 32;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i twice = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  alignas(32) float factor[M][8];
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* wr = nibbles + r * (k / 2);
+    const float* sr = scales + r * groups;
+    __m256 acc[M][2];
+    for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    const auto chunk = [&](std::int64_t c, const float* f_lo, const float* f_hi, std::int64_t f_stride) {
+      prefetch_ahead(wr + c * 32);
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32));
+      const __m256i lo = _mm256_and_si256(b, low4);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+      for (int i = 0; i < M; ++i) {
+        const std::int8_t* xq = x.codes + i * k + c * 64;
+        const __m256i p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))), ones);
+        const __m256i p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32))), ones);
+        acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p_lo), _mm256_broadcast_ss(f_lo + i * f_stride), acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p_hi), _mm256_broadcast_ss(f_hi + i * f_stride), acc[i][1]);
+      }
+    };
+    std::int64_t c = 0;
+    for (; c + 4 <= chunks; c += 4) {
+      prefetch_ahead(sr + 2 * c);  // the scales are a second stream, a quarter of the codes' bytes
+      const __m256 s = _mm256_loadu_ps(sr + 2 * c);
+      for (int i = 0; i < M; ++i) {
+        const __m256 steps = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(x.steps + i * chunks + c)), twice);
+        _mm256_store_ps(factor[i], _mm256_mul_ps(s, steps));
+      }
+      for (int q = 0; q < 4; ++q) chunk(c + q, &factor[0][2 * q], &factor[0][2 * q + 1], 8);
+    }
+    for (; c < chunks; ++c) {
+      for (int i = 0; i < M; ++i) {
+        factor[i][0] = x.steps[i * chunks + c] * sr[2 * c];
+        factor[i][1] = x.steps[i * chunks + c] * sr[2 * c + 1];
+      }
+      chunk(c, &factor[0][0], &factor[0][1], 8);
+    }
+    for (int i = 0; i < M; ++i) {
+      y[i * ldy + r] = hsum(_mm256_add_ps(acc[i][0], acc[i][1])) - 8.0f * dot(sr, x.offsets + i * groups, groups);
+    }
   }
 }
 
 template <int M>
 void gemv_int4_fp8_table_m(const std::uint8_t* nibbles, const std::uint8_t* tables, float table_scale, std::int64_t group,
                            std::int64_t k, std::int64_t r0, std::int64_t r1, const float* x, float* y, std::int64_t ldy) {
-  const std::int64_t groups = k / group, per_group = group / 64;
+  const std::int64_t groups = (k + group - 1) / group;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const float out_scale = table_scale * 256.0f;
   for (std::int64_t r = r0; r < r1; ++r) {
     const std::uint8_t* wr = nibbles + r * (k / 2);
+    const std::uint8_t* tr = tables + r * groups * 16;
     // Independent accumulators: one FMA chain would wait on its latency.
     __m256 acc[M][4];
     for (int i = 0; i < M; ++i) {
       for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
     }
-    for (std::int64_t g = 0; g < groups; ++g) {
-      const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tables + (r * groups + g) * 16)));
-      for (std::int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-        prefetch_ahead(wr + c * 32);
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32));
-        const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(b, low4));
-        const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
-        __m256 w[8];
-        e4m3x16_times_2m8(_mm256_castsi256_si128(lo), w[0], w[1]);
-        e4m3x16_times_2m8(_mm256_extracti128_si256(lo, 1), w[2], w[3]);
-        e4m3x16_times_2m8(_mm256_castsi256_si128(hi), w[4], w[5]);
-        e4m3x16_times_2m8(_mm256_extracti128_si256(hi, 1), w[6], w[7]);
-        for (int i = 0; i < M; ++i) {
-          const float* xr = x + i * k + c * 64;
-          for (int t = 0; t < 8; ++t) acc[i][t % 4] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8 * t), w[t], acc[i][t % 4]);
-        }
+    HalfGroups halves(group);
+    for (std::int64_t c = 0; c < k / 64; ++c) {
+      prefetch_ahead(wr + c * 32);
+      // Each half's table (the same one unless a group boundary falls between the halves).
+      const __m256i table_lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tr + halves.next() * 16)));
+      const __m256i table_hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tr + halves.next() * 16)));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32));
+      const __m256i lo = _mm256_shuffle_epi8(table_lo, _mm256_and_si256(b, low4));
+      const __m256i hi = _mm256_shuffle_epi8(table_hi, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
+      __m256 w[8];
+      e4m3x16_times_2m8(_mm256_castsi256_si128(lo), w[0], w[1]);
+      e4m3x16_times_2m8(_mm256_extracti128_si256(lo, 1), w[2], w[3]);
+      e4m3x16_times_2m8(_mm256_castsi256_si128(hi), w[4], w[5]);
+      e4m3x16_times_2m8(_mm256_extracti128_si256(hi, 1), w[6], w[7]);
+      for (int i = 0; i < M; ++i) {
+        const float* xr = x + i * k + c * 64;
+        for (int t = 0; t < 8; ++t) acc[i][t % 4] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8 * t), w[t], acc[i][t % 4]);
       }
     }
     for (int i = 0; i < M; ++i) {
@@ -299,6 +416,22 @@ void int8_rows(const std::int8_t* w, std::int64_t k32, std::int64_t r0, std::int
 
 void gemv_int4(const std::uint8_t* nibbles, const float* scales, std::int64_t group, std::int64_t k, std::int64_t r0,
                std::int64_t r1, const Int8Blocks& x, int m, float* y, std::int64_t ldy) {
+  if (group == 32) {
+    switch (m) {
+      case 1: return gemv_int4_g32_m<1>(nibbles, scales, k, r0, r1, x, y, ldy);
+      case 2: return gemv_int4_g32_m<2>(nibbles, scales, k, r0, r1, x, y, ldy);
+      case 3: return gemv_int4_g32_m<3>(nibbles, scales, k, r0, r1, x, y, ldy);
+      default: return gemv_int4_g32_m<4>(nibbles, scales, k, r0, r1, x, y, ldy);
+    }
+  }
+  if (group % 64 != 0) {
+    switch (m) {
+      case 1: return gemv_int4_halves_m<1>(nibbles, scales, group, k, r0, r1, x, y, ldy);
+      case 2: return gemv_int4_halves_m<2>(nibbles, scales, group, k, r0, r1, x, y, ldy);
+      case 3: return gemv_int4_halves_m<3>(nibbles, scales, group, k, r0, r1, x, y, ldy);
+      default: return gemv_int4_halves_m<4>(nibbles, scales, group, k, r0, r1, x, y, ldy);
+    }
+  }
   switch (m) {
     case 1: return gemv_int4_m<1>(nibbles, scales, group, k, r0, r1, x, y, ldy);
     case 2: return gemv_int4_m<2>(nibbles, scales, group, k, r0, r1, x, y, ldy);
@@ -392,37 +525,42 @@ void int8_gemm(const std::int8_t* w, std::int64_t k32, std::int64_t r0, std::int
 
 void dequantize_int4(const std::uint8_t* nibbles, const float* scales, std::int64_t group, std::int64_t k, std::int64_t r0,
                      std::int64_t r1, float* out) {
-  const std::int64_t groups = k / group;
+  const std::int64_t groups = (k + group - 1) / group;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i eight = _mm256_set1_epi8(8);
   for (std::int64_t r = r0; r < r1; ++r) {
     const std::uint8_t* wr = nibbles + r * (k / 2);
+    const float* sr = scales + r * groups;
     float* o = out + (r - r0) * k;
+    HalfGroups halves(group);
     for (std::int64_t c = 0; c < k / 64; ++c) {
-      const __m256 s = _mm256_broadcast_ss(scales + r * groups + c * 64 / group);
+      const __m256 s_lo = _mm256_broadcast_ss(sr + halves.next());
+      const __m256 s_hi = _mm256_broadcast_ss(sr + halves.next());
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32));
       __m256 w[8];
       i8x32_to_f32(_mm256_sub_epi8(_mm256_and_si256(b, low4), eight), w);
       i8x32_to_f32(_mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 4), low4), eight), w + 4);
-      for (int t = 0; t < 8; ++t) _mm256_storeu_ps(o + c * 64 + 8 * t, _mm256_mul_ps(w[t], s));
+      for (int t = 0; t < 8; ++t) _mm256_storeu_ps(o + c * 64 + 8 * t, _mm256_mul_ps(w[t], t < 4 ? s_lo : s_hi));
     }
   }
 }
 
 void dequantize_int4_fp8_table(const std::uint8_t* nibbles, const std::uint8_t* tables, float table_scale, std::int64_t group,
                                std::int64_t k, std::int64_t r0, std::int64_t r1, float* out) {
-  const std::int64_t groups = k / group;
+  const std::int64_t groups = (k + group - 1) / group;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256 s = _mm256_set1_ps(table_scale * 256.0f);
   for (std::int64_t r = r0; r < r1; ++r) {
     const std::uint8_t* wr = nibbles + r * (k / 2);
+    const std::uint8_t* tr = tables + r * groups * 16;
     float* o = out + (r - r0) * k;
+    HalfGroups halves(group);
     for (std::int64_t c = 0; c < k / 64; ++c) {
-      const __m256i table = _mm256_broadcastsi128_si256(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(tables + (r * groups + c * 64 / group) * 16)));
+      const __m256i table_lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tr + halves.next() * 16)));
+      const __m256i table_hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tr + halves.next() * 16)));
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32));
-      const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(b, low4));
-      const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
+      const __m256i lo = _mm256_shuffle_epi8(table_lo, _mm256_and_si256(b, low4));
+      const __m256i hi = _mm256_shuffle_epi8(table_hi, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
       __m256 w[8];
       e4m3x16_times_2m8(_mm256_castsi256_si128(lo), w[0], w[1]);
       e4m3x16_times_2m8(_mm256_extracti128_si256(lo, 1), w[2], w[3]);

@@ -11,14 +11,16 @@ namespace mopt::kernels::avx2 {
 struct Int8Blocks {
   const std::int8_t* codes;  // [m, k]
   const float* steps;        // [m, k/64] (amax/127 of each 64)
-  const float* offsets;      // [m, k/group]: sum over the group's chunks of step * (sum of codes), for the -8 bias
+  const float* offsets;      // [m, groups]: sum over the group's inputs of step * code, for the -8 bias
 };
 
-// INT4 (biased nibbles) with f32 group scales [rows, k/group].
+// INT4 (biased nibbles) with f32 group scales [rows, groups], groups = ceil(k / group); k % 64 == 0 and
+// group % 32 == 0 (with groups of 32 the low nibbles of a chunk take one scale, the high ones the next).
 void gemv_int4(const std::uint8_t* nibbles, const float* scales, std::int64_t group, std::int64_t k, std::int64_t r0,
                std::int64_t r1, const Int8Blocks& x, int m, float* y, std::int64_t ldy);
 
-// INT4 through per-block tables of 16 E4M3 codes ([rows, k/group, 16]) times `table_scale`, f32 input.
+// INT4 through per-block tables of 16 E4M3 codes ([rows, groups, 16]) times `table_scale`, f32 input;
+// group % 32 == 0 as for gemv_int4.
 void gemv_int4_fp8_table(const std::uint8_t* nibbles, const std::uint8_t* tables, float table_scale, std::int64_t group,
                          std::int64_t k, std::int64_t r0, std::int64_t r1, const float* x, int m, float* y, std::int64_t ldy);
 

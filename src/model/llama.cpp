@@ -8,6 +8,7 @@
 #include <numbers>
 
 #include "core/convert.h"
+#include "core/cpu_features.h"
 #include "core/error.h"
 #include "kernels/linear.h"
 #include "kernels/ops.h"
@@ -198,6 +199,32 @@ std::int64_t Linear::in_features() const {
 std::uint64_t Linear::weight_bytes() const {
   if (quantized) return quantized->bytes();
   return weight.bytes().size();
+}
+
+std::string Linear::describe() const {
+  if (quantized) return quantized->describe();
+  return std::string(dtype_name(weight.dtype()));
+}
+
+std::string Linear::plain_loop_reason() const {
+  if (quantized) return quantized->plain_reason();
+  // kernels::linear_forward: an AVX2 GEMV for f32/f16/bf16 weights of any shape when the CPU has AVX2, FMA and F16C
+  // (prefill's widening and BLAS GEMM run either way).
+  return avx2_kernels_unavailable();
+}
+
+std::string PlainLoopLinear::notice() const { return fmt::format("{}: {} runs the plain loop: {}", name, weight, reason); }
+
+std::vector<PlainLoopLinear> Model::plain_loop_linears() const {
+  std::vector<PlainLoopLinear> out;
+  const auto add = [&](const Linear& l, std::string name) {
+    if (std::string why = l.plain_loop_reason(); !why.empty()) out.push_back({std::move(name), l.describe(), std::move(why)});
+  };
+  for (std::size_t i = 0; i < layers_.size(); ++i) {
+    for (const auto kind : kAllLinears) add(layers_[i].linear(kind), fmt::format("model.layers.{}.{}", i, linear_name(kind)));
+  }
+  add(lm_head_, "lm_head");
+  return out;
 }
 
 void decoder_layer_forward(const io::ModelConfig& c, const std::vector<float>& inv_freq, std::int64_t layer,

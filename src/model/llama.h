@@ -49,6 +49,10 @@ struct Linear {
   std::int64_t in_features() const;
   // Bytes the forward pass reads for the weight (codes and scales when quantized).
   std::uint64_t weight_bytes() const;
+  // "int4 g32", "bf16", ...: the weight as the kernels hold it.
+  std::string describe() const;
+  // Why its product runs the plain loops rather than a vectorized kernel; empty when it does not.
+  std::string plain_loop_reason() const;
 };
 
 struct LayerWeights {
@@ -148,6 +152,15 @@ struct LoadOptions {
   std::function<std::optional<Linear>(const io::Checkpoint&)> head_loader;
 };
 
+// A Linear of a model that runs the plain loops, and why (Linear::plain_loop_reason).
+struct PlainLoopLinear {
+  std::string name;    // "model.layers.3.mlp.down_proj", "lm_head"
+  std::string weight;  // Linear::describe()
+  std::string reason;
+  // "model.layers.3.mlp.down_proj: int4 g48 runs the plain loop: no AVX2 kernel for groups of 48 ..."
+  std::string notice() const;
+};
+
 class Model {
  public:
   // A Hugging Face checkpoint directory; its tokenizer.json is loaded when present.
@@ -169,6 +182,8 @@ class Model {
   std::uint64_t embedding_bytes() const { return embed_tokens_.bytes().size(); }
   // The lm_head: the embeddings when tied, else lm_head.weight, plain or quantized.
   const Linear& lm_head() const { return lm_head_; }
+  // Every Linear (the layers' in order, then the lm_head) that runs the plain loops; empty when all are vectorized.
+  std::vector<PlainLoopLinear> plain_loop_linears() const;
   // True when the lm_head reads the embedding table itself (tied and not quantized separately).
   bool head_is_embedding_table() const;
   // Widens or narrows every float weight kept as a plain tensor (embeddings, lm_head, unquantized

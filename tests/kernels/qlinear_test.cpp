@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <random>
 
 #include "core/convert.h"
@@ -139,6 +140,56 @@ TEST(QuantizedLinear, EveryWeightTypeMatchesTheReference) {
   check_forward(random_source(T::e2m1, 5, 48, 16, 12), "nvfp4 (plain layout)");
 }
 
+bool avx2_kernels() { return cpu_features().avx2 && cpu_features().fma && cpu_features().f16c; }
+
+// INT4 and W4A8 at every group the AVX2 layout holds (multiples of 32 over chunks of 64 inputs: with
+// groups of 32 the low and the high nibbles of a chunk have different scales), including a last group
+// shorter than the rest, against the reference; and vectorized wherever the CPU allows.
+TEST(QuantizedLinear, Int4EveryGroupOf32kIsVectorized) {
+  struct Shape {
+    std::int64_t out, in, group;
+  };
+  const Shape shapes[] = {{24, 256, 32}, {7, 192, 32},  {10, 192, 64},  {9, 256, 128}, {5, 704, 32},
+                          {5, 704, 128} /* 5.5 groups */, {6, 320, 64}, {11, 384, 96}, {4, 192, 160} /* 1.2 groups */};
+  std::uint32_t seed = 40;
+  for (const auto& sh : shapes) {
+    for (const T type : {T::int4, T::int4_fp8_table}) {
+      const auto src = random_source(type, sh.out, sh.in, sh.group, ++seed);
+      const std::string what = fmt::format("{} [{}, {}] g{}", type == T::int4 ? "int4" : "int4 via fp8", sh.out, sh.in, sh.group);
+      check_forward(src, what);
+      const QuantizedLinear q(src, what);
+      EXPECT_EQ(q.vectorized(), avx2_kernels()) << what << ": " << q.plain_reason();
+      EXPECT_EQ(q.plain_reason().empty(), q.vectorized()) << what;
+    }
+  }
+}
+
+// What the AVX2 layout cannot hold runs the plain loops, matches the reference, and says why.
+TEST(QuantizedLinear, PlainLoopsSayWhy) {
+  struct Case {
+    QuantizedWeightSource src;
+    std::string why;  // when the CPU has AVX2
+  };
+  std::vector<Case> cases;
+  cases.push_back({random_source(T::int4, 6, 96, 32, 60), "96 inputs is not a multiple of 64"});  // 32 x odd
+  cases.push_back({random_source(T::int4, 6, 192, 48, 61), "no AVX2 kernel for groups of 48"});
+  cases.push_back({random_source(T::int4_fp8_table, 6, 160, 16, 62), "no AVX2 kernel for groups of 16"});
+  cases.push_back({random_source(T::e2m1, 5, 48, 16, 63), "48 inputs is not a multiple of 64"});
+  cases.push_back({random_source(T::int8, 7, 30, 30, 64), "30 inputs is not a multiple of 16"});
+  for (auto& c : cases) {
+    const QuantizedLinear q(c.src, c.why);
+    check_forward(c.src, c.why);
+    EXPECT_FALSE(q.vectorized()) << c.why;
+    // What no AVX2 kernel holds is named first, on any CPU.
+    EXPECT_NE(q.plain_reason().find(c.why), std::string::npos) << q.plain_reason();
+  }
+  // A shape the kernels hold: the CPU's reason, or none.
+  const QuantizedLinear fast(random_source(T::int4, 6, 128, 32, 65), "g32");
+  EXPECT_EQ(fast.plain_reason(), avx2_kernels_unavailable());
+  const char* isa = std::getenv("MOPT_ISA");
+  if (isa != nullptr && std::string(isa) == "scalar") EXPECT_EQ(fast.plain_reason(), "MOPT_ISA=scalar turns the AVX2 kernels off");
+}
+
 TEST(QuantizedLinear, W8A8RunsOnIntegers) {
   for (const std::int64_t in : {192, 100}) {
     QuantizedWeightSource s = random_source(T::int8, 19, in, in, 20);
@@ -148,7 +199,7 @@ TEST(QuantizedLinear, W8A8RunsOnIntegers) {
     s.int8_activations = true;
     s.input_amax = 2.5f;  // the normal inputs exceed it: codes -128 and 127 occur
     check_forward(s, "w8a8");
-    EXPECT_EQ(QuantizedLinear(s, "w8a8").vectorized(), vnni_gemm_available() || (cpu_features().avx2 && cpu_features().fma && cpu_features().f16c));
+    EXPECT_EQ(QuantizedLinear(s, "w8a8").vectorized(), vnni_gemm_available() || avx2_kernels());
   }
   // A weight code of -128 is still computed exactly (by VNNI, else by the plain loop).
   QuantizedWeightSource s = random_source(T::int8, 9, 64, 64, 21);
@@ -156,6 +207,7 @@ TEST(QuantizedLinear, W8A8RunsOnIntegers) {
   s.int8_activations = true;
   s.input_amax = 3.0f;
   EXPECT_EQ(QuantizedLinear(s, "w8a8").vectorized(), vnni_gemm_available());
+  if (!vnni_gemm_available()) EXPECT_NE(QuantizedLinear(s, "w8a8").plain_reason().find("-128"), std::string::npos);
   check_forward(s, "w8a8 with -128");
 }
 
