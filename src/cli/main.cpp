@@ -80,7 +80,7 @@ int main(int argc, char** argv) {
   export_cmd->add_option("model", export_options.model, "Model directory (Hugging Face checkpoint, or a mopt quantized export)")->required();
   export_cmd->add_option("--to", export_options.to, "Target format: gguf (llama.cpp) or compressed-tensors (vLLM; quantized input only)")->required();
   export_cmd->add_option("out", export_options.out, "The file (gguf) or directory (compressed-tensors) to create")->required();
-  export_cmd->add_option("--type", export_options.type, "GGUF weight type: bf16 (default), f16, f32, q8_0, q5_0, q4_0, q6_k, q4_k, q4_k_m; nvfp4, mxfp4 (from such a quantized export)");
+  export_cmd->add_option("--type", export_options.type, "GGUF weight type: bf16 (default), f16, f32; llama-quantize's mixes q8_0, q5_0, q4_0, q6_k, q4_k_m (its type for each tensor: Q6_K head); every matrix in one type: q4_0_pure, q5_0_pure (llama-quantize --pure), q4_k; nvfp4, mxfp4 (from such a quantized export)");
 
   mopt::cli::EvalOptions eval;
   auto* eval_cmd = app.add_subcommand("eval", "Measure a model: perplexity, KL divergence against a base, multiple choice");
@@ -178,7 +178,7 @@ int main(int argc, char** argv) {
   quantize_cmd->add_option("--report", quantize.report, "Write a JSON report here");
   quantize_cmd->add_option("--export", quantize.export_format,
                            "Output format: modelopt (default: TensorRT-LLM, vLLM, SGLang), compressed-tensors (vLLM), gguf (llama.cpp; --out is the .gguf file)");
-  quantize_cmd->add_option("--gguf-type", quantize.gguf_type, "With --export gguf: q4_0, q8_0, q4_k_m, q4_k, q6_k, q5_0, bf16, f16, f32 (default: nvfp4/mxfp4 for those formats, q4_0 for INT4, else q8_0)");
+  quantize_cmd->add_option("--gguf-type", quantize.gguf_type, "With --export gguf: q4_0, q8_0, q4_k_m, q6_k, q5_0 (llama-quantize's mixes), q4_0_pure, q5_0_pure, q4_k, bf16, f16, f32 (default: nvfp4/mxfp4 for those formats, q4_0 for INT4, else q8_0)");
 
   try {
     app.parse(argc, argv);

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <optional>
 #include <cmath>
@@ -32,7 +33,7 @@ namespace fs = std::filesystem;
 
 // llama.cpp's general.file_type for a whole-model type.
 std::uint32_t file_type(const GgufExportOptions& o) {
-  if (o.q4_k_m) return 15;  // LLAMA_FTYPE_MOSTLY_Q4_K_M
+  if (o.q4_k_m) return 15;  // LLAMA_FTYPE_MOSTLY_Q4_K_M (a pure type keeps its file type, as llama-quantize --pure writes it)
   switch (o.type) {
     case GgmlType::F32: return 0;
     case GgmlType::F16: return 1;
@@ -53,13 +54,19 @@ bool more_bits_layer(std::int64_t layer, std::int64_t layers) {
   return layer < layers / 8 || layer >= 7 * layers / 8 || (layer - layers / 8) % 3 == 2;
 }
 
-// The type a K-quant falls back to for rows that are not whole super-blocks, as llama.cpp's quantizer does.
+std::int64_t block_elements(GgmlType t) { return io::ggml_type_info(static_cast<std::uint32_t>(t))->block_elements; }
+
+// The type llama.cpp's quantizer writes a matrix of rows of `cols` values in when `t` does not fit them
+// (tensor_type_fallback): the 256-value K-quants fall back to a 32-value type, and a row that is not whole
+// blocks of that either is written F16.
 GgmlType fit_row(GgmlType t, std::int64_t cols) {
-  if (cols % 256 == 0) return t;
-  if (t == GgmlType::Q4_K) return GgmlType::Q5_0;
-  if (t == GgmlType::Q6_K) return GgmlType::Q8_0;
-  return t;
+  if (cols % block_elements(t) == 0) return t;
+  if (t == GgmlType::Q4_K) t = GgmlType::Q5_0;
+  else if (t == GgmlType::Q6_K) t = GgmlType::Q8_0;
+  return cols % block_elements(t) == 0 ? t : GgmlType::F16;
 }
+
+bool is_quantized(GgmlType t) { return t != GgmlType::F32 && t != GgmlType::F16 && t != GgmlType::BF16; }
 
 bool is_byte_level(const json& j, bool use_regex) {
   return j.is_object() && j.value("type", "") == "ByteLevel" && j.value("use_regex", true) == use_regex;
@@ -181,16 +188,39 @@ std::vector<float> integer_codes(const quant::QuantizerSpec& spec, const Tensor&
 }  // namespace
 
 GgufExportOptions gguf_options_from_name(const std::string& name) {
-  static const std::map<std::string, GgmlType> kTypes = {{"f32", GgmlType::F32},   {"f16", GgmlType::F16},   {"bf16", GgmlType::BF16},
-                                                         {"q8_0", GgmlType::Q8_0}, {"q5_0", GgmlType::Q5_0}, {"q4_0", GgmlType::Q4_0},
-                                                         {"q6_k", GgmlType::Q6_K}, {"q4_k", GgmlType::Q4_K}, {"q4_k_m", GgmlType::Q4_K},
-                                                         {"nvfp4", GgmlType::NVFP4}, {"mxfp4", GgmlType::MXFP4}};
+  static const std::map<std::string, GgmlType> kTypes = {
+      {"f32", GgmlType::F32},   {"f16", GgmlType::F16},   {"bf16", GgmlType::BF16},       {"q8_0", GgmlType::Q8_0},
+      {"q5_0", GgmlType::Q5_0}, {"q4_0", GgmlType::Q4_0}, {"q5_0_pure", GgmlType::Q5_0},  {"q4_0_pure", GgmlType::Q4_0},
+      {"q6_k", GgmlType::Q6_K}, {"q4_k", GgmlType::Q4_K}, {"q4_k_m", GgmlType::Q4_K},     {"nvfp4", GgmlType::NVFP4},
+      {"mxfp4", GgmlType::MXFP4}};
   const auto it = kTypes.find(name);
-  if (it == kTypes.end()) fail("unknown GGUF type '{}' (f32, f16, bf16, q8_0, q5_0, q4_0, q6_k, q4_k, q4_k_m, nvfp4, mxfp4)", name);
+  if (it == kTypes.end()) {
+    fail("unknown GGUF type '{}' (f32, f16, bf16, q8_0, q5_0, q4_0, q6_k, q4_k_m, q5_0_pure, q4_0_pure, q4_k, nvfp4, mxfp4)", name);
+  }
   GgufExportOptions o;
   o.type = it->second;
   o.q4_k_m = name == "q4_k_m";
+  // "q4_k" is every matrix Q4_K: llama-quantize's Q4_K_S mix would need Q5_K, which mopt does not write.
+  o.pure = name.ends_with("_pure") || name == "q4_k";
   return o;
+}
+
+GgmlType gguf_matrix_type(const GgufExportOptions& o, const std::string& gguf, std::int64_t layer, std::int64_t layers, std::int64_t cols,
+                          bool tied) {
+  GgmlType t = o.type;
+  if (!is_quantized(t)) return t;  // llama-quantize chooses per tensor only for quantized file types
+  if (t == GgmlType::NVFP4 || t == GgmlType::MXFP4) return fit_row(GgmlType::Q8_0, cols);  // FP4 types hold FP4 Linears only
+  if (!o.pure) {
+    const bool output = gguf == "output.weight" || (tied && gguf == "token_embd.weight");
+    if (output) {
+      if (cols % block_elements(t) != 0) t = GgmlType::Q8_0;
+      else if (t != GgmlType::Q8_0) t = GgmlType::Q6_K;
+    } else if (o.q4_k_m) {
+      const bool more = gguf.find("attn_v.weight") != std::string::npos || gguf.find("ffn_down.weight") != std::string::npos;
+      if (more && more_bits_layer(layer, layers)) t = GgmlType::Q6_K;
+    }
+  }
+  return fit_row(t, cols);
 }
 
 std::string gguf_pre_tokenizer_name(const json& t, const std::string& label) {
@@ -254,8 +284,6 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
   io::GgufWriter w;
   w.add_string("general.architecture", arch);
   w.add_string("general.name", fs::path(model_dir).filename().string());
-  w.add_u32("general.file_type", file_type(options));
-  w.add_u32("general.quantization_version", 2);
   w.add_u32(arch + ".vocab_size", static_cast<std::uint32_t>(c.vocab_size));
   w.add_u32(arch + ".context_length", static_cast<std::uint32_t>(c.max_position_embeddings));
   w.add_u32(arch + ".embedding_length", static_cast<std::uint32_t>(c.hidden_size));
@@ -321,21 +349,16 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
     const json tc = io::parse_json_unique_keys(io::read_text_file(tc_path), tc_path);
     if (tc.contains("chat_template") && tc["chat_template"].is_string()) w.add_string("tokenizer.chat_template", tc["chat_template"].get<std::string>());
   }
+  // Last and in this order, as llama-quantize sets them: a file it quantizes from mopt's bf16 export is then
+  // byte for byte the file mopt writes in that type.
+  w.add_u32("general.quantization_version", 2);
+  w.add_u32("general.file_type", file_type(options));
 
   // Tensors.
   // Weight matrices are read, permuted and quantized only when the writer reaches them: one at a time in memory.
-  // The type of each matrix. The embeddings and lm_head, which a quantized checkpoint keeps in 16 bits, get
-  // Q8_0 rather than Q4_0; Q4_K_M gives the output embedding (the token embedding when tied) Q6_K.
+  // The type of each matrix: llama-quantize's choice for the file type (or every matrix in it when pure).
   const auto type_of = [&](const std::string& gguf, std::int64_t layer, std::int64_t cols) {
-    GgmlType t = options.type;
-    if (t == GgmlType::NVFP4 || t == GgmlType::MXFP4) t = GgmlType::Q8_0;  // FP4 types hold FP4 Linears only
-    const bool output = gguf == "output.weight" || (c.tie_word_embeddings && gguf == "token_embd.weight");
-    if (reader && options.type == GgmlType::Q4_0 && (output || gguf == "token_embd.weight")) t = GgmlType::Q8_0;
-    if (options.q4_k_m) {
-      const bool more = gguf.find("attn_v.weight") != std::string::npos || gguf.find("ffn_down.weight") != std::string::npos;
-      if (output || (more && more_bits_layer(layer, c.num_layers))) t = GgmlType::Q6_K;
-    }
-    return fit_row(t, cols);
+    return gguf_matrix_type(options, gguf, layer, c.num_layers, cols, c.tie_word_embeddings);
   };
   const auto matrix = [&](const std::string& hf, const std::string& gguf, std::int64_t permute_heads = 0, std::int64_t layer = 0) {
     const GgmlType type = type_of(gguf, layer, ckpt.tensor(hf).shape().back());
@@ -473,6 +496,16 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
       bias(hf + "mlp.down_proj.bias", g + "ffn_down.bias", 0);
     }
   }
+  // llama.cpp's order (its loader's weights map, which llama-quantize writes in): tensors outside the blocks,
+  // then block by block, by name within each.
+  const auto block_of = [](const std::string& name) {
+    long long n = -1;
+    return std::sscanf(name.c_str(), "blk.%lld.", &n) == 1 ? n : -1LL;
+  };
+  w.sort_tensors([&](const std::string& a, const std::string& b) {
+    const long long la = block_of(a), lb = block_of(b);
+    return la != lb ? la < lb : a < b;
+  });
   w.write(out_path);
   return report;
 }

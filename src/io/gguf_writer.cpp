@@ -408,6 +408,10 @@ std::uint64_t GgufWriter::alignment() const {
   return 32;
 }
 
+void GgufWriter::sort_tensors(const std::function<bool(const std::string&, const std::string&)>& less) {
+  std::stable_sort(tensors_.begin(), tensors_.end(), [&](const Entry& a, const Entry& b) { return less(a.name, b.name); });
+}
+
 std::vector<std::byte> GgufWriter::bytes() const {
   std::vector<std::byte> out = header_bytes();
   const std::uint64_t align = alignment();

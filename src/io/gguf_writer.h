@@ -41,6 +41,8 @@ class GgufWriter {
   // The same, with the bytes produced by `produce` only when write() reaches the tensor, so that a model is
   // written holding one tensor at a time. A wrong byte count is an error then.
   void add_tensor(const std::string& name, const Shape& shape, GgmlType type, std::function<std::vector<std::byte>()> produce);
+  // Puts the tensors in the order `less` gives their names (a stable sort).
+  void sort_tensors(const std::function<bool(const std::string&, const std::string&)>& less);
   // Writes the file atomically.
   void write(const std::string& path) const;
   // The file's bytes (what write() writes).

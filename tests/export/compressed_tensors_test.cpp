@@ -23,6 +23,7 @@
 #include "io/json_util.h"
 #include "io/safetensors.h"
 #include "model/llama.h"
+#include "support/sha256.h"
 #include "support/temp_dir.h"
 #include "support/tiny_kjv.h"
 
@@ -178,7 +179,8 @@ TEST(CompressedTensors, QuantizingForATargetWithoutPreQuantScalesExportsExactly)
     EXPECT_EQ(g.activation_quantization_dropped, !int4);
     const double fake = ppl_of(tmp.file("modelopt")), ct = ppl_of(tmp.file("ct")), gguf = ppl_of(tmp.file("m.gguf"));
     EXPECT_EQ(ct, fake);
-    if (int4) EXPECT_NEAR(gguf, fake, 0.005 * fake);  // f16 block scales, Q8_0 embeddings
+    // f16 block scales and llama-quantize's Q4_0 mix for the 16-bit embedding (Q4_0) and head (Q6_K).
+    if (int4) EXPECT_NEAR(gguf, fake, 0.005 * fake);  // 0.09% here
   }
 }
 
@@ -186,11 +188,25 @@ TEST(GgufFromQuantized, Int4CodesGoOverUnchanged) {
   // A Q4_0 block holds (nibble - 8) * d: an INT4 group of 64 is two blocks with the group's scale.
   TempDir tmp;
   quantize("int4_rtn", "max", tmp.file("q"));
-  GgufExportOptions go;
-  go.type = io::GgmlType::Q4_0;
-  export_gguf(tmp.file("q"), tmp.file("m.gguf"), go);
+  export_gguf(tmp.file("q"), tmp.file("m.gguf"), gguf_options_from_name("q4_0"));
   const io::GgufFile g = io::GgufFile::open(tmp.file("m.gguf"));
-  EXPECT_EQ(g.find_tensor("token_embd.weight")->type.type, io::GgmlType::Q8_0);  // kept 16-bit in the source
+  // The embedding and head, 16-bit in the export, get llama-quantize's Q4_0 mix: its own bytes for tiny-kjv's
+  // (the same tensors; tests/data/gguf/llama_quantize_mixes.json).
+  const json goldens = io::parse_json_unique_keys(io::read_text_file(testing::data_path("gguf/llama_quantize_mixes.json")), "goldens");
+  int checked = 0;
+  for (const json& golden : goldens.at("goldens")) {
+    if (golden.at("model") != "tiny-kjv" || golden.at("mopt_type") != "q4_0") continue;
+    for (const json& t : golden.at("tensors")) {
+      if (t.at("name") != "token_embd.weight" && t.at("name") != "output.weight") continue;
+      SCOPED_TRACE(t.at("name").get<std::string>());
+      const io::GgufTensorInfo* info = g.find_tensor(t.at("name").get<std::string>());
+      ASSERT_NE(info, nullptr);
+      EXPECT_EQ(info->type.name, t.at("type"));  // Q4_0 and Q6_K
+      EXPECT_EQ(testing::sha256_hex(g.raw(*info)), t.at("sha256"));
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 2);
   const auto reader = modelopt_reader(tmp.file("q"));
   const io::Checkpoint ckpt = io::Checkpoint::open(tmp.file("q"), io::CheckpointLayout::quantized);
   const auto st = reader.linear(ckpt, 1, model::LinearKind::v);  // not permuted

@@ -21,7 +21,9 @@
 #include "io/safetensors.h"
 #include "io/tokenizer.h"
 #include "model/llama.h"
+#include "support/sha256.h"
 #include "support/temp_dir.h"
+#include "support/tiny_kjv.h"
 
 namespace mopt::exporter {
 namespace {
@@ -103,6 +105,85 @@ TEST(GgufExport, IntegerTypesHoldTheReferenceBlocksAndKeepThePerplexity) {
     EXPECT_NE(ppl, base_ppl);
     EXPECT_LT(ppl, base_ppl * limit) << base_ppl;
   }
+}
+
+TEST(GgufExport, Sha256OfKnownMessages) {  // FIPS 180-4's examples and the padding's edge cases
+  const auto sha = [](const std::string& m) { return testing::sha256_hex(std::as_bytes(std::span(m))); };
+  EXPECT_EQ(sha(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(sha("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(sha("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"), "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  EXPECT_EQ(sha(std::string(1000, 'a')), "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3");
+}
+
+// llama-quantize's own files (tools/fixtures/make_gguf_mix_goldens.py): it quantized mopt's bf16 export of
+// each model; mopt's export in the type of the same name is that file, tensor by tensor and byte for byte.
+TEST(GgufExport, TypeMixesAreLlamaQuantizesFilesByteForByte) {
+  const json goldens = io::parse_json_unique_keys(io::read_text_file(testing::data_path("gguf/llama_quantize_mixes.json")), "goldens");
+  testing::TempDir tmp;
+  ASSERT_GE(goldens.at("goldens").size(), 8u);
+  for (const json& golden : goldens.at("goldens")) {
+    const std::string model = golden.at("model"), type = golden.at("mopt_type");
+    SCOPED_TRACE(model + " " + type + " = " + golden.at("llama_quantize").get<std::string>());
+    const std::string dir = model == "tiny-kjv" ? tiny_kjv() : testing::two_layer_tiny_kjv(true);
+    ASSERT_TRUE(model == "tiny-kjv" || model == "tiny-kjv-2-tied") << model;
+    const std::string path = tmp.file(model + "-" + type + ".gguf");
+    export_gguf(dir, path, gguf_options_from_name(type));
+    const io::GgufFile g = io::GgufFile::open(path);
+    EXPECT_EQ(g.get_uint("general.file_type"), golden.at("file_type").get<std::uint64_t>());
+    const auto& want = golden.at("tensors");
+    ASSERT_EQ(g.header().tensors.size(), want.size());
+    for (std::size_t i = 0; i < want.size(); ++i) {
+      const io::GgufTensorInfo& t = g.header().tensors[i];
+      SCOPED_TRACE(want[i].at("name").get<std::string>());
+      EXPECT_EQ(t.name, want[i].at("name"));  // llama.cpp's order
+      EXPECT_EQ(t.type.name, want[i].at("type"));
+      EXPECT_EQ(t.ne, want[i].at("ne").get<std::vector<std::uint64_t>>());
+      EXPECT_EQ(testing::sha256_hex(g.raw(t)), want[i].at("sha256"));
+    }
+    // The metadata too (its order included): the whole file.
+    std::ifstream f(path, std::ios::binary);
+    const std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(bytes.size(), golden.at("file_bytes").get<std::size_t>());
+    EXPECT_EQ(testing::sha256_hex(std::as_bytes(std::span(bytes))), golden.at("file_sha256"));
+  }
+}
+
+TEST(GgufExport, MatrixTypesFollowLlamaQuantizesRules) {
+  // llama_tensor_get_type and tensor_type_fallback in llama.cpp's src/llama-quant.cpp (llama-cpp-python 0.3.36).
+  using io::GgmlType;
+  const auto type = [](const char* name, const std::string& gguf, std::int64_t cols, bool tied, std::int64_t layer = 0) {
+    return gguf_matrix_type(gguf_options_from_name(name), gguf, layer, 30, cols, tied);
+  };
+  // SmolLM2-135M: tied, 576 columns. Q6_K does not fit 576 and falls back to Q8_0.
+  EXPECT_EQ(type("q4_0", "token_embd.weight", 576, true), GgmlType::Q8_0);
+  EXPECT_EQ(type("q4_0", "blk.0.attn_q.weight", 576, true), GgmlType::Q4_0);
+  EXPECT_EQ(type("q4_0", "blk.0.ffn_down.weight", 1536, true), GgmlType::Q4_0);
+  EXPECT_EQ(type("q8_0", "token_embd.weight", 576, true), GgmlType::Q8_0);
+  // Whole super-blocks: the head gets Q6_K, tied or not; an untied token embedding keeps the type.
+  EXPECT_EQ(type("q4_0", "token_embd.weight", 2048, true), GgmlType::Q6_K);
+  EXPECT_EQ(type("q4_0", "output.weight", 2048, false), GgmlType::Q6_K);
+  EXPECT_EQ(type("q4_0", "token_embd.weight", 2048, false), GgmlType::Q4_0);
+  EXPECT_EQ(type("q5_0", "output.weight", 2048, false), GgmlType::Q6_K);
+  EXPECT_EQ(type("q6_k", "output.weight", 2048, false), GgmlType::Q6_K);
+  EXPECT_EQ(type("q8_0", "output.weight", 2048, false), GgmlType::Q8_0);
+  // --pure: every matrix in the type.
+  EXPECT_EQ(type("q4_0_pure", "output.weight", 2048, false), GgmlType::Q4_0);
+  EXPECT_EQ(type("q4_0_pure", "token_embd.weight", 2048, true), GgmlType::Q4_0);
+  EXPECT_EQ(type("q4_k", "output.weight", 2048, false), GgmlType::Q4_K);
+  // Rows that are not whole blocks: the head's type is Q8_0, then F16 when 32 does not divide them either.
+  EXPECT_EQ(type("q4_0", "output.weight", 48, false), GgmlType::F16);
+  EXPECT_EQ(type("q4_0", "blk.3.attn_v.weight", 48, false), GgmlType::F16);
+  EXPECT_EQ(type("q8_0", "blk.3.attn_v.weight", 48, false), GgmlType::F16);
+  EXPECT_EQ(type("q4_k", "blk.3.attn_v.weight", 704, false), GgmlType::Q5_0);
+  EXPECT_EQ(type("q4_k", "blk.3.attn_v.weight", 48, false), GgmlType::F16);
+  EXPECT_EQ(type("q4_k_m", "output.weight", 576, true), GgmlType::Q8_0);
+  EXPECT_EQ(type("q4_k_m", "blk.0.attn_v.weight", 2048, false, 0), GgmlType::Q6_K);   // first eighth
+  EXPECT_EQ(type("q4_k_m", "blk.4.attn_v.weight", 2048, false, 4), GgmlType::Q4_K);   // 30/8 = 3: (4-3)%3 != 2
+  EXPECT_EQ(type("q4_k_m", "blk.5.ffn_down.weight", 2048, false, 5), GgmlType::Q6_K); // (5-3)%3 == 2
+  EXPECT_EQ(type("q4_k_m", "blk.5.attn_q.weight", 2048, false, 5), GgmlType::Q4_K);
+  // Unquantized types are not mixed.
+  EXPECT_EQ(type("bf16", "output.weight", 48, false), GgmlType::BF16);
+  EXPECT_EQ(type("f16", "token_embd.weight", 576, true), GgmlType::F16);
 }
 
 TEST(GgufExport, Llama3RopeScalingTravelsAsRopeFreqs) {
