@@ -1,7 +1,7 @@
 // Speed of a model as it is stored (16-bit, or a quantized export on its kernels): prefill of a prompt and
 // step-by-step decode with the KV cache, batch 1, median of repeated runs.
 //
-//   build/bench/model_bench MODEL_DIR [--prompt 512] [--gen 64] [--runs 3]
+//   build/bench/model_bench MODEL_DIR [--prompt 512] [--gen 64] [--runs 3] [--products bf16|f32]
 //
 // Prints tokens/s for prefill and decode, the weight bytes, the decode
 // rate in weight bytes per second (the memory traffic decode needs), and
@@ -28,17 +28,20 @@ using mopt::bench::seconds_since;
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    fmt::print(stderr, "usage: model_bench MODEL_DIR [--prompt N] [--gen N] [--runs N]\n");
+    fmt::print(stderr, "usage: model_bench MODEL_DIR [--prompt N] [--gen N] [--runs N] [--products bf16|f32]\n");
     return 2;
   }
   std::int64_t prompt_len = 512, gen = 64;
   int runs = 3;
+  bool bf16_products = true;
   for (int i = 2; i + 1 < argc; i += 2) {
     if (std::strcmp(argv[i], "--prompt") == 0) prompt_len = std::atoll(argv[i + 1]);
     if (std::strcmp(argv[i], "--gen") == 0) gen = std::atoll(argv[i + 1]);
     if (std::strcmp(argv[i], "--runs") == 0) runs = std::atoi(argv[i + 1]);
+    if (std::strcmp(argv[i], "--products") == 0) bf16_products = std::strcmp(argv[i + 1], "f32") != 0;
   }
-  const auto m = mopt::exporter::load_model(argv[1]);  // a quantized export runs on its kernels
+  auto m = mopt::exporter::load_model(argv[1]);  // a quantized export runs on its kernels
+  m.set_precision(bf16_products ? mopt::kernels::Precision::bf16 : mopt::kernels::Precision::f32);
   const auto& c = m.config();
   prompt_len = std::min<std::int64_t>(prompt_len, c.max_position_embeddings - gen);
   std::mt19937 rng(1);

@@ -26,6 +26,46 @@ __m512i f32x32_to_bf16_pairs(const float* src, std::int64_t n) {
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
 }
 
+// 16 vectors of 16 dwords (r[i] = row i) -> their transpose: out[j] = (r[0][j], ..., r[15][j]).
+void transpose_16x16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // Per 128-bit lane L: u[4g + e] = rows 4g..4g+3 of element 4L + e.
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {
+    const __m512i v = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x88), w = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xDD);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x88), w2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xDD);
+    r[0 + e] = _mm512_shuffle_i32x4(v, v2, 0x88);
+    r[4 + e] = _mm512_shuffle_i32x4(w, w2, 0x88);
+    r[8 + e] = _mm512_shuffle_i32x4(v, v2, 0xDD);
+    r[12 + e] = _mm512_shuffle_i32x4(w, w2, 0xDD);
+  }
+}
+
+// Packs a panel 16 columns x 16 pairs at a time: load(c, p0) gives column c's pairs p0..p0+15
+// (zeros past k); columns past `rows` are zeros.
+template <class Load>
+void pack_panel(std::int64_t rows, std::int64_t k, std::uint32_t* panel, const Load& load) {
+  const std::int64_t pairs = (k + 1) / 2;
+  __m512i r[16];
+  for (std::int64_t c0 = 0; c0 < kPanelColumns; c0 += 16) {
+    for (std::int64_t p0 = 0; p0 < pairs; p0 += 16) {
+      for (int i = 0; i < 16; ++i) r[i] = c0 + i < rows ? load(c0 + i, p0) : _mm512_setzero_si512();
+      transpose_16x16(r);
+      const std::int64_t n = std::min<std::int64_t>(16, pairs - p0);
+      for (std::int64_t j = 0; j < n; ++j) _mm512_storeu_si512(panel + (p0 + j) * kPanelColumns + c0, r[j]);
+    }
+  }
+}
+
 template <int RM>
 void tile_bf16(const std::uint32_t* xp, std::int64_t pairs, const std::uint32_t* panel, float* y, std::int64_t ldy,
                const __mmask16* mask, bool accumulate) {
@@ -126,39 +166,14 @@ void pack_rows_uint8(const std::int8_t* x, std::int64_t ldx, std::int64_t rows, 
 }
 
 void pack_panel_bf16(const std::uint16_t* w, std::int64_t ldw, std::int64_t rows, std::int64_t k, std::uint32_t* panel) {
-  const std::int64_t pairs = (k + 1) / 2;
-  alignas(64) std::uint32_t buf[16];
-  for (std::int64_t c = 0; c < kPanelColumns; ++c) {
-    if (c >= rows) {
-      for (std::int64_t p = 0; p < pairs; ++p) panel[p * kPanelColumns + c] = 0;
-      continue;
-    }
-    const std::uint16_t* src = w + c * ldw;
-    for (std::int64_t p0 = 0; p0 < pairs; p0 += 16) {
-      const std::int64_t n = std::min<std::int64_t>(16, pairs - p0);
-      const std::int64_t elems = std::min<std::int64_t>(32, k - 2 * p0);
-      const __m512i v = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(elems >= 32 ? 0xFFFFFFFFu : (1u << elems) - 1u), src + 2 * p0);
-      _mm512_store_si512(buf, v);
-      for (std::int64_t t = 0; t < n; ++t) panel[(p0 + t) * kPanelColumns + c] = buf[t];
-    }
-  }
+  pack_panel(rows, k, panel, [&](std::int64_t c, std::int64_t p0) {
+    const std::int64_t elems = std::min<std::int64_t>(32, k - 2 * p0);
+    return _mm512_maskz_loadu_epi16(static_cast<__mmask32>(elems >= 32 ? 0xFFFFFFFFu : (1u << elems) - 1u), w + c * ldw + 2 * p0);
+  });
 }
 
 void pack_panel_f32(const float* w, std::int64_t ldw, std::int64_t rows, std::int64_t k, std::uint32_t* panel) {
-  const std::int64_t pairs = (k + 1) / 2;
-  alignas(64) std::uint32_t buf[16];
-  for (std::int64_t c = 0; c < kPanelColumns; ++c) {
-    if (c >= rows) {
-      for (std::int64_t p = 0; p < pairs; ++p) panel[p * kPanelColumns + c] = 0;
-      continue;
-    }
-    const float* src = w + c * ldw;
-    for (std::int64_t p0 = 0; p0 < pairs; p0 += 16) {
-      const std::int64_t n = std::min<std::int64_t>(16, pairs - p0);
-      _mm512_store_si512(buf, f32x32_to_bf16_pairs(src + 2 * p0, k - 2 * p0));
-      for (std::int64_t t = 0; t < n; ++t) panel[(p0 + t) * kPanelColumns + c] = buf[t];
-    }
-  }
+  pack_panel(rows, k, panel, [&](std::int64_t c, std::int64_t p0) { return f32x32_to_bf16_pairs(w + c * ldw + 2 * p0, k - 2 * p0); });
 }
 
 void gemm_bf16_panel(const std::uint32_t* xp, std::int64_t pairs_total, std::int64_t m, std::int64_t pair0, std::int64_t pairs,
