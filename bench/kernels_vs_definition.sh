@@ -17,6 +17,8 @@
 #   bash bench/kernels_vs_definition.sh EXPORT TEXT [CTX] [CHARS]
 #   CHARS: evaluate the first CHARS characters of TEXT (default 5000; decode is slow)
 #   BLOCK=CTX by default
+#   PRODUCTS=f32 by default: the kernels' products as --products takes them (bf16 adds the
+#   rounding of both operands to bf16, which the f32 definition does not have)
 # Needs the Release build (scripts/setup.sh). Prints a Markdown table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +28,7 @@ TEXT=$2
 CTX=${3:-512}
 CHARS=${4:-5000}
 BLOCK=${BLOCK:-$CTX}
+PRODUCTS=${PRODUCTS:-f32}
 MOPT=build/mopt
 [[ -x $MOPT ]] || { echo "build first: bash scripts/setup.sh"; exit 1; }
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mopt-kernels-vs-definition.XXXXXX")
@@ -35,7 +38,7 @@ head -c "$CHARS" "$TEXT" > "$WORK/text.txt"
 run() {  # name, extra flags...
   local name=$1
   shift
-  "$MOPT" eval ppl "$MODEL" --text "$WORK/text.txt" --ctx "$CTX" --token-nll "$WORK/$name.tsv" "$@" > "$WORK/$name.out"
+  "$MOPT" eval ppl "$MODEL" --text "$WORK/text.txt" --ctx "$CTX" --token-nll "$WORK/$name.tsv" --products "$PRODUCTS" "$@" > "$WORK/$name.out"
 }
 run kernels_prefill
 run definition_prefill --fake-quant
