@@ -18,6 +18,8 @@ namespace {
 constexpr std::int64_t kPanel = avx512::kPanelColumns;
 // Input pairs per pass over a packed panel: 128 pairs x 64 columns x 4 bytes = 32 KiB, the L1 data cache.
 constexpr std::int64_t kPairsPerPass = 128;
+// The same for the int8 panel: 128 quads (512 inputs) x 64 columns x 4 bytes.
+constexpr std::int64_t kQuadsPerPass = 128;
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
@@ -141,8 +143,11 @@ void Int8Panels::multiply(const std::int8_t* x_codes, std::int64_t m, const floa
 #pragma omp parallel for schedule(dynamic, 1)
   for (std::int64_t p = 0; p < panels; ++p) {
     const std::int64_t r0 = p * kPanel;
-    avx512::gemm_int8_panel(xp, m, quads_, panels_.data() + p * quads_ * kPanel, offsets_.data() + p * kPanel, factor + r0,
-                            std::min(kPanel, n_ - r0), y + r0, n_);
+    const std::uint32_t* panel = panels_.data() + p * quads_ * kPanel;
+    for (std::int64_t q0 = 0; q0 < quads_; q0 += kQuadsPerPass) {
+      avx512::gemm_int8_panel(xp, quads_, m, q0, std::min(kQuadsPerPass, quads_ - q0), panel + q0 * kPanel, offsets_.data() + p * kPanel,
+                              factor + r0, std::min(kPanel, n_ - r0), y + r0, n_);
+    }
   }
 }
 

@@ -98,9 +98,11 @@ void tile_bf16(const std::uint32_t* xp, std::int64_t pairs, const std::uint32_t*
   }
 }
 
+// The int32 sums of a pass are kept in y's own storage between passes (as int32 bits); the last
+// pass turns them into (sum - offset) * factor.
 template <int RM>
-void tile_int8(const std::uint32_t* xp, std::int64_t quads, const std::uint32_t* panel,
-               const std::int32_t* offsets, const float* factor, float* y, std::int64_t ldy, const __mmask16* mask) {
+void tile_int8(const std::uint32_t* xp, std::int64_t quads, const std::uint32_t* panel, const std::int32_t* offsets,
+               const float* factor, float* y, std::int64_t ldy, const __mmask16* mask, bool first, bool last) {
   __m512i acc[RM][4];
   for (int r = 0; r < RM; ++r) {
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
@@ -124,8 +126,11 @@ void tile_int8(const std::uint32_t* xp, std::int64_t quads, const std::uint32_t*
     const __m512i off = _mm512_maskz_loadu_epi32(mask[j], offsets + 16 * j);
     const __m512 f = _mm512_maskz_loadu_ps(mask[j], factor + 16 * j);
     for (int r = 0; r < RM; ++r) {
-      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], off)), f);
-      _mm512_mask_storeu_ps(y + r * ldy + 16 * j, mask[j], v);
+      float* yr = y + r * ldy + 16 * j;
+      __m512i sum = acc[r][j];
+      if (!first) sum = _mm512_add_epi32(sum, _mm512_maskz_loadu_epi32(mask[j], yr));
+      if (last) _mm512_mask_storeu_ps(yr, mask[j], _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum, off)), f));
+      else _mm512_mask_storeu_epi32(yr, mask[j], sum);
     }
   }
 }
@@ -215,19 +220,21 @@ void pack_panel_int8(const std::int8_t* w, std::int64_t ldw, std::int64_t rows, 
   }
 }
 
-void gemm_int8_panel(const std::uint32_t* xp, std::int64_t m, std::int64_t quads, const std::uint32_t* panel,
-                     const std::int32_t* column_offsets, const float* factor, std::int64_t cols, float* y, std::int64_t ldy) {
+void gemm_int8_panel(const std::uint32_t* xp, std::int64_t quads_total, std::int64_t m, std::int64_t quad0, std::int64_t quads,
+                     const std::uint32_t* panel, const std::int32_t* column_offsets, const float* factor, std::int64_t cols,
+                     float* y, std::int64_t ldy) {
   const __mmask16 mask[4] = {column_mask(cols, 0), column_mask(cols, 1), column_mask(cols, 2), column_mask(cols, 3)};
+  const bool first = quad0 == 0, last = quad0 + quads == quads_total;
   for (std::int64_t i = 0; i < m; i += kRowBlock) {
-    const std::uint32_t* x = xp + (i / kRowBlock) * quads * kRowBlock;
+    const std::uint32_t* x = xp + (i / kRowBlock) * quads_total * kRowBlock + quad0 * kRowBlock;
     float* yi = y + i * ldy;
     switch (std::min<std::int64_t>(kRowBlock, m - i)) {
-      case 6: tile_int8<6>(x, quads, panel, column_offsets, factor, yi, ldy, mask); break;
-      case 5: tile_int8<5>(x, quads, panel, column_offsets, factor, yi, ldy, mask); break;
-      case 4: tile_int8<4>(x, quads, panel, column_offsets, factor, yi, ldy, mask); break;
-      case 3: tile_int8<3>(x, quads, panel, column_offsets, factor, yi, ldy, mask); break;
-      case 2: tile_int8<2>(x, quads, panel, column_offsets, factor, yi, ldy, mask); break;
-      default: tile_int8<1>(x, quads, panel, column_offsets, factor, yi, ldy, mask); break;
+      case 6: tile_int8<6>(x, quads, panel, column_offsets, factor, yi, ldy, mask, first, last); break;
+      case 5: tile_int8<5>(x, quads, panel, column_offsets, factor, yi, ldy, mask, first, last); break;
+      case 4: tile_int8<4>(x, quads, panel, column_offsets, factor, yi, ldy, mask, first, last); break;
+      case 3: tile_int8<3>(x, quads, panel, column_offsets, factor, yi, ldy, mask, first, last); break;
+      case 2: tile_int8<2>(x, quads, panel, column_offsets, factor, yi, ldy, mask, first, last); break;
+      default: tile_int8<1>(x, quads, panel, column_offsets, factor, yi, ldy, mask, first, last); break;
     }
   }
 }

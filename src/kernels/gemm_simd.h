@@ -49,8 +49,11 @@ void pack_panel_int8(const std::int8_t* w, std::int64_t ldw, std::int64_t rows, 
                      std::int32_t* column_offsets);
 
 // y[i, c] = (sum over inputs of x[i, :] · w[c, :]) * factor[c] for i < m, c < cols, with x packed by
-// pack_rows_uint8 (ceil(m / 6) blocks of `quads`) and the panel from pack_panel_int8.
-void gemm_int8_panel(const std::uint32_t* xp, std::int64_t m, std::int64_t quads, const std::uint32_t* panel,
-                     const std::int32_t* column_offsets, const float* factor, std::int64_t cols, float* y, std::int64_t ldy);
+// pack_rows_uint8 (ceil(m / 6) blocks of quads_total) and the panel from pack_panel_int8, in passes
+// over quads [quad0, quad0 + quads) (panel: that pass's slice) from the first to the last: until
+// the last, y holds int32 sums (as their bits), then the results.
+void gemm_int8_panel(const std::uint32_t* xp, std::int64_t quads_total, std::int64_t m, std::int64_t quad0, std::int64_t quads,
+                     const std::uint32_t* panel, const std::int32_t* column_offsets, const float* factor, std::int64_t cols,
+                     float* y, std::int64_t ldy);
 
 }  // namespace mopt::kernels::avx512

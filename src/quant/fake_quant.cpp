@@ -14,6 +14,8 @@ namespace mopt::quant {
 namespace {
 
 constexpr float kTinyAmax = 5.9604644775390625e-08f;  // 2^-24
+// Elements from which the row-wise roundings are worth the threads' synchronization.
+constexpr std::int64_t kParallelElements = std::int64_t{1} << 15;
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
@@ -156,19 +158,6 @@ float fake_quant_e4m3(float x, float amax) {
   return e4m3_to_f32(f32_to_e4m3(scaled)) * inv_scale;
 }
 
-float round_e2m1_magnitude(float a) {
-  // Round to nearest even on {0, .5, 1, 1.5, 2, 3, 4, 6}: ties at .25, 1.25, 2.5, 5 go down,
-  // at .75, 1.75, 3.5 go up.
-  if (a <= 0.25f) return 0.0f;
-  if (a < 0.75f) return 0.5f;
-  if (a <= 1.25f) return 1.0f;
-  if (a < 1.75f) return 1.5f;
-  if (a <= 2.5f) return 2.0f;
-  if (a < 3.5f) return 3.0f;
-  if (a <= 5.0f) return 4.0f;
-  return 6.0f;
-}
-
 float nvfp4_block_scale(float block_amax, float global_amax) {
   const float global_scale = global_amax / (6.0f * kE4M3Max);
   const float safe_global = global_scale > 0.0f ? global_scale : 1e-12f;
@@ -247,21 +236,21 @@ void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows,
     }
     case Scaling::nvfp4: {
       const float global_amax = amax[0];
+      // Rows are independent (the global amax is given): an activation of many rows is rounded by all threads.
+#pragma omp parallel for schedule(static) if (rows * cols >= kParallelElements)
       for (std::int64_t r = 0; r < rows; ++r) {
         for (std::int64_t c0 = 0; c0 < cols; c0 += spec.block) {
           const std::int64_t len = std::min(spec.block, cols - c0);
           const float* xb = x + r * cols + c0;
           float* yb = y + r * cols + c0;
           const float s = nvfp4_block_scale(block_abs_max(xb, len), global_amax);
-          for (std::int64_t i = 0; i < len; ++i) {
-            const float q = round_e2m1_magnitude(std::fabs(xb[i]) / s) * s;
-            yb[i] = xb[i] >= 0.0f ? q : -q;
-          }
+          for (std::int64_t i = 0; i < len; ++i) yb[i] = with_sign_of(xb[i], round_e2m1_magnitude(std::fabs(xb[i]) / s) * s);
         }
       }
       break;
     }
     case Scaling::mx: {
+#pragma omp parallel for schedule(static) if (rows * cols >= kParallelElements)
       for (std::int64_t r = 0; r < rows; ++r) {
         for (std::int64_t c0 = 0; c0 < cols; c0 += spec.block) {
           const std::int64_t len = std::min(spec.block, cols - c0);

@@ -35,8 +35,19 @@ float fake_quant_e4m3(float x, float amax);
 float nvfp4_block_scale(float block_amax, float global_amax);
 // MX: the power-of-two exponent e with 2^e >= block_amax / element_max (ceil of log2), or 0 for a zero block.
 int mx_exponent(float block_amax, Element element);
-// E2M1 round to nearest even with saturation at 6, on a magnitude.
-float round_e2m1_magnitude(float a);
+// E2M1 round to nearest even with saturation at 6, on a magnitude (NaN gives 6). On the grid
+// {0, .5, 1, 1.5, 2, 3, 4, 6} ties at .25, 1.25, 2.5, 5 go down and at .75, 1.75, 3.5 go up; the
+// value is a sum of steps with no branch, so that loops over it vectorize (activations are
+// rounded to FP4 in every forward pass of an NVFP4 or MXFP4 model).
+inline float round_e2m1_magnitude(float a) {
+  const auto step = [](bool b) { return static_cast<float>(b); };
+  return 0.5f * (step(a > 0.25f) + step(a >= 0.75f) + step(a > 1.25f) + step(a >= 1.75f)) + step(a > 2.5f) + step(a >= 3.5f) +
+         2.0f * step(a > 5.0f) + 6.0f * step(a != a);
+}
+
+// q with the sign of x as the quantizers give it: -q where x is negative or NaN, q elsewhere (x = -0
+// included); branch-free, like round_e2m1_magnitude.
+inline float with_sign_of(float x, float q) { return q * (1.0f - 2.0f * static_cast<float>(!(x >= 0.0f))); }
 
 // Per-row amax of x (dynamic per-token FP8).
 void row_amax(const float* x, std::int64_t rows, std::int64_t cols, float* out);
