@@ -8,10 +8,6 @@ namespace mopt::kernels::avx512 {
 
 namespace {
 
-// Rows of x per tile: 6 rows x 4 vectors of 16 columns = 24 accumulators, 4 weight vectors, and
-// the broadcast input: 29 of the 32 registers.
-constexpr int kTileRows = static_cast<int>(kRowBlock);
-
 __mmask16 column_mask(std::int64_t cols, int vector) {
   const std::int64_t n = std::clamp<std::int64_t>(cols - vector * 16, 0, 16);
   return static_cast<__mmask16>((1u << n) - 1u);
