@@ -152,16 +152,17 @@ void pack_rows_bf16(const float* x, std::int64_t ldx, std::int64_t rows, std::in
 
 void pack_rows_uint8(const std::int8_t* x, std::int64_t ldx, std::int64_t rows, std::int64_t k, std::uint32_t* block) {
   const std::int64_t quads = (k + 3) / 4;
+  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
+  alignas(64) std::uint32_t buf[16];
   for (std::int64_t r = 0; r < kRowBlock; ++r) {
-    for (std::int64_t q = 0; q < quads; ++q) {
-      std::uint32_t d = 0x80808080u;  // the code 0 offset by 128
-      if (r < rows) {
-        for (int b = 0; b < 4 && 4 * q + b < k; ++b) {
-          const auto u = static_cast<std::uint8_t>(static_cast<std::uint8_t>(x[r * ldx + 4 * q + b]) ^ 0x80u);
-          d = (d & ~(0xFFu << (8 * b))) | (static_cast<std::uint32_t>(u) << (8 * b));
-        }
-      }
-      block[q * kRowBlock + r] = d;
+    for (std::int64_t q0 = 0; q0 < quads; q0 += 16) {
+      const std::int64_t n = std::min<std::int64_t>(16, quads - q0);
+      const std::int64_t bytes = r < rows ? std::min<std::int64_t>(64, k - 4 * q0) : 0;
+      const auto mask = static_cast<__mmask64>(bytes >= 64 ? ~0ull : (1ull << bytes) - 1ull);
+      // Missing inputs and rows load as 0, the code 0, which is 128 once offset.
+      const std::int8_t* src = r < rows ? x + r * ldx + 4 * q0 : x;
+      _mm512_store_si512(buf, _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, src), offset));
+      for (std::int64_t t = 0; t < n; ++t) block[(q0 + t) * kRowBlock + r] = buf[t];
     }
   }
 }
