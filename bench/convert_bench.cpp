@@ -15,6 +15,7 @@
 #include <random>
 #include <vector>
 
+#include "core/startup_settings.h"
 #include "core/convert.h"
 #include "core/cpu_features.h"
 
@@ -35,6 +36,7 @@ double median_seconds(const std::function<void()>& run, int repeats) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  mopt::choose_startup_settings(argv);  // the libraries set up as mopt sets them
   const std::size_t n = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : (std::size_t{1} << 24);
   const int repeats = argc > 2 ? std::atoi(argv[2]) : 9;
   std::mt19937 rng(7);

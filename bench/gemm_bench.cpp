@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "core/startup_settings.h"
 #include "bench_util.h"
 #include "core/convert.h"
 #include "core/cpu_features.h"
@@ -42,6 +43,7 @@ double time_once(F&& f) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  mopt::choose_startup_settings(argv);  // the libraries set up as mopt sets them
   const std::int64_t m = argc > 1 ? std::atoll(argv[1]) : 512;
   const int repeats = argc > 2 ? std::atoi(argv[2]) : 7;
   std::printf("cpu: %s\ngemm: %s\nrows %lld, medians of %d interleaved repeats, GFLOP/s (int8: GOP/s)\n\n", describe(cpu_features()).c_str(),

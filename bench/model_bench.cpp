@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "core/cpu_features.h"
-#include "core/thread_waits.h"
+#include "core/startup_settings.h"
 #include "export/hf_modelopt.h"
 #include "model/llama.h"
 
@@ -28,7 +28,7 @@ using mopt::bench::median;
 using mopt::bench::seconds_since;
 
 int main(int argc, char** argv) {
-  mopt::choose_thread_waits(argv);  // OpenMP's waits as mopt sets them
+  mopt::choose_startup_settings(argv);  // the libraries set up as mopt sets them
   if (argc < 2) {
     fmt::print(stderr, "usage: model_bench MODEL_DIR [--prompt N] [--gen N] [--runs N] [--products bf16|f32]\n");
     return 2;

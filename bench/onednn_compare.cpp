@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "core/startup_settings.h"
 #include "bench_util.h"
 #include "core/convert.h"
 #include "kernels/gemm.h"
@@ -38,6 +39,7 @@ std::vector<float> random_floats(std::size_t n, unsigned seed) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  mopt::choose_startup_settings(argv);  // the libraries set up as mopt sets them
   const std::int64_t m = argc > 1 ? std::atoll(argv[1]) : 512;
   const int repeats = argc > 2 ? std::atoi(argv[2]) : 7;
   if (!kernels::bf16_gemm_available() || !kernels::vnni_gemm_available()) {

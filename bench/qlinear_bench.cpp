@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "core/startup_settings.h"
 #include "bench_util.h"
 #include "core/convert.h"
 #include "core/cpu_features.h"
@@ -65,6 +66,7 @@ QuantizedWeightSource source(QuantizedWeightType type, std::int64_t out, std::in
 }  // namespace
 
 int main(int argc, char** argv) {
+  mopt::choose_startup_settings(argv);  // the libraries set up as mopt sets them
   std::int64_t out = 8192, in = 2048, rows = 512;
   int repeats = 7;
   std::string only;

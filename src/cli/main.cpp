@@ -13,7 +13,7 @@
 #include <new>
 
 #include "cli/commands.h"
-#include "core/thread_waits.h"
+#include "core/startup_settings.h"
 #include "kernels/gemm.h"
 #include "core/convert.h"
 #include "core/cpu_features.h"
@@ -39,7 +39,7 @@ int report_error(const char* message) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  mopt::choose_thread_waits(argv);  // first: it may run the program again with OpenMP's waits set
+  mopt::choose_startup_settings(argv);  // first: it may run the program again with OpenMP's waits and OpenBLAS's kernels set
 #ifdef __GLIBC__
   // Large buffers (a layer's weights in f32, activations) are allocated and freed
   // layer after layer. glibc would raise its mmap threshold after the first free

@@ -7,9 +7,9 @@
 
 #include "core/convert.h"
 #include "core/cpu_features.h"
+#include "core/startup_settings.h"
 #include "kernels/gemm_simd.h"
 
-extern "C" char* openblas_get_corename(void);
 
 namespace mopt::kernels {
 
@@ -81,8 +81,7 @@ std::string describe_gemm() {
   s += "; int8: ";
   s += vnni_gemm_available() ? "avx512_vnni" : cpu_features().avx2 ? "avx2" : "plain";
   s += "; f32: OpenBLAS ";
-  const char* core = openblas_get_corename();
-  s += core != nullptr ? core : "?";
+  s += describe_blas_kernels();
   return s;
 }
 

@@ -1,5 +1,5 @@
 #include "core/cpu_features.h"
-#include "core/thread_waits.h"
+#include "core/startup_settings.h"
 
 #include <gtest/gtest.h>
 
@@ -45,5 +45,35 @@ TEST(ThreadWaits, ChosenBeforeOpenMPStarts) {
     ASSERT_NE(std::getenv("KMP_BLOCKTIME"), nullptr);
   } else {
     EXPECT_NE(described.find("set by the user"), std::string::npos) << described;
+  }
+}
+
+// OpenBLAS kernels without AVX2 are replaced only on a CPU that has AVX2 and FMA, and never when
+// OpenBLAS already chose AVX2 kernels.
+TEST(StartupSettings, BetterBlasKernels) {
+  EXPECT_EQ(mopt::better_blas_kernels("Prescott", true, true), "SkylakeX");
+  EXPECT_EQ(mopt::better_blas_kernels("Prescott", true, false), "Haswell");
+  EXPECT_EQ(mopt::better_blas_kernels("Nehalem", true, false), "Haswell");
+  EXPECT_EQ(mopt::better_blas_kernels("Sandybridge", true, true), "SkylakeX");
+  EXPECT_EQ(mopt::better_blas_kernels("", true, false), "Haswell");
+  EXPECT_EQ(mopt::better_blas_kernels("Prescott", false, false), "");
+  for (const char* fine : {"Haswell", "Zen", "SkylakeX", "CooperLake", "SapphireRapids", "haswell"}) {
+    EXPECT_EQ(mopt::better_blas_kernels(fine, true, true), "") << fine;
+  }
+}
+
+// The test program chose as mopt does: on a CPU with AVX2 and FMA, the f32 GEMMs run AVX2 kernels
+// (OpenBLAS's own choice or mopt's), unless the user named the kernels.
+TEST(StartupSettings, BlasKernelsUseTheCpu) {
+  const std::string described = mopt::describe_blas_kernels();
+  const mopt::CpuFeatures f = mopt::detect_cpu_features();
+  if (std::getenv("OPENBLAS_CORETYPE") != nullptr && described.find("set by the user") != std::string::npos) {
+    GTEST_SKIP() << "OPENBLAS_CORETYPE set by the user: " << described;
+  }
+  const std::string core = described.substr(0, described.find(' '));
+  EXPECT_EQ(mopt::better_blas_kernels(core, f.avx2 && f.fma, false), "") << described;
+  if (described.find("set by mopt") != std::string::npos) {
+    ASSERT_NE(std::getenv("OPENBLAS_CORETYPE"), nullptr);
+    EXPECT_EQ(core, std::getenv("OPENBLAS_CORETYPE"));
   }
 }
