@@ -4,9 +4,9 @@
 # competitor per core (a shell loop), and prints tokens/s (median of REPEATS)
 # and busy / quiet. A fair share of the cores beside one competitor each is 50%.
 #   bash bench/thread_waits.sh [MODEL_1B]
-#   settings: mopt's own choice (nothing set: mopt sets GOMP_SPINCOUNT itself),
-#   OMP_WAIT_POLICY=PASSIVE, and GOMP_SPINCOUNT=$SPINS (default "10 100 1000 300000";
-#   300000 is libgomp's default spin when nothing is set)
+#   settings: mopt's own choice (nothing set: mopt sets GOMP_SPINCOUNT itself), then
+#   GOMP_SPINCOUNT=S for each S in $SPINS (default "PASSIVE 10 100 1000 300000"; PASSIVE means
+#   OMP_WAIT_POLICY=PASSIVE; 300000 is libgomp's default spin when nothing is set)
 #   workloads: tiny-kjv prefill (eval ppl, 20,000 characters), tiny-kjv decode
 #   (eval ppl --decode, 3,000 characters) and, with MODEL_1B, a 1B-shape prefill of 256
 #   tokens and 16 decode steps (bench/model_bench).
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 MOPT=build/mopt
 MODEL_1B=${1:-}
 REPEATS=${REPEATS:-3}
-SPINS=${SPINS:-"10 100 1000 300000"}
+SPINS=${SPINS:-"PASSIVE 10 100 1000 300000"}
 [[ -x $MOPT ]] || { echo "build first: bash scripts/setup.sh"; exit 1; }
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mopt-thread-waits.XXXXXX")
 competitors=()
@@ -61,8 +61,10 @@ stop_competitors() {
 
 workloads=(prefill decode)
 [[ -n $MODEL_1B ]] && workloads+=(1b-prefill 1b-decode)
-settings=("-u OMP_WAIT_POLICY -u GOMP_SPINCOUNT" "OMP_WAIT_POLICY=PASSIVE")
-for s in $SPINS; do settings+=("GOMP_SPINCOUNT=$s"); done
+settings=("-u OMP_WAIT_POLICY -u GOMP_SPINCOUNT")
+for s in $SPINS; do
+  if [[ $s == PASSIVE ]]; then settings+=("OMP_WAIT_POLICY=PASSIVE"); else settings+=("GOMP_SPINCOUNT=$s"); fi
+done
 
 "$MOPT" --version | grep -E '^(cpu|threads):'
 echo "$(nproc) cores; medians of $REPEATS; tokens/s quiet | beside $(nproc) competitors | busy/quiet"

@@ -109,7 +109,7 @@ int main(int argc, char** argv) {
   for (auto* cmd : {ppl_cmd, kld_cmd, mc_cmd}) {
     cmd->add_option("--products", eval.products,
                     "How 16-bit and quantized weights multiply in prefill: bf16 (default: bf16 operands, f32 sums, "
-                    "where the CPU has AVX-512 BF16; f32 elsewhere) or f32 (exact f32 products)");
+                    "where the CPU has AVX-512 BF16 that outruns its f32 FMAs; f32 elsewhere) or f32 (exact f32 products)");
   }
   ppl_cmd->add_flag("--decode", eval.decode, "Feed the text one token at a time through the KV cache (the decode kernels)");
   ppl_cmd->add_option("--token-nll", eval.token_nll,
@@ -126,7 +126,7 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--gen", bench.gen, "Decode steps (default 128)");
   bench_cmd->add_option("--threads", bench.threads, "Threads (default: every core)");
   bench_cmd->add_option("--rounds", bench.rounds, "Rounds over all models; medians are reported (default 3)");
-  bench_cmd->add_option("--products", bench.products, "bf16 (default, where the CPU has AVX-512 BF16) or f32, as for eval");
+  bench_cmd->add_option("--products", bench.products, "bf16 (default, where the CPU has fast AVX-512 BF16) or f32, as for eval");
   bench_cmd->add_flag("--json", bench.json, "Print a JSON array, one object per (model, batch)");
   bench_cmd->add_flag("--no-rss", bench.no_rss, "Do not measure each model's peak RSS (in a process of its own)");
   bench_cmd->add_flag("--probe-rss", bench.probe_rss)->group("");
@@ -147,7 +147,7 @@ int main(int argc, char** argv) {
   gen_cmd->add_option("--temp", gen.temperature, "Sampling temperature; 0 is greedy (default)");
   gen_cmd->add_option("--top-p", gen.top_p, "Nucleus sampling threshold (default 1)");
   gen_cmd->add_option("--seed", gen.seed, "Random seed for sampling");
-  gen_cmd->add_option("--products", gen.products, "bf16 (default, where the CPU has AVX-512 BF16) or f32, as for eval");
+  gen_cmd->add_option("--products", gen.products, "bf16 (default, where the CPU has fast AVX-512 BF16) or f32, as for eval");
 
   mopt::cli::QuantizeOptions quantize;
   auto* quantize_cmd = app.add_subcommand("quantize", "Quantize a model layer by layer and export it (modelopt, compressed-tensors or GGUF)");

@@ -3,7 +3,11 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
+
+#include <fmt/format.h>
 
 #include "core/convert.h"
 #include "core/cpu_features.h"
@@ -70,6 +74,41 @@ bool bf16_gemm_available() {
   return f.avx512f && f.avx512bw && f.avx512vl && f.avx512_bf16;
 }
 
+namespace {
+
+// Precision::bf16 runs our bf16 kernels where their tile outruns an f32 FMA tile by this much
+// (bf16_tile_over_fma_tile); below it OpenBLAS's f32 GEMM, which runs at ~85% of the FMA rate, is as
+// fast or faster. Measured ratios are far from it on both sides (Zen 4 ~2, Emerald Rapids 0.7), so
+// the choice does not flip between runs.
+constexpr double kBf16OverFmaMin = 1.25;
+
+struct Bf16Choice {
+  bool kernels = false;
+  double ratio = 0.0;          // measured; 0 when not measured
+  const char* forced = nullptr;  // MOPT_BF16_PRODUCTS, when it decided
+};
+
+const Bf16Choice& bf16_choice() {
+  static const Bf16Choice choice = [] {
+    Bf16Choice c;
+    if (!bf16_gemm_available()) return c;
+    const char* env = std::getenv("MOPT_BF16_PRODUCTS");
+    if (env != nullptr && (std::strcmp(env, "kernels") == 0 || std::strcmp(env, "f32") == 0)) {
+      c.kernels = std::strcmp(env, "kernels") == 0;
+      c.forced = env;
+      return c;
+    }
+    c.ratio = avx512::bf16_tile_over_fma_tile();
+    c.kernels = c.ratio >= kBf16OverFmaMin;
+    return c;
+  }();
+  return choice;
+}
+
+}  // namespace
+
+bool bf16_kernels_chosen() { return bf16_choice().kernels; }
+
 bool vnni_gemm_available() {
   const auto& f = cpu_features();
   return f.avx512f && f.avx512bw && f.avx512vl && f.avx512_vnni;
@@ -77,7 +116,16 @@ bool vnni_gemm_available() {
 
 std::string describe_gemm() {
   std::string s = "bf16 products: ";
-  s += bf16_gemm_available() ? "avx512_bf16" : "f32 (no avx512_bf16)";
+  const Bf16Choice& c = bf16_choice();
+  if (!bf16_gemm_available()) {
+    s += "f32 (no avx512_bf16)";
+  } else if (c.forced != nullptr) {
+    s += c.kernels ? "avx512_bf16" : "f32";
+    s += fmt::format(" (MOPT_BF16_PRODUCTS={})", c.forced);
+  } else {
+    s += c.kernels ? "avx512_bf16" : "f32";
+    s += fmt::format(" (VDPBF16PS tile {:.2f}x the f32 FMA tile{})", c.ratio, c.kernels ? "" : ": the f32 GEMM is faster here");
+  }
   s += "; int8: ";
   s += vnni_gemm_available() ? "avx512_vnni" : cpu_features().avx2 ? "avx2" : "plain";
   s += "; f32: OpenBLAS ";

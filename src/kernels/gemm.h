@@ -6,7 +6,9 @@
 //    use, so that an export does not depend on the machine it was made on.
 //  - bf16 products: both operands rounded to bf16 (round to nearest even), products
 //    summed in f32, as the serving engines compute a 16-bit model. Our own AVX-512
-//    BF16 kernels (gemm_simd.h); where the CPU lacks AVX-512 BF16 the f32 path runs.
+//    BF16 kernels (gemm_simd.h) where they are the faster way: the CPU has AVX-512
+//    BF16 and its VDPBF16PS outruns its f32 FMAs (bf16_kernels_chosen); elsewhere the
+//    f32 path runs (exact products, at least as accurate).
 //  - int8 products (W8A8): exact int32 sums; AVX-512 VNNI where present (gemm_simd.h),
 //    else AVX2 (qlinear_simd.h).
 // The reference (ref::) is the plain triple loop the fast versions are tested against.
@@ -22,13 +24,18 @@ namespace mopt::kernels {
 // How the products of a forward pass with 16-bit or quantized weights are computed.
 enum class Precision {
   f32,   // exact f32 products (the default of the library)
-  bf16,  // bf16 operands, f32 sums, where the CPU has AVX-512 BF16; f32 elsewhere
+  bf16,  // bf16 operands, f32 sums, where bf16_kernels_chosen(); f32 elsewhere
 };
 
-// Whether Precision::bf16 runs bf16 kernels here (AVX-512 BF16), and whether the int8 product
-// runs on AVX-512 VNNI.
+// Whether this CPU can run the bf16 kernels (AVX-512 BF16), and the int8 product on AVX-512 VNNI.
 bool bf16_gemm_available();
 bool vnni_gemm_available();
+
+// Whether Precision::bf16 runs the bf16 kernels: they are available and, measured once per process
+// on the first call (about 2 ms), their tile runs at least 1.25x an f32 FMA tile (on some CPUs
+// VDPBF16PS is slower than FMAs and the f32 GEMM is faster). MOPT_BF16_PRODUCTS=kernels or f32
+// decides instead of the measurement.
+bool bf16_kernels_chosen();
 
 // "bf16: avx512_bf16 tiles; int8: avx512_vnni; f32: OpenBLAS Cooperlake" — for --version and bench headers.
 std::string describe_gemm();

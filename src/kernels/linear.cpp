@@ -83,7 +83,7 @@ void linear_forward(const float* x, std::int64_t m, const Tensor& weight, const 
   const std::int64_t k = weight.dim(1);
   const auto* w = reinterpret_cast<const std::uint8_t*>(weight.bytes().data());
   const std::int64_t row_bytes = k * dtype_bits(weight.dtype()) / 8;
-  if (precision == Precision::bf16 && m > kGemvMaxRows && weight.dtype() != DType::F32 && bf16_gemm_available()) {
+  if (precision == Precision::bf16 && m > kGemvMaxRows && weight.dtype() != DType::F32 && bf16_kernels_chosen()) {
     if (weight.dtype() == DType::BF16) {
       gemm_bf16(x, m, k, reinterpret_cast<const std::uint16_t*>(w), k, n, y);
     } else {

@@ -2,7 +2,7 @@
 // dtype (f32, f16 or bf16) and widened on use.
 //  - few rows (decode): a GEMV that widens W in registers, threads over rows of W;
 //  - many rows (prefill): with Precision::f32, W widened tile by tile into f32 and multiplied by
-//    the BLAS; with Precision::bf16 on a CPU with AVX-512 BF16, bf16 and f16 weights run the bf16
+//    the BLAS; with Precision::bf16 where bf16_kernels_chosen(), bf16 and f16 weights run the bf16
 //    kernels (gemm.h; f32 weights always take the f32 path).
 #pragma once
 

@@ -335,7 +335,7 @@ void QuantizedLinear::forward_gemv(const float* x, std::int64_t m, float* y) con
 
 void QuantizedLinear::forward_tiles(const float* x, std::int64_t m, float* y, Precision precision) const {
   const std::int64_t k = src_.in, n = src_.out;
-  if (precision == Precision::bf16 && bf16_gemm_available()) {
+  if (precision == Precision::bf16 && bf16_kernels_chosen()) {
     // Each thread decodes a panel of 64 weight rows to f32 (exactly as below) and rounds it to bf16.
     gemm_bf16(x, m, k, [this](std::int64_t r0, std::int64_t rows, float* out) { dequantize_rows(r0, rows, out); }, n, y);
     return;

@@ -87,7 +87,7 @@ class QuantizedLinear {
   const std::string& plain_reason() const { return plain_reason_; }
 
   // y[m, out] = x[m, in] · Wᵀ. Precision::bf16 lets prefill (m > kGemvMaxRows) decode the weight
-  // into bf16 panels and run the bf16 kernels where the CPU has them (gemm.h); W8A8 is exact either way.
+  // into bf16 panels and run the bf16 kernels where bf16_kernels_chosen() (gemm.h); W8A8 is exact either way.
   void forward(const float* x, std::int64_t m, float* y, Precision precision = Precision::f32) const;
 
   // Rows [row0, row0 + rows) of the weight in f32 (what the kernels multiply by).

@@ -2,10 +2,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <random>
 
 #include "core/convert.h"
 #include "kernels/gemm.h"
+#include "kernels/gemm_simd.h"
 #include "kernels/linear.h"
 #include "kernels/ops.h"
 #include "kernels/ops_simd.h"
@@ -65,6 +68,25 @@ TEST(Gemm, Bf16ProductsMatchTheirDefinition) {
   }
 }
 
+// Precision::bf16 runs the bf16 kernels only where they can run, as MOPT_BF16_PRODUCTS says when it
+// is set, and --version says which way it went.
+TEST(Gemm, Bf16KernelsChosenOnlyWhereTheyRun) {
+  const std::string described = describe_gemm();
+  if (!bf16_gemm_available()) {
+    EXPECT_FALSE(bf16_kernels_chosen());
+    EXPECT_NE(described.find("bf16 products: f32 (no avx512_bf16)"), std::string::npos) << described;
+    return;
+  }
+  const char* forced = std::getenv("MOPT_BF16_PRODUCTS");
+  if (forced != nullptr && std::string(forced) == "kernels") EXPECT_TRUE(bf16_kernels_chosen());
+  if (forced != nullptr && std::string(forced) == "f32") EXPECT_FALSE(bf16_kernels_chosen());
+  EXPECT_NE(described.find(bf16_kernels_chosen() ? "bf16 products: avx512_bf16" : "bf16 products: f32"), std::string::npos)
+      << described;
+  const double ratio = avx512::bf16_tile_over_fma_tile();
+  EXPECT_GT(ratio, 0.1) << "the tile measurement";
+  EXPECT_LT(ratio, 10.0) << "the tile measurement";
+}
+
 // The VNNI int8 product is exact: every code (-128 included) on both sides, against int32 sums.
 TEST(Gemm, Int8PanelsAreExact) {
   if (!vnni_gemm_available()) GTEST_SKIP() << "this CPU has no AVX-512 VNNI (" << describe(cpu_features()) << ")";
@@ -121,7 +143,7 @@ TEST(Linear, Bf16PrecisionMatchesItsDefinition) {
       const auto x = random_values(static_cast<std::size_t>(m * k), 17 + static_cast<std::uint32_t>(m));
       std::vector<float> fast(static_cast<std::size_t>(m * n)), ref(fast.size());
       linear_forward(x.data(), m, w, nullptr, fast.data(), Precision::bf16);
-      const bool bf16 = bf16_gemm_available() && dtype != DType::F32 && m > kGemvMaxRows;
+      const bool bf16 = bf16_kernels_chosen() && dtype != DType::F32 && m > kGemvMaxRows;
       if (bf16) ref::gemm_bf16_products(x.data(), m, k, wf.data(), n, ref.data());
       else ref::gemm_f32(x.data(), m, k, wf.data(), n, ref.data());
       EXPECT_LE(max_relative(fast, ref), 1e-5) << dtype_name(dtype) << " rows " << m << (bf16 ? " (bf16 products)" : " (f32)");

@@ -111,7 +111,7 @@ void check_forward(const QuantizedWeightSource& src, const std::string& what) {
     const auto x = random_input(m, src.in, static_cast<std::uint32_t>(m * 11 + src.out));
     std::vector<float> y(static_cast<std::size_t>(m * src.out)), expect(y.size());
     q.forward(x.data(), m, y.data(), Precision::bf16);
-    const bool bf16 = bf16_gemm_available() && !src.int8_activations;
+    const bool bf16 = bf16_kernels_chosen() && !src.int8_activations;
     if (bf16) ref::gemm_bf16_products(x.data(), m, src.in, w.data(), src.out, expect.data());
     else ref::quantized_linear_forward(src, x.data(), m, expect.data());
     for (std::int64_t i = 0; i < m; ++i) {
