@@ -11,9 +11,13 @@
 // processes, those spinning threads take the time slices the working threads need:
 // measured on 2 cores beside other work, INT4 quantization of tiny-kjv took 157 s
 // with the defaults, 14 s with a spin count of 1000, 11.5 s sleeping at once and
-// 11.3 s on one thread. A short spin keeps most of a quiet machine's speed (a
-// region's threads wake without a system call when regions follow closely) and
-// stops the collapse. docs/BENCHMARKS.md has the measurements behind the count.
+// 11.3 s on one thread. A short spin keeps a quiet machine's speed (a region's
+// threads wake without a system call when regions follow closely) and stops the
+// collapse. 3000 (~50 us of PAUSE on the Xeon measured) rather than 1000: quiet
+// decode of small models needs the threads awake between tokens' regions (tiny-kjv
+// decode, medians of 5 interleaved: 1413 tokens/s at 1000, 1711 at 3000, 1704 at
+// 300000), and beside competitors 3000 keeps the gain (1B prefill 37 tokens/s,
+// against 4.1 at 300000). docs/BENCHMARKS.md has the tables.
 //
 // OpenBLAS's kernels. OpenBLAS picks its f32 kernels by CPU model when it loads. A
 // model newer than the OpenBLAS build (Debian 12's 0.3.21 on an Emerald Rapids Xeon)
@@ -27,7 +31,7 @@
 
 namespace mopt {
 
-inline constexpr const char* kGompSpinCount = "1000";  // libgomp (GCC): spins before sleeping
+inline constexpr const char* kGompSpinCount = "3000";  // libgomp (GCC): spins before sleeping
 inline constexpr const char* kKmpBlocktimeMs = "1";    // libomp (LLVM): milliseconds before sleeping
 
 // Sets what is to be set (above) and re-executes /proc/self/exe with argv, unless there is nothing
@@ -36,7 +40,7 @@ inline constexpr const char* kKmpBlocktimeMs = "1";    // libomp (LLVM): millise
 // OPENBLAS_CORETYPE. Returns only when nothing was re-executed.
 void choose_startup_settings(char** argv);
 
-// "GOMP_SPINCOUNT=1000 (set by mopt: ...)", or what the user set instead, for --version and reports.
+// "GOMP_SPINCOUNT=3000 (set by mopt: ...)", or what the user set instead, for --version and reports.
 std::string describe_thread_waits();
 
 // The OpenBLAS kernels in use, and who chose them: "SkylakeX (set by mopt; OpenBLAS chose Prescott)",
