@@ -20,7 +20,8 @@ now() { date +%s.%N; }
 declare -A tps kld
 for _ in $(seq "$REPEATS"); do
   for m in "$base" "${models[@]}"; do
-    tps[$m]+="$("$MOPT" eval ppl "$m" --text "$text" "${opts[@]}" 2>/dev/null | grep -o '[0-9.]* tokens/s' | cut -d' ' -f1) "
+    t=$("$MOPT" eval ppl "$m" --text "$text" "${opts[@]}" 2>/dev/null | grep -o '[0-9.]* tokens/s' | cut -d' ' -f1 || true)
+    tps[$m]+="${t:-failed} "
   done
   t0=$(now)
   "$MOPT" eval ppl "$base" --text "$text" "${opts[@]}" >/dev/null 2>&1
@@ -28,7 +29,7 @@ for _ in $(seq "$REPEATS"); do
   for m in "${models[@]}"; do
     [[ $m == *.gguf ]] && continue
     t0=$(now)
-    "$MOPT" eval kld "$m" --base "$base" --text "$text" "${opts[@]}" >/dev/null 2>&1
+    "$MOPT" eval kld "$m" --base "$base" --text "$text" "${opts[@]}" >/dev/null 2>&1 || continue
     kld[$m]+="$(awk -v a="$t0" -v b="$(now)" -v t="$tbase" 'BEGIN { print (b - a) / t }') "
   done
 done
@@ -38,6 +39,7 @@ b=$(tr ' ' '\n' <<< "${tps[$base]}" | grep . | median)
 printf '%-44s %10s %9s %16s\n' model tokens/s "/ base" "kld / ppl time"
 printf '%-44s %10s %9s %16s\n' "$base" "$b" 1.00x -
 for m in "${models[@]}"; do
+  if [[ ${tps[$m]} == *failed* ]]; then printf '%-44s %10s\n' "$m" "failed (mopt eval ppl $m)"; continue; fi
   t=$(tr ' ' '\n' <<< "${tps[$m]}" | grep . | median)
   k=-
   [[ -n ${kld[$m]:-} ]] && k=$(tr ' ' '\n' <<< "${kld[$m]}" | grep . | median | awk '{ printf "%.2fx", $1 }')

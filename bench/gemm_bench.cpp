@@ -1,7 +1,8 @@
 // The prefill GEMMs side by side in one run, on the Linear shapes of Llama-3.2-1B
 // (m input rows x k inputs -> n outputs), medians of interleaved repeats:
 //   bf16 weights: widened to f32 tile by tile and multiplied by OpenBLAS (Precision::f32)
-//                 against the AVX-512 BF16 kernels (Precision::bf16);
+//                 against the AVX-512 BF16 kernels (gemm_bf16 itself, whether or not
+//                 Precision::bf16 chooses them on this CPU: --version says which it does);
 //   f32 weights:  OpenBLAS sgemm, the ceiling of the f32 path;
 //   W8A8:         the AVX2 int8 GEMM against the AVX-512 VNNI panels.
 // Usage: gemm_bench [rows=512] [repeats=7]
@@ -68,7 +69,10 @@ int main(int argc, char** argv) {
     for (int r = 0; r < repeats; ++r) {
       t_f32.push_back(time_once([&] { kernels::gemm_f32(x.data(), m, s.k, w.data(), s.n, y.data()); }));
       t_widen.push_back(time_once([&] { kernels::linear_forward(x.data(), m, wb, nullptr, y.data(), kernels::Precision::f32); }));
-      if (bf16) t_bf16.push_back(time_once([&] { kernels::linear_forward(x.data(), m, wb, nullptr, y.data(), kernels::Precision::bf16); }));
+      if (bf16) {
+        const std::uint16_t* wbits = wb.data<std::uint16_t>();
+        t_bf16.push_back(time_once([&] { kernels::gemm_bf16(x.data(), m, s.k, wbits, s.k, s.n, y.data()); }));
+      }
       if (avx2 && s.k % 32 == 0) {
         t_avx2.push_back(time_once([&] {
 #pragma omp parallel for schedule(dynamic, 1)
