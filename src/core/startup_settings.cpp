@@ -93,7 +93,8 @@ std::string describe_thread_waits() {
 }
 
 std::string describe_blas_kernels() {
-  const std::string core = blas_core().empty() ? "?" : blas_core();
+  std::string core = blas_core();
+  if (core.empty()) core = "?";
   const char* replaced = std::getenv(kBlasMarker);
   if (replaced != nullptr) return core + " (set by mopt; OpenBLAS chose " + replaced + ")";
   if (set("OPENBLAS_CORETYPE")) return core + " (OPENBLAS_CORETYPE set by the user)";

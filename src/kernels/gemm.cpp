@@ -10,10 +10,10 @@
 #include <fmt/format.h>
 
 #include "core/convert.h"
+#include "core/error.h"
 #include "core/cpu_features.h"
 #include "core/startup_settings.h"
 #include "kernels/gemm_simd.h"
-
 
 namespace mopt::kernels {
 
@@ -93,8 +93,8 @@ const Bf16Choice& bf16_choice() {
     Bf16Choice c;
     if (!bf16_gemm_available()) return c;
     const char* env = std::getenv("MOPT_BF16_PRODUCTS");
-    if (env != nullptr && (std::strcmp(env, "kernels") == 0 || std::strcmp(env, "f32") == 0)) {
-      c.kernels = std::strcmp(env, "kernels") == 0;
+    if (const auto forced = parse_bf16_products(env)) {
+      c.kernels = *forced;
       c.forced = env;
       return c;
     }
@@ -106,6 +106,13 @@ const Bf16Choice& bf16_choice() {
 }
 
 }  // namespace
+
+std::optional<bool> parse_bf16_products(const char* value) {
+  if (value == nullptr) return std::nullopt;
+  if (std::strcmp(value, "kernels") == 0) return true;
+  if (std::strcmp(value, "f32") == 0) return false;
+  throw Error(fmt::format("MOPT_BF16_PRODUCTS={}: expected kernels or f32 (or leave it unset)", value));
+}
 
 bool bf16_kernels_chosen() { return bf16_choice().kernels; }
 

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,10 @@ bool vnni_gemm_available();
 // VDPBF16PS is slower than FMAs and the f32 GEMM is faster). MOPT_BF16_PRODUCTS=kernels or f32
 // decides instead of the measurement.
 bool bf16_kernels_chosen();
+
+// MOPT_BF16_PRODUCTS's value: kernels -> true, f32 -> false, unset (nullptr) -> nullopt; anything
+// else throws Error naming the variable.
+std::optional<bool> parse_bf16_products(const char* value);
 
 // "bf16: avx512_bf16 tiles; int8: avx512_vnni; f32: OpenBLAS Cooperlake" — for --version and bench headers.
 std::string describe_gemm();

@@ -7,6 +7,7 @@
 #include <random>
 
 #include "core/convert.h"
+#include "core/error.h"
 #include "kernels/gemm.h"
 #include "kernels/gemm_simd.h"
 #include "kernels/linear.h"
@@ -85,6 +86,21 @@ TEST(Gemm, Bf16KernelsChosenOnlyWhereTheyRun) {
   const double ratio = avx512::bf16_tile_over_fma_tile();
   EXPECT_GT(ratio, 0.1) << "the tile measurement";
   EXPECT_LT(ratio, 10.0) << "the tile measurement";
+}
+
+// MOPT_BF16_PRODUCTS takes kernels or f32; anything else is an error that names the variable.
+TEST(Gemm, Bf16ProductsOverrideIsParsed) {
+  EXPECT_EQ(parse_bf16_products(nullptr), std::nullopt);
+  EXPECT_EQ(parse_bf16_products("kernels"), std::optional<bool>(true));
+  EXPECT_EQ(parse_bf16_products("f32"), std::optional<bool>(false));
+  for (const char* bad : {"bf16", "", "KERNELS"}) {
+    try {
+      parse_bf16_products(bad);
+      ADD_FAILURE() << "accepted '" << bad << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("MOPT_BF16_PRODUCTS"), std::string::npos) << e.what();
+    }
+  }
 }
 
 // The VNNI int8 product is exact: every code (-128 included) on both sides, against int32 sums.
