@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "core/thread_pool.h"
 #include "quant/fake_quant.h"
 #include "quant/qtensor.h"
 
@@ -77,6 +78,7 @@ class GridQuantizer {
 // tr(D H D^T) for D [out, n] (f64) and symmetric H [n, n].
 double weighted_norm(const std::vector<double>& d, std::int64_t out, std::int64_t n, const std::vector<double>& h) {
   std::vector<double> dh(static_cast<std::size_t>(out * n));
+  const BlasOnAllThreads blas;
   cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(out), static_cast<int>(n), static_cast<int>(n), 1.0, d.data(),
               static_cast<int>(n), h.data(), static_cast<int>(n), 0.0, dh.data(), static_cast<int>(n));
   double s = 0.0;
@@ -89,6 +91,7 @@ bool inverse_cholesky_upper(std::vector<double> h, std::int64_t n, double damp, 
   for (std::int64_t i = 0; i < n; ++i) h[i * n + i] += damp;
   const int N = static_cast<int>(n);
   int info = 0;
+  const BlasOnAllThreads blas;
   // Row-major storage read as column-major is the transpose; H is symmetric, so 'L' in column-major
   // is the row-major upper triangle throughout.
   dpotrf_("L", &N, h.data(), &N, &info);
@@ -114,6 +117,7 @@ void GramAccumulator::add(const float* x, std::int64_t rows, std::int64_t cols, 
     batch_.assign(static_cast<std::size_t>(cols * cols), 0.0f);
   }
   if (cols != cols_) fail("Gram matrix: inputs of {} columns after {}", cols, cols_);
+  const BlasOnAllThreads blas;
   cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(cols), static_cast<int>(rows), 1.0f, x, static_cast<int>(cols), 0.0f,
               batch_.data(), static_cast<int>(cols));
   for (std::int64_t r = 0; r < cols; ++r) {
@@ -229,6 +233,7 @@ GptqResult gptq_quantize(const quant::QuantizerSpec& spec, float* w, std::int64_
       }
     }
     if (b1 < in) {
+      const BlasOnAllThreads blas;
       cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(out), static_cast<int>(in - b1), static_cast<int>(nb), -1.0,
                   err.data(), static_cast<int>(B), u.data() + b0 * in + b1, static_cast<int>(in), 1.0, wd.data() + b1, static_cast<int>(in));
     }

@@ -9,6 +9,7 @@
 #include "core/convert.h"
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/thread_pool.h"
 #include "quant/fake_quant.h"
 
 namespace mopt::algo {
@@ -140,6 +141,7 @@ AwqLiteSearch::AwqLiteSearch(const quant::QuantizerSpec& weight_spec, const floa
     for (std::int64_t r = 0; r < out; ++r) {
       for (std::int64_t j = 0; j < in; ++j) e[r * in + j] = static_cast<double>(ws[r * in + j]) * inv[j] - w[r * in + j];
     }
+    const BlasOnAllThreads blas;
     cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(out), static_cast<int>(in), static_cast<int>(in), 1.0, e.data(),
                 static_cast<int>(in), gram.data(), static_cast<int>(in), 0.0, eg.data(), static_cast<int>(in));
     double sum = 0.0;
@@ -215,6 +217,7 @@ std::vector<float> awq_clip_search(const quant::QuantizerSpec& spec, const float
         }
       }
       // The error of the block's partial dot product for every sampled input: [T, out].
+      const BlasOnAllThreads blas;
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(T), static_cast<int>(out), static_cast<int>(B), 1.0f,
                   xb.data() + b * T * B, static_cast<int>(B), dw.data(), static_cast<int>(B), 0.0f, d.data(), static_cast<int>(out));
       std::fill(loss.begin(), loss.end(), 0.0);

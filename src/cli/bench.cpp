@@ -1,7 +1,5 @@
 // mopt bench and mopt create-random.
-#include <cblas.h>
 #include <fmt/format.h>
-#include <omp.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -14,6 +12,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/progress.h"
+#include "core/thread_pool.h"
 #include "eval/bench.h"
 #include "export/hf_modelopt.h"
 #include "export/random_checkpoint.h"
@@ -112,10 +111,7 @@ std::vector<std::uint64_t> probe_in_child(const std::string& self, const std::st
 }  // namespace
 
 int run_bench(const BenchCliOptions& o, const std::string& argv0) {
-  if (o.threads > 0) {
-    omp_set_num_threads(o.threads);
-    openblas_set_num_threads(o.threads);
-  }
+  if (o.threads > 0) set_compute_threads(o.threads);
   const kernels::Precision products = parse_products(o.products);
   eval::BenchOptions options;
   options.batches = parse_batches(o.batches);

@@ -14,6 +14,7 @@
 
 #include "cli/commands.h"
 #include "core/startup_settings.h"
+#include "core/thread_pool.h"
 #include "kernels/gemm.h"
 #include "core/convert.h"
 #include "core/cpu_features.h"
@@ -23,8 +24,8 @@
 namespace mopt::cli {
 
 std::string version_text() {
-  return fmt::format("mopt {}\ncpu: {}\nconversions: {}\ngemm: {}\nthreads: {}", MOPT_VERSION, describe(cpu_features()), convert_isa(),
-                     kernels::describe_gemm(), describe_thread_waits());
+  return fmt::format("mopt {}\ncpu: {}\nconversions: {}\ngemm: {}\nthreads: {}\nopenmp waits (OpenBLAS in GPTQ and AWQ): {}", MOPT_VERSION,
+                     describe(cpu_features()), convert_isa(), kernels::describe_gemm(), describe_compute_threads(), describe_thread_waits());
 }
 
 }  // namespace mopt::cli

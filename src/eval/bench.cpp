@@ -1,14 +1,15 @@
 #include "eval/bench.h"
 
 #include <fmt/format.h>
-#include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <random>
 
 #include "core/error.h"
 #include "core/memory.h"
+#include "core/thread_pool.h"
 
 namespace mopt::eval {
 
@@ -89,15 +90,20 @@ std::string human_bytes(std::uint64_t b) {
 double measure_read_bandwidth(std::size_t bytes, int repeats) {
   std::vector<std::uint64_t> buffer(bytes / sizeof(std::uint64_t));
   const auto n = static_cast<std::int64_t>(buffer.size());
-#pragma omp parallel for schedule(static)
-  for (std::int64_t i = 0; i < n; ++i) buffer[static_cast<std::size_t>(i)] = static_cast<std::uint64_t>(i);  // first touch by the reading thread
+  constexpr std::int64_t kGrain = 1 << 16;
+  parallel_ranges(n, kGrain, [&](std::int64_t i0, std::int64_t i1) {  // first touch by the pool's threads
+    for (std::int64_t i = i0; i < i1; ++i) buffer[static_cast<std::size_t>(i)] = static_cast<std::uint64_t>(i);
+  });
   std::vector<double> rates;
   volatile std::uint64_t sink = 0;
   for (int r = 0; r < repeats; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
-    std::uint64_t sum = 0;
-#pragma omp parallel for schedule(static) reduction(+ : sum)
-    for (std::int64_t i = 0; i < n; ++i) sum += buffer[static_cast<std::size_t>(i)];
+    std::atomic<std::uint64_t> sum{0};
+    parallel_ranges(n, kGrain, [&](std::int64_t i0, std::int64_t i1) {
+      std::uint64_t part = 0;
+      for (std::int64_t i = i0; i < i1; ++i) part += buffer[static_cast<std::size_t>(i)];
+      sum.fetch_add(part, std::memory_order_relaxed);
+    });
     rates.push_back(static_cast<double>(bytes) / seconds_since(t0));
     sink = sink + sum;
   }
@@ -135,7 +141,7 @@ BenchReport run_benchmark(std::span<const BenchModel> models, const BenchOptions
   for (const auto& bm : models) check_model(*bm.model, o, bm.name);
   BenchReport report;
   report.options = o;
-  report.threads = omp_get_max_threads();
+  report.threads = compute_threads();
   if (!models.empty()) report.products = models[0].model->precision() == kernels::Precision::bf16 ? "bf16" : "f32";
   report.bandwidth_bytes_per_s = measure_read_bandwidth();
 

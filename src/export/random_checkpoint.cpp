@@ -8,6 +8,7 @@
 #include "core/convert.h"
 #include "core/error.h"
 #include "core/progress.h"
+#include "core/thread_pool.h"
 #include "core/tensor.h"
 #include "export/checkpoint_dir.h"
 #include "io/checkpoint.h"
@@ -41,18 +42,19 @@ std::uint64_t splitmix(std::uint64_t& s) {
 Tensor random_bf16(std::int64_t rows, std::int64_t cols, std::uint64_t seed) {
   Tensor t = Tensor::zeros(DType::BF16, {rows, cols});
   auto* d = t.mutable_data<std::uint16_t>();
-#pragma omp parallel for schedule(static)
-  for (std::int64_t r = 0; r < rows; ++r) {
-    std::uint64_t s = seed ^ (static_cast<std::uint64_t>(r) * 0xD1B54A32D192ED03ull);
-    for (std::int64_t c = 0; c < cols; ++c) {
-      // Sum of four uniforms, centred and scaled: mean 0, standard deviation 0.02.
-      const std::uint64_t a = splitmix(s), b = splitmix(s);
-      const double u = static_cast<double>(a & 0xFFFFFFFF) + static_cast<double>(a >> 32) + static_cast<double>(b & 0xFFFFFFFF) +
-                       static_cast<double>(b >> 32);
-      const double z = (u / 4294967296.0 - 2.0) * std::sqrt(3.0);  // variance of 4 uniforms is 1/3
-      d[r * cols + c] = f32_to_bf16(static_cast<float>(0.02 * z));
+  parallel_ranges(rows, 1, [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t r = r0; r < r1; ++r) {
+      std::uint64_t s = seed ^ (static_cast<std::uint64_t>(r) * 0xD1B54A32D192ED03ull);
+      for (std::int64_t c = 0; c < cols; ++c) {
+        // Sum of four uniforms, centred and scaled: mean 0, standard deviation 0.02.
+        const std::uint64_t a = splitmix(s), b = splitmix(s);
+        const double u = static_cast<double>(a & 0xFFFFFFFF) + static_cast<double>(a >> 32) + static_cast<double>(b & 0xFFFFFFFF) +
+                         static_cast<double>(b >> 32);
+        const double z = (u / 4294967296.0 - 2.0) * std::sqrt(3.0);  // variance of 4 uniforms is 1/3
+        d[r * cols + c] = f32_to_bf16(static_cast<float>(0.02 * z));
+      }
     }
-  }
+  });
   return t;
 }
 

@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/cpu_features.h"
 #include "core/startup_settings.h"
+#include "core/thread_pool.h"
 #include "kernels/gemm_simd.h"
 
 namespace mopt::kernels {
@@ -24,6 +25,10 @@ constexpr std::int64_t kPanel = avx512::kPanelColumns;
 constexpr std::int64_t kPairsPerPass = 128;
 // The same for the int8 panel: 128 quads (512 inputs) x 64 columns x 4 bytes.
 constexpr std::int64_t kQuadsPerPass = 128;
+// The fewest rows of x gemm_f32_strided gives one block when it splits the rows.
+constexpr std::int64_t kMinBlockRows = 32;
+// What copying one element of x or w costs in multiply-adds, when gemm_f32_strided chooses its blocks.
+constexpr std::int64_t kCopyCost = 16;
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
@@ -33,11 +38,15 @@ void pack_input(std::int64_t m, std::int64_t block_dwords, std::vector<std::uint
   const std::int64_t blocks = ceil_div(m, avx512::kRowBlock);
   xp.resize(static_cast<std::size_t>(blocks * block_dwords));
   std::uint32_t* dst = xp.data();  // thread_local in the caller: the workers must see this thread's buffer
-  // In parallel only when it is worth a synchronization of the threads (a few hundred microseconds of work).
-#pragma omp parallel for schedule(static) if (blocks * block_dwords > (std::int64_t{1} << 20))
-  for (std::int64_t b = 0; b < blocks; ++b) {
+  auto pack = [&](std::int64_t b) {
     const std::int64_t i0 = b * avx512::kRowBlock;
     pack_block(i0, std::min(avx512::kRowBlock, m - i0), dst + b * block_dwords);
+  };
+  // In parallel only when it is worth a synchronization of the threads (a few hundred microseconds of work).
+  if (blocks * block_dwords > (std::int64_t{1} << 20)) {
+    parallel_for(blocks, pack);
+  } else {
+    for (std::int64_t b = 0; b < blocks; ++b) pack(b);
   }
 }
 
@@ -52,19 +61,15 @@ void gemm_bf16_panels(const float* x, std::int64_t m, std::int64_t k, std::int64
   });
   const std::uint32_t* xp = xp_buffer.data();
   const std::int64_t panels = ceil_div(n, kPanel);
-#pragma omp parallel
-  {
+  parallel_for(panels, [&](std::int64_t p) {
     thread_local std::vector<std::uint32_t> panel;
     panel.resize(static_cast<std::size_t>(pairs * kPanel));
-#pragma omp for schedule(dynamic, 1)
-    for (std::int64_t p = 0; p < panels; ++p) {
-      const std::int64_t r0 = p * kPanel, rows = std::min(kPanel, n - r0);
-      pack(r0, rows, panel.data());
-      for (std::int64_t q0 = 0; q0 < pairs; q0 += kPairsPerPass) {
-        avx512::gemm_bf16_panel(xp, pairs, m, q0, std::min(kPairsPerPass, pairs - q0), panel.data() + q0 * kPanel, rows, y + r0, n, q0 > 0);
-      }
+    const std::int64_t r0 = p * kPanel, rows = std::min(kPanel, n - r0);
+    pack(r0, rows, panel.data());
+    for (std::int64_t q0 = 0; q0 < pairs; q0 += kPairsPerPass) {
+      avx512::gemm_bf16_panel(xp, pairs, m, q0, std::min(kPairsPerPass, pairs - q0), panel.data() + q0 * kPanel, rows, y + r0, n, q0 > 0);
     }
-  }
+  });
 }
 
 }  // namespace
@@ -143,9 +148,52 @@ std::string describe_gemm() {
 void gemm_f32_strided(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y,
                       std::int64_t ldy, bool accumulate) {
   if (m == 0 || n == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m), static_cast<blasint>(n),
-              static_cast<blasint>(k), 1.0f, x, static_cast<blasint>(k), w, static_cast<blasint>(k), accumulate ? 1.0f : 0.0f, y,
-              static_cast<blasint>(ldy));
+  // The pool splits the product into blocks of rows of x by ranges of weight rows; each block is one
+  // single-threaded OpenBLAS call, which packs its rows of x and its weight rows: (mt + nt) * k copies
+  // for mt * nt * k multiply-adds. So blocks are as square as the shape allows, about two per thread,
+  // fewer for small products (bench/gemm_bench: 0.98-1.07x OpenBLAS's own threads at 256 rows).
+  // OpenBLAS's own threads are not used here: their barriers wait for a descheduled thread
+  // (bench/contention.sh) and their spinning takes the pool's cores.
+  // Each element's sum is OpenBLAS's k-loop either way (tools/numerics_hashes.sh).
+  start_thread_pool();  // OpenBLAS single-threaded
+  const std::int64_t macs = m * n * k;
+  const std::int64_t wanted = macs < (std::int64_t{1} << 21) ? 1 : 2 * std::int64_t{compute_threads()};
+  std::int64_t best_mt = m, best_nt = n, best_cost = -1;
+  for (std::int64_t mb = 1; mb <= wanted; ++mb) {
+    const std::int64_t nb = (wanted + mb - 1) / mb;
+    const std::int64_t mt = std::max<std::int64_t>(kMinBlockRows, (m + mb - 1) / mb);
+    const std::int64_t nt = ((n + nb - 1) / nb + 63) / 64 * 64;
+    const std::int64_t blocks = ((m + mt - 1) / mt) * ((n + nt - 1) / nt);
+    if (mb > 1 && mt * (mb - 1) >= m) break;  // no more row blocks to be had
+    // Fewer blocks than wanted leave threads idle; among full splits, the least copying.
+    const std::int64_t cost = (blocks < wanted ? (wanted - blocks) * mt * nt : 0) + blocks * (mt + nt) * kCopyCost;
+    if (best_cost < 0 || cost < best_cost) best_cost = cost, best_mt = mt, best_nt = nt;
+  }
+  const std::int64_t row_blocks = (m + best_mt - 1) / best_mt, col_blocks = (n + best_nt - 1) / best_nt;
+  parallel_for(row_blocks * col_blocks, [&](std::int64_t b) {
+    const std::int64_t i0 = b / col_blocks * best_mt, j0 = b % col_blocks * best_nt;
+    const std::int64_t rows = std::min(best_mt, m - i0), cols = std::min(best_nt, n - j0);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(rows), static_cast<blasint>(cols),
+                static_cast<blasint>(k), 1.0f, x + i0 * k, static_cast<blasint>(k), w + j0 * k, static_cast<blasint>(k), accumulate ? 1.0f : 0.0f,
+                y + i0 * ldy + j0, static_cast<blasint>(ldy));
+  });
+}
+
+void gemm_f32_rows(const float* x, std::int64_t m, std::int64_t k, const WeightRowsF32& rows_f32, std::int64_t n, float* y) {
+  if (m == 0 || n == 0) return;
+  start_thread_pool();  // OpenBLAS single-threaded
+  // Blocks of whole 64s of weight rows, about two per thread, at most ~4 MiB of f32 each.
+  const std::int64_t most = std::max<std::int64_t>(64, (std::int64_t{1} << 20) / std::max<std::int64_t>(k, 1) / 64 * 64);
+  const std::int64_t even = ((n + 2 * compute_threads() - 1) / (2 * compute_threads()) + 63) / 64 * 64;
+  const std::int64_t block = std::min(most, even);
+  parallel_for((n + block - 1) / block, [&](std::int64_t b) {
+    thread_local std::vector<float> buffer;
+    const std::int64_t j0 = b * block, rows = std::min(block, n - j0);
+    buffer.resize(static_cast<std::size_t>(rows * k));
+    for (std::int64_t r = 0; r < rows; r += 64) rows_f32(j0 + r, std::min<std::int64_t>(64, rows - r), buffer.data() + r * k);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m), static_cast<blasint>(rows), static_cast<blasint>(k), 1.0f, x,
+                static_cast<blasint>(k), buffer.data(), static_cast<blasint>(k), 0.0f, y + j0, static_cast<blasint>(n));
+  });
 }
 
 void gemm_f32(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y, bool accumulate) {
@@ -194,15 +242,14 @@ void Int8Panels::multiply(const std::int8_t* x_codes, std::int64_t m, const floa
   });
   const std::uint32_t* xp = xp_buffer.data();
   const std::int64_t panels = ceil_div(n_, kPanel);
-#pragma omp parallel for schedule(dynamic, 1)
-  for (std::int64_t p = 0; p < panels; ++p) {
+  parallel_for(panels, [&](std::int64_t p) {
     const std::int64_t r0 = p * kPanel;
     const std::uint32_t* panel = panels_.data() + p * quads_ * kPanel;
     for (std::int64_t q0 = 0; q0 < quads_; q0 += kQuadsPerPass) {
       avx512::gemm_int8_panel(xp, quads_, m, q0, std::min(kQuadsPerPass, quads_ - q0), panel + q0 * kPanel, offsets_.data() + p * kPanel,
                               factor + r0, std::min(kPanel, n_ - r0), y + r0, n_);
     }
-  }
+  });
 }
 
 namespace ref {

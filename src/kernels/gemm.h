@@ -54,6 +54,11 @@ void gemm_f32_strided(const float* x, std::int64_t m, std::int64_t k, const floa
 // Writes weight rows [row0, row0 + rows) (rows <= 64), inputs [0, k), as f32 into out [rows, k].
 using WeightRowsF32 = std::function<void(std::int64_t row0, std::int64_t rows, float* out)>;
 
+// f32 products for a weight given through `rows_f32` (called for up to 64 rows at a time): each task
+// writes a block of weight rows as f32 into a buffer of its own and multiplies all of x with it in
+// one OpenBLAS call, so the weight is widened once and the rows of x are packed once per block.
+void gemm_f32_rows(const float* x, std::int64_t m, std::int64_t k, const WeightRowsF32& rows_f32, std::int64_t n, float* y);
+
 // bf16 products (needs bf16_gemm_available()): y[m, n] = x[m, k] · Wᵀ for a weight given as bf16
 // rows (ldw elements apart) or through `rows_f32`, which are rounded to bf16.
 void gemm_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w_bf16, std::int64_t ldw, std::int64_t n, float* y);

@@ -6,6 +6,7 @@
 #include "core/convert.h"
 #include "core/cpu_features.h"
 #include "core/error.h"
+#include "core/thread_pool.h"
 #include "kernels/gemm.h"
 #include "kernels/linear_simd.h"
 
@@ -96,23 +97,17 @@ void linear_forward(const float* x, std::int64_t m, const Tensor& weight, const 
     gemm_f32(x, m, k, weight.data<float>(), n, y);
   } else if (m <= kGemvMaxRows) {
     const DotFn dot = dot_for(weight.dtype());
-#pragma omp parallel for schedule(static)
-    for (std::int64_t j = 0; j < n; ++j) {
-      for (std::int64_t i = 0; i < m; ++i) y[i * n + j] = dot(x + i * k, w + j * row_bytes, k);
-    }
+    parallel_ranges(n, 16, [&](std::int64_t j0, std::int64_t j1) {
+      for (std::int64_t j = j0; j < j1; ++j) {
+        for (std::int64_t i = 0; i < m; ++i) y[i * n + j] = dot(x + i * k, w + j * row_bytes, k);
+      }
+    });
   } else {
-    // Widen a tile of weight rows to f32, multiply it with the BLAS, next tile.
-    const std::int64_t tile = std::max<std::int64_t>(16, std::min<std::int64_t>(n, (1 << 20) / std::max<std::int64_t>(k, 1)));
-    std::vector<float> buffer(static_cast<std::size_t>(tile * k));
-    for (std::int64_t j0 = 0; j0 < n; j0 += tile) {
-      const std::int64_t rows = std::min(tile, n - j0);
-      // Widened by every thread (the BLAS then uses them all too).
-      float* b = buffer.data();
-      const DType t = weight.dtype();
-#pragma omp parallel for schedule(static)
-      for (std::int64_t r = 0; r < rows; ++r) convert_to_f32(t, w + (j0 + r) * row_bytes, b + r * k, static_cast<std::size_t>(k));
-      gemm_f32_strided(x, m, k, buffer.data(), rows, y + j0, n, false);
-    }
+    // Each task widens a block of weight rows to f32 and multiplies x with it.
+    const DType t = weight.dtype();
+    gemm_f32_rows(x, m, k, [&](std::int64_t r0, std::int64_t rows, float* out) {
+      convert_to_f32(t, w + r0 * row_bytes, out, static_cast<std::size_t>(rows * k));
+    }, n, y);
   }
   add_bias(y, m, n, bias);
 }

@@ -11,13 +11,31 @@
 
 #include "core/cpu_features.h"
 #include "core/error.h"
+#include "core/thread_pool.h"
 #include "kernels/ops_simd.h"
 
 namespace mopt::kernels {
 
+namespace {
+
+// f(r) for every row, over the pool's threads when there are more than 16 rows (fewer are not worth
+// waking them), in ranges of whole `grain`s.
+template <class F>
+void for_rows(std::int64_t rows, std::int64_t grain, F&& f) {
+  auto range = [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t r = r0; r < r1; ++r) f(r);
+  };
+  if (rows > 16) {
+    parallel_ranges(rows, grain, range);
+  } else {
+    range(0, rows);
+  }
+}
+
+}  // namespace
+
 void rmsnorm(const float* x, const float* weight, std::int64_t rows, std::int64_t dim, float eps, float* y) {
-#pragma omp parallel for schedule(static) if (rows > 16)
-  for (std::int64_t r = 0; r < rows; ++r) {
+  for_rows(rows, 4, [&](std::int64_t r) {
     const float* xr = x + r * dim;
     float* yr = y + r * dim;
     double sum = 0;
@@ -25,15 +43,14 @@ void rmsnorm(const float* x, const float* weight, std::int64_t rows, std::int64_
     const float variance = static_cast<float>(sum / static_cast<double>(dim));
     const float scale = 1.0f / std::sqrt(variance + eps);
     for (std::int64_t i = 0; i < dim; ++i) yr[i] = weight[i] * (xr[i] * scale);
-  }
+  });
 }
 
 void apply_rope(float* x, std::int64_t rows, std::int64_t heads, std::int64_t head_dim, const std::int32_t* positions,
                 const std::vector<float>& inv_freq) {
   const std::int64_t half = head_dim / 2;
   if (static_cast<std::int64_t>(inv_freq.size()) != half) fail("rope: {} frequencies for head_dim {}", inv_freq.size(), head_dim);
-#pragma omp parallel for schedule(static) if (rows > 16)
-  for (std::int64_t r = 0; r < rows; ++r) {
+  for_rows(rows, 4, [&](std::int64_t r) {
     thread_local std::vector<float> cos_v, sin_v;
     cos_v.resize(static_cast<std::size_t>(half));
     sin_v.resize(static_cast<std::size_t>(half));
@@ -52,7 +69,7 @@ void apply_rope(float* x, std::int64_t rows, std::int64_t heads, std::int64_t he
         v[i + half] = b * c + a * s;
       }
     }
-  }
+  });
 }
 
 namespace {
@@ -65,19 +82,22 @@ bool simd_ops() {
 }  // namespace
 
 void silu_mul(float* gate, const float* up, std::int64_t n) {
-  if (simd_ops()) {
-    constexpr std::int64_t chunk = 4096;
-#pragma omp parallel for schedule(static) if (n > 65536)
-    for (std::int64_t c = 0; c < (n + chunk - 1) / chunk; ++c) {
-      const std::int64_t i = c * chunk;
-      avx2::silu_mul(gate + i, up + i, std::min(chunk, n - i));
+  const bool simd = simd_ops();
+  auto range = [&](std::int64_t i0, std::int64_t i1) {
+    if (simd) {
+      avx2::silu_mul(gate + i0, up + i0, i1 - i0);
+      return;
     }
-    return;
-  }
-#pragma omp parallel for schedule(static) if (n > 65536)
-  for (std::int64_t i = 0; i < n; ++i) {
-    const float g = gate[i];
-    gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+    for (std::int64_t i = i0; i < i1; ++i) {
+      const float g = gate[i];
+      gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+    }
+  };
+  // Ranges of whole 4096s: every element is computed the same way whatever the thread count.
+  if (n > 65536) {
+    parallel_ranges(n, 4096, range);
+  } else {
+    range(0, n);
   }
 }
 
@@ -121,9 +141,10 @@ void attention(const float* q, std::int64_t n_q, const std::int32_t* q_pos, cons
     // block multiplies only the keys its rows can see (causal: a block of the
     // first rows needs only the first keys).
     constexpr std::int64_t kBlock = 128;
-    std::vector<float> scores(static_cast<std::size_t>(std::min(n_q, kBlock) * n_k));
-    for (std::int64_t i0 = 0; i0 < n_q; i0 += kBlock) {
-      const std::int64_t rows = std::min(kBlock, n_q - i0);
+    const std::int64_t blocks = (n_q + kBlock - 1) / kBlock;
+    std::vector<std::int64_t> first_key(static_cast<std::size_t>(blocks)), key_count(static_cast<std::size_t>(blocks));
+    for (std::int64_t b = 0; b < blocks; ++b) {
+      const std::int64_t i0 = b * kBlock, rows = std::min(kBlock, n_q - i0);
       std::int64_t k0 = n_k, k1 = -1;  // the keys [k0, k1] some row of the block sees
       for (std::int64_t r = 0; r < rows; ++r) {
         std::int64_t first, last;
@@ -132,57 +153,61 @@ void attention(const float* q, std::int64_t n_q, const std::int32_t* q_pos, cons
         k0 = std::min(k0, first);
         k1 = std::max(k1, last);
       }
-      const std::int64_t nk = k1 - k0 + 1;
-      for (std::int64_t h = 0; h < heads; ++h) {
-        const float* kh = k + k0 * kv_stride + (h / group) * d;
-        const float* vh = v + k0 * kv_stride + (h / group) * d;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(rows), static_cast<blasint>(nk),
-                    static_cast<blasint>(d), scale, q + i0 * q_stride + h * d, static_cast<blasint>(q_stride), kh,
-                    static_cast<blasint>(kv_stride), 0.0f, scores.data(), static_cast<blasint>(nk));
-#pragma omp parallel for schedule(static)
-        for (std::int64_t r = 0; r < rows; ++r) {
-          std::int64_t first, last;
-          key_range(i0 + r, first, last);
-          masked_softmax(scores.data() + r * nk, nk, first - k0, last - k0);
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(rows), static_cast<blasint>(d),
-                    static_cast<blasint>(nk), 1.0f, scores.data(), static_cast<blasint>(nk), vh,
-                    static_cast<blasint>(kv_stride), 0.0f, out + i0 * q_stride + h * d, static_cast<blasint>(q_stride));
-      }
+      first_key[static_cast<std::size_t>(b)] = k0;
+      key_count[static_cast<std::size_t>(b)] = k1 - k0 + 1;
     }
+    start_thread_pool();  // OpenBLAS single-threaded: each (block, head) is one thread's
+    // The blocks with the most keys first, so that the longest items do not come last.
+    parallel_for(blocks * heads, [&](std::int64_t item) {
+      const std::int64_t b = blocks - 1 - item / heads, h = item % heads;
+      const std::int64_t i0 = b * kBlock, rows = std::min(kBlock, n_q - i0);
+      const std::int64_t k0 = first_key[static_cast<std::size_t>(b)], nk = key_count[static_cast<std::size_t>(b)];
+      thread_local std::vector<float> scores;
+      scores.resize(static_cast<std::size_t>(rows * nk));
+      const float* kh = k + k0 * kv_stride + (h / group) * d;
+      const float* vh = v + k0 * kv_stride + (h / group) * d;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(rows), static_cast<blasint>(nk),
+                  static_cast<blasint>(d), scale, q + i0 * q_stride + h * d, static_cast<blasint>(q_stride), kh,
+                  static_cast<blasint>(kv_stride), 0.0f, scores.data(), static_cast<blasint>(nk));
+      for (std::int64_t r = 0; r < rows; ++r) {
+        std::int64_t first, last;
+        key_range(i0 + r, first, last);
+        masked_softmax(scores.data() + r * nk, nk, first - k0, last - k0);
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(rows), static_cast<blasint>(d),
+                  static_cast<blasint>(nk), 1.0f, scores.data(), static_cast<blasint>(nk), vh,
+                  static_cast<blasint>(kv_stride), 0.0f, out + i0 * q_stride + h * d, static_cast<blasint>(q_stride));
+    });
     return;
   }
   // Few queries (decode): each (query, head) on its own.
-#pragma omp parallel
-  {
+  parallel_ranges(n_q * heads, 1, [&](std::int64_t item0, std::int64_t item1) {
     thread_local std::vector<float> row;
     if (row.size() < static_cast<std::size_t>(n_k)) row.resize(static_cast<std::size_t>(n_k));
-#pragma omp for collapse(2) schedule(static)
-    for (std::int64_t i = 0; i < n_q; ++i) {
-      for (std::int64_t h = 0; h < heads; ++h) {
-        std::int64_t first, last;
-        key_range(i, first, last);
-        const float* qv = q + i * q_stride + h * d;
-        const std::int64_t kh = h / group;
-        for (std::int64_t j = first; j <= last; ++j) {
-          const float* kv = k + j * kv_stride + kh * d;
-          float s = 0;
+    for (std::int64_t item = item0; item < item1; ++item) {
+      const std::int64_t i = item / heads, h = item % heads;
+      std::int64_t first, last;
+      key_range(i, first, last);
+      const float* qv = q + i * q_stride + h * d;
+      const std::int64_t kh = h / group;
+      for (std::int64_t j = first; j <= last; ++j) {
+        const float* kv = k + j * kv_stride + kh * d;
+        float s = 0;
 #pragma omp simd reduction(+ : s)
-          for (std::int64_t t = 0; t < d; ++t) s += qv[t] * kv[t];
-          row[static_cast<std::size_t>(j)] = s * scale;
-        }
-        masked_softmax(row.data(), n_k, first, last);
-        float* o = out + i * q_stride + h * d;
-        std::fill(o, o + d, 0.0f);
-        for (std::int64_t j = first; j <= last; ++j) {
-          const float w = row[static_cast<std::size_t>(j)];
-          const float* vv = v + j * kv_stride + kh * d;
+        for (std::int64_t t = 0; t < d; ++t) s += qv[t] * kv[t];
+        row[static_cast<std::size_t>(j)] = s * scale;
+      }
+      masked_softmax(row.data(), n_k, first, last);
+      float* o = out + i * q_stride + h * d;
+      std::fill(o, o + d, 0.0f);
+      for (std::int64_t j = first; j <= last; ++j) {
+        const float w = row[static_cast<std::size_t>(j)];
+        const float* vv = v + j * kv_stride + kh * d;
 #pragma omp simd
-          for (std::int64_t t = 0; t < d; ++t) o[t] += w * vv[t];
-        }
+        for (std::int64_t t = 0; t < d; ++t) o[t] += w * vv[t];
       }
     }
-  }
+  });
 }
 
 std::size_t kv_element_bytes(KvElement element) {
@@ -239,12 +264,11 @@ void attention_cached(const float* q, std::int64_t n_q, const std::int32_t* q_po
   float* vd = vf.data();
   const std::int64_t rows = n_k - first_row;
   const std::int64_t chunk = 64;
-#pragma omp parallel for schedule(static)
-  for (std::int64_t c = 0; c < (rows + chunk - 1) / chunk; ++c) {
-    const std::int64_t r0 = first_row + c * chunk, r1 = std::min(n_k, r0 + chunk);
+  parallel_ranges(rows, chunk, [&](std::int64_t c0, std::int64_t c1) {
+    const std::int64_t r0 = first_row + c0, r1 = first_row + c1;
     kv_to_f32(k, r0 * kv_stride, (r1 - r0) * kv_stride, kd + r0 * kv_stride);
     kv_to_f32(v, r0 * kv_stride, (r1 - r0) * kv_stride, vd + r0 * kv_stride);
-  }
+  });
   attention(q, n_q, q_pos, kd, vd, n_k, heads, kv_heads, d, window, out);
 }
 

@@ -6,6 +6,7 @@
 #include "core/convert.h"
 #include "core/cpu_features.h"
 #include "core/error.h"
+#include "core/thread_pool.h"
 #include "kernels/gemm.h"
 #include "kernels/linear.h"
 #include "kernels/qlinear_simd.h"
@@ -85,21 +86,17 @@ std::string plain_loop_reason(const QuantizedWeightSource& s, std::span<const st
   return "unknown weight type";
 }
 
-// Rows split in blocks over the OpenMP threads.
+// Rows split over the pool's threads in ranges of whole blocks.
 template <class F>
 void parallel_rows(std::int64_t n, std::int64_t block, F&& f) {
-  const std::int64_t blocks = ceil_div(n, block);
-#pragma omp parallel for schedule(static)
-  for (std::int64_t b = 0; b < blocks; ++b) f(b * block, std::min(n, (b + 1) * block));
+  parallel_ranges(n, block, f);
 }
 
-// The same, blocks handed out as threads become free: for the compute-bound prefill GEMM, where a
-// core slowed by anything else would otherwise keep the other waiting at the end of every matmul.
+// One block at a time, as threads become free: for the compute-bound prefill GEMM, where a core
+// slowed by anything else would otherwise keep the other waiting at the end of every matmul.
 template <class F>
 void parallel_rows_dynamic(std::int64_t n, std::int64_t block, F&& f) {
-  const std::int64_t blocks = ceil_div(n, block);
-#pragma omp parallel for schedule(dynamic, 1)
-  for (std::int64_t b = 0; b < blocks; ++b) f(b * block, std::min(n, (b + 1) * block));
+  parallel_for(ceil_div(n, block), [&](std::int64_t b) { f(b * block, std::min(n, (b + 1) * block)); });
 }
 
 }  // namespace
@@ -340,15 +337,8 @@ void QuantizedLinear::forward_tiles(const float* x, std::int64_t m, float* y, Pr
     gemm_bf16(x, m, k, [this](std::int64_t r0, std::int64_t rows, float* out) { dequantize_rows(r0, rows, out); }, n, y);
     return;
   }
-  const std::int64_t tile = std::max<std::int64_t>(16, std::min<std::int64_t>(n, (1 << 20) / std::max<std::int64_t>(k, 1)));
-  thread_local std::vector<float> buffer;
-  buffer.resize(static_cast<std::size_t>(tile * k));
-  for (std::int64_t j0 = 0; j0 < n; j0 += tile) {
-    const std::int64_t rows = std::min(tile, n - j0);
-    float* b = buffer.data();
-    parallel_rows(rows, 4, [&](std::int64_t r0, std::int64_t r1) { dequantize_rows(j0 + r0, r1 - r0, b + r0 * k); });
-    gemm_f32_strided(x, m, k, b, rows, y + j0, n, false);
-  }
+  // Each task decodes a block of weight rows to f32 (what dequantize_rows defines) and multiplies x with it.
+  gemm_f32_rows(x, m, k, [this](std::int64_t r0, std::int64_t rows, float* out) { dequantize_rows(r0, rows, out); }, n, y);
 }
 
 void QuantizedLinear::forward_w8a8(const float* x, std::int64_t m, float* y) const {

@@ -8,6 +8,7 @@
 
 #include "core/convert.h"
 #include "core/error.h"
+#include "core/thread_pool.h"
 
 namespace mopt::quant {
 
@@ -16,6 +17,19 @@ namespace {
 constexpr float kTinyAmax = 5.9604644775390625e-08f;  // 2^-24
 // Elements from which the row-wise roundings are worth the threads' synchronization.
 constexpr std::int64_t kParallelElements = std::int64_t{1} << 15;
+
+// f(r) for every row; over the pool's threads when `parallel`.
+template <class F>
+void for_rows(std::int64_t rows, bool parallel, F&& f) {
+  auto range = [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t r = r0; r < r1; ++r) f(r);
+  };
+  if (parallel) {
+    parallel_ranges(rows, 1, range);
+  } else {
+    range(0, rows);
+  }
+}
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
@@ -237,8 +251,7 @@ void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows,
     case Scaling::nvfp4: {
       const float global_amax = amax[0];
       // Rows are independent (the global amax is given): an activation of many rows is rounded by all threads.
-#pragma omp parallel for schedule(static) if (rows * cols >= kParallelElements)
-      for (std::int64_t r = 0; r < rows; ++r) {
+      for_rows(rows, rows * cols >= kParallelElements, [&](std::int64_t r) {
         for (std::int64_t c0 = 0; c0 < cols; c0 += spec.block) {
           const std::int64_t len = std::min(spec.block, cols - c0);
           const float* xb = x + r * cols + c0;
@@ -246,12 +259,11 @@ void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows,
           const float s = nvfp4_block_scale(block_abs_max(xb, len), global_amax);
           for (std::int64_t i = 0; i < len; ++i) yb[i] = with_sign_of(xb[i], round_e2m1_magnitude(std::fabs(xb[i]) / s) * s);
         }
-      }
+      });
       break;
     }
     case Scaling::mx: {
-#pragma omp parallel for schedule(static) if (rows * cols >= kParallelElements)
-      for (std::int64_t r = 0; r < rows; ++r) {
+      for_rows(rows, rows * cols >= kParallelElements, [&](std::int64_t r) {
         for (std::int64_t c0 = 0; c0 < cols; c0 += spec.block) {
           const std::int64_t len = std::min(spec.block, cols - c0);
           const float* xb = x + r * cols + c0;
@@ -264,7 +276,7 @@ void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows,
             yb[i] = xb[i] >= 0.0f ? q : -q;
           }
         }
-      }
+      });
       break;
     }
   }

@@ -1,13 +1,17 @@
 // Every fast kernel against its plain reference, on random inputs.
+#include <cblas.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <string>
 #include <random>
+#include <mutex>
 
 #include "core/convert.h"
 #include "core/error.h"
+#include "core/thread_pool.h"
 #include "kernels/gemm.h"
 #include "kernels/gemm_simd.h"
 #include "kernels/linear.h"
@@ -41,6 +45,39 @@ TEST(Gemm, MatchesReference) {
   gemm_f32(x.data(), m, k, w.data(), n, fast.data(), true);  // accumulate: twice the product
   for (auto& r : ref) r *= 2;
   EXPECT_LE(max_relative(fast, ref), 1e-5);
+}
+
+// Products large enough that the pool splits them into blocks of rows of x by blocks of weight rows
+// (tails in both): every element as one OpenBLAS call over the whole product computes it, bit for bit,
+// into a strided y, accumulating or not; and gemm_f32_rows with weight rows written by a callback.
+TEST(Gemm, SplitProductsEqualOneBlasCall) {
+  const int threads = compute_threads();
+  set_compute_threads(4);
+  const std::int64_t m = 300, k = 100, n = 200, ldy = 211;
+  const auto x = random_values(static_cast<std::size_t>(m * k), 3);
+  const auto w = random_values(static_cast<std::size_t>(n * k), 4);
+  const auto y0 = random_values(static_cast<std::size_t>(m * ldy), 5);
+  for (const bool accumulate : {false, true}) {
+    std::vector<float> split = y0, whole = y0;
+    gemm_f32_strided(x.data(), m, k, w.data(), n, split.data(), ldy, accumulate);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x.data(), k, w.data(), k, accumulate ? 1.0f : 0.0f, whole.data(), ldy);
+    EXPECT_EQ(split, whole) << "accumulate " << accumulate;  // the columns past n untouched too
+  }
+  std::vector<float> rows(static_cast<std::size_t>(m * n)), whole(rows.size()), ref(rows.size());
+  int calls = 0;
+  std::mutex mutex;
+  gemm_f32_rows(x.data(), m, k, [&](std::int64_t r0, std::int64_t count, float* out) {
+    EXPECT_LE(count, 64);
+    std::copy(w.begin() + r0 * k, w.begin() + (r0 + count) * k, out);
+    std::lock_guard<std::mutex> lock(mutex);
+    ++calls;
+  }, n, rows.data());
+  EXPECT_EQ(calls, 4);  // 200 rows: 64 at a time, each once
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x.data(), k, w.data(), k, 0.0f, whole.data(), n);
+  EXPECT_EQ(rows, whole);
+  ref::gemm_f32(x.data(), m, k, w.data(), n, ref.data());
+  EXPECT_LE(max_relative(rows, ref), 1e-5);
+  set_compute_threads(threads);
 }
 
 // The bf16 product against its definition (both operands rounded to bf16, exact products):
