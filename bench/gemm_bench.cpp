@@ -6,12 +6,15 @@
 //   f32 weights:  OpenBLAS sgemm, the ceiling of the f32 path;
 //   W8A8:         the AVX2 int8 GEMM against the AVX-512 VNNI panels.
 // Usage: gemm_bench [rows=512] [repeats=7]
+#include <cblas.h>
+
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "core/startup_settings.h"
+#include "core/thread_pool.h"
 #include "bench_util.h"
 #include "core/convert.h"
 #include "core/cpu_features.h"
@@ -51,7 +54,7 @@ int main(int argc, char** argv) {
               kernels::describe_gemm().c_str(), static_cast<long long>(m), repeats);
   struct Shape { const char* name; std::int64_t n, k; };
   const Shape shapes[] = {{"q/o 2048x2048", 2048, 2048}, {"k/v 512x2048", 512, 2048}, {"gate/up 8192x2048", 8192, 2048}, {"down 2048x8192", 2048, 8192}};
-  std::printf("%-20s %10s %10s %10s %7s | %10s %10s %7s\n", "shape", "f32 sgemm", "bf16->f32", "bf16 ours", "ratio", "int8 avx2", "int8 vnni", "ratio");
+  std::printf("%-20s %10s %10s %7s | %10s %10s %7s | %10s %10s %7s\n", "shape", "f32 pool", "f32 blasthr", "ratio", "bf16->f32", "bf16 ours", "ratio", "int8 avx2", "int8 vnni", "ratio");
   for (const Shape& s : shapes) {
     const auto x = random_floats(static_cast<std::size_t>(m * s.k), 1);
     const auto w = random_floats(static_cast<std::size_t>(s.n * s.k), 2);
@@ -65,8 +68,14 @@ int main(int argc, char** argv) {
     const bool bf16 = kernels::bf16_gemm_available(), vnni = kernels::vnni_gemm_available(), avx2 = cpu_features().avx2;
     kernels::Int8Panels panels;
     if (vnni) panels = kernels::Int8Panels(wq.data(), s.k, s.n, s.k);
-    std::vector<double> t_f32, t_widen, t_bf16, t_avx2, t_vnni;
+    std::vector<double> t_f32, t_blas_threads, t_widen, t_bf16, t_avx2, t_vnni;
     for (int r = 0; r < repeats; ++r) {
+      // The same product in one OpenBLAS call on OpenBLAS's own threads: what the pool's split costs or gains.
+      t_blas_threads.push_back(time_once([&] {
+        const BlasOnAllThreads blas;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m), static_cast<blasint>(s.n), static_cast<blasint>(s.k), 1.0f,
+                    x.data(), static_cast<blasint>(s.k), w.data(), static_cast<blasint>(s.k), 0.0f, y.data(), static_cast<blasint>(s.n));
+      }));
       t_f32.push_back(time_once([&] { kernels::gemm_f32(x.data(), m, s.k, w.data(), s.n, y.data()); }));
       t_widen.push_back(time_once([&] { kernels::linear_forward(x.data(), m, wb, nullptr, y.data(), kernels::Precision::f32); }));
       if (bf16) {
@@ -75,15 +84,17 @@ int main(int argc, char** argv) {
       }
       if (avx2 && s.k % 32 == 0) {
         t_avx2.push_back(time_once([&] {
-#pragma omp parallel for schedule(dynamic, 1)
-          for (std::int64_t b = 0; b < s.n / 64; ++b) kernels::avx2::int8_gemm(wq.data(), s.k, b * 64, (b + 1) * 64, xq.data(), m, factor.data(), y.data(), s.n);
+          parallel_for(s.n / 64, [&](std::int64_t b) {
+            kernels::avx2::int8_gemm(wq.data(), s.k, b * 64, (b + 1) * 64, xq.data(), m, factor.data(), y.data(), s.n);
+          });
         }));
       }
       if (vnni) t_vnni.push_back(time_once([&] { panels.multiply(xq.data(), m, factor.data(), y.data()); }));
     }
     const double flop = 2.0 * static_cast<double>(m) * static_cast<double>(s.n) * static_cast<double>(s.k) / 1e9;
     const auto rate = [&](const std::vector<double>& t) { return t.empty() ? 0.0 : flop / bench::median(t); };
-    std::printf("%-20s %10.1f %10.1f %10.1f %6.2fx | %10.1f %10.1f %6.2fx\n", s.name, rate(t_f32), rate(t_widen), rate(t_bf16),
+    std::printf("%-20s %10.1f %10.1f %6.2fx | %10.1f %10.1f %6.2fx | %10.1f %10.1f %6.2fx\n", s.name, rate(t_f32), rate(t_blas_threads),
+                rate(t_f32) / rate(t_blas_threads), rate(t_widen), rate(t_bf16),
                 rate(t_widen) > 0 ? rate(t_bf16) / rate(t_widen) : 0.0, rate(t_avx2), rate(t_vnni),
                 rate(t_avx2) > 0 ? rate(t_vnni) / rate(t_avx2) : 0.0);
   }
