@@ -137,15 +137,6 @@ constexpr ArchitectureTraits kArchitectures[] = {
 
 }  // namespace
 
-const std::vector<std::string>& supported_architectures() {
-  static const std::vector<std::string> names = [] {
-    std::vector<std::string> v;
-    for (const auto& a : kArchitectures) v.emplace_back(a.name);
-    return v;
-  }();
-  return names;
-}
-
 ModelConfig parse_model_config(std::string_view text, const std::string& label) {
   return with_context(label, [&] {
     const json j = parse_json_unique_keys(text, "config");

@@ -53,9 +53,6 @@ struct ModelConfig {
   nlohmann::json raw;  // the file as read, for exporters that copy it verbatim
 };
 
-// The architectures we build, in config.json's spelling.
-const std::vector<std::string>& supported_architectures();
-
 // Parses config.json text. `label` (the path) starts every error message.
 ModelConfig parse_model_config(std::string_view text, const std::string& label);
 // Reads and parses a config.json file.

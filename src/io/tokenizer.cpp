@@ -1102,6 +1102,5 @@ bool Tokenizer::is_special(std::int32_t id) const {
 }
 
 std::vector<std::int32_t> Tokenizer::prefix_special_ids() const { return impl_->prefix_ids; }
-std::vector<std::int32_t> Tokenizer::suffix_special_ids() const { return impl_->suffix_ids; }
 
 }  // namespace mopt::io

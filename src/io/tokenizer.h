@@ -51,9 +51,8 @@ class Tokenizer {
   // The token's string as stored in the vocabulary (byte-level alphabet).
   const std::string& id_to_token(std::int32_t id) const;
   bool is_special(std::int32_t id) const;
-  // Ids the post-processor puts before / after the text, if any.
+  // Ids the post-processor puts before the text, if any.
   std::vector<std::int32_t> prefix_special_ids() const;
-  std::vector<std::int32_t> suffix_special_ids() const;
 
  private:
   struct Impl;

@@ -129,17 +129,6 @@ std::string QuantizerSpec::describe() const {
   return s;
 }
 
-double QuantizerSpec::bits_per_element() const {
-  const double elem = element == Element::int8 || element == Element::e4m3 ? 8.0 : 4.0;
-  switch (scaling) {
-    case Scaling::block:
-      return elem + 32.0 / static_cast<double>(block * std::max<std::int64_t>(block_rows, 1));
-    case Scaling::nvfp4: return elem + 8.0 / static_cast<double>(block);
-    case Scaling::mx: return elem + 8.0 / static_cast<double>(block);
-    default: return elem;
-  }
-}
-
 std::int64_t amax_count(const QuantizerSpec& spec, std::int64_t rows, std::int64_t cols) {
   switch (spec.scaling) {
     case Scaling::per_tensor:

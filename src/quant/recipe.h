@@ -31,7 +31,6 @@ const std::vector<std::string>& format_names();
 const std::vector<std::string>& algorithm_names();
 // Throws when `algorithm` cannot run on Linears quantized as `scheme` (SmoothQuant: W8A8 only;
 // AWQ-clip: INT4 blocks; GPTQ: INT4/INT8/FP8 with static scales).
-struct LinearScheme;
 void check_algorithm_supports(const std::string& algorithm, const LinearScheme& scheme);
 // The scheme of a named format; `group_size` > 0 replaces the INT4 block (128).
 // Throws Error naming the known formats for an unknown name.

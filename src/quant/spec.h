@@ -43,8 +43,6 @@ struct QuantizerSpec {
   float max_bound() const;
   // "int4 block 128", "fp8 per-tensor", ... for reports.
   std::string describe() const;
-  // Bits per stored weight element including the scales' share (for reports).
-  double bits_per_element() const;
 };
 
 float element_max_bound(Element element);
