@@ -125,7 +125,7 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--batch", bench.batches, "Batch sizes, comma-separated (default 1,32,64)");
   bench_cmd->add_option("--prompt", bench.prompt, "Prompt tokens per sequence (default 512)");
   bench_cmd->add_option("--gen", bench.gen, "Decode steps (default 128)");
-  bench_cmd->add_option("--threads", bench.threads, "Threads (default: every core)");
+  bench_cmd->add_option("--threads", bench.threads, "Threads (default: MOPT_THREADS, else OMP_NUM_THREADS, else every core)")->check(CLI::Range(1, 4096));
   bench_cmd->add_option("--rounds", bench.rounds, "Rounds over all models; medians are reported (default 3)");
   bench_cmd->add_option("--products", bench.products, "bf16 (default, where the CPU has fast AVX-512 BF16) or f32, as for eval");
   bench_cmd->add_flag("--json", bench.json, "Print a JSON array, one object per (model, batch)");
@@ -193,6 +193,7 @@ int main(int argc, char** argv) {
   }
 
   try {
+    mopt::compute_threads();  // a malformed MOPT_THREADS / OMP_NUM_THREADS is one error before any work
     if (show_version) {
       fmt::print("{}\n", mopt::cli::version_text());
       return 0;
