@@ -92,4 +92,18 @@ void parallel_ranges(std::int64_t n, std::int64_t grain, Body&& body) {
   });
 }
 
+// body(i) for every i in [0, n): over the pool in ranges of whole grains as parallel_ranges cuts
+// them, or on the caller alone when `parallel` is false (work too small to be worth waking threads).
+template <class Body>
+void parallel_each(std::int64_t n, std::int64_t grain, bool parallel, Body&& body) {
+  auto range = [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; ++i) body(i);
+  };
+  if (parallel) {
+    parallel_ranges(n, grain, range);
+  } else {
+    range(0, n);
+  }
+}
+
 }  // namespace mopt

@@ -16,26 +16,8 @@
 
 namespace mopt::kernels {
 
-namespace {
-
-// f(r) for every row, over the pool's threads when there are more than 16 rows (fewer are not worth
-// waking them), in ranges of whole `grain`s.
-template <class F>
-void for_rows(std::int64_t rows, std::int64_t grain, F&& f) {
-  auto range = [&](std::int64_t r0, std::int64_t r1) {
-    for (std::int64_t r = r0; r < r1; ++r) f(r);
-  };
-  if (rows > 16) {
-    parallel_ranges(rows, grain, range);
-  } else {
-    range(0, rows);
-  }
-}
-
-}  // namespace
-
 void rmsnorm(const float* x, const float* weight, std::int64_t rows, std::int64_t dim, float eps, float* y) {
-  for_rows(rows, 4, [&](std::int64_t r) {
+  parallel_each(rows, 4, rows > 16, [&](std::int64_t r) {
     const float* xr = x + r * dim;
     float* yr = y + r * dim;
     double sum = 0;
@@ -50,7 +32,7 @@ void apply_rope(float* x, std::int64_t rows, std::int64_t heads, std::int64_t he
                 const std::vector<float>& inv_freq) {
   const std::int64_t half = head_dim / 2;
   if (static_cast<std::int64_t>(inv_freq.size()) != half) fail("rope: {} frequencies for head_dim {}", inv_freq.size(), head_dim);
-  for_rows(rows, 4, [&](std::int64_t r) {
+  parallel_each(rows, 4, rows > 16, [&](std::int64_t r) {
     thread_local std::vector<float> cos_v, sin_v;
     cos_v.resize(static_cast<std::size_t>(half));
     sin_v.resize(static_cast<std::size_t>(half));

@@ -86,12 +86,6 @@ std::string plain_loop_reason(const QuantizedWeightSource& s, std::span<const st
   return "unknown weight type";
 }
 
-// Rows split over the pool's threads in ranges of whole blocks.
-template <class F>
-void parallel_rows(std::int64_t n, std::int64_t block, F&& f) {
-  parallel_ranges(n, block, f);
-}
-
 // One block at a time, as threads become free: for the compute-bound prefill GEMM, where a core
 // slowed by anything else would otherwise keep the other waiting at the end of every matmul.
 template <class F>
@@ -260,7 +254,7 @@ void QuantizedLinear::forward_gemv(const float* x, std::int64_t m, float* y) con
   const std::int64_t k = s.in, n = s.out;
   const int mi = static_cast<int>(m);
   if (!vectorized_) {
-    parallel_rows(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+    parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
       thread_local std::vector<float> row;
       if (row.size() < static_cast<std::size_t>(k)) row.resize(static_cast<std::size_t>(k));
       for (std::int64_t r = r0; r < r1; ++r) {
@@ -302,28 +296,28 @@ void QuantizedLinear::forward_gemv(const float* x, std::int64_t m, float* y) con
         }
       }
       const avx2::Int8Blocks xb{codes.data(), steps.data(), offsets.data()};
-      parallel_rows(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+      parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
         avx2::gemv_int4(layout_.nibbles.data(), s.scales.data(), s.block, k, r0, r1, xb, mi, y, n);
       });
       return;
     }
     case QuantizedWeightType::int4_fp8_table:
-      parallel_rows(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+      parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
         avx2::gemv_int4_fp8_table(layout_.nibbles.data(), s.block_tables.data(), s.table_scale, s.block, k, r0, r1, x, mi, y, n);
       });
       return;
     case QuantizedWeightType::e2m1:
-      parallel_rows(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+      parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
         avx2::gemv_e2m1(layout_.nibbles.data(), s.scale_codes.data(), half_code_values_.data(), s.block, k, r0, r1, x, mi, y, n);
       });
       return;
     case QuantizedWeightType::int8:
-      parallel_rows(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+      parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
         avx2::gemv_int8(reinterpret_cast<const std::int8_t*>(codes_.data()), s.scales.data(), std::min(s.block, k), k, r0, r1, x, mi, y, n);
       });
       return;
     case QuantizedWeightType::e4m3:
-      parallel_rows(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+      parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
         avx2::gemv_e4m3(codes_.data(), s.scales.data(), std::min(s.block, k), k, r0, r1, x, mi, y, n);
       });
       return;
@@ -350,7 +344,7 @@ void QuantizedLinear::forward_w8a8(const float* x, std::int64_t m, float* y) con
     xq.resize(static_cast<std::size_t>(m * k));
     std::int8_t* rows = xq.data();  // thread_local: the workers must see this thread's buffer
     if (m > kGemvMaxRows) {
-      parallel_rows(m, 16, [&](std::int64_t i0, std::int64_t i1) { quantize_int8_activations(x + i0 * k, (i1 - i0) * k, s.input_amax, rows + i0 * k); });
+      parallel_ranges(m, 16, [&](std::int64_t i0, std::int64_t i1) { quantize_int8_activations(x + i0 * k, (i1 - i0) * k, s.input_amax, rows + i0 * k); });
     } else {
       quantize_int8_activations(x, m * k, s.input_amax, rows);
     }
@@ -362,7 +356,7 @@ void QuantizedLinear::forward_w8a8(const float* x, std::int64_t m, float* y) con
     xq.assign(static_cast<std::size_t>(m * k32), 0);
     std::int8_t* rows = xq.data();  // thread_local: the workers must see this thread's buffer
     if (m > kGemvMaxRows) {
-      parallel_rows(m, 16, [&](std::int64_t i0, std::int64_t i1) {
+      parallel_ranges(m, 16, [&](std::int64_t i0, std::int64_t i1) {
         for (std::int64_t i = i0; i < i1; ++i) quantize_int8_activations(x + i * k, k, s.input_amax, rows + i * k32);
       });
     } else {
@@ -370,7 +364,7 @@ void QuantizedLinear::forward_w8a8(const float* x, std::int64_t m, float* y) con
     }
     const std::int8_t* codes = rows;
     const auto weight_rows = [&](std::int64_t r0, std::int64_t r1) { avx2::int8_gemm(layout_.int8_rows.data(), k32, r0, r1, codes, m, factor.data(), y, n); };
-    if (m <= kGemvMaxRows) parallel_rows(n, 16, weight_rows);
+    if (m <= kGemvMaxRows) parallel_ranges(n, 16, weight_rows);
     else parallel_rows_dynamic(n, 64, weight_rows);
     return;
   }
@@ -378,7 +372,7 @@ void QuantizedLinear::forward_w8a8(const float* x, std::int64_t m, float* y) con
   quantize_int8_activations(x, m * k, s.input_amax, xq.data());
   const auto* w = reinterpret_cast<const std::int8_t*>(codes_.data());
   const std::int8_t* codes = xq.data();
-  parallel_rows(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+  parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
     for (std::int64_t r = r0; r < r1; ++r) {
       for (std::int64_t i = 0; i < m; ++i) {
         std::int32_t acc = 0;

@@ -18,19 +18,6 @@ constexpr float kTinyAmax = 5.9604644775390625e-08f;  // 2^-24
 // Elements from which the row-wise roundings are worth the threads' synchronization.
 constexpr std::int64_t kParallelElements = std::int64_t{1} << 15;
 
-// f(r) for every row; over the pool's threads when `parallel`.
-template <class F>
-void for_rows(std::int64_t rows, bool parallel, F&& f) {
-  auto range = [&](std::int64_t r0, std::int64_t r1) {
-    for (std::int64_t r = r0; r < r1; ++r) f(r);
-  };
-  if (parallel) {
-    parallel_ranges(rows, 1, range);
-  } else {
-    range(0, rows);
-  }
-}
-
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
 [[noreturn]] void fail_non_finite(const float* x, std::int64_t i, std::int64_t cols) {
@@ -240,7 +227,7 @@ void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows,
     case Scaling::nvfp4: {
       const float global_amax = amax[0];
       // Rows are independent (the global amax is given): an activation of many rows is rounded by all threads.
-      for_rows(rows, rows * cols >= kParallelElements, [&](std::int64_t r) {
+      parallel_each(rows, 1, rows * cols >= kParallelElements, [&](std::int64_t r) {
         for (std::int64_t c0 = 0; c0 < cols; c0 += spec.block) {
           const std::int64_t len = std::min(spec.block, cols - c0);
           const float* xb = x + r * cols + c0;
@@ -252,7 +239,7 @@ void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows,
       break;
     }
     case Scaling::mx: {
-      for_rows(rows, rows * cols >= kParallelElements, [&](std::int64_t r) {
+      parallel_each(rows, 1, rows * cols >= kParallelElements, [&](std::int64_t r) {
         for (std::int64_t c0 = 0; c0 < cols; c0 += spec.block) {
           const std::int64_t len = std::min(spec.block, cols - c0);
           const float* xb = x + r * cols + c0;

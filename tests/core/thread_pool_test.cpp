@@ -67,6 +67,22 @@ TEST(ThreadPool, RangesCoverEachIndexOnceInWholeGrains) {
 }
 
 // A loop inside an item runs on that item's thread, whole.
+TEST(ThreadPool, EachIndexOnceInParallelOrAlone) {
+  ThreadCount restore;
+  set_compute_threads(3);
+  for (const bool parallel : {true, false}) {
+    std::vector<std::atomic<int>> hits(1001);
+    std::atomic<int> off_caller{0};
+    const auto caller = std::this_thread::get_id();
+    parallel_each(1001, 7, parallel, [&](std::int64_t i) {
+      hits[static_cast<std::size_t>(i)].fetch_add(1);
+      if (std::this_thread::get_id() != caller) off_caller.fetch_add(1);
+    });
+    for (std::size_t i = 0; i < hits.size(); ++i) ASSERT_EQ(hits[i].load(), 1) << "index " << i << " parallel " << parallel;
+    if (!parallel) EXPECT_EQ(off_caller.load(), 0);  // alone: all on the caller
+  }
+}
+
 TEST(ThreadPool, NestedLoopsRunWhole) {
   ThreadCount restore;
   set_compute_threads(2);
