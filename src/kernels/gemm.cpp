@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -27,8 +28,8 @@ constexpr std::int64_t kPairsPerPass = 128;
 constexpr std::int64_t kQuadsPerPass = 128;
 // The fewest rows of x gemm_f32_strided gives one block when it splits the rows.
 constexpr std::int64_t kMinBlockRows = 32;
-// What copying one element of x or w costs in multiply-adds, when gemm_f32_strided chooses its blocks.
-constexpr std::int64_t kCopyCost = 16;
+// Row blocks of matmul_f32 are multiples of this many rows, column blocks of 64.
+constexpr std::int64_t kBlockAlign = 16;
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
@@ -147,44 +148,59 @@ std::string describe_gemm() {
 
 void gemm_f32_strided(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y,
                       std::int64_t ldy, bool accumulate) {
+  matmul_f32(false, true, m, n, k, x, k, w, k, y, ldy, accumulate);
+}
+
+void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
+                std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate) {
   if (m == 0 || n == 0) return;
-  // The pool splits the product into blocks of rows of x by ranges of weight rows; each block is one
-  // single-threaded OpenBLAS call, which packs its rows of x and its weight rows: (mt + nt) * k copies
-  // for mt * nt * k multiply-adds. So blocks are as square as the shape allows, about two per thread,
-  // fewer for small products (bench/gemm_bench: 0.98-1.07x OpenBLAS's own threads at 256 rows).
-  // OpenBLAS's own threads are not used here: their barriers wait for a descheduled thread
-  // (bench/contention.sh) and their spinning takes the pool's cores.
-  // Each element's sum is OpenBLAS's k-loop either way (tools/numerics_hashes.sh).
+  if (k == 0) {
+    if (!accumulate) {
+      for (std::int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+    }
+    return;
+  }
+  // The pool splits C into blocks of rows by blocks of columns; each block is one single-threaded
+  // OpenBLAS call, which packs its rows of op(A) and its columns of op(B): (mt + nt) * k copies for
+  // mt * nt * k multiply-adds, so blocks are about square. OpenBLAS's own threads are not used here:
+  // their barriers wait for a descheduled thread (bench/contention.sh) and their spinning takes the
+  // pool's cores.
+  // The blocks depend on the shape alone, never on the thread count: OpenBLAS sums an element in an
+  // order that depends on the block it lies in (its small-matrix kernels, its tails), so blocks chosen
+  // by thread count gave other bits under 1, 2 and 3 threads, and a quantized export that changed with
+  // the machine's cores. About 16 blocks (at least 2^20 multiply-adds each) keep up to 8 threads busy
+  // with a few items each.
   start_thread_pool();  // OpenBLAS single-threaded
   const std::int64_t macs = m * n * k;
-  const std::int64_t wanted = macs < (std::int64_t{1} << 21) ? 1 : 2 * std::int64_t{compute_threads()};
-  std::int64_t best_mt = m, best_nt = n, best_cost = -1;
-  for (std::int64_t mb = 1; mb <= wanted; ++mb) {
-    const std::int64_t nb = (wanted + mb - 1) / mb;
-    const std::int64_t mt = std::max<std::int64_t>(kMinBlockRows, (m + mb - 1) / mb);
-    const std::int64_t nt = ((n + nb - 1) / nb + 63) / 64 * 64;
-    const std::int64_t blocks = ((m + mt - 1) / mt) * ((n + nt - 1) / nt);
-    if (mb > 1 && mt * (mb - 1) >= m) break;  // no more row blocks to be had
-    // Fewer blocks than wanted leave threads idle; among full splits, the least copying.
-    const std::int64_t cost = (blocks < wanted ? (wanted - blocks) * mt * nt : 0) + blocks * (mt + nt) * kCopyCost;
-    if (best_cost < 0 || cost < best_cost) best_cost = cost, best_mt = mt, best_nt = nt;
+  std::int64_t best_mt = m, best_nt = n;
+  if (macs >= (std::int64_t{1} << 21)) {
+    const double target = std::max(static_cast<double>(std::int64_t{1} << 20), static_cast<double>(macs) / 16.0);
+    const auto side = static_cast<std::int64_t>(std::sqrt(target / static_cast<double>(k)));
+    const auto round_up = [](std::int64_t v, std::int64_t to) { return (std::max<std::int64_t>(v, 1) + to - 1) / to * to; };
+    best_mt = std::min(round_up(m, kBlockAlign), round_up(std::max(side, kMinBlockRows), kBlockAlign));
+    best_nt = std::min(round_up(n, 64), round_up(static_cast<std::int64_t>(target / static_cast<double>(best_mt * k)), 64));
   }
   const std::int64_t row_blocks = (m + best_mt - 1) / best_mt, col_blocks = (n + best_nt - 1) / best_nt;
-  parallel_for(row_blocks * col_blocks, [&](std::int64_t b) {
-    const std::int64_t i0 = b / col_blocks * best_mt, j0 = b % col_blocks * best_nt;
+  parallel_for(row_blocks * col_blocks, [&](std::int64_t block) {
+    const std::int64_t i0 = block / col_blocks * best_mt, j0 = block % col_blocks * best_nt;
     const std::int64_t rows = std::min(best_mt, m - i0), cols = std::min(best_nt, n - j0);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(rows), static_cast<blasint>(cols),
-                static_cast<blasint>(k), 1.0f, x + i0 * k, static_cast<blasint>(k), w + j0 * k, static_cast<blasint>(k), accumulate ? 1.0f : 0.0f,
-                y + i0 * ldy + j0, static_cast<blasint>(ldy));
+    // Row i of op(A) starts at a + i * lda untransposed, at column i (a + i) transposed; likewise op(B)'s column j.
+    const float* a_block = transpose_a ? a + i0 : a + i0 * lda;
+    const float* b_block = transpose_b ? b + j0 * ldb : b + j0;
+    cblas_sgemm(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans, transpose_b ? CblasTrans : CblasNoTrans,
+                static_cast<blasint>(rows), static_cast<blasint>(cols), static_cast<blasint>(k), 1.0f, a_block,
+                static_cast<blasint>(lda), b_block, static_cast<blasint>(ldb), accumulate ? 1.0f : 0.0f, c + i0 * ldc + j0,
+                static_cast<blasint>(ldc));
   });
 }
 
 void gemm_f32_rows(const float* x, std::int64_t m, std::int64_t k, const WeightRowsF32& rows_f32, std::int64_t n, float* y) {
   if (m == 0 || n == 0) return;
   start_thread_pool();  // OpenBLAS single-threaded
-  // Blocks of whole 64s of weight rows, about two per thread, at most ~4 MiB of f32 each.
+  // Blocks of whole 64s of weight rows, about 16 (whatever the thread count, as in matmul_f32), at most
+  // ~4 MiB of f32 each.
   const std::int64_t most = std::max<std::int64_t>(64, (std::int64_t{1} << 20) / std::max<std::int64_t>(k, 1) / 64 * 64);
-  const std::int64_t even = ((n + 2 * compute_threads() - 1) / (2 * compute_threads()) + 63) / 64 * 64;
+  const std::int64_t even = ((n + 15) / 16 + 63) / 64 * 64;
   const std::int64_t block = std::min(most, even);
   parallel_for((n + block - 1) / block, [&](std::int64_t b) {
     thread_local std::vector<float> buffer;
@@ -253,6 +269,22 @@ void Int8Panels::multiply(const std::int8_t* x_codes, std::int64_t m, const floa
 }
 
 namespace ref {
+
+void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
+                std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate) {
+  for (std::int64_t i = 0; i < m; ++i) {
+    for (std::int64_t j = 0; j < n; ++j) {
+      double sum = accumulate ? c[i * ldc + j] : 0.0;
+      for (std::int64_t t = 0; t < k; ++t) {
+        const float av = transpose_a ? a[t * lda + i] : a[i * lda + t];
+        const float bv = transpose_b ? b[j * ldb + t] : b[t * ldb + j];
+        sum += static_cast<double>(av) * bv;
+      }
+      c[i * ldc + j] = static_cast<float>(sum);
+    }
+  }
+}
+
 void gemm_f32(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y, bool accumulate) {
   for (std::int64_t i = 0; i < m; ++i) {
     for (std::int64_t j = 0; j < n; ++j) {

@@ -51,6 +51,14 @@ void gemm_f32(const float* x, std::int64_t m, std::int64_t k, const float* w, st
 void gemm_f32_strided(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y,
                       std::int64_t ldy, bool accumulate);
 
+// C[m, n] = op(A) · op(B), plus C when `accumulate`: row-major with leading dimensions lda, ldb, ldc;
+// op(A) is A [m, k] or, transposed, Aᵀ of A [k, m] (op(B) likewise: B [k, n] or Bᵀ of B [n, k]). The pool
+// splits C into blocks, one single-threaded OpenBLAS call each, so every element's sum is the same
+// whatever the thread count. gemm_f32_strided is op(A) = x, op(B) = wᵀ; the backward pass takes
+// dX = dY · W and dW += dYᵀ · X.
+void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
+                std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate);
+
 // Writes weight rows [row0, row0 + rows) (rows <= 64), inputs [0, k), as f32 into out [rows, k].
 using WeightRowsF32 = std::function<void(std::int64_t row0, std::int64_t rows, float* out)>;
 
@@ -84,6 +92,9 @@ class Int8Panels {
 };
 
 namespace ref {
+// matmul_f32 as plain loops, sums in double.
+void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
+                std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate);
 void gemm_f32(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y, bool accumulate = false);
 // The bf16-products definition: x and w rounded to bf16 (nearest even), products summed in double.
 void gemm_bf16_products(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y);

@@ -48,35 +48,53 @@ TEST(Gemm, MatchesReference) {
 }
 
 // Products large enough that the pool splits them into blocks of rows of x by blocks of weight rows
-// (tails in both): every element as one OpenBLAS call over the whole product computes it, bit for bit,
-// into a strided y, accumulating or not; and gemm_f32_rows with weight rows written by a callback.
-TEST(Gemm, SplitProductsEqualOneBlasCall) {
+// (tails in both): the same bits under 1, 2, 3 and 4 threads (the blocks depend on the shape alone),
+// into a strided y, accumulating or not, the columns past n untouched; as one OpenBLAS call over the
+// whole product computes them to rounding; and gemm_f32_rows with weight rows written by a callback.
+TEST(Gemm, SplitProductsAreTheSameAtEveryThreadCount) {
   const int threads = compute_threads();
-  set_compute_threads(4);
   const std::int64_t m = 300, k = 100, n = 200, ldy = 211;
   const auto x = random_values(static_cast<std::size_t>(m * k), 3);
   const auto w = random_values(static_cast<std::size_t>(n * k), 4);
   const auto y0 = random_values(static_cast<std::size_t>(m * ldy), 5);
   for (const bool accumulate : {false, true}) {
-    std::vector<float> split = y0, whole = y0;
-    gemm_f32_strided(x.data(), m, k, w.data(), n, split.data(), ldy, accumulate);
+    std::vector<float> whole = y0, first;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x.data(), k, w.data(), k, accumulate ? 1.0f : 0.0f, whole.data(), ldy);
-    EXPECT_EQ(split, whole) << "accumulate " << accumulate;  // the columns past n untouched too
+    for (const int t : {1, 2, 3, 4}) {
+      set_compute_threads(t);
+      std::vector<float> split = y0;
+      gemm_f32_strided(x.data(), m, k, w.data(), n, split.data(), ldy, accumulate);
+      if (first.empty()) first = split;
+      EXPECT_EQ(split, first) << "threads " << t << ", accumulate " << accumulate;
+    }
+    for (std::int64_t i = 0; i < m; ++i) {
+      for (std::int64_t j = 0; j < ldy; ++j) {
+        const auto at = static_cast<std::size_t>(i * ldy + j);
+        if (j >= n) ASSERT_EQ(first[at], y0[at]);
+        else ASSERT_NEAR(first[at], whole[at], 1e-5f * (1 + std::fabs(whole[at])));
+      }
+    }
   }
-  std::vector<float> rows(static_cast<std::size_t>(m * n)), whole(rows.size()), ref(rows.size());
-  int calls = 0;
-  std::mutex mutex;
-  gemm_f32_rows(x.data(), m, k, [&](std::int64_t r0, std::int64_t count, float* out) {
-    EXPECT_LE(count, 64);
-    std::copy(w.begin() + r0 * k, w.begin() + (r0 + count) * k, out);
-    std::lock_guard<std::mutex> lock(mutex);
-    ++calls;
-  }, n, rows.data());
-  EXPECT_EQ(calls, 4);  // 200 rows: 64 at a time, each once
+  std::vector<float> whole(static_cast<std::size_t>(m * n)), ref(whole.size()), first;
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x.data(), k, w.data(), k, 0.0f, whole.data(), n);
-  EXPECT_EQ(rows, whole);
   ref::gemm_f32(x.data(), m, k, w.data(), n, ref.data());
-  EXPECT_LE(max_relative(rows, ref), 1e-5);
+  for (const int t : {1, 2, 3, 4}) {
+    set_compute_threads(t);
+    std::vector<float> rows(whole.size());
+    int calls = 0;
+    std::mutex mutex;
+    gemm_f32_rows(x.data(), m, k, [&](std::int64_t r0, std::int64_t count, float* out) {
+      EXPECT_LE(count, 64);
+      std::copy(w.begin() + r0 * k, w.begin() + (r0 + count) * k, out);
+      std::lock_guard<std::mutex> lock(mutex);
+      ++calls;
+    }, n, rows.data());
+    EXPECT_EQ(calls, 4);  // 200 rows: 64 at a time, each once
+    if (first.empty()) first = rows;
+    EXPECT_EQ(rows, first) << "threads " << t;
+  }
+  EXPECT_LE(max_relative(first, whole), 1e-5);
+  EXPECT_LE(max_relative(first, ref), 1e-5);
   set_compute_threads(threads);
 }
 
