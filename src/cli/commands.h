@@ -134,6 +134,24 @@ struct QuantizeOptions {
 };
 int run_quantize(const QuantizeOptions& options);
 
+struct TrainCliOptions {
+  std::string model;      // a Hugging Face checkpoint to fine-tune; empty with init
+  std::string init;       // a config.json: a model from scratch (transformers' initialization)
+  std::string tokenizer;  // a directory with tokenizer.json (default: the model's)
+  std::vector<std::string> data;
+  std::string validation;
+  std::int64_t steps = 0;
+  double epochs = 1.0;
+  std::int64_t batch = 8, grad_accum = 1, seq_len = 512, warmup = 0, eval_every = 0, save_every = 0;
+  double lr = 1e-4, min_lr_ratio = 0.1, weight_decay = 0.0, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, clip = 1.0;
+  std::string schedule = "cosine";
+  std::int64_t seed = 0;
+  bool recompute = false, resume = false;
+  std::string out, state, log;
+  std::string dtype = "bf16";
+};
+int run_train(const TrainCliOptions& options);
+
 // "1,2,3", "[1, 2, 3]" or "1 2 3" -> ids; throws Error on anything else.
 std::vector<std::int32_t> parse_ids(const std::string& text);
 

@@ -45,6 +45,10 @@ void CheckpointDirWriter::write_json(const std::string& file, const json& j, int
   io::write_file_atomically((temp_dir_ / file).string(), j.dump(indent) + "\n");
 }
 
+void CheckpointDirWriter::write_text(const std::string& file, const std::string& text) {
+  io::write_file_atomically((temp_dir_ / file).string(), text);
+}
+
 void CheckpointDirWriter::copy_model_files(const std::string& source_dir) {
   for (const char* f : {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja"}) {
     const fs::path from = fs::path(source_dir) / f;

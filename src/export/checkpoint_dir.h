@@ -31,6 +31,7 @@ class CheckpointDirWriter {
   // Writes the current shard out if it has reached the limit (call between layers).
   void maybe_flush();
   void write_json(const std::string& file, const nlohmann::json& j, int indent);
+  void write_text(const std::string& file, const std::string& text);
   // Copies the tokenizer and generation files of `source_dir` that exist.
   void copy_model_files(const std::string& source_dir);
   // Names the shards (model.safetensors, or model-0000i-of-0000N plus the

@@ -1,0 +1,274 @@
+#include "kernels/backward.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+#include "core/thread_pool.h"
+
+namespace mopt::kernels {
+
+namespace {
+
+// Rows per block of a sum over rows (a parameter's gradient): fixed, so the order of additions is too.
+constexpr std::int64_t kSumBlockRows = 64;
+// Query rows per block of attention's scores.
+constexpr std::int64_t kQueryBlock = 128;
+
+blasint B(std::int64_t v) { return static_cast<blasint>(v); }
+
+// The keys query position p sees: [first, p].
+std::int64_t first_key(std::int64_t p, std::int64_t window) { return window > 0 ? std::max<std::int64_t>(0, p - window + 1) : 0; }
+
+void check_bounds(std::span<const std::int64_t> bounds, std::int64_t heads, std::int64_t kv_heads) {
+  if (bounds.size() < 2) fail("attention: a batch needs at least one sequence");
+  for (std::size_t s = 0; s + 1 < bounds.size(); ++s) {
+    if (bounds[s + 1] <= bounds[s]) fail("attention: sequence {} is empty", s);
+  }
+  if (kv_heads <= 0 || heads % kv_heads != 0) fail("attention: {} heads do not group over {} key/value heads", heads, kv_heads);
+}
+
+}  // namespace
+
+void rmsnorm_saving(const float* x, const float* weight, std::int64_t rows, std::int64_t dim, float eps, float* y, float* rstd) {
+  parallel_each(rows, 4, rows > 16, [&](std::int64_t r) {
+    const float* xr = x + r * dim;
+    float* yr = y + r * dim;
+    double sum = 0;
+    for (std::int64_t i = 0; i < dim; ++i) sum += static_cast<double>(xr[i]) * xr[i];
+    const float variance = static_cast<float>(sum / static_cast<double>(dim));
+    const float scale = 1.0f / std::sqrt(variance + eps);
+    rstd[r] = scale;
+    for (std::int64_t i = 0; i < dim; ++i) yr[i] = weight[i] * (xr[i] * scale);
+  });
+}
+
+void rmsnorm_backward(const float* x, const float* weight, const float* rstd, const float* dy, std::int64_t rows,
+                      std::int64_t dim, float* dx, float* dweight) {
+  // y_i = w_i x_i r with r = (mean(x²) + eps)^-1/2, so dx_i = r g_i - x_i r³ (g · x) / dim, g = w ⊙ dy.
+  const std::int64_t blocks = (rows + kSumBlockRows - 1) / kSumBlockRows;
+  std::vector<float> partial(static_cast<std::size_t>(blocks * dim), 0.0f);
+  parallel_each(blocks, 1, rows * dim > 16384, [&](std::int64_t b) {
+    float* dw = partial.data() + b * dim;
+    for (std::int64_t r = b * kSumBlockRows; r < std::min(rows, (b + 1) * kSumBlockRows); ++r) {
+      const float* xr = x + r * dim;
+      const float* gr = dy + r * dim;
+      const float s = rstd[r];
+      double dot = 0;
+      for (std::int64_t i = 0; i < dim; ++i) dot += static_cast<double>(gr[i]) * weight[i] * xr[i];
+      const float c = static_cast<float>(dot / static_cast<double>(dim)) * s * s * s;
+      float* dxr = dx + r * dim;
+      for (std::int64_t i = 0; i < dim; ++i) {
+        dxr[i] += s * (gr[i] * weight[i]) - c * xr[i];
+        dw[i] += gr[i] * (xr[i] * s);
+      }
+    }
+  });
+  for (std::int64_t b = 0; b < blocks; ++b) {
+    for (std::int64_t i = 0; i < dim; ++i) dweight[i] += partial[static_cast<std::size_t>(b * dim + i)];
+  }
+}
+
+void apply_rope_inverse(float* x, std::int64_t rows, std::int64_t heads, std::int64_t head_dim, const std::int32_t* positions,
+                        const std::vector<float>& inv_freq) {
+  const std::int64_t half = head_dim / 2;
+  if (static_cast<std::int64_t>(inv_freq.size()) != half) fail("rope: {} frequencies for head_dim {}", inv_freq.size(), head_dim);
+  parallel_each(rows, 4, rows > 16, [&](std::int64_t r) {
+    thread_local std::vector<float> cos_v, sin_v;
+    cos_v.resize(static_cast<std::size_t>(half));
+    sin_v.resize(static_cast<std::size_t>(half));
+    const auto pos = static_cast<float>(positions[r]);
+    for (std::int64_t i = 0; i < half; ++i) {
+      const float angle = pos * inv_freq[static_cast<std::size_t>(i)];  // the forward's angle, to the bit
+      cos_v[static_cast<std::size_t>(i)] = std::cos(angle);
+      sin_v[static_cast<std::size_t>(i)] = std::sin(angle);
+    }
+    for (std::int64_t h = 0; h < heads; ++h) {
+      float* v = x + (r * heads + h) * head_dim;
+      for (std::int64_t i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        const float c = cos_v[static_cast<std::size_t>(i)], s = sin_v[static_cast<std::size_t>(i)];
+        v[i] = a * c + b * s;
+        v[i + half] = b * c - a * s;
+      }
+    }
+  });
+}
+
+void silu_mul_backward(const float* gate, const float* up, const float* dh, std::int64_t n, float* dgate, float* dup) {
+  auto range = [&](std::int64_t i0, std::int64_t i1) {
+    for (std::int64_t i = i0; i < i1; ++i) {
+      const float g = gate[i];
+      const float sig = 1.0f / (1.0f + std::exp(-g));
+      const float silu = g * sig;
+      dup[i] = dh[i] * silu;
+      dgate[i] = dh[i] * up[i] * (sig * (1.0f + g * (1.0f - sig)));
+    }
+  };
+  if (n > 65536) {
+    parallel_ranges(n, 4096, range);
+  } else {
+    range(0, n);
+  }
+}
+
+void attention_saving(const float* q, const float* k, const float* v, std::span<const std::int64_t> bounds, std::int64_t heads,
+                      std::int64_t kv_heads, std::int64_t d, std::int64_t window, float* out, float* lse) {
+  check_bounds(bounds, heads, kv_heads);
+  const std::int64_t group = heads / kv_heads, q_stride = heads * d, kv_stride = kv_heads * d;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  // Items: (sequence, query block, head).
+  struct Block {
+    std::int64_t offset, i0, rows;
+  };
+  std::vector<Block> blocks;
+  for (std::size_t s = 0; s + 1 < bounds.size(); ++s) {
+    const std::int64_t n = bounds[s + 1] - bounds[s];
+    for (std::int64_t i0 = 0; i0 < n; i0 += kQueryBlock) blocks.push_back({bounds[s], i0, std::min(kQueryBlock, n - i0)});
+  }
+  start_thread_pool();  // OpenBLAS single-threaded
+  parallel_for(static_cast<std::int64_t>(blocks.size()) * heads, [&](std::int64_t item) {
+    const Block& blk = blocks[static_cast<std::size_t>(item / heads)];
+    const std::int64_t h = item % heads, kh = h / group;
+    const std::int64_t k0 = first_key(blk.i0, window), nk = blk.i0 + blk.rows - k0;
+    thread_local std::vector<float> scores;
+    scores.resize(static_cast<std::size_t>(blk.rows * nk));
+    const float* qh = q + (blk.offset + blk.i0) * q_stride + h * d;
+    const float* kb = k + (blk.offset + k0) * kv_stride + kh * d;
+    const float* vb = v + (blk.offset + k0) * kv_stride + kh * d;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B(blk.rows), B(nk), B(d), scale, qh, B(q_stride), kb, B(kv_stride), 0.0f,
+                scores.data(), B(nk));
+    for (std::int64_t r = 0; r < blk.rows; ++r) {
+      const std::int64_t p = blk.i0 + r, first = first_key(p, window) - k0, last = p - k0;
+      float* row = scores.data() + r * nk;
+      float m = -INFINITY;
+      for (std::int64_t j = first; j <= last; ++j) m = std::max(m, row[j]);
+      double total = 0;
+      for (std::int64_t j = first; j <= last; ++j) {
+        row[j] = std::exp(row[j] - m);
+        total += row[j];
+      }
+      const auto inv = static_cast<float>(1.0 / total);
+      std::fill(row, row + first, 0.0f);
+      for (std::int64_t j = first; j <= last; ++j) row[j] *= inv;
+      std::fill(row + last + 1, row + nk, 0.0f);
+      lse[(blk.offset + p) * heads + h] = m + static_cast<float>(std::log(total));
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, B(blk.rows), B(d), B(nk), 1.0f, scores.data(), B(nk), vb, B(kv_stride),
+                0.0f, out + (blk.offset + blk.i0) * q_stride + h * d, B(q_stride));
+  });
+}
+
+void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* lse, const float* dout,
+                        std::span<const std::int64_t> bounds, std::int64_t heads, std::int64_t kv_heads, std::int64_t d,
+                        std::int64_t window, float* dq, float* dk, float* dv) {
+  check_bounds(bounds, heads, kv_heads);
+  const std::int64_t group = heads / kv_heads, q_stride = heads * d, kv_stride = kv_heads * d;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const auto sequences = static_cast<std::int64_t>(bounds.size()) - 1;
+  start_thread_pool();  // OpenBLAS single-threaded
+  // Items: (sequence, key/value head); an item owns its keys' and values' gradients and those of the
+  // queries of its heads, so no two threads add to the same place.
+  parallel_for(sequences * kv_heads, [&](std::int64_t item) {
+    const std::int64_t s = item / kv_heads, kh = item % kv_heads;
+    const std::int64_t offset = bounds[static_cast<std::size_t>(s)], n = bounds[static_cast<std::size_t>(s) + 1] - offset;
+    float* dk_base = dk + offset * kv_stride + kh * d;
+    float* dv_base = dv + offset * kv_stride + kh * d;
+    for (std::int64_t r = 0; r < n; ++r) {
+      std::fill(dk_base + r * kv_stride, dk_base + r * kv_stride + d, 0.0f);
+      std::fill(dv_base + r * kv_stride, dv_base + r * kv_stride + d, 0.0f);
+    }
+    thread_local std::vector<float> p_buf, dp_buf, delta;
+    for (std::int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+      for (std::int64_t i0 = 0; i0 < n; i0 += kQueryBlock) {
+        const std::int64_t rows = std::min(kQueryBlock, n - i0);
+        const std::int64_t k0 = first_key(i0, window), nk = i0 + rows - k0;
+        p_buf.resize(static_cast<std::size_t>(rows * nk));
+        dp_buf.resize(p_buf.size());
+        delta.resize(static_cast<std::size_t>(rows));
+        float* P = p_buf.data();
+        float* dP = dp_buf.data();
+        const float* qh = q + (offset + i0) * q_stride + h * d;
+        const float* oh = out + (offset + i0) * q_stride + h * d;
+        const float* doh = dout + (offset + i0) * q_stride + h * d;
+        const float* kb = k + (offset + k0) * kv_stride + kh * d;
+        const float* vb = v + (offset + k0) * kv_stride + kh * d;
+        // P = softmax(scale · Q Kᵀ), recomputed from the saved log-sum-exp.
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B(rows), B(nk), B(d), scale, qh, B(q_stride), kb, B(kv_stride), 0.0f,
+                    P, B(nk));
+        for (std::int64_t r = 0; r < rows; ++r) {
+          const std::int64_t p = i0 + r, first = first_key(p, window) - k0, last = p - k0;
+          float* row = P + r * nk;
+          const float l = lse[(offset + p) * heads + h];
+          std::fill(row, row + first, 0.0f);
+          for (std::int64_t j = first; j <= last; ++j) row[j] = std::exp(row[j] - l);
+          std::fill(row + last + 1, row + nk, 0.0f);
+          double dot = 0;
+          for (std::int64_t t = 0; t < d; ++t) dot += static_cast<double>(doh[r * q_stride + t]) * oh[r * q_stride + t];
+          delta[static_cast<std::size_t>(r)] = static_cast<float>(dot);
+        }
+        // dV += Pᵀ dO; dP = dO Vᵀ.
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, B(nk), B(d), B(rows), 1.0f, P, B(nk), doh, B(q_stride), 1.0f,
+                    dv_base + (k0)*kv_stride, B(kv_stride));
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B(rows), B(nk), B(d), 1.0f, doh, B(q_stride), vb, B(kv_stride), 0.0f,
+                    dP, B(nk));
+        // dS = P ⊙ (dP - rowsum(dO ⊙ O)), the softmax's gradient (zero where P is).
+        for (std::int64_t r = 0; r < rows; ++r) {
+          const float dl = delta[static_cast<std::size_t>(r)];
+          for (std::int64_t j = 0; j < nk; ++j) dP[r * nk + j] = P[r * nk + j] * (dP[r * nk + j] - dl);
+        }
+        // dQ = scale · dS K; dK += scale · dSᵀ Q.
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, B(rows), B(d), B(nk), scale, dP, B(nk), kb, B(kv_stride), 0.0f,
+                    dq + (offset + i0) * q_stride + h * d, B(q_stride));
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, B(nk), B(d), B(rows), scale, dP, B(nk), qh, B(q_stride), 1.0f,
+                    dk_base + k0 * kv_stride, B(kv_stride));
+      }
+    }
+  });
+}
+
+double cross_entropy_backward(float* logits, const std::int32_t* targets, std::int64_t rows, std::int64_t vocab, float grad_scale) {
+  std::vector<double> losses(static_cast<std::size_t>(rows));
+  parallel_each(rows, 1, rows * vocab > 65536, [&](std::int64_t r) {
+    float* row = logits + r * vocab;
+    const std::int32_t t = targets[r];
+    if (t < 0 || t >= vocab) fail("cross-entropy: target {} of row {} is outside the vocabulary of {}", t, r, vocab);
+    float m = -INFINITY;
+    for (std::int64_t j = 0; j < vocab; ++j) m = std::max(m, row[j]);
+    double total = 0;
+    for (std::int64_t j = 0; j < vocab; ++j) total += std::exp(static_cast<double>(row[j] - m));
+    const double log_total = std::log(total);
+    losses[static_cast<std::size_t>(r)] = static_cast<double>(m) + log_total - row[t];
+    const auto shift = static_cast<float>(static_cast<double>(m) + log_total);
+    for (std::int64_t j = 0; j < vocab; ++j) row[j] = std::exp(row[j] - shift) * grad_scale;
+    row[t] -= grad_scale;
+  });
+  double sum = 0;
+  for (const double l : losses) sum += l;
+  return sum;
+}
+
+void embedding_backward(const std::int32_t* tokens, std::int64_t rows, const float* dy, std::int64_t dim, float* dtable) {
+  // Columns split over the threads; within a column the rows add in order.
+  parallel_ranges(dim, 64, [&](std::int64_t c0, std::int64_t c1) {
+    for (std::int64_t r = 0; r < rows; ++r) {
+      float* dst = dtable + static_cast<std::int64_t>(tokens[r]) * dim;
+      const float* src = dy + r * dim;
+      for (std::int64_t c = c0; c < c1; ++c) dst[c] += src[c];
+    }
+  });
+}
+
+void bias_backward(const float* dy, std::int64_t rows, std::int64_t n, float* dbias) {
+  parallel_ranges(n, 64, [&](std::int64_t c0, std::int64_t c1) {
+    for (std::int64_t c = c0; c < c1; ++c) {
+      double sum = 0;
+      for (std::int64_t r = 0; r < rows; ++r) sum += dy[r * n + c];
+      dbias[c] += static_cast<float>(sum);
+    }
+  });
+}
+
+}  // namespace mopt::kernels

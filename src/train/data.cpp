@@ -1,0 +1,124 @@
+#include "train/data.h"
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "io/json_util.h"
+
+namespace mopt::train {
+
+namespace {
+
+std::uint64_t splitmix64(std::uint64_t& state) {
+  std::uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+void add_document(const std::string& text, const io::Tokenizer& tokenizer, std::int64_t seq_len, std::vector<Example>& out) {
+  const std::vector<std::int32_t> prefix = tokenizer.prefix_special_ids();
+  const auto piece = seq_len - static_cast<std::int64_t>(prefix.size());
+  if (piece < 1) fail("sequence length {} leaves no room after the tokenizer's {} prefix tokens", seq_len, prefix.size());
+  const std::vector<std::int32_t> ids = tokenizer.encode(text, false);
+  for (std::size_t start = 0; start < ids.size(); start += static_cast<std::size_t>(piece)) {
+    const std::size_t end = std::min(ids.size(), start + static_cast<std::size_t>(piece));
+    Example e;
+    e.tokens = prefix;
+    e.tokens.insert(e.tokens.end(), ids.begin() + static_cast<std::ptrdiff_t>(start), ids.begin() + static_cast<std::ptrdiff_t>(end));
+    if (e.tokens.size() < 2) continue;
+    e.targets.assign(e.tokens.begin() + 1, e.tokens.end());
+    e.targets.push_back(-1);
+    out.push_back(std::move(e));
+  }
+}
+
+}  // namespace
+
+std::vector<Example> read_examples(const std::string& path, const io::Tokenizer& tokenizer, std::int64_t seq_len, std::int32_t eos_id) {
+  if (seq_len < 2) fail("sequence length {}: at least 2 tokens", seq_len);
+  const std::string text = io::read_text_file(path);
+  std::vector<Example> out;
+  const bool jsonl = path.ends_with(".jsonl");
+  if (!jsonl) {
+    add_document(text, tokenizer, seq_len, out);
+    if (out.empty()) fail("{}: no text to train on", path);
+    return out;
+  }
+  std::size_t start = 0;
+  std::int64_t line_no = 0;
+  while (start < text.size()) {
+    std::size_t end = text.find('\n', start);
+    if (end == std::string::npos) end = text.size();
+    ++line_no;
+    const std::string_view line(text.data() + start, end - start);
+    start = end + 1;
+    if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
+    const std::string label = path + ":" + std::to_string(line_no);
+    const nlohmann::json j = io::parse_json_unique_keys(line, label);
+    if (!j.is_object()) fail("{}: a record must be a JSON object", label);
+    if (j.contains("text")) {
+      if (!j["text"].is_string()) fail("{}: \"text\" must be a string", label);
+      add_document(j["text"].get<std::string>(), tokenizer, seq_len, out);
+      continue;
+    }
+    if (!j.contains("prompt") || !j.contains("response") || !j["prompt"].is_string() || !j["response"].is_string()) {
+      fail("{}: a record needs a string \"text\", or string \"prompt\" and \"response\" fields", label);
+    }
+    Example e;
+    e.tokens = tokenizer.prefix_special_ids();
+    const auto prompt = tokenizer.encode(j["prompt"].get<std::string>(), false);
+    e.tokens.insert(e.tokens.end(), prompt.begin(), prompt.end());
+    const auto first_response = static_cast<std::int64_t>(e.tokens.size());
+    const auto response = tokenizer.encode(j["response"].get<std::string>(), false);
+    e.tokens.insert(e.tokens.end(), response.begin(), response.end());
+    if (eos_id >= 0) e.tokens.push_back(eos_id);
+    if (static_cast<std::int64_t>(e.tokens.size()) > seq_len) e.tokens.resize(static_cast<std::size_t>(seq_len));
+    // Row i predicts token i + 1: a target where that token belongs to the response (or is the EOS).
+    e.targets.assign(e.tokens.size(), -1);
+    std::int64_t counted = 0;
+    for (std::int64_t i = std::max<std::int64_t>(0, first_response - 1); i + 1 < static_cast<std::int64_t>(e.tokens.size()); ++i) {
+      e.targets[static_cast<std::size_t>(i)] = e.tokens[static_cast<std::size_t>(i + 1)];
+      ++counted;
+    }
+    if (counted == 0) fail("{}: the prompt takes all {} tokens of the sequence length: no response token is left to learn", label, seq_len);
+    out.push_back(std::move(e));
+  }
+  if (out.empty()) fail("{}: no examples", path);
+  return out;
+}
+
+DataOrder::DataOrder(std::int64_t examples, std::uint64_t seed) : examples_(examples), seed_(seed) {
+  if (examples <= 0) fail("training needs at least one example");
+}
+
+const std::vector<std::int64_t>& DataOrder::order(std::int64_t epoch) {
+  if (epoch == cached_epoch_) return cached_;
+  cached_.resize(static_cast<std::size_t>(examples_));
+  for (std::int64_t i = 0; i < examples_; ++i) cached_[static_cast<std::size_t>(i)] = i;
+  // Fisher-Yates with splitmix64: the same order on every platform.
+  std::uint64_t state = seed_ ^ (0xD1B54A32D192ED03ull * static_cast<std::uint64_t>(epoch + 1));
+  for (std::size_t i = cached_.size() - 1; i > 0; --i) std::swap(cached_[i], cached_[static_cast<std::size_t>(splitmix64(state) % (i + 1))]);
+  cached_epoch_ = epoch;
+  return cached_;
+}
+
+std::vector<std::int64_t> DataOrder::take(std::int64_t count) {
+  std::vector<std::int64_t> out;
+  for (std::int64_t i = 0; i < count; ++i, ++cursor_) out.push_back(order(cursor_ / examples_)[static_cast<std::size_t>(cursor_ % examples_)]);
+  return out;
+}
+
+Batch make_batch(const std::vector<Example>& examples, std::span<const std::int64_t> indices) {
+  Batch b;
+  b.bounds.push_back(0);
+  for (const std::int64_t i : indices) {
+    const Example& e = examples.at(static_cast<std::size_t>(i));
+    b.tokens.insert(b.tokens.end(), e.tokens.begin(), e.tokens.end());
+    b.targets.insert(b.targets.end(), e.targets.begin(), e.targets.end());
+    b.bounds.push_back(static_cast<std::int64_t>(b.tokens.size()));
+  }
+  return b;
+}
+
+}  // namespace mopt::train

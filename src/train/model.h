@@ -1,0 +1,103 @@
+// A Llama-family model as training holds it: every parameter an owned f32 tensor with its gradient,
+// a forward pass that keeps what the backward needs, and the backward pass (llm.c-style: one
+// explicit function per layer, the activations it needs saved in buffers of their own).
+//
+// The loss is the cross-entropy of next-token prediction summed over the rows that have a target
+// (targets < 0 are ignored: padding, the prompt of a supervised example) and scaled by the caller's
+// grad_scale (1 / the targets of a whole optimizer step, so micro-batches add up to the step's mean).
+//
+// Memory: parameters and gradients, plus either every layer's activations (the default) or, with
+// recomputation, each layer's input and one layer's activations: the layer is run forward again just
+// before its backward.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "io/checkpoint.h"
+#include "io/hf_config.h"
+
+namespace mopt::train {
+
+struct Parameter {
+  std::string name;  // the Hugging Face name, "model.layers.0.self_attn.q_proj.weight"
+  Shape shape;
+  std::vector<float> value;
+  std::vector<float> grad;
+  std::int64_t numel() const { return static_cast<std::int64_t>(value.size()); }
+};
+
+// A packed batch: sequence s holds rows [bounds[s], bounds[s + 1]) at positions 0, 1, ...
+// targets[r] is the token row r should predict (its next token), or < 0 for none.
+struct Batch {
+  std::vector<std::int32_t> tokens;
+  std::vector<std::int32_t> targets;
+  std::vector<std::int64_t> bounds;
+  std::int64_t rows() const { return static_cast<std::int64_t>(tokens.size()); }
+  std::int64_t target_count() const;
+  // Throws Error naming `label` when the sizes disagree, a token or target is outside the
+  // vocabulary or a sequence is empty.
+  void check(std::int64_t vocab, const std::string& label) const;
+};
+
+struct LossResult {
+  double loss_sum = 0;         // the summed cross-entropy over the batch's targets (nats)
+  std::int64_t targets = 0;    // how many rows had one
+};
+
+class TrainableModel {
+ public:
+  // Every tensor of the checkpoint widened to f32.
+  static TrainableModel from_checkpoint(const io::Checkpoint& checkpoint);
+  // A model initialized as transformers initializes it: Linear weights and embeddings normal with
+  // std = initializer_range (the config's, 0.02 when absent), biases zero, norms one. Seeded.
+  static TrainableModel initialize(const io::ModelConfig& config, std::uint64_t seed);
+
+  const io::ModelConfig& config() const { return config_; }
+  std::vector<Parameter>& parameters() { return params_; }
+  const std::vector<Parameter>& parameters() const { return params_; }
+  const Parameter& parameter(std::string_view name) const;
+
+  // Recompute each layer's activations in the backward pass instead of keeping them all.
+  void set_recompute(bool recompute) { recompute_ = recompute; }
+
+  // Forward and backward over the batch: adds grad_scale x the gradient of the summed loss to every
+  // parameter's grad, and returns the summed loss.
+  LossResult forward_backward(const Batch& batch, float grad_scale);
+  // The forward pass alone (validation): the summed loss.
+  LossResult loss(const Batch& batch);
+
+  void zero_grad();
+  // Bytes of activations the last forward_backward kept (for reports and the memory test).
+  std::uint64_t activation_bytes() const { return activation_bytes_; }
+
+ private:
+  struct LayerIndex {
+    int input_norm = -1, post_norm = -1, q_norm = -1, k_norm = -1;
+    int q = -1, k = -1, v = -1, o = -1, gate = -1, up = -1, down = -1;
+    int q_bias = -1, k_bias = -1, v_bias = -1, o_bias = -1, gate_bias = -1, up_bias = -1, down_bias = -1;
+  };
+  struct Saved;  // one layer's activations
+  struct Scratch;
+
+  TrainableModel(io::ModelConfig config, std::vector<Parameter> params);
+  const float* value(int index) const { return params_[static_cast<std::size_t>(index)].value.data(); }
+  float* grad(int index) { return params_[static_cast<std::size_t>(index)].grad.data(); }
+  void layer_forward(std::int64_t layer, const float* x, std::int64_t rows, std::span<const std::int64_t> bounds, Saved& saved,
+                     float* out) const;
+  void layer_backward(std::int64_t layer, std::int64_t rows, std::span<const std::int64_t> bounds, const Saved& saved,
+                      float* dhidden, Scratch& scratch);
+  LossResult run(const Batch& batch, float grad_scale, bool backward);
+
+  io::ModelConfig config_;
+  std::vector<Parameter> params_;
+  std::vector<LayerIndex> layers_;
+  int embed_ = -1, final_norm_ = -1, head_ = -1;  // head_: the embeddings when tied
+  std::vector<float> inv_freq_;
+  bool recompute_ = false;
+  std::uint64_t activation_bytes_ = 0;
+};
+
+}  // namespace mopt::train

@@ -1,0 +1,83 @@
+#include "train/optimizer.h"
+
+#include <cmath>
+#include <numbers>
+
+#include "core/error.h"
+#include "core/thread_pool.h"
+
+namespace mopt::train {
+
+AdamW::AdamW(const std::vector<Parameter>& params, AdamWSettings settings, std::vector<bool> decay)
+    : settings_(settings), decay_(std::move(decay)) {
+  if (decay_.size() != params.size()) fail("AdamW: {} decay flags for {} parameters", decay_.size(), params.size());
+  for (const auto& p : params) {
+    m_.emplace_back(p.value.size(), 0.0f);
+    v_.emplace_back(p.value.size(), 0.0f);
+  }
+}
+
+void AdamW::step(std::vector<Parameter>& params, double lr) {
+  ++step_;
+  const auto& s = settings_;
+  const double t = static_cast<double>(step_);
+  const double step_size = lr / (1.0 - std::pow(s.beta1, t));
+  const double correction2_sqrt = std::sqrt(1.0 - std::pow(s.beta2, t));
+  const auto b1 = static_cast<float>(s.beta1), b2 = static_cast<float>(s.beta2);
+  const auto eps = static_cast<float>(s.eps), size = static_cast<float>(step_size), c2 = static_cast<float>(correction2_sqrt);
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    auto& p = params[i];
+    const auto shrink = static_cast<float>(decay_[i] ? 1.0 - lr * s.weight_decay : 1.0);
+    float* value = p.value.data();
+    const float* grad = p.grad.data();
+    float* m = m_[i].data();
+    float* v = v_[i].data();
+    parallel_ranges(p.numel(), 16384, [&](std::int64_t i0, std::int64_t i1) {
+      for (std::int64_t j = i0; j < i1; ++j) {
+        const float g = grad[j];
+        value[j] *= shrink;
+        m[j] += (1.0f - b1) * (g - m[j]);
+        v[j] = b2 * v[j] + (1.0f - b2) * g * g;
+        value[j] -= size * m[j] / (std::sqrt(v[j]) / c2 + eps);
+      }
+    });
+  }
+}
+
+double gradient_norm(const std::vector<Parameter>& params) {
+  double sum = 0;
+  for (const auto& p : params) {
+    for (const float g : p.grad) sum += static_cast<double>(g) * g;
+  }
+  return std::sqrt(sum);
+}
+
+double clip_gradients(std::vector<Parameter>& params, double max_norm) {
+  const double norm = gradient_norm(params);
+  if (max_norm <= 0) return norm;
+  const double coef = max_norm / (norm + 1e-6);
+  if (coef < 1.0) {
+    const auto c = static_cast<float>(coef);
+    for (auto& p : params) {
+      for (float& g : p.grad) g *= c;
+    }
+  }
+  return norm;
+}
+
+Schedule parse_schedule(const std::string& name) {
+  if (name == "constant") return Schedule::constant;
+  if (name == "linear") return Schedule::linear;
+  if (name == "cosine") return Schedule::cosine;
+  fail("unknown learning-rate schedule '{}' (constant, linear or cosine)", name);
+}
+
+double learning_rate(double lr, Schedule schedule, std::int64_t step, std::int64_t total, std::int64_t warmup, double min_ratio) {
+  if (step < warmup) return lr * static_cast<double>(step + 1) / static_cast<double>(warmup);
+  if (schedule == Schedule::constant) return lr;
+  const double progress = total > warmup ? static_cast<double>(step - warmup) / static_cast<double>(total - warmup) : 1.0;
+  const double shape = schedule == Schedule::linear ? 1.0 - progress : 0.5 * (1.0 + std::cos(std::numbers::pi * progress));
+  return lr * (min_ratio + (1.0 - min_ratio) * shape);
+}
+
+}  // namespace mopt::train

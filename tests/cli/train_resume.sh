@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# `mopt train` killed with kill -9 and resumed from its training state ends with exactly the weights
+# (and the log's losses) of an uninterrupted run; the killed run leaves no output directory; the
+# trained model loads and evaluates. Usage: train_resume.sh MOPT MODEL TEXT WORKDIR
+set -euo pipefail
+mopt=$1 model=$2 text=$3 work=$4
+rm -rf "$work"
+mkdir -p "$work"
+args=(train "$model" --data "$text" --steps 10 --batch 2 --seq-len 48 --lr 3e-4 --warmup 2 --weight-decay 0.1
+      --save-every 1 --dtype f32)
+"$mopt" "${args[@]}" --out "$work/whole" > "$work/whole.out" 2>&1 || { cat "$work/whole.out"; exit 1; }
+
+"$mopt" "${args[@]}" --out "$work/resumed" --log "$work/live.jsonl" > "$work/killed.out" 2>&1 &
+pid=$!
+# Kill it once four steps are logged (the state is saved after every step).
+for _ in $(seq 1 600); do
+  [ -f "$work/live.jsonl" ] && [ "$(wc -l < "$work/live.jsonl")" -ge 4 ] && break
+  sleep 0.02
+done
+kill -9 "$pid" 2>/dev/null || true
+wait "$pid" 2>/dev/null || true
+if [ -e "$work/resumed" ]; then echo "FAIL: the run finished before it was killed; nothing was tested"; exit 1; fi
+ls "$work"/resumed.tmp-* >/dev/null 2>&1 && { echo "FAIL: the killed run left a temporary directory"; exit 1; }
+step=$(wc -l < "$work/live.jsonl")
+echo "killed after $step logged steps"
+
+"$mopt" "${args[@]}" --out "$work/resumed" --resume > "$work/resume.out" 2>&1 || { cat "$work/resume.out"; exit 1; }
+grep -q "resuming .* at step" "$work/resume.out" || { echo "FAIL: did not resume"; cat "$work/resume.out"; exit 1; }
+cmp "$work/whole/model.safetensors" "$work/resumed/model.safetensors" || { echo "FAIL: the resumed run's weights differ"; exit 1; }
+strip() { sed -E 's/,?"tokens_per_s":[0-9.e+-]+//' "$1"; }
+diff <(strip "$work/whole/train_log.jsonl") <(strip "$work/resumed/train_log.jsonl") || { echo "FAIL: the logs differ"; exit 1; }
+[ "$(wc -l < "$work/whole/train_log.jsonl")" -eq 10 ] || { echo "FAIL: the log does not have 10 steps"; exit 1; }
+grep -q "<svg" "$work/whole/loss_curve.svg" || { echo "FAIL: no loss curve"; exit 1; }
+head -c 4000 "$text" > "$work/small.txt"
+"$mopt" eval ppl "$work/whole" --text "$work/small.txt" --ctx 128 > "$work/ppl.out" 2>&1 || { cat "$work/ppl.out"; exit 1; }
+echo "PASS: resumed at step $step, weights and log identical to the uninterrupted run"
