@@ -198,7 +198,7 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--warmup", train.warmup, "Linear warmup steps (default 0)")->check(CLI::NonNegativeNumber);
   train_cmd->add_option("--schedule", train.schedule, "constant, linear or cosine (default), decaying to --min-lr-ratio x --lr");
   train_cmd->add_option("--min-lr-ratio", train.min_lr_ratio, "Where linear and cosine decay end, a fraction of --lr (default 0.1)");
-  train_cmd->add_option("--weight-decay", train.weight_decay, "AdamW's decoupled weight decay on matrices (default 0)");
+  train_cmd->add_option("--weight-decay", train.weight_decay, "AdamW's decoupled weight decay on the Linear and head matrices, not norms, biases or embeddings (default 0)");
   train_cmd->add_option("--beta1", train.beta1, "AdamW beta1 (default 0.9)");
   train_cmd->add_option("--beta2", train.beta2, "AdamW beta2 (default 0.95)");
   train_cmd->add_option("--clip", train.clip, "Global gradient-norm limit (default 1; 0: none)");

@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/cpu_features.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "kernels/ops_simd.h"
 
 namespace mopt::kernels {
 
@@ -16,6 +18,24 @@ namespace {
 constexpr std::int64_t kSumBlockRows = 64;
 // Query rows per block of attention's scores.
 constexpr std::int64_t kQueryBlock = 128;
+
+// The AVX2 exponentials of ops_simd.h (within 2 ulp of std::exp), where the CPU has them.
+bool simd_ops() {
+  static const bool yes = cpu_features().avx2 && cpu_features().fma;
+  return yes;
+}
+
+// row[j] = e^(row[j] - shift) over [0, n); returns the sum (in double on the plain path).
+double exp_shifted(float* row, std::int64_t n, float shift) {
+  if (n <= 0) return 0.0;
+  if (simd_ops()) return avx2::exp_shifted_sum(row, n, shift);
+  double total = 0;
+  for (std::int64_t j = 0; j < n; ++j) {
+    row[j] = std::exp(row[j] - shift);
+    total += row[j];
+  }
+  return total;
+}
 
 blasint B(std::int64_t v) { return static_cast<blasint>(v); }
 
@@ -98,7 +118,12 @@ void apply_rope_inverse(float* x, std::int64_t rows, std::int64_t heads, std::in
 }
 
 void silu_mul_backward(const float* gate, const float* up, const float* dh, std::int64_t n, float* dgate, float* dup) {
+  const bool simd = simd_ops();
   auto range = [&](std::int64_t i0, std::int64_t i1) {
+    if (simd) {
+      avx2::silu_mul_backward(gate + i0, up + i0, dh + i0, i1 - i0, dgate + i0, dup + i0);
+      return;
+    }
     for (std::int64_t i = i0; i < i1; ++i) {
       const float g = gate[i];
       const float sig = 1.0f / (1.0f + std::exp(-g));
@@ -145,11 +170,7 @@ void attention_saving(const float* q, const float* k, const float* v, std::span<
       float* row = scores.data() + r * nk;
       float m = -INFINITY;
       for (std::int64_t j = first; j <= last; ++j) m = std::max(m, row[j]);
-      double total = 0;
-      for (std::int64_t j = first; j <= last; ++j) {
-        row[j] = std::exp(row[j] - m);
-        total += row[j];
-      }
+      const double total = exp_shifted(row + first, last - first + 1, m);
       const auto inv = static_cast<float>(1.0 / total);
       std::fill(row, row + first, 0.0f);
       for (std::int64_t j = first; j <= last; ++j) row[j] *= inv;
@@ -203,7 +224,7 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
           float* row = P + r * nk;
           const float l = lse[(offset + p) * heads + h];
           std::fill(row, row + first, 0.0f);
-          for (std::int64_t j = first; j <= last; ++j) row[j] = std::exp(row[j] - l);
+          exp_shifted(row + first, last - first + 1, l);
           std::fill(row + last + 1, row + nk, 0.0f);
           double dot = 0;
           for (std::int64_t t = 0; t < d; ++t) dot += static_cast<double>(doh[r * q_stride + t]) * oh[r * q_stride + t];
@@ -237,12 +258,11 @@ double cross_entropy_backward(float* logits, const std::int32_t* targets, std::i
     if (t < 0 || t >= vocab) fail("cross-entropy: target {} of row {} is outside the vocabulary of {}", t, r, vocab);
     float m = -INFINITY;
     for (std::int64_t j = 0; j < vocab; ++j) m = std::max(m, row[j]);
-    double total = 0;
-    for (std::int64_t j = 0; j < vocab; ++j) total += std::exp(static_cast<double>(row[j] - m));
-    const double log_total = std::log(total);
-    losses[static_cast<std::size_t>(r)] = static_cast<double>(m) + log_total - row[t];
-    const auto shift = static_cast<float>(static_cast<double>(m) + log_total);
-    for (std::int64_t j = 0; j < vocab; ++j) row[j] = std::exp(row[j] - shift) * grad_scale;
+    const float target_logit = row[t];
+    const double total = exp_shifted(row, vocab, m);
+    losses[static_cast<std::size_t>(r)] = static_cast<double>(m) + std::log(total) - target_logit;
+    const auto factor = static_cast<float>(grad_scale / total);
+    for (std::int64_t j = 0; j < vocab; ++j) row[j] *= factor;
     row[t] -= grad_scale;
   });
   double sum = 0;

@@ -100,4 +100,25 @@ void silu_mul(float* gate, const float* up, std::int64_t n) {
   for (; i < n; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
+void silu_mul_backward(const float* gate, const float* up, const float* dh, std::int64_t n, float* dgate, float* dup) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i), u = _mm256_loadu_ps(up + i), d = _mm256_loadu_ps(dh + i);
+    const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_xor_ps(g, sign))));
+    const __m256 silu = _mm256_mul_ps(g, sig);
+    _mm256_storeu_ps(dup + i, _mm256_mul_ps(d, silu));
+    // sig * (1 + g * (1 - sig))
+    const __m256 slope = _mm256_mul_ps(sig, _mm256_fmadd_ps(g, _mm256_sub_ps(one, sig), one));
+    _mm256_storeu_ps(dgate + i, _mm256_mul_ps(_mm256_mul_ps(d, u), slope));
+  }
+  for (; i < n; ++i) {
+    const float g = gate[i];
+    const float sig = 1.0f / (1.0f + std::exp(-g));
+    dup[i] = dh[i] * (g * sig);
+    dgate[i] = dh[i] * up[i] * (sig * (1.0f + g * (1.0f - sig)));
+  }
+}
+
 }  // namespace mopt::kernels::avx2

@@ -12,5 +12,7 @@ void exp_inplace(float* x, std::int64_t n);
 float exp_shifted_sum(float* row, std::int64_t n, float shift);
 // gate[i] = silu(gate[i]) * up[i] = gate / (1 + e^-gate) * up.
 void silu_mul(float* gate, const float* up, std::int64_t n);
+// The gradient of silu(gate) * up: dgate and dup from dh (kernels::silu_mul_backward).
+void silu_mul_backward(const float* gate, const float* up, const float* dh, std::int64_t n, float* dgate, float* dup);
 
 }  // namespace mopt::kernels::avx2

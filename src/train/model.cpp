@@ -79,23 +79,13 @@ void Batch::check(std::int64_t vocab, const std::string& label) const {
   }
 }
 
-// One layer's activations, what its backward reads.
-struct TrainableModel::Saved {
-  std::vector<float> x_in, rstd1, n1, q_lin, k_lin, rstd_q, rstd_k, q, k, v, attn, lse, x_mid, rstd2, n2, gate, up, h;
-  std::uint64_t bytes() const {
-    std::uint64_t n = 0;
-    for (const auto* b : {&x_in, &rstd1, &n1, &q_lin, &k_lin, &rstd_q, &rstd_k, &q, &k, &v, &attn, &lse, &x_mid, &rstd2, &n2, &gate,
-                          &up, &h}) {
-      n += b->size() * sizeof(float);
-    }
-    return n;
+std::uint64_t TrainableModel::Saved::bytes() const {
+  std::uint64_t n = 0;
+  for (const auto* b : {&x_in, &rstd1, &n1, &q_lin, &k_lin, &rstd_q, &rstd_k, &q, &k, &v, &attn, &lse, &x_mid, &rstd2, &n2, &gate, &up, &h}) {
+    n += b->size() * sizeof(float);
   }
-};
-
-struct TrainableModel::Scratch {
-  std::vector<float> dh, dgate, dup, dn, dattn, dq, dk, dv, dlin;
-  std::vector<std::int32_t> positions;
-};
+  return n;
+}
 
 TrainableModel::TrainableModel(io::ModelConfig config, std::vector<Parameter> params)
     : config_(std::move(config)), params_(std::move(params)) {
@@ -264,26 +254,31 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
   const auto eps = static_cast<float>(c.rms_norm_eps);
 
   // Embeddings.
-  std::vector<float> hidden(static_cast<std::size_t>(rows * H));
+  std::vector<float>& hidden = sized(hidden_, rows * H);
   const float* table = value(embed_);
   for (std::int64_t r = 0; r < rows; ++r) {
     std::memcpy(hidden.data() + r * H, table + static_cast<std::int64_t>(batch.tokens[static_cast<std::size_t>(r)]) * H, H * sizeof(float));
   }
   // Layers: every layer's activations kept, or (recomputing, or the forward alone) one set reused.
   const bool keep_all = backward && !recompute_;
-  std::vector<Saved> saved(keep_all ? static_cast<std::size_t>(L) : 1);
-  std::vector<std::vector<float>> inputs(backward && recompute_ ? static_cast<std::size_t>(L) : 0);
+  const std::size_t sets = keep_all ? static_cast<std::size_t>(L) : 1;
+  if (saved_.size() < sets) saved_.resize(sets);
+  const bool keep_inputs = backward && recompute_;
+  if (keep_inputs && inputs_.size() < static_cast<std::size_t>(L)) inputs_.resize(static_cast<std::size_t>(L));
   for (std::int64_t l = 0; l < L; ++l) {
-    if (!inputs.empty()) inputs[static_cast<std::size_t>(l)] = hidden;
-    layer_forward(l, hidden.data(), rows, batch.bounds, saved[keep_all ? static_cast<std::size_t>(l) : 0], hidden.data());
+    if (keep_inputs) inputs_[static_cast<std::size_t>(l)].assign(hidden.begin(), hidden.end());
+    layer_forward(l, hidden.data(), rows, batch.bounds, saved_[keep_all ? static_cast<std::size_t>(l) : 0], hidden.data());
   }
   activation_bytes_ = 0;
-  for (const auto& s : saved) activation_bytes_ += s.bytes();
-  for (const auto& in : inputs) activation_bytes_ += in.size() * sizeof(float);
+  for (std::size_t i = 0; i < sets; ++i) activation_bytes_ += saved_[i].bytes();
+  if (keep_inputs) {
+    for (const auto& in : inputs_) activation_bytes_ += in.size() * sizeof(float);
+  }
 
   // Final norm, head and loss over the rows with a target, a chunk of rows at a time so that the
   // logits never take more than ~32 MiB whatever the vocabulary.
-  std::vector<float> normed(static_cast<std::size_t>(rows * H)), rstd(static_cast<std::size_t>(rows));
+  std::vector<float>& normed = sized(normed_, rows * H);
+  std::vector<float>& rstd = sized(rstd_, rows);
   kernels::rmsnorm_saving(hidden.data(), value(final_norm_), rows, H, eps, normed.data(), rstd.data());
   std::vector<std::int64_t> chosen;
   for (std::int64_t r = 0; r < rows; ++r) {
@@ -291,38 +286,39 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
   }
   LossResult result;
   result.targets = static_cast<std::int64_t>(chosen.size());
-  std::vector<float> dnormed(backward ? static_cast<std::size_t>(rows * H) : 0, 0.0f);
+  if (backward) dnormed_.assign(static_cast<std::size_t>(rows * H), 0.0f);
   const std::int64_t chunk = std::max<std::int64_t>(1, (std::int64_t{8} << 20) / V);
-  std::vector<float> x, logits, dx;
   std::vector<std::int32_t> targets;
   const float* head = value(head_);
   for (std::int64_t c0 = 0; c0 < result.targets; c0 += chunk) {
     const std::int64_t n = std::min(chunk, result.targets - c0);
-    sized(x, n * H);
+    float* x = sized(x_, n * H).data();
     targets.resize(static_cast<std::size_t>(n));
     for (std::int64_t i = 0; i < n; ++i) {
       const std::int64_t r = chosen[static_cast<std::size_t>(c0 + i)];
-      std::memcpy(x.data() + i * H, normed.data() + r * H, H * sizeof(float));
+      std::memcpy(x + i * H, normed.data() + r * H, H * sizeof(float));
       targets[static_cast<std::size_t>(i)] = batch.targets[static_cast<std::size_t>(r)];
     }
-    kernels::gemm_f32(x.data(), n, H, head, V, sized(logits, n * V).data());
-    result.loss_sum += kernels::cross_entropy_backward(logits.data(), targets.data(), n, V, grad_scale);
+    float* logits = sized(logits_, n * V).data();
+    kernels::gemm_f32(x, n, H, head, V, logits);
+    result.loss_sum += kernels::cross_entropy_backward(logits, targets.data(), n, V, grad_scale);
     if (!backward) continue;
-    matmul_f32(true, false, V, H, n, logits.data(), V, x.data(), H, grad(head_), H, true);
-    matmul_f32(false, false, n, H, V, logits.data(), V, head, H, sized(dx, n * H).data(), H, false);
+    matmul_f32(true, false, V, H, n, logits, V, x, H, grad(head_), H, true);
+    float* dx = sized(dx_, n * H).data();
+    matmul_f32(false, false, n, H, V, logits, V, head, H, dx, H, false);
     for (std::int64_t i = 0; i < n; ++i) {
-      std::memcpy(dnormed.data() + chosen[static_cast<std::size_t>(c0 + i)] * H, dx.data() + i * H, H * sizeof(float));
+      std::memcpy(dnormed_.data() + chosen[static_cast<std::size_t>(c0 + i)] * H, dx + i * H, H * sizeof(float));
     }
   }
   if (!backward || !std::isfinite(result.loss_sum)) return result;  // the caller names the step of a NaN or Inf loss
 
-  std::vector<float> dhidden(static_cast<std::size_t>(rows * H), 0.0f);
-  kernels::rmsnorm_backward(hidden.data(), value(final_norm_), rstd.data(), dnormed.data(), rows, H, dhidden.data(), grad(final_norm_));
-  Scratch scratch;
-  std::vector<float> unused(recompute_ ? static_cast<std::size_t>(rows * H) : 0);
+  std::vector<float>& dhidden = dhidden_;
+  dhidden.assign(static_cast<std::size_t>(rows * H), 0.0f);
+  kernels::rmsnorm_backward(hidden.data(), value(final_norm_), rstd.data(), dnormed_.data(), rows, H, dhidden.data(), grad(final_norm_));
+  if (recompute_) sized(unused_, rows * H);
   for (std::int64_t l = L - 1; l >= 0; --l) {
-    if (recompute_) layer_forward(l, inputs[static_cast<std::size_t>(l)].data(), rows, batch.bounds, saved[0], unused.data());
-    layer_backward(l, rows, batch.bounds, saved[keep_all ? static_cast<std::size_t>(l) : 0], dhidden.data(), scratch);
+    if (recompute_) layer_forward(l, inputs_[static_cast<std::size_t>(l)].data(), rows, batch.bounds, saved_[0], unused_.data());
+    layer_backward(l, rows, batch.bounds, saved_[keep_all ? static_cast<std::size_t>(l) : 0], dhidden.data(), scratch_);
   }
   kernels::embedding_backward(batch.tokens.data(), rows, dhidden.data(), H, grad(embed_));
   return result;

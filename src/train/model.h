@@ -79,8 +79,15 @@ class TrainableModel {
     int q = -1, k = -1, v = -1, o = -1, gate = -1, up = -1, down = -1;
     int q_bias = -1, k_bias = -1, v_bias = -1, o_bias = -1, gate_bias = -1, up_bias = -1, down_bias = -1;
   };
-  struct Saved;  // one layer's activations
-  struct Scratch;
+  // One layer's activations, what its backward reads.
+  struct Saved {
+    std::vector<float> x_in, rstd1, n1, q_lin, k_lin, rstd_q, rstd_k, q, k, v, attn, lse, x_mid, rstd2, n2, gate, up, h;
+    std::uint64_t bytes() const;
+  };
+  struct Scratch {
+    std::vector<float> dh, dgate, dup, dn, dattn, dq, dk, dv, dlin;
+    std::vector<std::int32_t> positions;
+  };
 
   TrainableModel(io::ModelConfig config, std::vector<Parameter> params);
   const float* value(int index) const { return params_[static_cast<std::size_t>(index)].value.data(); }
@@ -98,6 +105,11 @@ class TrainableModel {
   std::vector<float> inv_freq_;
   bool recompute_ = false;
   std::uint64_t activation_bytes_ = 0;
+  // Buffers kept from step to step: allocating them anew each step cost page faults on every touch.
+  std::vector<Saved> saved_;
+  std::vector<std::vector<float>> inputs_;  // each layer's input, when recomputing
+  Scratch scratch_;
+  std::vector<float> hidden_, normed_, rstd_, dnormed_, dhidden_, unused_, x_, logits_, dx_;
 };
 
 }  // namespace mopt::train

@@ -165,7 +165,9 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
 
   model.set_recompute(o.recompute);
   std::vector<bool> decay;
-  for (const auto& p : model.parameters()) decay.push_back(p.shape.size() == 2);  // matrices, not norms or biases
+  // Matrices decay; norms, biases and the token embeddings do not (as the PyTorch script that trained
+  // models/tiny-kjv, and nanoGPT-style recipes, do).
+  for (const auto& p : model.parameters()) decay.push_back(p.shape.size() == 2 && p.name != "model.embed_tokens.weight");
   AdamW opt(model.parameters(), o.adam, decay);
   DataOrder order(static_cast<std::int64_t>(examples.size()), o.seed);
   State state;
