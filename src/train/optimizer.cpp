@@ -44,6 +44,12 @@ void AdamW::step(std::vector<Parameter>& params, double lr) {
   }
 }
 
+std::vector<bool> weight_decay_mask(const std::vector<Parameter>& params) {
+  std::vector<bool> decay;
+  for (const auto& p : params) decay.push_back(p.shape.size() == 2 && p.name != "model.embed_tokens.weight");
+  return decay;
+}
+
 double gradient_norm(const std::vector<Parameter>& params) {
   double sum = 0;
   for (const auto& p : params) {

@@ -37,6 +37,10 @@ class AdamW {
   std::int64_t step_ = 0;
 };
 
+// Which parameters take weight decay: the matrices, not norms, biases or the token embeddings (as the
+// PyTorch script that trained models/tiny-kjv, and nanoGPT-style recipes).
+std::vector<bool> weight_decay_mask(const std::vector<Parameter>& params);
+
 // The global L2 norm of every gradient (summed in double, parameter by parameter in order).
 double gradient_norm(const std::vector<Parameter>& params);
 // Scales every gradient by max_norm / (norm + 1e-6) when that is below 1, as clip_grad_norm_ does;

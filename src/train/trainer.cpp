@@ -164,11 +164,7 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
   const std::string print = fingerprint(o, total, static_cast<std::int64_t>(examples.size()));
 
   model.set_recompute(o.recompute);
-  std::vector<bool> decay;
-  // Matrices decay; norms, biases and the token embeddings do not (as the PyTorch script that trained
-  // models/tiny-kjv, and nanoGPT-style recipes, do).
-  for (const auto& p : model.parameters()) decay.push_back(p.shape.size() == 2 && p.name != "model.embed_tokens.weight");
-  AdamW opt(model.parameters(), o.adam, decay);
+  AdamW opt(model.parameters(), o.adam, weight_decay_mask(model.parameters()));
   DataOrder order(static_cast<std::int64_t>(examples.size()), o.seed);
   State state;
   std::vector<std::pair<std::int64_t, double>> train_curve, val_curve;

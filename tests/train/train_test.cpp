@@ -68,14 +68,18 @@ TEST_P(Gradients, MatchPyTorch) {
   const float expected_loss = golden.tensor("loss").data<float>()[0];
   EXPECT_NEAR(loss, expected_loss, 1e-5 * expected_loss);
   std::size_t compared = 0;
+  double worst = 0;
   for (const auto& p : model.parameters()) {
     const std::string key = "grad." + p.name;
     ASSERT_TRUE(golden.contains(key)) << key;
     const auto expected = golden.tensor(key).to_f32();
     ASSERT_EQ(expected.size(), p.grad.size()) << p.name;
-    EXPECT_LT(relative_error(p.grad, expected), 1e-4) << p.name;
+    const double error = relative_error(p.grad, expected);
+    EXPECT_LT(error, 1e-4) << p.name;
+    worst = std::max(worst, error);
     ++compared;
   }
+  std::printf("%s: loss %.7f (PyTorch %.7f), the largest relative gradient error %.2e\n", name.c_str(), loss, expected_loss, worst);
   EXPECT_EQ(compared, model.parameters().size());
 }
 
@@ -136,7 +140,10 @@ TEST(Training, RecomputationAndThreadCountsGiveTheSameBits) {
       if (t == 1 && !recompute) {
         model.forward_backward(batch, 0.01f);
         for (std::size_t i = 0; i < grads.size(); ++i) {
-          for (std::size_t j = 0; j < grads[i].size(); ++j) ASSERT_FLOAT_EQ(model.parameters()[i].grad[j], 2 * grads[i][j]);
+          // dW += dYᵀ·X sums inside the BLAS call: twice the gradient to rounding.
+          std::vector<float> twice = grads[i];
+          for (float& g : twice) g *= 2;
+          EXPECT_LT(relative_error(model.parameters()[i].grad, twice), 1e-6) << model.parameters()[i].name;
         }
       }
     }
@@ -311,6 +318,40 @@ TEST(AdamW, MatchesTorchWithAccumulationClippingWarmupAndCosine) {
   }
 }
 
+// 200 steps of tests/data/hf/llama on bytes of KJV text, from the same weights and batches as
+// PyTorch (float64): the loss of every step within 1%.
+TEST(AdamW, TwoHundredStepsFollowPyTorch) {
+  const auto golden = io::TensorStore::open_file(kData + "/train/run200.safetensors");
+  const Tensor tokens = golden.tensor("tokens");  // [steps, batch, seq + 1]
+  const auto expected = golden.tensor("loss").to_f32();
+  const std::int64_t steps = tokens.dim(0), batch = tokens.dim(1), seq = tokens.dim(2) - 1;
+  const auto all = ints(tokens);
+  auto model = TrainableModel::from_checkpoint(io::Checkpoint::open(kData + "/hf/llama"));
+  auto& params = model.parameters();
+  AdamW opt(params, {0.9, 0.95, 1e-8, 0.1}, weight_decay_mask(params));
+  double worst = 0;
+  for (std::int64_t s = 0; s < steps; ++s) {
+    Batch b;
+    b.bounds.push_back(0);
+    for (std::int64_t i = 0; i < batch; ++i) {
+      const std::int32_t* row = all.data() + (s * batch + i) * (seq + 1);
+      b.tokens.insert(b.tokens.end(), row, row + seq);
+      b.targets.insert(b.targets.end(), row + 1, row + seq + 1);
+      b.bounds.push_back(b.rows());
+    }
+    model.zero_grad();
+    const LossResult r = model.forward_backward(b, 1.0f / static_cast<float>(b.target_count()));
+    const double loss = r.loss_sum / static_cast<double>(r.targets);
+    const double e = expected[static_cast<std::size_t>(s)];
+    worst = std::max(worst, std::fabs(loss - e) / e);
+    ASSERT_NEAR(loss, e, 0.01 * e) << "step " << s;
+    clip_gradients(params, 1.0);
+    opt.step(params, learning_rate(3e-3, Schedule::cosine, s, steps, 10, 0.1));
+  }
+  EXPECT_LT(expected.back(), 0.8 * expected.front());  // it learned something
+  std::printf("200 steps: the largest relative loss difference from PyTorch is %.2e\n", worst);
+}
+
 TEST(AdamW, SchedulesAndDecayFlags) {
   // Warmup: the first step already has lr / warmup.
   EXPECT_DOUBLE_EQ(learning_rate(1.0, Schedule::constant, 0, 10, 4, 0.0), 0.25);
@@ -334,6 +375,10 @@ TEST(AdamW, SchedulesAndDecayFlags) {
   EXPECT_DOUBLE_EQ(clip_gradients(params, 1.0), 5.0);
   EXPECT_NEAR(gradient_norm(params), 1.0, 1e-6);
   EXPECT_DOUBLE_EQ(clip_gradients(params, 0.0), gradient_norm(params));  // no clipping
+  std::vector<Parameter> named = {{"model.embed_tokens.weight", {4, 2}, {}, {}}, {"model.layers.0.mlp.up_proj.weight", {2, 2}, {}, {}},
+                                  {"model.layers.0.self_attn.q_proj.bias", {2}, {}, {}}, {"model.norm.weight", {2}, {}, {}},
+                                  {"lm_head.weight", {4, 2}, {}, {}}};
+  EXPECT_EQ(weight_decay_mask(named), (std::vector<bool>{false, true, false, false, true}));
 }
 
 }  // namespace
