@@ -8,7 +8,6 @@
 #include "core/error.h"
 #include "kernels/backward.h"
 #include "kernels/gemm.h"
-#include "kernels/ops.h"
 #include "model/llama.h"
 
 namespace mopt::train {
@@ -16,25 +15,6 @@ namespace mopt::train {
 namespace {
 
 using kernels::matmul_f32;
-
-// y [rows, out] = x [rows, in] · wᵀ (+ bias).
-void linear(const float* x, std::int64_t rows, std::int64_t in, const float* w, const float* bias, std::int64_t out, float* y) {
-  kernels::gemm_f32(x, rows, in, w, out, y);
-  if (bias != nullptr) {
-    for (std::int64_t r = 0; r < rows; ++r) {
-      for (std::int64_t j = 0; j < out; ++j) y[r * out + j] += bias[j];
-    }
-  }
-}
-
-// The gradients of y = x · wᵀ + b: dx (written, or added to when `accumulate`) = dy · w,
-// dw += dyᵀ · x, dbias += column sums of dy.
-void linear_backward(const float* x, std::int64_t rows, std::int64_t in, const float* w, std::int64_t out, const float* dy,
-                     float* dx, bool accumulate, float* dw, float* dbias) {
-  matmul_f32(false, false, rows, in, out, dy, out, w, in, dx, in, accumulate);
-  matmul_f32(true, false, out, in, rows, dy, out, x, in, dw, in, true);
-  if (dbias != nullptr) kernels::bias_backward(dy, rows, out, dbias);
-}
 
 std::vector<float>& sized(std::vector<float>& v, std::int64_t n) {
   v.resize(static_cast<std::size_t>(n));
@@ -79,14 +59,6 @@ void Batch::check(std::int64_t vocab, const std::string& label) const {
   }
 }
 
-std::uint64_t TrainableModel::Saved::bytes() const {
-  std::uint64_t n = 0;
-  for (const auto* b : {&x_in, &rstd1, &n1, &q_lin, &k_lin, &rstd_q, &rstd_k, &q, &k, &v, &attn, &lse, &x_mid, &rstd2, &n2, &gate, &up, &h}) {
-    n += b->size() * sizeof(float);
-  }
-  return n;
-}
-
 TrainableModel::TrainableModel(io::ModelConfig config, std::vector<Parameter> params)
     : config_(std::move(config)), params_(std::move(params)) {
   std::unordered_map<std::string, int> index;
@@ -112,13 +84,10 @@ TrainableModel::TrainableModel(io::ModelConfig config, std::vector<Parameter> pa
     x.post_norm = find(p + "post_attention_layernorm.weight", true);
     x.q_norm = find(p + "self_attn.q_norm.weight", config_.qk_norm);
     x.k_norm = find(p + "self_attn.k_norm.weight", config_.qk_norm);
-    const std::pair<int*, int*> linears[] = {{&x.q, &x.q_bias}, {&x.k, &x.k_bias}, {&x.v, &x.v_bias}, {&x.o, &x.o_bias},
-                                             {&x.gate, &x.gate_bias}, {&x.up, &x.up_bias}, {&x.down, &x.down_bias}};
-    const char* names[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"};
     for (std::size_t i = 0; i < 7; ++i) {
-      *linears[i].first = find(p + names[i] + ".weight", true);
-      *linears[i].second = find(p + names[i] + ".bias", false);
+      const std::string base = p + std::string(model::linear_name(model::kAllLinears[i]));
+      x.weight[i] = find(base + ".weight", true);
+      x.bias[i] = find(base + ".bias", false);
     }
     layers_.push_back(x);
   }
@@ -166,85 +135,26 @@ void TrainableModel::zero_grad() {
   for (auto& p : params_) std::fill(p.grad.begin(), p.grad.end(), 0.0f);
 }
 
-void TrainableModel::layer_forward(std::int64_t layer, const float* x, std::int64_t rows, std::span<const std::int64_t> bounds,
-                                   Saved& s, float* out) const {
-  const auto& c = config_;
-  const LayerIndex& w = layers_[static_cast<std::size_t>(layer)];
-  const std::int64_t H = c.hidden_size, d = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
-  const std::int64_t qd = nh * d, kvd = nkv * d, ff = c.intermediate_size;
-  const auto eps = static_cast<float>(c.rms_norm_eps);
-  auto bias = [&](int i) { return i >= 0 ? value(i) : nullptr; };
-
-  std::vector<std::int32_t> positions(static_cast<std::size_t>(rows));
-  for (std::size_t q = 0; q + 1 < bounds.size(); ++q) {
-    for (std::int64_t r = bounds[q]; r < bounds[q + 1]; ++r) positions[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(r - bounds[q]);
+model::LayerParams TrainableModel::layer_params(std::int64_t layer) const {
+  const LayerIndex& x = layers_[static_cast<std::size_t>(layer)];
+  auto at = [&](int i) { return i >= 0 ? value(i) : nullptr; };
+  model::LayerParams p{at(x.input_norm), at(x.post_norm), at(x.q_norm), at(x.k_norm), {}, {}};
+  for (std::size_t i = 0; i < 7; ++i) {
+    p.weight[i] = at(x.weight[i]);
+    p.bias[i] = at(x.bias[i]);
   }
-  s.x_in.assign(x, x + rows * H);
-  kernels::rmsnorm_saving(x, value(w.input_norm), rows, H, eps, sized(s.n1, rows * H).data(), sized(s.rstd1, rows).data());
-  linear(s.n1.data(), rows, H, value(w.q), bias(w.q_bias), qd, sized(s.q, rows * qd).data());
-  linear(s.n1.data(), rows, H, value(w.k), bias(w.k_bias), kvd, sized(s.k, rows * kvd).data());
-  linear(s.n1.data(), rows, H, value(w.v), bias(w.v_bias), kvd, sized(s.v, rows * kvd).data());
-  if (w.q_norm >= 0) {
-    s.q_lin = s.q;
-    s.k_lin = s.k;
-    kernels::rmsnorm_saving(s.q_lin.data(), value(w.q_norm), rows * nh, d, eps, s.q.data(), sized(s.rstd_q, rows * nh).data());
-    kernels::rmsnorm_saving(s.k_lin.data(), value(w.k_norm), rows * nkv, d, eps, s.k.data(), sized(s.rstd_k, rows * nkv).data());
-  }
-  kernels::apply_rope(s.q.data(), rows, nh, d, positions.data(), inv_freq_);
-  kernels::apply_rope(s.k.data(), rows, nkv, d, positions.data(), inv_freq_);
-  kernels::attention_saving(s.q.data(), s.k.data(), s.v.data(), bounds, nh, nkv, d, c.sliding_window.value_or(0),
-                            sized(s.attn, rows * qd).data(), sized(s.lse, rows * nh).data());
-  linear(s.attn.data(), rows, qd, value(w.o), bias(w.o_bias), H, sized(s.x_mid, rows * H).data());
-  for (std::int64_t i = 0; i < rows * H; ++i) s.x_mid[static_cast<std::size_t>(i)] += x[i];
-  kernels::rmsnorm_saving(s.x_mid.data(), value(w.post_norm), rows, H, eps, sized(s.n2, rows * H).data(), sized(s.rstd2, rows).data());
-  linear(s.n2.data(), rows, H, value(w.gate), bias(w.gate_bias), ff, sized(s.gate, rows * ff).data());
-  linear(s.n2.data(), rows, H, value(w.up), bias(w.up_bias), ff, sized(s.up, rows * ff).data());
-  s.h = s.gate;
-  kernels::silu_mul(s.h.data(), s.up.data(), rows * ff);
-  linear(s.h.data(), rows, ff, value(w.down), bias(w.down_bias), H, out);
-  for (std::int64_t i = 0; i < rows * H; ++i) out[i] += s.x_mid[static_cast<std::size_t>(i)];
+  return p;
 }
 
-void TrainableModel::layer_backward(std::int64_t layer, std::int64_t rows, std::span<const std::int64_t> bounds, const Saved& s,
-                                    float* dhidden, Scratch& t) {
-  const auto& c = config_;
-  const LayerIndex& w = layers_[static_cast<std::size_t>(layer)];
-  const std::int64_t H = c.hidden_size, d = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
-  const std::int64_t qd = nh * d, kvd = nkv * d, ff = c.intermediate_size;
-  auto dbias = [&](int i) { return i >= 0 ? grad(i) : nullptr; };
-
-  t.positions.resize(static_cast<std::size_t>(rows));
-  for (std::size_t q = 0; q + 1 < bounds.size(); ++q) {
-    for (std::int64_t r = bounds[q]; r < bounds[q + 1]; ++r) t.positions[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(r - bounds[q]);
+model::LayerGrads TrainableModel::layer_grads(std::int64_t layer) {
+  const LayerIndex& x = layers_[static_cast<std::size_t>(layer)];
+  auto at = [&](int i) { return i >= 0 ? grad(i) : nullptr; };
+  model::LayerGrads g{at(x.input_norm), at(x.post_norm), at(x.q_norm), at(x.k_norm), {}, {}};
+  for (std::size_t i = 0; i < 7; ++i) {
+    g.weight[i] = at(x.weight[i]);
+    g.bias[i] = at(x.bias[i]);
   }
-  // MLP block: out = x_mid + down(silu(gate(n2)) * up(n2)); dhidden is d out, and d x_mid gathers into it.
-  linear_backward(s.h.data(), rows, ff, value(w.down), H, dhidden, sized(t.dh, rows * ff).data(), false, grad(w.down), dbias(w.down_bias));
-  kernels::silu_mul_backward(s.gate.data(), s.up.data(), t.dh.data(), rows * ff, sized(t.dgate, rows * ff).data(),
-                             sized(t.dup, rows * ff).data());
-  linear_backward(s.n2.data(), rows, H, value(w.gate), ff, t.dgate.data(), sized(t.dn, rows * H).data(), false, grad(w.gate),
-                  dbias(w.gate_bias));
-  linear_backward(s.n2.data(), rows, H, value(w.up), ff, t.dup.data(), t.dn.data(), true, grad(w.up), dbias(w.up_bias));
-  kernels::rmsnorm_backward(s.x_mid.data(), value(w.post_norm), s.rstd2.data(), t.dn.data(), rows, H, dhidden, grad(w.post_norm));
-
-  // Attention block: x_mid = x + o(attention(rope(q), rope(k), v)); dhidden is now d x_mid.
-  linear_backward(s.attn.data(), rows, qd, value(w.o), H, dhidden, sized(t.dattn, rows * qd).data(), false, grad(w.o), dbias(w.o_bias));
-  kernels::attention_backward(s.q.data(), s.k.data(), s.v.data(), s.attn.data(), s.lse.data(), t.dattn.data(), bounds, nh, nkv, d,
-                              c.sliding_window.value_or(0), sized(t.dq, rows * qd).data(), sized(t.dk, rows * kvd).data(),
-                              sized(t.dv, rows * kvd).data());
-  kernels::apply_rope_inverse(t.dq.data(), rows, nh, d, t.positions.data(), inv_freq_);
-  kernels::apply_rope_inverse(t.dk.data(), rows, nkv, d, t.positions.data(), inv_freq_);
-  if (w.q_norm >= 0) {
-    sized(t.dlin, rows * qd).assign(static_cast<std::size_t>(rows * qd), 0.0f);
-    kernels::rmsnorm_backward(s.q_lin.data(), value(w.q_norm), s.rstd_q.data(), t.dq.data(), rows * nh, d, t.dlin.data(), grad(w.q_norm));
-    std::swap(t.dq, t.dlin);
-    t.dlin.assign(static_cast<std::size_t>(rows * kvd), 0.0f);
-    kernels::rmsnorm_backward(s.k_lin.data(), value(w.k_norm), s.rstd_k.data(), t.dk.data(), rows * nkv, d, t.dlin.data(), grad(w.k_norm));
-    std::swap(t.dk, t.dlin);
-  }
-  linear_backward(s.n1.data(), rows, H, value(w.q), qd, t.dq.data(), sized(t.dn, rows * H).data(), false, grad(w.q), dbias(w.q_bias));
-  linear_backward(s.n1.data(), rows, H, value(w.k), kvd, t.dk.data(), t.dn.data(), true, grad(w.k), dbias(w.k_bias));
-  linear_backward(s.n1.data(), rows, H, value(w.v), kvd, t.dv.data(), t.dn.data(), true, grad(w.v), dbias(w.v_bias));
-  kernels::rmsnorm_backward(s.x_in.data(), value(w.input_norm), s.rstd1.data(), t.dn.data(), rows, H, dhidden, grad(w.input_norm));
+  return g;
 }
 
 LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backward) {
@@ -267,7 +177,8 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
   if (keep_inputs && inputs_.size() < static_cast<std::size_t>(L)) inputs_.resize(static_cast<std::size_t>(L));
   for (std::int64_t l = 0; l < L; ++l) {
     if (keep_inputs) inputs_[static_cast<std::size_t>(l)].assign(hidden.begin(), hidden.end());
-    layer_forward(l, hidden.data(), rows, batch.bounds, saved_[keep_all ? static_cast<std::size_t>(l) : 0], hidden.data());
+    model::decoder_layer_forward_saving(c, inv_freq_, layer_params(l), hidden.data(), rows, batch.bounds,
+                                        saved_[keep_all ? static_cast<std::size_t>(l) : 0], hidden.data());
   }
   activation_bytes_ = 0;
   for (std::size_t i = 0; i < sets; ++i) activation_bytes_ += saved_[i].bytes();
@@ -317,8 +228,12 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
   kernels::rmsnorm_backward(hidden.data(), value(final_norm_), rstd.data(), dnormed_.data(), rows, H, dhidden.data(), grad(final_norm_));
   if (recompute_) sized(unused_, rows * H);
   for (std::int64_t l = L - 1; l >= 0; --l) {
-    if (recompute_) layer_forward(l, inputs_[static_cast<std::size_t>(l)].data(), rows, batch.bounds, saved_[0], unused_.data());
-    layer_backward(l, rows, batch.bounds, saved_[keep_all ? static_cast<std::size_t>(l) : 0], dhidden.data(), scratch_);
+    if (recompute_) {
+      model::decoder_layer_forward_saving(c, inv_freq_, layer_params(l), inputs_[static_cast<std::size_t>(l)].data(), rows, batch.bounds,
+                                          saved_[0], unused_.data());
+    }
+    model::decoder_layer_backward(c, inv_freq_, layer_params(l), saved_[keep_all ? static_cast<std::size_t>(l) : 0], rows, batch.bounds,
+                                  dhidden.data(), layer_grads(l), scratch_);
   }
   kernels::embedding_backward(batch.tokens.data(), rows, dhidden.data(), H, grad(embed_));
   return result;

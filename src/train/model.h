@@ -11,6 +11,7 @@
 // before its backward.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -18,6 +19,7 @@
 
 #include "io/checkpoint.h"
 #include "io/hf_config.h"
+#include "model/layer_backward.h"
 
 namespace mopt::train {
 
@@ -74,28 +76,17 @@ class TrainableModel {
   std::uint64_t activation_bytes() const { return activation_bytes_; }
 
  private:
+  // A layer's parameters as indices into params_ (-1: absent), Linears in kAllLinears order.
   struct LayerIndex {
     int input_norm = -1, post_norm = -1, q_norm = -1, k_norm = -1;
-    int q = -1, k = -1, v = -1, o = -1, gate = -1, up = -1, down = -1;
-    int q_bias = -1, k_bias = -1, v_bias = -1, o_bias = -1, gate_bias = -1, up_bias = -1, down_bias = -1;
-  };
-  // One layer's activations, what its backward reads.
-  struct Saved {
-    std::vector<float> x_in, rstd1, n1, q_lin, k_lin, rstd_q, rstd_k, q, k, v, attn, lse, x_mid, rstd2, n2, gate, up, h;
-    std::uint64_t bytes() const;
-  };
-  struct Scratch {
-    std::vector<float> dh, dgate, dup, dn, dattn, dq, dk, dv, dlin;
-    std::vector<std::int32_t> positions;
+    std::array<int, 7> weight{}, bias{};
   };
 
   TrainableModel(io::ModelConfig config, std::vector<Parameter> params);
   const float* value(int index) const { return params_[static_cast<std::size_t>(index)].value.data(); }
   float* grad(int index) { return params_[static_cast<std::size_t>(index)].grad.data(); }
-  void layer_forward(std::int64_t layer, const float* x, std::int64_t rows, std::span<const std::int64_t> bounds, Saved& saved,
-                     float* out) const;
-  void layer_backward(std::int64_t layer, std::int64_t rows, std::span<const std::int64_t> bounds, const Saved& saved,
-                      float* dhidden, Scratch& scratch);
+  model::LayerParams layer_params(std::int64_t layer) const;
+  model::LayerGrads layer_grads(std::int64_t layer);
   LossResult run(const Batch& batch, float grad_scale, bool backward);
 
   io::ModelConfig config_;
@@ -106,9 +97,9 @@ class TrainableModel {
   bool recompute_ = false;
   std::uint64_t activation_bytes_ = 0;
   // Buffers kept from step to step: allocating them anew each step cost page faults on every touch.
-  std::vector<Saved> saved_;
+  std::vector<model::LayerActivations> saved_;
   std::vector<std::vector<float>> inputs_;  // each layer's input, when recomputing
-  Scratch scratch_;
+  model::LayerBackwardScratch scratch_;
   std::vector<float> hidden_, normed_, rstd_, dnormed_, dhidden_, unused_, x_, logits_, dx_;
 };
 

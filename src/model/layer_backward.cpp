@@ -1,0 +1,118 @@
+#include "model/layer_backward.h"
+
+#include "kernels/backward.h"
+#include "kernels/gemm.h"
+#include "kernels/ops.h"
+
+namespace mopt::model {
+
+namespace {
+
+enum : std::size_t { Q, K, V, O, GATE, UP, DOWN };
+
+std::vector<float>& sized(std::vector<float>& v, std::int64_t n) {
+  v.resize(static_cast<std::size_t>(n));
+  return v;
+}
+
+// y [rows, out] = x [rows, in] · wᵀ (+ bias).
+void linear(const float* x, std::int64_t rows, std::int64_t in, const float* w, const float* bias, std::int64_t out, float* y) {
+  kernels::gemm_f32(x, rows, in, w, out, y);
+  if (bias != nullptr) {
+    for (std::int64_t r = 0; r < rows; ++r) {
+      for (std::int64_t j = 0; j < out; ++j) y[r * out + j] += bias[j];
+    }
+  }
+}
+
+// The gradients of y = x · wᵀ + b: dx (written, or added to when `accumulate`) = dy · w,
+// dw += dyᵀ · x, dbias += column sums of dy.
+void linear_backward(const float* x, std::int64_t rows, std::int64_t in, const float* w, std::int64_t out, const float* dy,
+                     float* dx, bool accumulate, float* dw, float* dbias) {
+  kernels::matmul_f32(false, false, rows, in, out, dy, out, w, in, dx, in, accumulate);
+  kernels::matmul_f32(true, false, out, in, rows, dy, out, x, in, dw, in, true);
+  if (dbias != nullptr) kernels::bias_backward(dy, rows, out, dbias);
+}
+
+}  // namespace
+
+std::uint64_t LayerActivations::bytes() const {
+  std::uint64_t n = positions.size() * sizeof(std::int32_t);
+  for (const auto* b : {&x_in, &rstd1, &n1, &q_lin, &k_lin, &rstd_q, &rstd_k, &q, &k, &v, &attn, &lse, &x_mid, &rstd2, &n2, &gate, &up, &h}) {
+    n += b->size() * sizeof(float);
+  }
+  return n;
+}
+
+void decoder_layer_forward_saving(const io::ModelConfig& c, const std::vector<float>& inv_freq, const LayerParams& w, const float* x,
+                                  std::int64_t rows, std::span<const std::int64_t> bounds, LayerActivations& s, float* out) {
+  const std::int64_t H = c.hidden_size, d = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
+  const std::int64_t qd = nh * d, kvd = nkv * d, ff = c.intermediate_size;
+  const auto eps = static_cast<float>(c.rms_norm_eps);
+
+  s.positions.resize(static_cast<std::size_t>(rows));
+  for (std::size_t q = 0; q + 1 < bounds.size(); ++q) {
+    for (std::int64_t r = bounds[q]; r < bounds[q + 1]; ++r) s.positions[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(r - bounds[q]);
+  }
+  s.x_in.assign(x, x + rows * H);
+  kernels::rmsnorm_saving(x, w.input_norm, rows, H, eps, sized(s.n1, rows * H).data(), sized(s.rstd1, rows).data());
+  linear(s.n1.data(), rows, H, w.weight[Q], w.bias[Q], qd, sized(s.q, rows * qd).data());
+  linear(s.n1.data(), rows, H, w.weight[K], w.bias[K], kvd, sized(s.k, rows * kvd).data());
+  linear(s.n1.data(), rows, H, w.weight[V], w.bias[V], kvd, sized(s.v, rows * kvd).data());
+  if (w.q_norm != nullptr) {
+    s.q_lin = s.q;
+    s.k_lin = s.k;
+    kernels::rmsnorm_saving(s.q_lin.data(), w.q_norm, rows * nh, d, eps, s.q.data(), sized(s.rstd_q, rows * nh).data());
+    kernels::rmsnorm_saving(s.k_lin.data(), w.k_norm, rows * nkv, d, eps, s.k.data(), sized(s.rstd_k, rows * nkv).data());
+  }
+  kernels::apply_rope(s.q.data(), rows, nh, d, s.positions.data(), inv_freq);
+  kernels::apply_rope(s.k.data(), rows, nkv, d, s.positions.data(), inv_freq);
+  kernels::attention_saving(s.q.data(), s.k.data(), s.v.data(), bounds, nh, nkv, d, c.sliding_window.value_or(0),
+                            sized(s.attn, rows * qd).data(), sized(s.lse, rows * nh).data());
+  linear(s.attn.data(), rows, qd, w.weight[O], w.bias[O], H, sized(s.x_mid, rows * H).data());
+  for (std::int64_t i = 0; i < rows * H; ++i) s.x_mid[static_cast<std::size_t>(i)] += s.x_in[static_cast<std::size_t>(i)];
+  kernels::rmsnorm_saving(s.x_mid.data(), w.post_norm, rows, H, eps, sized(s.n2, rows * H).data(), sized(s.rstd2, rows).data());
+  linear(s.n2.data(), rows, H, w.weight[GATE], w.bias[GATE], ff, sized(s.gate, rows * ff).data());
+  linear(s.n2.data(), rows, H, w.weight[UP], w.bias[UP], ff, sized(s.up, rows * ff).data());
+  s.h = s.gate;
+  kernels::silu_mul(s.h.data(), s.up.data(), rows * ff);
+  linear(s.h.data(), rows, ff, w.weight[DOWN], w.bias[DOWN], H, out);
+  for (std::int64_t i = 0; i < rows * H; ++i) out[i] += s.x_mid[static_cast<std::size_t>(i)];
+}
+
+void decoder_layer_backward(const io::ModelConfig& c, const std::vector<float>& inv_freq, const LayerParams& w, const LayerActivations& s,
+                            std::int64_t rows, std::span<const std::int64_t> bounds, float* dhidden, const LayerGrads& g,
+                            LayerBackwardScratch& t) {
+  const std::int64_t H = c.hidden_size, d = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
+  const std::int64_t qd = nh * d, kvd = nkv * d, ff = c.intermediate_size;
+
+  // MLP block: out = x_mid + down(silu(gate(n2)) * up(n2)); dhidden is d out, and d x_mid gathers into it.
+  linear_backward(s.h.data(), rows, ff, w.weight[DOWN], H, dhidden, sized(t.dh, rows * ff).data(), false, g.weight[DOWN], g.bias[DOWN]);
+  kernels::silu_mul_backward(s.gate.data(), s.up.data(), t.dh.data(), rows * ff, sized(t.dgate, rows * ff).data(),
+                             sized(t.dup, rows * ff).data());
+  linear_backward(s.n2.data(), rows, H, w.weight[GATE], ff, t.dgate.data(), sized(t.dn, rows * H).data(), false, g.weight[GATE], g.bias[GATE]);
+  linear_backward(s.n2.data(), rows, H, w.weight[UP], ff, t.dup.data(), t.dn.data(), true, g.weight[UP], g.bias[UP]);
+  kernels::rmsnorm_backward(s.x_mid.data(), w.post_norm, s.rstd2.data(), t.dn.data(), rows, H, dhidden, g.post_norm);
+
+  // Attention block: x_mid = x + o(attention(rope(q), rope(k), v)); dhidden is now d x_mid.
+  linear_backward(s.attn.data(), rows, qd, w.weight[O], H, dhidden, sized(t.dattn, rows * qd).data(), false, g.weight[O], g.bias[O]);
+  kernels::attention_backward(s.q.data(), s.k.data(), s.v.data(), s.attn.data(), s.lse.data(), t.dattn.data(), bounds, nh, nkv, d,
+                              c.sliding_window.value_or(0), sized(t.dq, rows * qd).data(), sized(t.dk, rows * kvd).data(),
+                              sized(t.dv, rows * kvd).data());
+  kernels::apply_rope_inverse(t.dq.data(), rows, nh, d, s.positions.data(), inv_freq);
+  kernels::apply_rope_inverse(t.dk.data(), rows, nkv, d, s.positions.data(), inv_freq);
+  if (w.q_norm != nullptr) {
+    t.dlin.assign(static_cast<std::size_t>(rows * qd), 0.0f);
+    kernels::rmsnorm_backward(s.q_lin.data(), w.q_norm, s.rstd_q.data(), t.dq.data(), rows * nh, d, t.dlin.data(), g.q_norm);
+    std::swap(t.dq, t.dlin);
+    t.dlin.assign(static_cast<std::size_t>(rows * kvd), 0.0f);
+    kernels::rmsnorm_backward(s.k_lin.data(), w.k_norm, s.rstd_k.data(), t.dk.data(), rows * nkv, d, t.dlin.data(), g.k_norm);
+    std::swap(t.dk, t.dlin);
+  }
+  linear_backward(s.n1.data(), rows, H, w.weight[Q], qd, t.dq.data(), sized(t.dn, rows * H).data(), false, g.weight[Q], g.bias[Q]);
+  linear_backward(s.n1.data(), rows, H, w.weight[K], kvd, t.dk.data(), t.dn.data(), true, g.weight[K], g.bias[K]);
+  linear_backward(s.n1.data(), rows, H, w.weight[V], kvd, t.dv.data(), t.dn.data(), true, g.weight[V], g.bias[V]);
+  kernels::rmsnorm_backward(s.x_in.data(), w.input_norm, s.rstd1.data(), t.dn.data(), rows, H, dhidden, g.input_norm);
+}
+
+}  // namespace mopt::model
