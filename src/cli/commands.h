@@ -6,6 +6,7 @@
 #include <string>
 
 #include "kernels/gemm.h"
+#include "train/trainer.h"
 #include <vector>
 
 namespace mopt::model {
@@ -138,17 +139,10 @@ struct TrainCliOptions {
   std::string model;      // a Hugging Face checkpoint to fine-tune; empty with init
   std::string init;       // a config.json: a model from scratch (transformers' initialization)
   std::string tokenizer;  // a directory with tokenizer.json (default: the model's)
-  std::vector<std::string> data;
-  std::string validation;
-  std::int64_t steps = 0;
-  double epochs = 1.0;
-  std::int64_t batch = 8, grad_accum = 1, seq_len = 512, warmup = 0, eval_every = 0, save_every = 0;
-  double lr = 1e-4, min_lr_ratio = 0.1, weight_decay = 0.0, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, clip = 1.0;
   std::string schedule = "cosine";
-  std::int64_t seed = 0;
-  bool recompute = false, resume = false;
-  std::string out, state, log;
   std::string dtype = "bf16";
+  std::int64_t seed = 0;
+  train::TrainOptions train;  // the rest, bound to the flags directly
 };
 int run_train(const TrainCliOptions& options);
 

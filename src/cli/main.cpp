@@ -186,32 +186,32 @@ int main(int argc, char** argv) {
   train_cmd->add_option("model", train.model, "Model directory to fine-tune (Hugging Face checkpoint); omit with --init");
   train_cmd->add_option("--init", train.init, "A config.json: train a model from scratch (weights initialized as transformers does)");
   train_cmd->add_option("--tokenizer", train.tokenizer, "Directory with tokenizer.json (default: the model's)");
-  train_cmd->add_option("--data", train.data, ".txt (packed into --seq-len pieces) or .jsonl ({\"text\"} or {\"prompt\",\"response\"}: loss on the response)")
+  train_cmd->add_option("--data", train.train.data, ".txt (packed into --seq-len pieces) or .jsonl ({\"text\"} or {\"prompt\",\"response\"}: loss on the response)")
       ->required()->expected(1, -1);
-  train_cmd->add_option("--val", train.validation, "Validation file (.txt or .jsonl), scored every --eval-every steps and at the end");
-  train_cmd->add_option("--steps", train.steps, "Optimizer steps (default: from --epochs)")->check(CLI::NonNegativeNumber);
-  train_cmd->add_option("--epochs", train.epochs, "Passes over the data when --steps is not given (default 1)")->check(CLI::PositiveNumber);
-  train_cmd->add_option("--lr", train.lr, "Peak learning rate (default 1e-4)")->check(CLI::PositiveNumber);
-  train_cmd->add_option("--batch", train.batch, "Sequences per micro-batch (default 8)")->check(CLI::Range(1, 1 << 20));
-  train_cmd->add_option("--grad-accum", train.grad_accum, "Micro-batches per optimizer step (default 1)")->check(CLI::Range(1, 1 << 20));
-  train_cmd->add_option("--seq-len", train.seq_len, "Tokens per sequence (default 512)")->check(CLI::Range(2, 1 << 24));
-  train_cmd->add_option("--warmup", train.warmup, "Linear warmup steps (default 0)")->check(CLI::NonNegativeNumber);
+  train_cmd->add_option("--val", train.train.validation, "Validation file (.txt or .jsonl), scored every --eval-every steps and at the end");
+  train_cmd->add_option("--steps", train.train.steps, "Optimizer steps (default: from --epochs)")->check(CLI::NonNegativeNumber);
+  train_cmd->add_option("--epochs", train.train.epochs, "Passes over the data when --steps is not given (default 1)")->check(CLI::PositiveNumber);
+  train_cmd->add_option("--lr", train.train.lr, "Peak learning rate (default 1e-4)")->check(CLI::PositiveNumber);
+  train_cmd->add_option("--batch", train.train.batch, "Sequences per micro-batch (default 8)")->check(CLI::Range(1, 1 << 20));
+  train_cmd->add_option("--grad-accum", train.train.grad_accum, "Micro-batches per optimizer step (default 1)")->check(CLI::Range(1, 1 << 20));
+  train_cmd->add_option("--seq-len", train.train.seq_len, "Tokens per sequence (default 512)")->check(CLI::Range(2, 1 << 24));
+  train_cmd->add_option("--warmup", train.train.warmup, "Linear warmup steps (default 0)")->check(CLI::NonNegativeNumber);
   train_cmd->add_option("--schedule", train.schedule, "constant, linear or cosine (default), decaying to --min-lr-ratio x --lr");
-  train_cmd->add_option("--min-lr-ratio", train.min_lr_ratio, "Where linear and cosine decay end, a fraction of --lr (default 0.1)");
-  train_cmd->add_option("--weight-decay", train.weight_decay, "AdamW's decoupled weight decay on the Linear and head matrices, not norms, biases or embeddings (default 0)");
-  train_cmd->add_option("--beta1", train.beta1, "AdamW beta1 (default 0.9)");
-  train_cmd->add_option("--beta2", train.beta2, "AdamW beta2 (default 0.95)");
-  train_cmd->add_option("--clip", train.clip, "Global gradient-norm limit (default 1; 0: none)");
+  train_cmd->add_option("--min-lr-ratio", train.train.min_lr_ratio, "Where linear and cosine decay end, a fraction of --lr (default 0.1)");
+  train_cmd->add_option("--weight-decay", train.train.adam.weight_decay, "AdamW's decoupled weight decay on the Linear and head matrices, not norms, biases or embeddings (default 0)");
+  train_cmd->add_option("--beta1", train.train.adam.beta1, "AdamW beta1 (default 0.9)");
+  train_cmd->add_option("--beta2", train.train.adam.beta2, "AdamW beta2 (default 0.95)");
+  train_cmd->add_option("--clip", train.train.clip, "Global gradient-norm limit (default 1; 0: none)");
   train_cmd->add_option("--seed", train.seed, "Seed of the data order and of --init's weights (default 0)")->check(CLI::NonNegativeNumber);
-  train_cmd->add_option("--eval-every", train.eval_every, "Score --val every N steps (default: at the end only)")->check(CLI::NonNegativeNumber);
-  train_cmd->add_option("--save-every", train.save_every, "Save the training state every N steps, for --resume (default: never)")
+  train_cmd->add_option("--eval-every", train.train.eval_every, "Score --val every N steps (default: at the end only)")->check(CLI::NonNegativeNumber);
+  train_cmd->add_option("--save-every", train.train.save_every, "Save the training state every N steps, for --resume (default: never)")
       ->check(CLI::NonNegativeNumber);
-  train_cmd->add_option("--state", train.state, "The training state file (default: OUT.train-state.safetensors)");
-  train_cmd->add_flag("--resume", train.resume, "Continue from the training state");
-  train_cmd->add_flag("--recompute", train.recompute, "Recompute each layer's activations in the backward pass (less memory)");
-  train_cmd->add_option("--log", train.log, "Write the JSONL log here as training runs (it is also saved in OUT)");
+  train_cmd->add_option("--state", train.train.state, "The training state file (default: OUT.train-state.safetensors)");
+  train_cmd->add_flag("--resume", train.train.resume, "Continue from the training state");
+  train_cmd->add_flag("--recompute", train.train.recompute, "Recompute each layer's activations in the backward pass (less memory)");
+  train_cmd->add_option("--log", train.train.log, "Write the JSONL log here as training runs (it is also saved in OUT)");
   train_cmd->add_option("--dtype", train.dtype, "Weights of the written model: bf16 (default) or f32");
-  train_cmd->add_option("--out", train.out, "The directory to create")->required();
+  train_cmd->add_option("--out", train.train.out, "The directory to create")->required();
 
   try {
     app.parse(argc, argv);

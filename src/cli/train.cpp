@@ -19,34 +19,15 @@ namespace fs = std::filesystem;
 
 int run_train(const TrainCliOptions& o) {
   if (o.model.empty() == o.init.empty()) fail("train needs a model directory or --init CONFIG (one of them)");
-  if (fs::exists(o.out)) fail("{}: already exists", o.out);
+  if (fs::exists(o.train.out)) fail("{}: already exists", o.train.out);
   const std::string tokenizer_dir = !o.tokenizer.empty() ? o.tokenizer : o.model;
   if (tokenizer_dir.empty()) fail("--init needs --tokenizer DIR (a directory with tokenizer.json)");
   if (!fs::exists(fs::path(tokenizer_dir) / "tokenizer.json")) fail("{}: no tokenizer.json", tokenizer_dir);
   const io::Tokenizer tokenizer = io::Tokenizer::load(tokenizer_dir);
 
-  train::TrainOptions t;
-  t.data = o.data;
-  t.validation = o.validation;
-  t.steps = o.steps;
-  t.epochs = o.epochs;
-  t.batch = o.batch;
-  t.grad_accum = o.grad_accum;
-  t.seq_len = o.seq_len;
-  t.lr = o.lr;
-  t.warmup = o.warmup;
+  train::TrainOptions t = o.train;
   t.schedule = train::parse_schedule(o.schedule);
-  t.min_lr_ratio = o.min_lr_ratio;
-  t.adam = {o.beta1, o.beta2, o.eps, o.weight_decay};
-  t.clip = o.clip;
   t.seed = static_cast<std::uint64_t>(o.seed);
-  t.eval_every = o.eval_every;
-  t.save_every = o.save_every;
-  t.recompute = o.recompute;
-  t.out = o.out;
-  t.state = o.state;
-  t.resume = o.resume;
-  t.log = o.log;
   t.tokenizer_dir = tokenizer_dir;
   if (o.dtype == "bf16") t.dtype = DType::BF16;
   else if (o.dtype == "f32") t.dtype = DType::F32;
@@ -54,16 +35,12 @@ int run_train(const TrainCliOptions& o) {
 
   train::TrainableModel model = o.init.empty() ? train::TrainableModel::from_checkpoint(io::Checkpoint::open(o.model))
                                                : train::TrainableModel::initialize(io::load_model_config(o.init), t.seed);
-  std::uint64_t params = 0;
-  for (const auto& p : model.parameters()) params += static_cast<std::uint64_t>(p.numel());
-  std::fprintf(stderr, "mopt: training %s (%.1fM parameters, f32, %d threads) on %zu file(s), %lld sequences x %lld tokens per step\n",
-               o.init.empty() ? o.model.c_str() : o.init.c_str(), static_cast<double>(params) / 1e6, compute_threads(), o.data.size(),
-               static_cast<long long>(o.batch * o.grad_accum), static_cast<long long>(o.seq_len));
+  t.label = o.init.empty() ? o.model : o.init;
   const train::TrainSummary s = train::run_training(model, tokenizer, t);
   fmt::print("trained {} steps on {} examples: train loss {:.4f}", s.steps, s.examples, s.final_train_loss);
   if (s.final_val_loss >= 0) fmt::print(", validation loss {:.4f} (perplexity {:.2f})", s.final_val_loss, std::exp(s.final_val_loss));
   fmt::print(", {:.0f} tokens/s, peak memory {:.0f} MiB\nwrote {}\n", s.tokens_per_second,
-             static_cast<double>(peak_rss_bytes()) / (1 << 20), o.out);
+             static_cast<double>(peak_rss_bytes()) / (1 << 20), t.out);
   return 0;
 }
 

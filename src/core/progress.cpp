@@ -1,5 +1,7 @@
 #include "core/progress.h"
 
+#include <exception>
+
 #include <fmt/format.h>
 #include <unistd.h>
 
@@ -51,11 +53,22 @@ Progress::Progress(std::string stage, std::uint64_t total, std::string unit, std
       out_(out),
       interactive_(interactive),
       clock_(std::move(clock)),
-      start_(clock_()) {
+      start_(clock_()),
+      uncaught_at_start_(std::uncaught_exceptions()) {
   if (interactive_) draw();
 }
 
-Progress::~Progress() { finish(); }
+Progress::~Progress() {
+  if (std::uncaught_exceptions() > uncaught_at_start_) {
+    // Unwinding for an error: its one line follows, so no closing line; a live line is cleared.
+    if (interactive_ && !finished_) {
+      std::fprintf(out_, "\r\x1b[K");
+      std::fflush(out_);
+    }
+    return;
+  }
+  finish();
+}
 
 void Progress::advance(std::uint64_t n) {
   done_ += n;

@@ -31,7 +31,8 @@ class Progress {
   Progress& operator=(const Progress&) = delete;
 
   void advance(std::uint64_t n = 1);
-  // Prints the closing line (once); the destructor calls it too.
+  // Prints the closing line (once); the destructor calls it too, unless an exception is unwinding
+  // the stack (the error's one line is what the user should see; a live line is cleared).
   void finish();
 
  private:
@@ -47,6 +48,7 @@ class Progress {
   double last_draw_ = -1.0;
   std::uint64_t done_ = 0;
   bool finished_ = false;
+  int uncaught_at_start_ = 0;
 };
 
 }  // namespace mopt

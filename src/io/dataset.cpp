@@ -16,6 +16,17 @@ std::vector<std::string> read_documents(const std::string& path) {
     docs.push_back(text);
     return docs;
   }
+  for_each_jsonl_record(text, path, [&](const nlohmann::json& j, const std::string& label) {
+    if (!j.is_object() || !j.contains("text") || !j["text"].is_string()) fail("{}: a record needs a string \"text\" field", label);
+    std::string doc = j["text"].get<std::string>();
+    if (!doc.empty()) docs.push_back(std::move(doc));
+  });
+  if (docs.empty()) fail("{}: no text", path);
+  return docs;
+}
+
+void for_each_jsonl_record(const std::string& text, const std::string& path,
+                           const std::function<void(const nlohmann::json& record, const std::string& label)>& record) {
   std::size_t start = 0;
   std::int64_t line_no = 0;
   while (start < text.size()) {
@@ -26,13 +37,8 @@ std::vector<std::string> read_documents(const std::string& path) {
     start = end + 1;
     if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
     const std::string label = path + ":" + std::to_string(line_no);
-    const nlohmann::json j = parse_json_unique_keys(line, label);
-    if (!j.is_object() || !j.contains("text") || !j["text"].is_string()) fail("{}: a record needs a string \"text\" field", label);
-    std::string doc = j["text"].get<std::string>();
-    if (!doc.empty()) docs.push_back(std::move(doc));
+    record(parse_json_unique_keys(line, label), label);
   }
-  if (docs.empty()) fail("{}: no text", path);
-  return docs;
 }
 
 }  // namespace mopt::io

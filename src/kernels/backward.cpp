@@ -52,19 +52,6 @@ void check_bounds(std::span<const std::int64_t> bounds, std::int64_t heads, std:
 
 }  // namespace
 
-void rmsnorm_saving(const float* x, const float* weight, std::int64_t rows, std::int64_t dim, float eps, float* y, float* rstd) {
-  parallel_each(rows, 4, rows > 16, [&](std::int64_t r) {
-    const float* xr = x + r * dim;
-    float* yr = y + r * dim;
-    double sum = 0;
-    for (std::int64_t i = 0; i < dim; ++i) sum += static_cast<double>(xr[i]) * xr[i];
-    const float variance = static_cast<float>(sum / static_cast<double>(dim));
-    const float scale = 1.0f / std::sqrt(variance + eps);
-    rstd[r] = scale;
-    for (std::int64_t i = 0; i < dim; ++i) yr[i] = weight[i] * (xr[i] * scale);
-  });
-}
-
 void rmsnorm_backward(const float* x, const float* weight, const float* rstd, const float* dy, std::int64_t rows,
                       std::int64_t dim, float* dx, float* dweight) {
   // y_i = w_i x_i r with r = (mean(x²) + eps)^-1/2, so dx_i = r g_i - x_i r³ (g · x) / dim, g = w ⊙ dy.
@@ -89,32 +76,6 @@ void rmsnorm_backward(const float* x, const float* weight, const float* rstd, co
   for (std::int64_t b = 0; b < blocks; ++b) {
     for (std::int64_t i = 0; i < dim; ++i) dweight[i] += partial[static_cast<std::size_t>(b * dim + i)];
   }
-}
-
-void apply_rope_inverse(float* x, std::int64_t rows, std::int64_t heads, std::int64_t head_dim, const std::int32_t* positions,
-                        const std::vector<float>& inv_freq) {
-  const std::int64_t half = head_dim / 2;
-  if (static_cast<std::int64_t>(inv_freq.size()) != half) fail("rope: {} frequencies for head_dim {}", inv_freq.size(), head_dim);
-  parallel_each(rows, 4, rows > 16, [&](std::int64_t r) {
-    thread_local std::vector<float> cos_v, sin_v;
-    cos_v.resize(static_cast<std::size_t>(half));
-    sin_v.resize(static_cast<std::size_t>(half));
-    const auto pos = static_cast<float>(positions[r]);
-    for (std::int64_t i = 0; i < half; ++i) {
-      const float angle = pos * inv_freq[static_cast<std::size_t>(i)];  // the forward's angle, to the bit
-      cos_v[static_cast<std::size_t>(i)] = std::cos(angle);
-      sin_v[static_cast<std::size_t>(i)] = std::sin(angle);
-    }
-    for (std::int64_t h = 0; h < heads; ++h) {
-      float* v = x + (r * heads + h) * head_dim;
-      for (std::int64_t i = 0; i < half; ++i) {
-        const float a = v[i], b = v[i + half];
-        const float c = cos_v[static_cast<std::size_t>(i)], s = sin_v[static_cast<std::size_t>(i)];
-        v[i] = a * c + b * s;
-        v[i + half] = b * c - a * s;
-      }
-    }
-  });
 }
 
 void silu_mul_backward(const float* gate, const float* up, const float* dh, std::int64_t n, float* dgate, float* dup) {

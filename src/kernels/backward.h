@@ -1,4 +1,4 @@
-// The backward passes of a Llama-family decoder's operations (ops.h), in f32, and the forward
+// The backward passes of a Llama-family decoder's operations (ops.h; RoPE's is apply_rope_inverse there), in f32, and the forward
 // operations training needs that inference does not (attention that keeps its log-sum-exp, the
 // cross-entropy loss). Each gradient is the derivative of what the forward computes, checked against
 // finite differences in f64 (tests/kernels/backward_test.cpp).
@@ -15,18 +15,10 @@
 
 namespace mopt::kernels {
 
-// rmsnorm() that also writes each row's 1 / sqrt(mean(x²) + eps) to rstd [rows].
-void rmsnorm_saving(const float* x, const float* weight, std::int64_t rows, std::int64_t dim, float eps, float* y, float* rstd);
-
 // The gradient of y = rmsnorm(x) * weight: dx (added to) and dweight (added to) from dy, given x and
-// the forward's rstd.
+// the rstd rmsnorm_saving (ops.h) wrote.
 void rmsnorm_backward(const float* x, const float* weight, const float* rstd, const float* dy, std::int64_t rows,
                       std::int64_t dim, float* dx, float* dweight);
-
-// The inverse of apply_rope (the rotation by minus each angle): the gradient of RoPE's input from its
-// output's, in place.
-void apply_rope_inverse(float* x, std::int64_t rows, std::int64_t heads, std::int64_t head_dim, const std::int32_t* positions,
-                        const std::vector<float>& inv_freq);
 
 // h = silu(gate) * up: dgate and dup from dh (written).
 void silu_mul_backward(const float* gate, const float* up, const float* dh, std::int64_t n, float* dgate, float* dup);

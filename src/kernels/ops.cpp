@@ -16,7 +16,7 @@
 
 namespace mopt::kernels {
 
-void rmsnorm(const float* x, const float* weight, std::int64_t rows, std::int64_t dim, float eps, float* y) {
+void rmsnorm_saving(const float* x, const float* weight, std::int64_t rows, std::int64_t dim, float eps, float* y, float* rstd) {
   parallel_each(rows, 4, rows > 16, [&](std::int64_t r) {
     const float* xr = x + r * dim;
     float* yr = y + r * dim;
@@ -24,12 +24,20 @@ void rmsnorm(const float* x, const float* weight, std::int64_t rows, std::int64_
     for (std::int64_t i = 0; i < dim; ++i) sum += static_cast<double>(xr[i]) * xr[i];
     const float variance = static_cast<float>(sum / static_cast<double>(dim));
     const float scale = 1.0f / std::sqrt(variance + eps);
+    if (rstd != nullptr) rstd[r] = scale;
     for (std::int64_t i = 0; i < dim; ++i) yr[i] = weight[i] * (xr[i] * scale);
   });
 }
 
-void apply_rope(float* x, std::int64_t rows, std::int64_t heads, std::int64_t head_dim, const std::int32_t* positions,
-                const std::vector<float>& inv_freq) {
+void rmsnorm(const float* x, const float* weight, std::int64_t rows, std::int64_t dim, float eps, float* y) {
+  rmsnorm_saving(x, weight, rows, dim, eps, y, nullptr);
+}
+
+namespace {
+
+// Rotates each pair (x[i], x[i + d/2]) by the angle position * inv_freq[i], or by minus it.
+void rotate_pairs(float* x, std::int64_t rows, std::int64_t heads, std::int64_t head_dim, const std::int32_t* positions,
+                  const std::vector<float>& inv_freq, bool inverse) {
   const std::int64_t half = head_dim / 2;
   if (static_cast<std::int64_t>(inv_freq.size()) != half) fail("rope: {} frequencies for head_dim {}", inv_freq.size(), head_dim);
   parallel_each(rows, 4, rows > 16, [&](std::int64_t r) {
@@ -40,7 +48,7 @@ void apply_rope(float* x, std::int64_t rows, std::int64_t heads, std::int64_t he
     for (std::int64_t i = 0; i < half; ++i) {
       const float angle = pos * inv_freq[static_cast<std::size_t>(i)];
       cos_v[static_cast<std::size_t>(i)] = std::cos(angle);
-      sin_v[static_cast<std::size_t>(i)] = std::sin(angle);
+      sin_v[static_cast<std::size_t>(i)] = inverse ? -std::sin(angle) : std::sin(angle);
     }
     for (std::int64_t h = 0; h < heads; ++h) {
       float* v = x + (r * heads + h) * head_dim;
@@ -52,6 +60,18 @@ void apply_rope(float* x, std::int64_t rows, std::int64_t heads, std::int64_t he
       }
     }
   });
+}
+
+}  // namespace
+
+void apply_rope(float* x, std::int64_t rows, std::int64_t heads, std::int64_t head_dim, const std::int32_t* positions,
+                const std::vector<float>& inv_freq) {
+  rotate_pairs(x, rows, heads, head_dim, positions, inv_freq, false);
+}
+
+void apply_rope_inverse(float* x, std::int64_t rows, std::int64_t heads, std::int64_t head_dim, const std::int32_t* positions,
+                        const std::vector<float>& inv_freq) {
+  rotate_pairs(x, rows, heads, head_dim, positions, inv_freq, true);
 }
 
 namespace {

@@ -11,11 +11,19 @@ namespace mopt::kernels {
 // y[r] = x[r] / sqrt(mean(x[r]²) + eps) * weight, for each of `rows` rows of `dim`.
 // `y` may equal `x`.
 void rmsnorm(const float* x, const float* weight, std::int64_t rows, std::int64_t dim, float eps, float* y);
+// The same, also writing each row's 1 / sqrt(mean(x²) + eps) to rstd [rows] (when not null), which
+// the backward (rmsnorm_backward, backward.h) reads.
+void rmsnorm_saving(const float* x, const float* weight, std::int64_t rows, std::int64_t dim, float eps, float* y, float* rstd);
 
 // Rotates x [rows, heads, head_dim] in place, row r at position positions[r],
 // with the split-half ("rotate_half") pairing: element i pairs with i + d/2.
 void apply_rope(float* x, std::int64_t rows, std::int64_t heads, std::int64_t head_dim, const std::int32_t* positions,
                 const std::vector<float>& inv_freq);
+
+// The inverse rotation (by minus each angle): RoPE's backward, the gradient of its input from its
+// output's, in place.
+void apply_rope_inverse(float* x, std::int64_t rows, std::int64_t heads, std::int64_t head_dim, const std::int32_t* positions,
+                        const std::vector<float>& inv_freq);
 
 // gate[i] = silu(gate[i]) * up[i].
 void silu_mul(float* gate, const float* up, std::int64_t n);

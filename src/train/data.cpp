@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/dataset.h"
 #include "io/json_util.h"
 
 namespace mopt::train {
@@ -45,22 +46,12 @@ std::vector<Example> read_examples(const std::string& path, const io::Tokenizer&
     if (out.empty()) fail("{}: no text to train on", path);
     return out;
   }
-  std::size_t start = 0;
-  std::int64_t line_no = 0;
-  while (start < text.size()) {
-    std::size_t end = text.find('\n', start);
-    if (end == std::string::npos) end = text.size();
-    ++line_no;
-    const std::string_view line(text.data() + start, end - start);
-    start = end + 1;
-    if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
-    const std::string label = path + ":" + std::to_string(line_no);
-    const nlohmann::json j = io::parse_json_unique_keys(line, label);
+  io::for_each_jsonl_record(text, path, [&](const nlohmann::json& j, const std::string& label) {
     if (!j.is_object()) fail("{}: a record must be a JSON object", label);
     if (j.contains("text")) {
       if (!j["text"].is_string()) fail("{}: \"text\" must be a string", label);
       add_document(j["text"].get<std::string>(), tokenizer, seq_len, out);
-      continue;
+      return;
     }
     if (!j.contains("prompt") || !j.contains("response") || !j["prompt"].is_string() || !j["response"].is_string()) {
       fail("{}: a record needs a string \"text\", or string \"prompt\" and \"response\" fields", label);
@@ -83,7 +74,7 @@ std::vector<Example> read_examples(const std::string& path, const io::Tokenizer&
     }
     if (counted == 0) fail("{}: the prompt takes all {} tokens of the sequence length: no response token is left to learn", label, seq_len);
     out.push_back(std::move(e));
-  }
+  });
   if (out.empty()) fail("{}: no examples", path);
   return out;
 }

@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "kernels/backward.h"
 #include "kernels/gemm.h"
+#include "kernels/ops.h"
 #include "model/llama.h"
 
 namespace mopt::train {

@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/progress.h"
 #include "core/tensor.h"
+#include "core/thread_pool.h"
 #include "export/checkpoint_dir.h"
 #include "io/checkpoint.h"
 #include "io/json_util.h"
@@ -157,6 +158,8 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
   }
   std::vector<Example> val = o.validation.empty() ? std::vector<Example>{} : read_examples(o.validation, tokenizer, o.seq_len, eos);
   const std::int64_t per_step = o.batch * o.grad_accum;
+  std::uint64_t params = 0;
+  for (const auto& p : model.parameters()) params += static_cast<std::uint64_t>(p.numel());
   const std::int64_t total = o.steps > 0 ? o.steps
                                          : std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(o.epochs * static_cast<double>(examples.size()) /
                                                                                                         static_cast<double>(per_step))));
@@ -177,9 +180,13 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
       if (j.contains("loss")) train_curve.emplace_back(j["step"].get<std::int64_t>(), j["loss"].get<double>());
       if (j.contains("val_loss")) val_curve.emplace_back(j["step"].get<std::int64_t>(), j["val_loss"].get<double>());
     }
-    std::fprintf(stderr, "mopt: resuming %s at step %lld of %lld\n", state_path.c_str(), static_cast<long long>(state.step),
-                 static_cast<long long>(total));
+    std::printf("resuming %s at step %lld of %lld\n", state_path.c_str(), static_cast<long long>(state.step),
+                static_cast<long long>(total));
   }
+  std::printf("training %s: %.1fM parameters in f32 on %d threads; %zu examples of at most %lld tokens, %lld per step, %lld steps\n",
+              o.label.empty() ? "a model" : o.label.c_str(), static_cast<double>(params) / 1e6, compute_threads(), examples.size(),
+              static_cast<long long>(o.seq_len), static_cast<long long>(per_step), static_cast<long long>(total));
+  std::fflush(stdout);
   std::FILE* live_log = nullptr;
   if (!o.log.empty()) {
     live_log = std::fopen(o.log.c_str(), "w");

@@ -39,6 +39,7 @@ struct TrainOptions {
   DType dtype = DType::BF16;       // of the written weights: bf16 or f32
   std::string tokenizer_dir;       // tokenizer.json (and its companions) copied from here
   std::string log;                 // a JSONL copy of the log written as training runs; empty: none
+  std::string label;               // what is trained, for the first line on stdout
 };
 
 struct TrainSummary {

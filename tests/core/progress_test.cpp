@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <stdexcept>
+
 #include <cstdio>
 #include <string>
 
@@ -60,6 +62,31 @@ TEST(Progress, TerminalRedrawsInPlaceAndThrottles) {
   EXPECT_NE(out.find("ETA"), std::string::npos);
   EXPECT_EQ(out.back(), '\n');
   std::fclose(f);
+}
+
+// A job that fails midway says one line, its error: the progress leaves no closing line behind
+// (and clears its live line on a terminal).
+TEST(Progress, AnErrorUnwindingLeavesNoClosingLine) {
+  for (const bool interactive : {false, true}) {
+    std::FILE* f = std::tmpfile();
+    ASSERT_NE(f, nullptr);
+    double now = 0;
+    try {
+      Progress p("training", 10, "steps", f, interactive, [&] { return now; });
+      now += 1;
+      p.advance();
+      throw std::runtime_error("step 2: the loss is nan");
+    } catch (const std::runtime_error&) {
+    }
+    const std::string out = read_all(f);
+    EXPECT_EQ(out.find("1/10 steps in"), std::string::npos) << out;
+    if (interactive) {
+      EXPECT_EQ(out.substr(out.size() - 4), "\r\x1b[K");  // the live line cleared
+    } else {
+      EXPECT_EQ(out, "");
+    }
+    std::fclose(f);
+  }
 }
 
 }  // namespace
