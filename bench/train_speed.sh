@@ -5,6 +5,7 @@
 # (the first step of each run left out) and each run's peak RSS (/usr/bin/time).
 #   bash bench/train_speed.sh [PYTHON]     (PYTHON: a python with torch and transformers;
 #                                            default /tmp/mopt-venv/bin/python, see tools/fixtures)
+# Environment: REPEATS (3), STEPS (6), THREADS (2), SHAPES (a name prefix; default all).
 # Shapes: tiny-kjv (6.5M parameters) at 16 x 256 and SmolLM2-135M at 4 x 512, the latter also with
 # mopt's --recompute against torch's gradient checkpointing (both initialized at random from their
 # config; mopt's tokens come from tiny-kjv's tokenizer on data/kjv-calib.txt, torch's are random).
@@ -29,6 +30,12 @@ rss_mib() { grep 'Maximum resident' "$1" | awk '{ printf "%.0f", $NF / 1024 }'; 
 declare -A rate mem
 # name batch seq-len [recompute: mopt --recompute, torch's gradient checkpointing]
 shapes=("tiny-kjv 16 256" "smollm2-135m 4 512" "smollm2-135m 4 512 recompute")
+# SHAPES=tiny-kjv (or smollm2-135m) keeps the shapes whose name starts so.
+if [ -n "${SHAPES:-}" ]; then
+  kept=()
+  for s in "${shapes[@]}"; do [[ $s == "$SHAPES"* ]] && kept+=("$s"); done
+  shapes=("${kept[@]}")
+fi
 for _ in $(seq "$REPEATS"); do
   for s in "${shapes[@]}"; do
     read -r name batch seq recompute <<< "$s"
@@ -49,7 +56,7 @@ for _ in $(seq "$REPEATS"); do
   done
 done
 "$MOPT" --version | grep -E '^(cpu|gemm|threads):'
-echo "torch $("$PY" -c 'import torch; print(torch.__version__)'), $THREADS threads, f32, AdamW; medians of $REPEATS runs x $STEPS steps"
+echo "torch $("$PY" -c 'import torch; print(torch.__version__)'), $THREADS threads, f32, AdamW; medians of $REPEATS runs x $STEPS steps (the first of each run left out)"
 printf '%-24s %-8s %12s %12s %8s %12s %12s\n' shape batch "mopt tok/s" "torch tok/s" ratio "mopt MiB" "torch MiB"
 for s in "${shapes[@]}"; do
   read -r name batch seq recompute <<< "$s"

@@ -37,6 +37,21 @@ double exp_shifted(float* row, std::int64_t n, float shift) {
   return total;
 }
 
+float row_max(const float* row, std::int64_t n) {
+  if (simd_ops()) return avx2::max_of(row, n);
+  float m = row[0];
+  for (std::int64_t j = 1; j < n; ++j) m = std::max(m, row[j]);
+  return m;
+}
+
+void scale_row(float* row, std::int64_t n, float factor) {
+  if (simd_ops()) {
+    avx2::scale(row, n, factor);
+    return;
+  }
+  for (std::int64_t j = 0; j < n; ++j) row[j] *= factor;
+}
+
 blasint B(std::int64_t v) { return static_cast<blasint>(v); }
 
 // The keys query position p sees: [first, p].
@@ -129,12 +144,10 @@ void attention_saving(const float* q, const float* k, const float* v, std::span<
     for (std::int64_t r = 0; r < blk.rows; ++r) {
       const std::int64_t p = blk.i0 + r, first = first_key(p, window) - k0, last = p - k0;
       float* row = scores.data() + r * nk;
-      float m = -INFINITY;
-      for (std::int64_t j = first; j <= last; ++j) m = std::max(m, row[j]);
+      const float m = row_max(row + first, last - first + 1);
       const double total = exp_shifted(row + first, last - first + 1, m);
-      const auto inv = static_cast<float>(1.0 / total);
       std::fill(row, row + first, 0.0f);
-      for (std::int64_t j = first; j <= last; ++j) row[j] *= inv;
+      scale_row(row + first, last - first + 1, static_cast<float>(1.0 / total));
       std::fill(row + last + 1, row + nk, 0.0f);
       lse[(blk.offset + p) * heads + h] = m + static_cast<float>(std::log(total));
     }
@@ -199,7 +212,11 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
         // dS = P ⊙ (dP - rowsum(dO ⊙ O)), the softmax's gradient (zero where P is).
         for (std::int64_t r = 0; r < rows; ++r) {
           const float dl = delta[static_cast<std::size_t>(r)];
-          for (std::int64_t j = 0; j < nk; ++j) dP[r * nk + j] = P[r * nk + j] * (dP[r * nk + j] - dl);
+          if (simd_ops()) {
+            avx2::softmax_backward_row(P + r * nk, nk, dl, dP + r * nk);
+          } else {
+            for (std::int64_t j = 0; j < nk; ++j) dP[r * nk + j] = P[r * nk + j] * (dP[r * nk + j] - dl);
+          }
         }
         // dQ = scale · dS K; dK += scale · dSᵀ Q.
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, B(rows), B(d), B(nk), scale, dP, B(nk), kb, B(kv_stride), 0.0f,
@@ -217,13 +234,11 @@ double cross_entropy_backward(float* logits, const std::int32_t* targets, std::i
     float* row = logits + r * vocab;
     const std::int32_t t = targets[r];
     if (t < 0 || t >= vocab) fail("cross-entropy: target {} of row {} is outside the vocabulary of {}", t, r, vocab);
-    float m = -INFINITY;
-    for (std::int64_t j = 0; j < vocab; ++j) m = std::max(m, row[j]);
+    const float m = row_max(row, vocab);
     const float target_logit = row[t];
     const double total = exp_shifted(row, vocab, m);
     losses[static_cast<std::size_t>(r)] = static_cast<double>(m) + std::log(total) - target_logit;
-    const auto factor = static_cast<float>(grad_scale / total);
-    for (std::int64_t j = 0; j < vocab; ++j) row[j] *= factor;
+    scale_row(row, vocab, static_cast<float>(grad_scale / total));
     row[t] -= grad_scale;
   });
   double sum = 0;

@@ -1,5 +1,6 @@
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/ops_simd.h"
@@ -86,6 +87,36 @@ float exp_shifted_sum(float* row, std::int64_t n, float shift) {
     total = _mm256_add_ps(total, e);
   }
   return lane_sum(total);
+}
+
+float max_of(const float* x, std::int64_t n) {
+  std::int64_t i = 0;
+  float m = x[0];
+  if (n >= 8) {
+    __m256 v = _mm256_loadu_ps(x);
+    for (i = 8; i + 8 <= n; i += 8) v = _mm256_max_ps(v, _mm256_loadu_ps(x + i));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, v);
+    for (const float l : lanes) m = std::max(m, l);
+  }
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+void scale(float* x, std::int64_t n, float factor) {
+  const __m256 f = _mm256_set1_ps(factor);
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), f));
+  for (; i < n; ++i) x[i] *= factor;
+}
+
+void softmax_backward_row(const float* p, std::int64_t n, float delta, float* ds) {
+  const __m256 d = _mm256_set1_ps(delta);
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(ds + i, _mm256_mul_ps(_mm256_loadu_ps(p + i), _mm256_sub_ps(_mm256_loadu_ps(ds + i), d)));
+  }
+  for (; i < n; ++i) ds[i] = p[i] * (ds[i] - delta);
 }
 
 void silu_mul(float* gate, const float* up, std::int64_t n) {

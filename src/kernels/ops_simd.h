@@ -10,6 +10,12 @@ namespace mopt::kernels::avx2 {
 void exp_inplace(float* x, std::int64_t n);
 // row[j] = e^(row[j] - shift) for j in [0, n); returns their sum.
 float exp_shifted_sum(float* row, std::int64_t n, float shift);
+// The largest of x[0, n) (n >= 1; NaN lanes are skipped as std::max skips them on the right).
+float max_of(const float* x, std::int64_t n);
+// x[i] *= factor.
+void scale(float* x, std::int64_t n, float factor);
+// ds[i] = p[i] * (ds[i] - delta): the softmax's backward for one row.
+void softmax_backward_row(const float* p, std::int64_t n, float delta, float* ds);
 // gate[i] = silu(gate[i]) * up[i] = gate / (1 + e^-gate) * up.
 void silu_mul(float* gate, const float* up, std::int64_t n);
 // The gradient of silu(gate) * up: dgate and dup from dh (kernels::silu_mul_backward).
