@@ -12,6 +12,7 @@
 
 #include "core/convert.h"
 #include "core/error.h"
+#include "core/random.h"
 #include "core/progress.h"
 #include "kernels/gemm.h"
 #include "kernels/ops.h"
@@ -30,13 +31,6 @@ namespace {
 using model::LinearKind;
 
 std::size_t kind_index(LinearKind kind) { return static_cast<std::size_t>(kind); }
-
-std::uint64_t splitmix64(std::uint64_t& state) {
-  std::uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
 struct Batch {
   std::int64_t row0 = 0, rows = 0;
@@ -444,11 +438,7 @@ CalibrationSet make_calibration_set(const std::vector<std::string>& documents, c
   // Fisher-Yates with splitmix64: the same draw on every platform.
   std::vector<std::size_t> order(pool.size());
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::uint64_t state = seed;
-  for (std::size_t i = order.size() - 1; i > 0; --i) {
-    const std::size_t j = static_cast<std::size_t>(splitmix64(state) % (i + 1));
-    std::swap(order[i], order[j]);
-  }
+  seeded_shuffle(order, seed);
   order.resize(static_cast<std::size_t>(n));
   std::sort(order.begin(), order.end());  // keep the text's order among the chosen pieces
   for (std::size_t i : order) set.sequences.push_back(std::move(pool[i]));

@@ -7,6 +7,7 @@
 
 #include "core/convert.h"
 #include "core/error.h"
+#include "core/random.h"
 #include "core/progress.h"
 #include "core/thread_pool.h"
 #include "core/tensor.h"
@@ -31,14 +32,6 @@ json llama_config(std::int64_t hidden, std::int64_t intermediate, std::int64_t l
   return c;
 }
 
-// splitmix64: a fast, well-mixed stream per (tensor, row).
-std::uint64_t splitmix(std::uint64_t& s) {
-  std::uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
 Tensor random_bf16(std::int64_t rows, std::int64_t cols, std::uint64_t seed) {
   Tensor t = Tensor::zeros(DType::BF16, {rows, cols});
   auto* d = t.mutable_data<std::uint16_t>();
@@ -47,7 +40,7 @@ Tensor random_bf16(std::int64_t rows, std::int64_t cols, std::uint64_t seed) {
       std::uint64_t s = seed ^ (static_cast<std::uint64_t>(r) * 0xD1B54A32D192ED03ull);
       for (std::int64_t c = 0; c < cols; ++c) {
         // Sum of four uniforms, centred and scaled: mean 0, standard deviation 0.02.
-        const std::uint64_t a = splitmix(s), b = splitmix(s);
+        const std::uint64_t a = splitmix64(s), b = splitmix64(s);
         const double u = static_cast<double>(a & 0xFFFFFFFF) + static_cast<double>(a >> 32) + static_cast<double>(b & 0xFFFFFFFF) +
                          static_cast<double>(b >> 32);
         const double z = (u / 4294967296.0 - 2.0) * std::sqrt(3.0);  // variance of 4 uniforms is 1/3

@@ -3,19 +3,13 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/random.h"
 #include "io/dataset.h"
 #include "io/json_util.h"
 
 namespace mopt::train {
 
 namespace {
-
-std::uint64_t splitmix64(std::uint64_t& state) {
-  std::uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
 void add_document(const std::string& text, const io::Tokenizer& tokenizer, std::int64_t seq_len, std::vector<Example>& out) {
   const std::vector<std::int32_t> prefix = tokenizer.prefix_special_ids();
@@ -87,9 +81,7 @@ const std::vector<std::int64_t>& DataOrder::order(std::int64_t epoch) {
   if (epoch == cached_epoch_) return cached_;
   cached_.resize(static_cast<std::size_t>(examples_));
   for (std::int64_t i = 0; i < examples_; ++i) cached_[static_cast<std::size_t>(i)] = i;
-  // Fisher-Yates with splitmix64: the same order on every platform.
-  std::uint64_t state = seed_ ^ (0xD1B54A32D192ED03ull * static_cast<std::uint64_t>(epoch + 1));
-  for (std::size_t i = cached_.size() - 1; i > 0; --i) std::swap(cached_[i], cached_[static_cast<std::size_t>(splitmix64(state) % (i + 1))]);
+  seeded_shuffle(cached_, seed_ ^ (0xD1B54A32D192ED03ull * static_cast<std::uint64_t>(epoch + 1)));
   cached_epoch_ = epoch;
   return cached_;
 }

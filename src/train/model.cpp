@@ -6,6 +6,7 @@
 #include <unordered_map>
 
 #include "core/error.h"
+#include "core/random.h"
 #include "kernels/backward.h"
 #include "kernels/gemm.h"
 #include "kernels/ops.h"
@@ -22,16 +23,10 @@ std::vector<float>& sized(std::vector<float>& v, std::int64_t n) {
   return v;
 }
 
-// splitmix64: the seeded stream of the initialization.
+// The seeded stream of the initialization (splitmix64).
 struct Random {
   std::uint64_t state;
-  std::uint64_t next() {
-    std::uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return static_cast<double>((next() >> 11) + 1) * 0x1.0p-53; }  // (0, 1]
+  double uniform() { return static_cast<double>((splitmix64(state) >> 11) + 1) * 0x1.0p-53; }  // (0, 1]
   // Box-Muller: two normals per pair of uniforms.
   void normals(float* out, std::int64_t n, double std_dev) {
     for (std::int64_t i = 0; i < n; i += 2) {
@@ -123,13 +118,6 @@ TrainableModel TrainableModel::initialize(const io::ModelConfig& config, std::ui
     params.push_back(std::move(p));
   }
   return TrainableModel(config, std::move(params));
-}
-
-const Parameter& TrainableModel::parameter(std::string_view name) const {
-  for (const auto& p : params_) {
-    if (p.name == name) return p;
-  }
-  fail("training: the model has no parameter {}", name);
 }
 
 void TrainableModel::zero_grad() {
@@ -227,11 +215,11 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
   std::vector<float>& dhidden = dhidden_;
   dhidden.assign(static_cast<std::size_t>(rows * H), 0.0f);
   kernels::rmsnorm_backward(hidden.data(), value(final_norm_), rstd.data(), dnormed_.data(), rows, H, dhidden.data(), grad(final_norm_));
-  if (recompute_) sized(unused_, rows * H);
+  if (recompute_) sized(recomputed_out_, rows * H);
   for (std::int64_t l = L - 1; l >= 0; --l) {
     if (recompute_) {
       model::decoder_layer_forward_saving(c, inv_freq_, layer_params(l), inputs_[static_cast<std::size_t>(l)].data(), rows, batch.bounds,
-                                          saved_[0], unused_.data());
+                                          saved_[0], recomputed_out_.data());
     }
     model::decoder_layer_backward(c, inv_freq_, layer_params(l), saved_[keep_all ? static_cast<std::size_t>(l) : 0], rows, batch.bounds,
                                   dhidden.data(), layer_grads(l), scratch_);

@@ -60,7 +60,6 @@ class TrainableModel {
   const io::ModelConfig& config() const { return config_; }
   std::vector<Parameter>& parameters() { return params_; }
   const std::vector<Parameter>& parameters() const { return params_; }
-  const Parameter& parameter(std::string_view name) const;
 
   // Recompute each layer's activations in the backward pass instead of keeping them all.
   void set_recompute(bool recompute) { recompute_ = recompute; }
@@ -100,7 +99,7 @@ class TrainableModel {
   std::vector<model::LayerActivations> saved_;
   std::vector<std::vector<float>> inputs_;  // each layer's input, when recomputing
   model::LayerBackwardScratch scratch_;
-  std::vector<float> hidden_, normed_, rstd_, dnormed_, dhidden_, unused_, x_, logits_, dx_;
+  std::vector<float> hidden_, normed_, rstd_, dnormed_, dhidden_, recomputed_out_, x_, logits_, dx_;
 };
 
 }  // namespace mopt::train
