@@ -77,6 +77,16 @@ void Progress::advance(std::uint64_t n) {
   if (now - last_draw_ >= 0.1 || done_ >= total_) draw();
 }
 
+void Progress::message(const std::string& line) {
+  if (interactive_) {
+    std::fprintf(out_, "\r%s\x1b[K\n", line.c_str());
+    draw();
+  } else {
+    std::fprintf(out_, "%s\n", line.c_str());
+    std::fflush(out_);
+  }
+}
+
 void Progress::draw() {
   last_draw_ = clock_();
   const std::string line = format_progress(stage_, done_, total_, last_draw_ - start_, unit_);

@@ -31,6 +31,8 @@ class Progress {
   Progress& operator=(const Progress&) = delete;
 
   void advance(std::uint64_t n = 1);
+  // A line of its own (a validation result): on a terminal above the live line, which is redrawn.
+  void message(const std::string& line);
   // Prints the closing line (once); the destructor calls it too, unless an exception is unwinding
   // the stack (the error's one line is what the user should see; a live line is cleared).
   void finish();

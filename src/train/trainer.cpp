@@ -114,9 +114,7 @@ double validation_loss(TrainableModel& model, const std::vector<Example>& exampl
   return targets > 0 ? sum / static_cast<double>(targets) : 0.0;
 }
 
-void write_checkpoint(const TrainableModel& model, const TrainOptions& o, const State& state,
-                      const std::vector<std::pair<std::int64_t, double>>& train_curve,
-                      const std::vector<std::pair<std::int64_t, double>>& val_curve) {
+void write_checkpoint(const TrainableModel& model, const TrainOptions& o, const State& state) {
   exporter::CheckpointDirWriter writer(o.out, std::uint64_t{2} << 30);
   for (const auto& p : model.parameters()) {
     Tensor t = Tensor::from_f32(p.value, p.shape);
@@ -130,7 +128,13 @@ void write_checkpoint(const TrainableModel& model, const TrainOptions& o, const 
   writer.write_json("config.json", config, 2);
   if (!o.tokenizer_dir.empty()) writer.copy_model_files(o.tokenizer_dir);
   std::string log;
-  for (const auto& l : state.log) log += l + "\n";
+  std::vector<std::pair<std::int64_t, double>> train_curve, val_curve;
+  for (const auto& l : state.log) {
+    log += l + "\n";
+    const json j = json::parse(l);
+    train_curve.emplace_back(j["step"].get<std::int64_t>(), j["loss"].get<double>());
+    if (j.contains("val_loss")) val_curve.emplace_back(j["step"].get<std::int64_t>(), j["val_loss"].get<double>());
+  }
   writer.write_text("train_log.jsonl", log);
   writer.write_text("loss_curve.svg", loss_curve_svg(train_curve, val_curve));
   writer.commit([](const std::string& dir) { io::Checkpoint::open(dir); });
@@ -170,16 +174,10 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
   AdamW opt(model.parameters(), o.adam, weight_decay_mask(model.parameters()));
   DataOrder order(static_cast<std::int64_t>(examples.size()), o.seed);
   State state;
-  std::vector<std::pair<std::int64_t, double>> train_curve, val_curve;
   if (o.resume) {
     if (!fs::exists(state_path)) fail("{}: no training state to resume from", state_path);
     state = load_state(state_path, model, opt, print);
     order.set_cursor(state.cursor);
-    for (const auto& line : state.log) {
-      const json j = json::parse(line);
-      if (j.contains("loss")) train_curve.emplace_back(j["step"].get<std::int64_t>(), j["loss"].get<double>());
-      if (j.contains("val_loss")) val_curve.emplace_back(j["step"].get<std::int64_t>(), j["val_loss"].get<double>());
-    }
     std::printf("resuming %s at step %lld of %lld\n", state_path.c_str(), static_cast<long long>(state.step),
                 static_cast<long long>(total));
   }
@@ -226,12 +224,14 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
       rows += b.rows();
     }
     if (!std::isfinite(loss_sum)) fail("step {}: the loss is {}; {}", step + 1, loss_sum, kept());
-    for (const auto& p : model.parameters()) {
-      for (const float g : p.grad) {
-        if (!std::isfinite(g)) fail("step {}: the gradient of {} holds NaN or Inf; {}", step + 1, p.name, kept());
+    const double norm = clip_gradients(model.parameters(), o.clip);
+    if (!std::isfinite(norm)) {  // a NaN or Inf gradient (clipping scaled it into NaN, never into a number)
+      for (const auto& p : model.parameters()) {
+        if (std::any_of(p.grad.begin(), p.grad.end(), [](float g) { return !std::isfinite(g); })) {
+          fail("step {}: the gradient of {} holds NaN or Inf; {}", step + 1, p.name, kept());
+        }
       }
     }
-    const double norm = clip_gradients(model.parameters(), o.clip);
     const double lr = learning_rate(o.lr, o.schedule, step, total, o.warmup, o.min_lr_ratio);
     opt.step(model.parameters(), lr);
     const double elapsed = now_seconds() - start;
@@ -239,16 +239,13 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
     seconds += elapsed;
     const double loss = targets > 0 ? loss_sum / static_cast<double>(targets) : 0.0;
     json line = {{"step", step + 1}, {"lr", lr}, {"loss", loss}, {"grad_norm", norm}, {"tokens_per_s", static_cast<double>(rows) / elapsed}};
-    train_curve.emplace_back(step + 1, loss);
     summary.final_train_loss = loss;
     const bool last = step + 1 == total;
     if (!val.empty() && (last || (o.eval_every > 0 && (step + 1) % o.eval_every == 0))) {
       const double v = validation_loss(model, val, o.batch);
       line["val_loss"] = v;
-      val_curve.emplace_back(step + 1, v);
       summary.final_val_loss = v;
-      std::fprintf(stderr, "mopt: step %lld/%lld: train loss %.4f, validation loss %.4f\n", static_cast<long long>(step + 1),
-                   static_cast<long long>(total), loss, v);
+      progress.message(fmt::format("step {}/{}: train loss {:.4f}, validation loss {:.4f}", step + 1, total, loss, v));
     }
     state.log.push_back(line.dump());
     if (live_log) {
@@ -261,7 +258,7 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
     progress.advance();
   }
   progress.finish();
-  write_checkpoint(model, o, state, train_curve, val_curve);
+  write_checkpoint(model, o, state);
   summary.steps = state.step;
   summary.tokens_per_second = seconds > 0 ? tokens / seconds : 0.0;
   return summary;

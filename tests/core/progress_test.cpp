@@ -64,6 +64,28 @@ TEST(Progress, TerminalRedrawsInPlaceAndThrottles) {
   std::fclose(f);
 }
 
+// A message gets a line of its own: plain in a log, above the redrawn live line on a terminal.
+TEST(Progress, MessagesGetTheirOwnLine) {
+  for (const bool interactive : {false, true}) {
+    std::FILE* f = std::tmpfile();
+    ASSERT_NE(f, nullptr);
+    double now = 0;
+    {
+      Progress p("training", 4, "steps", f, interactive, [&] { return now; });
+      now += 1;
+      p.advance();
+      p.message("step 1/4: validation loss 3.2");
+    }
+    const std::string out = read_all(f);
+    if (interactive) {
+      EXPECT_NE(out.find("\rstep 1/4: validation loss 3.2\x1b[K\n\rtraining 1/4"), std::string::npos) << out;
+    } else {
+      EXPECT_EQ(out, "step 1/4: validation loss 3.2\ntraining: 1/4 steps in 1.0 s (1 steps/s)\n");
+    }
+    std::fclose(f);
+  }
+}
+
 // A job that fails midway says one line, its error: the progress leaves no closing line behind
 // (and clears its live line on a terminal).
 TEST(Progress, AnErrorUnwindingLeavesNoClosingLine) {
