@@ -33,4 +33,22 @@ diff <(strip "$work/whole/train_log.jsonl") <(strip "$work/resumed/train_log.jso
 grep -q "<svg" "$work/whole/loss_curve.svg" || { echo "FAIL: no loss curve"; exit 1; }
 head -c 4000 "$text" > "$work/small.txt"
 "$mopt" eval ppl "$work/whole" --text "$work/small.txt" --ctx 128 > "$work/ppl.out" 2>&1 || { cat "$work/ppl.out"; exit 1; }
+# A state is resumed only by the run that saved it, and a damaged one is refused by name.
+fails_with() {  # fails_with MESSAGE ARGS...: exit 1 and one line on stderr holding MESSAGE
+  local message=$1
+  shift
+  set +e
+  "$mopt" "$@" > /dev/null 2> "$work/err"
+  local rc=$?
+  set -e
+  [ "$rc" -eq 1 ] && [ "$(wc -l < "$work/err")" -eq 1 ] && grep -qF "$message" "$work/err" ||
+    { echo "FAIL: $* gave exit $rc and: $(cat "$work/err")"; exit 1; }
+}
+cp "$work/whole.train-state.safetensors" "$work/other.safetensors"
+fails_with "saved by a run with other settings" train "$model" --data "$text" --steps 10 --batch 2 --seq-len 48 --lr 1e-3 \
+  --state "$work/other.safetensors" --resume --out "$work/never"
+head -c 1000 "$work/whole.train-state.safetensors" > "$work/cut.safetensors"
+fails_with "cut.safetensors" "${args[@]}" --state "$work/cut.safetensors" --resume --out "$work/never"
+fails_with "no training state to resume from" "${args[@]}" --state "$work/none.safetensors" --resume --out "$work/never"
+[ ! -e "$work/never" ] || { echo "FAIL: a refused run wrote its output"; exit 1; }
 echo "PASS: resumed at step $step, weights and log identical to the uninterrupted run"
