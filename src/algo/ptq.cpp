@@ -720,6 +720,9 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
         qw.linear(kind).weight = Tensor::from_f32(deq, {out, in});
         qlin.input_amax = work[k].input_amax;
         qlin.pre_quant_scale = work[k].pqs;
+        qlin.weight_amax = weight_amax[k];
+        qlin.weight_amax2 = second_amax[k];
+        if (options.keep_master_weights) qlin.master_weight = work[k].w;
         qw.linear(kind).input_transform = input_transform(qlin.scheme, qlin.input_amax, qlin.pre_quant_scale);
         original_weights[k].clear();
         original_weights[k].shrink_to_fit();

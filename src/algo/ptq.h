@@ -50,6 +50,8 @@ struct PtqOptions {
   // For targets without a pre_quant_scale tensor (compressed-tensors, GGUF): every smoothing scale is
   // folded into the layer before it (norms; v_proj/up_proj rows for o_proj/down_proj) or not applied.
   bool fold_pre_quant_scales = false;
+  // Hand on each quantized Linear's f32 weight (QuantizedLinear::master_weight) beside its codes.
+  bool keep_master_weights = false;
 };
 
 struct LayerReport {

@@ -143,6 +143,13 @@ struct TrainCliOptions {
   std::string dtype = "bf16";
   std::int64_t seed = 0;
   train::TrainOptions train;  // the rest, bound to the flags directly
+  // Quantization-aware training (--qat FORMAT): the quantize flags that apply (format, algorithm,
+  // group size, KV cache, calibration, export); qat.format empty: plain training.
+  QuantizeOptions qat;
+  std::string ste = "pass";     // pass or clip
+  bool distill = false;         // QAD: distill from the unquantized model
+  float kd_temperature = 1.0f;
+  float kd_weight = 1.0f;       // the distillation loss's weight; 1 - it the cross-entropy's
 };
 int run_train(const TrainCliOptions& options);
 

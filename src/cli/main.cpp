@@ -211,7 +211,23 @@ int main(int argc, char** argv) {
   train_cmd->add_flag("--recompute", train.train.recompute, "Recompute each layer's activations in the backward pass (less memory)");
   train_cmd->add_option("--log", train.train.log, "Write the JSONL log here as training runs (it is also saved in OUT)");
   train_cmd->add_option("--dtype", train.dtype, "Weights of the written model: bf16 (default) or f32");
-  train_cmd->add_option("--out", train.train.out, "The directory to create")->required();
+  train_cmd->add_option("--out", train.train.out, "The directory to create (with --qat --export gguf: the .gguf file)")->required();
+  train_cmd->add_option("--qat", train.qat.format, "Quantization-aware training: calibrate as `mopt quantize --format FORMAT` does, train with its fake quantizers, write what quantize writes");
+  train_cmd->add_option("--recipe", train.qat.recipe, "With --qat: a JSON recipe, as for quantize");
+  train_cmd->add_option("--algo", train.qat.algo, "With --qat: the calibration algorithm (default: the format's)");
+  train_cmd->add_option("--group-size", train.qat.group_size, "With --qat: the INT4 group size (default 128)");
+  train_cmd->add_option("--kv-cache", train.qat.kv_cache, "With --qat: fake-quantize the KV cache too: fp8 or nvfp4");
+  train_cmd->add_option("--calib", train.qat.calib, "With --qat: calibration text (.txt/.jsonl), as for quantize")->expected(1, -1);
+  train_cmd->add_option("--calib-size", train.qat.calib_size, "With --qat: calibration samples (default 128)");
+  train_cmd->add_option("--calib-seq-len", train.qat.seq_len, "With --qat: tokens per calibration sample (default 512)");
+  train_cmd->add_option("--exclude", train.qat.exclude, "With --qat: modules left unquantized (globs)");
+  train_cmd->add_option("--override", train.qat.overrides, "With --qat: GLOB=FORMAT per-module formats");
+  train_cmd->add_option("--export", train.qat.export_format, "With --qat: modelopt (default), compressed-tensors or gguf");
+  train_cmd->add_option("--gguf-type", train.qat.gguf_type, "With --qat --export gguf: the GGUF type, as for quantize");
+  train_cmd->add_option("--ste", train.ste, "With --qat: the gradient through the rounding: pass (default, straight through) or clip (zero outside the amax)");
+  train_cmd->add_flag("--distill", train.distill, "With --qat: distill from the unquantized model (QAD) instead of the cross-entropy");
+  train_cmd->add_option("--kd-temperature", train.kd_temperature, "With --distill: the softmax temperature T (default 1)");
+  train_cmd->add_option("--kd-weight", train.kd_weight, "With --distill: the distillation loss's weight; 1 - it weights the cross-entropy (default 1)");
 
   try {
     app.parse(argc, argv);

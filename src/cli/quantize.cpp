@@ -7,6 +7,7 @@
 
 #include "algo/ptq.h"
 #include "cli/commands.h"
+#include "cli/quantize_common.h"
 #include "core/error.h"
 #include "core/memory.h"
 #include "export/compressed_tensors.h"
@@ -23,7 +24,11 @@ namespace {
 
 using nlohmann::json;
 
-quant::Recipe build_recipe(const QuantizeOptions& o) {
+std::string format_error(double e) { return e < 0.0 ? "-" : fmt::format("{:.5f}", e); }
+
+}  // namespace
+
+quant::Recipe recipe_from_options(const QuantizeOptions& o) {
   quant::Recipe r;
   if (!o.recipe.empty()) r = quant::load_recipe(o.recipe);
   if (!o.format.empty()) r.format = o.format;
@@ -47,14 +52,7 @@ quant::Recipe build_recipe(const QuantizeOptions& o) {
   return r;
 }
 
-std::string format_error(double e) { return e < 0.0 ? "-" : fmt::format("{:.5f}", e); }
-
-}  // namespace
-
-int run_quantize(const QuantizeOptions& o) {
-  const auto start = std::chrono::steady_clock::now();
-  if (!(o.gptq_damp > 0.0) || !std::isfinite(o.gptq_damp)) fail("--gptq-damp {} is not a positive number", o.gptq_damp);
-  const quant::Recipe recipe = build_recipe(o);
+void check_export_target(const QuantizeOptions& o, const quant::Recipe& recipe) {
   if (o.export_format != "modelopt" && o.export_format != "compressed-tensors" && o.export_format != "gguf") {
     fail("--export {}: one of modelopt, compressed-tensors, gguf", o.export_format);
   }
@@ -69,10 +67,9 @@ int run_quantize(const QuantizeOptions& o) {
   if (head_quantized && o.export_format != "modelopt") {
     fail("--quantize-lm-head: the {} export keeps the lm_head in 16 bits; only --export modelopt holds a quantized lm_head", o.export_format);
   }
-  if (std::filesystem::exists(o.out_dir)) fail("{}: already exists (choose a new output)", o.out_dir);
-  const io::Checkpoint ckpt = io::Checkpoint::open(o.model);
-  if (exporter::is_quantized_checkpoint(o.model)) fail("{}: already quantized; quantize the original checkpoint", o.model);
+}
 
+algo::CalibrationSet calibration_from_options(const QuantizeOptions& o, const io::Checkpoint& ckpt, const quant::Recipe& recipe) {
   algo::CalibrationSet calib;
   const bool need = algo::needs_calibration(ckpt.config(), recipe);
   if (need && o.calib.empty()) {
@@ -92,6 +89,36 @@ int run_quantize(const QuantizeOptions& o) {
     fmt::print(stderr, "calibration: {} samples, {} tokens (seq-len {}, seed {})\n", calib.sequences.size(), calib.tokens(),
                recipe.seq_len, recipe.seed);
   }
+  return calib;
+}
+
+std::uint64_t convert_export(const std::string& modelopt_dir, const QuantizeOptions& o, const quant::Recipe& recipe, std::uint64_t modelopt_bytes) {
+  std::uint64_t output_bytes = modelopt_bytes;
+  if (o.export_format == "compressed-tensors") {
+    const auto r = exporter::export_compressed_tensors(modelopt_dir, o.out_dir);
+    output_bytes = r.bytes;
+  } else if (o.export_format == "gguf") {
+    // By default the GGUF type that holds the format's codes: NVFP4/MXFP4 as such, INT4 as Q4_0, INT8 as Q8_0.
+    const bool four_bit = recipe.format.find("4") != std::string::npos;
+    const std::string fallback = recipe.format.rfind("nvfp4", 0) == 0 ? "nvfp4" : recipe.format == "mxfp4" ? "mxfp4" : four_bit ? "q4_0" : "q8_0";
+    const exporter::GgufExportOptions go = exporter::gguf_options_from_name(!o.gguf_type.empty() ? o.gguf_type : fallback);
+    const auto r = exporter::export_gguf(modelopt_dir, o.out_dir, go);
+    output_bytes = std::filesystem::file_size(o.out_dir);
+    fmt::print(stderr, "gguf: {} quantized linears written code for code, {} quantized to the GGUF type{}\n", r.exact_linears,
+               r.requantized_linears, r.activation_quantization_dropped ? " (llama.cpp does not quantize activations as this format does)" : "");
+  }
+  return output_bytes;
+}
+
+int run_quantize(const QuantizeOptions& o) {
+  const auto start = std::chrono::steady_clock::now();
+  if (!(o.gptq_damp > 0.0) || !std::isfinite(o.gptq_damp)) fail("--gptq-damp {} is not a positive number", o.gptq_damp);
+  const quant::Recipe recipe = recipe_from_options(o);
+  check_export_target(o, recipe);
+  if (std::filesystem::exists(o.out_dir)) fail("{}: already exists (choose a new output)", o.out_dir);
+  const io::Checkpoint ckpt = io::Checkpoint::open(o.model);
+  if (exporter::is_quantized_checkpoint(o.model)) fail("{}: already quantized; quantize the original checkpoint", o.model);
+  const algo::CalibrationSet calib = calibration_from_options(o, ckpt, recipe);
 
   // Another format is converted from the modelopt checkpoint, written first into a temporary directory beside the output.
   struct Staging {
@@ -117,20 +144,7 @@ int run_quantize(const QuantizeOptions& o) {
       algo::quantize_checkpoint(ckpt, recipe, calib, options, [&](quant::QuantizedLayer&& layer) { writer.add_layer(layer); },
                                 [&](quant::QuantizedLayer&& head) { writer.add_head(head); });
   writer.finish();
-  std::uint64_t output_bytes = writer.bytes_written();
-  if (o.export_format == "compressed-tensors") {
-    const auto r = exporter::export_compressed_tensors(modelopt_dir, o.out_dir);
-    output_bytes = r.bytes;
-  } else if (o.export_format == "gguf") {
-    // By default the GGUF type that holds the format's codes: NVFP4/MXFP4 as such, INT4 as Q4_0, INT8 as Q8_0.
-    const bool four_bit = recipe.format.find("4") != std::string::npos;
-    const std::string fallback = recipe.format.rfind("nvfp4", 0) == 0 ? "nvfp4" : recipe.format == "mxfp4" ? "mxfp4" : four_bit ? "q4_0" : "q8_0";
-    const exporter::GgufExportOptions go = exporter::gguf_options_from_name(!o.gguf_type.empty() ? o.gguf_type : fallback);
-    const auto r = exporter::export_gguf(modelopt_dir, o.out_dir, go);
-    output_bytes = std::filesystem::file_size(o.out_dir);
-    fmt::print(stderr, "gguf: {} quantized linears written code for code, {} quantized to the GGUF type{}\n", r.exact_linears,
-               r.requantized_linears, r.activation_quantization_dropped ? " (llama.cpp does not quantize activations as this format does)" : "");
-  }
+  const std::uint64_t output_bytes = convert_export(modelopt_dir, o, recipe, writer.bytes_written());
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const std::uint64_t peak = peak_rss_bytes();
 

@@ -184,6 +184,13 @@ HfModeloptWriter::HfModeloptWriter(const io::Checkpoint& source, std::string out
                                    std::uint64_t shard_bytes)
     : source_(source), recipe_(recipe), dir_(std::move(out_dir), shard_bytes) {}
 
+Tensor HfModeloptWriter::source_tensor(const std::string& name) const {
+  if (override_) {
+    if (std::optional<Tensor> t = override_(name)) return std::move(*t);
+  }
+  return source_.tensor(name);
+}
+
 void HfModeloptWriter::write_linear(const quant::QuantizedLinear& l) {
   modules_.emplace_back(l.name, l.scheme);
   if (!l.scheme.quantized()) return;
@@ -224,7 +231,7 @@ void HfModeloptWriter::add_layer(const quant::QuantizedLayer& layer) {
   for (const auto& loc : source_.tensors().all()) {
     const std::string& name = loc.entry->name;
     if (name.rfind(prefix, 0) != 0 || written.count(name) || io::is_ignorable_tensor(name)) continue;
-    add(name, source_.tensor(name));
+    add(name, source_tensor(name));
   }
   dir_.maybe_flush();
 }
@@ -253,7 +260,7 @@ void HfModeloptWriter::finish() {
   for (const auto& loc : source_.tensors().all()) {
     const std::string& name = loc.entry->name;
     if (name.rfind("model.layers.", 0) == 0 || io::is_ignorable_tensor(name) || head_tensors_.count(name)) continue;
-    add(name, source_.tensor(name));
+    add(name, source_tensor(name));
   }
   const std::string kv_algo = has_kv_ ? quant::kv_scheme(*recipe_.kv_cache).quant_algo : "";
   const json hf_quant = make_hf_quant_config(modules_, kv_algo);

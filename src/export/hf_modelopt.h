@@ -50,6 +50,12 @@ class HfModeloptWriter {
   // The quantized lm_head (algo::HeadSink's layer), after the last layer. With tied embeddings the
   // export unties them: lm_head.weight holds the head's codes, the embeddings stay as they were.
   void add_head(const quant::QuantizedLayer& head);
+  // Where the tensors that are not handed in come from (norms, embeddings, unquantized weights): by
+  // default the source checkpoint; `override` may give another value for any name (a trained model's),
+  // returning std::nullopt for the source's own. The output's names and order stay the same.
+  void set_tensor_override(std::function<std::optional<Tensor>(const std::string& name)> override) { override_ = std::move(override); }
+  // Another file of the output (a training log), written before finish().
+  void write_text(const std::string& file, const std::string& text) { dir_.write_text(file, text); }
   // Writes the rest (embeddings, final norm, lm_head, configs, tokenizer) and renames into place.
   void finish();
 
@@ -59,6 +65,7 @@ class HfModeloptWriter {
  private:
   void add(const std::string& name, const Tensor& tensor) { dir_.add(name, tensor); }
   void write_linear(const quant::QuantizedLinear& l);
+  Tensor source_tensor(const std::string& name) const;
 
   const io::Checkpoint& source_;
   quant::Recipe recipe_;
@@ -69,6 +76,7 @@ class HfModeloptWriter {
   bool has_kv_ = false;
   bool head_written_ = false;
   std::set<std::string> head_tensors_;  // written by add_head
+  std::function<std::optional<Tensor>(const std::string& name)> override_;
 };
 
 // hf_quant_config.json's contents for the modules written (exported for tests).

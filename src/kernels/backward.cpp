@@ -228,7 +228,8 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
   });
 }
 
-double cross_entropy_backward(float* logits, const std::int32_t* targets, std::int64_t rows, std::int64_t vocab, float grad_scale) {
+double cross_entropy_backward(float* logits, const std::int32_t* targets, std::int64_t rows, std::int64_t vocab, float grad_scale,
+                              double* row_losses) {
   std::vector<double> losses(static_cast<std::size_t>(rows));
   parallel_each(rows, 1, rows * vocab > 65536, [&](std::int64_t r) {
     float* row = logits + r * vocab;
@@ -240,6 +241,37 @@ double cross_entropy_backward(float* logits, const std::int32_t* targets, std::i
     losses[static_cast<std::size_t>(r)] = static_cast<double>(m) + std::log(total) - target_logit;
     scale_row(row, vocab, static_cast<float>(grad_scale / total));
     row[t] -= grad_scale;
+  });
+  double sum = 0;
+  for (const double l : losses) sum += l;
+  if (row_losses != nullptr) std::copy(losses.begin(), losses.end(), row_losses);
+  return sum;
+}
+
+double distillation_backward(float* student, const float* teacher, std::int64_t rows, std::int64_t vocab, float temperature,
+                             float grad_scale) {
+  if (!(temperature > 0.0f) || !std::isfinite(temperature)) fail("distillation: temperature {} is not a positive number", temperature);
+  std::vector<double> losses(static_cast<std::size_t>(rows));
+  const double inv_t = 1.0 / temperature;
+  parallel_each(rows, 1, rows * vocab > 65536, [&](std::int64_t r) {
+    float* s = student + r * vocab;
+    const float* t = teacher + r * vocab;
+    const double ms = row_max(s, vocab), mt = row_max(t, vocab);
+    double zs = 0, zt = 0;
+    for (std::int64_t i = 0; i < vocab; ++i) {
+      zs += std::exp((s[i] - ms) * inv_t);
+      zt += std::exp((t[i] - mt) * inv_t);
+    }
+    const double lse_s = ms * inv_t + std::log(zs), lse_t = mt * inv_t + std::log(zt);
+    double kl = 0;
+    const double g = static_cast<double>(grad_scale) * temperature;
+    for (std::int64_t i = 0; i < vocab; ++i) {
+      const double log_ps = s[i] * inv_t - lse_s, log_pt = t[i] * inv_t - lse_t;
+      const double pt = std::exp(log_pt);
+      kl += pt * (log_pt - log_ps);
+      s[i] = static_cast<float>(g * (std::exp(log_ps) - pt));
+    }
+    losses[static_cast<std::size_t>(r)] = static_cast<double>(temperature) * temperature * kl;
   });
   double sum = 0;
   for (const double l : losses) sum += l;

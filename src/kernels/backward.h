@@ -41,7 +41,16 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
 // Cross-entropy of logits [rows, vocab] against targets [rows] (each in [0, vocab)): returns the sum
 // of -log softmax(logits)[target] over the rows, and replaces the logits with the gradient of
 // grad_scale times that sum: (softmax - onehot(target)) * grad_scale. In double: the sum.
-double cross_entropy_backward(float* logits, const std::int32_t* targets, std::int64_t rows, std::int64_t vocab, float grad_scale);
+// row_losses (optional, [rows]) receives each row's loss.
+double cross_entropy_backward(float* logits, const std::int32_t* targets, std::int64_t rows, std::int64_t vocab, float grad_scale,
+                              double* row_losses = nullptr);
+
+// Logit distillation (the reference's LogitsDistillationLoss, per row): T² · KL(p_t ‖ p_s) with
+// p_t = softmax(teacher / T) and p_s = softmax(student / T). Returns the sum over the rows and
+// replaces the student's logits [rows, vocab] with the gradient of grad_scale times that sum:
+// grad_scale · T · (p_s - p_t). In double: the sum.
+double distillation_backward(float* student, const float* teacher, std::int64_t rows, std::int64_t vocab, float temperature,
+                             float grad_scale);
 
 // The embedding lookup's gradient: dtable[tokens[r]] += dy[r] for each row (rows in order, so
 // repeated tokens add in a fixed order).

@@ -34,13 +34,39 @@ void linear_backward(const float* x, std::int64_t rows, std::int64_t in, const f
   if (dbias != nullptr) kernels::bias_backward(dy, rows, out, dbias);
 }
 
+// Linear k's input: x, or its fake quantization kept in saved.input_q[k].
+const float* linear_input(const LayerParams& w, std::size_t k, const float* x, std::int64_t rows, std::int64_t in, LayerActivations& s) {
+  const ActivationFakeQuant* f = w.fake_quant != nullptr ? w.fake_quant->input[k] : nullptr;
+  if (f == nullptr) {
+    s.input_q[k].clear();
+    return x;
+  }
+  f->forward(x, rows, in, sized(s.input_q[k], rows * in).data());
+  return s.input_q[k].data();
+}
+
+// linear_backward for Linear k, whose input x may have been fake-quantized: dW from the quantized
+// input, dx through the quantizer's backward.
+void quantized_linear_backward(const LayerParams& w, const LayerActivations& s, std::size_t k, const float* x, std::int64_t rows, std::int64_t in,
+                               std::int64_t out, const float* dy, float* dx, bool accumulate, const LayerGrads& g, LayerBackwardScratch& t) {
+  const ActivationFakeQuant* f = w.fake_quant != nullptr ? w.fake_quant->input[k] : nullptr;
+  if (f == nullptr) {
+    linear_backward(x, rows, in, w.weight[k], out, dy, dx, accumulate, g.weight[k], g.bias[k]);
+    return;
+  }
+  float* dxq = sized(t.dinput_q, rows * in).data();
+  linear_backward(s.input_q[k].data(), rows, in, w.weight[k], out, dy, dxq, false, g.weight[k], g.bias[k]);
+  f->backward(x, dxq, rows, in, dx, accumulate);
+}
+
 }  // namespace
 
 std::uint64_t LayerActivations::bytes() const {
   std::uint64_t n = positions.size() * sizeof(std::int32_t);
-  for (const auto* b : {&x_in, &rstd1, &n1, &q_lin, &k_lin, &rstd_q, &rstd_k, &q, &k, &v, &attn, &lse, &x_mid, &rstd2, &n2, &gate, &up, &h}) {
+  for (const auto* b : {&x_in, &rstd1, &n1, &q_lin, &k_lin, &rstd_q, &rstd_k, &q, &k, &v, &attn, &lse, &x_mid, &rstd2, &n2, &gate, &up, &h, &k_pre, &v_pre}) {
     n += b->size() * sizeof(float);
   }
+  for (const auto& b : input_q) n += b.size() * sizeof(float);
   return n;
 }
 
@@ -56,9 +82,9 @@ void decoder_layer_forward_saving(const io::ModelConfig& c, const std::vector<fl
   }
   s.x_in.assign(x, x + rows * H);
   kernels::rmsnorm_saving(x, w.input_norm, rows, H, eps, sized(s.n1, rows * H).data(), sized(s.rstd1, rows).data());
-  linear(s.n1.data(), rows, H, w.weight[Q], w.bias[Q], qd, sized(s.q, rows * qd).data());
-  linear(s.n1.data(), rows, H, w.weight[K], w.bias[K], kvd, sized(s.k, rows * kvd).data());
-  linear(s.n1.data(), rows, H, w.weight[V], w.bias[V], kvd, sized(s.v, rows * kvd).data());
+  linear(linear_input(w, Q, s.n1.data(), rows, H, s), rows, H, w.weight[Q], w.bias[Q], qd, sized(s.q, rows * qd).data());
+  linear(linear_input(w, K, s.n1.data(), rows, H, s), rows, H, w.weight[K], w.bias[K], kvd, sized(s.k, rows * kvd).data());
+  linear(linear_input(w, V, s.n1.data(), rows, H, s), rows, H, w.weight[V], w.bias[V], kvd, sized(s.v, rows * kvd).data());
   if (w.q_norm != nullptr) {
     s.q_lin = s.q;
     s.k_lin = s.k;
@@ -67,16 +93,25 @@ void decoder_layer_forward_saving(const io::ModelConfig& c, const std::vector<fl
   }
   kernels::apply_rope(s.q.data(), rows, nh, d, s.positions.data(), inv_freq);
   kernels::apply_rope(s.k.data(), rows, nkv, d, s.positions.data(), inv_freq);
+  const LayerFakeQuant* fq = w.fake_quant;
+  if (fq != nullptr && fq->key != nullptr) {
+    s.k_pre = s.k;
+    fq->key->forward(s.k_pre.data(), rows, kvd, s.k.data());
+  }
+  if (fq != nullptr && fq->value != nullptr) {
+    s.v_pre = s.v;
+    fq->value->forward(s.v_pre.data(), rows, kvd, s.v.data());
+  }
   kernels::attention_saving(s.q.data(), s.k.data(), s.v.data(), bounds, nh, nkv, d, c.sliding_window.value_or(0),
                             sized(s.attn, rows * qd).data(), sized(s.lse, rows * nh).data());
-  linear(s.attn.data(), rows, qd, w.weight[O], w.bias[O], H, sized(s.x_mid, rows * H).data());
+  linear(linear_input(w, O, s.attn.data(), rows, qd, s), rows, qd, w.weight[O], w.bias[O], H, sized(s.x_mid, rows * H).data());
   for (std::int64_t i = 0; i < rows * H; ++i) s.x_mid[static_cast<std::size_t>(i)] += s.x_in[static_cast<std::size_t>(i)];
   kernels::rmsnorm_saving(s.x_mid.data(), w.post_norm, rows, H, eps, sized(s.n2, rows * H).data(), sized(s.rstd2, rows).data());
-  linear(s.n2.data(), rows, H, w.weight[GATE], w.bias[GATE], ff, sized(s.gate, rows * ff).data());
-  linear(s.n2.data(), rows, H, w.weight[UP], w.bias[UP], ff, sized(s.up, rows * ff).data());
+  linear(linear_input(w, GATE, s.n2.data(), rows, H, s), rows, H, w.weight[GATE], w.bias[GATE], ff, sized(s.gate, rows * ff).data());
+  linear(linear_input(w, UP, s.n2.data(), rows, H, s), rows, H, w.weight[UP], w.bias[UP], ff, sized(s.up, rows * ff).data());
   s.h = s.gate;
   kernels::silu_mul(s.h.data(), s.up.data(), rows * ff);
-  linear(s.h.data(), rows, ff, w.weight[DOWN], w.bias[DOWN], H, out);
+  linear(linear_input(w, DOWN, s.h.data(), rows, ff, s), rows, ff, w.weight[DOWN], w.bias[DOWN], H, out);
   for (std::int64_t i = 0; i < rows * H; ++i) out[i] += s.x_mid[static_cast<std::size_t>(i)];
 }
 
@@ -87,18 +122,27 @@ void decoder_layer_backward(const io::ModelConfig& c, const std::vector<float>& 
   const std::int64_t qd = nh * d, kvd = nkv * d, ff = c.intermediate_size;
 
   // MLP block: out = x_mid + down(silu(gate(n2)) * up(n2)); dhidden is d out, and d x_mid gathers into it.
-  linear_backward(s.h.data(), rows, ff, w.weight[DOWN], H, dhidden, sized(t.dh, rows * ff).data(), false, g.weight[DOWN], g.bias[DOWN]);
+  quantized_linear_backward(w, s, DOWN, s.h.data(), rows, ff, H, dhidden, sized(t.dh, rows * ff).data(), false, g, t);
   kernels::silu_mul_backward(s.gate.data(), s.up.data(), t.dh.data(), rows * ff, sized(t.dgate, rows * ff).data(),
                              sized(t.dup, rows * ff).data());
-  linear_backward(s.n2.data(), rows, H, w.weight[GATE], ff, t.dgate.data(), sized(t.dn, rows * H).data(), false, g.weight[GATE], g.bias[GATE]);
-  linear_backward(s.n2.data(), rows, H, w.weight[UP], ff, t.dup.data(), t.dn.data(), true, g.weight[UP], g.bias[UP]);
+  quantized_linear_backward(w, s, GATE, s.n2.data(), rows, H, ff, t.dgate.data(), sized(t.dn, rows * H).data(), false, g, t);
+  quantized_linear_backward(w, s, UP, s.n2.data(), rows, H, ff, t.dup.data(), t.dn.data(), true, g, t);
   kernels::rmsnorm_backward(s.x_mid.data(), w.post_norm, s.rstd2.data(), t.dn.data(), rows, H, dhidden, g.post_norm);
 
   // Attention block: x_mid = x + o(attention(rope(q), rope(k), v)); dhidden is now d x_mid.
-  linear_backward(s.attn.data(), rows, qd, w.weight[O], H, dhidden, sized(t.dattn, rows * qd).data(), false, g.weight[O], g.bias[O]);
+  quantized_linear_backward(w, s, O, s.attn.data(), rows, qd, H, dhidden, sized(t.dattn, rows * qd).data(), false, g, t);
   kernels::attention_backward(s.q.data(), s.k.data(), s.v.data(), s.attn.data(), s.lse.data(), t.dattn.data(), bounds, nh, nkv, d,
                               c.sliding_window.value_or(0), sized(t.dq, rows * qd).data(), sized(t.dk, rows * kvd).data(),
                               sized(t.dv, rows * kvd).data());
+  const LayerFakeQuant* fq = w.fake_quant;
+  if (fq != nullptr && fq->key != nullptr) {
+    fq->key->backward(s.k_pre.data(), t.dk.data(), rows, kvd, sized(t.dlin, rows * kvd).data(), false);
+    std::swap(t.dk, t.dlin);
+  }
+  if (fq != nullptr && fq->value != nullptr) {
+    fq->value->backward(s.v_pre.data(), t.dv.data(), rows, kvd, sized(t.dlin, rows * kvd).data(), false);
+    std::swap(t.dv, t.dlin);
+  }
   kernels::apply_rope_inverse(t.dq.data(), rows, nh, d, s.positions.data(), inv_freq);
   kernels::apply_rope_inverse(t.dk.data(), rows, nkv, d, s.positions.data(), inv_freq);
   if (w.q_norm != nullptr) {
@@ -109,9 +153,9 @@ void decoder_layer_backward(const io::ModelConfig& c, const std::vector<float>& 
     kernels::rmsnorm_backward(s.k_lin.data(), w.k_norm, s.rstd_k.data(), t.dk.data(), rows * nkv, d, t.dlin.data(), g.k_norm);
     std::swap(t.dk, t.dlin);
   }
-  linear_backward(s.n1.data(), rows, H, w.weight[Q], qd, t.dq.data(), sized(t.dn, rows * H).data(), false, g.weight[Q], g.bias[Q]);
-  linear_backward(s.n1.data(), rows, H, w.weight[K], kvd, t.dk.data(), t.dn.data(), true, g.weight[K], g.bias[K]);
-  linear_backward(s.n1.data(), rows, H, w.weight[V], kvd, t.dv.data(), t.dn.data(), true, g.weight[V], g.bias[V]);
+  quantized_linear_backward(w, s, Q, s.n1.data(), rows, H, qd, t.dq.data(), sized(t.dn, rows * H).data(), false, g, t);
+  quantized_linear_backward(w, s, K, s.n1.data(), rows, H, kvd, t.dk.data(), t.dn.data(), true, g, t);
+  quantized_linear_backward(w, s, V, s.n1.data(), rows, H, kvd, t.dv.data(), t.dn.data(), true, g, t);
   kernels::rmsnorm_backward(s.x_in.data(), w.input_norm, s.rstd1.data(), t.dn.data(), rows, H, dhidden, g.input_norm);
 }
 

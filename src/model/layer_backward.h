@@ -10,12 +10,29 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
 #include "io/hf_config.h"
 
 namespace mopt::model {
+
+// Fake quantization in the training forward (quantization-aware training), given as data: an
+// activation's forward y = q(x) and its backward, dx (written, or added to when `accumulate`) from
+// the gradient dy of y and the x it was applied to (the straight-through gradient).
+struct ActivationFakeQuant {
+  std::function<void(const float* x, std::int64_t rows, std::int64_t cols, float* y)> forward;
+  std::function<void(const float* x, const float* dy, std::int64_t rows, std::int64_t cols, float* dx, bool accumulate)> backward;
+};
+
+// A layer's fake-quantized activations: each Linear's input (kAllLinears order; null: none), the
+// keys after RoPE and the values. Fake-quantized weights are simply the weights LayerParams points to.
+struct LayerFakeQuant {
+  std::array<const ActivationFakeQuant*, 7> input{};
+  const ActivationFakeQuant* key = nullptr;
+  const ActivationFakeQuant* value = nullptr;
+};
 
 // A layer's weights: norms [hidden] (q/k norms [head_dim], Qwen3, else null), each Linear's weight
 // [out, in] and bias [out] (null when it has none), indexed as kAllLinears (q, k, v, o, gate, up, down).
@@ -26,6 +43,7 @@ struct LayerParams {
   const float* k_norm = nullptr;
   std::array<const float*, 7> weight{};
   std::array<const float*, 7> bias{};
+  const LayerFakeQuant* fake_quant = nullptr;  // null: nothing quantized
 };
 
 // Where their gradients are added: the same layout (null for what the layer lacks).
@@ -42,12 +60,16 @@ struct LayerGrads {
 struct LayerActivations {
   std::vector<float> x_in, rstd1, n1, q_lin, k_lin, rstd_q, rstd_k, q, k, v, attn, lse, x_mid, rstd2, n2, gate, up, h;
   std::vector<std::int32_t> positions;
+  // With fake quantization: each quantized Linear's input as it entered the product, and the keys
+  // (after RoPE) and values before their rounding.
+  std::array<std::vector<float>, 7> input_q;
+  std::vector<float> k_pre, v_pre;
   std::uint64_t bytes() const;
 };
 
 // The backward's buffers, reused from layer to layer.
 struct LayerBackwardScratch {
-  std::vector<float> dh, dgate, dup, dn, dattn, dq, dk, dv, dlin;
+  std::vector<float> dh, dgate, dup, dn, dattn, dq, dk, dv, dlin, dinput_q;
 };
 
 // out [rows, hidden] = the layer applied to x (out may be x); `saved` receives the activations.

@@ -259,4 +259,35 @@ void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows,
   if (spec.fp8_second_stage) fail("a two-stage quantizer is applied with fake_quantize_weight");
 }
 
+void zero_clipped_gradient(const QuantizerSpec& spec, const float* x, std::int64_t rows, std::int64_t cols,
+                           std::span<const float> amax, float* grad) {
+  const auto need = static_cast<std::size_t>(amax_count(spec, rows, cols));
+  if (amax.size() != need) fail("{} quantizer of a [{}, {}] tensor needs {} amax values, got {}", spec.describe(), rows, cols, need, amax.size());
+  const auto clip_group = [&](std::int64_t begin, std::int64_t n, float limit) {
+    for (std::int64_t i = begin; i < begin + n; ++i) {
+      if (!(std::fabs(x[i]) <= limit)) grad[i] = 0.0f;
+    }
+  };
+  switch (spec.scaling) {
+    case Scaling::per_tensor:
+    case Scaling::nvfp4: clip_group(0, rows * cols, amax[0]); break;
+    case Scaling::per_row:
+      for (std::int64_t r = 0; r < rows; ++r) clip_group(r * cols, cols, amax[static_cast<std::size_t>(r)]);
+      break;
+    case Scaling::block: {
+      const std::int64_t nb = ceil_div(cols, spec.block);
+      for (std::int64_t r = 0; r < rows; ++r) {
+        for (std::int64_t b = 0; b < nb; ++b) {
+          const std::int64_t c0 = b * spec.block, len = std::min(spec.block, cols - c0);
+          const std::int64_t slot = spec.block_rows > 0 ? (r / spec.block_rows) * nb + b : r * nb + b;
+          clip_group(r * cols + c0, len, amax[static_cast<std::size_t>(slot)]);
+        }
+      }
+      break;
+    }
+    case Scaling::per_token:
+    case Scaling::mx: break;
+  }
+}
+
 }  // namespace mopt::quant

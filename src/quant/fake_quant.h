@@ -25,6 +25,15 @@ std::vector<float> compute_amax(const QuantizerSpec& spec, const float* x, std::
 void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows, std::int64_t cols,
                    std::span<const float> amax, float* y);
 
+// The straight-through gradient of fake_quantize with clipping (the reference's
+// pass_through_bwd=False): grad, the gradient of y, is zeroed where |x| exceeds the amax its
+// element was rounded under, and kept elsewhere. The static scalings (per tensor, per row, blocks)
+// clip; the dynamic ones (per token, MX) take their scale from the data and clip nothing; NVFP4's
+// blocks clip where |x| exceeds the static global amax (a block scale saturates at E4M3's 448 there).
+// Without clipping (pass_through_bwd=True, the reference's default) the gradient passes unchanged.
+void zero_clipped_gradient(const QuantizerSpec& spec, const float* x, std::int64_t rows, std::int64_t cols,
+                           std::span<const float> amax, float* grad);
+
 // The element-level steps, exposed for tests and the exporters.
 // Integer: clamp(rint(x * bound/amax), -bound-1, bound) / (bound/amax); 0 when amax is below 2^-24.
 float fake_quant_int(float x, float amax, int bits);

@@ -23,6 +23,13 @@ struct QuantizedLinear {
   std::vector<float> input_amax;          // static input amax (per tensor / NVFP4 global); empty otherwise
   std::vector<float> pre_quant_scale;     // per input column; empty: none
   double weight_error = 0.0;              // ||dequant(W) - W|| / ||W||
+  // The weight's static scales: amax as compute_amax lays it out (NVFP4: the global amax; clipped by
+  // AWQ's search), and W4A8's second-stage amax.
+  std::vector<float> weight_amax;
+  float weight_amax2 = 0.0f;
+  // Kept only when asked (algo::PtqOptions::keep_master_weights; quantization-aware training starts
+  // from it): [out, in] the f32 values the codes quantize (smoothed, or GPTQ's updated weights).
+  std::vector<float> master_weight;
 };
 
 struct QuantizedLayer {

@@ -11,6 +11,7 @@
 #include "kernels/gemm.h"
 #include "kernels/ops.h"
 #include "model/llama.h"
+#include "train/qat.h"
 
 namespace mopt::train {
 
@@ -57,14 +58,13 @@ void Batch::check(std::int64_t vocab, const std::string& label) const {
 
 TrainableModel::TrainableModel(io::ModelConfig config, std::vector<Parameter> params)
     : config_(std::move(config)), params_(std::move(params)) {
-  std::unordered_map<std::string, int> index;
   for (std::size_t i = 0; i < params_.size(); ++i) {
-    index.emplace(params_[i].name, static_cast<int>(i));
+    index_.emplace(params_[i].name, static_cast<int>(i));
     params_[i].grad.assign(params_[i].value.size(), 0.0f);
   }
   auto find = [&](const std::string& name, bool required) {
-    const auto it = index.find(name);
-    if (it == index.end()) {
+    const auto it = index_.find(name);
+    if (it == index_.end()) {
       if (required) fail("training: the model has no parameter {}", name);
       return -1;
     }
@@ -120,6 +120,43 @@ TrainableModel TrainableModel::initialize(const io::ModelConfig& config, std::ui
   return TrainableModel(config, std::move(params));
 }
 
+Parameter& TrainableModel::parameter(const std::string& name) {
+  const auto it = index_.find(name);
+  if (it == index_.end()) fail("training: the model has no parameter {}", name);
+  return params_[static_cast<std::size_t>(it->second)];
+}
+
+const Parameter& TrainableModel::parameter(const std::string& name) const {
+  return const_cast<TrainableModel*>(this)->parameter(name);
+}
+
+void TrainableModel::set_distillation(std::optional<Distillation> distillation) {
+  if (distillation) {
+    if (distillation->teacher == nullptr) fail("distillation needs a teacher");
+    if (distillation->teacher->config().vocab_size != config_.vocab_size || distillation->teacher->config().hidden_size <= 0) {
+      fail("distillation: the teacher's vocabulary ({}) is not the student's ({})", distillation->teacher->config().vocab_size, config_.vocab_size);
+    }
+    if (!(distillation->temperature > 0.0f)) fail("distillation: temperature {} is not positive", distillation->temperature);
+    if (!(distillation->kd_weight >= 0.0f && distillation->kd_weight <= 1.0f)) fail("distillation: --kd-weight {} is not in [0, 1]", distillation->kd_weight);
+  }
+  distillation_ = distillation;
+}
+
+void TrainableModel::quantize_weights() {
+  if (!fake_quant_) return;
+  quantized_weights_.resize(params_.size());
+  for (std::int64_t l = 0; l < config_.num_layers; ++l) {
+    const LayerIndex& x = layers_[static_cast<std::size_t>(l)];
+    for (std::size_t k = 0; k < 7; ++k) {
+      if (!fake_quant_->weight_quantized(l, k)) continue;
+      const auto i = static_cast<std::size_t>(x.weight[k]);
+      const Parameter& p = params_[i];
+      quantized_weights_[i].resize(p.value.size());
+      fake_quant_->quantize_weight(l, k, p.value.data(), p.shape[0], p.shape[1], quantized_weights_[i].data());
+    }
+  }
+}
+
 void TrainableModel::zero_grad() {
   for (auto& p : params_) std::fill(p.grad.begin(), p.grad.end(), 0.0f);
 }
@@ -131,7 +168,9 @@ model::LayerParams TrainableModel::layer_params(std::int64_t layer) const {
   for (std::size_t i = 0; i < 7; ++i) {
     p.weight[i] = at(x.weight[i]);
     p.bias[i] = at(x.bias[i]);
+    if (fake_quant_ && fake_quant_->weight_quantized(layer, i)) p.weight[i] = quantized_weights_[static_cast<std::size_t>(x.weight[i])].data();
   }
+  if (fake_quant_) p.fake_quant = &fake_quant_->activations(layer);
   return p;
 }
 
@@ -146,11 +185,12 @@ model::LayerGrads TrainableModel::layer_grads(std::int64_t layer) {
   return g;
 }
 
-LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backward) {
+void TrainableModel::forward_to_head(const Batch& batch, bool backward) {
   const auto& c = config_;
   batch.check(c.vocab_size, "training batch");
-  const std::int64_t rows = batch.rows(), H = c.hidden_size, V = c.vocab_size, L = c.num_layers;
+  const std::int64_t rows = batch.rows(), H = c.hidden_size, L = c.num_layers;
   const auto eps = static_cast<float>(c.rms_norm_eps);
+  quantize_weights();
 
   // Embeddings.
   std::vector<float>& hidden = sized(hidden_, rows * H);
@@ -175,15 +215,38 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
     for (const auto& in : inputs_) activation_bytes_ += in.size() * sizeof(float);
   }
 
-  // Final norm, head and loss over the rows with a target, a chunk of rows at a time so that the
-  // logits never take more than ~32 MiB whatever the vocabulary.
-  std::vector<float>& normed = sized(normed_, rows * H);
-  std::vector<float>& rstd = sized(rstd_, rows);
-  kernels::rmsnorm_saving(hidden.data(), value(final_norm_), rows, H, eps, normed.data(), rstd.data());
-  std::vector<std::int64_t> chosen;
+  // Final norm; the rows with a target.
+  kernels::rmsnorm_saving(hidden.data(), value(final_norm_), rows, H, eps, sized(normed_, rows * H).data(), sized(rstd_, rows).data());
+  chosen_.clear();
   for (std::int64_t r = 0; r < rows; ++r) {
-    if (batch.targets[static_cast<std::size_t>(r)] >= 0) chosen.push_back(r);
+    if (batch.targets[static_cast<std::size_t>(r)] >= 0) chosen_.push_back(r);
   }
+}
+
+const std::vector<float>& TrainableModel::head_inputs(const Batch& batch) {
+  forward_to_head(batch, false);
+  const std::int64_t H = config_.hidden_size;
+  sized(head_inputs_, static_cast<std::int64_t>(chosen_.size()) * H);
+  for (std::size_t i = 0; i < chosen_.size(); ++i) {
+    std::memcpy(head_inputs_.data() + static_cast<std::int64_t>(i) * H, normed_.data() + chosen_[i] * H, H * sizeof(float));
+  }
+  return head_inputs_;
+}
+
+LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backward) {
+  const auto& c = config_;
+  const std::int64_t rows = batch.rows(), H = c.hidden_size, V = c.vocab_size, L = c.num_layers;
+  // With distillation, the teacher's head inputs first (its own buffers; the student's stay as they are).
+  const bool distill = backward && distillation_.has_value();
+  const float* teacher_x = distill ? distillation_->teacher->head_inputs(batch).data() : nullptr;
+  forward_to_head(batch, backward);
+  std::vector<float>& hidden = hidden_;
+  std::vector<float>& normed = normed_;
+  std::vector<float>& rstd = rstd_;
+  const std::vector<std::int64_t>& chosen = chosen_;
+
+  // Head and loss over the rows with a target, a chunk of rows at a time so that the logits never
+  // take more than ~32 MiB whatever the vocabulary.
   LossResult result;
   result.targets = static_cast<std::int64_t>(chosen.size());
   if (backward) dnormed_.assign(static_cast<std::size_t>(rows * H), 0.0f);
@@ -201,7 +264,27 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
     }
     float* logits = sized(logits_, n * V).data();
     kernels::gemm_f32(x, n, H, head, V, logits);
-    result.loss_sum += kernels::cross_entropy_backward(logits, targets.data(), n, V, grad_scale);
+    if (!distill) {
+      row_losses_.resize(static_cast<std::size_t>(n));
+      const double ce = kernels::cross_entropy_backward(logits, targets.data(), n, V, grad_scale, row_losses_.data());
+      result.loss_sum += ce;
+      result.cross_entropy_sum += ce;
+      for (const double l : row_losses_) result.cross_entropy_squares += l * l;
+    } else {
+      const Distillation& d = *distillation_;
+      float* teacher_logits = sized(teacher_logits_, n * V).data();
+      kernels::gemm_f32(teacher_x + c0 * H, n, H, d.teacher->head_weight(), V, teacher_logits);
+      // The cross-entropy on a copy of the logits, then the distillation gradient in place, mixed.
+      float* ce_grad = sized(ce_grad_, n * V).data();
+      std::memcpy(ce_grad, logits, static_cast<std::size_t>(n * V) * sizeof(float));
+      const double ce = kernels::cross_entropy_backward(ce_grad, targets.data(), n, V, grad_scale * (1.0f - d.kd_weight));
+      const double kd = kernels::distillation_backward(logits, teacher_logits, n, V, d.temperature, grad_scale * d.kd_weight);
+      if (d.kd_weight < 1.0f) {
+        for (std::int64_t i = 0; i < n * V; ++i) logits[i] += ce_grad[i];
+      }
+      result.loss_sum += static_cast<double>(d.kd_weight) * kd + (1.0 - static_cast<double>(d.kd_weight)) * ce;
+      result.cross_entropy_sum += ce;
+    }
     if (!backward) continue;
     matmul_f32(true, false, V, H, n, logits, V, x, H, grad(head_), H, true);
     float* dx = sized(dx_, n * H).data();
@@ -221,10 +304,19 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
       model::decoder_layer_forward_saving(c, inv_freq_, layer_params(l), inputs_[static_cast<std::size_t>(l)].data(), rows, batch.bounds,
                                           saved_[0], recomputed_out_.data());
     }
-    model::decoder_layer_backward(c, inv_freq_, layer_params(l), saved_[keep_all ? static_cast<std::size_t>(l) : 0], rows, batch.bounds,
+    model::decoder_layer_backward(c, inv_freq_, layer_params(l), saved_[recompute_ ? 0 : static_cast<std::size_t>(l)], rows, batch.bounds,
                                   dhidden.data(), layer_grads(l), scratch_);
   }
   kernels::embedding_backward(batch.tokens.data(), rows, dhidden.data(), H, grad(embed_));
+  if (fake_quant_ && fake_quant_->ste() == SteMode::clip) {
+    for (std::int64_t l = 0; l < L; ++l) {
+      for (std::size_t k = 0; k < 7; ++k) {
+        if (!fake_quant_->weight_quantized(l, k)) continue;
+        Parameter& p = params_[static_cast<std::size_t>(layers_[static_cast<std::size_t>(l)].weight[k])];
+        fake_quant_->clip_weight_gradient(l, k, p.value.data(), p.shape[0], p.shape[1], p.grad.data());
+      }
+    }
+  }
   return result;
 }
 

@@ -13,8 +13,11 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
+#include <optional>
 #include <span>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "io/checkpoint.h"
@@ -45,8 +48,23 @@ struct Batch {
 };
 
 struct LossResult {
-  double loss_sum = 0;         // the summed cross-entropy over the batch's targets (nats)
+  double loss_sum = 0;         // the summed loss over the batch's targets (nats): the cross-entropy, or with
+                               // distillation kd_weight x the distillation loss + (1 - kd_weight) x the cross-entropy
+  double cross_entropy_sum = 0;  // the summed cross-entropy alone
+  double cross_entropy_squares = 0;  // the sum of each target's cross-entropy squared (for a standard error)
   std::int64_t targets = 0;    // how many rows had one
+};
+
+class FakeQuantization;
+class TrainableModel;
+
+// Quantization-aware distillation: the loss of each row with a target is the reference's
+// LogitsDistillationLoss against the teacher's logits, T² · KL(softmax(teacher / T) ‖ softmax(student / T)),
+// mixed with the cross-entropy when kd_weight < 1. The teacher runs in lockstep, without gradients.
+struct Distillation {
+  TrainableModel* teacher = nullptr;
+  float temperature = 1.0f;
+  float kd_weight = 1.0f;
 };
 
 class TrainableModel {
@@ -61,8 +79,22 @@ class TrainableModel {
   std::vector<Parameter>& parameters() { return params_; }
   const std::vector<Parameter>& parameters() const { return params_; }
 
+  // The parameter of that Hugging Face name; throws Error when there is none.
+  Parameter& parameter(const std::string& name);
+  const Parameter& parameter(const std::string& name) const;
+
   // Recompute each layer's activations in the backward pass instead of keeping them all.
   void set_recompute(bool recompute) { recompute_ = recompute; }
+  // Quantization-aware training: every pass fake-quantizes the weights, inputs and KV as `fq` says
+  // (null: none). The gradients go to the f32 master weights.
+  void set_fake_quantization(std::shared_ptr<const FakeQuantization> fq) { fake_quant_ = std::move(fq); }
+  // Distillation from a teacher in forward_backward (std::nullopt: cross-entropy). The teacher must
+  // share the vocabulary and outlive the calls.
+  void set_distillation(std::optional<Distillation> distillation);
+  // The final norm's output [rows with a target, hidden] of the forward pass (a teacher's part).
+  const std::vector<float>& head_inputs(const Batch& batch);
+  // The head's weight [vocab, hidden] (the embeddings when tied).
+  const float* head_weight() const { return value(head_); }
 
   // Forward and backward over the batch: adds grad_scale x the gradient of the summed loss to every
   // parameter's grad, and returns the summed loss.
@@ -87,6 +119,10 @@ class TrainableModel {
   model::LayerParams layer_params(std::int64_t layer) const;
   model::LayerGrads layer_grads(std::int64_t layer);
   LossResult run(const Batch& batch, float grad_scale, bool backward);
+  // Embeddings and layers over the batch into hidden_ (activations kept as `backward` needs), the
+  // final norm into normed_/rstd_, and the rows with a target into chosen_.
+  void forward_to_head(const Batch& batch, bool backward);
+  void quantize_weights();
 
   io::ModelConfig config_;
   std::vector<Parameter> params_;
@@ -99,7 +135,13 @@ class TrainableModel {
   std::vector<model::LayerActivations> saved_;
   std::vector<std::vector<float>> inputs_;  // each layer's input, when recomputing
   model::LayerBackwardScratch scratch_;
-  std::vector<float> hidden_, normed_, rstd_, dnormed_, dhidden_, recomputed_out_, x_, logits_, dx_;
+  std::vector<float> hidden_, normed_, rstd_, dnormed_, dhidden_, recomputed_out_, x_, logits_, dx_, head_inputs_, teacher_logits_, ce_grad_;
+  std::vector<std::int64_t> chosen_;
+  std::vector<double> row_losses_;
+  std::unordered_map<std::string, int> index_;
+  std::shared_ptr<const FakeQuantization> fake_quant_;
+  std::vector<std::vector<float>> quantized_weights_;  // per parameter: its fake quantization this pass (QAT)
+  std::optional<Distillation> distillation_;
 };
 
 }  // namespace mopt::train

@@ -37,6 +37,7 @@ std::string fingerprint(const TrainOptions& o, std::int64_t total_steps, std::in
             {"seq_len", o.seq_len}, {"lr", o.lr}, {"warmup", o.warmup}, {"schedule", static_cast<int>(o.schedule)},
             {"min_lr_ratio", o.min_lr_ratio}, {"beta1", o.adam.beta1}, {"beta2", o.adam.beta2}, {"eps", o.adam.eps},
             {"weight_decay", o.adam.weight_decay}, {"clip", o.clip}, {"seed", o.seed}};
+  if (!o.settings.empty()) j["more"] = o.settings;
   return j.dump();
 }
 
@@ -100,18 +101,26 @@ State load_state(const std::string& path, TrainableModel& model, AdamW& opt, con
   return s;
 }
 
-double validation_loss(TrainableModel& model, const std::vector<Example>& examples, std::int64_t batch) {
-  double sum = 0;
+// The mean cross-entropy over the validation targets and its standard error (over tokens).
+struct Validation {
+  double loss = 0, stderr_ = 0;
+};
+
+Validation validation_loss(TrainableModel& model, const std::vector<Example>& examples, std::int64_t batch) {
+  double sum = 0, squares = 0;
   std::int64_t targets = 0;
   for (std::size_t i = 0; i < examples.size(); i += static_cast<std::size_t>(batch)) {
     std::vector<std::int64_t> idx;
     for (std::size_t j = i; j < std::min(examples.size(), i + static_cast<std::size_t>(batch)); ++j) idx.push_back(static_cast<std::int64_t>(j));
     const LossResult r = model.loss(make_batch(examples, idx));
     sum += r.loss_sum;
+    squares += r.cross_entropy_squares;
     targets += r.targets;
   }
   if (!std::isfinite(sum)) fail("validation: the loss is {} (NaN or Inf in the forward pass)", sum);
-  return targets > 0 ? sum / static_cast<double>(targets) : 0.0;
+  if (targets == 0) return {};
+  const double n = static_cast<double>(targets), mean = sum / n;
+  return {mean, targets > 1 ? std::sqrt(std::max(0.0, squares / n - mean * mean) / (n - 1)) : 0.0};
 }
 
 void write_checkpoint(const TrainableModel& model, const TrainOptions& o, const State& state) {
@@ -128,15 +137,9 @@ void write_checkpoint(const TrainableModel& model, const TrainOptions& o, const 
   writer.write_json("config.json", config, 2);
   if (!o.tokenizer_dir.empty()) writer.copy_model_files(o.tokenizer_dir);
   std::string log;
-  std::vector<std::pair<std::int64_t, double>> train_curve, val_curve;
-  for (const auto& l : state.log) {
-    log += l + "\n";
-    const json j = json::parse(l);
-    train_curve.emplace_back(j["step"].get<std::int64_t>(), j["loss"].get<double>());
-    if (j.contains("val_loss")) val_curve.emplace_back(j["step"].get<std::int64_t>(), j["val_loss"].get<double>());
-  }
+  for (const auto& l : state.log) log += l + "\n";
   writer.write_text("train_log.jsonl", log);
-  writer.write_text("loss_curve.svg", loss_curve_svg(train_curve, val_curve));
+  writer.write_text("loss_curve.svg", loss_curve_svg(state.log));
   writer.commit([](const std::string& dir) { io::Checkpoint::open(dir); });
 }
 
@@ -206,6 +209,23 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
     if (fs::exists(state_path) && (o.save_every > 0 || o.resume)) return fmt::format("the training state {} is kept", state_path);
     return std::string("no training state was saved (--save-every N saves one)");
   };
+  if (o.validate_at_start && !val.empty() && state.step == 0) {
+    const Validation v = validation_loss(model, val, o.batch);
+    summary.initial_val_loss = v.loss;
+    summary.initial_val_stderr = v.stderr_;
+    state.log.push_back(json{{"step", 0}, {"val_loss", v.loss}, {"val_loss_stderr", v.stderr_}}.dump());
+    if (live_log) std::fprintf(live_log, "%s\n", state.log.back().c_str());
+    std::printf("step 0: validation loss %.4f ± %.4f (before training)\n", v.loss, v.stderr_);
+    std::fflush(stdout);
+  } else if (o.validate_at_start) {
+    for (const auto& l : state.log) {
+      const json j = json::parse(l);
+      if (j["step"].get<std::int64_t>() == 0 && j.contains("val_loss")) {
+        summary.initial_val_loss = j["val_loss"].get<double>();
+        summary.initial_val_stderr = j.value("val_loss_stderr", 0.0);
+      }
+    }
+  }
   Progress progress("training", static_cast<std::uint64_t>(total - state.step), "steps");
   for (std::int64_t step = state.step; step < total; ++step) {
     const double start = now_seconds();
@@ -216,11 +236,13 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
       micro.push_back(make_batch(examples, order.take(o.batch)));
       targets += micro.back().target_count();
     }
-    double loss_sum = 0;
+    double loss_sum = 0, ce_sum = 0;
     std::int64_t rows = 0;
     const float scale = targets > 0 ? 1.0f / static_cast<float>(targets) : 0.0f;
     for (const auto& b : micro) {
-      loss_sum += model.forward_backward(b, scale).loss_sum;
+      const LossResult r = model.forward_backward(b, scale);
+      loss_sum += r.loss_sum;
+      ce_sum += r.cross_entropy_sum;
       rows += b.rows();
     }
     if (!std::isfinite(loss_sum)) fail("step {}: the loss is {}; {}", step + 1, loss_sum, kept());
@@ -239,13 +261,16 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
     seconds += elapsed;
     const double loss = targets > 0 ? loss_sum / static_cast<double>(targets) : 0.0;
     json line = {{"step", step + 1}, {"lr", lr}, {"loss", loss}, {"grad_norm", norm}, {"tokens_per_s", static_cast<double>(rows) / elapsed}};
+    if (ce_sum != loss_sum && targets > 0) line["cross_entropy"] = ce_sum / static_cast<double>(targets);  // distillation's objective is not it
     summary.final_train_loss = loss;
     const bool last = step + 1 == total;
     if (!val.empty() && (last || (o.eval_every > 0 && (step + 1) % o.eval_every == 0))) {
-      const double v = validation_loss(model, val, o.batch);
-      line["val_loss"] = v;
-      summary.final_val_loss = v;
-      progress.message(fmt::format("step {}/{}: train loss {:.4f}, validation loss {:.4f}", step + 1, total, loss, v));
+      const Validation v = validation_loss(model, val, o.batch);
+      line["val_loss"] = v.loss;
+      line["val_loss_stderr"] = v.stderr_;
+      summary.final_val_loss = v.loss;
+      summary.final_val_stderr = v.stderr_;
+      progress.message(fmt::format("step {}/{}: train loss {:.4f}, validation loss {:.4f} ± {:.4f}", step + 1, total, loss, v.loss, v.stderr_));
     }
     state.log.push_back(line.dump());
     if (live_log) {
@@ -258,10 +283,21 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
     progress.advance();
   }
   progress.finish();
-  write_checkpoint(model, o, state);
+  if (o.write_checkpoint) write_checkpoint(model, o, state);
+  summary.log = state.log;
   summary.steps = state.step;
   summary.tokens_per_second = seconds > 0 ? tokens / seconds : 0.0;
   return summary;
+}
+
+std::string loss_curve_svg(const std::vector<std::string>& log) {
+  std::vector<std::pair<std::int64_t, double>> train_curve, val_curve;
+  for (const auto& l : log) {
+    const json j = json::parse(l);
+    if (j.contains("loss")) train_curve.emplace_back(j["step"].get<std::int64_t>(), j["loss"].get<double>());
+    if (j.contains("val_loss")) val_curve.emplace_back(j["step"].get<std::int64_t>(), j["val_loss"].get<double>());
+  }
+  return loss_curve_svg(train_curve, val_curve);
 }
 
 std::string loss_curve_svg(const std::vector<std::pair<std::int64_t, double>>& train,

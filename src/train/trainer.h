@@ -40,19 +40,29 @@ struct TrainOptions {
   std::string tokenizer_dir;       // tokenizer.json (and its companions) copied from here
   std::string log;                 // a JSONL copy of the log written as training runs; empty: none
   std::string label;               // what is trained, for the first line on stdout
+  bool write_checkpoint = true;    // false: the caller writes the model (QAT's export); the log is in the summary
+  bool validate_at_start = false;  // score --val before the first step too (QAT: the PTQ model's loss)
+  std::string settings;            // more settings that decide the bits (QAT's recipe), for the resume check
 };
 
 struct TrainSummary {
   std::int64_t steps = 0;
   double final_train_loss = 0;
   double final_val_loss = -1;      // < 0: no validation
+  double final_val_stderr = 0;     // its standard error over the scored tokens
+  double initial_val_loss = -1;    // before the first step (validate_at_start); < 0: not measured
+  double initial_val_stderr = 0;
   double tokens_per_second = 0;    // trained tokens (every row, targets or not) per second
   std::int64_t examples = 0;
+  std::vector<std::string> log;    // the JSONL lines
 };
 
 // Trains `model` and writes it to options.out. Throws Error (the last saved state kept) for bad
 // input, a NaN or Inf loss or gradient (naming the step and the tensor), or a failed write.
 TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer, const TrainOptions& options);
+
+// The loss curve of a log's JSONL lines as an SVG picture.
+std::string loss_curve_svg(const std::vector<std::string>& log);
 
 // The loss curve as an SVG picture: train loss per step, validation loss per evaluation.
 std::string loss_curve_svg(const std::vector<std::pair<std::int64_t, double>>& train,

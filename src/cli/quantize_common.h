@@ -1,0 +1,27 @@
+// What `mopt quantize` and `mopt train --qat` share: the recipe from the flags, the refusals made
+// before any work, the calibration text, and the conversion of a written modelopt checkpoint into
+// the other export formats.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "algo/ptq.h"
+#include "cli/commands.h"
+#include "io/checkpoint.h"
+#include "quant/recipe.h"
+
+namespace mopt::cli {
+
+// The recipe: --recipe's file, then the flags over it; validated.
+quant::Recipe recipe_from_options(const QuantizeOptions& o);
+// Refuses, before any work, an export format that does not exist or cannot hold the recipe.
+void check_export_target(const QuantizeOptions& o, const quant::Recipe& recipe);
+// The calibration set from --calib (empty when none is given); an error when the recipe needs one
+// and none is given. `verb` names the command in the message ("quantize", "train --qat").
+algo::CalibrationSet calibration_from_options(const QuantizeOptions& o, const io::Checkpoint& checkpoint, const quant::Recipe& recipe);
+// Writes o.out_dir from the modelopt checkpoint at `modelopt_dir` for --export compressed-tensors or
+// gguf (nothing for modelopt); returns the bytes of the output.
+std::uint64_t convert_export(const std::string& modelopt_dir, const QuantizeOptions& o, const quant::Recipe& recipe, std::uint64_t modelopt_bytes);
+
+}  // namespace mopt::cli

@@ -1,0 +1,153 @@
+#include "train/qat.h"
+
+#include <cmath>
+
+#include "core/error.h"
+#include "model/llama.h"
+#include "quant/fake_quant.h"
+#include "quant/qtensor.h"
+#include "train/model.h"
+
+namespace mopt::train {
+
+namespace {
+
+double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double d = static_cast<double>(a[i]) - b[i];
+    num += d * d;
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : 0.0;
+}
+
+}  // namespace
+
+SteMode parse_ste_mode(const std::string& name) {
+  if (name == "pass") return SteMode::pass_through;
+  if (name == "clip") return SteMode::clip;
+  fail("--ste {}: pass (the gradient straight through the rounding) or clip (zero where a value exceeds its amax)", name);
+}
+
+std::unique_ptr<model::ActivationFakeQuant> FakeQuantization::transform(const quant::ActivationQuantizer& q) const {
+  const bool clip = ste_ == SteMode::clip;
+  auto t = std::make_unique<model::ActivationFakeQuant>();
+  t->forward = [&q](const float* x, std::int64_t rows, std::int64_t cols, float* y) { q.forward(x, rows, cols, y); };
+  t->backward = [&q, clip](const float* x, const float* dy, std::int64_t rows, std::int64_t cols, float* dx, bool accumulate) {
+    q.backward(x, dy, rows, cols, clip, dx, accumulate);
+  };
+  return t;
+}
+
+FakeQuantization::FakeQuantization(std::vector<quant::QuantizedLayer> layers, std::optional<quant::KvScheme> kv, SteMode ste,
+                                   TrainableModel& model)
+    : kv_(std::move(kv)), ste_(ste) {
+  const auto& c = model.config();
+  if (static_cast<std::int64_t>(layers.size()) != c.num_layers) {
+    fail("quantization-aware training: the calibration gave {} layers for a model of {}", layers.size(), c.num_layers);
+  }
+  layers_.resize(layers.size());
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    quant::QuantizedLayer& ql = layers[l];
+    if (ql.index != static_cast<std::int64_t>(l)) fail("quantization-aware training: calibrated layer {} arrived as layer {}", ql.index, l);
+    if (ql.linears.size() != 7) fail("quantization-aware training: layer {} has {} Linears, not 7", l, ql.linears.size());
+    Layer& layer = layers_[l];
+    for (auto& [name, tensor] : ql.replaced) {
+      Parameter& p = model.parameter(name);
+      if (tensor.shape() != p.shape) fail("quantization-aware training: calibration's {} does not have the model's shape", name);
+      p.value = tensor.to_f32();
+      layer.replaced.emplace_back(name, tensor.dtype());
+    }
+    for (std::size_t k = 0; k < 7; ++k) {
+      quant::QuantizedLinear& q = ql.linears[k];
+      Linear& lin = layer.linears[k];
+      lin.name = q.name;
+      lin.scheme = q.scheme;
+      if (!q.scheme.quantized()) continue;
+      Parameter& w = model.parameter(q.name + ".weight");
+      if (q.master_weight.size() != w.value.size()) {
+        fail("quantization-aware training: {} has {} calibrated weights for a weight of {} (was keep_master_weights set?)", q.name,
+             q.master_weight.size(), w.value.size());
+      }
+      w.value = std::move(q.master_weight);
+      lin.weight_amax = std::move(q.weight_amax);
+      lin.weight_amax2 = q.weight_amax2;
+      lin.input_amax = std::move(q.input_amax);
+      lin.pre_quant_scale = std::move(q.pre_quant_scale);
+      if (q.scheme.input || !lin.pre_quant_scale.empty()) {
+        lin.input = std::make_unique<quant::ActivationQuantizer>(quant::ActivationQuantizer{q.scheme.input, lin.input_amax, lin.pre_quant_scale});
+        lin.input_transform = transform(*lin.input);
+        layer.fake_quant.input[k] = lin.input_transform.get();
+      }
+    }
+    layer.key_amax = ql.key_amax;
+    layer.value_amax = ql.value_amax;
+    if (kv_ && ql.key_amax && ql.value_amax) {
+      layer.key = std::make_unique<quant::ActivationQuantizer>(quant::ActivationQuantizer{kv_->spec, {*ql.key_amax}, {}});
+      layer.value = std::make_unique<quant::ActivationQuantizer>(quant::ActivationQuantizer{kv_->spec, {*ql.value_amax}, {}});
+      layer.key_transform = transform(*layer.key);
+      layer.value_transform = transform(*layer.value);
+      layer.fake_quant.key = layer.key_transform.get();
+      layer.fake_quant.value = layer.value_transform.get();
+    }
+  }
+}
+
+bool FakeQuantization::weight_quantized(std::int64_t layer, std::size_t k) const {
+  return layers_[static_cast<std::size_t>(layer)].linears[k].scheme.quantized();
+}
+
+void FakeQuantization::quantize_weight(std::int64_t layer, std::size_t k, const float* w, std::int64_t out, std::int64_t in, float* wq) const {
+  const Linear& lin = layers_[static_cast<std::size_t>(layer)].linears[k];
+  const quant::QuantizerSpec& spec = *lin.scheme.weight;
+  if (spec.fp8_second_stage) {
+    // W4A8: INT4 blocks, then FP8 per tensor; the export's arithmetic is the definition of the two stages.
+    const quant::QuantizedWeight q = quant::quantize_weight(spec, w, out, in, lin.weight_amax, lin.weight_amax2);
+    const std::vector<float> d = quant::dequantize_weight(spec, q, out, in);
+    std::copy(d.begin(), d.end(), wq);
+    return;
+  }
+  with_context(lin.name, [&] { quant::fake_quantize(spec, w, out, in, lin.weight_amax, wq); });
+}
+
+void FakeQuantization::clip_weight_gradient(std::int64_t layer, std::size_t k, const float* w, std::int64_t out, std::int64_t in,
+                                            float* grad) const {
+  if (ste_ != SteMode::clip) return;
+  const Linear& lin = layers_[static_cast<std::size_t>(layer)].linears[k];
+  quant::zero_clipped_gradient(*lin.scheme.weight, w, out, in, lin.weight_amax, grad);
+}
+
+quant::QuantizedLayer FakeQuantization::quantized_layer(std::int64_t index, const TrainableModel& model) const {
+  const Layer& layer = layers_[static_cast<std::size_t>(index)];
+  quant::QuantizedLayer ql;
+  ql.index = index;
+  for (std::size_t k = 0; k < 7; ++k) {
+    const Linear& lin = layer.linears[k];
+    quant::QuantizedLinear q;
+    q.name = lin.name;
+    q.scheme = lin.scheme;
+    if (lin.scheme.quantized()) {
+      const Parameter& w = model.parameter(lin.name + ".weight");
+      const std::int64_t out = w.shape[0], in = w.shape[1];
+      q.weight = with_context(lin.name, [&] {
+        return quant::quantize_weight(*lin.scheme.weight, w.value.data(), out, in, lin.weight_amax, lin.weight_amax2);
+      });
+      q.weight_error = relative_error(quant::dequantize_weight(*lin.scheme.weight, *q.weight, out, in), w.value);
+      q.weight_amax = lin.weight_amax;
+      q.weight_amax2 = lin.weight_amax2;
+      q.input_amax = lin.input_amax;
+      q.pre_quant_scale = lin.pre_quant_scale;
+    }
+    ql.linears.push_back(std::move(q));
+  }
+  ql.key_amax = layer.key_amax;
+  ql.value_amax = layer.value_amax;
+  for (const auto& [name, dtype] : layer.replaced) {
+    const Parameter& p = model.parameter(name);
+    ql.replaced.emplace_back(name, Tensor::from_f32(p.value, p.shape).to(dtype));
+  }
+  return ql;
+}
+
+}  // namespace mopt::train

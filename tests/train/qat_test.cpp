@@ -1,0 +1,298 @@
+// Quantization-aware training and distillation against NVIDIA Model Optimizer (fixtures from
+// tools/fixtures/make_qat_goldens.py, tests/data/qat): gradients through a fake-quantized Linear in
+// both straight-through modes, one QAT step of a whole model, the distillation loss; and the export
+// of a QAT model: its codes are the weights training saw.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "algo/ptq.h"
+#include "core/error.h"
+#include "io/checkpoint.h"
+#include "io/safetensors.h"
+#include "kernels/backward.h"
+#include "kernels/gemm.h"
+#include "quant/act_quant.h"
+#include "quant/fake_quant.h"
+#include "quant/qtensor.h"
+#include "quant/recipe.h"
+#include "support/temp_dir.h"
+#include "train/model.h"
+#include "train/optimizer.h"
+#include "train/qat.h"
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+namespace mopt::train {
+namespace {
+
+const std::string kQat = std::string(MOPT_TEST_DATA_DIR) + "/qat";
+
+// max |a - b| / max |b|
+double scaled_error(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    num = std::max(num, std::fabs(static_cast<double>(a[i]) - b[i]));
+    den = std::max(den, std::fabs(static_cast<double>(b[i])));
+  }
+  return den > 0 ? num / den : num;
+}
+
+std::vector<std::int32_t> ids(const Tensor& t) {
+  std::vector<std::int32_t> out;
+  for (std::int64_t i = 0; i < t.numel(); ++i) out.push_back(static_cast<std::int32_t>(t.data<std::int64_t>()[i]));
+  return out;
+}
+
+struct LinearCase {
+  std::string name, format;
+  bool input;  // has an input quantizer
+};
+
+class FakeQuantLinear : public ::testing::TestWithParam<LinearCase> {};
+
+// y = fq_in(x) · fq_w(W)ᵀ and its gradients, as mopt's QAT computes them (fake_quantize forward,
+// ActivationQuantizer::backward and zero_clipped_gradient for the straight-through rule), against
+// torch autograd through the reference's TensorQuantizer — in both of its backward modes.
+TEST_P(FakeQuantLinear, GradientsMatchTheReference) {
+  const LinearCase c = GetParam();
+  const auto g = io::TensorStore::open_file(kQat + "/linear_grads.safetensors");
+  const std::vector<float> x = g.tensor("x").to_f32(), w = g.tensor("W").to_f32(), dy = g.tensor("dy").to_f32();
+  const std::int64_t rows = 16, in = 256, out = 48;
+  const quant::LinearScheme scheme = quant::format_scheme(c.format);
+  const std::vector<float> w_amax = g.tensor(c.name + ".w_amax").to_f32();
+  ASSERT_EQ(static_cast<std::int64_t>(w_amax.size()), quant::amax_count(*scheme.weight, out, in));
+  std::vector<float> wq(w.size());
+  quant::fake_quantize(*scheme.weight, w.data(), out, in, w_amax, wq.data());
+
+  quant::ActivationQuantizer input;
+  if (c.input) input = quant::ActivationQuantizer{scheme.input, g.tensor(c.name + ".in_amax").to_f32(), {}};
+  std::vector<float> xq(x.size());
+  input.forward(x.data(), rows, in, xq.data());
+  std::vector<float> y(static_cast<std::size_t>(rows * out));
+  kernels::gemm_f32(xq.data(), rows, in, wq.data(), out, y.data());
+  EXPECT_LT(scaled_error(y, g.tensor(c.name + ".y").to_f32()), 1e-5);
+
+  for (const bool clip : {false, true}) {
+    const std::string mode = c.name + (clip ? ".clip" : ".pass");
+    std::vector<float> dxq(x.size()), dx(x.size()), dw(w.size(), 0.0f);
+    kernels::matmul_f32(false, false, rows, in, out, dy.data(), out, wq.data(), in, dxq.data(), in, false);
+    input.backward(x.data(), dxq.data(), rows, in, clip, dx.data(), false);
+    kernels::matmul_f32(true, false, out, in, rows, dy.data(), out, xq.data(), in, dw.data(), in, true);
+    if (clip) quant::zero_clipped_gradient(*scheme.weight, w.data(), out, in, w_amax, dw.data());
+    const std::vector<float> want_dx = g.tensor(mode + ".dx").to_f32(), want_dw = g.tensor(mode + ".dW").to_f32();
+    EXPECT_LT(scaled_error(dx, want_dx), 1e-5) << mode;
+    EXPECT_LT(scaled_error(dw, want_dw), 1e-5) << mode;
+    // The clipping is exercised: zeros where the reference has them.
+    const auto zeros = [](const std::vector<float>& v) { return std::count(v.begin(), v.end(), 0.0f); };
+    EXPECT_EQ(zeros(dw), zeros(want_dw)) << mode;
+    EXPECT_EQ(zeros(dx), zeros(want_dx)) << mode;
+    if (clip) EXPECT_GT(zeros(want_dw), 0) << mode;
+    if (clip && c.input) EXPECT_GT(zeros(want_dx), 0) << mode;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Formats, FakeQuantLinear,
+                         ::testing::Values(LinearCase{"int4", "int4_awq", false}, LinearCase{"int8", "int8", true},
+                                           LinearCase{"fp8", "fp8", true}, LinearCase{"nvfp4", "nvfp4", true}),
+                         [](const auto& info) { return info.param.name; });
+
+// tests/data/hf/llama as an f32 checkpoint (the reference ran the model in f32: its transformed
+// weights are not rounded to bf16).
+std::string f32_copy(const testing::TempDir& dir) {
+  const io::Checkpoint src = io::Checkpoint::open(testing::data_path("hf/llama"));
+  io::StreamingSafetensorsWriter w;
+  for (const auto& e : io::expected_tensors(src.config())) w.add(e.name, Tensor::from_f32(src.tensor(e.name).to_f32(), e.shape));
+  const std::string out = dir.file("llama-f32");
+  std::filesystem::create_directories(out);
+  w.write(out + "/model.safetensors", {});
+  nlohmann::json config = src.config().raw;
+  config["dtype"] = "float32";
+  std::ofstream(out + "/config.json") << config.dump(2);
+  return out;
+}
+
+Batch step_batch(const io::TensorStore& inputs) {
+  Batch b;
+  b.tokens = ids(inputs.tensor("tokens"));
+  for (const std::int32_t t : ids(inputs.tensor("targets"))) b.targets.push_back(t < 0 ? -1 : t);
+  b.bounds = {0, 32, 64};
+  return b;
+}
+
+class QatStep : public ::testing::TestWithParam<std::string> {};
+
+// The reference's mtq.quantize (calibration on fixed token ids) and one AdamW step of the
+// fake-quantized model: the calibrated quantizers, the loss, and every parameter after the step.
+TEST_P(QatStep, MatchesTheReference) {
+  const std::string format = GetParam();
+  const auto inputs = io::TensorStore::open_file(kQat + "/qat_step/inputs.safetensors");
+  const auto golden = io::TensorStore::open_file(kQat + "/qat_step/" + format + ".safetensors");
+  testing::TempDir dir;
+  const io::Checkpoint ckpt = io::Checkpoint::open(f32_copy(dir));
+
+  quant::Recipe recipe;
+  recipe.format = format;
+  recipe.validate();
+  algo::CalibrationSet calib;
+  const std::vector<std::int32_t> all = ids(inputs.tensor("calib_ids"));
+  for (std::size_t s = 0; s < 4; ++s) calib.sequences.emplace_back(all.begin() + static_cast<std::ptrdiff_t>(s * 64), all.begin() + static_cast<std::ptrdiff_t>(s * 64 + 64));
+  algo::PtqOptions options;
+  options.keep_master_weights = true;
+  std::vector<quant::QuantizedLayer> layers;
+  algo::quantize_checkpoint(ckpt, recipe, calib, options, [&](quant::QuantizedLayer&& l) { layers.push_back(std::move(l)); });
+
+  // The calibrated scales: weight and input amax, the smoothing scale.
+  for (const auto& l : layers) {
+    for (const auto& q : l.linears) {
+      const std::string base = q.name;
+      ASSERT_TRUE(q.scheme.quantized()) << base;
+      EXPECT_LT(scaled_error(q.weight_amax, golden.tensor(base + ".weight_quantizer._amax").to_f32()), 1e-6) << base;
+      if (golden.contains(base + ".input_quantizer._amax")) {
+        EXPECT_LT(scaled_error(q.input_amax, golden.tensor(base + ".input_quantizer._amax").to_f32()), 1e-6) << base;
+      }
+      if (golden.contains(base + ".input_quantizer._pre_quant_scale")) {
+        EXPECT_LT(scaled_error(q.pre_quant_scale, golden.tensor(base + ".input_quantizer._pre_quant_scale").to_f32()), 1e-6) << base;
+        EXPECT_LT(scaled_error(q.master_weight, golden.tensor("before." + base + ".weight").to_f32()), 1e-6) << base;
+      }
+    }
+  }
+
+  TrainableModel model = TrainableModel::from_checkpoint(ckpt);
+  auto fq = std::make_shared<FakeQuantization>(std::move(layers), std::nullopt, SteMode::pass_through, model);
+  model.set_fake_quantization(fq);
+  const Batch batch = step_batch(inputs);
+  ASSERT_EQ(batch.target_count(), 52);
+  const LossResult r = model.forward_backward(batch, 1.0f / 52.0f);
+  EXPECT_NEAR(r.loss_sum / 52.0, golden.tensor("loss").to_f32()[0], 1e-5);
+  AdamW opt(model.parameters(), AdamWSettings{0.9, 0.95, 1e-8, 0.0}, weight_decay_mask(model.parameters()));
+  opt.step(model.parameters(), 1e-3);
+  // Adam's first step moves every weight by about ±lr whatever the size of its gradient, so a
+  // gradient at float32's noise (|g| < 1e-6: sums of ~1e-4 terms that cancel) may move its weight
+  // either way here and in the reference; those are held to the step size alone. The rest must agree
+  // within 1e-5, all but 1 in 10^4 (an activation rounded to the other side of an INT8 step because
+  // its inputs differ from PyTorch's in the last bit).
+  std::int64_t elements = 0, apart = 0;
+  for (const auto& p : model.parameters()) {
+    const std::vector<float> want = golden.tensor("after." + p.name).to_f32();
+    ASSERT_EQ(want.size(), p.value.size()) << p.name;
+    for (std::size_t i = 0; i < want.size(); ++i) {
+      const double d = std::fabs(static_cast<double>(p.value[i]) - want[i]);
+      EXPECT_LE(d, 2.0e-3 + 1e-6) << p.name << "[" << i << "]";
+      if (std::fabs(p.grad[i]) >= 1e-6f && d > 1e-5) ++apart;
+    }
+    elements += p.numel();
+  }
+  EXPECT_LE(apart, elements / 10000) << apart << " of " << elements << " weights moved otherwise than the reference's";
+  if (format == "fp8") EXPECT_EQ(apart, 0);
+  EXPECT_NEAR(model.loss(batch).loss_sum / 52.0, golden.tensor("loss_after").to_f32()[0], 1e-4);
+}
+
+INSTANTIATE_TEST_SUITE_P(Presets, QatStep, ::testing::Values("fp8", "int8_sq"));
+
+// The reference's QAD loss (KDTrainer's masked mean over the tokens with a label of
+// LogitsDistillationLoss(reduction="none"), T² x KL per token) and its gradient.
+TEST(Distillation, LossAndGradientMatchTheReference) {
+  const auto g = io::TensorStore::open_file(kQat + "/kd_loss.safetensors");
+  const std::vector<float> student = g.tensor("student").to_f32(), teacher = g.tensor("teacher").to_f32();
+  const std::vector<std::int32_t> labels = ids(g.tensor("labels"));
+  const std::int64_t B = 2, S = 12, V = 50;
+  for (const float T : {1.0f, 2.0f}) {
+    const std::string key = T == 1.0f ? "T1" : "T2";
+    // Position s predicts label s + 1 (the causal shift); masked labels drop out.
+    std::vector<std::int64_t> rows;
+    for (std::int64_t b = 0; b < B; ++b) {
+      for (std::int64_t s = 0; s + 1 < S; ++s) {
+        if (labels[static_cast<std::size_t>(b * S + s + 1)] >= 0) rows.push_back(b * S + s);
+      }
+    }
+    const auto n = static_cast<std::int64_t>(rows.size());
+    std::vector<float> s_rows, t_rows;
+    for (const std::int64_t r : rows) {
+      s_rows.insert(s_rows.end(), student.begin() + r * V, student.begin() + (r + 1) * V);
+      t_rows.insert(t_rows.end(), teacher.begin() + r * V, teacher.begin() + (r + 1) * V);
+    }
+    const double sum = kernels::distillation_backward(s_rows.data(), t_rows.data(), n, V, T, 1.0f / static_cast<float>(n));
+    EXPECT_NEAR(sum / static_cast<double>(n), g.tensor(key + ".kd.loss").to_f32()[0], 1e-5) << key;
+    const std::vector<float> want = g.tensor(key + ".kd.dstudent").to_f32();
+    std::vector<float> got(want.size(), 0.0f);
+    for (std::size_t i = 0; i < rows.size(); ++i) std::copy(s_rows.begin() + static_cast<std::ptrdiff_t>(i) * V, s_rows.begin() + static_cast<std::ptrdiff_t>(i + 1) * V, got.begin() + rows[i] * V);
+    EXPECT_LT(scaled_error(got, want), 1e-5) << key;
+    // Per token, T² KL (the reference's reduction="none").
+    const std::vector<float> per_token = g.tensor(key + ".none.loss").to_f32();
+    std::vector<float> one_s(student.begin(), student.begin() + V), one_t(teacher.begin(), teacher.begin() + V);
+    EXPECT_NEAR(kernels::distillation_backward(one_s.data(), one_t.data(), 1, V, T, 1.0f), per_token[0], 1e-5) << key;
+  }
+}
+
+// A QAT model exported: the codes written are the fake-quantized weights the last step trained
+// (apart from the rare exact half step, where the export's division and the fake quantization's
+// multiplication may round apart), for static (INT4 blocks), per-tensor (FP8) and two-level (NVFP4) scales.
+TEST(Qat, ExportedCodesAreTheTrainedFakeQuantWeights) {
+  const io::Checkpoint ckpt = io::Checkpoint::open(testing::data_path("hf/llama"));
+  const auto inputs = io::TensorStore::open_file(kQat + "/qat_step/inputs.safetensors");
+  for (const std::string format : {"int4_awq", "fp8", "nvfp4"}) {
+    quant::Recipe recipe;
+    recipe.format = format;
+    recipe.group_size = format == "int4_awq" ? 32 : 0;
+    recipe.validate();
+    algo::CalibrationSet calib;
+    const std::vector<std::int32_t> all = ids(inputs.tensor("calib_ids"));
+    calib.sequences.emplace_back(all.begin(), all.begin() + 64);
+    algo::PtqOptions options;
+    options.keep_master_weights = true;
+    std::vector<quant::QuantizedLayer> layers;
+    algo::quantize_checkpoint(ckpt, recipe, calib, options, [&](quant::QuantizedLayer&& l) { layers.push_back(std::move(l)); });
+    TrainableModel model = TrainableModel::from_checkpoint(ckpt);
+    auto fq = std::make_shared<FakeQuantization>(std::move(layers), std::nullopt, SteMode::pass_through, model);
+    model.set_fake_quantization(fq);
+    const Batch batch = step_batch(inputs);
+    AdamW opt(model.parameters(), AdamWSettings{0.9, 0.95, 1e-8, 0.0}, weight_decay_mask(model.parameters()));
+    for (int step = 0; step < 3; ++step) {
+      model.zero_grad();
+      model.forward_backward(batch, 1.0f / 52.0f);
+      opt.step(model.parameters(), 1e-3);
+    }
+    std::int64_t elements = 0, apart = 0;
+    for (std::int64_t l = 0; l < fq->layers(); ++l) {
+      const quant::QuantizedLayer ql = fq->quantized_layer(l, model);
+      for (std::size_t k = 0; k < 7; ++k) {
+        const auto& q = ql.linears[k];
+        ASSERT_TRUE(q.weight.has_value()) << q.name;
+        const Parameter& p = model.parameter(q.name + ".weight");
+        const std::int64_t out = p.shape[0], in = p.shape[1];
+        const std::vector<float> codes = quant::dequantize_weight(*q.scheme.weight, *q.weight, out, in);
+        std::vector<float> fake(codes.size());
+        fq->quantize_weight(l, k, p.value.data(), out, in, fake.data());
+        // The export multiplies codes by amax/bound where fake quantization divides by bound/amax: the
+        // last bit may differ; a whole step only at an exact half step.
+        for (std::size_t i = 0; i < codes.size(); ++i) {
+          if (std::fabs(codes[i] - fake[i]) > 1e-6f * std::fabs(fake[i])) ++apart;
+        }
+        elements += out * in;
+      }
+    }
+    EXPECT_LE(apart, elements / 1000) << format << ": " << apart << " of " << elements << " weights export differently";
+  }
+}
+
+TEST(Qat, SteModesAndBadSettingsAreNamed) {
+  EXPECT_EQ(parse_ste_mode("pass"), SteMode::pass_through);
+  EXPECT_EQ(parse_ste_mode("clip"), SteMode::clip);
+  EXPECT_THROW(parse_ste_mode("straight"), Error);
+  TrainableModel model = TrainableModel::from_checkpoint(io::Checkpoint::open(testing::data_path("hf/llama")));
+  // A calibration of another model (one layer short) is refused.
+  EXPECT_THROW(FakeQuantization({}, std::nullopt, SteMode::pass_through, model), Error);
+  TrainableModel teacher = TrainableModel::from_checkpoint(io::Checkpoint::open(testing::data_path("hf/llama")));
+  EXPECT_THROW(model.set_distillation(Distillation{&teacher, 0.0f, 1.0f}), Error);
+  EXPECT_THROW(model.set_distillation(Distillation{&teacher, 1.0f, 1.5f}), Error);
+  EXPECT_THROW(model.parameter("model.layers.9.mlp.up_proj.weight"), Error);
+}
+
+}  // namespace
+}  // namespace mopt::train
