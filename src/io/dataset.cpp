@@ -17,8 +17,14 @@ std::vector<std::string> read_documents(const std::string& path) {
     return docs;
   }
   for_each_jsonl_record(text, path, [&](const nlohmann::json& j, const std::string& label) {
-    if (!j.is_object() || !j.contains("text") || !j["text"].is_string()) fail("{}: a record needs a string \"text\" field", label);
-    std::string doc = j["text"].get<std::string>();
+    std::string doc;
+    if (j.is_object() && j.contains("text") && j["text"].is_string()) {
+      doc = j["text"].get<std::string>();
+    } else if (j.is_object() && j.contains("prompt") && j["prompt"].is_string() && j.contains("response") && j["response"].is_string()) {
+      doc = j["prompt"].get<std::string>() + j["response"].get<std::string>();  // a supervised example, whole
+    } else {
+      fail("{}: a record needs a string \"text\" field, or string \"prompt\" and \"response\" fields", label);
+    }
     if (!doc.empty()) docs.push_back(std::move(doc));
   });
   if (docs.empty()) fail("{}: no text", path);

@@ -1,5 +1,6 @@
 // Text datasets for calibration: a plain text file is one document; a .jsonl
-// file holds one JSON object per line whose "text" field is a document.
+// file holds one JSON object per line whose "text" field is a document, or a supervised example
+// {"prompt", "response"} whose two parts together are one.
 #pragma once
 
 #include <functional>
@@ -11,7 +12,8 @@
 namespace mopt::io {
 
 // Throws Error naming the file (and line, for JSONL) on a missing file,
-// malformed JSON, a record without a string "text", or no text at all.
+// malformed JSON, a record with neither a string "text" nor string "prompt" and "response", or no
+// text at all.
 std::vector<std::string> read_documents(const std::string& path);
 
 // record(object, "PATH:LINE") for every non-blank line of JSONL text read from `path`; a line that is
