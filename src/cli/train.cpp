@@ -86,7 +86,7 @@ int run_qat(const TrainCliOptions& o, train::TrainOptions t, const io::Tokenizer
   model.set_fake_quantization(fq);
   std::unique_ptr<train::TrainableModel> teacher;
   if (o.distill) {
-    teacher = std::make_unique<train::TrainableModel>(train::TrainableModel::from_checkpoint(ckpt));
+    teacher = std::make_unique<train::TrainableModel>(train::TrainableModel::from_checkpoint(ckpt, false));
     model.set_distillation(train::Distillation{teacher.get(), o.kd_temperature, o.kd_weight});
   }
 

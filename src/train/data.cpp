@@ -31,10 +31,13 @@ void add_document(const std::string& text, const io::Tokenizer& tokenizer, std::
 }  // namespace
 
 std::vector<Example> read_examples(const std::string& path, const io::Tokenizer& tokenizer, std::int64_t seq_len, std::int32_t eos_id) {
+  return parse_examples(io::read_text_file(path), path, path.ends_with(".jsonl"), tokenizer, seq_len, eos_id);
+}
+
+std::vector<Example> parse_examples(const std::string& text, const std::string& path, bool jsonl, const io::Tokenizer& tokenizer,
+                                    std::int64_t seq_len, std::int32_t eos_id) {
   if (seq_len < 2) fail("sequence length {}: at least 2 tokens", seq_len);
-  const std::string text = io::read_text_file(path);
   std::vector<Example> out;
-  const bool jsonl = path.ends_with(".jsonl");
   if (!jsonl) {
     add_document(text, tokenizer, seq_len, out);
     if (out.empty()) fail("{}: no text to train on", path);

@@ -28,6 +28,9 @@ struct Example {
 // fit, or a file without examples.
 std::vector<Example> read_examples(const std::string& path, const io::Tokenizer& tokenizer, std::int64_t seq_len,
                                    std::int32_t eos_id);
+// The same from a file's contents (`path` names it in errors; `jsonl` as its extension says).
+std::vector<Example> parse_examples(const std::string& text, const std::string& path, bool jsonl, const io::Tokenizer& tokenizer,
+                                    std::int64_t seq_len, std::int32_t eos_id);
 
 // Which examples a step takes: epoch e visits every example once in an order shuffled with
 // (seed, e); `cursor` counts the examples taken so far over all epochs.

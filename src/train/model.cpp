@@ -56,11 +56,11 @@ void Batch::check(std::int64_t vocab, const std::string& label) const {
   }
 }
 
-TrainableModel::TrainableModel(io::ModelConfig config, std::vector<Parameter> params)
-    : config_(std::move(config)), params_(std::move(params)) {
+TrainableModel::TrainableModel(io::ModelConfig config, std::vector<Parameter> params, bool gradients)
+    : config_(std::move(config)), params_(std::move(params)), gradients_(gradients) {
   for (std::size_t i = 0; i < params_.size(); ++i) {
     index_.emplace(params_[i].name, static_cast<int>(i));
-    params_[i].grad.assign(params_[i].value.size(), 0.0f);
+    if (gradients_) params_[i].grad.assign(params_[i].value.size(), 0.0f);
   }
   auto find = [&](const std::string& name, bool required) {
     const auto it = index_.find(name);
@@ -90,7 +90,7 @@ TrainableModel::TrainableModel(io::ModelConfig config, std::vector<Parameter> pa
   inv_freq_ = model::rope_inv_freq(config_);
 }
 
-TrainableModel TrainableModel::from_checkpoint(const io::Checkpoint& checkpoint) {
+TrainableModel TrainableModel::from_checkpoint(const io::Checkpoint& checkpoint, bool gradients) {
   std::vector<Parameter> params;
   for (const auto& e : io::expected_tensors(checkpoint.config())) {
     const Tensor t = checkpoint.tensor(e.name);
@@ -99,7 +99,7 @@ TrainableModel TrainableModel::from_checkpoint(const io::Checkpoint& checkpoint)
       if (!std::isfinite(v)) fail("{}: tensor {} holds NaN or Inf", checkpoint.dir(), e.name);
     }
   }
-  return TrainableModel(checkpoint.config(), std::move(params));
+  return TrainableModel(checkpoint.config(), std::move(params), gradients);
 }
 
 TrainableModel TrainableModel::initialize(const io::ModelConfig& config, std::uint64_t seed) {
@@ -320,7 +320,10 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
   return result;
 }
 
-LossResult TrainableModel::forward_backward(const Batch& batch, float grad_scale) { return run(batch, grad_scale, true); }
+LossResult TrainableModel::forward_backward(const Batch& batch, float grad_scale) {
+  if (!gradients_) fail("training: this model was loaded without gradients (a teacher)");
+  return run(batch, grad_scale, true);
+}
 
 LossResult TrainableModel::loss(const Batch& batch) { return run(batch, 0.0f, false); }
 

@@ -69,8 +69,9 @@ struct Distillation {
 
 class TrainableModel {
  public:
-  // Every tensor of the checkpoint widened to f32.
-  static TrainableModel from_checkpoint(const io::Checkpoint& checkpoint);
+  // Every tensor of the checkpoint widened to f32. Without `gradients` the model only runs forward
+  // (a distillation teacher): no gradient memory, and forward_backward is refused.
+  static TrainableModel from_checkpoint(const io::Checkpoint& checkpoint, bool gradients = true);
   // A model initialized as transformers initializes it: Linear weights and embeddings normal with
   // std = initializer_range (the config's, 0.02 when absent), biases zero, norms one. Seeded.
   static TrainableModel initialize(const io::ModelConfig& config, std::uint64_t seed);
@@ -113,7 +114,7 @@ class TrainableModel {
     std::array<int, 7> weight{}, bias{};
   };
 
-  TrainableModel(io::ModelConfig config, std::vector<Parameter> params);
+  TrainableModel(io::ModelConfig config, std::vector<Parameter> params, bool gradients = true);
   const float* value(int index) const { return params_[static_cast<std::size_t>(index)].value.data(); }
   float* grad(int index) { return params_[static_cast<std::size_t>(index)].grad.data(); }
   model::LayerParams layer_params(std::int64_t layer) const;
@@ -130,6 +131,7 @@ class TrainableModel {
   int embed_ = -1, final_norm_ = -1, head_ = -1;  // head_: the embeddings when tied
   std::vector<float> inv_freq_;
   bool recompute_ = false;
+  bool gradients_ = true;
   std::uint64_t activation_bytes_ = 0;
   // Buffers kept from step to step: allocating them anew each step cost page faults on every touch.
   std::vector<model::LayerActivations> saved_;

@@ -281,6 +281,36 @@ TEST(Qat, ExportedCodesAreTheTrainedFakeQuantWeights) {
   }
 }
 
+// Distillation in the model: a student identical to its teacher has nothing to learn (loss and
+// gradients zero); with kd_weight 0 it is plain cross-entropy training, the same gradients bit for bit.
+TEST(Distillation, IdenticalTeacherAndTheCrossEntropyMix) {
+  const io::Checkpoint ckpt = io::Checkpoint::open(testing::data_path("hf/llama"));
+  const auto inputs = io::TensorStore::open_file(kQat + "/qat_step/inputs.safetensors");
+  const Batch batch = step_batch(inputs);
+  TrainableModel teacher = TrainableModel::from_checkpoint(ckpt, false);
+  EXPECT_TRUE(teacher.parameters().front().grad.empty());
+  EXPECT_THROW(teacher.forward_backward(batch, 1.0f), Error);
+
+  TrainableModel student = TrainableModel::from_checkpoint(ckpt);
+  student.set_distillation(Distillation{&teacher, 2.0f, 1.0f});
+  const LossResult kd = student.forward_backward(batch, 1.0f / 52.0f);
+  EXPECT_NEAR(kd.loss_sum, 0.0, 1e-5);
+  EXPECT_GT(kd.cross_entropy_sum, 52.0);  // the cross-entropy is still measured
+  for (const auto& p : student.parameters()) {
+    for (const float g : p.grad) ASSERT_LT(std::fabs(g), 1e-5f) << p.name;
+  }
+
+  TrainableModel plain = TrainableModel::from_checkpoint(ckpt);
+  const LossResult ce = plain.forward_backward(batch, 1.0f / 52.0f);
+  student.zero_grad();
+  student.set_distillation(Distillation{&teacher, 1.0f, 0.0f});
+  const LossResult mixed = student.forward_backward(batch, 1.0f / 52.0f);
+  EXPECT_DOUBLE_EQ(mixed.loss_sum, ce.loss_sum);
+  for (std::size_t i = 0; i < plain.parameters().size(); ++i) {
+    EXPECT_EQ(student.parameters()[i].grad, plain.parameters()[i].grad) << plain.parameters()[i].name;
+  }
+}
+
 TEST(Qat, SteModesAndBadSettingsAreNamed) {
   EXPECT_EQ(parse_ste_mode("pass"), SteMode::pass_through);
   EXPECT_EQ(parse_ste_mode("clip"), SteMode::clip);
