@@ -6,7 +6,8 @@
 # run are recorded.
 #
 # Usage (repository root): bash scripts/qat-table.sh [WORKDIR]
-#   MODEL=models/tiny-kjv  FT_STEPS=300  QAT_STEPS=150  FORMATS="int4_awq nvfp4 fp8 w4a8_awq"
+#   MODEL=models/tiny-kjv  FT_STEPS=300  QAT_STEPS=150  FORMATS="int4_awq nvfp4 fp8 w4a8_awq"  BATCH=16
+#   VAL_STRIDE=2 (every 2nd held-out pair)  GGUF=1 (the Q4_0 rows)
 # Writes WORKDIR/results.tsv (one row per run) and each run's output beside it. Needs the Debian Bible
 # packages tools/extract_bible.sh names and build/mopt (MOPT=... for another).
 set -euo pipefail
@@ -19,19 +20,19 @@ formats=${FORMATS:-int4_awq nvfp4 fp8 w4a8_awq}
 group=${GROUP:-64}  # tiny-kjv's MLP width (704) is not a multiple of 128
 mkdir -p "$work"
 [ -f "$work/sft/sft-train.jsonl" ] || bash tools/make_bible_sft.sh "$work/sft"
-# Every other held-out pair (801 of 1602): the validation set.
-awk 'NR % 2 == 1' "$work/sft/sft-val.jsonl" > "$work/val.jsonl"
+# Every VAL_STRIDE-th held-out pair (801 of 1602 by default): the validation set.
+awk -v k="${VAL_STRIDE:-2}" 'NR % k == 1 || k == 1' "$work/sft/sft-val.jsonl" > "$work/val.jsonl"
 results="$work/results.tsv"
 printf 'run\tval_loss\tstderr\tptq_val_loss\tptq_stderr\twall_s\tpeak_rss_mib\n' > "$results"
 
-data=(--data "$work/sft/sft-train.jsonl" --val "$work/val.jsonl" --batch 16 --seq-len 256 --seed 1)
+data=(--data "$work/sft/sft-train.jsonl" --val "$work/val.jsonl" --batch "${BATCH:-16}" --seq-len 256 --seed 1)
 calib=(--calib "$work/sft/sft-train.jsonl" --calib-size 64 --calib-seq-len 256)
 
 # record NAME: the row of a finished run.
 record() {
   local name=$1 val ptq wall rss
   val=$(grep -o 'validation loss [0-9.]* ± [0-9.]*' "$work/$name.out" | tail -1 | awk '{print $3 "\t" $5}' || true)
-  ptq=$(grep -o 'the PTQ model): [0-9.]* ± [0-9.]*' "$work/$name.out" | awk '{print $3 "\t" $5}' || true)
+  ptq=$(grep -o 'the PTQ model): [0-9.]* ± [0-9.]*' "$work/$name.out" | awk '{print $4 "\t" $6}' || true)
   [ -n "$ptq" ] || ptq=$(printf -- '-\t-')
   wall=$(awk '{print $2}' "$work/$name.time")
   rss=$(awk '{printf "%.0f", $4 / 1024}' "$work/$name.time")
@@ -56,6 +57,8 @@ run() {
 
 # 1. The 16-bit fine-tune, every later run's starting point (its PTQ is QAT's step 0).
 run ft train "$model" "${data[@]}" --steps "$ft_steps" --lr 5e-4 --warmup 20 --schedule cosine --out "$work/ft"
+# The control: the fine-tune trained on in 16 bits for as many steps as QAT takes.
+run ft-more train "$work/ft" "${data[@]}" --steps "$qat_steps" --lr 1e-4 --warmup 10 --out "$work/ft-more"
 # 2. Per format: QAT and QAD from the fine-tuned model, the same steps and learning rate.
 for f in $formats; do
   extra=()
@@ -66,11 +69,34 @@ for f in $formats; do
     --distill --out "$work/qad-$f"
 done
 # 3. Q4_0 GGUF: PTQ (round to nearest in blocks of 32) against QAT written code for code.
-"$mopt" quantize "$work/ft" --format int4_rtn --group-size 32 --export gguf --out "$work/ptq-q4_0.gguf" > "$work/ptq-q4_0.out" 2>&1
-run qat-q4_0 train "$work/ft" --qat int4_rtn --group-size 32 "${data[@]}" --steps "$qat_steps" --lr 1e-4 --warmup 10 --export gguf \
-  --out "$work/qat-q4_0.gguf"
-for m in "$work/ft" "$work/ptq-q4_0.gguf" "$work/qat-q4_0.gguf"; do
-  printf '%s\tweb-heldout ppl\t' "$(basename "$m")" | tee -a "$results"
-  "$mopt" eval ppl "$m" --text data/web-heldout.txt --ctx 256 --json 2>/dev/null |
-    python3 -c "import json,sys; print(round(json.load(sys.stdin)['perplexity'], 3))" | tee -a "$results"
+if [ "${GGUF:-1}" = 1 ]; then
+  [ -f "$work/ptq-q4_0.gguf" ] || "$mopt" quantize "$work/ft" --format int4_rtn --group-size 32 --export gguf --out "$work/ptq-q4_0.gguf" \
+    > "$work/ptq-q4_0.out" 2>&1
+  run qat-q4_0 train "$work/ft" --qat int4_rtn --group-size 32 "${data[@]}" --steps "$qat_steps" --lr 1e-4 --warmup 10 --export gguf \
+    --out "$work/qat-q4_0.gguf"
+fi
+
+# 4. Paired differences on the same validation tokens, each checkpoint as written (real kernels, f32
+# products): QAT against PTQ (quantize of the fine-tune with QAT's calibration), QAD against QAT, the
+# 16-bit control against the fine-tune.
+paired="$work/paired.tsv"
+printf 'model\tloss\tstderr\tbase\tbase_loss\tdifference\tdifference_stderr\n' > "$paired"
+pair() {
+  "$mopt" eval loss "$1" --base "$2" --data "$work/val.jsonl" --seq-len 256 --products f32 --json 2>/dev/null |
+    python3 -c "import json,sys; j=json.load(sys.stdin); print('\t'.join(str(x) for x in ['$(basename "$1")', round(j['loss'],4), round(j['stderr'],4), '$(basename "$2")', round(j['base_loss'],4), round(j['difference'],4), round(j['difference_stderr'],4)]))" |
+    tee -a "$paired"
+}
+pair "$work/ft-more" "$work/ft"
+for f in $formats; do
+  extra=()
+  case $f in int4* | w4a8*) extra=(--group-size "$group") ;; esac
+  [ -d "$work/ptq-$f" ] || "$mopt" quantize "$work/ft" --format "$f" "${extra[@]}" --calib "$work/sft/sft-train.jsonl" --calib-size 64 \
+    --seq-len 256 --out "$work/ptq-$f" > "$work/ptq-$f.out" 2>&1
+  pair "$work/ptq-$f" "$work/ft"
+  pair "$work/qat-$f" "$work/ptq-$f"
+  pair "$work/qad-$f" "$work/qat-$f"
 done
+if [ "${GGUF:-1}" = 1 ]; then
+  pair "$work/ptq-q4_0.gguf" "$work/ft"
+  pair "$work/qat-q4_0.gguf" "$work/ptq-q4_0.gguf"
+fi

@@ -92,8 +92,10 @@ struct EvalOptions {
   bool decode = false;      // ppl: one token at a time through the KV cache
   std::string token_nll;    // ppl: write each scored token's position and NLL here
   std::string products = "bf16";  // bf16 or f32 (kernels::Precision); --fake-quant runs f32 weights, always f32
+  std::int64_t seq_len = 512;     // loss: an example's tokens at most (as training cuts them)
 };
 int run_eval_ppl(const EvalOptions& options);
+int run_eval_loss(const EvalOptions& options);
 int run_eval_kld(const EvalOptions& options);
 int run_eval_mc(const EvalOptions& options);
 

@@ -1,5 +1,6 @@
 #include <fmt/format.h>
 
+#include <cmath>
 #include <memory>
 #include <optional>
 #include <nlohmann/json.hpp>
@@ -8,12 +9,14 @@
 #include "core/error.h"
 #include "core/progress.h"
 #include "eval/generate.h"
+#include "eval/loss.h"
 #include "eval/multiple_choice.h"
 #include "eval/perplexity.h"
 #include "io/atomic_file.h"
 #include "io/json_util.h"
 #include "export/hf_modelopt.h"
 #include "model/llama.h"
+#include "train/data.h"
 
 namespace mopt::cli {
 
@@ -111,6 +114,60 @@ int run_eval_ppl(const EvalOptions& o) {
   } else {
     fmt::print("perplexity {:.4f} over {} scored tokens of {} (ctx {}, stride {}), {:.1f} tokens/s\n", r.perplexity,
                r.scored_tokens, r.total_tokens, ctx, stride, r.tokens_per_second);
+  }
+  return 0;
+}
+
+int run_eval_loss(const EvalOptions& o) {
+  const auto m = load_for_eval(o.model, o);
+  const auto& c = m.config();
+  const std::int32_t eos = c.eos_token_ids.empty() ? -1 : static_cast<std::int32_t>(c.eos_token_ids.front());
+  std::vector<eval::ScoredSequence> sequences;
+  for (auto& e : train::read_examples(o.data, m.require_tokenizer(), o.seq_len, eos)) {
+    for (const std::int32_t t : e.tokens) {
+      if (t >= c.vocab_size) fail("{}: the tokenizer gives token {}, outside the model's vocabulary of {}", o.data, t, c.vocab_size);
+    }
+    sequences.push_back({std::move(e.tokens), std::move(e.targets)});
+  }
+  LazyProgress progress{"loss", "examples", nullptr};
+  const auto r = eval::sequence_loss(m, sequences, progress.fn());
+  progress.finish();
+  // Against a base on the same tokens: the mean difference and its paired standard error.
+  std::optional<eval::LossResult> base;
+  double diff = 0, diff_stderr = 0;
+  if (!o.base.empty()) {
+    const auto b = load_for_eval(o.base, o);
+    if (b.config().vocab_size != c.vocab_size) fail("{}: vocabulary {} is not {}'s {}", o.base, b.config().vocab_size, o.model, c.vocab_size);
+    LazyProgress base_progress{"loss (base)", "examples", nullptr};
+    base = eval::sequence_loss(b, sequences, base_progress.fn());
+    base_progress.finish();
+    double sum = 0, squares = 0;
+    for (std::size_t i = 0; i < r.token_nll.size(); ++i) {
+      const double d = r.token_nll[i] - base->token_nll[i];
+      sum += d;
+      squares += d * d;
+    }
+    const double n = static_cast<double>(r.token_nll.size());
+    diff = sum / n;
+    diff_stderr = n > 1 ? std::sqrt(std::max(0.0, squares / n - diff * diff) / (n - 1)) : 0.0;
+  }
+  if (o.json) {
+    json j = {{"model", o.model}, {"data", o.data}, {"seq_len", o.seq_len}, {"loss", r.mean}, {"stderr", r.stderr_},
+              {"perplexity", std::exp(r.mean)}, {"scored_tokens", r.scored_tokens}, {"examples", r.sequences}, {"seconds", r.seconds}};
+    if (base) {
+      j["base"] = o.base;
+      j["base_loss"] = base->mean;
+      j["base_stderr"] = base->stderr_;
+      j["difference"] = diff;
+      j["difference_stderr"] = diff_stderr;
+    }
+    fmt::print("{}\n", j.dump(2));
+  } else {
+    fmt::print("loss {:.4f} ± {:.4f} (perplexity {:.2f}) over {} scored tokens of {} examples\n", r.mean, r.stderr_, std::exp(r.mean),
+               r.scored_tokens, r.sequences);
+    if (base) {
+      fmt::print("base {:.4f} ± {:.4f}; difference {:+.4f} ± {:.4f} (paired, same tokens)\n", base->mean, base->stderr_, diff, diff_stderr);
+    }
   }
   return 0;
 }

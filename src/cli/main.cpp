@@ -97,17 +97,22 @@ int main(int argc, char** argv) {
     cmd->add_option("--ctx", eval.ctx, "Window length in tokens (default min(512, the model's context))");
     cmd->add_option("--stride", eval.stride, "Window step in tokens (default: the window length)");
   }
+  auto* loss_cmd = eval_cmd->add_subcommand("loss", "Loss on supervised examples (.jsonl prompt/response: the response's tokens; text: every token), as training validates");
+  loss_cmd->add_option("model", eval.model, "Model directory or .gguf file")->required();
+  loss_cmd->add_option("--data", eval.data, ".jsonl ({\"prompt\",\"response\"} or {\"text\"}) or .txt, read as mopt train reads it")->required();
+  loss_cmd->add_option("--base", eval.base, "Also score this model on the same tokens: the difference and its paired standard error");
+  loss_cmd->add_option("--seq-len", eval.seq_len, "Tokens per example at most, as in training (default 512)")->check(CLI::Range(2, 1 << 24));
   auto* mc_cmd = eval_cmd->add_subcommand("mc", "Multiple-choice accuracy on an MMLU-format CSV file");
   mc_cmd->add_option("model", eval.model, "Model directory")->required();
   mc_cmd->add_option("--data", eval.data, "CSV: question, A, B, C, D, answer letter")->required();
   mc_cmd->add_option("--shots", eval.shots, "Solved examples shown first (taken from the first rows)");
-  for (auto* cmd : {ppl_cmd, kld_cmd, mc_cmd}) {
+  for (auto* cmd : {ppl_cmd, kld_cmd, mc_cmd, loss_cmd}) {
     cmd->add_flag("--json", eval.json, "Print JSON");
     cmd->add_flag("--fake-quant", eval.fake_quant,
                   "Run a quantized checkpoint as dequantized weights with fake-quantized inputs (the definition) "
                   "instead of the quantized kernels");
   }
-  for (auto* cmd : {ppl_cmd, kld_cmd, mc_cmd}) {
+  for (auto* cmd : {ppl_cmd, kld_cmd, mc_cmd, loss_cmd}) {
     cmd->add_option("--products", eval.products,
                     "How 16-bit and quantized weights multiply in prefill: bf16 (default: bf16 operands, f32 sums, "
                     "where the CPU has AVX-512 BF16 that outruns its f32 FMAs; f32 elsewhere) or f32 (exact f32 products)");
@@ -250,6 +255,7 @@ int main(int argc, char** argv) {
     if (quantize_cmd->parsed()) return mopt::cli::run_quantize(quantize);
     if (train_cmd->parsed()) return mopt::cli::run_train(train);
     if (ppl_cmd->parsed()) return mopt::cli::run_eval_ppl(eval);
+    if (loss_cmd->parsed()) return mopt::cli::run_eval_loss(eval);
     if (kld_cmd->parsed()) return mopt::cli::run_eval_kld(eval);
     if (mc_cmd->parsed()) return mopt::cli::run_eval_mc(eval);
     if (gen_cmd->parsed()) return mopt::cli::run_generate(gen);

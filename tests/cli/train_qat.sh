@@ -47,5 +47,15 @@ grep -q '"cross_entropy"' "$work/qad.jsonl" || { echo "FAIL: the QAD log has no 
   > "$work/gguf.out" 2>&1 || { cat "$work/gguf.out"; exit 1; }
 grep -q "written code for code" "$work/gguf.out" || { echo "FAIL: the GGUF export did not keep the codes"; cat "$work/gguf.out"; exit 1; }
 "$mopt" eval ppl "$work/qat.gguf" --text "$text" --ctx 64 > "$work/gguf-ppl.out" 2>&1 || { cat "$work/gguf-ppl.out"; exit 1; }
+# The trained model's validation loss, measured by eval loss on the written checkpoint (real INT4
+# kernels, f32 products), is the one training reported; against itself the difference is zero.
+"$mopt" eval loss "$work/qat" --data "$work/sft.jsonl" --seq-len 64 --products f32 --base "$work/qat" > "$work/loss.out" 2>&1 \
+  || { cat "$work/loss.out"; exit 1; }
+trained=$(grep -o 'validation loss [0-9.]*' "$work/qat.out" | tail -1 | awk '{print $3}')
+measured=$(grep -o '^loss [0-9.]*' "$work/loss.out" | awk '{print $2}')
+awk -v a="$trained" -v b="$measured" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d < 0.002) }' \
+  || { echo "FAIL: eval loss $measured is not the trained validation loss $trained"; exit 1; }
+grep -q 'difference +0.0000 ± 0.0000' "$work/loss.out" || { echo "FAIL: a model against itself"; cat "$work/loss.out"; exit 1; }
+"$mopt" eval loss "$work/qat.gguf" --data "$work/sft.jsonl" --seq-len 64 > "$work/gguf-loss.out" 2>&1 || { cat "$work/gguf-loss.out"; exit 1; }
 ls "$work" | grep -q "tmp-" && { echo "FAIL: a temporary directory was left"; ls "$work"; exit 1; }
 echo "QAT, QAD, clip STE, KV cache and the three exports: written, loaded, evaluated"
