@@ -152,6 +152,7 @@ struct TrainCliOptions {
   bool distill = false;         // QAD: distill from the unquantized model
   float kd_temperature = 1.0f;
   float kd_weight = 1.0f;       // the distillation loss's weight; 1 - it the cross-entropy's
+  bool learn_scales = false;    // LSQ: integer block weights' amax trained (train.scale_lr their learning rate)
 };
 int run_train(const TrainCliOptions& options);
 

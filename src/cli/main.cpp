@@ -230,6 +230,8 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--export", train.qat.export_format, "With --qat: modelopt (default), compressed-tensors or gguf");
   train_cmd->add_option("--gguf-type", train.qat.gguf_type, "With --qat --export gguf: the GGUF type, as for quantize");
   train_cmd->add_option("--ste", train.ste, "With --qat: the gradient through the rounding: pass (default, straight through) or clip (zero outside the amax)");
+  train_cmd->add_flag("--learn-scales", train.learn_scales, "With --qat: train each INT4/INT8 weight block's amax too (LSQ; starts from the reference's MSE search)");
+  train_cmd->add_option("--scale-lr", train.train.scale_lr, "With --learn-scales: the learned scales' peak learning rate (default: --lr)")->check(CLI::PositiveNumber);
   train_cmd->add_flag("--distill", train.distill, "With --qat: distill from the unquantized model (QAD) instead of the cross-entropy");
   train_cmd->add_option("--kd-temperature", train.kd_temperature, "With --distill: the softmax temperature T (default 1)");
   train_cmd->add_option("--kd-weight", train.kd_weight, "With --distill: the distillation loss's weight; 1 - it weights the cross-entropy (default 1)");

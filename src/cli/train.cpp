@@ -18,6 +18,8 @@
 #include "io/checkpoint.h"
 #include "io/hf_config.h"
 #include "io/tokenizer.h"
+#include "model/llama.h"
+#include "quant/fake_quant.h"
 #include "train/model.h"
 #include "train/qat.h"
 #include "train/trainer.h"
@@ -59,6 +61,18 @@ int run_qat(const TrainCliOptions& o, train::TrainOptions t, const io::Tokenizer
   if (o.distill && !(o.kd_weight >= 0.0f && o.kd_weight <= 1.0f)) fail("--kd-weight {} is not in [0, 1]", o.kd_weight);
   const io::Checkpoint ckpt = io::Checkpoint::open(o.model);
   if (exporter::is_quantized_checkpoint(o.model)) fail("{}: already quantized; train the original checkpoint", o.model);
+  if (o.learn_scales) {  // refused before any work
+    for (std::int64_t l = 0; l < ckpt.config().num_layers; ++l) {
+      for (const auto kind : model::kAllLinears) {
+        const std::string name = fmt::format("model.layers.{}.{}", l, model::linear_name(kind));
+        const quant::LinearScheme scheme = recipe.scheme_for(name);
+        if (scheme.quantized() && !quant::supports_learned_scales(*scheme.weight)) {
+          fail("--learn-scales: {} is quantized as {}; learned scales are for integer weights in blocks (int4_rtn, int4_awq, int8 blocks)",
+               name, scheme.weight->describe());
+        }
+      }
+    }
+  }
   const algo::CalibrationSet calib = calibration_from_options(q, ckpt, recipe);
 
   // 1. Calibration: the quantizers' scales and the transformed weights training starts from.
@@ -82,7 +96,7 @@ int run_qat(const TrainCliOptions& o, train::TrainOptions t, const io::Tokenizer
   train::TrainableModel model = train::TrainableModel::from_checkpoint(ckpt);
   std::optional<quant::KvScheme> kv;
   if (recipe.kv_cache) kv = quant::kv_scheme(*recipe.kv_cache);
-  auto fq = std::make_shared<train::FakeQuantization>(std::move(layers), kv, ste, model);
+  auto fq = std::make_shared<train::FakeQuantization>(std::move(layers), kv, ste, model, o.learn_scales);
   model.set_fake_quantization(fq);
   std::unique_ptr<train::TrainableModel> teacher;
   if (o.distill) {
@@ -93,9 +107,10 @@ int run_qat(const TrainCliOptions& o, train::TrainOptions t, const io::Tokenizer
   // 3. Training.
   t.write_checkpoint = false;
   t.validate_at_start = true;
-  t.settings = fmt::format("qat {} algo {} group {} kv {} calib {} size {} seq {} seed {} ste {} distill {} T {} w {} export {}", recipe.format,
+  t.settings = fmt::format("qat {} algo {} group {} kv {} calib {} size {} seq {} seed {} ste {} distill {} T {} w {} export {} lsq {}", recipe.format,
                            recipe.effective_algorithm(), recipe.group_size, recipe.kv_cache.value_or("-"), fmt::join(q.calib, ","),
-                           recipe.calib_size, recipe.seq_len, recipe.seed, o.ste, o.distill, o.kd_temperature, o.kd_weight, q.export_format);
+                           recipe.calib_size, recipe.seq_len, recipe.seed, o.ste, o.distill, o.kd_temperature, o.kd_weight, q.export_format,
+                           o.learn_scales);
   t.label = fmt::format("{} with {} fake quantization{}", o.model, recipe.format, o.distill ? ", distilled from the unquantized model" : "");
   const train::TrainSummary s = train::run_training(model, tokenizer, t);
   teacher.reset();
@@ -158,6 +173,7 @@ int run_train(const TrainCliOptions& o) {
   t.dtype = weights_dtype(o.dtype);
   if (!o.qat.format.empty() || !o.qat.recipe.empty()) return run_qat(o, t, tokenizer);
   if (o.distill) fail("--distill distills a quantized student from its unquantized self: it needs --qat FORMAT");
+  if (o.learn_scales) fail("--learn-scales learns quantization scales: it needs --qat FORMAT");
 
   train::TrainableModel model = o.init.empty() ? train::TrainableModel::from_checkpoint(io::Checkpoint::open(o.model))
                                                : train::TrainableModel::initialize(io::load_model_config(o.init), t.seed);

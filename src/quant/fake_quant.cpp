@@ -290,4 +290,87 @@ void zero_clipped_gradient(const QuantizerSpec& spec, const float* x, std::int64
   }
 }
 
+bool supports_learned_scales(const QuantizerSpec& spec) {
+  return (spec.element == Element::int4 || spec.element == Element::int8) && spec.scaling == Scaling::block && spec.block_rows == 0 &&
+         !spec.fp8_second_stage;
+}
+
+namespace {
+
+// Calls f(slot, begin, length) for every static block of a [rows, cols] weight.
+template <typename F>
+void for_each_block(const QuantizerSpec& spec, std::int64_t rows, std::int64_t cols, std::span<const float> amax, F&& f) {
+  if (!supports_learned_scales(spec)) fail("learned scales are for integer weights in static blocks, not {}", spec.describe());
+  const std::int64_t nb = ceil_div(cols, spec.block);
+  if (static_cast<std::int64_t>(amax.size()) != rows * nb) fail("{} of a [{}, {}] weight needs {} amax values, got {}", spec.describe(), rows, cols, rows * nb, amax.size());
+  for (std::int64_t r = 0; r < rows; ++r) {
+    for (std::int64_t b = 0; b < nb; ++b) {
+      const std::int64_t c0 = b * spec.block;
+      f(r * nb + b, r * cols + c0, std::min(spec.block, cols - c0));
+    }
+  }
+}
+
+float lsq_step(float amax, float bound) {
+  const float s = amax / bound;
+  return s <= 1e-8f ? 1e-8f : s;
+}
+
+}  // namespace
+
+void lsq_forward(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax, float* wq) {
+  const float bound = spec.max_bound();
+  for_each_block(spec, rows, cols, amax, [&](std::int64_t slot, std::int64_t begin, std::int64_t n) {
+    const float s = lsq_step(amax[static_cast<std::size_t>(slot)], bound);
+    for (std::int64_t i = begin; i < begin + n; ++i) wq[i] = std::clamp(std::nearbyint(w[i] / s), -bound - 1.0f, bound) * s;
+  });
+}
+
+void lsq_backward(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax,
+                  const float* g, float* dw, float* damax) {
+  const float bound = spec.max_bound();
+  for_each_block(spec, rows, cols, amax, [&](std::int64_t slot, std::int64_t begin, std::int64_t n) {
+    const float s = lsq_step(amax[static_cast<std::size_t>(slot)], bound);
+    double d = 0;
+    for (std::int64_t i = begin; i < begin + n; ++i) {
+      const float v = w[i] / s;
+      const float q = std::clamp(std::nearbyint(v), -bound - 1.0f, bound);
+      const bool in_range = v >= -bound - 1.0f && v <= bound;
+      if (in_range) dw[i] += g[i];
+      d += static_cast<double>(g[i]) * (q - (in_range ? v : 0.0f));
+    }
+    damax[slot] += static_cast<float>(d / bound);
+  });
+}
+
+std::vector<float> mse_weight_amax(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax) {
+  // torch.linspace(0.25, 4.0, 39) in f32: the first half counted up from the start, the rest down from the end.
+  constexpr int kSteps = 39;
+  const float start = 0.25f, end = 4.0f, step = (end - start) / static_cast<float>(kSteps - 1);
+  float candidates[kSteps];
+  for (int i = 0; i < kSteps; ++i) {
+    candidates[i] = i < kSteps / 2 ? start + step * static_cast<float>(i) : end - step * static_cast<float>(kSteps - 1 - i);
+  }
+  std::vector<float> out(amax.begin(), amax.end());
+  std::vector<float> y;
+  for_each_block(spec, rows, cols, amax, [&](std::int64_t slot, std::int64_t begin, std::int64_t n) {
+    y.resize(static_cast<std::size_t>(n));
+    double best = -1;
+    for (const float c : candidates) {
+      const float a = amax[static_cast<std::size_t>(slot)] * c;
+      fake_quantize_group(spec, w + begin, y.data(), n, a);
+      double err = 0;
+      for (std::int64_t i = 0; i < n; ++i) {
+        const double d = static_cast<double>(w[begin + i]) - y[static_cast<std::size_t>(i)];
+        err += d * d;
+      }
+      if (best < 0 || err < best) {
+        best = err;
+        out[static_cast<std::size_t>(slot)] = a;
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace mopt::quant

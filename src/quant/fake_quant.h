@@ -34,6 +34,21 @@ void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows,
 void zero_clipped_gradient(const QuantizerSpec& spec, const float* x, std::int64_t rows, std::int64_t cols,
                            std::span<const float> amax, float* grad);
 
+// Learned step sizes (LSQ, the reference's `lsq` algorithm with tied amax) for an integer weight in
+// static blocks: each block's amax is trained. wq = clamp(rint(w / s), -bound - 1, bound) · s with
+// s = amax / bound (1e-8 where that is smaller).
+void lsq_forward(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax, float* wq);
+// From g = dL/dwq: dw += g where -bound - 1 <= w / s <= bound (zero outside: LSQ always clips), and
+// damax[block] += Σ g · (q - m · w / s) / bound over the block (q the rounded level, m the in-range mask).
+void lsq_backward(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax,
+                  const float* g, float* dw, float* damax);
+// The reference's MSE weight calibration (its LSQ starting point): per block, the first of the
+// candidates c · amax (c = 39 steps from 0.25 to 4, as torch.linspace in f32) that minimizes
+// Σ (w - fake_quantize(w; c · amax))² over the block. `amax` as compute_amax gives it.
+std::vector<float> mse_weight_amax(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax);
+// True for the quantizers LSQ trains: integer elements in static blocks.
+bool supports_learned_scales(const QuantizerSpec& spec);
+
 // The element-level steps, exposed for tests and the exporters.
 // Integer: clamp(rint(x * bound/amax), -bound-1, bound) / (bound/amax); 0 when amax is below 2^-24.
 float fake_quant_int(float x, float amax, int bits);

@@ -120,6 +120,16 @@ TrainableModel TrainableModel::initialize(const io::ModelConfig& config, std::ui
   return TrainableModel(config, std::move(params));
 }
 
+int TrainableModel::add_parameter(Parameter parameter) {
+  if (index_.count(parameter.name)) fail("training: a parameter {} exists already", parameter.name);
+  if (parameter.value.size() != shape_numel(parameter.shape)) fail("training: {} has the wrong size", parameter.name);
+  if (gradients_) parameter.grad.assign(parameter.value.size(), 0.0f);
+  const int i = static_cast<int>(params_.size());
+  index_.emplace(parameter.name, i);
+  params_.push_back(std::move(parameter));
+  return i;
+}
+
 Parameter& TrainableModel::parameter(const std::string& name) {
   const auto it = index_.find(name);
   if (it == index_.end()) fail("training: the model has no parameter {}", name);
@@ -152,7 +162,9 @@ void TrainableModel::quantize_weights() {
       const auto i = static_cast<std::size_t>(x.weight[k]);
       const Parameter& p = params_[i];
       quantized_weights_[i].resize(p.value.size());
-      fake_quant_->quantize_weight(l, k, p.value.data(), p.shape[0], p.shape[1], quantized_weights_[i].data());
+      const int a = fake_quant_->learned_scale(l, k);
+      const std::span<const float> amax = a >= 0 ? std::span<const float>(params_[static_cast<std::size_t>(a)].value) : std::span<const float>();
+      fake_quant_->quantize_weight(l, k, p.value.data(), p.shape[0], p.shape[1], amax, quantized_weights_[i].data());
     }
   }
 }
@@ -181,6 +193,8 @@ model::LayerGrads TrainableModel::layer_grads(std::int64_t layer) {
   for (std::size_t i = 0; i < 7; ++i) {
     g.weight[i] = at(x.weight[i]);
     g.bias[i] = at(x.bias[i]);
+    // A fake-quantized weight's gradient goes to its own buffer first (FakeQuantization::weight_backward).
+    if (fake_quant_ && fake_quant_->weight_quantized(layer, i)) g.weight[i] = quantized_grads_[static_cast<std::size_t>(x.weight[i])].data();
   }
   return g;
 }
@@ -295,6 +309,16 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
   }
   if (!backward || !std::isfinite(result.loss_sum)) return result;  // the caller names the step of a NaN or Inf loss
 
+  if (fake_quant_) {
+    quantized_grads_.resize(params_.size());
+    for (std::int64_t l = 0; l < L; ++l) {
+      for (std::size_t k = 0; k < 7; ++k) {
+        if (!fake_quant_->weight_quantized(l, k)) continue;
+        const auto i = static_cast<std::size_t>(layers_[static_cast<std::size_t>(l)].weight[k]);
+        quantized_grads_[i].assign(params_[i].value.size(), 0.0f);
+      }
+    }
+  }
   std::vector<float>& dhidden = dhidden_;
   dhidden.assign(static_cast<std::size_t>(rows * H), 0.0f);
   kernels::rmsnorm_backward(hidden.data(), value(final_norm_), rstd.data(), dnormed_.data(), rows, H, dhidden.data(), grad(final_norm_));
@@ -308,12 +332,17 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
                                   dhidden.data(), layer_grads(l), scratch_);
   }
   kernels::embedding_backward(batch.tokens.data(), rows, dhidden.data(), H, grad(embed_));
-  if (fake_quant_ && fake_quant_->ste() == SteMode::clip) {
+  if (fake_quant_) {
     for (std::int64_t l = 0; l < L; ++l) {
       for (std::size_t k = 0; k < 7; ++k) {
         if (!fake_quant_->weight_quantized(l, k)) continue;
-        Parameter& p = params_[static_cast<std::size_t>(layers_[static_cast<std::size_t>(l)].weight[k])];
-        fake_quant_->clip_weight_gradient(l, k, p.value.data(), p.shape[0], p.shape[1], p.grad.data());
+        const auto i = static_cast<std::size_t>(layers_[static_cast<std::size_t>(l)].weight[k]);
+        Parameter& p = params_[i];
+        const int a = fake_quant_->learned_scale(l, k);
+        Parameter* amax = a >= 0 ? &params_[static_cast<std::size_t>(a)] : nullptr;
+        fake_quant_->weight_backward(l, k, p.value.data(), p.shape[0], p.shape[1],
+                                     amax ? std::span<const float>(amax->value) : std::span<const float>(), quantized_grads_[i].data(),
+                                     p.grad.data(), amax ? amax->grad.data() : nullptr);
       }
     }
   }

@@ -80,6 +80,9 @@ class TrainableModel {
   std::vector<Parameter>& parameters() { return params_; }
   const std::vector<Parameter>& parameters() const { return params_; }
 
+  // Adds a trained parameter that is not a tensor of the model (a learned quantization scale);
+  // returns its index in parameters().
+  int add_parameter(Parameter parameter);
   // The parameter of that Hugging Face name; throws Error when there is none.
   Parameter& parameter(const std::string& name);
   const Parameter& parameter(const std::string& name) const;
@@ -143,6 +146,7 @@ class TrainableModel {
   std::unordered_map<std::string, int> index_;
   std::shared_ptr<const FakeQuantization> fake_quant_;
   std::vector<std::vector<float>> quantized_weights_;  // per parameter: its fake quantization this pass (QAT)
+  std::vector<std::vector<float>> quantized_grads_;    // per parameter: the gradient of that fake quantization
   std::optional<Distillation> distillation_;
 };
 

@@ -11,6 +11,7 @@ namespace mopt::train {
 AdamW::AdamW(const std::vector<Parameter>& params, AdamWSettings settings, std::vector<bool> decay)
     : settings_(settings), decay_(std::move(decay)) {
   if (decay_.size() != params.size()) fail("AdamW: {} decay flags for {} parameters", decay_.size(), params.size());
+  lr_scale_.assign(params.size(), 1.0);
   for (const auto& p : params) {
     m_.emplace_back(p.value.size(), 0.0f);
     v_.emplace_back(p.value.size(), 0.0f);
@@ -21,13 +22,14 @@ void AdamW::step(std::vector<Parameter>& params, double lr) {
   ++step_;
   const auto& s = settings_;
   const double t = static_cast<double>(step_);
-  const double step_size = lr / (1.0 - std::pow(s.beta1, t));
   const double correction2_sqrt = std::sqrt(1.0 - std::pow(s.beta2, t));
   const auto b1 = static_cast<float>(s.beta1), b2 = static_cast<float>(s.beta2);
-  const auto eps = static_cast<float>(s.eps), size = static_cast<float>(step_size), c2 = static_cast<float>(correction2_sqrt);
+  const auto eps = static_cast<float>(s.eps), c2 = static_cast<float>(correction2_sqrt);
   for (std::size_t i = 0; i < params.size(); ++i) {
     auto& p = params[i];
-    const auto shrink = static_cast<float>(decay_[i] ? 1.0 - lr * s.weight_decay : 1.0);
+    const double rate = lr * lr_scale_[i];
+    const auto size = static_cast<float>(rate / (1.0 - std::pow(s.beta1, t)));
+    const auto shrink = static_cast<float>(decay_[i] ? 1.0 - rate * s.weight_decay : 1.0);
     float* value = p.value.data();
     const float* grad = p.grad.data();
     float* m = m_[i].data();

@@ -29,10 +29,14 @@ class AdamW {
   std::vector<float>& second_moment(std::size_t i) { return v_[i]; }
   void set_steps(std::int64_t steps) { step_ = steps; }
   const AdamWSettings& settings() const { return settings_; }
+  // Parameter i learns at `scale` x the step's learning rate (its own param group in torch's terms:
+  // learned quantization scales).
+  void set_lr_scale(std::size_t i, double scale) { lr_scale_.at(i) = scale; }
 
  private:
   AdamWSettings settings_;
   std::vector<bool> decay_;
+  std::vector<double> lr_scale_;
   std::vector<std::vector<float>> m_, v_;
   std::int64_t step_ = 0;
 };

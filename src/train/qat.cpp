@@ -41,7 +41,7 @@ std::unique_ptr<model::ActivationFakeQuant> FakeQuantization::transform(const qu
 }
 
 FakeQuantization::FakeQuantization(std::vector<quant::QuantizedLayer> layers, std::optional<quant::KvScheme> kv, SteMode ste,
-                                   TrainableModel& model)
+                                   TrainableModel& model, bool learn_scales)
     : kv_(std::move(kv)), ste_(ste) {
   const auto& c = model.config();
   if (static_cast<std::int64_t>(layers.size()) != c.num_layers) {
@@ -72,6 +72,16 @@ FakeQuantization::FakeQuantization(std::vector<quant::QuantizedLayer> layers, st
       }
       w.value = std::move(q.master_weight);
       lin.weight_amax = std::move(q.weight_amax);
+      if (learn_scales) {
+        const quant::QuantizerSpec& spec = *q.scheme.weight;
+        if (!quant::supports_learned_scales(spec)) {
+          fail("--learn-scales: {} is quantized as {}; learned scales are for integer weights in blocks (int4_rtn, int4_awq, int8 blocks)",
+               q.name, spec.describe());
+        }
+        std::vector<float> start = quant::mse_weight_amax(spec, w.value.data(), w.shape[0], w.shape[1], lin.weight_amax);
+        const auto n = static_cast<std::int64_t>(start.size());
+        lin.learned_amax = model.add_parameter({q.name + ".weight_quantizer._amax", {n}, std::move(start), {}});
+      }
       lin.weight_amax2 = q.weight_amax2;
       lin.input_amax = std::move(q.input_amax);
       lin.pre_quant_scale = std::move(q.pre_quant_scale);
@@ -98,9 +108,18 @@ bool FakeQuantization::weight_quantized(std::int64_t layer, std::size_t k) const
   return layers_[static_cast<std::size_t>(layer)].linears[k].scheme.quantized();
 }
 
-void FakeQuantization::quantize_weight(std::int64_t layer, std::size_t k, const float* w, std::int64_t out, std::int64_t in, float* wq) const {
+int FakeQuantization::learned_scale(std::int64_t layer, std::size_t k) const {
+  return layers_[static_cast<std::size_t>(layer)].linears[k].learned_amax;
+}
+
+void FakeQuantization::quantize_weight(std::int64_t layer, std::size_t k, const float* w, std::int64_t out, std::int64_t in,
+                                       std::span<const float> learned_amax, float* wq) const {
   const Linear& lin = layers_[static_cast<std::size_t>(layer)].linears[k];
   const quant::QuantizerSpec& spec = *lin.scheme.weight;
+  if (lin.learned_amax >= 0) {
+    with_context(lin.name, [&] { quant::lsq_forward(spec, w, out, in, learned_amax, wq); });
+    return;
+  }
   if (spec.fp8_second_stage) {
     // W4A8: INT4 blocks, then FP8 per tensor; the export's arithmetic is the definition of the two stages.
     const quant::QuantizedWeight q = quant::quantize_weight(spec, w, out, in, lin.weight_amax, lin.weight_amax2);
@@ -111,11 +130,21 @@ void FakeQuantization::quantize_weight(std::int64_t layer, std::size_t k, const 
   with_context(lin.name, [&] { quant::fake_quantize(spec, w, out, in, lin.weight_amax, wq); });
 }
 
-void FakeQuantization::clip_weight_gradient(std::int64_t layer, std::size_t k, const float* w, std::int64_t out, std::int64_t in,
-                                            float* grad) const {
-  if (ste_ != SteMode::clip) return;
+void FakeQuantization::weight_backward(std::int64_t layer, std::size_t k, const float* w, std::int64_t out, std::int64_t in,
+                                       std::span<const float> learned_amax, const float* gq, float* dw, float* damax) const {
   const Linear& lin = layers_[static_cast<std::size_t>(layer)].linears[k];
-  quant::zero_clipped_gradient(*lin.scheme.weight, w, out, in, lin.weight_amax, grad);
+  const std::int64_t n = out * in;
+  if (lin.learned_amax >= 0) {
+    quant::lsq_backward(*lin.scheme.weight, w, out, in, learned_amax, gq, dw, damax);
+    return;
+  }
+  if (ste_ == SteMode::clip) {
+    std::vector<float> g(gq, gq + n);
+    quant::zero_clipped_gradient(*lin.scheme.weight, w, out, in, lin.weight_amax, g.data());
+    for (std::int64_t i = 0; i < n; ++i) dw[i] += g[static_cast<std::size_t>(i)];
+    return;
+  }
+  for (std::int64_t i = 0; i < n; ++i) dw[i] += gq[i];
 }
 
 quant::QuantizedLayer FakeQuantization::quantized_layer(std::int64_t index, const TrainableModel& model) const {
@@ -130,11 +159,12 @@ quant::QuantizedLayer FakeQuantization::quantized_layer(std::int64_t index, cons
     if (lin.scheme.quantized()) {
       const Parameter& w = model.parameter(lin.name + ".weight");
       const std::int64_t out = w.shape[0], in = w.shape[1];
+      const std::vector<float>& amax = lin.learned_amax >= 0 ? model.parameters()[static_cast<std::size_t>(lin.learned_amax)].value : lin.weight_amax;
       q.weight = with_context(lin.name, [&] {
-        return quant::quantize_weight(*lin.scheme.weight, w.value.data(), out, in, lin.weight_amax, lin.weight_amax2);
+        return quant::quantize_weight(*lin.scheme.weight, w.value.data(), out, in, amax, lin.weight_amax2);
       });
       q.weight_error = relative_error(quant::dequantize_weight(*lin.scheme.weight, *q.weight, out, in), w.value);
-      q.weight_amax = lin.weight_amax;
+      q.weight_amax = amax;
       q.weight_amax2 = lin.weight_amax2;
       q.input_amax = lin.input_amax;
       q.pre_quant_scale = lin.pre_quant_scale;

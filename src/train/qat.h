@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -42,17 +43,27 @@ class FakeQuantization {
   // norms and biases) and each quantized Linear's master weight are written into `model`; the
   // quantizers' frozen scales are kept here. Throws Error when a layer is missing or a weight's shape
   // disagrees with the model's.
-  FakeQuantization(std::vector<quant::QuantizedLayer> layers, std::optional<quant::KvScheme> kv, SteMode ste, TrainableModel& model);
+  // With `learn_scales` (LSQ, the reference's `lsq` algorithm with tied amax), each integer block
+  // weight's amax becomes a trained parameter of `model` ("<linear>.weight_quantizer._amax"), starting
+  // from the reference's MSE search around the calibrated amax; other weights are refused.
+  FakeQuantization(std::vector<quant::QuantizedLayer> layers, std::optional<quant::KvScheme> kv, SteMode ste, TrainableModel& model,
+                   bool learn_scales = false);
   FakeQuantization(const FakeQuantization&) = delete;
   FakeQuantization& operator=(const FakeQuantization&) = delete;
 
   SteMode ste() const { return ste_; }
   // True when Linear k (kAllLinears order) of `layer` has a weight quantizer.
   bool weight_quantized(std::int64_t layer, std::size_t k) const;
-  // wq [out, in] = the fake quantization of layer's Linear k's weight w under its frozen scales.
-  void quantize_weight(std::int64_t layer, std::size_t k, const float* w, std::int64_t out, std::int64_t in, float* wq) const;
-  // With SteMode::clip: zero grad where |w| exceeds its static amax (nothing in pass-through mode).
-  void clip_weight_gradient(std::int64_t layer, std::size_t k, const float* w, std::int64_t out, std::int64_t in, float* grad) const;
+  // The index in the model's parameters of the learned amax of layer's Linear k, or -1.
+  int learned_scale(std::int64_t layer, std::size_t k) const;
+  // wq [out, in] = the fake quantization of layer's Linear k's weight w under its frozen scales, or
+  // under `learned_amax` (the model's parameter learned_scale() names) when it has one.
+  void quantize_weight(std::int64_t layer, std::size_t k, const float* w, std::int64_t out, std::int64_t in,
+                       std::span<const float> learned_amax, float* wq) const;
+  // From gq, the gradient of the fake-quantized weight: dw += gq straight through (SteMode::clip: zero
+  // where |w| exceeds its static amax); with learned scales, LSQ's dw and damax (the amax's gradient).
+  void weight_backward(std::int64_t layer, std::size_t k, const float* w, std::int64_t out, std::int64_t in,
+                       std::span<const float> learned_amax, const float* gq, float* dw, float* damax) const;
   // The activation quantizers of a layer, for model::LayerParams.
   const model::LayerFakeQuant& activations(std::int64_t layer) const { return layers_[static_cast<std::size_t>(layer)].fake_quant; }
 
@@ -69,6 +80,7 @@ class FakeQuantization {
     std::vector<float> weight_amax;
     float weight_amax2 = 0.0f;
     std::vector<float> input_amax, pre_quant_scale;
+    int learned_amax = -1;  // the model's parameter holding the learned weight amax
     std::unique_ptr<quant::ActivationQuantizer> input;  // the input's quantizer and/or pre-quantization scale
     std::unique_ptr<model::ActivationFakeQuant> input_transform;
   };

@@ -38,6 +38,7 @@ std::string fingerprint(const TrainOptions& o, std::int64_t total_steps, std::in
             {"min_lr_ratio", o.min_lr_ratio}, {"beta1", o.adam.beta1}, {"beta2", o.adam.beta2}, {"eps", o.adam.eps},
             {"weight_decay", o.adam.weight_decay}, {"clip", o.clip}, {"seed", o.seed}};
   if (!o.settings.empty()) j["more"] = o.settings;
+  if (o.scale_lr > 0) j["scale_lr"] = o.scale_lr;
   return j.dump();
 }
 
@@ -175,6 +176,11 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
 
   model.set_recompute(o.recompute);
   AdamW opt(model.parameters(), o.adam, weight_decay_mask(model.parameters()));
+  if (o.scale_lr > 0) {
+    for (std::size_t i = 0; i < model.parameters().size(); ++i) {
+      if (model.parameters()[i].name.ends_with(".weight_quantizer._amax")) opt.set_lr_scale(i, o.scale_lr / o.lr);
+    }
+  }
   DataOrder order(static_cast<std::int64_t>(examples.size()), o.seed);
   State state;
   if (o.resume) {

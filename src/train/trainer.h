@@ -40,6 +40,7 @@ struct TrainOptions {
   std::string tokenizer_dir;       // tokenizer.json (and its companions) copied from here
   std::string log;                 // a JSONL copy of the log written as training runs; empty: none
   std::string label;               // what is trained, for the first line on stdout
+  double scale_lr = 0;             // the learning rate of learned quantization scales (QAT's LSQ); 0: lr
   bool write_checkpoint = true;    // false: the caller writes the model (QAT's export); the log is in the summary
   bool validate_at_start = false;  // score --val before the first step too (QAT: the PTQ model's loss)
   std::string settings;            // more settings that decide the bits (QAT's recipe), for the resume check

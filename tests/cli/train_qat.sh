@@ -57,5 +57,11 @@ awk -v a="$trained" -v b="$measured" 'BEGIN { d = a - b; if (d < 0) d = -d; exit
   || { echo "FAIL: eval loss $measured is not the trained validation loss $trained"; exit 1; }
 grep -q 'difference +0.0000 ± 0.0000' "$work/loss.out" || { echo "FAIL: a model against itself"; cat "$work/loss.out"; exit 1; }
 "$mopt" eval loss "$work/qat.gguf" --data "$work/sft.jsonl" --seq-len 64 > "$work/gguf-loss.out" 2>&1 || { cat "$work/gguf-loss.out"; exit 1; }
+# Learned scales (LSQ) on INT4 blocks: the amax moves, the export holds the learned scales.
+"$mopt" train "$model" --qat int4_rtn --group-size 32 --learn-scales --scale-lr 1e-3 "${train[@]}" --steps 3 --lr 1e-4 --out "$work/lsq" \
+  > "$work/lsq.out" 2>&1 || { cat "$work/lsq.out"; exit 1; }
+"$mopt" quantize "$model" --format int4_rtn --group-size 32 --out "$work/ptq-int4_rtn" > /dev/null 2>&1
+cmp -s "$work/lsq/model.safetensors" "$work/ptq-int4_rtn/model.safetensors" && { echo "FAIL: LSQ changed nothing"; exit 1; }
+"$mopt" eval loss "$work/lsq" --data "$work/sft.jsonl" --seq-len 64 > "$work/lsq-loss.out" 2>&1 || { cat "$work/lsq-loss.out"; exit 1; }
 ls "$work" | grep -q "tmp-" && { echo "FAIL: a temporary directory was left"; ls "$work"; exit 1; }
 echo "QAT, QAD, clip STE, KV cache and the three exports: written, loaded, evaluated"

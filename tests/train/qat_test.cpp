@@ -102,6 +102,40 @@ INSTANTIATE_TEST_SUITE_P(Formats, FakeQuantLinear,
                                            LinearCase{"fp8", "fp8", true}, LinearCase{"nvfp4", "nvfp4", true}),
                          [](const auto& info) { return info.param.name; });
 
+// Learned scales (the reference's `lsq` algorithm, tied amax) on an INT4 block-32 weight behind an
+// INT8 per-tensor input: the MSE-calibrated starting amax, y, dx, dW and the amax gradient against
+// torch autograd through modelopt's StaticBlockScaleQuantizer.
+TEST(LearnedScales, MatchTheReference) {
+  const auto g = io::TensorStore::open_file(kQat + "/lsq.safetensors");
+  const std::vector<float> x = g.tensor("x").to_f32(), w = g.tensor("W").to_f32(), dy = g.tensor("dy").to_f32();
+  const std::int64_t rows = 8, in = 64, out = 16;
+  const quant::LinearScheme scheme = quant::format_scheme("int4_rtn", 32);
+  ASSERT_TRUE(quant::supports_learned_scales(*scheme.weight));
+  const std::vector<float> max_amax = quant::compute_amax(*scheme.weight, w.data(), out, in);
+  EXPECT_EQ(max_amax, g.tensor("w_amax_max").to_f32());
+  const std::vector<float> amax = quant::mse_weight_amax(*scheme.weight, w.data(), out, in, max_amax);
+  // The same candidate in every block (torch's linspace may round its steps apart in the last bit).
+  EXPECT_LT(scaled_error(amax, g.tensor("w_amax_init").to_f32()), 1e-6);
+
+  std::vector<float> wq(w.size()), xq(x.size()), y(static_cast<std::size_t>(rows * out));
+  quant::lsq_forward(*scheme.weight, w.data(), out, in, amax, wq.data());
+  const quant::ActivationQuantizer input{quant::format_scheme("int8").input, g.tensor("in_amax").to_f32(), {}};
+  input.forward(x.data(), rows, in, xq.data());
+  kernels::gemm_f32(xq.data(), rows, in, wq.data(), out, y.data());
+  EXPECT_LT(scaled_error(y, g.tensor("tied.y").to_f32()), 1e-5);
+  std::vector<float> dx(x.size()), gq(w.size(), 0.0f), dw(w.size(), 0.0f), damax(amax.size(), 0.0f);
+  kernels::matmul_f32(false, false, rows, in, out, dy.data(), out, wq.data(), in, dx.data(), in, false);
+  kernels::matmul_f32(true, false, out, in, rows, dy.data(), out, xq.data(), in, gq.data(), in, true);
+  quant::lsq_backward(*scheme.weight, w.data(), out, in, amax, gq.data(), dw.data(), damax.data());
+  EXPECT_LT(scaled_error(dx, g.tensor("tied.dx").to_f32()), 1e-5);
+  const std::vector<float> want_dw = g.tensor("tied.dW").to_f32();
+  EXPECT_LT(scaled_error(dw, want_dw), 1e-5);
+  EXPECT_EQ(std::count(dw.begin(), dw.end(), 0.0f), std::count(want_dw.begin(), want_dw.end(), 0.0f));
+  EXPECT_GT(std::count(want_dw.begin(), want_dw.end(), 0.0f), 0);  // some weights lie outside their range
+  EXPECT_LT(scaled_error(damax, g.tensor("tied.d_amax_post").to_f32()), 1e-5);
+  EXPECT_FALSE(quant::supports_learned_scales(*quant::format_scheme("fp8").weight));
+}
+
 // tests/data/hf/llama as an f32 checkpoint (the reference ran the model in f32: its transformed
 // weights are not rounded to bf16).
 std::string f32_copy(const testing::TempDir& dir) {
@@ -236,10 +270,11 @@ TEST(Distillation, LossAndGradientMatchTheReference) {
 TEST(Qat, ExportedCodesAreTheTrainedFakeQuantWeights) {
   const io::Checkpoint ckpt = io::Checkpoint::open(testing::data_path("hf/llama"));
   const auto inputs = io::TensorStore::open_file(kQat + "/qat_step/inputs.safetensors");
-  for (const std::string format : {"int4_awq", "fp8", "nvfp4"}) {
+  for (const std::string format : {"int4_awq", "fp8", "nvfp4", "int4_rtn+lsq"}) {
+    const bool learn = format == "int4_rtn+lsq";
     quant::Recipe recipe;
-    recipe.format = format;
-    recipe.group_size = format == "int4_awq" ? 32 : 0;
+    recipe.format = learn ? "int4_rtn" : format;
+    recipe.group_size = format.starts_with("int4") ? 32 : 0;
     recipe.validate();
     algo::CalibrationSet calib;
     const std::vector<std::int32_t> all = ids(inputs.tensor("calib_ids"));
@@ -249,9 +284,10 @@ TEST(Qat, ExportedCodesAreTheTrainedFakeQuantWeights) {
     std::vector<quant::QuantizedLayer> layers;
     algo::quantize_checkpoint(ckpt, recipe, calib, options, [&](quant::QuantizedLayer&& l) { layers.push_back(std::move(l)); });
     TrainableModel model = TrainableModel::from_checkpoint(ckpt);
-    auto fq = std::make_shared<FakeQuantization>(std::move(layers), std::nullopt, SteMode::pass_through, model);
+    auto fq = std::make_shared<FakeQuantization>(std::move(layers), std::nullopt, SteMode::pass_through, model, learn);
     model.set_fake_quantization(fq);
     const Batch batch = step_batch(inputs);
+    const std::vector<float> amax_before = learn ? model.parameter("model.layers.1.mlp.down_proj.weight_quantizer._amax").value : std::vector<float>{};
     AdamW opt(model.parameters(), AdamWSettings{0.9, 0.95, 1e-8, 0.0}, weight_decay_mask(model.parameters()));
     for (int step = 0; step < 3; ++step) {
       model.zero_grad();
@@ -268,7 +304,11 @@ TEST(Qat, ExportedCodesAreTheTrainedFakeQuantWeights) {
         const std::int64_t out = p.shape[0], in = p.shape[1];
         const std::vector<float> codes = quant::dequantize_weight(*q.scheme.weight, *q.weight, out, in);
         std::vector<float> fake(codes.size());
-        fq->quantize_weight(l, k, p.value.data(), out, in, fake.data());
+        const int a = fq->learned_scale(l, k);
+        EXPECT_EQ(a >= 0, learn);
+        const std::span<const float> amax = a >= 0 ? std::span<const float>(model.parameters()[static_cast<std::size_t>(a)].value) : std::span<const float>();
+        if (a >= 0) EXPECT_EQ(q.weight_amax, model.parameters()[static_cast<std::size_t>(a)].value);
+        fq->quantize_weight(l, k, p.value.data(), out, in, amax, fake.data());
         // The export multiplies codes by amax/bound where fake quantization divides by bound/amax: the
         // last bit may differ; a whole step only at an exact half step.
         for (std::size_t i = 0; i < codes.size(); ++i) {
@@ -278,6 +318,8 @@ TEST(Qat, ExportedCodesAreTheTrainedFakeQuantWeights) {
       }
     }
     EXPECT_LE(apart, elements / 1000) << format << ": " << apart << " of " << elements << " weights export differently";
+    // Learned scales moved.
+    if (learn) EXPECT_NE(model.parameter("model.layers.1.mlp.down_proj.weight_quantizer._amax").value, amax_before);
   }
 }
 
@@ -309,6 +351,26 @@ TEST(Distillation, IdenticalTeacherAndTheCrossEntropyMix) {
   for (std::size_t i = 0; i < plain.parameters().size(); ++i) {
     EXPECT_EQ(student.parameters()[i].grad, plain.parameters()[i].grad) << plain.parameters()[i].name;
   }
+}
+
+// A learned scale's own learning rate: AdamW with lr_scale 3 on one parameter moves it exactly as
+// AdamW at 3 x lr would (weight decay scaled with it), the others unchanged.
+TEST(Qat, ScaleLearningRateIsItsOwnParamGroup) {
+  std::vector<Parameter> a = {{"w", {3}, {0.5f, -1.0f, 2.0f}, {0.1f, -0.2f, 0.3f}}, {"s", {2}, {1.0f, 2.0f}, {0.5f, -0.5f}}};
+  std::vector<Parameter> b = a;
+  AdamW scaled(a, AdamWSettings{0.9, 0.95, 1e-8, 0.1}, {true, true});
+  scaled.set_lr_scale(1, 3.0);
+  AdamW plain(b, AdamWSettings{0.9, 0.95, 1e-8, 0.1}, {true, true});
+  std::vector<Parameter> c = {b[1]};
+  AdamW tripled(c, AdamWSettings{0.9, 0.95, 1e-8, 0.1}, {true});
+  for (int i = 0; i < 3; ++i) {
+    scaled.step(a, 1e-2);
+    plain.step(b, 1e-2);
+    tripled.step(c, 3e-2);
+  }
+  EXPECT_EQ(a[0].value, b[0].value);
+  EXPECT_EQ(a[1].value, c[0].value);
+  EXPECT_NE(a[1].value, b[1].value);
 }
 
 TEST(Qat, SteModesAndBadSettingsAreNamed) {
