@@ -7,7 +7,8 @@
 #
 # Usage (repository root): bash scripts/qat-table.sh [WORKDIR]
 #   MODEL=models/tiny-kjv  FT_STEPS=300  QAT_STEPS=150  FORMATS="int4_awq nvfp4 fp8 w4a8_awq"  BATCH=16
-#   VAL_STRIDE=2 (every 2nd held-out pair)  GGUF=1 (the Q4_0 rows)
+#   VAL_STRIDE=2 (every 2nd held-out pair)  GGUF=1 (the Q4_0 rows)  POST_SEED=2 (the data order after the
+#   fine-tune: another seed than the fine-tune's 1, so that the runs from it do not re-read its first batches)
 # Writes WORKDIR/results.tsv (one row per run) and each run's output beside it. Needs the Debian Bible
 # packages tools/extract_bible.sh names and build/mopt (MOPT=... for another).
 set -euo pipefail
@@ -26,6 +27,7 @@ results="$work/results.tsv"
 printf 'run\tval_loss\tstderr\tptq_val_loss\tptq_stderr\twall_s\tpeak_rss_mib\n' > "$results"
 
 data=(--data "$work/sft/sft-train.jsonl" --val "$work/val.jsonl" --batch "${BATCH:-16}" --seq-len 256 --seed 1)
+post=(--data "$work/sft/sft-train.jsonl" --val "$work/val.jsonl" --batch "${BATCH:-16}" --seq-len 256 --seed "${POST_SEED:-2}")
 calib=(--calib "$work/sft/sft-train.jsonl" --calib-size 64 --calib-seq-len 256)
 
 # record NAME: the row of a finished run.
@@ -58,21 +60,21 @@ run() {
 # 1. The 16-bit fine-tune, every later run's starting point (its PTQ is QAT's step 0).
 run ft train "$model" "${data[@]}" --steps "$ft_steps" --lr 5e-4 --warmup 20 --schedule cosine --out "$work/ft"
 # The control: the fine-tune trained on in 16 bits for as many steps as QAT takes.
-run ft-more train "$work/ft" "${data[@]}" --steps "$qat_steps" --lr 1e-4 --warmup 10 --out "$work/ft-more"
+run ft-more train "$work/ft" "${post[@]}" --steps "$qat_steps" --lr 1e-4 --warmup 10 --out "$work/ft-more"
 # 2. Per format: QAT and QAD from the fine-tuned model, the same steps and learning rate.
 for f in $formats; do
   extra=()
   case $f in int4* | w4a8*) extra=(--group-size "$group") ;; esac
-  run "qat-$f" train "$work/ft" --qat "$f" "${extra[@]}" "${calib[@]}" "${data[@]}" --steps "$qat_steps" --lr 1e-4 --warmup 10 \
+  run "qat-$f" train "$work/ft" --qat "$f" "${extra[@]}" "${calib[@]}" "${post[@]}" --steps "$qat_steps" --lr 1e-4 --warmup 10 \
     --out "$work/qat-$f"
-  run "qad-$f" train "$work/ft" --qat "$f" "${extra[@]}" "${calib[@]}" "${data[@]}" --steps "$qat_steps" --lr 1e-4 --warmup 10 \
+  run "qad-$f" train "$work/ft" --qat "$f" "${extra[@]}" "${calib[@]}" "${post[@]}" --steps "$qat_steps" --lr 1e-4 --warmup 10 \
     --distill --out "$work/qad-$f"
 done
 # 3. Q4_0 GGUF: PTQ (round to nearest in blocks of 32) against QAT written code for code.
 if [ "${GGUF:-1}" = 1 ]; then
   [ -f "$work/ptq-q4_0.gguf" ] || "$mopt" quantize "$work/ft" --format int4_rtn --group-size 32 --export gguf --out "$work/ptq-q4_0.gguf" \
     > "$work/ptq-q4_0.out" 2>&1
-  run qat-q4_0 train "$work/ft" --qat int4_rtn --group-size 32 "${data[@]}" --steps "$qat_steps" --lr 1e-4 --warmup 10 --export gguf \
+  run qat-q4_0 train "$work/ft" --qat int4_rtn --group-size 32 "${post[@]}" --steps "$qat_steps" --lr 1e-4 --warmup 10 --export gguf \
     --out "$work/qat-q4_0.gguf"
 fi
 
@@ -95,8 +97,11 @@ for f in $formats; do
   pair "$work/ptq-$f" "$work/ft"
   pair "$work/qat-$f" "$work/ptq-$f"
   pair "$work/qad-$f" "$work/qat-$f"
+  pair "$work/qat-$f" "$work/ft-more"  # QAT against 16 bits trained as long
+  pair "$work/qad-$f" "$work/ft"       # QAD against its teacher
 done
 if [ "${GGUF:-1}" = 1 ]; then
   pair "$work/ptq-q4_0.gguf" "$work/ft"
   pair "$work/qat-q4_0.gguf" "$work/ptq-q4_0.gguf"
+  pair "$work/qat-q4_0.gguf" "$work/ft-more"
 fi
