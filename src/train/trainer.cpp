@@ -74,7 +74,7 @@ State load_state(const std::string& path, TrainableModel& model, AdamW& opt, con
     return it->second;
   };
   if (field("mopt_train_settings") != print) {
-    fail("{}: the state was saved by a run with other settings (data, steps, batch, schedule, optimizer or seed); "
+    fail("{}: the state was saved by a run with other settings (data, steps, batch, schedule, optimizer, seed or quantization); "
          "resume with the same ones", path);
   }
   State s;

@@ -63,5 +63,16 @@ grep -q 'difference +0.0000 ± 0.0000' "$work/loss.out" || { echo "FAIL: a model
 "$mopt" quantize "$model" --format int4_rtn --group-size 32 --out "$work/ptq-int4_rtn" > /dev/null 2>&1
 cmp -s "$work/lsq/model.safetensors" "$work/ptq-int4_rtn/model.safetensors" && { echo "FAIL: LSQ changed nothing"; exit 1; }
 "$mopt" eval loss "$work/lsq" --data "$work/sft.jsonl" --seq-len 64 > "$work/lsq-loss.out" 2>&1 || { cat "$work/lsq-loss.out"; exit 1; }
+# The QAT state resumes (its learned scales included) to the same output, and refuses other quantization settings.
+lsq=(train "$model" --qat int4_rtn --group-size 32 --learn-scales "${train[@]}" --steps 4 --lr 1e-3 --save-every 2 --state "$work/lsq.state")
+"$mopt" "${lsq[@]}" --out "$work/lsq-whole" > /dev/null 2>&1 || { echo "FAIL: the LSQ run with a state"; exit 1; }
+"$mopt" "${lsq[@]}" --resume --out "$work/lsq-resumed" > "$work/resume.out" 2>&1 || { cat "$work/resume.out"; exit 1; }
+grep -q "resuming" "$work/resume.out" || { echo "FAIL: did not resume"; exit 1; }
+cmp "$work/lsq-whole/model.safetensors" "$work/lsq-resumed/model.safetensors" || { echo "FAIL: the resumed QAT output differs"; exit 1; }
+if "$mopt" train "$model" --qat int4_rtn --group-size 64 --learn-scales "${train[@]}" --steps 4 --lr 1e-3 --save-every 2 \
+     --state "$work/lsq.state" --resume --out "$work/never" > "$work/refused.out" 2>&1; then
+  echo "FAIL: a state resumed under another group size"; exit 1
+fi
+grep -q "other settings" "$work/refused.out" || { cat "$work/refused.out"; exit 1; }
 ls "$work" | grep -q "tmp-" && { echo "FAIL: a temporary directory was left"; ls "$work"; exit 1; }
 echo "QAT, QAD, clip STE, KV cache and the three exports: written, loaded, evaluated"
