@@ -4,7 +4,7 @@
 # (King James books it never saw, and the same books in the World English
 # Bible), let it continue a prompt, then quantize it to NVFP4 with an FP8 KV
 # cache (a Hugging Face "modelopt" checkpoint under build/), and evaluate the
-# quantized model against its 16-bit self; then INT4 weights with and without
+# quantized model against its 16-bit self, and distilled toward it (QAD); then INT4 weights with and without
 # GPTQ, and that model exported for vLLM and llama.cpp; finally the quantized
 # models' speed and memory against the 16-bit model with the quantized kernels.
 set -euo pipefail
@@ -30,6 +30,11 @@ build/mopt inspect build/tiny-kjv-nvfp4
 echo "== the quantized model against the 16-bit one (held-out KJV)"
 build/mopt eval kld build/tiny-kjv-nvfp4 --base "$model" --text data/kjv-heldout.txt --ctx 256
 build/mopt generate build/tiny-kjv-nvfp4 --prompt "In the beginning" --max-tokens 32
+echo "== quantization-aware distillation: the same NVFP4 model trained 20 steps toward its 16-bit self on KJV training text"
+rm -rf build/tiny-kjv-nvfp4-qad
+build/mopt train "$model" --qat nvfp4 --kv-cache fp8 --distill --calib data/kjv-calib.txt --calib-size 64 --calib-seq-len 256 \
+  --data data/kjv-calib.txt --steps 20 --batch 8 --seq-len 256 --lr 5e-5 --warmup 2 --out build/tiny-kjv-nvfp4-qad | tail -1
+build/mopt eval kld build/tiny-kjv-nvfp4-qad --base "$model" --text data/kjv-heldout.txt --ctx 256 | grep -E "ppl|mean"
 echo "== INT4 weights (W4A16, groups of 64): round-to-nearest against GPTQ, same calibration"
 for algo in max gptq; do
   rm -rf "build/tiny-kjv-int4-$algo"
