@@ -280,15 +280,6 @@ std::vector<float> effective_weight(std::vector<float> w, const LinearWork& wk) 
   return w;
 }
 
-double relative_error(const std::vector<float>& a, const std::vector<float>& ref) {
-  double num = 0.0, den = 0.0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    const double d = static_cast<double>(a[i]) - ref[i];
-    num += d * d;
-    den += static_cast<double>(ref[i]) * ref[i];
-  }
-  return den > 0.0 ? std::sqrt(num / den) : 0.0;
-}
 
 // Runs `weights` over the layer inputs in `buffer` (replaced by the outputs) and returns
 // ||y - ref|| / ||ref||; a non-finite output is an error.
@@ -396,9 +387,9 @@ LayerReport quantize_head(const io::Checkpoint& checkpoint, const quant::Recipe&
     std::vector<float> xq(normed.begin(), normed.begin() + n * H);
     if (auto t = input_transform(scheme, qlin.input_amax, {})) t(xq.data(), n, H);
     kernels::gemm_f32_strided(xq.data(), n, H, deq.data(), wk.out, got.data(), wk.out, false);
-    lr.output_error = relative_error(got, ref);
+    lr.output_error = quant::relative_error(got, ref);
   }
-  lr.weight_error = qlin.weight_error = relative_error(effective_weight(std::move(deq), wk), original);
+  lr.weight_error = qlin.weight_error = quant::relative_error(effective_weight(std::move(deq), wk), original);
   ql.linears.push_back(std::move(qlin));
   sink(std::move(ql));
   lr.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -714,7 +705,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
           return quant::quantize_weight(*qlin.scheme.weight, work[k].w.data(), out, in, weight_amax[k], second_amax[k], work[k].block_amax);
         });
         std::vector<float> deq = quant::dequantize_weight(*qlin.scheme.weight, *qlin.weight, out, in);
-        qlin.weight_error = relative_error(effective_weight(deq, work[k]), original_weights[k]);
+        qlin.weight_error = quant::relative_error(effective_weight(deq, work[k]), original_weights[k]);
         weight_error_sum += qlin.weight_error;
         ++quantized_here;
         qw.linear(kind).weight = Tensor::from_f32(deq, {out, in});

@@ -40,6 +40,19 @@ float convert_element(Element element, float magnitude) {
   return magnitude;
 }
 
+// Calls f(slot, begin, length) for every static block of a [rows, cols] tensor: `slot` indexes the
+// amax as compute_amax lays it out (2-D tiles with block_rows), `begin` the block's first element.
+template <typename F>
+void for_each_static_block(const QuantizerSpec& spec, std::int64_t rows, std::int64_t cols, F&& f) {
+  const std::int64_t nb = ceil_div(cols, spec.block);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    for (std::int64_t b = 0; b < nb; ++b) {
+      const std::int64_t c0 = b * spec.block;
+      f(spec.block_rows > 0 ? (r / spec.block_rows) * nb + b : r * nb + b, r * cols + c0, std::min(spec.block, cols - c0));
+    }
+  }
+}
+
 // The per-group constants are computed once; each element then costs a multiply, a rounding and a multiply.
 void fake_quantize_group(const QuantizerSpec& spec, const float* x, float* y, std::int64_t n, float amax) {
   switch (spec.element) {
@@ -213,17 +226,11 @@ void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows,
         fake_quantize_group(spec, x + r * cols, y + r * cols, cols, m);
       }
       break;
-    case Scaling::block: {
-      const std::int64_t nb = ceil_div(cols, spec.block);
-      for (std::int64_t r = 0; r < rows; ++r) {
-        for (std::int64_t b = 0; b < nb; ++b) {
-          const std::int64_t c0 = b * spec.block, len = std::min(spec.block, cols - c0);
-          const std::int64_t slot = spec.block_rows > 0 ? (r / spec.block_rows) * nb + b : r * nb + b;
-          fake_quantize_group(spec, x + r * cols + c0, y + r * cols + c0, len, amax[static_cast<std::size_t>(slot)]);
-        }
-      }
+    case Scaling::block:
+      for_each_static_block(spec, rows, cols, [&](std::int64_t slot, std::int64_t begin, std::int64_t n) {
+        fake_quantize_group(spec, x + begin, y + begin, n, amax[static_cast<std::size_t>(slot)]);
+      });
       break;
-    }
     case Scaling::nvfp4: {
       const float global_amax = amax[0];
       // Rows are independent (the global amax is given): an activation of many rows is rounded by all threads.
@@ -274,17 +281,11 @@ void zero_clipped_gradient(const QuantizerSpec& spec, const float* x, std::int64
     case Scaling::per_row:
       for (std::int64_t r = 0; r < rows; ++r) clip_group(r * cols, cols, amax[static_cast<std::size_t>(r)]);
       break;
-    case Scaling::block: {
-      const std::int64_t nb = ceil_div(cols, spec.block);
-      for (std::int64_t r = 0; r < rows; ++r) {
-        for (std::int64_t b = 0; b < nb; ++b) {
-          const std::int64_t c0 = b * spec.block, len = std::min(spec.block, cols - c0);
-          const std::int64_t slot = spec.block_rows > 0 ? (r / spec.block_rows) * nb + b : r * nb + b;
-          clip_group(r * cols + c0, len, amax[static_cast<std::size_t>(slot)]);
-        }
-      }
+    case Scaling::block:
+      for_each_static_block(spec, rows, cols, [&](std::int64_t slot, std::int64_t begin, std::int64_t n) {
+        clip_group(begin, n, amax[static_cast<std::size_t>(slot)]);
+      });
       break;
-    }
     case Scaling::per_token:
     case Scaling::mx: break;
   }
@@ -301,14 +302,9 @@ namespace {
 template <typename F>
 void for_each_block(const QuantizerSpec& spec, std::int64_t rows, std::int64_t cols, std::span<const float> amax, F&& f) {
   if (!supports_learned_scales(spec)) fail("learned scales are for integer weights in static blocks, not {}", spec.describe());
-  const std::int64_t nb = ceil_div(cols, spec.block);
-  if (static_cast<std::int64_t>(amax.size()) != rows * nb) fail("{} of a [{}, {}] weight needs {} amax values, got {}", spec.describe(), rows, cols, rows * nb, amax.size());
-  for (std::int64_t r = 0; r < rows; ++r) {
-    for (std::int64_t b = 0; b < nb; ++b) {
-      const std::int64_t c0 = b * spec.block;
-      f(r * nb + b, r * cols + c0, std::min(spec.block, cols - c0));
-    }
-  }
+  const std::int64_t need = rows * ceil_div(cols, spec.block);
+  if (static_cast<std::int64_t>(amax.size()) != need) fail("{} of a [{}, {}] weight needs {} amax values, got {}", spec.describe(), rows, cols, need, amax.size());
+  for_each_static_block(spec, rows, cols, f);
 }
 
 float lsq_step(float amax, float bound) {

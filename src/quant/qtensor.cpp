@@ -375,4 +375,14 @@ Tensor pack_int4_rows(const std::vector<std::int8_t>& codes, std::int64_t out, s
   return t;
 }
 
+double relative_error(const std::vector<float>& a, const std::vector<float>& ref) {
+  double num = 0.0, den = 0.0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double d = static_cast<double>(a[i]) - ref[i];
+    num += d * d;
+    den += static_cast<double>(ref[i]) * ref[i];
+  }
+  return den > 0.0 ? std::sqrt(num / den) : 0.0;
+}
+
 }  // namespace mopt::quant

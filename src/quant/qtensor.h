@@ -49,6 +49,9 @@ std::vector<float> nvfp4_block_amax(const QuantizerSpec& spec, const float* w, s
 // `block_amax` under global amax `global_amax`.
 float nvfp4_export_step(float block_amax, float global_amax);
 
+// ||a - ref|| / ||ref|| (0 for a zero ref): a quantized weight's error as the reports give it.
+double relative_error(const std::vector<float>& a, const std::vector<float>& ref);
+
 // The f32 values [out, in] a quantized weight stands for.
 std::vector<float> dequantize_weight(const QuantizerSpec& spec, const QuantizedWeight& q, std::int64_t out, std::int64_t in);
 

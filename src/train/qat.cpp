@@ -10,20 +10,6 @@
 
 namespace mopt::train {
 
-namespace {
-
-double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    const double d = static_cast<double>(a[i]) - b[i];
-    num += d * d;
-    den += static_cast<double>(b[i]) * b[i];
-  }
-  return den > 0 ? std::sqrt(num / den) : 0.0;
-}
-
-}  // namespace
-
 SteMode parse_ste_mode(const std::string& name) {
   if (name == "pass") return SteMode::pass_through;
   if (name == "clip") return SteMode::clip;
@@ -163,7 +149,7 @@ quant::QuantizedLayer FakeQuantization::quantized_layer(std::int64_t index, cons
       q.weight = with_context(lin.name, [&] {
         return quant::quantize_weight(*lin.scheme.weight, w.value.data(), out, in, amax, lin.weight_amax2);
       });
-      q.weight_error = relative_error(quant::dequantize_weight(*lin.scheme.weight, *q.weight, out, in), w.value);
+      q.weight_error = quant::relative_error(quant::dequantize_weight(*lin.scheme.weight, *q.weight, out, in), w.value);
       q.weight_amax = amax;
       q.weight_amax2 = lin.weight_amax2;
       q.input_amax = lin.input_amax;
