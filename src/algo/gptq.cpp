@@ -75,6 +75,8 @@ class GridQuantizer {
   std::vector<float> step_;  // NVFP4: per block
 };
 
+}  // namespace
+
 // tr(D H D^T) for D [out, n] (f64) and symmetric H [n, n].
 double weighted_norm(const std::vector<double>& d, std::int64_t out, std::int64_t n, const std::vector<double>& h) {
   std::vector<double> dh(static_cast<std::size_t>(out * n));
@@ -106,8 +108,6 @@ bool inverse_cholesky_upper(std::vector<double> h, std::int64_t n, double damp, 
   u = std::move(h);
   return true;
 }
-
-}  // namespace
 
 void GramAccumulator::add(const float* x, std::int64_t rows, std::int64_t cols, double weight) {
   if (rows <= 0) return;
@@ -208,7 +208,8 @@ GptqResult gptq_quantize(const quant::QuantizerSpec& spec, float* w, std::int64_
     for (std::int64_t r = 0; r < out; ++r) {
       for (std::int64_t c = 0; c < in; ++c) {
         orig[r * in + c] = w[r * in + c];
-        d[r * in + c] = static_cast<double>(grid(r, c, w[r * in + c])) - w[r * in + c];
+        const bool pruned = options.mask != nullptr && options.mask[r * in + c] == 0;
+        d[r * in + c] = (pruned ? 0.0 : static_cast<double>(grid(r, c, w[r * in + c]))) - w[r * in + c];
       }
     }
     const double base = weighted_norm(orig, out, in, h_undamped);
@@ -225,7 +226,8 @@ GptqResult gptq_quantize(const quant::QuantizerSpec& spec, float* w, std::int64_
       for (std::int64_t r = 0; r < out; ++r) {
         double* row = wd.data() + r * in;
         const double x = row[i];
-        const double q = grid(r, col, static_cast<float>(x));
+        const bool pruned = options.mask != nullptr && options.mask[r * in + col] == 0;
+        const double q = pruned ? 0.0 : grid(r, col, static_cast<float>(x));
         const double e = (x - q) / d;
         row[i] = q;
         for (std::int64_t j = i + 1; j < b1; ++j) row[j] -= e * u[i * in + j];

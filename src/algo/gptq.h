@@ -37,6 +37,13 @@ class GramAccumulator {
   std::int64_t samples_ = 0, cols_ = 0;
 };
 
+// tr(D H D^T) for D [out, n] (f64) and symmetric H [n, n] (a Linear's output error under D).
+double weighted_norm(const std::vector<double>& d, std::int64_t out, std::int64_t n, const std::vector<double>& h);
+
+// The upper Cholesky factor U of (H + damp I)^-1 (H^-1 = U^T U), row-major [n, n]; false when H + damp I
+// is not positive definite (u is then unchanged).
+bool inverse_cholesky_upper(std::vector<double> h, std::int64_t n, double damp, std::vector<double>& u);
+
 // GPTQ's Hessian 2/n * X^T X from a Gram accumulated with unit weights.
 std::vector<double> gptq_hessian(const GramAccumulator& gram);
 
@@ -44,6 +51,9 @@ struct GptqOptions {
   double damp = 0.01;        // fraction of mean(diag H) added to the diagonal
   std::int64_t block = 128;  // columns per lazy-update block
   bool act_order = false;    // columns by decreasing H_ii
+  // [out, in] 2:4 mask (0 = pruned), or null: pruned weights are quantized to zero and their error is
+  // spread like any other (SparseGPT's joint pruning and quantization with a fixed mask).
+  const std::uint8_t* mask = nullptr;
 };
 
 struct GptqResult {

@@ -22,6 +22,7 @@
 #include "quant/fake_quant.h"
 #include "algo/gptq.h"
 #include "algo/smoothing.h"
+#include "algo/sparsity.h"
 #include <memory>
 
 namespace mopt::algo {
@@ -438,6 +439,7 @@ CalibrationSet make_calibration_set(const std::vector<std::string>& documents, c
 
 bool needs_calibration(const io::ModelConfig& config, const quant::Recipe& recipe) {
   if (recipe.kv_cache || recipe.effective_algorithm() != "max") return true;
+  if (!recipe.sparsity.empty() && sparse_algo_needs_calibration(parse_sparse_algo(recipe.sparse_algo))) return true;
   if (static_input(recipe.scheme_for("lm_head"))) return true;
   for (std::int64_t l = 0; l < config.num_layers; ++l) {
     for (const auto kind : model::kAllLinears) {
@@ -456,7 +458,12 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
   const auto start_time = std::chrono::steady_clock::now();
   const bool calibrating = !calib.sequences.empty();
   const Algorithm algo = parse_algorithm(recipe.effective_algorithm());
+  const bool sparsify = !recipe.sparsity.empty();
+  const SparseAlgo sparse_algo = sparsify ? parse_sparse_algo(recipe.sparse_algo) : SparseAlgo::magnitude;
   if (!calibrating && needs_calibration(c, recipe)) {
+    if (sparsify && sparse_algo_needs_calibration(sparse_algo) && !algo.any()) {
+      fail("sparsity algorithm {} needs calibration text (--calib)", recipe.sparse_algo);
+    }
     fail("{}{} needs calibration text (--calib)", algo.any() ? "algorithm " + recipe.effective_algorithm() : "format " + recipe.format,
          !algo.any() && recipe.kv_cache ? " with a KV-cache format" : "");
   }
@@ -518,12 +525,21 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       }
     }
 
+    // Which Linears are pruned to 2:4 (the recipe's, where the algorithm's shape rules allow).
+    std::array<bool, 7> sparse{};
+    for (const auto kind : model::kAllLinears) {
+      const Tensor& w = fp.linear(kind).weight;
+      sparse[kind_index(kind)] = sparsify && recipe.sparse_for(prefix + std::string(model::linear_name(kind))) &&
+                                 sparsity_eligible(sparse_algo, w.dim(0), w.dim(1));
+    }
+    const bool sparsegpt = sparsify && sparse_algo_needs_calibration(sparse_algo) && std::find(sparse.begin(), sparse.end(), true) != sparse.end();
+
     // 1. The original layer on the calibration activations, observed.
     StatsNeeds needs;
     needs.channel_max = algo.smoothquant || algo.awq_lite;
     needs.mean_abs = algo.awq_lite;
     needs.clip_samples = algo.awq_clip;
-    needs.hessian = algo.gptq;
+    needs.hessian = algo.gptq || sparsegpt;
     LayerStats stats(want_histogram, needs);
     if (calibrating) {
       saved = hidden;
@@ -532,7 +548,49 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       }
     }
 
-    // 2. The algorithm's weights, scales and amax per Linear.
+    // 2. Pruning first (the quantizers are calibrated on the pruned weights, as the reference's
+    // sparsify-then-quantize does): each pruned Linear's mask and weights.
+    quant::QuantizedLayer ql;
+    ql.index = l;
+    model::LayerWeights qw = fp;
+    LayerReport lr;
+    std::array<std::vector<std::uint8_t>, 7> masks;
+    std::array<std::vector<float>, 7> pruned;
+    for (const auto kind : model::kAllLinears) {
+      const std::size_t k = kind_index(kind);
+      if (!sparse[k]) continue;
+      const std::string name = prefix + std::string(model::linear_name(kind));
+      const Tensor& wt = fp.linear(kind).weight;
+      const std::int64_t out = wt.dim(0), in = wt.dim(1);
+      std::vector<float> w = wt.to_f32();
+      const std::vector<float> original = w;
+      if (sparse_algo == SparseAlgo::magnitude) {
+        masks[k] = magnitude_24_mask(w.data(), out, in);
+        apply_mask(w.data(), masks[k].data(), out * in);
+      } else {
+        SparseGptOptions so;
+        so.update_weights = sparse_algo == SparseAlgo::sparsegpt;
+        const SparseGptResult r = with_context(name, [&] {
+          return sparsegpt_prune(w.data(), out, in, gptq_hessian(stats.hessian[kind_index(input_leader(kind))]), so);
+        });
+        masks[k] = r.mask;
+        lr.sparse_retries += r.damp_retries;
+        lr.sparse_fallbacks += r.fell_back ? 1 : 0;
+        round_to_dtype(model_dtype, w);
+        apply_mask(w.data(), masks[k].data(), out * in);
+      }
+      lr.sparse_weight_error += quant::relative_error(w, original);
+      ++lr.sparse_linears;
+      qw.linear(kind).weight = Tensor::from_f32(w, {out, in});
+      if (!schemes[k].quantized()) {
+        const DType dtype = wt.dtype();
+        ql.replaced.emplace_back(name + ".weight", Tensor::from_f32(w, {out, in}).to(dtype));
+      }
+      pruned[k] = std::move(w);
+    }
+    if (lr.sparse_linears > 0) lr.sparse_weight_error /= lr.sparse_linears;
+
+    // 3. The algorithm's weights, scales and amax per Linear.
     std::array<LinearWork, 7> work;
     for (const auto kind : model::kAllLinears) {
       const std::size_t k = kind_index(kind);
@@ -540,21 +598,23 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       const Tensor& w = fp.linear(kind).weight;
       work[k].out = w.dim(0);
       work[k].in = w.dim(1);
-      work[k].w = w.to_f32();
+      work[k].w = sparse[k] ? pruned[k] : w.to_f32();
       if (static_input(schemes[k])) {
         work[k].input_amax = {want_histogram[k] ? stats.histograms[k].compute(recipe.calibrator, schemes[k].input->element, recipe.percentile)
                                                 : stats.input_max[k]};
       }
     }
-    std::array<std::vector<float>, 7> original_weights;
-    for (std::size_t k = 0; k < 7; ++k) original_weights[k] = work[k].w;  // the weight error is measured against these
+    std::array<std::vector<float>, 7> original_weights;  // the weight error is measured against these (before pruning)
+    for (const auto kind : model::kAllLinears) {
+      const std::size_t k = kind_index(kind);
+      if (schemes[k].quantized()) original_weights[k] = sparse[k] ? fp.linear(kind).weight.to_f32() : work[k].w;
+    }
     const auto input_amax_rtn = [&] {
       std::array<std::vector<float>, 7> a;
       for (std::size_t k = 0; k < 7; ++k) a[k] = work[k].input_amax;
       return a;
     }();
 
-    LayerReport lr;
     if (algo.smoothquant) {
       for (const auto kind : model::kAllLinears) {
         const std::size_t k = kind_index(kind);
@@ -595,10 +655,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       }
     }
 
-    // 3. As the reference's export does: one pre-quantization scale per shared input, folded where it can be.
-    quant::QuantizedLayer ql;
-    ql.index = l;
-    model::LayerWeights qw = fp;
+    // 4. As the reference's export does: one pre-quantization scale per shared input, folded where it can be.
     const std::string fmt_name = schemes[kind_index(LinearKind::q)].format;
     if (fmt_name == "nvfp4_awq" || options.fold_pre_quant_scales) {
       fold_scale_into_rows(work[kind_index(LinearKind::o)], work[kind_index(LinearKind::v)], qw.v, prefix + "self_attn.v_proj.bias", ql, model_dtype);
@@ -610,7 +667,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       for (const auto kind : {LinearKind::o, LinearKind::down}) {
         const std::size_t k = kind_index(kind);
         if (work[k].pqs.empty()) continue;
-        work[k].w = original_weights[k];
+        work[k].w = sparse[k] ? pruned[k] : original_weights[k];
         work[k].pqs.clear();
         work[k].amax.clear();
         work[k].input_amax = input_amax_rtn[k];
@@ -648,7 +705,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       }
     }
 
-    // 4. Weight amax (calibrated, or clipped), shared within fused groups; GPTQ on the fixed grid.
+    // 5. Weight amax (calibrated, or clipped), shared within fused groups; GPTQ on the fixed grid.
     std::array<std::vector<float>, 7> weight_amax;
     std::array<float, 7> second_amax{};
     const auto weight_scales = [&](std::array<LinearWork, 7>& wk) {
@@ -683,6 +740,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
           GptqOptions go;
           go.damp = options.gptq_damp;
           go.act_order = options.gptq_act_order;
+          go.mask = sparse[k] ? masks[k].data() : nullptr;
           return gptq_quantize(*schemes[k].weight, work[k].w.data(), work[k].out, work[k].in, weight_amax[k], std::move(h), go,
                                work[k].block_amax);
         });
@@ -691,7 +749,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       }
     }
 
-    // 5. Real quantization, and the layer with quantized weights (and activations) for the evaluation passes.
+    // 6. Real quantization, and the layer with quantized weights (and activations) for the evaluation passes.
     double weight_error_sum = 0.0;
     int quantized_here = 0;
     for (const auto kind : model::kAllLinears) {
@@ -699,6 +757,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       quant::QuantizedLinear qlin;
       qlin.name = prefix + std::string(model::linear_name(kind));
       qlin.scheme = schemes[k];
+      qlin.sparsity_mask = std::move(masks[k]);
       if (qlin.scheme.quantized()) {
         const std::int64_t out = work[k].out, in = work[k].in;
         qlin.weight = with_context(qlin.name, [&] {
@@ -729,10 +788,10 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       qw.value_transform = [vq](float* x, std::int64_t rows, std::int64_t cols) { vq->apply(x, rows, cols); };
     }
 
-    // 6. The quantized layer on the same inputs: its output error, and the next inputs when asked.
+    // 7. The quantized layer on the same inputs: its output error, and the next inputs when asked.
     lr.layer = l;
-    lr.formats = layer_formats(ql.linears);
-    lr.weight_error = quantized_here > 0 ? weight_error_sum / quantized_here : 0.0;
+    lr.formats = layer_formats(ql.linears) + (lr.sparse_linears > 0 ? " 2:4" : "");
+    lr.weight_error = quantized_here > 0 ? weight_error_sum / quantized_here : lr.sparse_weight_error;
     if (calibrating) {
       if (algo.any()) {
         // Round-to-nearest of the same layer, for the before/after column of the report.
@@ -743,7 +802,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
           if (!schemes[k].quantized()) continue;
           plain[k].out = work[k].out;
           plain[k].in = work[k].in;
-          plain[k].w = fp.linear(kind).weight.to_f32();
+          plain[k].w = sparse[k] ? pruned[k] : fp.linear(kind).weight.to_f32();
           plain[k].input_amax = input_amax_rtn[k];
         }
         weight_scales(plain);
@@ -763,6 +822,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       if (propagate) hidden.swap(saved);
     }
     report.quantized_linears += quantized_here;
+    report.sparse_linears += lr.sparse_linears;
     lr.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - layer_start).count();
     report.layers.push_back(lr);
     sink(std::move(ql));

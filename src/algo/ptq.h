@@ -63,6 +63,10 @@ struct LayerReport {
   std::vector<std::pair<std::string, float>> alphas;  // AWQ-lite's alpha per Linear
   int gptq_retries = 0;    // Cholesky retries with more damping
   int gptq_fallbacks = 0;  // Linears whose Hessian stayed indefinite (plain rounding)
+  int sparse_linears = 0;  // Linears pruned to 2:4
+  double sparse_weight_error = 0.0;  // mean over them of ||W_pruned - W|| / ||W|| (before quantization)
+  int sparse_retries = 0;    // SparseGPT's Cholesky retries with more damping
+  int sparse_fallbacks = 0;  // SparseGPT Linears whose Hessian stayed indefinite (magnitude order)
   double seconds = 0.0;
 };
 
@@ -75,6 +79,7 @@ struct PtqReport {
   std::int64_t calib_sequences = 0;
   std::int64_t calib_tokens = 0;
   std::int64_t quantized_linears = 0;
+  std::int64_t sparse_linears = 0;
   double seconds = 0.0;
 };
 

@@ -134,6 +134,9 @@ struct QuantizeOptions {
   std::string report;  // JSON report path
   std::string export_format = "modelopt";  // modelopt, compressed-tensors, gguf
   std::string gguf_type;                   // "" = q4_0 for 4-bit formats, q8_0 otherwise
+  std::string sparsity;                    // "" or "2:4"
+  std::string sparse_algo;                 // "" = magnitude (or the recipe's)
+  std::vector<std::string> sparse_exclude; // globs left dense
 };
 int run_quantize(const QuantizeOptions& options);
 

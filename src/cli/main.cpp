@@ -160,7 +160,8 @@ int main(int argc, char** argv) {
   quantize_cmd->add_option("model", quantize.model, "Model directory (Hugging Face checkpoint)")->required();
   quantize_cmd->add_option("--out", quantize.out_dir, "The directory to create")->required();
   quantize_cmd->add_option("--format", quantize.format,
-                           "fp8, fp8_pc_pt, fp8_block, int8, int8_sq, int8_wo, int4_rtn, int4_awq, w4a8_awq, nvfp4, nvfp4_awq, mxfp8, mxfp4");
+                           "fp8, fp8_pc_pt, fp8_block, int8, int8_sq, int8_wo, int4_rtn, int4_awq, w4a8_awq, nvfp4, nvfp4_awq, mxfp8, mxfp4, "
+                           "or none (with --sparsity: prune only)");
   quantize_cmd->add_option("--recipe", quantize.recipe, "A JSON recipe (format, overrides, exclusions, calibration); flags override it");
   quantize_cmd->add_option("--algo", quantize.algo, "max (round-to-nearest), smoothquant, awq_lite, awq_clip, awq_full, gptq, awq_lite+gptq "
                            "(default: the format's: smoothquant for int8_sq, awq_lite for int4_awq, w4a8_awq, nvfp4_awq, else max)");
@@ -184,6 +185,10 @@ int main(int argc, char** argv) {
   quantize_cmd->add_option("--report", quantize.report, "Write a JSON report here");
   quantize_cmd->add_option("--export", quantize.export_format,
                            "Output format: modelopt (default: TensorRT-LLM, vLLM, SGLang), compressed-tensors (vLLM), gguf (llama.cpp; --out is the .gguf file)");
+  quantize_cmd->add_option("--sparsity", quantize.sparsity, "2:4: prune every decoder Linear to 2 of each 4 weights before quantizing (lm_head excluded)");
+  quantize_cmd->add_option("--sparse-algo", quantize.sparse_algo,
+                           "With --sparsity: magnitude (default), sparsegpt (mask and weight update; needs --calib) or sparsegpt-mask (the reference's: mask only)");
+  quantize_cmd->add_option("--sparse-exclude", quantize.sparse_exclude, "With --sparsity: leave modules matching this glob dense (repeatable)");
   quantize_cmd->add_option("--gguf-type", quantize.gguf_type, "With --export gguf: q4_0, q8_0, q4_k_m, q6_k, q5_0 (llama-quantize's mixes), q4_0_pure, q5_0_pure, q4_k, bf16, f16, f32 (default: nvfp4/mxfp4 for those formats, q4_0 for INT4, else q8_0)");
 
   mopt::cli::TrainCliOptions train;
@@ -229,6 +234,9 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--override", train.qat.overrides, "With --qat: GLOB=FORMAT per-module formats");
   train_cmd->add_option("--export", train.qat.export_format, "With --qat: modelopt (default), compressed-tensors or gguf");
   train_cmd->add_option("--gguf-type", train.qat.gguf_type, "With --qat --export gguf: the GGUF type, as for quantize");
+  train_cmd->add_option("--sparsity", train.qat.sparsity, "2:4: prune first (as quantize --sparsity does) and train with the masks kept; alone or with --qat");
+  train_cmd->add_option("--sparse-algo", train.qat.sparse_algo, "With --sparsity: magnitude (default), sparsegpt or sparsegpt-mask (these two need --calib)");
+  train_cmd->add_option("--sparse-exclude", train.qat.sparse_exclude, "With --sparsity: modules left dense (globs)");
   train_cmd->add_option("--ste", train.ste, "With --qat: the gradient through the rounding: pass (default, straight through) or clip (zero outside the amax)");
   train_cmd->add_flag("--learn-scales", train.learn_scales, "With --qat: train each INT4/INT8 weight block's amax too (LSQ; starts from the reference's MSE search)");
   train_cmd->add_option("--scale-lr", train.train.scale_lr, "With --learn-scales: the learned scales' peak learning rate (default: --lr)")->check(CLI::PositiveNumber);

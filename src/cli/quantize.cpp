@@ -43,6 +43,13 @@ quant::Recipe recipe_from_options(const QuantizeOptions& o) {
   if (o.seed >= 0) r.seed = static_cast<std::uint64_t>(o.seed);
   if (o.quantize_lm_head) r.quantize_lm_head = true;
   for (const auto& e : o.exclude) r.exclude.push_back(e);
+  if (!o.sparsity.empty()) r.sparsity = o.sparsity;
+  if (!o.sparse_algo.empty()) {
+    if (r.sparsity.empty()) fail("--sparse-algo applies with --sparsity 2:4");
+    r.sparse_algo = o.sparse_algo;
+  }
+  if (!o.sparse_exclude.empty() && r.sparsity.empty()) fail("--sparse-exclude applies with --sparsity 2:4");
+  for (const auto& e : o.sparse_exclude) r.sparse_exclude.push_back(e);
   for (const auto& ov : o.overrides) {
     const auto eq = ov.rfind('=');
     if (eq == std::string::npos || eq == 0 || eq + 1 == ov.size()) fail("--override '{}' is not GLOB=FORMAT", ov);
@@ -183,6 +190,18 @@ int run_quantize(const QuantizeOptions& o) {
                  h.seconds, "(output err: logits)");
     }
   }
+  if (report.sparse_linears > 0) {
+    double err = 0.0;
+    for (const auto& l : report.layers) err += l.sparse_weight_error * l.sparse_linears;
+    int retries = 0, fallbacks = 0;
+    for (const auto& l : report.layers) {
+      retries += l.sparse_retries;
+      fallbacks += l.sparse_fallbacks;
+    }
+    fmt::print("pruned {} linears to 2:4 ({}); mean ||W_pruned - W|| / ||W|| {:.4f}{}{}\n", report.sparse_linears, recipe.sparse_algo,
+               err / static_cast<double>(report.sparse_linears), retries > 0 ? fmt::format("; {} damping retries", retries) : "",
+               fallbacks > 0 ? fmt::format("; {} Linears fell back to magnitude order (indefinite Hessian)", fallbacks) : "");
+  }
   fmt::print("quantized {} linears of {} layers to {} ({}{}); {:.1f} MiB -> {:.1f} MiB; {:.1f} s; peak RSS {:.1f} MiB\n",
              report.quantized_linears, report.layers.size(), recipe.format, recipe.effective_algorithm(),
              recipe.kv_cache ? ", kv " + *recipe.kv_cache : "", static_cast<double>(source_bytes) / (1 << 20),
@@ -202,6 +221,8 @@ int run_quantize(const QuantizeOptions& o) {
                         {"awq_alpha", alphas},
                         {"gptq_damping_retries", l.gptq_retries},
                         {"gptq_fallbacks", l.gptq_fallbacks},
+                        {"sparse_linears", l.sparse_linears},
+                        {"sparse_weight_error", l.sparse_weight_error},
                         {"seconds", l.seconds}});
     }
     json j = {{"model", o.model},
@@ -213,6 +234,9 @@ int run_quantize(const QuantizeOptions& o) {
               {"calib_samples", report.calib_sequences},
               {"calib_tokens", report.calib_tokens},
               {"quantized_linears", report.quantized_linears},
+              {"sparsity", recipe.sparsity.empty() ? json(nullptr) : json(recipe.sparsity)},
+              {"sparse_algo", recipe.sparsity.empty() ? json(nullptr) : json(recipe.sparse_algo)},
+              {"sparse_linears", report.sparse_linears},
               {"source_bytes", source_bytes},
               {"export", o.export_format},
               {"output_bytes", output_bytes},

@@ -262,6 +262,15 @@ void HfModeloptWriter::finish() {
     if (name.rfind("model.layers.", 0) == 0 || io::is_ignorable_tensor(name) || head_tensors_.count(name)) continue;
     add(name, source_tensor(name));
   }
+  const bool quantized = has_kv_ || std::any_of(modules_.begin(), modules_.end(), [](const auto& m) { return m.second.quantized(); });
+  if (!quantized) {
+    // Nothing quantized (pruning alone): a plain checkpoint in the source's dtypes, which every
+    // engine loads as the model it is (the pruned weights are zeros in it).
+    dir_.write_json("config.json", c.raw, 2);
+    dir_.copy_model_files(source_.dir());
+    dir_.commit([](const std::string& dir) { io::Checkpoint::open(dir); });
+    return;
+  }
   const std::string kv_algo = has_kv_ ? quant::kv_scheme(*recipe_.kv_cache).quant_algo : "";
   const json hf_quant = make_hf_quant_config(modules_, kv_algo);
   dir_.write_json("hf_quant_config.json", hf_quant, 4);

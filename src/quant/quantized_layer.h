@@ -30,6 +30,9 @@ struct QuantizedLinear {
   // Kept only when asked (algo::PtqOptions::keep_master_weights; quantization-aware training starts
   // from it): [out, in] the f32 values the codes quantize (smoothed, or GPTQ's updated weights).
   std::vector<float> master_weight;
+  // [out, in] 1 = kept, 0 = pruned, when the Linear was pruned to 2:4 (its weight, quantized or in
+  // QuantizedLayer::replaced, is zero where the mask is); empty: dense.
+  std::vector<std::uint8_t> sparsity_mask;
 };
 
 struct QuantizedLayer {

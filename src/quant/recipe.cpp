@@ -63,6 +63,11 @@ LinearScheme format_scheme(const std::string& name, std::int64_t group_size) {
   s.format = name;
   s.default_algorithm = "max";
   const std::int64_t g = group_size > 0 ? group_size : 128;
+  if (name == "none") {  // left unquantized (sparsity alone)
+    if (group_size > 0) fail("--group-size applies to the INT4 formats only; format none quantizes nothing");
+    s.format.clear();
+    return s;
+  }
   if (name == "fp8") {
     s.quant_algo = "FP8";
     s.weight = spec(Element::e4m3, Scaling::per_tensor);
@@ -155,7 +160,7 @@ LinearScheme Recipe::scheme_for(const std::string& module) const {
   for (const auto& g : exclude) {
     if (glob_match(g, module)) return {};
   }
-  LinearScheme s = format_scheme(format, group_size);
+  LinearScheme s = format_scheme(format, format.rfind("int4", 0) == 0 || format == "w4a8_awq" ? group_size : 0);
   for (const auto& o : overrides) {
     if (!glob_match(o.pattern, module)) continue;
     s = o.format == "none" ? LinearScheme{} : format_scheme(o.format, o.format.rfind("int4", 0) == 0 || o.format == "w4a8_awq" ? group_size : 0);
@@ -164,10 +169,29 @@ LinearScheme Recipe::scheme_for(const std::string& module) const {
 }
 
 std::string Recipe::effective_algorithm() const {
-  return algorithm.empty() ? format_scheme(format, group_size).default_algorithm : algorithm;
+  return algorithm.empty() ? format_scheme(format, format.rfind("int4", 0) == 0 || format == "w4a8_awq" ? group_size : 0).default_algorithm
+                           : algorithm;
+}
+
+bool Recipe::sparse_for(const std::string& module) const {
+  if (sparsity.empty()) return false;
+  for (const auto& g : {std::string("*lm_head*"), std::string("*proj_out.*"), std::string("*output_layer*"), std::string("output.*")}) {
+    if (glob_match(g, module)) return false;
+  }
+  for (const auto& g : sparse_exclude) {
+    if (glob_match(g, module)) return false;
+  }
+  return true;
 }
 
 void Recipe::validate() const {
+  if (!sparsity.empty() && sparsity != "2:4") fail("sparsity '{}': only 2:4 is supported", sparsity);
+  if (!sparsity.empty() && sparse_algo != "magnitude" && sparse_algo != "sparsegpt" && sparse_algo != "sparsegpt-mask") {
+    fail("unknown sparsity algorithm '{}' (known: magnitude, sparsegpt, sparsegpt-mask)", sparse_algo);
+  }
+  if (format == "none" && sparsity.empty() && !kv_cache && overrides.empty()) {
+    fail("format none quantizes nothing: give a format, a KV-cache format, overrides or --sparsity 2:4");
+  }
   const LinearScheme base = format_scheme(format, group_size);
   for (const auto& o : overrides) {
     if (o.format != "none") format_scheme(o.format, o.format.rfind("int4", 0) == 0 || o.format == "w4a8_awq" ? group_size : 0);
@@ -232,6 +256,9 @@ Recipe parse_recipe(const std::string& json_text, const std::string& label) {
         for (const auto& o : value) r.overrides.push_back({o.at("pattern").get<std::string>(), o.at("format").get<std::string>()});
       } else if (key == "calib_size") r.calib_size = integer_field(value, key);
       else if (key == "seq_len") r.seq_len = integer_field(value, key);
+      else if (key == "sparsity") r.sparsity = value.is_null() ? std::string() : value.get<std::string>();
+      else if (key == "sparse_algo") r.sparse_algo = value.get<std::string>();
+      else if (key == "sparse_exclude") r.sparse_exclude = value.get<std::vector<std::string>>();
       else if (key == "seed") {
         const std::int64_t seed = integer_field(value, key);
         if (seed < 0) fail("\"seed\" must not be negative");

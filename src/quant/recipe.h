@@ -25,7 +25,8 @@ struct LinearScheme {
 };
 
 // The formats mopt knows: fp8, fp8_pc_pt, fp8_block, int8, int8_sq, int8_wo,
-// int4_rtn, int4_awq, w4a8_awq, nvfp4, nvfp4_awq, mxfp8, mxfp4.
+// int4_rtn, int4_awq, w4a8_awq, nvfp4, nvfp4_awq, mxfp8, mxfp4; "none" (no quantization) is accepted
+// by format_scheme and recipes but not listed.
 const std::vector<std::string>& format_names();
 // The calibration algorithms: max, smoothquant, awq_lite, awq_clip, awq_full, gptq, awq_lite+gptq.
 const std::vector<std::string>& algorithm_names();
@@ -67,6 +68,12 @@ struct Recipe {
   // Quantize the lm_head too (module "lm_head"; the reference leaves it 16-bit by default): the
   // default format, or an override's for "lm_head". Round-to-nearest (SmoothQuant's scale for W8A8).
   bool quantize_lm_head = false;
+  // 2:4 structured sparsity ("" = none, "2:4"): every decoder Linear but the output heads and
+  // `sparse_exclude`'s globs, pruned by `sparse_algo` (magnitude, sparsegpt, sparsegpt-mask) before it
+  // is quantized; `format` "none" prunes without quantizing.
+  std::string sparsity;
+  std::string sparse_algo = "magnitude";
+  std::vector<std::string> sparse_exclude;
   // Calibration data defaults (the CLI can override them).
   std::int64_t calib_size = 128;
   std::int64_t seq_len = 512;
@@ -74,6 +81,8 @@ struct Recipe {
 
   // The scheme of the module named `module` ("model.layers.3.mlp.down_proj").
   LinearScheme scheme_for(const std::string& module) const;
+  // True when the module named `module` is pruned to 2:4 (the shape rules are the algorithm's: algo/sparsity.h).
+  bool sparse_for(const std::string& module) const;
   // The algorithm that runs: `algorithm`, else the default format's.
   std::string effective_algorithm() const;
   // Throws Error when a format, KV scheme, calibrator/quantizer pairing or algorithm name is invalid.
@@ -83,7 +92,8 @@ struct Recipe {
 // A recipe from a JSON file: {"format": "nvfp4", "group_size": 128, "algorithm": "max",
 // "kv_cache": "fp8", "calibrator": "percentile", "percentile": 99.9, "exclude": [...],
 // "overrides": [{"pattern": "*.down_proj", "format": "fp8"}], "calib_size": 64,
-// "seq_len": 256, "seed": 0}. Unknown keys are an error.
+// "seq_len": 256, "seed": 0, "sparsity": "2:4", "sparse_algo": "sparsegpt", "sparse_exclude": [...]}.
+// "format": "none" quantizes nothing. Unknown keys are an error.
 Recipe load_recipe(const std::string& path);
 Recipe parse_recipe(const std::string& json_text, const std::string& label);
 

@@ -1,0 +1,196 @@
+#include "algo/sparsity.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "algo/gptq.h"
+#include "core/error.h"
+
+namespace mopt::algo {
+
+namespace {
+
+void check_shape(std::int64_t out, std::int64_t in) {
+  if (out <= 0 || in <= 0 || in % 4 != 0) fail("2:4 sparsity needs a weight with a multiple of 4 input columns (got [{}, {}])", out, in);
+}
+
+// The two positions (0..3) to keep of a group of 4 scores: the two largest, ties to the lower position.
+std::pair<int, int> keep_two(const double score[4]) {
+  int a = 0;
+  for (int i = 1; i < 4; ++i) {
+    if (score[i] > score[a]) a = i;
+  }
+  int b = a == 0 ? 1 : 0;
+  for (int i = 0; i < 4; ++i) {
+    if (i != a && score[i] > score[b]) b = i;
+  }
+  return {std::min(a, b), std::max(a, b)};
+}
+
+}  // namespace
+
+SparseAlgo parse_sparse_algo(const std::string& name) {
+  if (name == "magnitude") return SparseAlgo::magnitude;
+  if (name == "sparsegpt") return SparseAlgo::sparsegpt;
+  if (name == "sparsegpt-mask") return SparseAlgo::sparsegpt_mask;
+  fail("unknown sparsity algorithm '{}' (known: magnitude, sparsegpt, sparsegpt-mask)", name);
+}
+
+const char* sparse_algo_name(SparseAlgo algo) {
+  switch (algo) {
+    case SparseAlgo::magnitude: return "magnitude";
+    case SparseAlgo::sparsegpt: return "sparsegpt";
+    case SparseAlgo::sparsegpt_mask: return "sparsegpt-mask";
+  }
+  return "?";
+}
+
+bool sparse_algo_needs_calibration(SparseAlgo algo) { return algo != SparseAlgo::magnitude; }
+
+bool sparsity_eligible(SparseAlgo algo, std::int64_t out, std::int64_t in) {
+  if (out <= 0 || in <= 0) return false;
+  if (algo == SparseAlgo::magnitude) return out % 8 == 0 && in % 16 == 0;
+  return out % 4 == 0 && in % 4 == 0;
+}
+
+std::vector<std::uint8_t> magnitude_24_mask(const float* w, std::int64_t out, std::int64_t in) {
+  check_shape(out, in);
+  std::vector<std::uint8_t> mask(static_cast<std::size_t>(out * in), 0);
+  for (std::int64_t i = 0; i < out * in; i += 4) {
+    const double score[4] = {std::fabs(w[i]), std::fabs(w[i + 1]), std::fabs(w[i + 2]), std::fabs(w[i + 3])};
+    const auto [a, b] = keep_two(score);
+    mask[static_cast<std::size_t>(i + a)] = mask[static_cast<std::size_t>(i + b)] = 1;
+  }
+  return mask;
+}
+
+void apply_mask(float* w, const std::uint8_t* mask, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) {
+    if (mask[i] == 0) w[i] = 0.0f;
+  }
+}
+
+bool is_24_sparse(const float* w, std::int64_t out, std::int64_t in) {
+  if (out <= 0 || in <= 0 || in % 4 != 0) return false;
+  for (std::int64_t i = 0; i < out * in; i += 4) {
+    const int nonzero = (w[i] != 0.0f) + (w[i + 1] != 0.0f) + (w[i + 2] != 0.0f) + (w[i + 3] != 0.0f);
+    if (nonzero > 2) return false;
+  }
+  return true;
+}
+
+bool is_24_mask(const std::uint8_t* mask, std::int64_t out, std::int64_t in) {
+  if (out <= 0 || in <= 0 || in % 4 != 0) return false;
+  for (std::int64_t i = 0; i < out * in; i += 4) {
+    const int kept = (mask[i] != 0) + (mask[i + 1] != 0) + (mask[i + 2] != 0) + (mask[i + 3] != 0);
+    if (kept > 2) return false;
+  }
+  return true;
+}
+
+SparseGptResult sparsegpt_prune(float* w, std::int64_t out, std::int64_t in, std::vector<double> h, const SparseGptOptions& options) {
+  check_shape(out, in);
+  if (static_cast<std::int64_t>(h.size()) != in * in) fail("SparseGPT: a Hessian of {} values for {} input columns", h.size(), in);
+  if (options.block <= 0 || options.block % 4 != 0) fail("SparseGPT: the block ({}) must be a positive multiple of 4", options.block);
+  if (!(options.damp > 0.0) || !std::isfinite(options.damp)) fail("SparseGPT: damping {} is not a positive number", options.damp);
+  for (const double v : h) {
+    if (!std::isfinite(v)) fail("SparseGPT: the Hessian holds a non-finite value");
+  }
+  SparseGptResult result;
+  std::vector<double> orig(static_cast<std::size_t>(out * in));
+  for (std::int64_t i = 0; i < out * in; ++i) orig[i] = w[i];
+
+  // Dead inputs (never non-zero in the calibration data): their diagonal becomes 1, their weights 0.
+  std::vector<double> wd = orig;
+  for (std::int64_t c = 0; c < in; ++c) {
+    if (h[c * in + c] != 0.0) continue;
+    h[c * in + c] = 1.0;
+    for (std::int64_t r = 0; r < out; ++r) wd[r * in + c] = 0.0;
+  }
+  const std::vector<double> h_undamped = h;
+  double mean_diag = 0.0;
+  for (std::int64_t i = 0; i < in; ++i) mean_diag += h[i * in + i];
+  mean_diag /= static_cast<double>(in);
+  std::vector<double> u;
+  double damp = options.damp * mean_diag;
+  bool ok = inverse_cholesky_upper(h, in, damp, u);
+  while (!ok && result.damp_retries < 4) {
+    ++result.damp_retries;
+    damp *= 10.0;
+    ok = inverse_cholesky_upper(h, in, damp, u);
+  }
+  if (!ok) {
+    result.fell_back = true;
+    u.assign(static_cast<std::size_t>(in * in), 0.0);
+    for (std::int64_t i = 0; i < in; ++i) u[i * in + i] = 1.0;
+  }
+
+  result.mask.assign(static_cast<std::size_t>(out * in), 1);
+  const std::int64_t B = options.block;
+  std::vector<double> err(static_cast<std::size_t>(out * B));
+  for (std::int64_t b0 = 0; b0 < in; b0 += B) {
+    const std::int64_t b1 = std::min(b0 + B, in), nb = b1 - b0;
+    for (std::int64_t i = b0; i < b1; ++i) {
+      const double d = u[i * in + i];
+      if (i % 4 == 0) {  // choose the group's mask on the weights as they are now
+        double inv_d2[4];
+        for (int t = 0; t < 4; ++t) {
+          const double dc = u[(i + t) * in + (i + t)];
+          inv_d2[t] = 1.0 / (dc * dc);
+        }
+        for (std::int64_t r = 0; r < out; ++r) {
+          const double* row = wd.data() + r * in + i;
+          const double score[4] = {row[0] * row[0] * inv_d2[0], row[1] * row[1] * inv_d2[1], row[2] * row[2] * inv_d2[2],
+                                   row[3] * row[3] * inv_d2[3]};
+          const auto [a, b] = keep_two(score);
+          for (int t = 0; t < 4; ++t) result.mask[static_cast<std::size_t>(r * in + i + t)] = (t == a || t == b) ? 1 : 0;
+        }
+      }
+      for (std::int64_t r = 0; r < out; ++r) {
+        double* row = wd.data() + r * in;
+        const double x = row[i];
+        const double q = result.mask[static_cast<std::size_t>(r * in + i)] ? x : 0.0;
+        const double e = (x - q) / d;
+        row[i] = q;
+        for (std::int64_t j = i + 1; j < b1; ++j) row[j] -= e * u[i * in + j];
+        err[r * B + (i - b0)] = e;
+      }
+    }
+    if (b1 < in) {
+      // wd[:, b1:] -= err [out, nb] · U[b0:b1, b1:]
+      for (std::int64_t r = 0; r < out; ++r) {
+        double* row = wd.data() + r * in;
+        for (std::int64_t t = 0; t < nb; ++t) {
+          const double e = err[r * B + t];
+          if (e == 0.0) continue;
+          const double* urow = u.data() + (b0 + t) * in;
+          for (std::int64_t j = b1; j < in; ++j) row[j] -= e * urow[j];
+        }
+      }
+    }
+  }
+
+  // The reference's mask is "the updated weight is not zero": a kept weight of a dead input (zeroed
+  // above) counts as pruned there, so the mask-only mode does the same.
+  if (!options.update_weights) {
+    for (std::int64_t i = 0; i < out * in; ++i) {
+      if (wd[i] == 0.0) result.mask[static_cast<std::size_t>(i)] = 0;
+    }
+  }
+  // The result, and the error of both masks under H.
+  const std::vector<std::uint8_t> magnitude = magnitude_24_mask(w, out, in);
+  std::vector<double> d(static_cast<std::size_t>(out * in)), dm(static_cast<std::size_t>(out * in));
+  for (std::int64_t i = 0; i < out * in; ++i) {
+    const double kept = options.update_weights ? wd[i] : (result.mask[i] ? orig[i] : 0.0);
+    w[i] = static_cast<float>(kept);
+    if (!result.mask[i]) w[i] = 0.0f;
+    d[i] = static_cast<double>(w[i]) - orig[i];
+    dm[i] = (magnitude[i] ? orig[i] : 0.0) - orig[i];
+  }
+  const double base = weighted_norm(orig, out, in, h_undamped);
+  result.error = base > 0.0 ? weighted_norm(d, out, in, h_undamped) / base : 0.0;
+  result.error_magnitude = base > 0.0 ? weighted_norm(dm, out, in, h_undamped) / base : 0.0;
+  return result;
+}
+
+}  // namespace mopt::algo
