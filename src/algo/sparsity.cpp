@@ -55,11 +55,22 @@ bool sparsity_eligible(SparseAlgo algo, std::int64_t out, std::int64_t in) {
 
 std::vector<std::uint8_t> magnitude_24_mask(const float* w, std::int64_t out, std::int64_t in) {
   check_shape(out, in);
+  // The reference scores the six patterns in this order by the f32 sum of the two kept |w| and takes
+  // the first maximal one (tests/data/sparsity/README.md).
+  static constexpr int kPatterns[6][2] = {{1, 3}, {0, 1}, {1, 2}, {0, 2}, {0, 3}, {2, 3}};
   std::vector<std::uint8_t> mask(static_cast<std::size_t>(out * in), 0);
   for (std::int64_t i = 0; i < out * in; i += 4) {
-    const double score[4] = {std::fabs(w[i]), std::fabs(w[i + 1]), std::fabs(w[i + 2]), std::fabs(w[i + 3])};
-    const auto [a, b] = keep_two(score);
-    mask[static_cast<std::size_t>(i + a)] = mask[static_cast<std::size_t>(i + b)] = 1;
+    const float a[4] = {std::fabs(w[i]), std::fabs(w[i + 1]), std::fabs(w[i + 2]), std::fabs(w[i + 3])};
+    int best = 0;
+    float best_sum = a[kPatterns[0][0]] + a[kPatterns[0][1]];
+    for (int p = 1; p < 6; ++p) {
+      const float sum = a[kPatterns[p][0]] + a[kPatterns[p][1]];
+      if (sum > best_sum) {
+        best_sum = sum;
+        best = p;
+      }
+    }
+    mask[static_cast<std::size_t>(i + kPatterns[best][0])] = mask[static_cast<std::size_t>(i + kPatterns[best][1])] = 1;
   }
   return mask;
 }
@@ -136,12 +147,12 @@ SparseGptResult sparsegpt_prune(float* w, std::int64_t out, std::int64_t in, std
         double inv_d2[4];
         for (int t = 0; t < 4; ++t) {
           const double dc = u[(i + t) * in + (i + t)];
-          inv_d2[t] = 1.0 / (dc * dc);
+          inv_d2[t] = 1.0 / (dc * dc + 1e-9);
         }
         for (std::int64_t r = 0; r < out; ++r) {
           const double* row = wd.data() + r * in + i;
           const double score[4] = {row[0] * row[0] * inv_d2[0], row[1] * row[1] * inv_d2[1], row[2] * row[2] * inv_d2[2],
-                                   row[3] * row[3] * inv_d2[3]};
+                                   row[3] * row[3] * inv_d2[3]};  // w² / (U_cc² + 1e-9), as the reference scores
           const auto [a, b] = keep_two(score);
           for (int t = 0; t < 4; ++t) result.mask[static_cast<std::size_t>(r * in + i + t)] = (t == a || t == b) ? 1 : 0;
         }

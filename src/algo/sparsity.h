@@ -1,13 +1,15 @@
 // 2:4 structured sparsity of Linear weights: in every row of a [out, in] weight, each group of 4
 // consecutive input columns keeps at most 2 non-zero values.
 //
-// - Magnitude (the reference's `sparse_magnitude`, ASP): each group keeps its 2 largest |w|. Ties keep
-//   the lower column (the reference breaks them in Python set order, which is arbitrary).
+// - Magnitude (the reference's `sparse_magnitude`, ASP): each group keeps the pair of largest f32 sum
+//   |w_a| + |w_b|, ties to the first of the patterns 0101, 1100, 0110, 1010, 1001, 0011 (1 = kept): the
+//   reference's order (Python's set order of those tuples, fixed), so masks agree bit for bit. An
+//   all-equal group keeps columns 1 and 3.
 // - SparseGPT (Frantar & Alistarh 2023) on the Hessian 2/n·XᵀX of the Linear's calibration inputs, as
 //   NVIDIA Model Optimizer runs it (MODELOPT.md §6): dead diagonal entries set to 1 with their weight
 //   column zeroed, damping 0.1 × mean(diag H), U = the upper Cholesky factor of H⁻¹, columns in blocks
 //   of 128; at each column j with j % 4 == 0 the two of columns j..j+3 with the smallest
-//   w²/U_cc² (on the weights as the earlier columns' updates left them) are pruned, and every column's
+//   w²/(U_cc² + 1e-9) (ties: the later column) (on the weights as the earlier columns' updates left them) are pruned, and every column's
 //   error (w − q)/U_jj is spread over the later columns (OBS). `update_weights`: keep those updated
 //   weights (the paper's algorithm); without it only the mask is kept and applied to the original
 //   weights (the reference's mode: its searcher never writes the updated weights back).

@@ -24,6 +24,7 @@ struct InspectOptions {
   std::string path;
   bool tensors = false;
   bool json = false;
+  bool sparsity = false;  // read every Linear and report which are 2:4 sparse
 };
 int run_inspect(const InspectOptions& options);
 

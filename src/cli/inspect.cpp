@@ -4,14 +4,44 @@
 
 #include <cstdio>
 
+#include "algo/sparsity.h"
 #include "cli/commands.h"
 #include "cli/format.h"
+#include "export/hf_modelopt.h"
 #include "io/summary.h"
+#include "model/llama.h"
 
 namespace mopt::cli {
 
+namespace {
+
+// How many of the decoder Linears are 2:4 sparse (every group of 4 input columns with at most 2
+// non-zeros), read as evaluation loads them (quantized ones dequantized).
+nlohmann::json sparsity_summary(const std::string& path) {
+  const model::Model m = exporter::load_model(path, exporter::QuantizedRun::fake_quant);
+  std::int64_t linears = 0, sparse = 0;
+  std::uint64_t zeros = 0, weights = 0;
+  std::vector<std::string> dense;
+  for (std::int64_t l = 0; l < m.num_layers(); ++l) {
+    for (const auto kind : model::kAllLinears) {
+      const Tensor& t = m.layer(l).linear(kind).weight;
+      const std::vector<float> w = t.to_f32();
+      ++linears;
+      if (algo::is_24_sparse(w.data(), t.dim(0), t.dim(1))) ++sparse;
+      else dense.push_back(fmt::format("model.layers.{}.{}", l, model::linear_name(kind)));
+      zeros += static_cast<std::uint64_t>(std::count(w.begin(), w.end(), 0.0f));
+      weights += w.size();
+    }
+  }
+  return {{"linears", linears}, {"sparse_24", sparse}, {"zero_fraction", weights ? static_cast<double>(zeros) / static_cast<double>(weights) : 0.0},
+          {"dense", dense}};
+}
+
+}  // namespace
+
 int run_inspect(const InspectOptions& options) {
-  const nlohmann::json s = io::summarize(options.path);
+  nlohmann::json s = io::summarize(options.path);
+  if (options.sparsity) s["sparsity"] = sparsity_summary(options.path);
   if (options.json) {
     nlohmann::json out = s;
     if (!options.tensors) out.erase("tensors");
@@ -59,6 +89,11 @@ int run_inspect(const InspectOptions& options) {
     row("bytes", fmt::format("{} {} ({})", dtype, with_thousands(bytes.get<std::uint64_t>()), byte_size(bytes.get<std::uint64_t>())));
   }
   row("total size", byte_size(s["total_bytes"].get<std::uint64_t>()));
+  if (s.contains("sparsity")) {
+    const auto& sp = s["sparsity"];
+    row("sparsity", fmt::format("2:4 in {} of {} decoder Linears; {:.1f}% of their weights are zero", sp["sparse_24"].get<std::int64_t>(),
+                                sp["linears"].get<std::int64_t>(), 100.0 * sp["zero_fraction"].get<double>()));
+  }
   if (options.tensors) {
     std::size_t width = 4;
     for (const auto& t : s["tensors"]) width = std::max(width, t["name"].get<std::string>().size());

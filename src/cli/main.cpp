@@ -58,6 +58,7 @@ int main(int argc, char** argv) {
   inspect_cmd->add_option("path", inspect.path, "Model directory or .safetensors file")->required();
   inspect_cmd->add_flag("--tensors", inspect.tensors, "List every tensor");
   inspect_cmd->add_flag("--json", inspect.json, "Print JSON instead of text");
+  inspect_cmd->add_flag("--sparsity", inspect.sparsity, "Read every decoder Linear (dequantized) and count the 2:4 sparse ones");
 
   mopt::cli::TokenizeOptions tokenize;
   auto* tokenize_cmd = app.add_subcommand("tokenize", "Print the token ids of a text as a JSON array");

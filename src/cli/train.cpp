@@ -51,6 +51,8 @@ void print_summary(const train::TrainSummary& s, const std::string& out) {
 int run_qat(const TrainCliOptions& o, train::TrainOptions t, const io::Tokenizer& tokenizer) {
   if (o.model.empty()) fail("--qat fine-tunes a model: give its directory (not --init)");
   QuantizeOptions q = o.qat;
+  if (q.format.empty() && q.recipe.empty()) q.format = "none";  // --sparsity alone: prune, then train with the masks kept
+  if (q.format == "none" && o.learn_scales) fail("--learn-scales learns quantization scales: it needs --qat FORMAT");
   q.model = o.model;
   q.out_dir = t.out;
   const quant::Recipe recipe = recipe_from_options(q);
@@ -87,8 +89,13 @@ int run_qat(const TrainCliOptions& o, train::TrainOptions t, const io::Tokenizer
     for (auto& lin : l.linears) lin.weight.reset();  // the codes are made again from the trained weights
     layers.push_back(std::move(l));
   });
-  fmt::print(stderr, "qat: calibrated {} linears of {} layers as {} ({}{}) in {:.1f} s\n", report.quantized_linears, report.layers.size(),
-             recipe.format, recipe.effective_algorithm(), recipe.kv_cache ? ", kv " + *recipe.kv_cache : "", report.seconds);
+  if (report.sparse_linears > 0) {
+    fmt::print(stderr, "sparsity: pruned {} linears to 2:4 ({}); training keeps the masks\n", report.sparse_linears, recipe.sparse_algo);
+  }
+  if (report.quantized_linears > 0 || recipe.kv_cache) {
+    fmt::print(stderr, "qat: calibrated {} linears of {} layers as {} ({}{}) in {:.1f} s\n", report.quantized_linears, report.layers.size(),
+               recipe.format, recipe.effective_algorithm(), recipe.kv_cache ? ", kv " + *recipe.kv_cache : "", report.seconds);
+  }
 
   if (t.state.empty()) t.state = t.out + ".train-state.safetensors";
 
@@ -111,7 +118,12 @@ int run_qat(const TrainCliOptions& o, train::TrainOptions t, const io::Tokenizer
                            recipe.effective_algorithm(), recipe.group_size, recipe.kv_cache.value_or("-"), fmt::join(q.calib, ","),
                            recipe.calib_size, recipe.seq_len, recipe.seed, o.ste, o.distill, o.kd_temperature, o.kd_weight, q.export_format,
                            o.learn_scales);
-  t.label = fmt::format("{} with {} fake quantization{}", o.model, recipe.format, o.distill ? ", distilled from the unquantized model" : "");
+  if (!recipe.sparsity.empty()) {
+    t.settings += fmt::format(" sparsity {} {} exclude {}", recipe.sparsity, recipe.sparse_algo, fmt::join(recipe.sparse_exclude, ","));
+  }
+  const std::string what = recipe.format == "none" ? std::string() : fmt::format(" with {} fake quantization", recipe.format);
+  const std::string pruned = recipe.sparsity.empty() ? std::string() : fmt::format("{} pruned to 2:4 ({})", what.empty() ? "" : ",", recipe.sparse_algo);
+  t.label = fmt::format("{}{}{}{}", o.model, what, pruned, o.distill ? ", distilled from the original model" : "");
   const train::TrainSummary s = train::run_training(model, tokenizer, t);
   teacher.reset();
 
@@ -150,7 +162,8 @@ int run_qat(const TrainCliOptions& o, train::TrainOptions t, const io::Tokenizer
   }
   convert_export(modelopt_dir, q, recipe, bytes);
   if (s.initial_val_loss >= 0) {
-    fmt::print("validation loss before training (the PTQ model): {:.4f} ± {:.4f}\n", s.initial_val_loss, s.initial_val_stderr);
+    fmt::print("validation loss before training (the {} model): {:.4f} ± {:.4f}\n",
+               recipe.format == "none" ? "pruned" : recipe.sparsity.empty() ? "PTQ" : "pruned PTQ", s.initial_val_loss, s.initial_val_stderr);
   }
   print_summary(s, q.out_dir);
   return 0;
@@ -171,8 +184,9 @@ int run_train(const TrainCliOptions& o) {
   t.seed = static_cast<std::uint64_t>(o.seed);
   t.tokenizer_dir = tokenizer_dir;
   t.dtype = weights_dtype(o.dtype);
-  if (!o.qat.format.empty() || !o.qat.recipe.empty()) return run_qat(o, t, tokenizer);
-  if (o.distill) fail("--distill distills a quantized student from its unquantized self: it needs --qat FORMAT");
+  if (!o.qat.format.empty() || !o.qat.recipe.empty() || !o.qat.sparsity.empty()) return run_qat(o, t, tokenizer);
+  if (!o.qat.sparse_algo.empty() || !o.qat.sparse_exclude.empty()) fail("--sparse-algo and --sparse-exclude apply with --sparsity 2:4");
+  if (o.distill) fail("--distill distills a quantized or pruned student from its original self: it needs --qat FORMAT or --sparsity 2:4");
   if (o.learn_scales) fail("--learn-scales learns quantization scales: it needs --qat FORMAT");
 
   train::TrainableModel model = o.init.empty() ? train::TrainableModel::from_checkpoint(io::Checkpoint::open(o.model))

@@ -94,7 +94,7 @@ TrainableModel TrainableModel::from_checkpoint(const io::Checkpoint& checkpoint,
   std::vector<Parameter> params;
   for (const auto& e : io::expected_tensors(checkpoint.config())) {
     const Tensor t = checkpoint.tensor(e.name);
-    params.push_back({e.name, e.shape, t.to_f32(), {}});
+    params.push_back({e.name, e.shape, t.to_f32(), {}, {}});
     for (const float v : params.back().value) {
       if (!std::isfinite(v)) fail("{}: tensor {} holds NaN or Inf", checkpoint.dir(), e.name);
     }
@@ -107,7 +107,7 @@ TrainableModel TrainableModel::initialize(const io::ModelConfig& config, std::ui
   Random random{seed};
   std::vector<Parameter> params;
   for (const auto& e : io::expected_tensors(config)) {
-    Parameter p{e.name, e.shape, std::vector<float>(static_cast<std::size_t>(shape_numel(e.shape))), {}};
+    Parameter p{e.name, e.shape, std::vector<float>(static_cast<std::size_t>(shape_numel(e.shape))), {}, {}};
     const bool is_norm = e.name.ends_with("norm.weight");
     const bool is_bias = e.name.ends_with(".bias");
     if (is_norm) {

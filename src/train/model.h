@@ -31,6 +31,9 @@ struct Parameter {
   Shape shape;
   std::vector<float> value;
   std::vector<float> grad;
+  // 2:4 sparse training: 1 = trained, 0 = held at zero (its gradient is dropped and its value stays
+  // 0 through every step); empty: dense.
+  std::vector<std::uint8_t> mask;
   std::int64_t numel() const { return static_cast<std::int64_t>(value.size()); }
 };
 

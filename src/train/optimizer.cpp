@@ -73,6 +73,26 @@ double clip_gradients(std::vector<Parameter>& params, double max_norm) {
   return norm;
 }
 
+void mask_gradients(std::vector<Parameter>& params) {
+  for (auto& p : params) {
+    if (p.mask.empty() || p.grad.empty()) continue;
+    if (p.mask.size() != p.grad.size()) fail("{}: a sparsity mask of {} values for {} gradients", p.name, p.mask.size(), p.grad.size());
+    for (std::size_t i = 0; i < p.grad.size(); ++i) {
+      if (p.mask[i] == 0) p.grad[i] = 0.0f;
+    }
+  }
+}
+
+void mask_values(std::vector<Parameter>& params) {
+  for (auto& p : params) {
+    if (p.mask.empty()) continue;
+    if (p.mask.size() != p.value.size()) fail("{}: a sparsity mask of {} values for {} weights", p.name, p.mask.size(), p.value.size());
+    for (std::size_t i = 0; i < p.value.size(); ++i) {
+      if (p.mask[i] == 0) p.value[i] = 0.0f;
+    }
+  }
+}
+
 Schedule parse_schedule(const std::string& name) {
   if (name == "constant") return Schedule::constant;
   if (name == "linear") return Schedule::linear;

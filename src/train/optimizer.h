@@ -51,6 +51,11 @@ double gradient_norm(const std::vector<Parameter>& params);
 // returns the norm before clipping. max_norm <= 0: no clipping (the norm is still returned).
 double clip_gradients(std::vector<Parameter>& params, double max_norm);
 
+// 2:4 sparse training (Parameter::mask): the gradients of pruned weights dropped (before the norm is
+// taken, so clipping sees what the optimizer applies), and their values set to zero after a step.
+void mask_gradients(std::vector<Parameter>& params);
+void mask_values(std::vector<Parameter>& params);
+
 enum class Schedule { constant, linear, cosine };
 // "constant", "linear", "cosine"; anything else throws Error naming it.
 Schedule parse_schedule(const std::string& name);

@@ -50,6 +50,11 @@ FakeQuantization::FakeQuantization(std::vector<quant::QuantizedLayer> layers, st
       Linear& lin = layer.linears[k];
       lin.name = q.name;
       lin.scheme = q.scheme;
+      if (!q.sparsity_mask.empty()) {  // 2:4: the pruned weights stay zero (Parameter::mask)
+        Parameter& w = model.parameter(q.name + ".weight");
+        if (q.sparsity_mask.size() != w.value.size()) fail("sparse training: {} has a mask of {} values for a weight of {}", q.name, q.sparsity_mask.size(), w.value.size());
+        w.mask = std::move(q.sparsity_mask);
+      }
       if (!q.scheme.quantized()) continue;
       Parameter& w = model.parameter(q.name + ".weight");
       if (q.master_weight.size() != w.value.size()) {
@@ -57,6 +62,11 @@ FakeQuantization::FakeQuantization(std::vector<quant::QuantizedLayer> layers, st
              q.master_weight.size(), w.value.size());
       }
       w.value = std::move(q.master_weight);
+      if (!w.mask.empty()) {
+        for (std::size_t i = 0; i < w.value.size(); ++i) {
+          if (w.mask[i] == 0 && w.value[i] != 0.0f) fail("sparse training: {}'s calibrated weight is not zero where its mask prunes", q.name);
+        }
+      }
       lin.weight_amax = std::move(q.weight_amax);
       if (learn_scales) {
         const quant::QuantizerSpec& spec = *q.scheme.weight;
@@ -66,7 +76,7 @@ FakeQuantization::FakeQuantization(std::vector<quant::QuantizedLayer> layers, st
         }
         std::vector<float> start = quant::mse_weight_amax(spec, w.value.data(), w.shape[0], w.shape[1], lin.weight_amax);
         const auto n = static_cast<std::int64_t>(start.size());
-        lin.learned_amax = model.add_parameter({q.name + ".weight_quantizer._amax", {n}, std::move(start), {}});
+        lin.learned_amax = model.add_parameter({q.name + ".weight_quantizer._amax", {n}, std::move(start), {}, {}});
       }
       lin.weight_amax2 = q.weight_amax2;
       lin.input_amax = std::move(q.input_amax);

@@ -252,6 +252,7 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
       rows += b.rows();
     }
     if (!std::isfinite(loss_sum)) fail("step {}: the loss is {}; {}", step + 1, loss_sum, kept());
+    mask_gradients(model.parameters());
     const double norm = clip_gradients(model.parameters(), o.clip);
     if (!std::isfinite(norm)) {  // a NaN or Inf gradient (clipping scaled it into NaN, never into a number)
       for (const auto& p : model.parameters()) {
@@ -262,6 +263,7 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
     }
     const double lr = learning_rate(o.lr, o.schedule, step, total, o.warmup, o.min_lr_ratio);
     opt.step(model.parameters(), lr);
+    mask_values(model.parameters());
     const double elapsed = now_seconds() - start;
     tokens += static_cast<double>(rows);
     seconds += elapsed;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "algo/ptq.h"
+#include "algo/sparsity.h"
 #include "core/error.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
@@ -320,6 +321,90 @@ TEST(Qat, ExportedCodesAreTheTrainedFakeQuantWeights) {
     EXPECT_LE(apart, elements / 1000) << format << ": " << apart << " of " << elements << " weights export differently";
     // Learned scales moved.
     if (learn) EXPECT_NE(model.parameter("model.layers.1.mlp.down_proj.weight_quantizer._amax").value, amax_before);
+  }
+}
+
+// Sparse fine-tuning: the pipeline's 2:4 masks go onto the weights as Parameter::mask; the gradient
+// of a pruned weight is not zero before masking (so the masking is what holds it), it is zero after,
+// the pruned weights stay exactly zero through AdamW steps (weight decay on) while the kept ones train,
+// and an FP8 export of the result is still 2:4.
+TEST(SparseTraining, MasksHoldThroughStepsAloneAndWithQat) {
+  const io::Checkpoint ckpt = io::Checkpoint::open(testing::data_path("hf/llama"));
+  const auto inputs = io::TensorStore::open_file(kQat + "/qat_step/inputs.safetensors");
+  for (const std::string format : {"none", "fp8"}) {
+    SCOPED_TRACE(format);
+    quant::Recipe recipe;
+    recipe.format = format;
+    recipe.sparsity = "2:4";
+    recipe.sparse_algo = format == "none" ? "sparsegpt" : "sparsegpt-mask";
+    recipe.validate();
+    algo::CalibrationSet calib;
+    const std::vector<std::int32_t> all = ids(inputs.tensor("calib_ids"));
+    calib.sequences.emplace_back(all.begin(), all.begin() + 64);
+    algo::PtqOptions options;
+    options.keep_master_weights = true;
+    std::vector<quant::QuantizedLayer> layers;
+    algo::quantize_checkpoint(ckpt, recipe, calib, options, [&](quant::QuantizedLayer&& l) { layers.push_back(std::move(l)); });
+    TrainableModel model = TrainableModel::from_checkpoint(ckpt);
+    auto fq = std::make_shared<FakeQuantization>(std::move(layers), std::nullopt, SteMode::pass_through, model);
+    model.set_fake_quantization(fq);
+    std::vector<std::vector<float>> start;
+    std::int64_t masked = 0;
+    for (const auto& p : model.parameters()) {
+      start.push_back(p.value);
+      if (p.mask.empty()) continue;
+      ++masked;
+      ASSERT_TRUE(algo::is_24_mask(p.mask.data(), p.shape[0], p.shape[1])) << p.name;
+      for (std::size_t i = 0; i < p.value.size(); ++i) {
+        if (!p.mask[i]) ASSERT_EQ(p.value[i], 0.0f) << p.name;
+      }
+    }
+    EXPECT_EQ(masked, 2 * 7);  // every Linear of both layers
+    const Batch batch = step_batch(inputs);
+    AdamW opt(model.parameters(), AdamWSettings{0.9, 0.95, 1e-8, 0.1}, weight_decay_mask(model.parameters()));
+    for (int step = 0; step < 3; ++step) {
+      model.zero_grad();
+      model.forward_backward(batch, 1.0f / 52.0f);
+      if (step == 0) {
+        double pruned_grad = 0.0;
+        for (const auto& p : model.parameters()) {
+          for (std::size_t i = 0; i < p.mask.size(); ++i) pruned_grad += p.mask[i] ? 0.0 : std::fabs(p.grad[i]);
+        }
+        EXPECT_GT(pruned_grad, 0.0);  // without the mask these weights would move
+      }
+      mask_gradients(model.parameters());
+      for (const auto& p : model.parameters()) {
+        for (std::size_t i = 0; i < p.mask.size(); ++i) {
+          if (!p.mask[i]) ASSERT_EQ(p.grad[i], 0.0f) << p.name;
+        }
+      }
+      opt.step(model.parameters(), 1e-3);
+      mask_values(model.parameters());
+    }
+    for (std::size_t j = 0; j < model.parameters().size(); ++j) {
+      const auto& p = model.parameters()[j];
+      if (p.mask.empty()) continue;
+      std::int64_t moved = 0, kept = 0;
+      for (std::size_t i = 0; i < p.value.size(); ++i) {
+        if (!p.mask[i]) {
+          ASSERT_EQ(p.value[i], 0.0f) << p.name;
+        } else {
+          ++kept;
+          moved += p.value[i] != start[j][i];
+        }
+      }
+      EXPECT_GT(moved, kept * 9 / 10) << p.name;
+    }
+    if (format == "fp8") {
+      for (std::int64_t l = 0; l < fq->layers(); ++l) {
+        const quant::QuantizedLayer ql = fq->quantized_layer(l, model);
+        for (const auto& q : ql.linears) {
+          const Parameter& p = model.parameter(q.name + ".weight");
+          const std::vector<float> w = quant::dequantize_weight(*q.scheme.weight, *q.weight, p.shape[0], p.shape[1]);
+          EXPECT_TRUE(algo::is_24_sparse(w.data(), p.shape[0], p.shape[1])) << q.name;
+        }
+      }
+    }
   }
 }
 
