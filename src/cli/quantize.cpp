@@ -102,8 +102,12 @@ algo::CalibrationSet calibration_from_options(const QuantizeOptions& o, const io
 std::uint64_t convert_export(const std::string& modelopt_dir, const QuantizeOptions& o, const quant::Recipe& recipe, std::uint64_t modelopt_bytes) {
   std::uint64_t output_bytes = modelopt_bytes;
   if (o.export_format == "compressed-tensors") {
-    const auto r = exporter::export_compressed_tensors(modelopt_dir, o.out_dir);
+    const auto r = exporter::export_compressed_tensors(modelopt_dir, o.out_dir, 4ull << 30, !recipe.sparsity.empty());
     output_bytes = r.bytes;
+    if (r.sparse_linears > 0) {
+      fmt::print(stderr, "compressed-tensors: {} linears 2:4 sparse ({}{})\n", r.sparse_linears, r.sparsity_format,
+                 r.sparsity_format == "dense" ? ": packed codes keep their zeros in place" : "");
+    }
   } else if (o.export_format == "gguf") {
     // By default the GGUF type that holds the format's codes: NVFP4/MXFP4 as such, INT4 as Q4_0, INT8 as Q8_0.
     const bool four_bit = recipe.format.find("4") != std::string::npos;

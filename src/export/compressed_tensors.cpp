@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "export/checkpoint_dir.h"
 #include "io/json_util.h"
+#include "algo/sparsity.h"
 #include "quant/fake_quant.h"
 
 namespace mopt::exporter {
@@ -127,6 +128,107 @@ std::vector<std::int8_t> unpack_int32_rows(const Tensor& packed, std::int64_t ro
   return codes;
 }
 
+namespace {
+
+bool is_zero_bits(const std::uint8_t* p, std::size_t bytes) {
+  // ±0 of any float type: every bit zero but the sign (the top bit, little-endian); integers: 0.
+  for (std::size_t b = 0; b + 1 < bytes; ++b) {
+    if (p[b] != 0) return false;
+  }
+  return (p[bytes - 1] & 0x7F) == 0;
+}
+
+std::size_t element_bytes(const Tensor& t, const std::string& label) {
+  const auto bits = dtype_bits(t.dtype());
+  if (bits != 8 && bits != 16 && bits != 32) fail("{}: a {} tensor has no sparse-24-bitmask form", label, dtype_name(t.dtype()));
+  return bits / 8;
+}
+
+}  // namespace
+
+bool is_sparse24(const Tensor& dense) {
+  if (dense.rank() != 2 || dense.dim(1) % 4 != 0) return false;
+  const auto bits = dtype_bits(dense.dtype());
+  if (bits != 8 && bits != 16 && bits != 32) return false;
+  const std::size_t eb = bits / 8;
+  const auto* p = reinterpret_cast<const std::uint8_t*>(dense.bytes().data());
+  for (std::uint64_t g = 0; g < dense.numel(); g += 4) {
+    int nonzero = 0;
+    for (int t = 0; t < 4; ++t) nonzero += !is_zero_bits(p + static_cast<std::size_t>(g + t) * eb, eb);
+    if (nonzero > 2) return false;
+  }
+  return true;
+}
+
+Sparse24Bitmask sparse24_bitmask_compress(const Tensor& dense, const std::string& label) {
+  if (dense.rank() != 2 || dense.dim(1) % 4 != 0) fail("{}: 2:4 sparsity needs a 2-D tensor with a multiple of 4 columns", label);
+  const std::size_t eb = element_bytes(dense, label);
+  const std::int64_t rows = dense.dim(0), cols = dense.dim(1), row_bytes = (cols + 7) / 8;
+  Sparse24Bitmask r;
+  r.compressed = Tensor::zeros(dense.dtype(), {rows, cols / 2});
+  r.bitmask = Tensor::zeros(DType::U8, {rows, row_bytes});
+  r.shape = Tensor::zeros(DType::I64, {2, 1});
+  r.shape.mutable_data<std::int64_t>()[0] = rows;
+  r.shape.mutable_data<std::int64_t>()[1] = cols;
+  const auto* src = reinterpret_cast<const std::uint8_t*>(dense.bytes().data());
+  auto* dst = reinterpret_cast<std::uint8_t*>(r.compressed.mutable_bytes().data());
+  auto* bits = r.bitmask.mutable_data<std::uint8_t>();
+  std::size_t out = 0;
+  for (std::int64_t row = 0; row < rows; ++row) {
+    for (std::int64_t c = 0; c < cols; c += 4) {
+      const std::uint8_t* g = src + static_cast<std::size_t>(row * cols + c) * eb;
+      bool nonzero[4];
+      int n = 0;
+      for (int t = 0; t < 4; ++t) n += (nonzero[t] = !is_zero_bits(g + t * eb, eb));
+      if (n > 2) fail("{}: row {} columns {}..{} hold {} non-zero values; not 2:4 sparse", label, row, c, c + 3, n);
+      bool keep[4] = {nonzero[0], nonzero[1], nonzero[2], nonzero[3]};
+      if (n == 0) keep[2] = keep[3] = true;
+      else if (n == 1) {
+        const int at = nonzero[0] ? 0 : nonzero[1] ? 1 : nonzero[2] ? 2 : 3;
+        keep[at == 0 ? 2 : at == 1 ? 3 : at == 2 ? 3 : 2] = true;
+      }
+      for (int t = 0; t < 4; ++t) {
+        if (!keep[t]) continue;
+        std::copy(g + t * eb, g + (t + 1) * eb, dst + out * eb);
+        ++out;
+        const std::int64_t j = c + t;
+        bits[row * row_bytes + j / 8] = static_cast<std::uint8_t>(bits[row * row_bytes + j / 8] | (1u << (j % 8)));
+      }
+    }
+  }
+  return r;
+}
+
+Tensor sparse24_bitmask_decompress(const Tensor& compressed, const Tensor& bitmask, const Tensor& shape, const std::string& label) {
+  if (shape.numel() != 2) fail("{}.shape has {} values, expected 2", label, shape.numel());
+  const Tensor sh = shape.to(DType::F64);
+  const double rd = sh.data<double>()[0], cd = sh.data<double>()[1];
+  if (!(rd >= 1 && cd >= 4 && rd < 1e9 && cd < 1e9) || rd != std::floor(rd) || cd != std::floor(cd)) fail("{}.shape [{}, {}] is not a matrix shape", label, rd, cd);
+  const auto rows = static_cast<std::int64_t>(rd), cols = static_cast<std::int64_t>(cd);
+  if (cols % 4 != 0) fail("{}.shape has {} columns, not a multiple of 4", label, cols);
+  const std::int64_t row_bytes = (cols + 7) / 8;
+  if (bitmask.dtype() != DType::U8 || bitmask.numel() != static_cast<std::uint64_t>(rows * row_bytes)) {
+    fail("{}.bitmask is not U8 [{}, {}]", label, rows, row_bytes);
+  }
+  if (compressed.numel() != static_cast<std::uint64_t>(rows * cols / 2)) fail("{}.compressed has {} values, expected {}", label, compressed.numel(), rows * cols / 2);
+  const std::size_t eb = element_bytes(compressed, label + ".compressed");
+  Tensor dense = Tensor::zeros(compressed.dtype(), {rows, cols});
+  const auto* bits = bitmask.data<std::uint8_t>();
+  const auto* src = reinterpret_cast<const std::uint8_t*>(compressed.bytes().data());
+  auto* dst = reinterpret_cast<std::uint8_t*>(dense.mutable_bytes().data());
+  std::size_t in = 0;
+  for (std::int64_t row = 0; row < rows; ++row) {
+    for (std::int64_t j = 0; j < cols; ++j) {
+      if (!((bits[row * row_bytes + j / 8] >> (j % 8)) & 1)) continue;
+      if (in >= static_cast<std::size_t>(rows * cols / 2)) fail("{}.bitmask keeps more than half of the values", label);
+      std::copy(src + in * eb, src + (in + 1) * eb, dst + static_cast<std::size_t>(row * cols + j) * eb);
+      ++in;
+    }
+  }
+  if (in != static_cast<std::size_t>(rows * cols / 2)) fail("{}.bitmask keeps {} values, expected {}", label, in, rows * cols / 2);
+  return dense;
+}
+
 json compressed_tensors_group(const quant::LinearScheme& s) {
   switch (ct_kind(s)) {
     case CtKind::int4_pack:
@@ -165,12 +267,16 @@ bool is_compressed_tensors_checkpoint(const std::string& dir) {
          j["quantization_config"].value("quant_method", "") == "compressed-tensors";
 }
 
-CompressedTensorsReport export_compressed_tensors(const std::string& quantized_dir, const std::string& out_dir, std::uint64_t shard_bytes) {
+CompressedTensorsReport export_compressed_tensors(const std::string& quantized_dir, const std::string& out_dir, std::uint64_t shard_bytes,
+                                                  bool sparse_24) {
   if (is_compressed_tensors_checkpoint(quantized_dir)) fail("{}: already a compressed-tensors checkpoint", quantized_dir);
-  if (!is_quantized_checkpoint(quantized_dir)) {
+  const bool quantized = is_quantized_checkpoint(quantized_dir);
+  if (!quantized && !sparse_24) {
     fail("{}: not a quantized checkpoint (mopt quantize writes one; --export compressed-tensors writes this format directly)", quantized_dir);
   }
-  const QuantizedReader reader = modelopt_reader(quantized_dir);
+  QuantizedReader reader;
+  if (quantized) reader = modelopt_reader(quantized_dir);
+  else reader.linear = [](const io::Checkpoint&, std::int64_t, model::LinearKind) -> std::optional<StoredLinear> { return std::nullopt; };
   if (!reader.kv_algo.empty() && reader.kv_algo != "FP8") {
     fail("{}: compressed-tensors has no form for a {} KV cache", quantized_dir, reader.kv_algo);
   }
@@ -184,6 +290,23 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
   std::vector<std::pair<std::string, json>> modules;  // quantized Linear -> its group
   std::vector<std::string> ignore{"lm_head"};
   auto scalar1 = [](float v) { return f32_tensor({v}, {1}); };
+  // 2:4 weights: sparse-24-bitmask where the weight is stored whole (16-bit, FP8, INT8 codes).
+  std::vector<std::string> sparse_modules, dense_modules;
+  bool packed_sparse = false;
+  std::uint64_t pruned = 0;
+  auto add_weight = [&](const std::string& module, const Tensor& w) {
+    if (sparse_24 && is_sparse24(w)) {
+      const Sparse24Bitmask b = sparse24_bitmask_compress(w, module + ".weight");
+      dir.add(module + ".compressed", b.compressed);
+      dir.add(module + ".bitmask", b.bitmask);
+      dir.add(module + ".shape", b.shape);
+      sparse_modules.push_back(module);
+      pruned += w.numel() / 2;
+    } else {
+      dir.add(module + ".weight", w);
+      dense_modules.push_back(module);
+    }
+  };
   for (std::int64_t l = 0; l < c.num_layers; ++l) {
     const std::string prefix = fmt::format("model.layers.{}.", l);
     std::set<std::string> consumed;
@@ -192,6 +315,10 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
       auto st = reader.linear(ckpt, l, kind);
       if (!st) {
         ignore.push_back(name);
+        if (sparse_24) {
+          add_weight(name, ckpt.tensor(name + ".weight"));
+          consumed.insert(name + ".weight");
+        }
         continue;
       }
       const json group = compressed_tensors_group(st->scheme);
@@ -224,22 +351,42 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
           shape.mutable_data<std::int64_t>()[0] = out;
           shape.mutable_data<std::int64_t>()[1] = in;
           dir.add(name + ".weight_shape", shape);
+          if (sparse_24) {
+            const std::vector<float> w = quant::dequantize_weight(spec, q, out, in);
+            if (algo::is_24_sparse(w.data(), out, in)) {
+              packed_sparse = true;
+              sparse_modules.push_back(name);
+              pruned += static_cast<std::uint64_t>(out * in / 2);
+            } else {
+              dense_modules.push_back(name);
+            }
+          }
           break;
         }
         case CtKind::int8_w8a8:
         case CtKind::fp8_channel:
-          dir.add(name + ".weight", q.weight);
+          add_weight(name, q.weight);
           dir.add(name + ".weight_scale", f32_tensor(q.weight_scale.to_f32(), {out, 1}));
           break;
         case CtKind::fp8_tensor:
-          dir.add(name + ".weight", q.weight);
+          add_weight(name, q.weight);
           dir.add(name + ".weight_scale", scalar1(only_value(q.weight_scale, name + ".weight_scale")));
           break;
         case CtKind::fp8_block:
-          dir.add(name + ".weight", q.weight);
+          add_weight(name, q.weight);
           dir.add(name + ".weight_scale", q.weight_scale.to(DType::F32));
           break;
         case CtKind::nvfp4:
+          if (sparse_24) {
+            const std::vector<float> w = quant::dequantize_weight(spec, q, out, in);
+            if (algo::is_24_sparse(w.data(), out, in)) {
+              packed_sparse = true;
+              sparse_modules.push_back(name);
+              pruned += static_cast<std::uint64_t>(out * in / 2);
+            } else {
+              dense_modules.push_back(name);
+            }
+          }
           dir.add(name + ".weight_packed", q.weight);
           dir.add(name + ".weight_scale", q.weight_scale);
           dir.add(name + ".weight_global_scale", scalar1(1.0f / only_value(*q.weight_scale_2, name + ".weight_scale_2")));
@@ -289,14 +436,45 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
     g["targets"] = groups.size() == 1 ? json::array({"Linear"}) : json(groups[i].second);
     config_groups[fmt::format("group_{}", i)] = g;
   }
-  json qc = {{"quant_method", "compressed-tensors"},
-             {"format", formats.size() == 1 ? *formats.begin() : std::string("mixed-precision")},
-             {"quantization_status", "compressed"},
-             {"config_groups", config_groups},
-             {"ignore", ignore},
-             {"kv_cache_scheme", reader.kv_algo.empty() ? json(nullptr) : quant_args(8, "float", "tensor", 0, false)},
-             {"global_compression_ratio", nullptr},
-             {"sparsity_config", json::object()}};
+  json sparsity = json::object();
+  if (!sparse_modules.empty()) {
+    // compressed-tensors' Sparse24BitMaskConfig ("dense" when a packed format keeps the zeros in place).
+    std::uint64_t parameters = static_cast<std::uint64_t>(c.vocab_size * c.hidden_size) * (c.tie_word_embeddings ? 1u : 2u);
+    for (std::int64_t l = 0; l < c.num_layers; ++l) {
+      for (const auto kind : model::kAllLinears) {
+        const auto [o, i] = linear_shape(c, kind);
+        parameters += static_cast<std::uint64_t>(o * i);
+      }
+      parameters += static_cast<std::uint64_t>(2 * c.hidden_size);
+    }
+    json sparse_ignore = json::array({"lm_head"});
+    for (const auto& m : dense_modules) sparse_ignore.push_back(m);
+    const bool all = dense_modules.empty();
+    sparsity = {{"format", packed_sparse ? "dense" : "sparse-24-bitmask"},
+                {"global_sparsity", static_cast<double>(pruned) / static_cast<double>(parameters)},
+                {"ignore", sparse_ignore},
+                {"registry_requires_subclass", false},
+                {"sparsity_structure", "2:4"},
+                {"targets", all ? json::array({"Linear"}) : json(sparse_modules)}};
+    report.sparse_linears = static_cast<std::int64_t>(sparse_modules.size());
+    report.sparsity_format = sparsity["format"].get<std::string>();
+  } else if (sparse_24) {
+    fail("{}: no decoder Linear is 2:4 sparse; nothing for sparse-24-bitmask to hold", quantized_dir);
+  }
+  json qc;
+  if (modules.empty() && reader.kv_algo.empty()) {
+    // Sparsity alone, as compressed-tensors writes it: no quantization groups.
+    qc = {{"quant_method", "compressed-tensors"}, {"sparsity_config", sparsity}, {"transform_config", json::object()}};
+  } else {
+    qc = {{"quant_method", "compressed-tensors"},
+          {"format", formats.size() == 1 ? *formats.begin() : std::string("mixed-precision")},
+          {"quantization_status", "compressed"},
+          {"config_groups", config_groups},
+          {"ignore", ignore},
+          {"kv_cache_scheme", reader.kv_algo.empty() ? json(nullptr) : quant_args(8, "float", "tensor", 0, false)},
+          {"global_compression_ratio", nullptr},
+          {"sparsity_config", sparsity}};
+  }
   json config = c.raw;
   config["quantization_config"] = qc;
   dir.write_json("config.json", config, 2);
@@ -305,7 +483,9 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
     const QuantizedReader r = compressed_tensors_reader(d);
     const io::Checkpoint back = io::Checkpoint::open(d, io::CheckpointLayout::quantized);
     for (std::int64_t l = 0; l < back.config().num_layers; ++l) {
-      for (const auto kind : model::kAllLinears) r.linear(back, l, kind);
+      for (const auto kind : model::kAllLinears) {
+        if (!r.linear(back, l, kind)) r.dense_weight(back, fmt::format("model.layers.{}.{}", l, model::linear_name(kind)));
+      }
       if (!r.kv_algo.empty()) r.kv_scales(back, l);
     }
   });
@@ -324,6 +504,7 @@ struct CtConfig {
   std::vector<CtGroup> groups;
   std::vector<std::string> ignore;
   bool kv = false;
+  std::string sparsity_format;  // "", "sparse-24-bitmask" or "dense"
 };
 
 // The mopt scheme a compressed-tensors group describes.
@@ -371,9 +552,16 @@ CtConfig read_ct_config(const std::string& dir) {
       fail("{}: quantization_status '{}' (only compressed checkpoints hold codes)", label, q["quantization_status"].dump());
     }
     if (q.contains("sparsity_config") && q["sparsity_config"].is_object() && !q["sparsity_config"].empty()) {
-      fail("{}: sparsity_config is not supported", label);
+      const json& sc = q["sparsity_config"];
+      r.sparsity_format = sc.value("format", "");
+      if (r.sparsity_format != "sparse-24-bitmask" && r.sparsity_format != "dense") {
+        fail("{}: sparsity_config format '{}' is not one mopt reads (sparse-24-bitmask, dense)", label, r.sparsity_format);
+      }
+      if (sc.contains("sparsity_structure") && sc["sparsity_structure"] != "2:4") fail("{}: sparsity_structure {} is not 2:4", label, sc["sparsity_structure"].dump());
     }
-    for (const auto& item : q.at("config_groups").items()) {
+    const json groups = q.contains("config_groups") ? q["config_groups"] : json::object();
+    if (!groups.is_object()) fail("{}: config_groups is not an object", label);
+    for (const auto& item : groups.items()) {
       CtGroup g;
       g.weights = item.value().value("weights", json(nullptr));
       g.input = item.value().value("input_activations", json(nullptr));
@@ -398,7 +586,18 @@ QuantizedReader compressed_tensors_reader(const std::string& dir) {
   const CtConfig cfg = read_ct_config(dir);
   QuantizedReader r;
   r.kv_algo = cfg.kv ? "FP8" : "";
-  r.linear = [cfg, dir](const io::Checkpoint& ckpt, std::int64_t index, model::LinearKind kind) -> std::optional<StoredLinear> {
+  // A weight stored as sparse-24-bitmask (module.compressed / .bitmask / .shape), dense again.
+  const auto sparse_weight = [dir](const io::Checkpoint& ckpt, const std::string& module) -> std::optional<Tensor> {
+    const auto& store = ckpt.tensors();
+    if (!store.contains(module + ".compressed")) return std::nullopt;
+    for (const char* part : {".bitmask", ".shape"}) {
+      if (!store.contains(module + part)) fail("{}: {}{} is missing (its .compressed is there)", dir, module, part);
+    }
+    return sparse24_bitmask_decompress(store.tensor(module + ".compressed"), store.tensor(module + ".bitmask"), store.tensor(module + ".shape"),
+                                       dir + ": " + module);
+  };
+  r.dense_weight = [sparse_weight](const io::Checkpoint& ckpt, const std::string& module) { return sparse_weight(ckpt, module); };
+  r.linear = [cfg, dir, sparse_weight](const io::Checkpoint& ckpt, std::int64_t index, model::LinearKind kind) -> std::optional<StoredLinear> {
     const auto& store = ckpt.tensors();
     StoredLinear s;
     s.name = fmt::format("model.layers.{}.{}", index, model::linear_name(kind));
@@ -457,7 +656,8 @@ QuantizedReader compressed_tensors_reader(const std::string& dir) {
       if (!(in_global > 0.0f) || !std::isfinite(in_global)) fail("{}.input_global_scale is {}", label, in_global);
       s.input_scale = 1.0f / in_global;
     } else {
-      q.weight = need(".weight");
+      if (auto w = sparse_weight(ckpt, s.name)) q.weight = std::move(*w);
+      else q.weight = need(".weight");
       if (spec.scaling == quant::Scaling::per_tensor) q.weight_scale = f32_tensor(f32_of(".weight_scale", 1), {});
       else if (spec.scaling == quant::Scaling::per_row) q.weight_scale = f32_tensor(f32_of(".weight_scale", static_cast<std::uint64_t>(out)), {out});
       else q.weight_scale = need(".weight_scale").to(DType::F32);

@@ -32,13 +32,18 @@ namespace mopt::exporter {
 struct CompressedTensorsReport {
   std::int64_t quantized_linears = 0;
   std::vector<std::string> requantized;  // Linears whose pre_quant_scale was folded in
+  std::int64_t sparse_linears = 0;       // stored as 2:4 (sparse_24)
+  std::string sparsity_format;           // "sparse-24-bitmask", "dense" or "" (none)
   std::uint64_t bytes = 0;
 };
 
 // Writes the compressed-tensors form of the mopt export `quantized_dir` at
 // `out_dir` (built beside it and renamed when complete).
+// With `sparse_24`, every decoder Linear whose weight is 2:4 sparse is stored as sparse-24-bitmask
+// (unquantized, FP8 and INT8 W8A8 weights; packed INT4/INT8/NVFP4 weights stay packed and the
+// sparsity_config says "dense"), and `quantized_dir` may be a plain (pruned, unquantized) checkpoint.
 CompressedTensorsReport export_compressed_tensors(const std::string& quantized_dir, const std::string& out_dir,
-                                                  std::uint64_t shard_bytes = 4ull << 30);
+                                                  std::uint64_t shard_bytes = 4ull << 30, bool sparse_24 = false);
 
 // The quantization arguments compressed-tensors uses for a mopt scheme (weights
 // and input_activations of a config group, and its format); throws Error for a
@@ -52,6 +57,22 @@ bool compressed_tensors_target_matches(const std::string& target, const std::str
 // True when config.json has quantization_config.quant_method "compressed-tensors".
 bool is_compressed_tensors_checkpoint(const std::string& dir);
 QuantizedReader compressed_tensors_reader(const std::string& dir);
+
+// compressed-tensors' sparse-24-bitmask form of a 2:4 sparse [rows, cols] tensor (cols % 4 == 0; any
+// dtype of 1, 2 or 4 bytes per element, stored codes included): `compressed` [rows, cols/2] the kept
+// values in row order (same dtype), `bitmask` U8 [rows, ceil(cols/8)] (bit j % 8 of byte j / 8 set
+// where column j is kept), `shape` I64 [2, 1]. A group with fewer than two non-zeros keeps zeros as
+// compressed-tensors 0.14 does (all zero: columns 2, 3; one non-zero at 0: 0, 2; at 1: 1, 3; at 2 or
+// 3: 2, 3). Throws Error naming `label` when a group holds more than two non-zeros.
+struct Sparse24Bitmask {
+  Tensor compressed, bitmask, shape;
+};
+Sparse24Bitmask sparse24_bitmask_compress(const Tensor& dense, const std::string& label);
+// The dense tensor back (pruned positions +0); throws Error naming `label` on inconsistent parts.
+Tensor sparse24_bitmask_decompress(const Tensor& compressed, const Tensor& bitmask, const Tensor& shape, const std::string& label);
+// True when `dense` [rows, cols] is 2:4 sparse (every group of 4 values with at most 2 non-zeros;
+// -0 counts as zero).
+bool is_sparse24(const Tensor& dense);
 
 // pack-quantized's packing of signed `bits`-bit codes [rows, cols] into int32
 // words along cols (offset 2^(bits-1), the first value in the lowest bits), and back.

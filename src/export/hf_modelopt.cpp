@@ -609,7 +609,12 @@ model::Model load_quantized(const std::string& dir, const QuantizedReader& reade
     model::LayerWeights w = model::load_layer(ckpt, index);
     for (const auto kind : model::kAllLinears) {
       auto stored = reader.linear(ckpt, index, kind);
-      if (!stored) continue;
+      if (!stored) {
+        if (reader.dense_weight) {
+          if (auto t = reader.dense_weight(ckpt, fmt::format("model.layers.{}.{}", index, model::linear_name(kind)))) w.linear(kind).weight = std::move(*t);
+        }
+        continue;
+      }
       set_quantized_linear(*stored, run, dir, w.linear(kind));
     }
     if (!reader.kv_algo.empty()) {

@@ -104,6 +104,9 @@ struct QuantizedReader {
   std::function<std::optional<StoredLinear>(const io::Checkpoint&)> head;
   std::string kv_algo;  // "", "FP8", "NVFP4"
   std::function<std::pair<float, float>(const io::Checkpoint&, std::int64_t layer)> kv_scales;  // k_scale, v_scale
+  // An unquantized Linear's weight stored in another form (compressed-tensors' sparse-24-bitmask),
+  // dense; nothing (or no function): module.weight as stored.
+  std::function<std::optional<Tensor>(const io::Checkpoint&, const std::string& module)> dense_weight;
 };
 
 // The modelopt format's reader (hf_quant_config.json or config.json's quantization_config).

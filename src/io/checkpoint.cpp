@@ -141,7 +141,9 @@ bool is_quantization_scale(std::string_view name) {
   for (const char* suffix : {".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale", ".k_proj.k_scale", ".v_proj.v_scale",
                              // compressed-tensors' names
                              ".weight_packed", ".weight_shape", ".weight_global_scale", ".input_global_scale", ".self_attn.k_scale",
-                             ".self_attn.v_scale"}) {
+                             ".self_attn.v_scale",
+                             // its sparse-24-bitmask weights
+                             "_proj.compressed", "_proj.bitmask", "_proj.shape"}) {
     if (ends_with(name, suffix)) return true;
   }
   return false;
@@ -156,8 +158,9 @@ void check_tensors_against_config(const TensorStore& store, const ModelConfig& c
     expected_names.insert(t.name);
     const auto* loc = store.find(t.name);
     if (loc == nullptr && quantized && is_layer_linear_weight(t.name) &&
-        store.find(t.name.substr(0, t.name.size() - 7) + ".weight_packed") != nullptr) {
-      continue;  // compressed-tensors stores a packed weight under another name
+        (store.find(t.name.substr(0, t.name.size() - 7) + ".weight_packed") != nullptr ||
+         store.find(t.name.substr(0, t.name.size() - 7) + ".compressed") != nullptr)) {
+      continue;  // compressed-tensors stores a packed or 2:4 weight under other names
     }
     if (loc == nullptr) {
       missing.push_back(t.name);

@@ -61,8 +61,10 @@ LayerWeights load_layer(const io::Checkpoint& ckpt, std::int64_t index) {
   for (const LinearKind kind : kAllLinears) {
     const std::string base = p + std::string(linear_name(kind));
     Linear& l = w.linear(kind);
-    // A compressed-tensors checkpoint has weight_packed instead; its reader fills the weight in.
-    if (store.contains(base + ".weight") || !store.contains(base + ".weight_packed")) l.weight = store.tensor(base + ".weight");
+    // A compressed-tensors checkpoint has weight_packed (or a 2:4 weight's .compressed) instead; its reader fills the weight in.
+    if (store.contains(base + ".weight") || !(store.contains(base + ".weight_packed") || store.contains(base + ".compressed"))) {
+      l.weight = store.tensor(base + ".weight");
+    }
     if (store.contains(base + ".bias")) l.bias = store.tensor(base + ".bias").to(DType::F32);
   }
   return w;

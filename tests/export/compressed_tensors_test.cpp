@@ -13,6 +13,7 @@
 #include <random>
 
 #include "algo/ptq.h"
+#include "algo/sparsity.h"
 #include "core/error.h"
 #include "eval/perplexity.h"
 #include "export/conformance.h"
@@ -125,6 +126,102 @@ TEST(CompressedTensors, EveryFormatComputesExactlyWhatTheModeloptExportDoes) {
     EXPECT_EQ(qc["ignore"], json::array({"lm_head"}));
     EXPECT_TRUE(fs::exists(tmp.file("ct/tokenizer.json")));
   }
+}
+
+// compressed-tensors 0.14's Sparse24BitMaskCompressor on bf16 and fp8 2:4 tensors, a width not a
+// multiple of 8, groups with fewer than two non-zeros (tests/data/sparsity/sparse24_bitmask.*): the
+// same bytes; its outputs decompress to the inputs' values; what is not 2:4 is refused, not pruned.
+TEST(Sparse24Bitmask, MatchesCompressedTensors) {
+  const auto gold = io::TensorStore::open_file(testing::data_path("sparsity/sparse24_bitmask.safetensors"));
+  const auto raw = [](const Tensor& t) { return std::vector<std::byte>(t.bytes().begin(), t.bytes().end()); };
+  for (const std::string c : {"bf16_24", "fp8_24", "bf16_cols20", "bf16_zeros", "fp8_zeros"}) {
+    SCOPED_TRACE(c);
+    const Tensor in = gold.tensor(c + ".input");
+    EXPECT_TRUE(is_sparse24(in));
+    const Sparse24Bitmask b = sparse24_bitmask_compress(in, c);
+    for (const std::string part : {"compressed", "bitmask", "shape"}) {
+      const Tensor want = gold.tensor(c + "." + part);
+      const Tensor& got = part == "compressed" ? b.compressed : part == "bitmask" ? b.bitmask : b.shape;
+      EXPECT_EQ(got.dtype(), want.dtype()) << part;
+      EXPECT_EQ(got.shape(), want.shape()) << part;
+      EXPECT_EQ(raw(got), raw(want)) << part;
+    }
+    const Tensor back = sparse24_bitmask_decompress(gold.tensor(c + ".compressed"), gold.tensor(c + ".bitmask"), gold.tensor(c + ".shape"), c);
+    EXPECT_EQ(back.to_f32(), in.to_f32());
+  }
+  for (const std::string c : {"bf16_dense", "fp8_dense", "bf16_cols6"}) {
+    EXPECT_FALSE(is_sparse24(gold.tensor(c + ".input"))) << c;
+    EXPECT_THROW(sparse24_bitmask_compress(gold.tensor(c + ".input"), c), Error) << c;
+  }
+  // Damaged parts are named.
+  const Tensor bm = gold.tensor("bf16_24.bitmask");
+  try {
+    sparse24_bitmask_decompress(gold.tensor("bf16_24.compressed"), gold.tensor("bf16_zeros.bitmask"), gold.tensor("bf16_24.shape"), "layer.x");
+    ADD_FAILURE() << "a bitmask of the wrong size was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("layer.x.bitmask"), std::string::npos) << e.what();
+  }
+  Tensor more = bm.clone();
+  more.mutable_data<std::uint8_t>()[0] = 0xFF;  // keeps more than half of a row
+  EXPECT_THROW(sparse24_bitmask_decompress(gold.tensor("bf16_24.compressed"), more, gold.tensor("bf16_24.shape"), "layer.x"), Error);
+}
+
+// A 2:4 model in every format, exported to compressed-tensors: weights stored whole (16-bit, FP8,
+// INT8) become sparse-24-bitmask, packed ones stay packed under a "dense" sparsity_config; every
+// export loads and computes exactly what the dense-with-zeros checkpoint it came from computes.
+TEST(CompressedTensors, SparseExportsComputeWhatTheDenseExportDoes) {
+  struct Case {
+    const char* format;
+    const char* sparsity_format;
+  } cases[] = {{"none", "sparse-24-bitmask"}, {"fp8", "sparse-24-bitmask"}, {"int8", "sparse-24-bitmask"}, {"int4_rtn", "dense"}, {"nvfp4", "dense"}};
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.format);
+    TempDir tmp;
+    quant::Recipe r;
+    r.format = c.format;
+    r.algorithm = "max";
+    r.sparsity = "2:4";
+    r.sparse_algo = "sparsegpt";
+    if (r.format == "int4_rtn") r.group_size = 64;
+    {
+      const io::Checkpoint ckpt = io::Checkpoint::open(two_layer_tiny_kjv());
+      HfModeloptWriter writer(ckpt, tmp.file("dense"), r);
+      const auto report = algo::quantize_checkpoint(ckpt, r, calibration(), {}, [&](quant::QuantizedLayer&& l) { writer.add_layer(l); });
+      EXPECT_EQ(report.sparse_linears, 14);
+      writer.finish();
+    }
+    EXPECT_EQ(is_quantized_checkpoint(tmp.file("dense")), std::string(c.format) != "none");
+    const auto report = export_compressed_tensors(tmp.file("dense"), tmp.file("ct"), 4ull << 30, true);
+    EXPECT_EQ(report.sparse_linears, 14);
+    EXPECT_EQ(report.sparsity_format, c.sparsity_format);
+    const auto store = io::TensorStore::open_dir(tmp.file("ct"));
+    EXPECT_EQ(store.contains("model.layers.1.mlp.down_proj.compressed"), std::string(c.sparsity_format) == "sparse-24-bitmask");
+    EXPECT_FALSE(store.contains("model.layers.1.mlp.down_proj.weight") && std::string(c.format) == "none");
+    const json qc = io::parse_json_unique_keys(io::read_text_file(tmp.file("ct/config.json")), "config")["quantization_config"];
+    EXPECT_EQ(qc["sparsity_config"]["format"], c.sparsity_format);
+    EXPECT_EQ(qc["sparsity_config"]["sparsity_structure"], "2:4");
+    EXPECT_EQ(qc["sparsity_config"]["targets"], json::array({"Linear"}));
+    EXPECT_EQ(qc.contains("config_groups"), std::string(c.format) != "none");
+    const std::vector<float> a = logits_of(tmp.file("dense")), b = logits_of(tmp.file("ct"));
+    ASSERT_EQ(a.size(), b.size());
+    double worst = 0.0;
+    for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(static_cast<double>(a[i]) - b[i]));
+    EXPECT_LE(worst, std::string(c.format) == "nvfp4" ? 1e-3 : 0.0);
+    // Every decoder Linear reads back 2:4.
+    const model::Model m = load_model(tmp.file("ct"), QuantizedRun::fake_quant);
+    for (std::int64_t l = 0; l < m.num_layers(); ++l) {
+      for (const auto kind : model::kAllLinears) {
+        const Tensor& w = m.layer(l).linear(kind).weight;
+        const std::vector<float> v = w.to_f32();
+        EXPECT_TRUE(algo::is_24_sparse(v.data(), w.dim(0), w.dim(1))) << l << " " << model::linear_name(kind);
+      }
+    }
+  }
+  // A dense model has nothing for sparse-24-bitmask to hold.
+  TempDir tmp;
+  quantize("fp8", "max", tmp.file("dense"));
+  EXPECT_THROW(export_compressed_tensors(tmp.file("dense"), tmp.file("ct"), 4ull << 30, true), Error);
+  EXPECT_FALSE(fs::exists(tmp.file("ct")));
 }
 
 TEST(CompressedTensors, FormatsWithoutAFormAndKeptScalesAreRefusedByName) {
