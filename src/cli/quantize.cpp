@@ -80,6 +80,9 @@ algo::CalibrationSet calibration_from_options(const QuantizeOptions& o, const io
   algo::CalibrationSet calib;
   const bool need = algo::needs_calibration(ckpt.config(), recipe);
   if (need && o.calib.empty()) {
+    if (!recipe.sparsity.empty() && recipe.sparse_algo != "magnitude") {
+      fail("--sparse-algo {} needs calibration text (--calib FILE); magnitude pruning does not", recipe.sparse_algo);
+    }
     if (recipe.effective_algorithm() != "max") {
       fail("--format {} with algorithm {} needs calibration text (--calib FILE)", recipe.format, recipe.effective_algorithm());
     }
