@@ -114,7 +114,11 @@ std::uint64_t convert_export(const std::string& modelopt_dir, const QuantizeOpti
   } else if (o.export_format == "gguf") {
     // By default the GGUF type that holds the format's codes: NVFP4/MXFP4 as such, INT4 as Q4_0, INT8 as Q8_0.
     const bool four_bit = recipe.format.find("4") != std::string::npos;
-    const std::string fallback = recipe.format.rfind("nvfp4", 0) == 0 ? "nvfp4" : recipe.format == "mxfp4" ? "mxfp4" : four_bit ? "q4_0" : "q8_0";
+    const std::string fallback = recipe.format == "none"                ? "bf16"  // pruning alone: nothing to quantize
+                                 : recipe.format.rfind("nvfp4", 0) == 0 ? "nvfp4"
+                                 : recipe.format == "mxfp4"             ? "mxfp4"
+                                 : four_bit                             ? "q4_0"
+                                                                        : "q8_0";
     const exporter::GgufExportOptions go = exporter::gguf_options_from_name(!o.gguf_type.empty() ? o.gguf_type : fallback);
     const auto r = exporter::export_gguf(modelopt_dir, o.out_dir, go);
     output_bytes = std::filesystem::file_size(o.out_dir);
