@@ -71,7 +71,7 @@ std::string format_of(const model::Model& m) {
   for (std::int64_t i = 0; i < m.num_layers(); ++i) {
     for (const auto kind : model::kAllLinears) {
       const auto& lin = m.layer(i).linear(kind);
-      kinds.insert(lin.quantized ? lin.quantized->describe() : std::string(dtype_name(lin.weight.dtype())));
+      kinds.insert(lin.describe());
     }
   }
   std::string label = fmt::format("{}", fmt::join(kinds, "+"));

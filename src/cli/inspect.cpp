@@ -24,10 +24,11 @@ nlohmann::json sparsity_summary(const std::string& path) {
   std::vector<std::string> dense;
   for (std::int64_t l = 0; l < m.num_layers(); ++l) {
     for (const auto kind : model::kAllLinears) {
-      const Tensor& t = m.layer(l).linear(kind).weight;
-      const std::vector<float> w = t.to_f32();
+      const model::Linear& lin = m.layer(l).linear(kind);
+      const std::vector<float> w = lin.weight_f32();
+      const std::int64_t out = lin.out_features(), in = lin.in_features();
       ++linears;
-      if (algo::is_24_sparse(w.data(), t.dim(0), t.dim(1))) ++sparse;
+      if (algo::is_24_sparse(w.data(), out, in)) ++sparse;
       else dense.push_back(fmt::format("model.layers.{}.{}", l, model::linear_name(kind)));
       zeros += static_cast<std::uint64_t>(std::count(w.begin(), w.end(), 0.0f));
       weights += w.size();

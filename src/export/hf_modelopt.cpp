@@ -564,8 +564,29 @@ namespace {
 void set_quantized_linear(StoredLinear& stored, QuantizedRun run, const std::string& dir, model::Linear& lin) {
   const quant::LinearScheme& s = stored.scheme;
   bool input_in_kernel = false;
+  std::optional<kernels::Sparse24Linear> sparse;
+  kernels::QuantizedWeightSource source;
   if (run == QuantizedRun::kernels) {
-    auto q = std::make_shared<const kernels::QuantizedLinear>(kernel_source(stored), fmt::format("{}: {}", dir, stored.name));
+    source = kernel_source(stored);
+    // A 2:4 weight of int8 (weight-only) or FP8 codes with one scale per row runs the sparse kernels.
+    const bool sparse_type = source.type == kernels::QuantizedWeightType::e4m3 ||
+                             (source.type == kernels::QuantizedWeightType::int8 && !source.int8_activations);
+    if (kernels::sparse_kernels_enabled() && sparse_type && source.block >= source.in &&
+        static_cast<std::int64_t>(source.scales.size()) == source.out) {
+      const auto* codes = !source.codes.empty() ? source.codes.data() : reinterpret_cast<const std::uint8_t*>(source.stored_codes.bytes().data());
+      if (source.codes.size() + source.stored_codes.nbytes() == static_cast<std::size_t>(source.out * source.in)) {
+        sparse = kernels::Sparse24Linear::compress(source.type == kernels::QuantizedWeightType::e4m3 ? kernels::Sparse24Values::e4m3
+                                                                                                     : kernels::Sparse24Values::int8,
+                                                   codes, source.out, source.in, source.scales, fmt::format("{}: {}", dir, stored.name));
+      }
+    }
+  }
+  if (sparse) {
+    lin.sparse = std::make_shared<const kernels::Sparse24Linear>(std::move(*sparse));
+    stored.weight.weight.release_pages();
+    lin.weight = Tensor();
+  } else if (run == QuantizedRun::kernels) {
+    auto q = std::make_shared<const kernels::QuantizedLinear>(std::move(source), fmt::format("{}: {}", dir, stored.name));
     input_in_kernel = q->int8_activations();
     // What the kernel copied into its own layout need not stay resident from the file.
     if (q->source().stored_codes.nbytes() == 0) stored.weight.weight.release_pages();

@@ -480,6 +480,77 @@ void gemv_e4m3(const std::uint8_t* codes, const float* scales, std::int64_t bloc
   }
 }
 
+// 2:4 rows, 32 inputs (16 kept values) at a time: the kept values decoded into two vectors of 8, the
+// input gathered to match by the 2-bit positions (index 4 * group + position into 16 inputs: one
+// permute of each 8-input half, the half chosen by bit 3 of the index).
+template <int Type, int M>
+void gemv_sparse24_m(const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t k, std::int64_t r0,
+                     std::int64_t r1, const float* x, float* y, std::int64_t ldy) {
+  constexpr std::int64_t eb = Type == 0 ? 2 : 1;
+  const std::int64_t chunks = k / 32;
+  const __m256i shift_lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i shift_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+  const __m256i three = _mm256_set1_epi32(3);
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* vr = values + r * (k / 2) * eb;
+    const std::uint32_t* pr = positions + r * chunks;
+    __m256 acc[M][2];
+    for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      prefetch_ahead(vr + c * 16 * eb);
+      const __m256i word = _mm256_set1_epi32(static_cast<int>(pr[c]));
+      const __m256i idx0 = _mm256_add_epi32(_mm256_and_si256(_mm256_srlv_epi32(word, shift_lo), three), base);
+      const __m256i idx1 = _mm256_add_epi32(_mm256_and_si256(_mm256_srlv_epi32(word, shift_hi), three), base);
+      const __m256 high0 = _mm256_castsi256_ps(_mm256_slli_epi32(idx0, 28));  // sign = bit 3: the upper 8 inputs
+      const __m256 high1 = _mm256_castsi256_ps(_mm256_slli_epi32(idx1, 28));
+      __m256 v0, v1;
+      if constexpr (Type == 0) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + c * 32));
+        v0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));
+        v1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)), 16));
+      } else if constexpr (Type == 1) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + c * 16));
+        v0 = i8x8_to_f32(b);
+        v1 = i8x8_to_f32(_mm_srli_si128(b, 8));
+      } else {
+        e4m3x16_times_2m8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + c * 16)), v0, v1);
+      }
+      for (int i = 0; i < M; ++i) {
+        const float* xc = x + i * k + c * 32;
+        const __m256 g0 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc), idx0),
+                                           _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 8), idx0), high0);
+        const __m256 g1 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 16), idx1),
+                                           _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 24), idx1), high1);
+        acc[i][0] = _mm256_fmadd_ps(g0, v0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(g1, v1, acc[i][1]);
+      }
+    }
+    const float scale = Type == 0 ? 1.0f : Type == 1 ? scales[r] : scales[r] * 256.0f;
+    for (int i = 0; i < M; ++i) y[i * ldy + r] = hsum(_mm256_add_ps(acc[i][0], acc[i][1])) * scale;
+  }
+}
+
+template <int Type>
+void gemv_sparse24_type(const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t k, std::int64_t r0,
+                        std::int64_t r1, const float* x, int m, float* y, std::int64_t ldy) {
+  switch (m) {
+    case 1: return gemv_sparse24_m<Type, 1>(values, positions, scales, k, r0, r1, x, y, ldy);
+    case 2: return gemv_sparse24_m<Type, 2>(values, positions, scales, k, r0, r1, x, y, ldy);
+    case 3: return gemv_sparse24_m<Type, 3>(values, positions, scales, k, r0, r1, x, y, ldy);
+    default: return gemv_sparse24_m<Type, 4>(values, positions, scales, k, r0, r1, x, y, ldy);
+  }
+}
+
+void gemv_sparse24(int type, const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t k,
+                   std::int64_t r0, std::int64_t r1, const float* x, int m, float* y, std::int64_t ldy) {
+  switch (type) {
+    case 0: return gemv_sparse24_type<0>(values, positions, scales, k, r0, r1, x, m, y, ldy);
+    case 1: return gemv_sparse24_type<1>(values, positions, scales, k, r0, r1, x, m, y, ldy);
+    default: return gemv_sparse24_type<2>(values, positions, scales, k, r0, r1, x, m, y, ldy);
+  }
+}
+
 // 4 input rows x 2 weight rows per tile: the best of 2x4, 3x3, 3x4, 4x3 and 4x2 measured with
 // bench/qlinear_bench on the development machine (AVX2, 16 registers).
 constexpr int kMR = 4, kNR = 2;

@@ -37,6 +37,11 @@ void gemv_int8(const std::int8_t* codes, const float* scales, std::int64_t block
 void gemv_e4m3(const std::uint8_t* codes, const float* scales, std::int64_t block, std::int64_t k, std::int64_t r0,
                std::int64_t r1, const float* x, int m, float* y, std::int64_t ldy);
 
+// 2:4 sparse weight rows (kernels/sparse24.h's layout; type 0 bf16, 1 int8, 2 e4m3 with f32 row
+// scales), k % 32 == 0, f32 input.
+void gemv_sparse24(int type, const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t k,
+                   std::int64_t r0, std::int64_t r1, const float* x, int m, float* y, std::int64_t ldy);
+
 // codes[i] = clamp(round-half-even(x[i] * scale), -128, 127) (W8A8's input; NaN gives -128).
 void quantize_int8(const float* x, std::int64_t n, float scale, std::int8_t* codes);
 

@@ -183,6 +183,11 @@ void linear(const Linear& l, const float* x, std::int64_t rows, float* y, Worksp
     l.input_transform(ws.transformed.data(), rows, cols);
     x = ws.transformed.data();
   }
+  if (l.sparse) {
+    l.sparse->forward(x, rows, y, ws.precision);
+    kernels::add_bias(y, rows, l.sparse->out(), l.bias ? &*l.bias : nullptr);
+    return;
+  }
   if (l.quantized) {
     l.quantized->forward(x, rows, y, ws.precision);
     kernels::add_bias(y, rows, l.quantized->out(), l.bias ? &*l.bias : nullptr);
@@ -194,21 +199,39 @@ void linear(const Linear& l, const float* x, std::int64_t rows, float* y, Worksp
 }  // namespace
 
 std::int64_t Linear::in_features() const {
+  if (sparse) return sparse->in();
   if (quantized) return quantized->in();
   return weight.rank() == 2 ? weight.dim(1) : 0;
 }
 
+std::int64_t Linear::out_features() const {
+  if (sparse) return sparse->out();
+  if (quantized) return quantized->out();
+  return weight.rank() == 2 ? weight.dim(0) : 0;
+}
+
+std::vector<float> Linear::weight_f32() const {
+  std::vector<float> w(static_cast<std::size_t>(out_features() * in_features()));
+  if (sparse) sparse->dequantize_rows(0, sparse->out(), w.data());
+  else if (quantized) quantized->dequantize_rows(0, quantized->out(), w.data());
+  else w = weight.to_f32();
+  return w;
+}
+
 std::uint64_t Linear::weight_bytes() const {
+  if (sparse) return sparse->bytes();
   if (quantized) return quantized->bytes();
   return weight.bytes().size();
 }
 
 std::string Linear::describe() const {
+  if (sparse) return sparse->describe();
   if (quantized) return quantized->describe();
   return std::string(dtype_name(weight.dtype()));
 }
 
 std::string Linear::plain_loop_reason() const {
+  if (sparse) return sparse->plain_reason();
   if (quantized) return quantized->plain_reason();
   // kernels::linear_forward: an AVX2 GEMV for f32/f16/bf16 weights of any shape when the CPU has AVX2, FMA and F16C
   // (prefill's widening and BLAS GEMM run either way).
@@ -313,6 +336,22 @@ Model Model::load(const std::string& dir, const LoadOptions& options) {
   for (std::int64_t i = 0; i < c.num_layers; ++i) {
     m.layers_.push_back(options.layer_loader ? options.layer_loader(*m.checkpoint_, i) : load_layer(*m.checkpoint_, i));
   }
+  if (kernels::sparse_kernels_enabled()) {
+    // 2:4 sparse bf16 weights run compressed (a dense weight is found out at its first full group).
+    for (std::int64_t i = 0; i < c.num_layers; ++i) {
+      for (const auto kind : kAllLinears) {
+        Linear& lin = m.layers_[static_cast<std::size_t>(i)].linear(kind);
+        if (lin.quantized || lin.sparse || lin.weight.dtype() != DType::BF16 || lin.weight.rank() != 2) continue;
+        auto s = kernels::Sparse24Linear::compress(kernels::Sparse24Values::bf16, reinterpret_cast<const std::uint8_t*>(lin.weight.bytes().data()),
+                                                   lin.weight.dim(0), lin.weight.dim(1), {},
+                                                   fmt::format("{}: model.layers.{}.{}", dir, i, linear_name(kind)));
+        if (!s) continue;
+        lin.sparse = std::make_shared<const kernels::Sparse24Linear>(std::move(*s));
+        if (lin.weight.is_view()) lin.weight.release_pages();
+        else lin.weight = Tensor();
+      }
+    }
+  }
   m.inv_freq_ = rope_inv_freq(c);
   if (fs::exists(fs::path(dir) / "tokenizer.json")) m.tokenizer_ = io::Tokenizer::load(dir);
   return m;
@@ -348,7 +387,7 @@ void Model::convert_float_weights(DType dtype) {
   for (auto& l : layers_) {
     for (const auto kind : kAllLinears) {
       Linear& lin = l.linear(kind);
-      if (!lin.quantized) convert(lin.weight);
+      if (!lin.quantized && !lin.sparse) convert(lin.weight);
     }
   }
 }

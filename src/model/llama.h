@@ -25,6 +25,7 @@
 #include "io/tokenizer.h"
 #include "kernels/ops.h"
 #include "kernels/qlinear.h"
+#include "kernels/sparse24.h"
 
 namespace mopt::model {
 
@@ -46,7 +47,13 @@ struct Linear {
   ActivationTransform input_transform;  // applied to a copy of the input when set
   // The weight kept quantized and run by the quantized kernels (shared: layers are copied cheaply).
   std::shared_ptr<const kernels::QuantizedLinear> quantized;
+  // A 2:4 sparse weight kept compressed and run by the sparse kernels (kernels/sparse24.h); `weight`
+  // then stays only as a view of the file (its pages released) or empty.
+  std::shared_ptr<const kernels::Sparse24Linear> sparse;
   std::int64_t in_features() const;
+  std::int64_t out_features() const;
+  // The weight [out, in] in f32, from whichever form holds it (plain, quantized codes, 2:4 compressed).
+  std::vector<float> weight_f32() const;
   // Bytes the forward pass reads for the weight (codes and scales when quantized).
   std::uint64_t weight_bytes() const;
   // "int4 g32", "bf16", ...: the weight as the kernels hold it.
