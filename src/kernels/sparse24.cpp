@@ -11,6 +11,7 @@
 #include "core/thread_pool.h"
 #include "kernels/linear.h"
 #include "kernels/qlinear_simd.h"
+#include "kernels/sparse24_simd.h"
 
 namespace mopt::kernels {
 
@@ -118,16 +119,41 @@ std::string Sparse24Linear::describe() const {
   return "?";
 }
 
-void Sparse24Linear::dequantize_rows(std::int64_t row0, std::int64_t rows, float* out) const {
-  const std::size_t eb = element_bytes(type_);
-  const std::int64_t half = in_ / 2, words = (in_ + 31) / 32;
-  std::fill(out, out + rows * in_, 0.0f);
+namespace {
+
+// Rows of the compressed layout decoded into f32 rows (zeros included), one loop per value type.
+template <Sparse24Values Type>
+void decode_rows(const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t in, std::int64_t row0,
+                 std::int64_t rows, float* out) {
+  constexpr std::size_t eb = Type == Sparse24Values::bf16 ? 2 : 1;
+  const std::int64_t half = in / 2, words = (in + 31) / 32;
   for (std::int64_t r = row0; r < row0 + rows; ++r) {
-    const std::uint8_t* vals = values_.data() + static_cast<std::size_t>(r * half) * eb;
-    const std::uint32_t* pos = positions_.data() + r * words;
-    const float scale = scales_.empty() ? 1.0f : scales_[static_cast<std::size_t>(r)];
-    float* o = out + (r - row0) * in_;
-    for (std::int64_t t = 0; t < half; ++t) o[kept_column(pos, t)] = value_of(type_, vals + static_cast<std::size_t>(t) * eb, scale);
+    const std::uint8_t* vals = values + static_cast<std::size_t>(r * half) * eb;
+    const std::uint32_t* pos = positions + r * words;
+    const float scale = Type == Sparse24Values::bf16 ? 1.0f : scales[r];
+    float* o = out + (r - row0) * in;
+    std::fill(o, o + in, 0.0f);
+    for (std::int64_t w = 0; w < words; ++w) {
+      std::uint32_t word = pos[w];
+      const std::int64_t t_end = std::min<std::int64_t>(half, (w + 1) * 16);
+      for (std::int64_t t = w * 16; t < t_end; ++t, word >>= 2) {
+        const std::int64_t col = (t >> 1) * 4 + static_cast<std::int64_t>(word & 3u);
+        const std::uint8_t* p = vals + static_cast<std::size_t>(t) * eb;
+        if constexpr (Type == Sparse24Values::bf16) o[col] = bf16_to_f32(static_cast<std::uint16_t>(p[1] << 8 | p[0]));
+        else if constexpr (Type == Sparse24Values::int8) o[col] = static_cast<float>(static_cast<std::int8_t>(p[0])) * scale;
+        else o[col] = e4m3_to_f32(p[0]) * scale;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void Sparse24Linear::dequantize_rows(std::int64_t row0, std::int64_t rows, float* out) const {
+  switch (type_) {
+    case Sparse24Values::bf16: return decode_rows<Sparse24Values::bf16>(values_.data(), positions_.data(), scales_.data(), in_, row0, rows, out);
+    case Sparse24Values::int8: return decode_rows<Sparse24Values::int8>(values_.data(), positions_.data(), scales_.data(), in_, row0, rows, out);
+    case Sparse24Values::e4m3: return decode_rows<Sparse24Values::e4m3>(values_.data(), positions_.data(), scales_.data(), in_, row0, rows, out);
   }
 }
 
@@ -154,8 +180,10 @@ void Sparse24Linear::forward(const float* x, std::int64_t m, float* y, Precision
   if (m <= kGemvMaxRows) {
     if (!plain_reason_.empty()) return gemv_plain(x, m, y);
     const int mi = static_cast<int>(m);
+    const bool avx512 = cpu_features().avx512f;
     parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
-      avx2::gemv_sparse24(type_code(type_), values_.data(), positions_.data(), scales_.data(), k, r0, r1, x, mi, y, n);
+      if (avx512) avx512::gemv_sparse24(type_code(type_), values_.data(), positions_.data(), scales_.data(), k, r0, r1, x, mi, y, n);
+      else avx2::gemv_sparse24(type_code(type_), values_.data(), positions_.data(), scales_.data(), k, r0, r1, x, mi, y, n);
     });
     return;
   }

@@ -14,6 +14,7 @@
 
 #include "algo/ptq.h"
 #include "algo/sparsity.h"
+#include "core/cpu_features.h"
 #include "core/error.h"
 #include "eval/perplexity.h"
 #include "export/conformance.h"
@@ -212,7 +213,8 @@ TEST(CompressedTensors, SparseExportsComputeWhatTheDenseExportDoes) {
     {
       const model::Model k = load_model(tmp.file("ct"));
       const std::string kind = k.layer(0).linear(model::LinearKind::down).describe();
-      const bool sparse_kernel = std::string(c.format) == "none" || std::string(c.format) == "fp8";
+      // (FP8 2:4 runs its own kernel only with AVX-512, where it beats the dense one.)
+      const bool sparse_kernel = std::string(c.format) == "none" || (std::string(c.format) == "fp8" && cpu_features().avx512f);
       EXPECT_EQ(kind.find("2:4") != std::string::npos, sparse_kernel) << kind;
       const std::vector<std::int32_t> tokens(heldout().begin(), heldout().begin() + 6);
       std::vector<float> prefill, step;
