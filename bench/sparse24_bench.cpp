@@ -141,8 +141,8 @@ int main(int argc, char** argv) {
   for (std::size_t v = 0; v < variants.size(); ++v) {
     const std::size_t base = v % 2 == 0 ? v : v - 1;
     const double d = median(decode[v]), p = median(prefill[v]);
-    fmt::print("{:<24} {:>8.1f} {:>12.1f} {:>9.0f}% {:>11.2f}x {:>15.1f} {:>11.2f}x\n", variants[v].name, variants[v].bytes / 1e6, d * 1e6,
-               100.0 * variants[v].bytes / d / bandwidth, median(decode[base]) / d, flops / p / 1e9, median(prefill[base]) / p);
+    fmt::print("{:<24} {:>8.1f} {:>12.1f} {:>9.0f}% {:>11.2f}x {:>15.1f} {:>11.2f}x\n", variants[v].name, static_cast<double>(variants[v].bytes) / 1e6, d * 1e6,
+               100.0 * static_cast<double>(variants[v].bytes) / d / bandwidth, median(decode[base]) / d, flops / p / 1e9, median(prefill[base]) / p);
   }
   return 0;
 }

@@ -227,14 +227,14 @@ TEST(CompressedTensors, SparseExportsComputeWhatTheDenseExportDoes) {
                   model::LogitsFor::last_row_of_each_sequence, step);
       }
       ASSERT_EQ(prefill.size(), step.size());
-      double worst = 0.0, scale = 0.0;
+      double step_worst = 0.0, scale = 0.0;
       for (std::size_t i = 0; i < step.size(); ++i) {
-        worst = std::max(worst, std::fabs(static_cast<double>(step[i]) - prefill[i]));
+        step_worst = std::max(step_worst, std::fabs(static_cast<double>(step[i]) - prefill[i]));
         scale = std::max(scale, std::fabs(static_cast<double>(prefill[i])));
       }
       // f32 sums in another order (FP8 inputs may round across a step); the INT4 GEMV rounds its input
       // to int8 by design, so only the 2:4 kernels are held to this.
-      if (sparse_kernel) EXPECT_LT(worst, 2e-3 * scale);
+      if (sparse_kernel) EXPECT_LT(step_worst, 2e-3 * scale);
     }
     // Every decoder Linear reads back 2:4.
     const model::Model m = load_model(tmp.file("ct"), QuantizedRun::fake_quant);
