@@ -26,7 +26,7 @@
 #include "kernels/qlinear.h"
 
 using mopt::bench::median;
-using mopt::bench::seconds_since;
+using mopt::bench::copies_for;
 using namespace mopt;
 using kernels::QuantizedWeightSource;
 using kernels::QuantizedWeightType;
@@ -87,13 +87,6 @@ int main(int argc, char** argv) {
 
   // Each variant cycles through copies of its weight that together exceed the caches, so decode
   // streams from memory as it does in a model.
-  struct Variant {
-    std::string name;
-    std::uint64_t bytes;
-    std::function<void(std::int64_t m, std::size_t copy)> run;
-    std::size_t copies;
-  };
-  const auto copies_for = [](std::uint64_t bytes) { return static_cast<std::size_t>((std::uint64_t{256} << 20) / bytes + 1); };
   std::vector<Tensor> bf16_copies(copies_for(bf16.nbytes()), bf16);
   for (std::size_t c = 1; c < bf16_copies.size(); ++c) bf16_copies[c] = bf16.to(DType::F32).to(DType::BF16);
   std::vector<std::vector<kernels::QuantizedLinear>> q;
@@ -112,7 +105,7 @@ int main(int argc, char** argv) {
   add(source(QuantizedWeightType::e4m3, out, in, in));
   add(source(QuantizedWeightType::e2m1, out, in, 16));
   add(source(QuantizedWeightType::e2m1, out, in, 32));
-  std::vector<Variant> variants;
+  std::vector<bench::KernelVariant> variants;
   variants.push_back({"bf16", bf16.nbytes(),
                       [&](std::int64_t m, std::size_t c) { kernels::linear_forward(x.data(), m, bf16_copies[c], nullptr, y.data()); },
                       bf16_copies.size()});
@@ -123,19 +116,8 @@ int main(int argc, char** argv) {
   const double bandwidth = eval::measure_read_bandwidth();
   fmt::print("cpu: {}; memory read bandwidth {:.1f} GB/s; weight [{}, {}]; medians of {} runs, variants interleaved\n",
              describe(cpu_features()), bandwidth / 1e9, out, in, repeats);
-  std::vector<std::vector<double>> decode(variants.size()), prefill(variants.size());
-  for (int r = 0; r < repeats; ++r) {
-    for (std::size_t v = 0; v < variants.size(); ++v) {
-      // Decode: enough calls that the weight streams from memory (it is larger than the caches).
-      const std::size_t calls = 2 * variants[v].copies;
-      auto t0 = std::chrono::steady_clock::now();
-      for (std::size_t i = 0; i < calls; ++i) variants[v].run(1, i % variants[v].copies);
-      decode[v].push_back(seconds_since(t0) / static_cast<double>(calls));
-      t0 = std::chrono::steady_clock::now();
-      variants[v].run(rows, 0);
-      prefill[v].push_back(seconds_since(t0));
-    }
-  }
+  std::vector<std::vector<double>> decode, prefill;
+  bench::time_variants(variants, rows, repeats, decode, prefill);
   fmt::print("{:<18} {:>10} {:>12} {:>10} {:>9} {:>14} {:>10}\n", "kernel", "MB", "decode GB/s", "roofline", "decode x", "prefill GFLOP/s", "prefill x");
   const double flops = 2.0 * static_cast<double>(rows * out * in);
   for (std::size_t v = 0; v < variants.size(); ++v) {

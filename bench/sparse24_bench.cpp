@@ -26,21 +26,8 @@
 #include "kernels/sparse24.h"
 
 using mopt::bench::median;
-using mopt::bench::seconds_since;
+using mopt::bench::copies_for;
 using namespace mopt;
-
-namespace {
-
-struct Variant {
-  std::string name;
-  std::uint64_t bytes;
-  std::function<void(std::int64_t m, std::size_t copy)> run;
-  std::size_t copies;
-};
-
-std::size_t copies_for(std::uint64_t bytes) { return static_cast<std::size_t>((std::uint64_t{256} << 20) / bytes + 1); }
-
-}  // namespace
 
 int main(int argc, char** argv) {
   mopt::choose_startup_settings(argv);
@@ -80,7 +67,7 @@ int main(int argc, char** argv) {
   for (auto& v : x) v = normal(rng);
   std::vector<float> y(static_cast<std::size_t>(rows * out));
 
-  std::vector<Variant> variants;
+  std::vector<bench::KernelVariant> variants;
   // Dense bf16: distinct copies so decode streams from memory.
   std::vector<Tensor> dense_bf16(copies_for(bf16.nbytes()));
   for (auto& t : dense_bf16) t = bf16.to(DType::F32).to(DType::BF16);
@@ -123,18 +110,8 @@ int main(int argc, char** argv) {
   const double bandwidth = eval::measure_read_bandwidth();
   fmt::print("cpu: {}; memory read bandwidth {:.1f} GB/s; weight [{}, {}] pruned 2:4; prefill {} rows; medians of {} runs, variants interleaved\n",
              describe(cpu_features()), bandwidth / 1e9, out, in, rows, repeats);
-  std::vector<std::vector<double>> decode(variants.size()), prefill(variants.size());
-  for (int r = 0; r < repeats; ++r) {
-    for (std::size_t v = 0; v < variants.size(); ++v) {
-      const std::size_t calls = 2 * variants[v].copies;
-      auto t0 = std::chrono::steady_clock::now();
-      for (std::size_t i = 0; i < calls; ++i) variants[v].run(1, i % variants[v].copies);
-      decode[v].push_back(seconds_since(t0) / static_cast<double>(calls));
-      t0 = std::chrono::steady_clock::now();
-      variants[v].run(rows, 0);
-      prefill[v].push_back(seconds_since(t0));
-    }
-  }
+  std::vector<std::vector<double>> decode, prefill;
+  bench::time_variants(variants, rows, repeats, decode, prefill);
   // Each 2:4 variant against the dense one of its format: bf16 (0) for 1, int8 (2) for 3, fp8 (4) for 5.
   fmt::print("{:<24} {:>8} {:>12} {:>10} {:>12} {:>15} {:>12}\n", "kernel", "MB", "decode us", "roofline", "decode x", "prefill GFLOP/s", "prefill x");
   const double flops = 2.0 * static_cast<double>(rows * out * in);

@@ -109,6 +109,26 @@ bool inverse_cholesky_upper(std::vector<double> h, std::int64_t n, double damp, 
   return true;
 }
 
+DampedInverse damped_inverse_cholesky(const std::vector<double>& h, std::int64_t n, double damp_fraction) {
+  double mean_diag = 0.0;
+  for (std::int64_t i = 0; i < n; ++i) mean_diag += h[i * n + i];
+  mean_diag /= static_cast<double>(n);
+  DampedInverse r;
+  double damp = damp_fraction * mean_diag;
+  bool ok = inverse_cholesky_upper(h, n, damp, r.u);
+  while (!ok && r.retries < 4) {
+    ++r.retries;
+    damp *= 10.0;
+    ok = inverse_cholesky_upper(h, n, damp, r.u);
+  }
+  if (!ok) {
+    r.fell_back = true;
+    r.u.assign(static_cast<std::size_t>(n * n), 0.0);
+    for (std::int64_t i = 0; i < n; ++i) r.u[i * n + i] = 1.0;
+  }
+  return r;
+}
+
 void GramAccumulator::add(const float* x, std::int64_t rows, std::int64_t cols, double weight) {
   if (rows <= 0) return;
   if (sum_.empty()) {
@@ -180,22 +200,11 @@ GptqResult gptq_quantize(const quant::QuantizerSpec& spec, float* w, std::int64_
     h.swap(hp);
   }
 
-  double mean_diag = 0.0;
-  for (std::int64_t i = 0; i < in; ++i) mean_diag += h[i * in + i];
-  mean_diag /= static_cast<double>(in);
-  std::vector<double> u;
-  double damp = options.damp * mean_diag;
-  bool ok = inverse_cholesky_upper(h, in, damp, u);
-  while (!ok && result.damp_retries < 4) {
-    ++result.damp_retries;
-    damp *= 10.0;
-    ok = inverse_cholesky_upper(h, in, damp, u);
-  }
-  if (!ok) {  // as the reference does: the identity, i.e. plain rounding
-    result.fell_back = true;
-    u.assign(static_cast<std::size_t>(in * in), 0.0);
-    for (std::int64_t i = 0; i < in; ++i) u[i * in + i] = 1.0;
-  }
+  // A Hessian that stays indefinite gives the identity, as the reference does: plain rounding.
+  DampedInverse inv = damped_inverse_cholesky(h, in, options.damp);
+  const std::vector<double>& u = inv.u;
+  result.damp_retries = inv.retries;
+  result.fell_back = inv.fell_back;
 
   // Working copy in the permuted column order, f64.
   std::vector<double> wd(static_cast<std::size_t>(out * in)), orig(static_cast<std::size_t>(out * in));

@@ -44,6 +44,15 @@ double weighted_norm(const std::vector<double>& d, std::int64_t out, std::int64_
 // is not positive definite (u is then unchanged).
 bool inverse_cholesky_upper(std::vector<double> h, std::int64_t n, double damp, std::vector<double>& u);
 
+// The U above for H damped by `damp_fraction` x mean(diag H); on a Cholesky failure retried with ten
+// times the damping up to 4 times, then the identity (`fell_back`), as GPTQ and SparseGPT both take it.
+struct DampedInverse {
+  std::vector<double> u;
+  int retries = 0;
+  bool fell_back = false;
+};
+DampedInverse damped_inverse_cholesky(const std::vector<double>& h, std::int64_t n, double damp_fraction);
+
 // GPTQ's Hessian 2/n * X^T X from a Gram accumulated with unit weights.
 std::vector<double> gptq_hessian(const GramAccumulator& gram);
 

@@ -118,23 +118,11 @@ SparseGptResult sparsegpt_prune(float* w, std::int64_t out, std::int64_t in, std
     h[c * in + c] = 1.0;
     for (std::int64_t r = 0; r < out; ++r) wd[r * in + c] = 0.0;
   }
-  const std::vector<double> h_undamped = h;
-  double mean_diag = 0.0;
-  for (std::int64_t i = 0; i < in; ++i) mean_diag += h[i * in + i];
-  mean_diag /= static_cast<double>(in);
-  std::vector<double> u;
-  double damp = options.damp * mean_diag;
-  bool ok = inverse_cholesky_upper(h, in, damp, u);
-  while (!ok && result.damp_retries < 4) {
-    ++result.damp_retries;
-    damp *= 10.0;
-    ok = inverse_cholesky_upper(h, in, damp, u);
-  }
-  if (!ok) {
-    result.fell_back = true;
-    u.assign(static_cast<std::size_t>(in * in), 0.0);
-    for (std::int64_t i = 0; i < in; ++i) u[i * in + i] = 1.0;
-  }
+  // An indefinite Hessian gives the identity: magnitude order, no update.
+  DampedInverse inv = damped_inverse_cholesky(h, in, options.damp);
+  const std::vector<double>& u = inv.u;
+  result.damp_retries = inv.retries;
+  result.fell_back = inv.fell_back;
 
   result.mask.assign(static_cast<std::size_t>(out * in), 1);
   const std::int64_t B = options.block;
@@ -198,9 +186,9 @@ SparseGptResult sparsegpt_prune(float* w, std::int64_t out, std::int64_t in, std
     d[i] = static_cast<double>(w[i]) - orig[i];
     dm[i] = (magnitude[i] ? orig[i] : 0.0) - orig[i];
   }
-  const double base = weighted_norm(orig, out, in, h_undamped);
-  result.error = base > 0.0 ? weighted_norm(d, out, in, h_undamped) / base : 0.0;
-  result.error_magnitude = base > 0.0 ? weighted_norm(dm, out, in, h_undamped) / base : 0.0;
+  const double base = weighted_norm(orig, out, in, h);
+  result.error = base > 0.0 ? weighted_norm(d, out, in, h) / base : 0.0;
+  result.error_magnitude = base > 0.0 ? weighted_norm(dm, out, in, h) / base : 0.0;
   return result;
 }
 

@@ -307,6 +307,19 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
       dense_modules.push_back(module);
     }
   };
+  // Packed codes keep their zeros in place: a 2:4 one is only noted (sparsity_config "dense").
+  auto note_packed = [&](const std::string& module, const quant::QuantizerSpec& spec, const quant::QuantizedWeight& q, std::int64_t out,
+                         std::int64_t in) {
+    if (!sparse_24) return;
+    const std::vector<float> w = quant::dequantize_weight(spec, q, out, in);
+    if (algo::is_24_sparse(w.data(), out, in)) {
+      packed_sparse = true;
+      sparse_modules.push_back(module);
+      pruned += static_cast<std::uint64_t>(out * in / 2);
+    } else {
+      dense_modules.push_back(module);
+    }
+  };
   for (std::int64_t l = 0; l < c.num_layers; ++l) {
     const std::string prefix = fmt::format("model.layers.{}.", l);
     std::set<std::string> consumed;
@@ -351,16 +364,7 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
           shape.mutable_data<std::int64_t>()[0] = out;
           shape.mutable_data<std::int64_t>()[1] = in;
           dir.add(name + ".weight_shape", shape);
-          if (sparse_24) {
-            const std::vector<float> w = quant::dequantize_weight(spec, q, out, in);
-            if (algo::is_24_sparse(w.data(), out, in)) {
-              packed_sparse = true;
-              sparse_modules.push_back(name);
-              pruned += static_cast<std::uint64_t>(out * in / 2);
-            } else {
-              dense_modules.push_back(name);
-            }
-          }
+          note_packed(name, spec, q, out, in);
           break;
         }
         case CtKind::int8_w8a8:
@@ -377,16 +381,7 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
           dir.add(name + ".weight_scale", q.weight_scale.to(DType::F32));
           break;
         case CtKind::nvfp4:
-          if (sparse_24) {
-            const std::vector<float> w = quant::dequantize_weight(spec, q, out, in);
-            if (algo::is_24_sparse(w.data(), out, in)) {
-              packed_sparse = true;
-              sparse_modules.push_back(name);
-              pruned += static_cast<std::uint64_t>(out * in / 2);
-            } else {
-              dense_modules.push_back(name);
-            }
-          }
+          note_packed(name, spec, q, out, in);
           dir.add(name + ".weight_packed", q.weight);
           dir.add(name + ".weight_scale", q.weight_scale);
           dir.add(name + ".weight_global_scale", scalar1(1.0f / only_value(*q.weight_scale_2, name + ".weight_scale_2")));

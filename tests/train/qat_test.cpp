@@ -268,6 +268,19 @@ TEST(Distillation, LossAndGradientMatchTheReference) {
 // A QAT model exported: the codes written are the fake-quantized weights the last step trained
 // (apart from the rare exact half step, where the export's division and the fake quantization's
 // multiplication may round apart), for static (INT4 blocks), per-tensor (FP8) and two-level (NVFP4) scales.
+// `recipe`'s calibration of `ckpt` on the first 64 of the QAT goldens' calibration tokens, each
+// Linear's master weight kept (what FakeQuantization starts from).
+std::vector<quant::QuantizedLayer> calibrated_layers(const io::Checkpoint& ckpt, const io::TensorStore& inputs, const quant::Recipe& recipe) {
+  algo::CalibrationSet calib;
+  const std::vector<std::int32_t> all = ids(inputs.tensor("calib_ids"));
+  calib.sequences.emplace_back(all.begin(), all.begin() + 64);
+  algo::PtqOptions options;
+  options.keep_master_weights = true;
+  std::vector<quant::QuantizedLayer> layers;
+  algo::quantize_checkpoint(ckpt, recipe, calib, options, [&](quant::QuantizedLayer&& l) { layers.push_back(std::move(l)); });
+  return layers;
+}
+
 TEST(Qat, ExportedCodesAreTheTrainedFakeQuantWeights) {
   const io::Checkpoint ckpt = io::Checkpoint::open(testing::data_path("hf/llama"));
   const auto inputs = io::TensorStore::open_file(kQat + "/qat_step/inputs.safetensors");
@@ -277,15 +290,8 @@ TEST(Qat, ExportedCodesAreTheTrainedFakeQuantWeights) {
     recipe.format = learn ? "int4_rtn" : format;
     recipe.group_size = format.starts_with("int4") ? 32 : 0;
     recipe.validate();
-    algo::CalibrationSet calib;
-    const std::vector<std::int32_t> all = ids(inputs.tensor("calib_ids"));
-    calib.sequences.emplace_back(all.begin(), all.begin() + 64);
-    algo::PtqOptions options;
-    options.keep_master_weights = true;
-    std::vector<quant::QuantizedLayer> layers;
-    algo::quantize_checkpoint(ckpt, recipe, calib, options, [&](quant::QuantizedLayer&& l) { layers.push_back(std::move(l)); });
     TrainableModel model = TrainableModel::from_checkpoint(ckpt);
-    auto fq = std::make_shared<FakeQuantization>(std::move(layers), std::nullopt, SteMode::pass_through, model, learn);
+    auto fq = std::make_shared<FakeQuantization>(calibrated_layers(ckpt, inputs, recipe), std::nullopt, SteMode::pass_through, model, learn);
     model.set_fake_quantization(fq);
     const Batch batch = step_batch(inputs);
     const std::vector<float> amax_before = learn ? model.parameter("model.layers.1.mlp.down_proj.weight_quantizer._amax").value : std::vector<float>{};
@@ -338,15 +344,8 @@ TEST(SparseTraining, MasksHoldThroughStepsAloneAndWithQat) {
     recipe.sparsity = "2:4";
     recipe.sparse_algo = format == "none" ? "sparsegpt" : "sparsegpt-mask";
     recipe.validate();
-    algo::CalibrationSet calib;
-    const std::vector<std::int32_t> all = ids(inputs.tensor("calib_ids"));
-    calib.sequences.emplace_back(all.begin(), all.begin() + 64);
-    algo::PtqOptions options;
-    options.keep_master_weights = true;
-    std::vector<quant::QuantizedLayer> layers;
-    algo::quantize_checkpoint(ckpt, recipe, calib, options, [&](quant::QuantizedLayer&& l) { layers.push_back(std::move(l)); });
     TrainableModel model = TrainableModel::from_checkpoint(ckpt);
-    auto fq = std::make_shared<FakeQuantization>(std::move(layers), std::nullopt, SteMode::pass_through, model);
+    auto fq = std::make_shared<FakeQuantization>(calibrated_layers(ckpt, inputs, recipe), std::nullopt, SteMode::pass_through, model);
     model.set_fake_quantization(fq);
     std::vector<std::vector<float>> start;
     std::int64_t masked = 0;
