@@ -5,8 +5,9 @@
 # Bible), let it continue a prompt, then quantize it to NVFP4 with an FP8 KV
 # cache (a Hugging Face "modelopt" checkpoint under build/), and evaluate the
 # quantized model against its 16-bit self, and distilled toward it (QAD); then INT4 weights with and without
-# GPTQ, and that model exported for vLLM and llama.cpp; finally the quantized
-# models' speed and memory against the 16-bit model with the quantized kernels.
+# GPTQ, 2:4 sparsity (SparseGPT's mask alone and with its weight update), the
+# GPTQ model exported for vLLM and llama.cpp; finally the quantized and sparse
+# models' speed and memory against the 16-bit model with their kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-models/tiny-kjv}
@@ -42,6 +43,13 @@ for algo in max gptq; do
     --out "build/tiny-kjv-int4-$algo" | tail -2
   build/mopt eval kld "build/tiny-kjv-int4-$algo" --base "$model" --text data/kjv-heldout.txt --ctx 256 | grep -E "ppl|mean"
 done
+echo "== 2:4 sparsity: SparseGPT's mask alone (the reference's mode) against SparseGPT with its weight update"
+for algo in sparsegpt-mask sparsegpt; do
+  rm -rf "build/tiny-kjv-24-$algo"
+  build/mopt quantize "$model" --format none --sparsity 2:4 --sparse-algo "$algo" --calib data/kjv-calib.txt --calib-size 64 --seq-len 256 \
+    --out "build/tiny-kjv-24-$algo" | grep pruned
+  build/mopt eval kld "build/tiny-kjv-24-$algo" --base "$model" --text data/kjv-heldout.txt --ctx 256 | grep -E "ppl|mean"
+done
 echo "== export for the engines: compressed-tensors (vLLM) and GGUF (llama.cpp) from the GPTQ model"
 rm -rf build/tiny-kjv-int4-ct build/tiny-kjv-int4.gguf
 build/mopt export build/tiny-kjv-int4-gptq --to compressed-tensors build/tiny-kjv-int4-ct
@@ -55,4 +63,4 @@ echo "definition:   $(build/mopt eval ppl build/tiny-kjv-nvfp4 --text data/kjv-h
 echo "== INT8 W8A8 (SmoothQuant), then the benchmark: every model against the 16-bit one, in one process"
 rm -rf build/tiny-kjv-int8
 build/mopt quantize "$model" --format int8_sq --calib data/kjv-calib.txt --calib-size 64 --seq-len 256 --out build/tiny-kjv-int8 | tail -1
-build/mopt bench build/tiny-kjv-int4-gptq build/tiny-kjv-int8 build/tiny-kjv-nvfp4 --base "$model" --batch 1,16 --prompt 128 --gen 64 --rounds 3
+build/mopt bench build/tiny-kjv-int4-gptq build/tiny-kjv-int8 build/tiny-kjv-nvfp4 build/tiny-kjv-24-sparsegpt --base "$model" --batch 1,16 --prompt 128 --gen 64 --rounds 3
