@@ -150,6 +150,9 @@ void decode_rows(const std::uint8_t* values, const std::uint32_t* positions, con
 }  // namespace
 
 void Sparse24Linear::dequantize_rows(std::int64_t row0, std::int64_t rows, float* out) const {
+  if (plain_reason_.empty() && cpu_features().avx512f) {
+    return avx512::dequantize_sparse24(type_code(type_), values_.data(), positions_.data(), scales_.data(), in_, row0, row0 + rows, out);
+  }
   switch (type_) {
     case Sparse24Values::bf16: return decode_rows<Sparse24Values::bf16>(values_.data(), positions_.data(), scales_.data(), in_, row0, rows, out);
     case Sparse24Values::int8: return decode_rows<Sparse24Values::int8>(values_.data(), positions_.data(), scales_.data(), in_, row0, rows, out);

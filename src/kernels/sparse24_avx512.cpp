@@ -71,7 +71,51 @@ void gemv_type(const std::uint8_t* values, const std::uint32_t* positions, const
   }
 }
 
+// Which inputs of a group its two kept values sit at (a 4-bit mask), by the group's 4-bit position code.
+constexpr std::uint8_t kKeptMask[16] = {0x1, 0x3, 0x5, 0x9, 0x3, 0x2, 0x6, 0xA, 0x5, 0x6, 0x4, 0xC, 0x9, 0xA, 0xC, 0x8};
+
+template <int Type>
+void decode_rows_type(const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t k, std::int64_t r0,
+                      std::int64_t r1, float* out) {
+  constexpr std::int64_t eb = Type == 0 ? 2 : 1;
+  const std::int64_t chunks = k / 32;
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* vr = values + r * (k / 2) * eb;
+    const std::uint32_t* pr = positions + r * chunks;
+    const __m512 scale = _mm512_set1_ps(Type == 0 ? 1.0f : Type == 1 ? scales[r] : scales[r] * 256.0f);
+    float* o = out + (r - r0) * k;
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      __m512 v;
+      if constexpr (Type == 0) {
+        v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + c * 32))), 16));
+      } else if constexpr (Type == 1) {
+        v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + c * 16))));
+      } else {
+        const __m256i s = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + c * 16)));
+        v = _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(s, 7), _mm256_set1_epi16(static_cast<short>(0xBFFF))));
+      }
+      if constexpr (Type != 0) v = _mm512_mul_ps(v, scale);
+      // The kept inputs of the 32 as a mask; kept values are in input order, eight per 16 inputs, so
+      // expanding them into the mask's lanes puts each at its input and zeros elsewhere.
+      const std::uint32_t word = pr[c];
+      std::uint32_t mask = 0;
+      for (int g = 0; g < 8; ++g) mask |= static_cast<std::uint32_t>(kKeptMask[(word >> (4 * g)) & 15u]) << (4 * g);
+      _mm512_storeu_ps(o + c * 32, _mm512_maskz_expand_ps(static_cast<__mmask16>(mask & 0xFFFF), v));
+      _mm512_storeu_ps(o + c * 32 + 16, _mm512_maskz_expand_ps(static_cast<__mmask16>(mask >> 16), _mm512_shuffle_f32x4(v, v, 0x0E)));
+    }
+  }
+}
+
 }  // namespace
+
+void dequantize_sparse24(int type, const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t k,
+                         std::int64_t r0, std::int64_t r1, float* out) {
+  switch (type) {
+    case 0: return decode_rows_type<0>(values, positions, scales, k, r0, r1, out);
+    case 1: return decode_rows_type<1>(values, positions, scales, k, r0, r1, out);
+    default: return decode_rows_type<2>(values, positions, scales, k, r0, r1, out);
+  }
+}
 
 void gemv_sparse24(int type, const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t k, std::int64_t r0,
                    std::int64_t r1, const float* x, int m, float* y, std::int64_t ldy) {

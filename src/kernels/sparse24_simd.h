@@ -10,4 +10,8 @@ namespace mopt::kernels::avx512 {
 void gemv_sparse24(int type, const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t k, std::int64_t r0,
                    std::int64_t r1, const float* x, int m, float* y, std::int64_t ldy);
 
+// Rows [r0, r1) decoded into f32 rows of k (zeros included), the same values as the plain decoding.
+void dequantize_sparse24(int type, const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t k,
+                         std::int64_t r0, std::int64_t r1, float* out);
+
 }  // namespace mopt::kernels::avx512
