@@ -155,6 +155,35 @@ std::vector<double> GramAccumulator::full(double factor) const {
   return h;
 }
 
+void obs_sweep(std::vector<double>& wd, std::int64_t out, std::int64_t in, const std::vector<double>& u, std::int64_t block,
+               const std::function<void(std::int64_t i)>& before_column,
+               const std::function<double(std::int64_t r, std::int64_t i, double x)>& target) {
+  if (block <= 0) fail("the OBS sweep's block size must be positive (got {})", block);
+  std::vector<double> err(static_cast<std::size_t>(out * block));
+  for (std::int64_t b0 = 0; b0 < in; b0 += block) {
+    const std::int64_t b1 = std::min(b0 + block, in), nb = b1 - b0;
+    for (std::int64_t i = b0; i < b1; ++i) {
+      if (before_column) before_column(i);
+      const double d = u[i * in + i];
+      for (std::int64_t r = 0; r < out; ++r) {
+        double* row = wd.data() + r * in;
+        const double x = row[i];
+        const double q = target(r, i, x);
+        const double e = (x - q) / d;
+        row[i] = q;
+        for (std::int64_t j = i + 1; j < b1; ++j) row[j] -= e * u[i * in + j];
+        err[r * block + (i - b0)] = e;
+      }
+    }
+    if (b1 < in) {
+      // wd[:, b1:] -= err [out, nb] · U[b0:b1, b1:]
+      const BlasOnAllThreads blas;
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(out), static_cast<int>(in - b1), static_cast<int>(nb), -1.0,
+                  err.data(), static_cast<int>(block), u.data() + b0 * in + b1, static_cast<int>(in), 1.0, wd.data() + b1, static_cast<int>(in));
+    }
+  }
+}
+
 std::vector<double> gptq_hessian(const GramAccumulator& gram) { return gram.full(2.0 / static_cast<double>(std::max<std::int64_t>(1, gram.samples()))); }
 
 bool gptq_supports(const quant::QuantizerSpec& spec) {
@@ -225,30 +254,11 @@ GptqResult gptq_quantize(const quant::QuantizerSpec& spec, float* w, std::int64_
     result.error_rtn = base > 0.0 ? weighted_norm(d, out, in, h_undamped) / base : 0.0;
   }
 
-  const std::int64_t B = options.block;
-  std::vector<double> err(static_cast<std::size_t>(out * B));
-  for (std::int64_t b0 = 0; b0 < in; b0 += B) {
-    const std::int64_t b1 = std::min(b0 + B, in), nb = b1 - b0;
-    for (std::int64_t i = b0; i < b1; ++i) {
-      const double d = u[i * in + i];
-      const std::int64_t col = perm[i];
-      for (std::int64_t r = 0; r < out; ++r) {
-        double* row = wd.data() + r * in;
-        const double x = row[i];
-        const bool pruned = options.mask != nullptr && options.mask[r * in + col] == 0;
-        const double q = pruned ? 0.0 : grid(r, col, static_cast<float>(x));
-        const double e = (x - q) / d;
-        row[i] = q;
-        for (std::int64_t j = i + 1; j < b1; ++j) row[j] -= e * u[i * in + j];
-        err[r * B + (i - b0)] = e;
-      }
-    }
-    if (b1 < in) {
-      const BlasOnAllThreads blas;
-      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(out), static_cast<int>(in - b1), static_cast<int>(nb), -1.0,
-                  err.data(), static_cast<int>(B), u.data() + b0 * in + b1, static_cast<int>(in), 1.0, wd.data() + b1, static_cast<int>(in));
-    }
-  }
+  obs_sweep(wd, out, in, u, options.block, nullptr, [&](std::int64_t r, std::int64_t i, double x) {
+    const std::int64_t col = perm[i];
+    const bool pruned = options.mask != nullptr && options.mask[r * in + col] == 0;
+    return pruned ? 0.0 : static_cast<double>(grid(r, col, static_cast<float>(x)));
+  });
   std::vector<double> d(static_cast<std::size_t>(out * in));
   for (std::int64_t r = 0; r < out; ++r) {
     for (std::int64_t j = 0; j < in; ++j) {

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -52,6 +53,15 @@ struct DampedInverse {
   bool fell_back = false;
 };
 DampedInverse damped_inverse_cholesky(const std::vector<double>& h, std::int64_t n, double damp_fraction);
+
+// The lazy-block OBS sweep of GPTQ and SparseGPT over wd [out, in] (f64, row-major) with U from
+// damped_inverse_cholesky: column by column, in blocks of `block` columns, `before_column(i)` runs
+// first (SparseGPT chooses a group's mask there, on the weights as the earlier columns left them),
+// then each row's value x becomes q = target(r, i, x) and its error (x - q) / U_ii is spread over the
+// block's later columns; after each block, over all later columns at once (one BLAS product).
+void obs_sweep(std::vector<double>& wd, std::int64_t out, std::int64_t in, const std::vector<double>& u, std::int64_t block,
+               const std::function<void(std::int64_t i)>& before_column,
+               const std::function<double(std::int64_t r, std::int64_t i, double x)>& target);
 
 // GPTQ's Hessian 2/n * X^T X from a Gram accumulated with unit weights.
 std::vector<double> gptq_hessian(const GramAccumulator& gram);

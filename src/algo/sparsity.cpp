@@ -125,49 +125,24 @@ SparseGptResult sparsegpt_prune(float* w, std::int64_t out, std::int64_t in, std
   result.fell_back = inv.fell_back;
 
   result.mask.assign(static_cast<std::size_t>(out * in), 1);
-  const std::int64_t B = options.block;
-  std::vector<double> err(static_cast<std::size_t>(out * B));
-  for (std::int64_t b0 = 0; b0 < in; b0 += B) {
-    const std::int64_t b1 = std::min(b0 + B, in), nb = b1 - b0;
-    for (std::int64_t i = b0; i < b1; ++i) {
-      const double d = u[i * in + i];
-      if (i % 4 == 0) {  // choose the group's mask on the weights as they are now
-        double inv_d2[4];
-        for (int t = 0; t < 4; ++t) {
-          const double dc = u[(i + t) * in + (i + t)];
-          inv_d2[t] = 1.0 / (dc * dc + 1e-9);
-        }
-        for (std::int64_t r = 0; r < out; ++r) {
-          const double* row = wd.data() + r * in + i;
-          const double score[4] = {row[0] * row[0] * inv_d2[0], row[1] * row[1] * inv_d2[1], row[2] * row[2] * inv_d2[2],
-                                   row[3] * row[3] * inv_d2[3]};  // w² / (U_cc² + 1e-9), as the reference scores
-          const auto [a, b] = keep_two(score);
-          for (int t = 0; t < 4; ++t) result.mask[static_cast<std::size_t>(r * in + i + t)] = (t == a || t == b) ? 1 : 0;
-        }
-      }
-      for (std::int64_t r = 0; r < out; ++r) {
-        double* row = wd.data() + r * in;
-        const double x = row[i];
-        const double q = result.mask[static_cast<std::size_t>(r * in + i)] ? x : 0.0;
-        const double e = (x - q) / d;
-        row[i] = q;
-        for (std::int64_t j = i + 1; j < b1; ++j) row[j] -= e * u[i * in + j];
-        err[r * B + (i - b0)] = e;
-      }
+  // At the first column of each group, its mask from the weights as they are now.
+  const auto choose_group = [&](std::int64_t i) {
+    if (i % 4 != 0) return;
+    double inv_d2[4];
+    for (int t = 0; t < 4; ++t) {
+      const double dc = u[(i + t) * in + (i + t)];
+      inv_d2[t] = 1.0 / (dc * dc + 1e-9);
     }
-    if (b1 < in) {
-      // wd[:, b1:] -= err [out, nb] · U[b0:b1, b1:]
-      for (std::int64_t r = 0; r < out; ++r) {
-        double* row = wd.data() + r * in;
-        for (std::int64_t t = 0; t < nb; ++t) {
-          const double e = err[r * B + t];
-          if (e == 0.0) continue;
-          const double* urow = u.data() + (b0 + t) * in;
-          for (std::int64_t j = b1; j < in; ++j) row[j] -= e * urow[j];
-        }
-      }
+    for (std::int64_t r = 0; r < out; ++r) {
+      const double* row = wd.data() + r * in + i;
+      const double score[4] = {row[0] * row[0] * inv_d2[0], row[1] * row[1] * inv_d2[1], row[2] * row[2] * inv_d2[2],
+                               row[3] * row[3] * inv_d2[3]};  // w² / (U_cc² + 1e-9), as the reference scores
+      const auto [a, b] = keep_two(score);
+      for (int t = 0; t < 4; ++t) result.mask[static_cast<std::size_t>(r * in + i + t)] = (t == a || t == b) ? 1 : 0;
     }
-  }
+  };
+  obs_sweep(wd, out, in, u, options.block, choose_group,
+            [&](std::int64_t r, std::int64_t i, double x) { return result.mask[static_cast<std::size_t>(r * in + i)] ? x : 0.0; });
 
   // The reference's mask is "the updated weight is not zero": a kept weight of a dead input (zeroed
   // above) counts as pruned there, so the mask-only mode does the same.
