@@ -1,7 +1,8 @@
 // The 2:4 sparse Linear kernels against the dense kernels of the same format on the same weights
 // (the zeros in place), side by side in one run: decode (1 row, the weight streaming from memory)
-// and prefill (--rows rows), for bf16, int8 weight-only and FP8 (per-row scales). The decode ratio's
-// bound is the bytes read: 2 -> 1.125 per weight for bf16 (1.78x), 1 -> 0.625 for int8 and FP8 (1.6x).
+// and prefill (--rows rows), for bf16, int8 weight-only, FP8 (per-row scales), int8 W8A8 and INT4 g128.
+// The decode ratio's bound is the bytes read: 2 -> 1.125 per weight for bf16 (1.78x), 1 -> 0.625 for
+// the one-byte formats (1.6x), 0.53 -> 0.41 for INT4 g128 (1.31x).
 //
 //   build/bench/sparse24_bench [--out 8192] [--in 2048] [--rows 512] [--repeats 7]
 //   (default: Llama-3.2-1B's gate/up projection; --out 2048 --in 8192 is its down projection)
@@ -75,21 +76,38 @@ int main(int argc, char** argv) {
                       dense_bf16.size()});
   std::vector<std::vector<kernels::Sparse24Linear>> sparse;
   std::vector<std::vector<kernels::QuantizedLinear>> dense_q;
-  const auto add_sparse = [&](kernels::Sparse24Values type, const std::uint8_t* codes, const std::vector<float>& scales) {
+  const float input_amax = 4.0f;  // W8A8's static input range (inputs of sd 1)
+  // int4: codes = clamp(rint(w / step), -7, 7) with one step for all (groups of 128 keep their own scale entries).
+  const std::int64_t int4_block = 128;
+  std::vector<std::uint8_t> i4(static_cast<std::size_t>(out * in / 2), 0);
+  for (std::size_t i = 0; i < w.size(); ++i) {
+    const int q = static_cast<int>(std::clamp(std::nearbyint(w[i] / 0.08f * 7.0f), -7.0f, 7.0f));
+    i4[i / 2] |= static_cast<std::uint8_t>((q & 15) << (4 * (i % 2)));
+  }
+  const std::vector<float> scales_i4(static_cast<std::size_t>(out * in / int4_block), 0.08f / 7.0f);
+  const auto add_sparse = [&](kernels::Sparse24Values type, const std::uint8_t* codes, const std::vector<float>& scales, bool w8a8 = false) {
+    const auto make = [&] {
+      if (type == kernels::Sparse24Values::int4) return kernels::Sparse24Linear::compress_int4(codes, out, in, int4_block, scales, "bench");
+      return w8a8 ? kernels::Sparse24Linear::compress_w8a8(codes, out, in, scales, input_amax, "bench")
+                  : kernels::Sparse24Linear::compress(type, codes, out, in, scales, "bench");
+    };
     std::vector<kernels::Sparse24Linear> copies;
-    auto first = kernels::Sparse24Linear::compress(type, codes, out, in, scales, "bench");
+    auto first = make();
     if (!first->plain_reason().empty()) fmt::print("note: {} runs the plain loop: {}\n", first->describe(), first->plain_reason());
-    for (std::size_t c = 0; c < copies_for(first->bytes()); ++c) copies.push_back(*kernels::Sparse24Linear::compress(type, codes, out, in, scales, "bench"));
+    for (std::size_t c = 0; c < copies_for(first->bytes()); ++c) copies.push_back(*make());
     sparse.push_back(std::move(copies));
     auto& l = sparse.back();
     variants.push_back({l[0].describe(), l[0].bytes(), [&l, &x, &y](std::int64_t m, std::size_t c) { l[c].forward(x.data(), m, y.data()); }, l.size()});
   };
-  const auto add_dense = [&](kernels::QuantizedWeightType type, const std::vector<std::uint8_t>& codes, const std::vector<float>& scales) {
+  const auto add_dense = [&](kernels::QuantizedWeightType type, const std::vector<std::uint8_t>& codes, const std::vector<float>& scales,
+                             bool w8a8 = false) {
     kernels::QuantizedWeightSource s;
+    s.int8_activations = w8a8;
+    s.input_amax = input_amax;
     s.type = type;
     s.out = out;
     s.in = in;
-    s.block = in;
+    s.block = type == kernels::QuantizedWeightType::int4 ? int4_block : in;
     s.codes = codes;
     s.scales = scales;
     std::vector<kernels::QuantizedLinear> copies;
@@ -99,20 +117,24 @@ int main(int argc, char** argv) {
     auto& l = dense_q.back();
     variants.push_back({l[0].describe() + " dense", l[0].bytes(), [&l, &x, &y](std::int64_t m, std::size_t c) { l[c].forward(x.data(), m, y.data()); }, l.size()});
   };
-  sparse.reserve(3);
-  dense_q.reserve(2);
+  sparse.reserve(5);
+  dense_q.reserve(4);
   add_sparse(kernels::Sparse24Values::bf16, reinterpret_cast<const std::uint8_t*>(bf16.bytes().data()), {});
   add_dense(kernels::QuantizedWeightType::int8, i8, scales_i8);
   add_sparse(kernels::Sparse24Values::int8, i8.data(), scales_i8);
   add_dense(kernels::QuantizedWeightType::e4m3, f8, scales_f8);
   add_sparse(kernels::Sparse24Values::e4m3, f8.data(), scales_f8);
+  add_dense(kernels::QuantizedWeightType::int8, i8, scales_i8, true);
+  add_sparse(kernels::Sparse24Values::int8, i8.data(), scales_i8, true);
+  add_dense(kernels::QuantizedWeightType::int4, i4, scales_i4);
+  add_sparse(kernels::Sparse24Values::int4, i4.data(), scales_i4);
 
   const double bandwidth = eval::measure_read_bandwidth();
   fmt::print("cpu: {}; memory read bandwidth {:.1f} GB/s; weight [{}, {}] pruned 2:4; prefill {} rows; medians of {} runs, variants interleaved\n",
              describe(cpu_features()), bandwidth / 1e9, out, in, rows, repeats);
   std::vector<std::vector<double>> decode, prefill;
   bench::time_variants(variants, rows, repeats, decode, prefill);
-  // Each 2:4 variant against the dense one of its format: bf16 (0) for 1, int8 (2) for 3, fp8 (4) for 5.
+  // Each 2:4 variant against the dense one of its format: bf16 (0) for 1, int8 (2) for 3, fp8 (4) for 5, w8a8 (6) for 7, int4 (8) for 9.
   fmt::print("{:<24} {:>8} {:>12} {:>10} {:>12} {:>15} {:>12}\n", "kernel", "MB", "decode us", "roofline", "decode x", "prefill GFLOP/s", "prefill x");
   const double flops = 2.0 * static_cast<double>(rows * out * in);
   for (std::size_t v = 0; v < variants.size(); ++v) {

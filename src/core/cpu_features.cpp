@@ -49,6 +49,7 @@ CpuFeatures detect_cpu_features() {
     f.avx512bw = bit(ebx, 30);
     f.avx512vl = bit(ebx, 31);
     f.avx512_vnni = bit(ecx, 11);
+    f.avx512_vbmi = bit(ecx, 1);
   }
   __cpuid_count(7, 1, eax, ebx, ecx, edx);
   f.avx_vnni = bit(eax, 4);
@@ -66,7 +67,7 @@ const CpuFeatures& cpu_features() {
       if (l == "scalar") {
         f = CpuFeatures{};
       } else if (l == "avx2") {
-        f.avx512f = f.avx512bw = f.avx512vl = f.avx512_vnni = f.avx512_bf16 = false;
+        f.avx512f = f.avx512bw = f.avx512vl = f.avx512_vnni = f.avx512_vbmi = f.avx512_bf16 = false;
       } else if (l != "native") {
         fail("MOPT_ISA={}: expected scalar, avx2 or native", l);
       }
@@ -105,6 +106,7 @@ std::string describe(const CpuFeatures& f) {
   add(f.avx512bw, "avx512bw");
   add(f.avx512vl, "avx512vl");
   add(f.avx512_vnni, "avx512_vnni");
+  add(f.avx512_vbmi, "avx512_vbmi");
   add(f.avx512_bf16, "avx512_bf16");
   add(f.avx_vnni, "avx_vnni");
   return out.empty() ? "none" : out;

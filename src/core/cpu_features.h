@@ -13,6 +13,7 @@ struct CpuFeatures {
   bool avx512bw = false;
   bool avx512vl = false;
   bool avx512_vnni = false;
+  bool avx512_vbmi = false;  // byte permutes (VPERMB, VPERMT2B, VPMULTISHIFTQB)
   bool avx512_bf16 = false;
   bool avx_vnni = false;
 };

@@ -571,20 +571,37 @@ void set_quantized_linear(StoredLinear& stored, QuantizedRun run, const std::str
     source = kernel_source(stored);
     // A 2:4 weight of int8 (weight-only) or FP8 codes with one scale per row runs the sparse kernels
     // where they pay: with AVX-512 (bench/sparse24_bench: 1.3x the dense kernel's decode; the AVX2
-    // variant only matches the dense one, whose one-byte codes it cannot beat by enough to pay for the gather).
-    const bool sparse_type = cpu_features().avx512f && (source.type == kernels::QuantizedWeightType::e4m3 ||
-                                                        (source.type == kernels::QuantizedWeightType::int8 && !source.int8_activations));
-    if (kernels::sparse_kernels_enabled() && sparse_type && source.block >= source.in &&
-        static_cast<std::int64_t>(source.scales.size()) == source.out) {
+    // variant only matches the dense one, whose one-byte codes it cannot beat by enough to pay for the
+    // gather). W8A8 and INT4 (groups of 64 or more) where their byte-permute kernels run (AVX-512 VBMI
+    // and VNNI, inputs a multiple of 128; 1.6x and 1.1-1.2x the dense decode).
+    const CpuFeatures& cpu = cpu_features();
+    const bool w8a8 = source.type == kernels::QuantizedWeightType::int8 && source.int8_activations;
+    const bool int4 = source.type == kernels::QuantizedWeightType::int4;
+    const bool vbmi = cpu.avx512bw && cpu.avx512_vbmi && cpu.avx512_vnni && source.in % 128 == 0;
+    const bool sparse_type =
+        w8a8 || int4 ? vbmi
+                     : cpu.avx512f && (source.type == kernels::QuantizedWeightType::e4m3 || source.type == kernels::QuantizedWeightType::int8);
+    const std::int64_t groups = source.block > 0 ? (source.in + source.block - 1) / source.block : 0;
+    const std::size_t code_bytes = static_cast<std::size_t>(int4 ? source.out * ((source.in + 1) / 2) : source.out * source.in);
+    if (kernels::sparse_kernels_enabled() && sparse_type && (int4 ? source.block % 64 == 0 : source.block >= source.in) &&
+        static_cast<std::int64_t>(source.scales.size()) == source.out * groups) {
       const auto* codes = !source.codes.empty() ? source.codes.data() : reinterpret_cast<const std::uint8_t*>(source.stored_codes.bytes().data());
-      if (source.codes.size() + source.stored_codes.nbytes() == static_cast<std::size_t>(source.out * source.in)) {
-        sparse = kernels::Sparse24Linear::compress(source.type == kernels::QuantizedWeightType::e4m3 ? kernels::Sparse24Values::e4m3
-                                                                                                     : kernels::Sparse24Values::int8,
-                                                   codes, source.out, source.in, source.scales, fmt::format("{}: {}", dir, stored.name));
+      const std::string label = fmt::format("{}: {}", dir, stored.name);
+      if (source.codes.size() + source.stored_codes.nbytes() == code_bytes) {
+        if (int4) {
+          sparse = kernels::Sparse24Linear::compress_int4(codes, source.out, source.in, source.block, source.scales, label);
+        } else if (w8a8) {
+          sparse = kernels::Sparse24Linear::compress_w8a8(codes, source.out, source.in, source.scales, source.input_amax, label);
+        } else {
+          sparse = kernels::Sparse24Linear::compress(
+              source.type == kernels::QuantizedWeightType::e4m3 ? kernels::Sparse24Values::e4m3 : kernels::Sparse24Values::int8, codes,
+              source.out, source.in, source.scales, label);
+        }
       }
     }
   }
   if (sparse) {
+    input_in_kernel = sparse->int8_activations();
     lin.sparse = std::make_shared<const kernels::Sparse24Linear>(std::move(*sparse));
     stored.weight.weight.release_pages();
     lin.weight = Tensor();

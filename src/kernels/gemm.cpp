@@ -250,21 +250,51 @@ std::int8_t Int8Panels::code(std::int64_t r, std::int64_t c) const {
   return static_cast<std::int8_t>(static_cast<std::uint8_t>(d >> (8 * (c % 4))));
 }
 
-void Int8Panels::multiply(const std::int8_t* x_codes, std::int64_t m, const float* factor, float* y) const {
-  if (m == 0 || n_ == 0) return;
+namespace {
+
+// The int8 product over panels of 64 weight rows: x packed once, then each thread takes whole panels
+// (panel_of(p, r0, rows) gives the packed panel and its offsets) and runs every input row through it.
+template <class PanelOf>
+void gemm_int8_panels(const std::int8_t* x_codes, std::int64_t m, std::int64_t k, std::int64_t n, const float* factor, float* y,
+                      const PanelOf& panel_of) {
+  const std::int64_t quads = ceil_div(k, 4);
   thread_local std::vector<std::uint32_t> xp_buffer;
-  pack_input(m, quads_ * avx512::kRowBlock, xp_buffer, [&](std::int64_t i0, std::int64_t rows, std::uint32_t* block) {
-    avx512::pack_rows_uint8(x_codes + i0 * k_, k_, rows, k_, block);
+  pack_input(m, quads * avx512::kRowBlock, xp_buffer, [&](std::int64_t i0, std::int64_t rows, std::uint32_t* block) {
+    avx512::pack_rows_uint8(x_codes + i0 * k, k, rows, k, block);
   });
   const std::uint32_t* xp = xp_buffer.data();
-  const std::int64_t panels = ceil_div(n_, kPanel);
-  parallel_for(panels, [&](std::int64_t p) {
-    const std::int64_t r0 = p * kPanel;
-    const std::uint32_t* panel = panels_.data() + p * quads_ * kPanel;
-    for (std::int64_t q0 = 0; q0 < quads_; q0 += kQuadsPerPass) {
-      avx512::gemm_int8_panel(xp, quads_, m, q0, std::min(kQuadsPerPass, quads_ - q0), panel + q0 * kPanel, offsets_.data() + p * kPanel,
-                              factor + r0, std::min(kPanel, n_ - r0), y + r0, n_);
+  parallel_for(ceil_div(n, kPanel), [&](std::int64_t p) {
+    const std::int64_t r0 = p * kPanel, rows = std::min(kPanel, n - r0);
+    const auto [panel, offsets] = panel_of(p, r0, rows);
+    for (std::int64_t q0 = 0; q0 < quads; q0 += kQuadsPerPass) {
+      avx512::gemm_int8_panel(xp, quads, m, q0, std::min(kQuadsPerPass, quads - q0), panel + q0 * kPanel, offsets, factor + r0, rows, y + r0, n);
     }
+  });
+}
+
+}  // namespace
+
+void Int8Panels::multiply(const std::int8_t* x_codes, std::int64_t m, const float* factor, float* y) const {
+  if (m == 0 || n_ == 0) return;
+  gemm_int8_panels(x_codes, m, k_, n_, factor, y, [this](std::int64_t p, std::int64_t, std::int64_t) {
+    return std::pair<const std::uint32_t*, const std::int32_t*>(panels_.data() + p * quads_ * kPanel, offsets_.data() + p * kPanel);
+  });
+}
+
+void gemm_int8_rows(const std::int8_t* x_codes, std::int64_t m, std::int64_t k, const WeightRowsInt8& rows_int8, std::int64_t n,
+                    const float* factor, float* y) {
+  if (m == 0 || n == 0) return;
+  const std::int64_t quads = ceil_div(k, 4);
+  gemm_int8_panels(x_codes, m, k, n, factor, y, [&](std::int64_t, std::int64_t r0, std::int64_t rows) {
+    thread_local std::vector<std::int8_t> codes;
+    thread_local std::vector<std::uint32_t> panel;
+    thread_local std::vector<std::int32_t> offsets;
+    codes.resize(static_cast<std::size_t>(kPanel * k));
+    panel.resize(static_cast<std::size_t>(quads * kPanel));
+    offsets.resize(static_cast<std::size_t>(kPanel));
+    rows_int8(r0, rows, codes.data());
+    avx512::pack_panel_int8(codes.data(), k, rows, k, panel.data(), offsets.data());
+    return std::pair<const std::uint32_t*, const std::int32_t*>(panel.data(), offsets.data());
   });
 }
 

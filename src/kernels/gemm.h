@@ -91,6 +91,14 @@ class Int8Panels {
   std::vector<std::int32_t> offsets_;  // [n/64 * 64]
 };
 
+// Writes weight rows [row0, row0 + rows) (rows <= 64), inputs [0, k), as int8 codes into out [rows, k].
+using WeightRowsInt8 = std::function<void(std::int64_t row0, std::int64_t rows, std::int8_t* out)>;
+
+// Int8Panels::multiply for a weight given through `rows_int8` (needs vnni_gemm_available()): each task
+// packs a panel of 64 weight rows of its own and runs every input row through it.
+void gemm_int8_rows(const std::int8_t* x_codes, std::int64_t m, std::int64_t k, const WeightRowsInt8& rows_int8, std::int64_t n,
+                    const float* factor, float* y);
+
 namespace ref {
 // matmul_f32 as plain loops, sums in double.
 void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,

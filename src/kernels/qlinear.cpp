@@ -95,6 +95,19 @@ void parallel_rows_dynamic(std::int64_t n, std::int64_t block, F&& f) {
 
 }  // namespace
 
+void quantize_int8_per64(const float* x, std::int64_t n, std::int8_t* codes, float* steps) {
+  for (std::int64_t c = 0; c < n / 64; ++c) {
+    const float* xc = x + c * 64;
+    float amax = 0.0f;
+    for (int t = 0; t < 64; ++t) amax = std::max(amax, std::fabs(xc[t]));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int t = 0; t < 64; ++t) codes[c * 64 + t] = static_cast<std::int8_t>(std::clamp(std::nearbyint(xc[t] * inv), -127.0f, 127.0f));
+    steps[c] = amax / 127.0f;
+  }
+}
+
+float int8_input_scale(float amax) { return amax > kTinyAmax ? 127.0f / amax : 1.0f; }
+
 void quantize_int8_activations(const float* x, std::int64_t n, float amax, std::int8_t* codes) {
   if (!(amax > kTinyAmax)) {
     std::fill(codes, codes + n, std::int8_t{0});
@@ -169,7 +182,7 @@ QuantizedLinear::QuantizedLinear(QuantizedWeightSource source, const std::string
   if (s.int8_activations) {
     if (s.block < s.in) fail("{}: int8 w8a8 needs one scale per weight row", label);
     // y = sum(qx * qw) * w_scale / (127 / amax): the fake-quantized product, computed on integers.
-    const float x_scale = s.input_amax > kTinyAmax ? 127.0f / s.input_amax : 1.0f;
+    const float x_scale = int8_input_scale(s.input_amax);
     w8a8_factor_.resize(static_cast<std::size_t>(s.out));
     for (std::int64_t r = 0; r < s.out; ++r) w8a8_factor_[static_cast<std::size_t>(r)] = s.scales[static_cast<std::size_t>(r)] / x_scale;
     if (vnni_gemm_available()) {
@@ -278,20 +291,13 @@ void QuantizedLinear::forward_gemv(const float* x, std::int64_t m, float* y) con
       codes.resize(static_cast<std::size_t>(m * k));
       steps.resize(static_cast<std::size_t>(m * chunks));
       offsets.assign(static_cast<std::size_t>(m * groups), 0.0f);
+      quantize_int8_per64(x, m * k, codes.data(), steps.data());
       for (std::int64_t i = 0; i < m; ++i) {
         for (std::int64_t c = 0; c < chunks; ++c) {
-          const float* xc = x + i * k + c * 64;
-          std::int8_t* qc = codes.data() + i * k + c * 64;
-          float amax = 0.0f;
-          for (int t = 0; t < 64; ++t) amax = std::max(amax, std::fabs(xc[t]));
-          const float step = amax / 127.0f;
-          const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+          const std::int8_t* qc = codes.data() + i * k + c * 64;
           std::int32_t sum[2] = {0, 0};
-          for (int t = 0; t < 64; ++t) {
-            qc[t] = static_cast<std::int8_t>(std::clamp(std::nearbyint(xc[t] * inv), -127.0f, 127.0f));
-            sum[t / 32] += qc[t];
-          }
-          steps[static_cast<std::size_t>(i * chunks + c)] = step;
+          for (int t = 0; t < 64; ++t) sum[t / 32] += qc[t];
+          const float step = steps[static_cast<std::size_t>(i * chunks + c)];
           for (int h = 0; h < 2; ++h) offsets[static_cast<std::size_t>(i * groups + (c * 64 + h * 32) / s.block)] += step * static_cast<float>(sum[h]);
         }
       }
@@ -403,7 +409,7 @@ void quantized_linear_forward(const QuantizedWeightSource& s, const float* x, st
   // The fake-quantized input: clamp(rint(x * 127/amax), -128, 127) / (127/amax).
   std::vector<std::int8_t> q(static_cast<std::size_t>(m * s.in));
   quantize_int8_activations(x, m * s.in, s.input_amax, q.data());
-  const float x_scale = s.input_amax > kTinyAmax ? 127.0f / s.input_amax : 1.0f;
+  const float x_scale = int8_input_scale(s.input_amax);
   std::vector<float> xf(q.size());
   for (std::size_t i = 0; i < q.size(); ++i) xf[i] = static_cast<float>(q[i]) / x_scale;
   kernels::ref::gemm_f32(xf.data(), m, s.in, w.data(), s.out, y);

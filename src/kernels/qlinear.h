@@ -128,6 +128,13 @@ class QuantizedLinear {
 
 // int8 activation codes as W8A8 quantizes them: clamp(rint(x * (127 / amax)), -128, 127).
 void quantize_int8_activations(const float* x, std::int64_t n, float amax, std::int8_t* codes);
+// The INT4 GEMV's input: each 64 values (n a multiple of 64) rounded to int8 codes
+// clamp(rint(x * 127 / amax), -127, 127) with amax their largest |x|; steps[n / 64] = amax / 127
+// (the codes times the step approximate x).
+void quantize_int8_per64(const float* x, std::int64_t n, std::int8_t* codes, float* steps);
+// The scale those codes are the input times: 127 / amax, or 1 for an amax at or below 2^-24 (every
+// code then 0).
+float int8_input_scale(float amax);
 
 namespace ref {
 // The f32 weight [out, in] a source stands for, read from its natural layout.

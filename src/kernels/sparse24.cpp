@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "core/thread_pool.h"
 #include "kernels/linear.h"
+#include "kernels/qlinear.h"
 #include "kernels/qlinear_simd.h"
 #include "kernels/sparse24_simd.h"
 
@@ -22,7 +23,8 @@ std::size_t element_bytes(Sparse24Values t) { return t == Sparse24Values::bf16 ?
 bool is_zero(Sparse24Values t, const std::uint8_t* p) {
   switch (t) {
     case Sparse24Values::bf16: return ((static_cast<unsigned>(p[1]) << 8 | p[0]) & 0x7FFFu) == 0;
-    case Sparse24Values::int8: return p[0] == 0;
+    case Sparse24Values::int8:
+    case Sparse24Values::int4: return p[0] == 0;
     case Sparse24Values::e4m3: return (p[0] & 0x7F) == 0;
   }
   return false;
@@ -33,11 +35,29 @@ float value_of(Sparse24Values t, const std::uint8_t* p, float scale) {
     case Sparse24Values::bf16: return bf16_to_f32(static_cast<std::uint16_t>(p[1] << 8 | p[0]));
     case Sparse24Values::int8: return static_cast<float>(static_cast<std::int8_t>(p[0])) * scale;
     case Sparse24Values::e4m3: return e4m3_to_f32(p[0]) * scale;
+    case Sparse24Values::int4: break;  // nibbles: int4_kept
   }
   return 0.0f;
 }
 
 int type_code(Sparse24Values t) { return t == Sparse24Values::bf16 ? 0 : t == Sparse24Values::int8 ? 1 : 2; }
+
+// Kept value t of an INT4 row: per 64 kept values (128 inputs) 32 bytes, byte j holding kept value j in
+// its low nibble and j + 32 in its high one, biased by 8.
+inline std::int64_t int4_byte(std::int64_t t) { return (t / 64) * 32 + t % 32; }
+inline int int4_shift(std::int64_t t) { return 4 * static_cast<int>((t / 32) % 2); }
+inline int int4_kept(const std::uint8_t* row_values, std::int64_t t) { return static_cast<int>((row_values[int4_byte(t)] >> int4_shift(t)) & 15u) - 8; }
+
+// INT4's input: per 64 values rounded to int8 (the dense INT4 GEMV's rounding).
+struct RoundedInput {
+  std::vector<std::int8_t> codes;
+  std::vector<float> steps;
+};
+void round_input(const float* x, std::int64_t m, std::int64_t k, RoundedInput& r) {
+  r.codes.resize(static_cast<std::size_t>(m * k));
+  r.steps.resize(static_cast<std::size_t>(m * k / 64));
+  quantize_int8_per64(x, m * k, r.codes.data(), r.steps.data());
+}
 
 // The input column of kept value t (0..in/2) of a row.
 inline std::int64_t kept_column(const std::uint32_t* row_positions, std::int64_t t) {
@@ -58,6 +78,7 @@ bool sparse_kernels_enabled() {
 std::optional<Sparse24Linear> Sparse24Linear::compress(Sparse24Values type, const std::uint8_t* codes, std::int64_t out, std::int64_t in,
                                                        std::vector<float> row_scales, const std::string& label) {
   if (out <= 0 || in <= 0) fail("{}: a 2:4 weight of [{}, {}]", label, out, in);
+  if (type == Sparse24Values::int4) fail("{}: INT4 2:4 weights come through compress_int4", label);
   if (type != Sparse24Values::bf16 && static_cast<std::int64_t>(row_scales.size()) != out) {
     fail("{}: {} row scales for {} rows", label, row_scales.size(), out);
   }
@@ -82,6 +103,7 @@ std::optional<Sparse24Linear> Sparse24Linear::compress(Sparse24Values type, cons
   w.out_ = out;
   w.in_ = in;
   w.scales_ = std::move(row_scales);
+  w.block_ = in;
   const std::int64_t half = in / 2, words = (in + 31) / 32;
   w.values_.assign(static_cast<std::size_t>(out * half) * eb, 0);
   w.positions_.assign(static_cast<std::size_t>(out * words), 0u);
@@ -110,11 +132,82 @@ std::optional<Sparse24Linear> Sparse24Linear::compress(Sparse24Values type, cons
   return w;
 }
 
+std::optional<Sparse24Linear> Sparse24Linear::compress_int4(const std::uint8_t* codes, std::int64_t out, std::int64_t in, std::int64_t block,
+                                                            std::vector<float> scales, const std::string& label) {
+  if (out <= 0 || in <= 0 || block <= 0) fail("{}: an INT4 2:4 weight of [{}, {}] in groups of {}", label, out, in, block);
+  const std::int64_t groups = (in + block - 1) / block;
+  if (static_cast<std::int64_t>(scales.size()) != out * groups) fail("{}: {} INT4 scales for {} rows of {} groups", label, scales.size(), out, groups);
+  for (const float v : scales) {
+    if (!std::isfinite(v)) fail("{}: an INT4 group scale is {}", label, v);
+  }
+  if (block % 64 != 0 || in % 128 != 0) return std::nullopt;
+  // The nibbles as int8 bytes, compressed as an int8 weight, the kept values packed back into nibbles.
+  const std::int64_t row_bytes = (in + 1) / 2;
+  std::vector<std::uint8_t> bytes(static_cast<std::size_t>(out * in));
+  for (std::int64_t r = 0; r < out; ++r) {
+    for (std::int64_t c = 0; c < in; ++c) {
+      const unsigned nibble = (codes[r * row_bytes + c / 2] >> (4 * (c & 1))) & 15u;
+      bytes[static_cast<std::size_t>(r * in + c)] = static_cast<std::uint8_t>(static_cast<std::int8_t>((nibble ^ 8u) - 8u));
+    }
+  }
+  auto w = compress(Sparse24Values::int8, bytes.data(), out, in, std::vector<float>(static_cast<std::size_t>(out), 1.0f), label);
+  if (!w) return w;
+  const std::int64_t half = in / 2;
+  std::vector<std::uint8_t> nibbles(static_cast<std::size_t>(out * half / 2), 0);
+  for (std::int64_t r = 0; r < out; ++r) {
+    for (std::int64_t t = 0; t < half; ++t) {
+      const auto biased = static_cast<unsigned>(static_cast<std::int8_t>(w->values_[static_cast<std::size_t>(r * half + t)]) + 8);
+      nibbles[static_cast<std::size_t>(r * (half / 2) + int4_byte(t))] |= static_cast<std::uint8_t>(biased << int4_shift(t));
+    }
+  }
+  w->type_ = Sparse24Values::int4;
+  w->values_ = std::move(nibbles);
+  w->scales_ = std::move(scales);
+  w->block_ = block;
+  const CpuFeatures& f = cpu_features();
+  if (!(f.avx512bw && f.avx512_vbmi && f.avx512_vnni)) {
+    w->plain_reason_ = "the INT4 2:4 kernel needs AVX-512 BW, VBMI and VNNI";
+  } else {
+    w->plain_reason_.clear();
+  }
+  return w;
+}
+
+std::optional<Sparse24Linear> Sparse24Linear::compress_w8a8(const std::uint8_t* codes, std::int64_t out, std::int64_t in,
+                                                            std::vector<float> row_scales, float input_amax, const std::string& label) {
+  if (!std::isfinite(input_amax) || input_amax < 0.0f) fail("{}: the W8A8 input amax is {}", label, input_amax);
+  auto w = compress(Sparse24Values::int8, codes, out, in, std::move(row_scales), label);
+  if (!w) return w;
+  w->int8_activations_ = true;
+  w->input_amax_ = input_amax;
+  // As QuantizedLinear's W8A8: y = sum(qx * qw) * w_scale / (127 / amax).
+  const float x_scale = int8_input_scale(input_amax);
+  const std::int64_t half = in / 2;
+  w->factors_.resize(static_cast<std::size_t>(out));
+  w->offsets_.resize(static_cast<std::size_t>(out));
+  for (std::int64_t r = 0; r < out; ++r) {
+    w->factors_[static_cast<std::size_t>(r)] = w->scales_[static_cast<std::size_t>(r)] / x_scale;
+    std::int32_t sum = 0;
+    for (std::int64_t t = 0; t < half; ++t) sum += static_cast<std::int8_t>(w->values_[static_cast<std::size_t>(r * half + t)]);
+    w->offsets_[static_cast<std::size_t>(r)] = 128 * sum;
+  }
+  const CpuFeatures& f = cpu_features();
+  if (in % 128 != 0) {
+    w->plain_reason_ = fmt::format("{} inputs is not a multiple of 128 (the W8A8 2:4 kernel reads 128 inputs at a time)", in);
+  } else if (!(f.avx512bw && f.avx512_vbmi && f.avx512_vnni)) {
+    w->plain_reason_ = "the W8A8 2:4 kernel needs AVX-512 BW, VBMI and VNNI";
+  } else {
+    w->plain_reason_.clear();
+  }
+  return w;
+}
+
 std::string Sparse24Linear::describe() const {
   switch (type_) {
     case Sparse24Values::bf16: return "bf16 2:4";
-    case Sparse24Values::int8: return "int8 weight-only 2:4";
+    case Sparse24Values::int8: return int8_activations_ ? "int8 w8a8 2:4" : "int8 weight-only 2:4";
     case Sparse24Values::e4m3: return "fp8 2:4";
+    case Sparse24Values::int4: return fmt::format("int4 g{} 2:4", block_);
   }
   return "?";
 }
@@ -147,9 +240,30 @@ void decode_rows(const std::uint8_t* values, const std::uint32_t* positions, con
   }
 }
 
+void decode_rows_int4(const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t in, std::int64_t block,
+                      std::int64_t row0, std::int64_t rows, float* out) {
+  const std::int64_t half = in / 2, words = (in + 31) / 32, groups = (in + block - 1) / block;
+  for (std::int64_t r = row0; r < row0 + rows; ++r) {
+    const std::uint8_t* vals = values + r * (half / 2);
+    const std::uint32_t* pos = positions + r * words;
+    float* o = out + (r - row0) * in;
+    std::fill(o, o + in, 0.0f);
+    for (std::int64_t t = 0; t < half; ++t) {
+      const std::int64_t col = kept_column(pos, t);
+      o[col] = static_cast<float>(int4_kept(vals, t)) * scales[r * groups + col / block];
+    }
+  }
+}
+
 }  // namespace
 
 void Sparse24Linear::dequantize_rows(std::int64_t row0, std::int64_t rows, float* out) const {
+  if (type_ == Sparse24Values::int4) {
+    if (cpu_features().avx512f) {
+      return avx512::dequantize_sparse24_int4(values_.data(), positions_.data(), scales_.data(), block_, in_, row0, row0 + rows, out);
+    }
+    return decode_rows_int4(values_.data(), positions_.data(), scales_.data(), in_, block_, row0, rows, out);
+  }
   if (plain_reason_.empty() && cpu_features().avx512f) {
     return avx512::dequantize_sparse24(type_code(type_), values_.data(), positions_.data(), scales_.data(), in_, row0, row0 + rows, out);
   }
@@ -157,7 +271,39 @@ void Sparse24Linear::dequantize_rows(std::int64_t row0, std::int64_t rows, float
     case Sparse24Values::bf16: return decode_rows<Sparse24Values::bf16>(values_.data(), positions_.data(), scales_.data(), in_, row0, rows, out);
     case Sparse24Values::int8: return decode_rows<Sparse24Values::int8>(values_.data(), positions_.data(), scales_.data(), in_, row0, rows, out);
     case Sparse24Values::e4m3: return decode_rows<Sparse24Values::e4m3>(values_.data(), positions_.data(), scales_.data(), in_, row0, rows, out);
+    case Sparse24Values::int4: break;  // above
   }
+}
+
+void Sparse24Linear::gemv_int4(const float* x, std::int64_t m, float* y) const {
+  const std::int64_t k = in_, n = out_, half = in_ / 2, words = (in_ + 31) / 32, groups = (in_ + block_ - 1) / block_;
+  thread_local RoundedInput rounded;
+  round_input(x, m, k, rounded);
+  const std::int8_t* codes = rounded.codes.data();  // thread_local: the workers must see this thread's buffers
+  const float* steps = rounded.steps.data();
+  if (plain_reason_.empty()) {
+    const int mi = static_cast<int>(m);
+    parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+      avx512::gemv_sparse24_int4(values_.data(), positions_.data(), scales_.data(), block_, k, r0, r1, codes, steps, mi, y, n);
+    });
+    return;
+  }
+  // Per 64 inputs the exact int32 sum of the kept products, times that block's step and group scale.
+  parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t r = r0; r < r1; ++r) {
+      const std::uint8_t* vals = values_.data() + r * (half / 2);
+      const std::uint32_t* pos = positions_.data() + r * words;
+      for (std::int64_t i = 0; i < m; ++i) {
+        float acc = 0.0f;
+        for (std::int64_t b = 0; b < k / 64; ++b) {
+          std::int32_t sum = 0;
+          for (std::int64_t t = 32 * b; t < 32 * b + 32; ++t) sum += int4_kept(vals, t) * codes[i * k + kept_column(pos, t)];
+          acc += static_cast<float>(sum) * (steps[i * (k / 64) + b] * scales_[static_cast<std::size_t>(r * groups + (64 * b) / block_)]);
+        }
+        y[i * n + r] = acc;
+      }
+    }
+  });
 }
 
 void Sparse24Linear::gemv_plain(const float* x, std::int64_t m, float* y) const {
@@ -177,10 +323,57 @@ void Sparse24Linear::gemv_plain(const float* x, std::int64_t m, float* y) const 
   });
 }
 
+void Sparse24Linear::forward_w8a8(const float* x, std::int64_t m, float* y) const {
+  const std::int64_t k = in_, n = out_, half = in_ / 2, words = (in_ + 31) / 32;
+  thread_local std::vector<std::int8_t> xq;
+  xq.resize(static_cast<std::size_t>(m * k));
+  std::int8_t* codes = xq.data();  // thread_local: the workers must see this thread's buffer
+  const bool fast = plain_reason_.empty(), tiles = fast && m > kGemvMaxRows;
+  parallel_ranges(m, 16, [&](std::int64_t i0, std::int64_t i1) {
+    quantize_int8_activations(x + i0 * k, (i1 - i0) * k, input_amax_, codes + i0 * k);
+    // The kernel multiplies unsigned bytes: the codes biased by 128 (offsets_ takes the bias back out).
+    if (fast && !tiles) {
+      for (std::int64_t i = i0 * k; i < i1 * k; ++i) codes[i] = static_cast<std::int8_t>(static_cast<std::uint8_t>(codes[i]) ^ 0x80u);
+    }
+  });
+  if (tiles) {
+    // Prefill: panels of 64 weight rows decoded to int8 (zeros included) for the dense int8 GEMM,
+    // which outruns the gathering kernel once many input rows share each weight row.
+    gemm_int8_rows(
+        codes, m, k,
+        [this](std::int64_t r0, std::int64_t rows, std::int8_t* out) {
+          avx512::decode_sparse24_int8(reinterpret_cast<const std::int8_t*>(values_.data()), positions_.data(), in_, r0, r0 + rows, out);
+        },
+        n, factors_.data(), y);
+    return;
+  }
+  if (fast) {
+    const auto* xu = reinterpret_cast<const std::uint8_t*>(codes);
+    const auto* vals = reinterpret_cast<const std::int8_t*>(values_.data());
+    parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+      avx512::gemm_sparse24_w8a8(vals, positions_.data(), offsets_.data(), factors_.data(), k, r0, r1, xu, m, y, n);
+    });
+    return;
+  }
+  parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t r = r0; r < r1; ++r) {
+      const auto* vals = reinterpret_cast<const std::int8_t*>(values_.data()) + r * half;
+      const std::uint32_t* pos = positions_.data() + r * words;
+      for (std::int64_t i = 0; i < m; ++i) {
+        std::int32_t acc = 0;
+        for (std::int64_t t = 0; t < half; ++t) acc += static_cast<std::int32_t>(codes[i * k + kept_column(pos, t)]) * vals[t];
+        y[i * n + r] = static_cast<float>(acc) * factors_[static_cast<std::size_t>(r)];
+      }
+    }
+  });
+}
+
 void Sparse24Linear::forward(const float* x, std::int64_t m, float* y, Precision precision) const {
   if (m <= 0) return;
+  if (int8_activations_) return forward_w8a8(x, m, y);
   const std::int64_t k = in_, n = out_;
   if (m <= kGemvMaxRows) {
+    if (type_ == Sparse24Values::int4) return gemv_int4(x, m, y);
     if (!plain_reason_.empty()) return gemv_plain(x, m, y);
     const int mi = static_cast<int>(m);
     const bool avx512 = cpu_features().avx512f;
@@ -200,6 +393,43 @@ namespace ref {
 void sparse24_forward(const Sparse24Linear& w, const float* x, std::int64_t m, float* y) {
   const std::size_t eb = element_bytes(w.type());
   const std::int64_t half = w.in() / 2, words = (w.in() + 31) / 32, k = w.in(), n = w.out();
+  if (w.type() == Sparse24Values::int4) {
+    // Decode (m <= kGemvMaxRows) rounds the input per 64 values as the kernels do; prefill keeps f32.
+    const bool rounded = m <= kGemvMaxRows;
+    RoundedInput q;
+    if (rounded) round_input(x, m, k, q);
+    const std::int64_t groups = (k + w.block() - 1) / w.block();
+    for (std::int64_t r = 0; r < n; ++r) {
+      const std::uint8_t* vals = w.values().data() + r * (half / 2);
+      const std::uint32_t* pos = w.positions().data() + r * words;
+      for (std::int64_t i = 0; i < m; ++i) {
+        double acc = 0.0;
+        for (std::int64_t t = 0; t < half; ++t) {
+          const std::int64_t col = kept_column(pos, t);
+          const double xv = rounded ? static_cast<double>(q.codes[static_cast<std::size_t>(i * k + col)]) * q.steps[static_cast<std::size_t>(i * (k / 64) + col / 64)]
+                                    : static_cast<double>(x[i * k + col]);
+          acc += static_cast<double>(int4_kept(vals, t)) * w.scales()[static_cast<std::size_t>(r * groups + col / w.block())] * xv;
+        }
+        y[i * n + r] = static_cast<float>(acc);
+      }
+    }
+    return;
+  }
+  if (w.int8_activations()) {
+    std::vector<std::int8_t> q(static_cast<std::size_t>(m * k));
+    quantize_int8_activations(x, m * k, w.input_amax(), q.data());
+    const float x_scale = int8_input_scale(w.input_amax());
+    for (std::int64_t r = 0; r < n; ++r) {
+      const auto* vals = reinterpret_cast<const std::int8_t*>(w.values().data()) + r * half;
+      const std::uint32_t* pos = w.positions().data() + r * words;
+      for (std::int64_t i = 0; i < m; ++i) {
+        std::int64_t acc = 0;
+        for (std::int64_t t = 0; t < half; ++t) acc += std::int64_t{q[static_cast<std::size_t>(i * k + kept_column(pos, t))]} * vals[t];
+        y[i * n + r] = static_cast<float>(acc) * (w.scales()[static_cast<std::size_t>(r)] / x_scale);
+      }
+    }
+    return;
+  }
   for (std::int64_t r = 0; r < n; ++r) {
     const std::uint8_t* vals = w.values().data() + static_cast<std::size_t>(r * half) * eb;
     const std::uint32_t* pos = w.positions().data() + r * words;

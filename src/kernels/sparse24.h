@@ -7,6 +7,8 @@
 //   bf16     2    -> 1.125                      1.78x
 //   int8     1    -> 0.625 (+ a scale per row)  1.6x   (W8A16)
 //   e4m3     1    -> 0.625 (+ a scale per row)  1.6x   (FP8 weights, per tensor or per channel)
+//   int8     1    -> 0.625 (+ scale and sum)    1.6x   (W8A8: the input quantized to int8 here)
+//   int4     0.5  -> 0.375 (+ scales per group) 1.31x  (W4A16, g128; INT4 AWQ)
 //
 // Layout per row: values[in / 2] in group order; positions as one 32-bit word per 32 inputs, kept
 // value t of that chunk (t = 0..15, two per group, lower position first) at bits 2t..2t+1. A group
@@ -17,6 +19,20 @@
 // into f32 (zeros included) for the BLAS or bf16 GEMM as the dense weights do; every product is the
 // same sum of the same non-zero terms as the dense kernel's, in another order. A plain loop runs when
 // the CPU lacks AVX2 or `in` is not a multiple of 32 (described by plain_reason()).
+//
+// W8A8 (compress_w8a8): the input is quantized to int8 codes as the dense W8A8 kernel does, and every
+// product is an exact int32 sum times the same factor, so the output equals the dense kernel's bit for
+// bit. Its kernel (AVX-512 VBMI and VNNI, `in` a multiple of 128) gathers 64 input codes per 128 inputs
+// with one two-source byte permute (VPERMT2B) and multiplies them with VPDPBUSD; prefill decodes panels
+// of 64 weight rows into int8 for the dense int8 GEMM (gemm_int8_rows).
+//
+// INT4 (compress_int4: two's complement nibbles, one f32 scale per `block` inputs of a row, block a
+// multiple of 64, `in` of 128): the kept values as nibbles biased by 8, per 128 inputs 32 bytes with
+// kept value j in the low nibble of byte j and j + 32 in its high one (one shift and one AND spread
+// them to bytes). Its decode kernel (AVX-512 VBMI and VNNI) rounds the input to
+// int8 per 64 values exactly as the dense INT4 GEMV does (quantize_int8_per64), gathers the codes as
+// the W8A8 kernel does and sums 64 products per VPDPBUSD; the plain loop and the twin round the same
+// way. Prefill decodes f32 tiles (f32 input) as the dense INT4 weights do.
 #pragma once
 
 #include <cstdint>
@@ -28,7 +44,7 @@
 
 namespace mopt::kernels {
 
-enum class Sparse24Values { bf16, int8, e4m3 };
+enum class Sparse24Values { bf16, int8, e4m3, int4 };
 
 class Sparse24Linear {
  public:
@@ -38,12 +54,26 @@ class Sparse24Linear {
   // naming `label` for inconsistent sizes or a NaN E4M3 code.
   static std::optional<Sparse24Linear> compress(Sparse24Values type, const std::uint8_t* codes, std::int64_t out, std::int64_t in,
                                                 std::vector<float> row_scales, const std::string& label);
+  // An int8 W8A8 weight (codes, one scale per row) whose input is quantized with
+  // clamp(rint(x * 127 / input_amax), -128, 127), as kernels::QuantizedLinear's W8A8.
+  // An INT4 weight: codes as QuantizedWeightSource's int4 (two's complement nibbles, even column in
+  // the low nibble, rows of ceil(in / 2) bytes), scales [out, in / block]; block a multiple of 64 and
+  // `in` of 128 (else nothing: the dense kernels keep it).
+  static std::optional<Sparse24Linear> compress_int4(const std::uint8_t* codes, std::int64_t out, std::int64_t in, std::int64_t block,
+                                                     std::vector<float> scales, const std::string& label);
+  static std::optional<Sparse24Linear> compress_w8a8(const std::uint8_t* codes, std::int64_t out, std::int64_t in,
+                                                     std::vector<float> row_scales, float input_amax, const std::string& label);
 
   std::int64_t out() const { return out_; }
   std::int64_t in() const { return in_; }
   Sparse24Values type() const { return type_; }
-  std::uint64_t bytes() const { return values_.size() + positions_.size() * 4 + scales_.size() * 4; }
-  // "bf16 2:4", "int8 weight-only 2:4", "fp8 2:4"
+  // W8A8: the input is quantized to int8 inside forward().
+  bool int8_activations() const { return int8_activations_; }
+  float input_amax() const { return input_amax_; }
+  // Inputs per scale along a row: `in` but for INT4.
+  std::int64_t block() const { return block_; }
+  std::uint64_t bytes() const { return values_.size() + positions_.size() * 4 + scales_.size() * 4 + offsets_.size() * 4; }
+  // "bf16 2:4", "int8 weight-only 2:4", "int8 w8a8 2:4", "fp8 2:4", "int4 g128 2:4"
   std::string describe() const;
   // Empty when the AVX2 kernel runs it; else why the plain loop does.
   const std::string& plain_reason() const { return plain_reason_; }
@@ -57,16 +87,27 @@ class Sparse24Linear {
   const std::vector<std::uint8_t>& values() const { return values_; }
   const std::vector<std::uint32_t>& positions() const { return positions_; }
   const std::vector<float>& scales() const { return scales_; }
+  // W8A8: per row weight scale / input scale, and 128 x the sum of the row's codes (the input codes
+  // are multiplied biased by 128, as unsigned bytes).
+  const std::vector<float>& w8a8_factors() const { return factors_; }
+  const std::vector<std::int32_t>& w8a8_offsets() const { return offsets_; }
 
  private:
   Sparse24Linear() = default;
   void gemv_plain(const float* x, std::int64_t m, float* y) const;
+  void forward_w8a8(const float* x, std::int64_t m, float* y) const;
+  void gemv_int4(const float* x, std::int64_t m, float* y) const;
 
   Sparse24Values type_ = Sparse24Values::bf16;
   std::int64_t out_ = 0, in_ = 0;
-  std::vector<std::uint8_t> values_;     // [out, in/2] elements of the type (2 bytes for bf16)
+  std::vector<std::uint8_t> values_;     // [out, in/2] elements of the type (2 bytes for bf16, a nibble for int4)
   std::vector<std::uint32_t> positions_;  // [out, ceil(in/32)]
-  std::vector<float> scales_;            // [out] (int8, e4m3)
+  std::vector<float> scales_;            // [out] (int8, e4m3); [out, in / block] (int4)
+  std::int64_t block_ = 0;
+  bool int8_activations_ = false;
+  float input_amax_ = 0.0f;
+  std::vector<float> factors_;         // [out] (W8A8)
+  std::vector<std::int32_t> offsets_;  // [out] (W8A8)
   std::string plain_reason_;
 };
 
@@ -74,7 +115,8 @@ class Sparse24Linear {
 bool sparse_kernels_enabled();
 
 namespace ref {
-// The plain twin of Sparse24Linear::forward: each kept value decoded and multiplied in input order.
+// The plain twin of Sparse24Linear::forward: each kept value decoded and multiplied in input order
+// (W8A8: the input's int8 codes times the weight's, summed exactly, times the row's factor).
 void sparse24_forward(const Sparse24Linear& w, const float* x, std::int64_t m, float* y);
 }
 

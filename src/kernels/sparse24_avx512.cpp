@@ -1,6 +1,7 @@
 // The AVX-512 GEMV of the 2:4 sparse Linear (kernels/sparse24.h): 32 inputs (16 kept values) per
 // step, the input gathered from its two 16-float halves by one two-source permute (VPERMT2PS) with
-// the index 4 * group + position built from the packed 2-bit positions.
+// the index 4 * group + position built from the packed 2-bit positions. W8A8's kernel, on bytes, is in
+// sparse24_avx512_vbmi.cpp.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -107,6 +108,30 @@ void decode_rows_type(const std::uint8_t* values, const std::uint32_t* positions
 }
 
 }  // namespace
+
+void dequantize_sparse24_int4(const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t block, std::int64_t k,
+                              std::int64_t r0, std::int64_t r1, float* out) {
+  const std::int64_t chunks = k / 32, groups = (k + block - 1) / block;
+  const __m512i eight = _mm512_set1_epi32(8), low = _mm512_set1_epi32(15);
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* vr = values + r * (k / 4);
+    const std::uint32_t* pr = positions + r * chunks;
+    float* o = out + (r - r0) * k;
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      // Chunk c of its 128-input step: kept values 16 (c % 4) .. + 15, the low nibbles of bytes 0-31 for
+      // the first two chunks, the high nibbles for the last two.
+      const std::uint8_t* bytes = vr + (c / 4) * 32 + (c % 2) * 16;
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+      const __m512i q = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(b, static_cast<unsigned>(4 * ((c / 2) % 2))), low), eight);
+      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(scales[r * groups + (c * 32) / block]));
+      const std::uint32_t word = pr[c];
+      std::uint32_t mask = 0;
+      for (int g = 0; g < 8; ++g) mask |= static_cast<std::uint32_t>(kKeptMask[(word >> (4 * g)) & 15u]) << (4 * g);
+      _mm512_storeu_ps(o + c * 32, _mm512_maskz_expand_ps(static_cast<__mmask16>(mask & 0xFFFF), v));
+      _mm512_storeu_ps(o + c * 32 + 16, _mm512_maskz_expand_ps(static_cast<__mmask16>(mask >> 16), _mm512_shuffle_f32x4(v, v, 0x0E)));
+    }
+  }
+}
 
 void dequantize_sparse24(int type, const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t k,
                          std::int64_t r0, std::int64_t r1, float* out) {

@@ -14,4 +14,25 @@ void gemv_sparse24(int type, const std::uint8_t* values, const std::uint32_t* po
 void dequantize_sparse24(int type, const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t k,
                          std::int64_t r0, std::int64_t r1, float* out);
 
+// INT4 rows [r0, r1) (Sparse24Linear's int4 layout, k % 128 == 0, block % 32 == 0) decoded into f32 rows
+// of k, as the plain decoding (AVX-512 F).
+void dequantize_sparse24_int4(const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t block, std::int64_t k,
+                              std::int64_t r0, std::int64_t r1, float* out);
+
+// W8A8 (after the check for AVX-512 BW, VBMI and VNNI; k % 128 == 0): y[i * ldy + r] =
+// (sum_t x_u8[i * k + column(t)] * value(t) - offsets[r]) * factors[r] for weight rows [r0, r1) and input
+// rows [0, m), the input given as int8 codes biased by 128 (unsigned bytes).
+void gemm_sparse24_w8a8(const std::int8_t* values, const std::uint32_t* positions, const std::int32_t* offsets, const float* factors,
+                        std::int64_t k, std::int64_t r0, std::int64_t r1, const std::uint8_t* x_u8, std::int64_t m, float* y, std::int64_t ldy);
+
+// W8A8 rows [r0, r1) decoded into int8 rows of k (zeros included), same check and k as above.
+void decode_sparse24_int8(const std::int8_t* values, const std::uint32_t* positions, std::int64_t k, std::int64_t r0, std::int64_t r1,
+                          std::int8_t* out);
+
+// INT4 (same check, k % 128 == 0, block % 64 == 0, m <= 4): values as Sparse24Linear's int4 layout,
+// scales [rows, ceil(k / block)], the input as quantize_int8_per64 rounds it (codes [m, k], steps
+// [m, k / 64]); y[i * ldy + r] for weight rows [r0, r1).
+void gemv_sparse24_int4(const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t block, std::int64_t k,
+                        std::int64_t r0, std::int64_t r1, const std::int8_t* x_codes, const float* x_steps, int m, float* y, std::int64_t ldy);
+
 }  // namespace mopt::kernels::avx512

@@ -19,6 +19,7 @@ TEST(CpuFeatures, AgreesWithCompilerBuiltins) {
   EXPECT_EQ(f.avx512bw, __builtin_cpu_supports("avx512bw") != 0);
   EXPECT_EQ(f.avx512vl, __builtin_cpu_supports("avx512vl") != 0);
   EXPECT_EQ(f.avx512_vnni, __builtin_cpu_supports("avx512vnni") != 0);
+  EXPECT_EQ(f.avx512_vbmi, __builtin_cpu_supports("avx512vbmi") != 0);
 }
 
 TEST(CpuFeatures, DescribeListsPresentOnes) {

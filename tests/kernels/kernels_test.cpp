@@ -172,13 +172,19 @@ TEST(Gemm, Int8PanelsAreExact) {
     std::vector<float> factor(static_cast<std::size_t>(s.n));
     for (std::size_t j = 0; j < factor.size(); ++j) factor[j] = 0.001f * static_cast<float>(j + 1);
     const Int8Panels panels(w.data(), s.k, s.n, s.k);
-    std::vector<float> y(static_cast<std::size_t>(s.m * s.n), -1.0f);
+    std::vector<float> y(static_cast<std::size_t>(s.m * s.n), -1.0f), from_rows(y.size(), -1.0f);
     panels.multiply(x.data(), s.m, factor.data(), y.data());
+    // The same product with the weight handed over in blocks of rows (gemm_int8_rows).
+    gemm_int8_rows(
+        x.data(), s.m, s.k,
+        [&](std::int64_t r0, std::int64_t rows, std::int8_t* out) { std::copy_n(w.data() + r0 * s.k, rows * s.k, out); }, s.n,
+        factor.data(), from_rows.data());
     for (std::int64_t i = 0; i < s.m; ++i) {
       for (std::int64_t j = 0; j < s.n; ++j) {
         std::int32_t acc = 0;
         for (std::int64_t p = 0; p < s.k; ++p) acc += std::int32_t{x[static_cast<std::size_t>(i * s.k + p)]} * w[static_cast<std::size_t>(j * s.k + p)];
         ASSERT_EQ(y[static_cast<std::size_t>(i * s.n + j)], static_cast<float>(acc) * factor[static_cast<std::size_t>(j)]) << i << "," << j;
+        ASSERT_EQ(from_rows[static_cast<std::size_t>(i * s.n + j)], y[static_cast<std::size_t>(i * s.n + j)]) << i << "," << j;
       }
     }
   }

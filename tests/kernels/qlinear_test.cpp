@@ -231,6 +231,34 @@ TEST(QuantizedLinear, Int8ActivationsRoundHalfToEvenAndClamp) {
   EXPECT_GT(ties, 50);
 }
 
+// The INT4 GEMV's input rounding: per 64 values, symmetric to +-127 around each block's largest |x|
+// (an all-zero block gives step 0 and codes 0); and the W8A8 input scale with its floor at 2^-24.
+TEST(QuantizedLinear, Int4InputRoundsPer64AndInt8ScaleHasAFloor) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> d(0.0f, 2.0f);
+  std::vector<float> x(192);
+  for (auto& v : x) v = d(rng);
+  std::fill(x.begin() + 64, x.begin() + 128, 0.0f);
+  x[5] = -9.0f;  // block 0's largest magnitude: its code is -127
+  std::vector<std::int8_t> codes(x.size());
+  std::vector<float> steps(3);
+  quantize_int8_per64(x.data(), 192, codes.data(), steps.data());
+  EXPECT_EQ(codes[5], -127);
+  EXPECT_EQ(steps[0], 9.0f / 127.0f);
+  EXPECT_EQ(steps[1], 0.0f);
+  for (std::size_t b = 0; b < 3; ++b) {
+    float amax = 0.0f;
+    for (std::size_t t = 0; t < 64; ++t) amax = std::max(amax, std::fabs(x[b * 64 + t]));
+    for (std::size_t t = 0; t < 64; ++t) {
+      const float want = amax > 0.0f ? std::nearbyint(x[b * 64 + t] * (127.0f / amax)) : 0.0f;
+      ASSERT_EQ(codes[b * 64 + t], static_cast<std::int8_t>(want)) << b << " " << t;
+      EXPECT_LE(std::fabs(static_cast<float>(codes[b * 64 + t]) * steps[b] - x[b * 64 + t]), 0.5f * steps[b] * 1.0001f);
+    }
+  }
+  EXPECT_EQ(int8_input_scale(2.0f), 63.5f);
+  EXPECT_EQ(int8_input_scale(1e-9f), 1.0f);
+}
+
 TEST(QuantizedLinear, BytesAreTheKernelLayout) {
   const QuantizedLinear q(random_source(T::int4, 16, 256, 128, 1), "int4");
   EXPECT_EQ(q.bytes(), 16u * 128u + 16u * 2u * 4u);

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <random>
+#include <string>
 
 #include "core/convert.h"
 #include "core/cpu_features.h"
@@ -129,6 +130,112 @@ TEST(Sparse24Linear, MatchesItsTwinAndTheDenseKernel) {
       }
     }
   }
+}
+
+// W8A8: exact int32 sums, so the kernel, its twin and the dense W8A8 kernel agree bit for bit, for
+// decode and prefill shapes (m up to 37: input rows in blocks of 4 over blocks of 16 weight rows).
+TEST(Sparse24Linear, W8A8EqualsItsTwinAndTheDenseKernelExactly) {
+  const std::pair<std::int64_t, std::int64_t> shapes[] = {{40, 256}, {33, 384}, {24, 96}};  // 96: the plain loop
+  std::uint32_t seed = 200;
+  for (const auto& [out, in] : shapes) {
+    const Weight w = random_24(Sparse24Values::int8, out, in, seed++);
+    const float amax = 2.5f;  // inputs of sd 1: some beyond it, clamped
+    const auto sparse = Sparse24Linear::compress_w8a8(w.codes.data(), out, in, w.scales, amax, "w");
+    ASSERT_TRUE(sparse.has_value());
+    EXPECT_EQ(sparse->describe(), "int8 w8a8 2:4");
+    const CpuFeatures& f = cpu_features();
+    EXPECT_EQ(sparse->plain_reason().empty(), in % 128 == 0 && f.avx512bw && f.avx512_vbmi && f.avx512_vnni) << sparse->plain_reason();
+    EXPECT_EQ(sparse->bytes(), static_cast<std::uint64_t>(out * in / 2 + out * (in / 32) * 4 + out * 4 + out * 4));
+    QuantizedWeightSource s;
+    s.type = QuantizedWeightType::int8;
+    s.out = out;
+    s.in = in;
+    s.block = in;
+    s.codes = w.codes;
+    s.scales = w.scales;
+    s.int8_activations = true;
+    s.input_amax = amax;
+    const QuantizedLinear dense(std::move(s), "dense");
+    for (const std::int64_t m : {1, 2, 3, 4, 9, 37}) {
+      SCOPED_TRACE(testing::Message() << "[" << out << ", " << in << "] m " << m);
+      std::mt19937 rng(seed++);
+      std::normal_distribution<float> d(0.0f, 1.0f);
+      std::vector<float> x(static_cast<std::size_t>(m * in));
+      for (auto& v : x) v = d(rng);
+      std::vector<float> y(static_cast<std::size_t>(m * out)), twin(y.size()), want(y.size());
+      sparse->forward(x.data(), m, y.data());
+      ref::sparse24_forward(*sparse, x.data(), m, twin.data());
+      dense.forward(x.data(), m, want.data());
+      for (std::size_t i = 0; i < y.size(); ++i) {
+        ASSERT_EQ(y[i], twin[i]) << i;
+        ASSERT_EQ(y[i], want[i]) << i;
+      }
+      EXPECT_GT(max_relative(y, std::vector<float>(y.size(), 0.0f)), 0.0);
+    }
+  }
+  EXPECT_THROW(Sparse24Linear::compress_w8a8(random_24(Sparse24Values::int8, 8, 128, 5).codes.data(), 8, 128, std::vector<float>(8, 1.0f),
+                                             std::nanf(""), "w"),
+               Error);
+}
+
+// INT4 (groups of 64 and 128): against its twin (decode: the input rounded per 64 values on both
+// sides; prefill: f32) and against the dense INT4 kernels on the same weight with the zeros in place.
+TEST(Sparse24Linear, Int4MatchesItsTwinAndTheDenseKernel) {
+  struct Case {
+    std::int64_t out, in, block;
+  };
+  const Case cases[] = {{40, 256, 128}, {33, 384, 64}, {24, 512, 256}};
+  std::uint32_t seed = 300;
+  for (const auto& c : cases) {
+    // A random 2:4 int8 weight in -8..7, as two's complement nibbles.
+    const Weight w8 = random_24(Sparse24Values::int8, c.out, c.in, seed++);
+    const std::int64_t row_bytes = c.in / 2, groups = c.in / c.block;
+    std::vector<std::uint8_t> nibbles(static_cast<std::size_t>(c.out * row_bytes), 0);
+    for (std::int64_t i = 0; i < c.out * c.in; ++i) {
+      const int v = static_cast<std::int8_t>(w8.codes[static_cast<std::size_t>(i)]) % 8;  // -7..7, zeros where pruned
+      nibbles[static_cast<std::size_t>(i / c.in * row_bytes + (i % c.in) / 2)] |= static_cast<std::uint8_t>((v & 15) << (4 * (i % 2)));
+    }
+    std::mt19937 rng(seed++);
+    std::uniform_real_distribution<float> sd(0.01f, 0.1f);
+    std::vector<float> scales(static_cast<std::size_t>(c.out * groups));
+    for (auto& v : scales) v = sd(rng);
+    const auto sparse = Sparse24Linear::compress_int4(nibbles.data(), c.out, c.in, c.block, scales, "w");
+    ASSERT_TRUE(sparse.has_value());
+    EXPECT_EQ(sparse->describe(), "int4 g" + std::to_string(c.block) + " 2:4");
+    const CpuFeatures& f = cpu_features();
+    EXPECT_EQ(sparse->plain_reason().empty(), f.avx512bw && f.avx512_vbmi && f.avx512_vnni) << sparse->plain_reason();
+    EXPECT_EQ(sparse->bytes(), static_cast<std::uint64_t>(c.out * c.in / 4 + c.out * (c.in / 32) * 4 + c.out * groups * 4));
+    QuantizedWeightSource s;
+    s.type = QuantizedWeightType::int4;
+    s.out = c.out;
+    s.in = c.in;
+    s.block = c.block;
+    s.codes = nibbles;
+    s.scales = scales;
+    const QuantizedLinear dense(std::move(s), "dense");
+    // The decoded rows are the dense decoding, zeros included.
+    std::vector<float> rows(static_cast<std::size_t>(c.out * c.in)), want_rows(rows.size());
+    sparse->dequantize_rows(0, c.out, rows.data());
+    dense.dequantize_rows(0, c.out, want_rows.data());
+    ASSERT_EQ(rows, want_rows);
+    for (const std::int64_t m : {1, 2, 3, 4, 9}) {
+      SCOPED_TRACE(testing::Message() << "[" << c.out << ", " << c.in << "] g" << c.block << " m " << m);
+      std::normal_distribution<float> d(0.0f, 1.0f);
+      std::vector<float> x(static_cast<std::size_t>(m * c.in));
+      for (auto& v : x) v = d(rng);
+      std::vector<float> y(static_cast<std::size_t>(m * c.out)), twin(y.size()), want(y.size());
+      sparse->forward(x.data(), m, y.data());
+      ref::sparse24_forward(*sparse, x.data(), m, twin.data());
+      EXPECT_LT(max_relative(y, twin), 1e-5);
+      // The dense INT4 GEMV rounds its input the same way where it is vectorized (the plain one keeps f32).
+      dense.forward(x.data(), m, want.data());
+      EXPECT_LT(max_relative(y, want), dense.vectorized() || m > 4 ? 1e-5 : 2e-2);
+    }
+  }
+  // Groups of 32, or rows not a multiple of 128 inputs, stay with the dense kernels.
+  EXPECT_FALSE(Sparse24Linear::compress_int4(std::vector<std::uint8_t>(128, 0).data(), 2, 128, 32, std::vector<float>(8, 1.0f), "w").has_value());
+  EXPECT_FALSE(Sparse24Linear::compress_int4(std::vector<std::uint8_t>(192, 0).data(), 2, 192, 64, std::vector<float>(6, 1.0f), "w").has_value());
+  EXPECT_THROW(Sparse24Linear::compress_int4(std::vector<std::uint8_t>(64, 0).data(), 2, 64, 64, std::vector<float>(3, 1.0f), "w"), Error);
 }
 
 TEST(Sparse24Linear, OnlyTwoOfFourAndBadCodesAreRefused) {

@@ -1,0 +1,166 @@
+// The W8A8 kernel of the 2:4 sparse Linear (kernels/sparse24.h), compiled with AVX-512 VBMI for its
+// byte permute and called only where the CPU has AVX-512 BW, VBMI and VNNI.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels/sparse24_simd.h"
+
+namespace mopt::kernels::avx512 {
+
+namespace {
+
+// The input index of each of the 64 kept values of a 128-input step (4 * group + position).
+inline __m512i kept_inputs(const std::uint32_t* step_positions) {
+  const __m512i shift_bytes = _mm512_set1_epi64(0x0E0C0A0806040200LL);
+  const __m512i base = _mm512_set_epi8(124, 124, 120, 120, 116, 116, 112, 112, 108, 108, 104, 104, 100, 100, 96, 96, 92, 92, 88, 88, 84, 84, 80,
+                                       80, 76, 76, 72, 72, 68, 68, 64, 64, 60, 60, 56, 56, 52, 52, 48, 48, 44, 44, 40, 40, 36, 36, 32, 32, 28,
+                                       28, 24, 24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
+  const __m512i words = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(step_positions)));
+  return _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(shift_bytes, words), _mm512_set1_epi8(3), base, 0xEA);
+}
+
+// W8A8: the int32 sums of M input rows with one weight row. Per 128 inputs (64 kept codes): the
+// 16 bytes of positions widened to one 16-bit word per 64-bit lane, VPMULTISHIFTQB pulls each kept
+// value's two bits into a byte of its own, a ternary op adds 4 * group, VPERMT2B gathers the input
+// codes of the two 64-byte halves, VPDPBUSD multiplies and sums.
+template <int M>
+void w8a8_row(const std::int8_t* vr, const std::uint32_t* pr, std::int64_t k, const std::uint8_t* x, std::int32_t* sums) {
+  __m512i acc[M];
+  for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_si512();
+  const std::int64_t steps = k / 128;
+  for (std::int64_t s = 0; s < steps; ++s) {
+    const __m512i idx = kept_inputs(pr + 4 * s);
+    const __m512i w = _mm512_loadu_si512(vr + 64 * s);
+    for (int i = 0; i < M; ++i) {
+      const std::uint8_t* xs = x + i * k + 128 * s;
+      const __m512i g = _mm512_permutex2var_epi8(_mm512_loadu_si512(xs), idx, _mm512_loadu_si512(xs + 64));
+      acc[i] = _mm512_dpbusd_epi32(acc[i], g, w);
+    }
+  }
+  for (int i = 0; i < M; ++i) sums[i] = _mm512_reduce_add_epi32(acc[i]);
+}
+
+// INT4: the float sums of M input rows with weight rows [r0, r1). Per 128 inputs: the 32 bytes of
+// kept nibbles (biased by 8) spread to 64 bytes by a shift of the upper half and an AND, the input codes gathered as W8A8's, VPDPBUSD of the
+// biased values less VPDPBUSD of 8s (the bias back out), the int32 lanes (lanes 0-7: inputs 0-63, 8-15:
+// 64-127) to f32 times each half's input step and group scale.
+template <int M>
+void int4_rows(const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t block, std::int64_t k,
+               std::int64_t r0, std::int64_t r1, const std::int8_t* x, const float* x_steps, float* y, std::int64_t ldy) {
+  const std::int64_t steps = k / 128, words = k / 32, groups = (k + block - 1) / block;
+  // Each input row's two steps per 128 inputs as one vector (lanes 0-7 and 8-15), built once.
+  thread_local std::vector<float> step_vectors;
+  step_vectors.resize(static_cast<std::size_t>(M * steps * 16));
+  for (int i = 0; i < M; ++i) {
+    for (std::int64_t s = 0; s < steps; ++s) {
+      const float* st = x_steps + i * (k / 64) + 2 * s;
+      _mm512_storeu_ps(step_vectors.data() + (i * steps + s) * 16, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(st[0]), _mm512_set1_ps(st[1])));
+    }
+  }
+  const __m512i eights = _mm512_set1_epi8(8), low_nibbles = _mm512_set1_epi8(0x0F);
+  const __m512i half_shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);  // the upper 256 bits take the high nibbles
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* vr = values + r * (k / 4);
+    const std::uint32_t* pr = positions + r * words;
+    const float* sr = scales + r * groups;
+    __m512 acc[M];
+    for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
+    for (std::int64_t s = 0; s < steps; ++s) {
+      // Ahead of the hardware's prefetch, which loses the three streams at each short row's end.
+      if (s % 2 == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(vr + 32 * s) + 1024, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(pr + 4 * s) + 512, _MM_HINT_T0);
+      }
+      const __m512i idx = kept_inputs(pr + 4 * s);
+      // The 32 bytes in both halves; the lower keeps the low nibbles (kept 0-31), the upper the high ones (32-63).
+      const __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + 32 * s)));
+      const __m512i w = _mm512_and_si512(_mm512_srlv_epi64(both, half_shift), low_nibbles);
+      const std::int64_t g0 = (128 * s) / block, g1 = (128 * s + 64) / block;
+      const __m512 ws = g0 == g1 ? _mm512_set1_ps(sr[g0]) : _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sr[g0]), _mm512_set1_ps(sr[g1]));
+      for (int i = 0; i < M; ++i) {
+        const std::int8_t* xs = x + i * k + 128 * s;
+        const __m512i g = _mm512_permutex2var_epi8(_mm512_loadu_si512(xs), idx, _mm512_loadu_si512(xs + 64));
+        const __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, g), _mm512_dpbusd_epi32(_mm512_setzero_si512(), eights, g));
+        const __m512 f = _mm512_mul_ps(ws, _mm512_loadu_ps(step_vectors.data() + (i * steps + s) * 16));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), f, acc[i]);
+      }
+    }
+    for (int i = 0; i < M; ++i) y[i * ldy + r] = _mm512_reduce_add_ps(acc[i]);
+  }
+}
+
+}  // namespace
+
+void gemv_sparse24_int4(const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t block, std::int64_t k,
+                        std::int64_t r0, std::int64_t r1, const std::int8_t* x_codes, const float* x_steps, int m, float* y, std::int64_t ldy) {
+  switch (m) {
+    case 1: return int4_rows<1>(values, positions, scales, block, k, r0, r1, x_codes, x_steps, y, ldy);
+    case 2: return int4_rows<2>(values, positions, scales, block, k, r0, r1, x_codes, x_steps, y, ldy);
+    case 3: return int4_rows<3>(values, positions, scales, block, k, r0, r1, x_codes, x_steps, y, ldy);
+    default: return int4_rows<4>(values, positions, scales, block, k, r0, r1, x_codes, x_steps, y, ldy);
+  }
+}
+
+void decode_sparse24_int8(const std::int8_t* values, const std::uint32_t* positions, std::int64_t k, std::int64_t r0, std::int64_t r1,
+                          std::int8_t* out) {
+  // Output byte j of a 64-byte half (group g = j / 4) holds the kept value 2g or 2g + 1 whose input is
+  // j, else 0: the two kept inputs of its group spread over the group's bytes, compared with j, and
+  // the values gathered under those masks.
+  alignas(64) std::int8_t first[64], second[64], lane[64];
+  for (int j = 0; j < 64; ++j) {
+    first[j] = static_cast<std::int8_t>(2 * (j / 4));
+    second[j] = static_cast<std::int8_t>(2 * (j / 4) + 1);
+    lane[j] = static_cast<std::int8_t>(j);
+  }
+  const __m512i sel_first = _mm512_load_si512(first), sel_second = _mm512_load_si512(second), j_lo = _mm512_load_si512(lane);
+  const __m512i sixty_four = _mm512_set1_epi8(64), thirty_two = _mm512_set1_epi8(32);
+  const std::int64_t steps = k / 128, words = k / 32;
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::int8_t* vr = values + r * (k / 2);
+    const std::uint32_t* pr = positions + r * words;
+    std::int8_t* o = out + (r - r0) * k;
+    for (std::int64_t s = 0; s < steps; ++s) {
+      const __m512i idx = kept_inputs(pr + 4 * s);
+      const __m512i v = _mm512_loadu_si512(vr + 64 * s);
+      for (int h = 0; h < 2; ++h) {
+        // Kept values 32h .. 32h + 31 cover inputs 64h .. 64h + 63.
+        const __m512i a_sel = h == 0 ? sel_first : _mm512_add_epi8(sel_first, thirty_two);
+        const __m512i b_sel = h == 0 ? sel_second : _mm512_add_epi8(sel_second, thirty_two);
+        const __m512i j = h == 0 ? j_lo : _mm512_add_epi8(j_lo, sixty_four);
+        const __mmask64 at_a = _mm512_cmpeq_epi8_mask(_mm512_permutexvar_epi8(a_sel, idx), j);
+        const __mmask64 at_b = _mm512_cmpeq_epi8_mask(_mm512_permutexvar_epi8(b_sel, idx), j);
+        const __m512i d = _mm512_mask_permutexvar_epi8(_mm512_maskz_permutexvar_epi8(at_a, a_sel, v), at_b, b_sel, v);
+        _mm512_storeu_si512(o + 128 * s + 64 * h, d);
+      }
+    }
+  }
+}
+
+void gemm_sparse24_w8a8(const std::int8_t* values, const std::uint32_t* positions, const std::int32_t* offsets, const float* factors,
+                        std::int64_t k, std::int64_t r0, std::int64_t r1, const std::uint8_t* x_u8, std::int64_t m, float* y, std::int64_t ldy) {
+  const std::int64_t words = k / 32;
+  // 16 weight rows (16 x 5/8 k bytes) stay in cache while every 4 input rows pass over them.
+  for (std::int64_t rb = r0; rb < r1; rb += 16) {
+    const std::int64_t re = rb + 16 < r1 ? rb + 16 : r1;
+    for (std::int64_t i0 = 0; i0 < m; i0 += 4) {
+      const std::int64_t mi = m - i0 < 4 ? m - i0 : 4;
+      const std::uint8_t* x = x_u8 + i0 * k;
+      for (std::int64_t r = rb; r < re; ++r) {
+        const std::int8_t* vr = values + r * (k / 2);
+        const std::uint32_t* pr = positions + r * words;
+        std::int32_t sums[4];
+        switch (mi) {
+          case 1: w8a8_row<1>(vr, pr, k, x, sums); break;
+          case 2: w8a8_row<2>(vr, pr, k, x, sums); break;
+          case 3: w8a8_row<3>(vr, pr, k, x, sums); break;
+          default: w8a8_row<4>(vr, pr, k, x, sums); break;
+        }
+        for (std::int64_t i = 0; i < mi; ++i) y[(i0 + i) * ldy + r] = static_cast<float>(sums[i] - offsets[r]) * factors[r];
+      }
+    }
+  }
+}
+
+}  // namespace mopt::kernels::avx512
