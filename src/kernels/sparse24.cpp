@@ -337,12 +337,13 @@ void Sparse24Linear::forward_w8a8(const float* x, std::int64_t m, float* y) cons
     }
   });
   if (tiles) {
-    // Prefill: panels of 64 weight rows decoded to int8 (zeros included) for the dense int8 GEMM,
-    // which outruns the gathering kernel once many input rows share each weight row.
-    gemm_int8_rows(
+    // Prefill: panels of 64 weight rows decoded straight into the dense int8 GEMM's layout (zeros
+    // included), which outruns the gathering kernel once many input rows share each weight row.
+    gemm_int8_packed(
         codes, m, k,
-        [this](std::int64_t r0, std::int64_t rows, std::int8_t* out) {
-          avx512::decode_sparse24_int8(reinterpret_cast<const std::int8_t*>(values_.data()), positions_.data(), in_, r0, r0 + rows, out);
+        [this](std::int64_t r0, std::int64_t rows, std::uint32_t* panel, std::int32_t* offsets) {
+          avx512::pack_sparse24_int8_panel(reinterpret_cast<const std::int8_t*>(values_.data()), positions_.data(), offsets_.data(), in_, r0, rows,
+                                           panel, offsets);
         },
         n, factors_.data(), y);
     return;

@@ -2,6 +2,7 @@
 // byte permute and called only where the CPU has AVX-512 BW, VBMI and VNNI.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -103,36 +104,42 @@ void gemv_sparse24_int4(const std::uint8_t* values, const std::uint32_t* positio
   }
 }
 
-void decode_sparse24_int8(const std::int8_t* values, const std::uint32_t* positions, std::int64_t k, std::int64_t r0, std::int64_t r1,
-                          std::int8_t* out) {
+void pack_sparse24_int8_panel(const std::int8_t* values, const std::uint32_t* positions, const std::int32_t* offsets, std::int64_t k,
+                              std::int64_t r0, std::int64_t rows, std::uint32_t* panel, std::int32_t* panel_offsets) {
+  constexpr std::int64_t kColumns = 64;
+  if (rows < kColumns) std::fill(panel, panel + (k / 4) * kColumns, 0u);
+  for (std::int64_t c = 0; c < kColumns; ++c) panel_offsets[c] = c < rows ? offsets[r0 + c] : 0;
   // Output byte j of a 64-byte half (group g = j / 4) holds the kept value 2g or 2g + 1 whose input is
   // j, else 0: the two kept inputs of its group spread over the group's bytes, compared with j, and
   // the values gathered under those masks.
   alignas(64) std::int8_t first[64], second[64], lane[64];
+  alignas(64) std::int32_t column[16];
   for (int j = 0; j < 64; ++j) {
     first[j] = static_cast<std::int8_t>(2 * (j / 4));
     second[j] = static_cast<std::int8_t>(2 * (j / 4) + 1);
     lane[j] = static_cast<std::int8_t>(j);
   }
+  for (int j = 0; j < 16; ++j) column[j] = static_cast<std::int32_t>(j * kColumns);
   const __m512i sel_first = _mm512_load_si512(first), sel_second = _mm512_load_si512(second), j_lo = _mm512_load_si512(lane);
-  const __m512i sixty_four = _mm512_set1_epi8(64), thirty_two = _mm512_set1_epi8(32);
+  const __m512i sixty_four = _mm512_set1_epi8(64), thirty_two = _mm512_set1_epi8(32), quad_stride = _mm512_load_si512(column);
   const std::int64_t steps = k / 128, words = k / 32;
-  for (std::int64_t r = r0; r < r1; ++r) {
+  for (std::int64_t c = 0; c < rows; ++c) {
+    const std::int64_t r = r0 + c;
     const std::int8_t* vr = values + r * (k / 2);
     const std::uint32_t* pr = positions + r * words;
-    std::int8_t* o = out + (r - r0) * k;
     for (std::int64_t s = 0; s < steps; ++s) {
       const __m512i idx = kept_inputs(pr + 4 * s);
       const __m512i v = _mm512_loadu_si512(vr + 64 * s);
       for (int h = 0; h < 2; ++h) {
-        // Kept values 32h .. 32h + 31 cover inputs 64h .. 64h + 63.
+        // The 64 bytes of inputs 128s + 64h .. + 63 (kept values 32h .. + 31), i.e. the row's dwords of
+        // quads 32s + 16h .. + 15, scattered down the panel's column c.
         const __m512i a_sel = h == 0 ? sel_first : _mm512_add_epi8(sel_first, thirty_two);
         const __m512i b_sel = h == 0 ? sel_second : _mm512_add_epi8(sel_second, thirty_two);
         const __m512i j = h == 0 ? j_lo : _mm512_add_epi8(j_lo, sixty_four);
         const __mmask64 at_a = _mm512_cmpeq_epi8_mask(_mm512_permutexvar_epi8(a_sel, idx), j);
         const __mmask64 at_b = _mm512_cmpeq_epi8_mask(_mm512_permutexvar_epi8(b_sel, idx), j);
         const __m512i d = _mm512_mask_permutexvar_epi8(_mm512_maskz_permutexvar_epi8(at_a, a_sel, v), at_b, b_sel, v);
-        _mm512_storeu_si512(o + 128 * s + 64 * h, d);
+        _mm512_i32scatter_epi32(panel + (32 * s + 16 * h) * kColumns + c, quad_stride, d, 4);
       }
     }
   }

@@ -25,9 +25,10 @@ void dequantize_sparse24_int4(const std::uint8_t* values, const std::uint32_t* p
 void gemm_sparse24_w8a8(const std::int8_t* values, const std::uint32_t* positions, const std::int32_t* offsets, const float* factors,
                         std::int64_t k, std::int64_t r0, std::int64_t r1, const std::uint8_t* x_u8, std::int64_t m, float* y, std::int64_t ldy);
 
-// W8A8 rows [r0, r1) decoded into int8 rows of k (zeros included), same check and k as above.
-void decode_sparse24_int8(const std::int8_t* values, const std::uint32_t* positions, std::int64_t k, std::int64_t r0, std::int64_t r1,
-                          std::int8_t* out);
+// W8A8 rows [r0, r0 + rows) (rows <= 64) straight into the VNNI panel layout of gemm_int8_packed, with
+// their offsets (`offsets`: Sparse24Linear's, per weight row).
+void pack_sparse24_int8_panel(const std::int8_t* values, const std::uint32_t* positions, const std::int32_t* offsets, std::int64_t k,
+                              std::int64_t r0, std::int64_t rows, std::uint32_t* panel, std::int32_t* panel_offsets);
 
 // INT4 (same check, k % 128 == 0, block % 64 == 0, m <= 4): values as Sparse24Linear's int4 layout,
 // scales [rows, ceil(k / block)], the input as quantize_int8_per64 rounds it (codes [m, k], steps
