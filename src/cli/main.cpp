@@ -13,6 +13,7 @@
 #include <new>
 
 #include "cli/commands.h"
+#include "core/signal_cleanup.h"
 #include "core/startup_settings.h"
 #include "core/thread_pool.h"
 #include "kernels/gemm.h"
@@ -41,6 +42,7 @@ int report_error(const char* message) {
 
 int main(int argc, char** argv) {
   mopt::choose_startup_settings(argv);  // first: it may run the program again with OpenMP's waits and OpenBLAS's kernels set
+  mopt::install_signal_cleanup();       // before any thread: a SIGINT/SIGTERM removes the temporary outputs
 #ifdef __GLIBC__
   // Large buffers (a layer's weights in f32, activations) are allocated and freed
   // layer after layer. glibc would raise its mmap threshold after the first free
@@ -62,13 +64,13 @@ int main(int argc, char** argv) {
 
   mopt::cli::TokenizeOptions tokenize;
   auto* tokenize_cmd = app.add_subcommand("tokenize", "Print the token ids of a text as a JSON array");
-  tokenize_cmd->add_option("tokenizer", tokenize.tokenizer, "tokenizer.json or a model directory")->required();
+  tokenize_cmd->add_option("tokenizer", tokenize.tokenizer, "tokenizer.json, a model directory or a .gguf file")->required();
   tokenize_cmd->add_option("--text", tokenize.text, "The text to encode")->required();
   tokenize_cmd->add_flag("--special", tokenize.special, "Add the special tokens the tokenizer's post-processor adds (BOS, ...)");
 
   mopt::cli::DetokenizeOptions detokenize;
   auto* detokenize_cmd = app.add_subcommand("detokenize", "Print the text of token ids");
-  detokenize_cmd->add_option("tokenizer", detokenize.tokenizer, "tokenizer.json or a model directory")->required();
+  detokenize_cmd->add_option("tokenizer", detokenize.tokenizer, "tokenizer.json, a model directory or a .gguf file")->required();
   detokenize_cmd->add_option("--ids", detokenize.ids, "Token ids: 1,2,3")->required();
   detokenize_cmd->add_flag("--skip-special", detokenize.skip_special, "Leave out special tokens");
 

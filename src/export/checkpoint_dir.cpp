@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include "core/error.h"
+#include "core/signal_cleanup.h"
 #include "io/atomic_file.h"
 #include "io/json_util.h"
 
@@ -21,6 +22,7 @@ CheckpointDirWriter::~CheckpointDirWriter() {
   if (!committed_) {
     std::error_code ec;
     fs::remove_all(temp_dir_, ec);
+    keep_on_signal(temp_dir_.string());
   }
 }
 
@@ -69,6 +71,7 @@ void CheckpointDirWriter::commit(const std::function<void(const std::string& dir
   if (n > 1) write_json("model.safetensors.index.json", {{"metadata", {{"total_size", total_bytes_}}}, {"weight_map", weight_map}}, 2);
   if (validate) validate(temp_dir_.string());
   fs::rename(temp_dir_, out_dir_);
+  keep_on_signal(temp_dir_.string());
   committed_ = true;
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/signal_cleanup.h"
 
 namespace mopt::io {
 
@@ -22,12 +23,16 @@ AtomicFileWriter::AtomicFileWriter(std::string path) : path_(std::move(path)) {
   fd_ = ::mkstemp(name.data());
   if (fd_ < 0) fail("{}: cannot create a temporary file beside it: {}", path_, std::strerror(errno));
   temp_path_ = name.data();
+  remove_on_signal(temp_path_);
   ::fchmod(fd_, 0644);
 }
 
 AtomicFileWriter::~AtomicFileWriter() {
   if (fd_ >= 0) ::close(fd_);
-  if (!temp_path_.empty()) ::unlink(temp_path_.c_str());
+  if (!temp_path_.empty()) {
+    ::unlink(temp_path_.c_str());
+    keep_on_signal(temp_path_);
+  }
 }
 
 void AtomicFileWriter::fail_with_errno(const char* what) {
@@ -35,6 +40,7 @@ void AtomicFileWriter::fail_with_errno(const char* what) {
   if (fd_ >= 0) ::close(fd_);
   fd_ = -1;
   ::unlink(temp_path_.c_str());
+  keep_on_signal(temp_path_);
   temp_path_.clear();
   fail("{}: {}: {}", path_, what, std::strerror(err));
 }
@@ -71,6 +77,7 @@ void AtomicFileWriter::commit() {
   }
   fd_ = -1;
   if (::rename(temp_path_.c_str(), path_.c_str()) != 0) fail_with_errno("rename failed");
+  keep_on_signal(temp_path_);
   temp_path_.clear();
 }
 
@@ -88,6 +95,7 @@ std::string make_temp_dir_beside(const std::string& target) {
   namespace fs = std::filesystem;
   fs::permissions(name.data(), fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
                                    fs::perms::others_read | fs::perms::others_exec);
+  remove_on_signal(name.data());
   return name.data();
 }
 

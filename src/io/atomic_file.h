@@ -32,7 +32,9 @@ class AtomicFileWriter {
   int fd_ = -1;
 };
 
-// Creates the directory TARGET.tmp-XXXXXX beside `target` (mode 755) and returns its path.
+// Creates the directory TARGET.tmp-XXXXXX beside `target` (mode 755) and returns its path, registered
+// for removal on SIGINT/SIGTERM (core/signal_cleanup.h; keep_on_signal once it is renamed or removed).
+// AtomicFileWriter's temporary is registered the same way while it exists.
 std::string make_temp_dir_beside(const std::string& target);
 
 // The whole of `text` written atomically to `path`.

@@ -8,6 +8,7 @@
 #include <array>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -16,6 +17,8 @@
 #include <unordered_set>
 
 #include "core/error.h"
+#include "io/gguf.h"
+#include "io/gguf_convert.h"
 #include "io/json_util.h"
 #include "io/utf8.h"
 
@@ -1027,6 +1030,17 @@ Tokenizer Tokenizer::from_json_checked(std::string_view text, const std::string&
   });
 }
 
+namespace {
+
+// Whether the file starts with GGUF's magic (llama.cpp's model files carry their tokenizer).
+bool is_gguf_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  char magic[4] = {};
+  return f.read(magic, 4) && std::string_view(magic, 4) == "GGUF";
+}
+
+}  // namespace
+
 Tokenizer Tokenizer::load(const std::string& path) {
   namespace fs = std::filesystem;
   std::string file = path;
@@ -1035,6 +1049,9 @@ Tokenizer Tokenizer::load(const std::string& path) {
     if (!fs::exists(file)) fail("{}: no tokenizer.json in this directory", path);
   } else if (!fs::exists(path)) {
     fail("{}: no such file or directory", path);
+  } else if (is_gguf_file(path)) {
+    // A llama.cpp file: its tokenizer.ggml.* metadata as the tokenizer.json convert would write.
+    return from_json(gguf_to_hf_tokenizer(GgufFile::open(path)).dump(), path);
   }
   return from_json(read_text_file(file), file);
 }

@@ -31,7 +31,8 @@ class Tokenizer {
  public:
   // Parses tokenizer.json text; `label` (the path) starts every error message.
   static Tokenizer from_json(std::string_view text, const std::string& label);
-  // A tokenizer.json file, or a model directory holding one.
+  // A tokenizer.json file, a model directory holding one, or a GGUF file (its tokenizer.ggml.* metadata,
+  // as `mopt convert` turns it into tokenizer.json).
   static Tokenizer load(const std::string& path);
 
   Tokenizer(Tokenizer&&) noexcept;

@@ -67,6 +67,10 @@ TEST(GgufExport, Bf16RoundTripsThroughConvertExactly) {
   EXPECT_EQ(ca.bos_token_ids, cb.bos_token_ids);
   const io::Tokenizer ta = io::Tokenizer::load(tiny_kjv()), tb = io::Tokenizer::load(tmp.file("back"));
   EXPECT_EQ(ta.encode(sample_text(), true), tb.encode(sample_text(), true));
+  // The GGUF file's own tokenizer, read in place (mopt tokenize FILE.gguf).
+  const io::Tokenizer tg = io::Tokenizer::load(tmp.file("m.gguf"));
+  EXPECT_EQ(ta.encode(sample_text(), true), tg.encode(sample_text(), true));
+  EXPECT_EQ(ta.decode(ta.encode(sample_text(), false), false), tg.decode(ta.encode(sample_text(), false), false));
   EXPECT_THROW(export_gguf(tiny_kjv(), tmp.file("m.gguf"), {}), Error);  // exists
 }
 

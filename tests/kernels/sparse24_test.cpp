@@ -55,6 +55,7 @@ Weight random_24(Sparse24Values type, std::int64_t out, std::int64_t in, std::ui
           p[0] = c;
           break;
         }
+        case Sparse24Values::int4: ADD_FAILURE() << "INT4 weights are built from int8 ones"; break;
       }
     }
   }
