@@ -23,8 +23,9 @@
 // W8A8 (compress_w8a8): the input is quantized to int8 codes as the dense W8A8 kernel does, and every
 // product is an exact int32 sum times the same factor, so the output equals the dense kernel's bit for
 // bit. Its kernel (AVX-512 VBMI and VNNI, `in` a multiple of 128) gathers 64 input codes per 128 inputs
-// with one two-source byte permute (VPERMT2B) and multiplies them with VPDPBUSD; prefill decodes panels
-// of 64 weight rows into int8 for the dense int8 GEMM (gemm_int8_rows).
+// with one two-source byte permute (VPERMT2B) and multiplies them with VPDPBUSD, 4 input rows per pass
+// over 16 weight rows, up to 16 input rows; more rows decode panels of 64 weight rows straight into the
+// dense VNNI GEMM's layout (gemm_int8_packed).
 //
 // INT4 (compress_int4: two's complement nibbles, one f32 scale per `block` inputs of a row, block a
 // multiple of 64, `in` of 128): the kept values as nibbles biased by 8, per 128 inputs 32 bytes with

@@ -157,7 +157,7 @@ TEST(Sparse24Linear, W8A8EqualsItsTwinAndTheDenseKernelExactly) {
     s.int8_activations = true;
     s.input_amax = amax;
     const QuantizedLinear dense(std::move(s), "dense");
-    for (const std::int64_t m : {1, 2, 3, 4, 9, 37}) {
+    for (const std::int64_t m : {1, 2, 3, 4, 9, 16, 17, 37}) {  // the gathering kernel up to 16 rows, panels beyond
       SCOPED_TRACE(testing::Message() << "[" << out << ", " << in << "] m " << m);
       std::mt19937 rng(seed++);
       std::normal_distribution<float> d(0.0f, 1.0f);
