@@ -169,6 +169,8 @@ int run_bench(const BenchCliOptions& o, const std::string& argv0) {
                       {"prefill_tokens_per_s", r.prefill_tokens_per_s}, {"decode_tokens_per_s", r.decode_tokens_per_s},
                       {"decode_speedup", r.decode_speedup}, {"prefill_speedup", r.prefill_speedup},
                       {"layers_decode_speedup", r.layers_decode_speedup}, {"memory_saving", r.memory_saving},
+                      {"dense_twin", r.twin_format}, {"dense_twin_decode_speedup", r.twin_decode_speedup},
+                      {"dense_twin_prefill_speedup", r.twin_prefill_speedup},
                       {"roofline_fraction", r.roofline_fraction}, {"decode_step_bytes", r.decode_step_bytes},
                       {"bandwidth_bytes_per_s", report.bandwidth_bytes_per_s}, {"threads", report.threads},
                       {"prompt", options.prompt}, {"gen", options.gen}});

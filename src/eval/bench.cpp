@@ -207,6 +207,20 @@ BenchReport run_benchmark(std::span<const BenchModel> models, const BenchOptions
       break;
     }
   }
+  // Each 2:4 model against its dense twin: the same format without " 2:4", the same batch.
+  for (auto& row : report.rows) {
+    const std::size_t at = row.format.find(" 2:4");
+    if (at == std::string::npos) continue;
+    const std::string twin = row.format.substr(0, at) + row.format.substr(at + 4);
+    for (const auto& dense : report.rows) {
+      if (dense.format != twin || dense.batch != row.batch) continue;
+      row.twin_format = twin;
+      row.twin_decode_speedup = row.decode_tokens_per_s / dense.decode_tokens_per_s;
+      row.twin_prefill_speedup = row.prefill_tokens_per_s / dense.prefill_tokens_per_s;
+      row.twin_layers_decode_speedup = row.decode_layers_tokens_per_s / dense.decode_layers_tokens_per_s;
+      break;
+    }
+  }
   return report;
 }
 
@@ -223,6 +237,14 @@ std::string format_bench_table(const BenchReport& r) {
                      row.batch, human_bytes(row.weight_bytes), row.memory_saving, row.peak_rss_bytes ? human_bytes(row.peak_rss_bytes) : "-",
                      row.prefill_tokens_per_s, row.decode_tokens_per_s, row.decode_speedup, row.prefill_speedup, row.layers_decode_speedup,
                      100.0 * row.roofline_fraction, human_bytes(row.kv_cache_bytes));
+  }
+  bool twins = false;
+  for (const auto& row : r.rows) {
+    if (row.twin_format.empty()) continue;
+    if (!twins) s += "2:4 models against the dense model of the same format:\n";
+    twins = true;
+    s += fmt::format("  {:<{}} batch {:>3}: decode {:.2f}x, prefill {:.2f}x, decoder layers {:.2f}x the dense {}\n", row.format, width, row.batch,
+                     row.twin_decode_speedup, row.twin_prefill_speedup, row.twin_layers_decode_speedup, row.twin_format);
   }
   return s;
 }

@@ -51,6 +51,9 @@ struct BenchRow {
   double decode_layers_tokens_per_s = 0;  // counting the decoder layers' time only (no lm_head)
   double decode_speedup = 0, prefill_speedup = 0, layers_decode_speedup = 0;  // against the baseline (row of models[0])
   double memory_saving = 0;  // baseline weight bytes / weight bytes
+  // A 2:4 model against the first model of its format without " 2:4" at the same batch (0: none in the run).
+  double twin_decode_speedup = 0, twin_prefill_speedup = 0, twin_layers_decode_speedup = 0;
+  std::string twin_format;
   double roofline_fraction = 0;  // decode tokens/s over bandwidth-bound tokens/s
 };
 

@@ -4,6 +4,8 @@
 // built on both.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <cmath>
 
 #include "eval/bench.h"
@@ -61,7 +63,8 @@ TEST(Bench, ReportsEveryModelAndBatchAgainstTheBaseline) {
   base.set_kv_element(kernels::KvElement::bf16);
   model::Model q = load_model(tmp.file("q"));
   q.set_kv_element(kernels::KvElement::bf16);
-  const std::vector<eval::BenchModel> models = {{"base", "bf16", &base, {}}, {"q", "int8", &q, {11, 22}}};
+  // The same model again under a 2:4 label: paired with its dense twin ("int8") by the format.
+  const std::vector<eval::BenchModel> models = {{"base", "bf16", &base, {}}, {"q", "int8", &q, {11, 22}}, {"q24", "int8 2:4", &q, {}}};
   eval::BenchOptions o;
   o.batches = {1, 5};
   o.prompt = 12;
@@ -69,9 +72,9 @@ TEST(Bench, ReportsEveryModelAndBatchAgainstTheBaseline) {
   o.rounds = 1;
   std::size_t calls = 0;
   const auto r = eval::run_benchmark(models, o, [&](const std::string&, std::size_t, std::size_t) { ++calls; });
-  EXPECT_EQ(calls, 5u);  // four runs and the end
+  EXPECT_EQ(calls, 7u);  // six runs and the end
   EXPECT_GT(r.bandwidth_bytes_per_s, 1e8);
-  ASSERT_EQ(r.rows.size(), 4u);
+  ASSERT_EQ(r.rows.size(), 6u);
   for (const auto& row : r.rows) {
     SCOPED_TRACE(row.format + " batch " + std::to_string(row.batch));
     EXPECT_GT(row.prefill_tokens_per_s, 0.0);
@@ -88,6 +91,16 @@ TEST(Bench, ReportsEveryModelAndBatchAgainstTheBaseline) {
                                  m.embedding_bytes() / static_cast<std::uint64_t>(c.vocab_size) * static_cast<std::uint64_t>(row.batch) +
                                  static_cast<std::uint64_t>(static_cast<double>(row.batch) * context * 2 * 2 * 128 * 2);
     EXPECT_EQ(row.decode_step_bytes, expect);
+    if (row.name == "q24") {
+      const auto twin = std::find_if(r.rows.begin(), r.rows.end(), [&](const eval::BenchRow& d) { return d.name == "q" && d.batch == row.batch; });
+      ASSERT_NE(twin, r.rows.end());
+      EXPECT_EQ(row.twin_format, "int8");
+      EXPECT_DOUBLE_EQ(row.twin_decode_speedup, row.decode_tokens_per_s / twin->decode_tokens_per_s);
+      EXPECT_DOUBLE_EQ(row.twin_prefill_speedup, row.prefill_tokens_per_s / twin->prefill_tokens_per_s);
+      continue;
+    }
+    EXPECT_TRUE(row.twin_format.empty());
+    EXPECT_EQ(row.twin_decode_speedup, 0.0);
     if (row.name == "base") {
       EXPECT_EQ(row.decode_speedup, 1.0);
       EXPECT_EQ(row.memory_saving, 1.0);
@@ -103,7 +116,10 @@ TEST(Bench, ReportsEveryModelAndBatchAgainstTheBaseline) {
   ASSERT_EQ(rss.size(), 2u);
   EXPECT_GT(rss[0], 1000000u);
   EXPECT_GE(rss[1], rss[0]);
-  EXPECT_NE(eval::format_bench_table(r).find("int8"), std::string::npos);
+  const std::string table = eval::format_bench_table(r);
+  EXPECT_NE(table.find("int8"), std::string::npos);
+  EXPECT_NE(table.find("2:4 models against the dense model of the same format:"), std::string::npos) << table;
+  EXPECT_NE(table.find("the dense int8"), std::string::npos) << table;
 }
 
 }  // namespace
