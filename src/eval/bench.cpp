@@ -207,13 +207,14 @@ BenchReport run_benchmark(std::span<const BenchModel> models, const BenchOptions
       break;
     }
   }
-  // Each 2:4 model against its dense twin: the same format without " 2:4", the same batch.
+  // Each 2:4 model against its dense twin: the same format without " 2:4" (a 16-bit one may be the
+  // baseline, labelled "bf16 (baseline)"), the same batch.
   for (auto& row : report.rows) {
     const std::size_t at = row.format.find(" 2:4");
     if (at == std::string::npos) continue;
     const std::string twin = row.format.substr(0, at) + row.format.substr(at + 4);
     for (const auto& dense : report.rows) {
-      if (dense.format != twin || dense.batch != row.batch) continue;
+      if ((dense.format != twin && dense.format != twin + " (baseline)") || dense.batch != row.batch) continue;
       row.twin_format = twin;
       row.twin_decode_speedup = row.decode_tokens_per_s / dense.decode_tokens_per_s;
       row.twin_prefill_speedup = row.prefill_tokens_per_s / dense.prefill_tokens_per_s;

@@ -64,7 +64,9 @@ TEST(Bench, ReportsEveryModelAndBatchAgainstTheBaseline) {
   model::Model q = load_model(tmp.file("q"));
   q.set_kv_element(kernels::KvElement::bf16);
   // The same model again under a 2:4 label: paired with its dense twin ("int8") by the format.
-  const std::vector<eval::BenchModel> models = {{"base", "bf16", &base, {}}, {"q", "int8", &q, {11, 22}}, {"q24", "int8 2:4", &q, {}}};
+  // (and the baseline under a 2:4 label: its twin is the baseline, labelled as `mopt bench` labels it).
+  const std::vector<eval::BenchModel> models = {
+      {"base", "bf16 (baseline)", &base, {}}, {"q", "int8", &q, {11, 22}}, {"q24", "int8 2:4", &q, {}}, {"b24", "bf16 2:4", &base, {}}};
   eval::BenchOptions o;
   o.batches = {1, 5};
   o.prompt = 12;
@@ -72,16 +74,16 @@ TEST(Bench, ReportsEveryModelAndBatchAgainstTheBaseline) {
   o.rounds = 1;
   std::size_t calls = 0;
   const auto r = eval::run_benchmark(models, o, [&](const std::string&, std::size_t, std::size_t) { ++calls; });
-  EXPECT_EQ(calls, 7u);  // six runs and the end
+  EXPECT_EQ(calls, 9u);  // eight runs and the end
   EXPECT_GT(r.bandwidth_bytes_per_s, 1e8);
-  ASSERT_EQ(r.rows.size(), 6u);
+  ASSERT_EQ(r.rows.size(), 8u);
   for (const auto& row : r.rows) {
     SCOPED_TRACE(row.format + " batch " + std::to_string(row.batch));
     EXPECT_GT(row.prefill_tokens_per_s, 0.0);
     EXPECT_GT(row.decode_tokens_per_s, 0.0);
     EXPECT_GT(row.roofline_fraction, 0.0);
     EXPECT_TRUE(std::isfinite(row.roofline_fraction));
-    const model::Model& m = row.name == "base" ? base : q;
+    const model::Model& m = row.name == "base" || row.name == "b24" ? base : q;
     EXPECT_EQ(row.weight_bytes, m.resident_weight_bytes());
     EXPECT_EQ(row.kv_cache_bytes, static_cast<std::uint64_t>(2 * 2 * row.batch * 15 * 4 * 32 * 2));  // layers, k/v, tokens, kv dim (4 heads of 32), bf16
     // Untied embeddings: only `batch` rows of the table are read per step.
@@ -91,10 +93,11 @@ TEST(Bench, ReportsEveryModelAndBatchAgainstTheBaseline) {
                                  m.embedding_bytes() / static_cast<std::uint64_t>(c.vocab_size) * static_cast<std::uint64_t>(row.batch) +
                                  static_cast<std::uint64_t>(static_cast<double>(row.batch) * context * 2 * 2 * 128 * 2);
     EXPECT_EQ(row.decode_step_bytes, expect);
-    if (row.name == "q24") {
-      const auto twin = std::find_if(r.rows.begin(), r.rows.end(), [&](const eval::BenchRow& d) { return d.name == "q" && d.batch == row.batch; });
+    if (row.name == "q24" || row.name == "b24") {
+      const std::string dense = row.name == "q24" ? "q" : "base";
+      const auto twin = std::find_if(r.rows.begin(), r.rows.end(), [&](const eval::BenchRow& d) { return d.name == dense && d.batch == row.batch; });
       ASSERT_NE(twin, r.rows.end());
-      EXPECT_EQ(row.twin_format, "int8");
+      EXPECT_EQ(row.twin_format, row.name == "q24" ? "int8" : "bf16");
       EXPECT_DOUBLE_EQ(row.twin_decode_speedup, row.decode_tokens_per_s / twin->decode_tokens_per_s);
       EXPECT_DOUBLE_EQ(row.twin_prefill_speedup, row.prefill_tokens_per_s / twin->prefill_tokens_per_s);
       continue;
