@@ -5,6 +5,8 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/thread_pool.h"
+#include "kernels/ops.h"
 
 namespace mopt::eval {
 
@@ -25,11 +27,7 @@ std::vector<Window> sliding_windows(std::int64_t n, std::int64_t ctx, std::int64
 
 void log_softmax(const float* logits, std::int64_t n, std::vector<double>& out) {
   out.resize(static_cast<std::size_t>(n));
-  double max = -INFINITY;
-  for (std::int64_t i = 0; i < n; ++i) max = std::max(max, static_cast<double>(logits[i]));
-  double sum = 0;
-  for (std::int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(logits[i]) - max);
-  const double lse = max + std::log(sum);
+  const double lse = kernels::log_sum_exp(logits, n);
   for (std::int64_t i = 0; i < n; ++i) out[static_cast<std::size_t>(i)] = static_cast<double>(logits[i]) - lse;
 }
 
@@ -56,8 +54,13 @@ std::size_t pack_windows(std::span<const std::int32_t> tokens, const std::vector
   return w1;
 }
 
-// Runs the windows through the model a few at a time (packed into one batch)
-// and hands each scored position's logits to `visit(window index, position, logits)`.
+// A position to score: the logits that predict token `position` of window `window`.
+struct ScoredRow {
+  std::size_t window;
+  std::int64_t position;
+  const float* logits;
+};
+
 template <typename Visit>
 std::int64_t run_windows_decode(const model::Model& m, std::span<const std::int32_t> tokens, const std::vector<Window>& windows,
                                 const ProgressFn& progress, Visit visit) {
@@ -73,7 +76,10 @@ std::int64_t run_windows_decode(const model::Model& m, std::span<const std::int3
       const model::SequenceSpan span{0, 1, p - w.begin, 0};
       m.forward(tokens.subspan(static_cast<std::size_t>(p), 1), {&span, 1}, &cache, model::LogitsFor::all_rows, logits);
       // The logits after token p predict token p + 1.
-      if (p + 1 >= w.first_scored && p + 1 < w.end) visit(i, p + 1, logits.data());
+      if (p + 1 >= w.first_scored && p + 1 < w.end) {
+        const ScoredRow row{i, p + 1, logits.data()};
+        visit(std::span<const ScoredRow>(&row, 1));
+      }
     }
     processed += w.end - w.begin;
     if (progress) progress(i + 1, windows.size());
@@ -91,17 +97,20 @@ std::int64_t run_windows(const model::Model& m, std::span<const std::int32_t> to
   if (progress) progress(0, windows.size());
   std::vector<model::SequenceSpan> batch;
   std::vector<std::int32_t> packed;
+  std::vector<ScoredRow> rows;
   for (std::size_t w0 = 0; w0 < windows.size();) {
     const std::size_t w1 = pack_windows(tokens, windows, w0, kBatchTokens, batch, packed);
     m.forward(packed, batch, nullptr, model::LogitsFor::all_rows, logits);
+    rows.clear();
     for (std::size_t i = w0; i < w1; ++i) {
       const auto& w = windows[i];
       const auto& s = batch[i - w0];
       for (std::int64_t p = w.first_scored; p < w.end; ++p) {
         // The logits at row p-1 of the window predict token p.
-        visit(i, p, logits.data() + (s.offset + (p - 1 - w.begin)) * vocab);
+        rows.push_back({i, p, logits.data() + (s.offset + (p - 1 - w.begin)) * vocab});
       }
     }
+    visit(std::span<const ScoredRow>(rows));
     processed += static_cast<std::int64_t>(packed.size());
     w0 = w1;
     if (progress) progress(w0, windows.size());
@@ -123,16 +132,24 @@ PerplexityResult perplexity(const model::Model& m, std::span<const std::int32_t>
   if (tokens.size() < 2) fail("perplexity needs at least 2 tokens, got {}", tokens.size());
   const auto windows = sliding_windows(static_cast<std::int64_t>(tokens.size()), ctx, stride);
   PerplexityResult r;
-  std::vector<double> lp;
   const std::int64_t vocab = m.config().vocab_size;
   const auto t0 = std::chrono::steady_clock::now();
-  auto score = [&](std::size_t, std::int64_t p, const float* logits) {
-    log_softmax(logits, vocab, lp);
-    const double nll = -lp[static_cast<std::size_t>(tokens[static_cast<std::size_t>(p)])];
-    if (!std::isfinite(nll)) fail("non-finite log-likelihood at token {}", p);
-    r.nll_sum += nll;
-    ++r.scored_tokens;
-    r.token_nll.push_back({p, nll});
+  std::vector<double> nll;
+  // Each row's log Σ e^ on the pool; the sums in position order, so the result is the same at any
+  // thread count.
+  auto score = [&](std::span<const ScoredRow> rows) {
+    nll.resize(rows.size());
+    parallel_each(static_cast<std::int64_t>(rows.size()), 8, rows.size() > 8, [&](std::int64_t k) {
+      const ScoredRow& row = rows[static_cast<std::size_t>(k)];
+      const auto target = tokens[static_cast<std::size_t>(row.position)];
+      nll[static_cast<std::size_t>(k)] = kernels::log_sum_exp(row.logits, vocab) - static_cast<double>(row.logits[target]);
+    });
+    for (std::size_t k = 0; k < rows.size(); ++k) {
+      if (!std::isfinite(nll[k])) fail("non-finite log-likelihood at token {}", rows[k].position);
+      r.nll_sum += nll[k];
+      ++r.scored_tokens;
+      r.token_nll.push_back({rows[k].position, nll[k]});
+    }
   };
   const std::int64_t processed = run == WindowRun::decode ? run_windows_decode(m, tokens, windows, progress, score)
                                                           : run_windows(m, tokens, windows, progress, score);
@@ -152,7 +169,12 @@ KldResult kl_divergence(const model::Model& m, const model::Model& base, std::sp
   KldResult r;
   std::vector<double> klds;
   std::int64_t agree = 0;
-  std::vector<double> lp_base, lp_model;
+  struct RowScore {
+    double nll_base = 0, nll_model = 0, kl = 0;
+    bool agree = false;
+  };
+  std::vector<std::pair<std::int64_t, std::int64_t>> rows;  // (position, row of the logits)
+  std::vector<RowScore> scores;
   std::vector<float> logits_base, logits_model;
   double seconds_base = 0, seconds_model = 0;
   std::int64_t processed = 0;
@@ -170,25 +192,36 @@ KldResult kl_divergence(const model::Model& m, const model::Model& base, std::sp
     t0 = std::chrono::steady_clock::now();
     m.forward(packed, batch, nullptr, model::LogitsFor::all_rows, logits_model);
     seconds_model += seconds_since(t0);
+    rows.clear();
     for (std::size_t i = w0; i < w1; ++i) {
       const auto& w = windows[i];
       const auto& s = batch[i - w0];
-      for (std::int64_t p = w.first_scored; p < w.end; ++p) {
-        const std::int64_t row = s.offset + (p - 1 - w.begin);
-        log_softmax(logits_base.data() + row * vocab, vocab, lp_base);
-        log_softmax(logits_model.data() + row * vocab, vocab, lp_model);
-        const auto target = static_cast<std::size_t>(tokens[static_cast<std::size_t>(p)]);
-        r.base.nll_sum += -lp_base[target];
-        r.model.nll_sum += -lp_model[target];
-        double kl = 0;
-        for (std::int64_t v = 0; v < vocab; ++v) {
-          const double lb = lp_base[static_cast<std::size_t>(v)];
-          kl += std::exp(lb) * (lb - lp_model[static_cast<std::size_t>(v)]);
-        }
-        klds.push_back(std::max(0.0, kl));
-        agree += std::max_element(lp_base.begin(), lp_base.end()) - lp_base.begin() ==
-                 std::max_element(lp_model.begin(), lp_model.end()) - lp_model.begin();
+      for (std::int64_t p = w.first_scored; p < w.end; ++p) rows.push_back({p, s.offset + (p - 1 - w.begin)});
+    }
+    // Each row on the pool, gathered in position order: the same result at any thread count.
+    scores.resize(rows.size());
+    parallel_each(static_cast<std::int64_t>(rows.size()), 8, rows.size() > 8, [&](std::int64_t k) {
+      const auto [p, row] = rows[static_cast<std::size_t>(k)];
+      const float* lb = logits_base.data() + row * vocab;
+      const float* lm = logits_model.data() + row * vocab;
+      RowScore& out = scores[static_cast<std::size_t>(k)];
+      double lse_base = 0, lse_model = 0;
+      out.kl = kernels::softmax_kl(lb, lm, vocab, lse_base, lse_model);
+      const auto target = tokens[static_cast<std::size_t>(p)];
+      out.nll_base = lse_base - static_cast<double>(lb[target]);
+      out.nll_model = lse_model - static_cast<double>(lm[target]);
+      out.agree = std::max_element(lb, lb + vocab) - lb == std::max_element(lm, lm + vocab) - lm;
+    });
+    for (std::size_t k = 0; k < rows.size(); ++k) {
+      const RowScore& sc = scores[k];
+      if (!std::isfinite(sc.nll_base) || !std::isfinite(sc.nll_model) || !std::isfinite(sc.kl)) {
+        fail("non-finite log-likelihood at token {} ({})", rows[k].first,
+             !std::isfinite(sc.nll_base) ? "the base model" : "the model");
       }
+      r.base.nll_sum += sc.nll_base;
+      r.model.nll_sum += sc.nll_model;
+      klds.push_back(std::max(0.0, sc.kl));
+      agree += sc.agree ? 1 : 0;
     }
     processed += static_cast<std::int64_t>(packed.size());
     w0 = w1;

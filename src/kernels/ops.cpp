@@ -105,13 +105,62 @@ void silu_mul(float* gate, const float* up, std::int64_t n) {
 
 namespace {
 
+float largest(const float* x, std::int64_t n) {
+  if (simd_ops()) return avx2::max_of(x, n);
+  float m = x[0];
+  for (std::int64_t i = 1; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+}  // namespace
+
+double log_sum_exp(const float* x, std::int64_t n) {
+  const double shift = largest(x, n);
+  if (!std::isfinite(shift)) return shift;
+  double sum = 0;
+  if (simd_ops()) {
+    sum = avx2::exp_sum_f64(x, n, shift);
+  } else {
+    for (std::int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(x[i]) - shift);
+  }
+  return shift + std::log(sum);
+}
+
+double softmax_kl(const float* a, const float* b, std::int64_t n, double& lse_a, double& lse_b) {
+  lse_b = log_sum_exp(b, n);
+  const double shift = largest(a, n);
+  if (!std::isfinite(shift) || !std::isfinite(lse_b)) {
+    lse_a = std::isfinite(shift) ? log_sum_exp(a, n) : shift;
+    return NAN;
+  }
+  double sum = 0, weighted = 0;
+  if (simd_ops()) {
+    avx2::exp_sum_weighted_difference(a, b, n, shift, sum, weighted);
+  } else {
+    for (std::int64_t i = 0; i < n; ++i) {
+      const double e = std::exp(static_cast<double>(a[i]) - shift);
+      sum += e;
+      if (e > 0) weighted += e * (static_cast<double>(a[i]) - static_cast<double>(b[i]));
+    }
+  }
+  lse_a = shift + std::log(sum);
+  return weighted / sum - lse_a + lse_b;
+}
+
+namespace {
+
 // Softmax over row entries [first, last] of scores, in place; the rest of the
 // row (masked keys) becomes 0.
 void masked_softmax(float* row, std::int64_t n, std::int64_t first, std::int64_t last) {
+  const bool simd = simd_ops();
   float max_score = -INFINITY;
-  for (std::int64_t j = first; j <= last; ++j) max_score = std::max(max_score, row[j]);
+  if (simd) {
+    max_score = std::max(max_score, avx2::max_of(row + first, last - first + 1));
+  } else {
+    for (std::int64_t j = first; j <= last; ++j) max_score = std::max(max_score, row[j]);
+  }
   float total = 0;
-  if (simd_ops()) {
+  if (simd) {
     total = avx2::exp_shifted_sum(row + first, last - first + 1, max_score);
   } else {
     for (std::int64_t j = first; j <= last; ++j) {
@@ -120,9 +169,13 @@ void masked_softmax(float* row, std::int64_t n, std::int64_t first, std::int64_t
     }
   }
   const float inv = 1.0f / total;
-  for (std::int64_t j = 0; j < first; ++j) row[j] = 0;
-  for (std::int64_t j = first; j <= last; ++j) row[j] *= inv;
-  for (std::int64_t j = last + 1; j < n; ++j) row[j] = 0;
+  std::fill(row, row + first, 0.0f);
+  if (simd) {
+    avx2::scale(row + first, last - first + 1, inv);
+  } else {
+    for (std::int64_t j = first; j <= last; ++j) row[j] *= inv;
+  }
+  std::fill(row + last + 1, row + n, 0.0f);
 }
 
 }  // namespace

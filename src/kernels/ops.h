@@ -28,6 +28,15 @@ void apply_rope_inverse(float* x, std::int64_t rows, std::int64_t heads, std::in
 // gate[i] = silu(gate[i]) * up[i].
 void silu_mul(float* gate, const float* up, std::int64_t n);
 
+// log Σ e^x[i] over [0, n) (n >= 1), in f64 with the largest x taken out first. The largest x
+// itself when it is not finite (+inf, or -inf when every x is); NaN when an x is NaN.
+double log_sum_exp(const float* x, std::int64_t n);
+
+// KL(p ‖ q) in f64 for p = softmax(a), q = softmax(b) over [0, n): Σ p[i] (a[i] - b[i]) - lse(a) + lse(b),
+// one e^ per element of each row. Also each row's log Σ e^ (as log_sum_exp). A term with p[i] = 0
+// adds 0; NaN when a row is not finite.
+double softmax_kl(const float* a, const float* b, std::int64_t n, double& lse_a, double& lse_b);
+
 // Causal multi-head attention of one sequence with grouped key/value heads.
 // q [n_q, heads, d] holds queries at positions q_pos; k, v [n_k, kv_heads, d]
 // hold keys and values at positions 0..n_k-1. A query at position p sees keys

@@ -43,6 +43,43 @@ inline __m256 exp8(__m256 x) {
   return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
 
+// e^x for 4 doubles with x <= 0 (a logit less its row's largest): x = n ln2 + r with
+// n = round(x / ln2), |r| <= ln2 / 2 (ln2 in two parts, fdlibm's, so n ln2_hi is exact), e^r by its
+// degree-13 Taylor polynomial (truncation below 2^-57 there), 2^n through the exponent bits.
+// Lanes below -708 (or -inf) give 0; NaN stays NaN. Only for x <= 0: 2^n is not split.
+inline __m256d exp4d_nonpositive(__m256d x) {
+  const __m256d magic = _mm256_set1_pd(6755399441055744.0);  // 1.5 * 2^52: x + magic rounds x to an integer
+  const __m256d nm = _mm256_fmadd_pd(x, _mm256_set1_pd(1.4426950408889634), magic);
+  const __m256d n = _mm256_sub_pd(nm, magic);
+  __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93147180369123816490e-01), x);
+  r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.90821492927058770002e-10), r);
+  static constexpr double kInverseFactorials[] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0,
+                                                  1.0 / 3628800.0,    1.0 / 362880.0,    1.0 / 40320.0,
+                                                  1.0 / 5040.0,       1.0 / 720.0,       1.0 / 120.0,
+                                                  1.0 / 24.0,         1.0 / 6.0,         0.5,
+                                                  1.0,                1.0};
+  __m256d p = _mm256_set1_pd(kInverseFactorials[0]);
+  for (int k = 1; k < 14; ++k) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(kInverseFactorials[k]));
+  // The low bits of nm hold n (two's complement under 2^51): n + 1023 into the exponent field.
+  const __m256i e = _mm256_slli_epi64(_mm256_add_epi64(_mm256_castpd_si256(nm), _mm256_set1_epi64x(1023)), 52);
+  const __m256d y = _mm256_mul_pd(p, _mm256_castsi256_pd(e));
+  return _mm256_andnot_pd(_mm256_cmp_pd(x, _mm256_set1_pd(-708.0), _CMP_LT_OQ), y);
+}
+
+inline double lane_sum(__m256d v) {
+  __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+  return _mm_cvtsd_f64(s);
+}
+
+// Elements [i, i + 4) of x as doubles, less `shift`; past n, `fill` (already shifted).
+inline __m256d load4_shifted(const float* x, std::int64_t i, std::int64_t n, __m256d shift, double fill) {
+  if (i + 4 <= n) return _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i)), shift);
+  alignas(32) double tmp[4];
+  for (std::int64_t j = 0; j < 4; ++j) tmp[j] = i + j < n ? static_cast<double>(x[i + j]) : fill;
+  return _mm256_sub_pd(_mm256_load_pd(tmp), shift);
+}
+
 inline float lane_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -150,6 +187,34 @@ void silu_mul_backward(const float* gate, const float* up, const float* dh, std:
     dup[i] = dh[i] * (g * sig);
     dgate[i] = dh[i] * up[i] * (sig * (1.0f + g * (1.0f - sig)));
   }
+}
+
+double exp_sum_f64(const float* x, std::int64_t n, double shift) {
+  const __m256d sh = _mm256_set1_pd(shift);
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    s0 = _mm256_add_pd(s0, exp4d_nonpositive(load4_shifted(x, i, n, sh, 0)));
+    s1 = _mm256_add_pd(s1, exp4d_nonpositive(load4_shifted(x, i + 4, n, sh, 0)));
+  }
+  for (; i < n; i += 4) s0 = _mm256_add_pd(s0, exp4d_nonpositive(load4_shifted(x, i, n, sh, shift - 1000.0)));
+  return lane_sum(_mm256_add_pd(s0, s1));
+}
+
+void exp_sum_weighted_difference(const float* a, const float* b, std::int64_t n, double shift, double& sum, double& weighted) {
+  const __m256d sh = _mm256_set1_pd(shift), zero = _mm256_setzero_pd();
+  __m256d s = zero, w = zero;
+  for (std::int64_t i = 0; i < n; i += 4) {
+    // Past n both rows read as shift - 1000: e^-1000 is 0 and the difference 0.
+    const __m256d xa = load4_shifted(a, i, n, sh, shift - 1000.0), xb = load4_shifted(b, i, n, sh, shift - 1000.0);
+    const __m256d e = exp4d_nonpositive(xa);
+    // A term whose weight is 0 adds 0 (an -inf logit in `a` with any `b`).
+    const __m256d d = _mm256_and_pd(_mm256_cmp_pd(e, zero, _CMP_GT_OQ), _mm256_sub_pd(xa, xb));
+    s = _mm256_add_pd(s, e);
+    w = _mm256_fmadd_pd(e, d, w);
+  }
+  sum = lane_sum(s);
+  weighted = lane_sum(w);
 }
 
 }  // namespace mopt::kernels::avx2

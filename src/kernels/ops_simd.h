@@ -10,6 +10,12 @@ namespace mopt::kernels::avx2 {
 void exp_inplace(float* x, std::int64_t n);
 // row[j] = e^(row[j] - shift) for j in [0, n); returns their sum.
 float exp_shifted_sum(float* row, std::int64_t n, float shift);
+// Σ e^(x[i] - shift) over [0, n) in f64, each term within 2 ulp of std::exp(double(x[i]) - shift);
+// shift >= every x[i] (terms below e^-708 count 0).
+double exp_sum_f64(const float* x, std::int64_t n, double shift);
+// sum = Σ e^(a[i] - shift) and weighted = Σ e^(a[i] - shift) * (a[i] - b[i]) over [0, n) in f64, a term
+// whose e^ is 0 adding 0 to `weighted`; shift >= every a[i].
+void exp_sum_weighted_difference(const float* a, const float* b, std::int64_t n, double shift, double& sum, double& weighted);
 // The largest of x[0, n) (n >= 1; NaN lanes are skipped as std::max skips them on the right).
 float max_of(const float* x, std::int64_t n);
 // x[i] *= factor.

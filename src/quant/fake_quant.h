@@ -57,6 +57,8 @@ float fake_quant_int(float x, float amax, int bits);
 float fake_quant_e4m3(float x, float amax);
 // The NVFP4 block scale for a block whose amax is `block_amax` under global amax `global_amax`.
 float nvfp4_block_scale(float block_amax, float global_amax);
+// out[i] = nvfp4_block_scale(block_amax[i], global_amax) for i < n (out may be block_amax).
+void nvfp4_block_scales(const float* block_amax, std::int64_t n, float global_amax, float* out);
 // MX: the power-of-two exponent e with 2^e >= block_amax / element_max (ceil of log2), or 0 for a zero block.
 int mx_exponent(float block_amax, Element element);
 // E2M1 round to nearest even with saturation at 6, on a magnitude (NaN gives 6). On the grid

@@ -1,9 +1,11 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 
 #include "core/error.h"
+#include "core/thread_pool.h"
 #include "eval/generate.h"
 #include "eval/multiple_choice.h"
 #include "eval/perplexity.h"
@@ -151,6 +153,81 @@ TEST(Perplexity, MatchesTransformersLogits) {
   EXPECT_LT(k.mean_kld, 1e-9);
   EXPECT_DOUBLE_EQ(k.top1_agreement, 1.0);
   EXPECT_NEAR(k.model.perplexity, k.base.perplexity, 1e-9);
+}
+
+TEST(KlDivergence, TwoModelsAsDefinedAndTheSameAtAnyThreadCount) {
+  // Two different models of one vocabulary: each scored position's KL(base ‖ model) computed here from
+  // their logits in long double, term by term, against kl_divergence's; and the results bit for bit
+  // the same on one thread as on several (rows are scored on the pool, summed in order).
+  const model::Model base = model::Model::load(testing::data_path("hf/llama"));
+  const model::Model m = model::Model::load(testing::data_path("hf/qwen3"));
+  const std::int64_t vocab = m.config().vocab_size;
+  std::vector<std::int32_t> ids;
+  for (int i = 0; i < 100; ++i) ids.push_back(static_cast<std::int32_t>((i * 37 + 11) % vocab));
+  const std::int64_t ctx = 32;
+  std::vector<long double> want;
+  long double nll_base = 0, nll_model = 0;
+  std::int64_t agree = 0;
+  for (const Window& w : sliding_windows(static_cast<std::int64_t>(ids.size()), ctx, ctx)) {
+    const std::span<const std::int32_t> seq(ids.data() + w.begin, static_cast<std::size_t>(w.end - w.begin));
+    const model::SequenceSpan span{0, w.end - w.begin, 0, 0};
+    std::vector<float> lb, lm;
+    base.forward(seq, std::span(&span, 1), nullptr, model::LogitsFor::all_rows, lb);
+    m.forward(seq, std::span(&span, 1), nullptr, model::LogitsFor::all_rows, lm);
+    for (std::int64_t p = w.first_scored; p < w.end; ++p) {
+      const float* b = lb.data() + (p - 1 - w.begin) * vocab;
+      const float* q = lm.data() + (p - 1 - w.begin) * vocab;
+      auto lse = [&](const float* x) {
+        long double mx = -INFINITY, s = 0;
+        for (std::int64_t v = 0; v < vocab; ++v) mx = std::max(mx, static_cast<long double>(x[v]));
+        for (std::int64_t v = 0; v < vocab; ++v) s += std::exp(static_cast<long double>(x[v]) - mx);
+        return mx + std::log(s);
+      };
+      const long double sb = lse(b), sq = lse(q);
+      long double kl = 0;
+      for (std::int64_t v = 0; v < vocab; ++v) {
+        const long double pb = static_cast<long double>(b[v]) - sb, pq = static_cast<long double>(q[v]) - sq;
+        kl += std::exp(pb) * (pb - pq);
+      }
+      want.push_back(kl);
+      const auto t = static_cast<std::size_t>(ids[static_cast<std::size_t>(p)]);
+      nll_base += sb - b[t];
+      nll_model += sq - q[t];
+      agree += std::max_element(b, b + vocab) - b == std::max_element(q, q + vocab) - q;
+    }
+  }
+  const int threads = compute_threads();
+  set_compute_threads(1);
+  const KldResult one = kl_divergence(m, base, ids, ctx, ctx);
+  set_compute_threads(std::max(2, threads));
+  const KldResult many = kl_divergence(m, base, ids, ctx, ctx);
+  set_compute_threads(threads);
+  ASSERT_EQ(one.positions, static_cast<std::int64_t>(want.size()));
+  long double mean = 0;
+  for (const long double k : want) mean += k;
+  mean /= static_cast<long double>(want.size());
+  std::sort(want.begin(), want.end());
+  EXPECT_GT(one.mean_kld, 1e-3);  // different models: a divergence to measure
+  EXPECT_NEAR(one.mean_kld, static_cast<double>(mean), 1e-5 * static_cast<double>(mean));
+  EXPECT_NEAR(one.max_kld, static_cast<double>(want.back()), 1e-5 * static_cast<double>(want.back()));
+  EXPECT_NEAR(one.median_kld, static_cast<double>(want[want.size() / 2]), 1e-5 * static_cast<double>(want[want.size() / 2]));
+  const auto n = static_cast<long double>(want.size());
+  EXPECT_NEAR(one.base.perplexity, static_cast<double>(std::exp(nll_base / n)), 1e-6 * one.base.perplexity);
+  EXPECT_NEAR(one.model.perplexity, static_cast<double>(std::exp(nll_model / n)), 1e-6 * one.model.perplexity);
+  EXPECT_DOUBLE_EQ(one.top1_agreement, static_cast<double>(agree) / static_cast<double>(n));
+  EXPECT_EQ(one.mean_kld, many.mean_kld);
+  EXPECT_EQ(one.max_kld, many.max_kld);
+  EXPECT_EQ(one.base.perplexity, many.base.perplexity);
+  EXPECT_EQ(one.model.perplexity, many.model.perplexity);
+  EXPECT_EQ(one.top1_agreement, many.top1_agreement);
+  // Perplexity alike.
+  set_compute_threads(1);
+  const PerplexityResult p1 = perplexity(m, ids, ctx, ctx);
+  set_compute_threads(std::max(2, threads));
+  const PerplexityResult p2 = perplexity(m, ids, ctx, ctx);
+  set_compute_threads(threads);
+  EXPECT_EQ(p1.nll_sum, p2.nll_sum);
+  EXPECT_NEAR(p1.perplexity, one.model.perplexity, 1e-9 * p1.perplexity);
 }
 
 }  // namespace

@@ -390,6 +390,93 @@ TEST(SimdOps, ExpWithinTwoUlpOfStdExp) {
   EXPECT_NEAR(total, want_total, 1e-6 * want_total);
 }
 
+TEST(SimdOps, ExpSumInDoubleWithinTwoUlpOfStdExp) {
+  if (!cpu_features().avx2 || !cpu_features().fma) GTEST_SKIP() << "no AVX2/FMA on this CPU";
+  // One term at a time (the tail path): each e^x within 2 ulp of std::exp in f64.
+  std::mt19937 rng(31);
+  std::uniform_real_distribution<float> wide(-707.0f, 0.0f), narrow(-3.0f, 0.0f);
+  std::vector<float> xs = {0.0f, -0.0f, -1e-30f, -0.34657f, -0.34658f, -1.0f, -707.9f, -708.1f, -745.0f, -1e30f, -INFINITY};
+  for (int i = 0; i < 20000; ++i) xs.push_back(i % 2 ? wide(rng) : narrow(rng));
+  for (const float x : xs) {
+    const double got = avx2::exp_sum_f64(&x, 1, 0.0);
+    const double want = std::exp(static_cast<double>(x));
+    if (x < -708.0f) {
+      EXPECT_EQ(got, 0.0) << x;
+    } else {
+      EXPECT_LE(std::fabs(got - want), 2.0 * (std::nextafter(want, INFINITY) - want)) << "x = " << x << ": " << got << " vs " << want;
+    }
+  }
+  // Whole rows (the 8-wide loop and every tail length) against the sum of std::exp terms.
+  for (const std::int64_t n : {1, 3, 7, 8, 9, 15, 16, 17, 4096, 4099}) {
+    auto row = random_values(static_cast<std::size_t>(n), static_cast<std::uint32_t>(40 + n), 8.0f);
+    const double shift = 9.0;
+    double want = 0;
+    for (const float v : row) want += std::exp(static_cast<double>(v) - shift);
+    EXPECT_NEAR(avx2::exp_sum_f64(row.data(), n, shift), want, 1e-15 * want * static_cast<double>(n)) << n;
+    // The weighted sum, against its definition; a -inf in the first row adds nothing.
+    auto other = random_values(static_cast<std::size_t>(n), static_cast<std::uint32_t>(90 + n), 8.0f);
+    if (n > 5) row[4] = -INFINITY;
+    double sum = 0, weighted = 0, want_sum = 0, want_weighted = 0;
+    avx2::exp_sum_weighted_difference(row.data(), other.data(), n, shift, sum, weighted);
+    for (std::int64_t i = 0; i < n; ++i) {
+      const double e = std::exp(static_cast<double>(row[static_cast<std::size_t>(i)]) - shift);
+      want_sum += e;
+      if (e > 0) want_weighted += e * (static_cast<double>(row[static_cast<std::size_t>(i)]) - other[static_cast<std::size_t>(i)]);
+    }
+    EXPECT_NEAR(sum, want_sum, 1e-15 * want_sum * static_cast<double>(n)) << n;
+    EXPECT_NEAR(weighted, want_weighted, 1e-14 * want_sum * static_cast<double>(n)) << n;
+  }
+}
+
+TEST(Ops, LogSumExpAndSoftmaxKlMatchTheirDefinitions) {
+  // Against long-double definitions on rows of a vocabulary's size: log Σ e^x, and KL(p ‖ q) as
+  // Σ p (log p - log q) term by term.
+  for (const std::int64_t n : {1, 2, 13, 4096, 32003}) {
+    for (const float spread : {0.5f, 12.0f}) {
+      const auto a = random_values(static_cast<std::size_t>(n), static_cast<std::uint32_t>(n) + 1, spread);
+      auto b = a;
+      const auto noise = random_values(static_cast<std::size_t>(n), static_cast<std::uint32_t>(n) + 2, 0.05f * spread);
+      for (std::size_t i = 0; i < b.size(); ++i) b[i] += noise[i] + 3.0f;  // a constant shift changes nothing
+      auto lse = [](const std::vector<float>& x) {
+        long double m = -INFINITY, s = 0;
+        for (const float v : x) m = std::max(m, static_cast<long double>(v));
+        for (const float v : x) s += std::exp(static_cast<long double>(v) - m);
+        return m + std::log(s);
+      };
+      const long double la = lse(a), lb = lse(b);
+      long double kl = 0;
+      for (std::size_t i = 0; i < a.size(); ++i) {
+        const long double pa = static_cast<long double>(a[i]) - la, pb = static_cast<long double>(b[i]) - lb;
+        kl += std::exp(pa) * (pa - pb);
+      }
+      EXPECT_NEAR(log_sum_exp(a.data(), n), static_cast<double>(la), 1e-13 * std::max(1.0, std::fabs(static_cast<double>(la)))) << n;
+      double got_la = 0, got_lb = 0;
+      const double got = softmax_kl(a.data(), b.data(), n, got_la, got_lb);
+      EXPECT_NEAR(got_la, static_cast<double>(la), 1e-13 * std::max(1.0, std::fabs(static_cast<double>(la))));
+      EXPECT_NEAR(got_lb, static_cast<double>(lb), 1e-13 * std::max(1.0, std::fabs(static_cast<double>(lb))));
+      EXPECT_NEAR(got, static_cast<double>(kl), 1e-12 + 1e-9 * static_cast<double>(kl)) << n << " spread " << spread;
+      if (n > 1) EXPECT_GT(got, 0.0);
+      EXPECT_NEAR(softmax_kl(a.data(), a.data(), n, got_la, got_lb), 0.0, 1e-14);
+    }
+  }
+  // Rows that are not finite: +inf and NaN give a non-finite result, -inf entries weigh nothing.
+  std::vector<float> x = {1.0f, -INFINITY, 2.0f}, y = {0.5f, 1.0f, 2.5f};
+  double la = 0, lb = 0;
+  const double kl = softmax_kl(x.data(), y.data(), 3, la, lb);
+  const double p1 = 1.0 / (1.0 + std::exp(1.0)), p2 = 1.0 - p1;
+  const double ly = std::log(std::exp(0.5) + std::exp(1.0) + std::exp(2.5));
+  EXPECT_NEAR(kl, p1 * (std::log(p1) - (0.5 - ly)) + p2 * (std::log(p2) - (2.5 - ly)), 1e-12);
+  EXPECT_DOUBLE_EQ(log_sum_exp(x.data(), 2), 1.0);
+  const std::vector<float> all_minus_inf = {-INFINITY, -INFINITY};
+  EXPECT_EQ(log_sum_exp(all_minus_inf.data(), 2), -INFINITY);
+  x[1] = INFINITY;
+  EXPECT_EQ(log_sum_exp(x.data(), 3), INFINITY);
+  EXPECT_FALSE(std::isfinite(softmax_kl(x.data(), y.data(), 3, la, lb)));
+  x[1] = NAN;
+  EXPECT_TRUE(std::isnan(log_sum_exp(x.data(), 3)));
+  EXPECT_TRUE(std::isnan(softmax_kl(y.data(), x.data(), 3, la, lb)));
+}
+
 TEST(SimdOps, SiluMulMatchesItsDefinition) {
   if (!cpu_features().avx2 || !cpu_features().fma) GTEST_SKIP() << "no AVX2/FMA on this CPU";
   auto g = random_values(1003, 21);

@@ -3,19 +3,26 @@
 // tensors), and the real-quantization layouts.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
 #include "core/convert.h"
+#include "core/cpu_features.h"
 #include "core/error.h"
 #include "quant/act_quant.h"
 #include "quant/fake_quant.h"
+#include "quant/fake_quant_simd.h"
 #include "quant/qtensor.h"
 #include "quant/recipe.h"
+#include "support/random_values.h"
 
 namespace mopt::quant {
 namespace {
+
+using testing::random_values;
 
 QuantizerSpec make(Element e, Scaling s, std::int64_t block = 0, std::int64_t block_rows = 0) {
   QuantizerSpec q;
@@ -65,6 +72,91 @@ TEST(FakeQuant, Nvfp4BoundariesRoundToNearestEven) {
   const auto z = fq(s, off, 1, 16, {6.0f * 448.0f});
   const std::vector<float> want_off = {0.5f, 0.5f, 1.5f, 1.5f, 3, 3, 6, 6};
   for (int i = 0; i < 8; ++i) EXPECT_EQ(z[i], want_off[i]) << off[i];
+}
+
+// The NVFP4 rounding of one row written with the element-level steps alone: what fake_quantize
+// computes, whichever path it takes.
+std::vector<float> nvfp4_by_steps(const std::vector<float>& x, std::int64_t rows, std::int64_t cols, float global_amax) {
+  std::vector<float> y(x.size());
+  for (std::int64_t r = 0; r < rows; ++r) {
+    for (std::int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const std::int64_t len = std::min<std::int64_t>(16, cols - c0);
+      const float* xb = x.data() + r * cols + c0;
+      float m = 0.0f;
+      for (std::int64_t i = 0; i < len; ++i) m = std::max(m, std::fabs(xb[i]));
+      const float s = nvfp4_block_scale(m, global_amax);
+      for (std::int64_t i = 0; i < len; ++i) {
+        y[static_cast<std::size_t>(r * cols + c0 + i)] = with_sign_of(xb[i], round_e2m1_magnitude(std::fabs(xb[i]) / s) * s);
+      }
+    }
+  }
+  return y;
+}
+
+bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof a) == 0; }
+
+TEST(FakeQuant, Nvfp4RowsEqualTheElementSteps) {
+  // Rows of whole blocks and with a tail, values over many magnitudes, exact ties, zeros of both signs
+  // and blocks of zeros: bit for bit the scalar steps (the vectorized path where the CPU has AVX2).
+  const auto s = make(Element::e2m1, Scaling::nvfp4, 16);
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> exponent(-12.0f, 6.0f), mantissa(-1.0f, 1.0f);
+  for (const std::int64_t cols : {16, 48, 40, 256, 1000}) {
+    const std::int64_t rows = 37;
+    std::vector<float> x(static_cast<std::size_t>(rows * cols));
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = mantissa(rng) * std::exp2(exponent(rng));
+    for (std::size_t i = 0; i < x.size(); i += 7) x[i] = 0.25f * static_cast<float>(static_cast<int>(i % 29) - 14);  // ties at scale 1
+    x[3] = -0.0f;
+    std::fill(x.begin() + cols, x.begin() + cols + 16, 0.0f);  // a zero block: scale 1
+    for (const float global : {6.0f * 448.0f, 3.7f, 1e-6f, 0.0f}) {
+      const auto y = fq(s, x, rows, cols, {global});
+      const auto want = nvfp4_by_steps(x, rows, cols, global);
+      for (std::size_t i = 0; i < x.size(); ++i) {
+        ASSERT_TRUE(same_bits(y[i], want[i])) << "cols " << cols << " global " << global << " x " << x[i] << ": " << y[i] << " vs " << want[i];
+      }
+    }
+  }
+}
+
+TEST(FakeQuant, Nvfp4BlockScalesInBulkEqualOneByOne) {
+  std::vector<float> amax = {0.0f, 1e-30f, 1e-8f, 5.96e-8f, 1.0f, 6.0f, 448.0f, 2688.0f, 1e30f, INFINITY};
+  std::mt19937 rng(12);
+  std::uniform_real_distribution<float> exponent(-20.0f, 14.0f);
+  for (int i = 0; i < 3000; ++i) amax.push_back(std::exp2(exponent(rng)));
+  for (const float global : {2688.0f, 1.0f, 37.5f, 1e-9f, 0.0f, 1e20f}) {
+    std::vector<float> got(amax.size());
+    nvfp4_block_scales(amax.data(), static_cast<std::int64_t>(amax.size()), global, got.data());
+    for (std::size_t i = 0; i < amax.size(); ++i) {
+      ASSERT_TRUE(same_bits(got[i], nvfp4_block_scale(amax[i], global))) << amax[i] << " under " << global;
+    }
+  }
+}
+
+TEST(FakeQuant, Nvfp4VectorStepsKeepNonFiniteValuesAsTheScalarOnes) {
+  if (!cpu_features().avx2 || !cpu_features().fma) GTEST_SKIP() << "no AVX2/FMA on this CPU";
+  // NaN and infinities never reach the rounding through fake_quantize (inputs are checked), but the
+  // vector steps treat them as the scalar ones: a NaN |x| is skipped by the block max, rounds to 6
+  // and takes the minus sign; +-inf saturate to +-6 s.
+  std::vector<float> x = random_values(64, 13, 3.0f);
+  x[1] = NAN;
+  x[17] = INFINITY;
+  x[18] = -INFINITY;
+  x[33] = -0.0f;
+  x[40] = -NAN;
+  std::vector<float> amax(4), scales(4), y(64);
+  avx2::block16_abs_max(x.data(), 4, amax.data());
+  for (int b = 0; b < 4; ++b) {
+    float m = 0.0f;
+    for (int i = 0; i < 16; ++i) m = std::max(m, std::fabs(x[static_cast<std::size_t>(16 * b + i)]));
+    EXPECT_TRUE(same_bits(amax[static_cast<std::size_t>(b)], m)) << b;
+    scales[static_cast<std::size_t>(b)] = 0.37f + static_cast<float>(b);
+  }
+  avx2::round_e2m1_blocks16(x.data(), scales.data(), 4, y.data());
+  for (std::size_t i = 0; i < 64; ++i) {
+    const float sc = scales[i / 16];
+    const float want = with_sign_of(x[i], round_e2m1_magnitude(std::fabs(x[i]) / sc) * sc);
+    EXPECT_TRUE(same_bits(y[i], want)) << i << ": x " << x[i] << " gives " << y[i] << ", the steps " << want;
+  }
 }
 
 TEST(FakeQuant, Mxfp4MatchesTheReferenceVectors) {
