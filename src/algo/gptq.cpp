@@ -50,8 +50,8 @@ class GridQuantizer {
     }
     const float a = amax_for(row, col);
     switch (spec_.element) {
-      case Element::int8: return quant::fake_quant_int(x, a, 8);
-      case Element::int4: return quant::fake_quant_int(x, a, 4);
+      case Element::int8:
+      case Element::int4: return quant::fake_quant_integer(spec_, x, a);
       case Element::e4m3: return quant::fake_quant_e4m3(x, a);
       default: fail("GPTQ: no grid for {}", spec_.describe());
     }

@@ -211,7 +211,7 @@ std::vector<float> awq_clip_search(const quant::QuantizerSpec& spec, const float
           float v = 0.0f;
           if (j < len) {
             const float x = w[o * in + c0 + j];
-            v = quant::fake_quant_int(x, a, spec.element == quant::Element::int4 ? 4 : 8) - x;
+            v = quant::fake_quant_integer(spec, x, a) - x;
           }
           dw[o * B + j] = v;
         }

@@ -59,6 +59,28 @@ quant::Recipe recipe_from_options(const QuantizeOptions& o) {
   return r;
 }
 
+quant::Recipe with_gguf_target_grid(const QuantizeOptions& o, quant::Recipe r) {
+  // A GGUF Q4_0 file holds INT4 weights code for code: quantize on its grid (16 levels, the scale
+  // the block stores) so that AWQ, GPTQ and the rounding choose what the file keeps; by default in
+  // Q4_0's own blocks of 32.
+  if (o.export_format == "gguf" && gguf_target_type(o, r).rfind("q4_0", 0) == 0) {
+    r.int4_grid = quant::IntGrid::q4_0;
+    if (r.group_size == 0) r.group_size = 32;
+  }
+  return r;
+}
+
+std::string gguf_target_type(const QuantizeOptions& o, const quant::Recipe& recipe) {
+  if (!o.gguf_type.empty()) return o.gguf_type;
+  // By default the GGUF type that holds the format's codes: NVFP4/MXFP4 as such, INT4 as Q4_0, INT8 as Q8_0.
+  const bool four_bit = recipe.format.find("4") != std::string::npos;
+  return recipe.format == "none"                ? "bf16"  // pruning alone: nothing to quantize
+         : recipe.format.rfind("nvfp4", 0) == 0 ? "nvfp4"
+         : recipe.format == "mxfp4"             ? "mxfp4"
+         : four_bit                             ? "q4_0"
+                                                : "q8_0";
+}
+
 void check_export_target(const QuantizeOptions& o, const quant::Recipe& recipe) {
   if (o.export_format != "modelopt" && o.export_format != "compressed-tensors" && o.export_format != "gguf") {
     fail("--export {}: one of modelopt, compressed-tensors, gguf", o.export_format);
@@ -112,14 +134,7 @@ std::uint64_t convert_export(const std::string& modelopt_dir, const QuantizeOpti
                  r.sparsity_format == "dense" ? ": packed codes keep their zeros in place" : "");
     }
   } else if (o.export_format == "gguf") {
-    // By default the GGUF type that holds the format's codes: NVFP4/MXFP4 as such, INT4 as Q4_0, INT8 as Q8_0.
-    const bool four_bit = recipe.format.find("4") != std::string::npos;
-    const std::string fallback = recipe.format == "none"                ? "bf16"  // pruning alone: nothing to quantize
-                                 : recipe.format.rfind("nvfp4", 0) == 0 ? "nvfp4"
-                                 : recipe.format == "mxfp4"             ? "mxfp4"
-                                 : four_bit                             ? "q4_0"
-                                                                        : "q8_0";
-    const exporter::GgufExportOptions go = exporter::gguf_options_from_name(!o.gguf_type.empty() ? o.gguf_type : fallback);
+    const exporter::GgufExportOptions go = exporter::gguf_options_from_name(gguf_target_type(o, recipe));
     const auto r = exporter::export_gguf(modelopt_dir, o.out_dir, go);
     output_bytes = std::filesystem::file_size(o.out_dir);
     fmt::print(stderr, "gguf: {} quantized linears written code for code, {} quantized to the GGUF type{}\n", r.exact_linears,
@@ -131,7 +146,7 @@ std::uint64_t convert_export(const std::string& modelopt_dir, const QuantizeOpti
 int run_quantize(const QuantizeOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   if (!(o.gptq_damp > 0.0) || !std::isfinite(o.gptq_damp)) fail("--gptq-damp {} is not a positive number", o.gptq_damp);
-  const quant::Recipe recipe = recipe_from_options(o);
+  const quant::Recipe recipe = with_gguf_target_grid(o, recipe_from_options(o));
   check_export_target(o, recipe);
   if (std::filesystem::exists(o.out_dir)) fail("{}: already exists (choose a new output)", o.out_dir);
   const io::Checkpoint ckpt = io::Checkpoint::open(o.model);
@@ -150,6 +165,9 @@ int run_quantize(const QuantizeOptions& o) {
   if (o.export_format != "modelopt") {
     staging.dir = io::make_temp_dir_beside(o.out_dir);
     modelopt_dir = staging.dir + "/modelopt";
+  }
+  if (recipe.int4_grid == quant::IntGrid::q4_0) {
+    fmt::print(stderr, "int4: on Q4_0's grid for the GGUF file (16 levels, its f16 block scales), groups of {}\n", recipe.group_size);
   }
   exporter::HfModeloptWriter writer(ckpt, modelopt_dir, recipe);
   algo::PtqOptions options;

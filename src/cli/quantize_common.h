@@ -15,6 +15,11 @@ namespace mopt::cli {
 
 // The recipe: --recipe's file, then the flags over it; validated.
 quant::Recipe recipe_from_options(const QuantizeOptions& o);
+// The GGUF type --export gguf writes: --gguf-type, else the one that holds the format's codes.
+std::string gguf_target_type(const QuantizeOptions& o, const quant::Recipe& recipe);
+// For `mopt quantize --export gguf` to Q4_0 (q4_0, q4_0_pure): the INT4 weights on Q4_0's grid,
+// groups of 32 unless --group-size is given. Other targets: the recipe unchanged.
+quant::Recipe with_gguf_target_grid(const QuantizeOptions& o, quant::Recipe recipe);
 // Refuses, before any work, an export format that does not exist or cannot hold the recipe.
 void check_export_target(const QuantizeOptions& o, const quant::Recipe& recipe);
 // The calibration set from --calib (empty when none is given); an error when the recipe needs one

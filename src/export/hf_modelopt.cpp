@@ -58,6 +58,9 @@ json layer_quant_entry(const quant::LinearScheme& s) {
     e["has_zero_point"] = false;
     e["pre_quant_scale"] = true;
   }
+  // mopt's own key, never in a checkpoint handed to users: INT4 on Q4_0's grid (signed f16 scales)
+  // is written only as the staging checkpoint of a GGUF Q4_0 export.
+  if (s.weight && s.weight->grid == quant::IntGrid::q4_0) e["int4_grid"] = "q4_0";
   return e;
 }
 
@@ -318,6 +321,8 @@ quant::LinearScheme scheme_for_algo(const std::string& algo, std::int64_t group_
 struct ReadConfig {
   std::string default_algo;
   std::int64_t group_size = 0;
+  bool q4_0_grid = false;               // "int4_grid": "q4_0" at the top
+  std::set<std::string> q4_0_layers;    // ... or in a MIXED_PRECISION layer's entry
   std::map<std::string, std::pair<std::string, std::int64_t>> per_layer;  // MIXED_PRECISION
   std::vector<std::string> exclude;
   std::string kv_algo;
@@ -340,6 +345,12 @@ ReadConfig read_quant_config(const std::string& dir) {
   try {
     if (q.contains("quant_algo") && q["quant_algo"].is_string()) r.default_algo = q["quant_algo"].get<std::string>();
     if (q.contains("group_size") && q["group_size"].is_number_integer()) r.group_size = q["group_size"].get<std::int64_t>();
+    const auto q4_0_grid = [&](const json& e) {
+      if (!e.contains("int4_grid")) return false;
+      if (e["int4_grid"] != "q4_0") fail("{}: int4_grid {} is not one mopt reads (q4_0)", label, e["int4_grid"].dump());
+      return true;
+    };
+    r.q4_0_grid = q4_0_grid(q);
     if (q.contains("exclude_modules") && q["exclude_modules"].is_array()) r.exclude = q["exclude_modules"].get<std::vector<std::string>>();
     if (q.contains("kv_cache_quant_algo") && q["kv_cache_quant_algo"].is_string()) r.kv_algo = q["kv_cache_quant_algo"].get<std::string>();
     if (r.default_algo == "MIXED_PRECISION") {
@@ -351,6 +362,7 @@ ReadConfig read_quant_config(const std::string& dir) {
           group = e["group_size"].get<std::int64_t>();
         }
         r.per_layer[item.key()] = {e.at("quant_algo").get<std::string>(), group};
+        if (q4_0_grid(e)) r.q4_0_layers.insert(item.key());
       }
     }
   } catch (const json::exception& e) {
@@ -393,13 +405,22 @@ std::optional<StoredLinear> read_stored_linear(const ReadConfig& rc, const std::
   }
   std::string algo = rc.default_algo;
   std::int64_t group = rc.group_size;
+  bool q4_0_grid = rc.q4_0_grid;
   if (rc.default_algo == "MIXED_PRECISION") {
     const auto it = rc.per_layer.find(s.name);
     if (it == rc.per_layer.end()) fail("{}: {} has a weight_scale but no entry in quantized_layers", dir, s.name);
     algo = it->second.first;
     group = it->second.second;
+    q4_0_grid = rc.q4_0_layers.contains(s.name);
   }
   s.scheme = scheme_for_algo(algo, group, dir);
+  if (q4_0_grid) {
+    auto& w = *s.scheme.weight;
+    if (w.element != quant::Element::int4 || w.scaling != quant::Scaling::block || w.fp8_second_stage) {
+      fail("{}: {} is {}, which has no Q4_0 grid", dir, s.name, algo);
+    }
+    w.grid = quant::IntGrid::q4_0;
+  }
   s.out = out;
   s.in = in;
   s.weight.weight = weight;

@@ -37,6 +37,18 @@ float block_abs_max(const float* x, std::int64_t n) {
   return m;
 }
 
+// The first value of largest magnitude, with its sign (Q4_0's "max"); 0 for a zero block.
+float block_extreme(const float* x, std::int64_t n) {
+  float m = 0.0f, v = 0.0f;
+  for (std::int64_t i = 0; i < n; ++i) {
+    if (std::fabs(x[i]) > m) {
+      m = std::fabs(x[i]);
+      v = x[i];
+    }
+  }
+  return v;
+}
+
 float convert_element(Element element, float magnitude) {
   switch (element) {
     case Element::e4m3: return e4m3_to_f32(f32_to_e4m3(magnitude));
@@ -63,8 +75,13 @@ void for_each_static_block(const QuantizerSpec& spec, std::int64_t rows, std::in
 // The per-group constants are computed once; each element then costs a multiply, a rounding and a multiply.
 void fake_quantize_group(const QuantizerSpec& spec, const float* x, float* y, std::int64_t n, float amax) {
   switch (spec.element) {
-    case Element::int8:
-    case Element::int4: {
+    case Element::int4:
+      if (spec.grid == IntGrid::q4_0) {
+        for (std::int64_t i = 0; i < n; ++i) y[i] = fake_quant_q4_0(x[i], amax);
+        break;
+      }
+      [[fallthrough]];
+    case Element::int8: {
       const float bound = spec.element == Element::int8 ? 127.0f : 7.0f;
       if (!(amax > kTinyAmax)) {
         std::fill(y, y + n, 0.0f);
@@ -133,6 +150,7 @@ std::string QuantizerSpec::describe() const {
     case Scaling::mx: s = fmt::format("mx{} block {}", element_name(element), block); break;
   }
   if (fp8_second_stage) s += " + fp8 per-tensor";
+  if (grid == IntGrid::q4_0) s += " (q4_0 grid)";
   return s;
 }
 
@@ -148,6 +166,23 @@ std::int64_t amax_count(const QuantizerSpec& spec, std::int64_t rows, std::int64
     case Scaling::mx: return 0;
   }
   return 0;
+}
+
+float q4_0_step(float extreme) {
+  const float d = f16_to_f32(f32_to_f16(extreme / -8.0f));
+  if (!std::isfinite(d)) fail("a Q4_0 block whose largest value is {} has a scale beyond f16's range", extreme);
+  return d;
+}
+
+float fake_quant_q4_0(float x, float extreme) {
+  const float d = q4_0_step(extreme);
+  if (d == 0.0f) return 0.0f;
+  return std::clamp(std::nearbyint(x / d), -8.0f, 7.0f) * d;
+}
+
+float fake_quant_integer(const QuantizerSpec& spec, float x, float amax) {
+  if (spec.element == Element::int4 && spec.grid == IntGrid::q4_0) return fake_quant_q4_0(x, amax);
+  return fake_quant_int(x, amax, spec.element == Element::int4 ? 4 : 8);
 }
 
 float fake_quant_int(float x, float amax, int bits) {
@@ -224,8 +259,12 @@ std::vector<float> compute_amax(const QuantizerSpec& spec, const float* x, std::
       for (std::int64_t r = 0; r < rows; ++r) {
         for (std::int64_t b = 0; b < nb; ++b) {
           const std::int64_t c0 = b * spec.block, len = std::min(spec.block, cols - c0);
-          const float m = block_abs_max(x + r * cols + c0, len);
           const std::int64_t slot = spec.block_rows > 0 ? (r / spec.block_rows) * nb + b : r * nb + b;
+          if (spec.grid == IntGrid::q4_0) {  // one block per slot: its signed extreme
+            amax[static_cast<std::size_t>(slot)] = block_extreme(x + r * cols + c0, len);
+            continue;
+          }
+          const float m = block_abs_max(x + r * cols + c0, len);
           amax[static_cast<std::size_t>(slot)] = std::max(amax[static_cast<std::size_t>(slot)], m);
         }
       }

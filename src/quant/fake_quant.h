@@ -52,6 +52,13 @@ bool supports_learned_scales(const QuantizerSpec& spec);
 // The element-level steps, exposed for tests and the exporters.
 // Integer: clamp(rint(x * bound/amax), -bound-1, bound) / (bound/amax); 0 when amax is below 2^-24.
 float fake_quant_int(float x, float amax, int bits);
+// Q4_0's grid: with d = q4_0_step(extreme), clamp(rint(x / d), -8, 7) * d; 0 when d is 0.
+float fake_quant_q4_0(float x, float extreme);
+// Q4_0's block scale for a block whose value of largest magnitude is `extreme`: f16(extreme / -8),
+// as the block stores it (negative for a positive extreme). Throws when it overflows f16.
+float q4_0_step(float extreme);
+// An integer element (INT8, or INT4 on either grid) at the block's amax: fake_quant_int or fake_quant_q4_0.
+float fake_quant_integer(const QuantizerSpec& spec, float x, float amax);
 // FP8: e4m3(clamp(x * s, ±448)) * (1 / s) with s = (1 / amax) * 448 (the reference's eager
 // path; its CUDA kernel divides 448 / amax, which may differ in the last bit); amax below 2^-24 counts as 1.
 float fake_quant_e4m3(float x, float amax);

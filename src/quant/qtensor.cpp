@@ -145,11 +145,17 @@ QuantizedWeight quantize_weight(const QuantizerSpec& spec, const float* w, std::
       q.weight_scale = Tensor::zeros(DType::F32, {out, nb});
       auto* packed = q.weight.mutable_data<std::uint8_t>();
       auto* s = q.weight_scale.mutable_data<float>();
-      for (std::int64_t i = 0; i < out * nb; ++i) s[i] = export_amax(amax[static_cast<std::size_t>(i)], 7.0f) / 7.0f;
+      const bool q4_0 = spec.grid == IntGrid::q4_0;
+      if (q4_0 && spec.fp8_second_stage) fail("W4A8's FP8 second stage has no Q4_0 grid");
+      for (std::int64_t i = 0; i < out * nb; ++i) {
+        // Q4_0: the signed f16 step itself (0 for a zero block: every code 0).
+        s[i] = q4_0 ? q4_0_step(amax[static_cast<std::size_t>(i)]) : export_amax(amax[static_cast<std::size_t>(i)], 7.0f) / 7.0f;
+      }
       for (std::int64_t r = 0; r < out; ++r) {
         const auto shift = static_cast<int>((r % 2) * 4);
         for (std::int64_t c = 0; c < in; ++c) {
-          const float v = std::clamp(std::nearbyint(w[r * in + c] / s[r * nb + c / spec.block]), -8.0f, 7.0f);
+          const float step = s[r * nb + c / spec.block];
+          const float v = step == 0.0f ? 0.0f : std::clamp(std::nearbyint(w[r * in + c] / step), -8.0f, 7.0f);
           const auto nibble = static_cast<std::uint8_t>(static_cast<std::int8_t>(v) & 0x0F);
           packed[(r / 2) * in + c] = static_cast<std::uint8_t>(packed[(r / 2) * in + c] | (nibble << shift));
         }
@@ -257,10 +263,16 @@ void check_quantized_weight(const QuantizerSpec& spec, const QuantizedWeight& q,
       }
       break;
   }
+  // Q4_0's grid stores the signed f16 step of each block (0 for a zero block).
+  const bool signed_steps = spec.element == Element::int4 && spec.grid == IntGrid::q4_0;
   for (const Tensor* t : {&q.weight_scale, q.weight_scale_2 ? &*q.weight_scale_2 : nullptr}) {
     if (t == nullptr || t->dtype() != DType::F32) continue;
     for (float v : t->to_f32()) {
-      if (!std::isfinite(v) || v <= 0.0f) fail("{}: a weight scale is {} (scales must be finite and positive)", label, v);
+      if (signed_steps) {
+        if (!std::isfinite(v) || v != f16_to_f32(f32_to_f16(v))) fail("{}: a Q4_0 block scale is {} (not a finite f16 value)", label, v);
+      } else if (!std::isfinite(v) || v <= 0.0f) {
+        fail("{}: a weight scale is {} (scales must be finite and positive)", label, v);
+      }
     }
   }
 }

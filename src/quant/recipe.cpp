@@ -165,6 +165,9 @@ LinearScheme Recipe::scheme_for(const std::string& module) const {
     if (!glob_match(o.pattern, module)) continue;
     s = o.format == "none" ? LinearScheme{} : format_scheme(o.format, o.format.rfind("int4", 0) == 0 || o.format == "w4a8_awq" ? group_size : 0);
   }
+  if (s.weight && s.weight->element == Element::int4 && s.weight->scaling == Scaling::block && !s.weight->fp8_second_stage) {
+    s.weight->grid = int4_grid;
+  }
   return s;
 }
 

@@ -74,6 +74,9 @@ struct Recipe {
   std::string sparsity;
   std::string sparse_algo = "magnitude";
   std::vector<std::string> sparse_exclude;
+  // The grid of the INT4 weights (int4_rtn, int4_awq): the reference's, or Q4_0's for a GGUF Q4_0
+  // target (the algorithms search and round on the grid the file stores). Not W4A8's FP8 stage.
+  IntGrid int4_grid = IntGrid::symmetric;
   // Calibration data defaults (the CLI can override them).
   std::int64_t calib_size = 128;
   std::int64_t seq_len = 512;

@@ -17,6 +17,16 @@ enum class Element {
   e2m1,  // FP4 E2M1, {0, .5, 1, 1.5, 2, 3, 4, 6}
 };
 
+// The grid of an INT4 block quantizer: which codes a block uses and how its scale follows from it.
+enum class IntGrid {
+  // The reference's: scale amax / 7, codes -7..7 (-8 only where a clipped amax saturates), the
+  // amax the block's largest magnitude.
+  symmetric,
+  // llama.cpp Q4_0's: the block's "amax" is its value of largest magnitude with its sign (the first
+  // such), d = f16(that / -8), codes -8..7, value code * d: 16 levels, the extreme on -8 exactly.
+  q4_0,
+};
+
 // Where the scales live.
 enum class Scaling {
   per_tensor,  // one static amax
@@ -34,6 +44,7 @@ struct QuantizerSpec {
   std::int64_t block_rows = 0;  // 2-D blocks (FP8 128x128): rows per tile
   // W4A8: after the INT4 stage the weight is FP8-quantized per tensor.
   bool fp8_second_stage = false;
+  IntGrid grid = IntGrid::symmetric;  // INT4 blocks only
 
   bool operator==(const QuantizerSpec&) const = default;
 

@@ -268,6 +268,11 @@ TEST(Ptq, DamagedQuantizedCheckpointsAreRefusedByName) {
   expect_error(damaged(tmp.file("d5"), "", std::nullopt, R"({"quantization": 7})"), "no \"quantization\" object");
   expect_error(damaged(tmp.file("d6"), "model.layers.0.mlp.down_proj.weight", Tensor::zeros(DType::F8_E4M3, {64, 64}), ""),
                "down_proj: weight is f8_e4m3 [64, 64], expected f8_e4m3 [64, 160]");
+  // mopt's Q4_0-grid key: only "q4_0", and only on INT4 block weights.
+  expect_error(damaged(tmp.file("d7"), "", std::nullopt, R"({"quantization": {"quant_algo": "FP8", "int4_grid": "q5_0"}})"),
+               "int4_grid \"q5_0\" is not one mopt reads");
+  expect_error(damaged(tmp.file("d8"), "", std::nullopt, R"({"quantization": {"quant_algo": "FP8", "int4_grid": "q4_0"}})"),
+               "is FP8, which has no Q4_0 grid");
   EXPECT_NO_THROW(exporter::load_model(good));
 }
 

@@ -4,10 +4,12 @@
 // model computes; each passes the engines' loading rules (export/conformance.h).
 #include "export/compressed_tensors.h"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -347,6 +349,61 @@ TEST(GgufFromQuantized, Int4CodesGoOverUnchanged) {
   const std::vector<float> got = g.dequantize(*g.find_tensor("blk.1.attn_v.weight")).to_f32();
   ASSERT_EQ(got.size(), want.size());
   for (std::size_t i = 0; i < want.size(); ++i) ASSERT_NEAR(got[i], want[i], 1e-3 * std::fabs(want[i]) + 1e-7) << i;
+}
+
+TEST(GgufFromQuantized, Q4_0GridWeightsAreTheFilesBitForBit) {
+  // Quantized for a Q4_0 target (the grid mopt quantize picks for --export gguf --gguf-type q4_0):
+  // every Linear goes over code for code, the GGUF's weights are the export's exactly (the stored
+  // scale is the f16 step itself), and each block's extreme sits on code -8 (nibble 0): 16 levels.
+  for (const char* algorithm : {"max", "awq_lite", "gptq"}) {
+    SCOPED_TRACE(algorithm);
+    quant::Recipe r;
+    r.format = "int4_awq";
+    r.algorithm = algorithm;
+    r.group_size = 32;
+    r.int4_grid = quant::IntGrid::q4_0;
+    TempDir tmp;
+    testing::quantize_recipe(r, tmp.file("q"), true);
+    const auto report = export_gguf(tmp.file("q"), tmp.file("m.gguf"), gguf_options_from_name("q4_0"));
+    EXPECT_EQ(report.exact_linears, 14);
+    EXPECT_EQ(report.requantized_linears, 0);
+    const io::GgufFile g = io::GgufFile::open(tmp.file("m.gguf"));
+    const auto reader = modelopt_reader(tmp.file("q"));
+    const io::Checkpoint ckpt = io::Checkpoint::open(tmp.file("q"), io::CheckpointLayout::quantized);
+    for (std::int64_t layer = 0; layer < 2; ++layer) {
+      for (const auto& [kind, name] : {std::pair{model::LinearKind::v, "attn_v"}, std::pair{model::LinearKind::o, "attn_output"},
+                                       std::pair{model::LinearKind::gate, "ffn_gate"}, std::pair{model::LinearKind::down, "ffn_down"}}) {
+        SCOPED_TRACE(name);
+        const auto st = reader.linear(ckpt, layer, kind);  // not RoPE-permuted
+        ASSERT_TRUE(st.has_value());
+        EXPECT_EQ(st->scheme.weight->block, 32);
+        const std::vector<float> want = quant::dequantize_weight(*st->scheme.weight, st->weight, st->out, st->in);
+        const io::GgufTensorInfo* info = g.find_tensor(fmt::format("blk.{}.{}.weight", layer, name));
+        ASSERT_NE(info, nullptr);
+        ASSERT_EQ(info->type.type, io::GgmlType::Q4_0);
+        EXPECT_EQ(g.dequantize(*info).to_f32(), want);
+        // Every block with a non-zero scale holds nibble 0 (code -8).
+        const auto raw = g.raw(*info);
+        std::int64_t blocks = 0, with_minus_8 = 0;
+        for (std::size_t b = 0; b + 18 <= raw.size(); b += 18) {
+          std::uint16_t d = 0;
+          std::memcpy(&d, raw.data() + b, 2);
+          if ((d & 0x7FFF) == 0) continue;
+          ++blocks;
+          bool minus_8 = false;
+          for (std::size_t j = 2; j < 18; ++j) {
+            const auto v = static_cast<unsigned>(raw[b + j]);
+            minus_8 = minus_8 || (v & 0xF) == 0 || (v >> 4) == 0;
+          }
+          with_minus_8 += minus_8;
+        }
+        EXPECT_GT(blocks, 0);
+        // GPTQ moves a block's later weights after the scales are set from the originals: nearly all.
+        if (std::string(algorithm) == "gptq") EXPECT_GT(with_minus_8, blocks * 8 / 10);
+        else EXPECT_EQ(with_minus_8, blocks);
+      }
+    }
+  }
 }
 
 TEST(GgufFromQuantized, Fp4CodesGoOverUnchanged) {

@@ -7,11 +7,14 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <set>
 #include <vector>
 
 #include "core/convert.h"
 #include "core/cpu_features.h"
 #include "core/error.h"
+#include "io/gguf.h"
+#include "io/gguf_writer.h"
 #include "quant/act_quant.h"
 #include "quant/fake_quant.h"
 #include "quant/fake_quant_simd.h"
@@ -156,6 +159,83 @@ TEST(FakeQuant, Nvfp4VectorStepsKeepNonFiniteValuesAsTheScalarOnes) {
     const float sc = scales[i / 16];
     const float want = with_sign_of(x[i], round_e2m1_magnitude(std::fabs(x[i]) / sc) * sc);
     EXPECT_TRUE(same_bits(y[i], want)) << i << ": x " << x[i] << " gives " << y[i] << ", the steps " << want;
+  }
+}
+
+TEST(FakeQuant, Q4_0GridIsTheBlocksLlamaCppStores) {
+  // A block's extreme (first of largest magnitude, signed) lands on code -8 with d = f16(extreme / -8):
+  // 16 levels, the positive extreme through a negative d. Every value is code * d with d the block's
+  // stored f16 scale, as llama.cpp's Q4_0 dequantizer computes it.
+  auto s = make(Element::int4, Scaling::block, 32);
+  s.grid = IntGrid::q4_0;
+  std::vector<float> x(64);
+  for (int i = 0; i < 32; ++i) x[static_cast<std::size_t>(i)] = -1.0f + static_cast<float>(i) / 16.0f;  // extreme -1 at 0
+  for (int i = 0; i < 32; ++i) x[static_cast<std::size_t>(32 + i)] = 0.7f * std::sin(static_cast<float>(i));
+  x[40] = 2.5f;   // positive extreme
+  x[41] = -2.5f;  // as large, later: the first wins
+  const auto amax = compute_amax(s, x.data(), 1, 64);
+  ASSERT_EQ(amax, (std::vector<float>{-1.0f, 2.5f}));
+  EXPECT_EQ(q4_0_step(-1.0f), 0.125f);
+  EXPECT_EQ(q4_0_step(2.5f), -0.3125f);
+  EXPECT_EQ(q4_0_step(0.7f), f16_to_f32(f32_to_f16(-0.0875f)));  // rounded to f16
+  const auto y = fq(s, x, 1, 64, amax);
+  std::set<float> levels;
+  for (int i = 0; i < 32; ++i) {
+    const float code = y[static_cast<std::size_t>(i)] / 0.125f;
+    EXPECT_EQ(code, std::clamp(std::nearbyint(x[static_cast<std::size_t>(i)] / 0.125f), -8.0f, 7.0f)) << i;
+    levels.insert(code);
+  }
+  EXPECT_EQ(levels.size(), 16u);  // -8..7 on the ramp
+  EXPECT_EQ(y[40], 2.5f);         // code -8 times -0.3125
+  EXPECT_EQ(y[41], -2.1875f);     // code 7: -2.5 clamps
+  // A zero block quantizes to zeros; a block beyond f16's range is refused.
+  EXPECT_EQ(fake_quant_q4_0(0.3f, 0.0f), 0.0f);
+  EXPECT_THROW(q4_0_step(1e6f), Error);
+  EXPECT_EQ(s.describe(), "int4 block 32 (q4_0 grid)");
+}
+
+TEST(FakeQuant, Q4_0GridRoundsNoWorseThanLlamaQuantize) {
+  // Given the same blocks, the grid's rounding (nearest code for the stored f16 step) is never worse
+  // than llama.cpp's reference quantizer (its codes from the f32 step): block by block squared error,
+  // against mopt's byte-identical copy of that quantizer and the GGUF dequantizer.
+  auto s = make(Element::int4, Scaling::block, 32);
+  s.grid = IntGrid::q4_0;
+  const std::int64_t rows = 64, cols = 256;
+  std::vector<float> x = random_values(static_cast<std::size_t>(rows * cols), 17, 0.05f);
+  for (std::size_t i = 0; i < x.size(); i += 97) x[i] *= 9.0f;  // outliers
+  const auto y = fq(s, x, rows, cols);
+  const auto blocks = io::ggml_quantize(io::GgmlType::Q4_0, x.data(), x.size());
+  std::vector<float> llama(x.size());
+  io::ggml_dequantize(io::GgmlType::Q4_0, blocks, llama.data(), x.size());
+  std::int64_t differing = 0;
+  for (std::size_t b = 0; b < x.size() / 32; ++b) {
+    double ours = 0, theirs = 0;
+    for (std::size_t i = 32 * b; i < 32 * b + 32; ++i) {
+      ours += (static_cast<double>(x[i]) - y[i]) * (static_cast<double>(x[i]) - y[i]);
+      theirs += (static_cast<double>(x[i]) - llama[i]) * (static_cast<double>(x[i]) - llama[i]);
+      differing += y[i] != llama[i];
+    }
+    ASSERT_LE(ours, theirs * (1 + 1e-12) + 1e-30) << "block " << b;
+  }
+  // The same grid: nearly every value is llama.cpp's too.
+  EXPECT_LT(differing, static_cast<std::int64_t>(x.size()) / 50);
+}
+
+TEST(RealQuant, Q4_0GridExportsItsOwnFakeQuantization) {
+  // The export's codes times its (signed, f16) scales are the fake-quantized weight, bit for bit.
+  auto s = make(Element::int4, Scaling::block, 32);
+  s.grid = IntGrid::q4_0;
+  const std::int64_t out = 6, in = 96;
+  std::vector<float> w = random_values(static_cast<std::size_t>(out * in), 18, 0.1f);
+  std::fill(w.begin() + in, w.begin() + in + 32, 0.0f);  // a zero block: scale 0, codes 0
+  const auto amax = compute_amax(s, w.data(), out, in);
+  const QuantizedWeight q = quantize_weight(s, w.data(), out, in, amax);
+  EXPECT_EQ(dequantize_weight(s, q, out, in), fq(s, w, out, in, amax));
+  const auto scales = q.weight_scale.to_f32();
+  EXPECT_EQ(scales[3], 0.0f);
+  for (std::size_t i = 0; i < scales.size(); ++i) {
+    EXPECT_EQ(scales[i], f16_to_f32(f32_to_f16(scales[i])));
+    EXPECT_EQ(scales[i], q4_0_step(amax[i]));
   }
 }
 

@@ -71,14 +71,8 @@ inline const std::vector<std::int32_t>& heldout() {
   return ids;
 }
 
-inline algo::PtqReport quantize(const std::string& format, const std::string& algorithm, const std::string& out, bool fold = false,
-                                std::optional<std::string> kv = std::nullopt, bool quantize_lm_head = false, bool tied = false) {
-  quant::Recipe r;
-  r.quantize_lm_head = quantize_lm_head;
-  r.format = format;
-  r.algorithm = algorithm;
-  r.kv_cache = std::move(kv);
-  if (format.rfind("int4", 0) == 0 || format == "w4a8_awq") r.group_size = 64;
+// The two-layer tiny-kjv quantized by `r` on calibration(), written as a modelopt checkpoint at `out`.
+inline algo::PtqReport quantize_recipe(const quant::Recipe& r, const std::string& out, bool fold = false, bool tied = false) {
   const io::Checkpoint ckpt = io::Checkpoint::open(two_layer_tiny_kjv(tied));
   exporter::HfModeloptWriter writer(ckpt, out, r);
   algo::PtqOptions o;
@@ -87,6 +81,17 @@ inline algo::PtqReport quantize(const std::string& format, const std::string& al
                                                      [&](quant::QuantizedLayer&& h) { writer.add_head(h); });
   writer.finish();
   return report;
+}
+
+inline algo::PtqReport quantize(const std::string& format, const std::string& algorithm, const std::string& out, bool fold = false,
+                                std::optional<std::string> kv = std::nullopt, bool quantize_lm_head = false, bool tied = false) {
+  quant::Recipe r;
+  r.quantize_lm_head = quantize_lm_head;
+  r.format = format;
+  r.algorithm = algorithm;
+  r.kv_cache = std::move(kv);
+  if (format.rfind("int4", 0) == 0 || format == "w4a8_awq") r.group_size = 64;
+  return quantize_recipe(r, out, fold, tied);
 }
 
 }  // namespace mopt::testing
