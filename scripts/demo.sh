@@ -6,7 +6,7 @@
 # cache (a Hugging Face "modelopt" checkpoint under build/), and evaluate the
 # quantized model against its 16-bit self, and distilled toward it (QAD); then INT4 weights with and without
 # GPTQ, 2:4 sparsity (SparseGPT's mask alone and with its weight update), the
-# GPTQ model exported for vLLM and llama.cpp; finally the quantized and sparse
+# GPTQ model exported for vLLM and llama.cpp, GPTQ on llama.cpp's Q4_0 grid against llama-quantize's own; finally the quantized and sparse
 # models' speed and memory against the 16-bit model with their kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +56,14 @@ build/mopt export build/tiny-kjv-int4-gptq --to compressed-tensors build/tiny-kj
 build/mopt export build/tiny-kjv-int4-gptq --to gguf build/tiny-kjv-int4.gguf --type q4_0
 for m in build/tiny-kjv-int4-gptq build/tiny-kjv-int4-ct build/tiny-kjv-int4.gguf; do
   echo "$m: $(build/mopt eval ppl "$m" --text data/kjv-heldout.txt --ctx 256 | tail -1)"
+done
+echo "== llama.cpp's Q4_0: llama-quantize's file (round-to-nearest) against GPTQ quantized on Q4_0's own grid"
+rm -rf build/tiny-kjv-q4_0.gguf build/tiny-kjv-q4_0-gptq.gguf
+build/mopt export "$model" --to gguf build/tiny-kjv-q4_0.gguf --type q4_0
+build/mopt quantize "$model" --format int4_awq --algo gptq --calib data/kjv-calib.txt --calib-size 64 --seq-len 256 \
+  --export gguf --out build/tiny-kjv-q4_0-gptq.gguf 2>&1 | grep "Q4_0's grid"
+for m in build/tiny-kjv-q4_0.gguf build/tiny-kjv-q4_0-gptq.gguf; do
+  echo "$m: $(build/mopt eval kld "$m" --base "$model" --text data/kjv-heldout.txt --ctx 256 | grep "mean KLD")"
 done
 echo "== the quantized kernels compute what the fake-quantized definition does (NVFP4 model, perplexity)"
 echo "kernels:      $(build/mopt eval ppl build/tiny-kjv-nvfp4 --text data/kjv-heldout.txt --ctx 256 | tail -1)"

@@ -1,5 +1,6 @@
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -63,7 +64,9 @@ quant::Recipe with_gguf_target_grid(const QuantizeOptions& o, quant::Recipe r) {
   // A GGUF Q4_0 file holds INT4 weights code for code: quantize on its grid (16 levels, the scale
   // the block stores) so that AWQ, GPTQ and the rounding choose what the file keeps; by default in
   // Q4_0's own blocks of 32.
-  if (o.export_format == "gguf" && gguf_target_type(o, r).rfind("q4_0", 0) == 0) {
+  const auto int4 = [](const std::string& format) { return format == "int4_rtn" || format == "int4_awq"; };
+  const bool has_int4 = int4(r.format) || std::any_of(r.overrides.begin(), r.overrides.end(), [&](const auto& ov) { return int4(ov.format); });
+  if (o.export_format == "gguf" && has_int4 && gguf_target_type(o, r).rfind("q4_0", 0) == 0) {
     r.int4_grid = quant::IntGrid::q4_0;
     if (r.group_size == 0) r.group_size = 32;
   }
