@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "io/ggml_grid.h"
 #include "quant/fake_quant.h"
 #include "quant/qtensor.h"
 
@@ -29,9 +30,21 @@ std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; 
 // One element of column `col`, row `row` on the grid fixed by the original weight's scales.
 class GridQuantizer {
  public:
-  GridQuantizer(const quant::QuantizerSpec& spec, std::int64_t out, std::int64_t in, std::span<const float> amax,
+  GridQuantizer(const quant::QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in, std::span<const float> amax,
                 std::span<const float> block_amax)
       : spec_(spec), amax_(amax.begin(), amax.end()) {
+    if (spec.grid == quant::IntGrid::ggml) {
+      // llama.cpp's blocks of the weight as it is now fix every sub-block's step and minimum.
+      const Tensor b = quant::quantize_weight(spec, w, out, in, {}).weight;
+      const auto* bytes = reinterpret_cast<const std::byte*>(b.data<std::uint8_t>());
+      blocks_.assign(bytes, bytes + b.numel());
+      const std::size_t row_bytes = blocks_.size() / static_cast<std::size_t>(out);
+      for (std::int64_t r = 0; r < out; ++r) {
+        rows_.push_back(io::ggml_grid(spec.ggml_type, std::span(blocks_).subspan(static_cast<std::size_t>(r) * row_bytes, row_bytes),
+                                      static_cast<std::uint64_t>(in)));
+      }
+      return;
+    }
     if (spec.scaling == Scaling::block || spec.scaling == Scaling::nvfp4) nb_ = ceil_div(in, spec.block);
     if (static_cast<std::int64_t>(amax_.size()) != quant::amax_count(spec, out, in)) {
       fail("GPTQ: {} amax values for a [{}, {}] weight quantized {}", amax_.size(), out, in, spec.describe());
@@ -42,7 +55,13 @@ class GridQuantizer {
     }
   }
 
+  const std::vector<std::byte>& ggml_blocks() const { return blocks_; }
+
   float operator()(std::int64_t row, std::int64_t col, float x) const {
+    if (spec_.grid == quant::IntGrid::ggml) {
+      const io::GgmlGrid& g = rows_[static_cast<std::size_t>(row)];
+      return g.round(static_cast<std::size_t>(col / g.sub_block), x);
+    }
     if (spec_.scaling == Scaling::nvfp4) {  // the export's grid: E2M1 times the block's fixed step
       const float step = step_[static_cast<std::size_t>(row * nb_ + col / spec_.block)];
       const float q = quant::round_e2m1_magnitude(std::fabs(x) / step) * step;
@@ -73,6 +92,8 @@ class GridQuantizer {
   std::int64_t nb_ = 0;
   std::vector<float> amax_;
   std::vector<float> step_;  // NVFP4: per block
+  std::vector<std::byte> blocks_;    // ggml blocks: the ones the grid was fixed from
+  std::vector<io::GgmlGrid> rows_;  // ... and each row's grid from them
 };
 
 }  // namespace
@@ -204,8 +225,9 @@ GptqResult gptq_quantize(const quant::QuantizerSpec& spec, float* w, std::int64_
     own_block_amax = quant::nvfp4_block_amax(spec, w, out, in);
     nvfp4_block_amax = own_block_amax;
   }
-  const GridQuantizer grid(spec, out, in, amax, nvfp4_block_amax);
+  const GridQuantizer grid(spec, w, out, in, amax, nvfp4_block_amax);
   GptqResult result;
+  result.ggml_grid_blocks = grid.ggml_blocks();
 
   // Dead columns (all-zero weight columns): their Hessian row and column become those of the identity.
   for (std::int64_t c = 0; c < in; ++c) {

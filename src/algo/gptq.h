@@ -80,6 +80,9 @@ struct GptqResult {
   bool fell_back = false;    // H stayed indefinite: plain rounding
   double error_rtn = 0.0;    // tr(dW H dW^T) / tr(W H W^T) of plain rounding
   double error_gptq = 0.0;   // the same after GPTQ
+  // IntGrid::ggml: the blocks (llama.cpp's quantizer on the original w) whose scales fixed the grid;
+  // quant::quantize_weight with them stores the result exactly.
+  std::vector<std::byte> ggml_grid_blocks;
 };
 
 // Replaces w [out, in] by its GPTQ-quantized values (on the grid of `spec`
@@ -87,7 +90,9 @@ struct GptqResult {
 // Supported: integer and FP8 per-tensor/per-row/block weights and NVFP4, whose
 // block steps are fixed from `nvfp4_block_amax` (quant::nvfp4_block_amax of
 // the original w, computed here when empty) with the export's arithmetic;
-// export the result with the same block maxima. Throws for the others.
+// export the result with the same block maxima; and weights in ggml blocks,
+// whose grid is fixed by llama.cpp's blocks of the original w (returned in the
+// result for the export). Throws for the others.
 GptqResult gptq_quantize(const quant::QuantizerSpec& spec, float* w, std::int64_t out, std::int64_t in, std::span<const float> amax,
                          std::vector<double> hessian, const GptqOptions& options, std::span<const float> nvfp4_block_amax = {});
 

@@ -167,6 +167,7 @@ struct LinearWork {
   std::vector<float> row_scale;     // output rows multiplied by the next Linear's scale (NVFP4_AWQ's v_proj, up_proj)
   std::vector<float> amax;          // weight amax fixed by an algorithm (clip); empty: max-calibrate w
   std::vector<float> block_amax;    // NVFP4 block maxima fixed before GPTQ; empty: from w
+  std::vector<std::byte> ggml_grid_blocks;  // ggml blocks whose scales GPTQ fixed; empty: from w
   std::vector<float> input_amax;    // static input amax; empty: none
   float alpha = -1.0f;
 };
@@ -744,6 +745,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
           return gptq_quantize(*schemes[k].weight, work[k].w.data(), work[k].out, work[k].in, weight_amax[k], std::move(h), go,
                                work[k].block_amax);
         });
+        work[k].ggml_grid_blocks = g.ggml_grid_blocks;
         lr.gptq_retries += g.damp_retries;
         lr.gptq_fallbacks += g.fell_back ? 1 : 0;
       }
@@ -761,7 +763,8 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       if (qlin.scheme.quantized()) {
         const std::int64_t out = work[k].out, in = work[k].in;
         qlin.weight = with_context(qlin.name, [&] {
-          return quant::quantize_weight(*qlin.scheme.weight, work[k].w.data(), out, in, weight_amax[k], second_amax[k], work[k].block_amax);
+          return quant::quantize_weight(*qlin.scheme.weight, work[k].w.data(), out, in, weight_amax[k], second_amax[k], work[k].block_amax,
+                                        work[k].ggml_grid_blocks);
         });
         std::vector<float> deq = quant::dequantize_weight(*qlin.scheme.weight, *qlin.weight, out, in);
         qlin.weight_error = quant::relative_error(effective_weight(deq, work[k]), original_weights[k]);

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "algo/ptq.h"
@@ -17,6 +18,7 @@
 #include "io/atomic_file.h"
 #include "io/checkpoint.h"
 #include "io/dataset.h"
+#include "io/ggml_grid.h"
 #include "io/tokenizer.h"
 
 namespace mopt::cli {
@@ -60,15 +62,37 @@ quant::Recipe recipe_from_options(const QuantizeOptions& o) {
   return r;
 }
 
-quant::Recipe with_gguf_target_grid(const QuantizeOptions& o, quant::Recipe r) {
+quant::Recipe with_gguf_target_grid(const QuantizeOptions& o, quant::Recipe r, const io::ModelConfig& config) {
+  if (o.export_format != "gguf") return r;
+  const std::string target = gguf_target_type(o, r);
   // A GGUF Q4_0 file holds INT4 weights code for code: quantize on its grid (16 levels, the scale
   // the block stores) so that AWQ, GPTQ and the rounding choose what the file keeps; by default in
   // Q4_0's own blocks of 32.
   const auto int4 = [](const std::string& format) { return format == "int4_rtn" || format == "int4_awq"; };
   const bool has_int4 = int4(r.format) || std::any_of(r.overrides.begin(), r.overrides.end(), [&](const auto& ov) { return int4(ov.format); });
-  if (o.export_format == "gguf" && has_int4 && gguf_target_type(o, r).rfind("q4_0", 0) == 0) {
+  if (has_int4 && target.rfind("q4_0", 0) == 0) {
     r.int4_grid = quant::IntGrid::q4_0;
     if (r.group_size == 0) r.group_size = 32;
+    return r;
+  }
+  // The other integer types: each Linear in the blocks of its tensor's type in the file.
+  const exporter::GgufExportOptions go = exporter::gguf_options_from_name(target);
+  for (const auto& [module, type] : exporter::gguf_linear_types(go, config)) {
+    if (io::ggml_has_grid(type)) r.ggml_blocks[module] = type;
+  }
+  const bool any = std::any_of(r.ggml_blocks.begin(), r.ggml_blocks.end(), [&](const auto& m) {
+    const quant::LinearScheme s = r.scheme_for(m.first);
+    return s.weight && s.weight->grid == quant::IntGrid::ggml;
+  });
+  if (!any) {
+    r.ggml_blocks.clear();
+    return r;
+  }
+  if (o.group_size > 0) fail("--group-size {}: a {} GGUF file's blocks set the groups of its weights", o.group_size, target);
+  const std::string algorithm = r.effective_algorithm();
+  if (algorithm == "awq_clip" || algorithm == "awq_full") {
+    fail("--algo {}: its clip search is for a symmetric grid; a {} file's blocks take their scales from llama.cpp's own search "
+         "(use awq_lite, gptq or awq_lite+gptq)", algorithm, target);
   }
   return r;
 }
@@ -149,10 +173,10 @@ std::uint64_t convert_export(const std::string& modelopt_dir, const QuantizeOpti
 int run_quantize(const QuantizeOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   if (!(o.gptq_damp > 0.0) || !std::isfinite(o.gptq_damp)) fail("--gptq-damp {} is not a positive number", o.gptq_damp);
-  const quant::Recipe recipe = with_gguf_target_grid(o, recipe_from_options(o));
-  check_export_target(o, recipe);
+  check_export_target(o, recipe_from_options(o));
   if (std::filesystem::exists(o.out_dir)) fail("{}: already exists (choose a new output)", o.out_dir);
   const io::Checkpoint ckpt = io::Checkpoint::open(o.model);
+  const quant::Recipe recipe = with_gguf_target_grid(o, recipe_from_options(o), ckpt.config());
   if (exporter::is_quantized_checkpoint(o.model)) fail("{}: already quantized; quantize the original checkpoint", o.model);
   const algo::CalibrationSet calib = calibration_from_options(o, ckpt, recipe);
 
@@ -171,6 +195,18 @@ int run_quantize(const QuantizeOptions& o) {
   }
   if (recipe.int4_grid == quant::IntGrid::q4_0) {
     fmt::print(stderr, "int4: on Q4_0's grid for the GGUF file (16 levels, its f16 block scales), groups of {}\n", recipe.group_size);
+  }
+  if (!recipe.ggml_blocks.empty()) {
+    std::map<std::string, int> counts;
+    for (const auto& [module, type] : recipe.ggml_blocks) {
+      const quant::LinearScheme s = recipe.scheme_for(module);
+      if (s.weight && s.weight->grid == quant::IntGrid::ggml) ++counts[std::string(io::ggml_type_info(static_cast<std::uint32_t>(type))->name)];
+    }
+    std::string list;
+    for (const auto& [name, n] : counts) list += fmt::format("{}{} {}", list.empty() ? "" : ", ", n, name);
+    const std::string algorithm = recipe.effective_algorithm();
+    fmt::print(stderr, "weights in the GGUF file's own blocks ({}): llama.cpp's quantizer sets their scales, {}\n", list,
+               algorithm == "max" ? "the weights are rounded on them" : algorithm + " searches and rounds on them");
   }
   exporter::HfModeloptWriter writer(ckpt, modelopt_dir, recipe);
   algo::PtqOptions options;

@@ -334,6 +334,7 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
         }
         continue;
       }
+      if (st->scheme.weight->grid == quant::IntGrid::ggml) fail("{}: {} is stored as GGUF blocks, which compressed-tensors has no form for", quantized_dir, name);
       const json group = compressed_tensors_group(st->scheme);
       const auto& spec = *st->scheme.weight;
       const std::int64_t out = st->out, in = st->in;

@@ -223,6 +223,37 @@ GgmlType gguf_matrix_type(const GgufExportOptions& o, const std::string& gguf, s
   return fit_row(t, cols);
 }
 
+namespace {
+
+// llama.cpp's name of a decoder Linear of layer `layer`.
+std::string gguf_linear_name(std::int64_t layer, model::LinearKind kind) {
+  const char* name = "";
+  switch (kind) {
+    case model::LinearKind::q: name = "attn_q"; break;
+    case model::LinearKind::k: name = "attn_k"; break;
+    case model::LinearKind::v: name = "attn_v"; break;
+    case model::LinearKind::o: name = "attn_output"; break;
+    case model::LinearKind::gate: name = "ffn_gate"; break;
+    case model::LinearKind::up: name = "ffn_up"; break;
+    case model::LinearKind::down: name = "ffn_down"; break;
+  }
+  return fmt::format("blk.{}.{}.weight", layer, name);
+}
+
+}  // namespace
+
+std::map<std::string, GgmlType> gguf_linear_types(const GgufExportOptions& options, const io::ModelConfig& c) {
+  std::map<std::string, GgmlType> types;
+  for (std::int64_t l = 0; l < c.num_layers; ++l) {
+    for (const auto kind : model::kAllLinears) {
+      const std::int64_t cols = linear_shape(c, kind).second;
+      types[fmt::format("model.layers.{}.{}", l, model::linear_name(kind))] =
+          gguf_matrix_type(options, gguf_linear_name(l, kind), l, c.num_layers, cols, c.tie_word_embeddings);
+    }
+  }
+  return types;
+}
+
 std::string gguf_pre_tokenizer_name(const json& t, const std::string& label) {
   if (!t.contains("model") || t["model"].value("type", "") != "BPE") fail("{}: only byte-level BPE tokenizers can be written to GGUF", label);
   const json& pre = t.contains("pre_tokenizer") ? t["pre_tokenizer"] : json(nullptr);
@@ -426,6 +457,25 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
       return;
     }
     const GgmlType type = type_of(gguf, layer, st->in);
+    if (spec.grid == quant::IntGrid::ggml && spec.ggml_type == type && st->pre_quant_scale.empty()) {
+      // Quantized in this file's own blocks: the bytes go over as they are (rows permuted as the file wants them).
+      ++report.exact_linears;
+      if (st->scheme.input) report.activation_quantization_dropped = true;
+      w.add_tensor(gguf, {st->out, st->in}, type, [st = std::move(*st), permute_heads] {
+        const Tensor& t = st.weight.weight;
+        const auto* bytes = reinterpret_cast<const std::byte*>(t.data<std::uint8_t>());
+        const auto row_bytes = static_cast<std::size_t>(t.dim(1));
+        std::vector<float> source_row(static_cast<std::size_t>(st.out));
+        for (std::size_t r = 0; r < source_row.size(); ++r) source_row[r] = static_cast<float>(r);
+        if (permute_heads > 0) io::permute_rope_rows(source_row.data(), st.out, 1, permute_heads);
+        std::vector<std::byte> out(bytes, bytes + t.numel());
+        for (std::size_t r = 0; r < source_row.size(); ++r) {
+          std::copy_n(bytes + static_cast<std::size_t>(source_row[r]) * row_bytes, row_bytes, out.begin() + static_cast<std::ptrdiff_t>(r * row_bytes));
+        }
+        return out;
+      });
+      return;
+    }
     const bool int4 = spec.element == quant::Element::int4 && spec.scaling == quant::Scaling::block && !spec.fp8_second_stage &&
                       spec.block % 32 == 0 && type == GgmlType::Q4_0;
     const bool int8 = spec.element == quant::Element::int8 && spec.scaling == quant::Scaling::per_row && type == GgmlType::Q8_0;
@@ -473,8 +523,8 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
     const std::string hf = fmt::format("model.layers.{}.", l), g = fmt::format("blk.{}.", l);
     vector(hf + "input_layernorm.weight", g + "attn_norm.weight");
     vector(hf + "post_attention_layernorm.weight", g + "ffn_norm.weight");
-    linear(l, model::LinearKind::q, g + "attn_q.weight", permute ? c.num_heads : 0);
-    linear(l, model::LinearKind::k, g + "attn_k.weight", permute ? c.num_kv_heads : 0);
+    linear(l, model::LinearKind::q, gguf_linear_name(l, model::LinearKind::q), permute ? c.num_heads : 0);
+    linear(l, model::LinearKind::k, gguf_linear_name(l, model::LinearKind::k), permute ? c.num_kv_heads : 0);
     if (c.qkv_bias) {
       bias(hf + "self_attn.q_proj.bias", g + "attn_q.bias", permute ? c.num_heads : 0);
       bias(hf + "self_attn.k_proj.bias", g + "attn_k.bias", permute ? c.num_kv_heads : 0);
@@ -485,11 +535,11 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
       vector(hf + "self_attn.q_norm.weight", g + "attn_q_norm.weight");
       vector(hf + "self_attn.k_norm.weight", g + "attn_k_norm.weight");
     }
-    linear(l, model::LinearKind::v, g + "attn_v.weight", 0);
-    linear(l, model::LinearKind::o, g + "attn_output.weight", 0);
-    linear(l, model::LinearKind::gate, g + "ffn_gate.weight", 0);
-    linear(l, model::LinearKind::up, g + "ffn_up.weight", 0);
-    linear(l, model::LinearKind::down, g + "ffn_down.weight", 0);
+    linear(l, model::LinearKind::v, gguf_linear_name(l, model::LinearKind::v), 0);
+    linear(l, model::LinearKind::o, gguf_linear_name(l, model::LinearKind::o), 0);
+    linear(l, model::LinearKind::gate, gguf_linear_name(l, model::LinearKind::gate), 0);
+    linear(l, model::LinearKind::up, gguf_linear_name(l, model::LinearKind::up), 0);
+    linear(l, model::LinearKind::down, gguf_linear_name(l, model::LinearKind::down), 0);
     if (c.mlp_bias) {
       bias(hf + "mlp.gate_proj.bias", g + "ffn_gate.bias", 0);
       bias(hf + "mlp.up_proj.bias", g + "ffn_up.bias", 0);

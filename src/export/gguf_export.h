@@ -23,9 +23,11 @@
 
 #include <nlohmann/json.hpp>
 #include <cstdint>
+#include <map>
 #include <string>
 
 #include "io/gguf.h"
+#include "io/hf_config.h"
 
 namespace mopt::exporter {
 
@@ -52,6 +54,10 @@ GgufExportOptions gguf_options_from_name(const std::string& name);
 // block of `layers`) with rows of `cols` values, in a model whose head is `tied` to the token embedding.
 io::GgmlType gguf_matrix_type(const GgufExportOptions& options, const std::string& gguf_name, std::int64_t layer, std::int64_t layers,
                               std::int64_t cols, bool tied);
+
+// The ggml type of every decoder Linear's weight ("model.layers.3.self_attn.v_proj" -> Q6_K) in a GGUF
+// file of `options` for a model of config `c`: what gguf_matrix_type gives its llama.cpp name.
+std::map<std::string, io::GgmlType> gguf_linear_types(const GgufExportOptions& options, const io::ModelConfig& c);
 
 // llama.cpp's tokenizer.ggml.pre for a tokenizer.json, or an error naming `label` when llama.cpp has no
 // pre-tokenizer that splits text the same way.

@@ -13,6 +13,7 @@
 #include "core/cpu_features.h"
 #include "core/error.h"
 #include "io/atomic_file.h"
+#include "io/gguf.h"
 #include "io/gguf_convert.h"
 #include "io/json_util.h"
 #include "core/convert.h"
@@ -40,6 +41,20 @@ Tensor vector_as(const std::vector<float>& v, DType dtype) {
   return Tensor::from_f32(v, {static_cast<std::int64_t>(v.size())}).to(dtype);
 }
 
+// The ggml block types a staging checkpoint may store, by their names there.
+const std::vector<std::pair<std::string, io::GgmlType>>& ggml_block_names() {
+  static const std::vector<std::pair<std::string, io::GgmlType>> names = {
+      {"q4_0", io::GgmlType::Q4_0}, {"q5_0", io::GgmlType::Q5_0}, {"q8_0", io::GgmlType::Q8_0}, {"q4_k", io::GgmlType::Q4_K}, {"q6_k", io::GgmlType::Q6_K}};
+  return names;
+}
+
+std::string ggml_block_name(io::GgmlType type) {
+  for (const auto& [name, t] : ggml_block_names()) {
+    if (t == type) return name;
+  }
+  fail("ggml type {} is not one a staging checkpoint stores", static_cast<std::uint32_t>(type));
+}
+
 // Group size the config files report for a scheme (0: none).
 std::int64_t reported_group_size(const quant::LinearScheme& s) {
   if (!s.weight) return 0;
@@ -61,6 +76,8 @@ json layer_quant_entry(const quant::LinearScheme& s) {
   // mopt's own key, never in a checkpoint handed to users: INT4 on Q4_0's grid (signed f16 scales)
   // is written only as the staging checkpoint of a GGUF Q4_0 export.
   if (s.weight && s.weight->grid == quant::IntGrid::q4_0) e["int4_grid"] = "q4_0";
+  // Likewise a weight stored as a GGUF file's blocks of that type ("q4_k", ...), no weight_scale.
+  if (s.weight && s.weight->grid == quant::IntGrid::ggml) e["gguf_blocks"] = ggml_block_name(s.weight->ggml_type);
   return e;
 }
 
@@ -120,7 +137,12 @@ nlohmann::json make_hf_quant_config(const std::vector<std::pair<std::string, qua
   excluded.insert(excluded.begin(), "model.embed_tokens");
   if (!head_quantized) excluded.insert(excluded.begin(), "lm_head");
   json q = json::object();
-  if (algos.size() <= 1) {
+  // One entry for all when every quantized Linear's entry is the same (one format, one kind of blocks).
+  std::set<std::string> entries;
+  for (const auto& [name, s] : modules) {
+    if (s.quantized()) entries.insert(layer_quant_entry(s).dump());
+  }
+  if (entries.size() <= 1) {
     quant::LinearScheme first;
     for (const auto& [name, s] : modules) {
       if (s.quantized()) {
@@ -200,12 +222,12 @@ void HfModeloptWriter::write_linear(const quant::QuantizedLinear& l) {
   if (!l.scheme.quantized()) return;
   const auto& q = *l.weight;
   add(l.name + ".weight", q.weight);
-  add(l.name + ".weight_scale", q.weight_scale);
+  if (l.scheme.weight->grid != quant::IntGrid::ggml) add(l.name + ".weight_scale", q.weight_scale);
   if (q.weight_scale_2) add(l.name + ".weight_scale_2", *q.weight_scale_2);
   if (!l.input_amax.empty()) add(l.name + ".input_scale", scalar_f32(quant::activation_scale(*l.scheme.input, l.input_amax[0])));
   if (!l.pre_quant_scale.empty()) {
     add(l.name + ".pre_quant_scale", vector_as(l.pre_quant_scale, source_.config().dtype));
-  } else if (needs_pre_quant_scale(l)) {
+  } else if (needs_pre_quant_scale(l) && l.scheme.weight->grid != quant::IntGrid::ggml) {
     // TensorRT-LLM's AWQ loaders read pre_quant_scale on every unfused Linear (o_proj, down_proj) and
     // fail without one; the reference writes none when no AWQ scale was searched. A scale of ones.
     add(l.name + ".pre_quant_scale", vector_as(std::vector<float>(static_cast<std::size_t>(q.weight.dim(1)), 1.0f), source_.config().dtype));
@@ -323,6 +345,8 @@ struct ReadConfig {
   std::int64_t group_size = 0;
   bool q4_0_grid = false;               // "int4_grid": "q4_0" at the top
   std::set<std::string> q4_0_layers;    // ... or in a MIXED_PRECISION layer's entry
+  std::optional<io::GgmlType> gguf_blocks;                // "gguf_blocks": "q4_k" at the top
+  std::map<std::string, io::GgmlType> gguf_block_layers;  // ... or in a layer's entry
   std::map<std::string, std::pair<std::string, std::int64_t>> per_layer;  // MIXED_PRECISION
   std::vector<std::string> exclude;
   std::string kv_algo;
@@ -351,6 +375,14 @@ ReadConfig read_quant_config(const std::string& dir) {
       return true;
     };
     r.q4_0_grid = q4_0_grid(q);
+    const auto gguf_blocks = [&](const json& e) -> std::optional<io::GgmlType> {
+      if (!e.contains("gguf_blocks")) return std::nullopt;
+      for (const auto& [name, t] : ggml_block_names()) {
+        if (e["gguf_blocks"] == name) return t;
+      }
+      fail("{}: gguf_blocks {} is not one mopt reads (q4_0, q5_0, q8_0, q4_k, q6_k)", label, e["gguf_blocks"].dump());
+    };
+    r.gguf_blocks = gguf_blocks(q);
     if (q.contains("exclude_modules") && q["exclude_modules"].is_array()) r.exclude = q["exclude_modules"].get<std::vector<std::string>>();
     if (q.contains("kv_cache_quant_algo") && q["kv_cache_quant_algo"].is_string()) r.kv_algo = q["kv_cache_quant_algo"].get<std::string>();
     if (r.default_algo == "MIXED_PRECISION") {
@@ -363,6 +395,7 @@ ReadConfig read_quant_config(const std::string& dir) {
         }
         r.per_layer[item.key()] = {e.at("quant_algo").get<std::string>(), group};
         if (q4_0_grid(e)) r.q4_0_layers.insert(item.key());
+        if (const auto t = gguf_blocks(e)) r.gguf_block_layers[item.key()] = *t;
       }
     }
   } catch (const json::exception& e) {
@@ -398,7 +431,12 @@ std::optional<StoredLinear> read_stored_linear(const ReadConfig& rc, const std::
   StoredLinear s;
   s.name = name;
   const Tensor weight = store.tensor(s.name + ".weight");
-  if (!store.contains(s.name + ".weight_scale")) {
+  std::optional<io::GgmlType> gguf_blocks = rc.gguf_blocks;
+  if (rc.default_algo == "MIXED_PRECISION") {
+    const auto it = rc.gguf_block_layers.find(s.name);
+    gguf_blocks = it == rc.gguf_block_layers.end() ? std::nullopt : std::optional(it->second);
+  }
+  if (!store.contains(s.name + ".weight_scale") && !(gguf_blocks && weight.dtype() == DType::U8)) {
     const DType dt = weight.dtype();
     if (dt != DType::F32 && dt != DType::F16 && dt != DType::BF16) fail("{}: {}.weight is {} without a weight_scale", dir, s.name, dtype_name(dt));
     return std::nullopt;
@@ -421,10 +459,21 @@ std::optional<StoredLinear> read_stored_linear(const ReadConfig& rc, const std::
     }
     w.grid = quant::IntGrid::q4_0;
   }
+  if (gguf_blocks) {
+    auto& w = *s.scheme.weight;
+    const bool int4 = w.element == quant::Element::int4 && w.scaling == quant::Scaling::block && !w.fp8_second_stage;
+    const bool int8 = w.element == quant::Element::int8 && w.scaling == quant::Scaling::per_row;
+    if (!int4 && !int8) fail("{}: {} is {}, which is not stored in GGUF blocks", dir, s.name, algo);
+    w.grid = quant::IntGrid::ggml;
+    w.ggml_type = *gguf_blocks;
+    w.scaling = quant::Scaling::block;
+    w.block = io::ggml_type_info(static_cast<std::uint32_t>(*gguf_blocks))->block_elements;
+    w.block_rows = 0;
+  }
   s.out = out;
   s.in = in;
   s.weight.weight = weight;
-  s.weight.weight_scale = store.tensor(s.name + ".weight_scale");
+  if (!gguf_blocks) s.weight.weight_scale = store.tensor(s.name + ".weight_scale");
   if (store.contains(s.name + ".weight_scale_2")) s.weight.weight_scale_2 = store.tensor(s.name + ".weight_scale_2");
   quant::check_quantized_weight(*s.scheme.weight, s.weight, s.out, s.in, fmt::format("{}: {}", dir, s.name));
   if (store.contains(s.name + ".pre_quant_scale")) {
@@ -488,6 +537,7 @@ void validate_quantized_checkpoint(const std::string& dir) {
 kernels::QuantizedWeightSource kernel_source(const StoredLinear& st) {
   using kernels::QuantizedWeightType;
   const quant::QuantizerSpec& spec = *st.scheme.weight;
+  if (spec.grid == quant::IntGrid::ggml) fail("{}: stored as GGUF blocks (a staging form); run the .gguf file instead", st.name);
   kernels::QuantizedWeightSource k;
   k.out = st.out;
   k.in = st.in;

@@ -10,6 +10,8 @@
 #include "core/error.h"
 #include "core/cpu_features.h"
 #include "core/thread_pool.h"
+#include "io/gguf.h"
+#include "io/gguf_writer.h"
 #include "quant/fake_quant_simd.h"
 
 namespace mopt::quant {
@@ -151,6 +153,10 @@ std::string QuantizerSpec::describe() const {
   }
   if (fp8_second_stage) s += " + fp8 per-tensor";
   if (grid == IntGrid::q4_0) s += " (q4_0 grid)";
+  if (grid == IntGrid::ggml) {
+    const auto info = io::ggml_type_info(static_cast<std::uint32_t>(ggml_type));
+    s = fmt::format("{} in ggml {} blocks", element_name(element), info ? std::string(info->name) : "?");
+  }
   return s;
 }
 
@@ -181,6 +187,7 @@ float fake_quant_q4_0(float x, float extreme) {
 }
 
 float fake_quant_integer(const QuantizerSpec& spec, float x, float amax) {
+  if (spec.grid == IntGrid::ggml) fail("{}: a ggml block's scales come from its values, not from an amax", spec.describe());
   if (spec.element == Element::int4 && spec.grid == IntGrid::q4_0) return fake_quant_q4_0(x, amax);
   return fake_quant_int(x, amax, spec.element == Element::int4 ? 4 : 8);
 }
@@ -280,6 +287,14 @@ void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows,
                    std::span<const float> amax, float* y) {
   const auto need = static_cast<std::size_t>(amax_count(spec, rows, cols));
   if (amax.size() != need) fail("{} quantizer of a [{}, {}] tensor needs {} amax values, got {}", spec.describe(), rows, cols, need, amax.size());
+  if (spec.grid == IntGrid::ggml) {
+    // llama.cpp's quantizer on each row, and its dequantization.
+    parallel_each(rows, 1, rows * cols >= kParallelElements, [&](std::int64_t r) {
+      const std::vector<std::byte> blocks = io::ggml_quantize(spec.ggml_type, x + r * cols, static_cast<std::uint64_t>(cols), "weight");
+      io::ggml_dequantize(spec.ggml_type, blocks, y + r * cols, static_cast<std::uint64_t>(cols));
+    });
+    return;
+  }
   switch (spec.scaling) {
     case Scaling::per_tensor: fake_quantize_group(spec, x, y, rows * cols, amax[0]); break;
     case Scaling::per_row:
@@ -345,6 +360,7 @@ void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows,
 
 void zero_clipped_gradient(const QuantizerSpec& spec, const float* x, std::int64_t rows, std::int64_t cols,
                            std::span<const float> amax, float* grad) {
+  if (spec.grid == IntGrid::ggml) fail("{}: no clipping rule for ggml blocks (training runs on the reference's grids)", spec.describe());
   const auto need = static_cast<std::size_t>(amax_count(spec, rows, cols));
   if (amax.size() != need) fail("{} quantizer of a [{}, {}] tensor needs {} amax values, got {}", spec.describe(), rows, cols, need, amax.size());
   const auto clip_group = [&](std::int64_t begin, std::int64_t n, float limit) {
@@ -369,7 +385,7 @@ void zero_clipped_gradient(const QuantizerSpec& spec, const float* x, std::int64
 }
 
 bool supports_learned_scales(const QuantizerSpec& spec) {
-  return (spec.element == Element::int4 || spec.element == Element::int8) && spec.scaling == Scaling::block && spec.block_rows == 0 &&
+  return spec.grid != IntGrid::ggml && (spec.element == Element::int4 || spec.element == Element::int8) && spec.scaling == Scaling::block && spec.block_rows == 0 &&
          !spec.fp8_second_stage;
 }
 

@@ -1,10 +1,16 @@
 #include "quant/qtensor.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
 
 #include "core/convert.h"
 #include "core/error.h"
+#include "core/thread_pool.h"
+#include "io/ggml_grid.h"
+#include "io/gguf.h"
+#include "io/gguf_writer.h"
 #include "quant/fake_quant.h"
 
 namespace mopt::quant {
@@ -59,8 +65,45 @@ float w4a8_second_amax(const QuantizerSpec& spec, const float* w, std::int64_t o
   return m;
 }
 
+namespace {
+
+// The bytes of one row of ggml blocks.
+std::int64_t ggml_row_bytes(const QuantizerSpec& spec, std::int64_t in) {
+  const auto info = io::ggml_type_info(static_cast<std::uint32_t>(spec.ggml_type));
+  if (!info || !io::ggml_has_grid(spec.ggml_type)) fail("{}: not a ggml block type mopt quantizes onto", spec.describe());
+  if (in % info->block_elements != 0) fail("{}: rows of {} values are not whole blocks of {}", spec.describe(), in, info->block_elements);
+  return in / info->block_elements * info->block_bytes;
+}
+
+QuantizedWeight quantize_ggml_weight(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in,
+                                     std::span<const std::byte> grid_blocks) {
+  const std::int64_t row_bytes = ggml_row_bytes(spec, in);
+  if (!grid_blocks.empty() && static_cast<std::int64_t>(grid_blocks.size()) != out * row_bytes) {
+    fail("{}: {} grid bytes for a [{}, {}] weight", spec.describe(), grid_blocks.size(), out, in);
+  }
+  QuantizedWeight q;
+  q.weight = Tensor::zeros(DType::U8, {out, row_bytes});
+  auto* bytes = reinterpret_cast<std::byte*>(q.weight.mutable_data<std::uint8_t>());
+  parallel_each(out, 1, out * in >= (std::int64_t{1} << 15), [&](std::int64_t r) {
+    const float* row = w + r * in;
+    const auto n = static_cast<std::uint64_t>(in);
+    const std::vector<std::byte> b = grid_blocks.empty()
+                                         ? io::ggml_quantize(spec.ggml_type, row, n, fmt::format("weight row {}", r))
+                                         : io::ggml_requantize(spec.ggml_type, grid_blocks.subspan(static_cast<std::size_t>(r * row_bytes),
+                                                                                                   static_cast<std::size_t>(row_bytes)),
+                                                               row, n, fmt::format("weight row {}", r));
+    std::copy(b.begin(), b.end(), bytes + r * row_bytes);
+  });
+  return q;
+}
+
+}  // namespace
+
 QuantizedWeight quantize_weight(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in,
-                                std::span<const float> amax, float amax2, std::span<const float> nvfp4_block_amax) {
+                                std::span<const float> amax, float amax2, std::span<const float> nvfp4_block_amax,
+                                std::span<const std::byte> ggml_grid_blocks) {
+  if (spec.grid == IntGrid::ggml) return quantize_ggml_weight(spec, w, out, in, ggml_grid_blocks);
+  if (!ggml_grid_blocks.empty()) fail("{}: ggml grid blocks given to a quantizer without ggml blocks", spec.describe());
   const auto need = static_cast<std::size_t>(amax_count(spec, out, in));
   if (amax.size() != need) fail("{} weight [{}, {}] needs {} amax values, got {}", spec.describe(), out, in, need, amax.size());
   QuantizedWeight q;
@@ -234,6 +277,10 @@ void check_quantized_weight(const QuantizerSpec& spec, const QuantizedWeight& q,
            dtype_name(dtype), shape_string(shape), spec.describe());
     }
   };
+  if (spec.grid == IntGrid::ggml) {
+    expect(q.weight, "weight", DType::U8, {out, ggml_row_bytes(spec, in)});
+    return;
+  }
   const std::int64_t nb = spec.block > 0 ? ceil_div(in, spec.block) : 0;
   switch (spec.element) {
     case Element::e4m3:
@@ -301,6 +348,17 @@ float nvfp4_export_step(float block_amax, float global_amax) {
 
 std::vector<float> dequantize_weight(const QuantizerSpec& spec, const QuantizedWeight& q, std::int64_t out, std::int64_t in) {
   std::vector<float> w(static_cast<std::size_t>(out * in));
+  if (spec.grid == IntGrid::ggml) {
+    const std::int64_t row_bytes = ggml_row_bytes(spec, in);
+    if (q.weight.dtype() != DType::U8 || static_cast<std::int64_t>(q.weight.numel()) != out * row_bytes) {
+      fail("{}: {} bytes of blocks for a [{}, {}] weight", spec.describe(), q.weight.numel(), out, in);
+    }
+    const auto* bytes = reinterpret_cast<const std::byte*>(q.weight.data<std::uint8_t>());
+    for (std::int64_t r = 0; r < out; ++r) {
+      io::ggml_dequantize(spec.ggml_type, {bytes + r * row_bytes, static_cast<std::size_t>(row_bytes)}, w.data() + r * in, static_cast<std::uint64_t>(in));
+    }
+    return w;
+  }
   const std::int64_t nb = spec.block > 0 ? ceil_div(in, spec.block) : 0;
   const std::vector<float> s = q.weight_scale.dtype() == DType::U8 ? std::vector<float>{} : q.weight_scale.to_f32();
   switch (spec.element) {

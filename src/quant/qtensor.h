@@ -13,6 +13,8 @@
 //                                              e4m3 [out, in/16]               f32 [] amax/2688
 //   mxfp4         u8 [out, in/2]               u8 (E8M0) [out, in/32]          -
 //   mxfp8         e4m3 [out, in]               u8 (E8M0) [out, in/32]          -
+//   ggml blocks   u8 [out, in/B * bytes]       -                               -
+//                 (IntGrid::ggml, mopt's staging form of a GGUF export: each row llama.cpp's blocks)
 // Block counts round up; a partial last block is quantized like a zero-padded one.
 #pragma once
 
@@ -39,8 +41,12 @@ struct QuantizedWeight {
 // `nvfp4_block_amax` (NVFP4 only, [out, ceil(in/16)]) fixes the block scales
 // from these maxima instead of w's own (GPTQ quantizes on a grid fixed from
 // the original weight, as the reference's static NVFP4 quantizer does).
+// `ggml_grid_blocks` (IntGrid::ggml only, the bytes a quantize_weight of the weight before GPTQ moved
+// it gave) fixes every block's scales; w's values are rounded onto that grid. Empty: llama.cpp's
+// quantizer chooses the blocks from w.
 QuantizedWeight quantize_weight(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in,
-                                std::span<const float> amax, float amax2 = 0.0f, std::span<const float> nvfp4_block_amax = {});
+                                std::span<const float> amax, float amax2 = 0.0f, std::span<const float> nvfp4_block_amax = {},
+                                std::span<const std::byte> ggml_grid_blocks = {});
 
 // NVFP4's per-block maxima of w [out, ceil(in/block)].
 std::vector<float> nvfp4_block_amax(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in);

@@ -9,6 +9,8 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/ggml_grid.h"
+#include "io/gguf.h"
 #include "io/json_util.h"
 
 namespace mopt::quant {
@@ -36,6 +38,10 @@ void check_algorithm_supports(const std::string& algorithm, const LinearScheme& 
   const QuantizerSpec& w = *s.weight;
   if (algorithm == "smoothquant" && !(w.element == Element::int8 && s.input && s.input->element == Element::int8)) {
     fail("smoothquant smooths INT8 weights and INT8 activations (int8, int8_sq); format {} is not W8A8", s.format);
+  }
+  if ((algorithm == "awq_clip" || algorithm == "awq_full") && w.grid == IntGrid::ggml) {
+    fail("{} searches clip ratios of a symmetric grid; {} blocks take their scales from llama.cpp's own search (use awq_lite, gptq or "
+         "awq_lite+gptq)", algorithm, w.describe());
   }
   if ((algorithm == "awq_clip" || algorithm == "awq_full") &&
       !(w.scaling == Scaling::block && w.block_rows == 0 && w.element == Element::int4 && !w.fp8_second_stage)) {
@@ -167,6 +173,18 @@ LinearScheme Recipe::scheme_for(const std::string& module) const {
   }
   if (s.weight && s.weight->element == Element::int4 && s.weight->scaling == Scaling::block && !s.weight->fp8_second_stage) {
     s.weight->grid = int4_grid;
+  }
+  const auto blocks = ggml_blocks.find(module);
+  if (blocks != ggml_blocks.end() && s.weight && !s.weight->fp8_second_stage &&
+      ((s.weight->element == Element::int4 && s.weight->scaling == Scaling::block) ||
+       (s.weight->element == Element::int8 && s.weight->scaling == Scaling::per_row))) {
+    const auto info = io::ggml_type_info(static_cast<std::uint32_t>(blocks->second));
+    if (!info || !io::ggml_has_grid(blocks->second)) fail("{}: ggml type {} has no integer grid to quantize onto", module, static_cast<std::uint32_t>(blocks->second));
+    s.weight->grid = IntGrid::ggml;
+    s.weight->ggml_type = blocks->second;
+    s.weight->scaling = Scaling::block;
+    s.weight->block = info->block_elements;
+    s.weight->block_rows = 0;
   }
   return s;
 }

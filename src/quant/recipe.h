@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -77,6 +78,11 @@ struct Recipe {
   // The grid of the INT4 weights (int4_rtn, int4_awq): the reference's, or Q4_0's for a GGUF Q4_0
   // target (the algorithms search and round on the grid the file stores). Not W4A8's FP8 stage.
   IntGrid int4_grid = IntGrid::symmetric;
+  // Quantizing for a GGUF file of llama.cpp's k-quant or Q8_0 mixes: module name -> the ggml block type
+  // its weight is stored in (Q4_K, Q6_K, Q5_0, Q8_0, ...). Such a module's INT4 block weight (not
+  // W4A8's) or INT8 per-channel weight is quantized in those blocks (IntGrid::ggml): llama.cpp's
+  // quantizer chooses the scales, AWQ searches and GPTQ rounds on them.
+  std::map<std::string, io::GgmlType> ggml_blocks;
   // Calibration data defaults (the CLI can override them).
   std::int64_t calib_size = 128;
   std::int64_t seq_len = 512;

@@ -7,6 +7,10 @@
 #include <optional>
 #include <string>
 
+namespace mopt::io {
+enum class GgmlType : std::uint32_t;  // io/gguf.h
+}
+
 namespace mopt::quant {
 
 // The value grid.
@@ -25,6 +29,10 @@ enum class IntGrid {
   // llama.cpp Q4_0's: the block's "amax" is its value of largest magnitude with its sign (the first
   // such), d = f16(that / -8), codes -8..7, value code * d: 16 levels, the extreme on -8 exactly.
   q4_0,
+  // A GGUF file's own blocks of `QuantizerSpec::ggml_type` (Q4_K, Q6_K, Q5_0, Q8_0, ...; io/ggml_grid.h):
+  // llama.cpp's quantizer chooses each block's scales, the weight is stored as those blocks. For INT4
+  // and INT8 weights quantized for a GGUF target.
+  ggml,
 };
 
 // Where the scales live.
@@ -44,7 +52,8 @@ struct QuantizerSpec {
   std::int64_t block_rows = 0;  // 2-D blocks (FP8 128x128): rows per tile
   // W4A8: after the INT4 stage the weight is FP8-quantized per tensor.
   bool fp8_second_stage = false;
-  IntGrid grid = IntGrid::symmetric;  // INT4 blocks only
+  IntGrid grid = IntGrid::symmetric;  // INT4 blocks, or INT4/INT8 in ggml blocks
+  io::GgmlType ggml_type{};           // the block type of IntGrid::ggml (scaling block, block its values)
 
   bool operator==(const QuantizerSpec&) const = default;
 

@@ -5,11 +5,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 
 #include "algo/gptq.h"
 #include "algo/smoothing.h"
+#include "io/gguf.h"
 #include "core/error.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
@@ -356,6 +358,32 @@ TEST(Gptq, Nvfp4OnBlockStepsFixedFromTheOriginalWeightExportsExactly) {
   // Exported with the same block maxima, the codes stand for exactly the updated weight.
   const quant::QuantizedWeight q = quant::quantize_weight(spec, w.data(), out, in, amax, 0.0f, blocks);
   EXPECT_EQ(quant::dequantize_weight(spec, q, out, in), w);
+}
+
+TEST(Gptq, GgmlBlocksOnScalesFixedFromTheOriginalWeightExportExactly) {
+  // Q4_K (256-value super-blocks, asymmetric) and Q6_K: llama.cpp's quantizer fixes the grid from the
+  // weight before GPTQ; the result stored with those blocks stands for exactly the updated weight.
+  const std::int64_t out = 16, in = 512;
+  for (const io::GgmlType type : {io::GgmlType::Q4_K, io::GgmlType::Q6_K}) {
+    QuantizerSpec spec{Element::int4, Scaling::block, 256, 0, false};
+    spec.grid = quant::IntGrid::ggml;
+    spec.ggml_type = type;
+    SCOPED_TRACE(spec.describe());
+    EXPECT_TRUE(gptq_supports(spec));
+    std::vector<float> w = random_values(static_cast<std::size_t>(out * in), 43, 0.05f);
+    const std::vector<float> original = w;
+    const std::vector<float> x = activations(600, in, 44);
+    GramAccumulator g;
+    g.add(x.data(), 600, in);
+    const std::vector<float> amax = quant::compute_amax(spec, w.data(), out, in);
+    const GptqResult r = gptq_quantize(spec, w.data(), out, in, amax, gptq_hessian(g), GptqOptions{});
+    EXPECT_LT(r.error_gptq, 0.9 * r.error_rtn);
+    const quant::QuantizedWeight fixed = quant::quantize_weight(spec, original.data(), out, in, amax);
+    ASSERT_EQ(r.ggml_grid_blocks.size(), fixed.weight.numel());
+    EXPECT_EQ(std::memcmp(r.ggml_grid_blocks.data(), fixed.weight.data<std::uint8_t>(), r.ggml_grid_blocks.size()), 0);
+    const quant::QuantizedWeight q = quant::quantize_weight(spec, w.data(), out, in, amax, 0.0f, {}, r.ggml_grid_blocks);
+    EXPECT_EQ(quant::dequantize_weight(spec, q, out, in), w);
+  }
 }
 
 TEST(Gptq, RefusesWhatItCannotQuantizeOnAFixedGrid) {

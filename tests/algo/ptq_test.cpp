@@ -273,6 +273,11 @@ TEST(Ptq, DamagedQuantizedCheckpointsAreRefusedByName) {
                "int4_grid \"q5_0\" is not one mopt reads");
   expect_error(damaged(tmp.file("d8"), "", std::nullopt, R"({"quantization": {"quant_algo": "FP8", "int4_grid": "q4_0"}})"),
                "is FP8, which has no Q4_0 grid");
+  // ... and its key for weights stored as a GGUF file's blocks: the five types, INT4/INT8 weights only.
+  expect_error(damaged(tmp.file("d9"), "", std::nullopt, R"({"quantization": {"quant_algo": "FP8", "gguf_blocks": "q2_k"}})"),
+               "gguf_blocks \"q2_k\" is not one mopt reads");
+  expect_error(damaged(tmp.file("d10"), "", std::nullopt, R"({"quantization": {"quant_algo": "FP8", "gguf_blocks": "q4_k"}})"),
+               "is FP8, which is not stored in GGUF blocks");
   EXPECT_NO_THROW(exporter::load_model(good));
 }
 

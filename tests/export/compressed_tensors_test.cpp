@@ -406,6 +406,70 @@ TEST(GgufFromQuantized, Q4_0GridWeightsAreTheFilesBitForBit) {
   }
 }
 
+TEST(GgufFromQuantized, GgmlBlocksAreTheFilesBitForBit) {
+  // Quantized in a Q4_K_M file's own blocks (what mopt quantize --export gguf --gguf-type q4_k_m does):
+  // each Linear in its tensor's type of llama-quantize's mix (Q4_K; Q6_K for attn_v; ffn_down's 704
+  // columns fall back to Q8_0), written byte for byte; round-to-nearest is llama-quantize's own file.
+  const std::string model = testing::two_layer_tiny_kjv();
+  const auto options = gguf_options_from_name("q4_k_m");
+  const auto types = gguf_linear_types(options, io::Checkpoint::open(model).config());
+  EXPECT_EQ(types.at("model.layers.0.self_attn.q_proj"), io::GgmlType::Q4_K);
+  EXPECT_EQ(types.at("model.layers.1.self_attn.v_proj"), io::GgmlType::Q6_K);
+  EXPECT_EQ(types.at("model.layers.1.mlp.down_proj"), io::GgmlType::Q8_0);
+  TempDir tmp;
+  export_gguf(model, tmp.file("plain.gguf"), options);
+  const io::GgufFile plain = io::GgufFile::open(tmp.file("plain.gguf"));
+  for (const char* algorithm : {"max", "awq_lite", "gptq"}) {
+    SCOPED_TRACE(algorithm);
+    quant::Recipe r;
+    r.format = "int4_awq";
+    r.algorithm = algorithm;
+    r.ggml_blocks = types;
+    testing::quantize_recipe(r, tmp.file(algorithm), true);
+    const std::string file = tmp.file(std::string(algorithm) + ".gguf");
+    const auto report = export_gguf(tmp.file(algorithm), file, options);
+    EXPECT_EQ(report.exact_linears, 14);
+    EXPECT_EQ(report.requantized_linears, 0);
+    const io::GgufFile g = io::GgufFile::open(file);
+    // The same tensors, types and bytes (the files differ only in general.name, the directory's).
+    const auto tensor_bytes = [](const io::GgufFile& f) {
+      std::uint64_t n = 0;
+      for (const auto& t : f.header().tensors) n += t.bytes;
+      return std::pair{f.header().tensors.size(), n};
+    };
+    EXPECT_EQ(tensor_bytes(g), tensor_bytes(plain));
+    const auto reader = modelopt_reader(tmp.file(algorithm));
+    const io::Checkpoint ckpt = io::Checkpoint::open(tmp.file(algorithm), io::CheckpointLayout::quantized);
+    std::size_t moved = 0;
+    for (std::int64_t layer = 0; layer < 2; ++layer) {
+      for (const auto& [kind, name] : {std::pair{model::LinearKind::q, "attn_q"}, std::pair{model::LinearKind::k, "attn_k"},
+                                       std::pair{model::LinearKind::v, "attn_v"}, std::pair{model::LinearKind::o, "attn_output"},
+                                       std::pair{model::LinearKind::gate, "ffn_gate"}, std::pair{model::LinearKind::up, "ffn_up"},
+                                       std::pair{model::LinearKind::down, "ffn_down"}}) {
+        SCOPED_TRACE(name);
+        const std::string gguf_name = fmt::format("blk.{}.{}.weight", layer, name);
+        const io::GgufTensorInfo* info = g.find_tensor(gguf_name);
+        ASSERT_NE(info, nullptr);
+        EXPECT_EQ(info->type.type, types.at(fmt::format("model.layers.{}.{}", layer, model::linear_name(kind))));
+        const auto st = reader.linear(ckpt, layer, kind);
+        ASSERT_TRUE(st.has_value());
+        EXPECT_EQ(st->scheme.weight->grid, quant::IntGrid::ggml);
+        if (kind != model::LinearKind::q && kind != model::LinearKind::k) {  // not RoPE-permuted
+          EXPECT_EQ(g.dequantize(*info).to_f32(), quant::dequantize_weight(*st->scheme.weight, st->weight, st->out, st->in));
+        }
+        const auto raw = g.raw(*info), want = plain.raw(*plain.find_tensor(gguf_name));
+        ASSERT_EQ(raw.size(), want.size());
+        const bool same = std::equal(raw.begin(), raw.end(), want.begin());
+        if (std::string(algorithm) == "max") EXPECT_TRUE(same);
+        moved += !same;
+      }
+    }
+    // GPTQ moves every Linear; AWQ all but o_proj, whose scale cannot be folded under GQA (it is rounded unsmoothed).
+    if (std::string(algorithm) == "gptq") EXPECT_EQ(moved, 14u);
+    if (std::string(algorithm) == "awq_lite") EXPECT_EQ(moved, 12u);
+  }
+}
+
 TEST(GgufFromQuantized, Fp4CodesGoOverUnchanged) {
   // NVFP4 and MXFP4 exports as llama.cpp's NVFP4/MXFP4 blocks (NVFP4's weight_scale_2 as the ".scale"
   // tensor): the GGUF model's weights are the export's, Q/K permutation and all.
