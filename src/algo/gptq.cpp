@@ -31,11 +31,11 @@ std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; 
 class GridQuantizer {
  public:
   GridQuantizer(const quant::QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in, std::span<const float> amax,
-                std::span<const float> block_amax)
+                std::span<const float> block_amax, std::span<const float> ggml_importance)
       : spec_(spec), amax_(amax.begin(), amax.end()) {
     if (spec.grid == quant::IntGrid::ggml) {
       // llama.cpp's blocks of the weight as it is now fix every sub-block's step and minimum.
-      const Tensor b = quant::quantize_weight(spec, w, out, in, {}).weight;
+      const Tensor b = quant::quantize_weight(spec, w, out, in, {}, 0.0f, {}, {ggml_importance, {}}).weight;
       const auto* bytes = reinterpret_cast<const std::byte*>(b.data<std::uint8_t>());
       blocks_.assign(bytes, bytes + b.numel());
       const std::size_t row_bytes = blocks_.size() / static_cast<std::size_t>(out);
@@ -225,7 +225,7 @@ GptqResult gptq_quantize(const quant::QuantizerSpec& spec, float* w, std::int64_
     own_block_amax = quant::nvfp4_block_amax(spec, w, out, in);
     nvfp4_block_amax = own_block_amax;
   }
-  const GridQuantizer grid(spec, w, out, in, amax, nvfp4_block_amax);
+  const GridQuantizer grid(spec, w, out, in, amax, nvfp4_block_amax, options.ggml_importance);
   GptqResult result;
   result.ggml_grid_blocks = grid.ggml_blocks();
 

@@ -73,6 +73,8 @@ struct GptqOptions {
   // [out, in] 2:4 mask (0 = pruned), or null: pruned weights are quantized to zero and their error is
   // spread like any other (SparseGPT's joint pruning and quantization with a fixed mask).
   const std::uint8_t* mask = nullptr;
+  // Weights in ggml blocks: the importance their quantizer weighs values by (quant::GgmlBlockInputs).
+  std::span<const float> ggml_importance;
 };
 
 struct GptqResult {

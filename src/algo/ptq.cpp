@@ -102,6 +102,7 @@ Algorithm parse_algorithm(const std::string& name) {
 
 struct StatsNeeds {
   bool channel_max = false, mean_abs = false, clip_samples = false, hessian = false;
+  bool mean_square = false;  // weights in ggml blocks: their quantizer's importance
 };
 
 // What one layer's calibration run saw.
@@ -134,6 +135,23 @@ class LayerStats : public model::LayerObserver {
     if (needs_.clip_samples) clip[k].add(x, rows, cols);
     if (needs_.hessian) hessian[k].add(x, rows, cols);
     if (needs_.mean_abs) batch_gram[k].add(x, rows, cols, 1.0 / static_cast<double>(rows));
+    if (needs_.mean_square) {
+      auto& sq = square_sum[k];
+      if (sq.empty()) sq.assign(static_cast<std::size_t>(cols), 0.0);
+      for (std::int64_t r = 0; r < rows; ++r) {
+        for (std::int64_t j = 0; j < cols; ++j) sq[j] += static_cast<double>(x[r * cols + j]) * x[r * cols + j];
+      }
+      square_rows[k] += rows;
+    }
+  }
+
+  // The mean square of each channel of input k over every token seen (llama-imatrix's statistic); empty
+  // when none was collected.
+  std::vector<float> mean_square(std::size_t k) const {
+    std::vector<float> m;
+    if (square_rows[k] == 0) return m;
+    for (const double v : square_sum[k]) m.push_back(static_cast<float>(v / static_cast<double>(square_rows[k])));
+    return m;
   }
 
   void key_value(std::int64_t layer, const float* k, const float* v, std::int64_t rows, std::int64_t kv_dim) override {
@@ -152,6 +170,8 @@ class LayerStats : public model::LayerObserver {
   std::array<ClipSampler, 7> clip;
   std::array<GramAccumulator, 7> hessian;  // unit weights (GPTQ)
   std::array<GramAccumulator, 7> batch_gram;  // batches weighted 1/rows (AWQ-lite)
+  std::array<std::vector<double>, 7> square_sum;  // per channel, sum of x^2
+  std::array<std::int64_t, 7> square_rows{};
 
  private:
   std::array<bool, 7> want_histogram_;
@@ -541,6 +561,9 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
     needs.mean_abs = algo.awq_lite;
     needs.clip_samples = algo.awq_clip;
     needs.hessian = algo.gptq || sparsegpt;
+    needs.mean_square = std::any_of(schemes.begin(), schemes.end(), [](const quant::LinearScheme& s) {
+      return s.quantized() && s.weight->grid == quant::IntGrid::ggml;
+    });
     LayerStats stats(want_histogram, needs);
     if (calibrating) {
       saved = hidden;
@@ -632,7 +655,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
         if (!schemes[k].quantized()) continue;
         const std::size_t lead = kind_index(input_leader(kind));
         searches[k] = std::make_unique<AwqLiteSearch>(*schemes[k].weight, work[k].w.data(), work[k].out, work[k].in, stats.mean_abs[lead].mean(),
-                                                      stats.batch_gram[lead].full(), model_dtype);
+                                                      stats.batch_gram[lead].full(), model_dtype, stats.mean_square(lead));
       }
       for (const auto kind : model::kAllLinears) {
         const std::size_t k = kind_index(kind);
@@ -706,6 +729,19 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
       }
     }
 
+    // The importance of each Linear's input channels for weights in ggml blocks: the mean square of the
+    // input the Linear now sees (scaled by its pre-quantization or folded scale).
+    std::array<std::vector<float>, 7> importance;
+    for (const auto kind : model::kAllLinears) {
+      const std::size_t k = kind_index(kind);
+      if (!schemes[k].quantized() || schemes[k].weight->grid != quant::IntGrid::ggml) continue;
+      importance[k] = stats.mean_square(kind_index(input_leader(kind)));
+      const std::vector<float>& p = !work[k].pqs.empty() ? work[k].pqs : work[k].folded_scale;
+      if (!importance[k].empty() && !p.empty()) {
+        for (std::size_t j = 0; j < p.size(); ++j) importance[k][j] = importance[k][j] * p[j] * p[j];
+      }
+    }
+
     // 5. Weight amax (calibrated, or clipped), shared within fused groups; GPTQ on the fixed grid.
     std::array<std::vector<float>, 7> weight_amax;
     std::array<float, 7> second_amax{};
@@ -742,6 +778,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
           go.damp = options.gptq_damp;
           go.act_order = options.gptq_act_order;
           go.mask = sparse[k] ? masks[k].data() : nullptr;
+          go.ggml_importance = importance[k];
           return gptq_quantize(*schemes[k].weight, work[k].w.data(), work[k].out, work[k].in, weight_amax[k], std::move(h), go,
                                work[k].block_amax);
         });
@@ -764,7 +801,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
         const std::int64_t out = work[k].out, in = work[k].in;
         qlin.weight = with_context(qlin.name, [&] {
           return quant::quantize_weight(*qlin.scheme.weight, work[k].w.data(), out, in, weight_amax[k], second_amax[k], work[k].block_amax,
-                                        work[k].ggml_grid_blocks);
+                                        {importance[k], work[k].ggml_grid_blocks});
         });
         std::vector<float> deq = quant::dequantize_weight(*qlin.scheme.weight, *qlin.weight, out, in);
         qlin.weight_error = quant::relative_error(effective_weight(deq, work[k]), original_weights[k]);
@@ -809,10 +846,14 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
           plain[k].input_amax = input_amax_rtn[k];
         }
         weight_scales(plain);
+        const auto importance_rtn = [&](LinearKind kind) {
+          return schemes[kind_index(kind)].weight->grid == quant::IntGrid::ggml ? stats.mean_square(kind_index(input_leader(kind))) : std::vector<float>{};
+        };
         for (const auto kind : model::kAllLinears) {
           const std::size_t k = kind_index(kind);
           if (!schemes[k].quantized()) continue;
-          const quant::QuantizedWeight q = quant::quantize_weight(*schemes[k].weight, plain[k].w.data(), plain[k].out, plain[k].in, weight_amax[k], second_amax[k]);
+          const quant::QuantizedWeight q = quant::quantize_weight(*schemes[k].weight, plain[k].w.data(), plain[k].out, plain[k].in, weight_amax[k],
+                                                                  second_amax[k], {}, {importance_rtn(kind), {}});
           rtn.linear(kind).weight = Tensor::from_f32(quant::dequantize_weight(*schemes[k].weight, q, plain[k].out, plain[k].in), {plain[k].out, plain[k].in});
           rtn.linear(kind).input_transform = input_transform(schemes[k], plain[k].input_amax, {});
         }

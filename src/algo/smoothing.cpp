@@ -115,8 +115,12 @@ std::vector<float> MeanAbsAccumulator::mean() const {
 }
 
 AwqLiteSearch::AwqLiteSearch(const quant::QuantizerSpec& weight_spec, const float* w, std::int64_t out, std::int64_t in,
-                             std::span<const float> act_scale, const std::vector<double>& gram, DType dtype)
+                             std::span<const float> act_scale, const std::vector<double>& gram, DType dtype,
+                             std::span<const float> ggml_importance)
     : alphas_(awq_alphas()), act_scale_(act_scale.begin(), act_scale.end()) {
+  if (!ggml_importance.empty() && static_cast<std::int64_t>(ggml_importance.size()) != in) {
+    fail("AWQ: {} importance values for {} input columns", ggml_importance.size(), in);
+  }
   // W4A8's FP8 second stage is left out of the search, as the reference searches with the INT4 stage alone.
   quant::QuantizerSpec spec = weight_spec;
   spec.fp8_second_stage = false;
@@ -135,9 +139,15 @@ AwqLiteSearch::AwqLiteSearch(const quant::QuantizerSpec& weight_spec, const floa
     for (std::int64_t r = 0; r < out; ++r) {
       for (std::int64_t j = 0; j < in; ++j) ws[r * in + j] = w[r * in + j] * s[j];
     }
-    // An uncalibrated quantizer takes its amax from what it quantizes.
-    const std::vector<float> amax = quant::compute_amax(spec, ws.data(), out, in);
-    quant::fake_quantize(spec, ws.data(), out, in, amax, ws.data());
+    if (spec.grid == quant::IntGrid::ggml) {
+      std::vector<float> importance(ggml_importance.begin(), ggml_importance.end());
+      for (std::size_t j = 0; j < importance.size(); ++j) importance[j] = importance[j] * inv[j] * inv[j];
+      quant::fake_quantize_ggml(spec, ws.data(), out, in, importance, ws.data());
+    } else {
+      // An uncalibrated quantizer takes its amax from what it quantizes.
+      const std::vector<float> amax = quant::compute_amax(spec, ws.data(), out, in);
+      quant::fake_quantize(spec, ws.data(), out, in, amax, ws.data());
+    }
     for (std::int64_t r = 0; r < out; ++r) {
       for (std::int64_t j = 0; j < in; ++j) e[r * in + j] = static_cast<double>(ws[r * in + j]) * inv[j] - w[r * in + j];
     }

@@ -58,11 +58,15 @@ class MeanAbsAccumulator {
 // loss is a quadratic form in the weight error E = Q(W s) diag(1/s) - W, so
 // it is computed here as tr(E G E^T) / out with G = sum_b X_b^T X_b / rows_b
 // (exact in exact arithmetic, f64 here): one Gram matrix per input instead of
-// eleven matrix products per batch.
+// eleven matrix products per batch. Weights in ggml blocks may take their
+// input's `ggml_importance` (mean square per channel, quant::GgmlBlockInputs):
+// for each candidate s the quantizer weighs column j by importance_j / s_j^2,
+// the mean square of the input it then sees.
 class AwqLiteSearch {
  public:
   AwqLiteSearch(const quant::QuantizerSpec& weight_spec, const float* w, std::int64_t out, std::int64_t in,
-                std::span<const float> act_scale, const std::vector<double>& gram, DType dtype);
+                std::span<const float> act_scale, const std::vector<double>& gram, DType dtype,
+                std::span<const float> ggml_importance = {});
   // The first alpha of least loss, and the losses in awq_alphas() order.
   float best_alpha() const;
   const std::vector<double>& losses() const { return loss_; }

@@ -136,29 +136,230 @@ float fit_scale_and_min(const float* x, const float* w, std::uint8_t* levels, fl
   return scale;
 }
 
-void quantize_q4_k(const float* x, std::vector<std::byte>& out) {
+// The symmetric fit of n values to levels -nmax..nmax-1 (stored + nmax), choosing among 19 grids the
+// one with the least weighted squared error (weights `w`, or x^2 without them); returns the scale
+// (llama.cpp's make_qx_quants with rmse_type 1): Q6_K's sub-blocks of 16, and with an importance
+// matrix Q4_0's and Q5_0's blocks of 32.
+float fit_symmetric_scale(const float* x, int n, int nmax, const float* w, std::uint8_t* levels) {
+  float max = 0, amax = 0;
+  for (int i = 0; i < n; ++i) {
+    const float ax = std::fabs(x[i]);
+    if (ax > amax) {
+      amax = ax;
+      max = x[i];
+    }
+  }
+  if (amax < 1e-15f) {
+    std::fill(levels, levels + n, std::uint8_t{0});
+    return 0.0f;
+  }
+  const auto level = [nmax](float iscale, float v) { return std::clamp(nearest_int(iscale * v), -nmax, nmax - 1); };
+  const auto weight = [&](int i) { return w != nullptr ? w[i] : x[i] * x[i]; };
+  float iscale = static_cast<float>(-nmax) / max;
+  float sumlx = 0, suml2 = 0;
+  for (int i = 0; i < n; ++i) {
+    const int l = level(iscale, x[i]);
+    levels[i] = static_cast<std::uint8_t>(l + nmax);
+    const float wi = weight(i);
+    sumlx += wi * x[i] * static_cast<float>(l);
+    suml2 += wi * static_cast<float>(l) * static_cast<float>(l);
+  }
+  float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
+  float best = scale * sumlx;
+  for (int step = -9; step <= 9; ++step) {
+    if (step == 0) continue;
+    iscale = -(static_cast<float>(nmax) + 0.1f * static_cast<float>(step)) / max;
+    sumlx = suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = level(iscale, x[i]);
+      const float wi = weight(i);
+      sumlx += wi * x[i] * static_cast<float>(l);
+      suml2 += wi * static_cast<float>(l) * static_cast<float>(l);
+    }
+    if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+      for (int i = 0; i < n; ++i) levels[i] = static_cast<std::uint8_t>(nmax + level(iscale, x[i]));
+      scale = sumlx / suml2;
+      best = scale * sumlx;
+    }
+  }
+  return scale;
+}
+
+// Q4_K's weighted fit of one 32-value sub-block with an importance matrix (llama.cpp's
+// make_qkx3_quants(32, 15, x, w, L, &min, Laux, -0.9, 0.05, 36, false)): as fit_scale_and_min over 37
+// candidate grids from a finer start; returns the scale and stores -min.
+float fit_scale_and_min_weighted(const float* x, const float* w, std::uint8_t* levels, float* neg_min) {
+  constexpr int n = 32, nmax = 15, steps = 36;
+  constexpr float rmin = -0.9f, rdelta = 0.05f;
+  float lo = x[0], hi = x[0];
+  float sum_w = w[0];
+  float sum_x = sum_w * x[0];
+  for (int i = 1; i < n; ++i) {
+    if (x[i] < lo) lo = x[i];
+    if (x[i] > hi) hi = x[i];
+    sum_w += w[i];
+    sum_x += w[i] * x[i];
+  }
+  if (lo > 0) lo = 0;
+  if (hi <= lo) {
+    std::fill(levels, levels + n, std::uint8_t{0});
+    *neg_min = -lo;
+    return 0.0f;
+  }
+  float iscale = static_cast<float>(nmax) / (hi - lo);
+  float scale = 1 / iscale;
+  float best_error = 0;
+  for (int i = 0; i < n; ++i) {
+    levels[i] = static_cast<std::uint8_t>(std::clamp(nearest_int(iscale * (x[i] - lo)), 0, nmax));
+    const float diff = scale * levels[i] + lo - x[i];
+    best_error += w[i] * (diff * diff);
+  }
+  std::uint8_t trial[n];
+  for (int step = 0; step <= steps; ++step) {
+    iscale = (rmin + rdelta * static_cast<float>(step) + static_cast<float>(nmax)) / (hi - lo);
+    float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = std::clamp(nearest_int(iscale * (x[i] - lo)), 0, nmax);
+      trial[i] = static_cast<std::uint8_t>(l);
+      sum_l += w[i] * static_cast<float>(l);
+      sum_l2 += w[i] * static_cast<float>(l) * static_cast<float>(l);
+      sum_xl += w[i] * static_cast<float>(l) * x[i];
+    }
+    const float det = sum_w * sum_l2 - sum_l * sum_l;
+    if (det > 0) {
+      float trial_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+      float trial_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+      if (trial_min > 0) {
+        trial_min = 0;
+        trial_scale = sum_xl / sum_l2;
+      }
+      float error = 0;
+      for (int i = 0; i < n; ++i) {
+        const float diff = trial_scale * trial[i] + trial_min - x[i];
+        error += w[i] * (diff * diff);
+      }
+      if (error < best_error) {
+        std::copy(trial, trial + n, levels);
+        best_error = error;
+        scale = trial_scale;
+        lo = trial_min;
+      }
+    }
+  }
+  *neg_min = -lo;
+  return scale;
+}
+
+// Q4_K's 6-bit super-block scale of n non-negative values with weights w (llama.cpp's make_qp_quants):
+// the best of 9 grids by weighted squared error, then up to 5 passes moving single levels while the
+// least-squares fit improves; stores the levels (0..nmax) and returns the scale.
+float fit_positive_scale(int n, int nmax, const float* x, const float* w, std::uint8_t* levels) {
+  float max = 0;
+  for (int i = 0; i < n; ++i) max = std::max(max, x[i]);
+  if (max < 1e-15f) {
+    std::fill(levels, levels + n, std::uint8_t{0});
+    return 0.0f;
+  }
+  float iscale = static_cast<float>(nmax) / max;
+  for (int i = 0; i < n; ++i) levels[i] = static_cast<std::uint8_t>(nearest_int(iscale * x[i]));
+  const float scale = 1 / iscale;
+  float best = 0;
+  for (int i = 0; i < n; ++i) {
+    const float diff = x[i] - scale * levels[i];
+    best += w[i] * diff * diff;
+  }
+  for (int step = -4; step <= 4; ++step) {
+    if (step == 0) continue;
+    const float trial_iscale = (0.1f * static_cast<float>(step) + static_cast<float>(nmax)) / max;
+    const float trial_scale = 1 / trial_iscale;
+    float error = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = std::min(nmax, nearest_int(trial_iscale * x[i]));
+      const float diff = x[i] - trial_scale * static_cast<float>(l);
+      error += w[i] * diff * diff;
+    }
+    if (error < best) {
+      best = error;
+      iscale = trial_iscale;
+    }
+  }
+  float sumlx = 0, suml2 = 0;
+  for (int i = 0; i < n; ++i) {
+    const int l = std::min(nmax, nearest_int(iscale * x[i]));
+    levels[i] = static_cast<std::uint8_t>(l);
+    sumlx += w[i] * x[i] * static_cast<float>(l);
+    suml2 += w[i] * static_cast<float>(l) * static_cast<float>(l);
+  }
+  for (int pass = 0; pass < 5; ++pass) {
+    int changed = 0;
+    for (int i = 0; i < n; ++i) {
+      float slx = sumlx - w[i] * x[i] * static_cast<float>(levels[i]);
+      float sl2 = suml2 - w[i] * static_cast<float>(levels[i]) * static_cast<float>(levels[i]);
+      if (slx > 0 && sl2 > 0) {
+        const int l = std::min(nmax, nearest_int(x[i] * sl2 / slx));
+        if (l != levels[i]) {
+          slx += w[i] * x[i] * static_cast<float>(l);
+          sl2 += w[i] * static_cast<float>(l) * static_cast<float>(l);
+          if (slx * slx * suml2 > sumlx * sumlx * sl2) {
+            levels[i] = static_cast<std::uint8_t>(l);
+            sumlx = slx;
+            suml2 = sl2;
+            ++changed;
+          }
+        }
+      }
+    }
+    if (changed == 0) break;
+  }
+  return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+// `importance` (256 values or null): llama.cpp's quantize_row_q4_K_impl, each value's error weighed by
+// importance * sqrt(sigma^2 + x^2) and the super-block scales fitted to the sub-blocks' weights.
+void quantize_q4_k(const float* x, const float* importance, std::vector<std::byte>& out) {
   std::uint8_t levels[kSuperBlock];
   float weights[32], scales[8], mins[8];
-  float max_scale = 0, max_min = 0;
-  for (int j = 0; j < 8; ++j) {
-    const float* v = x + 32 * j;
+  std::uint8_t sc[8], mn[8];
+  std::uint16_t d16 = 0, dmin16 = 0;
+  if (importance == nullptr) {
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < 8; ++j) {
+      const float* v = x + 32 * j;
+      float sum_x2 = 0;
+      for (int l = 0; l < 32; ++l) sum_x2 += v[l] * v[l];
+      const float av_x = std::sqrt(sum_x2 / 32);
+      for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(v[l]);
+      scales[j] = fit_scale_and_min(v, weights, levels + 32 * j, &mins[j]);
+      if (scales[j] > max_scale) max_scale = scales[j];
+      if (mins[j] > max_min) max_min = mins[j];
+    }
+    const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
+    const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
+    for (int j = 0; j < 8; ++j) {
+      sc[j] = std::min<std::uint8_t>(63, static_cast<std::uint8_t>(nearest_int(inv_scale * scales[j])));
+      mn[j] = std::min<std::uint8_t>(63, static_cast<std::uint8_t>(nearest_int(inv_min * mins[j])));
+    }
+    d16 = f32_to_f16(max_scale / 63.0f);
+    dmin16 = f32_to_f16(max_min / 63.0f);
+  } else {
     float sum_x2 = 0;
-    for (int l = 0; l < 32; ++l) sum_x2 += v[l] * v[l];
-    const float av_x = std::sqrt(sum_x2 / 32);
-    for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(v[l]);
-    scales[j] = fit_scale_and_min(v, weights, levels + 32 * j, &mins[j]);
-    if (scales[j] > max_scale) max_scale = scales[j];
-    if (mins[j] > max_min) max_min = mins[j];
+    for (int l = 0; l < kSuperBlock; ++l) sum_x2 += x[l] * x[l];
+    const float sigma2 = 2 * sum_x2 / kSuperBlock;
+    float sum_weights[8];
+    for (int j = 0; j < 8; ++j) {
+      for (int l = 0; l < 32; ++l) weights[l] = importance[32 * j + l] * std::sqrt(sigma2 + x[32 * j + l] * x[32 * j + l]);
+      float sw = 0;
+      for (int l = 0; l < 32; ++l) sw += weights[l];
+      sum_weights[j] = sw;
+      scales[j] = fit_scale_and_min_weighted(x + 32 * j, weights, levels + 32 * j, &mins[j]);
+    }
+    d16 = f32_to_f16(fit_positive_scale(8, 63, scales, sum_weights, sc));
+    dmin16 = f32_to_f16(fit_positive_scale(8, 63, mins, sum_weights, mn));
   }
-  const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
-  const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
   // Eight 6-bit scales and mins in 12 bytes: j < 4 in the low 6 bits of bytes j and j+4; j >= 4 split
   // into a nibble of byte j+4 and the top 2 bits of bytes j-4 (scale) and j (min).
   std::uint8_t packed[12] = {};
-  std::uint8_t sc[8], mn[8];
   for (int j = 0; j < 8; ++j) {
-    sc[j] = std::min<std::uint8_t>(63, static_cast<std::uint8_t>(nearest_int(inv_scale * scales[j])));
-    mn[j] = std::min<std::uint8_t>(63, static_cast<std::uint8_t>(nearest_int(inv_min * mins[j])));
     if (j < 4) {
       packed[j] = sc[j];
       packed[j + 4] = mn[j];
@@ -168,7 +369,6 @@ void quantize_q4_k(const float* x, std::vector<std::byte>& out) {
       packed[j] = static_cast<std::uint8_t>(packed[j] | ((mn[j] >> 4) << 6));
     }
   }
-  const std::uint16_t d16 = f32_to_f16(max_scale / 63.0f), dmin16 = f32_to_f16(max_min / 63.0f);
   for (int j = 0; j < 8; ++j) {
     const float d = f16_to_f32(d16) * static_cast<float>(sc[j]);
     if (d == 0.0f) continue;
@@ -183,59 +383,13 @@ void quantize_q4_k(const float* x, std::vector<std::byte>& out) {
   }
 }
 
-// Q6_K's symmetric fit of one 16-value sub-block to levels -32..31 (stored +32), choosing among 19
-// grids the one with the least x^2-weighted squared error; returns the scale.
-float fit_symmetric_scale(const float* x, std::uint8_t* levels) {
-  constexpr int n = 16, nmax = 32;
-  float max = 0, amax = 0;
-  for (int i = 0; i < n; ++i) {
-    const float ax = std::fabs(x[i]);
-    if (ax > amax) {
-      amax = ax;
-      max = x[i];
-    }
-  }
-  if (amax < 1e-15f) {
-    std::fill(levels, levels + n, std::uint8_t{0});
-    return 0.0f;
-  }
-  const auto level = [](float iscale, float v) { return std::clamp(nearest_int(iscale * v), -nmax, nmax - 1); };
-  float iscale = static_cast<float>(-nmax) / max;
-  float sumlx = 0, suml2 = 0;
-  for (int i = 0; i < n; ++i) {
-    const int l = level(iscale, x[i]);
-    levels[i] = static_cast<std::uint8_t>(l + nmax);
-    const float w = x[i] * x[i];
-    sumlx += w * x[i] * static_cast<float>(l);
-    suml2 += w * static_cast<float>(l) * static_cast<float>(l);
-  }
-  float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
-  float best = scale * sumlx;
-  for (int step = -9; step <= 9; ++step) {
-    if (step == 0) continue;
-    iscale = -(static_cast<float>(nmax) + 0.1f * static_cast<float>(step)) / max;
-    sumlx = suml2 = 0;
-    for (int i = 0; i < n; ++i) {
-      const int l = level(iscale, x[i]);
-      const float w = x[i] * x[i];
-      sumlx += w * x[i] * static_cast<float>(l);
-      suml2 += w * static_cast<float>(l) * static_cast<float>(l);
-    }
-    if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-      for (int i = 0; i < n; ++i) levels[i] = static_cast<std::uint8_t>(nmax + level(iscale, x[i]));
-      scale = sumlx / suml2;
-      best = scale * sumlx;
-    }
-  }
-  return scale;
-}
-
-void quantize_q6_k(const float* x, std::vector<std::byte>& out) {
+// `importance` (256 values or null): llama.cpp's quantize_row_q6_K_impl, the sub-blocks fitted with those weights.
+void quantize_q6_k(const float* x, const float* importance, std::vector<std::byte>& out) {
   std::uint8_t levels[kSuperBlock];
   float scales[16];
   float max_scale = 0, max_abs_scale = 0;
   for (int b = 0; b < 16; ++b) {
-    scales[b] = fit_symmetric_scale(x + 16 * b, levels + 16 * b);
+    scales[b] = fit_symmetric_scale(x + 16 * b, 16, 32, importance != nullptr ? importance + 16 * b : nullptr, levels + 16 * b);
     if (std::fabs(scales[b]) > max_abs_scale) {
       max_abs_scale = std::fabs(scales[b]);
       max_scale = scales[b];
@@ -275,9 +429,17 @@ void quantize_q6_k(const float* x, std::vector<std::byte>& out) {
 
 }  // namespace
 
-std::vector<std::byte> ggml_quantize(GgmlType type, const float* x, std::uint64_t count, const std::string& label) {
+std::vector<std::byte> ggml_quantize(GgmlType type, const float* x, std::uint64_t count, const std::string& label,
+                                     std::span<const float> importance) {
   for (std::uint64_t i = 0; i < count; ++i) {
     if (!std::isfinite(x[i])) fail("{}: non-finite value {} at element {}", label, x[i], i);
+  }
+  const std::uint64_t row = importance.size();
+  if (row > 0) {
+    if (count % row != 0 || row % kBlock != 0) fail("{}: {} importance values do not divide {} values into whole rows of blocks", label, row, count);
+    for (const float v : importance) {
+      if (!(v >= 0.0f) || !std::isfinite(v)) fail("{}: an importance value is {} (must be finite and non-negative)", label, v);
+    }
   }
   std::vector<std::byte> out;
   switch (type) {
@@ -292,8 +454,12 @@ std::vector<std::byte> ggml_quantize(GgmlType type, const float* x, std::uint64_
     case GgmlType::Q4_K:
     case GgmlType::Q6_K: {
       if (count % kSuperBlock != 0) fail("{}: {} values are not whole super-blocks of {}", label, count, kSuperBlock);
+      if (row % kSuperBlock != 0) fail("{}: rows of {} values are not whole super-blocks of {}", label, row, kSuperBlock);
       out.reserve(count / kSuperBlock * (type == GgmlType::Q4_K ? 144 : 210));
-      for (std::uint64_t b = 0; b < count; b += kSuperBlock) (type == GgmlType::Q4_K ? quantize_q4_k : quantize_q6_k)(x + b, out);
+      for (std::uint64_t b = 0; b < count; b += kSuperBlock) {
+        const float* w = row > 0 ? importance.data() + b % row : nullptr;
+        (type == GgmlType::Q4_K ? quantize_q4_k : quantize_q6_k)(x + b, w, out);
+      }
       return out;
     }
     case GgmlType::Q8_0:
@@ -303,6 +469,33 @@ std::vector<std::byte> ggml_quantize(GgmlType type, const float* x, std::uint64_
   }
   if (count % kBlock != 0) fail("{}: {} values are not whole blocks of {}", label, count, kBlock);
   const bool q8 = type == GgmlType::Q8_0;
+  if (row > 0 && !q8) {
+    // llama.cpp's quantize_row_q4_0_impl / q5_0_impl: per block the symmetric weighted fit, each value
+    // weighed by importance * sqrt(sigma^2 + x^2) with sigma^2 the row's mean square; levels as fitted.
+    const int nmax = type == GgmlType::Q4_0 ? 8 : 16;
+    out.reserve(count / kBlock * (type == GgmlType::Q5_0 ? 22 : 18));
+    for (std::uint64_t r0 = 0; r0 < count; r0 += row) {
+      float sum_x2 = 0;
+      for (std::uint64_t j = 0; j < row; ++j) sum_x2 += x[r0 + j] * x[r0 + j];
+      const float sigma2 = sum_x2 / static_cast<float>(row);
+      for (std::uint64_t b = 0; b < row; b += kBlock) {
+        const float* v = x + r0 + b;
+        float weight[kBlock];
+        std::uint8_t q[kBlock];
+        for (std::uint32_t j = 0; j < kBlock; ++j) weight[j] = importance[b + j] * std::sqrt(sigma2 + v[j] * v[j]);
+        put<std::uint16_t>(out, f32_to_f16(fit_symmetric_scale(v, kBlock, nmax, weight, q)));
+        if (type == GgmlType::Q5_0) {
+          std::uint32_t high = 0;
+          for (std::uint32_t j = 0; j < kBlock; ++j) high |= static_cast<std::uint32_t>((q[j] >> 4) & 1u) << j;
+          put<std::uint32_t>(out, high);
+          for (std::uint32_t j = 0; j < kBlock / 2; ++j) put<std::uint8_t>(out, static_cast<std::uint8_t>((q[j] & 0xF) | ((q[j + kBlock / 2] & 0xF) << 4)));
+        } else {
+          for (std::uint32_t j = 0; j < kBlock / 2; ++j) put<std::uint8_t>(out, static_cast<std::uint8_t>(q[j] | (q[j + kBlock / 2] << 4)));
+        }
+      }
+    }
+    return out;
+  }
   out.reserve(count / kBlock * (q8 ? 34 : type == GgmlType::Q5_0 ? 22 : 18));
   for (std::uint64_t b = 0; b < count; b += kBlock) {
     const float* v = x + b;

@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -27,7 +28,14 @@ namespace mopt::io {
 
 // `count` values of x as blocks of `type`; count must be a multiple of the
 // type's block size. Non-finite values are an error naming `label`.
-std::vector<std::byte> ggml_quantize(GgmlType type, const float* x, std::uint64_t count, const std::string& label = "tensor");
+// `importance` (empty, or one finite non-negative weight per column of rows of
+// importance.size() values: the mean square of each input channel, as
+// llama-imatrix measures it) quantizes Q4_0, Q5_0, Q4_K and Q6_K as
+// llama-quantize --imatrix does (llama.cpp's quantize_row_*_impl, checked
+// against its library: tests/data/gguf/imatrix_goldens.*); Q8_0 and the float
+// types ignore it, as llama.cpp does.
+std::vector<std::byte> ggml_quantize(GgmlType type, const float* x, std::uint64_t count, const std::string& label = "tensor",
+                                     std::span<const float> importance = {});
 
 class GgufWriter {
  public:

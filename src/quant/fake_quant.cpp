@@ -288,11 +288,7 @@ void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows,
   const auto need = static_cast<std::size_t>(amax_count(spec, rows, cols));
   if (amax.size() != need) fail("{} quantizer of a [{}, {}] tensor needs {} amax values, got {}", spec.describe(), rows, cols, need, amax.size());
   if (spec.grid == IntGrid::ggml) {
-    // llama.cpp's quantizer on each row, and its dequantization.
-    parallel_each(rows, 1, rows * cols >= kParallelElements, [&](std::int64_t r) {
-      const std::vector<std::byte> blocks = io::ggml_quantize(spec.ggml_type, x + r * cols, static_cast<std::uint64_t>(cols), "weight");
-      io::ggml_dequantize(spec.ggml_type, blocks, y + r * cols, static_cast<std::uint64_t>(cols));
-    });
+    fake_quantize_ggml(spec, x, rows, cols, {}, y);
     return;
   }
   switch (spec.scaling) {
@@ -356,6 +352,19 @@ void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows,
     }
   }
   if (spec.fp8_second_stage) fail("a two-stage quantizer is applied with fake_quantize_weight");
+}
+
+void fake_quantize_ggml(const QuantizerSpec& spec, const float* x, std::int64_t rows, std::int64_t cols, std::span<const float> importance,
+                        float* y) {
+  if (spec.grid != IntGrid::ggml) fail("{}: not a quantizer of ggml blocks", spec.describe());
+  if (!importance.empty() && static_cast<std::int64_t>(importance.size()) != cols) {
+    fail("{}: {} importance values for {} columns", spec.describe(), importance.size(), cols);
+  }
+  // llama.cpp's quantizer on each row, and its dequantization.
+  parallel_each(rows, 1, rows * cols >= kParallelElements, [&](std::int64_t r) {
+    const std::vector<std::byte> blocks = io::ggml_quantize(spec.ggml_type, x + r * cols, static_cast<std::uint64_t>(cols), "weight", importance);
+    io::ggml_dequantize(spec.ggml_type, blocks, y + r * cols, static_cast<std::uint64_t>(cols));
+  });
 }
 
 void zero_clipped_gradient(const QuantizerSpec& spec, const float* x, std::int64_t rows, std::int64_t cols,

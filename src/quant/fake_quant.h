@@ -25,6 +25,11 @@ std::vector<float> compute_amax(const QuantizerSpec& spec, const float* x, std::
 void fake_quantize(const QuantizerSpec& spec, const float* x, std::int64_t rows, std::int64_t cols,
                    std::span<const float> amax, float* y);
 
+// IntGrid::ggml weights with `importance` (one weight per column, or empty): llama.cpp's quantizer
+// weighing each value's error by it (as llama-quantize --imatrix), then its dequantization. y may alias x.
+void fake_quantize_ggml(const QuantizerSpec& spec, const float* x, std::int64_t rows, std::int64_t cols, std::span<const float> importance,
+                        float* y);
+
 // The straight-through gradient of fake_quantize with clipping (the reference's
 // pass_through_bwd=False): grad, the gradient of y, is zeroed where |x| exceeds the amax its
 // element was rounded under, and kept elsewhere. The static scalings (per tensor, per row, blocks)

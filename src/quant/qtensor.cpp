@@ -76,8 +76,12 @@ std::int64_t ggml_row_bytes(const QuantizerSpec& spec, std::int64_t in) {
 }
 
 QuantizedWeight quantize_ggml_weight(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in,
-                                     std::span<const std::byte> grid_blocks) {
+                                     const GgmlBlockInputs& inputs) {
   const std::int64_t row_bytes = ggml_row_bytes(spec, in);
+  const std::span<const std::byte> grid_blocks = inputs.fixed_blocks;
+  if (!inputs.importance.empty() && static_cast<std::int64_t>(inputs.importance.size()) != in) {
+    fail("{}: {} importance values for {} input channels", spec.describe(), inputs.importance.size(), in);
+  }
   if (!grid_blocks.empty() && static_cast<std::int64_t>(grid_blocks.size()) != out * row_bytes) {
     fail("{}: {} grid bytes for a [{}, {}] weight", spec.describe(), grid_blocks.size(), out, in);
   }
@@ -88,7 +92,7 @@ QuantizedWeight quantize_ggml_weight(const QuantizerSpec& spec, const float* w, 
     const float* row = w + r * in;
     const auto n = static_cast<std::uint64_t>(in);
     const std::vector<std::byte> b = grid_blocks.empty()
-                                         ? io::ggml_quantize(spec.ggml_type, row, n, fmt::format("weight row {}", r))
+                                         ? io::ggml_quantize(spec.ggml_type, row, n, fmt::format("weight row {}", r), inputs.importance)
                                          : io::ggml_requantize(spec.ggml_type, grid_blocks.subspan(static_cast<std::size_t>(r * row_bytes),
                                                                                                    static_cast<std::size_t>(row_bytes)),
                                                                row, n, fmt::format("weight row {}", r));
@@ -101,9 +105,9 @@ QuantizedWeight quantize_ggml_weight(const QuantizerSpec& spec, const float* w, 
 
 QuantizedWeight quantize_weight(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in,
                                 std::span<const float> amax, float amax2, std::span<const float> nvfp4_block_amax,
-                                std::span<const std::byte> ggml_grid_blocks) {
-  if (spec.grid == IntGrid::ggml) return quantize_ggml_weight(spec, w, out, in, ggml_grid_blocks);
-  if (!ggml_grid_blocks.empty()) fail("{}: ggml grid blocks given to a quantizer without ggml blocks", spec.describe());
+                                const GgmlBlockInputs& ggml) {
+  if (spec.grid == IntGrid::ggml) return quantize_ggml_weight(spec, w, out, in, ggml);
+  if (!ggml.fixed_blocks.empty() || !ggml.importance.empty()) fail("{}: ggml block inputs given to a quantizer without ggml blocks", spec.describe());
   const auto need = static_cast<std::size_t>(amax_count(spec, out, in));
   if (amax.size() != need) fail("{} weight [{}, {}] needs {} amax values, got {}", spec.describe(), out, in, need, amax.size());
   QuantizedWeight q;

@@ -41,12 +41,19 @@ struct QuantizedWeight {
 // `nvfp4_block_amax` (NVFP4 only, [out, ceil(in/16)]) fixes the block scales
 // from these maxima instead of w's own (GPTQ quantizes on a grid fixed from
 // the original weight, as the reference's static NVFP4 quantizer does).
-// `ggml_grid_blocks` (IntGrid::ggml only, the bytes a quantize_weight of the weight before GPTQ moved
-// it gave) fixes every block's scales; w's values are rounded onto that grid. Empty: llama.cpp's
-// quantizer chooses the blocks from w.
+// `ggml` (IntGrid::ggml only): see GgmlBlockInputs.
+struct GgmlBlockInputs {
+  // [in]: the mean square of each input channel over the calibration tokens (llama-imatrix's
+  // statistic, times the square of any scale the input is multiplied by): llama.cpp's quantizer
+  // weighs each value's error by it, as llama-quantize --imatrix does. Empty: unweighted.
+  std::span<const float> importance;
+  // [out rows of blocks]: blocks whose scales fix the grid (GPTQ's, from the weight before it moved
+  // it); w's values are rounded onto that grid. Empty: llama.cpp's quantizer chooses the blocks.
+  std::span<const std::byte> fixed_blocks;
+};
 QuantizedWeight quantize_weight(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in,
                                 std::span<const float> amax, float amax2 = 0.0f, std::span<const float> nvfp4_block_amax = {},
-                                std::span<const std::byte> ggml_grid_blocks = {});
+                                const GgmlBlockInputs& ggml = {});
 
 // NVFP4's per-block maxima of w [out, ceil(in/block)].
 std::vector<float> nvfp4_block_amax(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in);

@@ -110,8 +110,10 @@ TEST(Awq, MeanAbsIsTheMeanOfBatchMeans) {
 }
 
 // The loss as the reference computes it: run the Linear on every batch for every alpha.
+// Weights in ggml blocks: quantized with `importance` / s^2, the mean square of the scaled input.
 std::vector<double> direct_awq_loss(const QuantizerSpec& spec, const std::vector<float>& w, std::int64_t out, std::int64_t in,
-                                    const std::vector<std::vector<float>>& batches, const std::vector<float>& act_scale) {
+                                    const std::vector<std::vector<float>>& batches, const std::vector<float>& act_scale,
+                                    const std::vector<float>& importance = {}) {
   const auto ws = awq_weight_scale(w.data(), out, in, spec.block);
   std::vector<double> loss;
   for (const float alpha : awq_alphas()) {
@@ -120,7 +122,13 @@ std::vector<double> direct_awq_loss(const QuantizerSpec& spec, const std::vector
     for (std::int64_t r = 0; r < out; ++r) {
       for (std::int64_t j = 0; j < in; ++j) wq[r * in + j] = w[r * in + j] * s[j];
     }
-    quant::fake_quantize(spec, wq.data(), out, in, quant::compute_amax(spec, wq.data(), out, in), wq.data());
+    if (spec.grid == quant::IntGrid::ggml) {
+      std::vector<float> imp = importance;
+      for (std::int64_t j = 0; j < in; ++j) imp[j] = imp[j] * (1.0f / s[j]) * (1.0f / s[j]);
+      quant::fake_quantize_ggml(spec, wq.data(), out, in, imp, wq.data());
+    } else {
+      quant::fake_quantize(spec, wq.data(), out, in, quant::compute_amax(spec, wq.data(), out, in), wq.data());
+    }
     double total = 0.0;
     for (const auto& x : batches) {
       const std::int64_t rows = static_cast<std::int64_t>(x.size()) / in;
@@ -164,6 +172,42 @@ TEST(Awq, LiteSearchLossEqualsRunningTheLinearOnEveryBatch) {
   }
   EXPECT_EQ(search.best_alpha(), awq_alphas()[best]);
   EXPECT_EQ(search.scale(0.5f), awq_scale(m.mean(), awq_weight_scale(w.data(), out, in, 16), 0.5f));
+}
+
+TEST(Awq, LiteSearchOnGgmlBlocksWeighsTheQuantizerByTheScaledInputsMeanSquare) {
+  // Q4_K blocks with the importance of each input channel (mean x^2): for each alpha the quantizer
+  // sees importance / s^2, the mean square of x / s; the loss is still the Linear's on every batch.
+  const std::int64_t out = 8, in = 256;
+  QuantizerSpec spec{Element::int4, Scaling::block, 256, 0, false};
+  spec.grid = quant::IntGrid::ggml;
+  spec.ggml_type = io::GgmlType::Q4_K;
+  const std::vector<float> w = random_values(static_cast<std::size_t>(out * in), 6, 0.05f);
+  std::vector<std::vector<float>> batches = {activations(40, in, 7), activations(25, in, 8)};
+  MeanAbsAccumulator m;
+  GramAccumulator gram;
+  std::vector<float> importance(static_cast<std::size_t>(in), 0.0f);
+  std::int64_t tokens = 0;
+  for (const auto& x : batches) {
+    const std::int64_t rows = static_cast<std::int64_t>(x.size()) / in;
+    m.add(x.data(), rows, in);
+    gram.add(x.data(), rows, in, 1.0 / static_cast<double>(rows));
+    for (std::int64_t t = 0; t < rows; ++t) {
+      for (std::int64_t j = 0; j < in; ++j) importance[j] += x[t * in + j] * x[t * in + j];
+    }
+    tokens += rows;
+  }
+  for (float& v : importance) v /= static_cast<float>(tokens);
+  const AwqLiteSearch search(spec, w.data(), out, in, m.mean(), gram.full(), DType::F32, importance);
+  const AwqLiteSearch unweighted(spec, w.data(), out, in, m.mean(), gram.full(), DType::F32);
+  const std::vector<double> want = direct_awq_loss(spec, w, out, in, batches, m.mean(), importance);
+  ASSERT_EQ(search.losses().size(), want.size());
+  std::size_t differ = 0;
+  for (std::size_t a = 0; a < want.size(); ++a) {
+    EXPECT_NEAR(search.losses()[a], want[a], 1e-5 * want[a]) << a;
+    differ += search.losses()[a] != unweighted.losses()[a];
+  }
+  EXPECT_GT(differ, want.size() / 2);  // the importance changes what the quantizer chooses
+  EXPECT_THROW(AwqLiteSearch(spec, w.data(), out, in, m.mean(), gram.full(), DType::F32, std::vector<float>(in - 1, 1.0f)), Error);
 }
 
 TEST(Awq, ClipSamplerKeepsEveryKthRowOfEachBatch) {
@@ -376,12 +420,20 @@ TEST(Gptq, GgmlBlocksOnScalesFixedFromTheOriginalWeightExportExactly) {
     GramAccumulator g;
     g.add(x.data(), 600, in);
     const std::vector<float> amax = quant::compute_amax(spec, w.data(), out, in);
-    const GptqResult r = gptq_quantize(spec, w.data(), out, in, amax, gptq_hessian(g), GptqOptions{});
+    // The quantizer weighs columns by their inputs' mean square (X^T X / n's diagonal), as with an imatrix.
+    const std::vector<double> h = gptq_hessian(g);
+    std::vector<float> importance(static_cast<std::size_t>(in));
+    for (std::int64_t j = 0; j < in; ++j) importance[j] = static_cast<float>(h[j * in + j] / 2.0);
+    GptqOptions options;
+    options.ggml_importance = importance;
+    const GptqResult r = gptq_quantize(spec, w.data(), out, in, amax, h, options);
     EXPECT_LT(r.error_gptq, 0.9 * r.error_rtn);
-    const quant::QuantizedWeight fixed = quant::quantize_weight(spec, original.data(), out, in, amax);
+    const quant::QuantizedWeight fixed = quant::quantize_weight(spec, original.data(), out, in, amax, 0.0f, {}, {importance, {}});
+    const quant::QuantizedWeight plain = quant::quantize_weight(spec, original.data(), out, in, amax);
+    EXPECT_NE(std::memcmp(plain.weight.data<std::uint8_t>(), fixed.weight.data<std::uint8_t>(), plain.weight.numel()), 0);
     ASSERT_EQ(r.ggml_grid_blocks.size(), fixed.weight.numel());
     EXPECT_EQ(std::memcmp(r.ggml_grid_blocks.data(), fixed.weight.data<std::uint8_t>(), r.ggml_grid_blocks.size()), 0);
-    const quant::QuantizedWeight q = quant::quantize_weight(spec, w.data(), out, in, amax, 0.0f, {}, r.ggml_grid_blocks);
+    const quant::QuantizedWeight q = quant::quantize_weight(spec, w.data(), out, in, amax, 0.0f, {}, {{}, r.ggml_grid_blocks});
     EXPECT_EQ(quant::dequantize_weight(spec, q, out, in), w);
   }
 }

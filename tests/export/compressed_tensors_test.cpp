@@ -409,24 +409,27 @@ TEST(GgufFromQuantized, Q4_0GridWeightsAreTheFilesBitForBit) {
 TEST(GgufFromQuantized, GgmlBlocksAreTheFilesBitForBit) {
   // Quantized in a Q4_K_M file's own blocks (what mopt quantize --export gguf --gguf-type q4_k_m does):
   // each Linear in its tensor's type of llama-quantize's mix (Q4_K; Q6_K for attn_v; ffn_down's 704
-  // columns fall back to Q8_0), written byte for byte; round-to-nearest is llama-quantize's own file.
+  // columns fall back to Q8_0), written byte for byte. Round-to-nearest without calibration is
+  // llama-quantize's own file; with calibration the quantizer weighs each value by its input
+  // channel's mean square (as llama-quantize --imatrix), which Q8_0 ignores.
   const std::string model = testing::two_layer_tiny_kjv();
   const auto options = gguf_options_from_name("q4_k_m");
   const auto types = gguf_linear_types(options, io::Checkpoint::open(model).config());
   EXPECT_EQ(types.at("model.layers.0.self_attn.q_proj"), io::GgmlType::Q4_K);
   EXPECT_EQ(types.at("model.layers.1.self_attn.v_proj"), io::GgmlType::Q6_K);
   EXPECT_EQ(types.at("model.layers.1.mlp.down_proj"), io::GgmlType::Q8_0);
+  EXPECT_EQ(types.at("model.layers.0.mlp.down_proj"), io::GgmlType::Q5_0);
   TempDir tmp;
   export_gguf(model, tmp.file("plain.gguf"), options);
   const io::GgufFile plain = io::GgufFile::open(tmp.file("plain.gguf"));
-  for (const char* algorithm : {"max", "awq_lite", "gptq"}) {
+  for (const std::string algorithm : {"max", "max+calibration", "awq_lite", "gptq"}) {
     SCOPED_TRACE(algorithm);
     quant::Recipe r;
     r.format = "int4_awq";
-    r.algorithm = algorithm;
+    r.algorithm = algorithm == "max+calibration" ? "max" : algorithm;
     r.ggml_blocks = types;
-    testing::quantize_recipe(r, tmp.file(algorithm), true);
-    const std::string file = tmp.file(std::string(algorithm) + ".gguf");
+    testing::quantize_recipe(r, tmp.file(algorithm), true, false, algorithm != "max");
+    const std::string file = tmp.file(algorithm + ".gguf");
     const auto report = export_gguf(tmp.file(algorithm), file, options);
     EXPECT_EQ(report.exact_linears, 14);
     EXPECT_EQ(report.requantized_linears, 0);
@@ -460,13 +463,13 @@ TEST(GgufFromQuantized, GgmlBlocksAreTheFilesBitForBit) {
         const auto raw = g.raw(*info), want = plain.raw(*plain.find_tensor(gguf_name));
         ASSERT_EQ(raw.size(), want.size());
         const bool same = std::equal(raw.begin(), raw.end(), want.begin());
-        if (std::string(algorithm) == "max") EXPECT_TRUE(same);
+        if (algorithm == "max") EXPECT_TRUE(same);
         moved += !same;
       }
     }
-    // GPTQ moves every Linear; AWQ all but o_proj, whose scale cannot be folded under GQA (it is rounded unsmoothed).
-    if (std::string(algorithm) == "gptq") EXPECT_EQ(moved, 14u);
-    if (std::string(algorithm) == "awq_lite") EXPECT_EQ(moved, 12u);
+    // The importance moves every Linear but layer 1's Q8_0 ffn_down (layer 0's is Q5_0); AWQ and GPTQ move all.
+    if (algorithm == "max+calibration") EXPECT_EQ(moved, 13u);
+    if (algorithm == "awq_lite" || algorithm == "gptq") EXPECT_EQ(moved, 14u);
   }
 }
 

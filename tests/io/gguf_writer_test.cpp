@@ -91,6 +91,37 @@ TEST(GgufWriter, KQuantsMatchLlamaCppByteForByte) {
   }
 }
 
+TEST(GgufWriter, ImportanceWeightedQuantizersAreLlamaCppsByteForByte) {
+  // tools/fixtures/make_gguf_kquant_goldens.sh: llama.cpp's ggml_quantize_chunk with an importance per
+  // column (rows of 512; zeros among them, a zero block, a 1.6e6 spread), as llama-quantize --imatrix
+  // calls it; and the same values without (the "_plain" tensors). Q8_0 ignores the importance.
+  const auto gold = TensorStore::open_file(testing::data_path("gguf/imatrix_goldens.safetensors"));
+  const std::vector<float> x = gold.tensor("x").to_f32();
+  const std::vector<float> importance = gold.tensor("importance").to_f32();
+  ASSERT_EQ(importance.size(), 512u);
+  for (const auto& [name, type] : {std::pair{"Q4_0", GgmlType::Q4_0}, std::pair{"Q5_0", GgmlType::Q5_0}, std::pair{"Q8_0", GgmlType::Q8_0},
+                                   std::pair{"Q4_K", GgmlType::Q4_K}, std::pair{"Q6_K", GgmlType::Q6_K}}) {
+    SCOPED_TRACE(name);
+    for (const bool weighted : {true, false}) {
+      const Tensor want = gold.tensor(std::string(name) + (weighted ? "" : "_plain"));
+      const std::vector<std::byte> got = ggml_quantize(type, x.data(), x.size(), name, weighted ? std::span<const float>(importance) : std::span<const float>{});
+      ASSERT_EQ(got.size(), want.nbytes());
+      const std::size_t block = ggml_type_info(static_cast<std::uint32_t>(type))->block_bytes;
+      std::size_t differ = 0;
+      for (std::size_t i = 0; i < got.size(); ++i) differ += got[i] != want.bytes()[i];
+      EXPECT_EQ(differ, 0u) << (weighted ? "with" : "without") << " importance, blocks of " << block << " bytes";
+    }
+  }
+  // Bad importance: negative, non-finite, or not whole rows of blocks.
+  std::vector<float> bad = importance;
+  bad[3] = -1.0f;
+  EXPECT_THROW(ggml_quantize(GgmlType::Q4_K, x.data(), x.size(), "w", bad), Error);
+  bad[3] = std::numeric_limits<float>::infinity();
+  EXPECT_THROW(ggml_quantize(GgmlType::Q4_0, x.data(), x.size(), "w", bad), Error);
+  EXPECT_THROW(ggml_quantize(GgmlType::Q4_0, x.data(), x.size(), "w", std::span<const float>(importance).first(48)), Error);
+  EXPECT_THROW(ggml_quantize(GgmlType::Q4_K, x.data(), x.size(), "w", std::span<const float>(importance).first(96)), Error);
+}
+
 TEST(GgufWriter, WritesFilesTheReaderReadsBack) {
   testing::TempDir tmp;
   GgufWriter w;

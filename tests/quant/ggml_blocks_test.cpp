@@ -3,6 +3,8 @@
 // recipe gives them to the Linears it names, and what cannot run on them says so.
 #include <gtest/gtest.h>
 
+#include <cstring>
+
 #include "core/error.h"
 #include "io/ggml_grid.h"
 #include "io/gguf.h"
@@ -48,6 +50,33 @@ TEST(GgmlBlocks, FakeQuantizationIsLlamaCppsQuantizerRowByRow) {
   EXPECT_EQ(blocks_of(io::GgmlType::Q4_K).describe(), "int4 in ggml Q4_K blocks");
 }
 
+TEST(GgmlBlocks, AnImportancePerColumnWeighsTheQuantizerAsAnImatrixDoes) {
+  const std::int64_t rows = 3, cols = 512;
+  const std::vector<float> w = random_values(static_cast<std::size_t>(rows * cols), 14, 0.05f);
+  std::vector<float> importance = random_values(static_cast<std::size_t>(cols), 15, 1.0f);
+  for (float& v : importance) v = v * v;
+  for (const io::GgmlType type : {io::GgmlType::Q4_K, io::GgmlType::Q6_K, io::GgmlType::Q5_0, io::GgmlType::Q4_0}) {
+    const QuantizerSpec spec = blocks_of(type);
+    SCOPED_TRACE(spec.describe());
+    const QuantizedWeight q = quantize_weight(spec, w.data(), rows, cols, {}, 0.0f, {}, {importance, {}});
+    const QuantizedWeight plain = quantize_weight(spec, w.data(), rows, cols, {});
+    const auto* got = q.weight.data<std::uint8_t>();
+    std::vector<float> y(w.size());
+    fake_quantize_ggml(spec, w.data(), rows, cols, importance, y.data());
+    EXPECT_EQ(dequantize_weight(spec, q, rows, cols), y);
+    const std::size_t row_bytes = q.weight.numel() / rows;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const auto want = io::ggml_quantize(type, w.data() + r * cols, cols, "row", importance);
+      ASSERT_EQ(std::memcmp(got + r * row_bytes, want.data(), row_bytes), 0) << r;
+    }
+    EXPECT_NE(std::memcmp(got, plain.weight.data<std::uint8_t>(), q.weight.numel()), 0);
+  }
+  EXPECT_THROW(fake_quantize_ggml(blocks_of(io::GgmlType::Q4_K), w.data(), rows, cols, std::vector<float>(cols / 2, 1.0f), std::vector<float>(w.size()).data()),
+               Error);
+  EXPECT_THROW(fake_quantize_ggml(QuantizerSpec{Element::int4, Scaling::block, 32, 0, false}, w.data(), rows, cols, {}, std::vector<float>(w.size()).data()),
+               Error);
+}
+
 TEST(GgmlBlocks, FixedBlocksKeepTheirScalesForAMovedWeight) {
   const std::int64_t rows = 4, cols = 256;
   const QuantizerSpec spec = blocks_of(io::GgmlType::Q4_K);
@@ -57,7 +86,7 @@ TEST(GgmlBlocks, FixedBlocksKeepTheirScalesForAMovedWeight) {
   const QuantizedWeight fixed = quantize_weight(spec, w.data(), rows, cols, {});
   const auto* bytes = reinterpret_cast<const std::byte*>(fixed.weight.data<std::uint8_t>());
   const std::span<const std::byte> grid(bytes, fixed.weight.numel());
-  const QuantizedWeight q = quantize_weight(spec, moved.data(), rows, cols, {}, 0.0f, {}, grid);
+  const QuantizedWeight q = quantize_weight(spec, moved.data(), rows, cols, {}, 0.0f, {}, {{}, grid});
   const std::vector<float> y = dequantize_weight(spec, q, rows, cols);
   const std::size_t row_bytes = fixed.weight.numel() / rows;
   for (std::int64_t r = 0; r < rows; ++r) {
@@ -65,10 +94,12 @@ TEST(GgmlBlocks, FixedBlocksKeepTheirScalesForAMovedWeight) {
     for (std::int64_t c = 0; c < cols; ++c) ASSERT_EQ(y[r * cols + c], g.round(static_cast<std::size_t>(c / g.sub_block), moved[r * cols + c]));
   }
   // Wrong sizes, non-ggml quantizers given blocks, rows that are not whole blocks.
-  EXPECT_THROW(quantize_weight(spec, moved.data(), rows, cols, {}, 0.0f, {}, grid.subspan(1)), Error);
+  EXPECT_THROW(quantize_weight(spec, moved.data(), rows, cols, {}, 0.0f, {}, {{}, grid.subspan(1)}), Error);
   EXPECT_THROW(quantize_weight(QuantizerSpec{Element::int4, Scaling::block, 32, 0, false}, moved.data(), rows, cols,
-                               std::vector<float>(rows * cols / 32, 1.0f), 0.0f, {}, grid),
+                               std::vector<float>(rows * cols / 32, 1.0f), 0.0f, {}, {{}, grid}),
                Error);
+  const std::vector<float> short_importance(cols - 1, 1.0f);
+  EXPECT_THROW(quantize_weight(spec, moved.data(), rows, cols, {}, 0.0f, {}, {short_importance, {}}), Error);
   EXPECT_THROW(quantize_weight(spec, moved.data(), rows * 2, cols / 2, {}), Error);
   QuantizedWeight bad = q;
   bad.weight = Tensor::zeros(DType::U8, {rows, 100});

@@ -71,13 +71,15 @@ inline const std::vector<std::int32_t>& heldout() {
   return ids;
 }
 
-// The two-layer tiny-kjv quantized by `r` on calibration(), written as a modelopt checkpoint at `out`.
-inline algo::PtqReport quantize_recipe(const quant::Recipe& r, const std::string& out, bool fold = false, bool tied = false) {
+// The two-layer tiny-kjv quantized by `r` on calibration() (none when `calibrate` is false), written
+// as a modelopt checkpoint at `out`.
+inline algo::PtqReport quantize_recipe(const quant::Recipe& r, const std::string& out, bool fold = false, bool tied = false,
+                                       bool calibrate = true) {
   const io::Checkpoint ckpt = io::Checkpoint::open(two_layer_tiny_kjv(tied));
   exporter::HfModeloptWriter writer(ckpt, out, r);
   algo::PtqOptions o;
   o.fold_pre_quant_scales = fold;
-  algo::PtqReport report = algo::quantize_checkpoint(ckpt, r, calibration(), o, [&](quant::QuantizedLayer&& l) { writer.add_layer(l); },
+  algo::PtqReport report = algo::quantize_checkpoint(ckpt, r, calibrate ? calibration() : algo::CalibrationSet{}, o, [&](quant::QuantizedLayer&& l) { writer.add_layer(l); },
                                                      [&](quant::QuantizedLayer&& h) { writer.add_head(h); });
   writer.finish();
   return report;
