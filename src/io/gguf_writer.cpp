@@ -73,10 +73,20 @@ int nearest_int(float v) {
 }
 
 // Q4_K's fit of one 32-value sub-block as scale * L + min (L in 0..nmax, min <= 0), by weighted least
-// squares over 21 candidate grids; returns the scale and stores -min.
-float fit_scale_and_min(const float* x, const float* w, std::uint8_t* levels, float* neg_min) {
-  constexpr int n = 32, nmax = 15, steps = 20;
-  constexpr float rmin = -1.0f, rdelta = 0.1f;
+// squares over steps + 1 candidate grids from nmax + rmin in steps of rdelta; returns the scale and
+// stores -min. llama.cpp's make_qkx2_quants (-1, 0.1, 20 steps; a flat block only when max == min)
+// and, with an importance matrix, make_qkx3_quants (-0.9, 0.05, 36; also when max < min).
+struct SubBlockSearch {
+  float rmin, rdelta;
+  int steps;
+  bool flat_below_min;
+};
+constexpr SubBlockSearch kPlainSearch{-1.0f, 0.1f, 20, false}, kWeightedSearch{-0.9f, 0.05f, 36, true};
+
+float fit_scale_and_min(const float* x, const float* w, std::uint8_t* levels, float* neg_min, const SubBlockSearch& search) {
+  constexpr int n = 32, nmax = 15;
+  const float rmin = search.rmin, rdelta = search.rdelta;
+  const int steps = search.steps;
   float lo = x[0], hi = x[0];
   float sum_w = w[0];
   float sum_x = sum_w * x[0];
@@ -87,7 +97,7 @@ float fit_scale_and_min(const float* x, const float* w, std::uint8_t* levels, fl
     sum_x += w[i] * x[i];
   }
   if (lo > 0) lo = 0;
-  if (hi == lo) {
+  if (hi == lo || (search.flat_below_min && hi < lo)) {
     std::fill(levels, levels + n, std::uint8_t{0});
     *neg_min = -lo;
     return 0.0f;
@@ -185,71 +195,6 @@ float fit_symmetric_scale(const float* x, int n, int nmax, const float* w, std::
   return scale;
 }
 
-// Q4_K's weighted fit of one 32-value sub-block with an importance matrix (llama.cpp's
-// make_qkx3_quants(32, 15, x, w, L, &min, Laux, -0.9, 0.05, 36, false)): as fit_scale_and_min over 37
-// candidate grids from a finer start; returns the scale and stores -min.
-float fit_scale_and_min_weighted(const float* x, const float* w, std::uint8_t* levels, float* neg_min) {
-  constexpr int n = 32, nmax = 15, steps = 36;
-  constexpr float rmin = -0.9f, rdelta = 0.05f;
-  float lo = x[0], hi = x[0];
-  float sum_w = w[0];
-  float sum_x = sum_w * x[0];
-  for (int i = 1; i < n; ++i) {
-    if (x[i] < lo) lo = x[i];
-    if (x[i] > hi) hi = x[i];
-    sum_w += w[i];
-    sum_x += w[i] * x[i];
-  }
-  if (lo > 0) lo = 0;
-  if (hi <= lo) {
-    std::fill(levels, levels + n, std::uint8_t{0});
-    *neg_min = -lo;
-    return 0.0f;
-  }
-  float iscale = static_cast<float>(nmax) / (hi - lo);
-  float scale = 1 / iscale;
-  float best_error = 0;
-  for (int i = 0; i < n; ++i) {
-    levels[i] = static_cast<std::uint8_t>(std::clamp(nearest_int(iscale * (x[i] - lo)), 0, nmax));
-    const float diff = scale * levels[i] + lo - x[i];
-    best_error += w[i] * (diff * diff);
-  }
-  std::uint8_t trial[n];
-  for (int step = 0; step <= steps; ++step) {
-    iscale = (rmin + rdelta * static_cast<float>(step) + static_cast<float>(nmax)) / (hi - lo);
-    float sum_l = 0, sum_l2 = 0, sum_xl = 0;
-    for (int i = 0; i < n; ++i) {
-      const int l = std::clamp(nearest_int(iscale * (x[i] - lo)), 0, nmax);
-      trial[i] = static_cast<std::uint8_t>(l);
-      sum_l += w[i] * static_cast<float>(l);
-      sum_l2 += w[i] * static_cast<float>(l) * static_cast<float>(l);
-      sum_xl += w[i] * static_cast<float>(l) * x[i];
-    }
-    const float det = sum_w * sum_l2 - sum_l * sum_l;
-    if (det > 0) {
-      float trial_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
-      float trial_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
-      if (trial_min > 0) {
-        trial_min = 0;
-        trial_scale = sum_xl / sum_l2;
-      }
-      float error = 0;
-      for (int i = 0; i < n; ++i) {
-        const float diff = trial_scale * trial[i] + trial_min - x[i];
-        error += w[i] * (diff * diff);
-      }
-      if (error < best_error) {
-        std::copy(trial, trial + n, levels);
-        best_error = error;
-        scale = trial_scale;
-        lo = trial_min;
-      }
-    }
-  }
-  *neg_min = -lo;
-  return scale;
-}
-
 // Q4_K's 6-bit super-block scale of n non-negative values with weights w (llama.cpp's make_qp_quants):
 // the best of 9 grids by weighted squared error, then up to 5 passes moving single levels while the
 // least-squares fit improves; stores the levels (0..nmax) and returns the scale.
@@ -329,7 +274,7 @@ void quantize_q4_k(const float* x, const float* importance, std::vector<std::byt
       for (int l = 0; l < 32; ++l) sum_x2 += v[l] * v[l];
       const float av_x = std::sqrt(sum_x2 / 32);
       for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(v[l]);
-      scales[j] = fit_scale_and_min(v, weights, levels + 32 * j, &mins[j]);
+      scales[j] = fit_scale_and_min(v, weights, levels + 32 * j, &mins[j], kPlainSearch);
       if (scales[j] > max_scale) max_scale = scales[j];
       if (mins[j] > max_min) max_min = mins[j];
     }
@@ -351,7 +296,7 @@ void quantize_q4_k(const float* x, const float* importance, std::vector<std::byt
       float sw = 0;
       for (int l = 0; l < 32; ++l) sw += weights[l];
       sum_weights[j] = sw;
-      scales[j] = fit_scale_and_min_weighted(x + 32 * j, weights, levels + 32 * j, &mins[j]);
+      scales[j] = fit_scale_and_min(x + 32 * j, weights, levels + 32 * j, &mins[j], kWeightedSearch);
     }
     d16 = f32_to_f16(fit_positive_scale(8, 63, scales, sum_weights, sc));
     dmin16 = f32_to_f16(fit_positive_scale(8, 63, mins, sum_weights, mn));
