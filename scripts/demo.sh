@@ -57,12 +57,12 @@ build/mopt export build/tiny-kjv-int4-gptq --to gguf build/tiny-kjv-int4.gguf --
 for m in build/tiny-kjv-int4-gptq build/tiny-kjv-int4-ct build/tiny-kjv-int4.gguf; do
   echo "$m: $(build/mopt eval ppl "$m" --text data/kjv-heldout.txt --ctx 256 | tail -1)"
 done
-echo "== llama.cpp's Q4_0: llama-quantize's file (round-to-nearest) against GPTQ quantized on Q4_0's own grid"
-rm -rf build/tiny-kjv-q4_0.gguf build/tiny-kjv-q4_0-gptq.gguf
-build/mopt export "$model" --to gguf build/tiny-kjv-q4_0.gguf --type q4_0
+echo "== llama.cpp's Q4_K_M: llama-quantize's file against GPTQ in the file's own blocks, weighted by the calibration text"
+rm -rf build/tiny-kjv-q4_k_m.gguf build/tiny-kjv-q4_k_m-gptq.gguf
+build/mopt export "$model" --to gguf build/tiny-kjv-q4_k_m.gguf --type q4_k_m
 build/mopt quantize "$model" --format int4_awq --algo gptq --calib data/kjv-calib.txt --calib-size 64 --seq-len 256 \
-  --export gguf --out build/tiny-kjv-q4_0-gptq.gguf 2>&1 | grep "Q4_0's grid"
-for m in build/tiny-kjv-q4_0.gguf build/tiny-kjv-q4_0-gptq.gguf; do
+  --export gguf --gguf-type q4_k_m --out build/tiny-kjv-q4_k_m-gptq.gguf 2>&1 | grep "own blocks"
+for m in build/tiny-kjv-q4_k_m.gguf build/tiny-kjv-q4_k_m-gptq.gguf; do
   echo "$m: $(build/mopt eval kld "$m" --base "$model" --text data/kjv-heldout.txt --ctx 256 | grep "mean KLD")"
 done
 echo "== the quantized kernels compute what the fake-quantized definition does (NVFP4 model, perplexity)"

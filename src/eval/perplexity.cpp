@@ -54,9 +54,8 @@ std::size_t pack_windows(std::span<const std::int32_t> tokens, const std::vector
   return w1;
 }
 
-// A position to score: the logits that predict token `position` of window `window`.
+// A position to score: the logits that predict token `position`.
 struct ScoredRow {
-  std::size_t window;
   std::int64_t position;
   const float* logits;
 };
@@ -77,7 +76,7 @@ std::int64_t run_windows_decode(const model::Model& m, std::span<const std::int3
       m.forward(tokens.subspan(static_cast<std::size_t>(p), 1), {&span, 1}, &cache, model::LogitsFor::all_rows, logits);
       // The logits after token p predict token p + 1.
       if (p + 1 >= w.first_scored && p + 1 < w.end) {
-        const ScoredRow row{i, p + 1, logits.data()};
+        const ScoredRow row{p + 1, logits.data()};
         visit(std::span<const ScoredRow>(&row, 1));
       }
     }
@@ -107,7 +106,7 @@ std::int64_t run_windows(const model::Model& m, std::span<const std::int32_t> to
       const auto& s = batch[i - w0];
       for (std::int64_t p = w.first_scored; p < w.end; ++p) {
         // The logits at row p-1 of the window predict token p.
-        rows.push_back({i, p, logits.data() + (s.offset + (p - 1 - w.begin)) * vocab});
+        rows.push_back({p, logits.data() + (s.offset + (p - 1 - w.begin)) * vocab});
       }
     }
     visit(std::span<const ScoredRow>(rows));
