@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GGUF files for llama.cpp against llama-quantize's own, in mopt's evaluation: llama-quantize's mix of
 # TYPE (q4_0 by default, q4_k_m, q8_0, ...; mopt's `export --type TYPE` is byte for byte its file), and
-# `mopt quantize --export gguf --gguf-type TYPE` (the weights on the file's own grid: Q4_0's in groups
-# of 32, or each tensor's blocks of the mix) with round-to-nearest, AWQ, GPTQ and AWQ+GPTQ. Each file's
+# `mopt quantize --export gguf --gguf-type TYPE` (the weights in each tensor's blocks of the mix, weighted
+# by the calibration text's mean squares) with round-to-nearest, AWQ, GPTQ and AWQ+GPTQ. Each file's
 # perplexity, mean KLD and top-1 agreement against the 16-bit model on TEXT, and its size.
 #   [TYPE=q4_k_m] bash bench/gguf_table.sh MODEL TEXT CALIB OUT_DIR [CTX]      (e.g. models/smollm2-135m data/web-heldout.txt data/kjv-calib.txt /tmp/q40)
 set -euo pipefail

@@ -192,7 +192,7 @@ int main(int argc, char** argv) {
   quantize_cmd->add_option("--sparse-algo", quantize.sparse_algo,
                            "With --sparsity: magnitude (default), sparsegpt (mask and weight update; needs --calib) or sparsegpt-mask (the reference's: mask only)");
   quantize_cmd->add_option("--sparse-exclude", quantize.sparse_exclude, "With --sparsity: leave modules matching this glob dense (repeatable)");
-  quantize_cmd->add_option("--gguf-type", quantize.gguf_type, "With --export gguf: q4_0, q8_0, q4_k_m, q6_k, q5_0 (llama-quantize's mixes), q4_0_pure, q5_0_pure, q4_k, bf16, f16, f32 (default: nvfp4/mxfp4 for those formats, q4_0 for INT4, else q8_0). To q4_0 or q4_0_pure, INT4 weights are quantized on Q4_0's own grid, in groups of 32 unless --group-size is given; to the other integer types, INT4 and INT8 weights in each tensor's blocks of the mix, weighted by the calibration inputs' mean squares when --calib is given (as llama-quantize --imatrix)");
+  quantize_cmd->add_option("--gguf-type", quantize.gguf_type, "With --export gguf: q4_0, q8_0, q4_k_m, q6_k, q5_0 (llama-quantize's mixes), q4_0_pure, q5_0_pure, q4_k, bf16, f16, f32 (default: nvfp4/mxfp4 for those formats, q4_0 for INT4, else q8_0). INT4 and INT8 weights are quantized in each tensor's blocks of the mix, weighted by the calibration inputs' mean squares when --calib is given (as llama-quantize --imatrix); to q4_0 with --group-size (a multiple of 32) or --algo awq_clip/awq_full, INT4 weights on Q4_0's grid in those groups");
 
   mopt::cli::TrainCliOptions train;
   auto* train_cmd = app.add_subcommand("train", "Train or fine-tune a model (AdamW, f32 on the CPU) and write it as a Hugging Face checkpoint");

@@ -65,12 +65,15 @@ quant::Recipe recipe_from_options(const QuantizeOptions& o) {
 quant::Recipe with_gguf_target_grid(const QuantizeOptions& o, quant::Recipe r, const io::ModelConfig& config) {
   if (o.export_format != "gguf") return r;
   const std::string target = gguf_target_type(o, r);
-  // A GGUF Q4_0 file holds INT4 weights code for code: quantize on its grid (16 levels, the scale
-  // the block stores) so that AWQ, GPTQ and the rounding choose what the file keeps; by default in
-  // Q4_0's own blocks of 32.
+  // A GGUF Q4_0 file holds INT4 weights code for code. By default they are quantized in its own blocks
+  // as every other integer type is (below); with an explicit group size (a multiple of 32 sharing one
+  // scale) or a clip search, on Q4_0's grid in those groups (16 levels, the scale the block stores), so
+  // that AWQ, GPTQ and the rounding still choose what the file keeps.
   const auto int4 = [](const std::string& format) { return format == "int4_rtn" || format == "int4_awq"; };
   const bool has_int4 = int4(r.format) || std::any_of(r.overrides.begin(), r.overrides.end(), [&](const auto& ov) { return int4(ov.format); });
-  if (has_int4 && target.rfind("q4_0", 0) == 0) {
+  const std::string algorithm = r.effective_algorithm();
+  const bool clip_search = algorithm == "awq_clip" || algorithm == "awq_full";
+  if (has_int4 && target.rfind("q4_0", 0) == 0 && (r.group_size > 0 || clip_search)) {
     r.int4_grid = quant::IntGrid::q4_0;
     if (r.group_size == 0) r.group_size = 32;
     return r;
@@ -89,8 +92,7 @@ quant::Recipe with_gguf_target_grid(const QuantizeOptions& o, quant::Recipe r, c
     return r;
   }
   if (o.group_size > 0) fail("--group-size {}: a {} GGUF file's blocks set the groups of its weights", o.group_size, target);
-  const std::string algorithm = r.effective_algorithm();
-  if (algorithm == "awq_clip" || algorithm == "awq_full") {
+  if (clip_search) {
     fail("--algo {}: its clip search is for a symmetric grid; a {} file's blocks take their scales from llama.cpp's own search "
          "(use awq_lite, gptq or awq_lite+gptq)", algorithm, target);
   }

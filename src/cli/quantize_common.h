@@ -17,11 +17,12 @@ namespace mopt::cli {
 quant::Recipe recipe_from_options(const QuantizeOptions& o);
 // The GGUF type --export gguf writes: --gguf-type, else the one that holds the format's codes.
 std::string gguf_target_type(const QuantizeOptions& o, const quant::Recipe& recipe);
-// For `mopt quantize --export gguf`, the weights quantized as the file stores them. To Q4_0 (q4_0,
-// q4_0_pure): the INT4 weights on Q4_0's grid, groups of 32 unless --group-size is given. To the other
-// integer types (q4_k_m, q4_k, q6_k, q5_0, q8_0, ...): every INT4 block or INT8 per-channel weight in
-// the ggml blocks llama-quantize's mix gives its tensor (Recipe::ggml_blocks), for the model of
-// `config`. Other exports and targets: the recipe unchanged.
+// For `mopt quantize --export gguf`, the weights quantized as the file stores them: every INT4 block or
+// INT8 per-channel weight in the ggml blocks llama-quantize's mix of the integer type (q4_0, q4_k_m,
+// q4_k, q6_k, q5_0, q8_0, ...) gives its tensor (Recipe::ggml_blocks), for the model of `config`. To
+// Q4_0 with a group size (a multiple of 32) or a clip search (awq_clip, awq_full): the INT4 weights on
+// Q4_0's grid in those groups (32 with a clip search and no size). Other exports and targets: the
+// recipe unchanged.
 quant::Recipe with_gguf_target_grid(const QuantizeOptions& o, quant::Recipe recipe, const io::ModelConfig& config);
 // Refuses, before any work, an export format that does not exist or cannot hold the recipe.
 void check_export_target(const QuantizeOptions& o, const quant::Recipe& recipe);

@@ -127,11 +127,9 @@ bool needs_pre_quant_scale(const quant::QuantizedLinear& l) {
 
 nlohmann::json make_hf_quant_config(const std::vector<std::pair<std::string, quant::LinearScheme>>& modules,
                                     const std::string& kv_quant_algo) {
-  std::set<std::string> algos;
   std::vector<std::string> excluded;
   for (const auto& [name, s] : modules) {
-    if (s.quantized()) algos.insert(s.quant_algo);
-    else excluded.push_back(name);
+    if (!s.quantized()) excluded.push_back(name);
   }
   const bool head_quantized = std::any_of(modules.begin(), modules.end(), [](const auto& m) { return m.first == "lm_head" && m.second.quantized(); });
   excluded.insert(excluded.begin(), "model.embed_tokens");
