@@ -488,6 +488,17 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
     fail("{}{} needs calibration text (--calib)", algo.any() ? "algorithm " + recipe.effective_algorithm() : "format " + recipe.format,
          !algo.any() && recipe.kv_cache ? " with a KV-cache format" : "");
   }
+  // Every Linear's shape against its layout, before any calibration work.
+  for (std::int64_t l = 0; l < c.num_layers; ++l) {
+    for (const auto kind : model::kAllLinears) {
+      const std::string name = fmt::format("model.layers.{}.{}", l, model::linear_name(kind));
+      const quant::LinearScheme s = recipe.scheme_for(name);
+      if (!s.quantized()) continue;
+      const io::TensorStore::Location* loc = checkpoint.tensors().find(name + ".weight");
+      if (loc == nullptr || loc->entry->shape.size() != 2) continue;  // the layer's loading names what is wrong
+      with_context(name, [&] { quant::check_weight_shape(*s.weight, loc->entry->shape[0], loc->entry->shape[1]); });
+    }
+  }
   // As the reference by default (its GPTQ too: layerwise.enable is off), every layer is calibrated on the
   // unquantized model's activations; `propagate_quantized` gives GPTQ's original sequential procedure.
   const bool propagate = options.propagate_quantized;

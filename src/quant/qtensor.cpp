@@ -103,18 +103,36 @@ QuantizedWeight quantize_ggml_weight(const QuantizerSpec& spec, const float* w, 
 
 }  // namespace
 
+void check_weight_shape(const QuantizerSpec& spec, std::int64_t out, std::int64_t in) {
+  if (spec.grid == IntGrid::ggml) {
+    ggml_row_bytes(spec, in);
+    return;
+  }
+  if (spec.scaling == Scaling::mx && in % spec.block != 0) {
+    fail("MX export needs the input dimension ({}) to be a multiple of the block ({}), as the reference's exporter does", in, spec.block);
+  }
+  if (spec.element == Element::int4) {
+    if (spec.scaling != Scaling::block || spec.block_rows != 0) fail("no INT4 weight layout for {}", spec.describe());
+    if (out % 2 != 0) fail("INT4 packs pairs of rows; the weight has an odd number of rows ({})", out);
+    if (in % spec.block != 0) {
+      fail("INT4 export needs the input dimension ({}) to be a multiple of the group size ({}), as the reference's "
+           "exporter and the engines' kernels do; choose a group size that divides it (--group-size) or leave the module out",
+           in, spec.block);
+    }
+  }
+  if (spec.element == Element::e2m1 && in % 2 != 0) fail("FP4 packs pairs of columns; the weight has an odd number of columns ({})", in);
+}
+
 QuantizedWeight quantize_weight(const QuantizerSpec& spec, const float* w, std::int64_t out, std::int64_t in,
                                 std::span<const float> amax, float amax2, std::span<const float> nvfp4_block_amax,
                                 const GgmlBlockInputs& ggml) {
+  check_weight_shape(spec, out, in);
   if (spec.grid == IntGrid::ggml) return quantize_ggml_weight(spec, w, out, in, ggml);
   if (!ggml.fixed_blocks.empty() || !ggml.importance.empty()) fail("{}: ggml block inputs given to a quantizer without ggml blocks", spec.describe());
   const auto need = static_cast<std::size_t>(amax_count(spec, out, in));
   if (amax.size() != need) fail("{} weight [{}, {}] needs {} amax values, got {}", spec.describe(), out, in, need, amax.size());
   QuantizedWeight q;
   const std::int64_t n = out * in;
-  if (spec.scaling == Scaling::mx && in % spec.block != 0) {
-    fail("MX export needs the input dimension ({}) to be a multiple of the block ({}), as the reference's exporter does", in, spec.block);
-  }
   switch (spec.element) {
     case Element::e4m3: {
       if (spec.scaling == Scaling::mx) {
@@ -180,13 +198,6 @@ QuantizedWeight quantize_weight(const QuantizerSpec& spec, const float* w, std::
       return q;
     }
     case Element::int4: {
-      if (spec.scaling != Scaling::block || spec.block_rows != 0) fail("no INT4 weight layout for {}", spec.describe());
-      if (out % 2 != 0) fail("INT4 packs pairs of rows; the weight has an odd number of rows ({})", out);
-      if (in % spec.block != 0) {
-        fail("INT4 export needs the input dimension ({}) to be a multiple of the group size ({}), as the reference's "
-             "exporter and the engines' kernels do; choose a group size that divides it (--group-size) or leave the module out",
-             in, spec.block);
-      }
       const std::int64_t nb = ceil_div(in, spec.block);
       q.weight = Tensor::zeros(DType::U8, {out / 2, in});
       q.weight_scale = Tensor::zeros(DType::F32, {out, nb});
@@ -214,7 +225,6 @@ QuantizedWeight quantize_weight(const QuantizerSpec& spec, const float* w, std::
       return q;
     }
     case Element::e2m1: {
-      if (in % 2 != 0) fail("FP4 packs pairs of columns; the weight has an odd number of columns ({})", in);
       const std::int64_t nb = ceil_div(in, spec.block);
       q.weight = Tensor::zeros(DType::U8, {out, in / 2});
       auto* packed = q.weight.mutable_data<std::uint8_t>();

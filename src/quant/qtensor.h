@@ -41,6 +41,11 @@ struct QuantizedWeight {
 // `nvfp4_block_amax` (NVFP4 only, [out, ceil(in/16)]) fixes the block scales
 // from these maxima instead of w's own (GPTQ quantizes on a grid fixed from
 // the original weight, as the reference's static NVFP4 quantizer does).
+// Throws Error when a [out, in] weight has a shape `spec`'s layout cannot hold (INT4: an odd out, an in
+// that is not whole groups; FP4: an odd in; MX: an in that is not whole blocks; ggml: rows that are not
+// whole blocks). quantize_weight checks this first; the pipeline checks every Linear before calibrating.
+void check_weight_shape(const QuantizerSpec& spec, std::int64_t out, std::int64_t in);
+
 // `ggml` (IntGrid::ggml only): see GgmlBlockInputs.
 struct GgmlBlockInputs {
   // [in]: the mean square of each input channel over the calibration tokens (llama-imatrix's

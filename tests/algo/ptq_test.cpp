@@ -281,6 +281,25 @@ TEST(Ptq, DamagedQuantizedCheckpointsAreRefusedByName) {
   EXPECT_NO_THROW(exporter::load_model(good));
 }
 
+TEST(Ptq, AShapeTheLayoutCannotHoldIsRefusedBeforeAnyCalibrationWork) {
+  // tiny-kjv's down_proj has 704 inputs: not whole groups of 128. The error names it before the
+  // calibration tokens are even embedded (this calibration set's out-of-range token id never shows).
+  const io::Checkpoint ckpt = io::Checkpoint::open(tiny_kjv());
+  quant::Recipe r;
+  r.format = "int4_awq";
+  r.group_size = 128;
+  algo::CalibrationSet calib;
+  calib.sequences = {{0, 1, 1 << 30}};
+  try {
+    algo::quantize_checkpoint(ckpt, r, calib, {}, [](quant::QuantizedLayer&&) {}, [](quant::QuantizedLayer&&) {});
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.0.mlp.down_proj: INT4 export needs the input dimension (704) to be a multiple of the group size (128)"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(Ptq, AnExistingOutputDirectoryIsRefused) {
   TempDir tmp;
   const io::Checkpoint ckpt = io::Checkpoint::open(tiny_llama());
