@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <utility>
 
 #include "algo/ptq.h"
 #include "cli/commands.h"
@@ -175,10 +176,11 @@ std::uint64_t convert_export(const std::string& modelopt_dir, const QuantizeOpti
 int run_quantize(const QuantizeOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   if (!(o.gptq_damp > 0.0) || !std::isfinite(o.gptq_damp)) fail("--gptq-damp {} is not a positive number", o.gptq_damp);
-  check_export_target(o, recipe_from_options(o));
+  quant::Recipe from_options = recipe_from_options(o);
+  check_export_target(o, from_options);
   if (std::filesystem::exists(o.out_dir)) fail("{}: already exists (choose a new output)", o.out_dir);
   const io::Checkpoint ckpt = io::Checkpoint::open(o.model);
-  const quant::Recipe recipe = with_gguf_target_grid(o, recipe_from_options(o), ckpt.config());
+  const quant::Recipe recipe = with_gguf_target_grid(o, std::move(from_options), ckpt.config());
   if (exporter::is_quantized_checkpoint(o.model)) fail("{}: already quantized; quantize the original checkpoint", o.model);
   const algo::CalibrationSet calib = calibration_from_options(o, ckpt, recipe);
 
