@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -13,6 +14,7 @@
 #include "core/cpu_features.h"
 #include "core/error.h"
 #include "io/atomic_file.h"
+#include "io/ggml_grid.h"
 #include "io/gguf.h"
 #include "io/gguf_convert.h"
 #include "io/json_util.h"
@@ -41,18 +43,11 @@ Tensor vector_as(const std::vector<float>& v, DType dtype) {
   return Tensor::from_f32(v, {static_cast<std::int64_t>(v.size())}).to(dtype);
 }
 
-// The ggml block types a staging checkpoint may store, by their names there.
-const std::vector<std::pair<std::string, io::GgmlType>>& ggml_block_names() {
-  static const std::vector<std::pair<std::string, io::GgmlType>> names = {
-      {"q4_0", io::GgmlType::Q4_0}, {"q5_0", io::GgmlType::Q5_0}, {"q8_0", io::GgmlType::Q8_0}, {"q4_k", io::GgmlType::Q4_K}, {"q6_k", io::GgmlType::Q6_K}};
-  return names;
-}
-
+// The name a staging checkpoint gives a ggml block type: llama.cpp's, lower case ("q4_k").
 std::string ggml_block_name(io::GgmlType type) {
-  for (const auto& [name, t] : ggml_block_names()) {
-    if (t == type) return name;
-  }
-  fail("ggml type {} is not one a staging checkpoint stores", static_cast<std::uint32_t>(type));
+  std::string name(io::ggml_type_info(static_cast<std::uint32_t>(type))->name);
+  for (char& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return name;
 }
 
 // Group size the config files report for a scheme (0: none).
@@ -375,8 +370,8 @@ ReadConfig read_quant_config(const std::string& dir) {
     r.q4_0_grid = q4_0_grid(q);
     const auto gguf_blocks = [&](const json& e) -> std::optional<io::GgmlType> {
       if (!e.contains("gguf_blocks")) return std::nullopt;
-      for (const auto& [name, t] : ggml_block_names()) {
-        if (e["gguf_blocks"] == name) return t;
+      for (const io::GgmlType t : io::ggml_grid_types()) {
+        if (e["gguf_blocks"] == ggml_block_name(t)) return t;
       }
       fail("{}: gguf_blocks {} is not one mopt reads (q4_0, q5_0, q8_0, q4_k, q6_k)", label, e["gguf_blocks"].dump());
     };

@@ -82,9 +82,12 @@ void put_levels(GgmlType type, std::uint8_t* p, const int* level) {
 
 }  // namespace
 
-bool ggml_has_grid(GgmlType type) {
-  return type == GgmlType::Q4_0 || type == GgmlType::Q5_0 || type == GgmlType::Q8_0 || type == GgmlType::Q4_K || type == GgmlType::Q6_K;
+const std::vector<GgmlType>& ggml_grid_types() {
+  static const std::vector<GgmlType> types = {GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K};
+  return types;
 }
+
+bool ggml_has_grid(GgmlType type) { return std::find(ggml_grid_types().begin(), ggml_grid_types().end(), type) != ggml_grid_types().end(); }
 
 int GgmlGrid::nearest_level(std::size_t sub, float x) const {
   const float s = step[sub];

@@ -25,7 +25,8 @@
 
 namespace mopt::io {
 
-// True for the types above (the ones with a grid mopt can quantize onto).
+// The types above (the ones with a grid mopt can quantize onto), and whether `type` is one.
+const std::vector<GgmlType>& ggml_grid_types();
 bool ggml_has_grid(GgmlType type);
 
 // The grid of `count` values stored as `blocks` of `type`.
