@@ -323,14 +323,16 @@ double layer_output_error(const io::ModelConfig& c, const std::vector<float>& in
   return den > 0.0 ? std::sqrt(num / den) : 0.0;
 }
 
-// The lm_head on the final norm of `hidden` (the last layer's outputs on the calibration rows; null
-// without calibration): static input amax, SmoothQuant's scale folded into the final norm when asked
-// and the input is INT8, round-to-nearest weights.
-LayerReport quantize_head(const io::Checkpoint& checkpoint, const quant::Recipe& recipe, const quant::LinearScheme& scheme, bool smoothquant,
-                          const std::vector<float>* hidden, const HeadSink& sink) {
+// The lm_head on the final norm of `hidden` (the last layer's outputs on the calibration rows, in
+// `batches`; null without calibration), quantized with the recipe's algorithm as a decoder Linear is:
+// static input amax; SmoothQuant's or AWQ-lite's input scale, folded into the final norm (it feeds only
+// the lm_head, tied or not); AWQ's clip search; GPTQ on the Hessian of the normed inputs.
+LayerReport quantize_head(const io::Checkpoint& checkpoint, const quant::Recipe& recipe, const quant::LinearScheme& scheme, const Algorithm& algo,
+                          const PtqOptions& options, const std::vector<float>* hidden, const std::vector<Batch>& batches, const HeadSink& sink) {
   const auto start = std::chrono::steady_clock::now();
   const io::ModelConfig& c = checkpoint.config();
   const std::int64_t H = c.hidden_size;
+  const auto eps = static_cast<float>(c.rms_norm_eps);
   const DType model_dtype = c.dtype;
   const Tensor weight = checkpoint.tensor(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
   const Tensor final_norm = checkpoint.tensor("model.norm.weight");
@@ -340,40 +342,55 @@ LayerReport quantize_head(const io::Checkpoint& checkpoint, const quant::Recipe&
   wk.w = weight.to_f32();
   const std::vector<float> original = wk.w;
   const bool static_in = static_input(scheme);
-  const bool smooth = smoothquant && static_in && scheme.input->element == quant::Element::int8;
   if (static_in && hidden == nullptr) fail("lm_head: {} quantizes its input and needs calibration text (--calib)", scheme.format);
+  with_context("lm_head", [&] { quant::check_algorithm_supports(recipe.effective_algorithm(), scheme); });
+  const bool use_algo = algo.any() && hidden != nullptr;
 
+  // The head's inputs, and what the algorithms need of them (one slot of LayerStats stands for the head).
   std::vector<float> normed;
   std::int64_t rows = 0;
   std::vector<float> norm = final_norm.to_f32();
+  constexpr LinearKind kSlot = LinearKind::q;
+  const bool histogram = static_in && recipe.calibrator != quant::CalibMethod::max && scheme.input->scaling == quant::Scaling::per_tensor;
+  std::array<bool, 7> want_histogram{};
+  want_histogram[kind_index(kSlot)] = histogram;
+  StatsNeeds needs;
+  needs.channel_max = true;
+  needs.mean_abs = use_algo && algo.awq_lite;
+  needs.clip_samples = use_algo && algo.awq_clip;
+  needs.hessian = use_algo && algo.gptq;
+  LayerStats stats(want_histogram, needs);
   if (hidden != nullptr) {
     rows = static_cast<std::int64_t>(hidden->size()) / H;
     normed.resize(hidden->size());
-    kernels::rmsnorm(hidden->data(), norm.data(), rows, H, static_cast<float>(c.rms_norm_eps), normed.data());
+    kernels::rmsnorm(hidden->data(), norm.data(), rows, H, eps, normed.data());
     for (const float v : normed) {
       if (!std::isfinite(v)) fail("lm_head: non-finite activation {} at its input", v);
     }
+    for (const auto& b : batches) stats.linear_input(-1, kSlot, normed.data() + b.row0 * H, b.rows, H);
   }
+  const std::size_t slot = kind_index(kSlot);
   quant::QuantizedLayer ql;
   ql.index = -1;
   if (static_in) {
-    float amax = 0.0f;
-    if (recipe.calibrator != quant::CalibMethod::max && scheme.input->scaling == quant::Scaling::per_tensor) {
-      quant::HistogramCalibrator h;
-      h.collect(normed.data(), static_cast<std::int64_t>(normed.size()));
-      amax = h.compute(recipe.calibrator, scheme.input->element, recipe.percentile);
-    } else {
-      for (const float v : normed) amax = std::max(amax, std::fabs(v));
-    }
-    wk.input_amax = {amax};
+    wk.input_amax = {histogram ? stats.histograms[slot].compute(recipe.calibrator, scheme.input->element, recipe.percentile) : stats.input_max[slot]};
   }
-  if (smooth) {
-    std::vector<float> channel_max(static_cast<std::size_t>(H), 0.0f);
-    for (std::int64_t r = 0; r < rows; ++r) {
-      for (std::int64_t j = 0; j < H; ++j) channel_max[j] = std::max(channel_max[j], std::fabs(normed[r * H + j]));
-    }
-    const std::vector<float> s = with_context("lm_head", [&] { return smoothquant_scale(channel_max, wk.w.data(), wk.out, wk.in, 1.0f); });
-    apply_pre_quant_scale(wk, s, channel_max, true, model_dtype);
+  const std::vector<float> input_amax_rtn = wk.input_amax;
+  if (algo.smoothquant && static_in && scheme.input->element == quant::Element::int8 && hidden != nullptr) {
+    const std::vector<float> s = with_context("lm_head", [&] { return smoothquant_scale(stats.channel_max[slot], wk.w.data(), wk.out, wk.in, 1.0f); });
+    apply_pre_quant_scale(wk, s, stats.channel_max[slot], true, model_dtype);
+  }
+  if (use_algo && algo.awq_lite) {
+    const AwqLiteSearch search(*scheme.weight, wk.w.data(), wk.out, wk.in, stats.mean_abs[slot].mean(), stats.batch_gram[slot].full(), model_dtype);
+    wk.alpha = search.best_alpha();
+    std::vector<float> s = search.scale(wk.alpha);
+    for (float& v : s) v = 1.0f / v;
+    apply_pre_quant_scale(wk, s, stats.channel_max[slot], static_in, model_dtype);
+  }
+  if (use_algo && algo.awq_clip) {
+    wk.amax = with_context("lm_head", [&] { return awq_clip_search(*scheme.weight, wk.w.data(), wk.out, wk.in, stats.clip[slot], wk.pqs); });
+  }
+  if (!wk.pqs.empty()) {
     // The final norm feeds only the lm_head: the scale goes into it.
     for (std::int64_t j = 0; j < H; ++j) norm[j] = norm[j] * wk.pqs[j];
     round_to_dtype(final_norm.dtype(), norm);
@@ -381,20 +398,45 @@ LayerReport quantize_head(const io::Checkpoint& checkpoint, const quant::Recipe&
     wk.folded_scale = wk.pqs;
     wk.pqs.clear();
     // The calibration inputs as the folded norm now produces them.
-    kernels::rmsnorm(hidden->data(), norm.data(), rows, H, static_cast<float>(c.rms_norm_eps), normed.data());
+    kernels::rmsnorm(hidden->data(), norm.data(), rows, H, eps, normed.data());
   }
-  const std::vector<float> amax = with_context("lm_head.weight", [&] { return quant::compute_amax(*scheme.weight, wk.w.data(), wk.out, wk.in); });
+  const auto weight_amax = [&](const LinearWork& w) {
+    return !w.amax.empty() ? w.amax : with_context("lm_head.weight", [&] { return quant::compute_amax(*scheme.weight, w.w.data(), w.out, w.in); });
+  };
+  const std::vector<float> amax = weight_amax(wk);
   const float second = scheme.weight->fp8_second_stage ? quant::w4a8_second_amax(*scheme.weight, wk.w.data(), wk.out, wk.in, amax) : 0.0f;
+  LayerReport lr;
+  if (use_algo && algo.gptq) {
+    std::vector<double> h = gptq_hessian(stats.hessian[slot]);
+    if (!wk.folded_scale.empty()) {
+      const std::vector<float>& p = wk.folded_scale;
+      for (std::int64_t i = 0; i < H; ++i) {
+        for (std::int64_t j = 0; j < H; ++j) h[i * H + j] *= static_cast<double>(p[i]) * p[j];
+      }
+    }
+    if (scheme.weight->scaling == quant::Scaling::nvfp4) wk.block_amax = quant::nvfp4_block_amax(*scheme.weight, wk.w.data(), wk.out, wk.in);
+    const GptqResult g = with_context("lm_head", [&] {
+      GptqOptions go;
+      go.damp = options.gptq_damp;
+      go.act_order = options.gptq_act_order;
+      return gptq_quantize(*scheme.weight, wk.w.data(), wk.out, wk.in, amax, std::move(h), go, wk.block_amax);
+    });
+    lr.gptq_retries = g.damp_retries;
+    lr.gptq_fallbacks = g.fell_back ? 1 : 0;
+  }
   quant::QuantizedLinear qlin;
   qlin.name = "lm_head";
   qlin.scheme = scheme;
-  qlin.weight = with_context("lm_head", [&] { return quant::quantize_weight(*scheme.weight, wk.w.data(), wk.out, wk.in, amax, second, {}); });
+  qlin.weight = with_context("lm_head", [&] { return quant::quantize_weight(*scheme.weight, wk.w.data(), wk.out, wk.in, amax, second, wk.block_amax); });
   std::vector<float> deq = quant::dequantize_weight(*scheme.weight, *qlin.weight, wk.out, wk.in);
   qlin.input_amax = wk.input_amax;
-  LayerReport lr;
+  qlin.weight_amax = amax;
+  qlin.weight_amax2 = second;
   lr.layer = -1;
   lr.formats = scheme.format;
-  // The logits on up to 128 calibration rows against the unquantized head's.
+  if (wk.alpha >= 0.0f) lr.alphas.emplace_back("lm_head", wk.alpha);
+  // The logits on up to 128 calibration rows against the unquantized head's (and, after an algorithm,
+  // round-to-nearest's).
   if (rows > 0) {
     const std::int64_t n = std::min<std::int64_t>(rows, 128);
     std::vector<float> x(normed.begin(), normed.begin() + n * H);
@@ -406,10 +448,23 @@ LayerReport quantize_head(const io::Checkpoint& checkpoint, const quant::Recipe&
     }
     std::vector<float> ref(static_cast<std::size_t>(n * wk.out)), got(ref.size());
     kernels::gemm_f32_strided(x.data(), n, H, original.data(), wk.out, ref.data(), wk.out, false);
-    std::vector<float> xq(normed.begin(), normed.begin() + n * H);
-    if (auto t = input_transform(scheme, qlin.input_amax, {})) t(xq.data(), n, H);
-    kernels::gemm_f32_strided(xq.data(), n, H, deq.data(), wk.out, got.data(), wk.out, false);
-    lr.output_error = quant::relative_error(got, ref);
+    const auto logits_error = [&](const float* inputs, const std::vector<float>& w_deq, const std::vector<float>& in_amax) {
+      std::vector<float> xq(inputs, inputs + n * H);
+      if (auto t = input_transform(scheme, in_amax, {})) t(xq.data(), n, H);
+      kernels::gemm_f32_strided(xq.data(), n, H, w_deq.data(), wk.out, got.data(), wk.out, false);
+      return quant::relative_error(got, ref);
+    };
+    lr.output_error = logits_error(normed.data(), deq, qlin.input_amax);
+    if (use_algo) {
+      LinearWork plain;
+      plain.out = wk.out;
+      plain.in = wk.in;
+      plain.w = original;
+      const std::vector<float> a = weight_amax(plain);
+      const float s2 = scheme.weight->fp8_second_stage ? quant::w4a8_second_amax(*scheme.weight, plain.w.data(), plain.out, plain.in, a) : 0.0f;
+      const quant::QuantizedWeight q = quant::quantize_weight(*scheme.weight, plain.w.data(), plain.out, plain.in, a, s2, {});
+      lr.output_error_rtn = logits_error(x.data(), quant::dequantize_weight(*scheme.weight, q, plain.out, plain.in), input_amax_rtn);
+    }
   }
   lr.weight_error = qlin.weight_error = quant::relative_error(effective_weight(std::move(deq), wk), original);
   ql.linears.push_back(std::move(qlin));
@@ -887,7 +942,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
   }
   progress.finish();
   if (head_scheme.quantized()) {
-    report.head = quantize_head(checkpoint, recipe, head_scheme, algo.smoothquant, calibrating ? &hidden : nullptr, head_sink);
+    report.head = quantize_head(checkpoint, recipe, head_scheme, algo, options, calibrating ? &hidden : nullptr, batches, head_sink);
     report.quantized_linears += 1;
   }
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();

@@ -180,7 +180,7 @@ int main(int argc, char** argv) {
   quantize_cmd->add_option("--exclude", quantize.exclude, "Leave modules matching this glob unquantized (repeatable)");
   quantize_cmd->add_option("--override", quantize.overrides, "GLOB=FORMAT: another format (or none) for matching modules (repeatable)");
   quantize_cmd->add_flag("--quantize-lm-head", quantize.quantize_lm_head,
-                         "Quantize the lm_head too (default: 16-bit, as the reference); round-to-nearest, modelopt export only");
+                         "Quantize the lm_head too (default: 16-bit, as the reference) with the same algorithm, its input scale folded into the final norm; modelopt export only");
   quantize_cmd->add_flag("--propagate-quantized", quantize.propagate_quantized,
                          "Feed each layer the quantized previous layer's outputs (default: the unquantized ones, as the reference)");
   quantize_cmd->add_option("--gptq-damp", quantize.gptq_damp, "GPTQ damping as a fraction of the Hessian's mean diagonal (default 0.01)");

@@ -30,6 +30,18 @@ using nlohmann::json;
 
 std::string format_error(double e) { return e < 0.0 ? "-" : fmt::format("{:.5f}", e); }
 
+// The report's notes on what an algorithm chose in a layer (or the lm_head).
+std::string algorithm_notes(const algo::LayerReport& l) {
+  std::string notes;
+  if (!l.alphas.empty()) {
+    notes = "alpha";
+    for (const auto& [name, alpha] : l.alphas) notes += fmt::format(" {}={:.1f}", name.substr(name.find('.') + 1), alpha);
+  }
+  if (l.gptq_retries > 0) notes += fmt::format(" gptq: {} damping retries", l.gptq_retries);
+  if (l.gptq_fallbacks > 0) notes += fmt::format(" gptq: {} Linears fell back to rounding (indefinite Hessian)", l.gptq_fallbacks);
+  return notes;
+}
+
 }  // namespace
 
 quant::Recipe recipe_from_options(const QuantizeOptions& o) {
@@ -242,21 +254,15 @@ int run_quantize(const QuantizeOptions& o) {
       fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8.2f}\n", l.layer, l.formats, format_error(l.weight_error), format_error(l.output_error), l.seconds);
       continue;
     }
-    std::string notes;
-    if (!l.alphas.empty()) {
-      notes = "alpha";
-      for (const auto& [name, alpha] : l.alphas) notes += fmt::format(" {}={:.1f}", name.substr(name.find('.') + 1), alpha);
-    }
-    if (l.gptq_retries > 0) notes += fmt::format(" gptq: {} damping retries", l.gptq_retries);
-    if (l.gptq_fallbacks > 0) notes += fmt::format(" gptq: {} Linears fell back to rounding (indefinite Hessian)", l.gptq_fallbacks);
     fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8.2f}  {}\n", l.layer, l.formats, format_error(l.weight_error), format_error(l.output_error_rtn),
-               format_error(l.output_error), l.seconds, notes);
+               format_error(l.output_error), l.seconds, algorithm_notes(l));
   }
   if (report.head) {
     const auto& h = *report.head;
     if (with_algorithm) {
-      fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8.2f}  {}\n", "head", "lm_head " + h.formats, format_error(h.weight_error), "-",
-                 format_error(h.output_error), h.seconds, "round-to-nearest; output err: logits");
+      const std::string notes = algorithm_notes(h);
+      fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8.2f}  {}\n", "head", "lm_head " + h.formats, format_error(h.weight_error),
+                 format_error(h.output_error_rtn), format_error(h.output_error), h.seconds, notes + (notes.empty() ? "" : "; ") + "output err: logits");
     } else {
       fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8.2f}  {}\n", "head", "lm_head " + h.formats, format_error(h.weight_error), format_error(h.output_error),
                  h.seconds, "(output err: logits)");

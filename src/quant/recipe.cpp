@@ -227,9 +227,11 @@ void Recipe::validate() const {
   }
   check_algorithm_supports(algo, base);
   for (const auto& o : overrides) {
-    // The lm_head is always rounded to nearest: the algorithm does not run on it.
-    if (o.format == "none" || o.pattern == "lm_head") continue;
-    check_algorithm_supports(algo, format_scheme(o.format, o.format.rfind("int4", 0) == 0 || o.format == "w4a8_awq" ? group_size : 0));
+    // The algorithm runs on every quantized Linear, the lm_head included.
+    if (o.format == "none") continue;
+    with_context("override " + o.pattern, [&] {
+      check_algorithm_supports(algo, format_scheme(o.format, o.format.rfind("int4", 0) == 0 || o.format == "w4a8_awq" ? group_size : 0));
+    });
   }
   if (calibrator == CalibMethod::entropy && base.input && base.input->element != Element::int8) {
     fail("entropy calibration is defined for integer activations; {} quantizes activations to {}", format, element_name(base.input->element));

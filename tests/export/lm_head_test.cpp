@@ -35,8 +35,13 @@ TEST(Recipe, QuantizeLmHeadLiftsOnlyTheDefaultExclusionOfTheHead) {
   r = quant::parse_recipe(R"({"format": "fp8", "quantize_lm_head": true, "overrides": [{"pattern": "lm_head", "format": "int8_wo"}]})", "r.json");
   EXPECT_EQ(r.scheme_for("lm_head").format, "int8_wo");
   EXPECT_FALSE(r.scheme_for("model.layers.0.mlp.router").quantized());
-  // The head is rounded to nearest whatever the algorithm: an override for it need not suit the algorithm.
-  EXPECT_NO_THROW(quant::parse_recipe(R"({"format": "int8_sq", "quantize_lm_head": true, "overrides": [{"pattern": "lm_head", "format": "int4_rtn"}]})", "r.json"));
+  // The algorithm runs on the head too: an override for it must suit the algorithm, as any other must.
+  try {
+    quant::parse_recipe(R"({"format": "int8_sq", "quantize_lm_head": true, "overrides": [{"pattern": "lm_head", "format": "int4_rtn"}]})", "r.json");
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("override lm_head: smoothquant"), std::string::npos) << e.what();
+  }
   EXPECT_THROW(quant::parse_recipe(R"({"format": "int8_sq", "overrides": [{"pattern": "*.down_proj", "format": "int4_rtn"}]})", "r.json"), Error);
   r.exclude = {"lm_head"};
   EXPECT_FALSE(r.scheme_for("lm_head").quantized());
@@ -49,7 +54,9 @@ TEST(QuantizedLmHead, ExportedUntiedAndRunByTheKernelsAsDefined) {
     const char* algorithm;
     bool tied;
   };
-  const Case cases[] = {{"int4_rtn", "max", true}, {"int8_sq", "smoothquant", true}, {"fp8", "max", false}, {"nvfp4", "max", false}};
+  const Case cases[] = {{"int4_rtn", "max", true},         {"int8_sq", "smoothquant", true}, {"fp8", "max", false},
+                        {"nvfp4", "max", false},           {"int4_awq", "awq_full", true},  {"int4_awq", "gptq", false},
+                        {"nvfp4_awq", "awq_lite+gptq", true}};
   const std::vector<std::int32_t> tokens(heldout().begin(), heldout().begin() + 256);
   for (const auto& c : cases) {
     SCOPED_TRACE(c.format);
@@ -74,8 +81,16 @@ TEST(QuantizedLmHead, ExportedUntiedAndRunByTheKernelsAsDefined) {
     const io::TensorStore store = io::TensorStore::open_dir(with);
     EXPECT_TRUE(store.contains("lm_head.weight_scale"));
     EXPECT_NE(store.tensor("lm_head.weight").dtype(), DType::BF16);
-    if (std::string(c.format) == "int8_sq") {
-      // SmoothQuant's scale went into the final norm, which feeds only the head.
+    const std::string algorithm = c.algorithm;
+    if (algorithm != "max") {
+      // The algorithm ran on the head: its logits on the calibration rows are closer to the 16-bit head's
+      // than round-to-nearest's.
+      EXPECT_GT(report.head->output_error_rtn, 0.0);
+      EXPECT_LT(report.head->output_error, report.head->output_error_rtn);
+      EXPECT_EQ(report.head->alphas.size(), algorithm.find("awq") == 0 ? 1u : 0u);
+    }
+    if (algorithm != "max" && algorithm != "gptq") {
+      // SmoothQuant's or AWQ's scale went into the final norm, which feeds only the head.
       const auto plain_norm = io::TensorStore::open_dir(without).tensor("model.norm.weight").to_f32();
       EXPECT_NE(store.tensor("model.norm.weight").to_f32(), plain_norm);
       EXPECT_FALSE(store.contains("lm_head.pre_quant_scale"));
