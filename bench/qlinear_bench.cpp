@@ -89,10 +89,10 @@ int main(int argc, char** argv) {
   // streams from memory as it does in a model.
   std::vector<Tensor> bf16_copies(copies_for(bf16.nbytes()), bf16);
   for (std::size_t c = 1; c < bf16_copies.size(); ++c) bf16_copies[c] = bf16.to(DType::F32).to(DType::BF16);
-  std::vector<std::vector<kernels::QuantizedLinear>> q;
+  std::vector<std::vector<kernels::PackedLinear>> q;
   const auto add = [&](const QuantizedWeightSource& src) {
-    std::vector<kernels::QuantizedLinear> copies;
-    const kernels::QuantizedLinear first(src, "bench");
+    std::vector<kernels::PackedLinear> copies;
+    const kernels::PackedLinear first(src, "bench");
     if (!only.empty() && first.describe().rfind(only, 0) != 0) return;
     if (!first.vectorized()) fmt::print("note: {} runs the plain loop: {}\n", first.describe(), first.plain_reason());
     for (std::size_t c = 0; c < copies_for(first.bytes()); ++c) copies.emplace_back(src, "bench");

@@ -75,7 +75,7 @@ int main(int argc, char** argv) {
   variants.push_back({"bf16 dense", bf16.nbytes(), [&](std::int64_t m, std::size_t c) { kernels::linear_forward(x.data(), m, dense_bf16[c], nullptr, y.data()); },
                       dense_bf16.size()});
   std::vector<std::vector<kernels::Sparse24Linear>> sparse;
-  std::vector<std::vector<kernels::QuantizedLinear>> dense_q;
+  std::vector<std::vector<kernels::PackedLinear>> dense_q;
   const float input_amax = 4.0f;  // W8A8's static input range (inputs of sd 1)
   // int4: codes = clamp(rint(w / step), -7, 7) with one step for all (groups of 128 keep their own scale entries).
   const std::int64_t int4_block = 128;
@@ -110,8 +110,8 @@ int main(int argc, char** argv) {
     s.block = type == kernels::QuantizedWeightType::int4 ? int4_block : in;
     s.codes = codes;
     s.scales = scales;
-    std::vector<kernels::QuantizedLinear> copies;
-    const kernels::QuantizedLinear first(s, "bench");
+    std::vector<kernels::PackedLinear> copies;
+    const kernels::PackedLinear first(s, "bench");
     for (std::size_t c = 0; c < copies_for(first.bytes()); ++c) copies.emplace_back(s, "bench");
     dense_q.push_back(std::move(copies));
     auto& l = dense_q.back();

@@ -328,7 +328,7 @@ double layer_output_error(const io::ModelConfig& c, const std::vector<float>& in
 // static input amax; SmoothQuant's or AWQ-lite's input scale, folded into the final norm (it feeds only
 // the lm_head, tied or not); AWQ's clip search; GPTQ on the Hessian of the normed inputs.
 LayerReport quantize_head(const io::Checkpoint& checkpoint, const quant::Recipe& recipe, const quant::LinearScheme& scheme, const Algorithm& algo,
-                          const PtqOptions& options, const std::vector<float>* hidden, const std::vector<Batch>& batches, const HeadSink& sink) {
+                          const PtqOptions& options, const std::vector<float>* hidden, const std::vector<Batch>& batches, const QuantizedLayerSink& sink) {
   const auto start = std::chrono::steady_clock::now();
   const io::ModelConfig& c = checkpoint.config();
   const std::int64_t H = c.hidden_size;
@@ -526,7 +526,7 @@ bool needs_calibration(const io::ModelConfig& config, const quant::Recipe& recip
 }
 
 PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Recipe& recipe, const CalibrationSet& calib,
-                              const PtqOptions& options, const LayerSink& sink, const HeadSink& head_sink) {
+                              const PtqOptions& options, const QuantizedLayerSink& sink, const QuantizedLayerSink& head_sink) {
   recipe.validate();
   const quant::LinearScheme head_scheme = recipe.scheme_for("lm_head");
   if (head_scheme.quantized() && !head_sink) fail("lm_head: this export keeps the lm_head in 16 bits (only the modelopt export holds a quantized lm_head)");

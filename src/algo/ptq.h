@@ -83,15 +83,15 @@ struct PtqReport {
   double seconds = 0.0;
 };
 
-using LayerSink = std::function<void(quant::QuantizedLayer&&)>;
-// Receives the quantized lm_head (a QuantizedLayer with index -1: the one Linear "lm_head" and, for
-// SmoothQuant, the final norm the scale was folded into) after the last layer.
-using HeadSink = std::function<void(quant::QuantizedLayer&&)>;
+// Receives each quantized layer as it is done; a second one receives the quantized lm_head (a
+// QuantizedLayer with index -1: the one Linear "lm_head" and, when an input scale was folded, the
+// final norm) after the last layer.
+using QuantizedLayerSink = std::function<void(quant::QuantizedLayer&&)>;
 
 // `calibration` may be empty only when nothing needs calibration (weight-only
 // formats without a KV-cache format); output errors are then not measured.
 PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Recipe& recipe, const CalibrationSet& calibration,
-                              const PtqOptions& options, const LayerSink& sink, const HeadSink& head_sink = {});
+                              const PtqOptions& options, const QuantizedLayerSink& sink, const QuantizedLayerSink& head_sink = {});
 
 // True when `recipe` on this model needs calibration data.
 bool needs_calibration(const io::ModelConfig& config, const quant::Recipe& recipe);

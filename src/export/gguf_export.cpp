@@ -225,19 +225,16 @@ GgmlType gguf_matrix_type(const GgufExportOptions& o, const std::string& gguf, s
 
 namespace {
 
+// llama.cpp's name of a tensor (io::gguf_tensor_name's table; every name asked for here is in it).
+std::string gguf_name(const std::string& hf) {
+  std::optional<std::string> g = io::gguf_tensor_name(hf);
+  if (!g) fail("{}: no llama.cpp tensor name", hf);
+  return *g;
+}
+
 // llama.cpp's name of a decoder Linear of layer `layer`.
 std::string gguf_linear_name(std::int64_t layer, model::LinearKind kind) {
-  const char* name = "";
-  switch (kind) {
-    case model::LinearKind::q: name = "attn_q"; break;
-    case model::LinearKind::k: name = "attn_k"; break;
-    case model::LinearKind::v: name = "attn_v"; break;
-    case model::LinearKind::o: name = "attn_output"; break;
-    case model::LinearKind::gate: name = "ffn_gate"; break;
-    case model::LinearKind::up: name = "ffn_up"; break;
-    case model::LinearKind::down: name = "ffn_down"; break;
-  }
-  return fmt::format("blk.{}.{}.weight", layer, name);
+  return gguf_name(fmt::format("model.layers.{}.{}.weight", layer, model::linear_name(kind)));
 }
 
 }  // namespace
@@ -402,22 +399,23 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
       return out;
     });
   };
-  const auto vector = [&](const std::string& hf, const std::string& gguf) {
+  const auto vector = [&](const std::string& hf) {
     const Tensor t = ckpt.tensor(hf);
     const std::vector<float> v = t.to_f32();
-    w.add_tensor(gguf, t.shape(), GgmlType::F32, io::ggml_quantize(GgmlType::F32, v.data(), v.size(), hf));
+    w.add_tensor(gguf_name(hf), t.shape(), GgmlType::F32, io::ggml_quantize(GgmlType::F32, v.data(), v.size(), hf));
   };
-  const auto bias = [&](const std::string& hf, const std::string& gguf, std::int64_t permute_heads) {
+  const auto bias = [&](const std::string& hf, std::int64_t permute_heads) {
     const Tensor t = ckpt.tensor(hf);
     std::vector<float> v = t.to_f32();
     if (permute_heads > 0) io::permute_rope_rows(v.data(), t.dim(0), 1, permute_heads);
-    w.add_tensor(gguf, t.shape(), GgmlType::F32, io::ggml_quantize(GgmlType::F32, v.data(), v.size(), hf));
+    w.add_tensor(gguf_name(hf), t.shape(), GgmlType::F32, io::ggml_quantize(GgmlType::F32, v.data(), v.size(), hf));
   };
   // A decoder Linear: from the quantized checkpoint when it is one. Its codes go over exactly when the
   // type holds them; otherwise the weight it stands for (any pre_quant_scale multiplied into its columns,
   // as llama.cpp has no input scale) is quantized to the type.
-  const auto linear = [&](std::int64_t layer, model::LinearKind kind, const std::string& gguf, std::int64_t permute_heads) {
+  const auto linear = [&](std::int64_t layer, model::LinearKind kind, std::int64_t permute_heads) {
     const std::string hf = fmt::format("model.layers.{}.{}.weight", layer, model::linear_name(kind));
+    const std::string gguf = gguf_name(hf);
     std::optional<StoredLinear> st = reader ? reader->linear(ckpt, layer, kind) : std::nullopt;
     if (!st) {
       matrix(hf, gguf, permute_heads, layer);
@@ -506,9 +504,9 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
       return io::ggml_quantize(type, v.data(), v.size(), hf);
     });
   };
-  matrix("model.embed_tokens.weight", "token_embd.weight");
-  vector("model.norm.weight", "output_norm.weight");
-  if (!c.tie_word_embeddings) matrix("lm_head.weight", "output.weight");
+  matrix("model.embed_tokens.weight", gguf_name("model.embed_tokens.weight"));
+  vector("model.norm.weight");
+  if (!c.tie_word_embeddings) matrix("lm_head.weight", gguf_name("lm_head.weight"));
   if (c.rope_scaling.type == io::RopeScalingType::llama3) {
     // The divisor of each frequency, as llama.cpp's rope_freqs holds it.
     io::ModelConfig plain = c;
@@ -520,30 +518,26 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
                  io::ggml_quantize(GgmlType::F32, divisors.data(), divisors.size()));
   }
   for (std::int64_t l = 0; l < c.num_layers; ++l) {
-    const std::string hf = fmt::format("model.layers.{}.", l), g = fmt::format("blk.{}.", l);
-    vector(hf + "input_layernorm.weight", g + "attn_norm.weight");
-    vector(hf + "post_attention_layernorm.weight", g + "ffn_norm.weight");
-    linear(l, model::LinearKind::q, gguf_linear_name(l, model::LinearKind::q), permute ? c.num_heads : 0);
-    linear(l, model::LinearKind::k, gguf_linear_name(l, model::LinearKind::k), permute ? c.num_kv_heads : 0);
+    const std::string hf = fmt::format("model.layers.{}.", l);
+    vector(hf + "input_layernorm.weight");
+    vector(hf + "post_attention_layernorm.weight");
+    linear(l, model::LinearKind::q, permute ? c.num_heads : 0);
+    linear(l, model::LinearKind::k, permute ? c.num_kv_heads : 0);
     if (c.qkv_bias) {
-      bias(hf + "self_attn.q_proj.bias", g + "attn_q.bias", permute ? c.num_heads : 0);
-      bias(hf + "self_attn.k_proj.bias", g + "attn_k.bias", permute ? c.num_kv_heads : 0);
-      bias(hf + "self_attn.v_proj.bias", g + "attn_v.bias", 0);
+      bias(hf + "self_attn.q_proj.bias", permute ? c.num_heads : 0);
+      bias(hf + "self_attn.k_proj.bias", permute ? c.num_kv_heads : 0);
+      bias(hf + "self_attn.v_proj.bias", 0);
     }
-    if (c.o_bias) bias(hf + "self_attn.o_proj.bias", g + "attn_output.bias", 0);
+    if (c.o_bias) bias(hf + "self_attn.o_proj.bias", 0);
     if (ckpt.tensors().contains(hf + "self_attn.q_norm.weight")) {  // Qwen3
-      vector(hf + "self_attn.q_norm.weight", g + "attn_q_norm.weight");
-      vector(hf + "self_attn.k_norm.weight", g + "attn_k_norm.weight");
+      vector(hf + "self_attn.q_norm.weight");
+      vector(hf + "self_attn.k_norm.weight");
     }
-    linear(l, model::LinearKind::v, gguf_linear_name(l, model::LinearKind::v), 0);
-    linear(l, model::LinearKind::o, gguf_linear_name(l, model::LinearKind::o), 0);
-    linear(l, model::LinearKind::gate, gguf_linear_name(l, model::LinearKind::gate), 0);
-    linear(l, model::LinearKind::up, gguf_linear_name(l, model::LinearKind::up), 0);
-    linear(l, model::LinearKind::down, gguf_linear_name(l, model::LinearKind::down), 0);
+    for (const auto kind : {model::LinearKind::v, model::LinearKind::o, model::LinearKind::gate, model::LinearKind::up, model::LinearKind::down}) {
+      linear(l, kind, 0);
+    }
     if (c.mlp_bias) {
-      bias(hf + "mlp.gate_proj.bias", g + "ffn_gate.bias", 0);
-      bias(hf + "mlp.up_proj.bias", g + "ffn_up.bias", 0);
-      bias(hf + "mlp.down_proj.bias", g + "ffn_down.bias", 0);
+      for (const char* name : {"mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias"}) bias(hf + name, 0);
     }
   }
   // llama.cpp's order (its loader's weights map, which llama-quantize writes in): tensors outside the blocks,

@@ -670,7 +670,7 @@ void set_quantized_linear(StoredLinear& stored, QuantizedRun run, const std::str
     stored.weight.weight.release_pages();
     lin.weight = Tensor();
   } else if (run == QuantizedRun::kernels) {
-    auto q = std::make_shared<const kernels::QuantizedLinear>(std::move(source), fmt::format("{}: {}", dir, stored.name));
+    auto q = std::make_shared<const kernels::PackedLinear>(std::move(source), fmt::format("{}: {}", dir, stored.name));
     input_in_kernel = q->int8_activations();
     // What the kernel copied into its own layout need not stay resident from the file.
     if (q->source().stored_codes.nbytes() == 0) stored.weight.weight.release_pages();

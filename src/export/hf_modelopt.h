@@ -47,7 +47,7 @@ class HfModeloptWriter {
 
   // Layers must arrive in order 0, 1, ...
   void add_layer(const quant::QuantizedLayer& layer);
-  // The quantized lm_head (algo::HeadSink's layer), after the last layer. With tied embeddings the
+  // The quantized lm_head (what quantize_checkpoint's head_sink receives), after the last layer. With tied embeddings the
   // export unties them: lm_head.weight holds the head's codes, the embeddings stay as they were.
   void add_head(const quant::QuantizedLayer& head);
   // Where the tensors that are not handed in come from (norms, embeddings, unquantized weights): by

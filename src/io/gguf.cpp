@@ -473,4 +473,52 @@ void ggml_dequantize(GgmlType type, std::span<const std::byte> blocks, float* y,
   }
 }
 
+namespace {
+
+struct NamePair {
+  std::string_view hf, gguf;
+};
+constexpr NamePair kGlobalNames[] = {
+    {"model.embed_tokens.weight", "token_embd.weight"}, {"model.norm.weight", "output_norm.weight"}, {"lm_head.weight", "output.weight"}};
+// A layer's tensors without "model.layers.N." / "blk.N." and without ".weight" / ".bias".
+constexpr NamePair kLayerNames[] = {
+    {"input_layernorm", "attn_norm"}, {"post_attention_layernorm", "ffn_norm"}, {"self_attn.q_proj", "attn_q"},
+    {"self_attn.k_proj", "attn_k"},   {"self_attn.v_proj", "attn_v"},           {"self_attn.o_proj", "attn_output"},
+    {"self_attn.q_norm", "attn_q_norm"}, {"self_attn.k_norm", "attn_k_norm"}, {"mlp.gate_proj", "ffn_gate"},
+    {"mlp.up_proj", "ffn_up"},        {"mlp.down_proj", "ffn_down"}};
+
+// `name` as prefix + decimal layer + "." + middle + ("." + weight|bias) in the from side's naming, into
+// the other side's; nullopt when it is not of that shape or the middle is not in the table.
+std::optional<std::string> translate(std::string_view name, std::string_view from_prefix, std::string_view to_prefix, bool from_hf) {
+  for (const NamePair& p : kGlobalNames) {
+    if (name == (from_hf ? p.hf : p.gguf)) return std::string(from_hf ? p.gguf : p.hf);
+  }
+  if (!name.starts_with(from_prefix)) return std::nullopt;
+  std::string_view rest = name.substr(from_prefix.size());
+  std::size_t digits = 0;
+  while (digits < rest.size() && rest[digits] >= '0' && rest[digits] <= '9') ++digits;
+  if (digits == 0 || digits > 9 || digits >= rest.size() || rest[digits] != '.') return std::nullopt;
+  const std::string_view layer = rest.substr(0, digits);
+  rest = rest.substr(digits + 1);
+  for (const std::string_view suffix : {std::string_view(".weight"), std::string_view(".bias")}) {
+    if (!rest.ends_with(suffix)) continue;
+    const std::string_view middle = rest.substr(0, rest.size() - suffix.size());
+    for (const NamePair& p : kLayerNames) {
+      if (middle == (from_hf ? p.hf : p.gguf)) {
+        return std::string(to_prefix) + std::string(layer) + "." + std::string(from_hf ? p.gguf : p.hf) + std::string(suffix);
+      }
+    }
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+std::optional<std::string> gguf_tensor_name(std::string_view hf_name) { return translate(hf_name, "model.layers.", "blk.", true); }
+
+std::optional<std::string> hf_tensor_name(std::string_view gguf_name) {
+  if (gguf_name == "rope_freqs.weight") return std::string();
+  return translate(gguf_name, "blk.", "model.layers.", false);
+}
+
 }  // namespace mopt::io

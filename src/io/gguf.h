@@ -109,4 +109,11 @@ class GgufFile {
 // layouts: E2M1 codes with E8M0 per 32, or with E4M3 per 16 in blocks of 64).
 void ggml_dequantize(GgmlType type, std::span<const std::byte> blocks, float* out, std::uint64_t count);
 
+// llama.cpp's names of the Llama family's tensors against Hugging Face's, one table both ways:
+// "model.layers.3.mlp.up_proj.weight" <-> "blk.3.ffn_up.weight", "model.embed_tokens.weight" <->
+// "token_embd.weight", ... nullopt for a name without a counterpart; llama.cpp's own rope_freqs.weight
+// has the empty Hugging Face name.
+std::optional<std::string> gguf_tensor_name(std::string_view hf_name);
+std::optional<std::string> hf_tensor_name(std::string_view gguf_name);
+
 }  // namespace mopt::io

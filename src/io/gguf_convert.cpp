@@ -116,27 +116,7 @@ json llama3_scaling_from_freqs(const std::vector<float>& divisors, double theta,
 
 // HF tensor name for a GGUF tensor name, or empty for rope_freqs.
 std::string hf_name(const std::string& gguf_name, const std::string& label) {
-  static const std::map<std::string, std::string> kGlobal = {
-      {"token_embd.weight", "model.embed_tokens.weight"},
-      {"output_norm.weight", "model.norm.weight"},
-      {"output.weight", "lm_head.weight"},
-      {"rope_freqs.weight", ""},
-  };
-  if (const auto it = kGlobal.find(gguf_name); it != kGlobal.end()) return it->second;
-  static const std::map<std::string, std::string> kLayer = {
-      {"attn_norm", "input_layernorm"},      {"ffn_norm", "post_attention_layernorm"},
-      {"attn_q", "self_attn.q_proj"},        {"attn_k", "self_attn.k_proj"},
-      {"attn_v", "self_attn.v_proj"},        {"attn_output", "self_attn.o_proj"},
-      {"attn_q_norm", "self_attn.q_norm"},   {"attn_k_norm", "self_attn.k_norm"},
-      {"ffn_gate", "mlp.gate_proj"},         {"ffn_up", "mlp.up_proj"},
-      {"ffn_down", "mlp.down_proj"},
-  };
-  static const std::regex kPattern(R"(blk\.(\d+)\.([a-z_]+)\.(weight|bias))");
-  std::smatch m;
-  if (std::regex_match(gguf_name, m, kPattern)) {
-    const auto it = kLayer.find(m[2].str());
-    if (it != kLayer.end()) return "model.layers." + m[1].str() + "." + it->second + "." + m[3].str();
-  }
+  if (std::optional<std::string> hf = hf_tensor_name(gguf_name)) return *hf;
   fail("{}: tensor '{}' has no Hugging Face counterpart mopt knows", label, printable(gguf_name));
 }
 

@@ -121,7 +121,7 @@ void quantize_int8_activations(const float* x, std::int64_t n, float amax, std::
   for (std::int64_t i = 0; i < n; ++i) codes[i] = static_cast<std::int8_t>(std::clamp(std::nearbyint(x[i] * scale), -128.0f, 127.0f));
 }
 
-QuantizedLinear::QuantizedLinear(QuantizedWeightSource source, const std::string& label) : src_(std::move(source)) {
+PackedLinear::PackedLinear(QuantizedWeightSource source, const std::string& label) : src_(std::move(source)) {
   auto& s = src_;
   if (s.out <= 0 || s.in <= 0 || s.block <= 0) fail("{}: quantized weight [{}, {}] with block {}", label, s.out, s.in, s.block);
   blocks_per_row_ = ceil_div(s.in, s.block);
@@ -201,13 +201,13 @@ QuantizedLinear::QuantizedLinear(QuantizedWeightSource source, const std::string
   }
 }
 
-std::uint64_t QuantizedLinear::bytes() const {
+std::uint64_t PackedLinear::bytes() const {
   return codes_.size() + layout_.nibbles.size() + layout_.int8_rows.size() + static_cast<std::uint64_t>(layout_.vnni.bytes()) +
          src_.scales.size() * sizeof(float) +
          src_.scale_codes.size() + src_.block_tables.size();
 }
 
-std::string QuantizedLinear::describe() const {
+std::string PackedLinear::describe() const {
   switch (src_.type) {
     case QuantizedWeightType::int4: return fmt::format("int4 g{}", src_.block);
     case QuantizedWeightType::int4_fp8_table: return fmt::format("int4 g{} via fp8", src_.block);
@@ -218,7 +218,7 @@ std::string QuantizedLinear::describe() const {
   return "?";
 }
 
-void QuantizedLinear::dequantize_rows(std::int64_t row0, std::int64_t rows, float* out) const {
+void PackedLinear::dequantize_rows(std::int64_t row0, std::int64_t rows, float* out) const {
   const auto& s = src_;
   if (vectorized_ && !s.int8_activations) {
     const std::int64_t r1 = row0 + rows;
@@ -255,14 +255,14 @@ void QuantizedLinear::dequantize_rows(std::int64_t row0, std::int64_t rows, floa
   }
 }
 
-void QuantizedLinear::forward(const float* x, std::int64_t m, float* y, Precision precision) const {
+void PackedLinear::forward(const float* x, std::int64_t m, float* y, Precision precision) const {
   if (m <= 0) return;
   if (src_.int8_activations) return forward_w8a8(x, m, y);
   if (m <= kGemvMaxRows) return forward_gemv(x, m, y);
   forward_tiles(x, m, y, precision);
 }
 
-void QuantizedLinear::forward_gemv(const float* x, std::int64_t m, float* y) const {
+void PackedLinear::forward_gemv(const float* x, std::int64_t m, float* y) const {
   const auto& s = src_;
   const std::int64_t k = s.in, n = s.out;
   const int mi = static_cast<int>(m);
@@ -330,7 +330,7 @@ void QuantizedLinear::forward_gemv(const float* x, std::int64_t m, float* y) con
   }
 }
 
-void QuantizedLinear::forward_tiles(const float* x, std::int64_t m, float* y, Precision precision) const {
+void PackedLinear::forward_tiles(const float* x, std::int64_t m, float* y, Precision precision) const {
   const std::int64_t k = src_.in, n = src_.out;
   if (precision == Precision::bf16 && bf16_kernels_chosen()) {
     // Each thread decodes a panel of 64 weight rows to f32 (exactly as below) and rounds it to bf16.
@@ -341,7 +341,7 @@ void QuantizedLinear::forward_tiles(const float* x, std::int64_t m, float* y, Pr
   gemm_f32_rows(x, m, k, [this](std::int64_t r0, std::int64_t rows, float* out) { dequantize_rows(r0, rows, out); }, n, y);
 }
 
-void QuantizedLinear::forward_w8a8(const float* x, std::int64_t m, float* y) const {
+void PackedLinear::forward_w8a8(const float* x, std::int64_t m, float* y) const {
   const auto& s = src_;
   const std::int64_t k = s.in, n = s.out;
   const std::vector<float>& factor = w8a8_factor_;

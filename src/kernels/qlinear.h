@@ -62,15 +62,15 @@ struct QuantizedWeightSource {
   float input_amax = 0.0f;
 };
 
-class QuantizedLinear {
+class PackedLinear {
  public:
   // Repacks the codes (throws Error naming `label` for a shape or code the layout cannot hold).
-  QuantizedLinear(QuantizedWeightSource source, const std::string& label);
+  PackedLinear(QuantizedWeightSource source, const std::string& label);
   // Not copyable (it refers into its own buffers); moves keep the buffers.
-  QuantizedLinear(const QuantizedLinear&) = delete;
-  QuantizedLinear& operator=(const QuantizedLinear&) = delete;
-  QuantizedLinear(QuantizedLinear&&) = default;
-  QuantizedLinear& operator=(QuantizedLinear&&) = default;
+  PackedLinear(const PackedLinear&) = delete;
+  PackedLinear& operator=(const PackedLinear&) = delete;
+  PackedLinear(PackedLinear&&) = default;
+  PackedLinear& operator=(PackedLinear&&) = default;
 
   std::int64_t out() const { return src_.out; }
   std::int64_t in() const { return src_.in; }

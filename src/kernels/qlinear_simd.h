@@ -1,5 +1,5 @@
 // AVX2 kernels of the quantized Linear (qlinear.h), over rows [r0, r1) of
-// the weight. Called only after the CPU check; layouts as QuantizedLinear::Layout.
+// the weight. Called only after the CPU check; layouts as PackedLinear::Layout.
 // x rows are `k` apart, y rows `ldy` apart; m <= 4 rows in the GEMVs.
 #pragma once
 

@@ -180,7 +180,7 @@ std::optional<Sparse24Linear> Sparse24Linear::compress_w8a8(const std::uint8_t* 
   if (!w) return w;
   w->int8_activations_ = true;
   w->input_amax_ = input_amax;
-  // As QuantizedLinear's W8A8: y = sum(qx * qw) * w_scale / (127 / amax).
+  // As PackedLinear's W8A8: y = sum(qx * qw) * w_scale / (127 / amax).
   const float x_scale = int8_input_scale(input_amax);
   const std::int64_t half = in / 2;
   w->factors_.resize(static_cast<std::size_t>(out));

@@ -56,7 +56,7 @@ class Sparse24Linear {
   static std::optional<Sparse24Linear> compress(Sparse24Values type, const std::uint8_t* codes, std::int64_t out, std::int64_t in,
                                                 std::vector<float> row_scales, const std::string& label);
   // An int8 W8A8 weight (codes, one scale per row) whose input is quantized with
-  // clamp(rint(x * 127 / input_amax), -128, 127), as kernels::QuantizedLinear's W8A8.
+  // clamp(rint(x * 127 / input_amax), -128, 127), as kernels::PackedLinear's W8A8.
   // An INT4 weight: codes as QuantizedWeightSource's int4 (two's complement nibbles, even column in
   // the low nibble, rows of ceil(in / 2) bytes), scales [out, in / block]; block a multiple of 64 and
   // `in` of 128 (else nothing: the dense kernels keep it).

@@ -46,7 +46,7 @@ struct Linear {
   std::optional<Tensor> bias;  // [out]
   ActivationTransform input_transform;  // applied to a copy of the input when set
   // The weight kept quantized and run by the quantized kernels (shared: layers are copied cheaply).
-  std::shared_ptr<const kernels::QuantizedLinear> quantized;
+  std::shared_ptr<const kernels::PackedLinear> quantized;
   // A 2:4 sparse weight kept compressed and run by the sparse kernels (kernels/sparse24.h); `weight`
   // then stays only as a view of the file (its pages released) or empty.
   std::shared_ptr<const kernels::Sparse24Linear> sparse;

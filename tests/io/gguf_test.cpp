@@ -395,5 +395,37 @@ TEST(GgufFixture, ConvertRefusesWhatItCannotRepresent) {
   for (const auto& entry : fs::directory_iterator(tmp.path())) ADD_FAILURE() << "left behind: " << entry.path();
 }
 
+TEST(Gguf, TensorNamesTranslateBothWaysFromOneTable) {
+  const std::pair<const char*, const char*> pairs[] = {
+      {"model.embed_tokens.weight", "token_embd.weight"},
+      {"model.norm.weight", "output_norm.weight"},
+      {"lm_head.weight", "output.weight"},
+      {"model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight"},
+      {"model.layers.12.post_attention_layernorm.weight", "blk.12.ffn_norm.weight"},
+      {"model.layers.3.self_attn.q_proj.weight", "blk.3.attn_q.weight"},
+      {"model.layers.3.self_attn.q_proj.bias", "blk.3.attn_q.bias"},
+      {"model.layers.3.self_attn.k_proj.bias", "blk.3.attn_k.bias"},
+      {"model.layers.3.self_attn.v_proj.weight", "blk.3.attn_v.weight"},
+      {"model.layers.3.self_attn.o_proj.weight", "blk.3.attn_output.weight"},
+      {"model.layers.7.self_attn.q_norm.weight", "blk.7.attn_q_norm.weight"},
+      {"model.layers.7.self_attn.k_norm.weight", "blk.7.attn_k_norm.weight"},
+      {"model.layers.31.mlp.gate_proj.weight", "blk.31.ffn_gate.weight"},
+      {"model.layers.31.mlp.up_proj.bias", "blk.31.ffn_up.bias"},
+      {"model.layers.31.mlp.down_proj.weight", "blk.31.ffn_down.weight"},
+  };
+  for (const auto& [hf, gguf] : pairs) {
+    EXPECT_EQ(gguf_tensor_name(hf).value_or("?"), gguf) << hf;
+    EXPECT_EQ(hf_tensor_name(gguf).value_or("?"), hf) << gguf;
+  }
+  EXPECT_EQ(hf_tensor_name("rope_freqs.weight").value_or("?"), "");
+  for (const char* bad : {"blk.x.attn_q.weight", "blk.3.attn_q.scale", "blk.3.attn_qq.weight", "blk..attn_q.weight", "blk.3", "output", ""}) {
+    EXPECT_FALSE(hf_tensor_name(bad).has_value()) << bad;
+  }
+  for (const char* bad : {"model.layers.3.self_attn.rotary_emb.inv_freq", "model.layers.a.mlp.up_proj.weight", "model.layers.3.mlp.up_proj",
+                          "lm_head.bias"}) {
+    EXPECT_FALSE(gguf_tensor_name(bad).has_value()) << bad;
+  }
+}
+
 }  // namespace
 }  // namespace mopt::io

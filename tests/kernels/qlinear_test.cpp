@@ -74,7 +74,7 @@ std::vector<float> random_input(std::int64_t m, std::int64_t k, std::uint32_t se
 // Checks forward() against the reference for several row counts; `int4_gemv` widens the bound by the
 // int8 rounding of the input (half a step of each 64 inputs' amax / 127) that the vectorized INT4 GEMV does.
 void check_forward(const QuantizedWeightSource& src, const std::string& what) {
-  const QuantizedLinear q(src, what);
+  const PackedLinear q(src, what);
   const std::vector<float> w = ref::dequantize(src);
   // The repacked layout decodes to the same values, bit for bit.
   std::vector<float> rows(static_cast<std::size_t>(src.out * src.in));
@@ -125,7 +125,7 @@ void check_forward(const QuantizedWeightSource& src, const std::string& what) {
   }
 }
 
-TEST(QuantizedLinear, EveryWeightTypeMatchesTheReference) {
+TEST(PackedLinear, EveryWeightTypeMatchesTheReference) {
   check_forward(random_source(T::int4, 24, 256, 128, 1), "int4 g128");
   check_forward(random_source(T::int4, 10, 192, 64, 2), "int4 g64");
   check_forward(random_source(T::int4, 6, 40, 8, 3), "int4 g8 (plain layout)");
@@ -145,7 +145,7 @@ bool avx2_kernels() { return cpu_features().avx2 && cpu_features().fma && cpu_fe
 // INT4 and W4A8 at every group the AVX2 layout holds (multiples of 32 over chunks of 64 inputs: with
 // groups of 32 the low and the high nibbles of a chunk have different scales), including a last group
 // shorter than the rest, against the reference; and vectorized wherever the CPU allows.
-TEST(QuantizedLinear, Int4EveryGroupOf32kIsVectorized) {
+TEST(PackedLinear, Int4EveryGroupOf32kIsVectorized) {
   struct Shape {
     std::int64_t out, in, group;
   };
@@ -157,7 +157,7 @@ TEST(QuantizedLinear, Int4EveryGroupOf32kIsVectorized) {
       const auto src = random_source(type, sh.out, sh.in, sh.group, ++seed);
       const std::string what = fmt::format("{} [{}, {}] g{}", type == T::int4 ? "int4" : "int4 via fp8", sh.out, sh.in, sh.group);
       check_forward(src, what);
-      const QuantizedLinear q(src, what);
+      const PackedLinear q(src, what);
       EXPECT_EQ(q.vectorized(), avx2_kernels()) << what << ": " << q.plain_reason();
       EXPECT_EQ(q.plain_reason().empty(), q.vectorized()) << what;
     }
@@ -165,7 +165,7 @@ TEST(QuantizedLinear, Int4EveryGroupOf32kIsVectorized) {
 }
 
 // What the AVX2 layout cannot hold runs the plain loops, matches the reference, and says why.
-TEST(QuantizedLinear, PlainLoopsSayWhy) {
+TEST(PackedLinear, PlainLoopsSayWhy) {
   struct Case {
     QuantizedWeightSource src;
     std::string why;  // when the CPU has AVX2
@@ -177,20 +177,20 @@ TEST(QuantizedLinear, PlainLoopsSayWhy) {
   cases.push_back({random_source(T::e2m1, 5, 48, 16, 63), "48 inputs is not a multiple of 64"});
   cases.push_back({random_source(T::int8, 7, 30, 30, 64), "30 inputs is not a multiple of 16"});
   for (auto& c : cases) {
-    const QuantizedLinear q(c.src, c.why);
+    const PackedLinear q(c.src, c.why);
     check_forward(c.src, c.why);
     EXPECT_FALSE(q.vectorized()) << c.why;
     // What no AVX2 kernel holds is named first, on any CPU.
     EXPECT_NE(q.plain_reason().find(c.why), std::string::npos) << q.plain_reason();
   }
   // A shape the kernels hold: the CPU's reason, or none.
-  const QuantizedLinear fast(random_source(T::int4, 6, 128, 32, 65), "g32");
+  const PackedLinear fast(random_source(T::int4, 6, 128, 32, 65), "g32");
   EXPECT_EQ(fast.plain_reason(), avx2_kernels_unavailable());
   const char* isa = std::getenv("MOPT_ISA");
   if (isa != nullptr && std::string(isa) == "scalar") EXPECT_EQ(fast.plain_reason(), "MOPT_ISA=scalar turns the AVX2 kernels off");
 }
 
-TEST(QuantizedLinear, W8A8RunsOnIntegers) {
+TEST(PackedLinear, W8A8RunsOnIntegers) {
   for (const std::int64_t in : {192, 100}) {
     QuantizedWeightSource s = random_source(T::int8, 19, in, in, 20);
     for (auto& c : s.codes) {
@@ -199,19 +199,19 @@ TEST(QuantizedLinear, W8A8RunsOnIntegers) {
     s.int8_activations = true;
     s.input_amax = 2.5f;  // the normal inputs exceed it: codes -128 and 127 occur
     check_forward(s, "w8a8");
-    EXPECT_EQ(QuantizedLinear(s, "w8a8").vectorized(), vnni_gemm_available() || avx2_kernels());
+    EXPECT_EQ(PackedLinear(s, "w8a8").vectorized(), vnni_gemm_available() || avx2_kernels());
   }
   // A weight code of -128 is still computed exactly (by VNNI, else by the plain loop).
   QuantizedWeightSource s = random_source(T::int8, 9, 64, 64, 21);
   s.codes[5] = 0x80;
   s.int8_activations = true;
   s.input_amax = 3.0f;
-  EXPECT_EQ(QuantizedLinear(s, "w8a8").vectorized(), vnni_gemm_available());
-  if (!vnni_gemm_available()) EXPECT_NE(QuantizedLinear(s, "w8a8").plain_reason().find("-128"), std::string::npos);
+  EXPECT_EQ(PackedLinear(s, "w8a8").vectorized(), vnni_gemm_available());
+  if (!vnni_gemm_available()) EXPECT_NE(PackedLinear(s, "w8a8").plain_reason().find("-128"), std::string::npos);
   check_forward(s, "w8a8 with -128");
 }
 
-TEST(QuantizedLinear, Int8ActivationsRoundHalfToEvenAndClamp) {
+TEST(PackedLinear, Int8ActivationsRoundHalfToEvenAndClamp) {
   // Random values, exact half steps and values past the range; 1000 of them: a tail after the 32-wide loop.
   std::mt19937 rng(3);
   std::uniform_real_distribution<float> u(-1.3f, 1.3f);
@@ -233,7 +233,7 @@ TEST(QuantizedLinear, Int8ActivationsRoundHalfToEvenAndClamp) {
 
 // The INT4 GEMV's input rounding: per 64 values, symmetric to +-127 around each block's largest |x|
 // (an all-zero block gives step 0 and codes 0); and the W8A8 input scale with its floor at 2^-24.
-TEST(QuantizedLinear, Int4InputRoundsPer64AndInt8ScaleHasAFloor) {
+TEST(PackedLinear, Int4InputRoundsPer64AndInt8ScaleHasAFloor) {
   std::mt19937 rng(5);
   std::normal_distribution<float> d(0.0f, 2.0f);
   std::vector<float> x(192);
@@ -259,18 +259,18 @@ TEST(QuantizedLinear, Int4InputRoundsPer64AndInt8ScaleHasAFloor) {
   EXPECT_EQ(int8_input_scale(1e-9f), 1.0f);
 }
 
-TEST(QuantizedLinear, BytesAreTheKernelLayout) {
-  const QuantizedLinear q(random_source(T::int4, 16, 256, 128, 1), "int4");
+TEST(PackedLinear, BytesAreTheKernelLayout) {
+  const PackedLinear q(random_source(T::int4, 16, 256, 128, 1), "int4");
   EXPECT_EQ(q.bytes(), 16u * 128u + 16u * 2u * 4u);
-  const QuantizedLinear f(random_source(T::e2m1, 16, 256, 16, 1), "nvfp4");
+  const PackedLinear f(random_source(T::e2m1, 16, 256, 16, 1), "nvfp4");
   EXPECT_EQ(f.bytes(), 16u * 128u + 16u * 16u);
 }
 
-TEST(QuantizedLinear, RefusesWhatItCannotHold) {
+TEST(PackedLinear, RefusesWhatItCannotHold) {
   QuantizedWeightSource s = random_source(T::e4m3, 4, 32, 32, 1);
   s.codes[37] = 0xFF;
   try {
-    QuantizedLinear q(s, "model.layers.0.mlp.up_proj");
+    PackedLinear q(s, "model.layers.0.mlp.up_proj");
     FAIL() << "accepted a NaN code";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("model.layers.0.mlp.up_proj"), std::string::npos) << e.what();
@@ -278,7 +278,7 @@ TEST(QuantizedLinear, RefusesWhatItCannotHold) {
   }
   QuantizedWeightSource t = random_source(T::int4, 4, 32, 32, 1);
   t.scales.pop_back();
-  EXPECT_THROW(QuantizedLinear(t, "x"), Error);
+  EXPECT_THROW(PackedLinear(t, "x"), Error);
 }
 
 }  // namespace

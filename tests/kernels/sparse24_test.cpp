@@ -83,7 +83,7 @@ std::vector<float> dense_forward(Sparse24Values type, const Weight& w, std::int6
   s.block = in;
   s.codes = w.codes;
   s.scales = w.scales;
-  QuantizedLinear(std::move(s), "dense").forward(x.data(), m, y.data());
+  PackedLinear(std::move(s), "dense").forward(x.data(), m, y.data());
   return y;
 }
 
@@ -156,7 +156,7 @@ TEST(Sparse24Linear, W8A8EqualsItsTwinAndTheDenseKernelExactly) {
     s.scales = w.scales;
     s.int8_activations = true;
     s.input_amax = amax;
-    const QuantizedLinear dense(std::move(s), "dense");
+    const PackedLinear dense(std::move(s), "dense");
     for (const std::int64_t m : {1, 2, 3, 4, 9, 16, 17, 37}) {  // the gathering kernel up to 16 rows, panels beyond
       SCOPED_TRACE(testing::Message() << "[" << out << ", " << in << "] m " << m);
       std::mt19937 rng(seed++);
@@ -213,7 +213,7 @@ TEST(Sparse24Linear, Int4MatchesItsTwinAndTheDenseKernel) {
     s.block = c.block;
     s.codes = nibbles;
     s.scales = scales;
-    const QuantizedLinear dense(std::move(s), "dense");
+    const PackedLinear dense(std::move(s), "dense");
     // The decoded rows are the dense decoding, zeros included.
     std::vector<float> rows(static_cast<std::size_t>(c.out * c.in)), want_rows(rows.size());
     sparse->dequantize_rows(0, c.out, rows.data());
