@@ -295,19 +295,6 @@ void gemm_int8_packed(const std::int8_t* x_codes, std::int64_t m, std::int64_t k
   });
 }
 
-void gemm_int8_rows(const std::int8_t* x_codes, std::int64_t m, std::int64_t k, const WeightRowsInt8& rows_int8, std::int64_t n,
-                    const float* factor, float* y) {
-  gemm_int8_packed(
-      x_codes, m, k,
-      [&](std::int64_t r0, std::int64_t rows, std::uint32_t* panel, std::int32_t* offsets) {
-        thread_local std::vector<std::int8_t> codes;
-        codes.resize(static_cast<std::size_t>(kPanel * k));
-        rows_int8(r0, rows, codes.data());
-        avx512::pack_panel_int8(codes.data(), k, rows, k, panel, offsets);
-      },
-      n, factor, y);
-}
-
 namespace ref {
 
 void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,

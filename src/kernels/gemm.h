@@ -91,20 +91,13 @@ class Int8Panels {
   std::vector<std::int32_t> offsets_;  // [n/64 * 64]
 };
 
-// Writes weight rows [row0, row0 + rows) (rows <= 64), inputs [0, k), as int8 codes into out [rows, k].
-using WeightRowsInt8 = std::function<void(std::int64_t row0, std::int64_t rows, std::int8_t* out)>;
-
-// Int8Panels::multiply for a weight given through `rows_int8` (needs vnni_gemm_available()): each task
-// packs a panel of 64 weight rows of its own and runs every input row through it.
-void gemm_int8_rows(const std::int8_t* x_codes, std::int64_t m, std::int64_t k, const WeightRowsInt8& rows_int8, std::int64_t n,
-                    const float* factor, float* y);
-
 // Writes weight rows [row0, row0 + rows) (rows <= 64) straight into the VNNI layout: panel[ceil(k/4)][64]
 // dwords (dword [q][c] = codes 4q..4q+3 of row c, the first in the low byte; zeros past `rows` and k)
 // and offsets[64] = 128 x each row's code sum (0 past `rows`).
 using WeightPanelInt8 = std::function<void(std::int64_t row0, std::int64_t rows, std::uint32_t* panel, std::int32_t* offsets)>;
 
-// gemm_int8_rows for a weight that packs its own panels.
+// Int8Panels::multiply for a weight that packs its own panels (needs vnni_gemm_available()): each task
+// has `pack_panel` write a panel of 64 weight rows into a buffer of its own and runs every input row through it.
 void gemm_int8_packed(const std::int8_t* x_codes, std::int64_t m, std::int64_t k, const WeightPanelInt8& pack_panel, std::int64_t n,
                       const float* factor, float* y);
 
