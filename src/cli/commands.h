@@ -94,6 +94,7 @@ struct EvalOptions {
   std::string token_nll;    // ppl: write each scored token's position and NLL here
   std::string products = "bf16";  // bf16 or f32 (kernels::Precision); --fake-quant runs f32 weights, always f32
   std::int64_t seq_len = 512;     // loss: an example's tokens at most (as training cuts them)
+  bool chat_template = false;     // loss: records in the model directory's chat template, as mopt train --chat-template
 };
 int run_eval_ppl(const EvalOptions& options);
 int run_eval_loss(const EvalOptions& options);

@@ -1,6 +1,7 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <filesystem>
 #include <memory>
 #include <optional>
 #include <nlohmann/json.hpp>
@@ -13,6 +14,7 @@
 #include "eval/multiple_choice.h"
 #include "eval/perplexity.h"
 #include "io/atomic_file.h"
+#include "io/chat_template.h"
 #include "io/json_util.h"
 #include "export/hf_modelopt.h"
 #include "model/llama.h"
@@ -122,8 +124,13 @@ int run_eval_loss(const EvalOptions& o) {
   const auto m = load_for_eval(o.model, o);
   const auto& c = m.config();
   const std::int32_t eos = c.eos_token_ids.empty() ? -1 : static_cast<std::int32_t>(c.eos_token_ids.front());
+  std::optional<io::ChatTemplate> chat;
+  if (o.chat_template) {
+    if (!std::filesystem::is_directory(o.model)) fail("--chat-template: {} is not a model directory (its chat template is read from there)", o.model);
+    chat = io::load_chat_template(o.model);
+  }
   std::vector<eval::ScoredSequence> sequences;
-  for (auto& e : train::read_examples(o.data, m.require_tokenizer(), o.seq_len, eos)) {
+  for (auto& e : train::read_examples(o.data, m.require_tokenizer(), o.seq_len, eos, chat ? &*chat : nullptr)) {
     for (const std::int32_t t : e.tokens) {
       if (t >= c.vocab_size) fail("{}: the tokenizer gives token {}, outside the model's vocabulary of {}", o.data, t, c.vocab_size);
     }

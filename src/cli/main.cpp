@@ -105,6 +105,7 @@ int main(int argc, char** argv) {
   loss_cmd->add_option("--data", eval.data, ".jsonl ({\"prompt\",\"response\"} or {\"text\"}) or .txt, read as mopt train reads it")->required();
   loss_cmd->add_option("--base", eval.base, "Also score this model on the same tokens: the difference and its paired standard error");
   loss_cmd->add_option("--seq-len", eval.seq_len, "Tokens per example at most, as in training (default 512)")->check(CLI::Range(2, 1 << 24));
+  loss_cmd->add_flag("--chat-template", eval.chat_template, "Render pairs and {\"messages\"} records with the model's chat template, as mopt train --chat-template");
   auto* mc_cmd = eval_cmd->add_subcommand("mc", "Multiple-choice accuracy on an MMLU-format CSV file");
   mc_cmd->add_option("model", eval.model, "Model directory")->required();
   mc_cmd->add_option("--data", eval.data, "CSV: question, A, B, C, D, answer letter")->required();
@@ -199,8 +200,11 @@ int main(int argc, char** argv) {
   train_cmd->add_option("model", train.model, "Model directory to fine-tune (Hugging Face checkpoint); omit with --init");
   train_cmd->add_option("--init", train.init, "A config.json: train a model from scratch (weights initialized as transformers does)");
   train_cmd->add_option("--tokenizer", train.tokenizer, "Directory with tokenizer.json (default: the model's)");
-  train_cmd->add_option("--data", train.train.data, ".txt (packed into --seq-len pieces) or .jsonl ({\"text\"} or {\"prompt\",\"response\"}: loss on the response)")
+  train_cmd->add_option("--data", train.train.data, ".txt (packed into --seq-len pieces) or .jsonl ({\"text\"}, {\"prompt\",\"response\"}: loss on the response, or {\"messages\"} with --chat-template)")
       ->required()->expected(1, -1);
+  train_cmd->add_flag("--chat-template", train.train.chat_template,
+                      "Render .jsonl {\"prompt\",\"response\"} (and \"system\") and {\"messages\"} records with the tokenizer's chat template "
+                      "(chat_template.jinja or tokenizer_config.json), as apply_chat_template does; the loss counts the assistant turns' tokens");
   train_cmd->add_option("--val", train.train.validation, "Validation file (.txt or .jsonl), scored every --eval-every steps and at the end");
   train_cmd->add_option("--steps", train.train.steps, "Optimizer steps (default: from --epochs)")->check(CLI::NonNegativeNumber);
   train_cmd->add_option("--epochs", train.train.epochs, "Passes over the data when --steps is not given (default 1)")->check(CLI::PositiveNumber);

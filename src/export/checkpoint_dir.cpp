@@ -52,7 +52,7 @@ void CheckpointDirWriter::write_text(const std::string& file, const std::string&
 }
 
 void CheckpointDirWriter::copy_model_files(const std::string& source_dir) {
-  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja"}) {
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json"}) {
     const fs::path from = fs::path(source_dir) / f;
     if (fs::exists(from)) io::write_file_atomically((temp_dir_ / f).string(), io::read_text_file(from.string()));
   }

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <optional>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -39,6 +40,7 @@ std::string fingerprint(const TrainOptions& o, std::int64_t total_steps, std::in
             {"weight_decay", o.adam.weight_decay}, {"clip", o.clip}, {"seed", o.seed}};
   if (!o.settings.empty()) j["more"] = o.settings;
   if (o.scale_lr > 0) j["scale_lr"] = o.scale_lr;
+  if (o.chat_template) j["chat_template"] = true;
   return j.dump();
 }
 
@@ -154,9 +156,12 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
   if (o.dtype != DType::BF16 && o.dtype != DType::F32) fail("--dtype: bf16 or f32");
   const auto& config = model.config();
   const std::int32_t eos = config.eos_token_ids.empty() ? -1 : static_cast<std::int32_t>(config.eos_token_ids.front());
+  std::optional<io::ChatTemplate> chat;
+  if (o.chat_template) chat = io::load_chat_template(o.tokenizer_dir);
+  const io::ChatTemplate* chat_template = chat ? &*chat : nullptr;
   std::vector<Example> examples;
   for (const auto& path : o.data) {
-    auto more = read_examples(path, tokenizer, o.seq_len, eos);
+    auto more = read_examples(path, tokenizer, o.seq_len, eos, chat_template);
     examples.insert(examples.end(), std::make_move_iterator(more.begin()), std::make_move_iterator(more.end()));
   }
   for (const auto& e : examples) {
@@ -164,7 +169,7 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
       if (t >= config.vocab_size) fail("{}: the tokenizer gives token {}, outside the model's vocabulary of {}", o.data.front(), t, config.vocab_size);
     }
   }
-  std::vector<Example> val = o.validation.empty() ? std::vector<Example>{} : read_examples(o.validation, tokenizer, o.seq_len, eos);
+  std::vector<Example> val = o.validation.empty() ? std::vector<Example>{} : read_examples(o.validation, tokenizer, o.seq_len, eos, chat_template);
   const std::int64_t per_step = o.batch * o.grad_accum;
   std::uint64_t params = 0;
   for (const auto& p : model.parameters()) params += static_cast<std::uint64_t>(p.numel());

@@ -38,6 +38,7 @@ struct TrainOptions {
   bool resume = false;             // continue from the state file
   DType dtype = DType::BF16;       // of the written weights: bf16 or f32
   std::string tokenizer_dir;       // tokenizer.json (and its companions) copied from here
+  bool chat_template = false;      // render .jsonl pairs and conversations with tokenizer_dir's chat template
   std::string log;                 // a JSONL copy of the log written as training runs; empty: none
   std::string label;               // what is trained, for the first line on stdout
   double scale_lr = 0;             // the learning rate of learned quantization scales (QAT's LSQ); 0: lr

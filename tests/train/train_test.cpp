@@ -15,9 +15,12 @@
 #include "train/data.h"
 #include "train/optimizer.h"
 #include "train/trainer.h"
+#include "io/chat_template.h"
 #include "io/tokenizer.h"
 #include "support/temp_dir.h"
+#include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
 
 namespace mopt::train {
@@ -243,6 +246,87 @@ TEST(TrainingData, TextPiecesAndResponseOnlyTargets) {
   }
   EXPECT_THROW(read_examples(write_file(dir.path(), "d.jsonl", "[1, 2]\n"), tokenizer, 8, 1), Error);
   EXPECT_THROW(read_examples(write_file(dir.path(), "e.txt", ""), tokenizer, 8, 1), Error);
+}
+
+// --chat-template: examples as the Python reference builds them with the tokenizers library
+// (tests/data/chat_templates/sft_goldens.json, tools/fixtures/make_chat_template_goldens.py): pairs,
+// a system message, a multi-turn conversation with every assistant turn learned, and a cut one.
+void expect_chat_goldens(const nlohmann::json& examples, const io::Tokenizer& tokenizer, const io::ChatTemplate& chat, const testing::TempDir& dir) {
+  ASSERT_EQ(examples.size(), 4u);
+  for (const auto& g : examples) {
+    const std::string path = write_file(dir.path(), "sft.jsonl", g["record"].dump() + "\n");
+    const auto got = read_examples(path, tokenizer, g["seq_len"].get<std::int64_t>(), 2, &chat);
+    ASSERT_EQ(got.size(), 1u);
+    EXPECT_EQ(got[0].tokens, g["tokens"].get<std::vector<std::int32_t>>()) << g["record"];
+    EXPECT_EQ(got[0].targets, g["targets"].get<std::vector<std::int32_t>>()) << g["record"];
+  }
+}
+
+nlohmann::json sft_goldens() {
+  std::ifstream in(kData + "/chat_templates/sft_goldens.json");
+  return nlohmann::json::parse(in);
+}
+
+// With tiny-kjv's tokenizer (in the repository) and Llama-2's template, whose BOS/EOS it holds.
+TEST(TrainingData, ChatTemplateExamplesMatchTheReference) {
+  const testing::TempDir dir;
+  const auto tokenizer = io::Tokenizer::load(std::string(MOPT_MODELS_DIR) + "/tiny-kjv");
+  const nlohmann::json golden = sft_goldens()["tiny_kjv"];
+  std::ifstream source(kData + "/chat_templates/" + golden["template"].get<std::string>());
+  io::ChatTemplate chat(std::string(std::istreambuf_iterator<char>(source), {}), golden["template"].get<std::string>());
+  chat.set_special_tokens(golden["special_tokens"]);
+  expect_chat_goldens(golden["examples"], tokenizer, chat, dir);
+  // The counted tokens of a pair decode to the reply through the end of its turn; no EOS is added.
+  const auto pair = read_examples(write_file(dir.path(), "p.jsonl", R"({"prompt": "Hi", "response": "Hello!"})" "\n"), tokenizer, 256, 1, &chat);
+  std::vector<std::int32_t> learned;
+  for (std::size_t i = 0; i < pair[0].targets.size(); ++i) {
+    if (pair[0].targets[i] >= 0) learned.push_back(pair[0].targets[i]);
+  }
+  EXPECT_EQ(tokenizer.decode(learned), " Hello! <|end_of_text|>");
+  EXPECT_EQ(tokenizer.decode(pair[0].tokens), chat.apply(nlohmann::json::parse(R"([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])"), false));
+
+  const auto error_of = [&](const std::string& record, const io::ChatTemplate* t) -> std::string {
+    try {
+      read_examples(write_file(dir.path(), "bad.jsonl", "{\"text\": \"ok\"}\n" + record + "\n"), tokenizer, 256, 1, t);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_NE(error_of(R"({"messages": [{"role": "user", "content": "x"}]})", nullptr).find("bad.jsonl:2: a \"messages\" record is rendered with the tokenizer's chat template: pass --chat-template"), std::string::npos);
+  EXPECT_NE(error_of(R"({"messages": [{"role": "user", "content": "x"}]})", &chat).find("bad.jsonl:2: no assistant message to learn from"), std::string::npos);
+  EXPECT_NE(error_of(R"({"messages": [{"content": "x"}]})", &chat).find("bad.jsonl:2: every message needs a string \"role\""), std::string::npos);
+  // Llama-2's own check: roles alternate.
+  EXPECT_NE(error_of(R"({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]})", &chat)
+                .find("the template raised an error: Conversation roles must alternate"),
+            std::string::npos);
+  const io::ChatTemplate raises("{% if messages[0].role != 'user' %}{{ raise_exception('user first') }}{% endif %}{{ messages[0].content }}", "strict.jinja");
+  EXPECT_EQ(error_of(R"({"system": "s", "prompt": "p", "response": "r"})", &raises), std::string(dir.file("bad.jsonl")) + ":2: strict.jinja:1:39: the template raised an error: user first");
+  // A template that rewrites earlier turns (here: only the last assistant turn is kept) cannot give a turn's span.
+  const io::ChatTemplate rewrites("{% for m in messages %}{% if m.role != 'assistant' or loop.last %}{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}", "rewrites.jinja");
+  EXPECT_NE(error_of(R"({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]})", &rewrites)
+                .find("message 2 (assistant): the chat template writes it differently when later messages follow"),
+            std::string::npos);
+  // A template whose turn does not continue its generation prompt.
+  const io::ChatTemplate unaligned("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}", "unaligned.jinja");
+  EXPECT_NE(error_of(R"({"prompt": "p", "response": "r"})", &unaligned).find("bad.jsonl:2: message 2 (assistant): the chat template's text through it does not start with"), std::string::npos);
+}
+
+// SmolLM2's own template and tokenizer (its special tokens are added tokens there), where
+// scripts/get-smollm2.sh has fetched the model.
+TEST(TrainingData, ChatTemplateExamplesMatchTheReferenceOnSmolLM2) {
+  const testing::TempDir dir;
+  const std::string smollm2 = std::string(MOPT_MODELS_DIR) + "/smollm2-135m";
+  if (!std::filesystem::exists(smollm2 + "/tokenizer.json")) GTEST_SKIP() << smollm2 << " not found: run scripts/get-smollm2.sh";
+  const auto tokenizer = io::Tokenizer::load(smollm2);
+  const io::ChatTemplate chat = io::load_chat_template(smollm2);
+  expect_chat_goldens(sft_goldens()["examples"], tokenizer, chat, dir);
+  const auto pair = read_examples(write_file(dir.path(), "p.jsonl", R"({"prompt": "Hi", "response": "Hello!"})" "\n"), tokenizer, 512, 2, &chat);
+  std::vector<std::int32_t> learned;
+  for (std::size_t i = 0; i < pair[0].targets.size(); ++i) {
+    if (pair[0].targets[i] >= 0) learned.push_back(pair[0].targets[i]);
+  }
+  EXPECT_EQ(tokenizer.decode(learned), "Hello!<|im_end|>\n");
 }
 
 // Every epoch visits every example once, in a seeded order that differs between epochs; a cursor
