@@ -194,15 +194,18 @@ int run_eval_kld(const EvalOptions& o) {
     json j = {{"model", o.model}, {"base", o.base}, {"text", o.text}, {"ctx", ctx}, {"stride", stride},
               {"positions", r.positions}, {"mean_kld", r.mean_kld}, {"median_kld", r.median_kld}, {"p90_kld", r.p90_kld},
               {"p95_kld", r.p95_kld}, {"p99_kld", r.p99_kld}, {"p999_kld", r.p999_kld}, {"max_kld", r.max_kld},
-              {"top1_agreement", r.top1_agreement}, {"delta_ppl", dppl}, {"model_ppl", ppl_json(r.model)}, {"base_ppl", ppl_json(r.base)}};
+              {"top1_agreement", r.top1_agreement}, {"delta_ppl", dppl}, {"model_ppl", ppl_json(r.model)}, {"base_ppl", ppl_json(r.base)},
+              {"kld_stderr", r.kld_stderr}, {"mean_delta_nll", r.mean_dnll}, {"delta_nll_stderr", r.dnll_stderr}};
     fmt::print("{}\n", j.dump(2));
   } else {
     fmt::print("positions      {}\n", r.positions);
     fmt::print("ppl(base)      {:.4f}\nppl(model)     {:.4f}\ndelta ppl      {:+.4f} ({:+.2f}%)\n", r.base.perplexity,
                r.model.perplexity, dppl, 100.0 * dppl / r.base.perplexity);
-    fmt::print("mean KLD       {:.6f}\nmedian KLD     {:.6f}\n90% KLD        {:.6f}\n95% KLD        {:.6f}\n99% KLD        {:.6f}\n"
+    // ln(ppl ratio) is the mean per-token NLL difference; its paired standard error says whether it is noise.
+    fmt::print("ln ppl ratio   {:+.4f} ± {:.4f} (per-token NLL difference, paired standard error)\n", r.mean_dnll, r.dnll_stderr);
+    fmt::print("mean KLD       {:.6f} ± {:.6f}\nmedian KLD     {:.6f}\n90% KLD        {:.6f}\n95% KLD        {:.6f}\n99% KLD        {:.6f}\n"
                "99.9% KLD      {:.6f}\nmax KLD        {:.6f}\ntop-1 agree    {:.2f}%\n",
-               r.mean_kld, r.median_kld, r.p90_kld, r.p95_kld, r.p99_kld, r.p999_kld, r.max_kld, 100.0 * r.top1_agreement);
+               r.mean_kld, r.kld_stderr, r.median_kld, r.p90_kld, r.p95_kld, r.p99_kld, r.p999_kld, r.max_kld, 100.0 * r.top1_agreement);
   }
   return 0;
 }

@@ -167,6 +167,7 @@ KldResult kl_divergence(const model::Model& m, const model::Model& base, std::sp
   const std::int64_t vocab = m.config().vocab_size;
   KldResult r;
   std::vector<double> klds;
+  double dnll_sum = 0, dnll_square_sum = 0;  // per-token NLL(model) - NLL(base)
   std::int64_t agree = 0;
   struct RowScore {
     double nll_base = 0, nll_model = 0, kl = 0;
@@ -219,6 +220,9 @@ KldResult kl_divergence(const model::Model& m, const model::Model& base, std::sp
       }
       r.base.nll_sum += sc.nll_base;
       r.model.nll_sum += sc.nll_model;
+      const double d = sc.nll_model - sc.nll_base;
+      dnll_sum += d;
+      dnll_square_sum += d * d;
       klds.push_back(std::max(0.0, sc.kl));
       agree += sc.agree ? 1 : 0;
     }
@@ -230,9 +234,22 @@ KldResult kl_divergence(const model::Model& m, const model::Model& base, std::sp
   finish(r.base, static_cast<std::int64_t>(tokens.size()), processed, seconds_base);
   finish(r.model, static_cast<std::int64_t>(tokens.size()), processed, seconds_model);
   r.positions = static_cast<std::int64_t>(klds.size());
-  double sum = 0;
-  for (const double k : klds) sum += k;
-  r.mean_kld = sum / static_cast<double>(klds.size());
+  const auto n = static_cast<double>(klds.size());
+  // The standard error of a mean from its sums: sqrt(sample variance / n) (0 for a single value).
+  const auto stderr_of = [n](double sum, double square_sum) {
+    if (n < 2) return 0.0;
+    const double mean = sum / n;
+    return std::sqrt(std::max(0.0, (square_sum - n * mean * mean) / (n - 1)) / n);
+  };
+  double sum = 0, square_sum = 0;
+  for (const double k : klds) {
+    sum += k;
+    square_sum += k * k;
+  }
+  r.mean_kld = sum / n;
+  r.kld_stderr = stderr_of(sum, square_sum);
+  r.mean_dnll = dnll_sum / n;
+  r.dnll_stderr = stderr_of(dnll_sum, dnll_square_sum);
   std::sort(klds.begin(), klds.end());
   auto pct = [&](double q) { return klds[std::min(klds.size() - 1, static_cast<std::size_t>(q * static_cast<double>(klds.size())))]; };
   r.median_kld = pct(0.5);

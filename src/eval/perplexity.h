@@ -51,6 +51,12 @@ struct KldResult {
   double median_kld = 0, p90_kld = 0, p95_kld = 0, p99_kld = 0, p999_kld = 0, max_kld = 0;
   double top1_agreement = 0;  // fraction of scored positions whose argmax agrees
   std::int64_t positions = 0;
+  // The standard error of mean_kld, and the per-token difference of the two NLLs (model - base): its
+  // mean is ln(ppl(model) / ppl(base)) exactly, its standard error the paired one (tokens taken as
+  // independent draws, as llama.cpp's perplexity tool takes them) that says whether two models' ppl
+  // differ by more than the text's noise.
+  double kld_stderr = 0;
+  double mean_dnll = 0, dnll_stderr = 0;
 };
 
 // KL(base || model) per scored position, and both perplexities.

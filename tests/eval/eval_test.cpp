@@ -165,7 +165,7 @@ TEST(KlDivergence, TwoModelsAsDefinedAndTheSameAtAnyThreadCount) {
   std::vector<std::int32_t> ids;
   for (int i = 0; i < 100; ++i) ids.push_back(static_cast<std::int32_t>((i * 37 + 11) % vocab));
   const std::int64_t ctx = 32;
-  std::vector<long double> want;
+  std::vector<long double> want, dnll;  // per position: KL, and NLL(model) - NLL(base)
   long double nll_base = 0, nll_model = 0;
   std::int64_t agree = 0;
   for (const Window& w : sliding_windows(static_cast<std::int64_t>(ids.size()), ctx, ctx)) {
@@ -193,6 +193,7 @@ TEST(KlDivergence, TwoModelsAsDefinedAndTheSameAtAnyThreadCount) {
       const auto t = static_cast<std::size_t>(ids[static_cast<std::size_t>(p)]);
       nll_base += sb - b[t];
       nll_model += sq - q[t];
+      dnll.push_back((sq - q[t]) - (sb - b[t]));
       agree += std::max_element(b, b + vocab) - b == std::max_element(q, q + vocab) - q;
     }
   }
@@ -206,6 +207,23 @@ TEST(KlDivergence, TwoModelsAsDefinedAndTheSameAtAnyThreadCount) {
   long double mean = 0;
   for (const long double k : want) mean += k;
   mean /= static_cast<long double>(want.size());
+  // Standard errors of the means, two-pass: sqrt(sum (v - mean)^2 / (n - 1) / n).
+  const auto stderr_of = [](const std::vector<long double>& v) {
+    long double m = 0, ss = 0;
+    for (const long double x : v) m += x;
+    m /= static_cast<long double>(v.size());
+    for (const long double x : v) ss += (x - m) * (x - m);
+    return std::pair{static_cast<double>(m), static_cast<double>(std::sqrt(ss / static_cast<long double>(v.size() - 1) / static_cast<long double>(v.size())))};
+  };
+  const auto [kld_mean, kld_se] = stderr_of(want);
+  const auto [dnll_mean, dnll_se] = stderr_of(dnll);
+  EXPECT_GT(kld_se, 0.0);
+  EXPECT_NEAR(one.kld_stderr, kld_se, 1e-5 * kld_se);
+  EXPECT_NEAR(one.mean_dnll, dnll_mean, 1e-6 * std::fabs(dnll_mean) + 1e-9);
+  EXPECT_NEAR(one.dnll_stderr, dnll_se, 1e-5 * dnll_se);
+  // The mean NLL difference is the log of the perplexity ratio.
+  EXPECT_NEAR(one.mean_dnll, std::log(one.model.perplexity / one.base.perplexity), 1e-9);
+  EXPECT_EQ(one.dnll_stderr, many.dnll_stderr);
   std::sort(want.begin(), want.end());
   EXPECT_GT(one.mean_kld, 1e-3);  // different models: a divergence to measure
   EXPECT_NEAR(one.mean_kld, static_cast<double>(mean), 1e-5 * static_cast<double>(mean));
