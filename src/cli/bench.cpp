@@ -121,7 +121,7 @@ int run_bench(const BenchCliOptions& o, const std::string& argv0) {
   if (o.rounds < 1) fail("--rounds must be at least 1");
   if (o.probe_rss) {
     if (o.models.size() != 1) fail("--probe-rss takes one model");
-    const model::Model m = o.probe_as_baseline ? load_16bit(o.models[0], products) : load_for_bench(o.models[0], products);
+    model::Model m = o.probe_as_baseline ? load_16bit(o.models[0], products) : load_for_bench(o.models[0], products);
     fmt::print("{}\n", json(eval::probe_peak_rss(m, options)).dump());
     return 0;
   }

@@ -90,7 +90,7 @@ static model::Model load_for_eval(const std::string& dir, const EvalOptions& o) 
 }
 
 int run_eval_ppl(const EvalOptions& o) {
-  const auto m = load_for_eval(o.model, o);
+  auto m = load_for_eval(o.model, o);
   const auto tokens = tokenize_file(m, o.text);
   const std::int64_t ctx = default_ctx(m, o.ctx);
   const std::int64_t stride = o.stride > 0 ? o.stride : ctx;
@@ -121,7 +121,7 @@ int run_eval_ppl(const EvalOptions& o) {
 }
 
 int run_eval_loss(const EvalOptions& o) {
-  const auto m = load_for_eval(o.model, o);
+  auto m = load_for_eval(o.model, o);
   const auto& c = m.config();
   const std::int32_t eos = c.eos_token_ids.empty() ? -1 : static_cast<std::int32_t>(c.eos_token_ids.front());
   std::optional<io::ChatTemplate> chat;
@@ -143,7 +143,7 @@ int run_eval_loss(const EvalOptions& o) {
   std::optional<eval::LossResult> base;
   double diff = 0, diff_stderr = 0;
   if (!o.base.empty()) {
-    const auto b = load_for_eval(o.base, o);
+    auto b = load_for_eval(o.base, o);
     if (b.config().vocab_size != c.vocab_size) fail("{}: vocabulary {} is not {}'s {}", o.base, b.config().vocab_size, o.model, c.vocab_size);
     LazyProgress base_progress{"loss (base)", "examples", nullptr};
     base = eval::sequence_loss(b, sequences, base_progress.fn());
@@ -181,8 +181,8 @@ int run_eval_loss(const EvalOptions& o) {
 
 int run_eval_kld(const EvalOptions& o) {
   if (o.base.empty()) fail("eval kld needs --base BASE_MODEL");
-  const auto m = load_for_eval(o.model, o);
-  const auto base = load_for_eval(o.base, o);
+  auto m = load_for_eval(o.model, o);
+  auto base = load_for_eval(o.base, o);
   const auto tokens = tokenize_file(base, o.text);
   const std::int64_t ctx = default_ctx(base, o.ctx);
   const std::int64_t stride = o.stride > 0 ? o.stride : ctx;
@@ -211,7 +211,7 @@ int run_eval_kld(const EvalOptions& o) {
 }
 
 int run_eval_mc(const EvalOptions& o) {
-  const auto m = load_for_eval(o.model, o);
+  auto m = load_for_eval(o.model, o);
   const auto questions = eval::parse_mc_csv(io::read_text_file(o.data), o.data);
   LazyProgress progress{"multiple-choice", "questions", nullptr};
   const auto r = eval::multiple_choice(m, questions, o.shots, progress.fn());

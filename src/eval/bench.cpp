@@ -38,7 +38,7 @@ struct Timing {
 };
 
 // Prefills `batch` sequences of `prompt` tokens into `cache` (one forward each), then `steps` decode steps.
-Timing run_once(const model::Model& m, model::KvCache& cache, std::int64_t batch, std::int64_t prompt, std::int64_t steps,
+Timing run_once(model::Model& m, model::KvCache& cache, std::int64_t batch, std::int64_t prompt, std::int64_t steps,
                 std::mt19937_64& rng, std::int64_t prefill_sequences) {
   const std::int64_t vocab = m.config().vocab_size;
   std::vector<float> logits;
@@ -123,7 +123,7 @@ std::uint64_t decode_step_bytes(const model::Model& m, std::int64_t batch, doubl
   return bytes + static_cast<std::uint64_t>(kv);
 }
 
-std::vector<std::uint64_t> probe_peak_rss(const model::Model& m, const BenchOptions& o) {
+std::vector<std::uint64_t> probe_peak_rss(model::Model& m, const BenchOptions& o) {
   check_model(m, o, "model");
   std::vector<std::int64_t> batches = o.batches;
   std::mt19937_64 rng(o.seed);

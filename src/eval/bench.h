@@ -34,7 +34,7 @@ struct BenchOptions {
 struct BenchModel {
   std::string name;    // the path it came from
   std::string format;  // "bf16", "int4 g128", ...
-  const model::Model* model = nullptr;
+  model::Model* model = nullptr;
   // Peak RSS (bytes) of a process running only this model, per batch (same order as options.batches);
   // measured by the caller in a separate process, empty when not measured.
   std::vector<std::uint64_t> peak_rss;
@@ -79,7 +79,7 @@ std::uint64_t decode_step_bytes(const model::Model& model, std::int64_t batch, d
 
 // The peak RSS after allocating each batch's cache and running one prefill and two decode steps
 // (what run_benchmark's runs hold at their peak), one value per batch; for a separate process.
-std::vector<std::uint64_t> probe_peak_rss(const model::Model& model, const BenchOptions& options);
+std::vector<std::uint64_t> probe_peak_rss(model::Model& model, const BenchOptions& options);
 
 // The table (the reference's columns: batch, memory saving, tokens/s, speedup; then the rest).
 std::string format_bench_table(const BenchReport& report);

@@ -44,7 +44,7 @@ std::int32_t sample_token(const float* logits, std::int64_t vocab, float tempera
   return order[pick(rng)];
 }
 
-std::vector<std::int32_t> generate(const model::Model& m, std::span<const std::int32_t> prompt, const GenerateOptions& options,
+std::vector<std::int32_t> generate(model::Model& m, std::span<const std::int32_t> prompt, const GenerateOptions& options,
                                    const std::function<void(std::string_view)>& on_text, GenerateStats* stats) {
   if (prompt.empty()) fail("generate: the prompt has no tokens");
   const auto& c = m.config();

@@ -31,7 +31,7 @@ struct GenerateStats {
 // a draw from the smallest set of most likely tokens whose probability reaches top_p.
 std::int32_t sample_token(const float* logits, std::int64_t vocab, float temperature, float top_p, std::uint64_t& rng_state);
 
-std::vector<std::int32_t> generate(const model::Model& model, std::span<const std::int32_t> prompt, const GenerateOptions& options,
+std::vector<std::int32_t> generate(model::Model& model, std::span<const std::int32_t> prompt, const GenerateOptions& options,
                                    const std::function<void(std::string_view)>& on_text, GenerateStats* stats = nullptr);
 
 }  // namespace mopt::eval

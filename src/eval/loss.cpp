@@ -7,7 +7,7 @@
 
 namespace mopt::eval {
 
-LossResult sequence_loss(const model::Model& model, const std::vector<ScoredSequence>& sequences, const ProgressFn& progress) {
+LossResult sequence_loss(model::Model& model, const std::vector<ScoredSequence>& sequences, const ProgressFn& progress) {
   const auto start = std::chrono::steady_clock::now();
   const std::int64_t vocab = model.config().vocab_size;
   LossResult r;

@@ -28,6 +28,6 @@ struct LossResult {
 
 // Each sequence runs from position 0 (several packed into one forward pass); a target outside the
 // vocabulary is an error naming the sequence.
-LossResult sequence_loss(const model::Model& model, const std::vector<ScoredSequence>& sequences, const ProgressFn& progress = {});
+LossResult sequence_loss(model::Model& model, const std::vector<ScoredSequence>& sequences, const ProgressFn& progress = {});
 
 }  // namespace mopt::eval

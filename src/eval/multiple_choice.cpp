@@ -86,7 +86,7 @@ std::string mc_prompt(const std::vector<McQuestion>& shots, const McQuestion& q)
   return prompt + format(q);
 }
 
-McResult multiple_choice(const model::Model& m, const std::vector<McQuestion>& questions, std::int64_t shots,
+McResult multiple_choice(model::Model& m, const std::vector<McQuestion>& questions, std::int64_t shots,
                          const ProgressFn& progress) {
   if (shots < 0 || shots >= static_cast<std::int64_t>(questions.size())) {
     fail("{} shots leave no questions to score ({} in the file)", shots, questions.size());

@@ -36,7 +36,7 @@ struct McResult {
   std::vector<int> predictions;
 };
 
-McResult multiple_choice(const model::Model& model, const std::vector<McQuestion>& questions, std::int64_t shots,
+McResult multiple_choice(model::Model& model, const std::vector<McQuestion>& questions, std::int64_t shots,
                          const ProgressFn& progress = {});
 
 }  // namespace mopt::eval

@@ -61,7 +61,7 @@ struct ScoredRow {
 };
 
 template <typename Visit>
-std::int64_t run_windows_decode(const model::Model& m, std::span<const std::int32_t> tokens, const std::vector<Window>& windows,
+std::int64_t run_windows_decode(model::Model& m, std::span<const std::int32_t> tokens, const std::vector<Window>& windows,
                                 const ProgressFn& progress, Visit visit) {
   std::int64_t longest = 1;
   for (const auto& w : windows) longest = std::max(longest, w.end - w.begin);
@@ -87,7 +87,7 @@ std::int64_t run_windows_decode(const model::Model& m, std::span<const std::int3
 }
 
 template <typename Visit>
-std::int64_t run_windows(const model::Model& m, std::span<const std::int32_t> tokens, const std::vector<Window>& windows,
+std::int64_t run_windows(model::Model& m, std::span<const std::int32_t> tokens, const std::vector<Window>& windows,
                          const ProgressFn& progress, Visit visit) {
   constexpr std::int64_t kBatchTokens = 2048;
   std::int64_t processed = 0;
@@ -126,7 +126,7 @@ void finish(PerplexityResult& r, std::int64_t total, std::int64_t processed, dou
 
 }  // namespace
 
-PerplexityResult perplexity(const model::Model& m, std::span<const std::int32_t> tokens, std::int64_t ctx, std::int64_t stride,
+PerplexityResult perplexity(model::Model& m, std::span<const std::int32_t> tokens, std::int64_t ctx, std::int64_t stride,
                             const ProgressFn& progress, WindowRun run) {
   if (tokens.size() < 2) fail("perplexity needs at least 2 tokens, got {}", tokens.size());
   const auto windows = sliding_windows(static_cast<std::int64_t>(tokens.size()), ctx, stride);
@@ -157,7 +157,7 @@ PerplexityResult perplexity(const model::Model& m, std::span<const std::int32_t>
   return r;
 }
 
-KldResult kl_divergence(const model::Model& m, const model::Model& base, std::span<const std::int32_t> tokens,
+KldResult kl_divergence(model::Model& m, model::Model& base, std::span<const std::int32_t> tokens,
                         std::int64_t ctx, std::int64_t stride, const ProgressFn& progress) {
   if (tokens.size() < 2) fail("KL divergence needs at least 2 tokens, got {}", tokens.size());
   if (m.config().vocab_size != base.config().vocab_size) {

@@ -42,7 +42,7 @@ using ProgressFn = std::function<void(std::size_t done, std::size_t total)>;
 // (decode: the path generation takes, with its own kernels).
 enum class WindowRun { prefill, decode };
 
-PerplexityResult perplexity(const model::Model& model, std::span<const std::int32_t> tokens, std::int64_t ctx,
+PerplexityResult perplexity(model::Model& model, std::span<const std::int32_t> tokens, std::int64_t ctx,
                             std::int64_t stride, const ProgressFn& progress = {}, WindowRun run = WindowRun::prefill);
 
 struct KldResult {
@@ -60,7 +60,7 @@ struct KldResult {
 };
 
 // KL(base || model) per scored position, and both perplexities.
-KldResult kl_divergence(const model::Model& model, const model::Model& base, std::span<const std::int32_t> tokens,
+KldResult kl_divergence(model::Model& model, model::Model& base, std::span<const std::int32_t> tokens,
                         std::int64_t ctx, std::int64_t stride, const ProgressFn& progress = {});
 
 // log-softmax of one row of logits, in f64: out[i] = logit[i] - logsumexp(logits).

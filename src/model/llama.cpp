@@ -417,7 +417,7 @@ void Model::embed(std::span<const std::int32_t> tokens, float* out) const {
   }
 }
 
-void Model::head(const float* hidden, std::span<const std::int64_t> rows, float* logits) const {
+void Model::head(const float* hidden, std::span<const std::int64_t> rows, float* logits) {
   const auto& c = config();
   const std::int64_t H = c.hidden_size;
   std::vector<float>& normed = workspace_.head;
@@ -433,7 +433,7 @@ bool Model::head_is_embedding_table() const {
 }
 
 void Model::forward(std::span<const std::int32_t> tokens, std::span<const SequenceSpan> batch, KvCache* cache, LogitsFor which,
-                    std::vector<float>& logits, LayerObserver* observer) const {
+                    std::vector<float>& logits, LayerObserver* observer) {
   const auto& c = config();
   const auto rows = static_cast<std::int64_t>(tokens.size());
   std::int64_t covered = 0;

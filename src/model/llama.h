@@ -209,17 +209,19 @@ class Model {
     double layers_seconds = 0, head_seconds = 0;
   };
   const Profile& profile() const { return profile_; }
-  void reset_profile() const { profile_ = {}; }
+  void reset_profile() { profile_ = {}; }
 
   // Embeddings of `tokens` into out [tokens.size(), hidden].
   void embed(std::span<const std::int32_t> tokens, float* out) const;
   // Final norm and lm_head over the chosen rows of hidden; logits [n, vocab].
-  void head(const float* hidden, std::span<const std::int64_t> rows, float* logits) const;
+  void head(const float* hidden, std::span<const std::int64_t> rows, float* logits);
 
   // The whole model on a packed batch. Logits of the chosen rows go to
-  // `logits` (resized): [rows or sequences, vocab].
+  // `logits` (resized): [rows or sequences, vocab]. Not const: it runs in the
+  // model's own buffers and adds to its profile, so one Model runs one forward
+  // at a time.
   void forward(std::span<const std::int32_t> tokens, std::span<const SequenceSpan> batch, KvCache* cache,
-               LogitsFor which, std::vector<float>& logits, LayerObserver* observer = nullptr) const;
+               LogitsFor which, std::vector<float>& logits, LayerObserver* observer = nullptr);
 
  private:
   std::shared_ptr<io::Checkpoint> checkpoint_;
@@ -229,9 +231,9 @@ class Model {
   Linear lm_head_;     // weight: the embeddings when tied
   std::vector<LayerWeights> layers_;
   std::vector<float> inv_freq_;
-  mutable Workspace workspace_;
-  mutable std::vector<float> hidden_;
-  mutable Profile profile_;
+  Workspace workspace_;  // forward()'s buffers, reused from call to call
+  std::vector<float> hidden_;
+  Profile profile_;
   kernels::KvElement kv_element_ = kernels::KvElement::f32;
 };
 

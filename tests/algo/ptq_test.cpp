@@ -85,7 +85,7 @@ TEST(Ptq, ExportHoldsTheRealQuantizationOfTheSourceAndTheCalibratedScales) {
   quantize_to(tiny_llama(), recipe("fp8", "fp8"), calib, out);
 
   // Oracle for the activation statistics: the whole model, unquantized, on the same sequences.
-  const auto m = model::Model::load(tiny_llama());
+  auto m = model::Model::load(tiny_llama());
   WholeModelStats stats;
   std::vector<float> logits;
   for (const auto& seq : calib.sequences) {
@@ -142,7 +142,7 @@ TEST(Ptq, FusedGroupsShareScalesExceptForPerTensorFp8) {
 
 TEST(Ptq, EveryFormatLoadsBackAndStaysCloseToTheModel) {
   // tiny-kjv on real text: each format's perplexity is finite and within a format-dependent margin.
-  const auto base = model::Model::load(tiny_kjv());
+  auto base = model::Model::load(tiny_kjv());
   const auto docs = io::read_documents(std::string(MOPT_SOURCE_DIR) + "/data/kjv-calib.txt");
   const auto calib = algo::make_calibration_set(docs, base.require_tokenizer(), 4, 64, 0);
   std::vector<std::int32_t> text = base.require_tokenizer().encode(io::read_text_file(std::string(MOPT_SOURCE_DIR) + "/data/kjv-heldout.txt").substr(0, 3000), false);
@@ -156,7 +156,7 @@ TEST(Ptq, EveryFormatLoadsBackAndStaysCloseToTheModel) {
     auto r = recipe(format);
     if (format == "int4_rtn" || format == "w4a8_awq") r.group_size = 64;  // tiny-kjv's 704 inputs: 11 groups of 64
     quantize_to(tiny_kjv(), r, calib, tmp.file("q"));
-    const auto m = exporter::load_model(tmp.file("q"));
+    auto m = exporter::load_model(tmp.file("q"));
     EXPECT_LT(m.weight_bytes(), base.weight_bytes());
     const double ppl = eval::perplexity(m, text, 256, 256).perplexity;
     EXPECT_TRUE(std::isfinite(ppl));
@@ -182,7 +182,7 @@ TEST(Ptq, MixedPrecisionRecipesExportPerLayerAlgorithms) {
   const auto store = io::TensorStore::open_dir(tmp.file("q"));
   EXPECT_EQ(store.tensor("model.layers.1.self_attn.q_proj.weight").dtype(), DType::BF16);
   EXPECT_EQ(store.tensor("model.layers.0.mlp.down_proj.weight").dtype(), DType::I8);
-  const auto m = exporter::load_model(tmp.file("q"));
+  auto m = exporter::load_model(tmp.file("q"));
   EXPECT_EQ(m.num_layers(), 2);
 }
 
@@ -307,7 +307,7 @@ TEST(Ptq, AnExistingOutputDirectoryIsRefused) {
 }
 
 // Layer 0 of `weights` on the embeddings of `calib` (one forward call per sequence): ||y - y_fp|| / ||y_fp||.
-double layer0_error(const model::Model& fp, const model::LayerWeights& weights, const algo::CalibrationSet& calib,
+double layer0_error(model::Model& fp, const model::LayerWeights& weights, const algo::CalibrationSet& calib,
                     const std::string& model_dir = tiny_kjv()) {
   const auto& c = fp.config();
   const std::vector<float> inv_freq = model::rope_inv_freq(c);
@@ -337,7 +337,7 @@ TEST(Ptq, AlgorithmsExportWhatTheyEvaluatedAndBeatRoundToNearest) {
   // The export (scales folded into norms or into v_proj/up_proj rows, pre_quant_scale kept on o_proj and
   // down_proj, smoothed weights) loaded back gives layer 0 exactly the output error the pipeline measured;
   // and every algorithm lowers the layers' output error below round-to-nearest's on this data.
-  const auto base = model::Model::load(tiny_kjv());
+  auto base = model::Model::load(tiny_kjv());
   const auto docs = io::read_documents(std::string(MOPT_SOURCE_DIR) + "/data/kjv-calib.txt");
   const auto calib = algo::make_calibration_set(docs, base.require_tokenizer(), 4, 64, 0);
   struct Case {
@@ -356,7 +356,7 @@ TEST(Ptq, AlgorithmsExportWhatTheyEvaluatedAndBeatRoundToNearest) {
     quantize_to(tiny_kjv(), r, calib, tmp.file("q"), &report);
     EXPECT_EQ(report.algorithm, c.algorithm);
     // The definition (fake quantization): the kernels' own roundings are checked in tests/export/quantized_run_test.cpp.
-    const auto m = exporter::load_model(tmp.file("q"), exporter::QuantizedRun::fake_quant);
+    auto m = exporter::load_model(tmp.file("q"), exporter::QuantizedRun::fake_quant);
     EXPECT_NEAR(layer0_error(base, m.layer(0), calib), report.layers[0].output_error, 1e-6 + 1e-4 * report.layers[0].output_error);
     double before = 0.0, after = 0.0;
     for (const auto& l : report.layers) {
@@ -408,7 +408,7 @@ std::string mha_tiny_kjv(const TempDir& tmp) {
 TEST(Ptq, Nvfp4AwqFoldsOprojScaleIntoVprojRowsWithoutGqa) {
   TempDir tmp;
   const std::string mha = mha_tiny_kjv(tmp);
-  const auto base = model::Model::load(mha);
+  auto base = model::Model::load(mha);
   const auto docs = io::read_documents(std::string(MOPT_SOURCE_DIR) + "/data/kjv-calib.txt");
   const auto calib = algo::make_calibration_set(docs, base.require_tokenizer(), 4, 64, 0);
   quant::Recipe r;
@@ -421,7 +421,7 @@ TEST(Ptq, Nvfp4AwqFoldsOprojScaleIntoVprojRowsWithoutGqa) {
   for (const char* n : {"self_attn.o_proj", "mlp.down_proj", "self_attn.q_proj", "mlp.up_proj"}) {
     EXPECT_FALSE(out.contains(std::string("model.layers.0.") + n + ".pre_quant_scale")) << n;
   }
-  const auto m = exporter::load_model(tmp.file("q"));
+  auto m = exporter::load_model(tmp.file("q"));
   EXPECT_NEAR(layer0_error(base, m.layer(0), calib, mha), report.layers[0].output_error, 1e-6 + 1e-4 * report.layers[0].output_error);
   // With GQA (tiny-kjv itself) o_proj's scale cannot be folded and stays.
   TempDir tmp2;

@@ -110,7 +110,7 @@ namespace {
 // Perplexity of a fixture sequence in one window, against the NLL computed
 // from transformers' own logits for the same tokens.
 TEST(Perplexity, MatchesTransformersLogits) {
-  const model::Model m = model::Model::load(testing::data_path("hf/qwen3"));
+  model::Model m = model::Model::load(testing::data_path("hf/qwen3"));
   const auto golden = io::SafetensorsFile::open(testing::data_path("logits/qwen3.safetensors"));
   const Tensor ids_t = golden.tensor("a.input_ids");
   std::vector<std::int32_t> ids;
@@ -159,8 +159,8 @@ TEST(KlDivergence, TwoModelsAsDefinedAndTheSameAtAnyThreadCount) {
   // Two different models of one vocabulary: each scored position's KL(base ‖ model) computed here from
   // their logits in long double, term by term, against kl_divergence's; and the results bit for bit
   // the same on one thread as on several (rows are scored on the pool, summed in order).
-  const model::Model base = model::Model::load(testing::data_path("hf/llama"));
-  const model::Model m = model::Model::load(testing::data_path("hf/qwen3"));
+  model::Model base = model::Model::load(testing::data_path("hf/llama"));
+  model::Model m = model::Model::load(testing::data_path("hf/qwen3"));
   const std::int64_t vocab = m.config().vocab_size;
   std::vector<std::int32_t> ids;
   for (int i = 0; i < 100; ++i) ids.push_back(static_cast<std::int32_t>((i * 37 + 11) % vocab));
@@ -269,7 +269,7 @@ TEST(TinyKjv, HeldOutPerplexityMatchesTransformers) {
   std::ifstream in(repo_path("models/tiny-kjv/reference_eval.json"));
   ASSERT_TRUE(in) << "models/tiny-kjv/reference_eval.json";
   const auto reference = nlohmann::json::parse(in);
-  const model::Model m = model::Model::load(repo_path("models/tiny-kjv"));
+  model::Model m = model::Model::load(repo_path("models/tiny-kjv"));
   // The World English Bible text is checked the same way by hand (docs); one
   // file keeps the suite short under the sanitizers.
   for (const std::string file : {"kjv-heldout.txt"}) {
@@ -287,7 +287,7 @@ TEST(TinyKjv, HeldOutPerplexityMatchesTransformers) {
 }
 
 TEST(TinyKjv, LogitsMatchTransformers) {
-  const model::Model m = model::Model::load(repo_path("models/tiny-kjv"));
+  model::Model m = model::Model::load(repo_path("models/tiny-kjv"));
   const auto golden = io::SafetensorsFile::open(repo_path("models/tiny-kjv/reference_logits.safetensors"));
   const Tensor ids_t = golden.tensor("input_ids");
   std::vector<std::int32_t> ids;
@@ -305,7 +305,7 @@ TEST(TinyKjv, LogitsMatchTransformers) {
 }
 
 TEST(TinyKjv, MultipleChoiceAndGenerationRun) {
-  const model::Model m = model::Model::load(repo_path("models/tiny-kjv"));
+  model::Model m = model::Model::load(repo_path("models/tiny-kjv"));
   const auto questions = parse_mc_csv(io::read_text_file(repo_path("data/bible-mc.csv")), "bible-mc.csv");
   const McResult r = multiple_choice(m, questions, 2);
   EXPECT_EQ(r.questions, static_cast<std::int64_t>(questions.size()) - 2);

@@ -44,7 +44,7 @@ using testing::tiny_kjv;
 using testing::two_layer_tiny_kjv;
 
 std::vector<float> logits_of(const std::string& dir) {
-  const model::Model m = load_model(dir);
+  model::Model m = load_model(dir);
   const std::vector<std::int32_t> tokens(heldout().begin(), heldout().begin() + 96);
   const model::SequenceSpan span{0, static_cast<std::int64_t>(tokens.size()), 0, 0};
   std::vector<float> logits;
@@ -52,7 +52,10 @@ std::vector<float> logits_of(const std::string& dir) {
   return logits;
 }
 
-double ppl_of(const std::string& path) { return eval::perplexity(load_model(path), heldout(), 256, 256).perplexity; }
+double ppl_of(const std::string& path) {
+  model::Model m = load_model(path);
+  return eval::perplexity(m, heldout(), 256, 256).perplexity;
+}
 
 std::string joined(const std::vector<std::string>& v) {
   std::string s;
@@ -213,7 +216,7 @@ TEST(CompressedTensors, SparseExportsComputeWhatTheDenseExportDoes) {
     // 16-bit and FP8 weights run on the 2:4 kernels; decoding token by token through them (the
     // GEMV) gives the logits of the prefill (weights decoded into tiles, the dense products).
     {
-      const model::Model k = load_model(tmp.file("ct"));
+      model::Model k = load_model(tmp.file("ct"));
       const std::string kind = k.layer(0).linear(model::LinearKind::gate).describe();
       // (FP8 2:4 runs its own kernel only with AVX-512, where it beats the dense one; W8A8 and INT4 only
       // with AVX-512 VBMI and VNNI and inputs a multiple of 128: gate's 256, not down's 704.)
@@ -245,7 +248,7 @@ TEST(CompressedTensors, SparseExportsComputeWhatTheDenseExportDoes) {
       if (sparse_kernel && format != "int4_rtn") EXPECT_LT(step_worst, 2e-3 * scale);
     }
     // Every decoder Linear reads back 2:4.
-    const model::Model m = load_model(tmp.file("ct"), QuantizedRun::fake_quant);
+    model::Model m = load_model(tmp.file("ct"), QuantizedRun::fake_quant);
     for (std::int64_t l = 0; l < m.num_layers(); ++l) {
       for (const auto kind : model::kAllLinears) {
         const model::Linear& lin = m.layer(l).linear(kind);
@@ -488,7 +491,7 @@ TEST(GgufFromQuantized, Fp4CodesGoOverUnchanged) {
     EXPECT_EQ(g.find_tensor("blk.0.attn_q.weight")->type.type, nv ? io::GgmlType::NVFP4 : io::GgmlType::MXFP4);
     EXPECT_EQ(g.find_tensor("blk.0.attn_q.scale") != nullptr, nv);
     EXPECT_EQ(g.find_tensor("token_embd.weight")->type.type, io::GgmlType::Q8_0);
-    const model::Model a = load_model(tmp.file("q"), QuantizedRun::fake_quant), b = load_model(tmp.file("m.gguf"));
+    model::Model a = load_model(tmp.file("q"), QuantizedRun::fake_quant), b = load_model(tmp.file("m.gguf"));
     for (std::int64_t l = 0; l < 2; ++l) {
       for (const auto kind : model::kAllLinears) {
         const std::vector<float> wa = a.layer(l).linear(kind).weight.to_f32(), wb = b.layer(l).linear(kind).weight.to_f32();

@@ -76,7 +76,7 @@ TEST(GgufExport, Bf16RoundTripsThroughConvertExactly) {
 
 TEST(GgufExport, IntegerTypesHoldTheReferenceBlocksAndKeepThePerplexity) {
   testing::TempDir tmp;
-  const auto base = model::Model::load(tiny_kjv());
+  auto base = model::Model::load(tiny_kjv());
   const std::vector<std::int32_t> text = base.require_tokenizer().encode(sample_text(), false);
   const double base_ppl = eval::perplexity(base, text, 256, 256).perplexity;
   // Perplexity for three of them (limit 0: blocks only, to keep the test short).
@@ -105,7 +105,8 @@ TEST(GgufExport, IntegerTypesHoldTheReferenceBlocksAndKeepThePerplexity) {
     EXPECT_TRUE(std::equal(raw.begin(), raw.end(), want.begin()));
     if (limit == 0.0) continue;
     io::convert_gguf_to_hf(path, tmp.file(std::string(name) + "-back"));
-    const double ppl = eval::perplexity(model::Model::load(tmp.file(std::string(name) + "-back")), text, 256, 256).perplexity;
+    model::Model back = model::Model::load(tmp.file(std::string(name) + "-back"));
+    const double ppl = eval::perplexity(back, text, 256, 256).perplexity;
     EXPECT_NE(ppl, base_ppl);
     EXPECT_LT(ppl, base_ppl * limit) << base_ppl;
   }
@@ -289,7 +290,7 @@ TEST(GgufExport, QwenAndBiasedLlamaModelsRoundTripWithQkNorms) {
       EXPECT_EQ(a.tensor(loc.entry->name).to_f32(), b.tensor(loc.entry->name).to_f32());
     }
     // The same logits: the configs agree on everything the forward pass reads.
-    const auto ma = model::Model::load(dir), mb = model::Model::load(tmp.file("back"));
+    auto ma = model::Model::load(dir), mb = model::Model::load(tmp.file("back"));
     const std::vector<std::int32_t> ids = {1, 17, 99, 200, 3, 42, 255, 7};
     const std::vector<model::SequenceSpan> spans = {{0, 8, 0, 0}};
     std::vector<float> la, lb;
@@ -304,14 +305,15 @@ TEST(GgufExport, EvalAndGenerateLoadAGgufFileDirectly) {
   // to f32 exactly, its tokenizer from the metadata.
   testing::TempDir tmp;
   export_gguf(tiny_kjv(), tmp.file("m.gguf"), gguf_options_from_name("q4_0"));
-  const model::Model m = load_model(tmp.file("m.gguf"));
+  model::Model m = load_model(tmp.file("m.gguf"));
   const io::GgufFile g = io::GgufFile::open(tmp.file("m.gguf"));
   EXPECT_EQ(m.layer(1).v.weight.to_f32(), g.dequantize(*g.find_tensor("blk.1.attn_v.weight")).to_f32());
-  const auto base = model::Model::load(tiny_kjv());
+  auto base = model::Model::load(tiny_kjv());
   EXPECT_EQ(m.require_tokenizer().encode(sample_text(), true), base.require_tokenizer().encode(sample_text(), true));
   const std::vector<std::int32_t> text = base.require_tokenizer().encode(sample_text(), false);
   io::convert_gguf_to_hf(tmp.file("m.gguf"), tmp.file("f32"), {}, DType::F32);
-  EXPECT_EQ(eval::perplexity(m, text, 256, 256).perplexity, eval::perplexity(model::Model::load(tmp.file("f32")), text, 256, 256).perplexity);
+  model::Model f32 = model::Model::load(tmp.file("f32"));
+  EXPECT_EQ(eval::perplexity(m, text, 256, 256).perplexity, eval::perplexity(f32, text, 256, 256).perplexity);
 }
 
 TEST(GgufExport, ABrokenGgufModelIsRefusedAndLeavesNoTemporaryCheckpoint) {

@@ -96,9 +96,9 @@ TEST(QuantizedLmHead, ExportedUntiedAndRunByTheKernelsAsDefined) {
       EXPECT_FALSE(store.contains("lm_head.pre_quant_scale"));
     }
 
-    const model::Model kernels = load_model(with, QuantizedRun::kernels);
-    const model::Model fake = load_model(with, QuantizedRun::fake_quant);
-    const model::Model plain = load_model(without, QuantizedRun::kernels);
+    model::Model kernels = load_model(with, QuantizedRun::kernels);
+    model::Model fake = load_model(with, QuantizedRun::fake_quant);
+    model::Model plain = load_model(without, QuantizedRun::kernels);
     ASSERT_TRUE(kernels.lm_head().quantized);
     ASSERT_FALSE(plain.lm_head().quantized);
     EXPECT_FALSE(kernels.head_is_embedding_table());

@@ -34,8 +34,8 @@ TEST(QuantizedRun, KernelsComputeWhatFakeQuantizationDefines) {
     SCOPED_TRACE(c.format);
     TempDir tmp;
     quantize(c.format, "max", tmp.file("q"), false, c.kv ? std::optional<std::string>(c.kv) : std::nullopt);
-    const model::Model kernels = load_model(tmp.file("q"), QuantizedRun::kernels);
-    const model::Model fake = load_model(tmp.file("q"), QuantizedRun::fake_quant);
+    model::Model kernels = load_model(tmp.file("q"), QuantizedRun::kernels);
+    model::Model fake = load_model(tmp.file("q"), QuantizedRun::fake_quant);
     ASSERT_TRUE(kernels.layer(0).q.quantized);
     ASSERT_FALSE(fake.layer(0).q.quantized);
     EXPECT_LT(kernels.resident_weight_bytes(), fake.resident_weight_bytes());
@@ -49,7 +49,7 @@ TEST(QuantizedRun, KernelsComputeWhatFakeQuantizationDefines) {
 }
 
 TEST(Perplexity, DecodeThroughTheCacheEqualsPrefill) {
-  const model::Model m = model::Model::load(testing::two_layer_tiny_kjv());
+  model::Model m = model::Model::load(testing::two_layer_tiny_kjv());
   const std::vector<std::int32_t> tokens(heldout().begin(), heldout().begin() + 300);
   const double a = eval::perplexity(m, tokens, 128, 64).perplexity;
   const double b = eval::perplexity(m, tokens, 128, 64, {}, eval::WindowRun::decode).perplexity;
@@ -83,7 +83,7 @@ TEST(Bench, ReportsEveryModelAndBatchAgainstTheBaseline) {
     EXPECT_GT(row.decode_tokens_per_s, 0.0);
     EXPECT_GT(row.roofline_fraction, 0.0);
     EXPECT_TRUE(std::isfinite(row.roofline_fraction));
-    const model::Model& m = row.name == "base" || row.name == "b24" ? base : q;
+    model::Model& m = row.name == "base" || row.name == "b24" ? base : q;
     EXPECT_EQ(row.weight_bytes, m.resident_weight_bytes());
     EXPECT_EQ(row.kv_cache_bytes, static_cast<std::uint64_t>(2 * 2 * row.batch * 15 * 4 * 32 * 2));  // layers, k/v, tokens, kv dim (4 heads of 32), bf16
     // Untied embeddings: only `batch` rows of the table are read per step.

@@ -35,7 +35,7 @@ double relative_error(const float* ours, const std::vector<float>& theirs) {
 class GoldenLogits : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(GoldenLogits, BatchedPrefillMatchesTransformers) {
-  const Model m = Model::load(testing::data_path("hf/" + GetParam()));
+  Model m = Model::load(testing::data_path("hf/" + GetParam()));
   const auto golden = io::SafetensorsFile::open(testing::data_path("logits/" + GetParam() + ".safetensors"));
   const auto a = ids_of(golden, "a.input_ids");
   const auto b = ids_of(golden, "b.input_ids");
@@ -59,7 +59,7 @@ TEST_P(GoldenLogits, BatchedPrefillMatchesTransformers) {
 }
 
 TEST_P(GoldenLogits, DecodeWithKvCacheMatchesTransformers) {
-  const Model m = Model::load(testing::data_path("hf/" + GetParam()));
+  Model m = Model::load(testing::data_path("hf/" + GetParam()));
   const auto golden = io::SafetensorsFile::open(testing::data_path("logits/" + GetParam() + ".safetensors"));
   const auto a = ids_of(golden, "a.input_ids");
   const auto expected = golden.tensor("a.decode_logits").to_f32();
@@ -79,7 +79,7 @@ TEST_P(GoldenLogits, DecodeWithKvCacheMatchesTransformers) {
 }
 
 TEST_P(GoldenLogits, HiddenStatesAfterEachLayer) {
-  const Model m = Model::load(testing::data_path("hf/" + GetParam()));
+  Model m = Model::load(testing::data_path("hf/" + GetParam()));
   const auto golden = io::SafetensorsFile::open(testing::data_path("logits/" + GetParam() + ".safetensors"));
   const auto b = ids_of(golden, "b.input_ids");
   const auto expected = golden.tensor("b.hidden_states").to_f32();
@@ -98,7 +98,7 @@ TEST_P(GoldenLogits, HiddenStatesAfterEachLayer) {
 }
 
 TEST_P(GoldenLogits, RopeFrequenciesMatchTransformers) {
-  const Model m = Model::load(testing::data_path("hf/" + GetParam()));
+  Model m = Model::load(testing::data_path("hf/" + GetParam()));
   const auto golden = io::SafetensorsFile::open(testing::data_path("logits/" + GetParam() + ".safetensors"));
   const auto expected = golden.tensor("rope.inv_freq").to_f32();
   ASSERT_EQ(expected.size(), m.inv_freq().size());
@@ -136,7 +136,7 @@ struct Recorder : LayerObserver {
 };
 
 TEST(LayerObserver, SeesEveryLinearInputAndKeysAfterRope) {
-  const Model m = Model::load(testing::data_path("hf/llama"));
+  Model m = Model::load(testing::data_path("hf/llama"));
   const auto& c = m.config();
   const std::int64_t n = 6;
   const std::vector<std::int32_t> tokens = {5, 17, 200, 3, 99, 42};
@@ -174,7 +174,7 @@ TEST(LayerObserver, SeesEveryLinearInputAndKeysAfterRope) {
 }
 
 TEST(Model, RefusesBadBatchesAndTokens) {
-  const Model m = Model::load(testing::data_path("hf/llama"));
+  Model m = Model::load(testing::data_path("hf/llama"));
   std::vector<float> logits;
   const std::vector<std::int32_t> tokens = {1, 2, 3};
   const SequenceSpan wrong{0, 2, 0, 0};

@@ -56,7 +56,7 @@ inline std::string two_layer_tiny_kjv(bool tied = false) {
 
 inline const algo::CalibrationSet& calibration() {
   static const algo::CalibrationSet calib = [] {
-    const auto base = model::Model::load(tiny_kjv());
+    auto base = model::Model::load(tiny_kjv());
     const auto docs = io::read_documents(std::string(MOPT_SOURCE_DIR) + "/data/kjv-calib.txt");
     return algo::make_calibration_set(docs, base.require_tokenizer(), 4, 64, 0);
   }();
@@ -65,7 +65,7 @@ inline const algo::CalibrationSet& calibration() {
 
 inline const std::vector<std::int32_t>& heldout() {
   static const std::vector<std::int32_t> ids = [] {
-    const auto base = model::Model::load(tiny_kjv());
+    auto base = model::Model::load(tiny_kjv());
     return base.require_tokenizer().encode(io::read_text_file(std::string(MOPT_SOURCE_DIR) + "/data/kjv-heldout.txt").substr(0, 4000), false);
   }();
   return ids;

@@ -92,7 +92,7 @@ INSTANTIATE_TEST_SUITE_P(Architectures, Gradients, ::testing::Values("llama", "m
 TEST(Training, LossEqualsTheInferenceForward) {
   const std::string dir = kData + "/hf/mistral";
   auto trainable = TrainableModel::from_checkpoint(io::Checkpoint::open(dir));
-  const auto model = model::Model::load(dir);
+  auto model = model::Model::load(dir);
   const auto golden = io::TensorStore::open_file(kData + "/train/grads/mistral.safetensors");
   const Batch batch = fixture_batch(golden);
   std::vector<model::SequenceSpan> spans;
