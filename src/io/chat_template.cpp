@@ -921,27 +921,20 @@ class Parser {
     return e;
   }
 
-  ExprPtr parse_or() {
-    ExprPtr e = parse_and();
-    while (is_name("or")) {
-      auto o = node(Expr::Kind::or_, next().pos);
+  // A left-associative chain `operand (word operand)*` of one keyword operator.
+  ExprPtr parse_chain(const char* word, Expr::Kind kind, ExprPtr (Parser::*operand)()) {
+    ExprPtr e = (this->*operand)();
+    while (is_name(word)) {
+      auto o = node(kind, next().pos);
       o->args.push_back(std::move(e));
-      o->args.push_back(parse_and());
+      o->args.push_back((this->*operand)());
       e = std::move(o);
     }
     return e;
   }
 
-  ExprPtr parse_and() {
-    ExprPtr e = parse_not();
-    while (is_name("and")) {
-      auto a = node(Expr::Kind::and_, next().pos);
-      a->args.push_back(std::move(e));
-      a->args.push_back(parse_not());
-      e = std::move(a);
-    }
-    return e;
-  }
+  ExprPtr parse_or() { return parse_chain("or", Expr::Kind::or_, &Parser::parse_and); }
+  ExprPtr parse_and() { return parse_chain("and", Expr::Kind::and_, &Parser::parse_not); }
 
   ExprPtr parse_not() {
     if (is_name("not")) {
