@@ -20,7 +20,11 @@ namespace mopt::io {
 namespace {
 
 // Bounds that keep a hostile template from exhausting the stack, the memory or the time.
-constexpr int kMaxDepth = 200;                          // nested blocks and expressions
+// Nested blocks, brackets and prefix operators as parsed, and expressions as evaluated (a left-deep
+// chain such as a + a + ... + a nests without brackets). Small: a sanitizer's stack frames are large,
+// and real templates nest a few levels.
+constexpr int kMaxDepth = 64;
+constexpr int kMaxEvalDepth = 2 * kMaxDepth;
 constexpr std::size_t kMaxString = 16u << 20;           // bytes of any one string (and the output)
 constexpr std::size_t kMaxList = 1u << 20;              // items of any one list
 constexpr std::uint64_t kMaxWork = 256ull << 20;        // bytes and items made over one render
@@ -1478,6 +1482,12 @@ class Renderer {
 
   Value eval(const Expr& e) {
     step(e.pos);
+    if (eval_depth_ >= kMaxEvalDepth) error(e.pos, "expression nested too deeply");
+    ++eval_depth_;
+    struct Leave {
+      int& depth;
+      ~Leave() { --depth; }
+    } leave{eval_depth_};
     switch (e.kind) {
       case Expr::Kind::literal: return e.value;
       case Expr::Kind::name: {
@@ -2216,6 +2226,7 @@ class Renderer {
   std::string out_;
   std::uint64_t steps_ = 0;
   std::uint64_t work_ = 0;
+  int eval_depth_ = 0;
 };
 
 }  // namespace

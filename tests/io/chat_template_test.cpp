@@ -118,6 +118,17 @@ TEST(ChatTemplate, HostileTemplatesStopWithAnError) {
     for (int k = 0; k < 1000; ++k) s += "{% if true %}";
     return s;
   }());
+  // A long chain nests as it is evaluated, without brackets.
+  throws("{{ " + [] {
+    std::string s;
+    for (int k = 0; k < 5000; ++k) s += "1 + ";
+    return s;
+  }() + "1 }}");
+  throws("{{ x" + [] {
+    std::string s;
+    for (int k = 0; k < 5000; ++k) s += " | string";
+    return s;
+  }() + " }}");
   throws("{{ 9223372036854775807 + 1 }}");
   throws("{{ 2 ** 64 }}");
 }
