@@ -17,7 +17,13 @@ for args in "--format int8_sq" "--format int4_awq --group-size 64" "--format int
     MOPT_THREADS=$t "$mopt" quantize "$model" $args --calib "$calib" --calib-size 8 --seq-len 128 --out "$out" > /dev/null 2>&1
     d=$(digest "$out")
     if [ -z "$first" ]; then first=$d; elif [ "$d" != "$first" ]; then
-      echo "FAIL: $args: $t threads wrote $d, 1 thread $first"; exit 1
+      echo "FAIL: $args: $t threads wrote $d, 1 thread $first"
+      # Which files differ, and for the weights which tensors (the header's offsets name them).
+      (cd "$work/t1" && sha256sum -- *) > "$work/sums1"
+      (cd "$out" && sha256sum -- *) > "$work/sums$t"
+      diff "$work/sums1" "$work/sums$t" || true
+      cmp -l "$work/t1/model.safetensors" "$out/model.safetensors" | head -5 || true
+      exit 1
     fi
   done
   echo "same bytes at 1, 2, 3 threads: $args ($first)"
