@@ -12,8 +12,10 @@
 #   OTHER_BUILD: a directory holding another build's mopt and model_bench (its bench/ or itself),
 #     for instance the previous commit's, to compare against build/
 #   workloads: `eval ppl` of tiny-kjv (20,000 characters), tiny-kjv decode (eval ppl --decode,
-#   3,000 characters), NVFP4 quantization of tiny-kjv (tokens/s: calibration tokens / wall
-#   time), and the 1B shape's prefill of 256 tokens and 16 decode steps (bench/model_bench).
+#   3,000 characters), NVFP4, INT4 GPTQ and 2:4 SparseGPT quantization of tiny-kjv (tokens/s:
+#   calibration tokens / wall time; GPTQ and SparseGPT are mostly Hessian products, Cholesky
+#   factors and column sweeps), and the 1B shape's prefill of 256 tokens and 16 decode steps
+#   (bench/model_bench). WORKLOADS="gptq sparsegpt" runs some of them (then MODEL_1B may be -).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL_1B=${1:?usage: bench/contention.sh MODEL_1B [OTHER_BUILD]}
@@ -48,6 +50,14 @@ run_once() {
       "$build/mopt" quantize models/tiny-kjv --format nvfp4 --calib data/kjv-calib.txt --calib-size 32 --seq-len 256 --out "$WORK/q" >/dev/null 2>&1
       t1=$(date +%s.%N)
       awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f\n", 32 * 256 / (b - a) }' ;;
+    gptq | sparsegpt)
+      local flags=(--format int4_rtn --algo gptq --group-size 64)
+      [[ $workload == sparsegpt ]] && flags=(--format none --sparsity 2:4 --sparse-algo sparsegpt)
+      rm -rf "$WORK/q"
+      t0=$(date +%s.%N)
+      "$build/mopt" quantize models/tiny-kjv "${flags[@]}" --calib data/kjv-calib.txt --calib-size 32 --seq-len 256 --out "$WORK/q" >/dev/null 2>&1
+      t1=$(date +%s.%N)
+      awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f\n", 32 * 256 / (b - a) }' ;;
     1b-prefill) "$(model_bench_of "$build")" "$MODEL_1B" --prompt 256 --gen 16 --runs 1 2>/dev/null | grep -o 'prefill [0-9]* tokens: [0-9.]*' | awk '{ print $4 }' ;;
     1b-decode) "$(model_bench_of "$build")" "$MODEL_1B" --prompt 256 --gen 16 --runs 1 2>/dev/null | grep -o 'batch 1: [0-9.]*' | awk '{ print $3 }' ;;
   esac
@@ -78,7 +88,7 @@ printf '%-12s' "workload"
 for b in "${builds[@]}"; do printf ' | %-26s' "$b"; done
 [[ -n $OTHER ]] && printf ' | quiet build/other'
 echo
-for w in ppl decode quantize 1b-prefill 1b-decode; do
+for w in ${WORKLOADS:-ppl decode quantize gptq sparsegpt 1b-prefill 1b-decode}; do
   printf '%-12s' "$w"
   quiet_first=""
   for b in "${builds[@]}"; do

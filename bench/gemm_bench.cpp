@@ -70,11 +70,13 @@ int main(int argc, char** argv) {
     if (vnni) panels = kernels::Int8Panels(wq.data(), s.k, s.n, s.k);
     std::vector<double> t_f32, t_blas_threads, t_widen, t_bf16, t_avx2, t_vnni;
     for (int r = 0; r < repeats; ++r) {
-      // The same product in one OpenBLAS call on OpenBLAS's own threads: what the pool's split costs or gains.
+      // The same product in one OpenBLAS call on OpenBLAS's own threads (which mopt never uses): what
+      // the pool's split costs or gains.
       t_blas_threads.push_back(time_once([&] {
-        const BlasOnAllThreads blas;
+        openblas_set_num_threads(compute_threads());
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m), static_cast<blasint>(s.n), static_cast<blasint>(s.k), 1.0f,
                     x.data(), static_cast<blasint>(s.k), w.data(), static_cast<blasint>(s.k), 0.0f, y.data(), static_cast<blasint>(s.n));
+        openblas_set_num_threads(1);
       }));
       t_f32.push_back(time_once([&] { kernels::gemm_f32(x.data(), m, s.k, w.data(), s.n, y.data()); }));
       t_widen.push_back(time_once([&] { kernels::linear_forward(x.data(), m, wb, nullptr, y.data(), kernels::Precision::f32); }));

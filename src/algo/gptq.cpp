@@ -1,22 +1,15 @@
 #include "algo/gptq.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <numeric>
 
 #include "core/error.h"
-#include "core/thread_pool.h"
 #include "io/ggml_grid.h"
+#include "kernels/gemm.h"
+#include "kernels/linalg.h"
 #include "quant/fake_quant.h"
 #include "quant/qtensor.h"
-
-extern "C" {
-// LAPACK (OpenBLAS carries it): Cholesky factorization and the inverse from it, column-major.
-void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info);
-void dpotri_(const char* uplo, const int* n, double* a, const int* lda, int* info);
-}
 
 namespace mopt::algo {
 
@@ -101,9 +94,7 @@ class GridQuantizer {
 // tr(D H D^T) for D [out, n] (f64) and symmetric H [n, n].
 double weighted_norm(const std::vector<double>& d, std::int64_t out, std::int64_t n, const std::vector<double>& h) {
   std::vector<double> dh(static_cast<std::size_t>(out * n));
-  const BlasOnAllThreads blas;
-  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(out), static_cast<int>(n), static_cast<int>(n), 1.0, d.data(),
-              static_cast<int>(n), h.data(), static_cast<int>(n), 0.0, dh.data(), static_cast<int>(n));
+  kernels::matmul_f64(false, false, out, n, n, d.data(), n, h.data(), n, dh.data(), n, false);
   double s = 0.0;
   for (std::size_t i = 0; i < dh.size(); ++i) s += dh[i] * d[i];
   return s;
@@ -112,19 +103,13 @@ double weighted_norm(const std::vector<double>& d, std::int64_t out, std::int64_
 // The upper Cholesky factor U of (H + damp I)^-1 (H^-1 = U^T U), row-major; false when H is not positive definite.
 bool inverse_cholesky_upper(std::vector<double> h, std::int64_t n, double damp, std::vector<double>& u) {
   for (std::int64_t i = 0; i < n; ++i) h[i * n + i] += damp;
-  const int N = static_cast<int>(n);
-  int info = 0;
-  const BlasOnAllThreads blas;
-  // Row-major storage read as column-major is the transpose; H is symmetric, so 'L' in column-major
-  // is the row-major upper triangle throughout.
-  dpotrf_("L", &N, h.data(), &N, &info);
-  if (info != 0) return false;
-  dpotri_("L", &N, h.data(), &N, &info);
-  if (info != 0) return false;
-  dpotrf_("L", &N, h.data(), &N, &info);
-  if (info != 0) return false;
+  // H^-1 = L^-T L^-1 from H = L L^T, then H^-1 = M M^T; U = M^T.
+  if (!kernels::cholesky_lower(h.data(), n)) return false;
+  std::vector<double> inverse(h.size());
+  kernels::inverse_from_cholesky(h.data(), n, inverse.data());
+  if (!kernels::cholesky_lower(inverse.data(), n)) return false;
   for (std::int64_t r = 0; r < n; ++r) {
-    for (std::int64_t c = 0; c < r; ++c) h[r * n + c] = 0.0;
+    for (std::int64_t c = 0; c < n; ++c) h[r * n + c] = inverse[c * n + r];
   }
   u = std::move(h);
   return true;
@@ -158,9 +143,7 @@ void GramAccumulator::add(const float* x, std::int64_t rows, std::int64_t cols, 
     batch_.assign(static_cast<std::size_t>(cols * cols), 0.0f);
   }
   if (cols != cols_) fail("Gram matrix: inputs of {} columns after {}", cols, cols_);
-  const BlasOnAllThreads blas;
-  cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(cols), static_cast<int>(rows), 1.0f, x, static_cast<int>(cols), 0.0f,
-              batch_.data(), static_cast<int>(cols));
+  kernels::gram_upper_f32(x, rows, cols, batch_.data());
   for (std::int64_t r = 0; r < cols; ++r) {
     for (std::int64_t c = r; c < cols; ++c) sum_[r * cols + c] += weight * batch_[r * cols + c];
   }
@@ -198,9 +181,9 @@ void obs_sweep(std::vector<double>& wd, std::int64_t out, std::int64_t in, const
     }
     if (b1 < in) {
       // wd[:, b1:] -= err [out, nb] · U[b0:b1, b1:]
-      const BlasOnAllThreads blas;
-      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(out), static_cast<int>(in - b1), static_cast<int>(nb), -1.0,
-                  err.data(), static_cast<int>(block), u.data() + b0 * in + b1, static_cast<int>(in), 1.0, wd.data() + b1, static_cast<int>(in));
+      // (err is negated so the product accumulates.)
+      for (double& e : err) e = -e;
+      kernels::matmul_f64(false, false, out, in - b1, nb, err.data(), block, u.data() + b0 * in + b1, in, wd.data() + b1, in, true);
     }
   }
 }

@@ -1,7 +1,5 @@
 #include "algo/smoothing.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -9,7 +7,7 @@
 #include "core/convert.h"
 #include "core/dtype.h"
 #include "core/error.h"
-#include "core/thread_pool.h"
+#include "kernels/gemm.h"
 #include "quant/fake_quant.h"
 
 namespace mopt::algo {
@@ -151,9 +149,7 @@ AwqLiteSearch::AwqLiteSearch(const quant::QuantizerSpec& weight_spec, const floa
     for (std::int64_t r = 0; r < out; ++r) {
       for (std::int64_t j = 0; j < in; ++j) e[r * in + j] = static_cast<double>(ws[r * in + j]) * inv[j] - w[r * in + j];
     }
-    const BlasOnAllThreads blas;
-    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(out), static_cast<int>(in), static_cast<int>(in), 1.0, e.data(),
-                static_cast<int>(in), gram.data(), static_cast<int>(in), 0.0, eg.data(), static_cast<int>(in));
+    kernels::matmul_f64(false, false, out, in, in, e.data(), in, gram.data(), in, eg.data(), in, false);
     double sum = 0.0;
     for (std::size_t i = 0; i < e.size(); ++i) sum += e[i] * eg[i];
     loss_[a] = sum / static_cast<double>(out);
@@ -227,9 +223,7 @@ std::vector<float> awq_clip_search(const quant::QuantizerSpec& spec, const float
         }
       }
       // The error of the block's partial dot product for every sampled input: [T, out].
-      const BlasOnAllThreads blas;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(T), static_cast<int>(out), static_cast<int>(B), 1.0f,
-                  xb.data() + b * T * B, static_cast<int>(B), dw.data(), static_cast<int>(B), 0.0f, d.data(), static_cast<int>(out));
+      kernels::matmul_f32(false, true, T, out, B, xb.data() + b * T * B, B, dw.data(), B, d.data(), out, false);
       std::fill(loss.begin(), loss.end(), 0.0);
       std::int64_t t0 = 0;
       for (const std::int64_t n : inputs.batch_rows()) {

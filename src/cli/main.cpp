@@ -25,8 +25,8 @@
 namespace mopt::cli {
 
 std::string version_text() {
-  return fmt::format("mopt {}\ncpu: {}\nconversions: {}\ngemm: {}\nthreads: {}\nopenmp waits (OpenBLAS in GPTQ and AWQ): {}", MOPT_VERSION,
-                     describe(cpu_features()), convert_isa(), kernels::describe_gemm(), describe_compute_threads(), describe_thread_waits());
+  return fmt::format("mopt {}\ncpu: {}\nconversions: {}\ngemm: {}\nthreads: {}", MOPT_VERSION, describe(cpu_features()), convert_isa(),
+                     kernels::describe_gemm(), describe_compute_threads());
 }
 
 }  // namespace mopt::cli
@@ -41,7 +41,7 @@ int report_error(const char* message) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  mopt::choose_startup_settings(argv);  // first: it may run the program again with OpenMP's waits and OpenBLAS's kernels set
+  mopt::choose_startup_settings(argv);  // first: it may run the program again with OpenBLAS's kernels set
   mopt::install_signal_cleanup();       // before any thread: a SIGINT/SIGTERM removes the temporary outputs
 #ifdef __GLIBC__
   // Large buffers (a layer's weights in f32, activations) are allocated and freed

@@ -14,7 +14,6 @@ namespace mopt {
 
 namespace {
 
-constexpr const char* kMarker = "MOPT_THREAD_WAITS";     // on the re-executed process: "mopt" when mopt set the waits
 constexpr const char* kBlasMarker = "MOPT_BLAS_CHOSEN";  // on the re-executed process: OpenBLAS's own choice it replaced
 
 bool set(const char* name) { return std::getenv(name) != nullptr; }
@@ -48,16 +47,10 @@ std::string better_blas_kernels(const std::string& chosen, bool avx2_fma, bool a
 }
 
 void choose_startup_settings(char** argv) {
-  if (set(kMarker) || set(kBlasMarker)) return;  // the re-executed process
+  if (set(kBlasMarker)) return;  // the re-executed process
   // Under valgrind a re-executed program would run outside it; keep the libraries' defaults there.
   if (under_valgrind() || argv == nullptr || argv[0] == nullptr) return;
   bool again = false;
-  if (!set("OMP_WAIT_POLICY") && !set("GOMP_SPINCOUNT")) {
-    setenv("GOMP_SPINCOUNT", kGompSpinCount, 0);
-    if (!set("KMP_BLOCKTIME")) setenv("KMP_BLOCKTIME", kKmpBlocktimeMs, 0);
-    setenv(kMarker, "mopt", 1);
-    again = true;
-  }
   if (!set("OPENBLAS_CORETYPE")) {
     const CpuFeatures f = detect_cpu_features();
     const std::string chosen = blas_core();
@@ -71,25 +64,8 @@ void choose_startup_settings(char** argv) {
   if (!again) return;
   execv("/proc/self/exe", argv);
   // No /proc (or no exec): go on with the libraries' defaults, and say so in the descriptions.
-  if (set(kMarker)) unsetenv("GOMP_SPINCOUNT");
   if (set(kBlasMarker)) unsetenv("OPENBLAS_CORETYPE");
-  unsetenv(kMarker);
   unsetenv(kBlasMarker);
-}
-
-std::string describe_thread_waits() {
-  const char* marker = std::getenv(kMarker);
-  if (marker != nullptr && std::strcmp(marker, "mopt") == 0) {
-    return std::string("GOMP_SPINCOUNT=") + kGompSpinCount + " (set by mopt: spin briefly, then sleep)";
-  }
-  std::string s;
-  for (const char* name : {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"}) {
-    const char* v = std::getenv(name);
-    if (v == nullptr) continue;
-    if (!s.empty()) s += ' ';
-    s += std::string(name) + "=" + v;
-  }
-  return s.empty() ? "OpenMP's defaults (mopt could not set its own)" : s + " (set by the user)";
 }
 
 std::string describe_blas_kernels() {

@@ -265,17 +265,14 @@ std::string describe_compute_threads() {
   return fmt::format("{} (mopt's pool: spin {} us, then sleep; {})", n, kSpin.count(), source);
 }
 
-void start_thread_pool() { pool(); }
-
-BlasOnAllThreads::BlasOnAllThreads() {
-  start_thread_pool();
-  if (t_inside_item || compute_threads() == 1) return;
-  openblas_set_num_threads(compute_threads());
-  active_ = true;
-}
-
-BlasOnAllThreads::~BlasOnAllThreads() {
-  if (active_) openblas_set_num_threads(1);
+void start_thread_pool() {
+  pool();
+  // The pool's threads and the one that started it are set already; another thread sets itself once.
+  thread_local const bool single = [] {
+    openblas_set_num_threads(1);
+    return true;
+  }();
+  (void)single;
 }
 
 namespace detail {

@@ -15,8 +15,10 @@
 // kept small (a few per thread per loop). Idle workers spin briefly (a decode step's
 // next loop starts within microseconds) and then sleep on a futex.
 //
-// OpenBLAS runs single-threaded on every thread of the pool (each sets it for itself):
-// its own threads would wait at barriers the same way.
+// OpenBLAS runs single-threaded on every thread that calls it (each sets it for itself):
+// its own threads would wait at barriers the same way, and they cut a product by thread
+// count, so its results would change with the machine's cores. A large product is split
+// by the pool instead, in blocks fixed by its shape (kernels/gemm.h, kernels/linalg.h).
 #pragma once
 
 #include <cstdint>
@@ -32,23 +34,9 @@ int compute_threads();
 // Changes the thread count (>= 1) for the loops that follow. Not to be called from inside a loop.
 void set_compute_threads(int threads);
 
-// Starts the pool if it has not started, and with it makes OpenBLAS single-threaded. Called before a
-// BLAS call that may run outside a parallel loop.
+// Starts the pool if it has not started, and makes OpenBLAS single-threaded on the calling thread.
+// Called before any BLAS call.
 void start_thread_pool();
-
-// OpenBLAS on all compute threads while it lives, single-threaded again after: for a large BLAS or
-// LAPACK call made outside any parallel loop that the pool cannot split (a Cholesky factorization,
-// GPTQ's updates and Gram matrices). Inside a parallel loop it changes nothing.
-class BlasOnAllThreads {
- public:
-  BlasOnAllThreads();
-  ~BlasOnAllThreads();
-  BlasOnAllThreads(const BlasOnAllThreads&) = delete;
-  BlasOnAllThreads& operator=(const BlasOnAllThreads&) = delete;
-
- private:
-  bool active_ = false;
-};
 
 // "2 (pool: spin 50 us, then sleep; the CPUs this process may run on)", for --version and reports.
 std::string describe_compute_threads();

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include <fmt/format.h>
@@ -151,12 +152,16 @@ void gemm_f32_strided(const float* x, std::int64_t m, std::int64_t k, const floa
   matmul_f32(false, true, m, n, k, x, k, w, k, y, ldy, accumulate);
 }
 
-void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
-                std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate) {
+namespace {
+
+// C = op(A) · op(B) (+ C) over the pool in blocks; see matmul_f32 in gemm.h.
+template <class T, class Blas>
+void matmul_blocks(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const T* a, std::int64_t lda,
+                   const T* b, std::int64_t ldb, T* c, std::int64_t ldc, bool accumulate, const Blas& blas) {
   if (m == 0 || n == 0) return;
   if (k == 0) {
     if (!accumulate) {
-      for (std::int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+      for (std::int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, T{0});
     }
     return;
   }
@@ -185,12 +190,57 @@ void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t
     const std::int64_t i0 = block / col_blocks * best_mt, j0 = block % col_blocks * best_nt;
     const std::int64_t rows = std::min(best_mt, m - i0), cols = std::min(best_nt, n - j0);
     // Row i of op(A) starts at a + i * lda untransposed, at column i (a + i) transposed; likewise op(B)'s column j.
-    const float* a_block = transpose_a ? a + i0 : a + i0 * lda;
-    const float* b_block = transpose_b ? b + j0 * ldb : b + j0;
-    cblas_sgemm(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans, transpose_b ? CblasTrans : CblasNoTrans,
-                static_cast<blasint>(rows), static_cast<blasint>(cols), static_cast<blasint>(k), 1.0f, a_block,
-                static_cast<blasint>(lda), b_block, static_cast<blasint>(ldb), accumulate ? 1.0f : 0.0f, c + i0 * ldc + j0,
-                static_cast<blasint>(ldc));
+    const T* a_block = transpose_a ? a + i0 : a + i0 * lda;
+    const T* b_block = transpose_b ? b + j0 * ldb : b + j0;
+    blas(transpose_a ? CblasTrans : CblasNoTrans, transpose_b ? CblasTrans : CblasNoTrans, static_cast<blasint>(rows),
+         static_cast<blasint>(cols), static_cast<blasint>(k), a_block, static_cast<blasint>(lda), b_block, static_cast<blasint>(ldb),
+         accumulate ? T{1} : T{0}, c + i0 * ldc + j0, static_cast<blasint>(ldc));
+  });
+}
+
+}  // namespace
+
+void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
+                std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate) {
+  matmul_blocks(transpose_a, transpose_b, m, n, k, a, lda, b, ldb, c, ldc, accumulate,
+                [](CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, blasint rows, blasint cols, blasint depth, const float* ab, blasint la,
+                   const float* bb, blasint lb, float beta, float* cb, blasint lc) {
+                  cblas_sgemm(CblasRowMajor, ta, tb, rows, cols, depth, 1.0f, ab, la, bb, lb, beta, cb, lc);
+                });
+}
+
+void matmul_f64(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const double* a,
+                std::int64_t lda, const double* b, std::int64_t ldb, double* c, std::int64_t ldc, bool accumulate) {
+  matmul_blocks(transpose_a, transpose_b, m, n, k, a, lda, b, ldb, c, ldc, accumulate,
+                [](CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, blasint rows, blasint cols, blasint depth, const double* ab, blasint la,
+                   const double* bb, blasint lb, double beta, double* cb, blasint lc) {
+                  cblas_dgemm(CblasRowMajor, ta, tb, rows, cols, depth, 1.0, ab, la, bb, lb, beta, cb, lc);
+                });
+}
+
+void gram_upper_f32(const float* x, std::int64_t rows, std::int64_t cols, float* g) {
+  if (cols == 0) return;
+  // Tiles of the upper triangle, fixed by the shape (never the thread count, as in matmul_blocks):
+  // one single-threaded OpenBLAS call each, ssyrk on the diagonal, sgemm above it.
+  start_thread_pool();
+  const std::int64_t tile = cols <= 1024 ? 128 : 256;
+  const std::int64_t tiles = (cols + tile - 1) / tile;
+  std::vector<std::pair<std::int64_t, std::int64_t>> pairs;
+  for (std::int64_t ti = 0; ti < tiles; ++ti) {
+    for (std::int64_t tj = ti; tj < tiles; ++tj) pairs.emplace_back(ti, tj);
+  }
+  parallel_for(static_cast<std::int64_t>(pairs.size()), [&](std::int64_t p) {
+    const auto [ti, tj] = pairs[static_cast<std::size_t>(p)];
+    const std::int64_t i0 = ti * tile, j0 = tj * tile;
+    const auto ni = static_cast<blasint>(std::min(tile, cols - i0)), nj = static_cast<blasint>(std::min(tile, cols - j0));
+    const auto ld = static_cast<blasint>(cols), k = static_cast<blasint>(rows);
+    if (rows == 0) {
+      for (std::int64_t i = i0; i < i0 + ni; ++i) std::fill(g + i * cols + j0, g + i * cols + j0 + nj, 0.0f);
+    } else if (ti == tj) {
+      cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, ni, k, 1.0f, x + i0, ld, 0.0f, g + i0 * cols + i0, ld);
+    } else {
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, ni, nj, k, 1.0f, x + i0, ld, x + j0, ld, 0.0f, g + i0 * cols + j0, ld);
+    }
   });
 }
 
@@ -308,6 +358,21 @@ void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t
         sum += static_cast<double>(av) * bv;
       }
       c[i * ldc + j] = static_cast<float>(sum);
+    }
+  }
+}
+
+void matmul_f64(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const double* a,
+                std::int64_t lda, const double* b, std::int64_t ldb, double* c, std::int64_t ldc, bool accumulate) {
+  for (std::int64_t i = 0; i < m; ++i) {
+    for (std::int64_t j = 0; j < n; ++j) {
+      long double sum = accumulate ? c[i * ldc + j] : 0.0L;
+      for (std::int64_t t = 0; t < k; ++t) {
+        const double av = transpose_a ? a[t * lda + i] : a[i * lda + t];
+        const double bv = transpose_b ? b[j * ldb + t] : b[t * ldb + j];
+        sum += static_cast<long double>(av) * bv;
+      }
+      c[i * ldc + j] = static_cast<double>(sum);
     }
   }
 }

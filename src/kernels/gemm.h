@@ -59,6 +59,15 @@ void gemm_f32_strided(const float* x, std::int64_t m, std::int64_t k, const floa
 void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
                 std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate);
 
+// matmul_f32 in double, split the same way (GPTQ's and SparseGPT's updates, AWQ's losses).
+void matmul_f64(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const double* a,
+                std::int64_t lda, const double* b, std::int64_t ldb, double* c, std::int64_t ldc, bool accumulate);
+
+// The upper triangle (diagonal included) of g[cols, cols] = xᵀ · x for x [rows, cols], in tiles fixed
+// by the shape, so every element is the same whatever the thread count; below the diagonal g is not
+// written. The Gram matrices of GPTQ's and SparseGPT's Hessians.
+void gram_upper_f32(const float* x, std::int64_t rows, std::int64_t cols, float* g);
+
 // Writes weight rows [row0, row0 + rows) (rows <= 64), inputs [0, k), as f32 into out [rows, k].
 using WeightRowsF32 = std::function<void(std::int64_t row0, std::int64_t rows, float* out)>;
 
@@ -105,6 +114,9 @@ namespace ref {
 // matmul_f32 as plain loops, sums in double.
 void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
                 std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate);
+// The same in double (sums in long double).
+void matmul_f64(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const double* a,
+                std::int64_t lda, const double* b, std::int64_t ldb, double* c, std::int64_t ldc, bool accumulate);
 void gemm_f32(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y, bool accumulate = false);
 // The bf16-products definition: x and w rounded to bf16 (nearest even), products summed in double.
 void gemm_bf16_products(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y);

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <random>
 
@@ -13,6 +14,7 @@
 #include "algo/smoothing.h"
 #include "io/gguf.h"
 #include "core/error.h"
+#include "core/thread_pool.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "quant/fake_quant.h"
@@ -366,6 +368,45 @@ TEST(Gptq, LowersTheHessianWeightedErrorAndKeepsTheGrid) {
       EXPECT_EQ(again, w);
     }
   }
+}
+
+// Threads of the process now, from /proc.
+std::int64_t process_threads() {
+  std::int64_t n = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++n;
+  return n;
+}
+
+// A GPTQ large enough that OpenBLAS, given threads, would split its products (640 columns: five
+// blocks of the Cholesky factorization and of the Gram matrix's tiles, with a 1-column tail), under 1,
+// 2 and 3 threads: the same bits, and no thread beyond the pool's (OpenBLAS runs single-threaded on each).
+TEST(Gptq, SameBitsUnderEveryThreadCountOnThePoolAlone) {
+  const int threads = compute_threads();
+  const std::int64_t out = 192, in = 641;
+  const QuantizerSpec spec{Element::int8, Scaling::per_row, 0, 0, false};
+  const std::vector<float> w0 = random_values(static_cast<std::size_t>(out * in), 61, 0.05f);
+  const std::vector<float> x = activations(700, in, 62);
+  const std::vector<float> amax = quant::compute_amax(spec, w0.data(), out, in);
+  std::vector<float> first;
+  std::vector<double> first_h;
+  for (const int t : {1, 2, 3}) {
+    set_compute_threads(t);
+    GramAccumulator g;
+    g.add(x.data(), 300, in);
+    g.add(x.data() + 300 * in, 400, in);
+    const std::vector<double> h = gptq_hessian(g);
+    std::vector<float> w = w0;
+    const GptqResult r = gptq_quantize(spec, w.data(), out, in, amax, h, GptqOptions{});
+    EXPECT_LT(r.error_gptq, r.error_rtn);
+    if (first.empty()) {
+      first = w;
+      first_h = h;
+    }
+    EXPECT_EQ(h, first_h) << "Hessian under " << t << " threads";
+    EXPECT_EQ(w, first) << "weights under " << t << " threads";
+    EXPECT_LE(process_threads(), t) << "threads beside the pool's " << t;
+  }
+  set_compute_threads(threads);
 }
 
 TEST(Gptq, IndefiniteHessianIsRetriedWithMoreDampingThenFallsBackToRounding) {

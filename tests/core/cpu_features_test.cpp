@@ -33,22 +33,6 @@ TEST(CpuFeatures, DescribeListsPresentOnes) {
 }  // namespace
 }  // namespace mopt
 
-// The test program chose OpenMP's waits as mopt does (tests/support/test_main.cpp): unless the
-// user set a policy, the program was run again with the documented spin count.
-TEST(ThreadWaits, ChosenBeforeOpenMPStarts) {
-  const char* spin = std::getenv("GOMP_SPINCOUNT");
-  const char* policy = std::getenv("OMP_WAIT_POLICY");
-  ASSERT_TRUE(spin != nullptr || policy != nullptr);
-  const std::string described = mopt::describe_thread_waits();
-  if (described.find("set by mopt") != std::string::npos) {
-    ASSERT_NE(spin, nullptr);
-    EXPECT_STREQ(spin, mopt::kGompSpinCount);
-    ASSERT_NE(std::getenv("KMP_BLOCKTIME"), nullptr);
-  } else {
-    EXPECT_NE(described.find("set by the user"), std::string::npos) << described;
-  }
-}
-
 // OpenBLAS kernels without AVX2 are replaced only on a CPU that has AVX2 and FMA, and never when
 // OpenBLAS already chose AVX2 kernels.
 TEST(StartupSettings, BetterBlasKernels) {
