@@ -36,29 +36,52 @@ void rmsnorm(const float* x, const float* weight, std::int64_t rows, std::int64_
 namespace {
 
 // Rotates each pair (x[i], x[i + d/2]) by the angle position * inv_freq[i], or by minus it.
+// A packed batch repeats its positions (every sequence starts at 0): when the span of positions is no
+// longer than the rows, cos and sin are computed once per position into one table (the same float
+// expressions, so the same values) and every row reads its position's; otherwise once per row.
 void rotate_pairs(float* x, std::int64_t rows, std::int64_t heads, std::int64_t head_dim, const std::int32_t* positions,
                   const std::vector<float>& inv_freq, bool inverse) {
   const std::int64_t half = head_dim / 2;
   if (static_cast<std::int64_t>(inv_freq.size()) != half) fail("rope: {} frequencies for head_dim {}", inv_freq.size(), head_dim);
-  parallel_each(rows, 4, rows > 16, [&](std::int64_t r) {
-    thread_local std::vector<float> cos_v, sin_v;
-    cos_v.resize(static_cast<std::size_t>(half));
-    sin_v.resize(static_cast<std::size_t>(half));
-    const auto pos = static_cast<float>(positions[r]);
+  if (rows <= 0) return;
+  const auto angles_of = [&](std::int32_t position, float* cos_v, float* sin_v) {
+    const auto pos = static_cast<float>(position);
     for (std::int64_t i = 0; i < half; ++i) {
       const float angle = pos * inv_freq[static_cast<std::size_t>(i)];
-      cos_v[static_cast<std::size_t>(i)] = std::cos(angle);
-      sin_v[static_cast<std::size_t>(i)] = inverse ? -std::sin(angle) : std::sin(angle);
+      cos_v[i] = std::cos(angle);
+      sin_v[i] = inverse ? -std::sin(angle) : std::sin(angle);
     }
+  };
+  const auto rotate_row = [&](std::int64_t r, const float* cos_v, const float* sin_v) {
     for (std::int64_t h = 0; h < heads; ++h) {
       float* v = x + (r * heads + h) * head_dim;
       for (std::int64_t i = 0; i < half; ++i) {
         const float a = v[i], b = v[i + half];
-        const float c = cos_v[static_cast<std::size_t>(i)], s = sin_v[static_cast<std::size_t>(i)];
-        v[i] = a * c - b * s;
-        v[i + half] = b * c + a * s;
+        v[i] = a * cos_v[i] - b * sin_v[i];
+        v[i + half] = b * cos_v[i] + a * sin_v[i];
       }
     }
+  };
+  const auto range = std::minmax_element(positions, positions + rows);
+  const std::int32_t lowest = *range.first;
+  const std::int64_t span = static_cast<std::int64_t>(*range.second) - lowest + 1;
+  if (span < rows) {
+    std::vector<float> table(static_cast<std::size_t>(2 * span * half));  // per position: cos[half], sin[half]
+    parallel_each(span, 8, span > 16, [&](std::int64_t p) {
+      float* t = table.data() + 2 * p * half;
+      angles_of(static_cast<std::int32_t>(lowest + p), t, t + half);
+    });
+    parallel_each(rows, 4, rows > 16, [&](std::int64_t r) {
+      const float* t = table.data() + 2 * (positions[r] - lowest) * half;
+      rotate_row(r, t, t + half);
+    });
+    return;
+  }
+  parallel_each(rows, 4, rows > 16, [&](std::int64_t r) {
+    thread_local std::vector<float> angles;
+    angles.resize(static_cast<std::size_t>(2 * half));
+    angles_of(positions[r], angles.data(), angles.data() + half);
+    rotate_row(r, angles.data(), angles.data() + half);
   });
 }
 

@@ -263,6 +263,46 @@ TEST(Rope, RotatesSplitHalfPairs) {
   EXPECT_NEAR(x[3], std::cos(0.25f), 1e-6);
 }
 
+// A packed batch repeats positions (the table of cos/sin per position) and a lone row does not (cos/sin
+// per row): both give the same bits, within f32 rounding of the rotation computed in f64, forward and
+// inverse, at positions that do not start at 0 (a batch after a cached prefix).
+TEST(Rope, PackedBatchRowsMatchRowByRowAndTheDefinition) {
+  std::mt19937 rng(17);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const std::int64_t heads = 3, d = 16, half = d / 2, seqs = 4, len = 37;
+  std::vector<float> inv(static_cast<std::size_t>(half));
+  for (std::int64_t i = 0; i < half; ++i) inv[static_cast<std::size_t>(i)] = std::pow(10000.0f, -2.0f * static_cast<float>(i) / static_cast<float>(d));
+  std::vector<std::int32_t> pos;
+  for (std::int64_t s = 0; s < seqs; ++s) {
+    for (std::int64_t t = 0; t < len; ++t) pos.push_back(static_cast<std::int32_t>(5 + s + t));
+  }
+  const auto rows = static_cast<std::int64_t>(pos.size());
+  std::vector<float> x(static_cast<std::size_t>(rows * heads * d));
+  for (auto& v : x) v = nd(rng);
+  for (const bool inverse : {false, true}) {
+    std::vector<float> packed = x, single = x;
+    if (inverse) apply_rope_inverse(packed.data(), rows, heads, d, pos.data(), inv);
+    else apply_rope(packed.data(), rows, heads, d, pos.data(), inv);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      float* row = single.data() + r * heads * d;
+      if (inverse) apply_rope_inverse(row, 1, heads, d, &pos[static_cast<std::size_t>(r)], inv);
+      else apply_rope(row, 1, heads, d, &pos[static_cast<std::size_t>(r)], inv);
+    }
+    ASSERT_EQ(packed, single) << "inverse " << inverse;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      for (std::int64_t h = 0; h < heads; ++h) {
+        const std::size_t b = static_cast<std::size_t>((r * heads + h) * d);
+        for (std::int64_t i = 0; i < half; ++i) {
+          const double angle = static_cast<double>(static_cast<float>(pos[static_cast<std::size_t>(r)]) * inv[static_cast<std::size_t>(i)]) * (inverse ? -1.0 : 1.0);
+          const double a = x[b + static_cast<std::size_t>(i)], c = x[b + static_cast<std::size_t>(i + half)];
+          EXPECT_NEAR(packed[b + static_cast<std::size_t>(i)], a * std::cos(angle) - c * std::sin(angle), 1e-5);
+          EXPECT_NEAR(packed[b + static_cast<std::size_t>(i + half)], c * std::cos(angle) + a * std::sin(angle), 1e-5);
+        }
+      }
+    }
+  }
+}
+
 // The reference: every (query, head) computed directly in f64.
 std::vector<float> attention_ref(const std::vector<float>& q, std::int64_t n_q, const std::vector<std::int32_t>& pos,
                                  const std::vector<float>& k, const std::vector<float>& v, std::int64_t n_k, std::int64_t heads,
