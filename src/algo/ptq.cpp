@@ -513,6 +513,10 @@ CalibrationSet make_calibration_set(const std::vector<std::string>& documents, c
   return set;
 }
 
+bool folds_scales_across_linears(const quant::LinearScheme& scheme, const PtqOptions& options) {
+  return scheme.format == "nvfp4_awq" || options.fold_pre_quant_scales;
+}
+
 bool needs_calibration(const io::ModelConfig& config, const quant::Recipe& recipe) {
   if (recipe.kv_cache || recipe.effective_algorithm() != "max") return true;
   if (!recipe.sparsity.empty() && sparse_algo_needs_calibration(parse_sparse_algo(recipe.sparse_algo))) return true;
@@ -746,8 +750,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
     }
 
     // 4. As the reference's export does: one pre-quantization scale per shared input, folded where it can be.
-    const std::string fmt_name = schemes[kind_index(LinearKind::q)].format;
-    if (fmt_name == "nvfp4_awq" || options.fold_pre_quant_scales) {
+    if (folds_scales_across_linears(schemes[kind_index(LinearKind::q)], options)) {
       fold_scale_into_rows(work[kind_index(LinearKind::o)], work[kind_index(LinearKind::v)], qw.v, prefix + "self_attn.v_proj.bias", ql, model_dtype);
       fold_scale_into_rows(work[kind_index(LinearKind::down)], work[kind_index(LinearKind::up)], qw.up, prefix + "mlp.up_proj.bias", ql, model_dtype);
     }

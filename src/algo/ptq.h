@@ -93,6 +93,12 @@ using QuantizedLayerSink = std::function<void(quant::QuantizedLayer&&)>;
 PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Recipe& recipe, const CalibrationSet& calibration,
                               const PtqOptions& options, const QuantizedLayerSink& sink, const QuantizedLayerSink& head_sink = {});
 
+// True when quantizing a layer's Linears as `scheme` (its q_proj's) moves scales between Linears of
+// different input groups: NVFP4_AWQ's export (and any folding export target) multiplies o_proj's and
+// down_proj's pre-quantization scales into v_proj's and up_proj's output rows, so those Linears only
+// go together.
+bool folds_scales_across_linears(const quant::LinearScheme& scheme, const PtqOptions& options);
+
 // True when `recipe` on this model needs calibration data.
 bool needs_calibration(const io::ModelConfig& config, const quant::Recipe& recipe);
 

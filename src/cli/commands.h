@@ -139,8 +139,18 @@ struct QuantizeOptions {
   std::string sparsity;                    // "" or "2:4"
   std::string sparse_algo;                 // "" = magnitude (or the recipe's)
   std::vector<std::string> sparse_exclude; // globs left dense
+  // Mixed precision (--auto-bits > 0): a format per group of Linears from auto_formats under an
+  // effective-bits budget, scored by auto_method on the first auto_score_size calibration samples;
+  // the scores saved to / read from auto_state.
+  double auto_bits = 0.0;
+  std::string auto_formats = "nvfp4_awq,fp8";
+  std::string auto_method = "kl";
+  std::string auto_state;
+  std::int64_t auto_score_size = 8;
 };
 int run_quantize(const QuantizeOptions& options);
+// `mopt quantize --auto-bits` (cli/auto_quantize.cpp); run_quantize hands over to it.
+int run_auto_quantize(const QuantizeOptions& options);
 
 struct TrainCliOptions {
   std::string model;      // a Hugging Face checkpoint to fine-tune; empty with init

@@ -193,6 +193,15 @@ int main(int argc, char** argv) {
   quantize_cmd->add_option("--sparse-algo", quantize.sparse_algo,
                            "With --sparsity: magnitude (default), sparsegpt (mask and weight update; needs --calib) or sparsegpt-mask (the reference's: mask only)");
   quantize_cmd->add_option("--sparse-exclude", quantize.sparse_exclude, "With --sparsity: leave modules matching this glob dense (repeatable)");
+  quantize_cmd->add_option("--auto-bits", quantize.auto_bits,
+                           "Mixed precision: a format per group of Linears (q/k/v, o, gate/up, down) from --auto-formats or none, "
+                           "least KL divergence with the weights' effective bits at most this many (e.g. 4.8); needs --calib");
+  quantize_cmd->add_option("--auto-formats", quantize.auto_formats, "With --auto-bits: the candidate formats, comma-separated (default nvfp4_awq,fp8)");
+  quantize_cmd->add_option("--auto-method", quantize.auto_method, "With --auto-bits: how groups are scored: kl (default; the gradient score is not built yet)");
+  quantize_cmd->add_option("--auto-state", quantize.auto_state,
+                           "With --auto-bits: a JSON file of the scores; written after scoring, read instead of scoring when it exists "
+                           "(another budget re-solves without scoring)");
+  quantize_cmd->add_option("--auto-score-size", quantize.auto_score_size, "With --auto-bits: calibration samples the scores are measured on (default 8)");
   quantize_cmd->add_option("--gguf-type", quantize.gguf_type, "With --export gguf: q4_0, q8_0, q4_k_m, q6_k, q5_0 (llama-quantize's mixes), q4_0_pure, q5_0_pure, q4_k, bf16, f16, f32 (default: nvfp4/mxfp4 for those formats, q4_0 for INT4, else q8_0). INT4 and INT8 weights are quantized in each tensor's blocks of the mix, weighted by the calibration inputs' mean squares when --calib is given (as llama-quantize --imatrix); to q4_0 with --group-size (a multiple of 32) or --algo awq_clip/awq_full, INT4 weights on Q4_0's grid in those groups");
 
   mopt::cli::TrainCliOptions train;

@@ -186,6 +186,7 @@ std::uint64_t convert_export(const std::string& modelopt_dir, const QuantizeOpti
 }
 
 int run_quantize(const QuantizeOptions& o) {
+  if (o.auto_bits != 0.0) return run_auto_quantize(o);
   const auto start = std::chrono::steady_clock::now();
   if (!(o.gptq_damp > 0.0) || !std::isfinite(o.gptq_damp)) fail("--gptq-damp {} is not a positive number", o.gptq_damp);
   quant::Recipe from_options = recipe_from_options(o);
@@ -197,18 +198,9 @@ int run_quantize(const QuantizeOptions& o) {
   const algo::CalibrationSet calib = calibration_from_options(o, ckpt, recipe);
 
   // Another format is converted from the modelopt checkpoint, written first into a temporary directory beside the output.
-  struct Staging {
-    std::string dir;
-    ~Staging() {
-      std::error_code ec;
-      if (!dir.empty()) std::filesystem::remove_all(dir, ec);
-    }
-  } staging;
+  io::ScratchDir staging;
   std::string modelopt_dir = o.out_dir;
-  if (o.export_format != "modelopt") {
-    staging.dir = io::make_temp_dir_beside(o.out_dir);
-    modelopt_dir = staging.dir + "/modelopt";
-  }
+  if (o.export_format != "modelopt") modelopt_dir = staging.create(o.out_dir) + "/modelopt";
   if (recipe.int4_grid == quant::IntGrid::q4_0) {
     fmt::print(stderr, "int4: on Q4_0's grid for the GGUF file (16 levels, its f16 block scales), groups of {}\n", recipe.group_size);
   }

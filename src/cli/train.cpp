@@ -129,18 +129,9 @@ int run_qat(const TrainCliOptions& o, train::TrainOptions t, const io::Tokenizer
 
   // 4. What quantize writes: the trained weights quantized under the frozen scales, every other tensor
   // trained, in the source checkpoint's names, order and dtypes. Other formats via a staging directory.
-  struct Staging {
-    std::string dir;
-    ~Staging() {
-      std::error_code ec;
-      if (!dir.empty()) fs::remove_all(dir, ec);
-    }
-  } staging;
+  io::ScratchDir staging;
   std::string modelopt_dir = q.out_dir;
-  if (q.export_format != "modelopt") {
-    staging.dir = io::make_temp_dir_beside(q.out_dir);
-    modelopt_dir = staging.dir + "/modelopt";
-  }
+  if (q.export_format != "modelopt") modelopt_dir = staging.create(q.out_dir) + "/modelopt";
   std::uint64_t bytes = 0;
   {
     exporter::HfModeloptWriter writer(ckpt, modelopt_dir, recipe);

@@ -99,4 +99,17 @@ std::string make_temp_dir_beside(const std::string& target) {
   return name.data();
 }
 
+ScratchDir::~ScratchDir() {
+  std::error_code ec;
+  if (path_.empty()) return;
+  std::filesystem::remove_all(path_, ec);
+  keep_on_signal(path_);  // gone: nothing left for a signal to remove
+}
+
+const std::string& ScratchDir::create(const std::string& target) {
+  if (!path_.empty()) fail("{}: a scratch directory was created twice", target);
+  path_ = make_temp_dir_beside(target);
+  return path_;
+}
+
 }  // namespace mopt::io

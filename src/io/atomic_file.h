@@ -37,6 +37,23 @@ class AtomicFileWriter {
 // AtomicFileWriter's temporary is registered the same way while it exists.
 std::string make_temp_dir_beside(const std::string& target);
 
+// A scratch directory beside an output (make_temp_dir_beside), removed with everything in it when
+// this object goes away, error or not (and then no longer registered for removal on a signal).
+// Empty until create().
+class ScratchDir {
+ public:
+  ScratchDir() = default;
+  ~ScratchDir();
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+  // Creates it beside `target` and returns its path.
+  const std::string& create(const std::string& target);
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
 // The whole of `text` written atomically to `path`.
 void write_file_atomically(const std::string& path, std::string_view text);
 

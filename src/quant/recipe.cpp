@@ -64,6 +64,8 @@ const std::vector<std::string>& format_names() {
   return names;
 }
 
+bool format_takes_group_size(const std::string& name) { return name.rfind("int4", 0) == 0 || name == "w4a8_awq"; }
+
 LinearScheme format_scheme(const std::string& name, std::int64_t group_size) {
   LinearScheme s;
   s.format = name;
@@ -166,10 +168,10 @@ LinearScheme Recipe::scheme_for(const std::string& module) const {
   for (const auto& g : exclude) {
     if (glob_match(g, module)) return {};
   }
-  LinearScheme s = format_scheme(format, format.rfind("int4", 0) == 0 || format == "w4a8_awq" ? group_size : 0);
+  LinearScheme s = format_scheme(format, format_takes_group_size(format) ? group_size : 0);
   for (const auto& o : overrides) {
     if (!glob_match(o.pattern, module)) continue;
-    s = o.format == "none" ? LinearScheme{} : format_scheme(o.format, o.format.rfind("int4", 0) == 0 || o.format == "w4a8_awq" ? group_size : 0);
+    s = o.format == "none" ? LinearScheme{} : format_scheme(o.format, format_takes_group_size(o.format) ? group_size : 0);
   }
   if (s.weight && s.weight->element == Element::int4 && s.weight->scaling == Scaling::block && !s.weight->fp8_second_stage) {
     s.weight->grid = int4_grid;
@@ -190,7 +192,7 @@ LinearScheme Recipe::scheme_for(const std::string& module) const {
 }
 
 std::string Recipe::effective_algorithm() const {
-  return algorithm.empty() ? format_scheme(format, format.rfind("int4", 0) == 0 || format == "w4a8_awq" ? group_size : 0).default_algorithm
+  return algorithm.empty() ? format_scheme(format, format_takes_group_size(format) ? group_size : 0).default_algorithm
                            : algorithm;
 }
 
@@ -215,7 +217,7 @@ void Recipe::validate() const {
   }
   const LinearScheme base = format_scheme(format, group_size);
   for (const auto& o : overrides) {
-    if (o.format != "none") format_scheme(o.format, o.format.rfind("int4", 0) == 0 || o.format == "w4a8_awq" ? group_size : 0);
+    if (o.format != "none") format_scheme(o.format, format_takes_group_size(o.format) ? group_size : 0);
   }
   if (kv_cache) kv_scheme(*kv_cache);
   const std::string algo = effective_algorithm();
@@ -230,7 +232,7 @@ void Recipe::validate() const {
     // The algorithm runs on every quantized Linear, the lm_head included.
     if (o.format == "none") continue;
     with_context("override " + o.pattern, [&] {
-      check_algorithm_supports(algo, format_scheme(o.format, o.format.rfind("int4", 0) == 0 || o.format == "w4a8_awq" ? group_size : 0));
+      check_algorithm_supports(algo, format_scheme(o.format, format_takes_group_size(o.format) ? group_size : 0));
     });
   }
   if (calibrator == CalibMethod::entropy && base.input && base.input->element != Element::int8) {

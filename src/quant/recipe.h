@@ -34,6 +34,8 @@ const std::vector<std::string>& algorithm_names();
 // Throws when `algorithm` cannot run on Linears quantized as `scheme` (SmoothQuant: W8A8 only;
 // AWQ-clip: INT4 blocks; GPTQ: INT4/INT8/FP8 with static scales).
 void check_algorithm_supports(const std::string& algorithm, const LinearScheme& scheme);
+// True for the formats whose weight blocks a group size sets (int4_rtn, int4_awq, w4a8_awq).
+bool format_takes_group_size(const std::string& name);
 // The scheme of a named format; `group_size` > 0 replaces the INT4 block (128).
 // Throws Error naming the known formats for an unknown name.
 LinearScheme format_scheme(const std::string& name, std::int64_t group_size = 0);

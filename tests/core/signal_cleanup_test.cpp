@@ -6,6 +6,7 @@
 
 #include <filesystem>
 
+#include "core/error.h"
 #include "io/atomic_file.h"
 #include "support/temp_dir.h"
 
@@ -43,6 +44,27 @@ TEST(SignalCleanup, TemporariesAreRegisteredWhileTheyExist) {
   }
   EXPECT_EQ(paths_removed_on_signal(), before);
   EXPECT_FALSE(std::filesystem::exists(tmp.file("g.txt")));
+}
+
+TEST(SignalCleanup, ScratchDirIsRemovedWithItsContentsAndUnregistered) {
+  testing::TempDir tmp;
+  const std::size_t before = paths_removed_on_signal();
+  std::string path;
+  try {
+    io::ScratchDir scratch;
+    EXPECT_TRUE(scratch.path().empty());
+    path = scratch.create(tmp.file("out"));
+    EXPECT_EQ(path, scratch.path());
+    EXPECT_EQ(path.rfind(tmp.file("out.tmp-"), 0), 0u) << path;
+    EXPECT_EQ(paths_removed_on_signal(), before + 1);
+    std::filesystem::create_directories(path + "/candidate-0");
+    io::write_file_atomically(path + "/candidate-0/x.json", "{}");
+    EXPECT_THROW(scratch.create(tmp.file("out")), Error);
+    throw Error("an error on the way out");
+  } catch (const Error&) {
+  }
+  EXPECT_FALSE(std::filesystem::exists(path));
+  EXPECT_EQ(paths_removed_on_signal(), before);
 }
 
 }  // namespace

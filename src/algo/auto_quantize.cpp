@@ -1,0 +1,196 @@
+#include "algo/auto_quantize.h"
+
+#include <cmath>
+#include <fmt/format.h>
+
+#include "algo/mixed_precision.h"
+#include "core/error.h"
+#include "core/thread_pool.h"
+#include "kernels/ops.h"
+
+namespace mopt::algo {
+
+double effective_bits(const quant::LinearScheme& scheme) {
+  if (!scheme.weight) return 16.0;
+  const quant::QuantizerSpec& w = *scheme.weight;
+  double bits = 0.0;
+  switch (w.element) {
+    case quant::Element::int8:
+    case quant::Element::e4m3: bits = 8.0; break;
+    case quant::Element::int4:
+    case quant::Element::e2m1: bits = 4.0; break;
+  }
+  double scale_bits = 0.0;
+  switch (w.scaling) {
+    case quant::Scaling::block: scale_bits = w.element == quant::Element::e4m3 ? 32.0 : 16.0; break;  // FP8 tiles: f32 scales
+    case quant::Scaling::nvfp4:
+    case quant::Scaling::mx: scale_bits = 8.0; break;  // E4M3 and E8M0 block scales
+    default: break;
+  }
+  if (scale_bits > 0.0 && w.block > 0) bits += scale_bits / static_cast<double>(w.block * std::max<std::int64_t>(1, w.block_rows));
+  return bits;
+}
+
+std::vector<LinearGroup> linear_groups(const io::ModelConfig& c, bool whole_blocks) {
+  using model::LinearKind;
+  const std::int64_t q_out = c.num_heads * c.head_dim, kv_out = c.num_kv_heads * c.head_dim;
+  const std::int64_t qkv = c.hidden_size * (q_out + 2 * kv_out), o = q_out * c.hidden_size;
+  const std::int64_t gate_up = 2 * c.hidden_size * c.intermediate_size, down = c.intermediate_size * c.hidden_size;
+  std::vector<LinearGroup> groups;
+  for (std::int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string prefix = fmt::format("model.layers.{}.", l);
+    const auto add = [&](std::vector<LinearKind> kinds, std::int64_t weights) {
+      LinearGroup g;
+      g.layer = l;
+      g.kinds = std::move(kinds);
+      g.weights = weights;
+      for (const LinearKind k : g.kinds) {
+        const std::string name(model::linear_name(k));
+        g.modules.push_back(prefix + name);
+        g.name += g.name.empty() ? prefix + name : "," + name.substr(name.find('.') + 1);
+      }
+      groups.push_back(std::move(g));
+    };
+    if (whole_blocks) {
+      add({LinearKind::q, LinearKind::k, LinearKind::v, LinearKind::o}, qkv + o);
+      add({LinearKind::gate, LinearKind::up, LinearKind::down}, gate_up + down);
+      continue;
+    }
+    add({LinearKind::q, LinearKind::k, LinearKind::v}, qkv);
+    add({LinearKind::o}, o);
+    add({LinearKind::gate, LinearKind::up}, gate_up);
+    add({LinearKind::down}, down);
+  }
+  return groups;
+}
+
+std::size_t group_of_tensor(const std::vector<LinearGroup>& groups, const std::string& tensor) {
+  const std::size_t dot = tensor.rfind('.');
+  const std::string owner = dot == std::string::npos ? tensor : tensor.substr(0, dot);  // "model.layers.3.mlp.up_proj"
+  for (std::size_t g = 0; g < groups.size(); ++g) {
+    const std::string prefix = fmt::format("model.layers.{}.", groups[g].layer);
+    for (std::size_t i = 0; i < groups[g].modules.size(); ++i) {
+      if (owner == groups[g].modules[i]) return g;
+      const model::LinearKind k = groups[g].kinds[i];
+      if (k == model::LinearKind::q && tensor == prefix + "input_layernorm.weight") return g;
+      if (k == model::LinearKind::gate && tensor == prefix + "post_attention_layernorm.weight") return g;
+    }
+  }
+  fail("mixed precision: {} belongs to no group of Linears", tensor);
+}
+
+namespace {
+
+// The norm that feeds a group (its first Linear's input), or nullptr.
+Tensor* norm_of(model::LayerWeights& layer, const LinearGroup& g) {
+  if (g.kinds.front() == model::LinearKind::q) return &layer.input_norm;
+  if (g.kinds.front() == model::LinearKind::gate) return &layer.post_attention_norm;
+  return nullptr;
+}
+
+}  // namespace
+
+std::vector<std::vector<double>> kl_scores(model::Model& base, const std::vector<model::Model*>& candidates, const std::vector<LinearGroup>& groups,
+                                           const std::vector<std::vector<std::int32_t>>& sequences,
+                                           const std::function<void(std::int64_t, std::int64_t)>& progress) {
+  if (sequences.empty()) fail("mixed precision: no score sequences");
+  const io::ModelConfig& c = base.config();
+  for (const model::Model* m : candidates) {
+    if (m->config().num_layers != c.num_layers || m->config().hidden_size != c.hidden_size || m->config().vocab_size != c.vocab_size) {
+      fail("mixed precision: a candidate model's shape differs from the base model's");
+    }
+  }
+  const std::int64_t vocab = c.vocab_size;
+  std::vector<std::vector<double>> sums(groups.size(), std::vector<double>(candidates.size(), 0.0));
+  std::int64_t scored = 0;
+  const auto total = static_cast<std::int64_t>(sequences.size() * groups.size() * candidates.size());
+  std::int64_t done = 0;
+  std::vector<float> base_logits, logits;
+  std::vector<double> row_kl;
+  for (const auto& tokens : sequences) {
+    if (tokens.size() < 2) continue;
+    const model::SequenceSpan span{0, static_cast<std::int64_t>(tokens.size()), 0, 0};
+    const std::span<const model::SequenceSpan> batch(&span, 1);
+    base.forward(tokens, batch, nullptr, model::LogitsFor::all_rows, base_logits);
+    const auto rows = static_cast<std::int64_t>(tokens.size());
+    scored += rows;
+    row_kl.resize(static_cast<std::size_t>(rows));
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      model::LayerWeights& layer = base.mutable_layer(groups[g].layer);
+      for (std::size_t ci = 0; ci < candidates.size(); ++ci) {
+        // The candidate's Linears and the norm that feeds them (AWQ folds its scale there), put back after.
+        model::LayerWeights& from = candidates[ci]->mutable_layer(groups[g].layer);
+        std::vector<model::Linear> kept;
+        for (const model::LinearKind k : groups[g].kinds) {
+          kept.push_back(layer.linear(k));
+          layer.linear(k) = from.linear(k);
+        }
+        Tensor* norm = norm_of(layer, groups[g]);
+        const Tensor kept_norm = norm ? *norm : Tensor();
+        if (norm) *norm = *norm_of(from, groups[g]);
+        const auto put_back = [&] {
+          for (std::size_t i = 0; i < kept.size(); ++i) layer.linear(groups[g].kinds[i]) = kept[i];
+          if (norm) *norm = kept_norm;
+        };
+        try {
+          base.forward(tokens, batch, nullptr, model::LogitsFor::all_rows, logits);
+        } catch (...) {
+          put_back();
+          throw;
+        }
+        put_back();
+        // Each row on the pool, summed in row order: the same result at any thread count.
+        parallel_each(rows, 8, rows > 8, [&](std::int64_t r) {
+          double lse_a = 0.0, lse_b = 0.0;
+          row_kl[static_cast<std::size_t>(r)] = kernels::softmax_kl(base_logits.data() + r * vocab, logits.data() + r * vocab, vocab, lse_a, lse_b);
+        });
+        double s = 0.0;
+        for (const double v : row_kl) s += v;
+        if (!std::isfinite(s)) fail("mixed precision: the KL divergence of {} with candidate {} is not finite", groups[g].name, ci);
+        sums[g][ci] += s;
+        if (progress) progress(++done, total);
+      }
+    }
+  }
+  if (scored == 0) fail("mixed precision: every score sequence is shorter than 2 tokens");
+  for (auto& row : sums) {
+    for (double& v : row) v /= static_cast<double>(scored);
+  }
+  return sums;
+}
+
+MixedChoice choose_under_budget(const std::vector<LinearGroup>& groups, const std::vector<std::vector<double>>& scores, const std::vector<double>& bits,
+                                double budget_bits) {
+  if (scores.size() != groups.size()) fail("mixed precision: {} score rows for {} groups", scores.size(), groups.size());
+  if (!(budget_bits > 0.0) || !std::isfinite(budget_bits)) fail("mixed precision: the budget {} bits is not a positive number", budget_bits);
+  // Costs in eighths of a bit per weight: every effective bits value here is a whole number of eighths
+  // (4.5, 4.25, 4.125, 8, 16), so the integer costs are exact and the solver's answer is.
+  const auto eighths = [](double b) { return static_cast<std::int64_t>(std::llround(b * 8.0)); };
+  std::vector<ChoiceGroup> problem(groups.size());
+  std::int64_t all_weights = 0;
+  for (std::size_t g = 0; g < groups.size(); ++g) {
+    if (scores[g].size() != bits.size()) fail("mixed precision: {} has {} scores for {} candidates", groups[g].name, scores[g].size(), bits.size());
+    for (std::size_t c = 0; c < bits.size(); ++c) {
+      problem[g].score.push_back(scores[g][c]);
+      problem[g].cost.push_back(groups[g].weights * eighths(bits[c]));
+    }
+    problem[g].score.push_back(0.0);  // not quantized
+    problem[g].cost.push_back(groups[g].weights * eighths(16.0));
+    make_scores_non_increasing_in_cost(problem[g]);
+    all_weights += groups[g].weights;
+  }
+  const auto budget = static_cast<std::int64_t>(std::floor(budget_bits * 8.0 * static_cast<double>(all_weights)));
+  const auto solved = solve_budget(problem, budget);
+  if (!solved) {
+    double cheapest = 16.0;
+    for (const double b : bits) cheapest = std::min(cheapest, b);
+    fail("mixed precision: a budget of {} bits per weight is below the cheapest candidate's {} bits", budget_bits, cheapest);
+  }
+  MixedChoice out;
+  out.choice = solved->choice;
+  out.score = solved->score;
+  out.effective_bits = static_cast<double>(solved->cost) / (8.0 * static_cast<double>(all_weights));
+  return out;
+}
+
+}  // namespace mopt::algo

@@ -1,0 +1,246 @@
+// `mopt quantize --auto-bits B`: a format per group of Linears under an effective-bits budget
+// (algo/auto_quantize.h). Each candidate format is calibrated once over the whole model with its own
+// algorithm (nvfp4_awq: AWQ-lite, fp8: max), as the reference calibrates each candidate recipe; each
+// group is scored by KL divergence with that group alone quantized; the solver picks; the output takes
+// every Linear from the candidate chosen for its group, so the exported Linears are exactly the ones
+// that were scored.
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "algo/auto_quantize.h"
+#include "cli/commands.h"
+#include "cli/quantize_common.h"
+#include "core/error.h"
+#include "core/memory.h"
+#include "core/progress.h"
+#include "export/hf_modelopt.h"
+#include "io/atomic_file.h"
+#include "io/checkpoint.h"
+#include "io/json_util.h"
+
+namespace mopt::cli {
+
+namespace {
+
+using nlohmann::json;
+
+std::vector<std::string> split_formats(const std::string& list) {
+  std::vector<std::string> out;
+  std::size_t begin = 0;
+  while (begin <= list.size()) {
+    const std::size_t end = std::min(list.find(',', begin), list.size());
+    const std::string f = list.substr(begin, end - begin);
+    if (f.empty()) fail("--auto-formats '{}': an empty format name", list);
+    if (f == "none") fail("--auto-formats: 'none' is always a candidate (16 bits, score 0); list quantized formats");
+    (void)quant::format_scheme(f);  // an unknown name is refused here, naming the known ones
+    for (const auto& seen : out) {
+      if (seen == f) fail("--auto-formats '{}': {} is listed twice", list, f);
+    }
+    out.push_back(f);
+    begin = end + 1;
+  }
+  return out;
+}
+
+void refuse_unsupported(const QuantizeOptions& o) {
+  if (o.auto_method != "kl") {
+    fail("--auto-method {}: only kl is built (KL divergence with one group quantized); the reference's gradient score is not yet",
+         o.auto_method);
+  }
+  if (!(o.auto_bits > 0.0) || !std::isfinite(o.auto_bits)) fail("--auto-bits {} is not a positive number", o.auto_bits);
+  if (!o.format.empty()) fail("--auto-bits chooses the formats from --auto-formats; --format does not apply");
+  if (!o.exclude.empty()) fail("--auto-bits with --exclude is not supported (every decoder Linear is a candidate)");
+  if (!o.recipe.empty() || !o.overrides.empty()) fail("--auto-bits chooses every Linear's format; --recipe and --override do not apply");
+  if (!o.algo.empty()) fail("--auto-bits calibrates each candidate with its own algorithm (nvfp4_awq: awq_lite, fp8: max); --algo does not apply");
+  if (o.quantize_lm_head) fail("--auto-bits leaves the lm_head unquantized; --quantize-lm-head does not apply");
+  if (!o.sparsity.empty()) fail("--auto-bits with --sparsity is not supported");
+  if (o.export_format != "modelopt") fail("--auto-bits writes the modelopt export (MIXED_PRECISION); --export {} is not supported with it", o.export_format);
+  if (o.calib.empty()) fail("--auto-bits scores the candidates on calibration text: give --calib FILE");
+  if (o.auto_score_size < 1) fail("--auto-score-size {} must be at least 1", o.auto_score_size);
+}
+
+// The scores saved by an earlier run (--auto-state), when they are for this model, these candidates
+// and these groups; std::nullopt when the file does not exist.
+std::optional<std::vector<std::vector<double>>> read_state(const std::string& path, const std::vector<std::string>& formats,
+                                                           const std::vector<algo::LinearGroup>& groups, const json& calibration) {
+  if (path.empty() || !std::filesystem::exists(path)) return std::nullopt;
+  const json j = io::parse_json_unique_keys(io::read_text_file(path), path);
+  const auto field = [&](const char* name) -> const json& {
+    if (!j.is_object() || !j.contains(name)) fail("{}: not a mixed-precision state (no \"{}\")", path, name);
+    return j[name];
+  };
+  if (field("formats") != json(formats)) fail("{}: scores for candidates {}, not {}", path, field("formats").dump(), json(formats).dump());
+  if (field("calibration") != calibration) fail("{}: scores from other calibration settings ({})", path, field("calibration").dump());
+  const json& g = field("groups");
+  if (!g.is_array() || g.size() != groups.size()) fail("{}: scores for {} groups, the model has {}", path, g.is_array() ? g.size() : 0, groups.size());
+  std::vector<std::vector<double>> scores;
+  for (std::size_t i = 0; i < groups.size(); ++i) {
+    if (!g[i].is_object() || g[i].value("name", "") != groups[i].name || !g[i].contains("scores") || !g[i]["scores"].is_array() ||
+        g[i]["scores"].size() != formats.size()) {
+      fail("{}: group {} is not {} with {} scores", path, i, groups[i].name, formats.size());
+    }
+    std::vector<double> row;
+    for (const auto& v : g[i]["scores"]) {
+      if (!v.is_number() || !std::isfinite(v.get<double>()) || v.get<double>() < 0.0) fail("{}: {} has a score that is not a finite number >= 0", path, groups[i].name);
+      row.push_back(v.get<double>());
+    }
+    scores.push_back(std::move(row));
+  }
+  return scores;
+}
+
+json state_json(const std::string& model, const std::vector<std::string>& formats, const std::vector<algo::LinearGroup>& groups,
+                const std::vector<std::vector<double>>& scores, const json& calibration) {
+  json g = json::array();
+  for (std::size_t i = 0; i < groups.size(); ++i) g.push_back({{"name", groups[i].name}, {"weights", groups[i].weights}, {"scores", scores[i]}});
+  return {{"model", model}, {"method", "kl"}, {"formats", formats}, {"calibration", calibration}, {"groups", g}};
+}
+
+}  // namespace
+
+int run_auto_quantize(const QuantizeOptions& o) {
+  const auto start = std::chrono::steady_clock::now();
+  refuse_unsupported(o);
+  const std::vector<std::string> formats = split_formats(o.auto_formats);
+  if (o.group_size > 0 && std::none_of(formats.begin(), formats.end(), [](const std::string& f) { return quant::format_takes_group_size(f); })) {
+    fail("--group-size applies to the INT4 formats only; none of --auto-formats {} takes one", o.auto_formats);
+  }
+  if (std::filesystem::exists(o.out_dir)) fail("{}: already exists (choose a new output)", o.out_dir);
+  if (exporter::is_quantized_checkpoint(o.model)) fail("{}: already quantized; quantize the original checkpoint", o.model);
+  const io::Checkpoint ckpt = io::Checkpoint::open(o.model);
+  std::vector<quant::Recipe> recipes;
+  std::vector<double> bits;
+  for (const auto& f : formats) {
+    QuantizeOptions one = o;
+    one.format = f;
+    if (!quant::format_takes_group_size(f)) one.group_size = 0;  // --group-size is for the candidates that take one
+    recipes.push_back(recipe_from_options(one));
+    bits.push_back(algo::effective_bits(recipes.back().scheme_for("model.layers.0.mlp.down_proj")));
+  }
+  const algo::CalibrationSet calib = calibration_from_options(o, ckpt, recipes[0]);
+  algo::PtqOptions options;
+  options.batch_sequences = o.calib_batch;
+  options.gptq_damp = o.gptq_damp;
+  options.gptq_act_order = o.gptq_act_order;
+  bool whole_blocks = false;
+  for (const auto& r : recipes) whole_blocks = whole_blocks || algo::folds_scales_across_linears(r.scheme_for("model.layers.0.self_attn.q_proj"), options);
+  const std::vector<algo::LinearGroup> groups = algo::linear_groups(ckpt.config(), whole_blocks);
+  if (whole_blocks) fmt::print(stderr, "groups: attention and MLP of each layer whole (a candidate folds o_proj's and down_proj's scales into v_proj and up_proj)\n");
+  const json calibration = {{"samples", recipes[0].calib_size}, {"seq_len", recipes[0].seq_len}, {"seed", recipes[0].seed},
+                            {"files", o.calib}, {"score_samples", o.auto_score_size}};
+
+  io::ScratchDir staging;
+  staging.create(o.out_dir);
+
+  // Every candidate over the whole model, its layers kept for the output and written for scoring.
+  std::vector<std::vector<quant::QuantizedLayer>> layers(formats.size());
+  for (std::size_t c = 0; c < formats.size(); ++c) {
+    fmt::print(stderr, "candidate {}/{}: {} ({}, {} bits per weight)\n", c + 1, formats.size(), formats[c], recipes[c].effective_algorithm(), bits[c]);
+    exporter::HfModeloptWriter writer(ckpt, fmt::format("{}/candidate-{}", staging.path(), c), recipes[c]);
+    algo::quantize_checkpoint(ckpt, recipes[c], calib, options, [&](quant::QuantizedLayer&& l) {
+      for (const auto& r : l.replaced) (void)algo::group_of_tensor(groups, r.first);  // each one belongs to a group, or an error
+      writer.add_layer(l);
+      layers[c].push_back(std::move(l));
+    });
+    writer.finish();
+  }
+
+  std::vector<std::vector<double>> scores;
+  if (auto saved = read_state(o.auto_state, formats, groups, calibration)) {
+    scores = std::move(*saved);
+    fmt::print(stderr, "scores: read from {} (no scoring)\n", o.auto_state);
+  } else {
+    model::Model base = exporter::load_model(o.model);
+    std::vector<model::Model> models;
+    models.reserve(formats.size());
+    for (std::size_t c = 0; c < formats.size(); ++c) models.push_back(exporter::load_model(fmt::format("{}/candidate-{}", staging.path(), c)));
+    std::vector<model::Model*> candidates;
+    for (auto& m : models) candidates.push_back(&m);
+    std::vector<std::vector<std::int32_t>> score_set(calib.sequences.begin(),
+                                                     calib.sequences.begin() + std::min<std::ptrdiff_t>(o.auto_score_size, static_cast<std::ptrdiff_t>(calib.sequences.size())));
+    std::int64_t score_tokens = 0;
+    for (const auto& s : score_set) score_tokens += static_cast<std::int64_t>(s.size());
+    Progress progress("scoring (KL, one group quantized)", static_cast<std::uint64_t>(score_set.size() * groups.size() * formats.size()), "passes");
+    scores = algo::kl_scores(base, candidates, groups, score_set, [&](std::int64_t, std::int64_t) { progress.advance(); });
+    progress.finish();
+    fmt::print(stderr, "scores: {} groups x {} candidates on {} tokens\n", groups.size(), formats.size(), score_tokens);
+    if (!o.auto_state.empty()) io::write_file_atomically(o.auto_state, state_json(o.model, formats, groups, scores, calibration).dump(1) + "\n");
+  }
+
+  const algo::MixedChoice choice = algo::choose_under_budget(groups, scores, bits, o.auto_bits);
+
+  // The output: each Linear from its group's candidate, unquantized where the choice is "none".
+  std::map<std::string, std::size_t> chosen;  // module -> candidate (formats.size(): none)
+  quant::Recipe mixed = recipes[0];
+  for (std::size_t g = 0; g < groups.size(); ++g) {
+    for (const auto& m : groups[g].modules) {
+      chosen[m] = choice.choice[g];
+      mixed.overrides.push_back({m, choice.choice[g] < formats.size() ? formats[choice.choice[g]] : "none"});
+    }
+  }
+  exporter::HfModeloptWriter writer(ckpt, o.out_dir, mixed);
+  for (std::size_t l = 0; l < layers[0].size(); ++l) {
+    quant::QuantizedLayer out;
+    out.index = layers[0][l].index;
+    out.key_amax = layers[0][l].key_amax;
+    out.value_amax = layers[0][l].value_amax;
+    for (std::size_t i = 0; i < layers[0][l].linears.size(); ++i) {
+      const std::string& name = layers[0][l].linears[i].name;
+      const auto it = chosen.find(name);
+      if (it == chosen.end()) fail("--auto-bits: {} is in no group", name);
+      if (it->second == formats.size()) {
+        quant::QuantizedLinear plain;
+        plain.name = name;
+        out.linears.push_back(std::move(plain));
+        continue;
+      }
+      quant::QuantizedLinear& from = layers[it->second][l].linears[i];
+      if (from.name != name) fail("--auto-bits: the candidates list layer {}'s Linears in different orders", l);
+      out.linears.push_back(std::move(from));
+    }
+    // Tensors a candidate changed beside its codes (norms AWQ folded a scale into, biases), from the
+    // candidate chosen for the group they belong to.
+    for (std::size_t c = 0; c < formats.size(); ++c) {
+      for (auto& [name, tensor] : layers[c][l].replaced) {
+        if (choice.choice[algo::group_of_tensor(groups, name)] == c) out.replaced.emplace_back(name, std::move(tensor));
+      }
+    }
+    writer.add_layer(out);
+  }
+  writer.finish();
+
+  fmt::print("{:<48} {:>10} {:>7}", "group", "weights", "choice");
+  for (const auto& f : formats) fmt::print(" {:>12}", "KL " + f);
+  fmt::print("\n");
+  std::map<std::string, std::int64_t> counts;
+  for (std::size_t g = 0; g < groups.size(); ++g) {
+    const std::string name = choice.choice[g] < formats.size() ? formats[choice.choice[g]] : "none";
+    counts[name] += groups[g].weights;
+    fmt::print("{:<48} {:>10} {:>7}", groups[g].name, groups[g].weights, name);
+    for (const double s : scores[g]) fmt::print(" {:>12.6f}", s);
+    fmt::print("\n");
+  }
+  std::string mix;
+  for (const auto& [name, weights] : counts) mix += fmt::format("{}{} {} weights", mix.empty() ? "" : ", ", name, weights);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  fmt::print("mixed precision under {} bits: {:.4f} effective bits, total score {:.6f} ({}); {:.1f} s; peak RSS {:.1f} MiB\n", o.auto_bits,
+             choice.effective_bits, choice.score, mix, seconds, static_cast<double>(peak_rss_bytes()) / (1 << 20));
+  fmt::print("wrote {}\n", o.out_dir);
+  if (!o.report.empty()) {
+    json j = state_json(o.model, formats, groups, scores, calibration);
+    j["budget_bits"] = o.auto_bits;
+    j["effective_bits"] = choice.effective_bits;
+    j["total_score"] = choice.score;
+    j["out"] = o.out_dir;
+    j["seconds"] = seconds;
+    for (std::size_t g = 0; g < groups.size(); ++g) j["groups"][g]["choice"] = choice.choice[g] < formats.size() ? formats[choice.choice[g]] : "none";
+    io::write_file_atomically(o.report, j.dump(2) + "\n");
+  }
+  return 0;
+}
+
+}  // namespace mopt::cli

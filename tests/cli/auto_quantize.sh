@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Mixed precision from the command line (`mopt quantize --auto-bits`): at the cheapest candidate's bits
+# the output is byte for byte the uniform quantization with that format (the exported Linears are the
+# candidates' own, AWQ's folded norms included); at a budget between the formats it is a
+# MIXED_PRECISION checkpoint within the budget that loads and evaluates; the saved scores re-solve
+# another budget without scoring; bad requests are refused with one line.
+# Usage: auto_quantize.sh MOPT MODEL TEXT WORKDIR
+set -euo pipefail
+mopt=$1 model=$2 text=$3 work=$4
+rm -rf "$work"
+mkdir -p "$work"
+calib=(--calib "$text" --calib-size 8 --seq-len 64)
+fail() { echo "FAIL: $*"; exit 1; }
+same_files() {  # same_files DIR_A DIR_B: every file byte for byte
+  (cd "$1" && sha256sum -- * | sort) > "$work/a.sum"
+  (cd "$2" && sha256sum -- * | sort) > "$work/b.sum"
+  diff "$work/a.sum" "$work/b.sum" || fail "$1 and $2 differ"
+}
+
+# The cheapest budget: every group takes the 4-bit candidate, exactly as a uniform run writes it.
+# nvfp4_awq moves scales between Linears (attention and MLP are whole groups); int4_awq folds its
+# scales into the norms (q/k/v, o, gate/up, down are groups).
+"$mopt" quantize "$model" --auto-bits 4.5 "${calib[@]}" --auto-score-size 2 --out "$work/auto-4.5" > "$work/auto-4.5.out" 2>&1 || { cat "$work/auto-4.5.out"; exit 1; }
+grep -q "attention and MLP of each layer whole" "$work/auto-4.5.out" || fail "nvfp4_awq did not group attention and MLP whole"
+"$mopt" quantize "$model" --format nvfp4_awq "${calib[@]}" --out "$work/nvfp4_awq" > /dev/null 2>&1
+same_files "$work/auto-4.5" "$work/nvfp4_awq"
+"$mopt" quantize "$model" --auto-bits 4.25 --auto-formats int4_awq,fp8 --group-size 64 "${calib[@]}" --auto-score-size 2 --out "$work/auto-int4" > "$work/auto-int4.out" 2>&1 || { cat "$work/auto-int4.out"; exit 1; }
+"$mopt" quantize "$model" --format int4_awq --group-size 64 "${calib[@]}" --out "$work/int4_awq" > /dev/null 2>&1
+same_files "$work/auto-int4" "$work/int4_awq"
+
+# Between the formats: a mixed checkpoint within the budget, its choices reported, loading and evaluating.
+"$mopt" quantize "$model" --auto-bits 6 --auto-formats int4_awq,fp8 --group-size 64 "${calib[@]}" --auto-score-size 2 \
+  --auto-state "$work/state.json" --report "$work/report.json" --out "$work/auto-6" > "$work/auto-6.out" 2>&1 || { cat "$work/auto-6.out"; exit 1; }
+grep -q '"MIXED_PRECISION"' "$work/auto-6/hf_quant_config.json" || fail "budget 6 did not write MIXED_PRECISION"
+bits=$(sed -n 's/^mixed precision under 6 bits: \([0-9.]*\) effective bits.*/\1/p' "$work/auto-6.out")
+[ -n "$bits" ] && awk -v b="$bits" 'BEGIN { exit !(b <= 6 && b > 4.25) }' || fail "effective bits '$bits' not within (4.25, 6]"
+[ "$(grep -c '"choice"' "$work/report.json")" -eq 24 ] || fail "the report does not give 24 groups' choices"
+grep -q '"choice": "fp8"\|"choice": "none"' "$work/report.json" || fail "budget 6 chose only int4"
+"$mopt" eval kld "$work/auto-6" --base "$model" --text "$text" --ctx 64 > "$work/kld.out" 2>&1 || { cat "$work/kld.out"; exit 1; }
+grep -q "mean KLD" "$work/kld.out" || fail "no KLD of the mixed model"
+
+# The saved scores re-solve another budget without scoring; scores for other candidates are refused.
+"$mopt" quantize "$model" --auto-bits 5 --auto-formats int4_awq,fp8 --group-size 64 "${calib[@]}" --auto-score-size 2 \
+  --auto-state "$work/state.json" --out "$work/auto-5" > "$work/auto-5.out" 2>&1 || { cat "$work/auto-5.out"; exit 1; }
+grep -q "scores: read from" "$work/auto-5.out" || fail "the saved scores were not used"
+grep -q "scoring (KL" "$work/auto-5.out" && fail "scored again although the scores were saved"
+if "$mopt" quantize "$model" --auto-bits 5 --auto-formats nvfp4,fp8 "${calib[@]}" --auto-score-size 2 --auto-state "$work/state.json" \
+    --out "$work/never" > "$work/other.out" 2>&1; then fail "scores of other candidates were accepted"; fi
+grep -q "scores for candidates" "$work/other.out" || { cat "$work/other.out"; fail "no message naming the candidates"; }
+[ ! -e "$work/never" ] || fail "a refused run left an output"
+
+# Refusals: one line each, nothing written.
+refused() {  # refused MESSAGE ARGS...
+  local message=$1
+  shift
+  if "$mopt" quantize "$model" "$@" --out "$work/never" > "$work/refused.out" 2>&1; then fail "accepted: $*"; fi
+  grep -q -- "$message" "$work/refused.out" || { cat "$work/refused.out"; fail "no '$message' for: $*"; }
+  [ ! -e "$work/never" ] || fail "a refused run left an output: $*"
+}
+refused "below the cheapest candidate's 4.5 bits" --auto-bits 4 "${calib[@]}" --auto-score-size 2
+refused "only kl is built" --auto-bits 6 --auto-method gradient "${calib[@]}"
+refused "--format does not apply" --auto-bits 6 --format fp8 "${calib[@]}"
+refused "give --calib FILE" --auto-bits 6
+refused "unknown format 'fp7'" --auto-bits 6 --auto-formats fp8,fp7 "${calib[@]}"
+refused "none of --auto-formats fp8 takes one" --auto-bits 8 --auto-formats fp8 --group-size 64 "${calib[@]}"
+echo "auto_quantize.sh: all checks passed"
