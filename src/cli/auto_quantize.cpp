@@ -74,7 +74,7 @@ std::optional<std::vector<std::vector<double>>> read_state(const std::string& pa
     return j[name];
   };
   if (field("formats") != json(formats)) fail("{}: scores for candidates {}, not {}", path, field("formats").dump(), json(formats).dump());
-  if (field("calibration") != calibration) fail("{}: scores from other calibration settings ({})", path, field("calibration").dump());
+  if (field("calibration") != calibration) fail("{}: scores of another model or from other calibration settings", path);
   const json& g = field("groups");
   if (!g.is_array() || g.size() != groups.size()) fail("{}: scores for {} groups, the model has {}", path, g.is_array() ? g.size() : 0, groups.size());
   std::vector<std::vector<double>> scores;
@@ -131,7 +131,7 @@ int run_auto_quantize(const QuantizeOptions& o) {
   const std::vector<algo::LinearGroup> groups = algo::linear_groups(ckpt.config(), whole_blocks);
   if (whole_blocks) fmt::print(stderr, "groups: attention and MLP of each layer whole (a candidate folds o_proj's and down_proj's scales into v_proj and up_proj)\n");
   const json calibration = {{"samples", recipes[0].calib_size}, {"seq_len", recipes[0].seq_len}, {"seed", recipes[0].seed},
-                            {"files", o.calib}, {"score_samples", o.auto_score_size}};
+                            {"files", o.calib}, {"score_samples", o.auto_score_size}, {"model_config", ckpt.config().raw}};
 
   io::ScratchDir staging;
   staging.create(o.out_dir);

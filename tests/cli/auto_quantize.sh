@@ -47,6 +47,9 @@ grep -q "scoring (KL" "$work/auto-5.out" && fail "scored again although the scor
 if "$mopt" quantize "$model" --auto-bits 5 --auto-formats nvfp4,fp8 "${calib[@]}" --auto-score-size 2 --auto-state "$work/state.json" \
     --out "$work/never" > "$work/other.out" 2>&1; then fail "scores of other candidates were accepted"; fi
 grep -q "scores for candidates" "$work/other.out" || { cat "$work/other.out"; fail "no message naming the candidates"; }
+if "$mopt" quantize "$model" --auto-bits 5 --auto-formats int4_awq,fp8 --group-size 64 --calib "$text" --calib-size 4 --seq-len 64 \
+    --auto-score-size 2 --auto-state "$work/state.json" --out "$work/never" > "$work/other.out" 2>&1; then fail "scores from other calibration were accepted"; fi
+grep -q "scores of another model or from other calibration settings" "$work/other.out" || { cat "$work/other.out"; fail "no message on other calibration"; }
 [ ! -e "$work/never" ] || fail "a refused run left an output"
 
 # Refusals: one line each, nothing written.
