@@ -50,6 +50,12 @@ grep -q "scores for candidates" "$work/other.out" || { cat "$work/other.out"; fa
 if "$mopt" quantize "$model" --auto-bits 5 --auto-formats int4_awq,fp8 --group-size 64 --calib "$text" --calib-size 4 --seq-len 64 \
     --auto-score-size 2 --auto-state "$work/state.json" --out "$work/never" > "$work/other.out" 2>&1; then fail "scores from other calibration were accepted"; fi
 grep -q "scores of another model or from other calibration settings" "$work/other.out" || { cat "$work/other.out"; fail "no message on other calibration"; }
+# A damaged state file: one error naming it, nothing written.
+head -c 100 "$work/state.json" > "$work/broken.json"
+if "$mopt" quantize "$model" --auto-bits 5 --auto-formats int4_awq,fp8 --group-size 64 "${calib[@]}" --auto-score-size 2 \
+    --auto-state "$work/broken.json" --out "$work/never" > "$work/broken.out" 2>&1; then fail "a truncated state file was accepted"; fi
+grep -q "broken.json" "$work/broken.out" || { cat "$work/broken.out"; fail "the error does not name the state file"; }
+[ ! -e "$work/never" ] || fail "a refused run left an output"
 [ ! -e "$work/never" ] || fail "a refused run left an output"
 
 # Refusals: one line each, nothing written.
