@@ -1,5 +1,6 @@
 #include "algo/auto_quantize.h"
 
+#include <algorithm>
 #include <cmath>
 #include <fmt/format.h>
 
@@ -157,6 +158,81 @@ std::vector<std::vector<double>> kl_scores(model::Model& base, const std::vector
     for (double& v : row) v /= static_cast<double>(scored);
   }
   return sums;
+}
+
+GradientScorer::GradientScorer(const model::Model& base, std::vector<std::vector<std::array<ScoredLinear, 7>>> candidates)
+    : base_(base), candidates_(std::move(candidates)) {
+  const std::int64_t layers = base.num_layers();
+  for (std::size_t c = 0; c < candidates_.size(); ++c) {
+    if (static_cast<std::int64_t>(candidates_[c].size()) != layers) fail("gradient score: candidate {} has {} layers, the model {}", c, candidates_[c].size(), layers);
+    for (std::int64_t l = 0; l < layers; ++l) {
+      for (std::size_t k = 0; k < 7; ++k) {
+        const model::Linear& b = base.layer(l).linear(model::kAllLinears[k]);
+        const ScoredLinear& s = candidates_[c][static_cast<std::size_t>(l)][k];
+        const std::string name = fmt::format("model.layers.{}.{}", l, model::linear_name(model::kAllLinears[k]));
+        if (s.linear == nullptr || s.linear->in_features() != b.in_features() || s.linear->out_features() != b.out_features()) {
+          fail("gradient score: candidate {}'s {} is missing or of another shape", c, name);
+        }
+        if ((!s.input_scale.empty() && static_cast<std::int64_t>(s.input_scale.size()) != b.in_features()) ||
+            (!s.output_scale.empty() && static_cast<std::int64_t>(s.output_scale.size()) != b.out_features())) {
+          fail("gradient score: candidate {}'s {} has folded scales of the wrong length", c, name);
+        }
+      }
+    }
+  }
+  scores_.assign(static_cast<std::size_t>(layers) * 7 * candidates_.size(), 0.0);
+}
+
+void GradientScorer::add(std::int64_t layer, std::size_t kind, const float* x, const float* dy, std::int64_t rows) {
+  if (layer < 0 || layer >= base_.num_layers() || kind >= 7) fail("gradient score: no Linear {} in layer {}", kind, layer);
+  const model::Linear& b = base_.layer(layer).linear(model::kAllLinears[kind]);
+  const std::int64_t in = b.in_features(), out = b.out_features();
+  const auto n_out = static_cast<std::size_t>(rows * out);
+  if (y_.size() < n_out) y_.resize(n_out);
+  if (yc_.size() < n_out) yc_.resize(n_out);
+  model::run_linear(b, x, rows, y_.data(), ws_);
+  for (std::size_t c = 0; c < candidates_.size(); ++c) {
+    const ScoredLinear& s = candidates_[c][static_cast<std::size_t>(layer)][kind];
+    const float* xc = x;
+    if (!s.input_scale.empty()) {
+      xs_.resize(static_cast<std::size_t>(rows * in));
+      for (std::int64_t r = 0; r < rows; ++r) {
+        for (std::int64_t j = 0; j < in; ++j) xs_[static_cast<std::size_t>(r * in + j)] = x[r * in + j] * s.input_scale[static_cast<std::size_t>(j)];
+      }
+      xc = xs_.data();
+    }
+    model::run_linear(*s.linear, xc, rows, yc_.data(), ws_);
+    // Summed in row order on one thread: the same bits at any thread count.
+    double sum = 0.0;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      for (std::int64_t j = 0; j < out; ++j) {
+        const auto i = static_cast<std::size_t>(r * out + j);
+        const float yc = s.output_scale.empty() ? yc_[i] : yc_[i] / s.output_scale[static_cast<std::size_t>(j)];
+        const float t = std::clamp(dy[i] * (yc - y_[i]), -1e10f, 1e10f);
+        sum += static_cast<double>(t) * t;
+      }
+    }
+    if (!std::isfinite(sum)) {
+      fail("gradient score: model.layers.{}.{} with candidate {}: the score is not finite (NaN or Inf in the model's activations or gradients)", layer,
+           model::linear_name(model::kAllLinears[kind]), c);
+    }
+    scores_[(static_cast<std::size_t>(layer) * 7 + kind) * candidates_.size() + c] += sum;
+  }
+}
+
+double GradientScorer::linear_score(std::int64_t layer, std::size_t kind, std::size_t c) const {
+  return scores_.at((static_cast<std::size_t>(layer) * 7 + kind) * candidates_.size() + c);
+}
+
+std::vector<std::vector<double>> GradientScorer::group_scores(const std::vector<LinearGroup>& groups) const {
+  std::vector<std::vector<double>> out(groups.size(), std::vector<double>(candidates_.size(), 0.0));
+  for (std::size_t g = 0; g < groups.size(); ++g) {
+    for (const model::LinearKind kind : groups[g].kinds) {
+      const auto k = static_cast<std::size_t>(std::find(std::begin(model::kAllLinears), std::end(model::kAllLinears), kind) - std::begin(model::kAllLinears));
+      for (std::size_t c = 0; c < candidates_.size(); ++c) out[g][c] += linear_score(groups[g].layer, k, c);
+    }
+  }
+  return out;
 }
 
 MixedChoice choose_under_budget(const std::vector<LinearGroup>& groups, const std::vector<std::vector<double>>& scores, const std::vector<double>& bits,

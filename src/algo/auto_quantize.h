@@ -7,6 +7,7 @@
 // least total score whose weights' effective bits stay within the budget.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -48,6 +49,40 @@ std::size_t group_of_tensor(const std::vector<LinearGroup>& groups, const std::s
 std::vector<std::vector<double>> kl_scores(model::Model& base, const std::vector<model::Model*>& candidates,
                                            const std::vector<LinearGroup>& groups, const std::vector<std::vector<std::int32_t>>& sequences,
                                            const std::function<void(std::int64_t done, std::int64_t total)>& progress = {});
+
+// A candidate's Linear as the gradient score applies it to the unquantized model's input x:
+// linear(x ⊙ input_scale) ⊘ output_scale, the scales the candidate folded into the Linear's
+// neighbours (quant::QuantizedLinear::folded_input_scale / folded_output_scale; empty: none).
+struct ScoredLinear {
+  const model::Linear* linear = nullptr;
+  std::vector<float> input_scale, output_scale;
+};
+
+// The reference's gradient score (its default method): for every decoder Linear and candidate c,
+// the sum over the score tokens of (∂L/∂y ⊙ (Q_c(x) − y))², each product clamped to ±1e10 as the
+// reference does, with x the Linear's input and y its output in the unquantized model and ∂L/∂y the
+// gradient of the loss (the mean cross-entropy of each score batch) there: a Taylor expansion of the
+// loss with the Fisher information for the Hessian. A group's score is the sum of its Linears'.
+// The caller runs the unquantized model's backward passes and hands each Linear's x and ∂L/∂y to add().
+class GradientScorer {
+ public:
+  // base: the unquantized model (its Linears give y); candidates[c][layer][kind index in
+  // model::kAllLinears]: what candidate c puts in that place. Throws when a shape disagrees.
+  GradientScorer(const model::Model& base, std::vector<std::vector<std::array<ScoredLinear, 7>>> candidates);
+  // One Linear's input x [rows, in] and the gradient of its output dy [rows, out].
+  void add(std::int64_t layer, std::size_t kind, const float* x, const float* dy, std::int64_t rows);
+  // The summed score of one Linear with candidate c.
+  double linear_score(std::int64_t layer, std::size_t kind, std::size_t c) const;
+  // scores[g][c]: the sum of the group's Linears' scores.
+  std::vector<std::vector<double>> group_scores(const std::vector<LinearGroup>& groups) const;
+
+ private:
+  const model::Model& base_;
+  std::vector<std::vector<std::array<ScoredLinear, 7>>> candidates_;
+  std::vector<double> scores_;  // [layer][kind][candidate]
+  model::Workspace ws_;
+  std::vector<float> y_, yc_, xs_;
+};
 
 struct MixedChoice {
   std::vector<std::size_t> choice;  // per group: a candidate index, or candidates' count for "not quantized"

@@ -239,6 +239,7 @@ void fold_scale_into_rows(LinearWork& from, LinearWork& into, model::Linear& int
   round_to_dtype(dtype, into.w);
   into.amax.clear();
   into.row_scale = from.pqs;
+  from.folded_scale = from.pqs;  // `from` now sees its input multiplied by the scale (into's rows carry it)
   if (into_linear.bias) {
     std::vector<float> b = into_linear.bias->to_f32();
     for (std::size_t r = 0; r < b.size(); ++r) b[r] = b[r] * from.pqs[r];
@@ -430,6 +431,7 @@ LayerReport quantize_head(const io::Checkpoint& checkpoint, const quant::Recipe&
   qlin.weight = with_context("lm_head", [&] { return quant::quantize_weight(*scheme.weight, wk.w.data(), wk.out, wk.in, amax, second, wk.block_amax); });
   std::vector<float> deq = quant::dequantize_weight(*scheme.weight, *qlin.weight, wk.out, wk.in);
   qlin.input_amax = wk.input_amax;
+  qlin.folded_input_scale = wk.folded_scale;
   qlin.weight_amax = amax;
   qlin.weight_amax2 = second;
   lr.layer = -1;
@@ -879,6 +881,8 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
         qw.linear(kind).weight = Tensor::from_f32(deq, {out, in});
         qlin.input_amax = work[k].input_amax;
         qlin.pre_quant_scale = work[k].pqs;
+        qlin.folded_input_scale = work[k].folded_scale;
+        qlin.folded_output_scale = work[k].row_scale;
         qlin.weight_amax = weight_amax[k];
         qlin.weight_amax2 = second_amax[k];
         if (options.keep_master_weights) qlin.master_weight = work[k].w;

@@ -1,9 +1,10 @@
 // `mopt quantize --auto-bits B`: a format per group of Linears under an effective-bits budget
 // (algo/auto_quantize.h). Each candidate format is calibrated once over the whole model with its own
 // algorithm (nvfp4_awq: AWQ-lite, fp8: max), as the reference calibrates each candidate recipe; each
-// group is scored by KL divergence with that group alone quantized; the solver picks; the output takes
-// every Linear from the candidate chosen for its group, so the exported Linears are exactly the ones
-// that were scored.
+// group is scored with each candidate, by the reference's gradient score (default: the loss gradient
+// times each Linear's output change, from backward passes of the unquantized model) or by the KL
+// divergence with that group alone quantized; the solver picks; the output takes every Linear from the
+// candidate chosen for its group, so the exported Linears are exactly the ones that were scored.
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
@@ -21,6 +22,8 @@
 #include "io/atomic_file.h"
 #include "io/checkpoint.h"
 #include "io/json_util.h"
+#include "train/data.h"
+#include "train/model.h"
 
 namespace mopt::cli {
 
@@ -47,8 +50,8 @@ std::vector<std::string> split_formats(const std::string& list) {
 }
 
 void refuse_unsupported(const QuantizeOptions& o) {
-  if (o.auto_method != "kl") {
-    fail("--auto-method {}: only kl is built (KL divergence with one group quantized); the reference's gradient score is not yet",
+  if (o.auto_method != "gradient" && o.auto_method != "kl") {
+    fail("--auto-method {}: choose gradient (the reference's default: loss gradient times each Linear's output change) or kl (KL divergence with one group quantized)",
          o.auto_method);
   }
   if (!(o.auto_bits > 0.0) || !std::isfinite(o.auto_bits)) fail("--auto-bits {} is not a positive number", o.auto_bits);
@@ -65,7 +68,7 @@ void refuse_unsupported(const QuantizeOptions& o) {
 
 // The scores saved by an earlier run (--auto-state), when they are for this model, these candidates
 // and these groups; std::nullopt when the file does not exist.
-std::optional<std::vector<std::vector<double>>> read_state(const std::string& path, const std::vector<std::string>& formats,
+std::optional<std::vector<std::vector<double>>> read_state(const std::string& path, const std::string& method, const std::vector<std::string>& formats,
                                                            const std::vector<algo::LinearGroup>& groups, const json& calibration) {
   if (path.empty() || !std::filesystem::exists(path)) return std::nullopt;
   const json j = io::parse_json_unique_keys(io::read_text_file(path), path);
@@ -73,6 +76,7 @@ std::optional<std::vector<std::vector<double>>> read_state(const std::string& pa
     if (!j.is_object() || !j.contains(name)) fail("{}: not a mixed-precision state (no \"{}\")", path, name);
     return j[name];
   };
+  if (field("method") != json(method)) fail("{}: {} scores, not {} (--auto-method)", path, field("method").dump(), method);
   if (field("formats") != json(formats)) fail("{}: scores for candidates {}, not {}", path, field("formats").dump(), json(formats).dump());
   if (field("calibration") != calibration) fail("{}: scores of another model or from other calibration settings", path);
   const json& g = field("groups");
@@ -93,11 +97,64 @@ std::optional<std::vector<std::vector<double>>> read_state(const std::string& pa
   return scores;
 }
 
-json state_json(const std::string& model, const std::vector<std::string>& formats, const std::vector<algo::LinearGroup>& groups,
+json state_json(const std::string& model, const std::string& method, const std::vector<std::string>& formats, const std::vector<algo::LinearGroup>& groups,
                 const std::vector<std::vector<double>>& scores, const json& calibration) {
   json g = json::array();
   for (std::size_t i = 0; i < groups.size(); ++i) g.push_back({{"name", groups[i].name}, {"weights", groups[i].weights}, {"scores", scores[i]}});
-  return {{"model", model}, {"method", "kl"}, {"formats", formats}, {"calibration", calibration}, {"groups", g}};
+  return {{"model", model}, {"method", method}, {"formats", formats}, {"calibration", calibration}, {"groups", g}};
+}
+
+// The reference's gradient scores: the unquantized model's backward over the score samples, batches
+// of --calib-batch samples each with its mean cross-entropy as the loss, every Linear's input and
+// output gradient handed to the scorer with each candidate's Linear (its folded scales undone).
+std::vector<std::vector<double>> gradient_scores(const io::Checkpoint& ckpt, const model::Model& base, const std::vector<model::Model>& models,
+                                                 const std::vector<std::vector<quant::QuantizedLayer>>& layers, const std::vector<algo::LinearGroup>& groups,
+                                                 const std::vector<std::vector<std::int32_t>>& score_set, std::int64_t batch_sequences) {
+  const std::int64_t L = ckpt.config().num_layers;
+  std::vector<std::vector<std::array<algo::ScoredLinear, 7>>> cand(models.size());
+  for (std::size_t c = 0; c < models.size(); ++c) {
+    if (static_cast<std::int64_t>(layers[c].size()) != L) fail("--auto-bits: candidate {} has {} layers, the model {}", c, layers[c].size(), L);
+    cand[c].resize(static_cast<std::size_t>(L));
+    for (std::int64_t l = 0; l < L; ++l) {
+      const quant::QuantizedLayer& ql = layers[c][static_cast<std::size_t>(l)];
+      for (std::size_t k = 0; k < 7; ++k) {
+        const model::LinearKind kind = model::kAllLinears[k];
+        const std::string name = fmt::format("model.layers.{}.{}", l, model::linear_name(kind));
+        const auto it = std::find_if(ql.linears.begin(), ql.linears.end(), [&](const quant::QuantizedLinear& q) { return q.name == name; });
+        if (ql.index != l || it == ql.linears.end()) fail("--auto-bits: candidate {} has no {}", c, name);
+        cand[c][static_cast<std::size_t>(l)][k] = {&models[c].layer(l).linear(kind), it->folded_input_scale, it->folded_output_scale};
+      }
+    }
+  }
+  algo::GradientScorer scorer(base, std::move(cand));
+  train::TrainableModel trainable = train::TrainableModel::from_checkpoint(ckpt);
+  trainable.set_linear_gradient_observer([&](std::int64_t layer, std::size_t kind, const float* x, const float* dy, std::int64_t rows, std::int64_t, std::int64_t) {
+    scorer.add(layer, kind, x, dy, rows);
+  });
+  std::vector<train::Example> examples;
+  for (const auto& seq : score_set) {
+    train::Example e;
+    e.tokens = seq;
+    e.targets.assign(seq.size(), -1);
+    for (std::size_t i = 0; i + 1 < seq.size(); ++i) e.targets[i] = seq[i + 1];
+    examples.push_back(std::move(e));
+  }
+  const auto n = static_cast<std::int64_t>(examples.size());
+  const std::int64_t per_batch = std::max<std::int64_t>(1, batch_sequences);
+  Progress progress("scoring (loss gradient x output change)", static_cast<std::uint64_t>((n + per_batch - 1) / per_batch), "batches");
+  for (std::int64_t b0 = 0; b0 < n; b0 += per_batch) {
+    std::vector<std::int64_t> indices;
+    for (std::int64_t i = b0; i < std::min(n, b0 + per_batch); ++i) indices.push_back(i);
+    const train::Batch batch = train::make_batch(examples, indices);
+    const std::int64_t targets = batch.target_count();
+    if (targets == 0) continue;  // one-token samples: nothing to predict
+    const train::LossResult r = trainable.forward_backward(batch, 1.0f / static_cast<float>(targets));
+    if (!std::isfinite(r.loss_sum)) fail("--auto-bits: the loss on score samples {}-{} is not finite (NaN or Inf in the model)", b0, b0 + per_batch - 1);
+    trainable.zero_grad();
+    progress.advance();
+  }
+  progress.finish();
+  return scorer.group_scores(groups);
 }
 
 }  // namespace
@@ -131,7 +188,7 @@ int run_auto_quantize(const QuantizeOptions& o) {
   const std::vector<algo::LinearGroup> groups = algo::linear_groups(ckpt.config(), whole_blocks);
   if (whole_blocks) fmt::print(stderr, "groups: attention and MLP of each layer whole (a candidate folds o_proj's and down_proj's scales into v_proj and up_proj)\n");
   const json calibration = {{"samples", recipes[0].calib_size}, {"seq_len", recipes[0].seq_len}, {"seed", recipes[0].seed},
-                            {"files", o.calib}, {"score_samples", o.auto_score_size}, {"model_config", ckpt.config().raw}};
+                            {"files", o.calib}, {"score_samples", o.auto_score_size}, {"batch", o.calib_batch}, {"model_config", ckpt.config().raw}};
 
   io::ScratchDir staging;
   staging.create(o.out_dir);
@@ -150,7 +207,7 @@ int run_auto_quantize(const QuantizeOptions& o) {
   }
 
   std::vector<std::vector<double>> scores;
-  if (auto saved = read_state(o.auto_state, formats, groups, calibration)) {
+  if (auto saved = read_state(o.auto_state, o.auto_method, formats, groups, calibration)) {
     scores = std::move(*saved);
     fmt::print(stderr, "scores: read from {} (no scoring)\n", o.auto_state);
   } else {
@@ -164,11 +221,15 @@ int run_auto_quantize(const QuantizeOptions& o) {
                                                      calib.sequences.begin() + std::min<std::ptrdiff_t>(o.auto_score_size, static_cast<std::ptrdiff_t>(calib.sequences.size())));
     std::int64_t score_tokens = 0;
     for (const auto& s : score_set) score_tokens += static_cast<std::int64_t>(s.size());
-    Progress progress("scoring (KL, one group quantized)", static_cast<std::uint64_t>(score_set.size() * groups.size() * formats.size()), "passes");
-    scores = algo::kl_scores(base, candidates, groups, score_set, [&](std::int64_t, std::int64_t) { progress.advance(); });
-    progress.finish();
-    fmt::print(stderr, "scores: {} groups x {} candidates on {} tokens\n", groups.size(), formats.size(), score_tokens);
-    if (!o.auto_state.empty()) io::write_file_atomically(o.auto_state, state_json(o.model, formats, groups, scores, calibration).dump(1) + "\n");
+    if (o.auto_method == "gradient") {
+      scores = gradient_scores(ckpt, base, models, layers, groups, score_set, o.calib_batch);
+    } else {
+      Progress progress("scoring (KL, one group quantized)", static_cast<std::uint64_t>(score_set.size() * groups.size() * formats.size()), "passes");
+      scores = algo::kl_scores(base, candidates, groups, score_set, [&](std::int64_t, std::int64_t) { progress.advance(); });
+      progress.finish();
+    }
+    fmt::print(stderr, "scores ({}): {} groups x {} candidates on {} tokens\n", o.auto_method, groups.size(), formats.size(), score_tokens);
+    if (!o.auto_state.empty()) io::write_file_atomically(o.auto_state, state_json(o.model, o.auto_method, formats, groups, scores, calibration).dump(1) + "\n");
   }
 
   const algo::MixedChoice choice = algo::choose_under_budget(groups, scores, bits, o.auto_bits);
@@ -214,24 +275,24 @@ int run_auto_quantize(const QuantizeOptions& o) {
   writer.finish();
 
   fmt::print("{:<48} {:>10} {:>7}", "group", "weights", "choice");
-  for (const auto& f : formats) fmt::print(" {:>12}", "KL " + f);
+  for (const auto& f : formats) fmt::print(" {:>14}", (o.auto_method == "kl" ? "KL " : "score ") + f);
   fmt::print("\n");
   std::map<std::string, std::int64_t> counts;
   for (std::size_t g = 0; g < groups.size(); ++g) {
     const std::string name = choice.choice[g] < formats.size() ? formats[choice.choice[g]] : "none";
     counts[name] += groups[g].weights;
     fmt::print("{:<48} {:>10} {:>7}", groups[g].name, groups[g].weights, name);
-    for (const double s : scores[g]) fmt::print(" {:>12.6f}", s);
+    for (const double s : scores[g]) fmt::print(" {:>14}", o.auto_method == "kl" ? fmt::format("{:.6f}", s) : fmt::format("{:.6e}", s));
     fmt::print("\n");
   }
   std::string mix;
   for (const auto& [name, weights] : counts) mix += fmt::format("{}{} {} weights", mix.empty() ? "" : ", ", name, weights);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  fmt::print("mixed precision under {} bits: {:.4f} effective bits, total score {:.6f} ({}); {:.1f} s; peak RSS {:.1f} MiB\n", o.auto_bits,
+  fmt::print("mixed precision under {} bits: {:.4f} effective bits, total score {:.6g} ({}); {:.1f} s; peak RSS {:.1f} MiB\n", o.auto_bits,
              choice.effective_bits, choice.score, mix, seconds, static_cast<double>(peak_rss_bytes()) / (1 << 20));
   fmt::print("wrote {}\n", o.out_dir);
   if (!o.report.empty()) {
-    json j = state_json(o.model, formats, groups, scores, calibration);
+    json j = state_json(o.model, o.auto_method, formats, groups, scores, calibration);
     j["budget_bits"] = o.auto_bits;
     j["effective_bits"] = choice.effective_bits;
     j["total_score"] = choice.score;

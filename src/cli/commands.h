@@ -144,7 +144,7 @@ struct QuantizeOptions {
   // the scores saved to / read from auto_state.
   double auto_bits = 0.0;
   std::string auto_formats = "nvfp4_awq,fp8";
-  std::string auto_method = "kl";
+  std::string auto_method = "gradient";
   std::string auto_state;
   std::int64_t auto_score_size = 8;
 };

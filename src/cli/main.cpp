@@ -197,7 +197,7 @@ int main(int argc, char** argv) {
                            "Mixed precision: a format per group of Linears (q/k/v, o, gate/up, down) from --auto-formats or none, "
                            "least KL divergence with the weights' effective bits at most this many (e.g. 4.8); needs --calib");
   quantize_cmd->add_option("--auto-formats", quantize.auto_formats, "With --auto-bits: the candidate formats, comma-separated (default nvfp4_awq,fp8)");
-  quantize_cmd->add_option("--auto-method", quantize.auto_method, "With --auto-bits: how groups are scored: kl (default; the gradient score is not built yet)");
+  quantize_cmd->add_option("--auto-method", quantize.auto_method, "With --auto-bits: how groups are scored: gradient (default, as the reference: loss gradient x each Linear's output change) or kl (KL divergence with one group quantized)");
   quantize_cmd->add_option("--auto-state", quantize.auto_state,
                            "With --auto-bits: a JSON file of the scores; written after scoring, read instead of scoring when it exists "
                            "(another budget re-solves without scoring)");

@@ -50,6 +50,7 @@ const float* linear_input(const LayerParams& w, std::size_t k, const float* x, s
 void quantized_linear_backward(const LayerParams& w, const LayerActivations& s, std::size_t k, const float* x, std::int64_t rows, std::int64_t in,
                                std::int64_t out, const float* dy, float* dx, bool accumulate, const LayerGrads& g, LayerBackwardScratch& t) {
   const ActivationFakeQuant* f = w.fake_quant != nullptr ? w.fake_quant->input[k] : nullptr;
+  if (g.observe_linear) g.observe_linear(k, f == nullptr ? x : s.input_q[k].data(), dy, rows, in, out);
   if (f == nullptr) {
     linear_backward(x, rows, in, w.weight[k], out, dy, dx, accumulate, g.weight[k], g.bias[k]);
     return;

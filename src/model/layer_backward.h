@@ -54,6 +54,10 @@ struct LayerGrads {
   float* k_norm = nullptr;
   std::array<float*, 7> weight{};
   std::array<float*, 7> bias{};
+  // Called in the backward with each Linear's input [rows, in] as it entered the product (fake-
+  // quantized when it was) and the gradient of its output [rows, out]; empty: nothing is called.
+  // Mixed precision's gradient scores are made from these.
+  std::function<void(std::size_t kind, const float* x, const float* dy, std::int64_t rows, std::int64_t in, std::int64_t out)> observe_linear;
 };
 
 // What the forward keeps for the backward.

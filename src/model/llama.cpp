@@ -198,6 +198,8 @@ void linear(const Linear& l, const float* x, std::int64_t rows, float* y, Worksp
 
 }  // namespace
 
+void run_linear(const Linear& l, const float* x, std::int64_t rows, float* y, Workspace& ws) { linear(l, x, rows, y, ws); }
+
 std::int64_t Linear::in_features() const {
   if (sparse) return sparse->in();
   if (quantized) return quantized->in();

@@ -135,6 +135,10 @@ struct Workspace {
   void reserve(const io::ModelConfig& config, std::int64_t rows);
 };
 
+// y [rows, out] = the Linear applied to x [rows, in] as a layer runs it: its input transform (on a
+// copy), then its quantized, sparse or plain product, then its bias.
+void run_linear(const Linear& linear, const float* x, std::int64_t rows, float* y, Workspace& ws);
+
 // RoPE inverse frequencies for the config (theta, linear or llama3 scaling),
 // computed in f32 as transformers does.
 std::vector<float> rope_inv_freq(const io::ModelConfig& config);

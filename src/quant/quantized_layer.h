@@ -22,6 +22,13 @@ struct QuantizedLinear {
   std::optional<QuantizedWeight> weight;  // present when quantized
   std::vector<float> input_amax;          // static input amax (per tensor / NVFP4 global); empty otherwise
   std::vector<float> pre_quant_scale;     // per input column; empty: none
+  // Scales folded out of the Linear into its neighbours (the export stores them there): per input
+  // column, the factor the operation before it (a norm, or v_proj's/up_proj's rows) now multiplies its
+  // input by; per output row, the factor its outputs now carry for the Linear after it. The Linear
+  // applied to x ⊙ folded_input_scale, divided by folded_output_scale, stands for the original one.
+  // Empty: none.
+  std::vector<float> folded_input_scale;
+  std::vector<float> folded_output_scale;
   double weight_error = 0.0;              // ||dequant(W) - W|| / ||W||
   // The weight's static scales: amax as compute_amax lays it out (NVFP4: the global amax; clipped by
   // AWQ's search), and W4A8's second-stage amax.

@@ -189,12 +189,17 @@ model::LayerParams TrainableModel::layer_params(std::int64_t layer) const {
 model::LayerGrads TrainableModel::layer_grads(std::int64_t layer) {
   const LayerIndex& x = layers_[static_cast<std::size_t>(layer)];
   auto at = [&](int i) { return i >= 0 ? grad(i) : nullptr; };
-  model::LayerGrads g{at(x.input_norm), at(x.post_norm), at(x.q_norm), at(x.k_norm), {}, {}};
+  model::LayerGrads g{at(x.input_norm), at(x.post_norm), at(x.q_norm), at(x.k_norm), {}, {}, {}};
   for (std::size_t i = 0; i < 7; ++i) {
     g.weight[i] = at(x.weight[i]);
     g.bias[i] = at(x.bias[i]);
     // A fake-quantized weight's gradient goes to its own buffer first (FakeQuantization::weight_backward).
     if (fake_quant_ && fake_quant_->weight_quantized(layer, i)) g.weight[i] = quantized_grads_[static_cast<std::size_t>(x.weight[i])].data();
+  }
+  if (linear_observer_) {
+    g.observe_linear = [this, layer](std::size_t kind, const float* in_x, const float* dy, std::int64_t rows, std::int64_t in, std::int64_t out) {
+      linear_observer_(layer, kind, in_x, dy, rows, in, out);
+    };
   }
   return g;
 }

@@ -13,6 +13,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -109,6 +110,12 @@ class TrainableModel {
   // The forward pass alone (validation): the summed loss.
   LossResult loss(const Batch& batch);
 
+  // Called in every backward with each decoder Linear's input and the gradient of its output
+  // (model::LayerGrads::observe_linear, with the layer); empty: nothing is called.
+  using LinearGradientObserver = std::function<void(std::int64_t layer, std::size_t kind, const float* x, const float* dy, std::int64_t rows,
+                                                    std::int64_t in, std::int64_t out)>;
+  void set_linear_gradient_observer(LinearGradientObserver observer) { linear_observer_ = std::move(observer); }
+
   void zero_grad();
   // Bytes of activations the last forward_backward kept (for reports and the memory test).
   std::uint64_t activation_bytes() const { return activation_bytes_; }
@@ -148,6 +155,7 @@ class TrainableModel {
   std::vector<double> row_losses_;
   std::unordered_map<std::string, int> index_;
   std::shared_ptr<const FakeQuantization> fake_quant_;
+  LinearGradientObserver linear_observer_;
   std::vector<std::vector<float>> quantized_weights_;  // per parameter: its fake quantization this pass (QAT)
   std::vector<std::vector<float>> quantized_grads_;    // per parameter: the gradient of that fake quantization
   std::optional<Distillation> distillation_;

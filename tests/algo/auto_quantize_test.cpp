@@ -12,6 +12,8 @@
 #include "export/hf_modelopt.h"
 #include "support/temp_dir.h"
 #include "support/tiny_kjv.h"
+#include "train/data.h"
+#include "train/model.h"
 
 namespace mopt::algo {
 namespace {
@@ -192,6 +194,152 @@ TEST(AutoQuantize, KlScoresSwapOneGroupAndPutItBack) {
   // A candidate of another shape is refused.
   model::Model full = model::Model::load(testing::tiny_kjv());
   EXPECT_THROW(kl_scores(base, {&full}, groups, score_set), Error);
+}
+
+// Candidates for the gradient scorer: every Linear of `m`, no folded scales.
+std::vector<std::array<ScoredLinear, 7>> scored(const model::Model& m) {
+  std::vector<std::array<ScoredLinear, 7>> out(static_cast<std::size_t>(m.num_layers()));
+  for (std::int64_t l = 0; l < m.num_layers(); ++l) {
+    for (std::size_t k = 0; k < 7; ++k) out[static_cast<std::size_t>(l)][k].linear = &m.layer(l).linear(model::kAllLinears[k]);
+  }
+  return out;
+}
+
+train::Batch score_batch(std::size_t sequences) {
+  std::vector<train::Example> examples;
+  std::vector<std::int64_t> indices;
+  for (std::size_t i = 0; i < sequences; ++i) {
+    const auto& seq = testing::calibration().sequences[i];
+    train::Example e{seq, std::vector<std::int32_t>(seq.size(), -1)};
+    for (std::size_t t = 0; t + 1 < seq.size(); ++t) e.targets[t] = seq[t + 1];
+    examples.push_back(std::move(e));
+    indices.push_back(static_cast<std::int64_t>(i));
+  }
+  return train::make_batch(examples, indices);
+}
+
+TEST(AutoQuantize, GradientScoresAreTheLossGradientTimesEachLinearsOutputChange) {
+  TempDir tmp;
+  testing::quantize("fp8", "max", tmp.file("fp8"));
+  const std::string path = testing::two_layer_tiny_kjv();
+  model::Model base = model::Model::load(path);
+  model::Model same = model::Model::load(path);
+  model::Model fp8 = exporter::load_model(tmp.file("fp8"));
+  // A candidate that folded scales out, as NVFP4_AWQ does: q_proj's columns divided by s (the norm
+  // before it now multiplies its input by s), v_proj's rows multiplied by r (o_proj's input carries r).
+  // Powers of two, so the folded weights hold the same bf16 values scaled exactly.
+  model::Model folded = model::Model::load(path);
+  auto folded_candidate = scored(folded);
+  std::mt19937 rng(7);
+  for (std::int64_t l = 0; l < 2; ++l) {
+    model::Linear& q = folded.mutable_layer(l).q;
+    model::Linear& v = folded.mutable_layer(l).v;
+    std::vector<float> s(static_cast<std::size_t>(q.in_features())), r(static_cast<std::size_t>(v.out_features()));
+    for (float& x : s) x = std::ldexp(1.0f, static_cast<int>(rng() % 5) - 2);
+    for (float& x : r) x = std::ldexp(1.0f, static_cast<int>(rng() % 5) - 2);
+    std::vector<float> wq = q.weight_f32(), wv = v.weight_f32();
+    for (std::int64_t i = 0; i < q.out_features(); ++i) {
+      for (std::int64_t j = 0; j < q.in_features(); ++j) wq[static_cast<std::size_t>(i * q.in_features() + j)] /= s[static_cast<std::size_t>(j)];
+    }
+    for (std::int64_t i = 0; i < v.out_features(); ++i) {
+      for (std::int64_t j = 0; j < v.in_features(); ++j) wv[static_cast<std::size_t>(i * v.in_features() + j)] *= r[static_cast<std::size_t>(i)];
+    }
+    q.weight = Tensor::from_f32(wq, {q.out_features(), q.in_features()}).to(DType::BF16);
+    v.weight = Tensor::from_f32(wv, {v.out_features(), v.in_features()}).to(DType::BF16);
+    folded_candidate[static_cast<std::size_t>(l)][0].input_scale = s;
+    folded_candidate[static_cast<std::size_t>(l)][2].output_scale = r;
+  }
+  GradientScorer scorer(base, {scored(same), scored(fp8), folded_candidate});
+
+  // One backward pass of the unquantized model over two samples (their mean cross-entropy), keeping
+  // layer 1's down_proj input and output gradient for the checks below.
+  train::TrainableModel trainable = train::TrainableModel::from_checkpoint(io::Checkpoint::open(path));
+  std::vector<float> x_down, dy_down;
+  std::int64_t rows = 0;
+  trainable.set_linear_gradient_observer([&](std::int64_t layer, std::size_t kind, const float* x, const float* dy, std::int64_t n, std::int64_t in,
+                                             std::int64_t out) {
+    scorer.add(layer, kind, x, dy, n);
+    if (layer == 1 && kind == 6) {
+      x_down.assign(x, x + n * in);
+      dy_down.assign(dy, dy + n * out);
+      rows = n;
+    }
+  });
+  const train::Batch batch = score_batch(2);
+  const float scale = 1.0f / static_cast<float>(batch.target_count());
+  const double loss = trainable.forward_backward(batch, scale).loss_sum * scale;
+  ASSERT_EQ(rows, batch.rows());
+
+  for (std::int64_t l = 0; l < 2; ++l) {
+    for (std::size_t k = 0; k < 7; ++k) {
+      EXPECT_EQ(scorer.linear_score(l, k, 0), 0.0) << l << " " << k;  // the model's own Linears change nothing
+      EXPECT_GT(scorer.linear_score(l, k, 1), 0.0) << l << " " << k;
+      // Folded scales undone: nothing changes but rounding.
+      EXPECT_LE(scorer.linear_score(l, k, 2), 1e-9 * scorer.linear_score(l, k, 1)) << l << " " << k;
+    }
+  }
+
+  // Layer 1's down_proj with FP8, from its definition in plain loops: its weight dequantized, its
+  // input through the FP8 input quantizer, the products in double.
+  const model::Linear& down8 = fp8.layer(1).down;
+  const model::Linear& down = base.layer(1).down;
+  const std::int64_t in = down.in_features(), out = down.out_features();
+  const std::vector<float> w8 = down8.weight_f32(), w = down.weight_f32();
+  std::vector<float> x8 = x_down;
+  ASSERT_TRUE(static_cast<bool>(down8.input_transform));
+  down8.input_transform(x8.data(), rows, in);
+  double expected = 0.0;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    for (std::int64_t j = 0; j < out; ++j) {
+      double y8 = 0.0, y = 0.0;
+      for (std::int64_t i = 0; i < in; ++i) {
+        y8 += static_cast<double>(x8[static_cast<std::size_t>(r * in + i)]) * w8[static_cast<std::size_t>(j * in + i)];
+        y += static_cast<double>(x_down[static_cast<std::size_t>(r * in + i)]) * w[static_cast<std::size_t>(j * in + i)];
+      }
+      const double t = dy_down[static_cast<std::size_t>(r * out + j)] * (y8 - y);
+      expected += t * t;
+    }
+  }
+  EXPECT_NEAR(scorer.linear_score(1, 6, 1), expected, 1e-3 * expected);
+
+  // What the observer hands over is the gradient of the mean loss: the loss moves by Σ dy · δy when
+  // down_proj's weight moves by ε·E (central difference).
+  std::vector<float> e(w.size());
+  std::normal_distribution<float> normal(0.0f, 0.02f);
+  for (float& v : e) v = normal(rng);
+  double predicted = 0.0;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    for (std::int64_t j = 0; j < out; ++j) {
+      double d = 0.0;
+      for (std::int64_t i = 0; i < in; ++i) d += static_cast<double>(x_down[static_cast<std::size_t>(r * in + i)]) * e[static_cast<std::size_t>(j * in + i)];
+      predicted += dy_down[static_cast<std::size_t>(r * out + j)] * d;
+    }
+  }
+  const float eps = 0.05f;
+  train::TrainableModel moved = train::TrainableModel::from_checkpoint(io::Checkpoint::open(path), false);
+  std::vector<float>& mw = moved.parameter("model.layers.1.mlp.down_proj.weight").value;
+  const std::vector<float> original = mw;
+  for (std::size_t i = 0; i < mw.size(); ++i) mw[i] = original[i] + eps * e[i];
+  const double up = moved.loss(batch).loss_sum * scale;
+  for (std::size_t i = 0; i < mw.size(); ++i) mw[i] = original[i] - eps * e[i];
+  const double down_loss = moved.loss(batch).loss_sum * scale;
+  EXPECT_NEAR((up - down_loss) / (2.0 * eps), predicted, 0.02 * std::abs(predicted) + 1e-6) << "loss " << loss;
+
+  // A group's score is its Linears' sum.
+  const auto groups = linear_groups(base.config(), false);
+  const auto g = scorer.group_scores(groups);
+  ASSERT_EQ(g.size(), groups.size());
+  EXPECT_DOUBLE_EQ(g[0][1], scorer.linear_score(0, 0, 1) + scorer.linear_score(0, 1, 1) + scorer.linear_score(0, 2, 1));
+  EXPECT_DOUBLE_EQ(g[7][1], scorer.linear_score(1, 6, 1));
+
+  // A candidate without a Linear, or with folded scales of the wrong length, is refused.
+  auto missing = scored(same);
+  missing[1][3].linear = nullptr;
+  EXPECT_THROW(GradientScorer(base, {missing}), Error);
+  auto wrong = scored(same);
+  wrong[0][0].input_scale.assign(3, 1.0f);
+  EXPECT_THROW(GradientScorer(base, {wrong}), Error);
+  EXPECT_THROW(GradientScorer(base, {std::vector<std::array<ScoredLinear, 7>>(1)}), Error);
 }
 
 }  // namespace

@@ -2,8 +2,9 @@
 # Mixed precision from the command line (`mopt quantize --auto-bits`): at the cheapest candidate's bits
 # the output is byte for byte the uniform quantization with that format (the exported Linears are the
 # candidates' own, AWQ's folded norms included); at a budget between the formats it is a
-# MIXED_PRECISION checkpoint within the budget that loads and evaluates; the saved scores re-solve
-# another budget without scoring; bad requests are refused with one line.
+# MIXED_PRECISION checkpoint within the budget that loads and evaluates, by the gradient score (the
+# default) and by KL divergence; the saved scores re-solve another budget without scoring; bad
+# requests are refused with one line.
 # Usage: auto_quantize.sh MOPT MODEL TEXT WORKDIR
 set -euo pipefail
 mopt=$1 model=$2 text=$3 work=$4
@@ -43,7 +44,16 @@ grep -q "mean KLD" "$work/kld.out" || fail "no KLD of the mixed model"
 "$mopt" quantize "$model" --auto-bits 5 --auto-formats int4_awq,fp8 --group-size 64 "${calib[@]}" --auto-score-size 2 \
   --auto-state "$work/state.json" --out "$work/auto-5" > "$work/auto-5.out" 2>&1 || { cat "$work/auto-5.out"; exit 1; }
 grep -q "scores: read from" "$work/auto-5.out" || fail "the saved scores were not used"
-grep -q "scoring (KL" "$work/auto-5.out" && fail "scored again although the scores were saved"
+grep -q "scoring (" "$work/auto-5.out" && fail "scored again although the scores were saved"
+grep -q '"method": "gradient"' "$work/state.json" || fail "the default method is not the gradient score"
+# KL scores: their own state; gradient scores are not taken for them.
+"$mopt" quantize "$model" --auto-bits 6 --auto-method kl --auto-formats int4_awq,fp8 --group-size 64 "${calib[@]}" --auto-score-size 2 \
+  --auto-state "$work/state-kl.json" --out "$work/auto-6-kl" > "$work/auto-6-kl.out" 2>&1 || { cat "$work/auto-6-kl.out"; exit 1; }
+grep -q "scoring (KL" "$work/auto-6-kl.out" || fail "--auto-method kl did not score by KL divergence"
+grep -q '"MIXED_PRECISION"' "$work/auto-6-kl/hf_quant_config.json" || fail "KL at budget 6 did not write MIXED_PRECISION"
+if "$mopt" quantize "$model" --auto-bits 5 --auto-method kl --auto-formats int4_awq,fp8 --group-size 64 "${calib[@]}" --auto-score-size 2 \
+    --auto-state "$work/state.json" --out "$work/never" > "$work/other.out" 2>&1; then fail "gradient scores were taken for --auto-method kl"; fi
+grep -q '"gradient" scores, not kl' "$work/other.out" || { cat "$work/other.out"; fail "no message naming the method"; }
 if "$mopt" quantize "$model" --auto-bits 5 --auto-formats nvfp4,fp8 "${calib[@]}" --auto-score-size 2 --auto-state "$work/state.json" \
     --out "$work/never" > "$work/other.out" 2>&1; then fail "scores of other candidates were accepted"; fi
 grep -q "scores for candidates" "$work/other.out" || { cat "$work/other.out"; fail "no message naming the candidates"; }
@@ -67,7 +77,7 @@ refused() {  # refused MESSAGE ARGS...
   [ ! -e "$work/never" ] || fail "a refused run left an output: $*"
 }
 refused "below the cheapest candidate's 4.5 bits" --auto-bits 4 "${calib[@]}" --auto-score-size 2
-refused "only kl is built" --auto-bits 6 --auto-method gradient "${calib[@]}"
+refused "choose gradient" --auto-bits 6 --auto-method hessian "${calib[@]}"
 refused "--format does not apply" --auto-bits 6 --format fp8 "${calib[@]}"
 refused "give --calib FILE" --auto-bits 6
 refused "unknown format 'fp7'" --auto-bits 6 --auto-formats fp8,fp7 "${calib[@]}"
