@@ -61,7 +61,9 @@ void refuse_unsupported(const QuantizeOptions& o) {
   if (!o.algo.empty()) fail("--auto-bits calibrates each candidate with its own algorithm (nvfp4_awq: awq_lite, fp8: max); --algo does not apply");
   if (o.quantize_lm_head) fail("--auto-bits leaves the lm_head unquantized; --quantize-lm-head does not apply");
   if (!o.sparsity.empty()) fail("--auto-bits with --sparsity is not supported");
-  if (o.export_format != "modelopt") fail("--auto-bits writes the modelopt export (MIXED_PRECISION); --export {} is not supported with it", o.export_format);
+  if (o.export_format == "gguf" && !o.gguf_type.empty() && o.gguf_type != "native") {
+    fail("--auto-bits --export gguf writes each Linear in its own type (--gguf-type native); --gguf-type {} does not apply", o.gguf_type);
+  }
   if (o.calib.empty()) fail("--auto-bits scores the candidates on calibration text: give --calib FILE");
   if (o.auto_score_size < 1) fail("--auto-score-size {} must be at least 1", o.auto_score_size);
 }
@@ -183,6 +185,8 @@ int run_auto_quantize(const QuantizeOptions& o) {
   options.batch_sequences = o.calib_batch;
   options.gptq_damp = o.gptq_damp;
   options.gptq_act_order = o.gptq_act_order;
+  options.fold_pre_quant_scales = o.export_format != "modelopt";  // compressed-tensors has no pre_quant_scale
+  for (const auto& r : recipes) check_export_target(o, r);
   bool whole_blocks = false;
   for (const auto& r : recipes) whole_blocks = whole_blocks || algo::folds_scales_across_linears(r.scheme_for("model.layers.0.self_attn.q_proj"), options);
   const std::vector<algo::LinearGroup> groups = algo::linear_groups(ckpt.config(), whole_blocks);
@@ -243,7 +247,8 @@ int run_auto_quantize(const QuantizeOptions& o) {
       mixed.overrides.push_back({m, choice.choice[g] < formats.size() ? formats[choice.choice[g]] : "none"});
     }
   }
-  exporter::HfModeloptWriter writer(ckpt, o.out_dir, mixed);
+  const std::string modelopt_dir = o.export_format == "modelopt" ? o.out_dir : staging.path() + "/mixed";
+  exporter::HfModeloptWriter writer(ckpt, modelopt_dir, mixed);
   for (std::size_t l = 0; l < layers[0].size(); ++l) {
     quant::QuantizedLayer out;
     out.index = layers[0][l].index;
@@ -273,6 +278,11 @@ int run_auto_quantize(const QuantizeOptions& o) {
     writer.add_layer(out);
   }
   writer.finish();
+  if (o.export_format != "modelopt") {
+    QuantizeOptions converted = o;
+    if (o.export_format == "gguf") converted.gguf_type = "native";  // a type per Linear
+    (void)convert_export(modelopt_dir, converted, mixed, 0);
+  }
 
   fmt::print("{:<48} {:>10} {:>7}", "group", "weights", "choice");
   for (const auto& f : formats) fmt::print(" {:>14}", (o.auto_method == "kl" ? "KL " : "score ") + f);

@@ -36,7 +36,7 @@ int run_export(const ExportOptions& options) {
   const auto r = exporter::export_gguf(options.model, options.out, o);
   if (r.exact_linears + r.requantized_linears > 0) {
     fmt::print(stderr, "{} quantized linears written code for code, {} dequantized and quantized to {}\n", r.exact_linears, r.requantized_linears,
-               options.type);
+               o.native ? "Q8_0" : options.type);
   }
   if (r.activation_quantization_dropped) fmt::print(stderr, "note: llama.cpp does not quantize activations as this checkpoint's scheme does\n");
   fmt::print("wrote {}\n", options.out);

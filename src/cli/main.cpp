@@ -84,7 +84,7 @@ int main(int argc, char** argv) {
   export_cmd->add_option("model", export_options.model, "Model directory (Hugging Face checkpoint, or a mopt quantized export)")->required();
   export_cmd->add_option("--to", export_options.to, "Target format: gguf (llama.cpp) or compressed-tensors (vLLM; quantized input only)")->required();
   export_cmd->add_option("out", export_options.out, "The file (gguf) or directory (compressed-tensors) to create")->required();
-  export_cmd->add_option("--type", export_options.type, "GGUF weight type: bf16 (default), f16, f32; llama-quantize's mixes q8_0, q5_0, q4_0, q6_k, q4_k_m (its type for each tensor: Q6_K head); every matrix in one type: q4_0_pure, q5_0_pure (llama-quantize --pure), q4_k; nvfp4, mxfp4 (from such a quantized export)");
+  export_cmd->add_option("--type", export_options.type, "GGUF weight type: bf16 (default), f16, f32; llama-quantize's mixes q8_0, q5_0, q4_0, q6_k, q4_k_m (its type for each tensor: Q6_K head); every matrix in one type: q4_0_pure, q5_0_pure (llama-quantize --pure), q4_k; nvfp4, mxfp4 (from such a quantized export); native (a type per quantized Linear: its own codes where a GGUF type holds them, else Q8_0; for mixed precision)");
 
   mopt::cli::EvalOptions eval;
   auto* eval_cmd = app.add_subcommand("eval", "Measure a model: perplexity, KL divergence against a base, multiple choice");
@@ -202,7 +202,7 @@ int main(int argc, char** argv) {
                            "With --auto-bits: a JSON file of the scores; written after scoring, read instead of scoring when it exists "
                            "(another budget re-solves without scoring)");
   quantize_cmd->add_option("--auto-score-size", quantize.auto_score_size, "With --auto-bits: calibration samples the scores are measured on (default 8)");
-  quantize_cmd->add_option("--gguf-type", quantize.gguf_type, "With --export gguf: q4_0, q8_0, q4_k_m, q6_k, q5_0 (llama-quantize's mixes), q4_0_pure, q5_0_pure, q4_k, bf16, f16, f32 (default: nvfp4/mxfp4 for those formats, q4_0 for INT4, else q8_0). INT4 and INT8 weights are quantized in each tensor's blocks of the mix, weighted by the calibration inputs' mean squares when --calib is given (as llama-quantize --imatrix); to q4_0 with --group-size (a multiple of 32) or --algo awq_clip/awq_full, INT4 weights on Q4_0's grid in those groups");
+  quantize_cmd->add_option("--gguf-type", quantize.gguf_type, "With --export gguf: q4_0, q8_0, q4_k_m, q6_k, q5_0 (llama-quantize's mixes), q4_0_pure, q5_0_pure, q4_k, bf16, f16, f32, native (with --auto-bits: each Linear in its own type) (default: nvfp4/mxfp4 for those formats, q4_0 for INT4, else q8_0). INT4 and INT8 weights are quantized in each tensor's blocks of the mix, weighted by the calibration inputs' mean squares when --calib is given (as llama-quantize --imatrix); to q4_0 with --group-size (a multiple of 32) or --algo awq_clip/awq_full, INT4 weights on Q4_0's grid in those groups");
 
   mopt::cli::TrainCliOptions train;
   auto* train_cmd = app.add_subcommand("train", "Train or fine-tune a model (AdamW, f32 on the CPU) and write it as a Hugging Face checkpoint");

@@ -192,16 +192,17 @@ GgufExportOptions gguf_options_from_name(const std::string& name) {
       {"f32", GgmlType::F32},   {"f16", GgmlType::F16},   {"bf16", GgmlType::BF16},       {"q8_0", GgmlType::Q8_0},
       {"q5_0", GgmlType::Q5_0}, {"q4_0", GgmlType::Q4_0}, {"q5_0_pure", GgmlType::Q5_0},  {"q4_0_pure", GgmlType::Q4_0},
       {"q6_k", GgmlType::Q6_K}, {"q4_k", GgmlType::Q4_K}, {"q4_k_m", GgmlType::Q4_K},     {"nvfp4", GgmlType::NVFP4},
-      {"mxfp4", GgmlType::MXFP4}};
+      {"mxfp4", GgmlType::MXFP4}, {"native", GgmlType::BF16}};
   const auto it = kTypes.find(name);
   if (it == kTypes.end()) {
-    fail("unknown GGUF type '{}' (f32, f16, bf16, q8_0, q5_0, q4_0, q6_k, q4_k_m, q5_0_pure, q4_0_pure, q4_k, nvfp4, mxfp4)", name);
+    fail("unknown GGUF type '{}' (f32, f16, bf16, q8_0, q5_0, q4_0, q6_k, q4_k_m, q5_0_pure, q4_0_pure, q4_k, nvfp4, mxfp4, native)", name);
   }
   GgufExportOptions o;
   o.type = it->second;
   o.q4_k_m = name == "q4_k_m";
   // "q4_k" is every matrix Q4_K: llama-quantize's Q4_K_S mix would need Q5_K, which mopt does not write.
   o.pure = name.ends_with("_pure") || name == "q4_k";
+  o.native = name == "native";
   return o;
 }
 
@@ -422,12 +423,26 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
       return;
     }
     const auto& spec = *st->scheme.weight;
-    const bool fp4_type = options.type == GgmlType::NVFP4 || options.type == GgmlType::MXFP4;
+    const auto fp4_fits = [&](GgmlType t) {
+      const bool nv = t == GgmlType::NVFP4;
+      return spec.element == quant::Element::e2m1 && spec.scaling == (nv ? quant::Scaling::nvfp4 : quant::Scaling::mx) && st->pre_quant_scale.empty() &&
+             st->in % (nv ? 64 : 32) == 0;
+    };
+    // A type per Linear (native): the one that holds its codes, else Q8_0.
+    GgmlType own = options.type;
+    if (options.native) {
+      if (fp4_fits(GgmlType::NVFP4)) own = GgmlType::NVFP4;
+      else if (fp4_fits(GgmlType::MXFP4)) own = GgmlType::MXFP4;
+      else if (spec.grid == quant::IntGrid::ggml && st->pre_quant_scale.empty()) own = spec.ggml_type;
+      else if (spec.element == quant::Element::int4 && spec.scaling == quant::Scaling::block && !spec.fp8_second_stage && spec.block % 32 == 0 &&
+               st->pre_quant_scale.empty() && st->in % 32 == 0) own = GgmlType::Q4_0;
+      else own = fit_row(GgmlType::Q8_0, st->in);
+    }
+    const bool fp4_type = own == GgmlType::NVFP4 || own == GgmlType::MXFP4;
     if (fp4_type) {
       // NVFP4 / MXFP4 Linears go over code for code (NVFP4's second-level scale as llama.cpp's ".scale").
-      const bool nv = options.type == GgmlType::NVFP4;
-      const bool fits = spec.element == quant::Element::e2m1 && spec.scaling == (nv ? quant::Scaling::nvfp4 : quant::Scaling::mx) &&
-                        st->pre_quant_scale.empty() && st->in % (nv ? 64 : 32) == 0;
+      const bool nv = own == GgmlType::NVFP4;
+      const bool fits = fp4_fits(own);
       if (!fits) {
         fail("{}: {} is {}{}: a {} GGUF holds {} weights code for code only (use another --type)", model_dir, st->name,
              st->scheme.quant_algo, st->pre_quant_scale.empty() ? "" : " with a pre_quant_scale", nv ? "nvfp4" : "mxfp4",
@@ -440,7 +455,7 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
         const float s2 = st->weight.weight_scale_2->to_f32().at(0);
         w.add_tensor(scale_name, {1}, GgmlType::F32, io::ggml_quantize(GgmlType::F32, &s2, 1, scale_name));
       }
-      w.add_tensor(gguf, {st->out, st->in}, options.type, [st = std::move(*st), permute_heads, type = options.type] {
+      w.add_tensor(gguf, {st->out, st->in}, own, [st = std::move(*st), permute_heads, type = own] {
         std::vector<float> codes = fp4_codes(st.weight.weight, st.out, st.in);
         std::vector<float> scales;
         const Tensor& sc = st.weight.weight_scale;
@@ -454,7 +469,7 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
       });
       return;
     }
-    const GgmlType type = type_of(gguf, layer, st->in);
+    const GgmlType type = options.native ? own : type_of(gguf, layer, st->in);
     if (spec.grid == quant::IntGrid::ggml && spec.ggml_type == type && st->pre_quant_scale.empty()) {
       // Quantized in this file's own blocks: the bytes go over as they are (rows permuted as the file wants them).
       ++report.exact_linears;

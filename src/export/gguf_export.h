@@ -43,11 +43,17 @@ struct GgufExportOptions {
   // llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for the output (or tied) embedding and for attn_v and
   // ffn_down in the first and last eighth of the layers and every third layer between.
   bool q4_k_m = false;
+  // A type per quantized Linear, for mixed-precision exports: the type that holds its codes as they are
+  // (NVFP4, MXFP4, Q4_0 for INT4 in groups of a multiple of 32, Q8_0 for INT8 rows, the ggml type it was
+  // quantized in the blocks of), else Q8_0 (FP8, other INT4 groups, a kept pre_quant_scale: the weight
+  // it stands for quantized to 8 bits); everything else in `type` (BF16).
+  bool native = false;
 };
 
 // The options a type name stands for: "bf16", "f16", "f32"; llama-quantize's mixes "q8_0", "q5_0", "q4_0",
 // "q6_k", "q4_k_m"; "q4_0_pure", "q5_0_pure" (every matrix in that type, as llama-quantize --pure) and
-// "q4_k" (every matrix Q4_K, llama-quantize --pure Q4_K_S); "nvfp4", "mxfp4" (from such a quantized export).
+// "q4_k" (every matrix Q4_K, llama-quantize --pure Q4_K_S); "nvfp4", "mxfp4" (from such a quantized export);
+// "native" (a type per quantized Linear, the rest BF16: for mixed-precision exports).
 GgufExportOptions gguf_options_from_name(const std::string& name);
 
 // The ggml type of weight matrix `gguf_name` (llama.cpp's name, e.g. "blk.3.attn_v.weight"; `layer` its

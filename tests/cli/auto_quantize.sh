@@ -40,6 +40,21 @@ grep -q '"choice": "fp8"\|"choice": "none"' "$work/report.json" || fail "budget 
 "$mopt" eval kld "$work/auto-6" --base "$model" --text "$text" --ctx 64 > "$work/kld.out" 2>&1 || { cat "$work/kld.out"; exit 1; }
 grep -q "mean KLD" "$work/kld.out" || fail "no KLD of the mixed model"
 
+# The same choice written for vLLM (compressed-tensors: one config group per scheme) and llama.cpp (GGUF:
+# each Linear in the type that holds it), from the saved scores; both load and evaluate.
+"$mopt" quantize "$model" --auto-bits 6 --auto-formats int4_awq,fp8 --group-size 64 "${calib[@]}" --auto-score-size 2 \
+  --export compressed-tensors --out "$work/auto-6-ct" > "$work/auto-6-ct.out" 2>&1 || { cat "$work/auto-6-ct.out"; exit 1; }
+grep -q '"format": "mixed-precision"' "$work/auto-6-ct/config.json" || fail "the compressed-tensors export is not mixed-precision"
+[ "$(grep -c '"group_[0-9]*"' "$work/auto-6-ct/config.json")" -ge 2 ] || fail "the compressed-tensors export has fewer than two config groups"
+"$mopt" quantize "$model" --auto-bits 6 --auto-formats nvfp4,fp8 "${calib[@]}" --auto-score-size 2 \
+  --export gguf --out "$work/auto-6.gguf" > "$work/auto-6-gguf.out" 2>&1 || { cat "$work/auto-6-gguf.out"; exit 1; }
+"$mopt" inspect "$work/auto-6.gguf" > "$work/auto-6-gguf.inspect" 2>&1
+grep -q "NVFP4" "$work/auto-6-gguf.inspect" && grep -q "Q8_0" "$work/auto-6-gguf.inspect" || { cat "$work/auto-6-gguf.inspect"; fail "the GGUF does not hold NVFP4 and Q8_0 Linears"; }
+for out in "$work/auto-6-ct" "$work/auto-6.gguf"; do
+  "$mopt" eval kld "$out" --base "$model" --text "$text" --ctx 64 > "$work/kld.out" 2>&1 || { cat "$work/kld.out"; exit 1; }
+  grep -q "mean KLD" "$work/kld.out" || fail "no KLD of $out"
+done
+
 # The saved scores re-solve another budget without scoring; scores for other candidates are refused.
 "$mopt" quantize "$model" --auto-bits 5 --auto-formats int4_awq,fp8 --group-size 64 "${calib[@]}" --auto-score-size 2 \
   --auto-state "$work/state.json" --out "$work/auto-5" > "$work/auto-5.out" 2>&1 || { cat "$work/auto-5.out"; exit 1; }
@@ -78,6 +93,7 @@ refused() {  # refused MESSAGE ARGS...
 }
 refused "below the cheapest candidate's 4.5 bits" --auto-bits 4 "${calib[@]}" --auto-score-size 2
 refused "choose gradient" --auto-bits 6 --auto-method hessian "${calib[@]}"
+refused "--gguf-type q4_0 does not apply" --auto-bits 6 --export gguf --gguf-type q4_0 "${calib[@]}"
 refused "--format does not apply" --auto-bits 6 --format fp8 "${calib[@]}"
 refused "give --calib FILE" --auto-bits 6
 refused "unknown format 'fp7'" --auto-bits 6 --auto-formats fp8,fp7 "${calib[@]}"

@@ -524,6 +524,48 @@ TEST(GgufFromQuantized, Fp4CodesGoOverUnchanged) {
   EXPECT_FALSE(fs::exists(tmp.file("never.gguf")));
 }
 
+TEST(GgufFromQuantized, NativeTypeGivesEachLinearTheTypeThatHoldsIt) {
+  // A mixed export (as --auto-bits writes one): NVFP4 Linears go over as NVFP4 blocks, INT8 rows as
+  // Q8_0, both code for code; FP8 is quantized to Q8_0; unquantized Linears stay BF16.
+  TempDir tmp;
+  quant::Recipe r;
+  r.format = "nvfp4";
+  r.overrides = {{"*.mlp.down_proj", "fp8"}, {"*.self_attn.o_proj", "int8_wo"}, {"model.layers.1.mlp.gate_proj", "none"}, {"model.layers.1.mlp.up_proj", "none"}};
+  testing::quantize_recipe(r, tmp.file("mixed"));
+  const auto report = export_gguf(tmp.file("mixed"), tmp.file("m.gguf"), gguf_options_from_name("native"));
+  EXPECT_EQ(report.exact_linears, 10);       // 8 NVFP4 + 2 INT8
+  EXPECT_EQ(report.requantized_linears, 2);  // the FP8 down_proj
+  const io::GgufFile g = io::GgufFile::open(tmp.file("m.gguf"));
+  const auto type = [&](const char* name) { return g.find_tensor(name)->type.type; };
+  EXPECT_EQ(type("blk.0.attn_q.weight"), io::GgmlType::NVFP4);
+  EXPECT_EQ(type("blk.1.attn_v.weight"), io::GgmlType::NVFP4);
+  EXPECT_EQ(type("blk.0.ffn_up.weight"), io::GgmlType::NVFP4);
+  EXPECT_EQ(type("blk.0.attn_output.weight"), io::GgmlType::Q8_0);
+  EXPECT_EQ(type("blk.1.ffn_down.weight"), io::GgmlType::Q8_0);
+  EXPECT_EQ(type("blk.1.ffn_gate.weight"), io::GgmlType::BF16);
+  EXPECT_EQ(type("token_embd.weight"), io::GgmlType::BF16);
+  EXPECT_EQ(type("output.weight"), io::GgmlType::BF16);
+  model::Model a = load_model(tmp.file("mixed"), QuantizedRun::fake_quant), b = load_model(tmp.file("m.gguf"));
+  for (std::int64_t l = 0; l < 2; ++l) {
+    for (const auto kind : model::kAllLinears) {
+      const std::vector<float> wa = a.layer(l).linear(kind).weight_f32(), wb = b.layer(l).linear(kind).weight_f32();
+      ASSERT_EQ(wa.size(), wb.size());
+      const bool requantized = kind == model::LinearKind::down;
+      float row_max = 0.0f;
+      for (const float v : wa) row_max = std::max(row_max, std::fabs(v));
+      for (std::size_t i = 0; i < wa.size(); ++i) {
+        // Q8_0 of the FP8 weight: within half a step of its 32-block's scale (at most the tensor's max / 127 / 2);
+        // INT8's codes with their row scale rounded to Q8_0's f16 (2^-11 relative); NVFP4 exact.
+        const float tolerance = requantized ? row_max / 254.0f * 1.01f
+                                : kind == model::LinearKind::o ? std::ldexp(std::fabs(wa[i]), -11) * 1.01f
+                                                               : 1e-6f * std::fabs(wa[i]);
+        ASSERT_NEAR(wb[i], wa[i], tolerance) << l << " " << model::linear_name(kind) << " " << i;
+      }
+    }
+  }
+  EXPECT_THROW(gguf_options_from_name("natve"), Error);
+}
+
 TEST(CompressedTensors, DamagedCheckpointsAreRefusedByName) {
   TempDir tmp;
   quantize("int4_rtn", "max", tmp.file("q"));
