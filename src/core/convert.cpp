@@ -282,8 +282,7 @@ struct ConvertKernels {
 
 const ConvertKernels& kernels() {
   static const ConvertKernels chosen = [] {
-    const CpuFeatures& cpu = cpu_features();
-    if (cpu.avx2 && cpu.fma && cpu.f16c) {
+    if (avx2_kernels_available()) {
       return ConvertKernels{"avx2",
                             avx2::convert_bf16_to_f32,
                             avx2::convert_f32_to_bf16,

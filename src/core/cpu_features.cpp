@@ -92,6 +92,11 @@ std::string avx2_kernels_unavailable() {
   return "the CPU lacks " + lacking;
 }
 
+bool avx2_kernels_available() {
+  const CpuFeatures& f = cpu_features();
+  return f.avx2 && f.fma && f.f16c;
+}
+
 std::string describe(const CpuFeatures& f) {
   std::string out;
   auto add = [&](bool present, const char* name) {

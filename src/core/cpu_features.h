@@ -29,6 +29,8 @@ CpuFeatures detect_cpu_features();
 // Why the AVX2 kernels (which need AVX2, FMA and F16C) cannot run here: empty when they can, else
 // "MOPT_ISA=scalar turns the AVX2 kernels off" or "the CPU lacks AVX2, FMA" (naming what is missing).
 std::string avx2_kernels_unavailable();
+// Whether they can: the one check every caller of code compiled with -mavx2 -mfma -mf16c makes.
+bool avx2_kernels_available();
 
 // "avx2 fma f16c avx512f ..." (the present ones, in a fixed order), or "none".
 std::string describe(const CpuFeatures& features);

@@ -21,7 +21,7 @@ constexpr std::int64_t kQueryBlock = 128;
 
 // The AVX2 exponentials of ops_simd.h (within 2 ulp of std::exp), where the CPU has them.
 bool simd_ops() {
-  static const bool yes = cpu_features().avx2 && cpu_features().fma;
+  static const bool yes = avx2_kernels_available();
   return yes;
 }
 

@@ -141,7 +141,7 @@ std::string describe_gemm() {
     s += fmt::format(" (VDPBF16PS tile {:.2f}x the f32 FMA tile{})", c.ratio, c.kernels ? "" : ": the f32 GEMM is faster here");
   }
   s += "; int8: ";
-  s += vnni_gemm_available() ? "avx512_vnni" : cpu_features().avx2 ? "avx2" : "plain";
+  s += vnni_gemm_available() ? "avx512_vnni" : avx2_kernels_available() ? "avx2" : "plain";
   s += "; f32: OpenBLAS ";
   s += describe_blas_kernels();
   return s;

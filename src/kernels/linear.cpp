@@ -67,7 +67,7 @@ float dot_scalar_f16(const float* x, const void* w, std::int64_t k) {
 }
 
 DotFn dot_for(DType t) {
-  const bool avx2 = cpu_features().avx2 && cpu_features().fma && cpu_features().f16c;
+  const bool avx2 = avx2_kernels_available();
   switch (t) {
     case DType::F32: return avx2 ? avx2::dot_f32 : dot_scalar_f32;
     case DType::BF16: return avx2 ? avx2::dot_bf16 : dot_scalar_bf16;

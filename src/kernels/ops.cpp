@@ -100,7 +100,7 @@ void apply_rope_inverse(float* x, std::int64_t rows, std::int64_t heads, std::in
 namespace {
 
 bool simd_ops() {
-  static const bool yes = cpu_features().avx2 && cpu_features().fma;
+  static const bool yes = avx2_kernels_available();
   return yes;
 }
 

@@ -108,13 +108,39 @@ void quantize_int8_per64(const float* x, std::int64_t n, std::int8_t* codes, flo
 
 float int8_input_scale(float amax) { return amax > kTinyAmax ? 127.0f / amax : 1.0f; }
 
+bool int4_decode_rounds_input(const QuantizedWeightSource& s) { return s.type == QuantizedWeightType::int4 && s.block % 32 == 0 && s.in % 64 == 0; }
+
+namespace {
+
+// Rows [r0, r1) of the INT4 decode on inputs already rounded (ref::int4_decode's arithmetic), the
+// weight read from its natural layout.
+void int4_decode_rows(const QuantizedWeightSource& s, std::span<const std::uint8_t> codes, const std::int8_t* xq, const float* steps, std::int64_t m,
+                      std::int64_t r0, std::int64_t r1, float* y, std::int64_t ldy) {
+  const std::int64_t k = s.in, chunks = k / 64, nb = ceil_div(k, s.block);
+  for (std::int64_t r = r0; r < r1; ++r) {
+    for (std::int64_t i = 0; i < m; ++i) {
+      double acc = 0.0;
+      for (std::int64_t h = 0; h < k / 32; ++h) {
+        std::int32_t d = 0;
+        for (std::int64_t t = h * 32; t < h * 32 + 32; ++t) {
+          d += static_cast<std::int32_t>(int4_to_f32(natural_code(s, codes, r, t))) * xq[i * k + t];
+        }
+        acc += static_cast<double>(s.scales[static_cast<std::size_t>(r * nb + h * 32 / s.block)]) * steps[i * chunks + h / 2] * d;
+      }
+      y[i * ldy + r] = static_cast<float>(acc);
+    }
+  }
+}
+
+}  // namespace
+
 void quantize_int8_activations(const float* x, std::int64_t n, float amax, std::int8_t* codes) {
   if (!(amax > kTinyAmax)) {
     std::fill(codes, codes + n, std::int8_t{0});
     return;
   }
   const float scale = 127.0f / amax;
-  if (cpu_features().avx2) {
+  if (avx2_kernels_available()) {
     avx2::quantize_int8(x, n, scale, codes);
     return;
   }
@@ -266,6 +292,16 @@ void PackedLinear::forward_gemv(const float* x, std::int64_t m, float* y) const 
   const auto& s = src_;
   const std::int64_t k = s.in, n = s.out;
   const int mi = static_cast<int>(m);
+  if (!vectorized_ && int4_decode_rounds_input(s)) {
+    // The AVX2 GEMV's arithmetic (its input rounded to int8 per 64), so that no result depends on the CPU.
+    thread_local std::vector<std::int8_t> xq;
+    thread_local std::vector<float> steps;
+    xq.resize(static_cast<std::size_t>(m * k));
+    steps.resize(static_cast<std::size_t>(m * (k / 64)));
+    quantize_int8_per64(x, m * k, xq.data(), steps.data());
+    parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) { int4_decode_rows(s, codes_, xq.data(), steps.data(), m, r0, r1, y, n); });
+    return;
+  }
   if (!vectorized_) {
     parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
       thread_local std::vector<float> row;
@@ -413,6 +449,14 @@ void quantized_linear_forward(const QuantizedWeightSource& s, const float* x, st
   std::vector<float> xf(q.size());
   for (std::size_t i = 0; i < q.size(); ++i) xf[i] = static_cast<float>(q[i]) / x_scale;
   kernels::ref::gemm_f32(xf.data(), m, s.in, w.data(), s.out, y);
+}
+
+void int4_decode(const QuantizedWeightSource& s, const float* x, std::int64_t m, float* y) {
+  if (!int4_decode_rounds_input(s)) fail("int4 decode: [{}, {}] in groups of {} is not INT4 in whole 64s of inputs and groups of 32s", s.out, s.in, s.block);
+  std::vector<std::int8_t> xq(static_cast<std::size_t>(m * s.in));
+  std::vector<float> steps(static_cast<std::size_t>(m * (s.in / 64)));
+  quantize_int8_per64(x, m * s.in, xq.data(), steps.data());
+  int4_decode_rows(s, codes_of(s), xq.data(), steps.data(), m, 0, s.out, y, s.out);
 }
 
 }  // namespace ref

@@ -18,7 +18,8 @@
 // Kernels: m <= kGemvMaxRows rows (decode) run a GEMV that reads each weight
 // once for all rows (the INT4 GEMV rounds its input to int8 per 64 inputs,
 // dynamically, as llama.cpp's Q4_0 x Q8_0 product does, so that it runs on
-// integers at the memory's speed; the reference keeps the input in f32); more rows (prefill) decode tiles of weight rows into f32
+// integers at the memory's speed; ref::int4_decode is that arithmetic in plain
+// loops, and the plain path runs it too); more rows (prefill) decode tiles of weight rows into f32
 // and multiply them with the BLAS, except W8A8, which has its own int8 GEMM.
 // Each has a plain reference (ref::) that the fast versions are tested
 // against; the AVX2 versions are chosen at run time (cpu_features()).
@@ -135,12 +136,20 @@ void quantize_int8_per64(const float* x, std::int64_t n, std::int8_t* codes, flo
 // The scale those codes are the input times: 127 / amax, or 1 for an amax at or below 2^-24 (every
 // code then 0).
 float int8_input_scale(float amax);
+// Whether an INT4 weight's decode (m <= kGemvMaxRows) rounds its input to int8 per 64 values: INT4
+// codes in groups of a multiple of 32 with whole 64s of inputs. On every CPU: the plain loops do
+// what the AVX2 GEMV does (ref::int4_decode), so a result does not depend on the machine.
+bool int4_decode_rounds_input(const QuantizedWeightSource& source);
 
 namespace ref {
 // The f32 weight [out, in] a source stands for, read from its natural layout.
 std::vector<float> dequantize(const QuantizedWeightSource& source);
 // Dequantizes the whole weight, quantizes the input as the format says (W8A8), multiplies with the reference GEMM.
 void quantized_linear_forward(const QuantizedWeightSource& source, const float* x, std::int64_t m, float* y);
+// The INT4 decode where int4_decode_rounds_input: each 64 inputs rounded by quantize_int8_per64, each
+// half of 32 an exact integer dot product of codes, times its group's scale and its 64's step, summed
+// in double. The fast GEMV differs from it only in the order of its f32 sums.
+void int4_decode(const QuantizedWeightSource& source, const float* x, std::int64_t m, float* y);
 }
 
 }  // namespace mopt::kernels

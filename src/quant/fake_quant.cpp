@@ -23,7 +23,7 @@ constexpr float kTinyAmax = 5.9604644775390625e-08f;  // 2^-24
 constexpr std::int64_t kParallelElements = std::int64_t{1} << 15;
 
 bool simd_rounding() {
-  static const bool yes = cpu_features().avx2 && cpu_features().fma;
+  static const bool yes = avx2_kernels_available();
   return yes;
 }
 
