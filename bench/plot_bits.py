@@ -58,11 +58,14 @@ def main():
         s.append(f'<line x1="{W - R + 12}" y1="{legend_y}" x2="{W - R + 32}" y2="{legend_y}" stroke="{color}" stroke-width="2"/>')
         s.append(f'<text x="{W - R + 38}" y="{legend_y + 4}">{kind.replace("auto-", "auto, ")} score</text>')
         legend_y += 18
-    for kind, name, b, k in pts:
-        if kind != "uniform":
-            continue
+    placed = []  # label positions so far: a label that would overlap one moves up a line
+    for kind, name, b, k in sorted(p for p in pts if p[0] == "uniform"):
         s.append(f'<rect x="{X(b) - 3.5:.1f}" y="{Y(k) - 3.5:.1f}" width="7" height="7" fill="#555"/>')
-        s.append(f'<text x="{X(b) + 6:.1f}" y="{Y(k) - 5:.1f}" fill="#333">{name}</text>')
+        x, y = X(b) + 6, Y(k) - 5
+        while any(abs(x - px) < 7 * max(len(name), len(pn)) and abs(y - py) < 13 for px, py, pn in placed):
+            y -= 13
+        placed.append((x, y, name))
+        s.append(f'<text x="{x:.1f}" y="{y:.1f}" fill="#333">{name}</text>')
     s.append(f'<rect x="{W - R + 14}" y="{legend_y - 4}" width="7" height="7" fill="#555"/>')
     s.append(f'<text x="{W - R + 38}" y="{legend_y + 4}">uniform format</text>')
     s.append("</svg>")
