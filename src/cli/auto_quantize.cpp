@@ -129,7 +129,7 @@ std::vector<std::vector<double>> gradient_scores(const io::Checkpoint& ckpt, con
     }
   }
   algo::GradientScorer scorer(base, std::move(cand));
-  train::TrainableModel trainable = train::TrainableModel::from_checkpoint(ckpt);
+  train::TrainableModel trainable = train::TrainableModel::from_checkpoint(ckpt, false);  // activations' gradients only
   trainable.set_linear_gradient_observer([&](std::int64_t layer, std::size_t kind, const float* x, const float* dy, std::int64_t rows, std::int64_t, std::int64_t) {
     scorer.add(layer, kind, x, dy, rows);
   });
@@ -150,9 +150,8 @@ std::vector<std::vector<double>> gradient_scores(const io::Checkpoint& ckpt, con
     const train::Batch batch = train::make_batch(examples, indices);
     const std::int64_t targets = batch.target_count();
     if (targets == 0) continue;  // one-token samples: nothing to predict
-    const train::LossResult r = trainable.forward_backward(batch, 1.0f / static_cast<float>(targets));
+    const train::LossResult r = trainable.input_gradients(batch, 1.0f / static_cast<float>(targets));
     if (!std::isfinite(r.loss_sum)) fail("--auto-bits: the loss on score samples {}-{} is not finite (NaN or Inf in the model)", b0, b0 + per_batch - 1);
-    trainable.zero_grad();
     progress.advance();
   }
   progress.finish();

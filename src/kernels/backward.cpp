@@ -71,7 +71,7 @@ void rmsnorm_backward(const float* x, const float* weight, const float* rstd, co
                       std::int64_t dim, float* dx, float* dweight) {
   // y_i = w_i x_i r with r = (mean(x²) + eps)^-1/2, so dx_i = r g_i - x_i r³ (g · x) / dim, g = w ⊙ dy.
   const std::int64_t blocks = (rows + kSumBlockRows - 1) / kSumBlockRows;
-  std::vector<float> partial(static_cast<std::size_t>(blocks * dim), 0.0f);
+  std::vector<float> partial(dweight != nullptr ? static_cast<std::size_t>(blocks * dim) : 0, 0.0f);
   parallel_each(blocks, 1, rows * dim > 16384, [&](std::int64_t b) {
     float* dw = partial.data() + b * dim;
     for (std::int64_t r = b * kSumBlockRows; r < std::min(rows, (b + 1) * kSumBlockRows); ++r) {
@@ -82,12 +82,12 @@ void rmsnorm_backward(const float* x, const float* weight, const float* rstd, co
       for (std::int64_t i = 0; i < dim; ++i) dot += static_cast<double>(gr[i]) * weight[i] * xr[i];
       const float c = static_cast<float>(dot / static_cast<double>(dim)) * s * s * s;
       float* dxr = dx + r * dim;
-      for (std::int64_t i = 0; i < dim; ++i) {
-        dxr[i] += s * (gr[i] * weight[i]) - c * xr[i];
-        dw[i] += gr[i] * (xr[i] * s);
-      }
+      for (std::int64_t i = 0; i < dim; ++i) dxr[i] += s * (gr[i] * weight[i]) - c * xr[i];
+      if (dweight == nullptr) continue;
+      for (std::int64_t i = 0; i < dim; ++i) dw[i] += gr[i] * (xr[i] * s);
     }
   });
+  if (dweight == nullptr) return;
   for (std::int64_t b = 0; b < blocks; ++b) {
     for (std::int64_t i = 0; i < dim; ++i) dweight[i] += partial[static_cast<std::size_t>(b * dim + i)];
   }

@@ -16,7 +16,7 @@
 namespace mopt::kernels {
 
 // The gradient of y = rmsnorm(x) * weight: dx (added to) and dweight (added to) from dy, given x and
-// the rstd rmsnorm_saving (ops.h) wrote.
+// the rstd rmsnorm_saving (ops.h) wrote; dweight null: not computed.
 void rmsnorm_backward(const float* x, const float* weight, const float* rstd, const float* dy, std::int64_t rows,
                       std::int64_t dim, float* dx, float* dweight);
 

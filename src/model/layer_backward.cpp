@@ -26,11 +26,11 @@ void linear(const float* x, std::int64_t rows, std::int64_t in, const float* w, 
 }
 
 // The gradients of y = x · wᵀ + b: dx (written, or added to when `accumulate`) = dy · w,
-// dw += dyᵀ · x, dbias += column sums of dy.
+// dw += dyᵀ · x, dbias += column sums of dy (dw, dbias null: not computed).
 void linear_backward(const float* x, std::int64_t rows, std::int64_t in, const float* w, std::int64_t out, const float* dy,
                      float* dx, bool accumulate, float* dw, float* dbias) {
   kernels::matmul_f32(false, false, rows, in, out, dy, out, w, in, dx, in, accumulate);
-  kernels::matmul_f32(true, false, out, in, rows, dy, out, x, in, dw, in, true);
+  if (dw != nullptr) kernels::matmul_f32(true, false, out, in, rows, dy, out, x, in, dw, in, true);
   if (dbias != nullptr) kernels::bias_backward(dy, rows, out, dbias);
 }
 

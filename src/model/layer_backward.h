@@ -46,7 +46,8 @@ struct LayerParams {
   const LayerFakeQuant* fake_quant = nullptr;  // null: nothing quantized
 };
 
-// Where their gradients are added: the same layout (null for what the layer lacks).
+// Where their gradients are added: the same layout (null for what the layer lacks, or where no
+// gradient is wanted: the activations' gradients are computed all the same).
 struct LayerGrads {
   float* input_norm = nullptr;
   float* post_norm = nullptr;

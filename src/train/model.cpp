@@ -194,7 +194,9 @@ model::LayerGrads TrainableModel::layer_grads(std::int64_t layer) {
     g.weight[i] = at(x.weight[i]);
     g.bias[i] = at(x.bias[i]);
     // A fake-quantized weight's gradient goes to its own buffer first (FakeQuantization::weight_backward).
-    if (fake_quant_ && fake_quant_->weight_quantized(layer, i)) g.weight[i] = quantized_grads_[static_cast<std::size_t>(x.weight[i])].data();
+    if (fake_quant_ && parameter_grads_ && fake_quant_->weight_quantized(layer, i)) {
+      g.weight[i] = quantized_grads_[static_cast<std::size_t>(x.weight[i])].data();
+    }
   }
   if (linear_observer_) {
     g.observe_linear = [this, layer](std::size_t kind, const float* in_x, const float* dy, std::int64_t rows, std::int64_t in, std::int64_t out) {
@@ -305,7 +307,7 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
       result.cross_entropy_sum += ce;
     }
     if (!backward) continue;
-    matmul_f32(true, false, V, H, n, logits, V, x, H, grad(head_), H, true);
+    if (float* dhead = grad(head_)) matmul_f32(true, false, V, H, n, logits, V, x, H, dhead, H, true);
     float* dx = sized(dx_, n * H).data();
     matmul_f32(false, false, n, H, V, logits, V, head, H, dx, H, false);
     for (std::int64_t i = 0; i < n; ++i) {
@@ -336,8 +338,8 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
     model::decoder_layer_backward(c, inv_freq_, layer_params(l), saved_[recompute_ ? 0 : static_cast<std::size_t>(l)], rows, batch.bounds,
                                   dhidden.data(), layer_grads(l), scratch_);
   }
-  kernels::embedding_backward(batch.tokens.data(), rows, dhidden.data(), H, grad(embed_));
-  if (fake_quant_) {
+  if (float* dtable = grad(embed_)) kernels::embedding_backward(batch.tokens.data(), rows, dhidden.data(), H, dtable);
+  if (fake_quant_ && parameter_grads_) {
     for (std::int64_t l = 0; l < L; ++l) {
       for (std::size_t k = 0; k < 7; ++k) {
         if (!fake_quant_->weight_quantized(l, k)) continue;
@@ -360,5 +362,17 @@ LossResult TrainableModel::forward_backward(const Batch& batch, float grad_scale
 }
 
 LossResult TrainableModel::loss(const Batch& batch) { return run(batch, 0.0f, false); }
+
+LossResult TrainableModel::input_gradients(const Batch& batch, float grad_scale) {
+  parameter_grads_ = false;
+  try {
+    const LossResult r = run(batch, grad_scale, true);
+    parameter_grads_ = true;
+    return r;
+  } catch (...) {
+    parameter_grads_ = true;
+    throw;
+  }
+}
 
 }  // namespace mopt::train

@@ -109,6 +109,10 @@ class TrainableModel {
   LossResult forward_backward(const Batch& batch, float grad_scale);
   // The forward pass alone (validation): the summed loss.
   LossResult loss(const Batch& batch);
+  // Forward and backward computing only the gradients of activations, for the Linear observer
+  // (mixed precision's gradient scores): no parameter gradient is computed or changed, and a model
+  // loaded without gradients runs it too (memory: the f32 parameters and the activations).
+  LossResult input_gradients(const Batch& batch, float grad_scale);
 
   // Called in every backward with each decoder Linear's input and the gradient of its output
   // (model::LayerGrads::observe_linear, with the layer); empty: nothing is called.
@@ -129,7 +133,8 @@ class TrainableModel {
 
   TrainableModel(io::ModelConfig config, std::vector<Parameter> params, bool gradients = true);
   const float* value(int index) const { return params_[static_cast<std::size_t>(index)].value.data(); }
-  float* grad(int index) { return params_[static_cast<std::size_t>(index)].grad.data(); }
+  // Null while input_gradients() runs: no parameter gradient is computed then.
+  float* grad(int index) { return parameter_grads_ ? params_[static_cast<std::size_t>(index)].grad.data() : nullptr; }
   model::LayerParams layer_params(std::int64_t layer) const;
   model::LayerGrads layer_grads(std::int64_t layer);
   LossResult run(const Batch& batch, float grad_scale, bool backward);
@@ -145,6 +150,7 @@ class TrainableModel {
   std::vector<float> inv_freq_;
   bool recompute_ = false;
   bool gradients_ = true;
+  bool parameter_grads_ = true;
   std::uint64_t activation_bytes_ = 0;
   // Buffers kept from step to step: allocating them anew each step cost page faults on every touch.
   std::vector<model::LayerActivations> saved_;

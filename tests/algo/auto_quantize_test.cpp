@@ -329,6 +329,28 @@ TEST(AutoQuantize, GradientScoresAreTheLossGradientTimesEachLinearsOutputChange)
   const double down_loss = moved.loss(batch).loss_sum * scale;
   EXPECT_NEAR((up - down_loss) / (2.0 * eps), predicted, 0.02 * std::abs(predicted) + 1e-6) << "loss " << loss;
 
+  // Activations' gradients alone (what --auto-bits runs, on a model loaded without gradients): the
+  // same inputs and output gradients bit for bit, the same loss, and no parameter gradient touched.
+  train::TrainableModel lean = train::TrainableModel::from_checkpoint(io::Checkpoint::open(path), false);
+  std::vector<float> lean_x, lean_dy;
+  lean.set_linear_gradient_observer([&](std::int64_t layer, std::size_t kind, const float* x, const float* dy, std::int64_t n, std::int64_t in,
+                                        std::int64_t out) {
+    if (layer == 1 && kind == 6) {
+      lean_x.assign(x, x + n * in);
+      lean_dy.assign(dy, dy + n * out);
+    }
+  });
+  EXPECT_EQ(lean.input_gradients(batch, scale).loss_sum * scale, loss);
+  EXPECT_EQ(lean_x, x_down);
+  EXPECT_EQ(lean_dy, dy_down);
+  EXPECT_THROW(lean.forward_backward(batch, scale), Error);  // no gradient memory
+  trainable.zero_grad();
+  trainable.set_linear_gradient_observer({});
+  trainable.input_gradients(batch, scale);
+  for (const auto& p : trainable.parameters()) {
+    EXPECT_TRUE(std::all_of(p.grad.begin(), p.grad.end(), [](float g) { return g == 0.0f; })) << p.name;
+  }
+
   // A group's score is its Linears' sum.
   const auto groups = linear_groups(base.config(), false);
   const auto g = scorer.group_scores(groups);
