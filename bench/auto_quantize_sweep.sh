@@ -23,7 +23,7 @@ SEQ_LEN=${SEQ_LEN:-256}
 SCORE_SIZE=${SCORE_SIZE:-8}
 CHARS=${CHARS:-20000}
 GROUP=${GROUP:-64}
-FORMATS=${FORMATS:-nvfp4 nvfp4_awq mxfp4 int4_awq fp8 int8_sq mxfp8}
+FORMATS=${FORMATS-nvfp4 nvfp4_awq mxfp4 int4_awq fp8 int8_sq mxfp8}  # FORMATS="" for none
 AUTO_FORMATS=${AUTO_FORMATS:-nvfp4_awq,fp8}
 METHODS=${METHODS:-gradient kl}
 MOPT=build/mopt

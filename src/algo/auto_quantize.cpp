@@ -89,19 +89,72 @@ Tensor* norm_of(model::LayerWeights& layer, const LinearGroup& g) {
   return nullptr;
 }
 
-}  // namespace
+// Groups of `base` swapped for a candidate's Linears and the norm that feeds them (AWQ folds its
+// scale there); everything swapped is put back when this goes out of scope.
+class Swapped {
+ public:
+  explicit Swapped(model::Model& base) : base_(base) {}
+  Swapped(const Swapped&) = delete;
+  Swapped& operator=(const Swapped&) = delete;
+  ~Swapped() {
+    for (auto it = kept_.rbegin(); it != kept_.rend(); ++it) {
+      model::LayerWeights& layer = base_.mutable_layer(it->group->layer);
+      for (std::size_t i = 0; i < it->linears.size(); ++i) layer.linear(it->group->kinds[i]) = it->linears[i];
+      if (Tensor* norm = norm_of(layer, *it->group)) *norm = it->norm;
+    }
+  }
+  void take(const LinearGroup& g, model::Model& from_model) {
+    model::LayerWeights& layer = base_.mutable_layer(g.layer);
+    model::LayerWeights& from = from_model.mutable_layer(g.layer);
+    Kept k{&g, {}, {}};
+    for (const model::LinearKind kind : g.kinds) k.linears.push_back(layer.linear(kind));
+    Tensor* norm = norm_of(layer, g);
+    if (norm) k.norm = *norm;
+    kept_.push_back(std::move(k));
+    for (const model::LinearKind kind : g.kinds) layer.linear(kind) = from.linear(kind);
+    if (norm) *norm = *norm_of(from, g);
+  }
 
-std::vector<std::vector<double>> kl_scores(model::Model& base, const std::vector<model::Model*>& candidates, const std::vector<LinearGroup>& groups,
-                                           const std::vector<std::vector<std::int32_t>>& sequences,
-                                           const std::function<void(std::int64_t, std::int64_t)>& progress) {
-  if (sequences.empty()) fail("mixed precision: no score sequences");
+ private:
+  struct Kept {
+    const LinearGroup* group;
+    std::vector<model::Linear> linears;
+    Tensor norm;
+  };
+  model::Model& base_;
+  std::vector<Kept> kept_;
+};
+
+void check_shapes(const model::Model& base, const std::vector<model::Model*>& candidates) {
   const io::ModelConfig& c = base.config();
   for (const model::Model* m : candidates) {
     if (m->config().num_layers != c.num_layers || m->config().hidden_size != c.hidden_size || m->config().vocab_size != c.vocab_size) {
       fail("mixed precision: a candidate model's shape differs from the base model's");
     }
   }
-  const std::int64_t vocab = c.vocab_size;
+}
+
+// Sum over the rows of KL(softmax(a) || softmax(b)), each row on the pool and summed in row order (the
+// same result at any thread count).
+double kl_sum(const std::vector<float>& a, const std::vector<float>& b, std::int64_t rows, std::int64_t vocab, std::vector<double>& row_kl) {
+  row_kl.resize(static_cast<std::size_t>(rows));
+  parallel_each(rows, 8, rows > 8, [&](std::int64_t r) {
+    double lse_a = 0.0, lse_b = 0.0;
+    row_kl[static_cast<std::size_t>(r)] = kernels::softmax_kl(a.data() + r * vocab, b.data() + r * vocab, vocab, lse_a, lse_b);
+  });
+  double s = 0.0;
+  for (const double v : row_kl) s += v;
+  return s;
+}
+
+}  // namespace
+
+std::vector<std::vector<double>> kl_scores(model::Model& base, const std::vector<model::Model*>& candidates, const std::vector<LinearGroup>& groups,
+                                           const std::vector<std::vector<std::int32_t>>& sequences,
+                                           const std::function<void(std::int64_t, std::int64_t)>& progress) {
+  if (sequences.empty()) fail("mixed precision: no score sequences");
+  check_shapes(base, candidates);
+  const std::int64_t vocab = base.config().vocab_size;
   std::vector<std::vector<double>> sums(groups.size(), std::vector<double>(candidates.size(), 0.0));
   std::int64_t scored = 0;
   const auto total = static_cast<std::int64_t>(sequences.size() * groups.size() * candidates.size());
@@ -115,38 +168,14 @@ std::vector<std::vector<double>> kl_scores(model::Model& base, const std::vector
     base.forward(tokens, batch, nullptr, model::LogitsFor::all_rows, base_logits);
     const auto rows = static_cast<std::int64_t>(tokens.size());
     scored += rows;
-    row_kl.resize(static_cast<std::size_t>(rows));
     for (std::size_t g = 0; g < groups.size(); ++g) {
-      model::LayerWeights& layer = base.mutable_layer(groups[g].layer);
       for (std::size_t ci = 0; ci < candidates.size(); ++ci) {
-        // The candidate's Linears and the norm that feeds them (AWQ folds its scale there), put back after.
-        model::LayerWeights& from = candidates[ci]->mutable_layer(groups[g].layer);
-        std::vector<model::Linear> kept;
-        for (const model::LinearKind k : groups[g].kinds) {
-          kept.push_back(layer.linear(k));
-          layer.linear(k) = from.linear(k);
-        }
-        Tensor* norm = norm_of(layer, groups[g]);
-        const Tensor kept_norm = norm ? *norm : Tensor();
-        if (norm) *norm = *norm_of(from, groups[g]);
-        const auto put_back = [&] {
-          for (std::size_t i = 0; i < kept.size(); ++i) layer.linear(groups[g].kinds[i]) = kept[i];
-          if (norm) *norm = kept_norm;
-        };
-        try {
+        {
+          Swapped swapped(base);
+          swapped.take(groups[g], *candidates[ci]);
           base.forward(tokens, batch, nullptr, model::LogitsFor::all_rows, logits);
-        } catch (...) {
-          put_back();
-          throw;
         }
-        put_back();
-        // Each row on the pool, summed in row order: the same result at any thread count.
-        parallel_each(rows, 8, rows > 8, [&](std::int64_t r) {
-          double lse_a = 0.0, lse_b = 0.0;
-          row_kl[static_cast<std::size_t>(r)] = kernels::softmax_kl(base_logits.data() + r * vocab, logits.data() + r * vocab, vocab, lse_a, lse_b);
-        });
-        double s = 0.0;
-        for (const double v : row_kl) s += v;
+        const double s = kl_sum(base_logits, logits, rows, vocab, row_kl);
         if (!std::isfinite(s)) fail("mixed precision: the KL divergence of {} with candidate {} is not finite", groups[g].name, ci);
         sums[g][ci] += s;
         if (progress) progress(++done, total);
@@ -158,6 +187,36 @@ std::vector<std::vector<double>> kl_scores(model::Model& base, const std::vector
     for (double& v : row) v /= static_cast<double>(scored);
   }
   return sums;
+}
+
+double kl_of_choice(model::Model& base, const std::vector<model::Model*>& candidates, const std::vector<LinearGroup>& groups,
+                    const std::vector<std::size_t>& choice, const std::vector<std::vector<std::int32_t>>& sequences) {
+  check_shapes(base, candidates);
+  if (choice.size() != groups.size()) fail("mixed precision: {} choices for {} groups", choice.size(), groups.size());
+  const std::int64_t vocab = base.config().vocab_size;
+  std::vector<float> base_logits, logits;
+  std::vector<double> row_kl;
+  double sum = 0.0;
+  std::int64_t scored = 0;
+  for (const auto& tokens : sequences) {
+    if (tokens.size() < 2) continue;
+    const model::SequenceSpan span{0, static_cast<std::int64_t>(tokens.size()), 0, 0};
+    const std::span<const model::SequenceSpan> batch(&span, 1);
+    base.forward(tokens, batch, nullptr, model::LogitsFor::all_rows, base_logits);
+    {
+      Swapped swapped(base);
+      for (std::size_t g = 0; g < groups.size(); ++g) {
+        if (choice[g] < candidates.size()) swapped.take(groups[g], *candidates[choice[g]]);
+      }
+      base.forward(tokens, batch, nullptr, model::LogitsFor::all_rows, logits);
+    }
+    const auto rows = static_cast<std::int64_t>(tokens.size());
+    sum += kl_sum(base_logits, logits, rows, vocab, row_kl);
+    scored += rows;
+  }
+  if (scored == 0) fail("mixed precision: every score sequence is shorter than 2 tokens");
+  if (!std::isfinite(sum)) fail("mixed precision: the KL divergence of a choice is not finite");
+  return sum / static_cast<double>(scored);
 }
 
 GradientScorer::GradientScorer(const model::Model& base, std::vector<std::vector<std::array<ScoredLinear, 7>>> candidates)

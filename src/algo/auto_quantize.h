@@ -50,6 +50,12 @@ std::vector<std::vector<double>> kl_scores(model::Model& base, const std::vector
                                            const std::vector<LinearGroup>& groups, const std::vector<std::vector<std::int32_t>>& sequences,
                                            const std::function<void(std::int64_t done, std::int64_t total)>& progress = {});
 
+// The mean over the score tokens of KL(base || base with every group's Linears, and the norm that
+// feeds them, taken from its chosen candidate) in nats per token: choice[g] a candidate index, or
+// candidates' count for "not quantized". base is left as it was.
+double kl_of_choice(model::Model& base, const std::vector<model::Model*>& candidates, const std::vector<LinearGroup>& groups,
+                    const std::vector<std::size_t>& choice, const std::vector<std::vector<std::int32_t>>& sequences);
+
 // A candidate's Linear as the gradient score applies it to the unquantized model's input x:
 // linear(x ⊙ input_scale) ⊘ output_scale, the scales the candidate folded into the Linear's
 // neighbours (quant::QuantizedLinear::folded_input_scale / folded_output_scale; empty: none).

@@ -209,19 +209,19 @@ int run_auto_quantize(const QuantizeOptions& o) {
     writer.finish();
   }
 
+  model::Model base = exporter::load_model(o.model);
+  std::vector<model::Model> models;
+  models.reserve(formats.size());
+  for (std::size_t c = 0; c < formats.size(); ++c) models.push_back(exporter::load_model(fmt::format("{}/candidate-{}", staging.path(), c)));
+  std::vector<model::Model*> candidates;
+  for (auto& m : models) candidates.push_back(&m);
+  const std::vector<std::vector<std::int32_t>> score_set(
+      calib.sequences.begin(), calib.sequences.begin() + std::min<std::ptrdiff_t>(o.auto_score_size, static_cast<std::ptrdiff_t>(calib.sequences.size())));
   std::vector<std::vector<double>> scores;
   if (auto saved = read_state(o.auto_state, o.auto_method, formats, groups, calibration)) {
     scores = std::move(*saved);
     fmt::print(stderr, "scores: read from {} (no scoring)\n", o.auto_state);
   } else {
-    model::Model base = exporter::load_model(o.model);
-    std::vector<model::Model> models;
-    models.reserve(formats.size());
-    for (std::size_t c = 0; c < formats.size(); ++c) models.push_back(exporter::load_model(fmt::format("{}/candidate-{}", staging.path(), c)));
-    std::vector<model::Model*> candidates;
-    for (auto& m : models) candidates.push_back(&m);
-    std::vector<std::vector<std::int32_t>> score_set(calib.sequences.begin(),
-                                                     calib.sequences.begin() + std::min<std::ptrdiff_t>(o.auto_score_size, static_cast<std::ptrdiff_t>(calib.sequences.size())));
     std::int64_t score_tokens = 0;
     for (const auto& s : score_set) score_tokens += static_cast<std::int64_t>(s.size());
     if (o.auto_method == "gradient") {
@@ -235,7 +235,42 @@ int run_auto_quantize(const QuantizeOptions& o) {
     if (!o.auto_state.empty()) io::write_file_atomically(o.auto_state, state_json(o.model, o.auto_method, formats, groups, scores, calibration).dump(1) + "\n");
   }
 
-  const algo::MixedChoice choice = algo::choose_under_budget(groups, scores, bits, o.auto_bits);
+  algo::MixedChoice choice = algo::choose_under_budget(groups, scores, bits, o.auto_bits);
+
+  // The solver trusts the sum of per-group scores; the uniform candidates that fit the budget are
+  // feasible too, and each is checked against its choice by the KL divergence both add on the score
+  // samples (a few forward passes): the solver's choice is kept unless one of them does better.
+  json check = json::object();
+  {
+    std::vector<std::size_t> fits;
+    for (std::size_t c = 0; c < formats.size(); ++c) {
+      const bool is_choice = std::all_of(choice.choice.begin(), choice.choice.end(), [&](std::size_t x) { return x == c; });
+      if (bits[c] <= o.auto_bits && !is_choice) fits.push_back(c);
+    }
+    if (!fits.empty()) {
+      const double kl_choice = algo::kl_of_choice(base, candidates, groups, choice.choice, score_set);
+      check["kl_choice"] = kl_choice;
+      std::size_t best = formats.size();
+      double best_kl = kl_choice;
+      for (const std::size_t c : fits) {
+        const double kl = algo::kl_of_choice(base, candidates, groups, std::vector<std::size_t>(groups.size(), c), score_set);
+        check["kl_uniform"][formats[c]] = kl;
+        fmt::print(stderr, "check on the score samples: KL {:.6f} for the choice, {:.6f} for uniform {}\n", kl_choice, kl, formats[c]);
+        if (kl < best_kl) {
+          best = c;
+          best_kl = kl;
+        }
+      }
+      if (best < formats.size()) {
+        fmt::print(stderr, "uniform {} does better than the solver's choice on the score samples: taking it\n", formats[best]);
+        choice.choice.assign(groups.size(), best);
+        choice.score = 0.0;
+        for (std::size_t g = 0; g < groups.size(); ++g) choice.score += scores[g][best];
+        choice.effective_bits = bits[best];
+      }
+      check["kept"] = best < formats.size() ? "uniform " + formats[best] : std::string("solver");
+    }
+  }
 
   // The output: each Linear from its group's candidate, unquantized where the choice is "none".
   std::map<std::string, std::size_t> chosen;  // module -> candidate (formats.size(): none)
@@ -305,6 +340,7 @@ int run_auto_quantize(const QuantizeOptions& o) {
     j["budget_bits"] = o.auto_bits;
     j["effective_bits"] = choice.effective_bits;
     j["total_score"] = choice.score;
+    if (!check.empty()) j["uniform_check"] = check;
     j["out"] = o.out_dir;
     j["seconds"] = seconds;
     for (std::size_t g = 0; g < groups.size(); ++g) j["groups"][g]["choice"] = choice.choice[g] < formats.size() ? formats[choice.choice[g]] : "none";

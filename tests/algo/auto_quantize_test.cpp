@@ -195,9 +195,38 @@ TEST(AutoQuantize, KlScoresSwapOneGroupAndPutItBack) {
     }
   }
   EXPECT_NEAR(scores[3][2], kl / static_cast<double>(rows), 1e-6 * kl / static_cast<double>(rows) + 1e-12);
+  // A whole choice: nothing chosen adds nothing; one group's candidate is that group's score; every
+  // group from one candidate is that candidate's own model.
+  const std::size_t none = 3;
+  std::vector<std::size_t> choice(groups.size(), none);
+  EXPECT_LT(kl_of_choice(base, {&same, &fp8, &nvfp4}, groups, choice, score_set), 1e-12);  // rounding of the KL sum
+  choice[3] = 2;
+  EXPECT_NEAR(kl_of_choice(base, {&same, &fp8, &nvfp4}, groups, choice, score_set), scores[3][2], 1e-12);
+  const double uniform = kl_of_choice(base, {&same, &fp8, &nvfp4}, groups, std::vector<std::size_t>(groups.size(), 1), score_set);
+  double direct = 0.0;
+  std::int64_t direct_rows = 0;
+  std::vector<double> la, lb;
+  for (const auto& seq : score_set) {
+    const model::SequenceSpan span{0, static_cast<std::int64_t>(seq.size()), 0, 0};
+    std::vector<float> a, b;
+    base.forward(seq, std::span<const model::SequenceSpan>(&span, 1), nullptr, model::LogitsFor::all_rows, a);
+    fp8.forward(seq, std::span<const model::SequenceSpan>(&span, 1), nullptr, model::LogitsFor::all_rows, b);
+    const std::int64_t vocab = base.config().vocab_size;
+    for (std::size_t r = 0; r < seq.size(); ++r) {
+      eval::log_softmax(a.data() + r * static_cast<std::size_t>(vocab), vocab, la);
+      eval::log_softmax(b.data() + r * static_cast<std::size_t>(vocab), vocab, lb);
+      for (std::int64_t v = 0; v < vocab; ++v) direct += std::exp(la[static_cast<std::size_t>(v)]) * (la[static_cast<std::size_t>(v)] - lb[static_cast<std::size_t>(v)]);
+      ++direct_rows;
+    }
+  }
+  EXPECT_NEAR(uniform, direct / static_cast<double>(direct_rows), 1e-6 * uniform);
+  EXPECT_EQ(logits_of(base), before);  // put back
+  EXPECT_THROW(kl_of_choice(base, {&fp8}, groups, std::vector<std::size_t>(2, 0), score_set), Error);
+
   // A candidate of another shape is refused.
   model::Model full = model::Model::load(testing::tiny_kjv());
   EXPECT_THROW(kl_scores(base, {&full}, groups, score_set), Error);
+  EXPECT_THROW(kl_of_choice(base, {&full}, groups, choice, score_set), Error);
 }
 
 // Candidates for the gradient scorer: every Linear of `m`, no folded scales.

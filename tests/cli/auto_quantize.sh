@@ -37,6 +37,9 @@ bits=$(sed -n 's/^mixed precision under 6 bits: \([0-9.]*\) effective bits.*/\1/
 [ -n "$bits" ] && awk -v b="$bits" 'BEGIN { exit !(b <= 6 && b > 4.25) }' || fail "effective bits '$bits' not within (4.25, 6]"
 [ "$(grep -c '"choice"' "$work/report.json")" -eq 24 ] || fail "the report does not give 24 groups' choices"
 grep -q '"choice": "fp8"\|"choice": "none"' "$work/report.json" || fail "budget 6 chose only int4"
+# Uniform int4_awq fits the budget: it is checked against the solver's choice on the score samples.
+grep -q "check on the score samples: KL .* for uniform int4_awq" "$work/auto-6.out" || { cat "$work/auto-6.out"; fail "no check against uniform int4_awq"; }
+grep -q '"uniform_check"' "$work/report.json" || fail "the report does not give the check"
 "$mopt" eval kld "$work/auto-6" --base "$model" --text "$text" --ctx 64 > "$work/kld.out" 2>&1 || { cat "$work/kld.out"; exit 1; }
 grep -q "mean KLD" "$work/kld.out" || fail "no KLD of the mixed model"
 
