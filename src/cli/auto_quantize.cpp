@@ -149,7 +149,10 @@ std::vector<std::vector<double>> gradient_scores(const io::Checkpoint& ckpt, con
     for (std::int64_t i = b0; i < std::min(n, b0 + per_batch); ++i) indices.push_back(i);
     const train::Batch batch = train::make_batch(examples, indices);
     const std::int64_t targets = batch.target_count();
-    if (targets == 0) continue;  // one-token samples: nothing to predict
+    if (targets == 0) {  // one-token samples: nothing to predict
+      progress.advance();
+      continue;
+    }
     const train::LossResult r = trainable.input_gradients(batch, 1.0f / static_cast<float>(targets));
     if (!std::isfinite(r.loss_sum)) fail("--auto-bits: the loss on score samples {}-{} is not finite (NaN or Inf in the model)", b0, b0 + per_batch - 1);
     progress.advance();
@@ -191,7 +194,8 @@ int run_auto_quantize(const QuantizeOptions& o) {
   const std::vector<algo::LinearGroup> groups = algo::linear_groups(ckpt.config(), whole_blocks);
   if (whole_blocks) fmt::print(stderr, "groups: attention and MLP of each layer whole (a candidate folds o_proj's and down_proj's scales into v_proj and up_proj)\n");
   const json calibration = {{"samples", recipes[0].calib_size}, {"seq_len", recipes[0].seq_len}, {"seed", recipes[0].seed},
-                            {"files", o.calib}, {"score_samples", o.auto_score_size}, {"batch", o.calib_batch}, {"model_config", ckpt.config().raw}};
+                            {"files", o.calib}, {"score_samples", o.auto_score_size}, {"batch", o.calib_batch}, {"group_size", o.group_size},
+                            {"folded_scales", options.fold_pre_quant_scales}, {"model_config", ckpt.config().raw}};
 
   io::ScratchDir staging;
   staging.create(o.out_dir);

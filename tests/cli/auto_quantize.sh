@@ -78,6 +78,13 @@ grep -q "scores for candidates" "$work/other.out" || { cat "$work/other.out"; fa
 if "$mopt" quantize "$model" --auto-bits 5 --auto-formats int4_awq,fp8 --group-size 64 --calib "$text" --calib-size 4 --seq-len 64 \
     --auto-score-size 2 --auto-state "$work/state.json" --out "$work/never" > "$work/other.out" 2>&1; then fail "scores from other calibration were accepted"; fi
 grep -q "scores of another model or from other calibration settings" "$work/other.out" || { cat "$work/other.out"; fail "no message on other calibration"; }
+# Scores of other candidates' Linears: INT4 in other groups, or scales folded for another export.
+for other in "--group-size 32" "--group-size 64 --export compressed-tensors"; do
+  read -r -a extra <<< "$other"
+  if "$mopt" quantize "$model" --auto-bits 5 --auto-formats int4_awq,fp8 "${extra[@]}" "${calib[@]}" --auto-score-size 2 \
+      --auto-state "$work/state.json" --out "$work/never" > "$work/other.out" 2>&1; then fail "scores were taken with $other"; fi
+  grep -q "scores of another model or from other calibration settings" "$work/other.out" || { cat "$work/other.out"; fail "no message with $other"; }
+done
 # A damaged state file: one error naming it, nothing written.
 head -c 100 "$work/state.json" > "$work/broken.json"
 if "$mopt" quantize "$model" --auto-bits 5 --auto-formats int4_awq,fp8 --group-size 64 "${calib[@]}" --auto-score-size 2 \
