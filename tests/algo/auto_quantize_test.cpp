@@ -175,26 +175,31 @@ TEST(AutoQuantize, KlScoresSwapOneGroupAndPutItBack) {
     nvfp4_total += scores[g][2];
   }
   EXPECT_GT(nvfp4_total, 2.0 * fp8_total);  // 4.5 bits cost more than 8
+  // The mean KL(base || m) per score token, from log-softmax in plain loops.
+  const auto mean_kl = [&](model::Model& m) {
+    double kl = 0.0;
+    std::int64_t rows = 0;
+    std::vector<double> la, lb;
+    for (const auto& seq : score_set) {
+      const model::SequenceSpan span{0, static_cast<std::int64_t>(seq.size()), 0, 0};
+      std::vector<float> a, b;
+      base.forward(seq, std::span<const model::SequenceSpan>(&span, 1), nullptr, model::LogitsFor::all_rows, a);
+      m.forward(seq, std::span<const model::SequenceSpan>(&span, 1), nullptr, model::LogitsFor::all_rows, b);
+      const std::int64_t vocab = base.config().vocab_size;
+      for (std::size_t r = 0; r < seq.size(); ++r) {
+        eval::log_softmax(a.data() + r * static_cast<std::size_t>(vocab), vocab, la);
+        eval::log_softmax(b.data() + r * static_cast<std::size_t>(vocab), vocab, lb);
+        for (std::int64_t v = 0; v < vocab; ++v) kl += std::exp(la[static_cast<std::size_t>(v)]) * (la[static_cast<std::size_t>(v)] - lb[static_cast<std::size_t>(v)]);
+        ++rows;
+      }
+    }
+    return kl / static_cast<double>(rows);
+  };
   // One group's score is the KL of a model with that group alone quantized, measured independently.
   model::Model one = model::Model::load(testing::two_layer_tiny_kjv());
   for (const auto k : groups[3].kinds) one.mutable_layer(groups[3].layer).linear(k) = nvfp4.layer(groups[3].layer).linear(k);
-  double kl = 0.0;
-  std::int64_t rows = 0;
-  for (const auto& seq : score_set) {
-    const model::SequenceSpan span{0, static_cast<std::int64_t>(seq.size()), 0, 0};
-    std::vector<float> a, b;
-    base.forward(seq, std::span<const model::SequenceSpan>(&span, 1), nullptr, model::LogitsFor::all_rows, a);
-    one.forward(seq, std::span<const model::SequenceSpan>(&span, 1), nullptr, model::LogitsFor::all_rows, b);
-    const std::int64_t vocab = base.config().vocab_size;
-    for (std::size_t r = 0; r < seq.size(); ++r) {
-      std::vector<double> la, lb;
-      eval::log_softmax(a.data() + r * static_cast<std::size_t>(vocab), vocab, la);
-      eval::log_softmax(b.data() + r * static_cast<std::size_t>(vocab), vocab, lb);
-      for (std::int64_t v = 0; v < vocab; ++v) kl += std::exp(la[static_cast<std::size_t>(v)]) * (la[static_cast<std::size_t>(v)] - lb[static_cast<std::size_t>(v)]);
-      ++rows;
-    }
-  }
-  EXPECT_NEAR(scores[3][2], kl / static_cast<double>(rows), 1e-6 * kl / static_cast<double>(rows) + 1e-12);
+  const double kl_one = mean_kl(one);
+  EXPECT_NEAR(scores[3][2], kl_one, 1e-6 * kl_one + 1e-12);
   // A whole choice: nothing chosen adds nothing; one group's candidate is that group's score; every
   // group from one candidate is that candidate's own model.
   const std::size_t none = 3;
@@ -203,23 +208,7 @@ TEST(AutoQuantize, KlScoresSwapOneGroupAndPutItBack) {
   choice[3] = 2;
   EXPECT_NEAR(kl_of_choice(base, {&same, &fp8, &nvfp4}, groups, choice, score_set), scores[3][2], 1e-12);
   const double uniform = kl_of_choice(base, {&same, &fp8, &nvfp4}, groups, std::vector<std::size_t>(groups.size(), 1), score_set);
-  double direct = 0.0;
-  std::int64_t direct_rows = 0;
-  std::vector<double> la, lb;
-  for (const auto& seq : score_set) {
-    const model::SequenceSpan span{0, static_cast<std::int64_t>(seq.size()), 0, 0};
-    std::vector<float> a, b;
-    base.forward(seq, std::span<const model::SequenceSpan>(&span, 1), nullptr, model::LogitsFor::all_rows, a);
-    fp8.forward(seq, std::span<const model::SequenceSpan>(&span, 1), nullptr, model::LogitsFor::all_rows, b);
-    const std::int64_t vocab = base.config().vocab_size;
-    for (std::size_t r = 0; r < seq.size(); ++r) {
-      eval::log_softmax(a.data() + r * static_cast<std::size_t>(vocab), vocab, la);
-      eval::log_softmax(b.data() + r * static_cast<std::size_t>(vocab), vocab, lb);
-      for (std::int64_t v = 0; v < vocab; ++v) direct += std::exp(la[static_cast<std::size_t>(v)]) * (la[static_cast<std::size_t>(v)] - lb[static_cast<std::size_t>(v)]);
-      ++direct_rows;
-    }
-  }
-  EXPECT_NEAR(uniform, direct / static_cast<double>(direct_rows), 1e-6 * uniform);
+  EXPECT_NEAR(uniform, mean_kl(fp8), 1e-6 * uniform);
   EXPECT_EQ(logits_of(base), before);  // put back
   EXPECT_THROW(kl_of_choice(base, {&fp8}, groups, std::vector<std::size_t>(2, 0), score_set), Error);
 
