@@ -73,7 +73,7 @@ void rmsnorm_backward(const float* x, const float* weight, const float* rstd, co
   const std::int64_t blocks = (rows + kSumBlockRows - 1) / kSumBlockRows;
   std::vector<float> partial(dweight != nullptr ? static_cast<std::size_t>(blocks * dim) : 0, 0.0f);
   parallel_each(blocks, 1, rows * dim > 16384, [&](std::int64_t b) {
-    float* dw = partial.data() + b * dim;
+    float* dw = dweight != nullptr ? partial.data() + b * dim : nullptr;
     for (std::int64_t r = b * kSumBlockRows; r < std::min(rows, (b + 1) * kSumBlockRows); ++r) {
       const float* xr = x + r * dim;
       const float* gr = dy + r * dim;
