@@ -161,6 +161,82 @@ std::vector<std::vector<double>> gradient_scores(const io::Checkpoint& ckpt, con
   return scorer.group_scores(groups);
 }
 
+// The solver trusts the sum of per-group scores; the uniform candidates that fit the budget are
+// feasible too, and each is checked against its choice by the KL divergence both add on the score
+// samples (a few forward passes): the solver's choice is kept unless one of them does better. Returns
+// what was measured (empty when no uniform candidate fits).
+json check_against_uniform(model::Model& base, const std::vector<model::Model*>& candidates, const std::vector<algo::LinearGroup>& groups,
+                           const std::vector<std::vector<std::int32_t>>& score_set, const std::vector<std::string>& formats,
+                           const std::vector<double>& bits, const std::vector<std::vector<double>>& scores, double budget, algo::MixedChoice& choice) {
+  json check = json::object();
+  std::vector<std::size_t> fits;
+  for (std::size_t c = 0; c < formats.size(); ++c) {
+    const bool is_choice = std::all_of(choice.choice.begin(), choice.choice.end(), [&](std::size_t x) { return x == c; });
+    if (bits[c] <= budget && !is_choice) fits.push_back(c);
+  }
+  if (fits.empty()) return check;
+  const double kl_choice = algo::kl_of_choice(base, candidates, groups, choice.choice, score_set);
+  check["kl_choice"] = kl_choice;
+  std::size_t best = formats.size();
+  double best_kl = kl_choice;
+  for (const std::size_t c : fits) {
+    const double kl = algo::kl_of_choice(base, candidates, groups, std::vector<std::size_t>(groups.size(), c), score_set);
+    check["kl_uniform"][formats[c]] = kl;
+    fmt::print(stderr, "check on the score samples: KL {:.6f} for the choice, {:.6f} for uniform {}\n", kl_choice, kl, formats[c]);
+    if (kl < best_kl) {
+      best = c;
+      best_kl = kl;
+    }
+  }
+  if (best < formats.size()) {
+    fmt::print(stderr, "uniform {} does better than the solver's choice on the score samples: taking it\n", formats[best]);
+    choice.choice.assign(groups.size(), best);
+    choice.score = 0.0;
+    for (std::size_t g = 0; g < groups.size(); ++g) choice.score += scores[g][best];
+    choice.effective_bits = bits[best];
+  }
+  check["kept"] = best < formats.size() ? "uniform " + formats[best] : std::string("solver");
+  return check;
+}
+
+// The output: each Linear from its group's candidate (choice[g] == layers.size(): unquantized), and
+// each tensor a candidate changed beside its codes (norms AWQ folded a scale into, biases) from the
+// candidate chosen for the group it belongs to.
+void write_choice(std::vector<std::vector<quant::QuantizedLayer>>& layers, const std::vector<algo::LinearGroup>& groups,
+                  const std::vector<std::size_t>& choice, exporter::HfModeloptWriter& writer) {
+  const std::size_t none = layers.size();
+  std::map<std::string, std::size_t> chosen;  // module -> candidate
+  for (std::size_t g = 0; g < groups.size(); ++g) {
+    for (const auto& m : groups[g].modules) chosen[m] = choice[g];
+  }
+  for (std::size_t l = 0; l < layers[0].size(); ++l) {
+    quant::QuantizedLayer out;
+    out.index = layers[0][l].index;
+    out.key_amax = layers[0][l].key_amax;
+    out.value_amax = layers[0][l].value_amax;
+    for (std::size_t i = 0; i < layers[0][l].linears.size(); ++i) {
+      const std::string& name = layers[0][l].linears[i].name;
+      const auto it = chosen.find(name);
+      if (it == chosen.end()) fail("--auto-bits: {} is in no group", name);
+      if (it->second == none) {
+        quant::QuantizedLinear plain;
+        plain.name = name;
+        out.linears.push_back(std::move(plain));
+        continue;
+      }
+      quant::QuantizedLinear& from = layers[it->second][l].linears[i];
+      if (from.name != name) fail("--auto-bits: the candidates list layer {}'s Linears in different orders", l);
+      out.linears.push_back(std::move(from));
+    }
+    for (std::size_t c = 0; c < none; ++c) {
+      for (auto& [name, tensor] : layers[c][l].replaced) {
+        if (choice[algo::group_of_tensor(groups, name)] == c) out.replaced.emplace_back(name, std::move(tensor));
+      }
+    }
+    writer.add_layer(out);
+  }
+}
+
 }  // namespace
 
 int run_auto_quantize(const QuantizeOptions& o) {
@@ -241,80 +317,14 @@ int run_auto_quantize(const QuantizeOptions& o) {
 
   algo::MixedChoice choice = algo::choose_under_budget(groups, scores, bits, o.auto_bits);
 
-  // The solver trusts the sum of per-group scores; the uniform candidates that fit the budget are
-  // feasible too, and each is checked against its choice by the KL divergence both add on the score
-  // samples (a few forward passes): the solver's choice is kept unless one of them does better.
-  json check = json::object();
-  {
-    std::vector<std::size_t> fits;
-    for (std::size_t c = 0; c < formats.size(); ++c) {
-      const bool is_choice = std::all_of(choice.choice.begin(), choice.choice.end(), [&](std::size_t x) { return x == c; });
-      if (bits[c] <= o.auto_bits && !is_choice) fits.push_back(c);
-    }
-    if (!fits.empty()) {
-      const double kl_choice = algo::kl_of_choice(base, candidates, groups, choice.choice, score_set);
-      check["kl_choice"] = kl_choice;
-      std::size_t best = formats.size();
-      double best_kl = kl_choice;
-      for (const std::size_t c : fits) {
-        const double kl = algo::kl_of_choice(base, candidates, groups, std::vector<std::size_t>(groups.size(), c), score_set);
-        check["kl_uniform"][formats[c]] = kl;
-        fmt::print(stderr, "check on the score samples: KL {:.6f} for the choice, {:.6f} for uniform {}\n", kl_choice, kl, formats[c]);
-        if (kl < best_kl) {
-          best = c;
-          best_kl = kl;
-        }
-      }
-      if (best < formats.size()) {
-        fmt::print(stderr, "uniform {} does better than the solver's choice on the score samples: taking it\n", formats[best]);
-        choice.choice.assign(groups.size(), best);
-        choice.score = 0.0;
-        for (std::size_t g = 0; g < groups.size(); ++g) choice.score += scores[g][best];
-        choice.effective_bits = bits[best];
-      }
-      check["kept"] = best < formats.size() ? "uniform " + formats[best] : std::string("solver");
-    }
-  }
-
-  // The output: each Linear from its group's candidate, unquantized where the choice is "none".
-  std::map<std::string, std::size_t> chosen;  // module -> candidate (formats.size(): none)
+  const json check = check_against_uniform(base, candidates, groups, score_set, formats, bits, scores, o.auto_bits, choice);
   quant::Recipe mixed = recipes[0];
   for (std::size_t g = 0; g < groups.size(); ++g) {
-    for (const auto& m : groups[g].modules) {
-      chosen[m] = choice.choice[g];
-      mixed.overrides.push_back({m, choice.choice[g] < formats.size() ? formats[choice.choice[g]] : "none"});
-    }
+    for (const auto& m : groups[g].modules) mixed.overrides.push_back({m, choice.choice[g] < formats.size() ? formats[choice.choice[g]] : "none"});
   }
   const std::string modelopt_dir = o.export_format == "modelopt" ? o.out_dir : staging.path() + "/mixed";
   exporter::HfModeloptWriter writer(ckpt, modelopt_dir, mixed);
-  for (std::size_t l = 0; l < layers[0].size(); ++l) {
-    quant::QuantizedLayer out;
-    out.index = layers[0][l].index;
-    out.key_amax = layers[0][l].key_amax;
-    out.value_amax = layers[0][l].value_amax;
-    for (std::size_t i = 0; i < layers[0][l].linears.size(); ++i) {
-      const std::string& name = layers[0][l].linears[i].name;
-      const auto it = chosen.find(name);
-      if (it == chosen.end()) fail("--auto-bits: {} is in no group", name);
-      if (it->second == formats.size()) {
-        quant::QuantizedLinear plain;
-        plain.name = name;
-        out.linears.push_back(std::move(plain));
-        continue;
-      }
-      quant::QuantizedLinear& from = layers[it->second][l].linears[i];
-      if (from.name != name) fail("--auto-bits: the candidates list layer {}'s Linears in different orders", l);
-      out.linears.push_back(std::move(from));
-    }
-    // Tensors a candidate changed beside its codes (norms AWQ folded a scale into, biases), from the
-    // candidate chosen for the group they belong to.
-    for (std::size_t c = 0; c < formats.size(); ++c) {
-      for (auto& [name, tensor] : layers[c][l].replaced) {
-        if (choice.choice[algo::group_of_tensor(groups, name)] == c) out.replaced.emplace_back(name, std::move(tensor));
-      }
-    }
-    writer.add_layer(out);
-  }
+  write_choice(layers, groups, choice.choice, writer);
   writer.finish();
   if (o.export_format != "modelopt") {
     QuantizeOptions converted = o;
