@@ -254,7 +254,7 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--sparse-algo", train.qat.sparse_algo, "With --sparsity: magnitude (default), sparsegpt or sparsegpt-mask (these two need --calib)");
   train_cmd->add_option("--sparse-exclude", train.qat.sparse_exclude, "With --sparsity: modules left dense (globs)");
   train_cmd->add_option("--ste", train.ste, "With --qat: the gradient through the rounding: pass (default, straight through) or clip (zero outside the amax)");
-  train_cmd->add_flag("--learn-scales", train.learn_scales, "With --qat: train each INT4/INT8 weight block's amax too (LSQ; starts from the reference's MSE search)");
+  train_cmd->add_flag("--learn-scales", train.learn_scales, "With --qat: train each weight block's amax too (LSQ, tied; INT4/INT8 blocks and NVFP4; starts from the reference's MSE search)");
   train_cmd->add_option("--scale-lr", train.train.scale_lr, "With --learn-scales: the learned scales' peak learning rate (default: --lr)")->check(CLI::PositiveNumber);
   train_cmd->add_flag("--distill", train.distill, "With --qat: distill from the unquantized model (QAD) instead of the cross-entropy");
   train_cmd->add_option("--kd-temperature", train.kd_temperature, "With --distill: the softmax temperature T (default 1)");

@@ -69,7 +69,7 @@ int run_qat(const TrainCliOptions& o, train::TrainOptions t, const io::Tokenizer
         const std::string name = fmt::format("model.layers.{}.{}", l, model::linear_name(kind));
         const quant::LinearScheme scheme = recipe.scheme_for(name);
         if (scheme.quantized() && !quant::supports_learned_scales(*scheme.weight)) {
-          fail("--learn-scales: {} is quantized as {}; learned scales are for integer weights in blocks (int4_rtn, int4_awq, int8 blocks)",
+          fail("--learn-scales: {} is quantized as {}; learned scales are for integer weights in blocks (int4_rtn, int4_awq, int8 blocks) and NVFP4 (nvfp4, nvfp4_awq)",
                name, scheme.weight->describe());
         }
       }

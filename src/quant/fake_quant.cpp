@@ -393,19 +393,46 @@ void zero_clipped_gradient(const QuantizerSpec& spec, const float* x, std::int64
   }
 }
 
+namespace {
+bool is_nvfp4(const QuantizerSpec& spec) { return spec.element == Element::e2m1 && spec.scaling == Scaling::nvfp4; }
+}  // namespace
+
 bool supports_learned_scales(const QuantizerSpec& spec) {
-  return spec.grid != IntGrid::ggml && (spec.element == Element::int4 || spec.element == Element::int8) && spec.scaling == Scaling::block && spec.block_rows == 0 &&
-         !spec.fp8_second_stage;
+  const bool integer_blocks = spec.grid != IntGrid::ggml && (spec.element == Element::int4 || spec.element == Element::int8) &&
+                              spec.scaling == Scaling::block && spec.block_rows == 0 && !spec.fp8_second_stage;
+  return integer_blocks || is_nvfp4(spec);
+}
+
+float nvfp4_lsq_scale(float amax, float global_amax, bool* passes_gradient) {
+  // The reference's StaticBlockScaleQuantizer._block_scale_from_amax, step by step in f32.
+  const float per_tensor = global_amax / 6.0f;
+  const float floor = 0.001953125f * per_tensor;  // 2^-9, E4M3's smallest subnormal, times the global scale
+  const float raw = amax / 6.0f;
+  const float s = raw <= floor ? floor : raw;
+  // scaled_e4m3(s, amax = per_tensor): E4M3 with 448 at per_tensor (the eager FP8 fake quantization).
+  const float safe = per_tensor <= kTinyAmax ? 1.0f : per_tensor;
+  const float to_fp8 = 448.0f / safe;
+  const float from_fp8 = 1.0f / to_fp8;
+  const float scaled = std::clamp(s * to_fp8, -kE4M3Max, kE4M3Max);
+  if (passes_gradient != nullptr) *passes_gradient = raw > floor && std::fabs(s) <= per_tensor;
+  return e4m3_to_f32(f32_to_e4m3(scaled)) * from_fp8;
 }
 
 namespace {
 
-// Calls f(slot, begin, length) for every static block of a [rows, cols] weight.
+// Calls f(slot, begin, length) for every block whose amax LSQ learns, after checking `amax`'s length.
 template <typename F>
 void for_each_block(const QuantizerSpec& spec, std::int64_t rows, std::int64_t cols, std::span<const float> amax, F&& f) {
-  if (!supports_learned_scales(spec)) fail("learned scales are for integer weights in static blocks, not {}", spec.describe());
+  if (!supports_learned_scales(spec)) fail("learned scales are for integer weights in static blocks and NVFP4, not {}", spec.describe());
   const std::int64_t need = rows * ceil_div(cols, spec.block);
   if (static_cast<std::int64_t>(amax.size()) != need) fail("{} of a [{}, {}] weight needs {} amax values, got {}", spec.describe(), rows, cols, need, amax.size());
+  if (is_nvfp4(spec)) {
+    const std::int64_t per_row = ceil_div(cols, spec.block);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      for (std::int64_t b = 0; b < per_row; ++b) f(r * per_row + b, r * cols + b * spec.block, std::min(spec.block, cols - b * spec.block));
+    }
+    return;
+  }
   for_each_static_block(spec, rows, cols, f);
 }
 
@@ -414,33 +441,7 @@ float lsq_step(float amax, float bound) {
   return s <= 1e-8f ? 1e-8f : s;
 }
 
-}  // namespace
-
-void lsq_forward(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax, float* wq) {
-  const float bound = spec.max_bound();
-  for_each_block(spec, rows, cols, amax, [&](std::int64_t slot, std::int64_t begin, std::int64_t n) {
-    const float s = lsq_step(amax[static_cast<std::size_t>(slot)], bound);
-    for (std::int64_t i = begin; i < begin + n; ++i) wq[i] = std::clamp(std::nearbyint(w[i] / s), -bound - 1.0f, bound) * s;
-  });
-}
-
-void lsq_backward(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax,
-                  const float* g, float* dw, float* damax) {
-  const float bound = spec.max_bound();
-  for_each_block(spec, rows, cols, amax, [&](std::int64_t slot, std::int64_t begin, std::int64_t n) {
-    const float s = lsq_step(amax[static_cast<std::size_t>(slot)], bound);
-    double d = 0;
-    for (std::int64_t i = begin; i < begin + n; ++i) {
-      const float v = w[i] / s;
-      const float q = std::clamp(std::nearbyint(v), -bound - 1.0f, bound);
-      const bool in_range = v >= -bound - 1.0f && v <= bound;
-      if (in_range) dw[i] += g[i];
-      d += static_cast<double>(g[i]) * (q - (in_range ? v : 0.0f));
-    }
-    damax[slot] += static_cast<float>(d / bound);
-  });
-}
-
+// The reference's MSE search of integer block amax (see lsq_initial_amax).
 std::vector<float> mse_weight_amax(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax) {
   // torch.linspace(0.25, 4.0, 39) in f32: the first half counted up from the start, the rest down from the end.
   constexpr int kSteps = 39;
@@ -469,6 +470,111 @@ std::vector<float> mse_weight_amax(const QuantizerSpec& spec, const float* w, st
     }
   });
   return out;
+}
+
+// The reference's fp8_scale_sweep for static NVFP4 weights (see lsq_initial_amax). Every block tries the
+// same 126 amax values, so each candidate's block scale is computed once.
+std::vector<float> nvfp4_sweep_amax(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, float global_amax) {
+  constexpr int kCandidates = 126;  // E4M3 codes 0x01 .. 0x7E: the positive finite values, ascending
+  float amax[kCandidates], scale[kCandidates];
+  for (int i = 0; i < kCandidates; ++i) {
+    amax[i] = global_amax * (e4m3_to_f32(static_cast<std::uint8_t>(i + 1)) / 448.0f);
+    // Static NVFP4 at a block amax a (the reference's compute_fp4_scales): a / 6, FP8-rounded under the
+    // global scale, with no floor.
+    const float per_tensor = global_amax / 6.0f;
+    const float safe = per_tensor <= kTinyAmax ? 1.0f : per_tensor;
+    const float to_fp8 = 448.0f / safe;
+    scale[i] = e4m3_to_f32(f32_to_e4m3(std::clamp(amax[i] / 6.0f * to_fp8, -kE4M3Max, kE4M3Max))) * (1.0f / to_fp8);
+  }
+  const std::int64_t per_row = ceil_div(cols, spec.block);
+  std::vector<float> out(static_cast<std::size_t>(rows * per_row));
+  parallel_each(rows, 1, rows * cols * kCandidates >= kParallelElements, [&](std::int64_t r) {
+    for (std::int64_t b = 0; b < per_row; ++b) {
+      const float* x = w + r * cols + b * spec.block;
+      const std::int64_t n = std::min(spec.block, cols - b * spec.block);
+      double best = -1;
+      int best_i = 0;
+      for (int i = 0; i < kCandidates; ++i) {
+        const float s = scale[i];
+        double err = 0;
+        for (std::int64_t k = 0; k < n; ++k) {
+          // A zero scale quantizes the block to zero (the reference's nvfp4_scalar_quant).
+          const float q = s == 0.0f ? 0.0f : round_e2m1_magnitude(std::fabs(x[k]) / s) * s;
+          const float d = std::fabs(x[k]) - q;
+          err += static_cast<double>(d * d);
+        }
+        if (best < 0 || err < best) {
+          best = err;
+          best_i = i;
+        }
+      }
+      out[static_cast<std::size_t>(r * per_row + b)] = amax[best_i];
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+void lsq_forward(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax,
+                 float global_amax, float* wq) {
+  if (is_nvfp4(spec)) {
+    for_each_block(spec, rows, cols, amax, [&](std::int64_t slot, std::int64_t begin, std::int64_t n) {
+      const float s = nvfp4_lsq_scale(amax[static_cast<std::size_t>(slot)], global_amax);
+      for (std::int64_t i = begin; i < begin + n; ++i) {
+        // A zero scale (an all-zero weight's global amax of 0) leaves the block zero.
+        wq[i] = s == 0.0f ? 0.0f : with_sign_of(w[i], round_e2m1_magnitude(std::fabs(w[i] / s))) * s;
+      }
+    });
+    return;
+  }
+  const float bound = spec.max_bound();
+  for_each_block(spec, rows, cols, amax, [&](std::int64_t slot, std::int64_t begin, std::int64_t n) {
+    const float s = lsq_step(amax[static_cast<std::size_t>(slot)], bound);
+    for (std::int64_t i = begin; i < begin + n; ++i) wq[i] = std::clamp(std::nearbyint(w[i] / s), -bound - 1.0f, bound) * s;
+  });
+}
+
+void lsq_backward(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax,
+                  float global_amax, const float* g, float* dw, float* damax) {
+  if (is_nvfp4(spec)) {
+    for_each_block(spec, rows, cols, amax, [&](std::int64_t slot, std::int64_t begin, std::int64_t n) {
+      bool passes = false;
+      const float s = nvfp4_lsq_scale(amax[static_cast<std::size_t>(slot)], global_amax, &passes);
+      if (s == 0.0f) return;
+      double d = 0;
+      for (std::int64_t i = begin; i < begin + n; ++i) {
+        const float v = w[i] / s;
+        const float q = with_sign_of(w[i], round_e2m1_magnitude(std::fabs(v)));
+        const bool in_range = std::fabs(v) <= 6.0f;
+        if (in_range) dw[i] += g[i];
+        d += static_cast<double>(g[i]) * (q - (in_range ? v : 0.0f));
+      }
+      if (passes) damax[slot] += static_cast<float>(d / 6.0);
+    });
+    return;
+  }
+  const float bound = spec.max_bound();
+  for_each_block(spec, rows, cols, amax, [&](std::int64_t slot, std::int64_t begin, std::int64_t n) {
+    const float s = lsq_step(amax[static_cast<std::size_t>(slot)], bound);
+    double d = 0;
+    for (std::int64_t i = begin; i < begin + n; ++i) {
+      const float v = w[i] / s;
+      const float q = std::clamp(std::nearbyint(v), -bound - 1.0f, bound);
+      const bool in_range = v >= -bound - 1.0f && v <= bound;
+      if (in_range) dw[i] += g[i];
+      d += static_cast<double>(g[i]) * (q - (in_range ? v : 0.0f));
+    }
+    damax[slot] += static_cast<float>(d / bound);
+  });
+}
+
+std::vector<float> lsq_initial_amax(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax) {
+  if (is_nvfp4(spec)) {
+    if (amax.size() != 1) fail("{} needs its one global amax, got {} values", spec.describe(), amax.size());
+    return nvfp4_sweep_amax(spec, w, rows, cols, amax[0]);
+  }
+  return mse_weight_amax(spec, w, rows, cols, amax);
 }
 
 }  // namespace mopt::quant

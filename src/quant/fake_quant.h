@@ -39,20 +39,37 @@ void fake_quantize_ggml(const QuantizerSpec& spec, const float* x, std::int64_t 
 void zero_clipped_gradient(const QuantizerSpec& spec, const float* x, std::int64_t rows, std::int64_t cols,
                            std::span<const float> amax, float* grad);
 
-// Learned step sizes (LSQ, the reference's `lsq` algorithm with tied amax) for an integer weight in
-// static blocks: each block's amax is trained. wq = clamp(rint(w / s), -bound - 1, bound) · s with
-// s = amax / bound (1e-8 where that is smaller).
-void lsq_forward(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax, float* wq);
-// From g = dL/dwq: dw += g where -bound - 1 <= w / s <= bound (zero outside: LSQ always clips), and
-// damax[block] += Σ g · (q - m · w / s) / bound over the block (q the rounded level, m the in-range mask).
+// Learned scales (LSQ: the reference's `lsq` algorithm with tied amax — one amax per block both
+// divides before the rounding and multiplies after it — which is what an exported checkpoint holds).
+// Two kinds of weight: integer elements in static blocks (int4_rtn, int4_awq, INT8 blocks), one amax
+// per block as compute_amax lays it out; and NVFP4 (nvfp4, nvfp4_awq), one amax per 16-element block
+// under the static global amax (the reference's nvfp4_lsq recipe: static NVFP4 weights, the block
+// scale FP8-rounded in the forward pass). `global_amax` is NVFP4's; the integer formats ignore it.
+//
+// Integer: wq = clamp(rint(w / s), -bound - 1, bound) · s with s = amax / bound (1e-8 where that is
+// smaller). NVFP4: wq = e2m1(w / s) · s with s = nvfp4_lsq_scale(amax, global_amax).
+void lsq_forward(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax,
+                 float global_amax, float* wq);
+// From g = dL/dwq: dw += g where w / s lies in the range (-bound - 1 .. bound; NVFP4 |w / s| <= 6; zero
+// outside: LSQ always clips), and damax[block] += the amax's gradient: Σ g · (q - m · w / s) / bound
+// over the block (q the rounded level, m the in-range mask); for NVFP4 times the masks of the scale's
+// own roundings (zero where the scale sits at its floor or above the global scale, where the reference's
+// clamp and FP8 rounding pass no gradient).
 void lsq_backward(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax,
-                  const float* g, float* dw, float* damax);
-// The reference's MSE weight calibration (its LSQ starting point): per block, the first of the
-// candidates c · amax (c = 39 steps from 0.25 to 4, as torch.linspace in f32) that minimizes
-// Σ (w - fake_quantize(w; c · amax))² over the block. `amax` as compute_amax gives it.
-std::vector<float> mse_weight_amax(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax);
-// True for the quantizers LSQ trains: integer elements in static blocks.
+                  float global_amax, const float* g, float* dw, float* damax);
+// LSQ's starting amax, as the reference's MSE weight calibration chooses it. Integer blocks: per
+// block, the first of the candidates c · amax (c = 39 steps from 0.25 to 4, as torch.linspace in f32)
+// that minimizes Σ (w - fake_quantize(w; c · amax))² over the block, `amax` as compute_amax gives it.
+// NVFP4 (`amax` the global amax, one value): per 16-element block, the first of the 126 amax values
+// global_amax · f / 448 (f every positive finite E4M3 value, ascending) minimizing the block's squared
+// error under static NVFP4 quantization at that amax (its fp8_scale_sweep).
+std::vector<float> lsq_initial_amax(const QuantizerSpec& spec, const float* w, std::int64_t rows, std::int64_t cols, std::span<const float> amax);
+// True for the quantizers LSQ trains: integer elements in static blocks, and NVFP4.
 bool supports_learned_scales(const QuantizerSpec& spec);
+// NVFP4's learned block scale, in the reference's f32 steps: s = amax / 6, raised to 2^-9 · global_amax / 6
+// where it is not above that, then FP8-rounded under the global scale (global_amax / 6 / 448 per unit).
+// `passes_gradient` (optional) says whether ds/damax is 1/6 (true) or 0 (the floor, or s above global_amax / 6).
+float nvfp4_lsq_scale(float amax, float global_amax, bool* passes_gradient = nullptr);
 
 // The element-level steps, exposed for tests and the exporters.
 // Integer: clamp(rint(x * bound/amax), -bound-1, bound) / (bound/amax); 0 when amax is below 2^-24.

@@ -26,6 +26,10 @@ std::unique_ptr<model::ActivationFakeQuant> FakeQuantization::transform(const qu
   return t;
 }
 
+float FakeQuantization::lsq_global_amax(const Linear& lin) {
+  return lin.scheme.weight->scaling == quant::Scaling::nvfp4 ? lin.weight_amax.at(0) : 0.0f;
+}
+
 FakeQuantization::FakeQuantization(std::vector<quant::QuantizedLayer> layers, std::optional<quant::KvScheme> kv, SteMode ste,
                                    TrainableModel& model, bool learn_scales)
     : kv_(std::move(kv)), ste_(ste) {
@@ -71,10 +75,10 @@ FakeQuantization::FakeQuantization(std::vector<quant::QuantizedLayer> layers, st
       if (learn_scales) {
         const quant::QuantizerSpec& spec = *q.scheme.weight;
         if (!quant::supports_learned_scales(spec)) {
-          fail("--learn-scales: {} is quantized as {}; learned scales are for integer weights in blocks (int4_rtn, int4_awq, int8 blocks)",
+          fail("--learn-scales: {} is quantized as {}; learned scales are for integer weights in blocks (int4_rtn, int4_awq, int8 blocks) and NVFP4 (nvfp4, nvfp4_awq)",
                q.name, spec.describe());
         }
-        std::vector<float> start = quant::mse_weight_amax(spec, w.value.data(), w.shape[0], w.shape[1], lin.weight_amax);
+        std::vector<float> start = with_context(q.name, [&] { return quant::lsq_initial_amax(spec, w.value.data(), w.shape[0], w.shape[1], lin.weight_amax); });
         const auto n = static_cast<std::int64_t>(start.size());
         lin.learned_amax = model.add_parameter({q.name + ".weight_quantizer._amax", {n}, std::move(start), {}, {}});
       }
@@ -113,7 +117,7 @@ void FakeQuantization::quantize_weight(std::int64_t layer, std::size_t k, const 
   const Linear& lin = layers_[static_cast<std::size_t>(layer)].linears[k];
   const quant::QuantizerSpec& spec = *lin.scheme.weight;
   if (lin.learned_amax >= 0) {
-    with_context(lin.name, [&] { quant::lsq_forward(spec, w, out, in, learned_amax, wq); });
+    with_context(lin.name, [&] { quant::lsq_forward(spec, w, out, in, learned_amax, lsq_global_amax(lin), wq); });
     return;
   }
   if (spec.fp8_second_stage) {
@@ -131,7 +135,7 @@ void FakeQuantization::weight_backward(std::int64_t layer, std::size_t k, const 
   const Linear& lin = layers_[static_cast<std::size_t>(layer)].linears[k];
   const std::int64_t n = out * in;
   if (lin.learned_amax >= 0) {
-    quant::lsq_backward(*lin.scheme.weight, w, out, in, learned_amax, gq, dw, damax);
+    quant::lsq_backward(*lin.scheme.weight, w, out, in, learned_amax, lsq_global_amax(lin), gq, dw, damax);
     return;
   }
   if (ste_ == SteMode::clip) {
@@ -155,10 +159,20 @@ quant::QuantizedLayer FakeQuantization::quantized_layer(std::int64_t index, cons
     if (lin.scheme.quantized()) {
       const Parameter& w = model.parameter(lin.name + ".weight");
       const std::int64_t out = w.shape[0], in = w.shape[1];
-      const std::vector<float>& amax = lin.learned_amax >= 0 ? model.parameters()[static_cast<std::size_t>(lin.learned_amax)].value : lin.weight_amax;
-      q.weight = with_context(lin.name, [&] {
-        return quant::quantize_weight(*lin.scheme.weight, w.value.data(), out, in, amax, lin.weight_amax2);
-      });
+      const quant::QuantizerSpec& spec = *lin.scheme.weight;
+      const bool learned = lin.learned_amax >= 0;
+      const std::vector<float>& learned_amax = learned ? model.parameters()[static_cast<std::size_t>(lin.learned_amax)].value : lin.weight_amax;
+      const bool nvfp4 = spec.scaling == quant::Scaling::nvfp4;
+      // Integer blocks export their learned amax as the weight amax. NVFP4 keeps its global amax and
+      // gives each block 6 x its learned scale: the export's FP8 rounding of that amax is the learned
+      // scale's own code (the ratio lies within a few ulps of it), so the model written is the one trained.
+      std::vector<float> block_amax;
+      if (learned && nvfp4) {
+        block_amax.resize(learned_amax.size());
+        for (std::size_t i = 0; i < block_amax.size(); ++i) block_amax[i] = 6.0f * quant::nvfp4_lsq_scale(learned_amax[i], lin.weight_amax[0]);
+      }
+      const std::vector<float>& amax = nvfp4 ? lin.weight_amax : learned_amax;
+      q.weight = with_context(lin.name, [&] { return quant::quantize_weight(spec, w.value.data(), out, in, amax, lin.weight_amax2, block_amax); });
       q.weight_error = quant::relative_error(quant::dequantize_weight(*lin.scheme.weight, *q.weight, out, in), w.value);
       q.weight_amax = amax;
       q.weight_amax2 = lin.weight_amax2;

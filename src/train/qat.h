@@ -93,6 +93,8 @@ class FakeQuantization {
     model::LayerFakeQuant fake_quant;
   };
   std::unique_ptr<model::ActivationFakeQuant> transform(const quant::ActivationQuantizer& q) const;
+  // The global amax LSQ's NVFP4 block scales live under (the calibrated one); integer blocks have none.
+  static float lsq_global_amax(const Linear& lin);
 
   std::vector<Layer> layers_;
   std::optional<quant::KvScheme> kv_;

@@ -63,6 +63,11 @@ grep -q 'difference +0.0000 ± 0.0000' "$work/loss.out" || { echo "FAIL: a model
 "$mopt" quantize "$model" --format int4_rtn --group-size 32 --out "$work/ptq-int4_rtn" > /dev/null 2>&1
 cmp -s "$work/lsq/model.safetensors" "$work/ptq-int4_rtn/model.safetensors" && { echo "FAIL: LSQ changed nothing"; exit 1; }
 "$mopt" eval loss "$work/lsq" --data "$work/sft.jsonl" --seq-len 64 > "$work/lsq-loss.out" 2>&1 || { cat "$work/lsq-loss.out"; exit 1; }
+# Learned NVFP4 block scales (from the MSE sweep, then trained): the export loads and evaluates.
+"$mopt" train "$model" --qat nvfp4 --learn-scales --scale-lr 1e-3 "${calib[@]}" "${train[@]}" --steps 3 --lr 1e-4 --out "$work/lsq-nvfp4" \
+  > "$work/lsq-nvfp4.out" 2>&1 || { cat "$work/lsq-nvfp4.out"; exit 1; }
+cmp -s "$work/lsq-nvfp4/model.safetensors" "$work/ptq-nvfp4/model.safetensors" && { echo "FAIL: NVFP4 LSQ wrote PTQ's weights"; exit 1; }
+"$mopt" eval loss "$work/lsq-nvfp4" --data "$work/sft.jsonl" --seq-len 64 > "$work/lsq-nvfp4-loss.out" 2>&1 || { cat "$work/lsq-nvfp4-loss.out"; exit 1; }
 # The QAT state resumes (its learned scales included) to the same output, and refuses other quantization settings.
 lsq=(train "$model" --qat int4_rtn --group-size 32 --learn-scales "${train[@]}" --steps 4 --lr 1e-3 --save-every 2 --state "$work/lsq.state")
 "$mopt" "${lsq[@]}" --out "$work/lsq-whole" > /dev/null 2>&1 || { echo "FAIL: the LSQ run with a state"; exit 1; }

@@ -114,12 +114,12 @@ TEST(LearnedScales, MatchTheReference) {
   ASSERT_TRUE(quant::supports_learned_scales(*scheme.weight));
   const std::vector<float> max_amax = quant::compute_amax(*scheme.weight, w.data(), out, in);
   EXPECT_EQ(max_amax, g.tensor("w_amax_max").to_f32());
-  const std::vector<float> amax = quant::mse_weight_amax(*scheme.weight, w.data(), out, in, max_amax);
+  const std::vector<float> amax = quant::lsq_initial_amax(*scheme.weight, w.data(), out, in, max_amax);
   // The same candidate in every block (torch's linspace may round its steps apart in the last bit).
   EXPECT_LT(scaled_error(amax, g.tensor("w_amax_init").to_f32()), 1e-6);
 
   std::vector<float> wq(w.size()), xq(x.size()), y(static_cast<std::size_t>(rows * out));
-  quant::lsq_forward(*scheme.weight, w.data(), out, in, amax, wq.data());
+  quant::lsq_forward(*scheme.weight, w.data(), out, in, amax, 0.0f, wq.data());
   const quant::ActivationQuantizer input{quant::format_scheme("int8").input, g.tensor("in_amax").to_f32(), {}};
   input.forward(x.data(), rows, in, xq.data());
   kernels::gemm_f32(xq.data(), rows, in, wq.data(), out, y.data());
@@ -127,7 +127,7 @@ TEST(LearnedScales, MatchTheReference) {
   std::vector<float> dx(x.size()), gq(w.size(), 0.0f), dw(w.size(), 0.0f), damax(amax.size(), 0.0f);
   kernels::matmul_f32(false, false, rows, in, out, dy.data(), out, wq.data(), in, dx.data(), in, false);
   kernels::matmul_f32(true, false, out, in, rows, dy.data(), out, xq.data(), in, gq.data(), in, true);
-  quant::lsq_backward(*scheme.weight, w.data(), out, in, amax, gq.data(), dw.data(), damax.data());
+  quant::lsq_backward(*scheme.weight, w.data(), out, in, amax, 0.0f, gq.data(), dw.data(), damax.data());
   EXPECT_LT(scaled_error(dx, g.tensor("tied.dx").to_f32()), 1e-5);
   const std::vector<float> want_dw = g.tensor("tied.dW").to_f32();
   EXPECT_LT(scaled_error(dw, want_dw), 1e-5);
@@ -135,6 +135,95 @@ TEST(LearnedScales, MatchTheReference) {
   EXPECT_GT(std::count(want_dw.begin(), want_dw.end(), 0.0f), 0);  // some weights lie outside their range
   EXPECT_LT(scaled_error(damax, g.tensor("tied.d_amax_post").to_f32()), 1e-5);
   EXPECT_FALSE(quant::supports_learned_scales(*quant::format_scheme("fp8").weight));
+}
+
+// Learned NVFP4 block scales (the reference's nvfp4_lsq QAD recipe: static NVFP4 weight, one tied
+// learnable amax per 16 values, MSE-initialized by the FP8 scale sweep) on one Linear whose blocks
+// include a near-zero one (its scale at the floor), a small one and the outlier that sets the global
+// amax: the sweep, the FP8-rounded scales, y, dx, dW and the amax gradient at the calibrated amax and at
+// a perturbed one (scales between FP8 codes, one above the global amax, two at the floor), one AdamW
+// step, and the export under the learned scales.
+TEST(LearnedScales, Nvfp4MatchesTheReference) {
+  const auto g = io::TensorStore::open_file(kQat + "/lsq_nvfp4.safetensors");
+  const std::vector<float> x = g.tensor("x").to_f32(), w = g.tensor("W").to_f32(), dy = g.tensor("dy").to_f32();
+  const std::int64_t rows = 8, in = 64, out = 16;
+  const quant::LinearScheme scheme = quant::format_scheme("nvfp4");
+  const quant::QuantizerSpec& spec = *scheme.weight;
+  ASSERT_TRUE(quant::supports_learned_scales(spec));
+  const std::vector<float> global = quant::compute_amax(spec, w.data(), out, in);
+  ASSERT_EQ(global.size(), 1u);
+  EXPECT_EQ(global[0], g.tensor("w_global_amax").to_f32()[0]);
+  const std::vector<float> init = quant::lsq_initial_amax(spec, w.data(), out, in, global);
+  EXPECT_EQ(init, g.tensor("w_amax_init").to_f32());
+
+  for (const std::string c : {"tied", "perturbed"}) {
+    SCOPED_TRACE(c);
+    const std::vector<float> amax = g.tensor(c + ".amax").to_f32();
+    if (c == "tied") EXPECT_EQ(amax, init);
+    std::vector<float> scale(amax.size());
+    for (std::size_t b = 0; b < amax.size(); ++b) scale[b] = quant::nvfp4_lsq_scale(amax[b], global[0]);
+    EXPECT_EQ(scale, g.tensor(c + ".scale").to_f32());
+    std::vector<float> wq(w.size()), y(static_cast<std::size_t>(rows * out));
+    quant::lsq_forward(spec, w.data(), out, in, amax, global[0], wq.data());
+    EXPECT_EQ(wq, g.tensor(c + ".Wq").to_f32());
+    kernels::gemm_f32(x.data(), rows, in, wq.data(), out, y.data());
+    EXPECT_LT(scaled_error(y, g.tensor(c + ".y").to_f32()), 1e-5);
+    std::vector<float> dx(x.size()), gq(w.size(), 0.0f), dw(w.size(), 0.0f), damax(amax.size(), 0.0f);
+    kernels::matmul_f32(false, false, rows, in, out, dy.data(), out, wq.data(), in, dx.data(), in, false);
+    kernels::matmul_f32(true, false, out, in, rows, dy.data(), out, x.data(), in, gq.data(), in, true);
+    quant::lsq_backward(spec, w.data(), out, in, amax, global[0], gq.data(), dw.data(), damax.data());
+    EXPECT_LT(scaled_error(dx, g.tensor(c + ".dx").to_f32()), 1e-5);
+    const std::vector<float> want_dw = g.tensor(c + ".dW").to_f32(), want_damax = g.tensor(c + ".d_amax").to_f32();
+    EXPECT_LT(scaled_error(dw, want_dw), 1e-5);
+    EXPECT_EQ(std::count(dw.begin(), dw.end(), 0.0f), std::count(want_dw.begin(), want_dw.end(), 0.0f));
+    EXPECT_GT(std::count(want_dw.begin(), want_dw.end(), 0.0f), 0);  // some weights lie beyond 6 steps
+    EXPECT_LT(scaled_error(damax, want_damax), 1e-5);
+    for (std::size_t b = 0; b < damax.size(); ++b) EXPECT_EQ(damax[b] == 0.0f, want_damax[b] == 0.0f) << "block " << b;
+  }
+  // The clamp's and the FP8 rounding's zero gradients are there: blocks 5 and 22 at the floor, 38 above the global amax.
+  const std::vector<float> perturbed_damax = g.tensor("perturbed.d_amax").to_f32();
+  for (const std::size_t b : {5u, 22u, 38u}) EXPECT_EQ(perturbed_damax[b], 0.0f) << "block " << b;
+
+  // One AdamW step from the calibrated state (weights at lr 1e-3, the amax at 1e-2, as its own group).
+  {
+    std::vector<float> wq(w.size()), gq(w.size(), 0.0f);
+    quant::lsq_forward(spec, w.data(), out, in, init, global[0], wq.data());
+    kernels::matmul_f32(true, false, out, in, rows, dy.data(), out, x.data(), in, gq.data(), in, true);
+    std::vector<Parameter> params{{"W", {out, in}, w, std::vector<float>(w.size(), 0.0f), {}},
+                                  {"amax", {static_cast<std::int64_t>(init.size())}, init, std::vector<float>(init.size(), 0.0f), {}}};
+    quant::lsq_backward(spec, w.data(), out, in, init, global[0], gq.data(), params[0].grad.data(), params[1].grad.data());
+    AdamW opt(params, AdamWSettings{0.9, 0.95, 1e-8, 0.0}, {false, false});
+    opt.set_lr_scale(1, 10.0);
+    opt.step(params, 1e-3);
+    EXPECT_LT(scaled_error(params[0].value, g.tensor("step.W").to_f32()), 1e-5);
+    EXPECT_LT(scaled_error(params[1].value, g.tensor("step.amax").to_f32()), 1e-5);
+    std::vector<float> y(static_cast<std::size_t>(rows * out));
+    quant::lsq_forward(spec, params[0].value.data(), out, in, params[1].value, global[0], wq.data());
+    kernels::gemm_f32(x.data(), rows, in, wq.data(), out, y.data());
+    EXPECT_LT(scaled_error(y, g.tensor("step.y").to_f32()), 1e-5);
+  }
+
+  // The export under the perturbed amax, as FakeQuantization writes it (6 x each learned scale as the
+  // block's amax under the global amax): its scale codes are the learned scales' codes, and its weights
+  // dequantize to the trained fake-quantized ones (the last bit aside: the export multiplies by
+  // global / (6 · 448) where the forward multiplies by 1 / (448 / (global / 6))). The reference (0.47)
+  // cannot export an LSQ quantizer; its static export of the same amax differs only in the two blocks at
+  // the floor, which it lets go below LSQ's floor.
+  const std::vector<float> amax = g.tensor("perturbed.amax").to_f32();
+  std::vector<float> block_amax(amax.size());
+  for (std::size_t b = 0; b < amax.size(); ++b) block_amax[b] = 6.0f * quant::nvfp4_lsq_scale(amax[b], global[0]);
+  const quant::QuantizedWeight q = quant::quantize_weight(spec, w.data(), out, in, global, 0.0f, block_amax);
+  const std::vector<float> codes = quant::dequantize_weight(spec, q, out, in), fake = g.tensor("perturbed.Wq").to_f32();
+  for (std::size_t i = 0; i < codes.size(); ++i) EXPECT_NEAR(codes[i], fake[i], 1e-6f * std::fabs(fake[i])) << i;
+  const Tensor& want_scales = g.tensor("export.weight_scale");
+  const auto* ours = q.weight_scale.data<std::uint8_t>();
+  const auto* theirs = want_scales.data<std::uint8_t>();
+  int differing = 0;
+  for (std::int64_t b = 0; b < want_scales.numel(); ++b) differing += ours[b] != theirs[b];
+  EXPECT_EQ(differing, 2);  // blocks 5 and 22
+  EXPECT_NE(ours[5], theirs[5]);
+  EXPECT_NE(ours[22], theirs[22]);
+  EXPECT_EQ(q.weight_scale_2->to_f32(), g.tensor("export.weight_scale_2").to_f32());
 }
 
 // tests/data/hf/llama as an f32 checkpoint (the reference ran the model in f32: its transformed
@@ -284,10 +373,10 @@ std::vector<quant::QuantizedLayer> calibrated_layers(const io::Checkpoint& ckpt,
 TEST(Qat, ExportedCodesAreTheTrainedFakeQuantWeights) {
   const io::Checkpoint ckpt = io::Checkpoint::open(testing::data_path("hf/llama"));
   const auto inputs = io::TensorStore::open_file(kQat + "/qat_step/inputs.safetensors");
-  for (const std::string format : {"int4_awq", "fp8", "nvfp4", "int4_rtn+lsq"}) {
-    const bool learn = format == "int4_rtn+lsq";
+  for (const std::string format : {"int4_awq", "fp8", "nvfp4", "int4_rtn+lsq", "nvfp4+lsq"}) {
+    const bool learn = format.ends_with("+lsq");
     quant::Recipe recipe;
-    recipe.format = learn ? "int4_rtn" : format;
+    recipe.format = learn ? format.substr(0, format.size() - 4) : format;
     recipe.group_size = format.starts_with("int4") ? 32 : 0;
     recipe.validate();
     TrainableModel model = TrainableModel::from_checkpoint(ckpt);
@@ -314,7 +403,8 @@ TEST(Qat, ExportedCodesAreTheTrainedFakeQuantWeights) {
         const int a = fq->learned_scale(l, k);
         EXPECT_EQ(a >= 0, learn);
         const std::span<const float> amax = a >= 0 ? std::span<const float>(model.parameters()[static_cast<std::size_t>(a)].value) : std::span<const float>();
-        if (a >= 0) EXPECT_EQ(q.weight_amax, model.parameters()[static_cast<std::size_t>(a)].value);
+        // Integer blocks export the learned amax; NVFP4 keeps its global amax (the blocks' scales are the learned ones).
+        if (a >= 0 && q.scheme.weight->scaling != quant::Scaling::nvfp4) EXPECT_EQ(q.weight_amax, model.parameters()[static_cast<std::size_t>(a)].value);
         fq->quantize_weight(l, k, p.value.data(), out, in, amax, fake.data());
         // The export multiplies codes by amax/bound where fake quantization divides by bound/amax: the
         // last bit may differ; a whole step only at an exact half step.
@@ -326,7 +416,7 @@ TEST(Qat, ExportedCodesAreTheTrainedFakeQuantWeights) {
     }
     EXPECT_LE(apart, elements / 1000) << format << ": " << apart << " of " << elements << " weights export differently";
     // Learned scales moved.
-    if (learn) EXPECT_NE(model.parameter("model.layers.1.mlp.down_proj.weight_quantizer._amax").value, amax_before);
+    if (learn) EXPECT_NE(model.parameter("model.layers.1.mlp.down_proj.weight_quantizer._amax").value, amax_before) << format;
   }
 }
 
