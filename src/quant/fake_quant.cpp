@@ -395,6 +395,15 @@ void zero_clipped_gradient(const QuantizerSpec& spec, const float* x, std::int64
 
 namespace {
 bool is_nvfp4(const QuantizerSpec& spec) { return spec.element == Element::e2m1 && spec.scaling == Scaling::nvfp4; }
+
+// The reference's scaled_e4m3(s, amax = global_amax / 6) (its eager FP8 fake quantization): the NVFP4
+// block scale s rounded to E4M3 with 448 at the global scale, in its f32 steps.
+float nvfp4_fp8_rounded_scale(float s, float global_amax) {
+  const float per_tensor = global_amax / 6.0f;
+  const float safe = per_tensor <= kTinyAmax ? 1.0f : per_tensor;
+  const float to_fp8 = 448.0f / safe;
+  return e4m3_to_f32(f32_to_e4m3(std::clamp(s * to_fp8, -kE4M3Max, kE4M3Max))) * (1.0f / to_fp8);
+}
 }  // namespace
 
 bool supports_learned_scales(const QuantizerSpec& spec) {
@@ -409,13 +418,8 @@ float nvfp4_lsq_scale(float amax, float global_amax, bool* passes_gradient) {
   const float floor = 0.001953125f * per_tensor;  // 2^-9, E4M3's smallest subnormal, times the global scale
   const float raw = amax / 6.0f;
   const float s = raw <= floor ? floor : raw;
-  // scaled_e4m3(s, amax = per_tensor): E4M3 with 448 at per_tensor (the eager FP8 fake quantization).
-  const float safe = per_tensor <= kTinyAmax ? 1.0f : per_tensor;
-  const float to_fp8 = 448.0f / safe;
-  const float from_fp8 = 1.0f / to_fp8;
-  const float scaled = std::clamp(s * to_fp8, -kE4M3Max, kE4M3Max);
   if (passes_gradient != nullptr) *passes_gradient = raw > floor && std::fabs(s) <= per_tensor;
-  return e4m3_to_f32(f32_to_e4m3(scaled)) * from_fp8;
+  return nvfp4_fp8_rounded_scale(s, global_amax);
 }
 
 namespace {
@@ -426,13 +430,6 @@ void for_each_block(const QuantizerSpec& spec, std::int64_t rows, std::int64_t c
   if (!supports_learned_scales(spec)) fail("learned scales are for integer weights in static blocks and NVFP4, not {}", spec.describe());
   const std::int64_t need = rows * ceil_div(cols, spec.block);
   if (static_cast<std::int64_t>(amax.size()) != need) fail("{} of a [{}, {}] weight needs {} amax values, got {}", spec.describe(), rows, cols, need, amax.size());
-  if (is_nvfp4(spec)) {
-    const std::int64_t per_row = ceil_div(cols, spec.block);
-    for (std::int64_t r = 0; r < rows; ++r) {
-      for (std::int64_t b = 0; b < per_row; ++b) f(r * per_row + b, r * cols + b * spec.block, std::min(spec.block, cols - b * spec.block));
-    }
-    return;
-  }
   for_each_static_block(spec, rows, cols, f);
 }
 
@@ -479,12 +476,8 @@ std::vector<float> nvfp4_sweep_amax(const QuantizerSpec& spec, const float* w, s
   float amax[kCandidates], scale[kCandidates];
   for (int i = 0; i < kCandidates; ++i) {
     amax[i] = global_amax * (e4m3_to_f32(static_cast<std::uint8_t>(i + 1)) / 448.0f);
-    // Static NVFP4 at a block amax a (the reference's compute_fp4_scales): a / 6, FP8-rounded under the
-    // global scale, with no floor.
-    const float per_tensor = global_amax / 6.0f;
-    const float safe = per_tensor <= kTinyAmax ? 1.0f : per_tensor;
-    const float to_fp8 = 448.0f / safe;
-    scale[i] = e4m3_to_f32(f32_to_e4m3(std::clamp(amax[i] / 6.0f * to_fp8, -kE4M3Max, kE4M3Max))) * (1.0f / to_fp8);
+    // Static NVFP4 at a block amax a (the reference's compute_fp4_scales): a / 6, FP8-rounded, no floor.
+    scale[i] = nvfp4_fp8_rounded_scale(amax[i] / 6.0f, global_amax);
   }
   const std::int64_t per_row = ceil_div(cols, spec.block);
   std::vector<float> out(static_cast<std::size_t>(rows * per_row));

@@ -159,22 +159,23 @@ quant::QuantizedLayer FakeQuantization::quantized_layer(std::int64_t index, cons
     if (lin.scheme.quantized()) {
       const Parameter& w = model.parameter(lin.name + ".weight");
       const std::int64_t out = w.shape[0], in = w.shape[1];
-      const quant::QuantizerSpec& spec = *lin.scheme.weight;
-      const bool learned = lin.learned_amax >= 0;
-      const std::vector<float>& learned_amax = learned ? model.parameters()[static_cast<std::size_t>(lin.learned_amax)].value : lin.weight_amax;
-      const bool nvfp4 = spec.scaling == quant::Scaling::nvfp4;
       // Integer blocks export their learned amax as the weight amax. NVFP4 keeps its global amax and
       // gives each block 6 x its learned scale: the export's FP8 rounding of that amax is the learned
       // scale's own code (the ratio lies within a few ulps of it), so the model written is the one trained.
-      std::vector<float> block_amax;
-      if (learned && nvfp4) {
-        block_amax.resize(learned_amax.size());
-        for (std::size_t i = 0; i < block_amax.size(); ++i) block_amax[i] = 6.0f * quant::nvfp4_lsq_scale(learned_amax[i], lin.weight_amax[0]);
+      std::vector<float> amax = lin.weight_amax, block_amax;
+      if (lin.learned_amax >= 0) {
+        const std::vector<float>& learned = model.parameters()[static_cast<std::size_t>(lin.learned_amax)].value;
+        if (lin.scheme.weight->scaling == quant::Scaling::nvfp4) {
+          for (const float a : learned) block_amax.push_back(6.0f * quant::nvfp4_lsq_scale(a, lsq_global_amax(lin)));
+        } else {
+          amax = learned;
+        }
       }
-      const std::vector<float>& amax = nvfp4 ? lin.weight_amax : learned_amax;
-      q.weight = with_context(lin.name, [&] { return quant::quantize_weight(spec, w.value.data(), out, in, amax, lin.weight_amax2, block_amax); });
+      q.weight = with_context(lin.name, [&] {
+        return quant::quantize_weight(*lin.scheme.weight, w.value.data(), out, in, amax, lin.weight_amax2, block_amax);
+      });
       q.weight_error = quant::relative_error(quant::dequantize_weight(*lin.scheme.weight, *q.weight, out, in), w.value);
-      q.weight_amax = amax;
+      q.weight_amax = std::move(amax);
       q.weight_amax2 = lin.weight_amax2;
       q.input_amax = lin.input_amax;
       q.pre_quant_scale = lin.pre_quant_scale;

@@ -219,11 +219,16 @@ TEST(LearnedScales, Nvfp4MatchesTheReference) {
   const auto* ours = q.weight_scale.data<std::uint8_t>();
   const auto* theirs = want_scales.data<std::uint8_t>();
   int differing = 0;
-  for (std::int64_t b = 0; b < want_scales.numel(); ++b) differing += ours[b] != theirs[b];
+  for (std::size_t b = 0; b < want_scales.numel(); ++b) differing += ours[b] != theirs[b];
   EXPECT_EQ(differing, 2);  // blocks 5 and 22
   EXPECT_NE(ours[5], theirs[5]);
   EXPECT_NE(ours[22], theirs[22]);
   EXPECT_EQ(q.weight_scale_2->to_f32(), g.tensor("export.weight_scale_2").to_f32());
+
+  // Wrong shapes are named errors: NVFP4 starts from its one global amax, and needs one amax per block.
+  EXPECT_THROW(quant::lsq_initial_amax(spec, w.data(), out, in, std::vector<float>{0.5f, 0.5f}), Error);
+  std::vector<float> wq(w.size());
+  EXPECT_THROW(quant::lsq_forward(spec, w.data(), out, in, std::vector<float>(amax.size() - 1, 0.1f), global[0], wq.data()), Error);
 }
 
 // tests/data/hf/llama as an f32 checkpoint (the reference ran the model in f32: its transformed
