@@ -21,7 +21,7 @@
 
 #include "core/cpu_features.h"
 #include "core/startup_settings.h"
-#include "export/hf_modelopt.h"
+#include "load/load_model.h"
 #include "model/llama.h"
 
 using mopt::bench::median;
@@ -42,7 +42,7 @@ int main(int argc, char** argv) {
     if (std::strcmp(argv[i], "--runs") == 0) runs = std::atoi(argv[i + 1]);
     if (std::strcmp(argv[i], "--products") == 0) bf16_products = std::strcmp(argv[i + 1], "f32") != 0;
   }
-  auto m = mopt::exporter::load_model(argv[1]);  // a quantized export runs on its kernels
+  auto m = mopt::load::load_model(argv[1]);  // a quantized export runs on its kernels
   m.set_precision(bf16_products ? mopt::kernels::Precision::bf16 : mopt::kernels::Precision::f32);
   const auto& c = m.config();
   prompt_len = std::min<std::int64_t>(prompt_len, c.max_position_embeddings - gen);

@@ -8,7 +8,7 @@
 
 #include "core/error.h"
 #include "core/tensor.h"
-#include "export/compressed_tensors.h"
+#include "io/compressed_tensors_packing.h"
 #include "kernels/sparse24.h"
 
 namespace {
@@ -39,8 +39,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const mopt::Tensor compressed = bytes_tensor(dtypes[d], rest + split, n - split, eb[d]);
     // A bitmask may keep more than two of a group (compressed-tensors does not check either): the
     // compressor then refuses the result by name.
-    const mopt::Tensor dense = mopt::exporter::sparse24_bitmask_decompress(compressed, bitmask, shape, "fuzz");
-    (void)mopt::exporter::sparse24_bitmask_compress(dense, "fuzz");
+    const mopt::Tensor dense = mopt::io::sparse24_bitmask_decompress(compressed, bitmask, shape, "fuzz");
+    (void)mopt::io::sparse24_bitmask_compress(dense, "fuzz");
   } catch (const mopt::Error&) {
   }
   // The bytes as a dense tensor: the 2:4 check, the compressor and the kernel's layout agree on it.
@@ -48,9 +48,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (n >= need) {
     mopt::Tensor dense = mopt::Tensor::zeros(dtypes[d], {rows, cols});
     std::memcpy(dense.mutable_bytes().data(), rest, need);
-    const bool sparse = mopt::exporter::is_sparse24(dense);
+    const bool sparse = mopt::io::is_sparse24(dense);
     try {
-      (void)mopt::exporter::sparse24_bitmask_compress(dense, "fuzz");
+      (void)mopt::io::sparse24_bitmask_compress(dense, "fuzz");
       if (!sparse) __builtin_trap();  // compressed what is not 2:4
     } catch (const mopt::Error&) {
       if (sparse) __builtin_trap();  // refused what is 2:4

@@ -19,6 +19,7 @@
 #include "core/memory.h"
 #include "core/progress.h"
 #include "export/hf_modelopt.h"
+#include "load/load_model.h"
 #include "io/atomic_file.h"
 #include "io/checkpoint.h"
 #include "io/json_util.h"
@@ -247,7 +248,7 @@ int run_auto_quantize(const QuantizeOptions& o) {
     fail("--group-size applies to the INT4 formats only; none of --auto-formats {} takes one", o.auto_formats);
   }
   if (std::filesystem::exists(o.out_dir)) fail("{}: already exists (choose a new output)", o.out_dir);
-  if (exporter::is_quantized_checkpoint(o.model)) fail("{}: already quantized; quantize the original checkpoint", o.model);
+  if (load::is_quantized_checkpoint(o.model)) fail("{}: already quantized; quantize the original checkpoint", o.model);
   const io::Checkpoint ckpt = io::Checkpoint::open(o.model);
   std::vector<quant::Recipe> recipes;
   std::vector<double> bits;
@@ -289,10 +290,10 @@ int run_auto_quantize(const QuantizeOptions& o) {
     writer.finish();
   }
 
-  model::Model base = exporter::load_model(o.model);
+  model::Model base = load::load_model(o.model);
   std::vector<model::Model> models;
   models.reserve(formats.size());
-  for (std::size_t c = 0; c < formats.size(); ++c) models.push_back(exporter::load_model(fmt::format("{}/candidate-{}", staging.path(), c)));
+  for (std::size_t c = 0; c < formats.size(); ++c) models.push_back(load::load_model(fmt::format("{}/candidate-{}", staging.path(), c)));
   std::vector<model::Model*> candidates;
   for (auto& m : models) candidates.push_back(&m);
   const std::vector<std::vector<std::int32_t>> score_set(

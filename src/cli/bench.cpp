@@ -14,7 +14,7 @@
 #include "core/progress.h"
 #include "core/thread_pool.h"
 #include "eval/bench.h"
-#include "export/hf_modelopt.h"
+#include "load/load_model.h"
 #include "export/random_checkpoint.h"
 
 namespace mopt::cli {
@@ -45,7 +45,7 @@ std::vector<std::int64_t> parse_batches(const std::string& text) {
 // The model as its 16-bit self: quantized Linears dequantized, no activation or KV quantization,
 // float weights in bf16.
 model::Model load_16bit(const std::string& dir, kernels::Precision products) {
-  model::Model m = exporter::load_model(dir, exporter::QuantizedRun::fake_quant);
+  model::Model m = load::load_model(dir, load::QuantizedRun::fake_quant);
   m.set_precision(products);
   for (std::int64_t i = 0; i < m.num_layers(); ++i) {
     auto& l = m.mutable_layer(i);
@@ -60,7 +60,7 @@ model::Model load_16bit(const std::string& dir, kernels::Precision products) {
 }
 
 model::Model load_for_bench(const std::string& dir, kernels::Precision products) {
-  model::Model m = exporter::load_model(dir, exporter::QuantizedRun::kernels);
+  model::Model m = load::load_model(dir, load::QuantizedRun::kernels);
   m.set_precision(products);
   m.set_kv_element(kernels::KvElement::bf16);
   return m;

@@ -16,7 +16,7 @@
 #include "io/atomic_file.h"
 #include "io/chat_template.h"
 #include "io/json_util.h"
-#include "export/hf_modelopt.h"
+#include "load/load_model.h"
 #include "model/llama.h"
 #include "train/data.h"
 
@@ -67,13 +67,13 @@ void report_plain_loops(const model::Model& m, const std::string& path) {
 }
 
 // The model, with its plain-loop Linears reported.
-static model::Model load_reported(const std::string& path, exporter::QuantizedRun run = exporter::QuantizedRun::kernels) {
-  model::Model m = exporter::load_model(path, run);
+static model::Model load_reported(const std::string& path, load::QuantizedRun run = load::QuantizedRun::kernels) {
+  model::Model m = load::load_model(path, run);
   report_plain_loops(m, path);
   return m;
 }
 
-static exporter::QuantizedRun run_of(const EvalOptions& o) { return o.fake_quant ? exporter::QuantizedRun::fake_quant : exporter::QuantizedRun::kernels; }
+static load::QuantizedRun run_of(const EvalOptions& o) { return o.fake_quant ? load::QuantizedRun::fake_quant : load::QuantizedRun::kernels; }
 
 kernels::Precision parse_products(const std::string& value) {
   if (value == "bf16") return kernels::Precision::bf16;

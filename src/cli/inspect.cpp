@@ -7,8 +7,8 @@
 #include "algo/sparsity.h"
 #include "cli/commands.h"
 #include "cli/format.h"
-#include "export/hf_modelopt.h"
-#include "io/summary.h"
+#include "load/load_model.h"
+#include "load/summary.h"
 #include "model/llama.h"
 
 namespace mopt::cli {
@@ -18,7 +18,7 @@ namespace {
 // How many of the decoder Linears are 2:4 sparse (every group of 4 input columns with at most 2
 // non-zeros), read as evaluation loads them (quantized ones dequantized).
 nlohmann::json sparsity_summary(const std::string& path) {
-  const model::Model m = exporter::load_model(path, exporter::QuantizedRun::fake_quant);
+  const model::Model m = load::load_model(path, load::QuantizedRun::fake_quant);
   std::int64_t linears = 0, sparse = 0;
   std::uint64_t zeros = 0, weights = 0;
   std::vector<std::string> dense;
@@ -41,7 +41,7 @@ nlohmann::json sparsity_summary(const std::string& path) {
 }  // namespace
 
 int run_inspect(const InspectOptions& options) {
-  nlohmann::json s = io::summarize(options.path);
+  nlohmann::json s = load::summarize(options.path);
   if (options.sparsity) s["sparsity"] = sparsity_summary(options.path);
   if (options.json) {
     nlohmann::json out = s;

@@ -16,6 +16,7 @@
 #include "export/compressed_tensors.h"
 #include "export/gguf_export.h"
 #include "export/hf_modelopt.h"
+#include "load/load_model.h"
 #include "io/atomic_file.h"
 #include "io/checkpoint.h"
 #include "io/dataset.h"
@@ -194,7 +195,7 @@ int run_quantize(const QuantizeOptions& o) {
   if (std::filesystem::exists(o.out_dir)) fail("{}: already exists (choose a new output)", o.out_dir);
   const io::Checkpoint ckpt = io::Checkpoint::open(o.model);
   const quant::Recipe recipe = with_gguf_target_grid(o, std::move(from_options), ckpt.config());
-  if (exporter::is_quantized_checkpoint(o.model)) fail("{}: already quantized; quantize the original checkpoint", o.model);
+  if (load::is_quantized_checkpoint(o.model)) fail("{}: already quantized; quantize the original checkpoint", o.model);
   const algo::CalibrationSet calib = calibration_from_options(o, ckpt, recipe);
 
   // Another format is converted from the modelopt checkpoint, written first into a temporary directory beside the output.

@@ -1,6 +1,7 @@
 // compressed-tensors checkpoints (the format of llm-compressor, vLLM's own
-// path for INT4 W4A16): written from a mopt (modelopt-format) export, read
-// back as a model.
+// path for INT4 W4A16): written from a mopt (modelopt-format) export
+// (load/compressed_tensors.h reads them back; io/compressed_tensors_packing.h
+// holds the tensor encodings).
 //
 //   mopt format       compressed-tensors format   tensors per Linear
 //   int4 (W4A16)      pack-quantized, 4 bits      weight_packed I32 [out, in/8], weight_scale [out, in/g], weight_shape
@@ -25,7 +26,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "export/hf_modelopt.h"
+#include "quant/recipe.h"
 
 namespace mopt::exporter {
 
@@ -49,34 +50,5 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
 // and input_activations of a config group, and its format); throws Error for a
 // scheme it has no form for.
 nlohmann::json compressed_tensors_group(const quant::LinearScheme& scheme);
-
-// Whether a config group's target (or an ignore entry) names `module`: "Linear", the exact module
-// name, or "re:REGEX" matched from the start, as compressed-tensors matches them.
-bool compressed_tensors_target_matches(const std::string& target, const std::string& module);
-
-// True when config.json has quantization_config.quant_method "compressed-tensors".
-bool is_compressed_tensors_checkpoint(const std::string& dir);
-QuantizedReader compressed_tensors_reader(const std::string& dir);
-
-// compressed-tensors' sparse-24-bitmask form of a 2:4 sparse [rows, cols] tensor (cols % 4 == 0; any
-// dtype of 1, 2 or 4 bytes per element, stored codes included): `compressed` [rows, cols/2] the kept
-// values in row order (same dtype), `bitmask` U8 [rows, ceil(cols/8)] (bit j % 8 of byte j / 8 set
-// where column j is kept), `shape` I64 [2, 1]. A group with fewer than two non-zeros keeps zeros as
-// compressed-tensors 0.14 does (all zero: columns 2, 3; one non-zero at 0: 0, 2; at 1: 1, 3; at 2 or
-// 3: 2, 3). Throws Error naming `label` when a group holds more than two non-zeros.
-struct Sparse24Bitmask {
-  Tensor compressed, bitmask, shape;
-};
-Sparse24Bitmask sparse24_bitmask_compress(const Tensor& dense, const std::string& label);
-// The dense tensor back (pruned positions +0); throws Error naming `label` on inconsistent parts.
-Tensor sparse24_bitmask_decompress(const Tensor& compressed, const Tensor& bitmask, const Tensor& shape, const std::string& label);
-// True when `dense` [rows, cols] is 2:4 sparse (every group of 4 values with at most 2 non-zeros;
-// -0 counts as zero).
-bool is_sparse24(const Tensor& dense);
-
-// pack-quantized's packing of signed `bits`-bit codes [rows, cols] into int32
-// words along cols (offset 2^(bits-1), the first value in the lowest bits), and back.
-Tensor pack_int32_rows(const std::vector<std::int8_t>& codes, std::int64_t rows, std::int64_t cols, int bits);
-std::vector<std::int8_t> unpack_int32_rows(const Tensor& packed, std::int64_t rows, std::int64_t cols, int bits);
 
 }  // namespace mopt::exporter

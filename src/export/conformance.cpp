@@ -10,11 +10,11 @@
 #include <set>
 
 #include "core/error.h"
-#include "export/compressed_tensors.h"
-#include "export/hf_modelopt.h"
 #include "io/checkpoint.h"
 #include "io/hf_config.h"
 #include "io/json_util.h"
+#include "load/compressed_tensors.h"
+#include "load/quantized.h"
 #include "model/llama.h"
 #include "quant/recipe.h"
 
@@ -188,7 +188,7 @@ void check_modelopt(Ctx& x, const json& config, const io::ModelConfig& c, const 
     std::map<model::LinearKind, std::string> algos;
     for (const auto kind : model::kAllLinears) {
       const std::string m = fmt::format("model.layers.{}.{}", l, model::linear_name(kind));
-      const auto [out, in] = linear_shape(c, kind);
+      const auto [out, in] = load::linear_shape(c, kind);
       std::string a = algo;
       std::int64_t g = group;
       if (algo == "MIXED_PRECISION") {
@@ -255,7 +255,7 @@ void check_modelopt(Ctx& x, const json& config, const io::ModelConfig& c, const 
 // An invalid "re:" pattern matches nothing here (the engine would fail to load; the reader names it).
 bool compressed_tensors_target_matches_safe(const std::string& target, const std::string& module) {
   try {
-    return compressed_tensors_target_matches(target, module);
+    return load::compressed_tensors_target_matches(target, module);
   } catch (const Error&) {
     return false;
   }
@@ -316,7 +316,7 @@ void check_compressed_tensors(Ctx& x, const json& q, const io::ModelConfig& c) {
     std::map<model::LinearKind, std::string> chosen;
     for (const auto kind : model::kAllLinears) {
       const std::string m = fmt::format("model.layers.{}.{}", l, model::linear_name(kind));
-      const auto [out, in] = linear_shape(c, kind);
+      const auto [out, in] = load::linear_shape(c, kind);
       const Group* g = nullptr;
       const bool ignored = std::any_of(ignore.begin(), ignore.end(), [&](const std::string& p) { return p != "Linear" && compressed_tensors_target_matches_safe(p, m); });
       if (!ignored) {

@@ -12,12 +12,11 @@
 
 #include "core/convert.h"
 #include "core/error.h"
-#include "export/compressed_tensors.h"
-#include "export/hf_modelopt.h"
 #include "io/checkpoint.h"
 #include "io/gguf_convert.h"
 #include "io/gguf_writer.h"
 #include "io/json_util.h"
+#include "load/load_model.h"
 #include "io/tokenizer.h"
 #include "model/llama.h"
 
@@ -244,7 +243,7 @@ std::map<std::string, GgmlType> gguf_linear_types(const GgufExportOptions& optio
   std::map<std::string, GgmlType> types;
   for (std::int64_t l = 0; l < c.num_layers; ++l) {
     for (const auto kind : model::kAllLinears) {
-      const std::int64_t cols = linear_shape(c, kind).second;
+      const std::int64_t cols = load::linear_shape(c, kind).second;
       types[fmt::format("model.layers.{}.{}", l, model::linear_name(kind))] =
           gguf_matrix_type(options, gguf_linear_name(l, kind), l, c.num_layers, cols, c.tie_word_embeddings);
     }
@@ -283,10 +282,8 @@ std::string gguf_pre_tokenizer_name(const json& t, const std::string& label) {
 GgufExportReport export_gguf(const std::string& model_dir, const std::string& out_path, const GgufExportOptions& options) {
   if (fs::exists(out_path)) fail("{}: already exists; choose a new file", out_path);
   // A quantized checkpoint (mopt's modelopt or compressed-tensors export) gives its quantized weights.
-  std::optional<QuantizedReader> reader;
-  if (is_compressed_tensors_checkpoint(model_dir)) reader = compressed_tensors_reader(model_dir);
-  else if (is_quantized_checkpoint(model_dir)) reader = modelopt_reader(model_dir);
-  const io::Checkpoint ckpt = io::Checkpoint::open(model_dir, reader ? io::CheckpointLayout::quantized : io::CheckpointLayout::plain);
+  const std::optional<load::QuantizedReader> reader = load::quantized_reader(model_dir);
+  const io::Checkpoint ckpt = io::Checkpoint::open(model_dir, reader ? reader->layout : io::TensorLayout{});
   if (reader && ckpt.tensors().contains("lm_head.weight_scale")) {
     fail("{}: its lm_head is quantized (--quantize-lm-head); the GGUF export reads a 16-bit lm_head", model_dir);
   }
@@ -417,7 +414,7 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
   const auto linear = [&](std::int64_t layer, model::LinearKind kind, std::int64_t permute_heads) {
     const std::string hf = fmt::format("model.layers.{}.{}.weight", layer, model::linear_name(kind));
     const std::string gguf = gguf_name(hf);
-    std::optional<StoredLinear> st = reader ? reader->linear(ckpt, layer, kind) : std::nullopt;
+    std::optional<load::StoredLinear> st = reader ? reader->linear(ckpt, layer, kind) : std::nullopt;
     if (!st) {
       matrix(hf, gguf, permute_heads, layer);
       return;

@@ -9,10 +9,7 @@
 // whole directory is built as OUT.tmp-XXXXXX and renamed onto OUT only when
 // every file is on disk; on failure nothing is left at OUT.
 //
-// The reader loads such a checkpoint back as a model::Model whose quantized
-// Linears hold the dequantized weights and fake-quantize their inputs (and
-// the keys/values) as the checkpoint's scales say: what the quantized model
-// computes, for evaluation.
+// load/modelopt.h reads it back.
 #pragma once
 
 #include <cstdint>
@@ -30,7 +27,6 @@
 #include "export/checkpoint_dir.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
-#include "kernels/qlinear.h"
 #include "model/llama.h"
 #include "quant/quantized_layer.h"
 #include "quant/recipe.h"
@@ -84,58 +80,5 @@ nlohmann::json make_hf_quant_config(const std::vector<std::pair<std::string, qua
                                     const std::string& kv_quant_algo);
 // config.json's "quantization_config" derived from it, as the reference converts it.
 nlohmann::json make_quantization_config(const nlohmann::json& hf_quant_config);
-
-// One quantized Linear of a stored checkpoint, in the modelopt layout
-// (quant/qtensor.h) whatever the file's own format.
-struct StoredLinear {
-  std::string name;  // "model.layers.3.self_attn.q_proj"
-  quant::LinearScheme scheme;
-  quant::QuantizedWeight weight;
-  std::int64_t out = 0, in = 0;
-  std::vector<float> pre_quant_scale;  // empty: none
-  std::optional<float> input_scale;    // the static activation scale (amax / bound), when the scheme has one
-};
-
-// How a quantized checkpoint format is read: its Linears (nothing for one
-// stored plain) and its KV-cache scales.
-struct QuantizedReader {
-  std::function<std::optional<StoredLinear>(const io::Checkpoint&, std::int64_t layer, model::LinearKind)> linear;
-  // The lm_head when it is stored quantized (empty function or nothing: a 16-bit head).
-  std::function<std::optional<StoredLinear>(const io::Checkpoint&)> head;
-  std::string kv_algo;  // "", "FP8", "NVFP4"
-  std::function<std::pair<float, float>(const io::Checkpoint&, std::int64_t layer)> kv_scales;  // k_scale, v_scale
-  // An unquantized Linear's weight stored in another form (compressed-tensors' sparse-24-bitmask),
-  // dense; nothing (or no function): module.weight as stored.
-  std::function<std::optional<Tensor>(const io::Checkpoint&, const std::string& module)> dense_weight;
-};
-
-// The modelopt format's reader (hf_quant_config.json or config.json's quantization_config).
-QuantizedReader modelopt_reader(const std::string& dir);
-// [out, in] of Linear `kind` under `config`.
-std::pair<std::int64_t, std::int64_t> linear_shape(const io::ModelConfig& config, model::LinearKind kind);
-// How a quantized checkpoint's Linears run.
-enum class QuantizedRun {
-  kernels,     // weights stay quantized and run by the quantized kernels (kernels/qlinear.h)
-  fake_quant,  // weights dequantized to f32 (the definition the kernels are held to)
-};
-// The weight of a stored Linear in the kernels' terms (codes, scales, W8A8's input amax).
-kernels::QuantizedWeightSource kernel_source(const StoredLinear& stored);
-
-// A model whose quantized Linears fake-quantize their inputs (and keys/values) as the
-// checkpoint's scales say, with weights run as `run` says (W8A8 with the kernels quantizes
-// its input to int8 inside the kernel).
-model::Model load_quantized(const std::string& dir, const QuantizedReader& reader, QuantizedRun run = QuantizedRun::kernels);
-
-// Opens a quantized checkpoint and checks every quantized Linear's codes and
-// scales against its format (dtypes, shapes, finite positive scales) without
-// dequantizing anything; throws Error naming the file and tensor.
-void validate_quantized_checkpoint(const std::string& dir);
-
-// True when `dir` holds a quantized checkpoint (hf_quant_config.json, or a
-// config.json "quantization_config" with quant_method "modelopt").
-bool is_quantized_checkpoint(const std::string& dir);
-
-// Loads a checkpoint: plain, modelopt, compressed-tensors, or a .gguf file.
-model::Model load_model(const std::string& dir, QuantizedRun run = QuantizedRun::kernels);
 
 }  // namespace mopt::exporter

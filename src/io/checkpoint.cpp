@@ -114,60 +114,35 @@ bool is_ignorable_tensor(std::string_view name) {
   return name.size() >= kRotary.size() && name.substr(name.size() - kRotary.size()) == kRotary;
 }
 
-namespace {
-bool ends_with(std::string_view s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
-}
-}  // namespace
-
 bool is_layer_linear_weight(std::string_view name) {
   if (name.substr(0, 13) != "model.layers.") return false;
   for (const char* module : {".self_attn.q_proj.weight", ".self_attn.k_proj.weight", ".self_attn.v_proj.weight",
                              ".self_attn.o_proj.weight", ".mlp.gate_proj.weight", ".mlp.up_proj.weight", ".mlp.down_proj.weight"}) {
-    if (ends_with(name, module)) return true;
-  }
-  return false;
-}
-
-bool is_quantization_scale(std::string_view name) {
-  if (name.substr(0, 8) == "lm_head.") {
-    // A quantized lm_head (modelopt's names).
-    for (const char* suffix : {".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale"}) {
-      if (ends_with(name, suffix)) return true;
-    }
-    return false;
-  }
-  if (name.substr(0, 13) != "model.layers.") return false;
-  for (const char* suffix : {".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale", ".k_proj.k_scale", ".v_proj.v_scale",
-                             // compressed-tensors' names
-                             ".weight_packed", ".weight_shape", ".weight_global_scale", ".input_global_scale", ".self_attn.k_scale",
-                             ".self_attn.v_scale",
-                             // its sparse-24-bitmask weights
-                             "_proj.compressed", "_proj.bitmask", "_proj.shape"}) {
-    if (ends_with(name, suffix)) return true;
+    if (name.ends_with(module)) return true;
   }
   return false;
 }
 
 void check_tensors_against_config(const TensorStore& store, const ModelConfig& config, const std::string& label,
-                                  CheckpointLayout layout) {
-  const bool quantized = layout == CheckpointLayout::quantized;
+                                  const TensorLayout& layout) {
+  const bool quantized = layout.reader_checks_linears;
+  const auto format_tensor = [&](std::string_view name) { return layout.is_format_tensor && layout.is_format_tensor(name); };
   std::vector<std::string> missing, unexpected, wrong;
   std::set<std::string> expected_names;
   for (const auto& t : expected_tensors(config)) {
     expected_names.insert(t.name);
     const auto* loc = store.find(t.name);
-    if (loc == nullptr && quantized && is_layer_linear_weight(t.name) &&
-        (store.find(t.name.substr(0, t.name.size() - 7) + ".weight_packed") != nullptr ||
-         store.find(t.name.substr(0, t.name.size() - 7) + ".compressed") != nullptr)) {
-      continue;  // compressed-tensors stores a packed or 2:4 weight under other names
+    if (loc == nullptr && layout.stored_elsewhere && is_layer_linear_weight(t.name) && layout.stored_elsewhere(store, t.name)) {
+      continue;  // the format stores it under other names
     }
     if (loc == nullptr) {
       missing.push_back(t.name);
       continue;
     }
     if (quantized && is_layer_linear_weight(t.name)) continue;
-    if (quantized && t.name == "lm_head.weight" && store.find("lm_head.weight_scale") != nullptr) continue;  // checked by the reader
+    if (t.name == "lm_head.weight" && layout.quantized_head && layout.quantized_head(store)) {
+      continue;  // a quantized head: checked by the reader
+    }
     if (loc->entry->shape != t.shape) {
       wrong.push_back(fmt::format("{} has shape {}, expected {}", t.name, shape_string(loc->entry->shape), shape_string(t.shape)));
     } else if (loc->entry->dtype != DType::F32 && loc->entry->dtype != DType::F16 && loc->entry->dtype != DType::BF16) {
@@ -177,7 +152,7 @@ void check_tensors_against_config(const TensorStore& store, const ModelConfig& c
   for (const auto& loc : store.all()) {
     const std::string& name = loc.entry->name;
     if (expected_names.count(name) || is_ignorable_tensor(name)) continue;
-    if (quantized && is_quantization_scale(name)) continue;
+    if (format_tensor(name)) continue;
     // Some savers store the tied lm_head anyway; it must still fit.
     if (name == "lm_head.weight" && config.tie_word_embeddings &&
         loc.entry->shape == Shape{config.vocab_size, config.hidden_size}) {
@@ -194,7 +169,7 @@ void check_tensors_against_config(const TensorStore& store, const ModelConfig& c
   throw Error(msg);
 }
 
-Checkpoint Checkpoint::open(const std::string& dir, CheckpointLayout layout) {
+Checkpoint Checkpoint::open(const std::string& dir, const TensorLayout& layout) {
   if (!fs::is_directory(dir)) fail("{}: not a directory", dir);
   Checkpoint c;
   c.dir_ = dir;

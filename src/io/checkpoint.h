@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -53,19 +54,27 @@ class TensorStore {
 // What open() does not treat as a mismatch: buffers older savers wrote.
 bool is_ignorable_tensor(std::string_view name);
 
-// plain: every tensor exactly as config.json calls for, in f32/f16/bf16.
-// quantized: as plain, except that the decoder layers' Linear weights may have
-// any dtype and shape (their reader checks them) and the scale tensors a
-// quantized checkpoint adds beside them (weight_scale, weight_scale_2,
-// input_scale, pre_quant_scale, k_scale, v_scale; compressed-tensors'
-// weight_packed in place of weight, weight_shape, weight_global_scale,
-// input_global_scale, self_attn.k_scale/v_scale) are allowed.
-enum class CheckpointLayout { plain, quantized };
+// What a checkpoint format stores besides (or instead of) the tensors config.json calls for.
+// The default is the plain layout: every tensor exactly as config.json calls for, in f32/f16/bf16.
+// A quantized format's reader (load/) gives its own: the decoder layers' Linear weights (and a
+// quantized lm_head) are then left for the reader to check, and the format's own tensors (its
+// scales, packed codes) are allowed. io/ knows no quantized format's names.
+struct TensorLayout {
+  // Decoder Linear weights may have any dtype and shape.
+  bool reader_checks_linears = false;
+  // True when lm_head.weight is stored quantized (any dtype and shape); nothing when empty.
+  std::function<bool(const TensorStore& store)> quantized_head;
+  // A tensor the format adds (full name); nothing when empty.
+  std::function<bool(std::string_view name)> is_format_tensor;
+  // A decoder Linear weight ("model.layers.3.mlp.up_proj.weight") the format stores under other
+  // names (packed codes); nothing when empty.
+  std::function<bool(const TensorStore& store, std::string_view weight)> stored_elsewhere;
+};
 
 class Checkpoint {
  public:
   // Opens and validates a model directory.
-  static Checkpoint open(const std::string& dir, CheckpointLayout layout = CheckpointLayout::plain);
+  static Checkpoint open(const std::string& dir, const TensorLayout& layout = {});
 
   const std::string& dir() const { return dir_; }
   const ModelConfig& config() const { return config_; }
@@ -81,11 +90,9 @@ class Checkpoint {
 // Throws one Error listing every missing, unexpected, mis-shaped or non-float
 // tensor of `store` against what `config` calls for.
 void check_tensors_against_config(const TensorStore& store, const ModelConfig& config, const std::string& label,
-                                  CheckpointLayout layout = CheckpointLayout::plain);
+                                  const TensorLayout& layout = {});
 
 // True for "model.layers.N.self_attn.q_proj.weight" and the other six Linear weights of a layer.
 bool is_layer_linear_weight(std::string_view name);
-// True for the names of the scale tensors a quantized checkpoint adds.
-bool is_quantization_scale(std::string_view name);
 
 }  // namespace mopt::io

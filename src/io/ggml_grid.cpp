@@ -1,6 +1,7 @@
 #include "io/ggml_grid.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 
 #include "core/convert.h"
@@ -85,6 +86,12 @@ void put_levels(GgmlType type, std::uint8_t* p, const int* level) {
 const std::vector<GgmlType>& ggml_grid_types() {
   static const std::vector<GgmlType> types = {GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K};
   return types;
+}
+
+std::string ggml_block_name(GgmlType type) {
+  std::string name(ggml_type_info(static_cast<std::uint32_t>(type))->name);
+  for (char& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return name;
 }
 
 bool ggml_has_grid(GgmlType type) { return std::find(ggml_grid_types().begin(), ggml_grid_types().end(), type) != ggml_grid_types().end(); }

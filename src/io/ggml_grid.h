@@ -28,6 +28,8 @@ namespace mopt::io {
 // The types above (the ones with a grid mopt can quantize onto), and whether `type` is one.
 const std::vector<GgmlType>& ggml_grid_types();
 bool ggml_has_grid(GgmlType type);
+// The name a staging checkpoint gives a ggml block type: llama.cpp's, lower case ("q4_k").
+std::string ggml_block_name(GgmlType type);
 
 // The grid of `count` values stored as `blocks` of `type`.
 struct GgmlGrid {

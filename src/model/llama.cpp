@@ -61,10 +61,7 @@ LayerWeights load_layer(const io::Checkpoint& ckpt, std::int64_t index) {
   for (const LinearKind kind : kAllLinears) {
     const std::string base = p + std::string(linear_name(kind));
     Linear& l = w.linear(kind);
-    // A compressed-tensors checkpoint has weight_packed (or a 2:4 weight's .compressed) instead; its reader fills the weight in.
-    if (store.contains(base + ".weight") || !(store.contains(base + ".weight_packed") || store.contains(base + ".compressed"))) {
-      l.weight = store.tensor(base + ".weight");
-    }
+    if (store.contains(base + ".weight")) l.weight = store.tensor(base + ".weight");
     if (store.contains(base + ".bias")) l.bias = store.tensor(base + ".bias").to(DType::F32);
   }
   return w;
@@ -327,7 +324,7 @@ Model Model::load(const std::string& dir) { return load(dir, LoadOptions{}); }
 Model Model::load(const std::string& dir, const LoadOptions& options) {
   Model m;
   m.checkpoint_ = std::make_shared<io::Checkpoint>(
-      io::Checkpoint::open(dir, options.quantized ? io::CheckpointLayout::quantized : io::CheckpointLayout::plain));
+      io::Checkpoint::open(dir, options.layout));
   const auto& c = m.checkpoint_->config();
   const auto& store = m.checkpoint_->tensors();
   m.embed_tokens_ = store.tensor("model.embed_tokens.weight");
@@ -337,6 +334,10 @@ Model Model::load(const std::string& dir, const LoadOptions& options) {
   else m.lm_head_.weight = c.tie_word_embeddings ? m.embed_tokens_ : store.tensor("lm_head.weight");
   for (std::int64_t i = 0; i < c.num_layers; ++i) {
     m.layers_.push_back(options.layer_loader ? options.layer_loader(*m.checkpoint_, i) : load_layer(*m.checkpoint_, i));
+    for (const auto kind : kAllLinears) {
+      const Linear& lin = m.layers_.back().linear(kind);
+      if (lin.weight.numel() == 0 && !lin.quantized && !lin.sparse) fail("{}: model.layers.{}.{} has no weight", dir, i, linear_name(kind));
+    }
   }
   if (kernels::sparse_kernels_enabled()) {
     // 2:4 sparse bf16 weights run compressed (a dense weight is found out at its first full group).

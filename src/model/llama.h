@@ -76,7 +76,9 @@ struct LayerWeights {
   const Linear& linear(LinearKind kind) const;
 };
 
-// Reads layer `index` from a checkpoint (views, norms widened to f32).
+// Reads layer `index` from a checkpoint (views, norms widened to f32). A Linear whose weight is not
+// stored under its .weight name (a quantized format's packed codes) is left empty for the format's
+// reader to fill in.
 LayerWeights load_layer(const io::Checkpoint& checkpoint, std::int64_t index);
 
 // Sees what flows through a layer. Default: nothing.
@@ -155,8 +157,8 @@ void decoder_layer_forward(const io::ModelConfig& config, const std::vector<floa
 enum class LogitsFor { all_rows, last_row_of_each_sequence };
 
 struct LoadOptions {
-  // Open with io::CheckpointLayout::quantized (linear weights may be stored quantized).
-  bool quantized = false;
+  // What the checkpoint stores besides config.json's tensors (a quantized format's; load/ gives it).
+  io::TensorLayout layout;
   // Builds layer i; load_layer() when empty.
   std::function<LayerWeights(const io::Checkpoint&, std::int64_t)> layer_loader;
   // Builds the lm_head when it is stored quantized; nothing: lm_head.weight (or the tied embeddings) as stored.

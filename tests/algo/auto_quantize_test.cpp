@@ -14,6 +14,7 @@
 #include "quant/fake_quant.h"
 #include "eval/perplexity.h"
 #include "export/hf_modelopt.h"
+#include "load/load_model.h"
 #include "support/temp_dir.h"
 #include "support/tiny_kjv.h"
 #include "train/data.h"
@@ -146,8 +147,8 @@ TEST(AutoQuantize, KlScoresSwapOneGroupAndPutItBack) {
   testing::quantize("nvfp4", "max", tmp.file("nvfp4"));
   model::Model base = model::Model::load(testing::two_layer_tiny_kjv());
   model::Model same = model::Model::load(testing::two_layer_tiny_kjv());
-  model::Model fp8 = exporter::load_model(tmp.file("fp8"));
-  model::Model nvfp4 = exporter::load_model(tmp.file("nvfp4"));
+  model::Model fp8 = load::load_model(tmp.file("fp8"));
+  model::Model nvfp4 = load::load_model(tmp.file("nvfp4"));
   const auto groups = linear_groups(base.config(), false);
   const std::vector<std::vector<std::int32_t>> score_set(testing::calibration().sequences.begin(), testing::calibration().sequences.begin() + 2);
 
@@ -246,7 +247,7 @@ TEST(AutoQuantize, GradientScoresAreTheLossGradientTimesEachLinearsOutputChange)
   const std::string path = testing::two_layer_tiny_kjv();
   model::Model base = model::Model::load(path);
   model::Model same = model::Model::load(path);
-  model::Model fp8 = exporter::load_model(tmp.file("fp8"));
+  model::Model fp8 = load::load_model(tmp.file("fp8"));
   // A candidate that folded scales out, as NVFP4_AWQ does: q_proj's columns divided by s (the norm
   // before it now multiplies its input by s), v_proj's rows multiplied by r (o_proj's input carries r).
   // Powers of two, so the folded weights hold the same bf16 values scaled exactly.
@@ -441,7 +442,7 @@ TEST(AutoQuantize, GradientScoresMatchTheReference) {
     exporter::HfModeloptWriter writer(ckpt, tmp.file(f), r);
     for (const auto& l : layers) writer.add_layer(l);
     writer.finish();
-    exported.push_back(exporter::load_model(tmp.file(f)));
+    exported.push_back(load::load_model(tmp.file(f)));
   }
   GradientScorer scorer(base, {scored(per_module[0]), scored(per_module[1])});
   GradientScorer scorer_exported(base, {scored(exported[0]), scored(exported[1])});

@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "eval/perplexity.h"
 #include "export/hf_modelopt.h"
+#include "load/load_model.h"
 #include "io/dataset.h"
 #include "io/json_util.h"
 #include "io/safetensors.h"
@@ -156,7 +157,7 @@ TEST(Ptq, EveryFormatLoadsBackAndStaysCloseToTheModel) {
     auto r = recipe(format);
     if (format == "int4_rtn" || format == "w4a8_awq") r.group_size = 64;  // tiny-kjv's 704 inputs: 11 groups of 64
     quantize_to(tiny_kjv(), r, calib, tmp.file("q"));
-    auto m = exporter::load_model(tmp.file("q"));
+    auto m = load::load_model(tmp.file("q"));
     EXPECT_LT(m.weight_bytes(), base.weight_bytes());
     const double ppl = eval::perplexity(m, text, 256, 256).perplexity;
     EXPECT_TRUE(std::isfinite(ppl));
@@ -182,7 +183,7 @@ TEST(Ptq, MixedPrecisionRecipesExportPerLayerAlgorithms) {
   const auto store = io::TensorStore::open_dir(tmp.file("q"));
   EXPECT_EQ(store.tensor("model.layers.1.self_attn.q_proj.weight").dtype(), DType::BF16);
   EXPECT_EQ(store.tensor("model.layers.0.mlp.down_proj.weight").dtype(), DType::I8);
-  auto m = exporter::load_model(tmp.file("q"));
+  auto m = load::load_model(tmp.file("q"));
   EXPECT_EQ(m.num_layers(), 2);
 }
 
@@ -254,7 +255,7 @@ TEST(Ptq, DamagedQuantizedCheckpointsAreRefusedByName) {
   };
   auto expect_error = [](const std::string& dir, const std::string& needle) {
     try {
-      exporter::load_model(dir);
+      load::load_model(dir);
       ADD_FAILURE() << "no error for " << dir;
     } catch (const Error& e) {
       EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
@@ -278,7 +279,7 @@ TEST(Ptq, DamagedQuantizedCheckpointsAreRefusedByName) {
                "gguf_blocks \"q2_k\" is not one mopt reads");
   expect_error(damaged(tmp.file("d10"), "", std::nullopt, R"({"quantization": {"quant_algo": "FP8", "gguf_blocks": "q4_k"}})"),
                "is FP8, which is not stored in GGUF blocks");
-  EXPECT_NO_THROW(exporter::load_model(good));
+  EXPECT_NO_THROW(load::load_model(good));
 }
 
 TEST(Ptq, AShapeTheLayoutCannotHoldIsRefusedBeforeAnyCalibrationWork) {
@@ -355,8 +356,8 @@ TEST(Ptq, AlgorithmsExportWhatTheyEvaluatedAndBeatRoundToNearest) {
     algo::PtqReport report;
     quantize_to(tiny_kjv(), r, calib, tmp.file("q"), &report);
     EXPECT_EQ(report.algorithm, c.algorithm);
-    // The definition (fake quantization): the kernels' own roundings are checked in tests/export/quantized_run_test.cpp.
-    auto m = exporter::load_model(tmp.file("q"), exporter::QuantizedRun::fake_quant);
+    // The definition (fake quantization): the kernels' own roundings are checked in tests/load/quantized_run_test.cpp.
+    auto m = load::load_model(tmp.file("q"), load::QuantizedRun::fake_quant);
     EXPECT_NEAR(layer0_error(base, m.layer(0), calib), report.layers[0].output_error, 1e-6 + 1e-4 * report.layers[0].output_error);
     double before = 0.0, after = 0.0;
     for (const auto& l : report.layers) {
@@ -421,7 +422,7 @@ TEST(Ptq, Nvfp4AwqFoldsOprojScaleIntoVprojRowsWithoutGqa) {
   for (const char* n : {"self_attn.o_proj", "mlp.down_proj", "self_attn.q_proj", "mlp.up_proj"}) {
     EXPECT_FALSE(out.contains(std::string("model.layers.0.") + n + ".pre_quant_scale")) << n;
   }
-  auto m = exporter::load_model(tmp.file("q"));
+  auto m = load::load_model(tmp.file("q"));
   EXPECT_NEAR(layer0_error(base, m.layer(0), calib, mha), report.layers[0].output_error, 1e-6 + 1e-4 * report.layers[0].output_error);
   // With GQA (tiny-kjv itself) o_proj's scale cannot be folded and stays.
   TempDir tmp2;

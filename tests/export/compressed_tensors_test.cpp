@@ -22,6 +22,9 @@
 #include "export/conformance.h"
 #include "export/gguf_export.h"
 #include "export/hf_modelopt.h"
+#include "io/compressed_tensors_packing.h"
+#include "load/load_model.h"
+#include "load/modelopt.h"
 #include "io/dataset.h"
 #include "io/gguf.h"
 #include "io/json_util.h"
@@ -33,6 +36,15 @@
 
 namespace mopt::exporter {
 namespace {
+
+using load::load_model;
+using load::QuantizedRun;
+using io::is_sparse24;
+using io::pack_int32_rows;
+using io::Sparse24Bitmask;
+using io::sparse24_bitmask_compress;
+using io::sparse24_bitmask_decompress;
+using io::unpack_int32_rows;
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -213,7 +225,7 @@ TEST(CompressedTensors, SparseExportsComputeWhatTheDenseExportDoes) {
       EXPECT_EQ(report.sparse_linears, 14);
       writer.finish();
     }
-    EXPECT_EQ(is_quantized_checkpoint(tmp.file("dense")), std::string(c.format) != "none");
+    EXPECT_EQ(load::is_quantized_checkpoint(tmp.file("dense")), std::string(c.format) != "none");
     const auto report = export_compressed_tensors(tmp.file("dense"), tmp.file("ct"), 4ull << 30, true);
     EXPECT_EQ(report.sparse_linears, 14);
     EXPECT_EQ(report.sparsity_format, c.sparsity_format);
@@ -357,8 +369,8 @@ TEST(GgufFromQuantized, Int4CodesGoOverUnchanged) {
     }
   }
   EXPECT_EQ(checked, 2);
-  const auto reader = modelopt_reader(tmp.file("q"));
-  const io::Checkpoint ckpt = io::Checkpoint::open(tmp.file("q"), io::CheckpointLayout::quantized);
+  const auto reader = load::modelopt_reader(tmp.file("q"));
+  const io::Checkpoint ckpt = io::Checkpoint::open(tmp.file("q"), reader.layout);
   const auto st = reader.linear(ckpt, 1, model::LinearKind::v);  // not permuted
   ASSERT_TRUE(st.has_value());
   const std::vector<float> want = quant::dequantize_weight(*st->scheme.weight, st->weight, st->out, st->in);
@@ -384,8 +396,8 @@ TEST(GgufFromQuantized, Q4_0GridWeightsAreTheFilesBitForBit) {
     EXPECT_EQ(report.exact_linears, 14);
     EXPECT_EQ(report.requantized_linears, 0);
     const io::GgufFile g = io::GgufFile::open(tmp.file("m.gguf"));
-    const auto reader = modelopt_reader(tmp.file("q"));
-    const io::Checkpoint ckpt = io::Checkpoint::open(tmp.file("q"), io::CheckpointLayout::quantized);
+    const auto reader = load::modelopt_reader(tmp.file("q"));
+    const io::Checkpoint ckpt = io::Checkpoint::open(tmp.file("q"), reader.layout);
     for (std::int64_t layer = 0; layer < 2; ++layer) {
       for (const auto& [kind, name] : {std::pair{model::LinearKind::v, "attn_v"}, std::pair{model::LinearKind::o, "attn_output"},
                                        std::pair{model::LinearKind::gate, "ffn_gate"}, std::pair{model::LinearKind::down, "ffn_down"}}) {
@@ -457,8 +469,8 @@ TEST(GgufFromQuantized, GgmlBlocksAreTheFilesBitForBit) {
       return std::pair{f.header().tensors.size(), n};
     };
     EXPECT_EQ(tensor_bytes(g), tensor_bytes(plain));
-    const auto reader = modelopt_reader(tmp.file(algorithm));
-    const io::Checkpoint ckpt = io::Checkpoint::open(tmp.file(algorithm), io::CheckpointLayout::quantized);
+    const auto reader = load::modelopt_reader(tmp.file(algorithm));
+    const io::Checkpoint ckpt = io::Checkpoint::open(tmp.file(algorithm), reader.layout);
     std::size_t moved = 0;
     for (std::int64_t layer = 0; layer < 2; ++layer) {
       for (const auto& [kind, name] : {std::pair{model::LinearKind::q, "attn_q"}, std::pair{model::LinearKind::k, "attn_k"},

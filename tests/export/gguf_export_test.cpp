@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "eval/perplexity.h"
 #include "export/hf_modelopt.h"
+#include "load/load_model.h"
 #include "io/checkpoint.h"
 #include "io/gguf_convert.h"
 #include "io/gguf_writer.h"
@@ -27,6 +28,9 @@
 
 namespace mopt::exporter {
 namespace {
+
+using load::load_model;
+using load::QuantizedRun;
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -301,7 +305,7 @@ TEST(GgufExport, QwenAndBiasedLlamaModelsRoundTripWithQkNorms) {
 }
 
 TEST(GgufExport, EvalAndGenerateLoadAGgufFileDirectly) {
-  // exporter::load_model (what `mopt eval` and `mopt generate` use) reads a .gguf file: its values dequantized
+  // load::load_model (what `mopt eval` and `mopt generate` use) reads a .gguf file: its values dequantized
   // to f32 exactly, its tokenizer from the metadata.
   testing::TempDir tmp;
   export_gguf(tiny_kjv(), tmp.file("m.gguf"), gguf_options_from_name("q4_0"));

@@ -15,6 +15,7 @@
 #include "export/conformance.h"
 #include "export/gguf_export.h"
 #include "export/hf_modelopt.h"
+#include "load/load_model.h"
 #include "io/json_util.h"
 #include "quant/recipe.h"
 #include "support/temp_dir.h"
@@ -22,6 +23,9 @@
 
 namespace mopt::exporter {
 namespace {
+
+using load::load_model;
+using load::QuantizedRun;
 
 using testing::heldout;
 using testing::quantize;

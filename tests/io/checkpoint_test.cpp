@@ -7,7 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
-#include "io/summary.h"
+#include "load/summary.h"
 #include "support/temp_dir.h"
 
 namespace mopt::io {
@@ -41,8 +41,8 @@ TEST(Checkpoint, MatchesWhatTransformersWrote) {
       EXPECT_EQ(loc->entry->shape, tfacts["shape"].get<Shape>()) << tname;
       EXPECT_EQ(dtype_safetensors_name(loc->entry->dtype).value(), tfacts["dtype"].get<std::string>()) << tname;
     }
-    EXPECT_EQ(summarize(testing::data_path("hf/" + name))["parameters"], facts["num_parameters"]);
-    EXPECT_EQ(summarize(testing::data_path("hf/" + name))["total_bytes"], facts["total_bytes"]);
+    EXPECT_EQ(load::summarize(testing::data_path("hf/" + name))["parameters"], facts["num_parameters"]);
+    EXPECT_EQ(load::summarize(testing::data_path("hf/" + name))["total_bytes"], facts["total_bytes"]);
   }
 }
 
@@ -137,11 +137,11 @@ TEST(Checkpoint, TiedLmHeadAndOldRotaryBuffersAreAccepted) {
 }
 
 TEST(Summary, SingleFile) {
-  const json s = summarize(testing::data_path("hf/llama/model.safetensors"));
+  const json s = load::summarize(testing::data_path("hf/llama/model.safetensors"));
   EXPECT_EQ(s["kind"], "file");
   EXPECT_GT(s["parameters"].get<std::uint64_t>(), 0u);
   EXPECT_EQ(s["bytes_by_dtype"].size(), 1u);
-  EXPECT_THROW(summarize("/nonexistent/thing"), Error);
+  EXPECT_THROW(load::summarize("/nonexistent/thing"), Error);
 }
 
 }  // namespace

@@ -6,7 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
-namespace mopt::io {
+namespace mopt::load {
 
 // A JSON object: "path", "kind" ("model" or "file"), "files", "tensor_count",
 // "parameters", "bytes_by_dtype", "total_bytes", "tensors" (name, dtype,
@@ -17,4 +17,4 @@ namespace mopt::io {
 // A model directory is validated against its config.json first.
 nlohmann::json summarize(const std::string& path);
 
-}  // namespace mopt::io
+}  // namespace mopt::load

@@ -1,6 +1,4 @@
-#include "io/summary.h"
-
-#include "io/json_util.h"
+#include "load/summary.h"
 
 #include <filesystem>
 #include <cstdio>
@@ -10,9 +8,12 @@
 #include "core/error.h"
 #include "io/checkpoint.h"
 #include "io/gguf.h"
+#include "io/json_util.h"
+#include "load/load_model.h"
 
-namespace mopt::io {
+namespace mopt::load {
 
+using namespace mopt::io;
 namespace fs = std::filesystem;
 using nlohmann::json;
 
@@ -97,31 +98,18 @@ json summarize(const std::string& path) {
   json out;
   out["path"] = path;
   if (fs::is_directory(path)) {
-    // A quantized checkpoint (hf_quant_config.json) stores its Linears as codes and scales.
-    // So does a compressed-tensors checkpoint (config.json's quantization_config, quant_method compressed-tensors).
-    const fs::path quant_config = fs::path(path) / "hf_quant_config.json";
-    const fs::path config_path = fs::path(path) / "config.json";
-    json compressed;
-    if (fs::exists(config_path)) {
-      try {
-        const json cj = json::parse(read_text_file(config_path.string()));
-        if (cj.is_object() && cj.contains("quantization_config") && cj["quantization_config"].is_object() &&
-            cj["quantization_config"].value("quant_method", "") == "compressed-tensors") {
-          compressed = cj["quantization_config"];
-        }
-      } catch (const json::exception&) {
-        // Checkpoint::open below reports a malformed config.json.
-      }
-    }
-    const bool quantized = fs::exists(quant_config) || compressed.is_object();
-    const Checkpoint ckpt = Checkpoint::open(path, quantized ? CheckpointLayout::quantized : CheckpointLayout::plain);
+    const CheckpointFormat format = checkpoint_format(path);
+    const Checkpoint ckpt = open_checkpoint(path);
     const ModelConfig& c = ckpt.config();
     out["kind"] = "model";
-    if (compressed.is_object()) {
-      out["quantization"] = {{"quant_algo", "compressed-tensors " + compressed.value("format", std::string("?"))},
-                             {"kv_cache_quant_algo", compressed.contains("kv_cache_scheme") && compressed["kv_cache_scheme"].is_object() ? json("FP8") : json(nullptr)}};
-    } else if (quantized) {
-      const json q = parse_json_unique_keys(read_text_file(quant_config.string()), quant_config.string());
+    if (format == CheckpointFormat::compressed_tensors) {
+      const std::string config_path = (fs::path(path) / "config.json").string();
+      const json q = parse_json_unique_keys(read_text_file(config_path), config_path).at("quantization_config");
+      out["quantization"] = {{"quant_algo", "compressed-tensors " + q.value("format", std::string("?"))},
+                             {"kv_cache_quant_algo", q.contains("kv_cache_scheme") && q["kv_cache_scheme"].is_object() ? json("FP8") : json(nullptr)}};
+    } else if (format == CheckpointFormat::modelopt) {
+      const fs::path quant_config = fs::path(path) / "hf_quant_config.json";
+      const json q = fs::exists(quant_config) ? parse_json_unique_keys(read_text_file(quant_config.string()), quant_config.string()) : json(nullptr);
       out["quantization"] = q.is_object() && q.contains("quantization") ? q["quantization"] : json(nullptr);
     }
     out["architecture"] = c.architecture;
@@ -153,4 +141,4 @@ json summarize(const std::string& path) {
   return out;
 }
 
-}  // namespace mopt::io
+}  // namespace mopt::load

@@ -10,11 +10,11 @@
 
 #include "eval/bench.h"
 #include "eval/perplexity.h"
-#include "export/hf_modelopt.h"
+#include "load/load_model.h"
 #include "support/temp_dir.h"
 #include "support/tiny_kjv.h"
 
-namespace mopt::exporter {
+namespace mopt::load {
 namespace {
 
 using testing::heldout;
@@ -126,4 +126,4 @@ TEST(Bench, ReportsEveryModelAndBatchAgainstTheBaseline) {
 }
 
 }  // namespace
-}  // namespace mopt::exporter
+}  // namespace mopt::load
