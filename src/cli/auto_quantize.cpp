@@ -240,6 +240,26 @@ void write_choice(std::vector<std::vector<quant::QuantizedLayer>>& layers, const
 
 }  // namespace
 
+// One line per group: its weights, the format chosen and every candidate's score; returns the mix
+// ("fp8 123 weights, nvfp4_awq 456 weights").
+std::string print_choice_table(const std::vector<algo::LinearGroup>& groups, const std::vector<std::string>& formats,
+                               const std::vector<std::vector<double>>& scores, const std::vector<std::size_t>& choice, const std::string& method) {
+fmt::print("{:<48} {:>10} {:>7}", "group", "weights", "choice");
+for (const auto& f : formats) fmt::print(" {:>14}", (method == "kl" ? "KL " : "score ") + f);
+fmt::print("\n");
+std::map<std::string, std::int64_t> counts;
+for (std::size_t g = 0; g < groups.size(); ++g) {
+  const std::string name = choice[g] < formats.size() ? formats[choice[g]] : "none";
+  counts[name] += groups[g].weights;
+  fmt::print("{:<48} {:>10} {:>7}", groups[g].name, groups[g].weights, name);
+  for (const double s : scores[g]) fmt::print(" {:>14}", method == "kl" ? fmt::format("{:.6f}", s) : fmt::format("{:.6e}", s));
+  fmt::print("\n");
+}
+std::string mix;
+for (const auto& [name, weights] : counts) mix += fmt::format("{}{} {} weights", mix.empty() ? "" : ", ", name, weights);
+  return mix;
+}
+
 int run_auto_quantize(const QuantizeOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   refuse_unsupported(o);
@@ -333,19 +353,7 @@ int run_auto_quantize(const QuantizeOptions& o) {
     (void)convert_export(modelopt_dir, converted, mixed, 0);
   }
 
-  fmt::print("{:<48} {:>10} {:>7}", "group", "weights", "choice");
-  for (const auto& f : formats) fmt::print(" {:>14}", (o.auto_method == "kl" ? "KL " : "score ") + f);
-  fmt::print("\n");
-  std::map<std::string, std::int64_t> counts;
-  for (std::size_t g = 0; g < groups.size(); ++g) {
-    const std::string name = choice.choice[g] < formats.size() ? formats[choice.choice[g]] : "none";
-    counts[name] += groups[g].weights;
-    fmt::print("{:<48} {:>10} {:>7}", groups[g].name, groups[g].weights, name);
-    for (const double s : scores[g]) fmt::print(" {:>14}", o.auto_method == "kl" ? fmt::format("{:.6f}", s) : fmt::format("{:.6e}", s));
-    fmt::print("\n");
-  }
-  std::string mix;
-  for (const auto& [name, weights] : counts) mix += fmt::format("{}{} {} weights", mix.empty() ? "" : ", ", name, weights);
+  const std::string mix = print_choice_table(groups, formats, scores, choice.choice, o.auto_method);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   fmt::print("mixed precision under {} bits: {:.4f} effective bits, total score {:.6g} ({}); {:.1f} s; peak RSS {:.1f} MiB\n", o.auto_bits,
              choice.effective_bits, choice.score, mix, seconds, static_cast<double>(peak_rss_bytes()) / (1 << 20));

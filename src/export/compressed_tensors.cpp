@@ -108,6 +108,215 @@ json compressed_tensors_group(const quant::LinearScheme& s) {
   return {};
 }
 
+namespace {
+
+// compressed-tensors' form of a modelopt export, Linear by Linear, with what its config needs.
+class CtWriter {
+ public:
+  CtWriter(const std::string& quantized_dir, const std::string& out_dir, std::uint64_t shard_bytes, bool sparse_24)
+      : source_(quantized_dir), dir_(out_dir, shard_bytes), sparse_24_(sparse_24) {}
+
+  CheckpointDirWriter& dir() { return dir_; }
+  CompressedTensorsReport& report() { return report_; }
+
+  // A Linear the source keeps unquantized: ignored by the quantization config, and stored 2:4 when asked.
+  void plain_linear(const io::Checkpoint& ckpt, const std::string& name, std::set<std::string>& consumed) {
+    ignore_.push_back(name);
+    if (!sparse_24_) return;
+    add_weight(name, ckpt.tensor(name + ".weight"));
+    consumed.insert(name + ".weight");
+  }
+
+  // A quantized Linear: its codes and scales under compressed-tensors' names.
+  void quantized_linear(load::StoredLinear st, std::set<std::string>& consumed) {
+    const std::string& name = st.name;
+    if (st.scheme.weight->grid == quant::IntGrid::ggml) fail("{}: {} is stored as GGUF blocks, which compressed-tensors has no form for", source_, name);
+    const json group = compressed_tensors_group(st.scheme);
+    if (!st.pre_quant_scale.empty()) fold_pre_quant_scale(st);
+    const auto& spec = *st.scheme.weight;
+    const std::int64_t out = st.out, in = st.in;
+    const quant::QuantizedWeight& q = st.weight;
+    const CtKind kind = ct_kind(st.scheme);
+    switch (kind) {
+      case CtKind::int4_pack:
+      case CtKind::int8_pack: {
+        const bool int4 = kind == CtKind::int4_pack;
+        const std::vector<std::int8_t> codes = int4 ? quant::unpack_int4_rows(q.weight, out, in) : int8_codes(q.weight);
+        dir_.add(name + ".weight_packed", io::pack_int32_rows(codes, out, in, int4 ? 4 : 8));
+        Tensor scale = q.weight_scale.to(DType::F32);
+        dir_.add(name + ".weight_scale", int4 ? scale : f32_tensor(scale.to_f32(), {out, 1}));
+        Tensor shape = Tensor::zeros(DType::I64, {2});
+        shape.mutable_data<std::int64_t>()[0] = out;
+        shape.mutable_data<std::int64_t>()[1] = in;
+        dir_.add(name + ".weight_shape", shape);
+        note_packed(name, spec, q, out, in);
+        break;
+      }
+      case CtKind::int8_w8a8:
+      case CtKind::fp8_channel:
+        add_weight(name, q.weight);
+        dir_.add(name + ".weight_scale", f32_tensor(q.weight_scale.to_f32(), {out, 1}));
+        break;
+      case CtKind::fp8_tensor:
+        add_weight(name, q.weight);
+        dir_.add(name + ".weight_scale", scalar1(only_value(q.weight_scale, name + ".weight_scale")));
+        break;
+      case CtKind::fp8_block:
+        add_weight(name, q.weight);
+        dir_.add(name + ".weight_scale", q.weight_scale.to(DType::F32));
+        break;
+      case CtKind::nvfp4:
+        note_packed(name, spec, q, out, in);
+        dir_.add(name + ".weight_packed", q.weight);
+        dir_.add(name + ".weight_scale", q.weight_scale);
+        dir_.add(name + ".weight_global_scale", scalar1(1.0f / only_value(*q.weight_scale_2, name + ".weight_scale_2")));
+        break;
+    }
+    if (st.input_scale) {
+      const bool nvfp4 = kind == CtKind::nvfp4;
+      dir_.add(name + (nvfp4 ? ".input_global_scale" : ".input_scale"), scalar1(nvfp4 ? 1.0f / *st.input_scale : *st.input_scale));
+    }
+    for (const char* suffix : {".weight", ".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale"}) consumed.insert(name + suffix);
+    modules_.emplace_back(name, group);
+    ++report_.quantized_linears;
+  }
+
+  // config.json's quantization_config for what was written.
+  json quantization_config(const io::ModelConfig& c, bool kv) {
+    const json sparsity = sparsity_config(c);
+    if (modules_.empty() && !kv) {
+      // Sparsity alone, as compressed-tensors writes it: no quantization groups.
+      return {{"quant_method", "compressed-tensors"}, {"sparsity_config", sparsity}, {"transform_config", json::object()}};
+    }
+    // One config group per distinct scheme; a single one targets every Linear.
+    std::vector<std::pair<json, std::vector<std::string>>> groups;
+    for (const auto& module : modules_) {
+      const json& g = module.second;
+      auto it = std::find_if(groups.begin(), groups.end(), [&g](const auto& e) { return e.first == g; });
+      if (it == groups.end()) groups.push_back({g, {module.first}});
+      else it->second.push_back(module.first);
+    }
+    json config_groups = json::object();
+    std::set<std::string> formats;
+    for (std::size_t i = 0; i < groups.size(); ++i) {
+      json g = groups[i].first;
+      formats.insert(g["format"].get<std::string>());
+      g["targets"] = groups.size() == 1 ? json::array({"Linear"}) : json(groups[i].second);
+      config_groups[fmt::format("group_{}", i)] = g;
+    }
+    return {{"quant_method", "compressed-tensors"},
+            {"format", formats.size() == 1 ? *formats.begin() : std::string("mixed-precision")},
+            {"quantization_status", "compressed"},
+            {"config_groups", config_groups},
+            {"ignore", ignore_},
+            {"kv_cache_scheme", kv ? quant_args(8, "float", "tensor", 0, false) : json(nullptr)},
+            {"global_compression_ratio", nullptr},
+            {"sparsity_config", sparsity}};
+  }
+
+
+ private:
+  static Tensor scalar1(float v) { return f32_tensor({v}, {1}); }
+
+  // compressed-tensors has no pre-quantization scale: a weight-only Linear's is multiplied into its
+  // columns and the weight quantized again (reported); one with quantized inputs cannot be written.
+  void fold_pre_quant_scale(load::StoredLinear& st) {
+    if (st.scheme.input) {
+      fail("{}: {} keeps a pre_quant_scale on its quantized inputs, which compressed-tensors cannot hold; quantize with "
+           "`mopt quantize ... --export compressed-tensors`, which folds every scale",
+           source_, st.name);
+    }
+    const auto& spec = *st.scheme.weight;
+    const std::int64_t out = st.out, in = st.in;
+    std::vector<float> w = quant::dequantize_weight(spec, st.weight, out, in);
+    for (std::int64_t r = 0; r < out; ++r) {
+      for (std::int64_t j = 0; j < in; ++j) w[static_cast<std::size_t>(r * in + j)] *= st.pre_quant_scale[static_cast<std::size_t>(j)];
+    }
+    const std::vector<float> amax = quant::compute_amax(spec, w.data(), out, in);
+    st.weight = quant::quantize_weight(spec, w.data(), out, in, amax);
+    report_.requantized.push_back(st.name);
+  }
+
+  // 2:4 weights: sparse-24-bitmask where the weight is stored whole (16-bit, FP8, INT8 codes).
+  void add_weight(const std::string& module, const Tensor& w) {
+    if (sparse_24_ && io::is_sparse24(w)) {
+      const io::Sparse24Bitmask b = io::sparse24_bitmask_compress(w, module + ".weight");
+      dir_.add(module + ".compressed", b.compressed);
+      dir_.add(module + ".bitmask", b.bitmask);
+      dir_.add(module + ".shape", b.shape);
+      sparse_modules_.push_back(module);
+      pruned_ += w.numel() / 2;
+    } else {
+      dir_.add(module + ".weight", w);
+      dense_modules_.push_back(module);
+    }
+  }
+
+  // Packed codes keep their zeros in place: a 2:4 one is only noted (sparsity_config "dense").
+  void note_packed(const std::string& module, const quant::QuantizerSpec& spec, const quant::QuantizedWeight& q, std::int64_t out, std::int64_t in) {
+    if (!sparse_24_) return;
+    const std::vector<float> w = quant::dequantize_weight(spec, q, out, in);
+    if (algo::is_24_sparse(w.data(), out, in)) {
+      packed_sparse_ = true;
+      sparse_modules_.push_back(module);
+      pruned_ += static_cast<std::uint64_t>(out * in / 2);
+    } else {
+      dense_modules_.push_back(module);
+    }
+  }
+
+  // compressed-tensors' Sparse24BitMaskConfig ("dense" when a packed format keeps the zeros in place).
+  json sparsity_config(const io::ModelConfig& c) {
+    if (sparse_modules_.empty()) {
+      if (sparse_24_) fail("{}: no decoder Linear is 2:4 sparse; nothing for sparse-24-bitmask to hold", source_);
+      return json::object();
+    }
+    std::uint64_t parameters = static_cast<std::uint64_t>(c.vocab_size * c.hidden_size) * (c.tie_word_embeddings ? 1u : 2u);
+    for (std::int64_t l = 0; l < c.num_layers; ++l) {
+      for (const auto kind : model::kAllLinears) {
+        const auto [o, i] = load::linear_shape(c, kind);
+        parameters += static_cast<std::uint64_t>(o * i);
+      }
+      parameters += static_cast<std::uint64_t>(2 * c.hidden_size);
+    }
+    json sparse_ignore = json::array({"lm_head"});
+    for (const auto& m : dense_modules_) sparse_ignore.push_back(m);
+    const bool all = dense_modules_.empty();
+    report_.sparse_linears = static_cast<std::int64_t>(sparse_modules_.size());
+    report_.sparsity_format = packed_sparse_ ? "dense" : "sparse-24-bitmask";
+    return {{"format", report_.sparsity_format},
+            {"global_sparsity", static_cast<double>(pruned_) / static_cast<double>(parameters)},
+            {"ignore", sparse_ignore},
+            {"registry_requires_subclass", false},
+            {"sparsity_structure", "2:4"},
+            {"targets", all ? json::array({"Linear"}) : json(sparse_modules_)}};
+  }
+
+  std::string source_;
+  CheckpointDirWriter dir_;
+  bool sparse_24_;
+  CompressedTensorsReport report_;
+  std::vector<std::pair<std::string, json>> modules_;  // quantized Linear -> its group
+  std::vector<std::string> ignore_{"lm_head"};
+  std::vector<std::string> sparse_modules_, dense_modules_;
+  bool packed_sparse_ = false;
+  std::uint64_t pruned_ = 0;
+};
+
+// Reads the written checkpoint back as the loader will: every Linear and KV scale must read.
+void check_written(const std::string& d) {
+  const load::QuantizedReader r = load::compressed_tensors_reader(d);
+  const io::Checkpoint back = io::Checkpoint::open(d, r.layout);
+  for (std::int64_t l = 0; l < back.config().num_layers; ++l) {
+    for (const auto kind : model::kAllLinears) {
+      if (!r.linear(back, l, kind)) r.dense_weight(back, fmt::format("model.layers.{}.{}", l, model::linear_name(kind)));
+    }
+    if (!r.kv_algo.empty()) r.kv_scales(back, l);
+  }
+}
+
+}  // namespace
+
 CompressedTensorsReport export_compressed_tensors(const std::string& quantized_dir, const std::string& out_dir, std::uint64_t shard_bytes,
                                                   bool sparse_24) {
   if (load::is_compressed_tensors_checkpoint(quantized_dir)) fail("{}: already a compressed-tensors checkpoint", quantized_dir);
@@ -126,121 +335,20 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
     fail("{}: its lm_head is quantized (--quantize-lm-head); the compressed-tensors export keeps a 16-bit lm_head", quantized_dir);
   }
   const auto& c = ckpt.config();
-  CheckpointDirWriter dir(out_dir, shard_bytes);
-  CompressedTensorsReport report;
-  std::vector<std::pair<std::string, json>> modules;  // quantized Linear -> its group
-  std::vector<std::string> ignore{"lm_head"};
-  auto scalar1 = [](float v) { return f32_tensor({v}, {1}); };
-  // 2:4 weights: sparse-24-bitmask where the weight is stored whole (16-bit, FP8, INT8 codes).
-  std::vector<std::string> sparse_modules, dense_modules;
-  bool packed_sparse = false;
-  std::uint64_t pruned = 0;
-  auto add_weight = [&](const std::string& module, const Tensor& w) {
-    if (sparse_24 && io::is_sparse24(w)) {
-      const io::Sparse24Bitmask b = io::sparse24_bitmask_compress(w, module + ".weight");
-      dir.add(module + ".compressed", b.compressed);
-      dir.add(module + ".bitmask", b.bitmask);
-      dir.add(module + ".shape", b.shape);
-      sparse_modules.push_back(module);
-      pruned += w.numel() / 2;
-    } else {
-      dir.add(module + ".weight", w);
-      dense_modules.push_back(module);
-    }
-  };
-  // Packed codes keep their zeros in place: a 2:4 one is only noted (sparsity_config "dense").
-  auto note_packed = [&](const std::string& module, const quant::QuantizerSpec& spec, const quant::QuantizedWeight& q, std::int64_t out,
-                         std::int64_t in) {
-    if (!sparse_24) return;
-    const std::vector<float> w = quant::dequantize_weight(spec, q, out, in);
-    if (algo::is_24_sparse(w.data(), out, in)) {
-      packed_sparse = true;
-      sparse_modules.push_back(module);
-      pruned += static_cast<std::uint64_t>(out * in / 2);
-    } else {
-      dense_modules.push_back(module);
-    }
-  };
+  CtWriter writer(quantized_dir, out_dir, shard_bytes, sparse_24);
+  CheckpointDirWriter& dir = writer.dir();
   for (std::int64_t l = 0; l < c.num_layers; ++l) {
     const std::string prefix = fmt::format("model.layers.{}.", l);
     std::set<std::string> consumed;
     for (const auto kind : model::kAllLinears) {
-      const std::string name = prefix + std::string(model::linear_name(kind));
       auto st = reader.linear(ckpt, l, kind);
-      if (!st) {
-        ignore.push_back(name);
-        if (sparse_24) {
-          add_weight(name, ckpt.tensor(name + ".weight"));
-          consumed.insert(name + ".weight");
-        }
-        continue;
-      }
-      if (st->scheme.weight->grid == quant::IntGrid::ggml) fail("{}: {} is stored as GGUF blocks, which compressed-tensors has no form for", quantized_dir, name);
-      const json group = compressed_tensors_group(st->scheme);
-      const auto& spec = *st->scheme.weight;
-      const std::int64_t out = st->out, in = st->in;
-      if (!st->pre_quant_scale.empty()) {
-        if (st->scheme.input) {
-          fail("{}: {} keeps a pre_quant_scale on its quantized inputs, which compressed-tensors cannot hold; quantize with "
-               "`mopt quantize ... --export compressed-tensors`, which folds every scale",
-               quantized_dir, name);
-        }
-        std::vector<float> w = quant::dequantize_weight(spec, st->weight, out, in);
-        for (std::int64_t r = 0; r < out; ++r) {
-          for (std::int64_t j = 0; j < in; ++j) w[static_cast<std::size_t>(r * in + j)] *= st->pre_quant_scale[static_cast<std::size_t>(j)];
-        }
-        const std::vector<float> amax = quant::compute_amax(spec, w.data(), out, in);
-        st->weight = quant::quantize_weight(spec, w.data(), out, in, amax);
-        report.requantized.push_back(name);
-      }
-      const quant::QuantizedWeight& q = st->weight;
-      switch (ct_kind(st->scheme)) {
-        case CtKind::int4_pack:
-        case CtKind::int8_pack: {
-          const bool int4 = ct_kind(st->scheme) == CtKind::int4_pack;
-          const std::vector<std::int8_t> codes = int4 ? quant::unpack_int4_rows(q.weight, out, in) : int8_codes(q.weight);
-          dir.add(name + ".weight_packed", io::pack_int32_rows(codes, out, in, int4 ? 4 : 8));
-          Tensor scale = q.weight_scale.to(DType::F32);
-          dir.add(name + ".weight_scale", int4 ? scale : f32_tensor(scale.to_f32(), {out, 1}));
-          Tensor shape = Tensor::zeros(DType::I64, {2});
-          shape.mutable_data<std::int64_t>()[0] = out;
-          shape.mutable_data<std::int64_t>()[1] = in;
-          dir.add(name + ".weight_shape", shape);
-          note_packed(name, spec, q, out, in);
-          break;
-        }
-        case CtKind::int8_w8a8:
-        case CtKind::fp8_channel:
-          add_weight(name, q.weight);
-          dir.add(name + ".weight_scale", f32_tensor(q.weight_scale.to_f32(), {out, 1}));
-          break;
-        case CtKind::fp8_tensor:
-          add_weight(name, q.weight);
-          dir.add(name + ".weight_scale", scalar1(only_value(q.weight_scale, name + ".weight_scale")));
-          break;
-        case CtKind::fp8_block:
-          add_weight(name, q.weight);
-          dir.add(name + ".weight_scale", q.weight_scale.to(DType::F32));
-          break;
-        case CtKind::nvfp4:
-          note_packed(name, spec, q, out, in);
-          dir.add(name + ".weight_packed", q.weight);
-          dir.add(name + ".weight_scale", q.weight_scale);
-          dir.add(name + ".weight_global_scale", scalar1(1.0f / only_value(*q.weight_scale_2, name + ".weight_scale_2")));
-          break;
-      }
-      if (st->input_scale) {
-        const bool nvfp4 = ct_kind(st->scheme) == CtKind::nvfp4;
-        dir.add(name + (nvfp4 ? ".input_global_scale" : ".input_scale"), scalar1(nvfp4 ? 1.0f / *st->input_scale : *st->input_scale));
-      }
-      for (const char* suffix : {".weight", ".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale"}) consumed.insert(name + suffix);
-      modules.emplace_back(name, group);
-      ++report.quantized_linears;
+      if (st) writer.quantized_linear(std::move(*st), consumed);
+      else writer.plain_linear(ckpt, prefix + std::string(model::linear_name(kind)), consumed);
     }
     if (!reader.kv_algo.empty()) {
       const auto [k, v] = reader.kv_scales(ckpt, l);
-      dir.add(prefix + "self_attn.k_scale", scalar1(k));
-      dir.add(prefix + "self_attn.v_scale", scalar1(v));
+      dir.add(prefix + "self_attn.k_scale", f32_tensor({k}, {1}));
+      dir.add(prefix + "self_attn.v_scale", f32_tensor({v}, {1}));
       consumed.insert(prefix + "self_attn.k_proj.k_scale");
       consumed.insert(prefix + "self_attn.v_proj.v_scale");
     }
@@ -256,76 +364,12 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
     if (n.rfind("model.layers.", 0) == 0 || io::is_ignorable_tensor(n)) continue;
     dir.add(n, ckpt.tensor(n));
   }
-
-  // One config group per distinct scheme; a single one targets every Linear.
-  std::vector<std::pair<json, std::vector<std::string>>> groups;
-  for (const auto& module : modules) {
-    const json& g = module.second;
-    auto it = std::find_if(groups.begin(), groups.end(), [&g](const auto& e) { return e.first == g; });
-    if (it == groups.end()) groups.push_back({g, {module.first}});
-    else it->second.push_back(module.first);
-  }
-  json config_groups = json::object();
-  std::set<std::string> formats;
-  for (std::size_t i = 0; i < groups.size(); ++i) {
-    json g = groups[i].first;
-    formats.insert(g["format"].get<std::string>());
-    g["targets"] = groups.size() == 1 ? json::array({"Linear"}) : json(groups[i].second);
-    config_groups[fmt::format("group_{}", i)] = g;
-  }
-  json sparsity = json::object();
-  if (!sparse_modules.empty()) {
-    // compressed-tensors' Sparse24BitMaskConfig ("dense" when a packed format keeps the zeros in place).
-    std::uint64_t parameters = static_cast<std::uint64_t>(c.vocab_size * c.hidden_size) * (c.tie_word_embeddings ? 1u : 2u);
-    for (std::int64_t l = 0; l < c.num_layers; ++l) {
-      for (const auto kind : model::kAllLinears) {
-        const auto [o, i] = load::linear_shape(c, kind);
-        parameters += static_cast<std::uint64_t>(o * i);
-      }
-      parameters += static_cast<std::uint64_t>(2 * c.hidden_size);
-    }
-    json sparse_ignore = json::array({"lm_head"});
-    for (const auto& m : dense_modules) sparse_ignore.push_back(m);
-    const bool all = dense_modules.empty();
-    sparsity = {{"format", packed_sparse ? "dense" : "sparse-24-bitmask"},
-                {"global_sparsity", static_cast<double>(pruned) / static_cast<double>(parameters)},
-                {"ignore", sparse_ignore},
-                {"registry_requires_subclass", false},
-                {"sparsity_structure", "2:4"},
-                {"targets", all ? json::array({"Linear"}) : json(sparse_modules)}};
-    report.sparse_linears = static_cast<std::int64_t>(sparse_modules.size());
-    report.sparsity_format = sparsity["format"].get<std::string>();
-  } else if (sparse_24) {
-    fail("{}: no decoder Linear is 2:4 sparse; nothing for sparse-24-bitmask to hold", quantized_dir);
-  }
-  json qc;
-  if (modules.empty() && reader.kv_algo.empty()) {
-    // Sparsity alone, as compressed-tensors writes it: no quantization groups.
-    qc = {{"quant_method", "compressed-tensors"}, {"sparsity_config", sparsity}, {"transform_config", json::object()}};
-  } else {
-    qc = {{"quant_method", "compressed-tensors"},
-          {"format", formats.size() == 1 ? *formats.begin() : std::string("mixed-precision")},
-          {"quantization_status", "compressed"},
-          {"config_groups", config_groups},
-          {"ignore", ignore},
-          {"kv_cache_scheme", reader.kv_algo.empty() ? json(nullptr) : quant_args(8, "float", "tensor", 0, false)},
-          {"global_compression_ratio", nullptr},
-          {"sparsity_config", sparsity}};
-  }
   json config = c.raw;
-  config["quantization_config"] = qc;
+  config["quantization_config"] = writer.quantization_config(c, !reader.kv_algo.empty());
   dir.write_json("config.json", config, 2);
   dir.copy_model_files(quantized_dir);
-  dir.commit([](const std::string& d) {
-    const load::QuantizedReader r = load::compressed_tensors_reader(d);
-    const io::Checkpoint back = io::Checkpoint::open(d, r.layout);
-    for (std::int64_t l = 0; l < back.config().num_layers; ++l) {
-      for (const auto kind : model::kAllLinears) {
-        if (!r.linear(back, l, kind)) r.dense_weight(back, fmt::format("model.layers.{}.{}", l, model::linear_name(kind)));
-      }
-      if (!r.kv_algo.empty()) r.kv_scales(back, l);
-    }
-  });
+  dir.commit(check_written);
+  CompressedTensorsReport report = writer.report();
   report.bytes = dir.bytes_written();
   return report;
 }

@@ -279,18 +279,11 @@ std::string gguf_pre_tokenizer_name(const json& t, const std::string& label) {
   fail("{}: its pre-tokenizer matches none of llama.cpp's that mopt writes (llama-bpe, qwen2, smollm, gpt-2)", label);
 }
 
-GgufExportReport export_gguf(const std::string& model_dir, const std::string& out_path, const GgufExportOptions& options) {
-  if (fs::exists(out_path)) fail("{}: already exists; choose a new file", out_path);
-  // A quantized checkpoint (mopt's modelopt or compressed-tensors export) gives its quantized weights.
-  const std::optional<load::QuantizedReader> reader = load::quantized_reader(model_dir);
-  const io::Checkpoint ckpt = io::Checkpoint::open(model_dir, reader ? reader->layout : io::TensorLayout{});
-  if (reader && ckpt.tensors().contains("lm_head.weight_scale")) {
-    fail("{}: its lm_head is quantized (--quantize-lm-head); the GGUF export reads a 16-bit lm_head", model_dir);
-  }
-  GgufExportReport report;
-  const io::ModelConfig& c = ckpt.config();
-  // llama.cpp's architecture: Mistral without a sliding window is a Llama; Qwen2 and Qwen3 keep their names
-  // (their Q/K rows are not permuted: llama.cpp applies their RoPE on halves, as transformers does).
+namespace {
+
+// llama.cpp's architecture: Mistral without a sliding window is a Llama; Qwen2 and Qwen3 keep their names
+// (their Q/K rows are not permuted: llama.cpp applies their RoPE on halves, as transformers does).
+std::string gguf_architecture(const io::ModelConfig& c, const std::string& model_dir) {
   std::string arch;
   if (c.model_type == "llama" || c.model_type == "mistral") {
     arch = "llama";
@@ -299,15 +292,12 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
   } else {
     fail("{}: GGUF export of '{}' models is not supported (llama, mistral, qwen2, qwen3)", model_dir, c.model_type);
   }
-  const bool permute = arch == "llama";
   if (c.sliding_window) fail("{}: llama.cpp's {} architecture has no sliding window ({} tokens here)", model_dir, arch, *c.sliding_window);
   if (c.mlp_bias && arch != "llama") fail("{}: llama.cpp's {} architecture has no MLP biases", model_dir, arch);
-  const std::string tok_path = model_dir + "/tokenizer.json";
-  if (!fs::exists(tok_path)) fail("{}: missing tokenizer.json; a GGUF file carries its tokenizer", model_dir);
-  const json tok = io::parse_json_unique_keys(io::read_text_file(tok_path), tok_path);
-  const std::string pre = gguf_pre_tokenizer_name(tok, tok_path);
+  return arch;
+}
 
-  io::GgufWriter w;
+void add_hyperparameters(io::GgufWriter& w, const io::ModelConfig& c, const std::string& arch, const std::string& model_dir) {
   w.add_string("general.architecture", arch);
   w.add_string("general.name", fs::path(model_dir).filename().string());
   w.add_u32(arch + ".vocab_size", static_cast<std::uint32_t>(c.vocab_size));
@@ -328,8 +318,14 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
     w.add_string(arch + ".rope.scaling.type", "linear");
     w.add_f32(arch + ".rope.scaling.factor", static_cast<float>(c.rope_scaling.factor));
   }
+}
 
-  // The tokenizer: ids 0..n-1 from the BPE vocabulary and the added tokens.
+// The tokenizer: ids 0..n-1 from the BPE vocabulary and the added tokens, merges, special ids, the chat template.
+void add_tokenizer(io::GgufWriter& w, const io::ModelConfig& c, const std::string& model_dir) {
+  const std::string tok_path = model_dir + "/tokenizer.json";
+  if (!fs::exists(tok_path)) fail("{}: missing tokenizer.json; a GGUF file carries its tokenizer", model_dir);
+  const json tok = io::parse_json_unique_keys(io::read_text_file(tok_path), tok_path);
+  const std::string pre = gguf_pre_tokenizer_name(tok, tok_path);
   std::map<std::int64_t, std::pair<std::string, std::int32_t>> by_id;  // id -> (token, ggml token type)
   for (const auto& [token, id] : tok["model"]["vocab"].items()) by_id[id.get<std::int64_t>()] = {token, 1};
   if (tok.contains("added_tokens")) {
@@ -375,20 +371,25 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
     const json tc = io::parse_json_unique_keys(io::read_text_file(tc_path), tc_path);
     if (tc.contains("chat_template") && tc["chat_template"].is_string()) w.add_string("tokenizer.chat_template", tc["chat_template"].get<std::string>());
   }
-  // Last and in this order, as llama-quantize sets them: a file it quantizes from mopt's bf16 export is then
-  // byte for byte the file mopt writes in that type.
-  w.add_u32("general.quantization_version", 2);
-  w.add_u32("general.file_type", file_type(options));
+}
 
-  // Tensors.
-  // Weight matrices are read, permuted and quantized only when the writer reaches them: one at a time in memory.
-  // The type of each matrix: llama-quantize's choice for the file type (or every matrix in it when pure).
-  const auto type_of = [&](const std::string& gguf, std::int64_t layer, std::int64_t cols) {
-    return gguf_matrix_type(options, gguf, layer, c.num_layers, cols, c.tie_word_embeddings);
-  };
-  const auto matrix = [&](const std::string& hf, const std::string& gguf, std::int64_t permute_heads = 0, std::int64_t layer = 0) {
-    const GgmlType type = type_of(gguf, layer, ckpt.tensor(hf).shape().back());
-    w.add_tensor(gguf, ckpt.tensor(hf).shape(), type, [&ckpt, hf, permute_heads, type] {
+// The model's tensors into a GGUF writer. Weight matrices are read, permuted and quantized only when the
+// writer reaches them: one at a time in memory. The type of each matrix: llama-quantize's choice for the
+// file type (or every matrix in it when pure).
+class GgufTensors {
+ public:
+  GgufTensors(io::GgufWriter& w, const io::Checkpoint& ckpt, const std::optional<load::QuantizedReader>& reader, const GgufExportOptions& options,
+              const std::string& model_dir, GgufExportReport& report)
+      : w_(w), ckpt_(ckpt), reader_(reader), options_(options), model_dir_(model_dir), report_(report) {}
+
+  GgmlType type_of(const std::string& gguf, std::int64_t layer, std::int64_t cols) const {
+    const io::ModelConfig& c = ckpt_.config();
+    return gguf_matrix_type(options_, gguf, layer, c.num_layers, cols, c.tie_word_embeddings);
+  }
+
+  void matrix(const std::string& hf, const std::string& gguf, std::int64_t permute_heads = 0, std::int64_t layer = 0) {
+    const GgmlType type = type_of(gguf, layer, ckpt_.tensor(hf).shape().back());
+    w_.add_tensor(gguf, ckpt_.tensor(hf).shape(), type, [&ckpt = ckpt_, hf, permute_heads, type] {
       const Tensor t = ckpt.tensor(hf);
       std::vector<float> v = t.to_f32();
       if (permute_heads > 0) io::permute_rope_rows(v.data(), t.dim(0), t.dim(1), permute_heads);
@@ -396,104 +397,129 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
       t.release_pages();
       return out;
     });
-  };
-  const auto vector = [&](const std::string& hf) {
-    const Tensor t = ckpt.tensor(hf);
+  }
+
+  void vector(const std::string& hf) {
+    const Tensor t = ckpt_.tensor(hf);
     const std::vector<float> v = t.to_f32();
-    w.add_tensor(gguf_name(hf), t.shape(), GgmlType::F32, io::ggml_quantize(GgmlType::F32, v.data(), v.size(), hf));
-  };
-  const auto bias = [&](const std::string& hf, std::int64_t permute_heads) {
-    const Tensor t = ckpt.tensor(hf);
+    w_.add_tensor(gguf_name(hf), t.shape(), GgmlType::F32, io::ggml_quantize(GgmlType::F32, v.data(), v.size(), hf));
+  }
+
+  void bias(const std::string& hf, std::int64_t permute_heads) {
+    const Tensor t = ckpt_.tensor(hf);
     std::vector<float> v = t.to_f32();
     if (permute_heads > 0) io::permute_rope_rows(v.data(), t.dim(0), 1, permute_heads);
-    w.add_tensor(gguf_name(hf), t.shape(), GgmlType::F32, io::ggml_quantize(GgmlType::F32, v.data(), v.size(), hf));
-  };
+    w_.add_tensor(gguf_name(hf), t.shape(), GgmlType::F32, io::ggml_quantize(GgmlType::F32, v.data(), v.size(), hf));
+  }
+
   // A decoder Linear: from the quantized checkpoint when it is one. Its codes go over exactly when the
   // type holds them; otherwise the weight it stands for (any pre_quant_scale multiplied into its columns,
   // as llama.cpp has no input scale) is quantized to the type.
-  const auto linear = [&](std::int64_t layer, model::LinearKind kind, std::int64_t permute_heads) {
+  void linear(std::int64_t layer, model::LinearKind kind, std::int64_t permute_heads) {
     const std::string hf = fmt::format("model.layers.{}.{}.weight", layer, model::linear_name(kind));
     const std::string gguf = gguf_name(hf);
-    std::optional<load::StoredLinear> st = reader ? reader->linear(ckpt, layer, kind) : std::nullopt;
+    std::optional<load::StoredLinear> st = reader_ ? reader_->linear(ckpt_, layer, kind) : std::nullopt;
     if (!st) {
       matrix(hf, gguf, permute_heads, layer);
       return;
     }
+    const GgmlType own = native_type(*st);
+    if (own == GgmlType::NVFP4 || own == GgmlType::MXFP4) {
+      fp4_linear(std::move(*st), gguf, own, permute_heads);
+      return;
+    }
+    const GgmlType type = options_.native ? own : type_of(gguf, layer, st->in);
     const auto& spec = *st->scheme.weight;
-    const auto fp4_fits = [&](GgmlType t) {
-      const bool nv = t == GgmlType::NVFP4;
-      return spec.element == quant::Element::e2m1 && spec.scaling == (nv ? quant::Scaling::nvfp4 : quant::Scaling::mx) && st->pre_quant_scale.empty() &&
-             st->in % (nv ? 64 : 32) == 0;
-    };
-    // A type per Linear (native): the one that holds its codes, else Q8_0.
-    GgmlType own = options.type;
-    if (options.native) {
-      if (fp4_fits(GgmlType::NVFP4)) own = GgmlType::NVFP4;
-      else if (fp4_fits(GgmlType::MXFP4)) own = GgmlType::MXFP4;
-      else if (spec.grid == quant::IntGrid::ggml && st->pre_quant_scale.empty()) own = spec.ggml_type;
-      else if (spec.element == quant::Element::int4 && spec.scaling == quant::Scaling::block && !spec.fp8_second_stage && spec.block % 32 == 0 &&
-               st->pre_quant_scale.empty() && st->in % 32 == 0) own = GgmlType::Q4_0;
-      else own = fit_row(GgmlType::Q8_0, st->in);
-    }
-    const bool fp4_type = own == GgmlType::NVFP4 || own == GgmlType::MXFP4;
-    if (fp4_type) {
-      // NVFP4 / MXFP4 Linears go over code for code (NVFP4's second-level scale as llama.cpp's ".scale").
-      const bool nv = own == GgmlType::NVFP4;
-      const bool fits = fp4_fits(own);
-      if (!fits) {
-        fail("{}: {} is {}{}: a {} GGUF holds {} weights code for code only (use another --type)", model_dir, st->name,
-             st->scheme.quant_algo, st->pre_quant_scale.empty() ? "" : " with a pre_quant_scale", nv ? "nvfp4" : "mxfp4",
-             nv ? "NVFP4 (blocks of 64)" : "MXFP4");
-      }
-      ++report.exact_linears;
-      if (st->scheme.input) report.activation_quantization_dropped = true;
-      if (nv) {
-        const std::string scale_name = gguf.substr(0, gguf.size() - 7) + ".scale";
-        const float s2 = st->weight.weight_scale_2->to_f32().at(0);
-        w.add_tensor(scale_name, {1}, GgmlType::F32, io::ggml_quantize(GgmlType::F32, &s2, 1, scale_name));
-      }
-      w.add_tensor(gguf, {st->out, st->in}, own, [st = std::move(*st), permute_heads, type = own] {
-        std::vector<float> codes = fp4_codes(st.weight.weight, st.out, st.in);
-        std::vector<float> scales;
-        const Tensor& sc = st.weight.weight_scale;
-        const auto* sb = sc.data<std::uint8_t>();
-        for (std::uint64_t i = 0; i < sc.numel(); ++i) scales.push_back(static_cast<float>(sb[i]));
-        if (permute_heads > 0) {
-          io::permute_rope_rows(codes.data(), st.out, st.in, permute_heads);
-          io::permute_rope_rows(scales.data(), st.out, static_cast<std::int64_t>(scales.size()) / st.out, permute_heads);
-        }
-        return fp4_blocks(type, codes, scales, st.out, st.in);
-      });
-      return;
-    }
-    const GgmlType type = options.native ? own : type_of(gguf, layer, st->in);
     if (spec.grid == quant::IntGrid::ggml && spec.ggml_type == type && st->pre_quant_scale.empty()) {
-      // Quantized in this file's own blocks: the bytes go over as they are (rows permuted as the file wants them).
-      ++report.exact_linears;
-      if (st->scheme.input) report.activation_quantization_dropped = true;
-      w.add_tensor(gguf, {st->out, st->in}, type, [st = std::move(*st), permute_heads] {
-        const Tensor& t = st.weight.weight;
-        const auto* bytes = reinterpret_cast<const std::byte*>(t.data<std::uint8_t>());
-        const auto row_bytes = static_cast<std::size_t>(t.dim(1));
-        std::vector<float> source_row(static_cast<std::size_t>(st.out));
-        for (std::size_t r = 0; r < source_row.size(); ++r) source_row[r] = static_cast<float>(r);
-        if (permute_heads > 0) io::permute_rope_rows(source_row.data(), st.out, 1, permute_heads);
-        std::vector<std::byte> out(bytes, bytes + t.numel());
-        for (std::size_t r = 0; r < source_row.size(); ++r) {
-          std::copy_n(bytes + static_cast<std::size_t>(source_row[r]) * row_bytes, row_bytes, out.begin() + static_cast<std::ptrdiff_t>(r * row_bytes));
-        }
-        return out;
-      });
+      ggml_block_linear(std::move(*st), gguf, type, permute_heads);
       return;
     }
+    integer_linear(std::move(*st), hf, gguf, type, permute_heads);
+  }
+
+ private:
+  bool fp4_fits(const load::StoredLinear& st, GgmlType t) const {
+    const auto& spec = *st.scheme.weight;
+    const bool nv = t == GgmlType::NVFP4;
+    return spec.element == quant::Element::e2m1 && spec.scaling == (nv ? quant::Scaling::nvfp4 : quant::Scaling::mx) && st.pre_quant_scale.empty() &&
+           st.in % (nv ? 64 : 32) == 0;
+  }
+
+  // A type per Linear (native): the one that holds its codes, else Q8_0; the file's type otherwise.
+  GgmlType native_type(const load::StoredLinear& st) const {
+    if (!options_.native) return options_.type;
+    const auto& spec = *st.scheme.weight;
+    if (fp4_fits(st, GgmlType::NVFP4)) return GgmlType::NVFP4;
+    if (fp4_fits(st, GgmlType::MXFP4)) return GgmlType::MXFP4;
+    if (spec.grid == quant::IntGrid::ggml && st.pre_quant_scale.empty()) return spec.ggml_type;
+    if (spec.element == quant::Element::int4 && spec.scaling == quant::Scaling::block && !spec.fp8_second_stage && spec.block % 32 == 0 &&
+        st.pre_quant_scale.empty() && st.in % 32 == 0) {
+      return GgmlType::Q4_0;
+    }
+    return fit_row(GgmlType::Q8_0, st.in);
+  }
+
+  // NVFP4 / MXFP4 Linears go over code for code (NVFP4's second-level scale as llama.cpp's ".scale").
+  void fp4_linear(load::StoredLinear st, const std::string& gguf, GgmlType type, std::int64_t permute_heads) {
+    const bool nv = type == GgmlType::NVFP4;
+    if (!fp4_fits(st, type)) {
+      fail("{}: {} is {}{}: a {} GGUF holds {} weights code for code only (use another --type)", model_dir_, st.name, st.scheme.quant_algo,
+           st.pre_quant_scale.empty() ? "" : " with a pre_quant_scale", nv ? "nvfp4" : "mxfp4", nv ? "NVFP4 (blocks of 64)" : "MXFP4");
+    }
+    ++report_.exact_linears;
+    if (st.scheme.input) report_.activation_quantization_dropped = true;
+    if (nv) {
+      const std::string scale_name = gguf.substr(0, gguf.size() - 7) + ".scale";
+      const float s2 = st.weight.weight_scale_2->to_f32().at(0);
+      w_.add_tensor(scale_name, {1}, GgmlType::F32, io::ggml_quantize(GgmlType::F32, &s2, 1, scale_name));
+    }
+    const Shape shape{st.out, st.in};
+    w_.add_tensor(gguf, shape, type, [st = std::move(st), permute_heads, type] {
+      std::vector<float> codes = fp4_codes(st.weight.weight, st.out, st.in);
+      std::vector<float> scales;
+      const Tensor& sc = st.weight.weight_scale;
+      const auto* sb = sc.data<std::uint8_t>();
+      for (std::uint64_t i = 0; i < sc.numel(); ++i) scales.push_back(static_cast<float>(sb[i]));
+      if (permute_heads > 0) {
+        io::permute_rope_rows(codes.data(), st.out, st.in, permute_heads);
+        io::permute_rope_rows(scales.data(), st.out, static_cast<std::int64_t>(scales.size()) / st.out, permute_heads);
+      }
+      return fp4_blocks(type, codes, scales, st.out, st.in);
+    });
+  }
+
+  // Quantized in this file's own blocks: the bytes go over as they are (rows permuted as the file wants them).
+  void ggml_block_linear(load::StoredLinear st, const std::string& gguf, GgmlType type, std::int64_t permute_heads) {
+    ++report_.exact_linears;
+    if (st.scheme.input) report_.activation_quantization_dropped = true;
+    const Shape shape{st.out, st.in};
+    w_.add_tensor(gguf, shape, type, [st = std::move(st), permute_heads] {
+      const Tensor& t = st.weight.weight;
+      const auto* bytes = reinterpret_cast<const std::byte*>(t.data<std::uint8_t>());
+      const auto row_bytes = static_cast<std::size_t>(t.dim(1));
+      std::vector<float> source_row(static_cast<std::size_t>(st.out));
+      for (std::size_t r = 0; r < source_row.size(); ++r) source_row[r] = static_cast<float>(r);
+      if (permute_heads > 0) io::permute_rope_rows(source_row.data(), st.out, 1, permute_heads);
+      std::vector<std::byte> out(bytes, bytes + t.numel());
+      for (std::size_t r = 0; r < source_row.size(); ++r) {
+        std::copy_n(bytes + static_cast<std::size_t>(source_row[r]) * row_bytes, row_bytes, out.begin() + static_cast<std::ptrdiff_t>(r * row_bytes));
+      }
+      return out;
+    });
+  }
+
+  // INT4 codes into Q4_0 and INT8 codes into Q8_0 as they are; anything else dequantized and quantized to the type.
+  void integer_linear(load::StoredLinear st, const std::string& hf, const std::string& gguf, GgmlType type, std::int64_t permute_heads) {
+    const auto& spec = *st.scheme.weight;
     const bool int4 = spec.element == quant::Element::int4 && spec.scaling == quant::Scaling::block && !spec.fp8_second_stage &&
                       spec.block % 32 == 0 && type == GgmlType::Q4_0;
     const bool int8 = spec.element == quant::Element::int8 && spec.scaling == quant::Scaling::per_row && type == GgmlType::Q8_0;
-    const bool exact = (int4 || int8) && st->pre_quant_scale.empty() && st->in % 32 == 0;
-    if (exact) ++report.exact_linears;
-    else ++report.requantized_linears;
-    if (st->scheme.input) report.activation_quantization_dropped = true;
-    w.add_tensor(gguf, {st->out, st->in}, type, [st = std::move(*st), permute_heads, type, exact, hf] {
+    const bool exact = (int4 || int8) && st.pre_quant_scale.empty() && st.in % 32 == 0;
+    if (exact) ++report_.exact_linears;
+    else ++report_.requantized_linears;
+    if (st.scheme.input) report_.activation_quantization_dropped = true;
+    const Shape shape{st.out, st.in};
+    w_.add_tensor(gguf, shape, type, [st = std::move(st), permute_heads, type, exact, hf] {
       const std::int64_t out = st.out, in = st.in;
       const auto& sp = *st.scheme.weight;
       if (exact) {
@@ -515,43 +541,79 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
       if (permute_heads > 0) io::permute_rope_rows(v.data(), out, in, permute_heads);
       return io::ggml_quantize(type, v.data(), v.size(), hf);
     });
-  };
-  matrix("model.embed_tokens.weight", gguf_name("model.embed_tokens.weight"));
-  vector("model.norm.weight");
-  if (!c.tie_word_embeddings) matrix("lm_head.weight", gguf_name("lm_head.weight"));
-  if (c.rope_scaling.type == io::RopeScalingType::llama3) {
-    // The divisor of each frequency, as llama.cpp's rope_freqs holds it.
-    io::ModelConfig plain = c;
-    plain.rope_scaling = {};
-    const std::vector<float> base = model::rope_inv_freq(plain), scaled = model::rope_inv_freq(c);
-    std::vector<float> divisors(base.size());
-    for (std::size_t i = 0; i < base.size(); ++i) divisors[i] = base[i] / scaled[i];
-    w.add_tensor("rope_freqs.weight", {static_cast<std::int64_t>(divisors.size())}, GgmlType::F32,
-                 io::ggml_quantize(GgmlType::F32, divisors.data(), divisors.size()));
   }
-  for (std::int64_t l = 0; l < c.num_layers; ++l) {
-    const std::string hf = fmt::format("model.layers.{}.", l);
-    vector(hf + "input_layernorm.weight");
-    vector(hf + "post_attention_layernorm.weight");
-    linear(l, model::LinearKind::q, permute ? c.num_heads : 0);
-    linear(l, model::LinearKind::k, permute ? c.num_kv_heads : 0);
-    if (c.qkv_bias) {
-      bias(hf + "self_attn.q_proj.bias", permute ? c.num_heads : 0);
-      bias(hf + "self_attn.k_proj.bias", permute ? c.num_kv_heads : 0);
-      bias(hf + "self_attn.v_proj.bias", 0);
-    }
-    if (c.o_bias) bias(hf + "self_attn.o_proj.bias", 0);
-    if (ckpt.tensors().contains(hf + "self_attn.q_norm.weight")) {  // Qwen3
-      vector(hf + "self_attn.q_norm.weight");
-      vector(hf + "self_attn.k_norm.weight");
-    }
-    for (const auto kind : {model::LinearKind::v, model::LinearKind::o, model::LinearKind::gate, model::LinearKind::up, model::LinearKind::down}) {
-      linear(l, kind, 0);
-    }
-    if (c.mlp_bias) {
-      for (const char* name : {"mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias"}) bias(hf + name, 0);
-    }
+
+  io::GgufWriter& w_;
+  const io::Checkpoint& ckpt_;
+  const std::optional<load::QuantizedReader>& reader_;
+  const GgufExportOptions& options_;
+  const std::string& model_dir_;
+  GgufExportReport& report_;
+};
+
+// llama.cpp's rope_freqs for llama3 RoPE scaling: the divisor of each frequency.
+void add_rope_freqs(io::GgufWriter& w, const io::ModelConfig& c) {
+  io::ModelConfig plain = c;
+  plain.rope_scaling = {};
+  const std::vector<float> base = model::rope_inv_freq(plain), scaled = model::rope_inv_freq(c);
+  std::vector<float> divisors(base.size());
+  for (std::size_t i = 0; i < base.size(); ++i) divisors[i] = base[i] / scaled[i];
+  w.add_tensor("rope_freqs.weight", {static_cast<std::int64_t>(divisors.size())}, GgmlType::F32,
+               io::ggml_quantize(GgmlType::F32, divisors.data(), divisors.size()));
+}
+
+void add_layer(GgufTensors& t, const io::Checkpoint& ckpt, std::int64_t l, bool permute) {
+  const io::ModelConfig& c = ckpt.config();
+  const std::string hf = fmt::format("model.layers.{}.", l);
+  t.vector(hf + "input_layernorm.weight");
+  t.vector(hf + "post_attention_layernorm.weight");
+  t.linear(l, model::LinearKind::q, permute ? c.num_heads : 0);
+  t.linear(l, model::LinearKind::k, permute ? c.num_kv_heads : 0);
+  if (c.qkv_bias) {
+    t.bias(hf + "self_attn.q_proj.bias", permute ? c.num_heads : 0);
+    t.bias(hf + "self_attn.k_proj.bias", permute ? c.num_kv_heads : 0);
+    t.bias(hf + "self_attn.v_proj.bias", 0);
   }
+  if (c.o_bias) t.bias(hf + "self_attn.o_proj.bias", 0);
+  if (ckpt.tensors().contains(hf + "self_attn.q_norm.weight")) {  // Qwen3
+    t.vector(hf + "self_attn.q_norm.weight");
+    t.vector(hf + "self_attn.k_norm.weight");
+  }
+  for (const auto kind : {model::LinearKind::v, model::LinearKind::o, model::LinearKind::gate, model::LinearKind::up, model::LinearKind::down}) {
+    t.linear(l, kind, 0);
+  }
+  if (c.mlp_bias) {
+    for (const char* name : {"mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias"}) t.bias(hf + name, 0);
+  }
+}
+
+}  // namespace
+
+GgufExportReport export_gguf(const std::string& model_dir, const std::string& out_path, const GgufExportOptions& options) {
+  if (fs::exists(out_path)) fail("{}: already exists; choose a new file", out_path);
+  // A quantized checkpoint (mopt's modelopt or compressed-tensors export) gives its quantized weights.
+  const std::optional<load::QuantizedReader> reader = load::quantized_reader(model_dir);
+  const io::Checkpoint ckpt = io::Checkpoint::open(model_dir, reader ? reader->layout : io::TensorLayout{});
+  if (reader && ckpt.tensors().contains("lm_head.weight_scale")) {
+    fail("{}: its lm_head is quantized (--quantize-lm-head); the GGUF export reads a 16-bit lm_head", model_dir);
+  }
+  GgufExportReport report;
+  const io::ModelConfig& c = ckpt.config();
+  const std::string arch = gguf_architecture(c, model_dir);
+  io::GgufWriter w;
+  add_hyperparameters(w, c, arch, model_dir);
+  add_tokenizer(w, c, model_dir);
+  // Last and in this order, as llama-quantize sets them: a file it quantizes from mopt's bf16 export is then
+  // byte for byte the file mopt writes in that type.
+  w.add_u32("general.quantization_version", 2);
+  w.add_u32("general.file_type", file_type(options));
+
+  GgufTensors tensors(w, ckpt, reader, options, model_dir, report);
+  tensors.matrix("model.embed_tokens.weight", gguf_name("model.embed_tokens.weight"));
+  tensors.vector("model.norm.weight");
+  if (!c.tie_word_embeddings) tensors.matrix("lm_head.weight", gguf_name("lm_head.weight"));
+  if (c.rope_scaling.type == io::RopeScalingType::llama3) add_rope_freqs(w, c);
+  for (std::int64_t l = 0; l < c.num_layers; ++l) add_layer(tensors, ckpt, l, arch == "llama");
   // llama.cpp's order (its loader's weights map, which llama-quantize writes in): tensors outside the blocks,
   // then block by block, by name within each.
   const auto block_of = [](const std::string& name) {
