@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "quant/act_quant.h"
 #include "quant/fake_quant.h"
+#include "quant/formats.h"
 
 namespace mopt::algo {
 
@@ -119,6 +120,12 @@ void apply_pre_quant_scale(LinearWork& wk, const std::vector<float>& s, const st
 
 namespace {
 
+// Whether a fused group of Linears in this format shares its scales (the format table's row).
+bool shares_scales(const quant::LinearScheme& s) {
+  const quant::FormatRow* row = quant::find_format(s.format);
+  return row == nullptr || row->fused_groups_share_scales;
+}
+
 // The reference's _update_pre_quant_scale: W * old / new in f32, cast back; the weight amax is re-calibrated.
 void resmooth(LinearWork& wk, const std::vector<float>& scale, DType dtype) {
   if (wk.pqs == scale) return;
@@ -159,7 +166,7 @@ void share_group_amax(const std::array<quant::LinearScheme, 7>& schemes, std::ar
                       std::array<float, 7>& second_amax, std::array<LinearWork, 7>& work) {
   for (const auto& group : kInputGroups) {
     const auto& s = schemes[kind_index(group[0])];
-    if (!s.quantized() || s.format == "fp8") continue;
+    if (!s.quantized() || !shares_scales(s)) continue;
     float in_max = 0.0f, w_max = 0.0f, second_max = 0.0f;
     for (const auto kind : group) {
       const std::size_t k = kind_index(kind);
@@ -396,7 +403,7 @@ void share_input_scales(const PtqContext& ctx, LayerState& s) {
   auto& work = s.work;
   for (const auto& group : kInputGroups) {
     const auto& sc = s.schemes[kind_index(group[0])];
-    if (!sc.quantized() || sc.format == "fp8" || work[kind_index(group[0])].pqs.empty()) continue;
+    if (!sc.quantized() || !shares_scales(sc) || work[kind_index(group[0])].pqs.empty()) continue;
     std::vector<float> avg(work[kind_index(group[0])].pqs.size(), 0.0f);
     for (const auto kind : group) {
       for (std::size_t j = 0; j < avg.size(); ++j) avg[j] += work[kind_index(kind)].pqs[j];

@@ -20,6 +20,7 @@
 #include "quant/act_quant.h"
 #include "quant/calibrator.h"
 #include "quant/fake_quant.h"
+#include "quant/formats.h"
 #include "algo/gptq.h"
 #include "algo/layer_passes.h"
 #include "algo/smoothing.h"
@@ -281,7 +282,8 @@ CalibrationSet make_calibration_set(const std::vector<std::string>& documents, c
 }
 
 bool folds_scales_across_linears(const quant::LinearScheme& scheme, const PtqOptions& options) {
-  return scheme.format == "nvfp4_awq" || options.fold_pre_quant_scales;
+  const quant::FormatRow* row = quant::find_format(scheme.format);
+  return (row != nullptr && row->folds_scales_into_rows) || options.fold_pre_quant_scales;
 }
 
 bool needs_calibration(const io::ModelConfig& config, const quant::Recipe& recipe) {

@@ -22,6 +22,7 @@
 #include "io/dataset.h"
 #include "io/ggml_grid.h"
 #include "io/tokenizer.h"
+#include "quant/formats.h"
 
 namespace mopt::cli {
 
@@ -83,7 +84,10 @@ quant::Recipe with_gguf_target_grid(const QuantizeOptions& o, quant::Recipe r, c
   // as every other integer type is (below); with an explicit group size (a multiple of 32 sharing one
   // scale) or a clip search, on Q4_0's grid in those groups (16 levels, the scale the block stores), so
   // that AWQ, GPTQ and the rounding still choose what the file keeps.
-  const auto int4 = [](const std::string& format) { return format == "int4_rtn" || format == "int4_awq"; };
+  const auto int4 = [](const std::string& format) {
+    const quant::FormatRow* row = quant::find_format(format);
+    return row != nullptr && row->weight.element == quant::Element::int4 && !row->weight.fp8_second_stage;
+  };
   const bool has_int4 = int4(r.format) || std::any_of(r.overrides.begin(), r.overrides.end(), [&](const auto& ov) { return int4(ov.format); });
   const std::string algorithm = r.effective_algorithm();
   const bool clip_search = algorithm == "awq_clip" || algorithm == "awq_full";
@@ -115,13 +119,11 @@ quant::Recipe with_gguf_target_grid(const QuantizeOptions& o, quant::Recipe r, c
 
 std::string gguf_target_type(const QuantizeOptions& o, const quant::Recipe& recipe) {
   if (!o.gguf_type.empty()) return o.gguf_type;
-  // By default the GGUF type that holds the format's codes: NVFP4/MXFP4 as such, INT4 as Q4_0, INT8 as Q8_0.
-  const bool four_bit = recipe.format.find("4") != std::string::npos;
-  return recipe.format == "none"                ? "bf16"  // pruning alone: nothing to quantize
-         : recipe.format.rfind("nvfp4", 0) == 0 ? "nvfp4"
-         : recipe.format == "mxfp4"             ? "mxfp4"
-         : four_bit                             ? "q4_0"
-                                                : "q8_0";
+  // By default the GGUF type that holds the format's codes (its row's): NVFP4/MXFP4 as such, INT4 as Q4_0, INT8 as Q8_0.
+  if (recipe.format == "none") return "bf16";  // pruning alone: nothing to quantize
+  const quant::FormatRow* row = quant::find_format(recipe.format);
+  if (row == nullptr) fail("unknown format '{}'", recipe.format);
+  return row->gguf_type;
 }
 
 void check_export_target(const QuantizeOptions& o, const quant::Recipe& recipe) {
@@ -186,6 +188,117 @@ std::uint64_t convert_export(const std::string& modelopt_dir, const QuantizeOpti
   return output_bytes;
 }
 
+// What the grids of a GGUF target mean for the weights, before the work starts.
+void print_grid_notes(const quant::Recipe& recipe) {
+if (recipe.int4_grid == quant::IntGrid::q4_0) {
+  fmt::print(stderr, "int4: on Q4_0's grid for the GGUF file (16 levels, its f16 block scales), groups of {}\n", recipe.group_size);
+}
+if (!recipe.ggml_blocks.empty()) {
+  std::map<std::string, int> counts;
+  for (const auto& [module, type] : recipe.ggml_blocks) {
+    const quant::LinearScheme s = recipe.scheme_for(module);
+    if (s.weight && s.weight->grid == quant::IntGrid::ggml) ++counts[std::string(io::ggml_type_info(static_cast<std::uint32_t>(type))->name)];
+  }
+  std::string list;
+  for (const auto& [name, n] : counts) list += fmt::format("{}{} {}", list.empty() ? "" : ", ", n, name);
+  const std::string algorithm = recipe.effective_algorithm();
+  fmt::print(stderr, "weights in the GGUF file's own blocks ({}): llama.cpp's quantizer sets their scales, {}\n", list,
+             algorithm == "max" ? "the weights are rounded on them" : algorithm + " searches and rounds on them");
+}
+}
+
+// One line per layer (and the lm_head): formats, errors (before and after an algorithm), seconds; the pruning summary.
+void print_layer_table(const algo::PtqReport& report, const quant::Recipe& recipe) {
+const bool with_algorithm = report.algorithm != "max";
+if (with_algorithm) {
+  fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8}  {}\n", "layer", "format", "weight err", "out err rtn", "out err " + report.algorithm,
+             "seconds", "notes");
+} else {
+  fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8}\n", "layer", "format", "weight err", "output err", "seconds");
+}
+for (const auto& l : report.layers) {
+  if (!with_algorithm) {
+    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8.2f}\n", l.layer, l.formats, format_error(l.weight_error), format_error(l.output_error), l.seconds);
+    continue;
+  }
+  fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8.2f}  {}\n", l.layer, l.formats, format_error(l.weight_error), format_error(l.output_error_rtn),
+             format_error(l.output_error), l.seconds, algorithm_notes(l));
+}
+if (report.head) {
+  const auto& h = *report.head;
+  if (with_algorithm) {
+    const std::string notes = algorithm_notes(h);
+    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8.2f}  {}\n", "head", "lm_head " + h.formats, format_error(h.weight_error),
+               format_error(h.output_error_rtn), format_error(h.output_error), h.seconds, notes + (notes.empty() ? "" : "; ") + "output err: logits");
+  } else {
+    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8.2f}  {}\n", "head", "lm_head " + h.formats, format_error(h.weight_error), format_error(h.output_error),
+               h.seconds, "(output err: logits)");
+  }
+}
+if (report.sparse_linears > 0) {
+  double err = 0.0;
+  for (const auto& l : report.layers) err += l.sparse_weight_error * l.sparse_linears;
+  int retries = 0, fallbacks = 0;
+  for (const auto& l : report.layers) {
+    retries += l.sparse_retries;
+    fallbacks += l.sparse_fallbacks;
+  }
+  fmt::print("pruned {} linears to 2:4 ({}); mean ||W_pruned - W|| / ||W|| {:.4f}{}{}\n", report.sparse_linears, recipe.sparse_algo,
+             err / static_cast<double>(report.sparse_linears), retries > 0 ? fmt::format("; {} damping retries", retries) : "",
+             fallbacks > 0 ? fmt::format("; {} Linears fell back to magnitude order (indefinite Hessian)", fallbacks) : "");
+}
+}
+
+struct RunSizes {
+  std::uint64_t source_bytes = 0, output_bytes = 0;
+  double seconds = 0.0;
+  std::uint64_t peak_rss_bytes = 0;
+};
+
+// --report: the run as JSON.
+void write_report(const QuantizeOptions& o, const quant::Recipe& recipe, const algo::PtqReport& report, const RunSizes& sizes) {
+  json layers = json::array();
+  for (const auto& l : report.layers) {
+    json alphas = json::object();
+    for (const auto& [name, alpha] : l.alphas) alphas[name] = alpha;
+    layers.push_back({{"layer", l.layer},
+                      {"format", l.formats},
+                      {"weight_error", l.weight_error},
+                      {"output_error", l.output_error < 0.0 ? json(nullptr) : json(l.output_error)},
+                      {"output_error_rtn", l.output_error_rtn < 0.0 ? json(nullptr) : json(l.output_error_rtn)},
+                      {"awq_alpha", alphas},
+                      {"gptq_damping_retries", l.gptq_retries},
+                      {"gptq_fallbacks", l.gptq_fallbacks},
+                      {"sparse_linears", l.sparse_linears},
+                      {"sparse_weight_error", l.sparse_weight_error},
+                      {"seconds", l.seconds}});
+  }
+  json j = {{"model", o.model},
+            {"out", o.out_dir},
+            {"format", recipe.format},
+            {"algorithm", recipe.effective_algorithm()},
+            {"kv_cache", recipe.kv_cache ? json(*recipe.kv_cache) : json(nullptr)},
+            {"calibrator", quant::calib_method_name(recipe.calibrator)},
+            {"calib_samples", report.calib_sequences},
+            {"calib_tokens", report.calib_tokens},
+            {"quantized_linears", report.quantized_linears},
+            {"sparsity", recipe.sparsity.empty() ? json(nullptr) : json(recipe.sparsity)},
+            {"sparse_algo", recipe.sparsity.empty() ? json(nullptr) : json(recipe.sparse_algo)},
+            {"sparse_linears", report.sparse_linears},
+            {"source_bytes", sizes.source_bytes},
+            {"export", o.export_format},
+            {"output_bytes", sizes.output_bytes},
+            {"seconds", sizes.seconds},
+            {"peak_rss_bytes", sizes.peak_rss_bytes},
+            {"layers", layers},
+            {"lm_head", report.head ? json{{"format", report.head->formats},
+                                           {"weight_error", report.head->weight_error},
+                                           {"logits_error", report.head->output_error < 0.0 ? json(nullptr) : json(report.head->output_error)},
+                                           {"seconds", report.head->seconds}}
+                                    : json(nullptr)}};
+  io::write_file_atomically(o.report, j.dump(2) + "\n");
+}
+
 int run_quantize(const QuantizeOptions& o) {
   if (o.auto_bits != 0.0) return run_auto_quantize(o);
   const auto start = std::chrono::steady_clock::now();
@@ -202,21 +315,7 @@ int run_quantize(const QuantizeOptions& o) {
   io::ScratchDir staging;
   std::string modelopt_dir = o.out_dir;
   if (o.export_format != "modelopt") modelopt_dir = staging.create(o.out_dir) + "/modelopt";
-  if (recipe.int4_grid == quant::IntGrid::q4_0) {
-    fmt::print(stderr, "int4: on Q4_0's grid for the GGUF file (16 levels, its f16 block scales), groups of {}\n", recipe.group_size);
-  }
-  if (!recipe.ggml_blocks.empty()) {
-    std::map<std::string, int> counts;
-    for (const auto& [module, type] : recipe.ggml_blocks) {
-      const quant::LinearScheme s = recipe.scheme_for(module);
-      if (s.weight && s.weight->grid == quant::IntGrid::ggml) ++counts[std::string(io::ggml_type_info(static_cast<std::uint32_t>(type))->name)];
-    }
-    std::string list;
-    for (const auto& [name, n] : counts) list += fmt::format("{}{} {}", list.empty() ? "" : ", ", n, name);
-    const std::string algorithm = recipe.effective_algorithm();
-    fmt::print(stderr, "weights in the GGUF file's own blocks ({}): llama.cpp's quantizer sets their scales, {}\n", list,
-               algorithm == "max" ? "the weights are rounded on them" : algorithm + " searches and rounds on them");
-  }
+  print_grid_notes(recipe);
   exporter::HfModeloptWriter writer(ckpt, modelopt_dir, recipe);
   algo::PtqOptions options;
   options.fold_pre_quant_scales = o.export_format != "modelopt";
@@ -235,92 +334,14 @@ int run_quantize(const QuantizeOptions& o) {
   std::uint64_t source_bytes = 0;
   for (const auto& loc : ckpt.tensors().all()) source_bytes += loc.entry->end - loc.entry->begin;
 
-  const bool with_algorithm = report.algorithm != "max";
-  if (with_algorithm) {
-    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8}  {}\n", "layer", "format", "weight err", "out err rtn", "out err " + report.algorithm,
-               "seconds", "notes");
-  } else {
-    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8}\n", "layer", "format", "weight err", "output err", "seconds");
-  }
-  for (const auto& l : report.layers) {
-    if (!with_algorithm) {
-      fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8.2f}\n", l.layer, l.formats, format_error(l.weight_error), format_error(l.output_error), l.seconds);
-      continue;
-    }
-    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8.2f}  {}\n", l.layer, l.formats, format_error(l.weight_error), format_error(l.output_error_rtn),
-               format_error(l.output_error), l.seconds, algorithm_notes(l));
-  }
-  if (report.head) {
-    const auto& h = *report.head;
-    if (with_algorithm) {
-      const std::string notes = algorithm_notes(h);
-      fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8.2f}  {}\n", "head", "lm_head " + h.formats, format_error(h.weight_error),
-                 format_error(h.output_error_rtn), format_error(h.output_error), h.seconds, notes + (notes.empty() ? "" : "; ") + "output err: logits");
-    } else {
-      fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8.2f}  {}\n", "head", "lm_head " + h.formats, format_error(h.weight_error), format_error(h.output_error),
-                 h.seconds, "(output err: logits)");
-    }
-  }
-  if (report.sparse_linears > 0) {
-    double err = 0.0;
-    for (const auto& l : report.layers) err += l.sparse_weight_error * l.sparse_linears;
-    int retries = 0, fallbacks = 0;
-    for (const auto& l : report.layers) {
-      retries += l.sparse_retries;
-      fallbacks += l.sparse_fallbacks;
-    }
-    fmt::print("pruned {} linears to 2:4 ({}); mean ||W_pruned - W|| / ||W|| {:.4f}{}{}\n", report.sparse_linears, recipe.sparse_algo,
-               err / static_cast<double>(report.sparse_linears), retries > 0 ? fmt::format("; {} damping retries", retries) : "",
-               fallbacks > 0 ? fmt::format("; {} Linears fell back to magnitude order (indefinite Hessian)", fallbacks) : "");
-  }
+  print_layer_table(report, recipe);
   fmt::print("quantized {} linears of {} layers to {} ({}{}); {:.1f} MiB -> {:.1f} MiB; {:.1f} s; peak RSS {:.1f} MiB\n",
              report.quantized_linears, report.layers.size(), recipe.format, recipe.effective_algorithm(),
              recipe.kv_cache ? ", kv " + *recipe.kv_cache : "", static_cast<double>(source_bytes) / (1 << 20),
              static_cast<double>(output_bytes) / (1 << 20), seconds, static_cast<double>(peak) / (1 << 20));
   fmt::print("wrote {}\n", o.out_dir);
 
-  if (!o.report.empty()) {
-    json layers = json::array();
-    for (const auto& l : report.layers) {
-      json alphas = json::object();
-      for (const auto& [name, alpha] : l.alphas) alphas[name] = alpha;
-      layers.push_back({{"layer", l.layer},
-                        {"format", l.formats},
-                        {"weight_error", l.weight_error},
-                        {"output_error", l.output_error < 0.0 ? json(nullptr) : json(l.output_error)},
-                        {"output_error_rtn", l.output_error_rtn < 0.0 ? json(nullptr) : json(l.output_error_rtn)},
-                        {"awq_alpha", alphas},
-                        {"gptq_damping_retries", l.gptq_retries},
-                        {"gptq_fallbacks", l.gptq_fallbacks},
-                        {"sparse_linears", l.sparse_linears},
-                        {"sparse_weight_error", l.sparse_weight_error},
-                        {"seconds", l.seconds}});
-    }
-    json j = {{"model", o.model},
-              {"out", o.out_dir},
-              {"format", recipe.format},
-              {"algorithm", recipe.effective_algorithm()},
-              {"kv_cache", recipe.kv_cache ? json(*recipe.kv_cache) : json(nullptr)},
-              {"calibrator", quant::calib_method_name(recipe.calibrator)},
-              {"calib_samples", report.calib_sequences},
-              {"calib_tokens", report.calib_tokens},
-              {"quantized_linears", report.quantized_linears},
-              {"sparsity", recipe.sparsity.empty() ? json(nullptr) : json(recipe.sparsity)},
-              {"sparse_algo", recipe.sparsity.empty() ? json(nullptr) : json(recipe.sparse_algo)},
-              {"sparse_linears", report.sparse_linears},
-              {"source_bytes", source_bytes},
-              {"export", o.export_format},
-              {"output_bytes", output_bytes},
-              {"seconds", seconds},
-              {"peak_rss_bytes", peak},
-              {"layers", layers},
-              {"lm_head", report.head ? json{{"format", report.head->formats},
-                                             {"weight_error", report.head->weight_error},
-                                             {"logits_error", report.head->output_error < 0.0 ? json(nullptr) : json(report.head->output_error)},
-                                             {"seconds", report.head->seconds}}
-                                      : json(nullptr)}};
-    io::write_file_atomically(o.report, j.dump(2) + "\n");
-  }
+  if (!o.report.empty()) write_report(o, recipe, report, {source_bytes, output_bytes, seconds, peak});
   return 0;
 }
 

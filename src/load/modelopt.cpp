@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "io/ggml_grid.h"
 #include "io/json_util.h"
+#include "quant/formats.h"
 
 namespace mopt::load {
 
@@ -45,23 +46,11 @@ io::TensorLayout modelopt_layout() {
 
 namespace {
 
-// The format a quant_algo names, as the reader rebuilds it.
+// The format a quant_algo names, as the reader rebuilds it (the format table's reader row).
 quant::LinearScheme scheme_for_algo(const std::string& algo, std::int64_t group_size, const std::string& label) {
-  std::string format;
-  if (algo == "FP8") format = "fp8";
-  else if (algo == "FP8_PER_CHANNEL_PER_TOKEN") format = "fp8_pc_pt";
-  else if (algo == "fp8_pb_wo" || algo == "FP8_PB_WO") format = "fp8_block";
-  else if (algo == "W8A8_SQ_PER_CHANNEL") format = "int8";
-  else if (algo == "W8A16") format = "int8_wo";
-  else if (algo == "W4A16_AWQ") format = "int4_rtn";
-  else if (algo == "W4A8_AWQ") format = "w4a8_awq";
-  else if (algo == "NVFP4") format = "nvfp4";
-  else if (algo == "NVFP4_AWQ") format = "nvfp4_awq";
-  else if (algo == "MXFP8") format = "mxfp8";
-  else if (algo == "mxfp4" || algo == "MXFP4") format = "mxfp4";
-  else fail("{}: quant_algo '{}' is not one mopt reads", label, algo);
-  const bool int4 = format == "int4_rtn" || format == "w4a8_awq";
-  return quant::format_scheme(format, int4 && group_size > 0 ? group_size : 0);
+  const quant::FormatRow* row = quant::format_for_quant_algo(algo);
+  if (row == nullptr) fail("{}: quant_algo '{}' is not one mopt reads", label, algo);
+  return quant::format_scheme(row->name, row->group_size_option && group_size > 0 ? group_size : 0);
 }
 
 struct ReadConfig {

@@ -12,6 +12,7 @@
 #include "io/ggml_grid.h"
 #include "io/gguf.h"
 #include "io/json_util.h"
+#include "quant/formats.h"
 
 namespace mopt::quant {
 
@@ -59,71 +60,39 @@ void check_algorithm_supports(const std::string& algorithm, const LinearScheme& 
 }
 
 const std::vector<std::string>& format_names() {
-  static const std::vector<std::string> names = {"fp8",      "fp8_pc_pt", "fp8_block", "int8",  "int8_sq",   "int8_wo", "int4_rtn",
-                                                 "int4_awq", "w4a8_awq",  "nvfp4",     "nvfp4_awq", "mxfp8", "mxfp4"};
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> n;
+    for (const auto& r : format_table()) n.push_back(r.name);
+    return n;
+  }();
   return names;
 }
 
-bool format_takes_group_size(const std::string& name) { return name.rfind("int4", 0) == 0 || name == "w4a8_awq"; }
+bool format_takes_group_size(const std::string& name) {
+  const FormatRow* row = find_format(name);
+  return row != nullptr && row->group_size_option;
+}
 
 LinearScheme format_scheme(const std::string& name, std::int64_t group_size) {
   LinearScheme s;
-  s.format = name;
   s.default_algorithm = "max";
-  const std::int64_t g = group_size > 0 ? group_size : 128;
   if (name == "none") {  // left unquantized (sparsity alone)
     if (group_size > 0) fail("--group-size applies to the INT4 formats only; format none quantizes nothing");
-    s.format.clear();
     return s;
   }
-  if (name == "fp8") {
-    s.quant_algo = "FP8";
-    s.weight = spec(Element::e4m3, Scaling::per_tensor);
-    s.input = spec(Element::e4m3, Scaling::per_tensor);
-  } else if (name == "fp8_pc_pt") {
-    s.quant_algo = "FP8_PER_CHANNEL_PER_TOKEN";
-    s.weight = spec(Element::e4m3, Scaling::per_row);
-    s.input = spec(Element::e4m3, Scaling::per_token);
-  } else if (name == "fp8_block") {
-    s.quant_algo = "fp8_pb_wo";  // the reference writes this one in lower case
-    s.weight = spec(Element::e4m3, Scaling::block, 128, 128);
-  } else if (name == "int8" || name == "int8_sq") {
-    s.quant_algo = "W8A8_SQ_PER_CHANNEL";
-    s.weight = spec(Element::int8, Scaling::per_row);
-    s.input = spec(Element::int8, Scaling::per_tensor);
-    if (name == "int8_sq") s.default_algorithm = "smoothquant";
-  } else if (name == "int8_wo") {
-    s.quant_algo = "W8A16";
-    s.weight = spec(Element::int8, Scaling::per_row);
-  } else if (name == "int4_rtn" || name == "int4_awq") {
-    s.quant_algo = "W4A16_AWQ";
-    s.weight = spec(Element::int4, Scaling::block, g);
-    if (name == "int4_awq") s.default_algorithm = "awq_lite";
-  } else if (name == "w4a8_awq") {
-    s.quant_algo = "W4A8_AWQ";
-    s.weight = spec(Element::int4, Scaling::block, g);
-    s.weight->fp8_second_stage = true;
-    s.input = spec(Element::e4m3, Scaling::per_tensor);
-    s.default_algorithm = "awq_lite";
-  } else if (name == "nvfp4" || name == "nvfp4_awq") {
-    s.quant_algo = name == "nvfp4" ? "NVFP4" : "NVFP4_AWQ";
-    s.weight = spec(Element::e2m1, Scaling::nvfp4, 16);
-    s.input = spec(Element::e2m1, Scaling::nvfp4, 16);
-    if (name == "nvfp4_awq") s.default_algorithm = "awq_lite";
-  } else if (name == "mxfp8") {
-    s.quant_algo = "MXFP8";
-    s.weight = spec(Element::e4m3, Scaling::mx, 32);
-    s.input = spec(Element::e4m3, Scaling::mx, 32);
-  } else if (name == "mxfp4") {
-    s.quant_algo = "mxfp4";  // lower case, as the reference writes it
-    s.weight = spec(Element::e2m1, Scaling::mx, 32);
-    s.input = spec(Element::e2m1, Scaling::mx, 32);
-  } else {
-    fail("unknown format '{}' (known: {})", name, fmt::join(format_names(), ", "));
+  const FormatRow* row = find_format(name);
+  if (row == nullptr) {
+    std::string known;
+    for (const auto& r : format_table()) known += (known.empty() ? "" : ", ") + r.name;
+    fail("unknown format '{}' (known: {})", name, known);
   }
-  if (group_size > 0 && s.weight->element != Element::int4) {
-    fail("--group-size applies to the INT4 formats only; {} has a fixed block", name);
-  }
+  if (group_size > 0 && !row->group_size_option) fail("--group-size applies to the INT4 formats only; {} has a fixed block", name);
+  s.format = row->name;
+  s.quant_algo = row->quant_algo;
+  s.weight = row->weight;
+  if (group_size > 0) s.weight->block = group_size;
+  s.input = row->input;
+  s.default_algorithm = row->default_algorithm;
   return s;
 }
 

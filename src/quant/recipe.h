@@ -25,7 +25,7 @@ struct LinearScheme {
   bool quantized() const { return weight.has_value(); }
 };
 
-// The formats mopt knows: fp8, fp8_pc_pt, fp8_block, int8, int8_sq, int8_wo,
+// The presets (quant/formats.h's table): fp8, fp8_pc_pt, fp8_block, int8, int8_sq, int8_wo,
 // int4_rtn, int4_awq, w4a8_awq, nvfp4, nvfp4_awq, mxfp8, mxfp4; "none" (no quantization) is accepted
 // by format_scheme and recipes but not listed.
 const std::vector<std::string>& format_names();
@@ -34,9 +34,9 @@ const std::vector<std::string>& algorithm_names();
 // Throws when `algorithm` cannot run on Linears quantized as `scheme` (SmoothQuant: W8A8 only;
 // AWQ-clip: INT4 blocks; GPTQ: INT4/INT8/FP8 with static scales).
 void check_algorithm_supports(const std::string& algorithm, const LinearScheme& scheme);
-// True for the formats whose weight blocks a group size sets (int4_rtn, int4_awq, w4a8_awq).
+// True for the formats whose weight blocks a group size sets (their row says so: int4_rtn, int4_awq, w4a8_awq).
 bool format_takes_group_size(const std::string& name);
-// The scheme of a named format; `group_size` > 0 replaces the INT4 block (128).
+// The scheme of a named format (its row); `group_size` > 0 replaces the INT4 block (128).
 // Throws Error naming the known formats for an unknown name.
 LinearScheme format_scheme(const std::string& name, std::int64_t group_size = 0);
 
