@@ -224,6 +224,18 @@ std::vector<float> effective_weight(std::vector<float> w, const LinearWork& wk) 
 }
 
 
+PtqContext make_ptq_context(const io::Checkpoint& checkpoint, const quant::Recipe& recipe, const PtqOptions& options) {
+  const bool sparsify = !recipe.sparsity.empty();
+  return PtqContext{checkpoint,
+                    recipe,
+                    options,
+                    algorithm_passes(recipe.effective_algorithm()),
+                    sparsify,
+                    sparsify ? parse_sparse_algo(recipe.sparse_algo) : SparseAlgo::magnitude,
+                    recipe.kv_cache ? std::optional(quant::kv_scheme(*recipe.kv_cache)) : std::nullopt,
+                    checkpoint.config().dtype};
+}
+
 bool LayerState::any_sparse() const { return std::find(sparse.begin(), sparse.end(), true) != sparse.end(); }
 
 LayerState plan_layer(const PtqContext& ctx, std::int64_t index) {

@@ -126,6 +126,9 @@ struct PtqContext {
   DType model_dtype = DType::BF16;
 };
 
+// The context of `recipe` on `checkpoint`: its algorithm's passes, its sparsity and KV schemes.
+PtqContext make_ptq_context(const io::Checkpoint& checkpoint, const quant::Recipe& recipe, const PtqOptions& options);
+
 // Everything one decoder layer carries through the passes.
 struct LayerState {
   std::int64_t index = 0;

@@ -373,15 +373,7 @@ PtqReport quantize_checkpoint(const io::Checkpoint& checkpoint, const quant::Rec
   const io::ModelConfig& c = checkpoint.config();
   const auto start_time = std::chrono::steady_clock::now();
   const bool calibrating = !calib.sequences.empty();
-  const bool sparsify = !recipe.sparsity.empty();
-  const PtqContext ctx{checkpoint,
-                       recipe,
-                       options,
-                       algorithm_passes(recipe.effective_algorithm()),
-                       sparsify,
-                       sparsify ? parse_sparse_algo(recipe.sparse_algo) : SparseAlgo::magnitude,
-                       recipe.kv_cache ? std::optional(quant::kv_scheme(*recipe.kv_cache)) : std::nullopt,
-                       c.dtype};
+  const PtqContext ctx = make_ptq_context(checkpoint, recipe, options);
   const bool any_algorithm = !ctx.passes.empty();
   if (!calibrating && needs_calibration(c, recipe)) {
     if (ctx.sparsify && sparse_algo_needs_calibration(ctx.sparse_algo) && !any_algorithm) {

@@ -22,17 +22,7 @@ struct Fixture {
   quant::Recipe recipe;
   PtqOptions options;
 
-  PtqContext context() const {
-    const bool sparsify = !recipe.sparsity.empty();
-    return PtqContext{checkpoint,
-                      recipe,
-                      options,
-                      algorithm_passes(recipe.effective_algorithm()),
-                      sparsify,
-                      sparsify ? parse_sparse_algo(recipe.sparse_algo) : SparseAlgo::magnitude,
-                      recipe.kv_cache ? std::optional(quant::kv_scheme(*recipe.kv_cache)) : std::nullopt,
-                      checkpoint.config().dtype};
-  }
+  PtqContext context() const { return make_ptq_context(checkpoint, recipe, options); }
 };
 
 // Random inputs of every Linear (and keys/values), 64 rows, channel 3 ten times louder.
