@@ -238,27 +238,27 @@ void write_choice(std::vector<std::vector<quant::QuantizedLayer>>& layers, const
   }
 }
 
-}  // namespace
-
 // One line per group: its weights, the format chosen and every candidate's score; returns the mix
 // ("fp8 123 weights, nvfp4_awq 456 weights").
 std::string print_choice_table(const std::vector<algo::LinearGroup>& groups, const std::vector<std::string>& formats,
                                const std::vector<std::vector<double>>& scores, const std::vector<std::size_t>& choice, const std::string& method) {
-fmt::print("{:<48} {:>10} {:>7}", "group", "weights", "choice");
-for (const auto& f : formats) fmt::print(" {:>14}", (method == "kl" ? "KL " : "score ") + f);
-fmt::print("\n");
-std::map<std::string, std::int64_t> counts;
-for (std::size_t g = 0; g < groups.size(); ++g) {
-  const std::string name = choice[g] < formats.size() ? formats[choice[g]] : "none";
-  counts[name] += groups[g].weights;
-  fmt::print("{:<48} {:>10} {:>7}", groups[g].name, groups[g].weights, name);
-  for (const double s : scores[g]) fmt::print(" {:>14}", method == "kl" ? fmt::format("{:.6f}", s) : fmt::format("{:.6e}", s));
+  fmt::print("{:<48} {:>10} {:>7}", "group", "weights", "choice");
+  for (const auto& f : formats) fmt::print(" {:>14}", (method == "kl" ? "KL " : "score ") + f);
   fmt::print("\n");
-}
-std::string mix;
-for (const auto& [name, weights] : counts) mix += fmt::format("{}{} {} weights", mix.empty() ? "" : ", ", name, weights);
+  std::map<std::string, std::int64_t> counts;
+  for (std::size_t g = 0; g < groups.size(); ++g) {
+    const std::string name = choice[g] < formats.size() ? formats[choice[g]] : "none";
+    counts[name] += groups[g].weights;
+    fmt::print("{:<48} {:>10} {:>7}", groups[g].name, groups[g].weights, name);
+    for (const double s : scores[g]) fmt::print(" {:>14}", method == "kl" ? fmt::format("{:.6f}", s) : fmt::format("{:.6e}", s));
+    fmt::print("\n");
+  }
+  std::string mix;
+  for (const auto& [name, weights] : counts) mix += fmt::format("{}{} {} weights", mix.empty() ? "" : ", ", name, weights);
   return mix;
 }
+
+}  // namespace
 
 int run_auto_quantize(const QuantizeOptions& o) {
   const auto start = std::chrono::steady_clock::now();

@@ -188,65 +188,67 @@ std::uint64_t convert_export(const std::string& modelopt_dir, const QuantizeOpti
   return output_bytes;
 }
 
+namespace {
+
 // What the grids of a GGUF target mean for the weights, before the work starts.
 void print_grid_notes(const quant::Recipe& recipe) {
-if (recipe.int4_grid == quant::IntGrid::q4_0) {
-  fmt::print(stderr, "int4: on Q4_0's grid for the GGUF file (16 levels, its f16 block scales), groups of {}\n", recipe.group_size);
-}
-if (!recipe.ggml_blocks.empty()) {
-  std::map<std::string, int> counts;
-  for (const auto& [module, type] : recipe.ggml_blocks) {
-    const quant::LinearScheme s = recipe.scheme_for(module);
-    if (s.weight && s.weight->grid == quant::IntGrid::ggml) ++counts[std::string(io::ggml_type_info(static_cast<std::uint32_t>(type))->name)];
+  if (recipe.int4_grid == quant::IntGrid::q4_0) {
+    fmt::print(stderr, "int4: on Q4_0's grid for the GGUF file (16 levels, its f16 block scales), groups of {}\n", recipe.group_size);
   }
-  std::string list;
-  for (const auto& [name, n] : counts) list += fmt::format("{}{} {}", list.empty() ? "" : ", ", n, name);
-  const std::string algorithm = recipe.effective_algorithm();
-  fmt::print(stderr, "weights in the GGUF file's own blocks ({}): llama.cpp's quantizer sets their scales, {}\n", list,
-             algorithm == "max" ? "the weights are rounded on them" : algorithm + " searches and rounds on them");
-}
+  if (!recipe.ggml_blocks.empty()) {
+    std::map<std::string, int> counts;
+    for (const auto& [module, type] : recipe.ggml_blocks) {
+      const quant::LinearScheme s = recipe.scheme_for(module);
+      if (s.weight && s.weight->grid == quant::IntGrid::ggml) ++counts[std::string(io::ggml_type_info(static_cast<std::uint32_t>(type))->name)];
+    }
+    std::string list;
+    for (const auto& [name, n] : counts) list += fmt::format("{}{} {}", list.empty() ? "" : ", ", n, name);
+    const std::string algorithm = recipe.effective_algorithm();
+    fmt::print(stderr, "weights in the GGUF file's own blocks ({}): llama.cpp's quantizer sets their scales, {}\n", list,
+               algorithm == "max" ? "the weights are rounded on them" : algorithm + " searches and rounds on them");
+  }
 }
 
 // One line per layer (and the lm_head): formats, errors (before and after an algorithm), seconds; the pruning summary.
 void print_layer_table(const algo::PtqReport& report, const quant::Recipe& recipe) {
-const bool with_algorithm = report.algorithm != "max";
-if (with_algorithm) {
-  fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8}  {}\n", "layer", "format", "weight err", "out err rtn", "out err " + report.algorithm,
-             "seconds", "notes");
-} else {
-  fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8}\n", "layer", "format", "weight err", "output err", "seconds");
-}
-for (const auto& l : report.layers) {
-  if (!with_algorithm) {
-    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8.2f}\n", l.layer, l.formats, format_error(l.weight_error), format_error(l.output_error), l.seconds);
-    continue;
-  }
-  fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8.2f}  {}\n", l.layer, l.formats, format_error(l.weight_error), format_error(l.output_error_rtn),
-             format_error(l.output_error), l.seconds, algorithm_notes(l));
-}
-if (report.head) {
-  const auto& h = *report.head;
+  const bool with_algorithm = report.algorithm != "max";
   if (with_algorithm) {
-    const std::string notes = algorithm_notes(h);
-    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8.2f}  {}\n", "head", "lm_head " + h.formats, format_error(h.weight_error),
-               format_error(h.output_error_rtn), format_error(h.output_error), h.seconds, notes + (notes.empty() ? "" : "; ") + "output err: logits");
+    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8}  {}\n", "layer", "format", "weight err", "out err rtn", "out err " + report.algorithm,
+               "seconds", "notes");
   } else {
-    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8.2f}  {}\n", "head", "lm_head " + h.formats, format_error(h.weight_error), format_error(h.output_error),
-               h.seconds, "(output err: logits)");
+    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8}\n", "layer", "format", "weight err", "output err", "seconds");
   }
-}
-if (report.sparse_linears > 0) {
-  double err = 0.0;
-  for (const auto& l : report.layers) err += l.sparse_weight_error * l.sparse_linears;
-  int retries = 0, fallbacks = 0;
   for (const auto& l : report.layers) {
-    retries += l.sparse_retries;
-    fallbacks += l.sparse_fallbacks;
+    if (!with_algorithm) {
+      fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8.2f}\n", l.layer, l.formats, format_error(l.weight_error), format_error(l.output_error), l.seconds);
+      continue;
+    }
+    fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8.2f}  {}\n", l.layer, l.formats, format_error(l.weight_error), format_error(l.output_error_rtn),
+               format_error(l.output_error), l.seconds, algorithm_notes(l));
   }
-  fmt::print("pruned {} linears to 2:4 ({}); mean ||W_pruned - W|| / ||W|| {:.4f}{}{}\n", report.sparse_linears, recipe.sparse_algo,
-             err / static_cast<double>(report.sparse_linears), retries > 0 ? fmt::format("; {} damping retries", retries) : "",
-             fallbacks > 0 ? fmt::format("; {} Linears fell back to magnitude order (indefinite Hessian)", fallbacks) : "");
-}
+  if (report.head) {
+    const auto& h = *report.head;
+    if (with_algorithm) {
+      const std::string notes = algorithm_notes(h);
+      fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>12} {:>8.2f}  {}\n", "head", "lm_head " + h.formats, format_error(h.weight_error),
+                 format_error(h.output_error_rtn), format_error(h.output_error), h.seconds, notes + (notes.empty() ? "" : "; ") + "output err: logits");
+    } else {
+      fmt::print("{:>5}  {:<24} {:>12} {:>12} {:>8.2f}  {}\n", "head", "lm_head " + h.formats, format_error(h.weight_error), format_error(h.output_error),
+                 h.seconds, "(output err: logits)");
+    }
+  }
+  if (report.sparse_linears > 0) {
+    double err = 0.0;
+    for (const auto& l : report.layers) err += l.sparse_weight_error * l.sparse_linears;
+    int retries = 0, fallbacks = 0;
+    for (const auto& l : report.layers) {
+      retries += l.sparse_retries;
+      fallbacks += l.sparse_fallbacks;
+    }
+    fmt::print("pruned {} linears to 2:4 ({}); mean ||W_pruned - W|| / ||W|| {:.4f}{}{}\n", report.sparse_linears, recipe.sparse_algo,
+               err / static_cast<double>(report.sparse_linears), retries > 0 ? fmt::format("; {} damping retries", retries) : "",
+               fallbacks > 0 ? fmt::format("; {} Linears fell back to magnitude order (indefinite Hessian)", fallbacks) : "");
+  }
 }
 
 struct RunSizes {
@@ -299,6 +301,8 @@ void write_report(const QuantizeOptions& o, const quant::Recipe& recipe, const a
   io::write_file_atomically(o.report, j.dump(2) + "\n");
 }
 
+}  // namespace
+
 int run_quantize(const QuantizeOptions& o) {
   if (o.auto_bits != 0.0) return run_auto_quantize(o);
   const auto start = std::chrono::steady_clock::now();
@@ -306,9 +310,9 @@ int run_quantize(const QuantizeOptions& o) {
   quant::Recipe from_options = recipe_from_options(o);
   check_export_target(o, from_options);
   if (std::filesystem::exists(o.out_dir)) fail("{}: already exists (choose a new output)", o.out_dir);
+  if (load::is_quantized_checkpoint(o.model)) fail("{}: already quantized; quantize the original checkpoint", o.model);
   const io::Checkpoint ckpt = io::Checkpoint::open(o.model);
   const quant::Recipe recipe = with_gguf_target_grid(o, std::move(from_options), ckpt.config());
-  if (load::is_quantized_checkpoint(o.model)) fail("{}: already quantized; quantize the original checkpoint", o.model);
   const algo::CalibrationSet calib = calibration_from_options(o, ckpt, recipe);
 
   // Another format is converted from the modelopt checkpoint, written first into a temporary directory beside the output.

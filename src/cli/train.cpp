@@ -62,8 +62,8 @@ int run_qat(const TrainCliOptions& o, train::TrainOptions t, const io::Tokenizer
   const train::SteMode ste = train::parse_ste_mode(o.ste);
   if (o.distill && !(o.kd_temperature > 0.0f)) fail("--kd-temperature {} is not positive", o.kd_temperature);
   if (o.distill && !(o.kd_weight >= 0.0f && o.kd_weight <= 1.0f)) fail("--kd-weight {} is not in [0, 1]", o.kd_weight);
-  const io::Checkpoint ckpt = io::Checkpoint::open(o.model);
   if (load::is_quantized_checkpoint(o.model)) fail("{}: already quantized; train the original checkpoint", o.model);
+  const io::Checkpoint ckpt = io::Checkpoint::open(o.model);
   if (o.learn_scales) {  // refused before any work
     for (std::int64_t l = 0; l < ckpt.config().num_layers; ++l) {
       for (const auto kind : model::kAllLinears) {

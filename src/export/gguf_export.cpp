@@ -327,7 +327,11 @@ void add_tokenizer(io::GgufWriter& w, const io::ModelConfig& c, const std::strin
   const json tok = io::parse_json_unique_keys(io::read_text_file(tok_path), tok_path);
   const std::string pre = gguf_pre_tokenizer_name(tok, tok_path);
   std::map<std::int64_t, std::pair<std::string, std::int32_t>> by_id;  // id -> (token, ggml token type)
-  for (const auto& [token, id] : tok["model"]["vocab"].items()) by_id[id.get<std::int64_t>()] = {token, 1};
+  const json& bpe = tok["model"];  // gguf_pre_tokenizer_name found a BPE model
+  if (!bpe.contains("vocab") || !bpe["vocab"].is_object() || !bpe.contains("merges") || !bpe["merges"].is_array()) {
+    fail("{}: its BPE model has no \"vocab\" object or no \"merges\" array", tok_path);
+  }
+  for (const auto& [token, id] : bpe["vocab"].items()) by_id[id.get<std::int64_t>()] = {token, 1};
   if (tok.contains("added_tokens")) {
     for (const auto& a : tok["added_tokens"]) by_id[a["id"].get<std::int64_t>()] = {a["content"].get<std::string>(), a.value("special", false) ? 3 : 4};
   }
@@ -344,7 +348,7 @@ void add_tokenizer(io::GgufWriter& w, const io::ModelConfig& c, const std::strin
     tokens.push_back(fmt::format("[PAD{}]", next));
     types.push_back(5);  // unused
   }
-  for (const auto& m : tok["model"]["merges"]) {
+  for (const auto& m : bpe["merges"]) {
     if (m.is_string()) {
       merges.push_back(m);
     } else if (m.is_array() && m.size() == 2) {
@@ -362,7 +366,8 @@ void add_tokenizer(io::GgufWriter& w, const io::ModelConfig& c, const std::strin
   if (!c.eos_token_ids.empty()) w.add_u32("tokenizer.ggml.eos_token_id", static_cast<std::uint32_t>(c.eos_token_ids[0]));
   bool add_bos = false;
   if (tok.contains("post_processor") && tok["post_processor"].is_object() && tok["post_processor"].value("type", "") == "TemplateProcessing") {
-    const json& single = tok["post_processor"]["single"];
+    const json& pp = tok["post_processor"];
+    const json& single = pp.contains("single") ? pp["single"] : json(nullptr);
     add_bos = single.is_array() && !single.empty() && single[0].contains("SpecialToken");
   }
   w.add("tokenizer.ggml.add_bos_token", {GgufValueType::boolean, GgufValueType::u8, add_bos});

@@ -102,9 +102,18 @@ const FormatRow* format_for_quant_algo(std::string_view quant_algo) {
 
 void add_format(FormatRow row) {
   if (row.name.empty() || row.name == "none") fail("a format needs a name other than 'none'");
-  if (find_format(row.name) != nullptr) fail("format '{}' is already defined", row.name);
+  if (row.quant_algo.empty()) fail("format '{}' needs a quant_algo (the name its export writes)", row.name);
+  // One lock around the checks and the insertion: two threads cannot both add one name.
   AddedRows& a = added();
   std::lock_guard lock(a.mutex);
+  const auto clashes = [&](const FormatRow& r) {
+    if (r.name == row.name) fail("format '{}' is already defined", row.name);
+    if (row.reader_row && r.reader_row && same_ignoring_case(r.quant_algo, row.quant_algo)) {
+      fail("format '{}': quant_algo '{}' already reads back as format '{}'", row.name, row.quant_algo, r.name);
+    }
+  };
+  for (const auto& r : format_table()) clashes(r);
+  for (const auto& r : a.rows) clashes(r);
   a.rows.push_back(std::move(row));
 }
 

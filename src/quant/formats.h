@@ -45,7 +45,8 @@ const FormatRow* find_format(std::string_view name);
 const FormatRow* format_for_quant_algo(std::string_view quant_algo);
 // Adds a row (a name not yet known) for the rest of the process, found by name and quant_algo but not
 // listed among the presets: for a test that carries a format of its own through quantize, export,
-// load and eval.
+// load and eval. Throws Error for an empty name or quant_algo, a name already known, or a reader row
+// whose quant_algo already reads back as another format.
 void add_format(FormatRow row);
 
 }  // namespace mopt::quant

@@ -28,6 +28,16 @@ for format in int4_awq nvfp4 int8_sq; do
   echo "$format: QAT output at lr 1e-30 is quantize's, byte for byte"
 done
 
+# A quantized checkpoint as the model: one clear refusal from quantize and from train, nothing written.
+for cmd in quantize train; do
+  if [ $cmd = quantize ]; then args=(--format fp8 "${quantize_calib[@]}"); else args=(--qat fp8 "${calib[@]}" "${train[@]}" --steps 1); fi
+  if "$mopt" $cmd "$work/ptq-nvfp4" "${args[@]}" --out "$work/requantized" > "$work/requantized.out" 2>&1; then
+    echo "FAIL: $cmd accepted a quantized checkpoint"; exit 1
+  fi
+  grep -q "already quantized" "$work/requantized.out" || { echo "FAIL: $cmd: no clear refusal"; cat "$work/requantized.out"; exit 1; }
+  [ ! -e "$work/requantized" ] || { echo "FAIL: $cmd left $work/requantized"; exit 1; }
+done
+
 # Real runs: QAT, QAD with the clip STE and an FP8 KV cache, and the other exports.
 "$mopt" train "$model" --qat int4_awq --group-size 64 "${calib[@]}" "${train[@]}" --steps 6 --lr 1e-4 --out "$work/qat" > "$work/qat.out" 2>&1 \
   || { cat "$work/qat.out"; exit 1; }

@@ -352,6 +352,20 @@ TEST(GgufExport, RefusesWhatItCannotWriteByName) {
     EXPECT_NE(std::string(e.what()).find("tokenizer.json"), std::string::npos) << e.what();
   }
   EXPECT_THROW(gguf_options_from_name("q3_k"), Error);
+  // A tokenizer.json whose BPE model lacks its merges: named, nothing written.
+  const std::string broken = tmp.file("no-merges");
+  fs::copy(testing::two_layer_tiny_kjv(), broken, fs::copy_options::recursive);
+  json tok = io::parse_json_unique_keys(io::read_text_file(broken + "/tokenizer.json"), "tokenizer.json");
+  tok["model"].erase("merges");
+  fs::remove(broken + "/tokenizer.json");
+  std::ofstream(broken + "/tokenizer.json") << tok.dump();
+  try {
+    export_gguf(broken, tmp.file("n.gguf"), {});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("tokenizer.json"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(tmp.file("n.gguf")));
 }
 
 TEST(GgufExport, PreTokenizerNamesFollowLlamaCpp) {

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <iterator>
 #include <map>
 #include <set>
 
@@ -48,7 +49,92 @@ TEST(FormatTable, EveryPresetIsOneRowAndEveryQuantAlgoReadsBackToOne) {
   EXPECT_EQ(find_format("int4_awq")->default_algorithm, "awq_lite");
   EXPECT_FALSE(find_format("fp8")->fused_groups_share_scales);
   EXPECT_TRUE(find_format("nvfp4_awq")->folds_scales_into_rows);
-  EXPECT_THROW(add_format(*find_format("fp8")), Error);  // a name already taken
+}
+
+// The presets as the reference's configs define them, written out here rather than read from the table.
+TEST(FormatTable, PresetsAreTheReferencesConfigs) {
+  struct Expected {
+    const char* name;
+    const char* quant_algo;
+    Element w;
+    Scaling ws;
+    std::int64_t block, block_rows;
+    bool has_input;
+    Element in;
+    Scaling ins;
+    const char* algorithm;
+    const char* gguf;
+  };
+  using E = Element;
+  using S = Scaling;
+  const Expected expected[] = {
+      {"fp8", "FP8", E::e4m3, S::per_tensor, 0, 0, true, E::e4m3, S::per_tensor, "max", "q8_0"},
+      {"fp8_pc_pt", "FP8_PER_CHANNEL_PER_TOKEN", E::e4m3, S::per_row, 0, 0, true, E::e4m3, S::per_token, "max", "q8_0"},
+      {"fp8_block", "fp8_pb_wo", E::e4m3, S::block, 128, 128, false, E::e4m3, S::per_tensor, "max", "q8_0"},
+      {"int8", "W8A8_SQ_PER_CHANNEL", E::int8, S::per_row, 0, 0, true, E::int8, S::per_tensor, "max", "q8_0"},
+      {"int8_sq", "W8A8_SQ_PER_CHANNEL", E::int8, S::per_row, 0, 0, true, E::int8, S::per_tensor, "smoothquant", "q8_0"},
+      {"int8_wo", "W8A16", E::int8, S::per_row, 0, 0, false, E::int8, S::per_tensor, "max", "q8_0"},
+      {"int4_rtn", "W4A16_AWQ", E::int4, S::block, 128, 0, false, E::int8, S::per_tensor, "max", "q4_0"},
+      {"int4_awq", "W4A16_AWQ", E::int4, S::block, 128, 0, false, E::int8, S::per_tensor, "awq_lite", "q4_0"},
+      {"w4a8_awq", "W4A8_AWQ", E::int4, S::block, 128, 0, true, E::e4m3, S::per_tensor, "awq_lite", "q4_0"},
+      {"nvfp4", "NVFP4", E::e2m1, S::nvfp4, 16, 0, true, E::e2m1, S::nvfp4, "max", "nvfp4"},
+      {"nvfp4_awq", "NVFP4_AWQ", E::e2m1, S::nvfp4, 16, 0, true, E::e2m1, S::nvfp4, "awq_lite", "nvfp4"},
+      {"mxfp8", "MXFP8", E::e4m3, S::mx, 32, 0, true, E::e4m3, S::mx, "max", "q8_0"},
+      {"mxfp4", "mxfp4", E::e2m1, S::mx, 32, 0, true, E::e2m1, S::mx, "max", "mxfp4"},
+  };
+  ASSERT_EQ(format_table().size(), std::size(expected));
+  for (const auto& e : expected) {
+    SCOPED_TRACE(e.name);
+    const LinearScheme s = format_scheme(e.name);
+    EXPECT_EQ(s.quant_algo, e.quant_algo);
+    EXPECT_EQ(s.weight->element, e.w);
+    EXPECT_EQ(s.weight->scaling, e.ws);
+    EXPECT_EQ(s.weight->block, e.block);
+    EXPECT_EQ(s.weight->block_rows, e.block_rows);
+    EXPECT_EQ(s.weight->fp8_second_stage, std::string(e.name) == "w4a8_awq");
+    ASSERT_EQ(s.input.has_value(), e.has_input);
+    if (e.has_input) {
+      EXPECT_EQ(s.input->element, e.in);
+      EXPECT_EQ(s.input->scaling, e.ins);
+    }
+    EXPECT_EQ(s.default_algorithm, e.algorithm);
+    EXPECT_EQ(find_format(e.name)->gguf_type, e.gguf);
+    EXPECT_EQ(format_takes_group_size(e.name), s.weight->element == E::int4);
+  }
+  // A group size replaces the INT4 block and is refused elsewhere; "none" quantizes nothing.
+  EXPECT_EQ(format_scheme("int4_awq", 64).weight->block, 64);
+  EXPECT_EQ(format_scheme("w4a8_awq", 32).weight->block, 32);
+  EXPECT_THROW(format_scheme("fp8", 64), Error);
+  const LinearScheme none = format_scheme("none");
+  EXPECT_FALSE(none.quantized());
+  EXPECT_EQ(none.default_algorithm, "max");
+  EXPECT_THROW(format_scheme("none", 64), Error);
+  EXPECT_THROW(format_scheme("fp9"), Error);
+}
+
+TEST(FormatTable, BadRowsAreRefusedByName) {
+  FormatRow row = *find_format("fp8");
+  try {
+    add_format(row);
+    FAIL() << "a second 'fp8' was added";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'fp8' is already defined"), std::string::npos) << e.what();
+  }
+  row.name = "fp8_again";  // still the reader row of "FP8"
+  try {
+    add_format(row);
+    FAIL() << "a second reader row for FP8 was added";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("already reads back as format 'fp8'"), std::string::npos) << e.what();
+  }
+  row.quant_algo.clear();
+  EXPECT_THROW(add_format(row), Error);
+  row.quant_algo = "MOPT_FP8_AGAIN";
+  row.name = "none";
+  EXPECT_THROW(add_format(row), Error);
+  row.name.clear();
+  EXPECT_THROW(add_format(row), Error);
+  EXPECT_EQ(find_format("fp8_again"), nullptr);
 }
 
 // FP8 weights in 64 x 64 tiles, weight-only: no preset, written under a quant_algo of its own.
