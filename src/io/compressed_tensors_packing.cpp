@@ -51,12 +51,13 @@ std::vector<std::int8_t> unpack_int32_rows(const Tensor& packed, std::int64_t ro
 
 namespace {
 
-bool is_zero_bits(const std::uint8_t* p, std::size_t bytes) {
-  // ±0 of any float type: every bit zero but the sign (the top bit, little-endian); integers: 0.
+bool is_zero_bits(const std::uint8_t* p, std::size_t bytes, bool is_float) {
+  // ±0 of a float type: every bit zero but the sign (the top bit, little-endian); an integer: every
+  // bit zero (0x80 is int8's -128, not a zero).
   for (std::size_t b = 0; b + 1 < bytes; ++b) {
     if (p[b] != 0) return false;
   }
-  return (p[bytes - 1] & 0x7F) == 0;
+  return (p[bytes - 1] & (is_float ? 0x7F : 0xFF)) == 0;
 }
 
 std::size_t element_bytes(const Tensor& t, const std::string& label) {
@@ -72,10 +73,11 @@ bool is_sparse24(const Tensor& dense) {
   const auto bits = dtype_bits(dense.dtype());
   if (bits != 8 && bits != 16 && bits != 32) return false;
   const std::size_t eb = bits / 8;
+  const bool is_float = dtype_is_float(dense.dtype());
   const auto* p = reinterpret_cast<const std::uint8_t*>(dense.bytes().data());
   for (std::uint64_t g = 0; g < dense.numel(); g += 4) {
     int nonzero = 0;
-    for (int t = 0; t < 4; ++t) nonzero += !is_zero_bits(p + static_cast<std::size_t>(g + t) * eb, eb);
+    for (int t = 0; t < 4; ++t) nonzero += !is_zero_bits(p + static_cast<std::size_t>(g + t) * eb, eb, is_float);
     if (nonzero > 2) return false;
   }
   return true;
@@ -84,6 +86,7 @@ bool is_sparse24(const Tensor& dense) {
 Sparse24Bitmask sparse24_bitmask_compress(const Tensor& dense, const std::string& label) {
   if (dense.rank() != 2 || dense.dim(1) % 4 != 0) fail("{}: 2:4 sparsity needs a 2-D tensor with a multiple of 4 columns", label);
   const std::size_t eb = element_bytes(dense, label);
+  const bool is_float = dtype_is_float(dense.dtype());
   const std::int64_t rows = dense.dim(0), cols = dense.dim(1), row_bytes = (cols + 7) / 8;
   Sparse24Bitmask r;
   r.compressed = Tensor::zeros(dense.dtype(), {rows, cols / 2});
@@ -100,7 +103,7 @@ Sparse24Bitmask sparse24_bitmask_compress(const Tensor& dense, const std::string
       const std::uint8_t* g = src + static_cast<std::size_t>(row * cols + c) * eb;
       bool nonzero[4];
       int n = 0;
-      for (int t = 0; t < 4; ++t) n += (nonzero[t] = !is_zero_bits(g + t * eb, eb));
+      for (int t = 0; t < 4; ++t) n += (nonzero[t] = !is_zero_bits(g + t * eb, eb, is_float));
       if (n > 2) fail("{}: row {} columns {}..{} hold {} non-zero values; not 2:4 sparse", label, row, c, c + 3, n);
       bool keep[4] = {nonzero[0], nonzero[1], nonzero[2], nonzero[3]};
       if (n == 0) keep[2] = keep[3] = true;

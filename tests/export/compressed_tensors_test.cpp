@@ -201,6 +201,21 @@ TEST(Sparse24Bitmask, MatchesCompressedTensors) {
   EXPECT_THROW(sparse24_bitmask_decompress(gold.tensor("bf16_24.compressed"), more, gold.tensor("bf16_24.shape"), "layer.x"), Error);
 }
 
+// INT8 codes: -128 (0x80) is a value, not a signed zero — a group holding it with two other
+// non-zeros is not 2:4, and a 2:4 one keeps it through compression.
+TEST(Sparse24Bitmask, Int8MinusOneTwentyEightIsNotZero) {
+  const std::vector<std::int8_t> dense = {-128, 5, 0, 0, 0, 0, -128, 7, 0, -128, 0, 0, 1, 0, 0, -2};
+  Tensor t = Tensor::zeros(DType::I8, {2, 8});
+  std::copy(dense.begin(), dense.end(), t.mutable_data<std::int8_t>());
+  ASSERT_TRUE(is_sparse24(t));
+  const Sparse24Bitmask b = sparse24_bitmask_compress(t, "int8");
+  EXPECT_EQ(b.compressed.to_f32(), std::vector<float>({-128, 5, -128, 7, -128, 0, 1, -2}));
+  EXPECT_EQ(sparse24_bitmask_decompress(b.compressed, b.bitmask, b.shape, "int8").to_f32(), t.to_f32());
+  t.mutable_data<std::int8_t>()[2] = 9;  // -128, 5, 9, 0: three non-zeros
+  EXPECT_FALSE(is_sparse24(t));
+  EXPECT_THROW(sparse24_bitmask_compress(t, "int8"), Error);
+}
+
 // A 2:4 model in every format, exported to compressed-tensors: weights stored whole (16-bit, FP8,
 // INT8) become sparse-24-bitmask, packed ones stay packed under a "dense" sparsity_config; every
 // export loads and computes exactly what the dense-with-zeros checkpoint it came from computes.
