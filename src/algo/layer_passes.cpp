@@ -196,18 +196,9 @@ std::string layer_formats(const std::vector<quant::QuantizedLinear>& linears) {
 
 }  // namespace
 
-model::ActivationTransform input_transform(const quant::LinearScheme& s, const std::vector<float>& input_amax, const std::vector<float>& pqs) {
-  if (s.input) {
-    auto aq = std::make_shared<quant::ActivationQuantizer>(quant::ActivationQuantizer{*s.input, input_amax, pqs});
-    return [aq](float* x, std::int64_t rows, std::int64_t cols) { aq->apply(x, rows, cols); };
-  }
-  if (pqs.empty()) return {};
-  auto p = std::make_shared<std::vector<float>>(pqs);
-  return [p](float* x, std::int64_t rows, std::int64_t cols) {
-    for (std::int64_t r = 0; r < rows; ++r) {
-      for (std::int64_t j = 0; j < cols; ++j) x[r * cols + j] *= (*p)[j];
-    }
-  };
+std::optional<quant::ActivationQuantizer> input_transform(const quant::LinearScheme& s, const std::vector<float>& input_amax, const std::vector<float>& pqs) {
+  if (!s.input && pqs.empty()) return std::nullopt;
+  return quant::ActivationQuantizer{s.input, input_amax, pqs};
 }
 
 std::vector<float> effective_weight(std::vector<float> w, const LinearWork& wk) {
@@ -538,10 +529,8 @@ void quantize(const PtqContext& ctx, LayerState& s) {
   if (ctx.kv) {
     s.ql.key_amax = s.stats->key_max;
     s.ql.value_amax = s.stats->value_max;
-    auto kq = std::make_shared<quant::ActivationQuantizer>(quant::ActivationQuantizer{ctx.kv->spec, {s.stats->key_max}, {}});
-    auto vq = std::make_shared<quant::ActivationQuantizer>(quant::ActivationQuantizer{ctx.kv->spec, {s.stats->value_max}, {}});
-    s.qw.key_transform = [kq](float* x, std::int64_t rows, std::int64_t cols) { kq->apply(x, rows, cols); };
-    s.qw.value_transform = [vq](float* x, std::int64_t rows, std::int64_t cols) { vq->apply(x, rows, cols); };
+    s.qw.key_transform = quant::ActivationQuantizer{ctx.kv->spec, {s.stats->key_max}, {}};
+    s.qw.value_transform = quant::ActivationQuantizer{ctx.kv->spec, {s.stats->value_max}, {}};
   }
   s.report.layer = s.index;
   s.report.formats = layer_formats(s.ql.linears) + (s.report.sparse_linears > 0 ? " 2:4" : "");

@@ -112,7 +112,7 @@ void apply_pre_quant_scale(LinearWork& wk, const std::vector<float>& s, const st
 std::vector<float> effective_weight(std::vector<float> w, const LinearWork& wk);
 
 // The input's fake quantization (and pre-quantization scale) as a Linear's transform; empty when none.
-model::ActivationTransform input_transform(const quant::LinearScheme& s, const std::vector<float>& input_amax, const std::vector<float>& pqs);
+std::optional<quant::ActivationQuantizer> input_transform(const quant::LinearScheme& s, const std::vector<float>& input_amax, const std::vector<float>& pqs);
 
 // What every layer's passes read.
 struct PtqContext {

@@ -98,7 +98,7 @@ std::pair<double, double> head_logits_errors(const quant::LinearScheme& scheme, 
   kernels::gemm_f32_strided(x.data(), n, H, original.data(), wk.out, ref.data(), wk.out, false);
   const auto logits_error = [&](const float* inputs, const std::vector<float>& w_deq, const std::vector<float>& in_amax) {
     std::vector<float> xq(inputs, inputs + n * H);
-    if (auto t = input_transform(scheme, in_amax, {})) t(xq.data(), n, H);
+    if (const auto t = input_transform(scheme, in_amax, {})) t->apply(xq.data(), n, H);
     kernels::gemm_f32_strided(xq.data(), n, H, w_deq.data(), wk.out, got.data(), wk.out, false);
     return quant::relative_error(got, ref);
   };

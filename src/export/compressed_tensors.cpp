@@ -15,7 +15,6 @@
 #include "load/compressed_tensors.h"
 #include "load/modelopt.h"
 #include "io/json_util.h"
-#include "algo/sparsity.h"
 #include "quant/fake_quant.h"
 
 namespace mopt::exporter {
@@ -256,7 +255,7 @@ class CtWriter {
   void note_packed(const std::string& module, const quant::QuantizerSpec& spec, const quant::QuantizedWeight& q, std::int64_t out, std::int64_t in) {
     if (!sparse_24_) return;
     const std::vector<float> w = quant::dequantize_weight(spec, q, out, in);
-    if (algo::is_24_sparse(w.data(), out, in)) {
+    if (io::is_sparse24(Tensor::from_f32(w, {out, in}))) {
       packed_sparse_ = true;
       sparse_modules_.push_back(module);
       pruned_ += static_cast<std::uint64_t>(out * in / 2);

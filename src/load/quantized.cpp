@@ -204,17 +204,11 @@ void set_quantized_linear(StoredLinear& stored, QuantizedRun run, const std::str
       const float bound = s.input->scaling == quant::Scaling::nvfp4 ? 6.0f * 448.0f : s.input->max_bound();
       aq.amax = {scale * bound};
     }
-    auto shared = std::make_shared<quant::ActivationQuantizer>(std::move(aq));
-    lin.input_transform = [shared](float* x, std::int64_t rows, std::int64_t cols) { shared->apply(x, rows, cols); };
+    lin.input_transform = std::move(aq);
   } else if (!pre_quant_scale.empty()) {
     // Weight-only with a pre-quantization scale, or W8A8 whose kernel quantizes the input:
     // only the scale applies to the input here.
-    auto pqs = std::make_shared<std::vector<float>>(std::move(pre_quant_scale));
-    lin.input_transform = [pqs](float* x, std::int64_t rows, std::int64_t cols) {
-      for (std::int64_t r = 0; r < rows; ++r) {
-        for (std::int64_t c = 0; c < cols; ++c) x[r * cols + c] *= (*pqs)[static_cast<std::size_t>(c)];
-      }
-    };
+    lin.input_transform = quant::ActivationQuantizer{std::nullopt, {}, std::move(pre_quant_scale)};
   }
 }
 
@@ -245,11 +239,9 @@ model::Model load_quantized(const std::string& dir, const QuantizedReader& reade
       for (const float v : {k_scale, v_scale}) {
         if (!std::isfinite(v) || v < 0.0f) fail("{}: layer {}'s KV-cache scale is {}", dir, index, v);
       }
-      auto kq = std::make_shared<quant::ActivationQuantizer>(quant::ActivationQuantizer{kv.spec, {k_scale * bound}, {}});
-      auto vq = std::make_shared<quant::ActivationQuantizer>(quant::ActivationQuantizer{kv.spec, {v_scale * bound}, {}});
       if (reader.kv_algo == "FP8") w.kv_e4m3_amax = std::pair<float, float>{k_scale * bound, v_scale * bound};
-      w.key_transform = [kq](float* x, std::int64_t rows, std::int64_t cols) { kq->apply(x, rows, cols); };
-      w.value_transform = [vq](float* x, std::int64_t rows, std::int64_t cols) { vq->apply(x, rows, cols); };
+      w.key_transform = quant::ActivationQuantizer{kv.spec, {k_scale * bound}, {}};
+      w.value_transform = quant::ActivationQuantizer{kv.spec, {v_scale * bound}, {}};
     }
     return w;
   };

@@ -36,7 +36,7 @@ void linear_backward(const float* x, std::int64_t rows, std::int64_t in, const f
 
 // Linear k's input: x, or its fake quantization kept in saved.input_q[k].
 const float* linear_input(const LayerParams& w, std::size_t k, const float* x, std::int64_t rows, std::int64_t in, LayerActivations& s) {
-  const ActivationFakeQuant* f = w.fake_quant != nullptr ? w.fake_quant->input[k] : nullptr;
+  const quant::ActivationQuantizer* f = w.fake_quant != nullptr ? w.fake_quant->input[k] : nullptr;
   if (f == nullptr) {
     s.input_q[k].clear();
     return x;
@@ -49,7 +49,7 @@ const float* linear_input(const LayerParams& w, std::size_t k, const float* x, s
 // input, dx through the quantizer's backward.
 void quantized_linear_backward(const LayerParams& w, const LayerActivations& s, std::size_t k, const float* x, std::int64_t rows, std::int64_t in,
                                std::int64_t out, const float* dy, float* dx, bool accumulate, const LayerGrads& g, LayerBackwardScratch& t) {
-  const ActivationFakeQuant* f = w.fake_quant != nullptr ? w.fake_quant->input[k] : nullptr;
+  const quant::ActivationQuantizer* f = w.fake_quant != nullptr ? w.fake_quant->input[k] : nullptr;
   if (g.observe_linear) g.observe_linear(k, f == nullptr ? x : s.input_q[k].data(), dy, rows, in, out);
   if (f == nullptr) {
     linear_backward(x, rows, in, w.weight[k], out, dy, dx, accumulate, g.weight[k], g.bias[k]);
@@ -57,7 +57,7 @@ void quantized_linear_backward(const LayerParams& w, const LayerActivations& s, 
   }
   float* dxq = sized(t.dinput_q, rows * in).data();
   linear_backward(s.input_q[k].data(), rows, in, w.weight[k], out, dy, dxq, false, g.weight[k], g.bias[k]);
-  f->backward(x, dxq, rows, in, dx, accumulate);
+  f->backward(x, dxq, rows, in, w.fake_quant->clip, dx, accumulate);
 }
 
 }  // namespace
@@ -137,11 +137,11 @@ void decoder_layer_backward(const io::ModelConfig& c, const std::vector<float>& 
                               sized(t.dv, rows * kvd).data());
   const LayerFakeQuant* fq = w.fake_quant;
   if (fq != nullptr && fq->key != nullptr) {
-    fq->key->backward(s.k_pre.data(), t.dk.data(), rows, kvd, sized(t.dlin, rows * kvd).data(), false);
+    fq->key->backward(s.k_pre.data(), t.dk.data(), rows, kvd, fq->clip, sized(t.dlin, rows * kvd).data(), false);
     std::swap(t.dk, t.dlin);
   }
   if (fq != nullptr && fq->value != nullptr) {
-    fq->value->backward(s.v_pre.data(), t.dv.data(), rows, kvd, sized(t.dlin, rows * kvd).data(), false);
+    fq->value->backward(s.v_pre.data(), t.dv.data(), rows, kvd, fq->clip, sized(t.dlin, rows * kvd).data(), false);
     std::swap(t.dv, t.dlin);
   }
   kernels::apply_rope_inverse(t.dq.data(), rows, nh, d, s.positions.data(), inv_freq);

@@ -15,23 +15,20 @@
 #include <vector>
 
 #include "io/hf_config.h"
+#include "quant/act_quant.h"
 
 namespace mopt::model {
 
-// Fake quantization in the training forward (quantization-aware training), given as data: an
-// activation's forward y = q(x) and its backward, dx (written, or added to when `accumulate`) from
-// the gradient dy of y and the x it was applied to (the straight-through gradient).
-struct ActivationFakeQuant {
-  std::function<void(const float* x, std::int64_t rows, std::int64_t cols, float* y)> forward;
-  std::function<void(const float* x, const float* dy, std::int64_t rows, std::int64_t cols, float* dx, bool accumulate)> backward;
-};
-
-// A layer's fake-quantized activations: each Linear's input (kAllLinears order; null: none), the
-// keys after RoPE and the values. Fake-quantized weights are simply the weights LayerParams points to.
+// A layer's fake-quantized activations in the training forward (quantization-aware training), as
+// data: each Linear's input quantizer (kAllLinears order; null: none), the keys' after RoPE and the
+// values'. The forward applies quant::ActivationQuantizer::forward, the backward its straight-through
+// gradient (with `clip`, zero where the scaled value exceeds its amax). Fake-quantized weights are
+// simply the weights LayerParams points to.
 struct LayerFakeQuant {
-  std::array<const ActivationFakeQuant*, 7> input{};
-  const ActivationFakeQuant* key = nullptr;
-  const ActivationFakeQuant* value = nullptr;
+  std::array<const quant::ActivationQuantizer*, 7> input{};
+  const quant::ActivationQuantizer* key = nullptr;
+  const quant::ActivationQuantizer* value = nullptr;
+  bool clip = false;
 };
 
 // A layer's weights: norms [hidden] (q/k norms [head_dim], Qwen3, else null), each Linear's weight

@@ -176,8 +176,7 @@ void linear(const Linear& l, const float* x, std::int64_t rows, float* y, Worksp
     const auto cols = l.in_features();
     const auto n = static_cast<std::size_t>(rows * cols);
     if (ws.transformed.size() < n) ws.transformed.resize(n);
-    std::copy(x, x + n, ws.transformed.data());
-    l.input_transform(ws.transformed.data(), rows, cols);
+    l.input_transform->forward(x, rows, cols, ws.transformed.data());
     x = ws.transformed.data();
   }
   if (l.sparse) {
@@ -280,8 +279,8 @@ void decoder_layer_forward(const io::ModelConfig& c, const std::vector<float>& i
   if (observer) observer->key_value(layer, ws.k.data(), ws.v.data(), rows, kv_dim);
   // An E4M3 cache quantizes as it stores (the same values the transforms would give).
   const bool cache_quantizes = cache != nullptr && cache->element() == kernels::KvElement::e4m3;
-  if (w.key_transform && !cache_quantizes) w.key_transform(ws.k.data(), rows, kv_dim);
-  if (w.value_transform && !cache_quantizes) w.value_transform(ws.v.data(), rows, kv_dim);
+  if (w.key_transform && !cache_quantizes) w.key_transform->apply(ws.k.data(), rows, kv_dim);
+  if (w.value_transform && !cache_quantizes) w.value_transform->apply(ws.v.data(), rows, kv_dim);
 
   const std::int64_t window = c.sliding_window.value_or(0);
   for (const auto& s : batch) {

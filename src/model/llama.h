@@ -26,6 +26,7 @@
 #include "kernels/ops.h"
 #include "kernels/qlinear.h"
 #include "kernels/sparse24.h"
+#include "quant/act_quant.h"
 
 namespace mopt::model {
 
@@ -35,16 +36,12 @@ inline constexpr LinearKind kAllLinears[] = {LinearKind::q, LinearKind::k, Linea
 // "self_attn.q_proj", ..., "mlp.down_proj": the module path inside a layer.
 std::string_view linear_name(LinearKind kind);
 
-// A change applied to activations before they are used: fake quantization
-// of a Linear's input (with a pre-quantization scale) or of the keys and
-// values. The quantization parts implement it; the model only calls it.
-// x [rows, cols] is changed in place.
-using ActivationTransform = std::function<void(float* x, std::int64_t rows, std::int64_t cols)>;
-
 struct Linear {
   Tensor weight;              // [out, in], f32, f16 or bf16; empty when `quantized` holds the weight
   std::optional<Tensor> bias;  // [out]
-  ActivationTransform input_transform;  // applied to a copy of the input when set
+  // Applied to a copy of the input when set: data (the format's input quantizer, its amax, the
+  // pre-quantization scale) that quant::ActivationQuantizer::apply runs, not a function.
+  std::optional<quant::ActivationQuantizer> input_transform;
   // The weight kept quantized and run by the quantized kernels (shared: layers are copied cheaply).
   std::shared_ptr<const kernels::PackedLinear> quantized;
   // A 2:4 sparse weight kept compressed and run by the sparse kernels (kernels/sparse24.h); `weight`
@@ -67,8 +64,9 @@ struct LayerWeights {
   Tensor post_attention_norm;  // f32 [hidden]
   std::optional<Tensor> q_norm, k_norm;  // f32 [head_dim] (Qwen3)
   Linear q, k, v, o, gate, up, down;
-  // Applied to the keys (after RoPE) and to the values before attention uses or caches them.
-  ActivationTransform key_transform, value_transform;
+  // Applied to the keys (after RoPE) and to the values before attention uses or caches them (the KV
+  // scheme's quantizer and amax, as data).
+  std::optional<quant::ActivationQuantizer> key_transform, value_transform;
   // FP8 KV cache: the static amax of keys and values; an E4M3 KvCache stores codes under it
   // (and the transforms, which compute the same values, are then skipped).
   std::optional<std::pair<float, float>> kv_e4m3_amax;

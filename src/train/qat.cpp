@@ -16,16 +16,6 @@ SteMode parse_ste_mode(const std::string& name) {
   fail("--ste {}: pass (the gradient straight through the rounding) or clip (zero where a value exceeds its amax)", name);
 }
 
-std::unique_ptr<model::ActivationFakeQuant> FakeQuantization::transform(const quant::ActivationQuantizer& q) const {
-  const bool clip = ste_ == SteMode::clip;
-  auto t = std::make_unique<model::ActivationFakeQuant>();
-  t->forward = [&q](const float* x, std::int64_t rows, std::int64_t cols, float* y) { q.forward(x, rows, cols, y); };
-  t->backward = [&q, clip](const float* x, const float* dy, std::int64_t rows, std::int64_t cols, float* dx, bool accumulate) {
-    q.backward(x, dy, rows, cols, clip, dx, accumulate);
-  };
-  return t;
-}
-
 float FakeQuantization::lsq_global_amax(const Linear& lin) {
   return lin.scheme.weight->scaling == quant::Scaling::nvfp4 ? lin.weight_amax.at(0) : 0.0f;
 }
@@ -43,6 +33,7 @@ FakeQuantization::FakeQuantization(std::vector<quant::QuantizedLayer> layers, st
     if (ql.index != static_cast<std::int64_t>(l)) fail("quantization-aware training: calibrated layer {} arrived as layer {}", ql.index, l);
     if (ql.linears.size() != 7) fail("quantization-aware training: layer {} has {} Linears, not 7", l, ql.linears.size());
     Layer& layer = layers_[l];
+    layer.fake_quant.clip = ste_ == SteMode::clip;
     for (auto& [name, tensor] : ql.replaced) {
       Parameter& p = model.parameter(name);
       if (tensor.shape() != p.shape) fail("quantization-aware training: calibration's {} does not have the model's shape", name);
@@ -87,8 +78,7 @@ FakeQuantization::FakeQuantization(std::vector<quant::QuantizedLayer> layers, st
       lin.pre_quant_scale = std::move(q.pre_quant_scale);
       if (q.scheme.input || !lin.pre_quant_scale.empty()) {
         lin.input = std::make_unique<quant::ActivationQuantizer>(quant::ActivationQuantizer{q.scheme.input, lin.input_amax, lin.pre_quant_scale});
-        lin.input_transform = transform(*lin.input);
-        layer.fake_quant.input[k] = lin.input_transform.get();
+        layer.fake_quant.input[k] = lin.input.get();
       }
     }
     layer.key_amax = ql.key_amax;
@@ -96,10 +86,8 @@ FakeQuantization::FakeQuantization(std::vector<quant::QuantizedLayer> layers, st
     if (kv_ && ql.key_amax && ql.value_amax) {
       layer.key = std::make_unique<quant::ActivationQuantizer>(quant::ActivationQuantizer{kv_->spec, {*ql.key_amax}, {}});
       layer.value = std::make_unique<quant::ActivationQuantizer>(quant::ActivationQuantizer{kv_->spec, {*ql.value_amax}, {}});
-      layer.key_transform = transform(*layer.key);
-      layer.value_transform = transform(*layer.value);
-      layer.fake_quant.key = layer.key_transform.get();
-      layer.fake_quant.value = layer.value_transform.get();
+      layer.fake_quant.key = layer.key.get();
+      layer.fake_quant.value = layer.value.get();
     }
   }
 }

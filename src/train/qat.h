@@ -82,17 +82,14 @@ class FakeQuantization {
     std::vector<float> input_amax, pre_quant_scale;
     int learned_amax = -1;  // the model's parameter holding the learned weight amax
     std::unique_ptr<quant::ActivationQuantizer> input;  // the input's quantizer and/or pre-quantization scale
-    std::unique_ptr<model::ActivationFakeQuant> input_transform;
   };
   struct Layer {
     std::array<Linear, 7> linears;
     std::optional<float> key_amax, value_amax;
     std::vector<std::pair<std::string, DType>> replaced;  // tensors the calibration changed, in its order
     std::unique_ptr<quant::ActivationQuantizer> key, value;
-    std::unique_ptr<model::ActivationFakeQuant> key_transform, value_transform;
     model::LayerFakeQuant fake_quant;
   };
-  std::unique_ptr<model::ActivationFakeQuant> transform(const quant::ActivationQuantizer& q) const;
   // The global amax LSQ's NVFP4 block scales live under (the calibrated one); integer blocks have none.
   static float lsq_global_amax(const Linear& lin);
 

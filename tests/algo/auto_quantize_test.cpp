@@ -310,7 +310,7 @@ TEST(AutoQuantize, GradientScoresAreTheLossGradientTimesEachLinearsOutputChange)
   const std::vector<float> w8 = down8.weight_f32(), w = down.weight_f32();
   std::vector<float> x8 = x_down;
   ASSERT_TRUE(static_cast<bool>(down8.input_transform));
-  down8.input_transform(x8.data(), rows, in);
+  down8.input_transform->apply(x8.data(), rows, in);
   double expected = 0.0;
   for (std::int64_t r = 0; r < rows; ++r) {
     for (std::int64_t j = 0; j < out; ++j) {
@@ -432,10 +432,8 @@ TEST(AutoQuantize, GradientScoresMatchTheReference) {
         std::vector<float> wq(w.size());
         quant::fake_quantize(*scheme.weight, w.data(), out, in, quant::compute_amax(*scheme.weight, w.data(), out, in), wq.data());
         lin.weight = Tensor::from_f32(wq, {out, in});
-        auto aq = std::make_shared<quant::ActivationQuantizer>(
-            quant::ActivationQuantizer{*scheme.input, layers[static_cast<std::size_t>(l)].linears[k].input_amax, {}});
-        ASSERT_EQ(aq->amax.size(), 1u);
-        lin.input_transform = [aq](float* x, std::int64_t rows, std::int64_t cols) { aq->apply(x, rows, cols); };
+        lin.input_transform = quant::ActivationQuantizer{*scheme.input, layers[static_cast<std::size_t>(l)].linears[k].input_amax, {}};
+        ASSERT_EQ(lin.input_transform->amax.size(), 1u);
       }
     }
     per_module.push_back(std::move(m));
