@@ -46,6 +46,12 @@ std::uint8_t f32_to_e8m0(float x, E8M0Rounding rounding = E8M0Rounding::nearest_
 
 // ---- 4-bit elements (the code is in the low nibble) ----
 inline constexpr float kE2M1Max = 6.0f;
+// NVFP4's two-level scale: a global amax maps to kE2M1Max * kE4M3Max (block scales in E4M3 over E2M1
+// elements), so its stored scale is amax / 2688.
+inline constexpr float kNvfp4AmaxBound = kE2M1Max * kE4M3Max;
+// An amax at or below 2^-24 (the smallest f16 subnormal) counts as none: the quantizers take it as 1
+// (or give zeros), as the reference's do, rather than divide by it.
+inline constexpr float kTinyAmax = 0x1p-24f;
 float e2m1_to_f32(std::uint8_t code);
 std::uint8_t f32_to_e2m1(float x);
 float int4_to_f32(std::uint8_t code);  // two's complement nibble, -8..7

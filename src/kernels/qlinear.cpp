@@ -15,7 +15,6 @@ namespace mopt::kernels {
 
 namespace {
 
-constexpr float kTinyAmax = 5.9604644775390625e-08f;  // 2^-24, below which an int8 input rounds to zero
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 

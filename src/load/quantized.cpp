@@ -77,7 +77,7 @@ kernels::QuantizedWeightSource kernel_source(const StoredLinear& st) {
       // W4A8: each block's 16 INT4 values after the FP8 stage, as E4M3 codes of one scale.
       k.type = QuantizedWeightType::int4_fp8_table;
       float amax2 = st.weight.weight_scale_2->to_f32().at(0) * kE4M3Max;
-      if (!(amax2 > 5.9604644775390625e-08f)) amax2 = 1.0f;
+      if (!(amax2 > kTinyAmax)) amax2 = 1.0f;
       const float scale = (1.0f / amax2) * kE4M3Max;
       k.table_scale = 1.0f / scale;
       k.block_tables.resize(scales.size() * 16);
@@ -201,7 +201,7 @@ void set_quantized_linear(StoredLinear& stored, QuantizedRun run, const std::str
     if (s.input->needs_amax()) {
       const float scale = stored.input_scale.value_or(-1.0f);
       if (!std::isfinite(scale) || scale < 0.0f) fail("{}: {}'s input scale is {}", dir, stored.name, scale);
-      const float bound = s.input->scaling == quant::Scaling::nvfp4 ? 6.0f * 448.0f : s.input->max_bound();
+      const float bound = s.input->scaling == quant::Scaling::nvfp4 ? kNvfp4AmaxBound : s.input->max_bound();
       aq.amax = {scale * bound};
     }
     lin.input_transform = std::move(aq);
@@ -234,7 +234,7 @@ model::Model load_quantized(const std::string& dir, const QuantizedReader& reade
     }
     if (!reader.kv_algo.empty()) {
       const quant::KvScheme kv = quant::kv_scheme(reader.kv_algo == "FP8" ? "fp8" : "nvfp4");
-      const float bound = kv.spec.scaling == quant::Scaling::nvfp4 ? 6.0f * 448.0f : 448.0f;
+      const float bound = kv.spec.scaling == quant::Scaling::nvfp4 ? kNvfp4AmaxBound : kE4M3Max;
       const auto [k_scale, v_scale] = reader.kv_scales(ckpt, index);
       for (const float v : {k_scale, v_scale}) {
         if (!std::isfinite(v) || v < 0.0f) fail("{}: layer {}'s KV-cache scale is {}", dir, index, v);

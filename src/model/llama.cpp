@@ -75,7 +75,7 @@ KvCache::KvCache(const io::ModelConfig& c, std::int64_t slots, std::int64_t max_
     if (static_cast<std::int64_t>(e4m3_amax.size()) != layers_) fail("an FP8 KV cache needs the amax of all {} layers, got {}", layers_, e4m3_amax.size());
     for (const auto& [k, v] : e4m3_amax) {
       for (float amax : {k, v}) {
-        if (!(amax > 5.9604644775390625e-08f)) amax = 1.0f;  // as the FP8 fake quantization takes a zero amax
+        if (!(amax > kTinyAmax)) amax = 1.0f;  // as the FP8 fake quantization takes a zero amax
         const float scale = (1.0f / amax) * kE4M3Max;
         scale_.push_back(scale);
         inv_scale_.push_back(1.0f / scale);

@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "core/convert.h"
 #include "core/error.h"
 #include "quant/fake_quant.h"
 
@@ -62,7 +63,7 @@ namespace mopt::quant {
 
 float activation_scale(const QuantizerSpec& spec, float amax) {
   switch (spec.scaling) {
-    case Scaling::nvfp4: return amax / (6.0f * 448.0f);
+    case Scaling::nvfp4: return amax / kNvfp4AmaxBound;
     default: return amax / spec.max_bound();
   }
 }

@@ -18,7 +18,6 @@ namespace mopt::quant {
 
 namespace {
 
-constexpr float kTinyAmax = 5.9604644775390625e-08f;  // 2^-24
 // Elements from which the row-wise roundings are worth the threads' synchronization.
 constexpr std::int64_t kParallelElements = std::int64_t{1} << 15;
 
@@ -401,7 +400,7 @@ bool is_nvfp4(const QuantizerSpec& spec) { return spec.element == Element::e2m1 
 float nvfp4_fp8_rounded_scale(float s, float global_amax) {
   const float per_tensor = global_amax / 6.0f;
   const float safe = per_tensor <= kTinyAmax ? 1.0f : per_tensor;
-  const float to_fp8 = 448.0f / safe;
+  const float to_fp8 = kE4M3Max / safe;
   return e4m3_to_f32(f32_to_e4m3(std::clamp(s * to_fp8, -kE4M3Max, kE4M3Max))) * (1.0f / to_fp8);
 }
 }  // namespace
@@ -475,7 +474,7 @@ std::vector<float> nvfp4_sweep_amax(const QuantizerSpec& spec, const float* w, s
   constexpr int kCandidates = 126;  // E4M3 codes 0x01 .. 0x7E: the positive finite values, ascending
   float amax[kCandidates], scale[kCandidates];
   for (int i = 0; i < kCandidates; ++i) {
-    amax[i] = global_amax * (e4m3_to_f32(static_cast<std::uint8_t>(i + 1)) / 448.0f);
+    amax[i] = global_amax * (e4m3_to_f32(static_cast<std::uint8_t>(i + 1)) / kE4M3Max);
     // Static NVFP4 at a block amax a (the reference's compute_fp4_scales): a / 6, FP8-rounded, no floor.
     scale[i] = nvfp4_fp8_rounded_scale(amax[i] / 6.0f, global_amax);
   }

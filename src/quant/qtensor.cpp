@@ -234,11 +234,11 @@ QuantizedWeight quantize_weight(const QuantizerSpec& spec, const float* w, std::
       if (spec.scaling == Scaling::nvfp4) {
         q.weight_scale = Tensor::zeros(DType::F8_E4M3, {out, nb});
         q.weight_scale_2 = Tensor::zeros(DType::F32, {});
-        float wsf2 = amax[0] / (6.0f * kE4M3Max);
+        float wsf2 = amax[0] / kNvfp4AmaxBound;
         if (!(wsf2 > 0.0f)) wsf2 = 1.0f;  // an all-zero weight: every code is 0 whatever the scale
         q.weight_scale_2->mutable_data<float>()[0] = wsf2;
         auto* scales = q.weight_scale.mutable_data<std::uint8_t>();
-        const float denominator = 6.0f * wsf2;
+        const float denominator = kE2M1Max * wsf2;
         if (!nvfp4_block_amax.empty() && static_cast<std::int64_t>(nvfp4_block_amax.size()) != out * nb) {
           fail("NVFP4: {} block maxima for a [{}, {}] weight", nvfp4_block_amax.size(), out, in);
         }
@@ -352,7 +352,7 @@ std::vector<float> nvfp4_block_amax(const QuantizerSpec& spec, const float* w, s
 }
 
 float nvfp4_export_step(float block_amax, float global_amax) {
-  float wsf2 = global_amax / (6.0f * kE4M3Max);
+  float wsf2 = global_amax / kNvfp4AmaxBound;
   if (!(wsf2 > 0.0f)) wsf2 = 1.0f;
   float s = block_amax / (6.0f * wsf2);
   if (s == 0.0f) s = 1.0f;

@@ -233,5 +233,15 @@ TEST(ConvertGeneric, EveryDTypeThroughF32) {
   EXPECT_THROW(convert_from_f32(DType::E2M1, odd, out, 3), Error);
 }
 
+// The bounds the quantizers share are the formats' own: the largest E4M3 and E2M1 codes, NVFP4's
+// global bound their product, the tiny amax the smallest f16 subnormal.
+TEST(ConvertConstants, AreTheFormatsLimits) {
+  EXPECT_EQ(kE4M3Max, e4m3_to_f32(0x7E));
+  EXPECT_EQ(kE2M1Max, e2m1_to_f32(0x7));
+  EXPECT_EQ(kE5M2Max, e5m2_to_f32(0x7B));
+  EXPECT_EQ(kNvfp4AmaxBound, 2688.0f);
+  EXPECT_EQ(kTinyAmax, f16_to_f32(0x0001));
+}
+
 }  // namespace
 }  // namespace mopt
