@@ -172,7 +172,7 @@ void awq_clip_pass(const PtqContext& ctx, LayerState& s);
 // o_proj's and down_proj's scales into v_proj's and up_proj's output rows where the sizes allow.
 void fold_into_rows(const PtqContext& ctx, LayerState& s);
 // drop_unfoldable_scales: what a target without pre_quant_scale tensors asks for
-// (PtqOptions::fold_pre_quant_scales): a scale still unfolded is dropped, that Linear quantized
+// (PtqOptions::fold_pre_quant_scales, from exporter::ExportTarget): a scale still unfolded is dropped, that Linear quantized
 // unsmoothed (its own clip search when the algorithm has one).
 void drop_unfoldable_scales(const PtqContext& ctx, LayerState& s);
 // share_input_scales: one scale per shared input (the group's mean), folded into the norm that feeds

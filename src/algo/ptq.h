@@ -47,8 +47,9 @@ struct PtqOptions {
   std::int64_t batch_sequences = 1;  // sequences per forward call (the histogram grows per call)
   double gptq_damp = 0.01;           // GPTQ damping, a fraction of mean(diag H)
   bool gptq_act_order = false;       // GPTQ columns by decreasing H_ii (the reference: natural order)
-  // For targets without a pre_quant_scale tensor (compressed-tensors, GGUF): every smoothing scale is
-  // folded into the layer before it (norms; v_proj/up_proj rows for o_proj/down_proj) or not applied.
+  // What a target without pre_quant_scale tensors asks for (exporter::ExportTarget::stores_pre_quant_scale
+  // false: compressed-tensors, GGUF): every smoothing scale is folded into the layer before it (norms;
+  // v_proj/up_proj rows for o_proj/down_proj) or not applied.
   bool fold_pre_quant_scales = false;
   // Hand on each quantized Linear's f32 weight (QuantizedLinear::master_weight) beside its codes.
   bool keep_master_weights = false;

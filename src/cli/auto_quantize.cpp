@@ -19,6 +19,7 @@
 #include "core/memory.h"
 #include "core/progress.h"
 #include "export/hf_modelopt.h"
+#include "export/targets.h"
 #include "load/load_model.h"
 #include "io/atomic_file.h"
 #include "io/checkpoint.h"
@@ -284,7 +285,7 @@ int run_auto_quantize(const QuantizeOptions& o) {
   options.batch_sequences = o.calib_batch;
   options.gptq_damp = o.gptq_damp;
   options.gptq_act_order = o.gptq_act_order;
-  options.fold_pre_quant_scales = o.export_format != "modelopt";  // compressed-tensors has no pre_quant_scale
+  options.fold_pre_quant_scales = !exporter::export_target(o.export_format).stores_pre_quant_scale;
   for (const auto& r : recipes) check_export_target(o, r);
   bool whole_blocks = false;
   for (const auto& r : recipes) whole_blocks = whole_blocks || algo::folds_scales_across_linears(r.scheme_for("model.layers.0.self_attn.q_proj"), options);
@@ -343,14 +344,15 @@ int run_auto_quantize(const QuantizeOptions& o) {
   for (std::size_t g = 0; g < groups.size(); ++g) {
     for (const auto& m : groups[g].modules) mixed.overrides.push_back({m, choice.choice[g] < formats.size() ? formats[choice.choice[g]] : "none"});
   }
-  const std::string modelopt_dir = o.export_format == "modelopt" ? o.out_dir : staging.path() + "/mixed";
+  const bool converted = exporter::export_target(o.export_format).converted_from_modelopt;
+  const std::string modelopt_dir = converted ? staging.path() + "/mixed" : o.out_dir;
   exporter::HfModeloptWriter writer(ckpt, modelopt_dir, mixed);
   write_choice(layers, groups, choice.choice, writer);
   writer.finish();
-  if (o.export_format != "modelopt") {
-    QuantizeOptions converted = o;
-    if (o.export_format == "gguf") converted.gguf_type = "native";  // a type per Linear
-    (void)convert_export(modelopt_dir, converted, mixed, 0);
+  if (converted) {
+    QuantizeOptions converted_options = o;
+    if (o.export_format == "gguf") converted_options.gguf_type = "native";  // a type per Linear
+    (void)convert_export(modelopt_dir, converted_options, mixed, 0);
   }
 
   const std::string mix = print_choice_table(groups, formats, scores, choice.choice, o.auto_method);

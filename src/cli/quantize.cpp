@@ -16,6 +16,7 @@
 #include "export/compressed_tensors.h"
 #include "export/gguf_export.h"
 #include "export/hf_modelopt.h"
+#include "export/targets.h"
 #include "load/load_model.h"
 #include "io/atomic_file.h"
 #include "io/checkpoint.h"
@@ -127,18 +128,16 @@ std::string gguf_target_type(const QuantizeOptions& o, const quant::Recipe& reci
 }
 
 void check_export_target(const QuantizeOptions& o, const quant::Recipe& recipe) {
-  if (o.export_format != "modelopt" && o.export_format != "compressed-tensors" && o.export_format != "gguf") {
-    fail("--export {}: one of modelopt, compressed-tensors, gguf", o.export_format);
-  }
+  const exporter::ExportTarget& target = exporter::export_target(o.export_format);
   if (!o.gguf_type.empty() && o.export_format != "gguf") fail("--gguf-type applies to --export gguf");
   if (o.export_format == "compressed-tensors") {
     // Refuse a format compressed-tensors cannot hold before any work is done.
     if (!recipe.format.empty() && recipe.format != "none") exporter::compressed_tensors_group(quant::format_scheme(recipe.format, recipe.group_size));
-    if (recipe.kv_cache && *recipe.kv_cache != "fp8") fail("compressed-tensors has no form for a {} KV cache", *recipe.kv_cache);
+    if (recipe.kv_cache && !quant::kv_scheme(*recipe.kv_cache).compressed_tensors) fail("compressed-tensors has no form for a {} KV cache", *recipe.kv_cache);
   }
   if (o.export_format == "gguf" && !o.gguf_type.empty()) exporter::gguf_options_from_name(o.gguf_type);
   const bool head_quantized = recipe.scheme_for("lm_head").quantized();
-  if (head_quantized && o.export_format != "modelopt") {
+  if (head_quantized && !target.holds_quantized_lm_head) {
     fail("--quantize-lm-head: the {} export keeps the lm_head in 16 bits; only --export modelopt holds a quantized lm_head", o.export_format);
   }
 }
@@ -318,11 +317,11 @@ int run_quantize(const QuantizeOptions& o) {
   // Another format is converted from the modelopt checkpoint, written first into a temporary directory beside the output.
   io::ScratchDir staging;
   std::string modelopt_dir = o.out_dir;
-  if (o.export_format != "modelopt") modelopt_dir = staging.create(o.out_dir) + "/modelopt";
+  if (exporter::export_target(o.export_format).converted_from_modelopt) modelopt_dir = staging.create(o.out_dir) + "/modelopt";
   print_grid_notes(recipe);
   exporter::HfModeloptWriter writer(ckpt, modelopt_dir, recipe);
   algo::PtqOptions options;
-  options.fold_pre_quant_scales = o.export_format != "modelopt";
+  options.fold_pre_quant_scales = !exporter::export_target(o.export_format).stores_pre_quant_scale;
   options.propagate_quantized = o.propagate_quantized;
   options.batch_sequences = o.calib_batch;
   options.gptq_damp = o.gptq_damp;

@@ -14,6 +14,7 @@
 #include "core/memory.h"
 #include "core/thread_pool.h"
 #include "export/hf_modelopt.h"
+#include "export/targets.h"
 #include "load/load_model.h"
 #include "io/atomic_file.h"
 #include "io/checkpoint.h"
@@ -80,7 +81,7 @@ int run_qat(const TrainCliOptions& o, train::TrainOptions t, const io::Tokenizer
 
   // 1. Calibration: the quantizers' scales and the transformed weights training starts from.
   algo::PtqOptions options;
-  options.fold_pre_quant_scales = q.export_format != "modelopt";
+  options.fold_pre_quant_scales = !exporter::export_target(q.export_format).stores_pre_quant_scale;
   options.batch_sequences = q.calib_batch;
   options.gptq_damp = q.gptq_damp;
   options.gptq_act_order = q.gptq_act_order;
@@ -132,7 +133,7 @@ int run_qat(const TrainCliOptions& o, train::TrainOptions t, const io::Tokenizer
   // trained, in the source checkpoint's names, order and dtypes. Other formats via a staging directory.
   io::ScratchDir staging;
   std::string modelopt_dir = q.out_dir;
-  if (q.export_format != "modelopt") modelopt_dir = staging.create(q.out_dir) + "/modelopt";
+  if (exporter::export_target(q.export_format).converted_from_modelopt) modelopt_dir = staging.create(q.out_dir) + "/modelopt";
   std::uint64_t bytes = 0;
   {
     exporter::HfModeloptWriter writer(ckpt, modelopt_dir, recipe);
@@ -143,7 +144,7 @@ int run_qat(const TrainCliOptions& o, train::TrainOptions t, const io::Tokenizer
       return Tensor::from_f32(it->value, it->shape).to(ckpt.tensor(name).dtype());
     });
     for (std::int64_t l = 0; l < fq->layers(); ++l) writer.add_layer(fq->quantized_layer(l, model));
-    if (q.export_format == "modelopt") {
+    if (!exporter::export_target(q.export_format).converted_from_modelopt) {
       std::string log;
       for (const auto& line : s.log) log += line + "\n";
       writer.write_text("train_log.jsonl", log);

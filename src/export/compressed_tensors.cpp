@@ -326,7 +326,8 @@ CompressedTensorsReport export_compressed_tensors(const std::string& quantized_d
   load::QuantizedReader reader;
   if (quantized) reader = load::modelopt_reader(quantized_dir);
   else reader.linear = [](const io::Checkpoint&, std::int64_t, model::LinearKind) -> std::optional<load::StoredLinear> { return std::nullopt; };
-  if (!reader.kv_algo.empty() && reader.kv_algo != "FP8") {
+  const quant::KvScheme* kv = reader.kv_algo.empty() ? nullptr : quant::kv_scheme_for_quant_algo(reader.kv_algo);
+  if (!reader.kv_algo.empty() && (kv == nullptr || !kv->compressed_tensors)) {
     fail("{}: compressed-tensors has no form for a {} KV cache", quantized_dir, reader.kv_algo);
   }
   const io::Checkpoint ckpt = io::Checkpoint::open(quantized_dir, load::modelopt_layout());

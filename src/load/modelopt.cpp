@@ -114,7 +114,7 @@ ReadConfig read_quant_config(const std::string& dir) {
   } catch (const json::exception& e) {
     fail("{}: malformed quantization config: {}", label, e.what());
   }
-  if (!r.kv_algo.empty() && r.kv_algo != "FP8" && r.kv_algo != "NVFP4") fail("{}: kv_cache_quant_algo '{}' is not one mopt reads", label, r.kv_algo);
+  if (!r.kv_algo.empty() && quant::kv_scheme_for_quant_algo(r.kv_algo) == nullptr) fail("{}: kv_cache_quant_algo '{}' is not one mopt reads", label, r.kv_algo);
   return r;
 }
 

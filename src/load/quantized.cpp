@@ -215,7 +215,7 @@ void set_quantized_linear(StoredLinear& stored, QuantizedRun run, const std::str
 }  // namespace
 
 model::Model load_quantized(const std::string& dir, const QuantizedReader& reader, QuantizedRun run) {
-  if (!reader.kv_algo.empty() && reader.kv_algo != "FP8" && reader.kv_algo != "NVFP4") {
+  if (!reader.kv_algo.empty() && quant::kv_scheme_for_quant_algo(reader.kv_algo) == nullptr) {
     fail("{}: KV-cache quantization '{}' is not one mopt reads", dir, reader.kv_algo);
   }
   model::LoadOptions options;
@@ -233,13 +233,13 @@ model::Model load_quantized(const std::string& dir, const QuantizedReader& reade
       set_quantized_linear(*stored, run, dir, w.linear(kind));
     }
     if (!reader.kv_algo.empty()) {
-      const quant::KvScheme kv = quant::kv_scheme(reader.kv_algo == "FP8" ? "fp8" : "nvfp4");
-      const float bound = kv.spec.scaling == quant::Scaling::nvfp4 ? kNvfp4AmaxBound : kE4M3Max;
+      const quant::KvScheme& kv = *quant::kv_scheme_for_quant_algo(reader.kv_algo);
+      const float bound = kv.spec.scaling == quant::Scaling::nvfp4 ? kNvfp4AmaxBound : kv.spec.max_bound();
       const auto [k_scale, v_scale] = reader.kv_scales(ckpt, index);
       for (const float v : {k_scale, v_scale}) {
         if (!std::isfinite(v) || v < 0.0f) fail("{}: layer {}'s KV-cache scale is {}", dir, index, v);
       }
-      if (reader.kv_algo == "FP8") w.kv_e4m3_amax = std::pair<float, float>{k_scale * bound, v_scale * bound};
+      if (kv.e4m3_cache) w.kv_e4m3_amax = std::pair<float, float>{k_scale * bound, v_scale * bound};
       w.key_transform = quant::ActivationQuantizer{kv.spec, {k_scale * bound}, {}};
       w.value_transform = quant::ActivationQuantizer{kv.spec, {v_scale * bound}, {}};
     }

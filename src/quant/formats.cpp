@@ -117,4 +117,28 @@ void add_format(FormatRow row) {
   a.rows.push_back(std::move(row));
 }
 
+const std::vector<KvScheme>& kv_scheme_table() {
+  static const std::vector<KvScheme> rows = {
+      {"fp8", "FP8", spec(Element::e4m3, Scaling::per_tensor), true, true},
+      {"nvfp4", "NVFP4", spec(Element::e2m1, Scaling::nvfp4, 16), false, false},
+  };
+  return rows;
+}
+
+const KvScheme& kv_scheme(std::string_view name) {
+  std::string names;
+  for (const auto& r : kv_scheme_table()) {
+    if (r.name == name) return r;
+    names += (names.empty() ? "" : ", ") + r.name;
+  }
+  fail("unknown KV-cache format '{}' (known: {})", name, names);
+}
+
+const KvScheme* kv_scheme_for_quant_algo(std::string_view quant_algo) {
+  for (const auto& r : kv_scheme_table()) {
+    if (r.quant_algo == quant_algo) return &r;
+  }
+  return nullptr;
+}
+
 }  // namespace mopt::quant

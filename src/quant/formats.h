@@ -49,4 +49,19 @@ const FormatRow* format_for_quant_algo(std::string_view quant_algo);
 // whose quant_algo already reads back as another format.
 void add_format(FormatRow row);
 
+// The KV-cache formats (`--kv-cache`), one row each: the keys (after RoPE) and values are fake-
+// quantized under one static amax per layer and tensor.
+struct KvScheme {
+  std::string name;        // "fp8", "nvfp4"
+  std::string quant_algo;  // hf_quant_config.json's kv_cache_quant_algo ("FP8", "NVFP4")
+  QuantizerSpec spec;
+  bool compressed_tensors = false;  // compressed-tensors has a form for it (kv_cache_scheme)
+  bool e4m3_cache = false;          // the runtime's cache holds it as E4M3 codes (model::KvCache)
+};
+const std::vector<KvScheme>& kv_scheme_table();
+// The row named `name`; throws Error naming the known ones.
+const KvScheme& kv_scheme(std::string_view name);
+// The row a checkpoint's kv_cache_quant_algo names (exactly, as the reference writes it); nullptr when none.
+const KvScheme* kv_scheme_for_quant_algo(std::string_view quant_algo);
+
 }  // namespace mopt::quant

@@ -16,19 +16,6 @@
 
 namespace mopt::quant {
 
-namespace {
-
-QuantizerSpec spec(Element e, Scaling s, std::int64_t block = 0, std::int64_t block_rows = 0) {
-  QuantizerSpec q;
-  q.element = e;
-  q.scaling = s;
-  q.block = block;
-  q.block_rows = block_rows;
-  return q;
-}
-
-}  // namespace
-
 const std::vector<std::string>& algorithm_names() {
   static const std::vector<std::string> names = {"max", "smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq", "awq_lite+gptq"};
   return names;
@@ -94,12 +81,6 @@ LinearScheme format_scheme(const std::string& name, std::int64_t group_size) {
   s.input = row->input;
   s.default_algorithm = row->default_algorithm;
   return s;
-}
-
-KvScheme kv_scheme(const std::string& name) {
-  if (name == "fp8") return {"fp8", "FP8", spec(Element::e4m3, Scaling::per_tensor)};
-  if (name == "nvfp4") return {"nvfp4", "NVFP4", spec(Element::e2m1, Scaling::nvfp4, 16)};
-  fail("unknown KV-cache format '{}' (known: fp8, nvfp4)", name);
 }
 
 bool glob_match(std::string_view pattern, std::string_view name) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "quant/calibrator.h"
+#include "quant/formats.h"
 #include "quant/spec.h"
 
 namespace mopt::quant {
@@ -39,14 +40,6 @@ bool format_takes_group_size(const std::string& name);
 // The scheme of a named format (its row); `group_size` > 0 replaces the INT4 block (128).
 // Throws Error naming the known formats for an unknown name.
 LinearScheme format_scheme(const std::string& name, std::int64_t group_size = 0);
-
-// KV-cache quantization: "fp8" (E4M3 per tensor) or "nvfp4".
-struct KvScheme {
-  std::string name;        // "fp8", "nvfp4"
-  std::string quant_algo;  // "FP8", "NVFP4"
-  QuantizerSpec spec;
-};
-KvScheme kv_scheme(const std::string& name);
 
 // Glob match on module names: '*' any run of characters (dots included), '?' one character.
 bool glob_match(std::string_view pattern, std::string_view name);

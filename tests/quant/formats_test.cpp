@@ -179,5 +179,35 @@ TEST(FormatTable, AFormatDefinedHereGoesThroughQuantizeExportLoadAndEval) {
   EXPECT_FALSE(std::filesystem::exists(tmp.file("ct")));
 }
 
+// The KV-cache rows: the reference's kv_cache_quant_algo names read back to their row (exactly; an
+// unknown one is nobody's), FP8 per tensor is what compressed-tensors and the E4M3 cache hold, NVFP4
+// neither; an unknown name is refused naming the known ones.
+TEST(KvSchemeTable, RowsReadBackAndUnknownNamesAreRefused) {
+  ASSERT_EQ(kv_scheme_table().size(), 2u);
+  for (const auto& r : kv_scheme_table()) {
+    EXPECT_EQ(&kv_scheme(r.name), &r);
+    EXPECT_EQ(kv_scheme_for_quant_algo(r.quant_algo), &r);
+  }
+  const KvScheme& fp8 = kv_scheme("fp8");
+  EXPECT_EQ(fp8.quant_algo, "FP8");
+  EXPECT_EQ(fp8.spec.element, Element::e4m3);
+  EXPECT_EQ(fp8.spec.scaling, Scaling::per_tensor);
+  EXPECT_TRUE(fp8.compressed_tensors);
+  EXPECT_TRUE(fp8.e4m3_cache);
+  const KvScheme& nvfp4 = kv_scheme("nvfp4");
+  EXPECT_EQ(nvfp4.quant_algo, "NVFP4");
+  EXPECT_EQ(nvfp4.spec.scaling, Scaling::nvfp4);
+  EXPECT_EQ(nvfp4.spec.block, 16);
+  EXPECT_FALSE(nvfp4.compressed_tensors);
+  EXPECT_FALSE(nvfp4.e4m3_cache);
+  EXPECT_EQ(kv_scheme_for_quant_algo("INT8"), nullptr);
+  try {
+    kv_scheme("int8");
+    ADD_FAILURE() << "an unknown KV format was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()), "unknown KV-cache format 'int8' (known: fp8, nvfp4)");
+  }
+}
+
 }  // namespace
 }  // namespace mopt::quant
