@@ -394,13 +394,23 @@ class GgufTensors {
 
   void matrix(const std::string& hf, const std::string& gguf, std::int64_t permute_heads = 0, std::int64_t layer = 0) {
     const GgmlType type = type_of(gguf, layer, ckpt_.tensor(hf).shape().back());
-    w_.add_tensor(gguf, ckpt_.tensor(hf).shape(), type, [&ckpt = ckpt_, hf, permute_heads, type] {
-      const Tensor t = ckpt.tensor(hf);
-      std::vector<float> v = t.to_f32();
-      if (permute_heads > 0) io::permute_rope_rows(v.data(), t.dim(0), t.dim(1), permute_heads);
-      std::vector<std::byte> out = io::ggml_quantize(type, v.data(), v.size(), hf);
-      t.release_pages();
-      return out;
+    w_.add_tensor(gguf, ckpt_.tensor(hf).shape(), type, [&ckpt = ckpt_, hf, permute_heads, type] { return encode(ckpt.tensor(hf), hf, permute_heads, type); });
+  }
+
+  // A plain Linear the checkpoint's format stores its own way (compressed-tensors' 2:4
+  // .compressed/.bitmask/.shape), made dense by its reader when the writer reaches it.
+  void stored_dense_matrix(const std::string& hf, const std::string& gguf, std::int64_t permute_heads, std::int64_t layer) {
+    const io::ModelConfig& c = ckpt_.config();
+    const auto expected = io::expected_tensors(c);
+    const auto it = std::find_if(expected.begin(), expected.end(), [&](const io::ExpectedTensor& t) { return t.name == hf; });
+    if (it == expected.end()) fail("{}: {} is not a tensor of this model", model_dir_, hf);
+    const GgmlType type = type_of(gguf, layer, it->shape.back());
+    const std::string module = hf.substr(0, hf.size() - std::string_view(".weight").size());
+    w_.add_tensor(gguf, it->shape, type, [&ckpt = ckpt_, &reader = *reader_, dir = model_dir_, module, hf, shape = it->shape, permute_heads, type] {
+      std::optional<Tensor> t = reader.dense_weight(ckpt, module);
+      if (!t) fail("{}: {} holds no weight for {}", dir, module, hf);
+      if (t->shape() != shape) fail("{}: {} is {}, the config asks for {}", dir, hf, shape_string(t->shape()), shape_string(shape));
+      return encode(*t, hf, permute_heads, type);
     });
   }
 
@@ -425,7 +435,8 @@ class GgufTensors {
     const std::string gguf = gguf_name(hf);
     std::optional<load::StoredLinear> st = reader_ ? reader_->linear(ckpt_, layer, kind) : std::nullopt;
     if (!st) {
-      matrix(hf, gguf, permute_heads, layer);
+      if (reader_ && reader_->dense_weight && !ckpt_.tensors().contains(hf)) stored_dense_matrix(hf, gguf, permute_heads, layer);
+      else matrix(hf, gguf, permute_heads, layer);
       return;
     }
     const GgmlType own = native_type(*st);
@@ -443,6 +454,15 @@ class GgufTensors {
   }
 
  private:
+  // A weight's values (its Q/K rows permuted as llama.cpp's RoPE wants) in `type`.
+  static std::vector<std::byte> encode(const Tensor& t, const std::string& hf, std::int64_t permute_heads, GgmlType type) {
+    std::vector<float> v = t.to_f32();
+    if (permute_heads > 0) io::permute_rope_rows(v.data(), t.dim(0), t.dim(1), permute_heads);
+    std::vector<std::byte> out = io::ggml_quantize(type, v.data(), v.size(), hf);
+    t.release_pages();
+    return out;
+  }
+
   bool fp4_fits(const load::StoredLinear& st, GgmlType t) const {
     const auto& spec = *st.scheme.weight;
     const bool nv = t == GgmlType::NVFP4;

@@ -297,6 +297,18 @@ TEST(CompressedTensors, SparseExportsComputeWhatTheDenseExportDoes) {
         EXPECT_TRUE(algo::is_24_sparse(v.data(), lin.out_features(), lin.in_features())) << l << " " << model::linear_name(kind);
       }
     }
+    // The GGUF export reads it too: plain Linears stored as .compressed/.bitmask/.shape go over dense,
+    // weight for weight (bf16 holds the 16-bit weights exactly).
+    if (std::string(c.format) == "none") {
+      const auto g = export_gguf(tmp.file("ct"), tmp.file("m.gguf"), gguf_options_from_name("bf16"));
+      EXPECT_EQ(g.exact_linears + g.requantized_linears, 0);
+      model::Model from_gguf = load_model(tmp.file("m.gguf"));
+      for (std::int64_t l = 0; l < m.num_layers(); ++l) {
+        for (const auto kind : model::kAllLinears) {
+          EXPECT_EQ(from_gguf.layer(l).linear(kind).weight_f32(), m.layer(l).linear(kind).weight_f32()) << l << " " << model::linear_name(kind);
+        }
+      }
+    }
   }
   // A dense model has nothing for sparse-24-bitmask to hold.
   TempDir tmp;
