@@ -66,22 +66,21 @@ struct ReadConfig {
 };
 
 ReadConfig read_quant_config(const std::string& dir) {
-  json q;
   std::string label;
-  const fs::path hf = fs::path(dir) / "hf_quant_config.json";
-  if (fs::exists(hf)) {
-    label = hf.string();
-    const json j = io::parse_json_unique_keys(io::read_text_file(label), label);
-    if (!j.is_object() || !j.contains("quantization") || !j["quantization"].is_object()) fail("{}: no \"quantization\" object", label);
-    q = j["quantization"];
-  } else {
-    label = (fs::path(dir) / "config.json").string();
-    q = io::parse_json_unique_keys(io::read_text_file(label), label).at("quantization_config");
-  }
+  const json q = modelopt_quantization(dir, &label);
   ReadConfig r;
   try {
     if (q.contains("quant_algo") && q["quant_algo"].is_string()) r.default_algo = q["quant_algo"].get<std::string>();
     if (q.contains("group_size") && q["group_size"].is_number_integer()) r.group_size = q["group_size"].get<std::int64_t>();
+    // config.json's form keeps it in its one config group's weights (export/hf_modelopt.h's
+    // make_quantization_config writes group_size there, as the reference's conversion does).
+    if (r.group_size == 0 && r.default_algo != "MIXED_PRECISION" && q.contains("config_groups") && q["config_groups"].is_object() &&
+        q["config_groups"].size() == 1) {
+      const json& g = q["config_groups"].begin().value();
+      if (g.contains("weights") && g["weights"].contains("group_size") && g["weights"]["group_size"].is_number_integer()) {
+        r.group_size = g["weights"]["group_size"].get<std::int64_t>();
+      }
+    }
     const auto q4_0_grid = [&](const json& e) {
       if (!e.contains("int4_grid")) return false;
       if (e["int4_grid"] != "q4_0") fail("{}: int4_grid {} is not one mopt reads (q4_0)", label, e["int4_grid"].dump());
@@ -119,6 +118,18 @@ ReadConfig read_quant_config(const std::string& dir) {
 }
 
 
+// A config that states no group size (config.json's quantization_config of an INT4 export: the
+// reference's conversion leaves group_size in hf_quant_config.json only) is read by the scales' shape:
+// [out, in / block] gives the block when the default's [out, ceil(in / 128)] does not fit it.
+void infer_block_from_scales(quant::QuantizerSpec& w, const io::TensorStore& store, const std::string& name, std::int64_t in) {
+  if (w.element != quant::Element::int4 || w.scaling != quant::Scaling::block || w.block_rows != 0) return;
+  const io::TensorStore::Location* scale = store.find(name + ".weight_scale");
+  if (scale == nullptr) return;
+  const Shape& shape = scale->entry->shape;
+  if (shape.size() != 2 || shape[1] <= 0 || (in + w.block - 1) / w.block == shape[1] || in % shape[1] != 0) return;
+  w.block = in / shape[1];
+}
+
 // A Linear named `name` ([out, in]) as stored: nothing when it is a plain float weight.
 std::optional<StoredLinear> read_stored_linear(const ReadConfig& rc, const std::string& dir, const io::Checkpoint& ckpt, const std::string& name,
                                              std::int64_t out, std::int64_t in) {
@@ -147,6 +158,7 @@ std::optional<StoredLinear> read_stored_linear(const ReadConfig& rc, const std::
     q4_0_grid = rc.q4_0_layers.contains(s.name);
   }
   s.scheme = scheme_for_algo(algo, group, dir);
+  if (group == 0 && !gguf_blocks) infer_block_from_scales(*s.scheme.weight, store, s.name, in);
   if (q4_0_grid) {
     auto& w = *s.scheme.weight;
     if (w.element != quant::Element::int4 || w.scaling != quant::Scaling::block || w.fp8_second_stage) {
@@ -191,6 +203,17 @@ std::optional<StoredLinear> read_stored_linear(const ReadConfig& rc, const std::
 }
 
 }  // namespace
+
+json modelopt_quantization(const std::string& dir, std::string* label) {
+  const fs::path hf = fs::path(dir) / "hf_quant_config.json";
+  const bool own_file = fs::exists(hf);
+  const std::string path = own_file ? hf.string() : (fs::path(dir) / "config.json").string();
+  if (label != nullptr) *label = path;
+  const json j = io::parse_json_unique_keys(io::read_text_file(path), path);
+  const char* key = own_file ? "quantization" : "quantization_config";
+  if (!j.is_object() || !j.contains(key) || !j[key].is_object()) fail("{}: no \"{}\" object", path, key);
+  return j[key];
+}
 
 QuantizedReader modelopt_reader(const std::string& dir) {
   const ReadConfig rc = read_quant_config(dir);

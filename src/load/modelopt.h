@@ -8,6 +8,8 @@
 
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "io/checkpoint.h"
 #include "load/quantized.h"
 
@@ -16,6 +18,11 @@ namespace mopt::load {
 // True when `dir` holds a modelopt checkpoint (hf_quant_config.json, or a config.json
 // "quantization_config" with quant_method "modelopt").
 bool is_modelopt_checkpoint(const std::string& dir);
+
+// Its quantization description: hf_quant_config.json's "quantization" object, or config.json's
+// quantization_config when there is no hf_quant_config.json; `label` receives the file read. Throws
+// Error naming the file when neither holds an object.
+nlohmann::json modelopt_quantization(const std::string& dir, std::string* label = nullptr);
 
 // The tensors the format adds beside config.json's: the scales above (the lm_head's too).
 io::TensorLayout modelopt_layout();

@@ -10,6 +10,7 @@
 #include "io/gguf.h"
 #include "io/json_util.h"
 #include "load/load_model.h"
+#include "load/modelopt.h"
 
 namespace mopt::load {
 
@@ -108,9 +109,7 @@ json summarize(const std::string& path) {
       out["quantization"] = {{"quant_algo", "compressed-tensors " + q.value("format", std::string("?"))},
                              {"kv_cache_quant_algo", q.contains("kv_cache_scheme") && q["kv_cache_scheme"].is_object() ? json("FP8") : json(nullptr)}};
     } else if (format == CheckpointFormat::modelopt) {
-      const fs::path quant_config = fs::path(path) / "hf_quant_config.json";
-      const json q = fs::exists(quant_config) ? parse_json_unique_keys(read_text_file(quant_config.string()), quant_config.string()) : json(nullptr);
-      out["quantization"] = q.is_object() && q.contains("quantization") ? q["quantization"] : json(nullptr);
+      out["quantization"] = modelopt_quantization(path);
     }
     out["architecture"] = c.architecture;
     out["model_type"] = c.model_type;

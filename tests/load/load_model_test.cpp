@@ -11,9 +11,11 @@
 #include "eval/perplexity.h"
 #include "export/compressed_tensors.h"
 #include "export/gguf_export.h"
+#include "io/json_util.h"
 #include "io/safetensors.h"
 #include "load/compressed_tensors.h"
 #include "load/modelopt.h"
+#include "load/summary.h"
 #include "support/temp_dir.h"
 #include "support/tiny_kjv.h"
 
@@ -120,6 +122,34 @@ TEST(LoadModel, ALinearWithoutAWeightIsNamed) {
     EXPECT_NE(std::string(e.what()).find("model.layers.1.mlp.down_proj has no weight"), std::string::npos) << e.what();
   }
   EXPECT_THROW(model::Model::load(dir), Error);  // the plain layout lists it as missing
+}
+
+// A modelopt checkpoint describes its quantization in hf_quant_config.json or, without that file, in
+// config.json's quantization_config (what vLLM reads): inspect and the reader see it either way.
+TEST(ModeloptQuantization, FromEitherFile) {
+  TempDir tmp;
+  testing::quantize("int4_rtn", "max", tmp.file("modelopt"));  // groups of 64 (704 inputs)
+  const std::string before = load_model(tmp.file("modelopt")).layer(1).down.describe();
+  std::string label;
+  EXPECT_EQ(modelopt_quantization(tmp.file("modelopt"), &label)["quant_algo"], "W4A16_AWQ");
+  EXPECT_EQ(label, tmp.file("modelopt") + "/hf_quant_config.json");
+  EXPECT_EQ(summarize(tmp.file("modelopt"))["quantization"]["quant_algo"], "W4A16_AWQ");
+  fs::remove(tmp.file("modelopt/hf_quant_config.json"));
+  EXPECT_EQ(modelopt_quantization(tmp.file("modelopt"), &label)["quant_algo"], "W4A16_AWQ");
+  EXPECT_EQ(label, tmp.file("modelopt") + "/config.json");
+  EXPECT_EQ(summarize(tmp.file("modelopt"))["quantization"]["quant_method"], "modelopt");
+  EXPECT_EQ(summarize(tmp.file("modelopt"))["quantization"]["quant_algo"], "W4A16_AWQ");
+  // config.json's form has no group_size for INT4 (as the reference writes it): the scales' shape gives it.
+  EXPECT_EQ(load_model(tmp.file("modelopt")).layer(1).down.describe(), before);
+  EXPECT_NE(before.find("g64"), std::string::npos) << before;
+  // Neither: named.
+  const std::string plain = copy_with_config(tmp, "plain", io::read_text_file(testing::two_layer_tiny_kjv() + "/config.json"));
+  try {
+    modelopt_quantization(plain);
+    ADD_FAILURE() << "a checkpoint without a quantization config was read";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("config.json: no \"quantization_config\" object"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace
