@@ -1,6 +1,7 @@
 #include <immintrin.h>
 
 #include "core/convert.h"
+#include "kernels/prefetch.h"
 #include "kernels/linear_simd.h"
 
 namespace mopt::kernels::avx2 {
@@ -35,7 +36,7 @@ float dot_bf16(const float* x, const void* w_row, std::int64_t k) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
   std::int64_t p = 0;
   for (; p + 32 <= k; p += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + p) + 2048, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + p) + kPrefetchAhead, _MM_HINT_T0);
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p));
     const __m256i g = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p + 16));
     const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));

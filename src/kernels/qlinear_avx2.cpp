@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "kernels/prefetch.h"
 #include "kernels/qlinear_simd.h"
 
 namespace mopt::kernels::avx2 {
@@ -34,7 +35,7 @@ inline void e4m3x16_times_2m8(__m128i bytes, __m256& lo, __m256& hi) {
 }
 
 // The weight streams from memory: ask for what comes 1 KiB later while this is used.
-inline void prefetch_ahead(const void* p) { _mm_prefetch(static_cast<const char*>(p) + 1024, _MM_HINT_T0); }
+inline void prefetch_ahead(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetchAhead, _MM_HINT_T0); }
 
 // Low 8 int8 of v -> f32.
 inline __m256 i8x8_to_f32(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }

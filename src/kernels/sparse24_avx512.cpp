@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "kernels/prefetch.h"
 #include "kernels/sparse24_simd.h"
 
 namespace mopt::kernels::avx512 {
@@ -48,8 +49,8 @@ void gemv_m(const std::uint8_t* values, const std::uint32_t* positions, const fl
     };
     std::int64_t c = 0;
     for (; c + 4 <= chunks; c += 4) {
-      _mm_prefetch(reinterpret_cast<const char*>(vr + c * 16 * eb) + 1024, _MM_HINT_T0);
-      if constexpr (eb == 2) _mm_prefetch(reinterpret_cast<const char*>(vr + c * 16 * eb) + 1024 + 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(vr + c * 16 * eb) + kPrefetchAhead, _MM_HINT_T0);
+      if constexpr (eb == 2) _mm_prefetch(reinterpret_cast<const char*>(vr + c * 16 * eb) + kPrefetchAhead + 64, _MM_HINT_T0);
       step(c, 0);
       step(c + 1, 1);
       step(c + 2, 0);
