@@ -72,15 +72,6 @@ ReadConfig read_quant_config(const std::string& dir) {
   try {
     if (q.contains("quant_algo") && q["quant_algo"].is_string()) r.default_algo = q["quant_algo"].get<std::string>();
     if (q.contains("group_size") && q["group_size"].is_number_integer()) r.group_size = q["group_size"].get<std::int64_t>();
-    // config.json's form keeps it in its one config group's weights (export/hf_modelopt.h's
-    // make_quantization_config writes group_size there, as the reference's conversion does).
-    if (r.group_size == 0 && r.default_algo != "MIXED_PRECISION" && q.contains("config_groups") && q["config_groups"].is_object() &&
-        q["config_groups"].size() == 1) {
-      const json& g = q["config_groups"].begin().value();
-      if (g.contains("weights") && g["weights"].contains("group_size") && g["weights"]["group_size"].is_number_integer()) {
-        r.group_size = g["weights"]["group_size"].get<std::int64_t>();
-      }
-    }
     const auto q4_0_grid = [&](const json& e) {
       if (!e.contains("int4_grid")) return false;
       if (e["int4_grid"] != "q4_0") fail("{}: int4_grid {} is not one mopt reads (q4_0)", label, e["int4_grid"].dump());

@@ -308,6 +308,23 @@ TEST(CompressedTensors, SparseExportsComputeWhatTheDenseExportDoes) {
           EXPECT_EQ(from_gguf.layer(l).linear(kind).weight_f32(), m.layer(l).linear(kind).weight_f32()) << l << " " << model::linear_name(kind);
         }
       }
+      // One Linear's bitmask gone: an error naming it, and no GGUF file.
+      fs::copy(tmp.file("ct"), tmp.file("ct-broken"), fs::copy_options::recursive);
+      const auto broken = io::TensorStore::open_dir(tmp.file("ct"));
+      ASSERT_EQ(broken.files().size(), 1u);
+      std::vector<io::NamedTensor> kept;
+      for (const auto& loc : broken.all()) {
+        if (loc.entry->name != "model.layers.1.mlp.down_proj.bitmask") kept.push_back({loc.entry->name, broken.tensor(loc.entry->name)});
+      }
+      const std::string file = tmp.file("ct-broken") + "/" + fs::path(broken.files()[0].path()).filename().string();
+      io::write_safetensors(file, kept);
+      try {
+        export_gguf(tmp.file("ct-broken"), tmp.file("broken.gguf"), gguf_options_from_name("bf16"));
+        ADD_FAILURE() << "a 2:4 Linear without its bitmask was exported";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("model.layers.1.mlp.down_proj"), std::string::npos) << e.what();
+      }
+      EXPECT_FALSE(fs::exists(tmp.file("broken.gguf")));
     }
   }
   // A dense model has nothing for sparse-24-bitmask to hold.
