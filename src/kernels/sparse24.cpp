@@ -42,11 +42,31 @@ float value_of(Sparse24Values t, const std::uint8_t* p, float scale) {
 
 int type_code(Sparse24Values t) { return t == Sparse24Values::bf16 ? 0 : t == Sparse24Values::int8 ? 1 : 2; }
 
-// Kept value t of an INT4 row: per 64 kept values (128 inputs) 32 bytes, byte j holding kept value j in
-// its low nibble and j + 32 in its high one, biased by 8.
-inline std::int64_t int4_byte(std::int64_t t) { return (t / 64) * 32 + t % 32; }
-inline int int4_shift(std::int64_t t) { return 4 * static_cast<int>((t / 32) % 2); }
-inline int int4_kept(const std::uint8_t* row_values, std::int64_t t) { return static_cast<int>((row_values[int4_byte(t)] >> int4_shift(t)) & 15u) - 8; }
+// The INT4 layout (sparse24.h): rows in blocks of kInt4Rows, each block one stream of kInt4ChunkBytes
+// per 32 inputs. Where kept value t (0..in/2) of row r sits: its position's byte and bit, its
+// nibble's byte and bit, and the column of its group's first input.
+struct Int4Place {
+  std::size_t position_byte;
+  int position_shift;
+  std::size_t value_byte;
+  int value_shift;
+  std::int64_t group_column;
+};
+inline Int4Place int4_place(std::int64_t in, std::int64_t r, std::int64_t t) {
+  const std::int64_t lane = r % kInt4Rows, chunk = t / 16, window = (t % 16) / 4, j = t % 4;
+  const auto base = static_cast<std::size_t>(((r / kInt4Rows) * (in / 32) + chunk) * kInt4ChunkBytes);
+  return {base + static_cast<std::size_t>(8 * (lane / 2) + 2 * window + lane % 2), static_cast<int>(2 * j),
+          base + static_cast<std::size_t>(64 + 64 * (window / 2) + 4 * lane + j), static_cast<int>(4 * (window % 2)), 32 * chunk + 8 * window + 4 * (j / 2)};
+}
+inline int int4_kept(const std::uint8_t* stream, const Int4Place& p) { return static_cast<int>((stream[p.value_byte] >> p.value_shift) & 15u) - 8; }
+inline std::int64_t int4_column(const std::uint8_t* stream, const Int4Place& p) {
+  return p.group_column + static_cast<std::int64_t>((stream[p.position_byte] >> p.position_shift) & 3u);
+}
+// The scale of row r at input `col`: scales [row block][group][kInt4Rows].
+inline float int4_scale(const std::vector<float>& scales, std::int64_t in, std::int64_t block, std::int64_t r, std::int64_t col) {
+  const std::int64_t groups = (in + block - 1) / block;
+  return scales[static_cast<std::size_t>(((r / kInt4Rows) * groups + col / block) * kInt4Rows + r % kInt4Rows)];
+}
 
 // INT4's input: per 64 values rounded to int8 (the dense INT4 GEMV's rounding).
 struct RoundedInput {
@@ -152,17 +172,31 @@ std::optional<Sparse24Linear> Sparse24Linear::compress_int4(const std::uint8_t* 
   }
   auto w = compress(Sparse24Values::int8, bytes.data(), out, in, std::vector<float>(static_cast<std::size_t>(out), 1.0f), label);
   if (!w) return w;
-  const std::int64_t half = in / 2;
-  std::vector<std::uint8_t> nibbles(static_cast<std::size_t>(out * half / 2), 0);
-  for (std::int64_t r = 0; r < out; ++r) {
+  // The kept values and positions of the int8 layout rewritten as the interleaved INT4 stream; the rows
+  // that pad the last block keep zeros (biased nibbles of 8, positions 0, scales 0).
+  const std::int64_t half = in / 2, words = in / 32, blocks = (out + kInt4Rows - 1) / kInt4Rows;
+  std::vector<std::uint8_t> stream(static_cast<std::size_t>(blocks * (in / 32) * kInt4ChunkBytes), 0);
+  for (std::int64_t r = 0; r < blocks * kInt4Rows; ++r) {
     for (std::int64_t t = 0; t < half; ++t) {
-      const auto biased = static_cast<unsigned>(static_cast<std::int8_t>(w->values_[static_cast<std::size_t>(r * half + t)]) + 8);
-      nibbles[static_cast<std::size_t>(r * (half / 2) + int4_byte(t))] |= static_cast<std::uint8_t>(biased << int4_shift(t));
+      const Int4Place p = int4_place(in, r, t);
+      const bool real = r < out;
+      const auto biased = real ? static_cast<unsigned>(static_cast<std::int8_t>(w->values_[static_cast<std::size_t>(r * half + t)]) + 8) : 8u;
+      const unsigned position = real ? (w->positions_[static_cast<std::size_t>(r * words + t / 16)] >> (2 * (t % 16))) & 3u : 0u;
+      stream[p.value_byte] = static_cast<std::uint8_t>(stream[p.value_byte] | biased << p.value_shift);
+      stream[p.position_byte] = static_cast<std::uint8_t>(stream[p.position_byte] | position << p.position_shift);
     }
   }
+  std::vector<float> block_scales(static_cast<std::size_t>(blocks * groups * kInt4Rows), 0.0f);
+  for (std::int64_t r = 0; r < out; ++r) {
+    for (std::int64_t g = 0; g < groups; ++g) {
+      block_scales[static_cast<std::size_t>(((r / kInt4Rows) * groups + g) * kInt4Rows + r % kInt4Rows)] = scales[static_cast<std::size_t>(r * groups + g)];
+    }
+  }
+  w->values_ = std::move(stream);
+  w->positions_.clear();
+  w->positions_.shrink_to_fit();
+  w->scales_ = std::move(block_scales);
   w->type_ = Sparse24Values::int4;
-  w->values_ = std::move(nibbles);
-  w->scales_ = std::move(scales);
   w->block_ = block;
   const CpuFeatures& f = cpu_features();
   if (!(f.avx512bw && f.avx512_vbmi && f.avx512_vnni)) {
@@ -240,17 +274,15 @@ void decode_rows(const std::uint8_t* values, const std::uint32_t* positions, con
   }
 }
 
-void decode_rows_int4(const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t in, std::int64_t block,
-                      std::int64_t row0, std::int64_t rows, float* out) {
-  const std::int64_t half = in / 2, words = (in + 31) / 32, groups = (in + block - 1) / block;
+void decode_rows_int4(const std::uint8_t* stream, const std::vector<float>& scales, std::int64_t in, std::int64_t block, std::int64_t row0,
+                      std::int64_t rows, float* out) {
   for (std::int64_t r = row0; r < row0 + rows; ++r) {
-    const std::uint8_t* vals = values + r * (half / 2);
-    const std::uint32_t* pos = positions + r * words;
     float* o = out + (r - row0) * in;
     std::fill(o, o + in, 0.0f);
-    for (std::int64_t t = 0; t < half; ++t) {
-      const std::int64_t col = kept_column(pos, t);
-      o[col] = static_cast<float>(int4_kept(vals, t)) * scales[r * groups + col / block];
+    for (std::int64_t t = 0; t < in / 2; ++t) {
+      const Int4Place p = int4_place(in, r, t);
+      const std::int64_t col = int4_column(stream, p);
+      o[col] = static_cast<float>(int4_kept(stream, p)) * int4_scale(scales, in, block, r, col);
     }
   }
 }
@@ -260,9 +292,9 @@ void decode_rows_int4(const std::uint8_t* values, const std::uint32_t* positions
 void Sparse24Linear::dequantize_rows(std::int64_t row0, std::int64_t rows, float* out) const {
   if (type_ == Sparse24Values::int4) {
     if (cpu_features().avx512f) {
-      return avx512::dequantize_sparse24_int4(values_.data(), positions_.data(), scales_.data(), block_, in_, row0, row0 + rows, out);
+      return avx512::dequantize_sparse24_int4(values_.data(), scales_.data(), block_, in_, row0, row0 + rows, out);
     }
-    return decode_rows_int4(values_.data(), positions_.data(), scales_.data(), in_, block_, row0, rows, out);
+    return decode_rows_int4(values_.data(), scales_, in_, block_, row0, rows, out);
   }
   if (plain_reason_.empty() && cpu_features().avx512f) {
     return avx512::dequantize_sparse24(type_code(type_), values_.data(), positions_.data(), scales_.data(), in_, row0, row0 + rows, out);
@@ -276,29 +308,31 @@ void Sparse24Linear::dequantize_rows(std::int64_t row0, std::int64_t rows, float
 }
 
 void Sparse24Linear::gemv_int4(const float* x, std::int64_t m, float* y) const {
-  const std::int64_t k = in_, n = out_, half = in_ / 2, words = (in_ + 31) / 32, groups = (in_ + block_ - 1) / block_;
+  const std::int64_t k = in_, n = out_;
   thread_local RoundedInput rounded;
   round_input(x, m, k, rounded);
   const std::int8_t* codes = rounded.codes.data();  // thread_local: the workers must see this thread's buffers
   const float* steps = rounded.steps.data();
   if (plain_reason_.empty()) {
     const int mi = static_cast<int>(m);
-    parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
-      avx512::gemv_sparse24_int4(values_.data(), positions_.data(), scales_.data(), block_, k, r0, r1, codes, steps, mi, y, n);
+    // Ranges of whole blocks of rows (parallel_ranges cuts at multiples of the grain).
+    parallel_ranges(n, kInt4Rows, [&](std::int64_t r0, std::int64_t r1) {
+      avx512::gemv_sparse24_int4(values_.data(), scales_.data(), block_, k, r0, r1, n, codes, steps, mi, y, n);
     });
     return;
   }
-  // Per 64 inputs the exact int32 sum of the kept products, times that block's step and group scale.
-  parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+  // Per 64 inputs the exact int32 sum of the kept products, times that 64's step and group scale.
+  parallel_ranges(n, kInt4Rows, [&](std::int64_t r0, std::int64_t r1) {
     for (std::int64_t r = r0; r < r1; ++r) {
-      const std::uint8_t* vals = values_.data() + r * (half / 2);
-      const std::uint32_t* pos = positions_.data() + r * words;
       for (std::int64_t i = 0; i < m; ++i) {
         float acc = 0.0f;
         for (std::int64_t b = 0; b < k / 64; ++b) {
           std::int32_t sum = 0;
-          for (std::int64_t t = 32 * b; t < 32 * b + 32; ++t) sum += int4_kept(vals, t) * codes[i * k + kept_column(pos, t)];
-          acc += static_cast<float>(sum) * (steps[i * (k / 64) + b] * scales_[static_cast<std::size_t>(r * groups + (64 * b) / block_)]);
+          for (std::int64_t t = 32 * b; t < 32 * b + 32; ++t) {
+            const Int4Place p = int4_place(k, r, t);
+            sum += int4_kept(values_.data(), p) * codes[i * k + int4_column(values_.data(), p)];
+          }
+          acc += static_cast<float>(sum) * (steps[i * (k / 64) + b] * int4_scale(scales_, k, block_, r, 64 * b));
         }
         y[i * n + r] = acc;
       }
@@ -403,17 +437,15 @@ void sparse24_forward(const Sparse24Linear& w, const float* x, std::int64_t m, f
     const bool rounded = m <= kGemvMaxRows;
     RoundedInput q;
     if (rounded) round_input(x, m, k, q);
-    const std::int64_t groups = (k + w.block() - 1) / w.block();
     for (std::int64_t r = 0; r < n; ++r) {
-      const std::uint8_t* vals = w.values().data() + r * (half / 2);
-      const std::uint32_t* pos = w.positions().data() + r * words;
       for (std::int64_t i = 0; i < m; ++i) {
         double acc = 0.0;
         for (std::int64_t t = 0; t < half; ++t) {
-          const std::int64_t col = kept_column(pos, t);
+          const Int4Place p = int4_place(k, r, t);
+          const std::int64_t col = int4_column(w.values().data(), p);
           const double xv = rounded ? static_cast<double>(q.codes[static_cast<std::size_t>(i * k + col)]) * q.steps[static_cast<std::size_t>(i * (k / 64) + col / 64)]
                                     : static_cast<double>(x[i * k + col]);
-          acc += static_cast<double>(int4_kept(vals, t)) * w.scales()[static_cast<std::size_t>(r * groups + col / w.block())] * xv;
+          acc += static_cast<double>(int4_kept(w.values().data(), p)) * int4_scale(w.scales(), k, w.block(), r, col) * xv;
         }
         y[i * n + r] = static_cast<float>(acc);
       }

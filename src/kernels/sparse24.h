@@ -28,12 +28,17 @@
 // dense VNNI GEMM's layout (gemm_int8_packed).
 //
 // INT4 (compress_int4: two's complement nibbles, one f32 scale per `block` inputs of a row, block a
-// multiple of 64, `in` of 128): the kept values as nibbles biased by 8, per 128 inputs 32 bytes with
-// kept value j in the low nibble of byte j and j + 32 in its high one (one shift and one AND spread
-// them to bytes). Its decode kernel (AVX-512 VBMI and VNNI) rounds the input to
-// int8 per 64 values exactly as the dense INT4 GEMV does (quantize_int8_per64), gathers the codes as
-// the W8A8 kernel does and sums 64 products per VPDPBUSD; the plain loop and the twin round the same
-// way. Prefill decodes f32 tiles (f32 input) as the dense INT4 weights do.
+// multiple of 64, `in` of 128) has a layout of its own: rows in blocks of 16 (the last padded with zero
+// rows), each block one stream of 192 bytes per 32 inputs — 64 bytes of positions, byte 8 (l / 2) +
+// 2u + l % 2 holding row l's four kept positions of window u (8 inputs; kept j at bits 2j), then 128
+// bytes of kept nibbles biased by 8, byte 64 + 64 (u / 2) + 4l + j holding row l's kept j of window u
+// in its low (u even) or high (u odd) nibble; scales [block][group][16]. Its decode kernel (AVX-512
+// VBMI and VNNI) keeps one row per 32-bit lane: per window one VPMULTISHIFTQB and a ternary op make
+// the gather indices, VPSHUFB gathers the input's int8 codes (rounded per 64 values exactly as the
+// dense INT4 GEMV rounds them, quantize_int8_per64), VPDPBUSD sums, and nothing is summed across
+// lanes (the row-per-GEMV layout spent ~12 vector ops per 128 weights and ran at 77% of the
+// bandwidth; this one ~7). The plain loop and the twin round the same way. Prefill decodes f32 tiles
+// (f32 input) as the dense INT4 weights do.
 #pragma once
 
 #include <cstdint>
@@ -84,7 +89,7 @@ class Sparse24Linear {
   // Rows [row0, row0 + rows) of the weight in f32, zeros included.
   void dequantize_rows(std::int64_t row0, std::int64_t rows, float* out) const;
 
-  // The layout (for the AVX2 translation unit and the tests).
+  // The layout (for the SIMD translation units and the tests; int4's as described above).
   const std::vector<std::uint8_t>& values() const { return values_; }
   const std::vector<std::uint32_t>& positions() const { return positions_; }
   const std::vector<float>& scales() const { return scales_; }
@@ -101,9 +106,9 @@ class Sparse24Linear {
 
   Sparse24Values type_ = Sparse24Values::bf16;
   std::int64_t out_ = 0, in_ = 0;
-  std::vector<std::uint8_t> values_;     // [out, in/2] elements of the type (2 bytes for bf16, a nibble for int4)
-  std::vector<std::uint32_t> positions_;  // [out, ceil(in/32)]
-  std::vector<float> scales_;            // [out] (int8, e4m3); [out, in / block] (int4)
+  std::vector<std::uint8_t> values_;     // [out, in/2] elements of the type (2 bytes for bf16); int4: the block stream
+  std::vector<std::uint32_t> positions_;  // [out, ceil(in/32)] (empty for int4: in the stream)
+  std::vector<float> scales_;            // [out] (int8, e4m3); int4: [blocks of 16 rows, in / block, 16]
   std::int64_t block_ = 0;
   bool int8_activations_ = false;
   float input_amax_ = 0.0f;

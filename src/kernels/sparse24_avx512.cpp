@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "kernels/prefetch.h"
 #include "kernels/sparse24_simd.h"
@@ -110,24 +111,33 @@ void decode_rows_type(const std::uint8_t* values, const std::uint32_t* positions
 
 }  // namespace
 
-void dequantize_sparse24_int4(const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t block, std::int64_t k,
-                              std::int64_t r0, std::int64_t r1, float* out) {
+void dequantize_sparse24_int4(const std::uint8_t* stream, const float* scales, std::int64_t block, std::int64_t k, std::int64_t r0,
+                              std::int64_t r1, float* out) {
   const std::int64_t chunks = k / 32, groups = (k + block - 1) / block;
-  const __m512i eight = _mm512_set1_epi32(8), low = _mm512_set1_epi32(15);
+  // A row's 16 kept values of 32 inputs come as 4 bytes of windows 0 (low nibbles) and 1 (high) and 4
+  // of windows 2 and 3: in kept order after splitting the nibbles and this byte order.
+  const __m128i kept_order = _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15);
+  const __m512i eight = _mm512_set1_epi32(8);
   for (std::int64_t r = r0; r < r1; ++r) {
-    const std::uint8_t* vr = values + r * (k / 4);
-    const std::uint32_t* pr = positions + r * chunks;
+    const std::int64_t lane = r % kInt4Rows;
+    const std::uint8_t* s = stream + (r / kInt4Rows) * chunks * kInt4ChunkBytes;
+    const float* sc = scales + (r / kInt4Rows) * groups * kInt4Rows + lane;
     float* o = out + (r - r0) * k;
     for (std::int64_t c = 0; c < chunks; ++c) {
-      // Chunk c of its 128-input step: kept values 16 (c % 4) .. + 15, the low nibbles of bytes 0-31 for
-      // the first two chunks, the high nibbles for the last two.
-      const std::uint8_t* bytes = vr + (c / 4) * 32 + (c % 2) * 16;
-      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-      const __m512i q = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(b, static_cast<unsigned>(4 * ((c / 2) % 2))), low), eight);
-      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(scales[r * groups + (c * 32) / block]));
-      const std::uint32_t word = pr[c];
+      const std::uint8_t* p = s + c * kInt4ChunkBytes;
+      std::uint32_t a, b;
+      std::memcpy(&a, p + 64 + 4 * lane, 4);
+      std::memcpy(&b, p + 128 + 4 * lane, 4);
+      const std::uint64_t both = static_cast<std::uint64_t>(b) << 32 | a, nibbles = 0x0F0F0F0F0F0F0F0FULL;
+      const __m128i split = _mm_set_epi64x(static_cast<long long>((both >> 4) & nibbles), static_cast<long long>(both & nibbles));
+      const __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(split, kept_order)), eight);
+      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(sc[((c * 32) / block) * kInt4Rows]));
+      // The kept inputs of each window (a byte of four 2-bit positions) as a mask of 8.
       std::uint32_t mask = 0;
-      for (int g = 0; g < 8; ++g) mask |= static_cast<std::uint32_t>(kKeptMask[(word >> (4 * g)) & 15u]) << (4 * g);
+      for (int u = 0; u < 4; ++u) {
+        const unsigned positions = p[8 * (lane / 2) + 2 * u + lane % 2];
+        mask |= static_cast<std::uint32_t>(kKeptMask[positions & 15u] | kKeptMask[positions >> 4] << 4) << (8 * u);
+      }
       _mm512_storeu_ps(o + c * 32, _mm512_maskz_expand_ps(static_cast<__mmask16>(mask & 0xFFFF), v));
       _mm512_storeu_ps(o + c * 32 + 16, _mm512_maskz_expand_ps(static_cast<__mmask16>(mask >> 16), _mm512_shuffle_f32x4(v, v, 0x0E)));
     }

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "kernels/prefetch.h"
@@ -48,64 +49,80 @@ void w8a8_row(const std::int8_t* vr, const std::uint32_t* pr, std::int64_t k, co
   for (int i = 0; i < M; ++i) sums[i] = _mm512_reduce_add_epi32(acc[i]);
 }
 
-// INT4: the float sums of M input rows with weight rows [r0, r1). Per 128 inputs: the 32 bytes of
-// kept nibbles (biased by 8) spread to 64 bytes by a shift of the upper half and an AND, the input codes gathered as W8A8's, VPDPBUSD of the
-// biased values less VPDPBUSD of 8s (the bias back out), the int32 lanes (lanes 0-7: inputs 0-63, 8-15:
-// 64-127) to f32 times each half's input step and group scale.
+// INT4: blocks of 16 weight rows, one row per 32-bit lane, so that no sum crosses lanes. Per window
+// of 8 inputs: VPMULTISHIFTQB pulls each lane's four 2-bit positions into bytes of their own, a ternary
+// op masks them and adds 4 for the second group (the index within the window), VPSHUFB gathers the 8
+// input codes (broadcast to every 64-bit lane) by them, and VPDPBUSD multiplies the kept nibbles
+// (biased by 8; one AND, and a shift for the high ones) with them and a second one the 8s (the bias,
+// taken back out per 64 inputs). Per 64 inputs the int32 lanes to f32 times the 16 rows' group scales
+// and the input's step. M <= 2 keeps two chains of sums (even and odd windows) for the VPDPBUSD
+// latency.
 template <int M>
-void int4_rows(const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t block, std::int64_t k,
-               std::int64_t r0, std::int64_t r1, const std::int8_t* x, const float* x_steps, float* y, std::int64_t ldy) {
-  const std::int64_t steps = k / 128, words = k / 32, groups = (k + block - 1) / block;
-  // Each input row's two steps per 128 inputs as one vector (lanes 0-7 and 8-15), built once.
-  thread_local std::vector<float> step_vectors;
-  step_vectors.resize(static_cast<std::size_t>(M * steps * 16));
-  for (int i = 0; i < M; ++i) {
-    for (std::int64_t s = 0; s < steps; ++s) {
-      const float* st = x_steps + i * (k / 64) + 2 * s;
-      _mm512_storeu_ps(step_vectors.data() + (i * steps + s) * 16, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(st[0]), _mm512_set1_ps(st[1])));
-    }
+void int4_blocks(const std::uint8_t* stream, const float* scales, std::int64_t block, std::int64_t k, std::int64_t b0, std::int64_t b1,
+                 std::int64_t out, const std::int8_t* x, const float* x_steps, float* y, std::int64_t ldy) {
+  constexpr int kChains = M <= 2 ? 2 : 1;
+  const std::int64_t chunks = k / 32, sixty_fours = k / 64, groups = (k + block - 1) / block;
+  // Window u: output byte b of a 64-bit lane (row lane 2q + b / 4, kept value b % 4) takes the bits at
+  // 8 (2u + b / 4) + 2 (b % 4) of the positions' 64-bit lane q.
+  __m512i select[4];
+  for (int u = 0; u < 4; ++u) {
+    std::uint64_t c = 0;
+    for (int b = 0; b < 8; ++b) c |= static_cast<std::uint64_t>(8 * (2 * u + b / 4) + 2 * (b % 4)) << (8 * b);
+    select[u] = _mm512_set1_epi64(static_cast<long long>(c));
   }
-  const __m512i eights = _mm512_set1_epi8(8), low_nibbles = _mm512_set1_epi8(0x0F);
-  const __m512i half_shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);  // the upper 256 bits take the high nibbles
-  for (std::int64_t r = r0; r < r1; ++r) {
-    const std::uint8_t* vr = values + r * (k / 4);
-    const std::uint32_t* pr = positions + r * words;
-    const float* sr = scales + r * groups;
+  const __m512i three = _mm512_set1_epi8(3), second_group = _mm512_set1_epi32(0x04040000), low = _mm512_set1_epi8(0x0F);
+  const __m512i eights = _mm512_set1_epi8(8);
+  for (std::int64_t blk = b0; blk < b1; ++blk) {
+    const std::uint8_t* s = stream + blk * chunks * kInt4ChunkBytes;
+    const float* sc = scales + blk * groups * kInt4Rows;
     __m512 acc[M];
     for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
-    for (std::int64_t s = 0; s < steps; ++s) {
-      // Ahead of the hardware's prefetch, which loses the three streams at each short row's end.
-      if (s % 2 == 0) {
-        _mm_prefetch(reinterpret_cast<const char*>(vr + 32 * s) + kPrefetchAhead, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(pr + 4 * s) + kPrefetchAhead / 2, _MM_HINT_T0);
-      }
-      const __m512i idx = kept_inputs(pr + 4 * s);
-      // The 32 bytes in both halves; the lower keeps the low nibbles (kept 0-31), the upper the high ones (32-63).
-      const __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + 32 * s)));
-      const __m512i w = _mm512_and_si512(_mm512_srlv_epi64(both, half_shift), low_nibbles);
-      const std::int64_t g0 = (128 * s) / block, g1 = (128 * s + 64) / block;
-      const __m512 ws = g0 == g1 ? _mm512_set1_ps(sr[g0]) : _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sr[g0]), _mm512_set1_ps(sr[g1]));
+    for (std::int64_t h = 0; h < sixty_fours; ++h) {
+      __m512i kept[M][kChains], bias[M][kChains];
       for (int i = 0; i < M; ++i) {
-        const std::int8_t* xs = x + i * k + 128 * s;
-        const __m512i g = _mm512_permutex2var_epi8(_mm512_loadu_si512(xs), idx, _mm512_loadu_si512(xs + 64));
-        const __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, g), _mm512_dpbusd_epi32(_mm512_setzero_si512(), eights, g));
-        const __m512 f = _mm512_mul_ps(ws, _mm512_loadu_ps(step_vectors.data() + (i * steps + s) * 16));
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), f, acc[i]);
+        for (int c = 0; c < kChains; ++c) kept[i][c] = bias[i][c] = _mm512_setzero_si512();
+      }
+      for (int half = 0; half < 2; ++half) {
+        const std::uint8_t* p = s + (2 * h + half) * kInt4ChunkBytes;
+        for (int line = 0; line < 3; ++line) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchAhead + 64 * line, _MM_HINT_T0);
+        const __m512i pos = _mm512_loadu_si512(p), v01 = _mm512_loadu_si512(p + 64), v23 = _mm512_loadu_si512(p + 128);
+        for (int u = 0; u < 4; ++u) {
+          const __m512i idx = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(select[u], pos), three, second_group, 0xEA);
+          const __m512i v = u < 2 ? v01 : v23;
+          const __m512i w = _mm512_and_si512(u % 2 == 0 ? v : _mm512_srli_epi16(v, 4), low);
+          const int chain = kChains == 2 ? u % 2 : 0;
+          for (int i = 0; i < M; ++i) {
+            long long window;
+            std::memcpy(&window, x + i * k + 64 * h + 32 * half + 8 * u, sizeof window);
+            const __m512i g = _mm512_shuffle_epi8(_mm512_set1_epi64(window), idx);
+            kept[i][chain] = _mm512_dpbusd_epi32(kept[i][chain], w, g);
+            bias[i][chain] = _mm512_dpbusd_epi32(bias[i][chain], eights, g);
+          }
+        }
+      }
+      const __m512 f = _mm512_loadu_ps(sc + ((64 * h) / block) * kInt4Rows);
+      for (int i = 0; i < M; ++i) {
+        __m512i d = _mm512_sub_epi32(kept[i][0], bias[i][0]);
+        if constexpr (kChains == 2) d = _mm512_add_epi32(d, _mm512_sub_epi32(kept[i][1], bias[i][1]));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(f, _mm512_set1_ps(x_steps[i * sixty_fours + h])), acc[i]);
       }
     }
-    for (int i = 0; i < M; ++i) y[i * ldy + r] = _mm512_reduce_add_ps(acc[i]);
+    const std::int64_t r = blk * kInt4Rows, live = std::min(out - r, kInt4Rows);
+    const auto mask = static_cast<__mmask16>(live >= 16 ? 0xFFFFu : (1u << live) - 1u);
+    for (int i = 0; i < M; ++i) _mm512_mask_storeu_ps(y + i * ldy + r, mask, acc[i]);
   }
 }
 
 }  // namespace
 
-void gemv_sparse24_int4(const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t block, std::int64_t k,
-                        std::int64_t r0, std::int64_t r1, const std::int8_t* x_codes, const float* x_steps, int m, float* y, std::int64_t ldy) {
+void gemv_sparse24_int4(const std::uint8_t* stream, const float* scales, std::int64_t block, std::int64_t k, std::int64_t r0, std::int64_t r1,
+                        std::int64_t out, const std::int8_t* x_codes, const float* x_steps, int m, float* y, std::int64_t ldy) {
+  const std::int64_t b0 = r0 / kInt4Rows, b1 = (std::min(r1, out) + kInt4Rows - 1) / kInt4Rows;
   switch (m) {
-    case 1: return int4_rows<1>(values, positions, scales, block, k, r0, r1, x_codes, x_steps, y, ldy);
-    case 2: return int4_rows<2>(values, positions, scales, block, k, r0, r1, x_codes, x_steps, y, ldy);
-    case 3: return int4_rows<3>(values, positions, scales, block, k, r0, r1, x_codes, x_steps, y, ldy);
-    default: return int4_rows<4>(values, positions, scales, block, k, r0, r1, x_codes, x_steps, y, ldy);
+    case 1: return int4_blocks<1>(stream, scales, block, k, b0, b1, out, x_codes, x_steps, y, ldy);
+    case 2: return int4_blocks<2>(stream, scales, block, k, b0, b1, out, x_codes, x_steps, y, ldy);
+    case 3: return int4_blocks<3>(stream, scales, block, k, b0, b1, out, x_codes, x_steps, y, ldy);
+    default: return int4_blocks<4>(stream, scales, block, k, b0, b1, out, x_codes, x_steps, y, ldy);
   }
 }
 

@@ -5,6 +5,13 @@
 
 #include <cstdint>
 
+namespace mopt::kernels {
+// The INT4 layout's blocks (sparse24.h): rows per block, and bytes per 32 inputs of a block (64 of
+// positions, 128 of kept nibbles).
+inline constexpr std::int64_t kInt4Rows = 16;
+inline constexpr std::int64_t kInt4ChunkBytes = 192;
+}  // namespace mopt::kernels
+
 namespace mopt::kernels::avx512 {
 
 void gemv_sparse24(int type, const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t k, std::int64_t r0,
@@ -14,10 +21,10 @@ void gemv_sparse24(int type, const std::uint8_t* values, const std::uint32_t* po
 void dequantize_sparse24(int type, const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t k,
                          std::int64_t r0, std::int64_t r1, float* out);
 
-// INT4 rows [r0, r1) (Sparse24Linear's int4 layout, k % 128 == 0, block % 32 == 0) decoded into f32 rows
-// of k, as the plain decoding (AVX-512 F).
-void dequantize_sparse24_int4(const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t block, std::int64_t k,
-                              std::int64_t r0, std::int64_t r1, float* out);
+// INT4 rows [r0, r1) (Sparse24Linear's int4 stream and block scales, k % 128 == 0, block % 64 == 0)
+// decoded into f32 rows of k, as the plain decoding (AVX-512 F).
+void dequantize_sparse24_int4(const std::uint8_t* stream, const float* scales, std::int64_t block, std::int64_t k, std::int64_t r0,
+                              std::int64_t r1, float* out);
 
 // W8A8 (after the check for AVX-512 BW, VBMI and VNNI; k % 128 == 0): y[i * ldy + r] =
 // (sum_t x_u8[i * k + column(t)] * value(t) - offsets[r]) * factors[r] for weight rows [r0, r1) and input
@@ -30,10 +37,10 @@ void gemm_sparse24_w8a8(const std::int8_t* values, const std::uint32_t* position
 void pack_sparse24_int8_panel(const std::int8_t* values, const std::uint32_t* positions, const std::int32_t* offsets, std::int64_t k,
                               std::int64_t r0, std::int64_t rows, std::uint32_t* panel, std::int32_t* panel_offsets);
 
-// INT4 (same check, k % 128 == 0, block % 64 == 0, m <= 4): values as Sparse24Linear's int4 layout,
-// scales [rows, ceil(k / block)], the input as quantize_int8_per64 rounds it (codes [m, k], steps
-// [m, k / 64]); y[i * ldy + r] for weight rows [r0, r1).
-void gemv_sparse24_int4(const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t block, std::int64_t k,
-                        std::int64_t r0, std::int64_t r1, const std::int8_t* x_codes, const float* x_steps, int m, float* y, std::int64_t ldy);
+// INT4 (same check, k % 128 == 0, block % 64 == 0, m <= 4): Sparse24Linear's int4 stream and block
+// scales, the input as quantize_int8_per64 rounds it (codes [m, k], steps [m, k / 64]); y[i * ldy + r]
+// for weight rows [r0, min(r1, out)), r0 a multiple of kInt4Rows (the blocks that hold them run whole).
+void gemv_sparse24_int4(const std::uint8_t* stream, const float* scales, std::int64_t block, std::int64_t k, std::int64_t r0, std::int64_t r1,
+                        std::int64_t out, const std::int8_t* x_codes, const float* x_steps, int m, float* y, std::int64_t ldy);
 
 }  // namespace mopt::kernels::avx512

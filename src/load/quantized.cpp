@@ -153,7 +153,7 @@ void set_quantized_linear(StoredLinear& stored, QuantizedRun run, const std::str
     // where they pay: with AVX-512 (bench/sparse24_bench: 1.3x the dense kernel's decode; the AVX2
     // variant only matches the dense one, whose one-byte codes it cannot beat by enough to pay for the
     // gather). W8A8 and INT4 (groups of 64 or more) where their byte-permute kernels run (AVX-512 VBMI
-    // and VNNI, inputs a multiple of 128; 1.6x and 1.1-1.2x the dense decode).
+    // and VNNI, inputs a multiple of 128; 1.6x and 1.36x the dense decode).
     const CpuFeatures& cpu = cpu_features();
     const bool w8a8 = source.type == kernels::QuantizedWeightType::int8 && source.int8_activations;
     const bool int4 = source.type == kernels::QuantizedWeightType::int4;

@@ -205,7 +205,8 @@ TEST(Sparse24Linear, Int4MatchesItsTwinAndTheDenseKernel) {
     EXPECT_EQ(sparse->describe(), "int4 g" + std::to_string(c.block) + " 2:4");
     const CpuFeatures& f = cpu_features();
     EXPECT_EQ(sparse->plain_reason().empty(), f.avx512bw && f.avx512_vbmi && f.avx512_vnni) << sparse->plain_reason();
-    EXPECT_EQ(sparse->bytes(), static_cast<std::uint64_t>(c.out * c.in / 4 + c.out * (c.in / 32) * 4 + c.out * groups * 4));
+    const std::int64_t padded = (c.out + 15) / 16 * 16;  // blocks of 16 rows: positions and nibbles 3/8 byte a weight, scales
+    EXPECT_EQ(sparse->bytes(), static_cast<std::uint64_t>(padded * c.in * 3 / 8 + padded * groups * 4));
     QuantizedWeightSource s;
     s.type = QuantizedWeightType::int4;
     s.out = c.out;
