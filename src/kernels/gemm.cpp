@@ -331,20 +331,6 @@ void Int8Panels::multiply(const std::int8_t* x_codes, std::int64_t m, const floa
   });
 }
 
-void gemm_int8_packed(const std::int8_t* x_codes, std::int64_t m, std::int64_t k, const WeightPanelInt8& pack_panel, std::int64_t n,
-                      const float* factor, float* y) {
-  if (m == 0 || n == 0) return;
-  const std::int64_t quads = ceil_div(k, 4);
-  gemm_int8_panels(x_codes, m, k, n, factor, y, [&](std::int64_t, std::int64_t r0, std::int64_t rows) {
-    thread_local std::vector<std::uint32_t> panel;
-    thread_local std::vector<std::int32_t> offsets;
-    panel.resize(static_cast<std::size_t>(quads * kPanel));
-    offsets.resize(static_cast<std::size_t>(kPanel));
-    pack_panel(r0, rows, panel.data(), offsets.data());
-    return std::pair<const std::uint32_t*, const std::int32_t*>(panel.data(), offsets.data());
-  });
-}
-
 namespace ref {
 
 void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,

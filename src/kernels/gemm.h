@@ -100,16 +100,6 @@ class Int8Panels {
   std::vector<std::int32_t> offsets_;  // [n/64 * 64]
 };
 
-// Writes weight rows [row0, row0 + rows) (rows <= 64) straight into the VNNI layout: panel[ceil(k/4)][64]
-// dwords (dword [q][c] = codes 4q..4q+3 of row c, the first in the low byte; zeros past `rows` and k)
-// and offsets[64] = 128 x each row's code sum (0 past `rows`).
-using WeightPanelInt8 = std::function<void(std::int64_t row0, std::int64_t rows, std::uint32_t* panel, std::int32_t* offsets)>;
-
-// Int8Panels::multiply for a weight that packs its own panels (needs vnni_gemm_available()): each task
-// has `pack_panel` write a panel of 64 weight rows into a buffer of its own and runs every input row through it.
-void gemm_int8_packed(const std::int8_t* x_codes, std::int64_t m, std::int64_t k, const WeightPanelInt8& pack_panel, std::int64_t n,
-                      const float* factor, float* y);
-
 namespace ref {
 // matmul_f32 as plain loops, sums in double.
 void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,

@@ -298,7 +298,10 @@ void PackedLinear::forward_gemv(const float* x, std::int64_t m, float* y) const 
     xq.resize(static_cast<std::size_t>(m * k));
     steps.resize(static_cast<std::size_t>(m * (k / 64)));
     quantize_int8_per64(x, m * k, xq.data(), steps.data());
-    parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) { int4_decode_rows(s, codes_, xq.data(), steps.data(), m, r0, r1, y, n); });
+    // thread_local: the workers must see this thread's buffers, not their own (empty) ones.
+    const std::int8_t* codes = xq.data();
+    const float* step = steps.data();
+    parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) { int4_decode_rows(s, codes_, codes, step, m, r0, r1, y, n); });
     return;
   }
   if (!vectorized_) {

@@ -42,30 +42,53 @@ float value_of(Sparse24Values t, const std::uint8_t* p, float scale) {
 
 int type_code(Sparse24Values t) { return t == Sparse24Values::bf16 ? 0 : t == Sparse24Values::int8 ? 1 : 2; }
 
-// The INT4 layout (sparse24.h): rows in blocks of kInt4Rows, each block one stream of kInt4ChunkBytes
-// per 32 inputs. Where kept value t (0..in/2) of row r sits: its position's byte and bit, its
-// nibble's byte and bit, and the column of its group's first input.
-struct Int4Place {
+// The block layouts (sparse24.h: INT4 and W8A8): rows in blocks of kBlockRows, each block one stream
+// of chunk_bytes per 32 inputs. Where kept value t (0..in/2) of row r sits: its position's byte and
+// bit, its value's byte and bit (INT4: a nibble), and the column of its group's first input.
+struct BlockPlace {
   std::size_t position_byte;
   int position_shift;
   std::size_t value_byte;
   int value_shift;
   std::int64_t group_column;
 };
-inline Int4Place int4_place(std::int64_t in, std::int64_t r, std::int64_t t) {
-  const std::int64_t lane = r % kInt4Rows, chunk = t / 16, window = (t % 16) / 4, j = t % 4;
-  const auto base = static_cast<std::size_t>(((r / kInt4Rows) * (in / 32) + chunk) * kInt4ChunkBytes);
-  return {base + static_cast<std::size_t>(8 * (lane / 2) + 2 * window + lane % 2), static_cast<int>(2 * j),
-          base + static_cast<std::size_t>(64 + 64 * (window / 2) + 4 * lane + j), static_cast<int>(4 * (window % 2)), 32 * chunk + 8 * window + 4 * (j / 2)};
+inline BlockPlace block_place(bool nibbles, std::int64_t in, std::int64_t r, std::int64_t t) {
+  const std::int64_t lane = r % kBlockRows, chunk = t / 16, window = (t % 16) / 4, j = t % 4;
+  const std::int64_t chunk_bytes = nibbles ? kInt4ChunkBytes : kW8a8ChunkBytes;
+  const auto base = static_cast<std::size_t>(((r / kBlockRows) * (in / 32) + chunk) * chunk_bytes);
+  const std::int64_t value = nibbles ? 64 + 64 * (window / 2) + 4 * lane + j : 64 + 64 * window + 4 * lane + j;
+  return {base + static_cast<std::size_t>(8 * (lane / 2) + 2 * window + lane % 2), static_cast<int>(2 * j), base + static_cast<std::size_t>(value),
+          nibbles ? static_cast<int>(4 * (window % 2)) : 0, 32 * chunk + 8 * window + 4 * (j / 2)};
 }
-inline int int4_kept(const std::uint8_t* stream, const Int4Place& p) { return static_cast<int>((stream[p.value_byte] >> p.value_shift) & 15u) - 8; }
-inline std::int64_t int4_column(const std::uint8_t* stream, const Int4Place& p) {
+inline int int4_kept(const std::uint8_t* stream, const BlockPlace& p) { return static_cast<int>((stream[p.value_byte] >> p.value_shift) & 15u) - 8; }
+inline int int8_kept(const std::uint8_t* stream, const BlockPlace& p) { return static_cast<std::int8_t>(stream[p.value_byte]); }
+inline std::int64_t block_column(const std::uint8_t* stream, const BlockPlace& p) {
   return p.group_column + static_cast<std::int64_t>((stream[p.position_byte] >> p.position_shift) & 3u);
 }
-// The scale of row r at input `col`: scales [row block][group][kInt4Rows].
+// The INT4 scale of row r at input `col`: scales [row block][group][kBlockRows].
 inline float int4_scale(const std::vector<float>& scales, std::int64_t in, std::int64_t block, std::int64_t r, std::int64_t col) {
   const std::int64_t groups = (in + block - 1) / block;
-  return scales[static_cast<std::size_t>(((r / kInt4Rows) * groups + col / block) * kInt4Rows + r % kInt4Rows)];
+  return scales[static_cast<std::size_t>(((r / kBlockRows) * groups + col / block) * kBlockRows + r % kBlockRows)];
+}
+
+// The row layout's kept values and positions (int8 values) rewritten as a block stream; the rows that
+// pad the last block keep zeros (INT4: biased nibbles of 8; positions 0).
+std::vector<std::uint8_t> block_stream(bool nibbles, const std::vector<std::uint8_t>& values, const std::vector<std::uint32_t>& positions,
+                                       std::int64_t out, std::int64_t in) {
+  const std::int64_t half = in / 2, words = in / 32, blocks = (out + kBlockRows - 1) / kBlockRows;
+  std::vector<std::uint8_t> stream(static_cast<std::size_t>(blocks * (in / 32) * (nibbles ? kInt4ChunkBytes : kW8a8ChunkBytes)), 0);
+  for (std::int64_t r = 0; r < blocks * kBlockRows; ++r) {
+    for (std::int64_t t = 0; t < half; ++t) {
+      const BlockPlace p = block_place(nibbles, in, r, t);
+      const bool real = r < out;
+      const auto value = real ? static_cast<std::int8_t>(values[static_cast<std::size_t>(r * half + t)]) : std::int8_t{0};
+      const unsigned position = real ? (positions[static_cast<std::size_t>(r * words + t / 16)] >> (2 * (t % 16))) & 3u : 0u;
+      const auto stored = nibbles ? static_cast<unsigned>(value + 8) << p.value_shift : static_cast<std::uint8_t>(value);
+      stream[p.value_byte] = static_cast<std::uint8_t>(stream[p.value_byte] | stored);
+      stream[p.position_byte] = static_cast<std::uint8_t>(stream[p.position_byte] | position << p.position_shift);
+    }
+  }
+  return stream;
 }
 
 // INT4's input: per 64 values rounded to int8 (the dense INT4 GEMV's rounding).
@@ -172,24 +195,12 @@ std::optional<Sparse24Linear> Sparse24Linear::compress_int4(const std::uint8_t* 
   }
   auto w = compress(Sparse24Values::int8, bytes.data(), out, in, std::vector<float>(static_cast<std::size_t>(out), 1.0f), label);
   if (!w) return w;
-  // The kept values and positions of the int8 layout rewritten as the interleaved INT4 stream; the rows
-  // that pad the last block keep zeros (biased nibbles of 8, positions 0, scales 0).
-  const std::int64_t half = in / 2, words = in / 32, blocks = (out + kInt4Rows - 1) / kInt4Rows;
-  std::vector<std::uint8_t> stream(static_cast<std::size_t>(blocks * (in / 32) * kInt4ChunkBytes), 0);
-  for (std::int64_t r = 0; r < blocks * kInt4Rows; ++r) {
-    for (std::int64_t t = 0; t < half; ++t) {
-      const Int4Place p = int4_place(in, r, t);
-      const bool real = r < out;
-      const auto biased = real ? static_cast<unsigned>(static_cast<std::int8_t>(w->values_[static_cast<std::size_t>(r * half + t)]) + 8) : 8u;
-      const unsigned position = real ? (w->positions_[static_cast<std::size_t>(r * words + t / 16)] >> (2 * (t % 16))) & 3u : 0u;
-      stream[p.value_byte] = static_cast<std::uint8_t>(stream[p.value_byte] | biased << p.value_shift);
-      stream[p.position_byte] = static_cast<std::uint8_t>(stream[p.position_byte] | position << p.position_shift);
-    }
-  }
-  std::vector<float> block_scales(static_cast<std::size_t>(blocks * groups * kInt4Rows), 0.0f);
+  const std::int64_t blocks = (out + kBlockRows - 1) / kBlockRows;
+  std::vector<std::uint8_t> stream = block_stream(true, w->values_, w->positions_, out, in);
+  std::vector<float> block_scales(static_cast<std::size_t>(blocks * groups * kBlockRows), 0.0f);
   for (std::int64_t r = 0; r < out; ++r) {
     for (std::int64_t g = 0; g < groups; ++g) {
-      block_scales[static_cast<std::size_t>(((r / kInt4Rows) * groups + g) * kInt4Rows + r % kInt4Rows)] = scales[static_cast<std::size_t>(r * groups + g)];
+      block_scales[static_cast<std::size_t>(((r / kBlockRows) * groups + g) * kBlockRows + r % kBlockRows)] = scales[static_cast<std::size_t>(r * groups + g)];
     }
   }
   w->values_ = std::move(stream);
@@ -211,24 +222,26 @@ std::optional<Sparse24Linear> Sparse24Linear::compress_w8a8(const std::uint8_t* 
                                                             std::vector<float> row_scales, float input_amax, const std::string& label) {
   if (!std::isfinite(input_amax) || input_amax < 0.0f) fail("{}: the W8A8 input amax is {}", label, input_amax);
   auto w = compress(Sparse24Values::int8, codes, out, in, std::move(row_scales), label);
-  if (!w) return w;
+  if (!w || in % 32 != 0) return std::nullopt;  // the block stream holds whole 32s of inputs
   w->int8_activations_ = true;
   w->input_amax_ = input_amax;
-  // As PackedLinear's W8A8: y = sum(qx * qw) * w_scale / (127 / amax).
+  // As PackedLinear's W8A8: y = sum(qx * qw) * w_scale / (127 / amax); per row of the padded blocks
+  // (padding rows: 0).
   const float x_scale = int8_input_scale(input_amax);
-  const std::int64_t half = in / 2;
-  w->factors_.resize(static_cast<std::size_t>(out));
-  w->offsets_.resize(static_cast<std::size_t>(out));
+  const std::int64_t half = in / 2, padded = (out + kBlockRows - 1) / kBlockRows * kBlockRows;
+  w->factors_.assign(static_cast<std::size_t>(padded), 0.0f);
+  w->offsets_.assign(static_cast<std::size_t>(padded), 0);
   for (std::int64_t r = 0; r < out; ++r) {
     w->factors_[static_cast<std::size_t>(r)] = w->scales_[static_cast<std::size_t>(r)] / x_scale;
     std::int32_t sum = 0;
     for (std::int64_t t = 0; t < half; ++t) sum += static_cast<std::int8_t>(w->values_[static_cast<std::size_t>(r * half + t)]);
     w->offsets_[static_cast<std::size_t>(r)] = 128 * sum;
   }
+  w->values_ = block_stream(false, w->values_, w->positions_, out, in);
+  w->positions_.clear();
+  w->positions_.shrink_to_fit();
   const CpuFeatures& f = cpu_features();
-  if (in % 128 != 0) {
-    w->plain_reason_ = fmt::format("{} inputs is not a multiple of 128 (the W8A8 2:4 kernel reads 128 inputs at a time)", in);
-  } else if (!(f.avx512bw && f.avx512_vbmi && f.avx512_vnni)) {
+  if (!(f.avx512bw && f.avx512_vbmi && f.avx512_vnni)) {
     w->plain_reason_ = "the W8A8 2:4 kernel needs AVX-512 BW, VBMI and VNNI";
   } else {
     w->plain_reason_.clear();
@@ -280,9 +293,22 @@ void decode_rows_int4(const std::uint8_t* stream, const std::vector<float>& scal
     float* o = out + (r - row0) * in;
     std::fill(o, o + in, 0.0f);
     for (std::int64_t t = 0; t < in / 2; ++t) {
-      const Int4Place p = int4_place(in, r, t);
-      const std::int64_t col = int4_column(stream, p);
+      const BlockPlace p = block_place(true, in, r, t);
+      const std::int64_t col = block_column(stream, p);
       o[col] = static_cast<float>(int4_kept(stream, p)) * int4_scale(scales, in, block, r, col);
+    }
+  }
+}
+
+// W8A8 rows from the block stream (inspect's whole weights; the forward pass never decodes them).
+void decode_rows_w8a8(const std::uint8_t* stream, const std::vector<float>& scales, std::int64_t in, std::int64_t row0, std::int64_t rows,
+                      float* out) {
+  for (std::int64_t r = row0; r < row0 + rows; ++r) {
+    float* o = out + (r - row0) * in;
+    std::fill(o, o + in, 0.0f);
+    for (std::int64_t t = 0; t < in / 2; ++t) {
+      const BlockPlace p = block_place(false, in, r, t);
+      o[block_column(stream, p)] = static_cast<float>(int8_kept(stream, p)) * scales[static_cast<std::size_t>(r)];
     }
   }
 }
@@ -290,6 +316,7 @@ void decode_rows_int4(const std::uint8_t* stream, const std::vector<float>& scal
 }  // namespace
 
 void Sparse24Linear::dequantize_rows(std::int64_t row0, std::int64_t rows, float* out) const {
+  if (int8_activations_) return decode_rows_w8a8(values_.data(), scales_, in_, row0, rows, out);
   if (type_ == Sparse24Values::int4) {
     if (cpu_features().avx512f) {
       return avx512::dequantize_sparse24_int4(values_.data(), scales_.data(), block_, in_, row0, row0 + rows, out);
@@ -316,21 +343,21 @@ void Sparse24Linear::gemv_int4(const float* x, std::int64_t m, float* y) const {
   if (plain_reason_.empty()) {
     const int mi = static_cast<int>(m);
     // Ranges of whole blocks of rows (parallel_ranges cuts at multiples of the grain).
-    parallel_ranges(n, kInt4Rows, [&](std::int64_t r0, std::int64_t r1) {
+    parallel_ranges(n, kBlockRows, [&](std::int64_t r0, std::int64_t r1) {
       avx512::gemv_sparse24_int4(values_.data(), scales_.data(), block_, k, r0, r1, n, codes, steps, mi, y, n);
     });
     return;
   }
   // Per 64 inputs the exact int32 sum of the kept products, times that 64's step and group scale.
-  parallel_ranges(n, kInt4Rows, [&](std::int64_t r0, std::int64_t r1) {
+  parallel_ranges(n, kBlockRows, [&](std::int64_t r0, std::int64_t r1) {
     for (std::int64_t r = r0; r < r1; ++r) {
       for (std::int64_t i = 0; i < m; ++i) {
         float acc = 0.0f;
         for (std::int64_t b = 0; b < k / 64; ++b) {
           std::int32_t sum = 0;
           for (std::int64_t t = 32 * b; t < 32 * b + 32; ++t) {
-            const Int4Place p = int4_place(k, r, t);
-            sum += int4_kept(values_.data(), p) * codes[i * k + int4_column(values_.data(), p)];
+            const BlockPlace p = block_place(true, k, r, t);
+            sum += int4_kept(values_.data(), p) * codes[i * k + block_column(values_.data(), p)];
           }
           acc += static_cast<float>(sum) * (steps[i * (k / 64) + b] * int4_scale(scales_, k, block_, r, 64 * b));
         }
@@ -358,49 +385,34 @@ void Sparse24Linear::gemv_plain(const float* x, std::int64_t m, float* y) const 
 }
 
 void Sparse24Linear::forward_w8a8(const float* x, std::int64_t m, float* y) const {
-  const std::int64_t k = in_, n = out_, half = in_ / 2, words = (in_ + 31) / 32;
+  const std::int64_t k = in_, n = out_;
   thread_local std::vector<std::int8_t> xq;
   xq.resize(static_cast<std::size_t>(m * k));
   std::int8_t* codes = xq.data();  // thread_local: the workers must see this thread's buffer
-  // Up to 16 input rows the gathering kernel (4 rows per pass over 16 weight rows) beat decoding the
-  // panels in sparse24_bench (8 rows: 0.63x against 0.34x the dense W8A8 product; 16: 0.54x against
-  // 0.43x); from 32 rows on the panels do (0.60x against 0.56x; 512 rows: 0.92x).
-  constexpr std::int64_t kGatherRows = 16;
-  const bool fast = plain_reason_.empty(), tiles = fast && m > kGatherRows;
+  const bool fast = plain_reason_.empty();
   parallel_ranges(m, 16, [&](std::int64_t i0, std::int64_t i1) {
     quantize_int8_activations(x + i0 * k, (i1 - i0) * k, input_amax_, codes + i0 * k);
     // The kernel multiplies unsigned bytes: the codes biased by 128 (offsets_ takes the bias back out).
-    if (fast && !tiles) {
+    if (fast) {
       for (std::int64_t i = i0 * k; i < i1 * k; ++i) codes[i] = static_cast<std::int8_t>(static_cast<std::uint8_t>(codes[i]) ^ 0x80u);
     }
   });
-  if (tiles) {
-    // Prefill: panels of 64 weight rows decoded straight into the dense int8 GEMM's layout (zeros
-    // included), which outruns the gathering kernel once many input rows share each weight row.
-    gemm_int8_packed(
-        codes, m, k,
-        [this](std::int64_t r0, std::int64_t rows, std::uint32_t* panel, std::int32_t* offsets) {
-          avx512::pack_sparse24_int8_panel(reinterpret_cast<const std::int8_t*>(values_.data()), positions_.data(), offsets_.data(), in_, r0, rows,
-                                           panel, offsets);
-        },
-        n, factors_.data(), y);
-    return;
-  }
   if (fast) {
     const auto* xu = reinterpret_cast<const std::uint8_t*>(codes);
-    const auto* vals = reinterpret_cast<const std::int8_t*>(values_.data());
-    parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
-      avx512::gemm_sparse24_w8a8(vals, positions_.data(), offsets_.data(), factors_.data(), k, r0, r1, xu, m, y, n);
+    // Ranges of whole blocks of rows (parallel_ranges cuts at multiples of the grain).
+    parallel_ranges(n, kBlockRows, [&](std::int64_t r0, std::int64_t r1) {
+      avx512::gemm_sparse24_w8a8(values_.data(), offsets_.data(), factors_.data(), k, r0, r1, n, xu, m, y, n);
     });
     return;
   }
-  parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+  parallel_ranges(n, kBlockRows, [&](std::int64_t r0, std::int64_t r1) {
     for (std::int64_t r = r0; r < r1; ++r) {
-      const auto* vals = reinterpret_cast<const std::int8_t*>(values_.data()) + r * half;
-      const std::uint32_t* pos = positions_.data() + r * words;
       for (std::int64_t i = 0; i < m; ++i) {
         std::int32_t acc = 0;
-        for (std::int64_t t = 0; t < half; ++t) acc += static_cast<std::int32_t>(codes[i * k + kept_column(pos, t)]) * vals[t];
+        for (std::int64_t t = 0; t < k / 2; ++t) {
+          const BlockPlace p = block_place(false, k, r, t);
+          acc += static_cast<std::int32_t>(codes[i * k + block_column(values_.data(), p)]) * int8_kept(values_.data(), p);
+        }
         y[i * n + r] = static_cast<float>(acc) * factors_[static_cast<std::size_t>(r)];
       }
     }
@@ -441,8 +453,8 @@ void sparse24_forward(const Sparse24Linear& w, const float* x, std::int64_t m, f
       for (std::int64_t i = 0; i < m; ++i) {
         double acc = 0.0;
         for (std::int64_t t = 0; t < half; ++t) {
-          const Int4Place p = int4_place(k, r, t);
-          const std::int64_t col = int4_column(w.values().data(), p);
+          const BlockPlace p = block_place(true, k, r, t);
+          const std::int64_t col = block_column(w.values().data(), p);
           const double xv = rounded ? static_cast<double>(q.codes[static_cast<std::size_t>(i * k + col)]) * q.steps[static_cast<std::size_t>(i * (k / 64) + col / 64)]
                                     : static_cast<double>(x[i * k + col]);
           acc += static_cast<double>(int4_kept(w.values().data(), p)) * int4_scale(w.scales(), k, w.block(), r, col) * xv;
@@ -457,11 +469,12 @@ void sparse24_forward(const Sparse24Linear& w, const float* x, std::int64_t m, f
     quantize_int8_activations(x, m * k, w.input_amax(), q.data());
     const float x_scale = int8_input_scale(w.input_amax());
     for (std::int64_t r = 0; r < n; ++r) {
-      const auto* vals = reinterpret_cast<const std::int8_t*>(w.values().data()) + r * half;
-      const std::uint32_t* pos = w.positions().data() + r * words;
       for (std::int64_t i = 0; i < m; ++i) {
         std::int64_t acc = 0;
-        for (std::int64_t t = 0; t < half; ++t) acc += std::int64_t{q[static_cast<std::size_t>(i * k + kept_column(pos, t))]} * vals[t];
+        for (std::int64_t t = 0; t < half; ++t) {
+          const BlockPlace p = block_place(false, k, r, t);
+          acc += std::int64_t{q[static_cast<std::size_t>(i * k + block_column(w.values().data(), p))]} * int8_kept(w.values().data(), p);
+        }
         y[i * n + r] = static_cast<float>(acc) * (w.scales()[static_cast<std::size_t>(r)] / x_scale);
       }
     }

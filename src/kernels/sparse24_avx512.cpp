@@ -119,9 +119,9 @@ void dequantize_sparse24_int4(const std::uint8_t* stream, const float* scales, s
   const __m128i kept_order = _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15);
   const __m512i eight = _mm512_set1_epi32(8);
   for (std::int64_t r = r0; r < r1; ++r) {
-    const std::int64_t lane = r % kInt4Rows;
-    const std::uint8_t* s = stream + (r / kInt4Rows) * chunks * kInt4ChunkBytes;
-    const float* sc = scales + (r / kInt4Rows) * groups * kInt4Rows + lane;
+    const std::int64_t lane = r % kBlockRows;
+    const std::uint8_t* s = stream + (r / kBlockRows) * chunks * kInt4ChunkBytes;
+    const float* sc = scales + (r / kBlockRows) * groups * kBlockRows + lane;
     float* o = out + (r - r0) * k;
     for (std::int64_t c = 0; c < chunks; ++c) {
       const std::uint8_t* p = s + c * kInt4ChunkBytes;
@@ -131,7 +131,7 @@ void dequantize_sparse24_int4(const std::uint8_t* stream, const float* scales, s
       const std::uint64_t both = static_cast<std::uint64_t>(b) << 32 | a, nibbles = 0x0F0F0F0F0F0F0F0FULL;
       const __m128i split = _mm_set_epi64x(static_cast<long long>((both >> 4) & nibbles), static_cast<long long>(both & nibbles));
       const __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(split, kept_order)), eight);
-      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(sc[((c * 32) / block) * kInt4Rows]));
+      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(sc[((c * 32) / block) * kBlockRows]));
       // The kept inputs of each window (a byte of four 2-bit positions) as a mask of 8.
       std::uint32_t mask = 0;
       for (int u = 0; u < 4; ++u) {

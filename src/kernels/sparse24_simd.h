@@ -6,10 +6,11 @@
 #include <cstdint>
 
 namespace mopt::kernels {
-// The INT4 layout's blocks (sparse24.h): rows per block, and bytes per 32 inputs of a block (64 of
-// positions, 128 of kept nibbles).
-inline constexpr std::int64_t kInt4Rows = 16;
+// The block layouts of INT4 and W8A8 (sparse24.h): rows per block, and bytes per 32 inputs of a block
+// (64 of positions, then 128 of kept nibbles or 256 of kept int8 codes).
+inline constexpr std::int64_t kBlockRows = 16;
 inline constexpr std::int64_t kInt4ChunkBytes = 192;
+inline constexpr std::int64_t kW8a8ChunkBytes = 320;
 }  // namespace mopt::kernels
 
 namespace mopt::kernels::avx512 {
@@ -26,20 +27,16 @@ void dequantize_sparse24(int type, const std::uint8_t* values, const std::uint32
 void dequantize_sparse24_int4(const std::uint8_t* stream, const float* scales, std::int64_t block, std::int64_t k, std::int64_t r0,
                               std::int64_t r1, float* out);
 
-// W8A8 (after the check for AVX-512 BW, VBMI and VNNI; k % 128 == 0): y[i * ldy + r] =
-// (sum_t x_u8[i * k + column(t)] * value(t) - offsets[r]) * factors[r] for weight rows [r0, r1) and input
-// rows [0, m), the input given as int8 codes biased by 128 (unsigned bytes).
-void gemm_sparse24_w8a8(const std::int8_t* values, const std::uint32_t* positions, const std::int32_t* offsets, const float* factors,
-                        std::int64_t k, std::int64_t r0, std::int64_t r1, const std::uint8_t* x_u8, std::int64_t m, float* y, std::int64_t ldy);
+// W8A8 (after the check for AVX-512 BW, VBMI and VNNI; k % 32 == 0): Sparse24Linear's W8A8 block
+// stream, offsets and factors (per row of the padded blocks); y[i * ldy + r] = (sum_t x_u8[i * k +
+// column(t)] * value(t) - offsets[r]) * factors[r] for weight rows [r0, min(r1, out)) (r0 a multiple
+// of kBlockRows) and input rows [0, m), the input given as int8 codes biased by 128 (unsigned bytes).
+void gemm_sparse24_w8a8(const std::uint8_t* stream, const std::int32_t* offsets, const float* factors, std::int64_t k, std::int64_t r0,
+                        std::int64_t r1, std::int64_t out, const std::uint8_t* x_u8, std::int64_t m, float* y, std::int64_t ldy);
 
-// W8A8 rows [r0, r0 + rows) (rows <= 64) straight into the VNNI panel layout of gemm_int8_packed, with
-// their offsets (`offsets`: Sparse24Linear's, per weight row).
-void pack_sparse24_int8_panel(const std::int8_t* values, const std::uint32_t* positions, const std::int32_t* offsets, std::int64_t k,
-                              std::int64_t r0, std::int64_t rows, std::uint32_t* panel, std::int32_t* panel_offsets);
-
-// INT4 (same check, k % 128 == 0, block % 64 == 0, m <= 4): Sparse24Linear's int4 stream and block
+// INT4 (the same check, k % 128 == 0, block % 64 == 0, m <= 4): Sparse24Linear's int4 stream and block
 // scales, the input as quantize_int8_per64 rounds it (codes [m, k], steps [m, k / 64]); y[i * ldy + r]
-// for weight rows [r0, min(r1, out)), r0 a multiple of kInt4Rows (the blocks that hold them run whole).
+// for weight rows [r0, min(r1, out)), r0 a multiple of kBlockRows (the blocks that hold them run whole).
 void gemv_sparse24_int4(const std::uint8_t* stream, const float* scales, std::int64_t block, std::int64_t k, std::int64_t r0, std::int64_t r1,
                         std::int64_t out, const std::int8_t* x_codes, const float* x_steps, int m, float* y, std::int64_t ldy);
 

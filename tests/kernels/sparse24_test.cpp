@@ -136,7 +136,7 @@ TEST(Sparse24Linear, MatchesItsTwinAndTheDenseKernel) {
 // W8A8: exact int32 sums, so the kernel, its twin and the dense W8A8 kernel agree bit for bit, for
 // decode and prefill shapes (m up to 37: input rows in blocks of 4 over blocks of 16 weight rows).
 TEST(Sparse24Linear, W8A8EqualsItsTwinAndTheDenseKernelExactly) {
-  const std::pair<std::int64_t, std::int64_t> shapes[] = {{40, 256}, {33, 384}, {24, 96}};  // 96: the plain loop
+  const std::pair<std::int64_t, std::int64_t> shapes[] = {{40, 256}, {33, 384}, {24, 96}};
   std::uint32_t seed = 200;
   for (const auto& [out, in] : shapes) {
     const Weight w = random_24(Sparse24Values::int8, out, in, seed++);
@@ -145,8 +145,10 @@ TEST(Sparse24Linear, W8A8EqualsItsTwinAndTheDenseKernelExactly) {
     ASSERT_TRUE(sparse.has_value());
     EXPECT_EQ(sparse->describe(), "int8 w8a8 2:4");
     const CpuFeatures& f = cpu_features();
-    EXPECT_EQ(sparse->plain_reason().empty(), in % 128 == 0 && f.avx512bw && f.avx512_vbmi && f.avx512_vnni) << sparse->plain_reason();
-    EXPECT_EQ(sparse->bytes(), static_cast<std::uint64_t>(out * in / 2 + out * (in / 32) * 4 + out * 4 + out * 4));
+    EXPECT_EQ(sparse->plain_reason().empty(), f.avx512bw && f.avx512_vbmi && f.avx512_vnni) << sparse->plain_reason();
+    // Blocks of 16 rows: positions and codes 5/8 byte a weight, an offset a row; the row scales.
+    const std::int64_t padded = (out + 15) / 16 * 16;
+    EXPECT_EQ(sparse->bytes(), static_cast<std::uint64_t>(padded * in * 5 / 8 + padded * 4 + out * 4));
     QuantizedWeightSource s;
     s.type = QuantizedWeightType::int8;
     s.out = out;
@@ -157,7 +159,13 @@ TEST(Sparse24Linear, W8A8EqualsItsTwinAndTheDenseKernelExactly) {
     s.int8_activations = true;
     s.input_amax = amax;
     const PackedLinear dense(std::move(s), "dense");
-    for (const std::int64_t m : {1, 2, 3, 4, 9, 16, 17, 37}) {  // the gathering kernel up to 16 rows, panels beyond
+    // The decoded rows are the weight, zeros included.
+    std::vector<float> rows(static_cast<std::size_t>(out * in));
+    sparse->dequantize_rows(0, out, rows.data());
+    for (std::int64_t i = 0; i < out * in; ++i) {
+      ASSERT_EQ(rows[static_cast<std::size_t>(i)], static_cast<float>(static_cast<std::int8_t>(w.codes[static_cast<std::size_t>(i)])) * w.scales[static_cast<std::size_t>(i / in)]) << i;
+    }
+    for (const std::int64_t m : {1, 2, 3, 4, 7, 8, 9, 16, 17, 37}) {  // tiles of 8 input rows and what is left
       SCOPED_TRACE(testing::Message() << "[" << out << ", " << in << "] m " << m);
       std::mt19937 rng(seed++);
       std::normal_distribution<float> d(0.0f, 1.0f);
@@ -177,6 +185,9 @@ TEST(Sparse24Linear, W8A8EqualsItsTwinAndTheDenseKernelExactly) {
   EXPECT_THROW(Sparse24Linear::compress_w8a8(random_24(Sparse24Values::int8, 8, 128, 5).codes.data(), 8, 128, std::vector<float>(8, 1.0f),
                                              std::nanf(""), "w"),
                Error);
+  // Rows not a whole number of 32s of inputs stay with the dense kernel.
+  EXPECT_FALSE(Sparse24Linear::compress_w8a8(random_24(Sparse24Values::int8, 8, 100, 6).codes.data(), 8, 100, std::vector<float>(8, 1.0f), 2.0f, "w")
+                   .has_value());
 }
 
 // INT4 (groups of 64 and 128): against its twin (decode: the input rounded per 64 values on both
