@@ -283,7 +283,8 @@ void PackedLinear::dequantize_rows(std::int64_t row0, std::int64_t rows, float* 
 void PackedLinear::forward(const float* x, std::int64_t m, float* y, Precision precision) const {
   if (m <= 0) return;
   if (src_.int8_activations) return forward_w8a8(x, m, y);
-  if (m <= kGemvMaxRows) return forward_gemv(x, m, y);
+  // INT4 batched decode too (the plain loop rounds as the GEMV does, so no result depends on the CPU).
+  if (m <= kGemvMaxRows || (int4_decode_rounds_input(src_) && m <= kInt4GemvMaxRows)) return forward_gemv(x, m, y);
   forward_tiles(x, m, y, precision);
 }
 
@@ -339,9 +340,25 @@ void PackedLinear::forward_gemv(const float* x, std::int64_t m, float* y) const 
           for (int h = 0; h < 2; ++h) offsets[static_cast<std::size_t>(i * groups + (c * 64 + h * 32) / s.block)] += step * static_cast<float>(sum[h]);
         }
       }
-      const avx2::Int8Blocks xb{codes.data(), steps.data(), offsets.data()};
+      if (m <= kGemvMaxRows) {
+        const avx2::Int8Blocks xb{codes.data(), steps.data(), offsets.data()};
+        parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+          avx2::gemv_int4(layout_.nibbles.data(), s.scales.data(), s.block, k, r0, r1, xb, mi, y, n);
+        });
+        return;
+      }
+      // Batched decode: passes of kGemvMaxRows input rows over each 16 weight rows, which stay in cache.
+      const std::int8_t* all_codes = codes.data();  // thread_local: the workers must see this thread's buffers
+      const float* all_steps = steps.data();
+      const float* all_offsets = offsets.data();
       parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
-        avx2::gemv_int4(layout_.nibbles.data(), s.scales.data(), s.block, k, r0, r1, xb, mi, y, n);
+        for (std::int64_t rb = r0; rb < r1; rb += 16) {
+          for (std::int64_t i0 = 0; i0 < m; i0 += kGemvMaxRows) {
+            const avx2::Int8Blocks xb{all_codes + i0 * k, all_steps + i0 * chunks, all_offsets + i0 * groups};
+            avx2::gemv_int4(layout_.nibbles.data(), s.scales.data(), s.block, k, rb, std::min(rb + 16, r1), xb,
+                            static_cast<int>(std::min(kGemvMaxRows, m - i0)), y + i0 * n, n);
+          }
+        }
       });
       return;
     }

@@ -341,10 +341,16 @@ void Sparse24Linear::gemv_int4(const float* x, std::int64_t m, float* y) const {
   const std::int8_t* codes = rounded.codes.data();  // thread_local: the workers must see this thread's buffers
   const float* steps = rounded.steps.data();
   if (plain_reason_.empty()) {
-    const int mi = static_cast<int>(m);
-    // Ranges of whole blocks of rows (parallel_ranges cuts at multiples of the grain).
+    // Ranges of whole blocks of rows (parallel_ranges cuts at multiples of the grain); more than
+    // kGemvMaxRows input rows in passes over each block, which stays in cache.
     parallel_ranges(n, kBlockRows, [&](std::int64_t r0, std::int64_t r1) {
-      avx512::gemv_sparse24_int4(values_.data(), scales_.data(), block_, k, r0, r1, n, codes, steps, mi, y, n);
+      for (std::int64_t rb = r0; rb < r1; rb += (m <= kGemvMaxRows ? r1 - r0 : kBlockRows)) {
+        const std::int64_t re = m <= kGemvMaxRows ? r1 : std::min(rb + kBlockRows, r1);
+        for (std::int64_t i0 = 0; i0 < m; i0 += kGemvMaxRows) {
+          avx512::gemv_sparse24_int4(values_.data(), scales_.data(), block_, k, rb, re, n, codes + i0 * k, steps + i0 * (k / 64),
+                                     static_cast<int>(std::min(kGemvMaxRows, m - i0)), y + i0 * n, n);
+        }
+      }
     });
     return;
   }
@@ -423,8 +429,8 @@ void Sparse24Linear::forward(const float* x, std::int64_t m, float* y, Precision
   if (m <= 0) return;
   if (int8_activations_) return forward_w8a8(x, m, y);
   const std::int64_t k = in_, n = out_;
+  if (type_ == Sparse24Values::int4 && m <= kInt4GemvMaxRows) return gemv_int4(x, m, y);
   if (m <= kGemvMaxRows) {
-    if (type_ == Sparse24Values::int4) return gemv_int4(x, m, y);
     if (!plain_reason_.empty()) return gemv_plain(x, m, y);
     const int mi = static_cast<int>(m);
     const bool avx512 = cpu_features().avx512f;
@@ -445,8 +451,8 @@ void sparse24_forward(const Sparse24Linear& w, const float* x, std::int64_t m, f
   const std::size_t eb = element_bytes(w.type());
   const std::int64_t half = w.in() / 2, words = (w.in() + 31) / 32, k = w.in(), n = w.out();
   if (w.type() == Sparse24Values::int4) {
-    // Decode (m <= kGemvMaxRows) rounds the input per 64 values as the kernels do; prefill keeps f32.
-    const bool rounded = m <= kGemvMaxRows;
+    // Decode (m <= kInt4GemvMaxRows) rounds the input per 64 values as the kernels do; prefill keeps f32.
+    const bool rounded = m <= kInt4GemvMaxRows;
     RoundedInput q;
     if (rounded) round_input(x, m, k, q);
     for (std::int64_t r = 0; r < n; ++r) {

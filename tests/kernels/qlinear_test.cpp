@@ -82,12 +82,12 @@ void check_forward(const QuantizedWeightSource& src, const std::string& what) {
   std::vector<float> rows(static_cast<std::size_t>(src.out * src.in));
   q.dequantize_rows(0, src.out, rows.data());
   for (std::size_t i = 0; i < rows.size(); ++i) ASSERT_EQ(rows[i], w[i]) << what << " element " << i;
-  for (const std::int64_t m : {1, 2, 3, 4, 5, 9}) {
+  for (const std::int64_t m : std::vector<std::int64_t>{1, 2, 3, 4, 5, 9, kInt4GemvMaxRows + 1}) {  // INT4: the GEMV in passes, then f32 tiles
     const auto x = random_input(m, src.in, static_cast<std::uint32_t>(m * 7 + src.out));
     std::vector<float> y(static_cast<std::size_t>(m * src.out)), expect(y.size());
     q.forward(x.data(), m, y.data());
     ref::quantized_linear_forward(src, x.data(), m, expect.data());
-    const bool int4_gemv = int4_decode_rounds_input(src) && m <= kGemvMaxRows;
+    const bool int4_gemv = int4_decode_rounds_input(src) && m <= kInt4GemvMaxRows;
     std::vector<float> twin(y.size());
     if (int4_gemv) ref::int4_decode(src, x.data(), m, twin.data());
     for (std::int64_t i = 0; i < m; ++i) {
@@ -112,7 +112,8 @@ void check_forward(const QuantizedWeightSource& src, const std::string& what) {
   }
   // Prefill with bf16 products: where the CPU has them, the definition is the product of the input and
   // the decoded weight both rounded to bf16 (W8A8 stays on integers); elsewhere the f32 product.
-  for (const std::int64_t m : {5, 13}) {
+  for (const std::int64_t m : std::vector<std::int64_t>{5, 13, kInt4GemvMaxRows + 1}) {
+    if (int4_decode_rounds_input(src) && m <= kInt4GemvMaxRows) continue;  // INT4's batched decode: the GEMV, checked above
     const auto x = random_input(m, src.in, static_cast<std::uint32_t>(m * 11 + src.out));
     std::vector<float> y(static_cast<std::size_t>(m * src.out)), expect(y.size());
     q.forward(x.data(), m, y.data(), Precision::bf16);
