@@ -140,8 +140,8 @@ float int8_input_scale(float amax);
 // INT4 weights whose decode rounds its input (int4_decode_rounds_input) run the GEMV up to this many
 // rows (batched decode), in passes of kGemvMaxRows over blocks of 16 weight rows that stay in cache:
 // its int8 products outrun decoding f32 tiles for the f32 GEMM until about here (bench/sparse24_bench
-// --rows on Sapphire Rapids: 4.7x at 8 rows, 1.5x at 32, even at 64, 0.8x at 128). More rows (prefill)
-// keep an f32 input.
+// --rows on Sapphire Rapids: 4.7x at 8 rows, 1.5x at 32, even at 64, 0.8x at 128). More rows (a
+// prompt of more than 64 tokens, evaluation's batched windows) keep an f32 input.
 inline constexpr std::int64_t kInt4GemvMaxRows = 64;
 // Whether an INT4 weight's decode (m <= kInt4GemvMaxRows) rounds its input to int8 per 64 values: INT4
 // codes in groups of a multiple of 32 with whole 64s of inputs. On every CPU: the plain loops do
