@@ -84,7 +84,7 @@ int main(int argc, char** argv) {
     const int q = static_cast<int>(std::clamp(std::nearbyint(w[i] / 0.08f * 7.0f), -7.0f, 7.0f));
     i4[i / 2] |= static_cast<std::uint8_t>((q & 15) << (4 * (i % 2)));
   }
-  const std::vector<float> scales_i4(static_cast<std::size_t>(out * in / int4_block), 0.08f / 7.0f);
+  const std::vector<float> scales_i4(static_cast<std::size_t>(out * ((in + int4_block - 1) / int4_block)), 0.08f / 7.0f);
   const auto add_sparse = [&](kernels::Sparse24Values type, const std::uint8_t* codes, const std::vector<float>& scales, bool w8a8 = false) {
     const auto make = [&] {
       if (type == kernels::Sparse24Values::int4) return kernels::Sparse24Linear::compress_int4(codes, out, in, int4_block, scales, "bench");

@@ -183,7 +183,7 @@ std::optional<Sparse24Linear> Sparse24Linear::compress_int4(const std::uint8_t* 
   for (const float v : scales) {
     if (!std::isfinite(v)) fail("{}: an INT4 group scale is {}", label, v);
   }
-  if (block % 64 != 0 || in % 128 != 0) return std::nullopt;
+  if (block % 64 != 0 || in % 64 != 0) return std::nullopt;
   // The nibbles as int8 bytes, compressed as an int8 weight, the kept values packed back into nibbles.
   const std::int64_t row_bytes = (in + 1) / 2;
   std::vector<std::uint8_t> bytes(static_cast<std::size_t>(out * in));

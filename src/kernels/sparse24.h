@@ -31,7 +31,7 @@
 // dense W8A8 product too (it used to decode panels into the dense layout, 0.6-0.9x).
 //
 // INT4 (compress_int4: two's complement nibbles, one f32 scale per `block` inputs of a row, block a
-// multiple of 64, `in` of 128) has the block layout: rows in blocks of 16 (the last padded with zero
+// multiple of 64, `in` of 64) has the block layout: rows in blocks of 16 (the last padded with zero
 // rows), each block one stream of 192 bytes per 32 inputs — 64 bytes of positions, byte 8 (l / 2) +
 // 2u + l % 2 holding row l's four kept positions of window u (8 inputs; kept j at bits 2j), then 128
 // bytes of kept nibbles biased by 8, byte 64 + 64 (u / 2) + 4l + j holding row l's kept j of window u
@@ -68,7 +68,7 @@ class Sparse24Linear {
   // clamp(rint(x * 127 / input_amax), -128, 127), as kernels::PackedLinear's W8A8.
   // An INT4 weight: codes as QuantizedWeightSource's int4 (two's complement nibbles, even column in
   // the low nibble, rows of ceil(in / 2) bytes), scales [out, in / block]; block a multiple of 64 and
-  // `in` of 128 (else nothing: the dense kernels keep it).
+  // `in` of 64 (else nothing: the dense kernels keep it).
   static std::optional<Sparse24Linear> compress_int4(const std::uint8_t* codes, std::int64_t out, std::int64_t in, std::int64_t block,
                                                      std::vector<float> scales, const std::string& label);
   static std::optional<Sparse24Linear> compress_w8a8(const std::uint8_t* codes, std::int64_t out, std::int64_t in,

@@ -22,7 +22,7 @@ void gemv_sparse24(int type, const std::uint8_t* values, const std::uint32_t* po
 void dequantize_sparse24(int type, const std::uint8_t* values, const std::uint32_t* positions, const float* scales, std::int64_t k,
                          std::int64_t r0, std::int64_t r1, float* out);
 
-// INT4 rows [r0, r1) (Sparse24Linear's int4 stream and block scales, k % 128 == 0, block % 64 == 0)
+// INT4 rows [r0, r1) (Sparse24Linear's int4 stream and block scales, k % 64 == 0, block % 64 == 0)
 // decoded into f32 rows of k, as the plain decoding (AVX-512 F).
 void dequantize_sparse24_int4(const std::uint8_t* stream, const float* scales, std::int64_t block, std::int64_t k, std::int64_t r0,
                               std::int64_t r1, float* out);
@@ -34,7 +34,7 @@ void dequantize_sparse24_int4(const std::uint8_t* stream, const float* scales, s
 void gemm_sparse24_w8a8(const std::uint8_t* stream, const std::int32_t* offsets, const float* factors, std::int64_t k, std::int64_t r0,
                         std::int64_t r1, std::int64_t out, const std::uint8_t* x_u8, std::int64_t m, float* y, std::int64_t ldy);
 
-// INT4 (the same check, k % 128 == 0, block % 64 == 0, m <= 4): Sparse24Linear's int4 stream and block
+// INT4 (the same check, k % 64 == 0, block % 64 == 0, m <= 4): Sparse24Linear's int4 stream and block
 // scales, the input as quantize_int8_per64 rounds it (codes [m, k], steps [m, k / 64]); y[i * ldy + r]
 // for weight rows [r0, min(r1, out)), r0 a multiple of kBlockRows (the blocks that hold them run whole).
 void gemv_sparse24_int4(const std::uint8_t* stream, const float* scales, std::int64_t block, std::int64_t k, std::int64_t r0, std::int64_t r1,

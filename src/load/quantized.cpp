@@ -153,12 +153,12 @@ void set_quantized_linear(StoredLinear& stored, QuantizedRun run, const std::str
     // where they pay: with AVX-512 (bench/sparse24_bench: 1.3x the dense kernel's decode; the AVX2
     // variant only matches the dense one, whose one-byte codes it cannot beat by enough to pay for the
     // gather). W8A8 and INT4 (groups of 64 or more) where their block kernels run (AVX-512 VBMI and
-    // VNNI, inputs a multiple of 32 and 128; 1.7x and 1.35x the dense decode, W8A8 also 1.2-2.5x its
+    // VNNI, inputs a multiple of 32 and 64; 1.7x and 1.35x the dense decode, W8A8 also 1.2-2.5x its
     // batched and prefill products).
     const CpuFeatures& cpu = cpu_features();
     const bool w8a8 = source.type == kernels::QuantizedWeightType::int8 && source.int8_activations;
     const bool int4 = source.type == kernels::QuantizedWeightType::int4;
-    const bool vbmi = cpu.avx512bw && cpu.avx512_vbmi && cpu.avx512_vnni && source.in % (int4 ? 128 : 32) == 0;
+    const bool vbmi = cpu.avx512bw && cpu.avx512_vbmi && cpu.avx512_vnni && source.in % (int4 ? 64 : 32) == 0;
     const bool sparse_type =
         w8a8 || int4 ? vbmi
                      : cpu.avx512f && (source.type == kernels::QuantizedWeightType::e4m3 || source.type == kernels::QuantizedWeightType::int8);

@@ -196,12 +196,12 @@ TEST(Sparse24Linear, Int4MatchesItsTwinAndTheDenseKernel) {
   struct Case {
     std::int64_t out, in, block;
   };
-  const Case cases[] = {{40, 256, 128}, {33, 384, 64}, {24, 512, 256}};
+  const Case cases[] = {{40, 256, 128}, {33, 384, 64}, {24, 512, 256}, {20, 192, 128}};  // 192: a last group of 64
   std::uint32_t seed = 300;
   for (const auto& c : cases) {
     // A random 2:4 int8 weight in -8..7, as two's complement nibbles.
     const Weight w8 = random_24(Sparse24Values::int8, c.out, c.in, seed++);
-    const std::int64_t row_bytes = c.in / 2, groups = c.in / c.block;
+    const std::int64_t row_bytes = c.in / 2, groups = (c.in + c.block - 1) / c.block;
     std::vector<std::uint8_t> nibbles(static_cast<std::size_t>(c.out * row_bytes), 0);
     for (std::int64_t i = 0; i < c.out * c.in; ++i) {
       const int v = static_cast<std::int8_t>(w8.codes[static_cast<std::size_t>(i)]) % 8;  // -7..7, zeros where pruned
@@ -245,9 +245,9 @@ TEST(Sparse24Linear, Int4MatchesItsTwinAndTheDenseKernel) {
       EXPECT_LT(max_relative(y, want), dense.vectorized() || m > kInt4GemvMaxRows ? 1e-5 : 2e-2);
     }
   }
-  // Groups of 32, or rows not a multiple of 128 inputs, stay with the dense kernels.
+  // Groups of 32, or rows not a multiple of 64 inputs, stay with the dense kernels.
   EXPECT_FALSE(Sparse24Linear::compress_int4(std::vector<std::uint8_t>(128, 0).data(), 2, 128, 32, std::vector<float>(8, 1.0f), "w").has_value());
-  EXPECT_FALSE(Sparse24Linear::compress_int4(std::vector<std::uint8_t>(192, 0).data(), 2, 192, 64, std::vector<float>(6, 1.0f), "w").has_value());
+  EXPECT_FALSE(Sparse24Linear::compress_int4(std::vector<std::uint8_t>(160, 0).data(), 2, 160, 64, std::vector<float>(6, 1.0f), "w").has_value());
   EXPECT_THROW(Sparse24Linear::compress_int4(std::vector<std::uint8_t>(64, 0).data(), 2, 64, 64, std::vector<float>(3, 1.0f), "w"), Error);
 }
 
