@@ -95,7 +95,7 @@ void linear_forward(const float* x, std::int64_t m, const Tensor& weight, const 
     }
   } else if (weight.dtype() == DType::F32 && m > kGemvMaxRows) {
     gemm_f32(x, m, k, weight.data<float>(), n, y);
-  } else if (m <= kGemvMaxRows) {
+  } else if (m <= (weight.dtype() == DType::F32 ? kGemvMaxRows : kWideGemvMaxRows)) {
     const DotFn dot = dot_for(weight.dtype());
     parallel_ranges(n, 16, [&](std::int64_t j0, std::int64_t j1) {
       for (std::int64_t j = j0; j < j1; ++j) {

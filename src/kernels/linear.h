@@ -26,5 +26,9 @@ void linear_forward(const float* x, std::int64_t m, const Tensor& weight, const 
 
 // Rows at or below which linear_forward takes the GEMV path.
 inline constexpr std::int64_t kGemvMaxRows = 4;
+// 16-bit weights take it up to this many rows (batched decode): each weight row is read from memory
+// once for all of them, 1.5x the widened tiles for the f32 GEMM at 8 rows, 0.85x at 16
+// (bench/sparse24_bench --rows, Sapphire Rapids).
+inline constexpr std::int64_t kWideGemvMaxRows = 8;
 
 }  // namespace mopt::kernels

@@ -280,18 +280,55 @@ void PackedLinear::dequantize_rows(std::int64_t row0, std::int64_t rows, float* 
   }
 }
 
+namespace {
+
+// A GEMV of at most kGemvMaxRows input rows, gemv(i0, rows, r0, r1) for input rows [i0, i0 + rows) and
+// weight rows [r0, r1), run for m input rows over the pool: one call per range where m fits, else
+// passes of kGemvMaxRows input rows over each 16 weight rows, which stay in cache between passes.
+template <class Gemv>
+void gemv_passes(std::int64_t n, std::int64_t m, const Gemv& gemv) {
+  parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
+    if (m <= kGemvMaxRows) return gemv(std::int64_t{0}, static_cast<int>(m), r0, r1);
+    for (std::int64_t rb = r0; rb < r1; rb += 16) {
+      for (std::int64_t i0 = 0; i0 < m; i0 += kGemvMaxRows) gemv(i0, static_cast<int>(std::min(kGemvMaxRows, m - i0)), rb, std::min(rb + 16, r1));
+    }
+  });
+}
+
+// Input rows up to which a vectorized weight of this type runs its GEMV in passes rather than f32 tiles
+// for the f32 GEMM (batched decode): where the passes were faster in bench/qlinear_bench --rows on
+// Sapphire Rapids (GFLOP/s, passes against tiles: int8 and FP8 at 8 rows 151-168 / 55, 16 rows
+// 137-171 / 100-102, 32 rows 137-139 / 157-159; W4A8 8: 120 / 55, 16: 106 / 102, 32: 107 / 158; NVFP4
+// 8: 66-71 / 45, 16: 64-69 / 83). INT4 rounds its input and has its own limit, kInt4GemvMaxRows.
+std::int64_t gemv_pass_rows(QuantizedWeightType type) {
+  switch (type) {
+    case QuantizedWeightType::int4: return kGemvMaxRows;  // int4_decode_rounds_input decides (kInt4GemvMaxRows)
+    case QuantizedWeightType::int8:
+    case QuantizedWeightType::e4m3: return 16;
+    case QuantizedWeightType::int4_fp8_table:
+    case QuantizedWeightType::e2m1: return 8;
+  }
+  return kGemvMaxRows;
+}
+
+}  // namespace
+
+bool PackedLinear::runs_gemv(std::int64_t m) const {
+  if (src_.int8_activations) return false;
+  return m <= kGemvMaxRows || (int4_decode_rounds_input(src_) && m <= kInt4GemvMaxRows) || (vectorized_ && m <= gemv_pass_rows(src_.type));
+}
+
 void PackedLinear::forward(const float* x, std::int64_t m, float* y, Precision precision) const {
   if (m <= 0) return;
   if (src_.int8_activations) return forward_w8a8(x, m, y);
   // INT4 batched decode too (the plain loop rounds as the GEMV does, so no result depends on the CPU).
-  if (m <= kGemvMaxRows || (int4_decode_rounds_input(src_) && m <= kInt4GemvMaxRows)) return forward_gemv(x, m, y);
+  if (runs_gemv(m)) return forward_gemv(x, m, y);
   forward_tiles(x, m, y, precision);
 }
 
 void PackedLinear::forward_gemv(const float* x, std::int64_t m, float* y) const {
   const auto& s = src_;
   const std::int64_t k = s.in, n = s.out;
-  const int mi = static_cast<int>(m);
   if (!vectorized_ && int4_decode_rounds_input(s)) {
     // The AVX2 GEMV's arithmetic (its input rounded to int8 per 64), so that no result depends on the CPU.
     thread_local std::vector<std::int8_t> xq;
@@ -340,46 +377,34 @@ void PackedLinear::forward_gemv(const float* x, std::int64_t m, float* y) const 
           for (int h = 0; h < 2; ++h) offsets[static_cast<std::size_t>(i * groups + (c * 64 + h * 32) / s.block)] += step * static_cast<float>(sum[h]);
         }
       }
-      if (m <= kGemvMaxRows) {
-        const avx2::Int8Blocks xb{codes.data(), steps.data(), offsets.data()};
-        parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
-          avx2::gemv_int4(layout_.nibbles.data(), s.scales.data(), s.block, k, r0, r1, xb, mi, y, n);
-        });
-        return;
-      }
-      // Batched decode: passes of kGemvMaxRows input rows over each 16 weight rows, which stay in cache.
       const std::int8_t* all_codes = codes.data();  // thread_local: the workers must see this thread's buffers
       const float* all_steps = steps.data();
       const float* all_offsets = offsets.data();
-      parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
-        for (std::int64_t rb = r0; rb < r1; rb += 16) {
-          for (std::int64_t i0 = 0; i0 < m; i0 += kGemvMaxRows) {
-            const avx2::Int8Blocks xb{all_codes + i0 * k, all_steps + i0 * chunks, all_offsets + i0 * groups};
-            avx2::gemv_int4(layout_.nibbles.data(), s.scales.data(), s.block, k, rb, std::min(rb + 16, r1), xb,
-                            static_cast<int>(std::min(kGemvMaxRows, m - i0)), y + i0 * n, n);
-          }
-        }
+      gemv_passes(n, m, [&](std::int64_t i0, int rows, std::int64_t r0, std::int64_t r1) {
+        const avx2::Int8Blocks xb{all_codes + i0 * k, all_steps + i0 * chunks, all_offsets + i0 * groups};
+        avx2::gemv_int4(layout_.nibbles.data(), s.scales.data(), s.block, k, r0, r1, xb, rows, y + i0 * n, n);
       });
       return;
     }
     case QuantizedWeightType::int4_fp8_table:
-      parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
-        avx2::gemv_int4_fp8_table(layout_.nibbles.data(), s.block_tables.data(), s.table_scale, s.block, k, r0, r1, x, mi, y, n);
+      gemv_passes(n, m, [&](std::int64_t i0, int rows, std::int64_t r0, std::int64_t r1) {
+        avx2::gemv_int4_fp8_table(layout_.nibbles.data(), s.block_tables.data(), s.table_scale, s.block, k, r0, r1, x + i0 * k, rows, y + i0 * n, n);
       });
       return;
     case QuantizedWeightType::e2m1:
-      parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
-        avx2::gemv_e2m1(layout_.nibbles.data(), s.scale_codes.data(), half_code_values_.data(), s.block, k, r0, r1, x, mi, y, n);
+      gemv_passes(n, m, [&](std::int64_t i0, int rows, std::int64_t r0, std::int64_t r1) {
+        avx2::gemv_e2m1(layout_.nibbles.data(), s.scale_codes.data(), half_code_values_.data(), s.block, k, r0, r1, x + i0 * k, rows, y + i0 * n, n);
       });
       return;
     case QuantizedWeightType::int8:
-      parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
-        avx2::gemv_int8(reinterpret_cast<const std::int8_t*>(codes_.data()), s.scales.data(), std::min(s.block, k), k, r0, r1, x, mi, y, n);
+      gemv_passes(n, m, [&](std::int64_t i0, int rows, std::int64_t r0, std::int64_t r1) {
+        avx2::gemv_int8(reinterpret_cast<const std::int8_t*>(codes_.data()), s.scales.data(), std::min(s.block, k), k, r0, r1, x + i0 * k, rows,
+                        y + i0 * n, n);
       });
       return;
     case QuantizedWeightType::e4m3:
-      parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
-        avx2::gemv_e4m3(codes_.data(), s.scales.data(), std::min(s.block, k), k, r0, r1, x, mi, y, n);
+      gemv_passes(n, m, [&](std::int64_t i0, int rows, std::int64_t r0, std::int64_t r1) {
+        avx2::gemv_e4m3(codes_.data(), s.scales.data(), std::min(s.block, k), k, r0, r1, x + i0 * k, rows, y + i0 * n, n);
       });
       return;
   }

@@ -19,9 +19,10 @@
 // once for all rows (the INT4 GEMV rounds its input to int8 per 64 inputs,
 // dynamically, as llama.cpp's Q4_0 x Q8_0 product does, so that it runs on
 // integers at the memory's speed; ref::int4_decode is that arithmetic in plain
-// loops, and the plain path runs it too; INT4 runs it up to kInt4GemvMaxRows rows, batched decode);
-// more rows (prefill) decode tiles of weight rows into f32 and multiply them with the BLAS, except
-// W8A8, which has its own int8 GEMM.
+// loops, and the plain path runs it too); batched decode runs the vectorized GEMVs in passes of
+// kGemvMaxRows input rows up to a limit per type (runs_gemv: INT4 kInt4GemvMaxRows, int8 and FP8
+// 16, W4A8 and NVFP4 8); more rows (prefill) decode tiles of weight rows into f32 and multiply them
+// with the BLAS, except W8A8, which has its own int8 GEMM.
 // Each has a plain reference (ref::) that the fast versions are tested
 // against; the AVX2 versions are chosen at run time (cpu_features()).
 #pragma once
@@ -88,9 +89,12 @@ class PackedLinear {
   // (it takes multiples of 32)" or "MOPT_ISA=scalar hides AVX2, FMA, F16C".
   const std::string& plain_reason() const { return plain_reason_; }
 
-  // y[m, out] = x[m, in] · Wᵀ. Precision::bf16 lets prefill (m > kGemvMaxRows; INT4: kInt4GemvMaxRows) decode the weight
+  // y[m, out] = x[m, in] · Wᵀ. Precision::bf16 lets prefill (where !runs_gemv(m)) decode the weight
   // into bf16 panels and run the bf16 kernels where bf16_kernels_chosen() (gemm.h); W8A8 is exact either way.
   void forward(const float* x, std::int64_t m, float* y, Precision precision = Precision::f32) const;
+  // Whether forward runs the GEMV for m input rows (decode, and batched decode in passes up to each
+  // type's limit; W8A8: its own product, never).
+  bool runs_gemv(std::int64_t m) const;
 
   // Rows [row0, row0 + rows) of the weight in f32 (what the kernels multiply by).
   void dequantize_rows(std::int64_t row0, std::int64_t rows, float* out) const;
@@ -140,9 +144,10 @@ float int8_input_scale(float amax);
 // INT4 weights whose decode rounds its input (int4_decode_rounds_input) run the GEMV up to this many
 // rows (batched decode), in passes of kGemvMaxRows over blocks of 16 weight rows that stay in cache:
 // its int8 products outrun decoding f32 tiles for the f32 GEMM until about here (bench/sparse24_bench
-// --rows on Sapphire Rapids: 4.7x at 8 rows, 1.5x at 32, even at 64, 0.8x at 128). More rows (a
-// prompt of more than 64 tokens, evaluation's batched windows) keep an f32 input.
-inline constexpr std::int64_t kInt4GemvMaxRows = 64;
+// --rows on Sapphire Rapids: 4.7x at 8 rows, 1.5x at 32, even at 64 — and a 64-token prefill of the 1B
+// model 0.89x —, 0.8x at 128). More rows (a prompt of more than 32 tokens, evaluation's batched
+// windows) keep an f32 input.
+inline constexpr std::int64_t kInt4GemvMaxRows = 32;
 // Whether an INT4 weight's decode (m <= kInt4GemvMaxRows) rounds its input to int8 per 64 values: INT4
 // codes in groups of a multiple of 32 with whole 64s of inputs. On every CPU: the plain loops do
 // what the AVX2 GEMV does (ref::int4_decode), so a result does not depend on the machine.

@@ -430,13 +430,18 @@ void Sparse24Linear::forward(const float* x, std::int64_t m, float* y, Precision
   if (int8_activations_) return forward_w8a8(x, m, y);
   const std::int64_t k = in_, n = out_;
   if (type_ == Sparse24Values::int4 && m <= kInt4GemvMaxRows) return gemv_int4(x, m, y);
-  if (m <= kGemvMaxRows) {
+  if (m <= kGemvMaxRows || (plain_reason_.empty() && m <= kSparse24GemvMaxRows)) {
     if (!plain_reason_.empty()) return gemv_plain(x, m, y);
-    const int mi = static_cast<int>(m);
     const bool avx512 = cpu_features().avx512f;
+    const auto gemv = [&](std::int64_t i0, int rows, std::int64_t r0, std::int64_t r1) {
+      if (avx512) avx512::gemv_sparse24(type_code(type_), values_.data(), positions_.data(), scales_.data(), k, r0, r1, x + i0 * k, rows, y + i0 * n, n);
+      else avx2::gemv_sparse24(type_code(type_), values_.data(), positions_.data(), scales_.data(), k, r0, r1, x + i0 * k, rows, y + i0 * n, n);
+    };
     parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
-      if (avx512) avx512::gemv_sparse24(type_code(type_), values_.data(), positions_.data(), scales_.data(), k, r0, r1, x, mi, y, n);
-      else avx2::gemv_sparse24(type_code(type_), values_.data(), positions_.data(), scales_.data(), k, r0, r1, x, mi, y, n);
+      if (m <= kGemvMaxRows) return gemv(0, static_cast<int>(m), r0, r1);
+      for (std::int64_t rb = r0; rb < r1; rb += 16) {
+        for (std::int64_t i0 = 0; i0 < m; i0 += kGemvMaxRows) gemv(i0, static_cast<int>(std::min(kGemvMaxRows, m - i0)), rb, std::min(rb + 16, r1));
+      }
     });
     return;
   }

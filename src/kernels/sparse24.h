@@ -15,7 +15,8 @@
 // with fewer than two non-zeros keeps zeros to fill its two slots.
 //
 // Kernels: m <= kGemvMaxRows rows run the GEMV (AVX2: the kept values decoded in registers, the input
-// gathered by the positions with two in-register permutes), more rows decode tiles of weight rows
+// gathered by the positions with two in-register permutes), up to kSparse24GemvMaxRows (batched decode)
+// in passes of kGemvMaxRows over each 16 weight rows where it is vectorized, more rows decode tiles of weight rows
 // into f32 (zeros included) for the BLAS or bf16 GEMM as the dense weights do; every product is the
 // same sum of the same non-zero terms as the dense kernel's, in another order. A plain loop runs when
 // the CPU lacks AVX2 or `in` is not a multiple of 32 (described by plain_reason()).
@@ -55,6 +56,11 @@
 namespace mopt::kernels {
 
 enum class Sparse24Values { bf16, int8, e4m3, int4 };
+
+// bf16, int8 weight-only and FP8 2:4 weights run their GEMV in passes up to this many input rows:
+// bench/sparse24_bench --rows on Sapphire Rapids, GFLOP/s against the f32 tiles: 8 rows 232-282 / 47-55,
+// 16 rows 234-282 / 100-105, 32 rows 160-173 / 157-164. (W8A8 and INT4 have their own kernels' limits.)
+inline constexpr std::int64_t kSparse24GemvMaxRows = 16;
 
 class Sparse24Linear {
  public:

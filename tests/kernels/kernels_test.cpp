@@ -192,7 +192,7 @@ TEST(Linear, EveryPathAndDtypeMatchesReference) {
   const Tensor bias = Tensor::from_f32(random_values(static_cast<std::size_t>(n), 4), {n});
   for (const DType dtype : {DType::F32, DType::F16, DType::BF16}) {
     const Tensor w = w32.to(dtype);
-    for (const std::int64_t m : std::vector<std::int64_t>{1, 3, kGemvMaxRows, kGemvMaxRows + 1, 40}) {
+    for (const std::int64_t m : std::vector<std::int64_t>{1, 3, kGemvMaxRows, kGemvMaxRows + 1, kWideGemvMaxRows, kWideGemvMaxRows + 1, 40}) {
       const auto x = random_values(static_cast<std::size_t>(m * k), 5 + static_cast<std::uint32_t>(m));
       std::vector<float> fast(static_cast<std::size_t>(m * n)), ref(fast.size());
       linear_forward(x.data(), m, w, &bias, fast.data());

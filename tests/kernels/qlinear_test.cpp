@@ -82,7 +82,11 @@ void check_forward(const QuantizedWeightSource& src, const std::string& what) {
   std::vector<float> rows(static_cast<std::size_t>(src.out * src.in));
   q.dequantize_rows(0, src.out, rows.data());
   for (std::size_t i = 0; i < rows.size(); ++i) ASSERT_EQ(rows[i], w[i]) << what << " element " << i;
-  for (const std::int64_t m : std::vector<std::int64_t>{1, 2, 3, 4, 5, 9, kInt4GemvMaxRows + 1}) {  // INT4: the GEMV in passes, then f32 tiles
+  // The GEMV for decode (W8A8: its own product), never for prefill-sized inputs.
+  EXPECT_EQ(q.runs_gemv(1), !src.int8_activations) << what;
+  EXPECT_FALSE(q.runs_gemv(kInt4GemvMaxRows + 1)) << what;
+  // The GEMV, batched decode in passes (8, 16 and INT4's 64 are each type's last), f32 tiles.
+  for (const std::int64_t m : std::vector<std::int64_t>{1, 2, 3, 4, 5, 8, 9, 16, 17, kInt4GemvMaxRows, kInt4GemvMaxRows + 1}) {
     const auto x = random_input(m, src.in, static_cast<std::uint32_t>(m * 7 + src.out));
     std::vector<float> y(static_cast<std::size_t>(m * src.out)), expect(y.size());
     q.forward(x.data(), m, y.data());
@@ -113,7 +117,7 @@ void check_forward(const QuantizedWeightSource& src, const std::string& what) {
   // Prefill with bf16 products: where the CPU has them, the definition is the product of the input and
   // the decoded weight both rounded to bf16 (W8A8 stays on integers); elsewhere the f32 product.
   for (const std::int64_t m : std::vector<std::int64_t>{5, 13, kInt4GemvMaxRows + 1}) {
-    if (int4_decode_rounds_input(src) && m <= kInt4GemvMaxRows) continue;  // INT4's batched decode: the GEMV, checked above
+    if (q.runs_gemv(m)) continue;  // batched decode: the GEMV, checked above
     const auto x = random_input(m, src.in, static_cast<std::uint32_t>(m * 11 + src.out));
     std::vector<float> y(static_cast<std::size_t>(m * src.out)), expect(y.size());
     q.forward(x.data(), m, y.data(), Precision::bf16);

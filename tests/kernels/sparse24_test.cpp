@@ -117,7 +117,8 @@ TEST(Sparse24Linear, MatchesItsTwinAndTheDenseKernel) {
                                                           : e4m3_to_f32(p[0]) * scale;
         ASSERT_EQ(rows[static_cast<std::size_t>(i)], want) << i;
       }
-      for (const std::int64_t m : {1, 2, 3, 4, 9}) {
+      // Decode, batched decode in passes (9, 16), tiles (17).
+      for (const std::int64_t m : std::vector<std::int64_t>{1, 2, 3, 4, 9, kSparse24GemvMaxRows, kSparse24GemvMaxRows + 1}) {
         SCOPED_TRACE(testing::Message() << sparse->describe() << " [" << out << ", " << in << "] m " << m);
         std::mt19937 rng(seed++);
         std::normal_distribution<float> d(0.0f, 1.0f);
