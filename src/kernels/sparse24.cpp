@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -365,7 +366,8 @@ void Sparse24Linear::gemv_int4(const float* x, std::int64_t m, float* y) const {
             const BlockPlace p = block_place(true, k, r, t);
             sum += int4_kept(values_.data(), p) * codes[i * k + block_column(values_.data(), p)];
           }
-          acc += static_cast<float>(sum) * (steps[i * (k / 64) + b] * int4_scale(scales_, k, block_, r, 64 * b));
+          // One rounding, as the kernel's FMA (the scale times the step, as it multiplies them).
+          acc = std::fma(static_cast<float>(sum), int4_scale(scales_, k, block_, r, 64 * b) * steps[i * (k / 64) + b], acc);
         }
         y[i * n + r] = acc;
       }

@@ -28,7 +28,7 @@
 // row l's kept j of window u. Its kernel (AVX-512 VBMI and VNNI) runs every row count: per window
 // the gather indices once, then per input row VPSHUFB gathers the biased input codes and one VPDPBUSD
 // multiplies and sums the 64 kept products of 16 rows, passes of 8 input rows over a block that stays
-// in L1 — half the dense VNNI product's multiplies, so batched decode and prefill run faster than the
+// in cache (L1 up to ~4K inputs) — half the dense VNNI product's multiplies, so batched decode and prefill run faster than the
 // dense W8A8 product too (it used to decode panels into the dense layout, 0.6-0.9x).
 //
 // INT4 (compress_int4: two's complement nibbles, one f32 scale per `block` inputs of a row, block a
@@ -88,7 +88,7 @@ class Sparse24Linear {
   float input_amax() const { return input_amax_; }
   // Inputs per scale along a row: `in` but for INT4.
   std::int64_t block() const { return block_; }
-  std::uint64_t bytes() const { return values_.size() + positions_.size() * 4 + scales_.size() * 4 + offsets_.size() * 4; }
+  std::uint64_t bytes() const { return values_.size() + positions_.size() * 4 + scales_.size() * 4 + offsets_.size() * 4 + factors_.size() * 4; }
   // "bf16 2:4", "int8 weight-only 2:4", "int8 w8a8 2:4", "fp8 2:4", "int4 g128 2:4"
   std::string describe() const;
   // Empty when the AVX2 kernel runs it; else why the plain loop does.
@@ -122,8 +122,8 @@ class Sparse24Linear {
   std::int64_t block_ = 0;
   bool int8_activations_ = false;
   float input_amax_ = 0.0f;
-  std::vector<float> factors_;         // [out] (W8A8)
-  std::vector<std::int32_t> offsets_;  // [out] (W8A8)
+  std::vector<float> factors_;         // [out padded to 16] (W8A8)
+  std::vector<std::int32_t> offsets_;  // [out padded to 16] (W8A8)
   std::string plain_reason_;
 };
 

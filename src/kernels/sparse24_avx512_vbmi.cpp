@@ -137,7 +137,7 @@ void gemv_sparse24_int4(const std::uint8_t* stream, const float* scales, std::in
 
 void gemm_sparse24_w8a8(const std::uint8_t* stream, const std::int32_t* offsets, const float* factors, std::int64_t k, std::int64_t r0,
                         std::int64_t r1, std::int64_t out, const std::uint8_t* x_u8, std::int64_t m, float* y, std::int64_t ldy) {
-  constexpr std::int64_t kTileRows = 8;  // input rows per pass over a block (its 16 x 5/8 k bytes stay in L1)
+  constexpr std::int64_t kTileRows = 8;  // input rows per pass over a block (its 16 x 5/8 k bytes stay in cache)
   const WindowIndex index;
   const std::int64_t b0 = r0 / kBlockRows, b1 = (std::min(r1, out) + kBlockRows - 1) / kBlockRows;
   for (std::int64_t blk = b0; blk < b1; ++blk) {

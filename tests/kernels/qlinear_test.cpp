@@ -85,7 +85,7 @@ void check_forward(const QuantizedWeightSource& src, const std::string& what) {
   // The GEMV for decode (W8A8: its own product), never for prefill-sized inputs.
   EXPECT_EQ(q.runs_gemv(1), !src.int8_activations) << what;
   EXPECT_FALSE(q.runs_gemv(kInt4GemvMaxRows + 1)) << what;
-  // The GEMV, batched decode in passes (8, 16 and INT4's 64 are each type's last), f32 tiles.
+  // The GEMV, batched decode in passes (8, 16 and INT4's 32 are each type's last), f32 tiles.
   for (const std::int64_t m : std::vector<std::int64_t>{1, 2, 3, 4, 5, 8, 9, 16, 17, kInt4GemvMaxRows, kInt4GemvMaxRows + 1}) {
     const auto x = random_input(m, src.in, static_cast<std::uint32_t>(m * 7 + src.out));
     std::vector<float> y(static_cast<std::size_t>(m * src.out)), expect(y.size());
