@@ -299,10 +299,10 @@ void gemv_passes(std::int64_t n, std::int64_t m, const Gemv& gemv) {
 // for the f32 GEMM (batched decode): where the passes were faster in bench/qlinear_bench --rows on
 // Sapphire Rapids (GFLOP/s, passes against tiles: int8 and FP8 at 8 rows 151-168 / 55, 16 rows
 // 137-171 / 100-102, 32 rows 137-139 / 157-159; W4A8 8: 120 / 55, 16: 106 / 102, 32: 107 / 158; NVFP4
-// 8: 66-71 / 45, 16: 64-69 / 83). INT4 rounds its input and has its own limit, kInt4GemvMaxRows.
+// 8: 66-71 / 45, 16: 64-69 / 83). INT4 rounds its input and has its own limit, int4_gemv_max_rows.
 std::int64_t gemv_pass_rows(QuantizedWeightType type) {
   switch (type) {
-    case QuantizedWeightType::int4: return kGemvMaxRows;  // int4_decode_rounds_input decides (kInt4GemvMaxRows)
+    case QuantizedWeightType::int4: return kGemvMaxRows;  // int4_decode_rounds_input decides (int4_gemv_max_rows)
     case QuantizedWeightType::int8:
     case QuantizedWeightType::e4m3: return 16;
     case QuantizedWeightType::int4_fp8_table:
@@ -315,7 +315,7 @@ std::int64_t gemv_pass_rows(QuantizedWeightType type) {
 
 bool PackedLinear::runs_gemv(std::int64_t m) const {
   if (src_.int8_activations) return false;
-  return m <= kGemvMaxRows || (int4_decode_rounds_input(src_) && m <= kInt4GemvMaxRows) || (vectorized_ && m <= gemv_pass_rows(src_.type));
+  return m <= kGemvMaxRows || (int4_decode_rounds_input(src_) && m <= int4_gemv_max_rows(src_.out, src_.in)) || (vectorized_ && m <= gemv_pass_rows(src_.type));
 }
 
 void PackedLinear::forward(const float* x, std::int64_t m, float* y, Precision precision) const {

@@ -20,7 +20,7 @@
 // dynamically, as llama.cpp's Q4_0 x Q8_0 product does, so that it runs on
 // integers at the memory's speed; ref::int4_decode is that arithmetic in plain
 // loops, and the plain path runs it too); batched decode runs the vectorized GEMVs in passes of
-// kGemvMaxRows input rows up to a limit per type (runs_gemv: INT4 kInt4GemvMaxRows, int8 and FP8
+// kGemvMaxRows input rows up to a limit per type (runs_gemv: INT4 int4_gemv_max_rows, int8 and FP8
 // 16, W4A8 and NVFP4 8); more rows (prefill) decode tiles of weight rows into f32 and multiply them
 // with the BLAS, except W8A8, which has its own int8 GEMM.
 // Each has a plain reference (ref::) that the fast versions are tested
@@ -34,6 +34,7 @@
 
 #include "core/tensor.h"
 #include "kernels/gemm.h"
+#include "kernels/linear.h"
 
 namespace mopt::kernels {
 
@@ -148,7 +149,16 @@ float int8_input_scale(float amax);
 // model 0.89x —, 0.8x at 128). More rows (a prompt of more than 32 tokens, evaluation's batched
 // windows) keep an f32 input.
 inline constexpr std::int64_t kInt4GemvMaxRows = 32;
-// Whether an INT4 weight's decode (m <= kInt4GemvMaxRows) rounds its input to int8 per 64 values: INT4
+// Only for weights of at least this many elements: a smaller one sits in L2, where decoding f32 tiles
+// costs little and the f32 GEMM outran the passes (tiny-kjv's [704, 256] and [256, 704] at 16 rows:
+// 0.56-0.71x; SmolLM2's [1536, 576] 1.4-1.6x at 8-16 rows, [576, 576] 0.71x at 16).
+inline constexpr std::int64_t kInt4GemvMinWeights = std::int64_t{1} << 19;
+// The rows up to which an INT4 weight of [out, in] whose decode rounds its input runs the GEMV:
+// kInt4GemvMaxRows for weights of kInt4GemvMinWeights elements or more, else kGemvMaxRows.
+inline std::int64_t int4_gemv_max_rows(std::int64_t out, std::int64_t in) {
+  return out * in >= kInt4GemvMinWeights ? kInt4GemvMaxRows : kGemvMaxRows;
+}
+// Whether an INT4 weight's decode (m <= int4_gemv_max_rows) rounds its input to int8 per 64 values: INT4
 // codes in groups of a multiple of 32 with whole 64s of inputs. On every CPU: the plain loops do
 // what the AVX2 GEMV does (ref::int4_decode), so a result does not depend on the machine.
 bool int4_decode_rounds_input(const QuantizedWeightSource& source);

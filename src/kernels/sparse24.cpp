@@ -431,8 +431,9 @@ void Sparse24Linear::forward(const float* x, std::int64_t m, float* y, Precision
   if (m <= 0) return;
   if (int8_activations_) return forward_w8a8(x, m, y);
   const std::int64_t k = in_, n = out_;
-  if (type_ == Sparse24Values::int4 && m <= kInt4GemvMaxRows) return gemv_int4(x, m, y);
-  if (m <= kGemvMaxRows || (plain_reason_.empty() && m <= kSparse24GemvMaxRows)) {
+  if (type_ == Sparse24Values::int4 && m <= int4_gemv_max_rows(out_, in_)) return gemv_int4(x, m, y);
+  // (INT4 beyond its GEMV's rows: the tiles below.)
+  if (type_ != Sparse24Values::int4 && (m <= kGemvMaxRows || (plain_reason_.empty() && m <= kSparse24GemvMaxRows))) {
     if (!plain_reason_.empty()) return gemv_plain(x, m, y);
     const bool avx512 = cpu_features().avx512f;
     const auto gemv = [&](std::int64_t i0, int rows, std::int64_t r0, std::int64_t r1) {
@@ -458,8 +459,8 @@ void sparse24_forward(const Sparse24Linear& w, const float* x, std::int64_t m, f
   const std::size_t eb = element_bytes(w.type());
   const std::int64_t half = w.in() / 2, words = (w.in() + 31) / 32, k = w.in(), n = w.out();
   if (w.type() == Sparse24Values::int4) {
-    // Decode (m <= kInt4GemvMaxRows) rounds the input per 64 values as the kernels do; prefill keeps f32.
-    const bool rounded = m <= kInt4GemvMaxRows;
+    // Decode (m <= int4_gemv_max_rows) rounds the input per 64 values as the kernels do; prefill keeps f32.
+    const bool rounded = m <= int4_gemv_max_rows(w.out(), w.in());
     RoundedInput q;
     if (rounded) round_input(x, m, k, q);
     for (std::int64_t r = 0; r < n; ++r) {

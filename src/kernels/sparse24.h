@@ -41,7 +41,7 @@
 // the gather indices, VPSHUFB gathers the input's int8 codes (rounded per 64 values exactly as the
 // dense INT4 GEMV rounds them, quantize_int8_per64), VPDPBUSD sums, and nothing is summed across
 // lanes (the row-per-GEMV layout spent ~12 vector ops per 128 weights and ran at 77% of the
-// bandwidth; this one ~7). The plain loop and the twin round the same way. Up to kInt4GemvMaxRows input
+// bandwidth; this one ~7). The plain loop and the twin round the same way. Up to int4_gemv_max_rows input
 // rows (batched decode) it runs in passes of 4 over each block, as the dense INT4 GEMV does; more
 // rows (prefill) decode f32 tiles (f32 input) as the dense INT4 weights do.
 #pragma once

@@ -91,7 +91,7 @@ void check_forward(const QuantizedWeightSource& src, const std::string& what) {
     std::vector<float> y(static_cast<std::size_t>(m * src.out)), expect(y.size());
     q.forward(x.data(), m, y.data());
     ref::quantized_linear_forward(src, x.data(), m, expect.data());
-    const bool int4_gemv = int4_decode_rounds_input(src) && m <= kInt4GemvMaxRows;
+    const bool int4_gemv = int4_decode_rounds_input(src) && m <= int4_gemv_max_rows(src.out, src.in);
     std::vector<float> twin(y.size());
     if (int4_gemv) ref::int4_decode(src, x.data(), m, twin.data());
     for (std::int64_t i = 0; i < m; ++i) {
@@ -138,6 +138,7 @@ void check_forward(const QuantizedWeightSource& src, const std::string& what) {
 TEST(PackedLinear, EveryWeightTypeMatchesTheReference) {
   check_forward(random_source(T::int4, 24, 256, 128, 1), "int4 g128");
   check_forward(random_source(T::int4, 10, 192, 64, 2), "int4 g64");
+  check_forward(random_source(T::int4, 520, 1024, 128, 5), "int4 g128, big enough for batched decode's passes");
   check_forward(random_source(T::int4, 6, 40, 8, 3), "int4 g8 (plain layout)");
   check_forward(random_source(T::int4_fp8_table, 18, 256, 128, 4), "int4 via fp8 tables");
   check_forward(random_source(T::int8, 20, 192, 192, 5), "int8 weight-only");
