@@ -282,19 +282,6 @@ void PackedLinear::dequantize_rows(std::int64_t row0, std::int64_t rows, float* 
 
 namespace {
 
-// A GEMV of at most kGemvMaxRows input rows, gemv(i0, rows, r0, r1) for input rows [i0, i0 + rows) and
-// weight rows [r0, r1), run for m input rows over the pool: one call per range where m fits, else
-// passes of kGemvMaxRows input rows over each 16 weight rows, which stay in cache between passes.
-template <class Gemv>
-void gemv_passes(std::int64_t n, std::int64_t m, const Gemv& gemv) {
-  parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
-    if (m <= kGemvMaxRows) return gemv(std::int64_t{0}, static_cast<int>(m), r0, r1);
-    for (std::int64_t rb = r0; rb < r1; rb += 16) {
-      for (std::int64_t i0 = 0; i0 < m; i0 += kGemvMaxRows) gemv(i0, static_cast<int>(std::min(kGemvMaxRows, m - i0)), rb, std::min(rb + 16, r1));
-    }
-  });
-}
-
 // Input rows up to which a vectorized weight of this type runs its GEMV in passes rather than f32 tiles
 // for the f32 GEMM (batched decode): where the passes were faster in bench/qlinear_bench --rows on
 // Sapphire Rapids (GFLOP/s, passes against tiles: int8 and FP8 at 8 rows 151-168 / 55, 16 rows

@@ -342,16 +342,10 @@ void Sparse24Linear::gemv_int4(const float* x, std::int64_t m, float* y) const {
   const std::int8_t* codes = rounded.codes.data();  // thread_local: the workers must see this thread's buffers
   const float* steps = rounded.steps.data();
   if (plain_reason_.empty()) {
-    // Ranges of whole blocks of rows (parallel_ranges cuts at multiples of the grain); more than
-    // kGemvMaxRows input rows in passes over each block, which stays in cache.
-    parallel_ranges(n, kBlockRows, [&](std::int64_t r0, std::int64_t r1) {
-      for (std::int64_t rb = r0; rb < r1; rb += (m <= kGemvMaxRows ? r1 - r0 : kBlockRows)) {
-        const std::int64_t re = m <= kGemvMaxRows ? r1 : std::min(rb + kBlockRows, r1);
-        for (std::int64_t i0 = 0; i0 < m; i0 += kGemvMaxRows) {
-          avx512::gemv_sparse24_int4(values_.data(), scales_.data(), block_, k, rb, re, n, codes + i0 * k, steps + i0 * (k / 64),
-                                     static_cast<int>(std::min(kGemvMaxRows, m - i0)), y + i0 * n, n);
-        }
-      }
+    // Ranges of whole blocks of rows (gemv_passes cuts at multiples of 16 = kBlockRows).
+    static_assert(kBlockRows == 16);
+    gemv_passes(n, m, [&](std::int64_t i0, int rows, std::int64_t r0, std::int64_t r1) {
+      avx512::gemv_sparse24_int4(values_.data(), scales_.data(), block_, k, r0, r1, n, codes + i0 * k, steps + i0 * (k / 64), rows, y + i0 * n, n);
     });
     return;
   }
@@ -440,12 +434,7 @@ void Sparse24Linear::forward(const float* x, std::int64_t m, float* y, Precision
       if (avx512) avx512::gemv_sparse24(type_code(type_), values_.data(), positions_.data(), scales_.data(), k, r0, r1, x + i0 * k, rows, y + i0 * n, n);
       else avx2::gemv_sparse24(type_code(type_), values_.data(), positions_.data(), scales_.data(), k, r0, r1, x + i0 * k, rows, y + i0 * n, n);
     };
-    parallel_ranges(n, 16, [&](std::int64_t r0, std::int64_t r1) {
-      if (m <= kGemvMaxRows) return gemv(0, static_cast<int>(m), r0, r1);
-      for (std::int64_t rb = r0; rb < r1; rb += 16) {
-        for (std::int64_t i0 = 0; i0 < m; i0 += kGemvMaxRows) gemv(i0, static_cast<int>(std::min(kGemvMaxRows, m - i0)), rb, std::min(rb + 16, r1));
-      }
-    });
+    gemv_passes(n, m, gemv);
     return;
   }
   const auto rows = [this](std::int64_t r0, std::int64_t count, float* out) { dequantize_rows(r0, count, out); };
