@@ -158,6 +158,7 @@ struct TrainCliOptions {
   std::string tokenizer;  // a directory with tokenizer.json (default: the model's)
   std::string schedule = "cosine";
   std::string dtype = "bf16";
+  std::string precision = "f32";  // of the products: f32, or bf16 (mixed precision)
   std::int64_t seed = 0;
   train::TrainOptions train;  // the rest, bound to the flags directly
   // Quantization-aware training (--qat FORMAT): the quantize flags that apply (format, algorithm,

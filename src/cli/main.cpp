@@ -246,6 +246,9 @@ void add_train(CLI::App& app, Commands& c) {
   c.train_cmd->add_flag("--resume", c.train.train.resume, "Continue from the training state");
   c.train_cmd->add_flag("--recompute", c.train.train.recompute, "Recompute each layer's activations in the backward pass (less memory)");
   c.train_cmd->add_option("--log", c.train.train.log, "Write the JSONL log here as training runs (it is also saved in OUT)");
+  c.train_cmd->add_option("--precision", c.train.precision,
+                          "The products of the Linears and the head: f32 (default) or bf16 (mixed precision: bf16 operands, f32 sums, f32 weights and "
+                          "optimizer; AMX tiles where the CPU has them, --version says)");
   c.train_cmd->add_option("--dtype", c.train.dtype, "Weights of the written model: bf16 (default) or f32");
   c.train_cmd->add_option("--out", c.train.train.out, "The directory to create (with --qat --export gguf: the .gguf file)")->required();
   c.train_cmd->add_option("--qat", c.train.qat.format, "Quantization-aware training: calibrate as `mopt quantize --format FORMAT` does, train with its fake quantizers, write what quantize writes");

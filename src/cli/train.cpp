@@ -177,6 +177,8 @@ int run_train(const TrainCliOptions& o) {
   t.seed = static_cast<std::uint64_t>(o.seed);
   t.tokenizer_dir = tokenizer_dir;
   t.dtype = weights_dtype(o.dtype);
+  if (o.precision != "f32" && o.precision != "bf16") fail("--precision {}: f32 or bf16", o.precision);
+  t.bf16_products = o.precision == "bf16";
   if (!o.qat.format.empty() || !o.qat.recipe.empty() || !o.qat.sparsity.empty()) return run_qat(o, t, tokenizer);
   if (!o.qat.sparse_algo.empty() || !o.qat.sparse_exclude.empty()) fail("--sparse-algo and --sparse-exclude apply with --sparsity 2:4");
   if (o.distill) fail("--distill distills a quantized or pruned student from its original self: it needs --qat FORMAT or --sparsity 2:4");

@@ -50,10 +50,13 @@ CpuFeatures detect_cpu_features() {
     f.avx512vl = bit(ebx, 31);
     f.avx512_vnni = bit(ecx, 11);
     f.avx512_vbmi = bit(ecx, 1);
+    const bool os_amx = (xcr0 & (std::uint64_t{3} << 17)) == (std::uint64_t{3} << 17);  // XTILECFG and XTILEDATA
+    f.amx_bf16 = os_amx && bit(edx, 22) && bit(edx, 24) && f.avx512f && f.avx512bw;
   }
   __cpuid_count(7, 1, eax, ebx, ecx, edx);
   f.avx_vnni = bit(eax, 4);
   if (os_avx512) f.avx512_bf16 = bit(eax, 5);
+  f.amx_bf16 = f.amx_bf16 && f.avx512_bf16;  // its operands are packed with VCVTNE2PS2BF16
 #endif
   return f;
 }
@@ -67,7 +70,7 @@ const CpuFeatures& cpu_features() {
       if (l == "scalar") {
         f = CpuFeatures{};
       } else if (l == "avx2") {
-        f.avx512f = f.avx512bw = f.avx512vl = f.avx512_vnni = f.avx512_vbmi = f.avx512_bf16 = false;
+        f.avx512f = f.avx512bw = f.avx512vl = f.avx512_vnni = f.avx512_vbmi = f.avx512_bf16 = f.amx_bf16 = false;
       } else if (l != "native") {
         fail("MOPT_ISA={}: expected scalar, avx2 or native", l);
       }
@@ -114,6 +117,7 @@ std::string describe(const CpuFeatures& f) {
   add(f.avx512_vbmi, "avx512_vbmi");
   add(f.avx512_bf16, "avx512_bf16");
   add(f.avx_vnni, "avx_vnni");
+  add(f.amx_bf16, "amx_bf16");
   return out.empty() ? "none" : out;
 }
 

@@ -16,6 +16,7 @@ struct CpuFeatures {
   bool avx512_vbmi = false;  // byte permutes (VPERMB, VPERMT2B, VPMULTISHIFTQB)
   bool avx512_bf16 = false;
   bool avx_vnni = false;
+  bool amx_bf16 = false;  // AMX-TILE and AMX-BF16 with the tile state enabled (Linux still asks per process)
 };
 
 // The features of this CPU that the operating system has enabled. Setting the

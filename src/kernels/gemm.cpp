@@ -16,6 +16,7 @@
 #include "core/cpu_features.h"
 #include "core/startup_settings.h"
 #include "core/thread_pool.h"
+#include "kernels/gemm_amx.h"
 #include "kernels/gemm_simd.h"
 
 namespace mopt::kernels {
@@ -331,6 +332,54 @@ void Int8Panels::multiply(const std::int8_t* x_codes, std::int64_t m, const floa
   });
 }
 
+bool amx_bf16_products() { return amx::amx_bf16_ready(); }
+
+namespace {
+// op(X) [rows, cols] rounded to bf16 into out [rows, cols].
+void round_to_bf16(bool transpose, std::int64_t rows, std::int64_t cols, const float* x, std::int64_t ldx, float* out) {
+  parallel_each(rows, 64, rows * cols >= (std::int64_t{1} << 16), [&](std::int64_t i) {
+    for (std::int64_t j = 0; j < cols; ++j) out[i * cols + j] = bf16_to_f32(f32_to_bf16(transpose ? x[j * ldx + i] : x[i * ldx + j]));
+  });
+}
+}  // namespace
+
+void Bf16Operand::assign(bool transpose_b, std::int64_t k, std::int64_t n, const float* b, std::int64_t ldb) {
+  k_ = k;
+  n_ = n;
+  if (amx_bf16_products()) {
+    // Grown, never shrunk nor cleared (resize() would zero what it adds on every assign).
+    if (packed_.size() < static_cast<std::size_t>(amx::packed_b_dwords(k, n))) packed_.resize(static_cast<std::size_t>(amx::packed_b_dwords(k, n)));
+    if (k > 0 && n > 0) amx::pack_b(transpose_b, k, n, b, ldb, packed_.data());
+    return;
+  }
+  rounded_.resize(static_cast<std::size_t>(k * n));
+  round_to_bf16(transpose_b, k, n, b, ldb, rounded_.data());
+}
+
+void Bf16Operand::multiply(bool transpose_a, std::int64_t m, const float* a, std::int64_t lda, float* c, std::int64_t ldc, bool accumulate) const {
+  if (m == 0 || n_ == 0) return;
+  if (k_ == 0) {
+    for (std::int64_t i = 0; i < m && !accumulate; ++i) std::fill(c + i * ldc, c + i * ldc + n_, 0.0f);
+    return;
+  }
+  if (amx_bf16_products()) {
+    amx::multiply(transpose_a, m, n_, k_, a, lda, packed_.data(), c, ldc, accumulate);
+    return;
+  }
+  thread_local std::vector<float> rounded_a;
+  rounded_a.resize(static_cast<std::size_t>(m * k_));
+  float* ra = rounded_a.data();
+  round_to_bf16(transpose_a, m, k_, a, lda, ra);
+  matmul_f32(false, false, m, n_, k_, ra, k_, rounded_.data(), n_, c, ldc, accumulate);
+}
+
+void matmul_bf16_operands(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
+                          std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate) {
+  thread_local Bf16Operand operand;
+  operand.assign(transpose_b, k, n, b, ldb);
+  operand.multiply(transpose_a, m, a, lda, c, ldc, accumulate);
+}
+
 namespace ref {
 
 void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
@@ -341,6 +390,22 @@ void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t
       for (std::int64_t t = 0; t < k; ++t) {
         const float av = transpose_a ? a[t * lda + i] : a[i * lda + t];
         const float bv = transpose_b ? b[j * ldb + t] : b[t * ldb + j];
+        sum += static_cast<double>(av) * bv;
+      }
+      c[i * ldc + j] = static_cast<float>(sum);
+    }
+  }
+}
+
+void matmul_bf16_operands(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
+                          std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate) {
+  const auto round = [](float v) { return bf16_to_f32(f32_to_bf16(v)); };
+  for (std::int64_t i = 0; i < m; ++i) {
+    for (std::int64_t j = 0; j < n; ++j) {
+      double sum = accumulate ? c[i * ldc + j] : 0.0;
+      for (std::int64_t t = 0; t < k; ++t) {
+        const float av = round(transpose_a ? a[t * lda + i] : a[i * lda + t]);
+        const float bv = round(transpose_b ? b[j * ldb + t] : b[t * ldb + j]);
         sum += static_cast<double>(av) * bv;
       }
       c[i * ldc + j] = static_cast<float>(sum);

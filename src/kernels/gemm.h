@@ -59,6 +59,33 @@ void gemm_f32_strided(const float* x, std::int64_t m, std::int64_t k, const floa
 void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
                 std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate);
 
+// Mixed-precision training's products (`mopt train --precision bf16`): matmul_f32 with every element
+// of op(A) and op(B) first rounded to bf16 (nearest even) and the products summed in f32, as PyTorch's
+// bf16 autocast multiplies (which then rounds the result to bf16 too; these keep it f32). AMX tiles
+// where amx_bf16_products() holds (kernels/gemm_amx.h); elsewhere the rounded operands go through
+// matmul_f32: the same products summed in another order, and no faster than the f32 product.
+bool amx_bf16_products();
+
+// op(B) [k, n] (B [k, n] with rows ldb apart, or transposed: Bᵀ of B [n, k]) rounded and laid out once,
+// for several products with it (the LM head's, one per chunk of tokens).
+class Bf16Operand {
+ public:
+  void assign(bool transpose_b, std::int64_t k, std::int64_t n, const float* b, std::int64_t ldb);
+  // C[m, n] = op(A) · op(B), plus C when `accumulate`; op(A) is A [m, k] or, transposed, Aᵀ of A [k, m].
+  void multiply(bool transpose_a, std::int64_t m, const float* a, std::int64_t lda, float* c, std::int64_t ldc, bool accumulate) const;
+  std::int64_t k() const { return k_; }
+  std::int64_t n() const { return n_; }
+
+ private:
+  std::int64_t k_ = 0, n_ = 0;
+  std::vector<std::uint32_t> packed_;  // AMX: bf16 pairs in TDPBF16PS's B layout
+  std::vector<float> rounded_;         // elsewhere: op(B) rounded, [k, n]
+};
+
+// matmul_f32's product on bf16 operands (Bf16Operand, assigned for this one product).
+void matmul_bf16_operands(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
+                          std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate);
+
 // matmul_f32 in double, split the same way (GPTQ's and SparseGPT's updates, AWQ's losses).
 void matmul_f64(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const double* a,
                 std::int64_t lda, const double* b, std::int64_t ldb, double* c, std::int64_t ldc, bool accumulate);
@@ -104,6 +131,9 @@ namespace ref {
 // matmul_f32 as plain loops, sums in double.
 void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
                 std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate);
+// matmul_bf16_operands's definition: op(A) and op(B) rounded to bf16, products summed in double.
+void matmul_bf16_operands(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
+                          std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate);
 // The same in double (sums in long double).
 void matmul_f64(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const double* a,
                 std::int64_t lda, const double* b, std::int64_t ldb, double* c, std::int64_t ldc, bool accumulate);

@@ -15,9 +15,17 @@ std::vector<float>& sized(std::vector<float>& v, std::int64_t n) {
   return v;
 }
 
+// C = op(A) · op(B) (+ C): f32, or on bf16 operands (LayerParams::bf16_products).
+void product(bool bf16, bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, const float* a, std::int64_t lda, const float* b,
+             std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate) {
+  if (bf16) kernels::matmul_bf16_operands(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+  else kernels::matmul_f32(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+}
+
 // y [rows, out] = x [rows, in] · wᵀ (+ bias).
-void linear(const float* x, std::int64_t rows, std::int64_t in, const float* w, const float* bias, std::int64_t out, float* y) {
-  kernels::gemm_f32(x, rows, in, w, out, y);
+void linear(bool bf16, const float* x, std::int64_t rows, std::int64_t in, const float* w, const float* bias, std::int64_t out, float* y) {
+  if (bf16) kernels::matmul_bf16_operands(false, true, rows, out, in, x, in, w, in, y, out, false);
+  else kernels::gemm_f32(x, rows, in, w, out, y);
   if (bias != nullptr) {
     for (std::int64_t r = 0; r < rows; ++r) {
       for (std::int64_t j = 0; j < out; ++j) y[r * out + j] += bias[j];
@@ -27,10 +35,10 @@ void linear(const float* x, std::int64_t rows, std::int64_t in, const float* w, 
 
 // The gradients of y = x · wᵀ + b: dx (written, or added to when `accumulate`) = dy · w,
 // dw += dyᵀ · x, dbias += column sums of dy (dw, dbias null: not computed).
-void linear_backward(const float* x, std::int64_t rows, std::int64_t in, const float* w, std::int64_t out, const float* dy,
+void linear_backward(bool bf16, const float* x, std::int64_t rows, std::int64_t in, const float* w, std::int64_t out, const float* dy,
                      float* dx, bool accumulate, float* dw, float* dbias) {
-  kernels::matmul_f32(false, false, rows, in, out, dy, out, w, in, dx, in, accumulate);
-  if (dw != nullptr) kernels::matmul_f32(true, false, out, in, rows, dy, out, x, in, dw, in, true);
+  product(bf16, false, false, rows, in, out, dy, out, w, in, dx, in, accumulate);
+  if (dw != nullptr) product(bf16, true, false, out, in, rows, dy, out, x, in, dw, in, true);
   if (dbias != nullptr) kernels::bias_backward(dy, rows, out, dbias);
 }
 
@@ -52,11 +60,11 @@ void quantized_linear_backward(const LayerParams& w, const LayerActivations& s, 
   const quant::ActivationQuantizer* f = w.fake_quant != nullptr ? w.fake_quant->input[k] : nullptr;
   if (g.observe_linear) g.observe_linear(k, f == nullptr ? x : s.input_q[k].data(), dy, rows, in, out);
   if (f == nullptr) {
-    linear_backward(x, rows, in, w.weight[k], out, dy, dx, accumulate, g.weight[k], g.bias[k]);
+    linear_backward(w.bf16_products, x, rows, in, w.weight[k], out, dy, dx, accumulate, g.weight[k], g.bias[k]);
     return;
   }
   float* dxq = sized(t.dinput_q, rows * in).data();
-  linear_backward(s.input_q[k].data(), rows, in, w.weight[k], out, dy, dxq, false, g.weight[k], g.bias[k]);
+  linear_backward(w.bf16_products, s.input_q[k].data(), rows, in, w.weight[k], out, dy, dxq, false, g.weight[k], g.bias[k]);
   f->backward(x, dxq, rows, in, w.fake_quant->clip, dx, accumulate);
 }
 
@@ -83,9 +91,9 @@ void decoder_layer_forward_saving(const io::ModelConfig& c, const std::vector<fl
   }
   s.x_in.assign(x, x + rows * H);
   kernels::rmsnorm_saving(x, w.input_norm, rows, H, eps, sized(s.n1, rows * H).data(), sized(s.rstd1, rows).data());
-  linear(linear_input(w, Q, s.n1.data(), rows, H, s), rows, H, w.weight[Q], w.bias[Q], qd, sized(s.q, rows * qd).data());
-  linear(linear_input(w, K, s.n1.data(), rows, H, s), rows, H, w.weight[K], w.bias[K], kvd, sized(s.k, rows * kvd).data());
-  linear(linear_input(w, V, s.n1.data(), rows, H, s), rows, H, w.weight[V], w.bias[V], kvd, sized(s.v, rows * kvd).data());
+  linear(w.bf16_products, linear_input(w, Q, s.n1.data(), rows, H, s), rows, H, w.weight[Q], w.bias[Q], qd, sized(s.q, rows * qd).data());
+  linear(w.bf16_products, linear_input(w, K, s.n1.data(), rows, H, s), rows, H, w.weight[K], w.bias[K], kvd, sized(s.k, rows * kvd).data());
+  linear(w.bf16_products, linear_input(w, V, s.n1.data(), rows, H, s), rows, H, w.weight[V], w.bias[V], kvd, sized(s.v, rows * kvd).data());
   if (w.q_norm != nullptr) {
     s.q_lin = s.q;
     s.k_lin = s.k;
@@ -105,14 +113,14 @@ void decoder_layer_forward_saving(const io::ModelConfig& c, const std::vector<fl
   }
   kernels::attention_saving(s.q.data(), s.k.data(), s.v.data(), bounds, nh, nkv, d, c.sliding_window.value_or(0),
                             sized(s.attn, rows * qd).data(), sized(s.lse, rows * nh).data());
-  linear(linear_input(w, O, s.attn.data(), rows, qd, s), rows, qd, w.weight[O], w.bias[O], H, sized(s.x_mid, rows * H).data());
+  linear(w.bf16_products, linear_input(w, O, s.attn.data(), rows, qd, s), rows, qd, w.weight[O], w.bias[O], H, sized(s.x_mid, rows * H).data());
   for (std::int64_t i = 0; i < rows * H; ++i) s.x_mid[static_cast<std::size_t>(i)] += s.x_in[static_cast<std::size_t>(i)];
   kernels::rmsnorm_saving(s.x_mid.data(), w.post_norm, rows, H, eps, sized(s.n2, rows * H).data(), sized(s.rstd2, rows).data());
-  linear(linear_input(w, GATE, s.n2.data(), rows, H, s), rows, H, w.weight[GATE], w.bias[GATE], ff, sized(s.gate, rows * ff).data());
-  linear(linear_input(w, UP, s.n2.data(), rows, H, s), rows, H, w.weight[UP], w.bias[UP], ff, sized(s.up, rows * ff).data());
+  linear(w.bf16_products, linear_input(w, GATE, s.n2.data(), rows, H, s), rows, H, w.weight[GATE], w.bias[GATE], ff, sized(s.gate, rows * ff).data());
+  linear(w.bf16_products, linear_input(w, UP, s.n2.data(), rows, H, s), rows, H, w.weight[UP], w.bias[UP], ff, sized(s.up, rows * ff).data());
   s.h = s.gate;
   kernels::silu_mul(s.h.data(), s.up.data(), rows * ff);
-  linear(linear_input(w, DOWN, s.h.data(), rows, ff, s), rows, ff, w.weight[DOWN], w.bias[DOWN], H, out);
+  linear(w.bf16_products, linear_input(w, DOWN, s.h.data(), rows, ff, s), rows, ff, w.weight[DOWN], w.bias[DOWN], H, out);
   for (std::int64_t i = 0; i < rows * H; ++i) out[i] += s.x_mid[static_cast<std::size_t>(i)];
 }
 

@@ -41,6 +41,9 @@ struct LayerParams {
   std::array<const float*, 7> weight{};
   std::array<const float*, 7> bias{};
   const LayerFakeQuant* fake_quant = nullptr;  // null: nothing quantized
+  // Mixed precision: the Linears' products (forward, dX, dW) on bf16-rounded operands with f32 sums
+  // (kernels::matmul_bf16_operands); attention, norms and everything else stay f32.
+  bool bf16_products = false;
 };
 
 // Where their gradients are added: the same layout (null for what the layer lacks, or where no

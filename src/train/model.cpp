@@ -183,6 +183,7 @@ model::LayerParams TrainableModel::layer_params(std::int64_t layer) const {
     if (fake_quant_ && fake_quant_->weight_quantized(layer, i)) p.weight[i] = quantized_weights_[static_cast<std::size_t>(x.weight[i])].data();
   }
   if (fake_quant_) p.fake_quant = &fake_quant_->activations(layer);
+  p.bf16_products = bf16_products_;
   return p;
 }
 
@@ -274,6 +275,10 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
   const std::int64_t chunk = std::max<std::int64_t>(1, (std::int64_t{8} << 20) / V);
   std::vector<std::int32_t> targets;
   const float* head = value(head_);
+  if (bf16_products_ && result.targets > 0) {
+    head_rows_.assign(true, H, V, head, H);
+    if (backward) head_columns_.assign(false, V, H, head, H);
+  }
   for (std::int64_t c0 = 0; c0 < result.targets; c0 += chunk) {
     const std::int64_t n = std::min(chunk, result.targets - c0);
     float* x = sized(x_, n * H).data();
@@ -284,7 +289,8 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
       targets[static_cast<std::size_t>(i)] = batch.targets[static_cast<std::size_t>(r)];
     }
     float* logits = sized(logits_, n * V).data();
-    kernels::gemm_f32(x, n, H, head, V, logits);
+    if (bf16_products_) head_rows_.multiply(false, n, x, H, logits, V, false);
+    else kernels::gemm_f32(x, n, H, head, V, logits);
     if (!distill) {
       row_losses_.resize(static_cast<std::size_t>(n));
       const double ce = kernels::cross_entropy_backward(logits, targets.data(), n, V, grad_scale, row_losses_.data());
@@ -307,9 +313,14 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
       result.cross_entropy_sum += ce;
     }
     if (!backward) continue;
-    if (float* dhead = grad(head_)) matmul_f32(true, false, V, H, n, logits, V, x, H, dhead, H, true);
     float* dx = sized(dx_, n * H).data();
-    matmul_f32(false, false, n, H, V, logits, V, head, H, dx, H, false);
+    if (bf16_products_) {
+      if (float* dhead = grad(head_)) kernels::matmul_bf16_operands(true, false, V, H, n, logits, V, x, H, dhead, H, true);
+      head_columns_.multiply(false, n, logits, V, dx, H, false);
+    } else {
+      if (float* dhead = grad(head_)) matmul_f32(true, false, V, H, n, logits, V, x, H, dhead, H, true);
+      matmul_f32(false, false, n, H, V, logits, V, head, H, dx, H, false);
+    }
     for (std::int64_t i = 0; i < n; ++i) {
       std::memcpy(dnormed_.data() + chosen[static_cast<std::size_t>(c0 + i)] * H, dx + i * H, H * sizeof(float));
     }

@@ -23,6 +23,7 @@
 
 #include "io/checkpoint.h"
 #include "io/hf_config.h"
+#include "kernels/gemm.h"
 #include "model/layer_backward.h"
 
 namespace mopt::train {
@@ -93,6 +94,11 @@ class TrainableModel {
 
   // Recompute each layer's activations in the backward pass instead of keeping them all.
   void set_recompute(bool recompute) { recompute_ = recompute; }
+  // Mixed precision: every Linear's and the LM head's products (forward and backward) on bf16-rounded
+  // operands with f32 sums (kernels::matmul_bf16_operands; AMX where the CPU has it). Parameters,
+  // gradients, optimizer state and every other operation stay f32.
+  void set_bf16_products(bool bf16) { bf16_products_ = bf16; }
+  bool bf16_products() const { return bf16_products_; }
   // Quantization-aware training: every pass fake-quantizes the weights, inputs and KV as `fq` says
   // (null: none). The gradients go to the f32 master weights.
   void set_fake_quantization(std::shared_ptr<const FakeQuantization> fq) { fake_quant_ = std::move(fq); }
@@ -149,6 +155,8 @@ class TrainableModel {
   int embed_ = -1, final_norm_ = -1, head_ = -1;  // head_: the embeddings when tied
   std::vector<float> inv_freq_;
   bool recompute_ = false;
+  bool bf16_products_ = false;
+  kernels::Bf16Operand head_rows_, head_columns_;  // the head rounded once per pass: for the logits, for dX
   bool gradients_ = true;
   bool parameter_grads_ = true;
   std::uint64_t activation_bytes_ = 0;

@@ -19,6 +19,7 @@
 #include "io/checkpoint.h"
 #include "io/json_util.h"
 #include "io/safetensors.h"
+#include "kernels/gemm.h"
 #include "train/data.h"
 
 namespace mopt::train {
@@ -41,6 +42,7 @@ std::string fingerprint(const TrainOptions& o, std::int64_t total_steps, std::in
   if (!o.settings.empty()) j["more"] = o.settings;
   if (o.scale_lr > 0) j["scale_lr"] = o.scale_lr;
   if (o.chat_template) j["chat_template"] = true;
+  if (o.bf16_products) j["products"] = "bf16";
   return j.dump();
 }
 
@@ -180,6 +182,7 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
   const std::string print = fingerprint(o, total, static_cast<std::int64_t>(examples.size()));
 
   model.set_recompute(o.recompute);
+  model.set_bf16_products(o.bf16_products);
   AdamW opt(model.parameters(), o.adam, weight_decay_mask(model.parameters()));
   if (o.scale_lr > 0) {
     for (std::size_t i = 0; i < model.parameters().size(); ++i) {
@@ -195,8 +198,9 @@ TrainSummary run_training(TrainableModel& model, const io::Tokenizer& tokenizer,
     std::printf("resuming %s at step %lld of %lld\n", state_path.c_str(), static_cast<long long>(state.step),
                 static_cast<long long>(total));
   }
-  std::printf("training %s: %.1fM parameters in f32 on %d threads; %zu examples of at most %lld tokens, %lld per step, %lld steps\n",
-              o.label.empty() ? "a model" : o.label.c_str(), static_cast<double>(params) / 1e6, compute_threads(), examples.size(),
+  const char* products = !o.bf16_products ? "" : kernels::amx_bf16_products() ? ", bf16 products (AMX)" : ", bf16 products (rounded operands; no AMX here: slower than f32)";
+  std::printf("training %s: %.1fM parameters in f32%s on %d threads; %zu examples of at most %lld tokens, %lld per step, %lld steps\n",
+              o.label.empty() ? "a model" : o.label.c_str(), static_cast<double>(params) / 1e6, products, compute_threads(), examples.size(),
               static_cast<long long>(o.seq_len), static_cast<long long>(per_step), static_cast<long long>(total));
   std::fflush(stdout);
   std::FILE* live_log = nullptr;

@@ -33,6 +33,7 @@ struct TrainOptions {
   std::int64_t eval_every = 0;     // 0: validation at the end only
   std::int64_t save_every = 0;     // training state every N steps (and at the end); 0: never
   bool recompute = false;
+  bool bf16_products = false;      // mixed precision: TrainableModel::set_bf16_products
   std::string out;                 // the checkpoint directory to create
   std::string state;               // the training state file (default: OUT.train-state.safetensors)
   bool resume = false;             // continue from the state file

@@ -50,5 +50,14 @@ fails_with "saved by a run with other settings" train "$model" --data "$text" --
 head -c 1000 "$work/whole.train-state.safetensors" > "$work/cut.safetensors"
 fails_with "cut.safetensors" "${args[@]}" --state "$work/cut.safetensors" --resume --out "$work/never"
 fails_with "no training state to resume from" "${args[@]}" --state "$work/none.safetensors" --resume --out "$work/never"
+# Mixed precision (--precision bf16): the run says so, its losses follow the f32 run's to bf16's rounding
+# (within 1%, not the same bits), and the f32 run's state does not resume it.
+"$mopt" "${args[@]}" --precision bf16 --out "$work/bf16" > "$work/bf16.out" 2>&1 || { cat "$work/bf16.out"; exit 1; }
+grep -q "bf16 products" "$work/bf16.out" || { echo "FAIL: the bf16 run does not say so"; cat "$work/bf16.out"; exit 1; }
+losses() { grep -o '"loss":[0-9.e+-]*' "$1" | cut -d: -f2; }
+paste <(losses "$work/whole/train_log.jsonl") <(losses "$work/bf16/train_log.jsonl") |
+  awk '{ d = ($2 - $1) / $1; if (d < 0) d = -d; if (d > 0.01) bad++; if ($1 != $2) differ++; n++ }
+       END { if (n != 10 || bad || !differ) { print "FAIL: bf16 losses vs f32: " n " steps, " bad " beyond 1%, " differ " differing"; exit 1 } }'
+fails_with "saved by a run with other settings" "${args[@]}" --precision bf16 --state "$work/whole.train-state.safetensors" --resume --out "$work/never"
 [ ! -e "$work/never" ] || { echo "FAIL: a refused run wrote its output"; exit 1; }
 echo "PASS: resumed at step $step, weights and log identical to the uninterrupted run"

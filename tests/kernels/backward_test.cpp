@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <functional>
 #include <numbers>
 #include <random>
@@ -315,6 +316,72 @@ TEST(Backward, MatmulMatchesReferenceInEveryTranspose) {
     }
   }
   set_compute_threads(threads);
+}
+
+
+// The products on bf16 operands (mixed-precision training) in every transpose, with tails in m, n and
+// k (AMX pads to 32) and whole 32 x 32 blocks, written or accumulated, against their definition
+// (operands rounded, sums in double); the same bits at 1, 2 and 3 threads; and a Bf16Operand reused
+// for several products. AMX where the CPU has it (the test says which), else the rounded operands
+// through OpenBLAS (MOPT_ISA=avx2 or scalar: kernels.avx2, kernels.plain_loops).
+TEST(Backward, Bf16OperandsMatchTheirDefinition) {
+  std::printf("bf16 operands on %s\n", amx_bf16_products() ? "AMX tiles" : "OpenBLAS (rounded copies)");
+  const int threads = compute_threads();
+  struct Shape {
+    std::int64_t m, n, k;
+  };
+  for (const Shape sh : {Shape{150, 140, 120}, Shape{64, 96, 96}, Shape{33, 17, 5}, Shape{96, 64, 600}}) {
+    const std::int64_t m = sh.m, n = sh.n, k = sh.k, ld_pad = 3;
+    for (const bool ta : {false, true}) {
+      for (const bool tb : {false, true}) {
+        const std::int64_t lda = (ta ? m : k) + ld_pad, ldb = (tb ? k : n) + ld_pad, ldc = n + ld_pad;
+        const auto a = random_values(static_cast<std::size_t>((ta ? k : m) * lda), 27);
+        const auto b = random_values(static_cast<std::size_t>((tb ? n : k) * ldb), 28);
+        const auto c0 = random_values(static_cast<std::size_t>(m * ldc), 29);
+        for (const bool acc : {false, true}) {
+          std::vector<float> want = c0, exact = c0;
+          ref::matmul_bf16_operands(ta, tb, m, n, k, a.data(), lda, b.data(), ldb, want.data(), ldc, acc);
+          ref::matmul_f32(ta, tb, m, n, k, a.data(), lda, b.data(), ldb, exact.data(), ldc, acc);
+          std::vector<float> first;
+          double rounding_seen = 0;
+          for (const int t : {1, 2, 3}) {
+            set_compute_threads(t);
+            std::vector<float> c = c0;
+            matmul_bf16_operands(ta, tb, m, n, k, a.data(), lda, b.data(), ldb, c.data(), ldc, acc);
+            for (std::int64_t i = 0; i < m; ++i) {
+              for (std::int64_t j = 0; j < ldc; ++j) {
+                const auto at = static_cast<std::size_t>(i * ldc + j);
+                if (j >= n) {
+                  ASSERT_EQ(c[at], c0[at]) << "wrote past column n";
+                } else {
+                  ASSERT_NEAR(c[at], want[at], 2e-5 * (1 + std::fabs(want[at]))) << ta << tb << acc << " " << i << "," << j << " k " << k;
+                  rounding_seen = std::max(rounding_seen, static_cast<double>(std::fabs(c[at] - exact[at])));
+                }
+              }
+            }
+            if (first.empty()) first = c;
+            EXPECT_EQ(c, first) << "threads " << t << " transposes " << ta << tb << " accumulate " << acc;
+          }
+          // The operands were rounded: the f32 product differs by far more than the summation order.
+          EXPECT_GT(rounding_seen, 1e-3) << ta << tb << acc;
+        }
+      }
+    }
+  }
+  set_compute_threads(threads);
+  // One operand, two products (the LM head's chunks), the second accumulated into the first's result.
+  const std::int64_t m = 40, n = 70, k = 50;
+  const auto a = random_values(static_cast<std::size_t>(2 * m * k), 31), b = random_values(static_cast<std::size_t>(n * k), 32);
+  Bf16Operand operand;
+  operand.assign(true, k, n, b.data(), k);
+  EXPECT_EQ(operand.k(), k);
+  EXPECT_EQ(operand.n(), n);
+  std::vector<float> got(static_cast<std::size_t>(m * n)), want(got.size());
+  operand.multiply(false, m, a.data(), k, got.data(), n, false);
+  operand.multiply(false, m, a.data() + m * k, k, got.data(), n, true);
+  ref::matmul_bf16_operands(false, true, m, n, k, a.data(), k, b.data(), k, want.data(), n, false);
+  ref::matmul_bf16_operands(false, true, m, n, k, a.data() + m * k, k, b.data(), k, want.data(), n, true);
+  for (std::size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], 2e-5 * (1 + std::fabs(want[i]))) << i;
 }
 
 }  // namespace

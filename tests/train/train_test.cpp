@@ -86,6 +86,32 @@ TEST_P(Gradients, MatchPyTorch) {
   EXPECT_EQ(compared, model.parameters().size());
 }
 
+// Mixed precision (bf16 operands in every Linear's and the head's products, f32 sums): the same
+// gradients to bf16's rounding (a relative error of about 2^-9 per operand), and not the f32 ones.
+TEST_P(Gradients, Bf16ProductsStayCloseToPyTorch) {
+  const std::string name = GetParam();
+  const auto golden = io::TensorStore::open_file(kData + "/train/grads/" + name + ".safetensors");
+  auto model = TrainableModel::from_checkpoint(io::Checkpoint::open(kData + "/hf/" + name));
+  model.set_bf16_products(true);
+  const Batch batch = fixture_batch(golden);
+  const LossResult r = model.forward_backward(batch, 1.0f / static_cast<float>(batch.target_count()));
+  const double loss = r.loss_sum / static_cast<double>(r.targets);
+  const float expected_loss = golden.tensor("loss").data<float>()[0];
+  EXPECT_NEAR(loss, expected_loss, 1e-3 * expected_loss);
+  double worst = 0, sum = 0;
+  for (const auto& p : model.parameters()) {
+    const double error = relative_error(p.grad, golden.tensor("grad." + p.name).to_f32());
+    EXPECT_LT(error, 2e-2) << p.name;
+    worst = std::max(worst, error);
+    sum += error;
+  }
+  const double mean = sum / static_cast<double>(model.parameters().size());
+  std::printf("%s, bf16 products: loss %.7f (PyTorch f64 %.7f), relative gradient error mean %.2e, largest %.2e\n", name.c_str(), loss,
+              expected_loss, mean, worst);
+  EXPECT_LT(mean, 8e-3);
+  EXPECT_GT(worst, 1e-4) << "the products were not rounded to bf16";
+}
+
 INSTANTIATE_TEST_SUITE_P(Architectures, Gradients, ::testing::Values("llama", "mistral", "qwen2", "qwen3"));
 
 // The training forward's loss is the inference forward's (model::Model, its own kernels).
@@ -118,12 +144,14 @@ TEST(Training, LossEqualsTheInferenceForward) {
 }
 
 // Recomputing each layer in the backward gives the same bits with less memory; the gradients are
-// the same bits at 1, 2 and 3 threads; a second call adds to the first.
+// the same bits at 1, 2 and 3 threads, with f32 products and with bf16 ones; a second call adds to
+// the first.
 TEST(Training, RecomputationAndThreadCountsGiveTheSameBits) {
   const int threads = compute_threads();
   const std::string dir = kData + "/hf/qwen3";
   const auto golden = io::TensorStore::open_file(kData + "/train/grads/qwen3.safetensors");
   const Batch batch = fixture_batch(golden);
+  for (const bool bf16 : {false, true}) {
   std::vector<std::vector<float>> first;
   std::uint64_t kept_bytes = 0;
   for (const int t : {1, 2, 3}) {
@@ -131,6 +159,7 @@ TEST(Training, RecomputationAndThreadCountsGiveTheSameBits) {
       set_compute_threads(t);
       auto model = TrainableModel::from_checkpoint(io::Checkpoint::open(dir));
       model.set_recompute(recompute);
+      model.set_bf16_products(bf16);
       model.forward_backward(batch, 0.01f);
       if (!recompute) kept_bytes = model.activation_bytes();
       else EXPECT_LT(model.activation_bytes(), kept_bytes);
@@ -138,7 +167,7 @@ TEST(Training, RecomputationAndThreadCountsGiveTheSameBits) {
       for (const auto& p : model.parameters()) grads.push_back(p.grad);
       if (first.empty()) first = grads;
       for (std::size_t i = 0; i < grads.size(); ++i) {
-        EXPECT_EQ(grads[i], first[i]) << model.parameters()[i].name << " threads " << t << " recompute " << recompute;
+        EXPECT_EQ(grads[i], first[i]) << model.parameters()[i].name << " threads " << t << " recompute " << recompute << " bf16 " << bf16;
       }
       if (t == 1 && !recompute) {
         model.forward_backward(batch, 0.01f);
@@ -150,6 +179,7 @@ TEST(Training, RecomputationAndThreadCountsGiveTheSameBits) {
         }
       }
     }
+  }
   }
   set_compute_threads(threads);
 }

@@ -1,0 +1,109 @@
+// Training's products side by side in one run: the f32 product (OpenBLAS, matmul_f32) against the
+// bf16-operand product of mixed-precision training (matmul_bf16_operands: AMX tiles where the CPU has
+// them, `mopt --version` says whether), on the Linears of a training step of T tokens — forward
+// Y = X·Wᵀ, dX = dY·W, dW += dYᵀ·X — for SmolLM2-135M's and tiny-kjv's shapes, and the LM head's
+// forward with the head rounded once (Bf16Operand) per step. Medians of interleaved repeats.
+//   train_gemm_bench [tokens=2048] [repeats=7]
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "bench_util.h"
+#include "core/startup_settings.h"
+#include "core/thread_pool.h"
+#include "kernels/gemm.h"
+
+using namespace mopt;
+
+namespace {
+
+std::vector<float> random_floats(std::size_t n, unsigned seed) {
+  std::vector<float> v(n);
+  unsigned s = seed * 2654435761u + 1;
+  for (auto& x : v) {
+    s = s * 1664525u + 1013904223u;
+    x = static_cast<float>(static_cast<int>(s >> 8) % 2001 - 1000) / 1000.0f;
+  }
+  return v;
+}
+
+struct Product {
+  std::string name;
+  bool ta, tb;
+  std::int64_t m, n, k;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  choose_startup_settings(argv);  // the libraries set up as mopt sets them
+  const std::int64_t tokens = argc > 1 ? std::atoll(argv[1]) : 2048;
+  const int repeats = argc > 2 ? std::atoi(argv[2]) : 7;
+  start_thread_pool();
+  std::printf("threads %d, bf16 operands on %s, %lld tokens, medians of %d\n", compute_threads(),
+              kernels::amx_bf16_products() ? "AMX tiles" : "OpenBLAS (rounded copies)", static_cast<long long>(tokens), repeats);
+  // Linear [out, in]: forward m = T, n = out, k = in (W transposed); dX m = T, n = in, k = out;
+  // dW m = out, n = in, k = T (dY transposed).
+  std::vector<Product> products;
+  const auto linear = [&](const char* name, std::int64_t out, std::int64_t in) {
+    products.push_back({std::string(name) + " fwd", false, true, tokens, out, in});
+    products.push_back({std::string(name) + " dX", false, false, tokens, in, out});
+    products.push_back({std::string(name) + " dW", true, false, out, in, tokens});
+  };
+  linear("smollm2 q/o [576,576]", 576, 576);
+  linear("smollm2 k/v [192,576]", 192, 576);
+  linear("smollm2 gate/up [1536,576]", 1536, 576);
+  linear("smollm2 down [576,1536]", 576, 1536);
+  linear("tiny-kjv gate/up [704,256]", 704, 256);
+  std::printf("%-34s %10s %10s %9s %9s %7s\n", "product", "f32 ms", "bf16 ms", "f32 GF/s", "bf16 GF/s", "ratio");
+  for (const Product& p : products) {
+    const std::int64_t a_size = p.m * p.k, b_size = p.k * p.n;
+    const auto a = random_floats(static_cast<std::size_t>(a_size), 1), b = random_floats(static_cast<std::size_t>(b_size), 2);
+    std::vector<float> c(static_cast<std::size_t>(p.m * p.n));
+    const std::int64_t lda = p.ta ? p.m : p.k, ldb = p.tb ? p.k : p.n;
+    std::vector<double> t32, t16;
+    for (int r = 0; r < repeats + 1; ++r) {
+      auto t = std::chrono::steady_clock::now();
+      kernels::matmul_f32(p.ta, p.tb, p.m, p.n, p.k, a.data(), lda, b.data(), ldb, c.data(), p.n, false);
+      const double s32 = bench::seconds_since(t);
+      t = std::chrono::steady_clock::now();
+      kernels::matmul_bf16_operands(p.ta, p.tb, p.m, p.n, p.k, a.data(), lda, b.data(), ldb, c.data(), p.n, false);
+      const double s16 = bench::seconds_since(t);
+      if (r > 0) {
+        t32.push_back(s32);
+        t16.push_back(s16);
+      }
+    }
+    const double f = 2.0 * static_cast<double>(p.m * p.n * p.k), m32 = bench::median(t32), m16 = bench::median(t16);
+    std::printf("%-34s %10.2f %10.2f %9.1f %9.1f %6.2fx\n", p.name.c_str(), m32 * 1e3, m16 * 1e3, f / m32 / 1e9, f / m16 / 1e9, m32 / m16);
+  }
+  // The head: logits [chunk, V] = x · headᵀ per chunk of tokens, the head rounded once per step.
+  const std::int64_t vocab = 49152, hidden = 576, chunk = (std::int64_t{8} << 20) / vocab;
+  const auto head = random_floats(static_cast<std::size_t>(vocab * hidden), 3), x = random_floats(static_cast<std::size_t>(tokens * hidden), 4);
+  std::vector<float> logits(static_cast<std::size_t>(chunk * vocab));
+  std::vector<double> t32, t16;
+  kernels::Bf16Operand operand;
+  for (int r = 0; r < repeats + 1; ++r) {
+    auto t = std::chrono::steady_clock::now();
+    for (std::int64_t c0 = 0; c0 < tokens; c0 += chunk) {
+      kernels::matmul_f32(false, true, std::min(chunk, tokens - c0), vocab, hidden, x.data() + c0 * hidden, hidden, head.data(), hidden,
+                          logits.data(), vocab, false);
+    }
+    const double s32 = bench::seconds_since(t);
+    t = std::chrono::steady_clock::now();
+    operand.assign(true, hidden, vocab, head.data(), hidden);
+    for (std::int64_t c0 = 0; c0 < tokens; c0 += chunk) {
+      operand.multiply(false, std::min(chunk, tokens - c0), x.data() + c0 * hidden, hidden, logits.data(), vocab, false);
+    }
+    const double s16 = bench::seconds_since(t);
+    if (r > 0) {
+      t32.push_back(s32);
+      t16.push_back(s16);
+    }
+  }
+  const double f = 2.0 * static_cast<double>(tokens * vocab * hidden), m32 = bench::median(t32), m16 = bench::median(t16);
+  std::printf("%-34s %10.2f %10.2f %9.1f %9.1f %6.2fx\n", "smollm2 head fwd (chunks of 170)", m32 * 1e3, m16 * 1e3, f / m32 / 1e9, f / m16 / 1e9,
+              m32 / m16);
+  return 0;
+}
