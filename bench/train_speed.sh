@@ -5,7 +5,8 @@
 # (the first step of each run left out) and each run's peak RSS (/usr/bin/time).
 #   bash bench/train_speed.sh [PYTHON]     (PYTHON: a python with torch and transformers;
 #                                            default /tmp/mopt-venv/bin/python, see tools/fixtures)
-# Environment: REPEATS (3), STEPS (6), THREADS (2), SHAPES (a name prefix; default all).
+# Environment: REPEATS (3), STEPS (6), THREADS (2), SHAPES (a name prefix; default all), PRECISION
+# (f32, or bf16: mixed precision on both sides, mopt's --precision bf16 against torch's bf16 autocast).
 # Shapes: tiny-kjv (6.5M parameters) at 16 x 256 and SmolLM2-135M at 4 x 512, the latter also with
 # mopt's --recompute against torch's gradient checkpointing (both initialized at random from their
 # config; mopt's tokens come from tiny-kjv's tokenizer on data/kjv-calib.txt, torch's are random).
@@ -16,6 +17,12 @@ PY=${1:-/tmp/mopt-venv/bin/python}
 REPEATS=${REPEATS:-3}
 STEPS=${STEPS:-6}
 THREADS=${THREADS:-2}
+PRECISION=${PRECISION:-f32}
+case $PRECISION in
+  f32) mprec=() tprec=() ;;
+  bf16) mprec=(--precision bf16) tprec=(--bf16) ;;
+  *) echo "PRECISION=$PRECISION: f32 or bf16" >&2; exit 1 ;;
+esac
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cat > "$work/smollm2-135m.json" <<'JSON'
@@ -44,19 +51,19 @@ for _ in $(seq "$REPEATS"); do
     [ -n "$recompute" ] && mflag=(--recompute) tflag=(--checkpointing)
     rm -rf "$work/out"
     MOPT_THREADS=$THREADS /usr/bin/time -v "$MOPT" train --init "$work/$name.json" --tokenizer models/tiny-kjv \
-      --data data/kjv-calib.txt --steps "$((STEPS + 1))" --batch "$batch" --seq-len "$seq" --out "$work/out" "${mflag[@]}" \
+      --data data/kjv-calib.txt --steps "$((STEPS + 1))" --batch "$batch" --seq-len "$seq" --out "$work/out" "${mflag[@]}" "${mprec[@]}" \
       > /dev/null 2> "$work/time"
     r=$(tail -n +2 "$work/out/train_log.jsonl" | grep -o '"tokens_per_s":[0-9.e+]*' | cut -d: -f2 | median)
     rate[mopt $key]+="$r "
     mem[mopt $key]+="$(rss_mib "$work/time") "
     /usr/bin/time -v "$PY" bench/train_speed_torch.py "$work/$name.json" --batch "$batch" --seq-len "$seq" \
-      --steps "$STEPS" --threads "$THREADS" "${tflag[@]}" > "$work/torch.out" 2> "$work/time"
+      --steps "$STEPS" --threads "$THREADS" "${tflag[@]}" "${tprec[@]}" > "$work/torch.out" 2> "$work/time"
     rate[torch $key]+="$(grep -o ': [0-9]* tokens/s' "$work/torch.out" | grep -o '[0-9]*' | head -1) "
     mem[torch $key]+="$(rss_mib "$work/time") "
   done
 done
 "$MOPT" --version | grep -E '^(cpu|gemm|threads):'
-echo "torch $("$PY" -c 'import torch; print(torch.__version__)'), $THREADS threads, f32, AdamW; medians of $REPEATS runs x $STEPS steps (the first of each run left out)"
+echo "torch $("$PY" -c 'import torch; print(torch.__version__)'), $THREADS threads, $PRECISION products (parameters and AdamW f32), AdamW; medians of $REPEATS runs x $STEPS steps (the first of each run left out)"
 printf '%-24s %-8s %12s %12s %8s %12s %12s\n' shape batch "mopt tok/s" "torch tok/s" ratio "mopt MiB" "torch MiB"
 for s in "${shapes[@]}"; do
   read -r name batch seq recompute <<< "$s"

@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "core/cpu_features.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "kernels/gemm.h"
 #include "kernels/ops_simd.h"
 
 namespace mopt::kernels {
@@ -53,6 +55,33 @@ void scale_row(float* row, std::int64_t n, float factor) {
 }
 
 blasint B(std::int64_t v) { return static_cast<blasint>(v); }
+
+// C = alpha · op(A) · op(B) + beta · C (beta 0 or 1), as cblas_sgemm, or on bf16-rounded operands
+// with f32 sums (alpha applied to the f32 result).
+void product(bool bf16, bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda,
+             const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+  if (!bf16) {
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, B(m), B(n), B(k), alpha, a, B(lda), b, B(ldb),
+                beta, c, B(ldc));
+    return;
+  }
+  if (alpha == 1.0f) {
+    matmul_bf16_operands(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, beta != 0.0f);
+    return;
+  }
+  thread_local std::vector<float> t;
+  if (t.size() < static_cast<std::size_t>(m * n)) t.resize(static_cast<std::size_t>(m * n));
+  matmul_bf16_operands(ta, tb, m, n, k, a, lda, b, ldb, t.data(), n, false);
+  for (std::int64_t i = 0; i < m; ++i) {
+    float* row = c + i * ldc;
+    const float* ti = t.data() + i * n;
+    if (beta != 0.0f) {
+      for (std::int64_t j = 0; j < n; ++j) row[j] += alpha * ti[j];
+    } else {
+      for (std::int64_t j = 0; j < n; ++j) row[j] = alpha * ti[j];
+    }
+  }
+}
 
 // The keys query position p sees: [first, p].
 std::int64_t first_key(std::int64_t p, std::int64_t window) { return window > 0 ? std::max<std::int64_t>(0, p - window + 1) : 0; }
@@ -116,7 +145,7 @@ void silu_mul_backward(const float* gate, const float* up, const float* dh, std:
 }
 
 void attention_saving(const float* q, const float* k, const float* v, std::span<const std::int64_t> bounds, std::int64_t heads,
-                      std::int64_t kv_heads, std::int64_t d, std::int64_t window, float* out, float* lse) {
+                      std::int64_t kv_heads, std::int64_t d, std::int64_t window, float* out, float* lse, bool bf16_products) {
   check_bounds(bounds, heads, kv_heads);
   const std::int64_t group = heads / kv_heads, q_stride = heads * d, kv_stride = kv_heads * d;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -139,8 +168,7 @@ void attention_saving(const float* q, const float* k, const float* v, std::span<
     const float* qh = q + (blk.offset + blk.i0) * q_stride + h * d;
     const float* kb = k + (blk.offset + k0) * kv_stride + kh * d;
     const float* vb = v + (blk.offset + k0) * kv_stride + kh * d;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B(blk.rows), B(nk), B(d), scale, qh, B(q_stride), kb, B(kv_stride), 0.0f,
-                scores.data(), B(nk));
+    product(bf16_products, false, true, blk.rows, nk, d, scale, qh, q_stride, kb, kv_stride, 0.0f, scores.data(), nk);
     for (std::int64_t r = 0; r < blk.rows; ++r) {
       const std::int64_t p = blk.i0 + r, first = first_key(p, window) - k0, last = p - k0;
       float* row = scores.data() + r * nk;
@@ -151,14 +179,14 @@ void attention_saving(const float* q, const float* k, const float* v, std::span<
       std::fill(row + last + 1, row + nk, 0.0f);
       lse[(blk.offset + p) * heads + h] = m + static_cast<float>(std::log(total));
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, B(blk.rows), B(d), B(nk), 1.0f, scores.data(), B(nk), vb, B(kv_stride),
-                0.0f, out + (blk.offset + blk.i0) * q_stride + h * d, B(q_stride));
+    product(bf16_products, false, false, blk.rows, d, nk, 1.0f, scores.data(), nk, vb, kv_stride, 0.0f, out + (blk.offset + blk.i0) * q_stride + h * d,
+            q_stride);
   });
 }
 
 void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* lse, const float* dout,
                         std::span<const std::int64_t> bounds, std::int64_t heads, std::int64_t kv_heads, std::int64_t d,
-                        std::int64_t window, float* dq, float* dk, float* dv) {
+                        std::int64_t window, float* dq, float* dk, float* dv, bool bf16_products) {
   check_bounds(bounds, heads, kv_heads);
   const std::int64_t group = heads / kv_heads, q_stride = heads * d, kv_stride = kv_heads * d;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -191,8 +219,7 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
         const float* kb = k + (offset + k0) * kv_stride + kh * d;
         const float* vb = v + (offset + k0) * kv_stride + kh * d;
         // P = softmax(scale · Q Kᵀ), recomputed from the saved log-sum-exp.
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B(rows), B(nk), B(d), scale, qh, B(q_stride), kb, B(kv_stride), 0.0f,
-                    P, B(nk));
+        product(bf16_products, false, true, rows, nk, d, scale, qh, q_stride, kb, kv_stride, 0.0f, P, nk);
         for (std::int64_t r = 0; r < rows; ++r) {
           const std::int64_t p = i0 + r, first = first_key(p, window) - k0, last = p - k0;
           float* row = P + r * nk;
@@ -205,10 +232,8 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
           delta[static_cast<std::size_t>(r)] = static_cast<float>(dot);
         }
         // dV += Pᵀ dO; dP = dO Vᵀ.
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, B(nk), B(d), B(rows), 1.0f, P, B(nk), doh, B(q_stride), 1.0f,
-                    dv_base + (k0)*kv_stride, B(kv_stride));
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B(rows), B(nk), B(d), 1.0f, doh, B(q_stride), vb, B(kv_stride), 0.0f,
-                    dP, B(nk));
+        product(bf16_products, true, false, nk, d, rows, 1.0f, P, nk, doh, q_stride, 1.0f, dv_base + k0 * kv_stride, kv_stride);
+        product(bf16_products, false, true, rows, nk, d, 1.0f, doh, q_stride, vb, kv_stride, 0.0f, dP, nk);
         // dS = P ⊙ (dP - rowsum(dO ⊙ O)), the softmax's gradient (zero where P is).
         for (std::int64_t r = 0; r < rows; ++r) {
           const float dl = delta[static_cast<std::size_t>(r)];
@@ -219,10 +244,8 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
           }
         }
         // dQ = scale · dS K; dK += scale · dSᵀ Q.
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, B(rows), B(d), B(nk), scale, dP, B(nk), kb, B(kv_stride), 0.0f,
-                    dq + (offset + i0) * q_stride + h * d, B(q_stride));
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, B(nk), B(d), B(rows), scale, dP, B(nk), qh, B(q_stride), 1.0f,
-                    dk_base + k0 * kv_stride, B(kv_stride));
+        product(bf16_products, false, false, rows, d, nk, scale, dP, nk, kb, kv_stride, 0.0f, dq + (offset + i0) * q_stride + h * d, q_stride);
+        product(bf16_products, true, false, nk, d, rows, scale, dP, nk, qh, q_stride, 1.0f, dk_base + k0 * kv_stride, kv_stride);
       }
     }
   });

@@ -27,16 +27,18 @@ void silu_mul_backward(const float* gate, const float* up, const float* dh, std:
 // [bounds[s], bounds[s + 1]) at positions 0, 1, ...; q [rows, heads, d], k and v [rows, kv_heads, d]
 // (grouped heads), window > 0: a query sees only the last `window` keys (Mistral). Writes out
 // [rows, heads, d] as attention() computes it, and lse [rows, heads], each score row's log-sum-exp
-// (of the scaled scores), which the backward needs to recompute the probabilities.
+// (of the scaled scores), which the backward needs to recompute the probabilities. bf16_products:
+// the products Q·Kᵀ and P·V on bf16-rounded operands with f32 sums (matmul_bf16_operands, mixed-
+// precision training); the softmax stays f32.
 void attention_saving(const float* q, const float* k, const float* v, std::span<const std::int64_t> bounds, std::int64_t heads,
-                      std::int64_t kv_heads, std::int64_t d, std::int64_t window, float* out, float* lse);
+                      std::int64_t kv_heads, std::int64_t d, std::int64_t window, float* out, float* lse, bool bf16_products = false);
 
 // Its gradient: dq [rows, heads, d], dk and dv [rows, kv_heads, d] (written) from dout, given the
 // forward's inputs, out and lse. The probabilities are recomputed block by block, so memory stays at
 // a block of scores per thread whatever the sequence length.
 void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* lse, const float* dout,
                         std::span<const std::int64_t> bounds, std::int64_t heads, std::int64_t kv_heads, std::int64_t d,
-                        std::int64_t window, float* dq, float* dk, float* dv);
+                        std::int64_t window, float* dq, float* dk, float* dv, bool bf16_products = false);
 
 // Cross-entropy of logits [rows, vocab] against targets [rows] (each in [0, vocab)): returns the sum
 // of -log softmax(logits)[target] over the rows, and replaces the logits with the gradient of

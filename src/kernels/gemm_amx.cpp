@@ -55,12 +55,12 @@ __m512i interleave_rows(__m512 lo, __m512 hi) {
   return _mm512_permutexvar_epi16(index, both);
 }
 
-// op(A) rows [i0, i0 + 16) into `out` (16 rows of kp bf16): A [m, k] untransposed.
+// op(A) rows [i0, i0 + 16) into `out`, their A tiles (16 rows x 32 values, 1 KiB) one after another
+// along k: A [m, k] untransposed.
 void pack_a_rows(std::int64_t i0, std::int64_t m, std::int64_t k, std::int64_t kp, const float* a, std::int64_t lda, std::uint16_t* out) {
   for (std::int64_t i = 0; i < kGroup; ++i) {
-    auto* row = reinterpret_cast<__m512i*>(out + i * kp);
     for (std::int64_t c = 0; c < kp; c += kDepth) {
-      _mm512_storeu_si512(row + c / kDepth, i0 + i < m ? pairs_of(a + (i0 + i) * lda + c, k - c) : _mm512_setzero_si512());
+      _mm512_storeu_si512(out + c * kGroup + i * kDepth, i0 + i < m ? pairs_of(a + (i0 + i) * lda + c, k - c) : _mm512_setzero_si512());
     }
   }
 }
@@ -81,7 +81,7 @@ void pack_a_columns(std::int64_t c, std::int64_t m, std::int64_t mp, std::int64_
     transpose_16x16(hi);
     for (std::int64_t i = 0; i < kGroup; ++i) {
       const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_castsi512_ps(hi[i]), _mm512_castsi512_ps(lo[i])));
-      _mm512_storeu_si512(out + (i0 + i) * kp + c, v);
+      _mm512_storeu_si512(out + i0 * kp + c * kGroup + i * kDepth, v);
     }
   }
 }
@@ -101,10 +101,9 @@ void block_32x32(const std::uint16_t* ap, std::int64_t kp, const std::uint32_t* 
     _tile_zero(2);
     _tile_zero(3);
   }
-  const std::int64_t a_stride = kp * 2;
   for (std::int64_t d = 0; d < kp; d += kDepth) {
-    _tile_loadd(4, ap + d, a_stride);
-    _tile_loadd(5, ap + 16 * kp + d, a_stride);
+    _tile_loadd(4, ap + d * kGroup, 64);
+    _tile_loadd(5, ap + 16 * kp + d * kGroup, 64);
     _tile_loadd(6, b0 + d / 2 * kGroup, 64);
     _tile_loadd(7, b1 + d / 2 * kGroup, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -177,9 +176,16 @@ void multiply(bool transpose_a, std::int64_t m, std::int64_t n, std::int64_t k, 
   std::uint16_t* ap = a_packed.data();
   if (transpose_a) parallel_for(kp / kDepth, [&](std::int64_t d) { pack_a_columns(d * kDepth, m, mp, k, kp, a, lda, ap); });
   else parallel_for(mp / kGroup, [&](std::int64_t g) { pack_a_rows(g * kGroup, m, k, kp, a, lda, ap + g * kGroup * kp); });
-  // Items: a chunk of columns (op(B)'s chunk ~128 KiB, read from L2 by every row block) x 32 rows.
-  const std::int64_t chunk_cols = std::clamp<std::int64_t>((std::int64_t{128} << 10) / kp / 32 * 32, 32, 256);
-  const std::int64_t chunks = (n + chunk_cols - 1) / chunk_cols, row_blocks = mp / 32;
+  // Items: a chunk of columns (op(B)'s chunk at most ~1 MiB, kept in L2 while every row block reads
+  // it) x 32 rows (their A, in L1 while every column of the chunk uses it); at least ~8 per thread.
+  const std::int64_t row_blocks = mp / 32, np = round_up_32(n);
+  std::int64_t chunk_cols = std::clamp<std::int64_t>((std::int64_t{1} << 20) / (kp * 2) / 32 * 32, 32, np);
+  const std::int64_t wanted = 8 * std::int64_t{compute_threads()};
+  if (row_blocks * ((np + chunk_cols - 1) / chunk_cols) < wanted) {
+    const std::int64_t chunks_wanted = (wanted + row_blocks - 1) / row_blocks;
+    chunk_cols = std::max<std::int64_t>(32, round_up_32((np + chunks_wanted - 1) / chunks_wanted));
+  }
+  const std::int64_t chunks = (n + chunk_cols - 1) / chunk_cols;
   parallel_for(chunks * row_blocks, [&](std::int64_t item) {
     const std::int64_t j_begin = item / row_blocks * chunk_cols, i0 = item % row_blocks * 32;
     const std::int64_t j_end = std::min(n, j_begin + chunk_cols), rows = std::min<std::int64_t>(32, m - i0);

@@ -112,7 +112,7 @@ void decoder_layer_forward_saving(const io::ModelConfig& c, const std::vector<fl
     fq->value->forward(s.v_pre.data(), rows, kvd, s.v.data());
   }
   kernels::attention_saving(s.q.data(), s.k.data(), s.v.data(), bounds, nh, nkv, d, c.sliding_window.value_or(0),
-                            sized(s.attn, rows * qd).data(), sized(s.lse, rows * nh).data());
+                            sized(s.attn, rows * qd).data(), sized(s.lse, rows * nh).data(), w.bf16_products);
   linear(w.bf16_products, linear_input(w, O, s.attn.data(), rows, qd, s), rows, qd, w.weight[O], w.bias[O], H, sized(s.x_mid, rows * H).data());
   for (std::int64_t i = 0; i < rows * H; ++i) s.x_mid[static_cast<std::size_t>(i)] += s.x_in[static_cast<std::size_t>(i)];
   kernels::rmsnorm_saving(s.x_mid.data(), w.post_norm, rows, H, eps, sized(s.n2, rows * H).data(), sized(s.rstd2, rows).data());
@@ -142,7 +142,7 @@ void decoder_layer_backward(const io::ModelConfig& c, const std::vector<float>& 
   quantized_linear_backward(w, s, O, s.attn.data(), rows, qd, H, dhidden, sized(t.dattn, rows * qd).data(), false, g, t);
   kernels::attention_backward(s.q.data(), s.k.data(), s.v.data(), s.attn.data(), s.lse.data(), t.dattn.data(), bounds, nh, nkv, d,
                               c.sliding_window.value_or(0), sized(t.dq, rows * qd).data(), sized(t.dk, rows * kvd).data(),
-                              sized(t.dv, rows * kvd).data());
+                              sized(t.dv, rows * kvd).data(), w.bf16_products);
   const LayerFakeQuant* fq = w.fake_quant;
   if (fq != nullptr && fq->key != nullptr) {
     fq->key->backward(s.k_pre.data(), t.dk.data(), rows, kvd, fq->clip, sized(t.dlin, rows * kvd).data(), false);

@@ -230,6 +230,40 @@ TEST_P(AttentionBackward, MatchesFiniteDifferences) {
       {q, k, v}, {dq, dk, dv}, 16);
 }
 
+// With bf16 products (mixed-precision training: Q·Kᵀ, P·V and the backward's four products on
+// bf16-rounded operands, f32 sums), the same outputs and gradients to bf16's rounding.
+TEST_P(AttentionBackward, Bf16ProductsStayCloseToF32) {
+  const auto& c = GetParam();
+  const std::int64_t rows = c.bounds.back(), qs = c.heads * c.d, ks = c.kv_heads * c.d;
+  const auto q = random_values(static_cast<std::size_t>(rows * qs), 11);
+  const auto k = random_values(static_cast<std::size_t>(rows * ks), 12);
+  const auto v = random_values(static_cast<std::size_t>(rows * ks), 13);
+  const auto dout = random_values(q.size(), 14);
+  std::vector<std::vector<float>> results[2];
+  for (const bool bf16 : {false, true}) {
+    std::vector<float> out(q.size()), lse(static_cast<std::size_t>(rows * c.heads));
+    std::vector<float> dq(q.size(), NAN), dk(k.size(), NAN), dv(v.size(), NAN);
+    attention_saving(q.data(), k.data(), v.data(), c.bounds, c.heads, c.kv_heads, c.d, c.window, out.data(), lse.data(), bf16);
+    attention_backward(q.data(), k.data(), v.data(), out.data(), lse.data(), dout.data(), c.bounds, c.heads, c.kv_heads, c.d, c.window,
+                       dq.data(), dk.data(), dv.data(), bf16);
+    results[bf16 ? 1 : 0] = {out, lse, dq, dk, dv};
+  }
+  const char* names[] = {"out", "lse", "dq", "dk", "dv"};
+  for (std::size_t t = 0; t < 5; ++t) {
+    const auto& f32 = results[0][t];
+    const auto& b16 = results[1][t];
+    double num = 0, den = 0;
+    for (std::size_t i = 0; i < f32.size(); ++i) {
+      ASSERT_TRUE(std::isfinite(b16[i])) << names[t] << " " << i;
+      num += (static_cast<double>(b16[i]) - f32[i]) * (static_cast<double>(b16[i]) - f32[i]);
+      den += static_cast<double>(f32[i]) * f32[i];
+    }
+    const double error = std::sqrt(num / den);
+    EXPECT_LT(error, 2e-2) << names[t];
+    EXPECT_GT(error, 1e-6) << names[t] << ": the products were not rounded to bf16";
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, AttentionBackward,
                          ::testing::Values(AttentionCase{{0, 5, 12}, 4, 2, 8, 0},      // two sequences, grouped heads
                                            AttentionCase{{0, 9, 20}, 2, 2, 4, 3},      // a window shorter than the sequences

@@ -86,8 +86,9 @@ TEST_P(Gradients, MatchPyTorch) {
   EXPECT_EQ(compared, model.parameters().size());
 }
 
-// Mixed precision (bf16 operands in every Linear's and the head's products, f32 sums): the same
-// gradients to bf16's rounding (a relative error of about 2^-9 per operand), and not the f32 ones.
+// Mixed precision (bf16 operands in every Linear's, attention's and the head's products, f32 sums):
+// the same gradients to bf16's rounding (a relative error of about 2^-9 per operand, ~0.5% on average
+// here; up to ~2% on a bias whose gradient sums many rounded terms), and not the f32 ones.
 TEST_P(Gradients, Bf16ProductsStayCloseToPyTorch) {
   const std::string name = GetParam();
   const auto golden = io::TensorStore::open_file(kData + "/train/grads/" + name + ".safetensors");
@@ -101,7 +102,7 @@ TEST_P(Gradients, Bf16ProductsStayCloseToPyTorch) {
   double worst = 0, sum = 0;
   for (const auto& p : model.parameters()) {
     const double error = relative_error(p.grad, golden.tensor("grad." + p.name).to_f32());
-    EXPECT_LT(error, 2e-2) << p.name;
+    EXPECT_LT(error, 4e-2) << p.name;
     worst = std::max(worst, error);
     sum += error;
   }
