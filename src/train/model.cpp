@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "core/random.h"
+#include "core/thread_pool.h"
 #include "kernels/backward.h"
 #include "kernels/gemm.h"
 #include "kernels/ops.h"
@@ -170,7 +171,10 @@ void TrainableModel::quantize_weights() {
 }
 
 void TrainableModel::zero_grad() {
-  for (auto& p : params_) std::fill(p.grad.begin(), p.grad.end(), 0.0f);
+  for (auto& p : params_) {
+    float* g = p.grad.data();
+    parallel_ranges(static_cast<std::int64_t>(p.grad.size()), 1 << 16, [&](std::int64_t i0, std::int64_t i1) { std::fill(g + i0, g + i1, 0.0f); });
+  }
 }
 
 model::LayerParams TrainableModel::layer_params(std::int64_t layer) const {
@@ -272,7 +276,8 @@ LossResult TrainableModel::run(const Batch& batch, float grad_scale, bool backwa
   LossResult result;
   result.targets = static_cast<std::int64_t>(chosen.size());
   if (backward) dnormed_.assign(static_cast<std::size_t>(rows * H), 0.0f);
-  const std::int64_t chunk = std::max<std::int64_t>(1, (std::int64_t{8} << 20) / V);
+  std::int64_t chunk = std::max<std::int64_t>(1, (std::int64_t{8} << 20) / V);
+  if (bf16_products_ && chunk > 32) chunk = chunk / 32 * 32;  // whole 32-row blocks of the AMX product
   std::vector<std::int32_t> targets;
   const float* head = value(head_);
   if (bf16_products_ && result.targets > 0) {

@@ -1,7 +1,10 @@
 #include "train/optimizer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <numbers>
+#include <utility>
+#include <vector>
 
 #include "core/error.h"
 #include "core/thread_pool.h"
@@ -53,10 +56,23 @@ std::vector<bool> weight_decay_mask(const std::vector<Parameter>& params) {
 }
 
 double gradient_norm(const std::vector<Parameter>& params) {
-  double sum = 0;
+  // Sums of squares in double per piece of 2^16 gradients (on the pool), added in order: the same
+  // bits whatever the thread count.
+  constexpr std::int64_t kPiece = std::int64_t{1} << 16;
+  std::vector<std::pair<const float*, std::int64_t>> pieces;
   for (const auto& p : params) {
-    for (const float g : p.grad) sum += static_cast<double>(g) * g;
+    const auto n = static_cast<std::int64_t>(p.grad.size());
+    for (std::int64_t i = 0; i < n; i += kPiece) pieces.emplace_back(p.grad.data() + i, std::min(kPiece, n - i));
   }
+  std::vector<double> sums(pieces.size());
+  parallel_for(static_cast<std::int64_t>(pieces.size()), [&](std::int64_t k) {
+    const auto [g, n] = pieces[static_cast<std::size_t>(k)];
+    double s = 0;
+    for (std::int64_t i = 0; i < n; ++i) s += static_cast<double>(g[i]) * g[i];
+    sums[static_cast<std::size_t>(k)] = s;
+  });
+  double sum = 0;
+  for (const double s : sums) sum += s;
   return std::sqrt(sum);
 }
 
@@ -67,7 +83,10 @@ double clip_gradients(std::vector<Parameter>& params, double max_norm) {
   if (coef < 1.0) {
     const auto c = static_cast<float>(coef);
     for (auto& p : params) {
-      for (float& g : p.grad) g *= c;
+      float* g = p.grad.data();
+      parallel_ranges(static_cast<std::int64_t>(p.grad.size()), 16384, [&](std::int64_t i0, std::int64_t i1) {
+        for (std::int64_t i = i0; i < i1; ++i) g[i] *= c;
+      });
     }
   }
   return norm;

@@ -45,7 +45,8 @@ class AdamW {
 // PyTorch script that trained models/tiny-kjv, and nanoGPT-style recipes).
 std::vector<bool> weight_decay_mask(const std::vector<Parameter>& params);
 
-// The global L2 norm of every gradient (summed in double, parameter by parameter in order).
+// The global L2 norm of every gradient: squares summed in double in pieces of 2^16 gradients on the
+// pool, the pieces' sums added in order (the same bits at every thread count).
 double gradient_norm(const std::vector<Parameter>& params);
 // Scales every gradient by max_norm / (norm + 1e-6) when that is below 1, as clip_grad_norm_ does;
 // returns the norm before clipping. max_norm <= 0: no clipping (the norm is still returned).
