@@ -30,6 +30,8 @@ bool simd_ops() {
 // row[j] = e^(row[j] - shift) over [0, n); returns the sum (in double on the plain path).
 double exp_shifted(float* row, std::int64_t n, float shift) {
   if (n <= 0) return 0.0;
+  static const bool avx512 = simd_ops() && cpu_features().avx512f;
+  if (avx512) return avx512::exp_shifted_sum(row, n, shift);
   if (simd_ops()) return avx2::exp_shifted_sum(row, n, shift);
   double total = 0;
   for (std::int64_t j = 0; j < n; ++j) {

@@ -145,6 +145,8 @@ std::string describe_gemm() {
   s += vnni_gemm_available() ? "avx512_vnni" : avx2_kernels_available() ? "avx2" : "plain";
   s += "; f32: OpenBLAS ";
   s += describe_blas_kernels();
+  s += "; train --precision bf16: ";
+  s += amx_bf16_products() ? "amx_bf16 tiles" : "bf16-rounded operands through the f32 GEMM (no amx_bf16)";
   return s;
 }
 

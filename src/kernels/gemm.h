@@ -42,7 +42,8 @@ bool bf16_kernels_chosen();
 // else throws Error naming the variable.
 std::optional<bool> parse_bf16_products(const char* value);
 
-// "bf16: avx512_bf16 tiles; int8: avx512_vnni; f32: OpenBLAS Cooperlake" — for --version and bench headers.
+// "bf16: avx512_bf16 tiles; int8: avx512_vnni; f32: OpenBLAS Cooperlake; train --precision bf16: amx_bf16
+// tiles" — for --version and bench headers.
 std::string describe_gemm();
 
 void gemm_f32(const float* x, std::int64_t m, std::int64_t k, const float* w, std::int64_t n, float* y, bool accumulate = false);

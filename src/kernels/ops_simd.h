@@ -28,3 +28,11 @@ void silu_mul(float* gate, const float* up, std::int64_t n);
 void silu_mul_backward(const float* gate, const float* up, const float* dh, std::int64_t n, float* dgate, float* dup);
 
 }  // namespace mopt::kernels::avx2
+
+namespace mopt::kernels::avx512 {
+
+// avx2::exp_shifted_sum on 16 lanes (AVX-512F), with the same bits: the same exponentials lane by
+// lane, summed in the same order.
+float exp_shifted_sum(float* row, std::int64_t n, float shift);
+
+}  // namespace mopt::kernels::avx512

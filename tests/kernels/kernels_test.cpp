@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <string>
 #include <random>
@@ -128,6 +129,10 @@ TEST(Gemm, Bf16ProductsMatchTheirDefinition) {
 // is set, and --version says which way it went.
 TEST(Gemm, Bf16KernelsChosenOnlyWhereTheyRun) {
   const std::string described = describe_gemm();
+  // Training's bf16 products: AMX only where the CPU has it and MOPT_ISA does not hide it (and Linux
+  // granted the tile state), and --version says which.
+  if (amx_bf16_products()) EXPECT_TRUE(cpu_features().amx_bf16);
+  EXPECT_NE(described.find(amx_bf16_products() ? "train --precision bf16: amx_bf16 tiles" : "(no amx_bf16)"), std::string::npos) << described;
   if (!bf16_gemm_available()) {
     EXPECT_FALSE(bf16_kernels_chosen());
     EXPECT_NE(described.find("bf16 products: f32 (no avx512_bf16)"), std::string::npos) << described;
@@ -422,6 +427,33 @@ TEST(SimdOps, ExpWithinTwoUlpOfStdExp) {
     EXPECT_NEAR(got[i], e, 3e-7 * e + 1e-37);
   }
   EXPECT_NEAR(total, want_total, 1e-6 * want_total);
+}
+
+// The AVX-512 exp_shifted_sum gives the AVX2 one's bits: every exponential and the sum, on rows of
+// every tail length (1-40), over the whole range with infinities and a NaN.
+TEST(SimdOps, Avx512ExpShiftedSumIsTheAvx2OnesBits) {
+  if (!cpu_features().avx512f || !cpu_features().avx2 || !cpu_features().fma) GTEST_SKIP() << "no AVX-512F on this CPU";
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> wide(-120.0f, 10.0f), narrow(-6.0f, 0.0f);
+  std::vector<float> x;
+  for (int i = 0; i < 3000; ++i) x.push_back(i % 3 ? narrow(rng) : wide(rng));
+  for (const float v : {0.0f, -0.0f, -87.33f, -87.34f, -1e30f, -INFINITY, NAN}) x.push_back(v);
+  std::int64_t checked = 0;
+  for (std::int64_t n = 1; n <= 40; ++n) {
+    for (std::size_t start = 0; start + static_cast<std::size_t>(n) <= x.size(); start += 97) {
+      std::vector<float> a(x.begin() + static_cast<std::ptrdiff_t>(start), x.begin() + static_cast<std::ptrdiff_t>(start) + n), b = a;
+      const float sa = avx2::exp_shifted_sum(a.data(), n, 0.5f), sb = avx512::exp_shifted_sum(b.data(), n, 0.5f);
+      ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "n " << n << " start " << start;
+      ASSERT_EQ(std::memcmp(&sa, &sb, sizeof(float)), 0) << "n " << n << " start " << start << ": " << sa << " vs " << sb;
+      ++checked;
+    }
+  }
+  std::vector<float> a(x.begin(), x.begin() + 3001), b = a;  // a long row: the 16-wide loop, then a tail of 9
+  const float sa = avx2::exp_shifted_sum(a.data(), 3001, 1.0f), sb = avx512::exp_shifted_sum(b.data(), 3001, 1.0f);
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+  EXPECT_EQ(std::memcmp(&sa, &sb, sizeof(float)), 0) << sa << " vs " << sb;
+  EXPECT_GT(sa, 0.0f);
+  EXPECT_GT(checked, 1000);
 }
 
 TEST(SimdOps, ExpSumInDoubleWithinTwoUlpOfStdExp) {
