@@ -2,7 +2,9 @@
 // bf16-operand product of mixed-precision training (matmul_bf16_operands: AMX tiles where the CPU has
 // them, `mopt --version` says whether), on the Linears of a training step of T tokens — forward
 // Y = X·Wᵀ, dX = dY·W, dW += dYᵀ·X — for SmolLM2-135M's and tiny-kjv's shapes, and the LM head's
-// forward with the head rounded once (Bf16Operand) per step. Medians of interleaved repeats.
+// forward with the head rounded once (Bf16Operand) per step, and one layer's attention (forward and
+// backward: six products, f32 against bf16 operands) at 4 sequences x T/4 tokens. Medians of
+// interleaved repeats.
 //   train_gemm_bench [tokens=2048] [repeats=7]
 #include <cstdio>
 #include <cstdlib>
@@ -12,6 +14,7 @@
 #include "bench_util.h"
 #include "core/startup_settings.h"
 #include "core/thread_pool.h"
+#include "kernels/backward.h"
 #include "kernels/gemm.h"
 
 using namespace mopt;
@@ -105,5 +108,26 @@ int main(int argc, char** argv) {
   const double f = 2.0 * static_cast<double>(tokens * vocab * hidden), m32 = bench::median(t32), m16 = bench::median(t16);
   std::printf("%-34s %10.2f %10.2f %9.1f %9.1f %6.2fx\n", "smollm2 head fwd (chunks of 170)", m32 * 1e3, m16 * 1e3, f / m32 / 1e9, f / m16 / 1e9,
               m32 / m16);
+  // SmolLM2's attention: 9 heads, 3 key/value heads, head_dim 64, 4 causal sequences.
+  const std::int64_t heads = 9, kv_heads = 3, d = 64, sequences = 4, per = tokens / sequences;
+  std::vector<std::int64_t> bounds;
+  for (std::int64_t s = 0; s <= sequences; ++s) bounds.push_back(s * per);
+  const std::int64_t rows = per * sequences;
+  const auto q = random_floats(static_cast<std::size_t>(rows * heads * d), 5), k = random_floats(static_cast<std::size_t>(rows * kv_heads * d), 6),
+             v = random_floats(static_cast<std::size_t>(rows * kv_heads * d), 7), dout = random_floats(q.size(), 8);
+  std::vector<float> out(q.size()), lse(static_cast<std::size_t>(rows * heads)), dq(q.size()), dk(k.size()), dv(v.size());
+  t32.clear();
+  t16.clear();
+  for (int r = 0; r < repeats + 1; ++r) {
+    for (const bool bf16 : {false, true}) {
+      const auto t = std::chrono::steady_clock::now();
+      kernels::attention_saving(q.data(), k.data(), v.data(), bounds, heads, kv_heads, d, 0, out.data(), lse.data(), bf16);
+      kernels::attention_backward(q.data(), k.data(), v.data(), out.data(), lse.data(), dout.data(), bounds, heads, kv_heads, d, 0, dq.data(), dk.data(),
+                                  dv.data(), bf16);
+      if (r > 0) (bf16 ? t16 : t32).push_back(bench::seconds_since(t));
+    }
+  }
+  std::printf("%-34s %10.2f %10.2f %9s %9s %6.2fx\n", "smollm2 attention fwd+bwd, 1 layer", bench::median(t32) * 1e3, bench::median(t16) * 1e3, "-", "-",
+              bench::median(t32) / bench::median(t16));
   return 0;
 }

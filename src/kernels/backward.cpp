@@ -60,6 +60,15 @@ blasint B(std::int64_t v) { return static_cast<blasint>(v); }
 
 // C = alpha · op(A) · op(B) + beta · C (beta 0 or 1), as cblas_sgemm, or on bf16-rounded operands
 // with f32 sums (alpha applied to the f32 result).
+// C [m, n_used] = alpha · A [m, k_used] · (op(B)'s leading k_used x n_used block), B laid out once.
+void scaled_leading(const Bf16Operand& b, std::int64_t m, std::int64_t k_used, std::int64_t n_used, float alpha, const float* a, std::int64_t lda,
+                    float* c, std::int64_t ldc) {
+  b.multiply_leading(false, m, k_used, n_used, a, lda, c, ldc, false);
+  for (std::int64_t i = 0; i < m; ++i) {
+    for (std::int64_t j = 0; j < n_used; ++j) c[i * ldc + j] *= alpha;
+  }
+}
+
 void product(bool bf16, bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda,
              const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
   if (!bf16) {
@@ -153,24 +162,45 @@ void attention_saving(const float* q, const float* k, const float* v, std::span<
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   // Items: (sequence, query block, head).
   struct Block {
-    std::int64_t offset, i0, rows;
+    std::int64_t sequence, offset, i0, rows;
   };
   std::vector<Block> blocks;
-  for (std::size_t s = 0; s + 1 < bounds.size(); ++s) {
+  const std::size_t sequences = bounds.size() - 1;
+  for (std::size_t s = 0; s < sequences; ++s) {
     const std::int64_t n = bounds[s + 1] - bounds[s];
-    for (std::int64_t i0 = 0; i0 < n; i0 += kQueryBlock) blocks.push_back({bounds[s], i0, std::min(kQueryBlock, n - i0)});
+    for (std::int64_t i0 = 0; i0 < n; i0 += kQueryBlock) blocks.push_back({static_cast<std::int64_t>(s), bounds[s], i0, std::min(kQueryBlock, n - i0)});
   }
   start_thread_pool();  // OpenBLAS single-threaded
+  // bf16 products: where no window cuts a sequence, every query block's keys are a prefix of its keys,
+  // so each (sequence, key/value head)'s Kᵀ and V are rounded and laid out once for all its heads and
+  // blocks, not once per product.
+  std::vector<Bf16Operand> kt, vn;
+  std::vector<char> prefixes(sequences, 0);
+  if (bf16_products) {
+    for (std::size_t s = 0; s < sequences; ++s) prefixes[s] = window <= 0 || window >= bounds[s + 1] - bounds[s];
+    kt.resize(sequences * static_cast<std::size_t>(kv_heads));
+    vn.resize(kt.size());
+    parallel_for(static_cast<std::int64_t>(kt.size()), [&](std::int64_t item) {
+      const auto s = static_cast<std::size_t>(item / kv_heads);
+      const std::int64_t kh = item % kv_heads, offset = bounds[s], n = bounds[s + 1] - offset;
+      if (!prefixes[s]) return;
+      kt[static_cast<std::size_t>(item)].assign(true, d, n, k + offset * kv_stride + kh * d, kv_stride);
+      vn[static_cast<std::size_t>(item)].assign(false, n, d, v + offset * kv_stride + kh * d, kv_stride);
+    });
+  }
   parallel_for(static_cast<std::int64_t>(blocks.size()) * heads, [&](std::int64_t item) {
     const Block& blk = blocks[static_cast<std::size_t>(item / heads)];
     const std::int64_t h = item % heads, kh = h / group;
     const std::int64_t k0 = first_key(blk.i0, window), nk = blk.i0 + blk.rows - k0;
+    const bool prefix = prefixes[static_cast<std::size_t>(blk.sequence)] != 0;
+    const auto operand = static_cast<std::size_t>(blk.sequence * kv_heads + kh);
     thread_local std::vector<float> scores;
     scores.resize(static_cast<std::size_t>(blk.rows * nk));
     const float* qh = q + (blk.offset + blk.i0) * q_stride + h * d;
     const float* kb = k + (blk.offset + k0) * kv_stride + kh * d;
     const float* vb = v + (blk.offset + k0) * kv_stride + kh * d;
-    product(bf16_products, false, true, blk.rows, nk, d, scale, qh, q_stride, kb, kv_stride, 0.0f, scores.data(), nk);
+    if (prefix) scaled_leading(kt[operand], blk.rows, d, nk, scale, qh, q_stride, scores.data(), nk);
+    else product(bf16_products, false, true, blk.rows, nk, d, scale, qh, q_stride, kb, kv_stride, 0.0f, scores.data(), nk);
     for (std::int64_t r = 0; r < blk.rows; ++r) {
       const std::int64_t p = blk.i0 + r, first = first_key(p, window) - k0, last = p - k0;
       float* row = scores.data() + r * nk;
@@ -181,8 +211,9 @@ void attention_saving(const float* q, const float* k, const float* v, std::span<
       std::fill(row + last + 1, row + nk, 0.0f);
       lse[(blk.offset + p) * heads + h] = m + static_cast<float>(std::log(total));
     }
-    product(bf16_products, false, false, blk.rows, d, nk, 1.0f, scores.data(), nk, vb, kv_stride, 0.0f, out + (blk.offset + blk.i0) * q_stride + h * d,
-            q_stride);
+    float* oh = out + (blk.offset + blk.i0) * q_stride + h * d;
+    if (prefix) vn[operand].multiply_leading(false, blk.rows, nk, d, scores.data(), nk, oh, q_stride, false);
+    else product(bf16_products, false, false, blk.rows, d, nk, 1.0f, scores.data(), nk, vb, kv_stride, 0.0f, oh, q_stride);
   });
 }
 
@@ -206,6 +237,16 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
       std::fill(dv_base + r * kv_stride, dv_base + r * kv_stride + d, 0.0f);
     }
     thread_local std::vector<float> p_buf, dp_buf, delta;
+    // bf16 products without a window: every query block's keys are a prefix of the sequence's, so K
+    // and V are rounded and laid out once for all the item's heads and blocks (Kᵀ and Vᵀ for the
+    // scores, K for dQ), not once per product.
+    thread_local Bf16Operand kt, vt, kn;
+    const bool prefixes = bf16_products && (window <= 0 || window >= n);
+    if (prefixes) {
+      kt.assign(true, d, n, k + offset * kv_stride + kh * d, kv_stride);
+      vt.assign(true, d, n, v + offset * kv_stride + kh * d, kv_stride);
+      kn.assign(false, n, d, k + offset * kv_stride + kh * d, kv_stride);
+    }
     for (std::int64_t h = kh * group; h < (kh + 1) * group; ++h) {
       for (std::int64_t i0 = 0; i0 < n; i0 += kQueryBlock) {
         const std::int64_t rows = std::min(kQueryBlock, n - i0);
@@ -221,7 +262,8 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
         const float* kb = k + (offset + k0) * kv_stride + kh * d;
         const float* vb = v + (offset + k0) * kv_stride + kh * d;
         // P = softmax(scale · Q Kᵀ), recomputed from the saved log-sum-exp.
-        product(bf16_products, false, true, rows, nk, d, scale, qh, q_stride, kb, kv_stride, 0.0f, P, nk);
+        if (prefixes) scaled_leading(kt, rows, d, nk, scale, qh, q_stride, P, nk);
+        else product(bf16_products, false, true, rows, nk, d, scale, qh, q_stride, kb, kv_stride, 0.0f, P, nk);
         for (std::int64_t r = 0; r < rows; ++r) {
           const std::int64_t p = i0 + r, first = first_key(p, window) - k0, last = p - k0;
           float* row = P + r * nk;
@@ -235,7 +277,8 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
         }
         // dV += Pᵀ dO; dP = dO Vᵀ.
         product(bf16_products, true, false, nk, d, rows, 1.0f, P, nk, doh, q_stride, 1.0f, dv_base + k0 * kv_stride, kv_stride);
-        product(bf16_products, false, true, rows, nk, d, 1.0f, doh, q_stride, vb, kv_stride, 0.0f, dP, nk);
+        if (prefixes) vt.multiply_leading(false, rows, d, nk, doh, q_stride, dP, nk, false);
+        else product(bf16_products, false, true, rows, nk, d, 1.0f, doh, q_stride, vb, kv_stride, 0.0f, dP, nk);
         // dS = P ⊙ (dP - rowsum(dO ⊙ O)), the softmax's gradient (zero where P is).
         for (std::int64_t r = 0; r < rows; ++r) {
           const float dl = delta[static_cast<std::size_t>(r)];
@@ -246,7 +289,8 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
           }
         }
         // dQ = scale · dS K; dK += scale · dSᵀ Q.
-        product(bf16_products, false, false, rows, d, nk, scale, dP, nk, kb, kv_stride, 0.0f, dq + (offset + i0) * q_stride + h * d, q_stride);
+        if (prefixes) scaled_leading(kn, rows, nk, d, scale, dP, nk, dq + (offset + i0) * q_stride + h * d, q_stride);
+        else product(bf16_products, false, false, rows, d, nk, scale, dP, nk, kb, kv_stride, 0.0f, dq + (offset + i0) * q_stride + h * d, q_stride);
         product(bf16_products, true, false, nk, d, rows, scale, dP, nk, qh, q_stride, 1.0f, dk_base + k0 * kv_stride, kv_stride);
       }
     }

@@ -354,25 +354,27 @@ void Bf16Operand::assign(bool transpose_b, std::int64_t k, std::int64_t n, const
     if (k > 0 && n > 0) amx::pack_b(transpose_b, k, n, b, ldb, packed_.data());
     return;
   }
-  rounded_.resize(static_cast<std::size_t>(k * n));
+  if (rounded_.size() < static_cast<std::size_t>(k * n)) rounded_.resize(static_cast<std::size_t>(k * n));
   round_to_bf16(transpose_b, k, n, b, ldb, rounded_.data());
 }
 
-void Bf16Operand::multiply(bool transpose_a, std::int64_t m, const float* a, std::int64_t lda, float* c, std::int64_t ldc, bool accumulate) const {
-  if (m == 0 || n_ == 0) return;
-  if (k_ == 0) {
-    for (std::int64_t i = 0; i < m && !accumulate; ++i) std::fill(c + i * ldc, c + i * ldc + n_, 0.0f);
+void Bf16Operand::multiply_leading(bool transpose_a, std::int64_t m, std::int64_t k_used, std::int64_t n_used, const float* a, std::int64_t lda,
+                                   float* c, std::int64_t ldc, bool accumulate) const {
+  if (k_used < 0 || k_used > k_ || n_used < 0 || n_used > n_) fail("Bf16Operand: a {}x{} block of a {}x{} operand", k_used, n_used, k_, n_);
+  if (m == 0 || n_used == 0) return;
+  if (k_used == 0) {
+    for (std::int64_t i = 0; i < m && !accumulate; ++i) std::fill(c + i * ldc, c + i * ldc + n_used, 0.0f);
     return;
   }
   if (amx_bf16_products()) {
-    amx::multiply(transpose_a, m, n_, k_, a, lda, packed_.data(), c, ldc, accumulate);
+    amx::multiply(transpose_a, m, n_used, k_used, a, lda, packed_.data(), amx::round_up_32(k_) / 2, c, ldc, accumulate);
     return;
   }
   thread_local std::vector<float> rounded_a;
-  rounded_a.resize(static_cast<std::size_t>(m * k_));
+  if (rounded_a.size() < static_cast<std::size_t>(m * k_used)) rounded_a.resize(static_cast<std::size_t>(m * k_used));
   float* ra = rounded_a.data();
-  round_to_bf16(transpose_a, m, k_, a, lda, ra);
-  matmul_f32(false, false, m, n_, k_, ra, k_, rounded_.data(), n_, c, ldc, accumulate);
+  round_to_bf16(transpose_a, m, k_used, a, lda, ra);
+  matmul_f32(false, false, m, n_used, k_used, ra, k_used, rounded_.data(), n_, c, ldc, accumulate);
 }
 
 void matmul_bf16_operands(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,

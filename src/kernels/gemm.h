@@ -73,7 +73,14 @@ class Bf16Operand {
  public:
   void assign(bool transpose_b, std::int64_t k, std::int64_t n, const float* b, std::int64_t ldb);
   // C[m, n] = op(A) · op(B), plus C when `accumulate`; op(A) is A [m, k] or, transposed, Aᵀ of A [k, m].
-  void multiply(bool transpose_a, std::int64_t m, const float* a, std::int64_t lda, float* c, std::int64_t ldc, bool accumulate) const;
+  void multiply(bool transpose_a, std::int64_t m, const float* a, std::int64_t lda, float* c, std::int64_t ldc, bool accumulate) const {
+    multiply_leading(transpose_a, m, k_, n_, a, lda, c, ldc, accumulate);
+  }
+  // The same with op(B)'s leading k_used x n_used block (k_used <= k(), n_used <= n(); op(A) [m, k_used]):
+  // one operand for products over growing prefixes (attention's keys, block by block). The rows of
+  // op(B) past k_used must be finite.
+  void multiply_leading(bool transpose_a, std::int64_t m, std::int64_t k_used, std::int64_t n_used, const float* a, std::int64_t lda, float* c,
+                        std::int64_t ldc, bool accumulate) const;
   std::int64_t k() const { return k_; }
   std::int64_t n() const { return n_; }
 

@@ -166,9 +166,9 @@ void pack_b(bool transpose_b, std::int64_t k, std::int64_t n, const float* b, st
 }
 
 void multiply(bool transpose_a, std::int64_t m, std::int64_t n, std::int64_t k, const float* a, std::int64_t lda, const std::uint32_t* packed_b,
-              float* c, std::int64_t ldc, bool accumulate) {
+              std::int64_t b_pairs, float* c, std::int64_t ldc, bool accumulate) {
   if (m == 0 || n == 0) return;
-  const std::int64_t kp = round_up_32(k), mp = round_up_32(m), pairs = kp / 2;
+  const std::int64_t kp = round_up_32(k), mp = round_up_32(m), pairs = b_pairs;
   // op(A) rounded once, in bf16 rows (per thread that calls: a product inside a pool item runs alone).
   thread_local std::vector<std::uint16_t> a_packed;
   // Grown, never shrunk nor cleared: resize() would zero what it adds on every product.

@@ -30,9 +30,11 @@ constexpr std::int64_t packed_b_dwords(std::int64_t k, std::int64_t n) { return 
 void pack_b(bool transpose_b, std::int64_t k, std::int64_t n, const float* b, std::int64_t ldb, std::uint32_t* out);
 
 // C[m, n] = op(A) · op(B), plus C when `accumulate`, with op(B) packed by pack_b; op(A) is A [m, k] or,
-// transposed, Aᵀ of A [k, m]. On the pool; every element's sum runs in the same order whatever the
-// thread count.
+// transposed, Aᵀ of A [k, m]. b_pairs: the pairs per column group of that packing (round_up_32(its
+// k) / 2): a packing of a larger op(B) [K >= k, N >= n] serves its leading k x n block (its rows past
+// k meet op(A)'s zero padding, so they must be finite). On the pool; every element's sum runs in the
+// same order whatever the thread count.
 void multiply(bool transpose_a, std::int64_t m, std::int64_t n, std::int64_t k, const float* a, std::int64_t lda, const std::uint32_t* packed_b,
-              float* c, std::int64_t ldc, bool accumulate);
+              std::int64_t b_pairs, float* c, std::int64_t ldc, bool accumulate);
 
 }  // namespace mopt::kernels::amx
