@@ -69,6 +69,19 @@ void scaled_leading(const Bf16Operand& b, std::int64_t m, std::int64_t k_used, s
   }
 }
 
+// The scores [m, n_used] = (scale · Q [m, d]) · Kᵀ's leading n_used keys, Kᵀ laid out once: Q scaled
+// before its rounding (the same bits as scaling the products when scale is a power of two, as at
+// head_dim 64), m x d multiplies instead of m x n_used.
+void scaled_scores(const Bf16Operand& kt, std::int64_t m, std::int64_t d, std::int64_t n_used, float scale, const float* q, std::int64_t ldq,
+                   float* scores) {
+  thread_local std::vector<float> q_scaled;
+  if (q_scaled.size() < static_cast<std::size_t>(m * d)) q_scaled.resize(static_cast<std::size_t>(m * d));
+  for (std::int64_t i = 0; i < m; ++i) {
+    for (std::int64_t t = 0; t < d; ++t) q_scaled[static_cast<std::size_t>(i * d + t)] = scale * q[i * ldq + t];
+  }
+  kt.multiply_leading(false, m, d, n_used, q_scaled.data(), d, scores, n_used, false);
+}
+
 void product(bool bf16, bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a, std::int64_t lda,
              const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
   if (!bf16) {
@@ -118,8 +131,14 @@ void rmsnorm_backward(const float* x, const float* weight, const float* rstd, co
       const float* xr = x + r * dim;
       const float* gr = dy + r * dim;
       const float s = rstd[r];
-      double dot = 0;
-      for (std::int64_t i = 0; i < dim; ++i) dot += static_cast<double>(gr[i]) * weight[i] * xr[i];
+      // Four partial sums (independent chains: one long chain of double adds ran at its latency).
+      double part[4] = {0, 0, 0, 0};
+      std::int64_t j = 0;
+      for (; j + 4 <= dim; j += 4) {
+        for (int l = 0; l < 4; ++l) part[l] += static_cast<double>(gr[j + l]) * weight[j + l] * xr[j + l];
+      }
+      for (; j < dim; ++j) part[0] += static_cast<double>(gr[j]) * weight[j] * xr[j];
+      const double dot = (part[0] + part[1]) + (part[2] + part[3]);
       const float c = static_cast<float>(dot / static_cast<double>(dim)) * s * s * s;
       float* dxr = dx + r * dim;
       for (std::int64_t i = 0; i < dim; ++i) dxr[i] += s * (gr[i] * weight[i]) - c * xr[i];
@@ -199,7 +218,7 @@ void attention_saving(const float* q, const float* k, const float* v, std::span<
     const float* qh = q + (blk.offset + blk.i0) * q_stride + h * d;
     const float* kb = k + (blk.offset + k0) * kv_stride + kh * d;
     const float* vb = v + (blk.offset + k0) * kv_stride + kh * d;
-    if (prefix) scaled_leading(kt[operand], blk.rows, d, nk, scale, qh, q_stride, scores.data(), nk);
+    if (prefix) scaled_scores(kt[operand], blk.rows, d, nk, scale, qh, q_stride, scores.data());
     else product(bf16_products, false, true, blk.rows, nk, d, scale, qh, q_stride, kb, kv_stride, 0.0f, scores.data(), nk);
     for (std::int64_t r = 0; r < blk.rows; ++r) {
       const std::int64_t p = blk.i0 + r, first = first_key(p, window) - k0, last = p - k0;
@@ -262,7 +281,7 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
         const float* kb = k + (offset + k0) * kv_stride + kh * d;
         const float* vb = v + (offset + k0) * kv_stride + kh * d;
         // P = softmax(scale · Q Kᵀ), recomputed from the saved log-sum-exp.
-        if (prefixes) scaled_leading(kt, rows, d, nk, scale, qh, q_stride, P, nk);
+        if (prefixes) scaled_scores(kt, rows, d, nk, scale, qh, q_stride, P);
         else product(bf16_products, false, true, rows, nk, d, scale, qh, q_stride, kb, kv_stride, 0.0f, P, nk);
         for (std::int64_t r = 0; r < rows; ++r) {
           const std::int64_t p = i0 + r, first = first_key(p, window) - k0, last = p - k0;
@@ -271,9 +290,16 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
           std::fill(row, row + first, 0.0f);
           exp_shifted(row + first, last - first + 1, l);
           std::fill(row + last + 1, row + nk, 0.0f);
-          double dot = 0;
-          for (std::int64_t t = 0; t < d; ++t) dot += static_cast<double>(doh[r * q_stride + t]) * oh[r * q_stride + t];
-          delta[static_cast<std::size_t>(r)] = static_cast<float>(dot);
+          // rowsum(dO ⊙ O) in four partial sums (independent chains of double adds).
+          const float* dor = doh + r * q_stride;
+          const float* orow = oh + r * q_stride;
+          double part[4] = {0, 0, 0, 0};
+          std::int64_t t = 0;
+          for (; t + 4 <= d; t += 4) {
+            for (int lane = 0; lane < 4; ++lane) part[lane] += static_cast<double>(dor[t + lane]) * orow[t + lane];
+          }
+          for (; t < d; ++t) part[0] += static_cast<double>(dor[t]) * orow[t];
+          delta[static_cast<std::size_t>(r)] = static_cast<float>((part[0] + part[1]) + (part[2] + part[3]));
         }
         // dV += Pᵀ dO; dP = dO Vᵀ.
         product(bf16_products, true, false, nk, d, rows, 1.0f, P, nk, doh, q_stride, 1.0f, dv_base + k0 * kv_stride, kv_stride);

@@ -31,7 +31,12 @@ struct alignas(64) TileConfig {
   std::uint8_t rows[16] = {};
 };
 
+// Loads the configuration on the calling thread once: it stays (no other code here uses the tiles),
+// as LDTILECFG and TILERELEASE per item cost more than a small product's tiles.
 void load_tile_config() {
+  thread_local bool loaded = false;
+  if (loaded) return;
+  loaded = true;
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.colsb[t] = 64;
@@ -194,7 +199,6 @@ void multiply(bool transpose_a, std::int64_t m, std::int64_t n, std::int64_t k, 
       const std::uint32_t* b0 = packed_b + j0 / kGroup * pairs * kGroup;
       block_32x32(ap + i0 * kp, kp, b0, b0 + pairs * kGroup, c + i0 * ldc + j0, ldc, rows, std::min<std::int64_t>(32, j_end - j0), accumulate);
     }
-    _tile_release();
   });
 }
 
