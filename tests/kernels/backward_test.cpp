@@ -80,7 +80,7 @@ Vec rmsnorm64(const Vec& x, const Vec& w, std::int64_t rows, std::int64_t dim, d
   for (std::int64_t r = 0; r < rows; ++r) {
     double ss = 0;
     for (std::int64_t i = 0; i < dim; ++i) ss += x[r * dim + i] * x[r * dim + i];
-    const double s = 1.0 / std::sqrt(ss / dim + eps);
+    const double s = 1.0 / std::sqrt(ss / static_cast<double>(dim) + eps);
     for (std::int64_t i = 0; i < dim; ++i) y[r * dim + i] = w[i] * x[r * dim + i] * s;
   }
   return y;
@@ -193,13 +193,22 @@ struct AttentionCase {
 
 class AttentionBackward : public ::testing::TestWithParam<AttentionCase> {};
 
+// Random q [rows, heads, d], k and v [rows, kv_heads, d], and an output gradient.
+struct AttentionInputs {
+  std::vector<float> q, k, v, dout;
+};
+AttentionInputs attention_inputs(const AttentionCase& c) {
+  const std::int64_t rows = c.bounds.back();
+  const auto q = random_values(static_cast<std::size_t>(rows * c.heads * c.d), 11);
+  return {q, random_values(static_cast<std::size_t>(rows * c.kv_heads * c.d), 12), random_values(static_cast<std::size_t>(rows * c.kv_heads * c.d), 13),
+          random_values(q.size(), 14)};
+}
+
 TEST_P(AttentionBackward, MatchesFiniteDifferences) {
   const auto& c = GetParam();
   const std::int64_t rows = c.bounds.back(), qs = c.heads * c.d, ks = c.kv_heads * c.d;
-  const auto q = random_values(static_cast<std::size_t>(rows * qs), 11);
-  const auto k = random_values(static_cast<std::size_t>(rows * ks), 12);
-  const auto v = random_values(static_cast<std::size_t>(rows * ks), 13);
-  const auto dout = random_values(q.size(), 14);
+  const AttentionInputs in = attention_inputs(c);
+  const auto& [q, k, v, dout] = in;
   std::vector<float> out(q.size()), lse(static_cast<std::size_t>(rows * c.heads));
   attention_saving(q.data(), k.data(), v.data(), c.bounds, c.heads, c.kv_heads, c.d, c.window, out.data(), lse.data());
   // The forward: the f64 definition, and the inference kernel sequence by sequence.
@@ -234,11 +243,9 @@ TEST_P(AttentionBackward, MatchesFiniteDifferences) {
 // bf16-rounded operands, f32 sums), the same outputs and gradients to bf16's rounding.
 TEST_P(AttentionBackward, Bf16ProductsStayCloseToF32) {
   const auto& c = GetParam();
-  const std::int64_t rows = c.bounds.back(), qs = c.heads * c.d, ks = c.kv_heads * c.d;
-  const auto q = random_values(static_cast<std::size_t>(rows * qs), 11);
-  const auto k = random_values(static_cast<std::size_t>(rows * ks), 12);
-  const auto v = random_values(static_cast<std::size_t>(rows * ks), 13);
-  const auto dout = random_values(q.size(), 14);
+  const std::int64_t rows = c.bounds.back(), qs = c.heads * c.d;
+  const AttentionInputs in = attention_inputs(c);
+  const auto& [q, k, v, dout] = in;
   std::vector<std::vector<float>> results[2];
   for (const bool bf16 : {false, true}) {
     std::vector<float> out(q.size()), lse(static_cast<std::size_t>(rows * c.heads));
@@ -314,95 +321,76 @@ TEST(Backward, EmbeddingAndBiasAddInOrder) {
   }
 }
 
-// matmul_f32 in every transpose, split by the pool into blocks (a product over the split threshold,
-// with tails), against the plain loops; and the same bits at 1, 2 and 3 threads.
-TEST(Backward, MatmulMatchesReferenceInEveryTranspose) {
+using Product = std::function<void(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, const float* a, std::int64_t lda, const float* b,
+                                   std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate)>;
+
+// `product` of [m, k] by [k, n] in every transpose, written and accumulated, on random operands with
+// padded leading dimensions, at 1, 2 and 3 threads: within tol * (1 + |want|) of `reference`, the same
+// bits at every thread count, nothing written past column n. Returns the largest difference from the
+// exact f32 product (ref::matmul_f32).
+double check_products(std::int64_t m, std::int64_t n, std::int64_t k, unsigned seed, const Product& product, const Product& reference, double tol) {
   const int threads = compute_threads();
-  const std::int64_t m = 150, n = 140, k = 120, ld_pad = 3;
+  const std::int64_t ld_pad = 3;
+  double from_exact = 0;
   for (const bool ta : {false, true}) {
     for (const bool tb : {false, true}) {
       const std::int64_t lda = (ta ? m : k) + ld_pad, ldb = (tb ? k : n) + ld_pad, ldc = n + ld_pad;
-      const auto a = random_values(static_cast<std::size_t>((ta ? k : m) * lda), 17);
-      const auto b = random_values(static_cast<std::size_t>((tb ? n : k) * ldb), 18);
-      const auto c0 = random_values(static_cast<std::size_t>(m * ldc), 19);
+      const auto a = random_values(static_cast<std::size_t>((ta ? k : m) * lda), seed);
+      const auto b = random_values(static_cast<std::size_t>((tb ? n : k) * ldb), seed + 1);
+      const auto c0 = random_values(static_cast<std::size_t>(m * ldc), seed + 2);
       for (const bool acc : {false, true}) {
-        std::vector<float> ref = c0;
-        ref::matmul_f32(ta, tb, m, n, k, a.data(), lda, b.data(), ldb, ref.data(), ldc, acc);
+        std::vector<float> want = c0, exact = c0;
+        reference(ta, tb, m, n, k, a.data(), lda, b.data(), ldb, want.data(), ldc, acc);
+        ref::matmul_f32(ta, tb, m, n, k, a.data(), lda, b.data(), ldb, exact.data(), ldc, acc);
         std::vector<float> first;
         for (const int t : {1, 2, 3}) {
           set_compute_threads(t);
           std::vector<float> c = c0;
-          matmul_f32(ta, tb, m, n, k, a.data(), lda, b.data(), ldb, c.data(), ldc, acc);
+          product(ta, tb, m, n, k, a.data(), lda, b.data(), ldb, c.data(), ldc, acc);
           for (std::int64_t i = 0; i < m; ++i) {
             for (std::int64_t j = 0; j < ldc; ++j) {
               const auto at = static_cast<std::size_t>(i * ldc + j);
               if (j >= n) {
-                ASSERT_EQ(c[at], c0[at]) << "wrote past column n";
-              } else {
-                ASSERT_NEAR(c[at], ref[at], 1e-4 * (1 + std::fabs(ref[at]))) << ta << tb << acc << " " << i << "," << j;
+                EXPECT_EQ(c[at], c0[at]) << "wrote past column n";
+                continue;
               }
+              EXPECT_NEAR(c[at], want[at], tol * (1 + std::fabs(want[at]))) << ta << tb << acc << " " << i << "," << j << " k " << k;
+              from_exact = std::max(from_exact, static_cast<double>(std::fabs(c[at] - exact[at])));
             }
           }
           if (first.empty()) first = c;
           EXPECT_EQ(c, first) << "threads " << t << " transposes " << ta << tb << " accumulate " << acc;
+          if (::testing::Test::HasFailure()) {
+            set_compute_threads(threads);
+            return from_exact;
+          }
         }
       }
     }
   }
   set_compute_threads(threads);
+  return from_exact;
 }
 
+// matmul_f32 in every transpose, split by the pool into blocks (a product over the split threshold,
+// with tails), against the plain loops; and the same bits at 1, 2 and 3 threads.
+TEST(Backward, MatmulMatchesReferenceInEveryTranspose) { check_products(150, 140, 120, 17, matmul_f32, ref::matmul_f32, 1e-4); }
 
 // The products on bf16 operands (mixed-precision training) in every transpose, with tails in m, n and
 // k (AMX pads to 32) and whole 32 x 32 blocks, written or accumulated, against their definition
-// (operands rounded, sums in double); the same bits at 1, 2 and 3 threads; and a Bf16Operand reused
+// (operands rounded, sums in double), the same bits at 1, 2 and 3 threads; and a Bf16Operand reused
 // for several products. AMX where the CPU has it (the test says which), else the rounded operands
 // through OpenBLAS (MOPT_ISA=avx2 or scalar: kernels.avx2, kernels.plain_loops).
 TEST(Backward, Bf16OperandsMatchTheirDefinition) {
   std::printf("bf16 operands on %s\n", amx_bf16_products() ? "AMX tiles" : "OpenBLAS (rounded copies)");
-  const int threads = compute_threads();
   struct Shape {
     std::int64_t m, n, k;
   };
   for (const Shape sh : {Shape{150, 140, 120}, Shape{64, 96, 96}, Shape{33, 17, 5}, Shape{96, 64, 600}}) {
-    const std::int64_t m = sh.m, n = sh.n, k = sh.k, ld_pad = 3;
-    for (const bool ta : {false, true}) {
-      for (const bool tb : {false, true}) {
-        const std::int64_t lda = (ta ? m : k) + ld_pad, ldb = (tb ? k : n) + ld_pad, ldc = n + ld_pad;
-        const auto a = random_values(static_cast<std::size_t>((ta ? k : m) * lda), 27);
-        const auto b = random_values(static_cast<std::size_t>((tb ? n : k) * ldb), 28);
-        const auto c0 = random_values(static_cast<std::size_t>(m * ldc), 29);
-        for (const bool acc : {false, true}) {
-          std::vector<float> want = c0, exact = c0;
-          ref::matmul_bf16_operands(ta, tb, m, n, k, a.data(), lda, b.data(), ldb, want.data(), ldc, acc);
-          ref::matmul_f32(ta, tb, m, n, k, a.data(), lda, b.data(), ldb, exact.data(), ldc, acc);
-          std::vector<float> first;
-          double rounding_seen = 0;
-          for (const int t : {1, 2, 3}) {
-            set_compute_threads(t);
-            std::vector<float> c = c0;
-            matmul_bf16_operands(ta, tb, m, n, k, a.data(), lda, b.data(), ldb, c.data(), ldc, acc);
-            for (std::int64_t i = 0; i < m; ++i) {
-              for (std::int64_t j = 0; j < ldc; ++j) {
-                const auto at = static_cast<std::size_t>(i * ldc + j);
-                if (j >= n) {
-                  ASSERT_EQ(c[at], c0[at]) << "wrote past column n";
-                } else {
-                  ASSERT_NEAR(c[at], want[at], 2e-5 * (1 + std::fabs(want[at]))) << ta << tb << acc << " " << i << "," << j << " k " << k;
-                  rounding_seen = std::max(rounding_seen, static_cast<double>(std::fabs(c[at] - exact[at])));
-                }
-              }
-            }
-            if (first.empty()) first = c;
-            EXPECT_EQ(c, first) << "threads " << t << " transposes " << ta << tb << " accumulate " << acc;
-          }
-          // The operands were rounded: the f32 product differs by far more than the summation order.
-          EXPECT_GT(rounding_seen, 1e-3) << ta << tb << acc;
-        }
-      }
-    }
+    const double from_exact = check_products(sh.m, sh.n, sh.k, 27, matmul_bf16_operands, ref::matmul_bf16_operands, 2e-5);
+    // The operands were rounded: the f32 product differs by far more than the summation order.
+    EXPECT_GT(from_exact, 1e-3) << sh.m << "x" << sh.n << "x" << sh.k;
   }
-  set_compute_threads(threads);
   // One operand, two products (the LM head's chunks), the second accumulated into the first's result.
   const std::int64_t m = 40, n = 70, k = 50;
   const auto a = random_values(static_cast<std::size_t>(2 * m * k), 31), b = random_values(static_cast<std::size_t>(n * k), 32);
@@ -416,6 +404,26 @@ TEST(Backward, Bf16OperandsMatchTheirDefinition) {
   ref::matmul_bf16_operands(false, true, m, n, k, a.data(), k, b.data(), k, want.data(), n, false);
   ref::matmul_bf16_operands(false, true, m, n, k, a.data() + m * k, k, b.data(), k, want.data(), n, true);
   for (std::size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], 2e-5 * (1 + std::fabs(want[i]))) << i;
+  // Leading blocks of one operand (attention's growing key prefixes): op(B) = Bᵀ of B [90, 50] and B
+  // [90, 50] itself, used for k_used x n_used blocks with tails, against the block alone.
+  const std::int64_t big = 90, width = 50;
+  const auto w = random_values(static_cast<std::size_t>(big * width), 33);
+  for (const bool transposed : {true, false}) {
+    const std::int64_t kk = transposed ? width : big, nn = transposed ? big : width;
+    Bf16Operand leading;
+    leading.assign(transposed, kk, nn, w.data(), width);
+    for (const auto [k_used, n_used] : {std::pair<std::int64_t, std::int64_t>{kk, nn}, {kk - 7, nn - 21}, {1, 16}, {kk / 2, nn}}) {
+      const auto x = random_values(static_cast<std::size_t>(m * k_used), 34);
+      std::vector<float> c(static_cast<std::size_t>(m * n_used)), r(c.size());
+      leading.multiply_leading(false, m, k_used, n_used, x.data(), k_used, c.data(), n_used, false);
+      ref::matmul_bf16_operands(false, transposed, m, n_used, k_used, x.data(), k_used, w.data(), width, r.data(), n_used, false);
+      for (std::size_t i = 0; i < c.size(); ++i) ASSERT_NEAR(c[i], r[i], 2e-5 * (1 + std::fabs(r[i]))) << transposed << " " << k_used << "x" << n_used << " " << i;
+    }
+  }
+  Bf16Operand small;
+  small.assign(false, 4, 4, w.data(), width);
+  std::vector<float> out(16);
+  EXPECT_THROW(small.multiply_leading(false, 1, 5, 4, w.data(), 5, out.data(), 4, false), Error);
 }
 
 }  // namespace
