@@ -208,7 +208,10 @@ TEST_P(AttentionBackward, MatchesFiniteDifferences) {
   const auto& c = GetParam();
   const std::int64_t rows = c.bounds.back(), qs = c.heads * c.d, ks = c.kv_heads * c.d;
   const AttentionInputs in = attention_inputs(c);
-  const std::vector<float>&q = in.q, &k = in.k, &v = in.v, &dout = in.dout;
+  const std::vector<float>& q = in.q;
+  const std::vector<float>& k = in.k;
+  const std::vector<float>& v = in.v;
+  const std::vector<float>& dout = in.dout;
   std::vector<float> out(q.size()), lse(static_cast<std::size_t>(rows * c.heads));
   attention_saving(q.data(), k.data(), v.data(), c.bounds, c.heads, c.kv_heads, c.d, c.window, out.data(), lse.data());
   // The forward: the f64 definition, and the inference kernel sequence by sequence.
@@ -243,9 +246,12 @@ TEST_P(AttentionBackward, MatchesFiniteDifferences) {
 // bf16-rounded operands, f32 sums), the same outputs and gradients to bf16's rounding.
 TEST_P(AttentionBackward, Bf16ProductsStayCloseToF32) {
   const auto& c = GetParam();
-  const std::int64_t rows = c.bounds.back(), qs = c.heads * c.d;
+  const std::int64_t rows = c.bounds.back();
   const AttentionInputs in = attention_inputs(c);
-  const std::vector<float>&q = in.q, &k = in.k, &v = in.v, &dout = in.dout;
+  const std::vector<float>& q = in.q;
+  const std::vector<float>& k = in.k;
+  const std::vector<float>& v = in.v;
+  const std::vector<float>& dout = in.dout;
   std::vector<std::vector<float>> results[2];
   for (const bool bf16 : {false, true}) {
     std::vector<float> out(q.size()), lse(static_cast<std::size_t>(rows * c.heads));
