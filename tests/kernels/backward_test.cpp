@@ -418,7 +418,7 @@ TEST(Backward, Bf16OperandsMatchTheirDefinition) {
     const std::int64_t kk = transposed ? width : big, nn = transposed ? big : width;
     Bf16Operand leading;
     leading.assign(transposed, kk, nn, w.data(), width);
-    for (const auto [k_used, n_used] : {std::pair<std::int64_t, std::int64_t>{kk, nn}, {kk - 7, nn - 21}, {1, 16}, {kk / 2, nn}}) {
+    for (const auto& [k_used, n_used] : {std::pair<std::int64_t, std::int64_t>{kk, nn}, {kk - 7, nn - 21}, {1, 16}, {kk / 2, nn}}) {
       const auto x = random_values(static_cast<std::size_t>(m * k_used), 34);
       std::vector<float> c(static_cast<std::size_t>(m * n_used)), r(c.size());
       leading.multiply_leading(false, m, k_used, n_used, x.data(), k_used, c.data(), n_used, false);
