@@ -20,6 +20,10 @@ namespace {
 constexpr std::int64_t kSumBlockRows = 64;
 // Query rows per block of attention's scores.
 constexpr std::int64_t kQueryBlock = 128;
+// bf16 attention reuses one operand over growing key prefixes (Bf16Operand::multiply_leading): a
+// block boundary on a multiple of 32 keeps every prefix past a block inside the AMX padding of its
+// own keys, so no later key (which could be non-finite in a diverged run) meets a zero of A.
+static_assert(kQueryBlock % 32 == 0);
 
 // The AVX2 exponentials of ops_simd.h (within 2 ulp of std::exp), where the CPU has them.
 bool simd_ops() {
@@ -30,7 +34,7 @@ bool simd_ops() {
 // row[j] = e^(row[j] - shift) over [0, n); returns the sum (in double on the plain path).
 double exp_shifted(float* row, std::int64_t n, float shift) {
   if (n <= 0) return 0.0;
-  static const bool avx512 = simd_ops() && cpu_features().avx512f;
+  static const bool avx512 = simd_ops() && cpu_features().avx512f && cpu_features().avx512bw && cpu_features().avx512vl;
   if (avx512) return avx512::exp_shifted_sum(row, n, shift);
   if (simd_ops()) return avx2::exp_shifted_sum(row, n, shift);
   double total = 0;

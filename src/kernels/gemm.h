@@ -64,7 +64,9 @@ void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t
 // of op(A) and op(B) first rounded to bf16 (nearest even) and the products summed in f32, as PyTorch's
 // bf16 autocast multiplies (which then rounds the result to bf16 too; these keep it f32). AMX tiles
 // where amx_bf16_products() holds (kernels/gemm_amx.h); elsewhere the rounded operands go through
-// matmul_f32: the same products summed in another order, and no faster than the f32 product.
+// matmul_f32: the same products summed in another order, and no faster than the f32 product. One
+// more difference: AMX's rounding (VCVTNE2PS2BF16) flushes f32 denormal operands (below 1.2e-38) to
+// zero, where the other path and ref:: keep them as bf16 denormals.
 bool amx_bf16_products();
 
 // op(B) [k, n] (B [k, n] with rows ldb apart, or transposed: Bᵀ of B [n, k]) rounded and laid out once,

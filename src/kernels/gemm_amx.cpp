@@ -31,8 +31,10 @@ struct alignas(64) TileConfig {
   std::uint8_t rows[16] = {};
 };
 
-// Loads the configuration on the calling thread once: it stays (no other code here uses the tiles),
-// as LDTILECFG and TILERELEASE per item cost more than a small product's tiles.
+// Loads the configuration on the calling thread once and never releases it: LDTILECFG and TILERELEASE
+// per item cost more than a small product's tiles. This holds only while nothing else on mopt's
+// threads touches the tiles (no other AMX code is linked: OpenBLAS's bf16 GEMM, which releases them,
+// is never called); the cost is the tile state (8 KiB) saved with each such thread on a switch.
 void load_tile_config() {
   thread_local bool loaded = false;
   if (loaded) return;
@@ -52,7 +54,7 @@ __mmask16 first_n(std::int64_t n) {
 // 32 f32 of src, the first n of them (zeros after), as 16 dwords of bf16 pairs; zeros when n <= 0.
 __m512i pairs_of(const float* src, std::int64_t n) { return n <= 0 ? _mm512_setzero_si512() : f32x32_to_bf16_pairs(src, n); }
 
-// Rows lo and hi (16 f32 each, the first n) -> 16 dwords lo_bf16 | hi_bf16 << 16.
+// Rows lo and hi (16 f32 each) -> 16 dwords lo_bf16 | hi_bf16 << 16.
 __m512i interleave_rows(__m512 lo, __m512 hi) {
   const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));  // lo's 16 bf16, then hi's
   const __m512i index = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
@@ -91,21 +93,15 @@ void pack_a_columns(std::int64_t c, std::int64_t m, std::int64_t mp, std::int64_
   }
 }
 
-// One 32 x 32 block of C from 32 packed A rows and two B column groups.
+// One 32 x 32 block of C from 32 packed A rows and two B column groups. The tiles always sum from
+// zero and C is added once after (never loaded into the tiles, whose every step would round at C's
+// magnitude): an element's bits do not depend on whether its block is whole or at an edge.
 void block_32x32(const std::uint16_t* ap, std::int64_t kp, const std::uint32_t* b0, const std::uint32_t* b1, float* c, std::int64_t ldc,
                  std::int64_t rows, std::int64_t cols, bool accumulate) {
-  const bool whole = rows == 32 && cols == 32;
-  if (whole && accumulate) {
-    _tile_loadd(0, c, ldc * 4);
-    _tile_loadd(1, c + 16, ldc * 4);
-    _tile_loadd(2, c + 16 * ldc, ldc * 4);
-    _tile_loadd(3, c + 16 * ldc + 16, ldc * 4);
-  } else {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-  }
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
   for (std::int64_t d = 0; d < kp; d += kDepth) {
     _tile_loadd(4, ap + d * kGroup, 64);
     _tile_loadd(5, ap + 16 * kp + d * kGroup, 64);
@@ -116,7 +112,7 @@ void block_32x32(const std::uint16_t* ap, std::int64_t kp, const std::uint32_t* 
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
   }
-  if (whole) {
+  if (rows == 32 && cols == 32 && !accumulate) {
     _tile_stored(0, c, ldc * 4);
     _tile_stored(1, c + 16, ldc * 4);
     _tile_stored(2, c + 16 * ldc, ldc * 4);
@@ -128,8 +124,16 @@ void block_32x32(const std::uint16_t* ap, std::int64_t kp, const std::uint32_t* 
   _tile_stored(1, buf + 16, 128);
   _tile_stored(2, buf + 16 * 32, 128);
   _tile_stored(3, buf + 16 * 32 + 16, 128);
+  const __mmask16 lo = first_n(cols), hi = first_n(cols - 16);
   for (std::int64_t i = 0; i < rows; ++i) {
-    for (std::int64_t j = 0; j < cols; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + buf[i * 32 + j] : buf[i * 32 + j];
+    float* row = c + i * ldc;
+    __m512 v0 = _mm512_load_ps(buf + i * 32), v1 = _mm512_load_ps(buf + i * 32 + 16);
+    if (accumulate) {
+      v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(lo, row), v0);
+      v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(hi, row + 16), v1);
+    }
+    _mm512_mask_storeu_ps(row, lo, v0);
+    _mm512_mask_storeu_ps(row + 16, hi, v1);
   }
 }
 
@@ -173,8 +177,12 @@ void pack_b(bool transpose_b, std::int64_t k, std::int64_t n, const float* b, st
 void multiply(bool transpose_a, std::int64_t m, std::int64_t n, std::int64_t k, const float* a, std::int64_t lda, const std::uint32_t* packed_b,
               std::int64_t b_pairs, float* c, std::int64_t ldc, bool accumulate) {
   if (m == 0 || n == 0) return;
+  if (k == 0) {  // an empty sum: zeros, or C unchanged
+    for (std::int64_t i = 0; i < m && !accumulate; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+    return;
+  }
   const std::int64_t kp = round_up_32(k), mp = round_up_32(m), pairs = b_pairs;
-  // op(A) rounded once, in bf16 rows (per thread that calls: a product inside a pool item runs alone).
+  // op(A) rounded once, in A tiles (per thread that calls: a product inside a pool item runs alone).
   thread_local std::vector<std::uint16_t> a_packed;
   // Grown, never shrunk nor cleared: resize() would zero what it adds on every product.
   if (a_packed.size() < static_cast<std::size_t>(mp * kp)) a_packed.resize(static_cast<std::size_t>(mp * kp));

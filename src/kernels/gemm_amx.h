@@ -15,6 +15,9 @@
 
 namespace mopt::kernels::amx {
 
+// The tile configuration is loaded once per thread and kept: nothing else on mopt's threads may use
+// (or release) the tiles.
+//
 // Whether this process may use the AMX tiles: the CPU has AMX-TILE and AMX-BF16, the operating system
 // enables their state, and Linux granted this process the tile data (arch_prctl ARCH_REQ_XCOMP_PERM,
 // asked once). False elsewhere, and under MOPT_ISA=avx2 or scalar.

@@ -426,6 +426,20 @@ TEST(Backward, Bf16OperandsMatchTheirDefinition) {
       for (std::size_t i = 0; i < c.size(); ++i) ASSERT_NEAR(c[i], r[i], 2e-5 * (1 + std::fabs(r[i]))) << transposed << " " << k_used << "x" << n_used << " " << i;
     }
   }
+  // An element's bits do not depend on whether its 32 x 32 block is whole or at an edge, also when
+  // added to a C much larger than the product (n = 32 against n = 31, the same columns).
+  {
+    const std::int64_t rows = 32, depth = 256;
+    const auto x = random_values(static_cast<std::size_t>(rows * depth), 35), y = random_values(static_cast<std::size_t>(depth * 32), 36);
+    std::vector<float> whole = random_values(static_cast<std::size_t>(rows * 32), 37);
+    for (float& e : whole) e += 1000.0f;
+    std::vector<float> edge = whole;
+    matmul_bf16_operands(false, false, rows, 32, depth, x.data(), depth, y.data(), 32, whole.data(), 32, true);
+    matmul_bf16_operands(false, false, rows, 31, depth, x.data(), depth, y.data(), 32, edge.data(), 32, true);
+    for (std::int64_t i = 0; i < rows; ++i) {
+      for (std::int64_t j = 0; j < 31; ++j) ASSERT_EQ(whole[static_cast<std::size_t>(i * 32 + j)], edge[static_cast<std::size_t>(i * 32 + j)]) << i << "," << j;
+    }
+  }
   Bf16Operand small;
   small.assign(false, 4, 4, w.data(), width);
   std::vector<float> out(16);
