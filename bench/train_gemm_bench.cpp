@@ -6,6 +6,10 @@
 // backward: six products, f32 against bf16 operands) at 4 sequences x T/4 tokens. Medians of
 // interleaved repeats.
 //   train_gemm_bench [tokens=2048] [repeats=7]
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -50,6 +54,8 @@ int main(int argc, char** argv) {
   linear("smollm2 gate/up [1536,576]", 1536, 576);
   linear("smollm2 down [576,1536]", 576, 1536);
   linear("tiny-kjv gate/up [704,256]", 704, 256);
+  linear("tiny-kjv down [256,704]", 256, 704);
+  linear("tiny-kjv q/o [256,256]", 256, 256);
   std::printf("%-34s %10s %10s %9s %9s %7s\n", "product", "f32 ms", "bf16 ms", "f32 GF/s", "bf16 GF/s", "ratio");
   for (const Product& p : products) {
     const std::int64_t a_size = p.m * p.k, b_size = p.k * p.n;
@@ -72,6 +78,43 @@ int main(int argc, char** argv) {
     const double f = 2.0 * static_cast<double>(p.m * p.n * p.k), m32 = bench::median(t32), m16 = bench::median(t16);
     std::printf("%-34s %10.2f %10.2f %9.1f %9.1f %6.2fx\n", p.name.c_str(), m32 * 1e3, m16 * 1e3, f / m32 / 1e9, f / m16 / 1e9, m32 / m16);
   }
+  // The f32 weight gradients dW += dYᵀ·X (a long sum over the step's tokens into a small C): matmul_f32,
+  // which cuts such a sum into chunks (kernels::matmul_sum_chunks), against one sum per block of C in
+  // about 16 square blocks (matmul_f32's cut before the split; its blocks were thin at this shape).
+  std::printf("\nf32 dW over %lld tokens: one sum in square blocks against the split sum\n", static_cast<long long>(tokens));
+  std::printf("%-34s %10s %10s %7s %7s\n", "product", "one ms", "split ms", "chunks", "ratio");
+  for (const Product& p : products) {
+    if (!p.ta) continue;
+    const auto a = random_floats(static_cast<std::size_t>(p.m * p.k), 1), b = random_floats(static_cast<std::size_t>(p.k * p.n), 2);
+    std::vector<float> c(static_cast<std::size_t>(p.m * p.n), 0.0f);
+    const double target = std::max(static_cast<double>(std::int64_t{1} << 20), static_cast<double>(p.m * p.n * p.k) / 16.0);
+    const auto round_up = [](std::int64_t v, std::int64_t to) { return (std::max<std::int64_t>(v, 1) + to - 1) / to * to; };
+    const std::int64_t mt = std::min(round_up(p.m, 16), round_up(std::max<std::int64_t>(static_cast<std::int64_t>(std::sqrt(target / static_cast<double>(p.k))), 32), 16));
+    const std::int64_t nt = std::min(round_up(p.n, 64), round_up(static_cast<std::int64_t>(target / static_cast<double>(mt * p.k)), 64));
+    const std::int64_t row_blocks = (p.m + mt - 1) / mt, col_blocks = (p.n + nt - 1) / nt;
+    std::vector<double> t_one, t_split;
+    for (int r = 0; r < repeats + 1; ++r) {
+      auto t = std::chrono::steady_clock::now();
+      parallel_for(row_blocks * col_blocks, [&](std::int64_t block) {
+        const std::int64_t i0 = block / col_blocks * mt, j0 = block % col_blocks * nt;
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<blasint>(std::min(mt, p.m - i0)), static_cast<blasint>(std::min(nt, p.n - j0)),
+                    static_cast<blasint>(p.k), 1.0f, a.data() + i0, static_cast<blasint>(p.m), b.data() + j0, static_cast<blasint>(p.n), 1.0f,
+                    c.data() + i0 * p.n + j0, static_cast<blasint>(p.n));
+      });
+      const double s_one = bench::seconds_since(t);
+      t = std::chrono::steady_clock::now();
+      kernels::matmul_f32(true, false, p.m, p.n, p.k, a.data(), p.m, b.data(), p.n, c.data(), p.n, true);
+      const double s_split = bench::seconds_since(t);
+      if (r > 0) {
+        t_one.push_back(s_one);
+        t_split.push_back(s_split);
+      }
+    }
+    const double m_one = bench::median(t_one), m_split = bench::median(t_split);
+    std::printf("%-34s %10.2f %10.2f %7lld %6.2fx\n", p.name.c_str(), m_one * 1e3, m_split * 1e3,
+                static_cast<long long>(kernels::matmul_sum_chunks(p.m, p.n, p.k)), m_one / m_split);
+  }
+  std::printf("\n");
   // The head: logits [chunk, V] = x · headᵀ per chunk of tokens, the head rounded once per step.
   const std::int64_t vocab = 49152, hidden = 576, chunk = (std::int64_t{8} << 20) / vocab;
   const auto head = random_floats(static_cast<std::size_t>(vocab * hidden), 3), x = random_floats(static_cast<std::size_t>(tokens * hidden), 4);

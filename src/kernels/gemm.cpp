@@ -157,6 +157,57 @@ void gemm_f32_strided(const float* x, std::int64_t m, std::int64_t k, const floa
 
 namespace {
 
+// How matmul_blocks cuts a product: C in blocks of mt rows by nt columns and, when kt < k, the sum
+// over k in chunks of kt (chunk 0 into C, the others into partial products added after, in order).
+struct ProductBlocks {
+  std::int64_t mt, nt, kt;
+};
+
+// Partial products of a split sum are kept below this many elements (16 MiB of f32).
+constexpr std::int64_t kMaxPartialElements = std::int64_t{1} << 22;
+
+ProductBlocks choose_blocks(std::int64_t m, std::int64_t n, std::int64_t k) {
+  const std::int64_t macs = m * n * k;
+  if (macs < (std::int64_t{1} << 21)) return {m, n, k};
+  const double target = std::max(static_cast<double>(std::int64_t{1} << 20), static_cast<double>(macs) / 16.0);
+  const auto round_up = [](std::int64_t v, std::int64_t to) { return (std::max<std::int64_t>(v, 1) + to - 1) / to * to; };
+  // Blocks of C of about `target` multiply-adds over a depth of kt, about square.
+  const auto c_blocks = [&](std::int64_t kt) {
+    const auto side = static_cast<std::int64_t>(std::sqrt(target / static_cast<double>(kt)));
+    const std::int64_t mt = std::min(round_up(m, kBlockAlign), round_up(std::max(side, kMinBlockRows), kBlockAlign));
+    const std::int64_t nt = std::min(round_up(n, 64), round_up(static_cast<std::int64_t>(target / static_cast<double>(mt * kt)), 64));
+    return ProductBlocks{mt, nt, kt};
+  };
+  // The same cut evenly (no thin blocks at the edges), for the chunks of a split sum.
+  const auto even_blocks = [&](std::int64_t kt) {
+    const double area = target / static_cast<double>(kt);  // mt * nt
+    const std::int64_t row_blocks = std::max<std::int64_t>(1, std::llround(static_cast<double>(m) / std::sqrt(area)));
+    const std::int64_t mt = round_up((m + row_blocks - 1) / row_blocks, kBlockAlign);
+    const std::int64_t col_blocks = std::max<std::int64_t>(1, std::llround(static_cast<double>(n) * static_cast<double>(mt) / area));
+    return ProductBlocks{mt, round_up((n + col_blocks - 1) / col_blocks, kBlockAlign), kt};
+  };
+  // A block's OpenBLAS call copies (mt + nt) * kt operands for mt * nt * kt multiply-adds; a chunk of a
+  // split sum writes and reads mt * nt partial sums more. Per multiply-add: 1/mt + 1/nt (+ 2/kt).
+  const auto cost = [&](const ProductBlocks& b, bool split) {
+    return 1.0 / static_cast<double>(std::min(b.mt, m)) + 1.0 / static_cast<double>(std::min(b.nt, n)) +
+           (split ? 2.0 / static_cast<double>(b.kt) : 0.0);
+  };
+  ProductBlocks best = c_blocks(k);
+  double best_cost = cost(best, false);
+  // A long sum (dW = dYᵀ·X over many tokens) cut into chunks leaves larger blocks of C: its square
+  // blocks would be thin (1.3-1.6x slower measured on tiny-kjv's dW products, bench/train_gemm_bench).
+  for (std::int64_t chunks = 2; chunks <= 16; chunks *= 2) {
+    const std::int64_t kt = round_up((k + chunks - 1) / chunks, kBlockAlign);
+    if (kt < 256 || (chunks - 1) * m * n > kMaxPartialElements) break;
+    const ProductBlocks split = even_blocks(kt);
+    if (const double c = cost(split, true); c < best_cost) {
+      best = split;
+      best_cost = c;
+    }
+  }
+  return best;
+}
+
 // C = op(A) · op(B) (+ C) over the pool in blocks; see matmul_f32 in gemm.h.
 template <class T, class Blas>
 void matmul_blocks(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const T* a, std::int64_t lda,
@@ -168,40 +219,56 @@ void matmul_blocks(bool transpose_a, bool transpose_b, std::int64_t m, std::int6
     }
     return;
   }
-  // The pool splits C into blocks of rows by blocks of columns; each block is one single-threaded
-  // OpenBLAS call, which packs its rows of op(A) and its columns of op(B): (mt + nt) * k copies for
-  // mt * nt * k multiply-adds, so blocks are about square. OpenBLAS's own threads are not used here:
-  // their barriers wait for a descheduled thread (bench/contention.sh) and their spinning takes the
-  // pool's cores.
+  // The pool splits C into blocks of rows by blocks of columns (and a long sum into chunks); each block
+  // is one single-threaded OpenBLAS call, which packs its rows of op(A) and its columns of op(B):
+  // (mt + nt) * k copies for mt * nt * k multiply-adds, so blocks are about square (choose_blocks).
+  // OpenBLAS's own threads are not used here: their barriers wait for a descheduled thread
+  // (bench/contention.sh) and their spinning takes the pool's cores.
   // The blocks depend on the shape alone, never on the thread count: OpenBLAS sums an element in an
   // order that depends on the block it lies in (its small-matrix kernels, its tails), so blocks chosen
   // by thread count gave other bits under 1, 2 and 3 threads, and a quantized export that changed with
   // the machine's cores. About 16 blocks (at least 2^20 multiply-adds each) keep up to 8 threads busy
-  // with a few items each.
+  // with a few items each. The chunks of a split sum are added in their order, whatever the threads.
   start_thread_pool();  // OpenBLAS single-threaded
-  const std::int64_t macs = m * n * k;
-  std::int64_t best_mt = m, best_nt = n;
-  if (macs >= (std::int64_t{1} << 21)) {
-    const double target = std::max(static_cast<double>(std::int64_t{1} << 20), static_cast<double>(macs) / 16.0);
-    const auto side = static_cast<std::int64_t>(std::sqrt(target / static_cast<double>(k)));
-    const auto round_up = [](std::int64_t v, std::int64_t to) { return (std::max<std::int64_t>(v, 1) + to - 1) / to * to; };
-    best_mt = std::min(round_up(m, kBlockAlign), round_up(std::max(side, kMinBlockRows), kBlockAlign));
-    best_nt = std::min(round_up(n, 64), round_up(static_cast<std::int64_t>(target / static_cast<double>(best_mt * k)), 64));
-  }
-  const std::int64_t row_blocks = (m + best_mt - 1) / best_mt, col_blocks = (n + best_nt - 1) / best_nt;
-  parallel_for(row_blocks * col_blocks, [&](std::int64_t block) {
-    const std::int64_t i0 = block / col_blocks * best_mt, j0 = block % col_blocks * best_nt;
-    const std::int64_t rows = std::min(best_mt, m - i0), cols = std::min(best_nt, n - j0);
-    // Row i of op(A) starts at a + i * lda untransposed, at column i (a + i) transposed; likewise op(B)'s column j.
-    const T* a_block = transpose_a ? a + i0 : a + i0 * lda;
-    const T* b_block = transpose_b ? b + j0 * ldb : b + j0;
+  const ProductBlocks pb = choose_blocks(m, n, k);
+  const std::int64_t row_blocks = (m + pb.mt - 1) / pb.mt, col_blocks = (n + pb.nt - 1) / pb.nt, chunks = (k + pb.kt - 1) / pb.kt;
+  thread_local std::vector<T> partial_buffer;  // the caller's: the workers must see this thread's buffer
+  if (chunks > 1) partial_buffer.resize(static_cast<std::size_t>((chunks - 1) * m * n));
+  T* partial = partial_buffer.data();
+  parallel_for(chunks * row_blocks * col_blocks, [&](std::int64_t block) {
+    const std::int64_t chunk = block / (row_blocks * col_blocks), in_chunk = block % (row_blocks * col_blocks);
+    const std::int64_t i0 = in_chunk / col_blocks * pb.mt, j0 = in_chunk % col_blocks * pb.nt, p0 = chunk * pb.kt;
+    const std::int64_t rows = std::min(pb.mt, m - i0), cols = std::min(pb.nt, n - j0), depth = std::min(pb.kt, k - p0);
+    // Element (i, p) of op(A) is a[i * lda + p] untransposed, a[p * lda + i] transposed; likewise op(B)'s (p, j).
+    const T* a_block = transpose_a ? a + p0 * lda + i0 : a + i0 * lda + p0;
+    const T* b_block = transpose_b ? b + j0 * ldb + p0 : b + p0 * ldb + j0;
+    // Chunk 0 goes into C; chunk q > 0 into its partial product [m, n].
+    T* c_block = chunk == 0 ? c + i0 * ldc + j0 : partial + (chunk - 1) * m * n + i0 * n + j0;
+    const std::int64_t ld = chunk == 0 ? ldc : n;
     blas(transpose_a ? CblasTrans : CblasNoTrans, transpose_b ? CblasTrans : CblasNoTrans, static_cast<blasint>(rows),
-         static_cast<blasint>(cols), static_cast<blasint>(k), a_block, static_cast<blasint>(lda), b_block, static_cast<blasint>(ldb),
-         accumulate ? T{1} : T{0}, c + i0 * ldc + j0, static_cast<blasint>(ldc));
+         static_cast<blasint>(cols), static_cast<blasint>(depth), a_block, static_cast<blasint>(lda), b_block, static_cast<blasint>(ldb),
+         chunk == 0 && accumulate ? T{1} : T{0}, c_block, static_cast<blasint>(ld));
+  });
+  if (chunks == 1) return;
+  // C += partial 1 + partial 2 + ..., one after another for every element.
+  parallel_ranges(m, std::max<std::int64_t>(1, 8192 / n), [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t i = r0; i < r1; ++i) {
+      T* row = c + i * ldc;
+      for (std::int64_t q = 0; q + 1 < chunks; ++q) {
+        const T* p = partial + q * m * n + i * n;
+        for (std::int64_t j = 0; j < n; ++j) row[j] += p[j];
+      }
+    }
   });
 }
 
 }  // namespace
+
+std::int64_t matmul_sum_chunks(std::int64_t m, std::int64_t n, std::int64_t k) {
+  if (m <= 0 || n <= 0 || k <= 0) return 1;
+  const ProductBlocks pb = choose_blocks(m, n, k);
+  return (k + pb.kt - 1) / pb.kt;
+}
 
 void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
                 std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate) {

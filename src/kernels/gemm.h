@@ -54,11 +54,16 @@ void gemm_f32_strided(const float* x, std::int64_t m, std::int64_t k, const floa
 
 // C[m, n] = op(A) · op(B), plus C when `accumulate`: row-major with leading dimensions lda, ldb, ldc;
 // op(A) is A [m, k] or, transposed, Aᵀ of A [k, m] (op(B) likewise: B [k, n] or Bᵀ of B [n, k]). The pool
-// splits C into blocks, one single-threaded OpenBLAS call each, so every element's sum is the same
+// splits C into blocks (and a long sum into chunks, matmul_sum_chunks), one single-threaded OpenBLAS call each, so every element's sum is the same
 // whatever the thread count. gemm_f32_strided is op(A) = x, op(B) = wᵀ; the backward pass takes
 // dX = dY · W and dW += dYᵀ · X.
 void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
                 std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate);
+
+// How many chunks matmul_f32 (and matmul_f64) cut the sum over k of an [m, n] product into: 1, or more
+// for a long sum into a small C (the weight gradients, summed over a step's tokens), whose chunks are
+// summed separately and added to C in their order. Depends on the shape alone.
+std::int64_t matmul_sum_chunks(std::int64_t m, std::int64_t n, std::int64_t k);
 
 // Mixed-precision training's products (`mopt train --precision bf16`): matmul_f32 with every element
 // of op(A) and op(B) first rounded to bf16 (nearest even) and the products summed in f32, as PyTorch's

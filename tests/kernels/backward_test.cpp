@@ -382,6 +382,15 @@ double check_products(std::int64_t m, std::int64_t n, std::int64_t k, unsigned s
 // with tails), against the plain loops; and the same bits at 1, 2 and 3 threads.
 TEST(Backward, MatmulMatchesReferenceInEveryTranspose) { check_products(150, 140, 120, 17, matmul_f32, ref::matmul_f32, 1e-4); }
 
+// A long sum into a small C (a weight gradient's shape) is cut into chunks, the last one shorter,
+// summed apart and added in order: the same checks, and the same bits at every thread count.
+TEST(Backward, MatmulSplitSumMatchesReference) {
+  EXPECT_EQ(matmul_sum_chunks(150, 140, 120), 1);
+  EXPECT_EQ(matmul_sum_chunks(150, 70, 3001), 8);
+  EXPECT_EQ(matmul_sum_chunks(704, 256, 4096), 4);  // tiny-kjv's gate/up dW over a step's 4096 tokens
+  check_products(150, 70, 3001, 19, matmul_f32, ref::matmul_f32, 1e-4);
+}
+
 // The products on bf16 operands (mixed-precision training) in every transpose, with tails in m, n and
 // k (AMX pads to 32) and whole 32 x 32 blocks, written or accumulated, against their definition
 // (operands rounded, sums in double), the same bits at 1, 2 and 3 threads; and a Bf16Operand reused
