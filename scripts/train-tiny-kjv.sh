@@ -8,12 +8,14 @@
 #
 # Usage (repository root): bash scripts/train-tiny-kjv.sh [WORKDIR]    (~30 min on 2 cores)
 # PRECISION=bf16: mixed precision (--precision bf16: bf16 products, f32 weights and optimizer).
+# SEED=N: another initialization and data order (default 1234, the documented run).
 # Needs the Debian Bible packages tools/extract_bible.sh names, and build/mopt (MOPT=... for another).
 set -euo pipefail
 work=${1:-${TMPDIR:-/tmp}/mopt-tiny-kjv}
 mopt=${MOPT:-build/mopt}
 steps=${STEPS:-800}
 precision=${PRECISION:-f32}
+seed=${SEED:-1234}
 mkdir -p "$work"
 [ -f "$work/bible/kjv-train.txt" ] || bash tools/extract_bible.sh "$work/bible"
 # One JSON record per training book (the "@@BOOK name" lines separate them), verses newline-terminated.
@@ -40,7 +42,7 @@ rm -rf "$out"
 "$mopt" train --init models/tiny-kjv/config.json --tokenizer models/tiny-kjv --data "$work/kjv-train.jsonl" \
   --val data/kjv-heldout.txt --eval-every 200 --steps "$steps" --batch 16 --seq-len 256 --lr 3e-3 \
   --warmup $((steps / 20)) --schedule cosine --min-lr-ratio 0.1 --weight-decay 0.1 --beta1 0.9 --beta2 0.95 --clip 1 \
-  --seed 1234 --save-every 100 --log "$work/train_log.jsonl" --precision "$precision" --out "$out"
+  --seed "$seed" --save-every 100 --log "$work/train_log.jsonl" --precision "$precision" --out "$out"
 echo "held-out KJV perplexity (mopt eval ppl --ctx 256, f32 products; the bundled model: 55.55 in transformers):"
 for m in models/tiny-kjv "$out"; do
   printf '%-40s ' "$m"
