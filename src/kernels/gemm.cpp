@@ -195,7 +195,7 @@ ProductBlocks choose_blocks(std::int64_t m, std::int64_t n, std::int64_t k) {
   ProductBlocks best = c_blocks(k);
   double best_cost = cost(best, false);
   // A long sum (dW = dYᵀ·X over many tokens) cut into chunks leaves larger blocks of C: its square
-  // blocks would be thin (1.3-1.6x slower measured on tiny-kjv's dW products, bench/train_gemm_bench).
+  // blocks would be thin (1.1-1.4x slower on the dW products of tiny-kjv and SmolLM2, bench/train_gemm_bench).
   for (std::int64_t chunks = 2; chunks <= 16; chunks *= 2) {
     const std::int64_t kt = round_up((k + chunks - 1) / chunks, kBlockAlign);
     if (kt < 256 || (chunks - 1) * m * n > kMaxPartialElements) break;
