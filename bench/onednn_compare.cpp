@@ -17,6 +17,7 @@
 #include "kernels/gemm.h"
 
 using namespace mopt;
+using bench::random_floats;
 
 namespace {
 
@@ -25,16 +26,6 @@ double time_once(F&& f) {
   const auto t = std::chrono::steady_clock::now();
   f();
   return bench::seconds_since(t);
-}
-
-std::vector<float> random_floats(std::size_t n, unsigned seed) {
-  std::vector<float> v(n);
-  unsigned s = seed * 2654435761u + 1;
-  for (auto& x : v) {
-    s = s * 1664525u + 1013904223u;
-    x = static_cast<float>(static_cast<int>(s >> 8) % 2001 - 1000) / 1000.0f;
-  }
-  return v;
 }
 
 }  // namespace
