@@ -54,9 +54,9 @@ void gemm_f32_strided(const float* x, std::int64_t m, std::int64_t k, const floa
 
 // C[m, n] = op(A) · op(B), plus C when `accumulate`: row-major with leading dimensions lda, ldb, ldc;
 // op(A) is A [m, k] or, transposed, Aᵀ of A [k, m] (op(B) likewise: B [k, n] or Bᵀ of B [n, k]). The pool
-// splits C into blocks (and a long sum into chunks, matmul_sum_chunks), one single-threaded OpenBLAS call each, so every element's sum is the same
-// whatever the thread count. gemm_f32_strided is op(A) = x, op(B) = wᵀ; the backward pass takes
-// dX = dY · W and dW += dYᵀ · X.
+// splits C into blocks (and a long sum into chunks, matmul_sum_chunks), one single-threaded OpenBLAS
+// call each, so every element's sum is the same whatever the thread count. gemm_f32_strided is
+// op(A) = x, op(B) = wᵀ; the backward pass takes dX = dY · W and dW += dYᵀ · X.
 void matmul_f32(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
                 std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate);
 
